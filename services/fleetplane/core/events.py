@@ -1,0 +1,268 @@
+"""Pydantic mirrors of the Avro schemas in schemas/ (the schemas are the source of truth).
+
+tests/unit/test_schemas_match_models.py proves each model agrees with its schema field by field.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def new_event_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow_ms() -> datetime:
+    now = datetime.now(UTC)
+    return now.replace(microsecond=(now.microsecond // 1000) * 1000)
+
+
+E = TypeVar("E", bound="Event")
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSpec(Record):
+    name: str
+    task_type: str
+    prompt: str
+    system_prompt: str | None = None
+    repository: str | None = None
+    ref: str = "main"
+    write_scope: list[str] = Field(default_factory=list)
+    depends_on: list[str] = Field(default_factory=list)
+    priority: str = "normal"
+    model_preference: str = "auto"
+    tier: str | None = None
+    model: str | None = None
+    allowed_tools: list[str] = Field(default_factory=list)
+    max_cost_usd: float | None = None
+    max_turns: int = 20
+    timeout_s: int = 600
+    max_attempts: int = 3
+    failure_policy: str = "retry"
+    temperature: float = 0.0
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class FileChange(Record):
+    path: str
+    added: int
+    removed: int
+
+
+class Event(Record):
+    """The envelope every event carries."""
+
+    event_id: str = Field(default_factory=new_event_id)
+    task_id: str
+    team: str
+    occurred_at: datetime = Field(default_factory=utcnow_ms)
+    schema_version: int = 1
+    causation_id: str | None = None
+
+    def derive(self, cls: type[E], **fields: Any) -> E:
+        """A new event of type `cls` caused by this one (same task and team)."""
+        base: dict[str, Any] = {"task_id": self.task_id, "team": self.team,
+                                "causation_id": self.event_id}
+        base.update(fields)
+        return cls(**base)
+
+
+class TaskSubmitted(Event):
+    spec: TaskSpec
+    source: str = "kafka"
+    idempotency_key: str | None = None
+
+
+class TaskAccepted(Event):
+    spec: TaskSpec
+    source: str = "kafka"
+
+
+class TaskRejected(Event):
+    reason: str
+    field: str | None = None
+    source: str = "kafka"
+
+
+class TaskRouted(Event):
+    spec: TaskSpec
+    attempt: int
+    model: str
+    provider: str
+    tier: str
+    reason: str
+    alternatives: list[str] = Field(default_factory=list)
+    estimated_cost_usd: float = 0.0
+
+
+class TaskDispatched(Event):
+    spec: TaskSpec
+    attempt: int
+    model: str
+    provider: str
+    tier: str
+    leased_paths: list[str] = Field(default_factory=list)
+
+
+class TaskHeld(Event):
+    reason: str
+    held_by: str | None = None
+    paths: list[str] = Field(default_factory=list)
+
+
+class TaskStarted(Event):
+    attempt: int
+    executor_id: str
+    slot: int = 0
+
+
+class TaskHeartbeat(Event):
+    attempt: int
+    executor_id: str
+
+
+class TaskCompleted(Event):
+    attempt: int
+    model: str
+    output: str
+    cost_usd: float
+    duration_ms: int
+    cached: bool = False
+
+
+class TaskFailed(Event):
+    attempt: int
+    failure_class: str
+    reason: str
+    final: bool = False
+    cost_usd: float = 0.0
+
+
+class TaskRetrying(Event):
+    attempt: int
+    delay_ms: int
+    reason: str
+
+
+class TaskEscalated(Event):
+    attempt: int
+    from_tier: str
+    to_tier: str
+    reason: str
+
+
+class TaskAbandoned(Event):
+    attempt: int
+    reason: str
+
+
+class TaskCancelled(Event):
+    reason: str
+    requested_by: str = ""
+
+
+class TaskRolledBack(Event):
+    attempt: int
+    reason: str
+    reverted_commit: str | None = None
+    files: list[str] = Field(default_factory=list)
+
+
+class ModelCall(Event):
+    attempt: int
+    call_index: int
+    model: str
+    provider: str
+    tier: str
+    input_tokens: int
+    output_tokens: int
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cost_usd: float
+    latency_ms: float
+    outcome: str
+    error: str | None = None
+    stop_reason: str | None = None
+
+
+class ToolCall(Event):
+    attempt: int
+    call_index: int
+    tool: str
+    arguments: str
+    outcome: str
+    result_summary: str = ""
+    duration_ms: float = 0.0
+
+
+class WorkspaceChange(Event):
+    attempt: int
+    repository: str
+    branch: str
+    commit: str | None = None
+    files: list[FileChange] = Field(default_factory=list)
+
+
+class BudgetStatus(Event):
+    period: str
+    budget_usd: float
+    spent_usd: float
+    remaining_usd: float
+    state: str
+
+
+class Alert(Event):
+    severity: str
+    kind: str
+    message: str
+    metric: str | None = None
+    value: float | None = None
+    baseline: float | None = None
+
+
+class ControlCommand(Event):
+    command: str
+    requested_by: str = ""
+    reason: str = ""
+
+
+class DeadLetter(Event):
+    service: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    key: bytes | None = None
+    payload: bytes
+    headers: dict[str, bytes] = Field(default_factory=dict)
+    error_class: str
+    reason: str
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.__name__: cls
+    for cls in (
+        TaskSubmitted, TaskAccepted, TaskRejected, TaskRouted, TaskDispatched, TaskHeld,
+        TaskStarted, TaskHeartbeat, TaskCompleted, TaskFailed, TaskRetrying, TaskEscalated,
+        TaskAbandoned, TaskCancelled, TaskRolledBack, ModelCall, ToolCall, WorkspaceChange,
+        BudgetStatus, Alert, ControlCommand, DeadLetter,
+    )
+}
+
+TERMINAL_TYPES: tuple[type[Event], ...] = (
+    TaskCompleted, TaskAbandoned, TaskCancelled, TaskRolledBack,
+)
+
+
+def is_terminal(event: Event) -> bool:
+    """True when the event puts its task into a terminal state."""
+    if isinstance(event, TaskFailed):
+        return event.final
+    return isinstance(event, TERMINAL_TYPES)

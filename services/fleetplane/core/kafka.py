@@ -1,0 +1,79 @@
+"""Thin typed wrappers over confluent-kafka: an event producer for request/response paths."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from fleetplane.core.errors import Retriable
+from fleetplane.core.events import Event
+from fleetplane.core.serde import Serde, default_serde
+from fleetplane.core.settings import Settings
+from fleetplane.core.topics import key_for, topic_for
+
+
+def event_headers(event: Event) -> list[tuple[str, bytes]]:
+    return [
+        ("event_type", type(event).__name__.encode()),
+        ("content-type", b"avro/binary"),
+        ("team", event.team.encode()),
+    ]
+
+
+class EventProducer:
+    """Publishes events to their topics (idempotent producer, acks=all).
+
+    ``send`` returns once the broker acknowledged every event, so an HTTP handler answers only
+    after the event is durable. A background thread serves delivery callbacks."""
+
+    def __init__(self, settings: Settings, serde: Serde | None = None) -> None:
+        self._producer = Producer(settings.producer_config())
+        self._serde = serde or default_serde()
+        self._closed = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="producer-poll", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._closed.is_set():
+            self._producer.poll(0.05)
+
+    def produce(self, event: Event, topic: str | None = None, on_delivery: Any = None) -> None:
+        self._producer.produce(
+            topic or topic_for(event),
+            key=key_for(event),
+            value=self._serde.encode(event),
+            headers=event_headers(event),
+            on_delivery=on_delivery,
+        )
+
+    def send(self, events: Iterable[Event], timeout_s: float = 30.0) -> None:
+        batch = list(events)
+        errors: list[KafkaError] = []
+        pending = [len(batch)]
+        done = threading.Event()
+        lock = threading.Lock()
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            with lock:
+                if err is not None:
+                    errors.append(err)
+                pending[0] -= 1
+                if pending[0] == 0:
+                    done.set()
+
+        if not batch:
+            return
+        for event in batch:
+            self.produce(event, on_delivery=delivered)
+        if not done.wait(timeout_s):
+            raise Retriable(f"{pending[0]} events not acknowledged within {timeout_s}s")
+        if errors:
+            raise Retriable(f"delivery failed: {errors[0]}")
+
+    def close(self) -> None:
+        self._producer.flush(10)
+        self._closed.set()
+        self._poller.join(2)

@@ -1,0 +1,348 @@
+"""The one consume-transform-produce loop every confluent-kafka service runs.
+
+A service supplies a pure handler ``(event, record) -> events``; the loop decodes, calls it,
+publishes what it returns to each event's topic, and checkpoints:
+
+* at-least-once (``transactional=False``): outputs are produced, ``flush()`` waits for the broker's
+  acknowledgement, the sink (if any) flushes, and only then are the input offsets stored
+  (``enable.auto.offset.store=False``, as confluent-kafka's consumer.py example does).
+* exactly-once (``transactional=True``): outputs and input offsets are committed in one Kafka
+  transaction (``send_offsets_to_transaction``), as in confluent-kafka's eos_transactions.py.
+  An abortable error aborts the transaction and rewinds to the committed offsets.
+
+Errors follow fleetplane.core.errors: Retriable retries with the RetryPolicy, NotRetriable goes to
+fleet.dlq with the reason and the original headers, Fatal stops the process without storing the
+offset. SIGTERM/SIGINT finish the current batch, checkpoint, and close cleanly.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any, Protocol
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from fleetplane.core.errors import Fatal, NotRetriable, Retriable, RetryPolicy
+from fleetplane.core.events import DeadLetter, Event
+from fleetplane.core.kafka import event_headers
+from fleetplane.core.logging import get_logger, task_context
+from fleetplane.core.serde import Serde, default_serde
+from fleetplane.core.settings import Settings
+from fleetplane.core.topics import DLQ, key_for, topic_for
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Record:
+    """Where an input event came from (what a handler may need beyond the event)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: dict[str, bytes] = field(default_factory=dict)
+    timestamp_ms: int = 0
+
+
+Handler = Callable[[Event, Record], Iterable[Event]]
+
+
+class Sink(Protocol):
+    """A batching side-output (e.g. ClickHouse rows) flushed at every checkpoint."""
+
+    def flush(self) -> None: ...
+
+
+class Rejected(NotRetriable):
+    """NotRetriable with events to publish beside the dead letter (e.g. TaskRejected)."""
+
+    def __init__(self, reason: str, emit: Sequence[Event] = ()) -> None:
+        super().__init__(reason)
+        self.emit = list(emit)
+
+
+def _headers(msg: Message) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for k, v in msg.headers() or []:
+        out[k] = v if isinstance(v, bytes) else (v or "").encode()
+    return out
+
+
+def _record(msg: Message) -> Record:
+    ts_type, ts = msg.timestamp()
+    return Record(
+        topic=msg.topic() or "",
+        partition=msg.partition() or 0,
+        offset=msg.offset() or 0,
+        key=msg.key(),
+        value=msg.value() or b"",
+        headers=_headers(msg),
+        timestamp_ms=ts if ts_type else 0,
+    )
+
+
+def dead_letter(service: str, rec: Record, exc: BaseException) -> DeadLetter:
+    key = rec.key or b""
+    return DeadLetter(
+        task_id=key.decode("utf-8", "replace")[:200],
+        team=rec.headers.get("team", b"").decode("utf-8", "replace")[:200],
+        service=service,
+        source_topic=rec.topic,
+        source_partition=rec.partition,
+        source_offset=rec.offset,
+        key=rec.key,
+        payload=rec.value,
+        headers=rec.headers,
+        error_class=type(exc).__name__,
+        reason=str(exc)[:2000] or type(exc).__name__,
+    )
+
+
+class Processor:
+    """Runs one handler over input topics until stopped. One instance per OS process/thread."""
+
+    def __init__(
+        self,
+        service: str,
+        topics: Sequence[str],
+        handler: Handler,
+        settings: Settings,
+        *,
+        group_id: str | None = None,
+        serde: Serde | None = None,
+        retry: RetryPolicy | None = None,
+        concurrency: int = 1,
+        sink: Sink | None = None,
+        commit_interval_s: float = 0.05,
+        transactional: bool | None = None,
+        instance_id: str | None = None,
+    ) -> None:
+        self.service = service
+        self.topics = list(topics)
+        self.handler = handler
+        self.settings = settings
+        self.serde = serde or default_serde()
+        self.retry = retry or RetryPolicy()
+        self.sink = sink
+        self.commit_interval_s = commit_interval_s
+        self.transactional = settings.transactional if transactional is None else transactional
+        self.group_id = group_id or f"fleetplane-{service}"
+        self.instance_id = instance_id or f"{self.group_id}-{uuid.uuid4().hex[:8]}"
+        self._pool = ThreadPoolExecutor(concurrency) if concurrency > 1 else None
+        self._running = False
+        self._stopping = False
+        self._pending: dict[tuple[str, int], int] = {}
+        self._delivery_errors: list[KafkaError] = []
+        self._in_txn = False
+        self.processed = 0
+        self.consumer: Consumer | None = None
+        self.producer: Producer | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def stop(self, *_: Any) -> None:
+        self._stopping = True
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            log.info("signal received, stopping", signal=signum)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def _open(self) -> None:
+        tx_id = self.instance_id if self.transactional else None
+        self.producer = Producer(self.settings.producer_config(tx_id))
+        cfg = self.settings.consumer_config(self.group_id)
+        if self.transactional:
+            cfg["enable.auto.commit"] = False
+        self.consumer = Consumer(cfg)
+        if self.transactional:
+            self.producer.init_transactions(30)
+        self.consumer.subscribe(self.topics, on_revoke=self._on_revoke)
+
+    def run(self) -> None:
+        self._open()
+        assert self.consumer is not None and self.producer is not None
+        self._running = True
+        last_checkpoint = time.monotonic()
+        log.info("processor started", topics=self.topics, group=self.group_id,
+                 transactional=self.transactional)
+        try:
+            while not self._stopping:
+                msgs = self.consumer.consume(self.settings.batch_size,
+                                             self.settings.poll_timeout_s)
+                if msgs:
+                    self._process(msgs)
+                now = time.monotonic()
+                if self._pending and now - last_checkpoint >= self.commit_interval_s:
+                    self._checkpoint()
+                    last_checkpoint = now
+                elif not self._pending:
+                    last_checkpoint = now
+            self._checkpoint()
+        except Fatal:
+            log.exception("fatal error, stopping without checkpoint")
+            self._abort()
+            raise
+        finally:
+            self._running = False
+            self._close()
+
+    def _close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.consumer is not None:
+            try:
+                self.consumer.close()
+            except KafkaException:
+                log.warning("consumer close failed", exc_info=True)
+        if self.producer is not None:
+            self.producer.flush(5)
+        log.info("processor stopped", processed=self.processed)
+
+    # -- processing ------------------------------------------------------------------------
+    def _process(self, msgs: list[Message]) -> None:
+        assert self.producer is not None
+        records: list[Record] = []
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if err.fatal():
+                    raise Fatal(f"consumer error: {err}")
+                log.warning("consumer error", error=str(err))
+                continue
+            records.append(_record(msg))
+        if not records:
+            return
+        if self.transactional and not self._in_txn:
+            self.producer.begin_transaction()
+            self._in_txn = True
+        if self._pool is not None:
+            results: Iterable[list[Event]] = self._pool.map(self._handle_one, records)
+        else:
+            results = map(self._handle_one, records)
+        for rec, outputs in zip(records, results, strict=True):
+            for out in outputs:
+                self._produce(out)
+            self._pending[(rec.topic, rec.partition)] = rec.offset + 1
+            self.processed += 1
+        self.producer.poll(0)
+
+    def _handle_one(self, rec: Record) -> list[Event]:
+        try:
+            event = self.serde.decode(rec.value)
+        except NotRetriable as exc:
+            log.warning("undecodable record to DLQ", topic=rec.topic, offset=rec.offset,
+                        reason=str(exc))
+            return [dead_letter(self.service, rec, exc)]
+        with task_context(event.task_id, event_type=type(event).__name__):
+            attempt = 1
+            while True:
+                try:
+                    return list(self.handler(event, rec))
+                except Fatal:
+                    raise
+                except Rejected as exc:
+                    log.warning("record rejected to DLQ", reason=str(exc))
+                    return [*exc.emit, dead_letter(self.service, rec, exc)]
+                except Retriable as exc:
+                    if attempt >= self.retry.maximum_attempts:
+                        log.error("retries exhausted, record to DLQ", reason=str(exc))
+                        return [dead_letter(self.service, rec, exc)]
+                    delay = self.retry.delay(attempt)
+                    log.warning("retriable error", attempt=attempt, delay_s=delay,
+                                reason=str(exc))
+                    time.sleep(delay)
+                    attempt += 1
+                except Exception as exc:  # NotRetriable and anything unexpected
+                    log.exception("handler failed, record to DLQ")
+                    return [dead_letter(self.service, rec, exc)]
+
+    def _produce(self, event: Event) -> None:
+        assert self.producer is not None
+        value = self.serde.encode(event)
+        while True:
+            try:
+                self.producer.produce(topic_for(event), key=key_for(event), value=value,
+                                      headers=event_headers(event),
+                                      on_delivery=self._on_delivery)
+                return
+            except BufferError:
+                self.producer.poll(0.1)
+
+    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+        if err is not None:
+            self._delivery_errors.append(err)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._running and self._pending:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        if not self._pending:
+            return
+        assert self.consumer is not None and self.producer is not None
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._pending.items()]
+        if self.transactional:
+            self._commit_transaction(offsets)
+        else:
+            remaining = self.producer.flush(30)
+            if remaining or self._delivery_errors:
+                raise Fatal(f"outputs not delivered ({remaining} pending, "
+                            f"errors {self._delivery_errors[:1]}); not storing offsets")
+            if self.sink is not None:
+                self.sink.flush()
+            self.consumer.store_offsets(offsets=offsets)
+        self._pending.clear()
+
+    def _commit_transaction(self, offsets: list[TopicPartition]) -> None:
+        assert self.consumer is not None and self.producer is not None
+        try:
+            if self.sink is not None:
+                self.sink.flush()
+            self.producer.send_offsets_to_transaction(
+                offsets, self.consumer.consumer_group_metadata(), 30)
+            self.producer.commit_transaction(30)
+            self._in_txn = False
+        except KafkaException as exc:
+            err = exc.args[0]
+            if isinstance(err, KafkaError) and err.txn_requires_abort():
+                log.warning("transaction aborted, rewinding", error=str(err))
+                self._abort()
+                self._rewind()
+                return
+            if isinstance(err, KafkaError) and err.retriable():
+                log.warning("commit retriable error, retrying", error=str(err))
+                self._commit_transaction(offsets)
+                return
+            raise Fatal(f"transaction commit failed: {exc}") from exc
+
+    def _abort(self) -> None:
+        if self.transactional and self._in_txn and self.producer is not None:
+            try:
+                self.producer.abort_transaction(30)
+            except KafkaException:
+                log.warning("abort failed", exc_info=True)
+            self._in_txn = False
+        self._pending.clear()
+
+    def _rewind(self) -> None:
+        assert self.consumer is not None
+        assignment = self.consumer.assignment()
+        if not assignment:
+            return
+        for tp in self.consumer.committed(assignment, timeout=30):
+            offset = tp.offset if tp.offset >= 0 else -2  # OFFSET_BEGINNING
+            self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))

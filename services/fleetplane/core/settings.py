@@ -1,0 +1,116 @@
+"""The one place for settings: environment variables prefixed FLEETPLANE_ (or a .env file).
+
+Kafka settings dump straight to a librdkafka configuration (``consumer_config`` /
+``producer_config``); extra librdkafka keys go in FLEETPLANE_KAFKA_CONFIG as JSON.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLEETPLANE_", env_file=".env", extra="ignore")
+
+    # Kafka
+    kafka_bootstrap: str = "127.0.0.1:19092"
+    kafka_config: dict[str, str] = Field(
+        default_factory=dict, description="Extra librdkafka settings for every client."
+    )
+    transactional: bool = Field(
+        default=True,
+        description="Exactly-once consume-transform-produce with Kafka transactions "
+        "(off: at-least-once, offsets stored after output is acknowledged).",
+    )
+    batch_size: int = 500
+    poll_timeout_s: float = 0.1
+    session_timeout_ms: int = 10_000
+
+    # Files
+    data_dir: Path = Path(".fleetplane")
+    schemas_dir: Path = REPO_ROOT / "schemas"
+    topics_file: Path = REPO_ROOT / "infra" / "topics.yaml"
+    catalog_file: Path = REPO_ROOT / "infra" / "catalog.yaml"
+
+    # ClickHouse: chdb:///abs/dir (embedded, in-process) or http(s)://user:pw@host:8123/db
+    clickhouse_dsn: str = ""
+    clickhouse_database: str = "fleetplane"
+    sink_flush_rows: int = 5_000
+
+    # HTTP services (all bind to 127.0.0.1 by default)
+    bind_host: str = "127.0.0.1"
+    ingest_port: int = 8470
+    accounting_port: int = 8471
+    coordinator_web_port: int = 8472
+    ingest_url: str = ""
+    accounting_url: str = ""
+
+    # Models
+    anthropic_base_url: str = "http://127.0.0.1:8479"
+    anthropic_api_key: str = "fleetplane-local"
+    openai_base_url: str = "http://127.0.0.1:8479/v1"
+    openai_api_key: str = "fleetplane-local"
+    model_timeout_s: float = 60.0
+    model_max_retries: int = 2
+
+    # Executor
+    executor_slots: int = 32
+    executor_id: str = ""
+
+    # Logging
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.resolve()
+
+    def resolved_clickhouse_dsn(self) -> str:
+        if self.clickhouse_dsn:
+            return self.clickhouse_dsn
+        return f"chdb://{(self.resolved_data_dir() / 'clickhouse').as_posix()}"
+
+    def resolved_ingest_url(self) -> str:
+        return self.ingest_url or f"http://{self.bind_host}:{self.ingest_port}"
+
+    def resolved_accounting_url(self) -> str:
+        return self.accounting_url or f"http://{self.bind_host}:{self.accounting_port}"
+
+    def client_config(self) -> dict[str, Any]:
+        return {"bootstrap.servers": self.kafka_bootstrap, **self.kafka_config}
+
+    def consumer_config(self, group_id: str) -> dict[str, Any]:
+        return {
+            **self.client_config(),
+            "group.id": group_id,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": not self.transactional,
+            "enable.auto.offset.store": False,
+            "isolation.level": "read_committed",
+            "session.timeout.ms": self.session_timeout_ms,
+            "heartbeat.interval.ms": max(1000, self.session_timeout_ms // 4),
+            **self.kafka_config,
+        }
+
+    def producer_config(self, transactional_id: str | None = None) -> dict[str, Any]:
+        cfg: dict[str, Any] = {
+            **self.client_config(),
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+        }
+        if transactional_id:
+            cfg["transactional.id"] = transactional_id
+        cfg.update(self.kafka_config)
+        return cfg
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,113 @@
+"""Start and stop the pinned Kafka-protocol broker (noida-db==0.2.3) for the embedded stack.
+
+noida-db's Python wrapper does not forward SIGTERM to the binary it starts, so the broker runs in
+its own process group (start_new_session) and is stopped by signalling the whole group.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PINNED = "noida-db==0.2.3"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.3)
+        return s.connect_ex((host, port)) == 0
+
+
+def noida_command() -> list[str]:
+    exe = shutil.which("noida-db")
+    if exe:
+        return [exe]
+    return [sys.executable, "-m", "noida_db.cli"]
+
+
+class EmbeddedBroker:
+    """The pinned broker on 127.0.0.1:<port>, data under data_dir, logs to log_file."""
+
+    def __init__(self, data_dir: Path, port: int = 0, log_file: Path | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.log_file = log_file or data_dir / "broker.log"
+        self.pid_file = data_dir / "broker.pid"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [*noida_command(), "start", "--data-dir", str(self.data_dir), "--host",
+               "127.0.0.1", "--only", "kafka", "--kafka-port", str(self.port)]
+        with open(self.log_file, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid_file.write_text(str(self.proc.pid))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited with {self.proc.returncode}; see {self.log_file}")
+            if port_open("127.0.0.1", self.port):
+                return self.bootstrap
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"broker did not listen on {self.bootstrap} within {timeout_s}s")
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        pid = self.proc.pid if self.proc else _read_pid(self.pid_file)
+        if pid is not None:
+            stop_group(pid, timeout_s)
+        self.proc = None
+        self.pid_file.unlink(missing_ok=True)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def stop_group(pid: int, timeout_s: float = 10.0) -> None:
+    """SIGTERM the process group led by pid, then SIGKILL what is left."""
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                _reap(pid)
+                return
+            _reap(pid)
+            time.sleep(0.05)
+
+
+def _reap(pid: int) -> None:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

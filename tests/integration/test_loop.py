@@ -1,0 +1,159 @@
+"""The consume-transform-produce loop on the real broker: outputs, DLQ, retries, checkpoints."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import pytest
+from confluent_kafka import Consumer, Producer
+
+from fleetplane.core import events as ev
+from fleetplane.core.errors import Retriable
+from fleetplane.core.kafka import EventProducer
+from fleetplane.core.loop import Processor, Record
+from fleetplane.core.serde import default_serde
+from fleetplane.core.settings import Settings
+from fleetplane.core.topics import DLQ, LIFECYCLE, SUBMITTED
+
+
+def spec() -> ev.TaskSpec:
+    return ev.TaskSpec(name="n", task_type="t", prompt="p")
+
+
+def read_all(settings: Settings, topic: str, want: int, timeout_s: float = 20.0,
+             match: str = "") -> list[tuple[bytes | None, bytes, dict[str, bytes]]]:
+    """Read a topic from the start (read_committed) until `want` records containing `match`."""
+    c = Consumer({**settings.consumer_config(f"reader-{time.monotonic_ns()}"),
+                  "enable.auto.commit": False})
+    c.subscribe([topic])
+    out: list[tuple[bytes | None, bytes, dict[str, bytes]]] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(out) < want and time.monotonic() < deadline:
+            for m in c.consume(500, 0.2):
+                if m.error() or match.encode() not in (m.value() or b"") + (m.key() or b""):
+                    continue
+                out.append((m.key(), m.value() or b"", dict(m.headers() or [])))
+    finally:
+        c.close()
+    return out
+
+
+@pytest.fixture
+def run_processor() -> Iterator[Callable[[Processor], Processor]]:
+    """Start processors in threads; stop them (as SIGTERM would) at the end of the test."""
+    started: list[tuple[Processor, threading.Thread]] = []
+
+    def start(p: Processor) -> Processor:
+        t = threading.Thread(target=p.run, daemon=True)
+        t.start()
+        started.append((p, t))
+        return p
+
+    yield start
+    for p, t in started:
+        p.stop()
+        t.join(15)
+
+
+@pytest.fixture
+def producer(base_settings: Settings) -> Iterator[EventProducer]:
+    p = EventProducer(base_settings)
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("transactional", [False, True], ids=["at-least-once", "exactly-once"])
+def test_handler_outputs_and_bad_records_to_dlq(
+    base_settings: Settings, unique: str, run_processor: Callable[[Processor], Processor],
+    producer: EventProducer, transactional: bool,
+) -> None:
+    settings = base_settings.model_copy(update={"transactional": transactional})
+
+    def handler(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        assert isinstance(event, ev.TaskSubmitted)
+        if event.spec.prompt == "explode":
+            raise ValueError("prompt may not explode")
+        yield event.derive(ev.TaskHeld, reason=f"held-{unique}")
+
+    run_processor(Processor(f"test-{unique}", [SUBMITTED], handler, settings,
+                            group_id=f"g-{unique}"))
+    good = [ev.TaskSubmitted(task_id=f"{unique}-{i}", team="a", spec=spec()) for i in range(20)]
+    bad = ev.TaskSubmitted(task_id=f"{unique}-bad", team="a",
+                           spec=spec().model_copy(update={"prompt": "explode"}))
+    producer.send([*good[:10], bad, *good[10:]])
+    raw = Producer(settings.producer_config())
+    raw.produce(SUBMITTED, key=f"{unique}-garbage".encode(), value=b"not avro at all",
+                headers=[("origin", b"test")])
+    raw.flush(10)
+
+    held = read_all(settings, LIFECYCLE, 20, match=f"held-{unique}")
+    serde = default_serde()
+    mine = sorted(t for t in (serde.decode(v).task_id for _, v, _ in held) if t.startswith(unique))
+    assert mine == sorted(e.task_id for e in good)
+
+    dlq = [serde.decode(v) for _, v, _ in read_all(settings, DLQ, 2, match=unique)]
+    by_key = {d.task_id: d for d in dlq if isinstance(d, ev.DeadLetter)}
+    assert "prompt may not explode" in by_key[f"{unique}-bad"].reason
+    garbage = by_key[f"{unique}-garbage"]
+    assert "single-object" in garbage.reason
+    assert garbage.payload == b"not avro at all"
+    assert garbage.headers["origin"] == b"test"
+    assert garbage.source_topic == SUBMITTED
+
+
+def test_retriable_errors_are_retried_then_succeed(
+    base_settings: Settings, unique: str, run_processor: Callable[[Processor], Processor],
+    producer: EventProducer,
+) -> None:
+    calls: dict[str, int] = {}
+
+    def flaky(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        calls[event.task_id] = calls.get(event.task_id, 0) + 1
+        if event.task_id.startswith(unique) and calls[event.task_id] < 3:
+            raise Retriable("dependency down")
+        return [event.derive(ev.TaskHeld, reason=f"ok-{unique}")]
+
+    from fleetplane.core.errors import RetryPolicy
+
+    run_processor(Processor(f"flaky-{unique}", [SUBMITTED], flaky, base_settings,
+                            group_id=f"g-{unique}",
+                            retry=RetryPolicy(initial_interval_s=0.01, maximum_attempts=5)))
+    producer.send(
+        [ev.TaskSubmitted(task_id=f"{unique}-r", team="a", spec=spec())])
+    out = read_all(base_settings, LIFECYCLE, 1, match=f"{unique}-r")
+    assert [default_serde().decode(v).task_id for _, v, _ in out] == [f"{unique}-r"]
+    assert calls[f"{unique}-r"] == 3
+
+
+def test_offsets_survive_a_restart_without_reprocessing(
+    base_settings: Settings, unique: str, producer: EventProducer
+) -> None:
+    """A second processor in the same group resumes after the first one's checkpoint."""
+    seen: list[str] = []
+
+    def record(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        seen.append(event.task_id)
+        return []
+
+    producer.send([ev.TaskSubmitted(task_id=f"{unique}-a{i}", team="a", spec=spec())
+                   for i in range(5)])
+    for round_ in range(2):
+        p = Processor(f"restart-{unique}", [SUBMITTED], record, base_settings,
+                      group_id=f"g-{unique}")
+        t = threading.Thread(target=p.run, daemon=True)
+        t.start()
+        deadline = time.monotonic() + 20
+        want = 5 * (round_ + 1)
+        while sum(1 for s in seen if s.startswith(unique)) < want and time.monotonic() < deadline:
+            time.sleep(0.1)
+        p.stop()
+        t.join(15)
+        if round_ == 0:
+            producer.send([ev.TaskSubmitted(task_id=f"{unique}-b{i}", team="a", spec=spec())
+                           for i in range(5)])
+    mine = [s for s in seen if s.startswith(unique)]
+    assert sorted(mine) == sorted([f"{unique}-a{i}" for i in range(5)]
+                                  + [f"{unique}-b{i}" for i in range(5)])
