@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import signal
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -135,7 +134,7 @@ class Processor:
         self.commit_interval_s = commit_interval_s
         self.transactional = settings.transactional if transactional is None else transactional
         self.group_id = group_id or f"fleetplane-{service}"
-        self.instance_id = instance_id or f"{self.group_id}-{uuid.uuid4().hex[:8]}"
+        self.instance_id = instance_id or f"{self.group_id}-{settings.instance_id}"
         self._pool = ThreadPoolExecutor(concurrency) if concurrency > 1 else None
         self._running = False
         self._stopping = False

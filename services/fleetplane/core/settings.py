@@ -29,6 +29,11 @@ class Settings(BaseSettings):
         description="Exactly-once consume-transform-produce with Kafka transactions "
         "(off: at-least-once, offsets stored after output is acknowledged).",
     )
+    instance_id: str = Field(
+        default="0",
+        description="Stable per-replica id: the transactional.id is <group>-<instance_id>, so a "
+        "restarted replica fences and aborts its predecessor's open transaction at once.",
+    )
     batch_size: int = 500
     poll_timeout_s: float = 0.1
     session_timeout_ms: int = 10_000

@@ -1,0 +1,92 @@
+"""`fleetplane demo`: sample work from three teams through the whole pipeline."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
+
+TERMINAL = {"completed", "failed", "abandoned", "cancelled", "rolled_back"}
+
+SAMPLES: dict[str, list[tuple[str, str, str | None]]] = {
+    "payments": [
+        ("summarize", "Summarize the incident report for the failed card settlement batch.", None),
+        ("codegen", "Write a function that validates IBAN checksums.", None),
+        ("review", "Review the retry logic in the refund worker for double charges.", None),
+        ("architecture", "Propose a ledger design that survives region failover.", "frontier"),
+    ],
+    "search": [
+        ("classify", "Classify these 20 queries by intent: navigational or informational.", None),
+        ("refactor", "Split the ranking module into feature extraction and scoring.", None),
+        ("translate", "Translate the search help page into French.", None),
+        ("debug", "Find why the autocomplete index misses accented terms.", None),
+    ],
+    "platform": [
+        ("test", "Add tests for the config loader's environment overrides.", None),
+        ("format", "Normalise the YAML style of the deployment manifests.", None),
+        ("research", "Compare three approaches to multi-tenant rate limiting.", None),
+        ("codegen", "Generate a CLI flag parser for the node drain tool.", "small"),
+    ],
+}
+
+
+def manifests(per_team: int) -> list[dict[str, Any]]:
+    out = []
+    for team, samples in SAMPLES.items():
+        for i in range(per_team):
+            task_type, prompt, tier = samples[i % len(samples)]
+            spec: dict[str, Any] = {"taskType": task_type, "prompt": prompt}
+            if tier:
+                spec["model"] = {"preference": "tier", "tier": tier}
+            out.append({"apiVersion": "fleetplane/v1", "kind": "AgentTask",
+                        "metadata": {"name": f"{task_type}-{i}", "team": team}, "spec": spec})
+    return out
+
+
+def run_demo(ingest: str, accounting: str, per_team: int, timeout_s: float,
+             console: Console) -> int:
+    ids: dict[str, str] = {}
+    with httpx.Client(timeout=30) as http:
+        for m in manifests(per_team):
+            resp = http.post(f"{ingest}/v1/tasks", json=m)
+            resp.raise_for_status()
+            ids[resp.json()["task_id"]] = m["metadata"]["team"]
+        console.print(f"submitted {len(ids)} tasks from {len(SAMPLES)} teams")
+        rows: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout_s
+        with Progress(TextColumn("{task.description}"), BarColumn(),
+                      TextColumn("{task.completed}/{task.total}"), console=console) as progress:
+            bar = progress.add_task("tasks finished", total=len(ids))
+            while time.monotonic() < deadline:
+                listed = http.get(f"{accounting}/v1/tasks", params={"limit": 10_000}).json()
+                rows = {r["task_id"]: r for r in listed if r["task_id"] in ids}
+                done = sum(1 for r in rows.values() if r["state"] in TERMINAL)
+                progress.update(bar, completed=done)
+                if done == len(ids):
+                    break
+                time.sleep(0.5)
+        table = Table(title="outcomes")
+        for col in ("TASK", "TEAM", "TYPE", "MODEL", "STATE", "COST $"):
+            table.add_column(col)
+        for task_id, team in ids.items():
+            r = rows.get(task_id, {})
+            table.add_row(task_id[:12], team, r.get("task_type", ""), r.get("model") or "",
+                          r.get("state", "pending"), f"{float(r.get('cost_usd') or 0):.6f}")
+        console.print(table)
+        costs = http.get(f"{accounting}/v1/cost", params={"by": "team"}).json()
+        ctable = Table(title="cost per team")
+        ctable.add_column("TEAM")
+        ctable.add_column("CALLS", justify="right")
+        ctable.add_column("COST $", justify="right")
+        for c in costs:
+            ctable.add_row(c["team"], str(c.get("calls", "")), f"{float(c['cost_usd']):.6f}")
+        console.print(ctable)
+    finished = sum(1 for r in rows.values() if r.get("state") in TERMINAL)
+    if finished < len(ids):
+        console.print(f"[yellow]{len(ids) - finished} tasks still running after {timeout_s}s")
+        return 1
+    return 0

@@ -1,0 +1,257 @@
+"""`fleetplane`: the command line (typer + rich)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from fleetplane.core.settings import Settings, get_settings
+from fleetplane.infra.broker import stop_group
+
+app = typer.Typer(help="fleetplane: the control plane for a fleet of AI agents.",
+                  no_args_is_help=True, add_completion=False)
+get_app = typer.Typer(help="List resources.", no_args_is_help=True)
+app.add_typer(get_app, name="get")
+console = Console()
+err = Console(stderr=True)
+
+
+def _state_file(settings: Settings) -> Path:
+    return settings.resolved_data_dir() / "stack.json"
+
+
+def _stack_state(settings: Settings) -> dict[str, Any] | None:
+    path = _state_file(settings)
+    if not path.exists():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def ingest_url(settings: Settings) -> str:
+    state = _stack_state(settings)
+    if not settings.ingest_url and state and state.get("ingest_url"):
+        return str(state["ingest_url"])
+    return settings.resolved_ingest_url()
+
+
+def accounting_url(settings: Settings) -> str:
+    state = _stack_state(settings)
+    if not settings.accounting_url and state and state.get("accounting_url"):
+        return str(state["accounting_url"])
+    return settings.resolved_accounting_url()
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code=1)
+
+
+def _api_get(url: str, params: dict[str, Any] | None = None) -> Any:
+    try:
+        resp = httpx.get(url, params=params, timeout=10)
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach {url} ({exc}); is the stack up? (fleetplane up)") from exc
+    if resp.status_code >= 400:
+        raise _fail(f"{url}: HTTP {resp.status_code}: {resp.text[:500]}")
+    return resp.json()
+
+
+# -- stack -------------------------------------------------------------------------------------
+@app.command()
+def up(
+    fake_provider: Annotated[bool, typer.Option(
+        help="Start the loopback fake model provider and point the SDKs at it.")] = True,
+    external_bootstrap: Annotated[str | None, typer.Option(
+        help="Use this Kafka bootstrap instead of starting the embedded broker.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for readiness.")] = 180.0,
+) -> None:
+    """Start the embedded stack: broker, topics, the five services (supervised), logs under
+    .fleetplane/."""
+    settings = get_settings()
+    data_dir = settings.resolved_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    state = _stack_state(settings)
+    if state and _alive(state.get("supervisor_pid")) and state.get("state") == "ready":
+        console.print(f"fleetplane is already up (supervisor pid {state['supervisor_pid']})")
+        return
+    broker_port = int(settings.kafka_bootstrap.rsplit(":", 1)[1])
+    argv = [sys.executable, "-m", "fleetplane.cli.supervisor", "--data-dir", str(data_dir),
+            "--broker-port", str(broker_port), "--ingest-port", str(settings.ingest_port),
+            "--accounting-port", str(settings.accounting_port), "--provider-port", "8479"]
+    if external_bootstrap:
+        argv += ["--external-bootstrap", external_bootstrap]
+    if not fake_provider:
+        argv.append("--no-fake-provider")
+    (data_dir / "logs").mkdir(exist_ok=True)
+    _state_file(settings).unlink(missing_ok=True)
+    with open(data_dir / "logs" / "supervisor.log", "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    with console.status("starting broker, topics and services..."):
+        while time.monotonic() < deadline:
+            state = _stack_state(settings)
+            if state and state.get("state") == "ready":
+                break
+            if state and state.get("state") == "failed":
+                raise _fail(f"stack failed: {state.get('error')}; logs in {data_dir / 'logs'}")
+            if proc.poll() is not None:
+                raise _fail(f"supervisor exited ({proc.returncode}); see {data_dir / 'logs'}")
+            time.sleep(0.3)
+        else:
+            raise _fail(f"not ready within {timeout}s; logs in {data_dir / 'logs'}")
+    _print_status(state)
+
+
+def _print_status(state: dict[str, Any]) -> None:
+    table = Table(title="fleetplane (embedded)")
+    table.add_column("component")
+    table.add_column("pid", justify="right")
+    table.add_column("restarts", justify="right")
+    table.add_column("log")
+    for name, info in state.get("services", {}).items():
+        table.add_row(name, str(info["pid"]), str(info["restarts"]), info["log"])
+    console.print(table)
+    console.print(f"kafka: {state.get('bootstrap')}   ingest: {state.get('ingest_url')}   "
+                  f"accounting: {state.get('accounting_url')}")
+
+
+@app.command()
+def down(timeout: Annotated[float, typer.Option()] = 60.0) -> None:
+    """Stop the embedded stack."""
+    settings = get_settings()
+    state = _stack_state(settings)
+    pid = state.get("supervisor_pid") if state else None
+    if not pid or not _alive(pid):
+        console.print("fleetplane is not running")
+        _state_file(settings).unlink(missing_ok=True)
+        return
+    with console.status("stopping services and broker..."):
+        stop_group(int(pid), timeout_s=timeout)
+    _state_file(settings).unlink(missing_ok=True)
+    console.print("fleetplane stopped")
+
+
+@app.command()
+def status() -> None:
+    """Show the embedded stack's processes."""
+    state = _stack_state(get_settings())
+    if not state or not _alive(state.get("supervisor_pid")):
+        console.print("fleetplane is not running")
+        raise typer.Exit(code=1)
+    _print_status(state)
+
+
+# -- tasks -------------------------------------------------------------------------------------
+def load_manifests(path: Path) -> list[dict[str, Any]]:
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except (OSError, yaml.YAMLError) as exc:
+        raise _fail(f"{path}: {exc}") from exc
+    if not docs or not all(isinstance(d, dict) for d in docs):
+        raise _fail(f"{path}: expected one or more YAML mappings (kind: AgentTask)")
+    return docs
+
+
+def submit_manifest(url: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    try:
+        resp = httpx.post(f"{url}/v1/tasks", json=manifest, timeout=30)
+    except httpx.HTTPError as exc:
+        raise _fail(f"cannot reach ingest at {url} ({exc}); is the stack up?") from exc
+    if resp.status_code == 422:
+        problems = "; ".join(f"{e['field']}: {e['reason']}" for e in resp.json()["errors"])
+        raise _fail(f"invalid manifest: {problems}")
+    if resp.status_code >= 400:
+        raise _fail(f"HTTP {resp.status_code}: {resp.text[:500]}")
+    result: dict[str, Any] = resp.json()
+    return result
+
+
+@app.command()
+def submit(file: Annotated[Path, typer.Option("-f", "--file", help="Task manifest (YAML).")]
+           ) -> None:
+    """Submit the task(s) in a YAML manifest (apiVersion: fleetplane/v1, kind: AgentTask)."""
+    url = ingest_url(get_settings())
+    for manifest in load_manifests(file):
+        result = submit_manifest(url, manifest)
+        console.print(f"task/{result['name']} submitted: {result['task_id']} "
+                      f"(team {result['team']})")
+
+
+@get_app.command("tasks")
+def get_tasks(
+    state: Annotated[str | None, typer.Option(help="Filter by state.")] = None,
+    team: Annotated[str | None, typer.Option(help="Filter by team.")] = None,
+    limit: Annotated[int, typer.Option(help="Rows to show.")] = 50,
+    output: Annotated[str, typer.Option("-o", "--output", help="table or json")] = "table",
+) -> None:
+    """List tasks and their states."""
+    params: dict[str, Any] = {"limit": limit}
+    if state:
+        params["state"] = state
+    if team:
+        params["team"] = team
+    rows = _api_get(f"{accounting_url(get_settings())}/v1/tasks", params)
+    if output == "json":
+        console.print_json(json.dumps(rows))
+        return
+    table = Table()
+    for col in ("TASK", "TEAM", "TYPE", "STATE", "MODEL", "COST $"):
+        table.add_column(col, justify="right" if col == "COST $" else "left")
+    for r in rows:
+        table.add_row(r["task_id"], r["team"], r.get("task_type") or "", r["state"],
+                      r.get("model") or "", f"{float(r.get('cost_usd') or 0):.6f}")
+    console.print(table)
+
+
+@app.command()
+def cost(by: Annotated[str, typer.Option(help="team, task_type, model or tier")] = "team") -> None:
+    """Spend from ClickHouse, grouped by team, task type, model or tier."""
+    rows = _api_get(f"{accounting_url(get_settings())}/v1/cost", {"by": by})
+    table = Table(title=f"cost by {by}")
+    table.add_column(by.upper())
+    for col in ("CALLS", "INPUT TOK", "OUTPUT TOK", "COST $"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r[by]), str(r.get("calls", "")), str(r.get("input_tokens", "")),
+                      str(r.get("output_tokens", "")), f"{float(r['cost_usd']):.6f}")
+    console.print(table)
+
+
+@app.command()
+def demo(
+    per_team: Annotated[int, typer.Option(help="Tasks per team.")] = 4,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for outcomes.")] = 120.0,
+) -> None:
+    """Submit sample tasks from three teams, show progress, print outcomes and cost per team."""
+    from fleetplane.cli.demo import run_demo
+
+    settings = get_settings()
+    code = run_demo(ingest_url(settings), accounting_url(settings), per_team, timeout, console)
+    raise typer.Exit(code=code)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,225 @@
+"""The embedded stack: broker, topics, fake provider and the five services as supervised OS
+processes on 127.0.0.1. Used by `fleetplane up` (through the supervisor), the tests and the bench.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from fleetplane.core.settings import Settings
+from fleetplane.core.topics import ensure_topics, load_topics
+from fleetplane.infra.broker import EmbeddedBroker, free_port, stop_group
+
+SERVICES = ("ingest", "router", "coordinator", "executor", "accounting")
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass
+class Stack:
+    """Processes of one fleetplane deployment on this machine.
+
+    `env` is the FLEETPLANE_* environment every child gets; `start()` brings up the broker (unless
+    an external bootstrap is given), creates the topics, then the fake provider and services."""
+
+    data_dir: Path
+    external_bootstrap: str | None = None
+    fake_provider: bool = True
+    fake_provider_args: list[str] = field(default_factory=list)
+    services: tuple[str, ...] = SERVICES
+    extra_env: dict[str, str] = field(default_factory=dict)
+    broker_port: int = 0
+    ingest_port: int = 0
+    accounting_port: int = 0
+    provider_port: int = 0
+    coordinator_web_port: int = 0
+    broker: EmbeddedBroker | None = None
+    children: dict[str, Child] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.data_dir = self.data_dir.resolve()
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.ingest_port = self.ingest_port or free_port()
+        self.accounting_port = self.accounting_port or free_port()
+        self.provider_port = self.provider_port or free_port()
+        self.coordinator_web_port = self.coordinator_web_port or free_port()
+
+    @property
+    def log_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def bootstrap(self) -> str:
+        if self.external_bootstrap:
+            return self.external_bootstrap
+        assert self.broker is not None, "broker not started"
+        return self.broker.bootstrap
+
+    @property
+    def ingest_url(self) -> str:
+        return f"http://127.0.0.1:{self.ingest_port}"
+
+    @property
+    def accounting_url(self) -> str:
+        return f"http://127.0.0.1:{self.accounting_port}"
+
+    @property
+    def provider_url(self) -> str:
+        return f"http://127.0.0.1:{self.provider_port}"
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "FLEETPLANE_KAFKA_BOOTSTRAP": self.bootstrap,
+            "FLEETPLANE_DATA_DIR": str(self.data_dir),
+            "FLEETPLANE_INGEST_PORT": str(self.ingest_port),
+            "FLEETPLANE_ACCOUNTING_PORT": str(self.accounting_port),
+            "FLEETPLANE_COORDINATOR_WEB_PORT": str(self.coordinator_web_port),
+            "FLEETPLANE_BIND_HOST": "127.0.0.1",
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            "PYTHONUNBUFFERED": "1",
+        })
+        if self.fake_provider:
+            env["FLEETPLANE_ANTHROPIC_BASE_URL"] = self.provider_url
+            env["FLEETPLANE_OPENAI_BASE_URL"] = f"{self.provider_url}/v1"
+        env.update(self.extra_env)
+        return env
+
+    def settings(self) -> Settings:
+        return Settings(
+            kafka_bootstrap=self.bootstrap, data_dir=self.data_dir,
+            ingest_port=self.ingest_port, accounting_port=self.accounting_port,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self, timeout_s: float = 120.0) -> None:
+        if not self.external_bootstrap:
+            self.broker = EmbeddedBroker(self.data_dir / "broker", port=self.broker_port,
+                                         log_file=self.log_dir / "broker.log")
+            self.broker.start()
+        settings = self.settings()
+        ensure_topics(settings.client_config(), load_topics(settings.topics_file))
+        if self.fake_provider:
+            self._spawn("fake-provider", [sys.executable, "-m", "fleetplane.fakeprovider.server",
+                                          "--port", str(self.provider_port),
+                                          *self.fake_provider_args])
+        for name in self.services:
+            self._spawn(name, [sys.executable, "-m", f"fleetplane.{name}.main"])
+        self.wait_ready(timeout_s)
+
+    def _spawn(self, name: str, argv: list[str]) -> Child:
+        child = self.children.get(name) or Child(name, argv, self.log_dir / f"{name}.log")
+        with open(child.log_path, "ab") as log:
+            child.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, env=self.env(),
+                                          start_new_session=True)
+        child.started_at = time.monotonic()
+        self.children[name] = child
+        return child
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        urls = []
+        if "ingest" in self.services:
+            urls.append(f"{self.ingest_url}/healthz")
+        if "accounting" in self.services:
+            urls.append(f"{self.accounting_url}/healthz")
+        if self.fake_provider:
+            urls.append(f"{self.provider_url}/_fake/calls")
+        deadline = time.monotonic() + timeout_s
+        pending = list(urls)
+        while pending and time.monotonic() < deadline:
+            for name, child in self.children.items():
+                if not child.alive():
+                    raise RuntimeError(f"{name} exited during start-up; see {child.log_path}")
+            url = pending[0]
+            try:
+                if httpx.get(url, timeout=1.0).status_code < 500:
+                    pending.pop(0)
+                    continue
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        if pending:
+            raise RuntimeError(f"not ready within {timeout_s}s: {pending}")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a service (as a crash would)."""
+        child = self.children[name]
+        if child.proc is not None:
+            stop_group(child.proc.pid, timeout_s=0)
+            child.proc.wait(10)
+
+    def restart(self, name: str) -> None:
+        child = self.children[name]
+        if child.alive():
+            self.stop_child(name)
+        child.restarts += 1
+        self._spawn(name, child.argv)
+
+    def stop_child(self, name: str, timeout_s: float = 20.0) -> None:
+        child = self.children[name]
+        if child.proc is not None and child.proc.poll() is None:
+            stop_group(child.proc.pid, timeout_s=timeout_s)
+            child.proc.wait(10)
+
+    def supervise_once(self, backoff_s: float = 1.0) -> list[str]:
+        """Restart children that exited; returns their names."""
+        restarted = []
+        for name, child in self.children.items():
+            if child.proc is not None and child.proc.poll() is not None:
+                if time.monotonic() - child.started_at < backoff_s * (1 + min(child.restarts, 5)):
+                    continue
+                child.restarts += 1
+                self._spawn(name, child.argv)
+                restarted.append(name)
+        return restarted
+
+    def stop(self) -> None:
+        # services first (they checkpoint on SIGTERM), then the provider, then the broker
+        for name in [n for n in reversed(SERVICES) if n in self.children]:
+            self.stop_child(name)
+        for name in list(self.children):
+            self.stop_child(name)
+        if self.broker is not None:
+            self.broker.stop()
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "bootstrap": self.bootstrap,
+            "ingest_url": self.ingest_url,
+            "accounting_url": self.accounting_url,
+            "provider_url": self.provider_url if self.fake_provider else None,
+            "data_dir": str(self.data_dir),
+            "services": {n: {"pid": c.pid, "restarts": c.restarts, "log": str(c.log_path)}
+                         for n, c in self.children.items()},
+        }
+
+
+def write_state(path: Path, state: Mapping[str, object]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2))
+    tmp.replace(path)

@@ -1,0 +1,139 @@
+"""The model catalog (infra/catalog.yaml) and prices.
+
+Prices come from litellm's cost map (offline); models litellm does not know carry explicit prices
+in the catalog. Cost is always computed from the usage a provider reported.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PER_MTOK = 1_000_000
+
+
+@dataclass(frozen=True)
+class Prices:
+    """USD per token."""
+
+    input: float
+    output: float
+    cache_write: float
+    cache_read: float
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    tier: str
+    provider: str
+    prices: Prices
+    context_window: int
+    tool_use: bool
+    default_for_tier: bool = False
+
+    def cost(self, usage: Usage) -> float:
+        p = self.prices
+        return (usage.input_tokens * p.input + usage.output_tokens * p.output
+                + usage.cache_creation_input_tokens * p.cache_write
+                + usage.cache_read_input_tokens * p.cache_read)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    tiers: list[str]
+    default_tier: str
+    models: dict[str, Model]
+    task_types: dict[str, str] = field(default_factory=dict)
+
+    def model(self, name: str) -> Model:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise KeyError(f"model {name!r} is not in the catalog") from None
+
+    def default_model(self, tier: str) -> Model:
+        candidates = [m for m in self.models.values() if m.tier == tier]
+        if not candidates:
+            raise KeyError(f"no model in tier {tier!r}")
+        for m in candidates:
+            if m.default_for_tier:
+                return m
+        return candidates[0]
+
+    def tier_above(self, tier: str) -> str | None:
+        i = self.tiers.index(tier)
+        return self.tiers[i + 1] if i + 1 < len(self.tiers) else None
+
+
+def _litellm_prices(name: str) -> tuple[Prices, int, bool] | None:
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    info: dict[str, Any] | None = litellm.model_cost.get(name)
+    if not info or info.get("input_cost_per_token") is None:
+        return None
+    inp = float(info["input_cost_per_token"])
+    prices = Prices(
+        input=inp,
+        output=float(info.get("output_cost_per_token") or 0.0),
+        cache_write=float(info.get("cache_creation_input_token_cost") or inp),
+        cache_read=float(info.get("cache_read_input_token_cost") or inp),
+    )
+    window = int(info.get("max_input_tokens") or 128_000)
+    return prices, window, bool(info.get("supports_function_calling", True))
+
+
+def load_catalog(path: Path) -> Catalog:
+    raw: dict[str, Any] = yaml.safe_load(path.read_text())
+    models: dict[str, Model] = {}
+    for m in raw["models"]:
+        caps = m.get("capabilities", {})
+        explicit = m.get("prices")
+        if explicit:
+            inp = float(explicit["input_per_mtok"]) / PER_MTOK
+            prices = Prices(
+                input=inp,
+                output=float(explicit["output_per_mtok"]) / PER_MTOK,
+                cache_write=float(explicit.get("cache_write_per_mtok", inp * PER_MTOK)) / PER_MTOK,
+                cache_read=float(explicit.get("cache_read_per_mtok", inp * PER_MTOK)) / PER_MTOK,
+            )
+            window, tools = int(caps.get("context_window", 128_000)), bool(caps.get("tool_use"))
+        else:
+            found = _litellm_prices(m["name"])
+            if found is None:
+                raise ValueError(
+                    f"{path}: model {m['name']!r} is not in litellm's cost map; give its prices"
+                )
+            prices, window, tools = found
+            window = int(caps.get("context_window", window))
+            tools = bool(caps.get("tool_use", tools))
+        models[m["name"]] = Model(
+            name=m["name"], tier=m["tier"], provider=m["provider"], prices=prices,
+            context_window=window, tool_use=tools,
+            default_for_tier=bool(m.get("default_for_tier", False)),
+        )
+    tiers = list(raw["tiers"])
+    for model in models.values():
+        if model.tier not in tiers:
+            raise ValueError(f"{path}: model {model.name} has unknown tier {model.tier!r}")
+    return Catalog(tiers=tiers, default_tier=raw.get("default_tier", tiers[0]), models=models,
+                   task_types=dict(raw.get("task_types", {})))
+
+
+@lru_cache(maxsize=4)
+def catalog_for(path: Path) -> Catalog:
+    return load_catalog(path)

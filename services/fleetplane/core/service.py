@@ -1,0 +1,34 @@
+"""Composition helpers shared by the services' entry points."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import uvicorn
+
+from fleetplane.core.logging import configure_logging, get_logger
+from fleetplane.core.settings import Settings, get_settings
+from fleetplane.core.topics import ensure_topics, load_topics
+
+
+def bootstrap(service: str, settings: Settings | None = None) -> Settings:
+    """Settings, logging and topics for a service process."""
+    settings = settings or get_settings()
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    configure_logging(service, settings.log_level, settings.log_json)
+    ensure_topics(settings.client_config(), load_topics(settings.topics_file))
+    get_logger(__name__).info("service starting", bootstrap=settings.kafka_bootstrap)
+    return settings
+
+
+def serve_http_in_thread(app: Any, host: str, port: int) -> uvicorn.Server:
+    """Run a FastAPI app beside a processor loop (uvicorn in a daemon thread)."""
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                            lifespan="on")
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    thread = threading.Thread(target=server.run, name="http", daemon=True)
+    thread.start()
+    return server

@@ -1,0 +1,153 @@
+"""The task manifest (apiVersion fleetplane/v1, kind AgentTask): the public intake contract.
+
+Unknown fields are errors (extra="forbid"), never silently dropped. The same checks run for HTTP,
+CLI, SDK and raw Kafka submissions (`check_spec` is applied to the Avro TaskSpec of every path).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fleetplane.core.events import TaskSpec
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+TYPE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+MAX_PROMPT = 200_000
+MAX_GLOBS = 200
+PRIORITIES = ("low", "normal", "high", "critical")
+POLICIES = ("retry", "escalate", "abandon", "rollback", "hold")
+TIERS = ("small", "standard", "frontier")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Metadata(Strict):
+    name: str = Field(pattern=NAME_RE.pattern, description="DNS-like task name")
+    team: str = Field(pattern=NAME_RE.pattern, description="Owning team")
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+
+class Workspace(Strict):
+    repository: str | None = Field(default=None, max_length=200)
+    ref: str = Field(default="main", max_length=200)
+
+
+class ModelPreference(Strict):
+    preference: Literal["auto", "tier", "pinned"] = "auto"
+    tier: Literal["small", "standard", "frontier"] | None = None
+    name: str | None = Field(default=None, max_length=200)
+
+
+class Limits(Strict):
+    max_cost_usd: float | None = Field(default=None, gt=0, alias="maxCostUsd")
+    max_turns: int = Field(default=20, ge=1, le=1000, alias="maxTurns")
+    timeout_seconds: int = Field(default=600, ge=1, le=86_400, alias="timeoutSeconds")
+    max_attempts: int = Field(default=3, ge=1, le=20, alias="maxAttempts")
+
+
+class Spec(Strict):
+    task_type: str = Field(alias="taskType", pattern=TYPE_RE.pattern)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT)
+    system_prompt: str | None = Field(default=None, alias="systemPrompt", max_length=MAX_PROMPT)
+    workspace: Workspace = Field(default_factory=Workspace)
+    write_scope: list[str] = Field(default_factory=list, alias="writeScope", max_length=MAX_GLOBS)
+    depends_on: list[str] = Field(default_factory=list, alias="dependsOn", max_length=100)
+    priority: Literal["low", "normal", "high", "critical"] = "normal"
+    model: ModelPreference = Field(default_factory=ModelPreference)
+    tools: list[str] = Field(default_factory=list, max_length=50)
+    limits: Limits = Field(default_factory=Limits)
+    failure_policy: Literal["retry", "escalate", "abandon", "rollback", "hold"] = Field(
+        default="retry", alias="failurePolicy")
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+
+    @field_validator("write_scope")
+    @classmethod
+    def _globs(cls, globs: list[str]) -> list[str]:
+        for g in globs:
+            problem = glob_problem(g)
+            if problem:
+                raise ValueError(f"write scope {g!r}: {problem}")
+        return globs
+
+
+class TaskManifest(Strict):
+    api_version: Literal["fleetplane/v1"] = Field(alias="apiVersion")
+    kind: Literal["AgentTask"]
+    metadata: Metadata
+    spec: Spec
+    idempotency_key: str | None = Field(default=None, alias="idempotencyKey", max_length=200)
+
+    def to_spec(self) -> TaskSpec:
+        s = self.spec
+        pref = s.model.preference
+        return TaskSpec(
+            name=self.metadata.name,
+            task_type=s.task_type,
+            prompt=s.prompt,
+            system_prompt=s.system_prompt,
+            repository=s.workspace.repository,
+            ref=s.workspace.ref,
+            write_scope=list(s.write_scope),
+            depends_on=list(s.depends_on),
+            priority=s.priority,
+            model_preference=pref,
+            tier=s.model.tier,
+            model=s.model.name,
+            allowed_tools=list(s.tools),
+            max_cost_usd=s.limits.max_cost_usd,
+            max_turns=s.limits.max_turns,
+            timeout_s=s.limits.timeout_seconds,
+            max_attempts=s.limits.max_attempts,
+            failure_policy=s.failure_policy,
+            temperature=s.temperature,
+            labels=dict(self.metadata.labels),
+        )
+
+
+def glob_problem(glob: str) -> str | None:
+    if not glob or len(glob) > 500:
+        return "must be 1-500 characters"
+    if glob.startswith("/") or "\\" in glob:
+        return "must be relative, with forward slashes"
+    if any(part == ".." for part in glob.split("/")):
+        return "may not contain '..'"
+    if "\x00" in glob:
+        return "may not contain NUL"
+    return None
+
+
+def check_spec(team: str, spec: TaskSpec) -> tuple[str, str] | None:
+    """Validate a TaskSpec from any path; returns (field, reason) for the first problem."""
+    checks: list[tuple[bool, str, str]] = [
+        (bool(NAME_RE.match(team)), "team", "must match " + NAME_RE.pattern),
+        (bool(NAME_RE.match(spec.name)), "spec.name", "must match " + NAME_RE.pattern),
+        (bool(TYPE_RE.match(spec.task_type)), "spec.task_type", "must match " + TYPE_RE.pattern),
+        (0 < len(spec.prompt) <= MAX_PROMPT, "spec.prompt", f"must be 1-{MAX_PROMPT} characters"),
+        (spec.priority in PRIORITIES, "spec.priority", f"must be one of {PRIORITIES}"),
+        (spec.failure_policy in POLICIES, "spec.failure_policy", f"must be one of {POLICIES}"),
+        (spec.tier is None or spec.tier in TIERS, "spec.tier", f"must be one of {TIERS}"),
+        (spec.model_preference in ("auto", "tier", "pinned"), "spec.model_preference",
+         "must be auto, tier or pinned"),
+        (spec.model_preference != "pinned" or bool(spec.model), "spec.model",
+         "a pinned model preference needs a model"),
+        (1 <= spec.max_turns <= 1000, "spec.max_turns", "must be 1-1000"),
+        (1 <= spec.timeout_s <= 86_400, "spec.timeout_s", "must be 1-86400"),
+        (1 <= spec.max_attempts <= 20, "spec.max_attempts", "must be 1-20"),
+        (spec.max_cost_usd is None or spec.max_cost_usd > 0, "spec.max_cost_usd",
+         "must be positive"),
+        (0.0 <= spec.temperature <= 2.0, "spec.temperature", "must be 0-2"),
+        (len(spec.write_scope) <= MAX_GLOBS, "spec.write_scope", f"at most {MAX_GLOBS} globs"),
+    ]
+    for ok, fld, reason in checks:
+        if not ok:
+            return fld, reason
+    for g in spec.write_scope:
+        problem = glob_problem(g)
+        if problem:
+            return "spec.write_scope", f"{g!r}: {problem}"
+    return None
