@@ -148,7 +148,7 @@ class Stack:
         if "accounting" in self.services:
             urls.append(f"{self.accounting_url}/healthz")
         if self.fake_provider:
-            urls.append(f"{self.provider_url}/_fake/calls")
+            urls.append(f"{self.provider_url}/_fake/health")
         deadline = time.monotonic() + timeout_s
         pending = list(urls)
         while pending and time.monotonic() < deadline:

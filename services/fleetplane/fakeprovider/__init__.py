@@ -1,4 +1,10 @@
-"""Loopback fake model provider (Anthropic Messages + OpenAI Chat Completions) for tests/demos."""
+"""Loopback fake model provider (Anthropic Messages + OpenAI Chat Completions) for tests/demos.
+
+The ``server`` names are imported lazily so ``python -m fleetplane.fakeprovider.server``
+does not import that module twice.
+"""
+
+from typing import TYPE_CHECKING, Any
 
 from .app import create_app
 from .script import (
@@ -11,7 +17,11 @@ from .script import (
     Usage,
     UsageOverride,
 )
-from .server import FakeProvider, build_script, main
+
+if TYPE_CHECKING:
+    from .server import FakeProvider, ServeConfig, main, parse_config
+
+_SERVER_NAMES = frozenset({"FakeProvider", "ServeConfig", "main", "parse_config"})
 
 __all__ = [
     "CallRecord",
@@ -20,10 +30,19 @@ __all__ = [
     "Reply",
     "Script",
     "ScriptRunner",
+    "ServeConfig",
     "ToolUse",
     "Usage",
     "UsageOverride",
-    "build_script",
     "create_app",
     "main",
+    "parse_config",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SERVER_NAMES:
+        from . import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -45,6 +45,8 @@ _OPENAI_ERRORS = {
     429: ("requests", "rate_limit_exceeded"),
     529: ("server_error", "overloaded"),
 }
+_USER_ROLES = frozenset({"user", "tool"})
+_PAUSE_POLL_S = 0.1
 _SSE_HEADERS = {"cache-control": "no-cache"}
 
 
@@ -120,8 +122,9 @@ def _segments(content: object) -> list[object]:
 
 
 def _last_user_text(messages: list[Any]) -> str:
+    """Text of the newest user-side message (OpenAI ``tool`` results count as user-side)."""
     for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "user":
+        if isinstance(message, dict) and message.get("role") in _USER_ROLES:
             return _text_of(message.get("content"))
     return ""
 
@@ -264,15 +267,20 @@ def _chunks(text: str, size: int) -> list[str]:
     return [text[i : i + size] for i in range(0, len(text), size)]
 
 
-async def _anthropic_stream(req: _Request, plan: Plan, answer: _Answer) -> AsyncIterator[bytes]:
+async def _anthropic_stream(
+    req: _Request, plan: Plan, answer: _Answer, runner: ScriptRunner
+) -> AsyncIterator[bytes]:
     message = _anthropic_message(req, plan, answer)
     message["content"] = []
     message["stop_reason"] = None
     message["usage"] = dict(message["usage"], output_tokens=1)
     yield _sse("message_start", {"type": "message_start", "message": message})
     yield _sse("ping", {"type": "ping"})
-    if plan.stall_s:
-        await asyncio.sleep(plan.stall_s)
+    await _pause(runner, plan.stall_s)
+    if plan.error is not None:
+        error = plan.error
+        yield _sse("error", _anthropic_error(error.status, error.error_type, _message(error)))
+        return
     blocks: list[tuple[dict[str, Any], str, str]] = []
     if answer.text is not None:
         blocks.append(({"type": "text", "text": ""}, "text_delta", answer.text))
@@ -360,7 +368,9 @@ def _openai_completion(req: _Request, plan: Plan, answer: _Answer) -> dict[str, 
     }
 
 
-async def _openai_stream(req: _Request, plan: Plan, answer: _Answer) -> AsyncIterator[bytes]:
+async def _openai_stream(
+    req: _Request, plan: Plan, answer: _Answer, runner: ScriptRunner
+) -> AsyncIterator[bytes]:
     base: dict[str, Any] = {
         "id": f"chatcmpl-fake-{plan.seq:08d}",
         "object": "chat.completion.chunk",
@@ -376,8 +386,11 @@ async def _openai_stream(req: _Request, plan: Plan, answer: _Answer) -> AsyncIte
         return b"data: " + _dumps(dict(base, choices=[choice])) + b"\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
-    if plan.stall_s:
-        await asyncio.sleep(plan.stall_s)
+    await _pause(runner, plan.stall_s)
+    if plan.error is not None:
+        error = _openai_error(plan.error.status, plan.error.error_type, _message(plan.error))
+        yield b"data: " + _dumps(error) + b"\n\n"
+        return
     for piece in _chunks(answer.text or "", plan.chunk_chars):
         yield chunk({"content": piece})
     for index, call in enumerate(_openai_tool_calls(answer)):
@@ -402,27 +415,32 @@ def _openai_error(status: int, error_type: str | None, message: str) -> dict[str
 # ---------------------------------------------------------------- request handling
 
 
-def _error_response(
-    api: ApiKind, status: int, error_type: str | None, message: str, retry_after: float | None
-) -> tuple[Response, str]:
-    """The error response in ``api``'s wire shape, and the error type it reports."""
-    body = (_anthropic_error if api == "anthropic" else _openai_error)(status, error_type, message)
+def _error_body(api: ApiKind, status: int, error_type: str | None, message: str) -> dict[str, Any]:
+    return (_anthropic_error if api == "anthropic" else _openai_error)(status, error_type, message)
+
+
+def _error_response(body: dict[str, Any], status: int, retry_after: float | None) -> Response:
     headers: dict[str, str] = {}
     if retry_after is not None:
         headers["retry-after"] = f"{retry_after:g}"
         headers["retry-after-ms"] = str(int(retry_after * 1000))
-    response = Response(
+    return Response(
         _dumps(body), status_code=status, headers=headers, media_type="application/json"
     )
-    return response, str(body["error"]["type"])
 
 
-def _injected(api: ApiKind, error: InjectedError) -> tuple[Response, str]:
-    retry_after = error.retry_after_s
-    if retry_after is None and error.status == 429:
-        retry_after = 1.0
-    message = error.message or f"fake provider injected HTTP {error.status}"
-    return _error_response(api, error.status, error.error_type, message, retry_after)
+def _bad_request(api: ApiKind, exc: Exception) -> Response:
+    return _error_response(_error_body(api, 400, None, f"invalid request: {exc}"), 400, None)
+
+
+def _retry_after(error: InjectedError) -> float | None:
+    if error.retry_after_s is None and error.status == 429:
+        return 1.0
+    return error.retry_after_s
+
+
+def _message(error: InjectedError) -> str:
+    return error.message or f"fake provider injected HTTP {error.status}"
 
 
 def _record(
@@ -464,34 +482,47 @@ async def _complete(request: Request, api: ApiKind) -> Response:
             raise ValueError("'model' is required")
         req = (_parse_anthropic if api == "anthropic" else _parse_openai)(body)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        return _error_response(api, 400, None, f"invalid request: {exc}", None)[0]
+        return _bad_request(api, exc)
     plan = runner.plan(req.model, req.last_user_text)
-    if plan.error is not None:
-        response, error_type = _injected(api, plan.error)
-        _record(runner, req, plan, plan.error.status, error_type=error_type)
-        await _sleep(plan.latency_s + plan.stall_s)
-        return response
+    error = plan.error
+    if error is not None:
+        error_body = _error_body(api, error.status, error.error_type, _message(error))
+        error_type = str(error_body["error"]["type"])
+        if not (req.stream and error.mid_stream):
+            _record(runner, req, plan, error.status, error_type=error_type)
+            await _pause(runner, plan.latency_s + plan.stall_s)
+            return _error_response(error_body, error.status, _retry_after(error))
+        # Mid-stream failure: HTTP 200 and the stream head, then an error event.
+        _record(runner, req, plan, 200, error_type=error_type)
     answer = _answer(req, plan, runner)
-    _record(runner, req, plan, 200, answer=answer)
+    if error is None:
+        _record(runner, req, plan, 200, answer=answer)
     headers = {"request-id" if api == "anthropic" else "x-request-id": f"req_fake_{plan.seq:08d}"}
     if req.stream:
-        await _sleep(plan.latency_s)
+        await _pause(runner, plan.latency_s)
         stream = _anthropic_stream if api == "anthropic" else _openai_stream
         return StreamingResponse(
-            stream(req, plan, answer),
+            stream(req, plan, answer, runner),
             media_type="text/event-stream",
             headers=_SSE_HEADERS | headers,
         )
-    await _sleep(plan.latency_s + plan.stall_s)
+    await _pause(runner, plan.latency_s + plan.stall_s)
     build = _anthropic_message if api == "anthropic" else _openai_completion
     return Response(
         _dumps(build(req, plan, answer)), headers=headers, media_type="application/json"
     )
 
 
-async def _sleep(seconds: float) -> None:
-    if seconds > 0:
-        await asyncio.sleep(seconds)
+async def _pause(runner: ScriptRunner, seconds: float) -> None:
+    """Sleep without blocking the loop; cut short once the server starts shutting down."""
+    if seconds <= 0:
+        return
+    deadline = time.monotonic() + seconds
+    while not runner.closing:
+        await asyncio.sleep(min(seconds, _PAUSE_POLL_S))
+        seconds = deadline - time.monotonic()
+        if seconds <= 0:
+            return
 
 
 async def anthropic_messages(request: Request) -> Response:
@@ -507,7 +538,7 @@ async def anthropic_count_tokens(request: Request) -> Response:
         body = json.loads(await request.body())
         req = _parse_anthropic(body)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
-        return _error_response("anthropic", 400, None, f"invalid request: {exc}", None)[0]
+        return _bad_request("anthropic", exc)
     return Response(
         _dumps({"input_tokens": _tokens(req.input_chars)}), media_type="application/json"
     )

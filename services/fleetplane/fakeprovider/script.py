@@ -48,12 +48,16 @@ class InjectedError(_Model):
     429 always carries ``retry-after`` (``retry_after_s``, default 1 s); other
     statuses carry it only when ``retry_after_s`` is set. ``error_type``
     overrides the provider-specific error type (e.g. ``overloaded_error``).
+    With ``mid_stream`` a streaming request gets HTTP 200 and the stream head, then the
+    error as an SSE event (Anthropic ``event: error``, OpenAI ``data: {"error": ...}``);
+    non-streaming requests get the plain HTTP error.
     """
 
     status: int = Field(ge=400, le=599)
     message: str | None = None
     error_type: str | None = None
     retry_after_s: float | None = Field(default=None, ge=0)
+    mid_stream: bool = False
 
 
 class Reply(_Model):
@@ -152,6 +156,8 @@ class ScriptRunner:
         self._pending: list[_Slot] = []
         self._rng = random.Random()
         self._rewind()
+        self.closing = False
+        """Set when the server shuts down: pending latency/stall sleeps end early."""
 
     @property
     def script(self) -> Script:

@@ -9,8 +9,9 @@ import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
 
 import uvicorn
@@ -24,12 +25,13 @@ DEFAULT_PORT = 8765
 ENV_PREFIX = "FLEETPLANE_FAKE_"
 
 
-def _as_script(script: Script | Mapping[str, Any] | None) -> Script:
-    if script is None:
-        return Script()
+def _as_script(script: Script | Mapping[str, Any] | None, **changes: Any) -> Script:
+    """Validate ``script`` (a Script, its JSON-able dict, or None) with top-level ``changes``."""
     if isinstance(script, Script):
-        return script
-    return Script.model_validate(dict(script))
+        if not changes:
+            return script
+        script = script.model_dump()
+    return Script.model_validate({**(script or {}), **changes})
 
 
 def _config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Config:
@@ -44,12 +46,25 @@ def _config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Confi
     )
 
 
+class _Server(uvicorn.Server):
+    """uvicorn server that cuts pending fake latency/stalls short on SIGINT/SIGTERM."""
+
+    def __init__(self, config: uvicorn.Config, runner: ScriptRunner) -> None:
+        super().__init__(config)
+        self._runner = runner
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._runner.closing = True
+        super().handle_exit(sig, frame)
+
+
 class FakeProvider:
     """A fake Anthropic/OpenAI-compatible model provider served from a background thread.
 
-    Usage::
+    ``script`` is a :class:`Script` or its JSON dict; keyword ``knobs`` override its
+    top-level fields, e.g. ``FakeProvider(latency_ms=5, failure_rate=0.1)``. Usage::
 
-        with FakeProvider({"latency_ms": 5}) as fake:
+        with FakeProvider({"replies": [{"text": "hi"}]}) as fake:
             client = anthropic.Anthropic(base_url=fake.base_url, api_key="test")
             ...
             assert fake.calls[0].api == "anthropic"
@@ -62,8 +77,9 @@ class FakeProvider:
         host: str = DEFAULT_HOST,
         port: int = 0,
         startup_timeout_s: float = 10.0,
+        **knobs: Any,
     ) -> None:
-        self.runner = ScriptRunner(_as_script(script))
+        self.runner = ScriptRunner(_as_script(script, **knobs))
         self.app = create_app(runner=self.runner)
         self._host = host
         self._requested_port = port
@@ -78,7 +94,9 @@ class FakeProvider:
     def start(self) -> FakeProvider:
         if self._thread is not None:
             raise RuntimeError("FakeProvider already started")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto=IPPROTO_TCP matters: asyncio only sets TCP_NODELAY on accepted sockets whose
+        # proto says TCP, and without it every response waits out a delayed ACK (~40 ms).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self._host, self._requested_port))
         sock.listen(1024)
@@ -92,6 +110,7 @@ class FakeProvider:
             name=f"fleetplane-fake-provider-{self._port}",
             daemon=True,
         )
+        self.runner.closing = False
         self._thread.start()
         deadline = time.monotonic() + self._startup_timeout_s
         while not server.started:
@@ -102,13 +121,16 @@ class FakeProvider:
         return self
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Shut down without waiting for in-flight (e.g. stalled) requests."""
+        """Shut down; in-flight latency/stall sleeps are cut short rather than awaited."""
         server, thread, sock = self._server, self._thread, self._socket
+        self.runner.closing = True
         if server is not None:
             server.should_exit = True
-            server.force_exit = True
         if thread is not None:
             thread.join(timeout_s)
+            if thread.is_alive() and server is not None:
+                server.force_exit = True
+                thread.join(timeout_s)
         if sock is not None:
             sock.close()
         self._server = self._thread = self._socket = None
@@ -159,8 +181,7 @@ class FakeProvider:
 
     def update_script(self, **changes: Any) -> None:
         """Change some top-level script fields, e.g. ``update_script(latency_ms=20)``."""
-        merged = self.runner.script.model_dump() | changes
-        self.runner.set_script(Script.model_validate(merged))
+        self.runner.set_script(_as_script(self.runner.script, **changes))
 
     def reset(self) -> None:
         """Clear calls and prompt-cache memory; replay the current script from the start."""
@@ -201,22 +222,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_script(args: argparse.Namespace) -> Script:
-    """The script from ``--script`` with the individual knob options applied on top."""
-    script = _load_script(args.script)
+@dataclass(frozen=True)
+class ServeConfig:
+    """Resolved console-script settings (CLI options over FLEETPLANE_FAKE_* over defaults)."""
+
+    host: str
+    port: int
+    log_level: str
+    script: Script
+
+
+def parse_config(argv: Sequence[str] | None = None) -> ServeConfig:
+    """Parse CLI options (``argv``; ``None``: ``sys.argv``) with env-var fallbacks."""
+    args = _parser().parse_args(argv)
     knobs = ("latency_ms", "failure_rate", "stall_rate", "stall_ms", "seed")
     overrides = {k: getattr(args, k) for k in knobs if getattr(args, k) is not None}
-    if not overrides:
-        return script
-    return Script.model_validate(script.model_dump() | overrides)
+    script = _as_script(_load_script(args.script), **overrides)
+    return ServeConfig(host=args.host, port=args.port, log_level=args.log_level, script=script)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``fleetplane-fake-provider``; serves until interrupted."""
-    args = _parser().parse_args(argv)
-    app = create_app(build_script(args))
-    print(f"fleetplane fake provider listening on http://{args.host}:{args.port}", flush=True)
-    uvicorn.Server(_config(app, args.host, args.port, args.log_level)).run()
+    config = parse_config(argv)
+    runner = ScriptRunner(config.script)
+    app = create_app(runner=runner)
+    print(f"fleetplane fake provider listening on http://{config.host}:{config.port}", flush=True)
+    _Server(_config(app, config.host, config.port, config.log_level), runner).run()
 
 
 if __name__ == "__main__":

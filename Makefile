@@ -1,0 +1,52 @@
+# fleetplane: the two set-up commands are `make run` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+export LITELLM_LOCAL_MODEL_COST_MAP := True
+
+.PHONY: install run up down demo test test-unit test-tansu lint typecheck bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(PY) pyproject.toml
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+## run: install, start the embedded stack and run the demo
+run: install
+	$(VENV)/bin/fleetplane up
+	$(VENV)/bin/fleetplane demo
+
+up: install
+	$(VENV)/bin/fleetplane up
+
+down:
+	$(VENV)/bin/fleetplane down
+
+demo: install
+	$(VENV)/bin/fleetplane demo
+
+## test: the whole suite on a real broker and real ClickHouse (exit 5, no tests, is a failure)
+test: install
+	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+test-unit: install
+	$(PY) -m pytest -q tests/unit
+
+lint: install
+	$(VENV)/bin/ruff check services tests bench
+	$(VENV)/bin/mypy services/fleetplane
+
+typecheck: lint
+
+## bench: throughput and latency through all five services (prints a table, writes JSON)
+bench: install
+	$(PY) -m bench.pipeline $(BENCH_ARGS)
+
+clean:
+	rm -rf .fleetplane .pytest_cache .mypy_cache .ruff_cache
