@@ -17,9 +17,9 @@ import pytest
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from fleetplane.core.settings import Settings  # noqa: E402
-from fleetplane.core.topics import ensure_topics, load_topics  # noqa: E402
-from fleetplane.infra.broker import EmbeddedBroker  # noqa: E402
+from fleetplane.core.settings import Settings
+from fleetplane.core.topics import ensure_topics, load_topics
+from fleetplane.infra.broker import EmbeddedBroker
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,8 @@ import io
 import json
 from pathlib import Path
 
-import pytest
 import fastavro
+import pytest
 from fastavro import schemaless_reader
 
 from fleetplane.core import events as ev

@@ -15,7 +15,7 @@ from fleetplane.core.settings import Settings
 from fleetplane.core.topics import key_for, topic_for
 
 
-def event_headers(event: Event) -> list[tuple[str, bytes]]:
+def event_headers(event: Event) -> list[tuple[str, str | bytes | None]]:
     return [
         ("event_type", type(event).__name__.encode()),
         ("content-type", b"avro/binary"),

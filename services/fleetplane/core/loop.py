@@ -33,7 +33,7 @@ from fleetplane.core.kafka import event_headers
 from fleetplane.core.logging import get_logger, task_context
 from fleetplane.core.serde import Serde, default_serde
 from fleetplane.core.settings import Settings
-from fleetplane.core.topics import DLQ, key_for, topic_for
+from fleetplane.core.topics import key_for, topic_for
 
 log = get_logger(__name__)
 
@@ -70,8 +70,10 @@ class Rejected(NotRetriable):
 
 def _headers(msg: Message) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
-    for k, v in msg.headers() or []:
-        out[k] = v if isinstance(v, bytes) else (v or "").encode()
+    raw = msg.headers() or []
+    pairs: list[tuple[str, Any]] = list(raw.items()) if isinstance(raw, dict) else list(raw)
+    for k, v in pairs:
+        out[k] = v if isinstance(v, bytes) else str(v or "").encode()
     return out
 
 

@@ -83,8 +83,10 @@ class ModelClients:
         kwargs: dict[str, Any] = {}
         if system:
             kwargs["system"] = system
+        # The anthropic SDK (2.x) no longer takes sampling temperature: current Claude models
+        # choose their own; `temperature` still keys the response cache (docs/routing.md).
         msg = self.anthropic.messages.create(
-            model=model.name, max_tokens=max_tokens, temperature=temperature,
+            model=model.name, max_tokens=max_tokens,
             messages=[{"role": "user", "content": prompt}], **kwargs,
         )
         text = "".join(getattr(b, "text", "") for b in msg.content)

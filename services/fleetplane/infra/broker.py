@@ -6,6 +6,7 @@ its own process group (start_new_session) and is stopped by signalling the whole
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -62,7 +63,8 @@ class EmbeddedBroker:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"broker exited with {self.proc.returncode}; see {self.log_file}")
+                raise RuntimeError(
+                    f"broker exited with {self.proc.returncode}; see {self.log_file}")
             if port_open("127.0.0.1", self.port):
                 return self.bootstrap
             time.sleep(0.1)
@@ -107,7 +109,5 @@ def stop_group(pid: int, timeout_s: float = 10.0) -> None:
 
 
 def _reap(pid: int) -> None:
-    try:
+    with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
