@@ -163,6 +163,10 @@ class Processor:
         tx_id = self.instance_id if self.transactional else None
         self.producer = Producer(self.settings.producer_config(tx_id))
         cfg = self.settings.consumer_config(self.group_id)
+        # Static membership: a replica restarted after a crash (SIGKILL) takes its partitions back
+        # at once instead of waiting for the broker to expire the dead member (the embedded broker
+        # never does; see docs/operations.md).
+        cfg.setdefault("group.instance.id", self.instance_id)
         if self.transactional:
             cfg["enable.auto.commit"] = False
         self.consumer = Consumer(cfg)
@@ -208,6 +212,8 @@ class Processor:
                 log.warning("consumer close failed", exc_info=True)
         if self.producer is not None:
             self.producer.flush(5)
+            self.producer = None  # releases librdkafka's threads and connections
+        self.consumer = None
         log.info("processor stopped", processed=self.processed)
 
     # -- processing ------------------------------------------------------------------------

@@ -47,7 +47,9 @@ class Settings(BaseSettings):
     # ClickHouse: chdb:///abs/dir (embedded, in-process) or http(s)://user:pw@host:8123/db
     clickhouse_dsn: str = ""
     clickhouse_database: str = "fleetplane"
-    sink_flush_rows: int = 5_000
+    sink_flush_rows: int = 20_000
+    clickhouse_ttl_days: int = Field(
+        default=0, description="Drop raw rows older than this many days (0: keep forever).")
 
     # HTTP services (all bind to 127.0.0.1 by default)
     bind_host: str = "127.0.0.1"

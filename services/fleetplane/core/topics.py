@@ -74,6 +74,7 @@ class TopicSpec:
     retention_ms: int
     cleanup_policy: str
     doc: str = ""
+    kind: str = "events"  # "events": fleetplane Avro events; "internal": Faust changelogs etc.
 
     def config(self) -> dict[str, str]:
         return {"retention.ms": str(self.retention_ms), "cleanup.policy": self.cleanup_policy}
@@ -95,9 +96,15 @@ def load_topics(path: Path) -> list[TopicSpec]:
                 retention_ms=int(t.get("retention_ms", -1)),
                 cleanup_policy=str(t.get("cleanup_policy", "delete")),
                 doc=str(t.get("doc", "")),
+                kind=str(t.get("kind", "events")),
             )
         )
     return specs
+
+
+def event_topics(specs: list[TopicSpec]) -> list[str]:
+    """Topics that carry fleetplane events (internal changelog topics excluded)."""
+    return [s.name for s in specs if s.kind == "events"]
 
 
 def ensure_topics(

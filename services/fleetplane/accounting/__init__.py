@@ -1,0 +1,1 @@
+"""The accounting service: every event into ClickHouse, analytics and audit replay over HTTP."""

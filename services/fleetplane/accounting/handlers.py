@@ -1,0 +1,20 @@
+"""The accounting handler: every consumed event becomes ClickHouse rows; nothing is published."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from fleetplane.accounting.rows import rows_for
+from fleetplane.accounting.sink import ClickHouseSink
+from fleetplane.core.events import Event
+from fleetplane.core.loop import Handler, Record
+
+
+def make_handler(sink: ClickHouseSink) -> Handler:
+    """A loop handler that buffers the rows of each event in `sink` and returns no events."""
+
+    def handle(event: Event, record: Record) -> Iterable[Event]:
+        sink.add(rows_for(event, record))
+        return ()
+
+    return handle

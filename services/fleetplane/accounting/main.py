@@ -1,0 +1,117 @@
+"""fleetplane-accounting: every topic into ClickHouse, and the analytics API beside it.
+
+At-least-once (``transactional=False``): the sink flushes at each checkpoint before the offsets
+are stored; rows are deduplicated by event_id in ClickHouse. Large consume batches and a 0.5 s
+checkpoint interval keep inserts big (ClickHouse prefers few large inserts to many small ones).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+import uvicorn
+
+from fleetplane.accounting.api import create_app
+from fleetplane.accounting.handlers import make_handler
+from fleetplane.accounting.sink import ClickHouseSink
+from fleetplane.accounting.store import Store, apply_ddl, connect, settings_ttl_days
+from fleetplane.core.errors import Fatal
+from fleetplane.core.logging import get_logger
+from fleetplane.core.loop import Processor
+from fleetplane.core.service import bootstrap, serve_http_in_thread
+from fleetplane.core.settings import Settings
+from fleetplane.core.topics import event_topics, load_topics
+
+log = get_logger(__name__)
+
+SERVICE = "accounting"
+GROUP_ID = "fleetplane-accounting"
+COMMIT_INTERVAL_S = 0.5
+MIN_BATCH_SIZE = 2_000
+
+
+def all_topics(settings: Settings) -> list[str]:
+    """Every event topic of infra/topics.yaml (internal changelog topics excluded)."""
+    return event_topics(load_topics(settings.topics_file))
+
+
+def default_instance_id(settings: Settings, group_id: str) -> str:
+    """Stable across restarts: one accounting per host and ClickHouse target (chdb allows one
+    process per directory anyway); it is also the consumer's group.instance.id."""
+    target = hashlib.sha1(settings.resolved_clickhouse_dsn().encode()).hexdigest()[:10]
+    return f"{group_id}-{socket.gethostname()}-{target}"
+
+
+def build_processor(settings: Settings, store: Store, *, group_id: str = GROUP_ID,
+                    commit_interval_s: float = COMMIT_INTERVAL_S,
+                    instance_id: str | None = None) -> tuple[Processor, ClickHouseSink]:
+    """The accounting Processor over every topic, at-least-once, with its ClickHouse sink."""
+    sink = ClickHouseSink(store, flush_rows=settings.sink_flush_rows)
+    tuned = settings.model_copy(update={"batch_size": max(settings.batch_size, MIN_BATCH_SIZE)})
+    processor = Processor(SERVICE, all_topics(settings), make_handler(sink), tuned,
+                          group_id=group_id, sink=sink, commit_interval_s=commit_interval_s,
+                          transactional=False,
+                          instance_id=instance_id or default_instance_id(settings, group_id))
+    return processor, sink
+
+
+def status_of(processor: Processor, sink: ClickHouseSink) -> dict[str, Any]:
+    return {
+        "processed": processor.processed,
+        "rows_written": sink.stats.rows,
+        "rows_pending": sink.pending,
+        "insert_failures": sink.stats.failures,
+    }
+
+
+def wait_started(server: uvicorn.Server, timeout_s: float = 10.0) -> bool:
+    """True once uvicorn listens; False when it gave up (e.g. the port is taken) or timed out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.started:
+            return True
+        if not any(t.name == "http" and t.is_alive() for t in threading.enumerate()):
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def run(settings: Settings) -> int:
+    """Run the service until SIGTERM/SIGINT; returns the process exit code."""
+    store = connect(settings)
+    try:
+        apply_ddl(store, settings_ttl_days(settings))
+        processor, sink = build_processor(settings, store)
+        app = create_app(store, status=lambda: status_of(processor, sink))
+        server = serve_http_in_thread(app, settings.bind_host, settings.accounting_port)
+        if not wait_started(server):
+            log.error("accounting API did not start", host=settings.bind_host,
+                      port=settings.accounting_port)
+            return 2
+        processor.install_signal_handlers()
+        code = 0
+        try:
+            processor.run()
+        except Fatal:
+            log.error("accounting stopped on a fatal error", exc_info=True)
+            code = 1
+        finally:
+            server.should_exit = True
+        log.info("accounting stopped", **status_of(processor, sink))
+        return code
+    finally:
+        store.close()
+
+
+def main() -> None:
+    settings = bootstrap(SERVICE)
+    sys.exit(run(settings))
+
+
+if __name__ == "__main__":
+    main()

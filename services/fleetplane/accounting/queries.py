@@ -1,0 +1,150 @@
+"""Analytics and audit queries over the accounting tables (see infra/clickhouse/).
+
+Values reach SQL only as bound parameters; the database name is a checked identifier and the
+grouping dimension one of COST_DIMENSIONS.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Literal, get_args
+
+from fleetplane.accounting.rows import EVENT_ORDER
+from fleetplane.accounting.store import Store
+
+CostDimension = Literal["team", "task_type", "model", "tier"]
+COST_DIMENSIONS: tuple[str, ...] = get_args(CostDimension)
+
+MAX_TASKS = 100_000
+MAX_EVENTS = 100_000
+
+_TIME = "parseDateTime64BestEffort({%s:String}, 3, 'UTC')"
+
+
+def _where(clauses: list[str]) -> str:
+    return f"WHERE {' AND '.join(clauses)}" if clauses else ""
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat()
+
+
+def cost_by(store: Store, by: CostDimension, *, team: str | None = None,
+            since: datetime | None = None, until: datetime | None = None) -> list[dict[str, Any]]:
+    """Cost, tokens and call counts from model_calls grouped by `by`, most expensive first.
+
+    Each row: {<by>: value, cost_usd, calls, tasks, input_tokens, output_tokens,
+    cache_creation_input_tokens, cache_read_input_tokens}. Model calls of tasks whose task type
+    is not known (yet) group under task_type "".
+    """
+    if by not in COST_DIMENSIONS:
+        raise ValueError(f"by must be one of {COST_DIMENSIONS}, not {by!r}")
+    params: dict[str, Any] = {}
+    clauses: list[str] = []
+    if team is not None:
+        clauses.append("m.team = {team:String}")
+        params["team"] = team
+    if since is not None:
+        clauses.append("m.occurred_at >= " + _TIME % "since")
+        params["since"] = _iso(since)
+    if until is not None:
+        clauses.append("m.occurred_at < " + _TIME % "until")
+        params["until"] = _iso(until)
+    join = ""
+    key = f"m.{by}"
+    if by == "task_type":
+        join = (f"LEFT JOIN (SELECT task_id, argMaxIf(task_type, occurred_at, task_type != '') "
+                f"AS task_type FROM {store.table('task_transitions')} GROUP BY task_id) AS t "
+                "ON m.task_id = t.task_id")
+        key = "t.task_type"
+    sql = f"""
+        SELECT
+            toString({key}) AS {by},
+            sum(m.cost_usd) AS cost_usd,
+            count() AS calls,
+            uniqExact(m.task_id) AS tasks,
+            sum(m.input_tokens) AS input_tokens,
+            sum(m.output_tokens) AS output_tokens,
+            sum(m.cache_creation_input_tokens) AS cache_creation_input_tokens,
+            sum(m.cache_read_input_tokens) AS cache_read_input_tokens
+        FROM {store.table('model_calls')} AS m FINAL
+        {join}
+        {_where(clauses)}
+        GROUP BY {by}
+        ORDER BY cost_usd DESC, {by}
+    """
+    return store.query(sql, params)
+
+
+def task_list(store: Store, *, state: str | None = None, team: str | None = None,
+              limit: int = 100) -> list[dict[str, Any]]:
+    """Tasks with their latest state, most recently updated first.
+
+    Each row: task_id, team, task_type, state, reason, model, tier, attempts, cost_usd,
+    model_calls, submitted_at, updated_at.
+    """
+    limit = max(1, min(int(limit), MAX_TASKS))
+    params: dict[str, Any] = {"limit": limit}
+    clauses: list[str] = []
+    if state is not None:
+        clauses.append("state = {state:String}")
+        params["state"] = state
+    if team is not None:
+        clauses.append("team = {team:String}")
+        params["team"] = team
+    sql = f"""
+        SELECT task_id, team, task_type, state, reason, model, tier, attempts, cost_usd,
+               model_calls, submitted_at, updated_at
+        FROM {store.table('tasks')}
+        {_where(clauses)}
+        ORDER BY updated_at DESC, task_id
+        LIMIT {{limit:UInt32}}
+    """
+    return store.query(sql, params)
+
+
+def state_counts(store: Store, *, team: str | None = None) -> dict[str, int]:
+    """How many tasks are in each (latest) state."""
+    params: dict[str, Any] = {}
+    where = ""
+    if team is not None:
+        where = "WHERE team = {team:String}"
+        params["team"] = team
+    rows = store.query(
+        f"SELECT state, count() AS tasks FROM {store.table('task_states')} {where} "
+        "GROUP BY state ORDER BY state",
+        params,
+    )
+    return {str(r["state"]): int(r["tasks"]) for r in rows}
+
+
+def task_events(store: Store, task_id: str, *, limit: int = 10_000) -> list[dict[str, Any]]:
+    """A task's events (each once) in timeline order, the payload decoded from JSON.
+
+    Order: occurred_at; within one millisecond the lifecycle order of the event types
+    (rows.EVENT_ORDER), then topic, partition and offset (the producer's order within a
+    partition), then event_id. All of it is data, so a replay yields the same timeline.
+    """
+    limit = max(1, min(int(limit), MAX_EVENTS))
+    rows = store.query(
+        f"""
+        SELECT event_id, event_type, task_id, team, occurred_at, causation_id, topic,
+               `partition`, `offset`, payload
+        FROM {store.table('events')} FINAL
+        WHERE task_id = {{task_id:String}}
+        ORDER BY occurred_at, indexOf({{order:Array(String)}}, event_type), topic,
+                 `partition`, `offset`, event_id
+        LIMIT {{limit:UInt32}}
+        """,
+        {"task_id": task_id, "limit": limit, "order": list(EVENT_ORDER)},
+    )
+    for row in rows:
+        row["payload"] = json.loads(row["payload"])
+    return rows
+
+
+def count_rows(store: Store, table: str, *, final: bool = True) -> int:
+    """Rows in one of the accounting tables (deduplicated unless final=False)."""
+    suffix = " FINAL" if final else ""
+    return int(store.command(f"SELECT count() FROM {store.table(table)}{suffix}"))

@@ -1,0 +1,171 @@
+"""Pure mapping from a decoded event (and where it was read) to ClickHouse rows, per table.
+
+Rows are tuples in the order of the table's ``*_COLUMNS`` (inserted with those column names);
+the table definitions live in infra/clickhouse/.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from fleetplane.core import events as ev
+from fleetplane.core.loop import Record
+
+Row = tuple[Any, ...]
+
+EVENTS = "events"
+MODEL_CALLS = "model_calls"
+TASK_TRANSITIONS = "task_transitions"
+
+EVENTS_COLUMNS: tuple[str, ...] = (
+    "event_id", "event_type", "task_id", "team", "occurred_at", "schema_version", "causation_id",
+    "topic", "partition", "offset", "payload",
+)
+MODEL_CALLS_COLUMNS: tuple[str, ...] = (
+    "task_id", "team", "attempt", "call_index", "model", "provider", "tier", "input_tokens",
+    "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "cost_usd",
+    "latency_ms", "outcome", "error", "stop_reason", "occurred_at", "event_id",
+)
+TASK_TRANSITIONS_COLUMNS: tuple[str, ...] = (
+    "task_id", "team", "event_id", "event_type", "state", "terminal", "state_rank", "occurred_at",
+    "attempt", "task_type", "model", "tier", "cost_usd", "reason",
+)
+
+# Insert order of a flush: `events` last, so an event visible there has its other rows stored.
+COLUMNS: dict[str, tuple[str, ...]] = {
+    MODEL_CALLS: MODEL_CALLS_COLUMNS,
+    TASK_TRANSITIONS: TASK_TRANSITIONS_COLUMNS,
+    EVENTS: EVENTS_COLUMNS,
+}
+
+# Task states in lifecycle order (the rank breaks ties between events of the same millisecond).
+STATE_RANK: dict[str, int] = {
+    "submitted": 1, "accepted": 2, "routed": 3, "held": 4, "dispatched": 5, "running": 6,
+    "attempt_failed": 7, "retrying": 8, "escalated": 8,
+    "rejected": 9, "completed": 9, "failed": 9, "abandoned": 9, "cancelled": 9,
+    "rolled_back": 10,
+}
+TERMINAL_STATES: frozenset[str] = frozenset(
+    {"rejected", "completed", "failed", "abandoned", "cancelled", "rolled_back"}
+)
+STATES: tuple[str, ...] = tuple(STATE_RANK)
+
+# Timeline order of event types that share a millisecond (a task's usual life story).
+EVENT_ORDER: tuple[str, ...] = (
+    "TaskSubmitted", "TaskRejected", "TaskAccepted", "TaskRouted", "TaskHeld", "TaskDispatched",
+    "TaskStarted", "TaskHeartbeat", "ModelCall", "ToolCall", "WorkspaceChange", "TaskFailed",
+    "TaskRetrying", "TaskEscalated", "ControlCommand", "TaskCompleted", "TaskAbandoned",
+    "TaskCancelled", "TaskRolledBack", "BudgetStatus", "Alert", "DeadLetter",
+)
+
+_STATE_OF: dict[type[ev.Event], str] = {
+    ev.TaskSubmitted: "submitted",
+    ev.TaskAccepted: "accepted",
+    ev.TaskRejected: "rejected",
+    ev.TaskRouted: "routed",
+    ev.TaskHeld: "held",
+    ev.TaskDispatched: "dispatched",
+    ev.TaskStarted: "running",
+    ev.TaskRetrying: "retrying",
+    ev.TaskEscalated: "escalated",
+    ev.TaskCompleted: "completed",
+    ev.TaskAbandoned: "abandoned",
+    ev.TaskCancelled: "cancelled",
+    ev.TaskRolledBack: "rolled_back",
+}
+
+
+def state_of(event: ev.Event) -> str | None:
+    """The task state an event moves its task into; None for events that are not transitions
+    (heartbeats, model and tool calls, workspace changes, budget, alerts, control, dead letters).
+    A non-final TaskFailed is ``attempt_failed`` (another attempt or decision follows)."""
+    if isinstance(event, ev.TaskFailed):
+        return "failed" if event.final else "attempt_failed"
+    return _STATE_OF.get(type(event))
+
+
+def payload_json(event: ev.Event) -> str:
+    """The event as a JSON object string (bytes fields of dead letters as base64)."""
+    if isinstance(event, ev.DeadLetter):
+        data: dict[str, Any] = event.model_dump(mode="json",
+                                                exclude={"key", "payload", "headers"})
+        data["key"] = _b64(event.key) if event.key is not None else None
+        data["payload"] = _b64(event.payload)
+        data["headers"] = {k: _b64(v) for k, v in event.headers.items()}
+        data["bytes_encoding"] = "base64"
+        return json.dumps(data, separators=(",", ":"))
+    return event.model_dump_json()
+
+
+def _b64(value: bytes) -> str:
+    return base64.b64encode(value).decode("ascii")
+
+
+def event_row(event: ev.Event, record: Record) -> Row:
+    return (
+        event.event_id, type(event).__name__, event.task_id, event.team, event.occurred_at,
+        event.schema_version, event.causation_id or "", record.topic, record.partition,
+        record.offset, payload_json(event),
+    )
+
+
+def model_call_row(event: ev.ModelCall) -> Row:
+    return (
+        event.task_id, event.team, event.attempt, event.call_index, event.model, event.provider,
+        event.tier, event.input_tokens, event.output_tokens, event.cache_creation_input_tokens,
+        event.cache_read_input_tokens, event.cost_usd, event.latency_ms, event.outcome,
+        event.error or "", event.stop_reason or "", event.occurred_at, event.event_id,
+    )
+
+
+def _details(event: ev.Event) -> tuple[str, str, str, float, str]:
+    """(task_type, model, tier, reported cost, reason) where the event carries them."""
+    task_type = model = tier = reason = ""
+    cost = 0.0
+    spec: ev.TaskSpec | None = getattr(event, "spec", None)
+    if spec is not None:
+        task_type = spec.task_type
+    if isinstance(event, ev.TaskRouted | ev.TaskDispatched):
+        model, tier = event.model, event.tier
+    elif isinstance(event, ev.TaskEscalated):
+        tier = event.to_tier
+    elif isinstance(event, ev.TaskCompleted):
+        model, cost = event.model, event.cost_usd
+    elif isinstance(event, ev.TaskFailed):
+        cost = event.cost_usd
+    value = getattr(event, "reason", None)
+    if isinstance(value, str):
+        reason = value
+    return task_type, model, tier, cost, reason
+
+
+def transition_row(event: ev.Event) -> Row | None:
+    state = state_of(event)
+    if state is None:
+        return None
+    task_type, model, tier, cost, reason = _details(event)
+    attempt = getattr(event, "attempt", 0)
+    return (
+        event.task_id, event.team, event.event_id, type(event).__name__, state,
+        int(state in TERMINAL_STATES), STATE_RANK[state], event.occurred_at,
+        attempt if isinstance(attempt, int) else 0, task_type, model, tier, cost, reason[:2000],
+    )
+
+
+def rows_for(event: ev.Event, record: Record) -> dict[str, list[Row]]:
+    """Every row one consumed event adds, by table (always one ``events`` row)."""
+    out: dict[str, list[Row]] = {EVENTS: [event_row(event, record)]}
+    if isinstance(event, ev.ModelCall):
+        out[MODEL_CALLS] = [model_call_row(event)]
+    transition = transition_row(event)
+    if transition is not None:
+        out[TASK_TRANSITIONS] = [transition]
+    return out
+
+
+def as_dict(table: str, row: Row) -> dict[str, Any]:
+    """A row with its column names (for tests and debugging)."""
+    return dict(zip(COLUMNS[table], row, strict=True))
+

@@ -1,0 +1,103 @@
+"""A batching ClickHouse sink for the loop (fleetplane.core.loop.Sink).
+
+Handlers add rows; the loop calls ``flush()`` at every checkpoint, before it stores the input
+offsets, so a stored offset always means its rows are in ClickHouse. The sink also flushes by
+itself once it holds ``flush_rows`` rows. An insert that keeps failing raises Fatal: the loop
+then stops without storing offsets and the records are redelivered (at-least-once; rows are
+deduplicated by event_id in ClickHouse).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from fleetplane.accounting.rows import COLUMNS, Row
+from fleetplane.accounting.store import Store
+from fleetplane.core.errors import Fatal, RetryPolicy
+from fleetplane.core.logging import get_logger
+
+log = get_logger(__name__)
+
+DEFAULT_INSERT_RETRY = RetryPolicy(initial_interval_s=0.2, backoff_coefficient=2.0,
+                                   maximum_interval_s=5.0, maximum_attempts=6)
+
+
+@dataclass
+class SinkStats:
+    rows: int = 0
+    inserts: int = 0
+    flushes: int = 0
+    insert_seconds: float = 0.0
+    failures: int = 0
+
+    def rows_per_second(self) -> float:
+        return self.rows / self.insert_seconds if self.insert_seconds > 0 else 0.0
+
+
+class ClickHouseSink:
+    """Buffers rows per table and inserts them in batches with explicit column names."""
+
+    def __init__(self, store: Store, flush_rows: int = 5_000,
+                 retry: RetryPolicy = DEFAULT_INSERT_RETRY,
+                 columns: Mapping[str, Sequence[str]] = COLUMNS) -> None:
+        self.store = store
+        self.flush_rows = max(1, flush_rows)
+        self.retry = retry
+        self.columns = dict(columns)
+        self.stats = SinkStats()
+        self._buffers: dict[str, list[Row]] = {table: [] for table in self.columns}
+        self._pending = 0
+        self._lock = threading.RLock()
+
+    @property
+    def pending(self) -> int:
+        """Rows buffered and not yet inserted."""
+        return self._pending
+
+    def add(self, rows: Mapping[str, Sequence[Row]]) -> None:
+        """Buffer rows by table; flush when the buffer reaches flush_rows."""
+        with self._lock:
+            for table, batch in rows.items():
+                if table not in self._buffers:
+                    raise ValueError(f"unknown table {table!r}")
+                self._buffers[table].extend(batch)
+                self._pending += len(batch)
+            if self._pending >= self.flush_rows:
+                self.flush()
+
+    def flush(self) -> None:
+        """Insert every buffered row, table by table in the order of `columns` (rows.COLUMNS puts
+        `events` last); Fatal when ClickHouse keeps failing."""
+        with self._lock:
+            if not self._pending:
+                return
+            for table, buffer in self._buffers.items():
+                if buffer:
+                    self._insert(table, buffer)
+                    self._pending -= len(buffer)
+                    buffer.clear()
+            self.stats.flushes += 1
+
+    def _insert(self, table: str, rows: list[Row]) -> None:
+        attempt = 1
+        while True:
+            started = time.perf_counter()
+            try:
+                self.store.insert(table, rows, self.columns[table])
+            except Exception as exc:
+                self.stats.failures += 1
+                if attempt >= self.retry.maximum_attempts:
+                    raise Fatal(f"insert into {table} failed {attempt} times: {exc}") from exc
+                delay = self.retry.delay(attempt)
+                log.warning("clickhouse insert failed, retrying", table=table, rows=len(rows),
+                            attempt=attempt, delay_s=delay, error=str(exc)[:500])
+                time.sleep(delay)
+                attempt += 1
+                continue
+            self.stats.insert_seconds += time.perf_counter() - started
+            self.stats.rows += len(rows)
+            self.stats.inserts += 1
+            return
