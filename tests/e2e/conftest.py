@@ -1,0 +1,94 @@
+"""End-to-end fixtures: the five services as real OS processes on the test broker."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from confluent_kafka import Consumer
+
+from fleetplane.cli.stack import Stack
+from fleetplane.core.events import Event
+from fleetplane.core.serde import default_serde
+from fleetplane.core.settings import Settings
+
+TERMINAL = {"completed", "failed", "abandoned", "cancelled", "rolled_back"}
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """One stack for the e2e session, on a broker of its own (unless FLEETPLANE_KAFKA_BOOTSTRAP
+    names one), so other tests' records do not flow through it."""
+    s = Stack(data_dir=tmp_path_factory.mktemp("stack"),
+              external_bootstrap=os.environ.get("FLEETPLANE_KAFKA_BOOTSTRAP"))
+    try:
+        s.start()
+        yield s
+    finally:
+        s.stop()
+
+
+def manifest(team: str, name: str, prompt: str, task_type: str = "summarize",
+             **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "fleetplane/v1", "kind": "AgentTask",
+            "metadata": {"name": name, "team": team},
+            "spec": {"taskType": task_type, "prompt": prompt, **spec}}
+
+
+def submit(http: httpx.Client, stack: Stack, m: dict[str, Any]) -> str:
+    resp = http.post(f"{stack.ingest_url}/v1/tasks", json=m)
+    assert resp.status_code == 202, resp.text
+    task_id: str = resp.json()["task_id"]
+    return task_id
+
+
+def wait_terminal(http: httpx.Client, stack: Stack, ids: set[str],
+                  timeout_s: float = 120.0) -> dict[str, dict[str, Any]]:
+    """Poll the accounting API (ClickHouse) until every task is in a terminal state."""
+    deadline = time.monotonic() + timeout_s
+    rows: dict[str, dict[str, Any]] = {}
+    while time.monotonic() < deadline:
+        listed = http.get(f"{stack.accounting_url}/v1/tasks",
+                          params={"limit": 100_000}).json()
+        rows = {r["task_id"]: r for r in listed if r["task_id"] in ids}
+        if len(rows) == len(ids) and all(r["state"] in TERMINAL for r in rows.values()):
+            return rows
+        time.sleep(0.5)
+    states: dict[str, int] = {}
+    for r in rows.values():
+        states[r["state"]] = states.get(r["state"], 0) + 1
+    raise AssertionError(f"{len(ids) - len(rows)} tasks unseen, states {states} "
+                         f"after {timeout_s}s; logs in {stack.log_dir}")
+
+
+def read_topic(settings: Settings, topic: str, ids: set[str],
+               idle_s: float = 3.0, timeout_s: float = 60.0) -> list[Event]:
+    """Every committed event of `topic` whose task id is in `ids`, read from the start until
+    the topic is idle for idle_s."""
+    c = Consumer({**settings.consumer_config(f"e2e-reader-{time.monotonic_ns()}"),
+                  "enable.auto.commit": False})
+    c.subscribe([topic])
+    serde = default_serde()
+    out: list[Event] = []
+    deadline = time.monotonic() + timeout_s
+    last = time.monotonic()
+    try:
+        while time.monotonic() < deadline and time.monotonic() - last < idle_s:
+            for m in c.consume(1000, 0.3):
+                if m.error():
+                    continue
+                last = time.monotonic()
+                if (m.key() or b"").decode() in ids:
+                    out.append(serde.decode(m.value() or b""))
+    finally:
+        c.close()
+    return out
+
+
+def settings_for(stack: Stack) -> Settings:
+    return Settings(kafka_bootstrap=stack.bootstrap, data_dir=Path(stack.data_dir))

@@ -1,0 +1,117 @@
+"""A task flows through all five services (real processes, real broker, chdb ClickHouse,
+the fake provider over HTTP through the anthropic SDK)."""
+
+from __future__ import annotations
+
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from confluent_kafka import Producer
+
+from fleetplane.cli.stack import Stack
+from fleetplane.core import events as ev
+from fleetplane.core.catalog import Usage, catalog_for
+from fleetplane.core.kafka import EventProducer
+from fleetplane.core.topics import DISPATCH, DLQ, OUTCOMES, SUBMITTED
+
+from .conftest import manifest, read_topic, settings_for, submit, wait_terminal
+
+pytestmark = pytest.mark.e2e
+
+TEAMS = ("payments", "search", "platform")
+TYPES = ("summarize", "codegen", "architecture")
+
+
+def test_fifty_tasks_complete_and_cost_per_team_matches_reported_usage(stack: Stack) -> None:
+    run = uuid.uuid4().hex[:6]
+    catalog = catalog_for(settings_for(stack).catalog_file)
+    with httpx.Client(timeout=30) as http:
+        http.post(f"{stack.provider_url}/_fake/reset")
+        team_of: dict[str, str] = {}
+        manifests = [manifest(f"{TEAMS[i % 3]}-{run}", f"t{i}", f"[{run}:{i}] {'work ' * (i + 1)}",
+                              task_type=TYPES[i % 3]) for i in range(50)]
+        with ThreadPoolExecutor(8) as pool:
+            ids = list(pool.map(lambda m: submit(http, stack, m), manifests))
+        for task_id, m in zip(ids, manifests, strict=True):
+            team_of[task_id] = m["metadata"]["team"]
+        rows = wait_terminal(http, stack, set(ids))
+        assert Counter(r["state"] for r in rows.values()) == {"completed": 50}
+
+        # What the provider says it reported, priced with the catalog, summed per team.
+        calls = http.get(f"{stack.provider_url}/_fake/calls").json()
+        mine = [c for c in calls if f"[{run}:" in c["last_user_text"]]
+        assert len(mine) == 50, "one model call per task"
+        expected: Counter[str] = Counter()
+        for c in mine:
+            i = int(c["last_user_text"].split(":", 1)[1].split("]", 1)[0])
+            team = manifests[i]["metadata"]["team"]
+            u = c["usage"]
+            expected[team] += catalog.model(c["model"]).cost(Usage(
+                input_tokens=u["input_tokens"], output_tokens=u["output_tokens"],
+                cache_creation_input_tokens=u.get("cache_creation_input_tokens", 0),
+                cache_read_input_tokens=u.get("cache_read_input_tokens", 0)))
+        by_team = {r["team"]: r for r in
+                   http.get(f"{stack.accounting_url}/v1/cost", params={"by": "team"}).json()}
+        for team in {m["metadata"]["team"] for m in manifests}:
+            assert by_team[team]["cost_usd"] == pytest.approx(expected[team], rel=1e-9)
+            assert by_team[team]["calls"] == sum(1 for t in team_of.values() if t == team)
+        assert sum(expected.values()) > 0
+
+
+def test_bad_http_and_raw_kafka_input_is_rejected_and_the_flow_goes_on(stack: Stack) -> None:
+    run = uuid.uuid4().hex[:6]
+    settings = settings_for(stack)
+    with httpx.Client(timeout=30) as http:
+        bad = manifest("payments", "bad", "")
+        bad["spec"]["writeScope"] = ["../../etc/passwd"]
+        resp = http.post(f"{stack.ingest_url}/v1/tasks", json=bad)
+        assert resp.status_code == 422
+        fields = {e["field"] for e in resp.json()["errors"]}
+        assert {"spec.prompt", "spec.writeScope"} <= fields
+
+        raw = Producer(settings.producer_config())
+        raw.produce(SUBMITTED, key=f"garbage-{run}".encode(), value=b"\x00\x01 definitely not avro")
+        invalid = ev.TaskSubmitted(task_id=f"invalid-{run}", team="payments",
+                                   spec=ev.TaskSpec(name="x", task_type="codegen", prompt="p",
+                                                    failure_policy="pray"))
+        producer = EventProducer(settings)
+        producer.send([invalid])
+        producer.close()
+        raw.flush(10)
+
+        good = submit(http, stack, manifest("payments", "after-bad", f"still flowing {run}"))
+        rows = wait_terminal(http, stack, {good})
+        assert rows[good]["state"] == "completed"
+
+    dead = read_topic(settings, DLQ, {f"garbage-{run}", f"invalid-{run}"})
+    reasons = {d.task_id: d.reason for d in dead if isinstance(d, ev.DeadLetter)}
+    assert "single-object" in reasons[f"garbage-{run}"]
+    assert "spec.failure_policy" in reasons[f"invalid-{run}"]
+
+
+def test_router_sigkill_mid_run_loses_no_task_and_completes_none_twice(stack: Stack) -> None:
+    run = uuid.uuid4().hex[:6]
+    with httpx.Client(timeout=30) as http:
+        ids: list[str] = []
+        with ThreadPoolExecutor(8) as pool:
+            first = pool.map(lambda i: submit(http, stack, manifest(
+                TEAMS[i % 3], f"k{i}", f"[{run}] kill test {i}")), range(100))
+            ids += list(first)
+            stack.kill("router")
+            second = pool.map(lambda i: submit(http, stack, manifest(
+                TEAMS[i % 3], f"k{i}", f"[{run}] kill test {i}")), range(100, 200))
+            ids += list(second)
+        stack.restart("router")
+        rows = wait_terminal(http, stack, set(ids), timeout_s=180)
+        assert Counter(r["state"] for r in rows.values()) == {"completed": 200}
+
+    settings = settings_for(stack)
+    completed = Counter(e.task_id for e in read_topic(settings, OUTCOMES, set(ids))
+                        if isinstance(e, ev.TaskCompleted))
+    assert set(completed) == set(ids)
+    assert max(completed.values()) == 1, "a task completed twice"
+    dispatched = Counter(e.task_id for e in read_topic(settings, DISPATCH, set(ids)))
+    assert max(dispatched.values()) == 1, "a task was dispatched twice"
