@@ -99,7 +99,8 @@ def up(
     broker_port = int(settings.kafka_bootstrap.rsplit(":", 1)[1])
     argv = [sys.executable, "-m", "fleetplane.cli.supervisor", "--data-dir", str(data_dir),
             "--broker-port", str(broker_port), "--ingest-port", str(settings.ingest_port),
-            "--accounting-port", str(settings.accounting_port), "--provider-port", "8479"]
+            "--accounting-port", str(settings.accounting_port),
+            "--provider-port", str(settings.fake_provider_port)]
     if external_bootstrap:
         argv += ["--external-bootstrap", external_bootstrap]
     if not fake_provider:

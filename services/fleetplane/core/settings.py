@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     ingest_port: int = 8470
     accounting_port: int = 8471
     coordinator_web_port: int = 8472
+    fake_provider_port: int = 8479
     ingest_url: str = ""
     accounting_url: str = ""
 

@@ -1,0 +1,85 @@
+"""The README's path: `fleetplane up`, `submit`, `demo`, `get tasks`, `cost`, `down`, run as a
+user runs them (the real console script in a subprocess, its own broker and data directory)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fleetplane.infra.broker import free_port, port_open
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    data = tmp_path_factory.mktemp("cli") / ".fleetplane"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETPLANE_")}
+    env.update({
+        "FLEETPLANE_DATA_DIR": str(data),
+        "FLEETPLANE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "FLEETPLANE_INGEST_PORT": str(free_port()),
+        "FLEETPLANE_ACCOUNTING_PORT": str(free_port()),
+        "FLEETPLANE_FAKE_PROVIDER_PORT": str(free_port()),
+        "COLUMNS": "200",
+    })
+    yield env
+    subprocess.run([fleetplane(), "down"], env=env, capture_output=True, timeout=120)
+
+
+def fleetplane() -> str:
+    exe = shutil.which("fleetplane")
+    assert exe, "the fleetplane console script is installed"
+    return exe
+
+
+def run(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([fleetplane(), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
+
+
+def test_up_submit_demo_get_cost_down(cli_env: dict[str, str]) -> None:
+    up = run(cli_env, "up")
+    assert up.returncode == 0, up.stdout + up.stderr
+    for name in ("ingest", "router", "coordinator", "executor", "accounting"):
+        assert name in up.stdout
+    assert run(cli_env, "up").stdout.strip().startswith("fleetplane is already up")
+
+    sub = run(cli_env, "submit", "-f", str(ROOT / "examples" / "task.yaml"))
+    assert sub.returncode == 0, sub.stderr
+    task_id = re.search(r"submitted: ([0-9a-f]{32})", sub.stdout)
+    assert task_id, sub.stdout
+
+    demo = run(cli_env, "demo", "--per-team", "2")
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "submitted 6 tasks from 3 teams" in demo.stdout
+    for team in ("payments", "search", "platform"):
+        assert re.search(rf"{team}\s+.*\b(\d+)\s+.*0\.\d+", demo.stdout), demo.stdout
+    assert demo.stdout.count("completed") >= 6
+
+    tasks = run(cli_env, "get", "tasks", "-o", "json")
+    assert tasks.returncode == 0, tasks.stderr
+    assert task_id.group(1) in tasks.stdout
+
+    cost = run(cli_env, "cost", "--by", "team")
+    assert cost.returncode == 0 and "payments" in cost.stdout, cost.stdout + cost.stderr
+
+    bad = ROOT / "examples" / "task.yaml"
+    broken = Path(cli_env["FLEETPLANE_DATA_DIR"]).parent / "bad.yaml"
+    broken.write_text(bad.read_text().replace("taskType: codegen", "taskType: codegen\n  oops: 1"))
+    rejected = run(cli_env, "submit", "-f", str(broken))
+    assert rejected.returncode == 1 and "spec.oops" in rejected.stderr
+
+    down = run(cli_env, "down")
+    assert down.returncode == 0 and "stopped" in down.stdout
+    broker_port = int(cli_env["FLEETPLANE_KAFKA_BOOTSTRAP"].rsplit(":", 1)[1])
+    assert not port_open("127.0.0.1", broker_port)
+    assert not port_open("127.0.0.1", int(cli_env["FLEETPLANE_INGEST_PORT"]))
+    assert run(cli_env, "status").returncode == 1
