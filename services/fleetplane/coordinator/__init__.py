@@ -1,0 +1,1 @@
+"""Coordinator: the task-state table and dispatch of admitted tasks (Faust)."""
