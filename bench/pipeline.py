@@ -63,6 +63,19 @@ def peak_rss_mib(pid: int | None) -> float | None:
     return None
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time a process has used so far."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return round((int(fields[11]) + int(fields[12])) / ticks, 2)
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -219,6 +232,7 @@ def run_once(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         deadline = time.time() + 120
         while any(t not in watcher.seen for t in warm) and time.time() < deadline:
             time.sleep(0.2)
+        cpu_before = {name: cpu_seconds(child.pid) for name, child in stack.children.items()}
         console.print(f"submitting {args.tasks} tasks over {args.submit} ...")
         t0 = time.time()
         if args.submit == "http":
@@ -242,6 +256,8 @@ def run_once(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         elapsed = (max(ends) - t0) if ends else float("nan")
         stages = stage_summary(submitted, stage_times(stack, set(submitted)), t0)
         memory = {name: peak_rss_mib(child.pid) for name, child in stack.children.items()}
+        cpu = {name: round((cpu_seconds(child.pid) or 0) - (cpu_before.get(name) or 0), 2)
+               for name, child in stack.children.items()}
         if stack.broker and stack.broker.proc:
             memory["broker"] = peak_rss_mib(stack.broker.proc.pid)
         return {
@@ -259,6 +275,7 @@ def run_once(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                            "mean": round(statistics.fmean(latencies), 1) if latencies else None},
             "stages": stages,
             "peak_rss_mib": memory,
+            "cpu_s_during_run": cpu,
         }
     finally:
         stack.stop()
@@ -295,7 +312,9 @@ def main() -> None:
         table.add_row(f"→ {stage}: since previous p50 / p99, last at",
                       f"{st['p50_ms']} / {st['p99_ms']} ms, {st['last_at_s']} s")
     for name, mib in r["peak_rss_mib"].items():
-        table.add_row(f"peak RSS {name}", f"{mib} MiB")
+        cpu_s = r["cpu_s_during_run"].get(name)
+        table.add_row(f"{name}: peak RSS, CPU during run",
+                      f"{mib} MiB, {cpu_s if cpu_s is not None else '-'} s")
     console.print(table)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.json"
