@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+import weakref
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import faust
+from faust.streams import _current_event  # private: which input a table write belongs to
 from faust.types import EventT, RecordMetadata, StreamT, TopicT
 
 from fleetplane.coordinator.handlers import decide
@@ -43,6 +45,8 @@ TABLE = "tasks"
 CHANGELOG = f"{APP_ID}-{TABLE}-changelog"
 INPUTS = (t.ROUTED, t.LIFECYCLE, t.OUTCOMES, t.CONTROL)
 PARTITIONS = 6
+BATCH_MAX = 500  # records decided together, with one acknowledgement wait
+BATCH_WITHIN_S = 0.01  # how long a partial batch waits for more records
 
 log = get_logger(__name__)
 
@@ -136,11 +140,36 @@ class Coordinator:
 
     # -- agent -----------------------------------------------------------------------------
     async def _agent(self, stream: StreamT[bytes]) -> None:
-        async for event in stream.events():
-            await self.process(event)
+        batches = stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S)  # type: ignore[attr-defined]
+        async for events in batches:
+            await self.process_batch(events)
 
     async def process(self, event: EventT[bytes]) -> None:
-        """Apply one input record (called inside the agent's ``async for``)."""
+        """Apply one input record (a batch of one)."""
+        await self.process_batch([event])
+
+    async def process_batch(self, events: Sequence[EventT[bytes]]) -> None:
+        """Apply a batch of input records (called inside the agent's ``async for``).
+
+        Decisions are taken in order, each seeing the rows the earlier ones changed; then every
+        output is published and acknowledged at once, and only then are the changed rows written
+        (effects first, then the row that records them: a crash in between re-derives the same
+        events, with the same event ids, from the old row when the inputs are redelivered). One
+        acknowledgement wait per batch instead of per record is what makes the agent fast."""
+        rows: dict[bytes, tuple[TaskState, EventT[bytes]]] = {}
+        outputs: list[Event] = []
+        for event in events:
+            outputs.extend(self._decide_one(event, rows))
+        if outputs:
+            await self._publish_acked(outputs)
+        for key, (state, source) in rows.items():
+            # the changelog partition is the partition of the input that changed the row
+            # (co-partitioned); Faust reads it from the current event
+            _current_event.set(weakref.ref(source))
+            self.table[key] = state.to_bytes()
+
+    def _decide_one(self, event: EventT[bytes],
+                    rows: dict[bytes, tuple[TaskState, EventT[bytes]]]) -> list[Event]:
         msg = event.message
         self.watchdog.saw(msg.tp)
         key: bytes = msg.key or b""
@@ -153,29 +182,26 @@ class Coordinator:
         except DecodeError as exc:
             log.warning("undecodable record to DLQ", topic=msg.topic, offset=msg.offset,
                         reason=str(exc))
-            await self._dead_letter(msg, exc)
-            return
+            self.stats.dead_letters += 1
+            return [dead_letter(SERVICE, _record_of(msg), exc)]
         with task_context(decoded.task_id, event_type=type(decoded).__name__):
-            await self._apply(key, decoded, msg)
-
-    async def _apply(self, key: bytes, event: Event, msg: Any) -> None:
-        raw = self.table.get(key)
-        state = TaskState.from_bytes(raw) if raw is not None else None
-        try:
-            new, outputs = decide(state, event)
-        except Exception as exc:  # a bug for one task must not stop the others
-            log.exception("decide failed, record to DLQ")
-            await self._dead_letter(msg, exc)
-            return
-        if outputs:
-            # effects first, acknowledged, then the row that records them: a crash in between
-            # re-derives the same events (same event ids) from the old row when the input is
-            # redelivered; the reverse order could lose them
-            await self._publish_acked(outputs)
-            log.info("decided", status=new.status if new else None,
-                     emitted=[type(o).__name__ for o in outputs])
-        if new is not None and new is not state:
-            self.table[key] = new.to_bytes()
+            if key in rows:
+                state: TaskState | None = rows[key][0]
+            else:
+                raw = self.table.get(key)
+                state = TaskState.from_bytes(raw) if raw is not None else None
+            try:
+                new, outputs = decide(state, decoded)
+            except Exception as exc:  # a bug for one task must not stop the others
+                log.exception("decide failed, record to DLQ")
+                self.stats.dead_letters += 1
+                return [dead_letter(SERVICE, _record_of(msg), exc)]
+            if outputs:
+                log.debug("decided", status=new.status if new else None,
+                          emitted=[type(o).__name__ for o in outputs])
+            if new is not None and new is not state:
+                rows[key] = (new, event)
+            return outputs
 
     # -- output ----------------------------------------------------------------------------
     def _topic(self, name: str) -> TopicT:
@@ -201,13 +227,6 @@ class Coordinator:
         pending = [await self._send(e) for e in events]
         await asyncio.gather(*pending)
 
-    async def _dead_letter(self, msg: Any, exc: BaseException) -> None:
-        rec = Record(topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key,
-                     value=msg.value or b"", headers=_headers(msg.headers),
-                     timestamp_ms=int((msg.timestamp or 0) * 1000))
-        await self._publish_acked([dead_letter(SERVICE, rec, exc)])
-        self.stats.dead_letters += 1
-
     # -- lifecycle signals -------------------------------------------------------------------
     async def _check_stalls(self) -> None:
         await self.watchdog.check()
@@ -227,6 +246,12 @@ class Coordinator:
         self.stats.recovered_rows = len(self.table)
         log.info("table ready", rows=self.stats.recovered_rows, recovery_s=self.stats.recovery_s,
                  ready_s=self.stats.ready_s)
+
+
+def _record_of(msg: Any) -> Record:
+    return Record(topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key,
+                  value=msg.value or b"", headers=_headers(msg.headers),
+                  timestamp_ms=int((msg.timestamp or 0) * 1000))
 
 
 def _bytes_headers(headers: list[tuple[str, str | bytes | None]]) -> list[tuple[str, bytes]]:

@@ -16,6 +16,17 @@ def new_event_id() -> str:
     return uuid.uuid4().hex
 
 
+_DERIVED = uuid.UUID("6f1d3c52-8a0e-4b7e-9a55-0c2f7f1e9d10")
+
+
+def derived_id(cause_event_id: str, tag: str) -> str:
+    """A deterministic event id for the event `tag` derived from `cause_event_id`.
+
+    Reprocessing the same input yields the same ids, so a re-published output is recognised as
+    a duplicate by every consumer (handlers are idempotent by event_id)."""
+    return uuid.uuid5(_DERIVED, f"{cause_event_id}/{tag}").hex
+
+
 def utcnow_ms() -> datetime:
     now = datetime.now(UTC)
     return now.replace(microsecond=(now.microsecond // 1000) * 1000)

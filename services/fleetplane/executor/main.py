@@ -10,7 +10,7 @@ from fleetplane.core.catalog import load_catalog
 from fleetplane.core.loop import Processor
 from fleetplane.core.service import bootstrap
 from fleetplane.core.topics import DISPATCH
-from fleetplane.executor.handlers import execute
+from fleetplane.executor.handlers import SeenDispatches, execute
 from fleetplane.executor.models import ModelClients
 
 
@@ -18,7 +18,7 @@ def main() -> None:
     settings = bootstrap("executor")
     catalog = load_catalog(settings.catalog_file)
     executor_id = settings.executor_id or f"{socket.gethostname()}-{os.getpid()}"
-    handler = partial(execute, catalog, ModelClients(settings), executor_id)
+    handler = partial(execute, catalog, ModelClients(settings), executor_id, SeenDispatches())
     processor = Processor("executor", [DISPATCH], handler, settings,
                           concurrency=settings.executor_slots)
     processor.install_signal_handlers()
