@@ -115,3 +115,16 @@ def test_router_sigkill_mid_run_loses_no_task_and_completes_none_twice(stack: St
     assert max(completed.values()) == 1, "a task completed twice"
     dispatched = Counter(e.task_id for e in read_topic(settings, DISPATCH, set(ids)))
     assert max(dispatched.values()) == 1, "a task was dispatched twice"
+
+
+def test_services_stop_cleanly_on_sigterm(stack: Stack) -> None:
+    """SIGTERM: each service finishes its batch, checkpoints, closes and exits 0."""
+    for name in ("ingest", "router", "executor", "accounting", "coordinator"):
+        child = stack.children[name]
+        stack.stop_child(name)
+        assert child.proc is not None and child.proc.returncode == 0, (
+            f"{name} exited with {child.proc.returncode if child.proc else None}; "
+            f"see {child.log_path}")
+    for name in ("ingest", "router", "executor", "accounting", "coordinator"):
+        stack.restart(name)
+    stack.wait_ready()
