@@ -220,7 +220,7 @@ def run_once(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     data_dir = Path(tempfile.mkdtemp(prefix="fleetplane-bench-"))
     provider_args = ["--latency-ms", str(args.latency_ms)]
     stack = Stack(data_dir=data_dir, fake_provider_args=provider_args,
-                  extra_env={"FLEETPLANE_LOG_LEVEL": "WARNING"})
+                  extra_env={"FLEETPLANE_LOG_LEVEL": "WARNING", **dict(args.env or [])})
     console.print(f"starting the stack in {data_dir} ...")
     stack.start(timeout_s=180)
     try:
@@ -289,6 +289,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=16, help="concurrent HTTP clients")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="fake provider latency")
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--env", action="append", type=lambda kv: tuple(kv.split("=", 1)),
+                        help="FLEETPLANE_X=value for every service (repeatable)")
     args = parser.parse_args()
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     console = Console()

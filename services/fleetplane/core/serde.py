@@ -53,8 +53,10 @@ class Serde:
         if reader is None:
             raise DecodeError(f"schema {writer.name} is not a current event type")
         try:
+            # same schema on both sides: skip schema resolution (the common, fast case)
             record = schemaless_reader(
-                io.BytesIO(data[HEADER_LEN:]), writer.parsed, reader.parsed
+                io.BytesIO(data[HEADER_LEN:]), writer.parsed,
+                None if reader is writer else reader.parsed,
             )
         except Exception as exc:  # fastavro raises many types on corrupt bodies
             raise DecodeError(f"corrupt {writer.name} body: {exc}") from exc
