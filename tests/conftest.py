@@ -17,6 +17,7 @@ import pytest
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+from fleetplane.core.kafka import EventProducer
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import ensure_topics, load_topics
 from fleetplane.infra.broker import EmbeddedBroker
@@ -41,6 +42,14 @@ def base_settings(kafka_bootstrap: str) -> Settings:
     settings = Settings(kafka_bootstrap=kafka_bootstrap)
     ensure_topics(settings.client_config(), load_topics(settings.topics_file))
     return settings
+
+
+@pytest.fixture
+def producer(base_settings: Settings) -> Iterator[EventProducer]:
+    """An event producer on the test broker (waits for acknowledgements)."""
+    p = EventProducer(base_settings)
+    yield p
+    p.close()
 
 
 @pytest.fixture

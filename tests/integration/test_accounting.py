@@ -66,13 +66,6 @@ def accounting(base_settings: Settings, ch_store: Store) -> Iterator[Processor]:
     thread.join(30)
 
 
-@pytest.fixture
-def producer(base_settings: Settings) -> Iterator[EventProducer]:
-    p = EventProducer(base_settings)
-    yield p
-    p.close()
-
-
 def spec(task_type: str = "refactor") -> ev.TaskSpec:
     return ev.TaskSpec(name="n", task_type=task_type, prompt="p")
 

@@ -181,13 +181,6 @@ def coordinator(base_settings: Settings, tmp_path_factory: pytest.TempPathFactor
 
 
 @pytest.fixture
-def producer(base_settings: Settings) -> Iterator[EventProducer]:
-    p = EventProducer(base_settings)
-    yield p
-    p.close()
-
-
-@pytest.fixture
 def tail(base_settings: Settings) -> Iterator[Callable[[str], Tail]]:
     tails: list[Tail] = []
 

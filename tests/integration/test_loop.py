@@ -58,13 +58,6 @@ def run_processor() -> Iterator[Callable[[Processor], Processor]]:
         t.join(15)
 
 
-@pytest.fixture
-def producer(base_settings: Settings) -> Iterator[EventProducer]:
-    p = EventProducer(base_settings)
-    yield p
-    p.close()
-
-
 @pytest.mark.parametrize("transactional", [False, True], ids=["at-least-once", "exactly-once"])
 def test_handler_outputs_and_bad_records_to_dlq(
     base_settings: Settings, unique: str, run_processor: Callable[[Processor], Processor],
