@@ -30,7 +30,11 @@ from faust.types import EventT, RecordMetadata, StreamT, TopicT
 from fleetplane.coordinator.handlers import decide
 from fleetplane.coordinator.partitioning import partition_for
 from fleetplane.coordinator.state import TaskState
-from fleetplane.coordinator.workarounds import FetchGate, StallWatchdog
+from fleetplane.coordinator.workarounds import (
+    FetchGate,
+    StallWatchdog,
+    install_idle_fetch_backoff,
+)
 from fleetplane.core import topics as t
 from fleetplane.core.events import Event
 from fleetplane.core.kafka import event_headers
@@ -123,6 +127,7 @@ class Coordinator:
         self._partitions = partitions
         self._outputs: dict[str, TopicT] = {}
         FetchGate(self.app, on_open=self._on_inputs_flowing).install()
+        install_idle_fetch_backoff(settings.idle_fetch_backoff_ms / 1000)
         self.watchdog = StallWatchdog(self.app)
         self.app.timer(1.0, name="coordinator.stall_watchdog")(self._check_stalls)
         self.app.agent(self.inputs, name="coordinate")(self._agent)

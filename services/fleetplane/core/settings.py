@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     )
     batch_size: int = 500
     poll_timeout_s: float = 0.1
+    idle_fetch_backoff_ms: int = Field(
+        default=5,
+        description="The coordinator's consumer waits this long after a fetch that brought "
+        "nothing (0: never). The embedded broker answers empty fetches at once instead of "
+        "holding them for fetch.wait.max.ms, so an idle consumer would otherwise spin.",
+    )
     session_timeout_ms: int = 10_000
 
     # Files
