@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +36,9 @@ def cli_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
 
 
 def fleetplane() -> str:
-    exe = shutil.which("fleetplane")
+    """The console script installed beside this interpreter (the venv's), else on PATH."""
+    beside = Path(sys.executable).parent / "fleetplane"
+    exe = str(beside) if beside.exists() else shutil.which("fleetplane")
     assert exe, "the fleetplane console script is installed"
     return exe
 

@@ -32,9 +32,17 @@ def port_open(host: str, port: int) -> bool:
 
 
 def noida_command() -> list[str]:
-    exe = shutil.which("noida-db")
-    if exe:
-        return [exe]
+    """The pinned broker installed with this interpreter (the venv's), else on PATH."""
+    beside = Path(sys.executable).parent / "noida-db"
+    if beside.exists():
+        return [str(beside)]
+    try:
+        import noida_db.cli  # noqa: F401
+    except ImportError:
+        exe = shutil.which("noida-db")
+        if exe:
+            return [exe]
+        raise RuntimeError(f"the pinned broker is not installed: pip install '{PINNED}'") from None
     return [sys.executable, "-m", "noida_db.cli"]
 
 
