@@ -4,6 +4,8 @@ that die, and tears everything down on SIGTERM (`fleetplane down`)."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -38,8 +40,6 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    import os
-
     write_state(state_file, {"supervisor_pid": os.getpid(), "state": "starting"})
     try:
         stack.start()
@@ -60,11 +60,8 @@ def main() -> None:
         raise
     finally:
         stack.stop()
-        if state_file.exists():
-            import json
-
-            if json.loads(state_file.read_text()).get("state") != "failed":
-                state_file.unlink(missing_ok=True)
+        if state_file.exists() and json.loads(state_file.read_text()).get("state") != "failed":
+            state_file.unlink(missing_ok=True)
         log.info("stack stopped")
 
 
