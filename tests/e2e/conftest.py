@@ -12,12 +12,11 @@ import httpx
 import pytest
 from confluent_kafka import Consumer
 
+from fleetplane.accounting.rows import TERMINAL_STATES
 from fleetplane.cli.stack import Stack
 from fleetplane.core.events import Event
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
-
-TERMINAL = {"completed", "failed", "abandoned", "cancelled", "rolled_back"}
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +55,7 @@ def wait_terminal(http: httpx.Client, stack: Stack, ids: set[str],
         listed = http.get(f"{stack.accounting_url}/v1/tasks",
                           params={"limit": 100_000}).json()
         rows = {r["task_id"]: r for r in listed if r["task_id"] in ids}
-        if len(rows) == len(ids) and all(r["state"] in TERMINAL for r in rows.values()):
+        if len(rows) == len(ids) and all(r["state"] in TERMINAL_STATES for r in rows.values()):
             return rows
         time.sleep(0.5)
     states: dict[str, int] = {}

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-TERMINAL = {"completed", "failed", "abandoned", "cancelled", "rolled_back"}
+from fleetplane.accounting.rows import TERMINAL_STATES
 
 SAMPLES: dict[str, list[tuple[str, str, str | None]]] = {
     "payments": [
@@ -64,7 +64,7 @@ def run_demo(ingest: str, accounting: str, per_team: int, timeout_s: float,
             while time.monotonic() < deadline:
                 listed = http.get(f"{accounting}/v1/tasks", params={"limit": 10_000}).json()
                 rows = {r["task_id"]: r for r in listed if r["task_id"] in ids}
-                done = sum(1 for r in rows.values() if r["state"] in TERMINAL)
+                done = sum(1 for r in rows.values() if r["state"] in TERMINAL_STATES)
                 progress.update(bar, completed=done)
                 if done == len(ids):
                     break
@@ -85,7 +85,7 @@ def run_demo(ingest: str, accounting: str, per_team: int, timeout_s: float,
         for c in costs:
             ctable.add_row(c["team"], str(c.get("calls", "")), f"{float(c['cost_usd']):.6f}")
         console.print(ctable)
-    finished = sum(1 for r in rows.values() if r.get("state") in TERMINAL)
+    finished = sum(1 for r in rows.values() if r.get("state") in TERMINAL_STATES)
     if finished < len(ids):
         console.print(f"[yellow]{len(ids) - finished} tasks still running after {timeout_s}s")
         return 1

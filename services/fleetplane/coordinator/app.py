@@ -39,7 +39,7 @@ from fleetplane.core import topics as t
 from fleetplane.core.events import Event
 from fleetplane.core.kafka import event_headers
 from fleetplane.core.logging import get_logger, task_context
-from fleetplane.core.loop import Record, dead_letter
+from fleetplane.core.loop import Record, dead_letter, headers_dict
 from fleetplane.core.serde import DecodeError, Serde, default_serde
 from fleetplane.core.settings import Settings
 
@@ -255,7 +255,7 @@ class Coordinator:
 
 def _record_of(msg: Any) -> Record:
     return Record(topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key,
-                  value=msg.value or b"", headers=_headers(msg.headers),
+                  value=msg.value or b"", headers=headers_dict(msg.headers),
                   timestamp_ms=int((msg.timestamp or 0) * 1000))
 
 
@@ -263,8 +263,3 @@ def _bytes_headers(headers: list[tuple[str, str | bytes | None]]) -> list[tuple[
     return [(k, v if isinstance(v, bytes) else (v or "").encode()) for k, v in headers]
 
 
-def _headers(raw: Any) -> dict[str, bytes]:
-    if not raw:
-        return {}
-    items = raw.items() if isinstance(raw, dict) else raw
-    return {str(k): v if isinstance(v, bytes) else str(v or "").encode() for k, v in items}

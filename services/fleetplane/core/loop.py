@@ -68,13 +68,13 @@ class Rejected(NotRetriable):
         self.emit = list(emit)
 
 
-def _headers(msg: Message) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    raw = msg.headers() or []
+def headers_dict(raw: Any) -> dict[str, bytes]:
+    """Record headers (a list of pairs or a dict, as either Kafka client gives them) as a dict
+    of bytes values."""
+    if not raw:
+        return {}
     pairs: list[tuple[str, Any]] = list(raw.items()) if isinstance(raw, dict) else list(raw)
-    for k, v in pairs:
-        out[k] = v if isinstance(v, bytes) else str(v or "").encode()
-    return out
+    return {str(k): v if isinstance(v, bytes) else str(v or "").encode() for k, v in pairs}
 
 
 def _record(msg: Message) -> Record:
@@ -85,7 +85,7 @@ def _record(msg: Message) -> Record:
         offset=msg.offset() or 0,
         key=msg.key(),
         value=msg.value() or b"",
-        headers=_headers(msg),
+        headers=headers_dict(msg.headers()),
         timestamp_ms=ts if ts_type else 0,
     )
 
