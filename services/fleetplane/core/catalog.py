@@ -53,11 +53,41 @@ class Model:
 
 
 @dataclass(frozen=True)
+class TaskTypePolicy:
+    """Routing and failure policy of one task type (catalog.yaml `task_types`).
+
+    tier: the tier the rule-based policy picks; quality_target: the success rate the learned
+    policy must expect of a model before it may pick it (0-1); failure_policy / failure_policies:
+    the default policy, and per failure class, when the manifest names none for that class."""
+
+    tier: str
+    quality_target: float = 0.8
+    failure_policy: str | None = None
+    failure_policies: dict[str, str] = field(default_factory=dict)
+
+
+def _task_type(name: str, raw: Any) -> TaskTypePolicy:
+    if isinstance(raw, str):  # shorthand: `summarize: small`
+        return TaskTypePolicy(tier=raw)
+    if not isinstance(raw, dict) or "tier" not in raw:
+        raise ValueError(f"task type {name!r}: give a tier, or a mapping with `tier`")
+    unknown = set(raw) - {"tier", "quality_target", "failure_policy", "failure_policies"}
+    if unknown:
+        raise ValueError(f"task type {name!r}: unknown keys {sorted(unknown)}")
+    target = float(raw.get("quality_target", 0.8))
+    if not 0.0 <= target <= 1.0:
+        raise ValueError(f"task type {name!r}: quality_target must be 0-1")
+    return TaskTypePolicy(tier=str(raw["tier"]), quality_target=target,
+                          failure_policy=raw.get("failure_policy"),
+                          failure_policies=dict(raw.get("failure_policies") or {}))
+
+
+@dataclass(frozen=True)
 class Catalog:
     tiers: list[str]
     default_tier: str
     models: dict[str, Model]
-    task_types: dict[str, str] = field(default_factory=dict)
+    task_types: dict[str, TaskTypePolicy] = field(default_factory=dict)
 
     def model(self, name: str) -> Model:
         try:
@@ -130,8 +160,12 @@ def load_catalog(path: Path) -> Catalog:
     for model in models.values():
         if model.tier not in tiers:
             raise ValueError(f"{path}: model {model.name} has unknown tier {model.tier!r}")
+    task_types = {name: _task_type(name, v) for name, v in (raw.get("task_types") or {}).items()}
+    for name, policy in task_types.items():
+        if policy.tier not in tiers:
+            raise ValueError(f"{path}: task type {name} has unknown tier {policy.tier!r}")
     return Catalog(tiers=tiers, default_tier=raw.get("default_tier", tiers[0]), models=models,
-                   task_types=dict(raw.get("task_types", {})))
+                   task_types=task_types)
 
 
 @lru_cache(maxsize=4)

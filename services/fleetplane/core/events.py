@@ -60,6 +60,13 @@ class TaskSpec(Record):
     failure_policy: str = "retry"
     temperature: float = 0.0
     labels: dict[str, str] = Field(default_factory=dict)
+    failure_policies: dict[str, str] = Field(default_factory=dict)
+    conflict_policy: str = "rollback"
+    allowed_commands: list[str] = Field(default_factory=list)
+    context_files: list[str] = Field(default_factory=list)
+    parent_task_id: str | None = None
+    root_task_id: str | None = None
+    depth: int = 0
 
 
 class FileChange(Record):
@@ -121,12 +128,16 @@ class TaskDispatched(Event):
     provider: str
     tier: str
     leased_paths: list[str] = Field(default_factory=list)
+    action: str = "run"
+    inputs: dict[str, str] = Field(default_factory=dict)
 
 
 class TaskHeld(Event):
     reason: str
     held_by: str | None = None
     paths: list[str] = Field(default_factory=list)
+    kind: str = ""
+    attempt: int = 0
 
 
 class TaskStarted(Event):
@@ -147,6 +158,8 @@ class TaskCompleted(Event):
     cost_usd: float
     duration_ms: int
     cached: bool = False
+    audit_head: str = ""
+    audit_count: int = 0
 
 
 class TaskFailed(Event):
@@ -155,6 +168,8 @@ class TaskFailed(Event):
     reason: str
     final: bool = False
     cost_usd: float = 0.0
+    audit_head: str = ""
+    audit_count: int = 0
 
 
 class TaskRetrying(Event):
@@ -168,6 +183,7 @@ class TaskEscalated(Event):
     from_tier: str
     to_tier: str
     reason: str
+    spec: TaskSpec | None = None
 
 
 class TaskAbandoned(Event):
@@ -202,6 +218,7 @@ class ModelCall(Event):
     outcome: str
     error: str | None = None
     stop_reason: str | None = None
+    prev_hash: str = ""
 
 
 class ToolCall(Event):
@@ -212,6 +229,7 @@ class ToolCall(Event):
     outcome: str
     result_summary: str = ""
     duration_ms: float = 0.0
+    prev_hash: str = ""
 
 
 class WorkspaceChange(Event):
@@ -220,6 +238,28 @@ class WorkspaceChange(Event):
     branch: str
     commit: str | None = None
     files: list[FileChange] = Field(default_factory=list)
+    prev_hash: str = ""
+
+
+class TaskConflict(Event):
+    attempt: int
+    repository: str
+    paths: list[str] = Field(default_factory=list)
+    conflicting_task_id: str | None = None
+    reason: str
+    policy: str = "rollback"
+
+
+class ExecutorUtilization(Event):
+    executor_id: str
+    slot: int
+    window_start: datetime
+    window_s: float
+    model_s: float = 0.0
+    tool_s: float = 0.0
+    busy_s: float = 0.0
+    idle_s: float = 0.0
+    attempts: int = 0
 
 
 class BudgetStatus(Event):
@@ -263,7 +303,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         TaskSubmitted, TaskAccepted, TaskRejected, TaskRouted, TaskDispatched, TaskHeld,
         TaskStarted, TaskHeartbeat, TaskCompleted, TaskFailed, TaskRetrying, TaskEscalated,
         TaskAbandoned, TaskCancelled, TaskRolledBack, ModelCall, ToolCall, WorkspaceChange,
-        BudgetStatus, Alert, ControlCommand, DeadLetter,
+        BudgetStatus, Alert, ControlCommand, DeadLetter, TaskConflict, ExecutorUtilization,
     )
 }
 

@@ -1,8 +1,9 @@
 """Load the Avro schemas in schemas/ and index them by name and by fingerprint.
 
 The named types in schemas/types/ are loaded first so event schemas can refer to them.
-Older versions of a schema live in schemas/history/<Name>.v<N>.avsc: their fingerprints stay
-decodable (writer schema) and are resolved into the current schema (reader schema).
+Older versions of a schema live in schemas/history/<Name>.v<N>.avsc, self-contained (named types
+inlined as they were then): their fingerprints stay decodable (writer schema) and are resolved
+into the current schema (reader schema).
 """
 
 from __future__ import annotations
@@ -56,5 +57,5 @@ def load_schema_set(schemas_dir: Path) -> SchemaSet:
     history = schemas_dir / "history"
     if history.is_dir():
         for path in sorted(history.glob("*.avsc")):
-            result.add(_read(path), named, current=False)
+            result.add(_read(path), {}, current=False)
     return result

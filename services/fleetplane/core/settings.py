@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     schemas_dir: Path = REPO_ROOT / "schemas"
     topics_file: Path = REPO_ROOT / "infra" / "topics.yaml"
     catalog_file: Path = REPO_ROOT / "infra" / "catalog.yaml"
+    teams_file: Path = REPO_ROOT / "infra" / "teams.yaml"
 
     # ClickHouse: chdb:///abs/dir (embedded, in-process) or http(s)://user:pw@host:8123/db
     clickhouse_dsn: str = ""

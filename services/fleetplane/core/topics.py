@@ -25,6 +25,7 @@ CONTROL = "fleet.control"
 BUDGET = "fleet.budget"
 ALERTS = "fleet.alerts"
 DLQ = "fleet.dlq"
+UTILIZATION = "fleet.utilization"
 
 _TOPIC_OF: dict[type[ev.Event], str] = {
     ev.TaskSubmitted: SUBMITTED,
@@ -44,6 +45,8 @@ _TOPIC_OF: dict[type[ev.Event], str] = {
     ev.ModelCall: MODEL_CALLS,
     ev.ToolCall: TOOL_CALLS,
     ev.WorkspaceChange: WORKSPACE,
+    ev.TaskConflict: LIFECYCLE,
+    ev.ExecutorUtilization: UTILIZATION,
     ev.ControlCommand: CONTROL,
     ev.BudgetStatus: BUDGET,
     ev.Alert: ALERTS,
@@ -59,9 +62,11 @@ def topic_for(event: ev.Event) -> str:
 
 
 def key_for(event: ev.Event) -> bytes:
-    """Task topics are keyed by task id; budget and alerts by team."""
+    """Task topics are keyed by task id; budget and alerts by team; utilization by executor."""
     if isinstance(event, ev.BudgetStatus | ev.Alert):
         return event.team.encode()
+    if isinstance(event, ev.ExecutorUtilization):
+        return event.executor_id.encode()
     return event.task_id.encode()
 
 

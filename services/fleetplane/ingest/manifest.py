@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fleetplane.core.events import TaskSpec
+from fleetplane.core.failures import CONFLICT_POLICIES, FAILURE_CLASSES, FAILURE_POLICIES
 
 NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 TYPE_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
@@ -20,6 +21,8 @@ MAX_GLOBS = 200
 PRIORITIES = ("low", "normal", "high", "critical")
 POLICIES = ("retry", "escalate", "abandon", "rollback", "hold")
 TIERS = ("small", "standard", "frontier")
+COMMAND_RE = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
+MAX_PATH = 500
 
 
 class Strict(BaseModel):
@@ -63,7 +66,40 @@ class Spec(Strict):
     limits: Limits = Field(default_factory=Limits)
     failure_policy: Literal["retry", "escalate", "abandon", "rollback", "hold"] = Field(
         default="retry", alias="failurePolicy")
+    failure_policies: dict[str, Literal["retry", "escalate", "abandon", "rollback", "hold"]] = (
+        Field(default_factory=dict, alias="failurePolicies",
+              description="failure class -> policy, overriding failurePolicy for that class"))
+    conflict_policy: Literal["rollback", "hold"] = Field(default="rollback",
+                                                         alias="conflictPolicy")
+    commands: list[str] = Field(default_factory=list, max_length=50,
+                                description="commands run_command may start (argv[0])")
+    context_files: list[str] = Field(default_factory=list, alias="contextFiles", max_length=50)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+
+    @field_validator("failure_policies")
+    @classmethod
+    def _classes(cls, policies: dict[str, str]) -> dict[str, str]:
+        for name in policies:
+            if name not in FAILURE_CLASSES:
+                raise ValueError(f"unknown failure class {name!r}; one of {FAILURE_CLASSES}")
+        return policies
+
+    @field_validator("commands")
+    @classmethod
+    def _commands(cls, commands: list[str]) -> list[str]:
+        for c in commands:
+            if not COMMAND_RE.match(c):
+                raise ValueError(f"command {c!r}: a bare command name, no paths or spaces")
+        return commands
+
+    @field_validator("context_files")
+    @classmethod
+    def _files(cls, paths: list[str]) -> list[str]:
+        for path in paths:
+            problem = glob_problem(path)
+            if problem:
+                raise ValueError(f"context file {path!r}: {problem}")
+        return paths
 
     @field_validator("write_scope")
     @classmethod
@@ -106,12 +142,16 @@ class TaskManifest(Strict):
             failure_policy=s.failure_policy,
             temperature=s.temperature,
             labels=dict(self.metadata.labels),
+            failure_policies=dict(s.failure_policies),
+            conflict_policy=s.conflict_policy,
+            allowed_commands=list(s.commands),
+            context_files=list(s.context_files),
         )
 
 
 def glob_problem(glob: str) -> str | None:
-    if not glob or len(glob) > 500:
-        return "must be 1-500 characters"
+    if not glob or len(glob) > MAX_PATH:
+        return f"must be 1-{MAX_PATH} characters"
     if glob.startswith("/") or "\\" in glob:
         return "must be relative, with forward slashes"
     if any(part == ".." for part in glob.split("/")):
@@ -142,6 +182,20 @@ def check_spec(team: str, spec: TaskSpec) -> tuple[str, str] | None:
          "must be positive"),
         (0.0 <= spec.temperature <= 2.0, "spec.temperature", "must be 0-2"),
         (len(spec.write_scope) <= MAX_GLOBS, "spec.write_scope", f"at most {MAX_GLOBS} globs"),
+        (all(k in FAILURE_CLASSES and v in FAILURE_POLICIES
+             for k, v in spec.failure_policies.items()), "spec.failure_policies",
+         f"keys must be failure classes {FAILURE_CLASSES}, values policies {FAILURE_POLICIES}"),
+        (spec.conflict_policy in CONFLICT_POLICIES, "spec.conflict_policy",
+         f"must be one of {CONFLICT_POLICIES}"),
+        (len(spec.allowed_commands) <= 50
+         and all(COMMAND_RE.match(c) for c in spec.allowed_commands), "spec.allowed_commands",
+         "at most 50 bare command names"),
+        (len(spec.context_files) <= 50
+         and all(glob_problem(p) is None for p in spec.context_files), "spec.context_files",
+         "at most 50 relative paths without '..'"),
+        (0 <= spec.depth <= 10, "spec.depth", "must be 0-10"),
+        ((spec.parent_task_id is None) == (spec.depth == 0), "spec.parent_task_id",
+         "a subtask (depth > 0) names its parent, a root task (depth 0) has none"),
     ]
     for ok, fld, reason in checks:
         if not ok:

@@ -34,7 +34,7 @@ def choose(catalog: Catalog, spec: TaskSpec) -> Decision:
         model = catalog.default_model(spec.tier)
         reason = f"tier {spec.tier} requested by the manifest"
     elif spec.task_type in catalog.task_types:
-        tier = catalog.task_types[spec.task_type]
+        tier = catalog.task_types[spec.task_type].tier
         model = catalog.default_model(tier)
         reason = f"task type {spec.task_type} maps to tier {tier}"
     else:
