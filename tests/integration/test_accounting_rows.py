@@ -55,6 +55,10 @@ def samples() -> list[ev.Event]:
         mk(ev.ControlCommand, command="cancel"),
         mk(ev.DeadLetter, service="ingest", source_topic="s", source_partition=0,
            source_offset=1, payload=b"\xff", error_class="E", reason="r"),
+        mk(ev.TaskConflict, attempt=1, repository="r", paths=["x.py"], reason="outside scope"),
+        ev.ExecutorUtilization(task_id="", team="", executor_id="e", slot=0,
+                               window_start=datetime(2026, 1, 1, tzinfo=UTC), window_s=10.0,
+                               model_s=4.0, tool_s=1.0, busy_s=6.0, idle_s=4.0, attempts=2),
     ]
 
 

@@ -55,9 +55,11 @@ STATES: tuple[str, ...] = tuple(STATE_RANK)
 # Timeline order of event types that share a millisecond (a task's usual life story).
 EVENT_ORDER: tuple[str, ...] = (
     "TaskSubmitted", "TaskRejected", "TaskAccepted", "TaskRouted", "TaskHeld", "TaskDispatched",
-    "TaskStarted", "TaskHeartbeat", "ModelCall", "ToolCall", "WorkspaceChange", "TaskFailed",
+    "TaskStarted", "TaskHeartbeat", "ModelCall", "ToolCall", "WorkspaceChange", "TaskConflict",
+    "TaskFailed",
     "TaskRetrying", "TaskEscalated", "ControlCommand", "TaskCompleted", "TaskAbandoned",
     "TaskCancelled", "TaskRolledBack", "BudgetStatus", "Alert", "DeadLetter",
+    "ExecutorUtilization",
 )
 
 _STATE_OF: dict[type[ev.Event], str] = {
