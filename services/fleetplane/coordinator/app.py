@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+import yaml
 from faust.streams import _current_event  # private: which input a table write belongs to
 from faust.types import EventT, RecordMetadata, StreamT, TopicT
 
@@ -41,7 +42,7 @@ from fleetplane.coordinator.workarounds import (
 from fleetplane.coordinator.world import World
 from fleetplane.core import events as ev
 from fleetplane.core import topics as t
-from fleetplane.core.catalog import load_catalog
+from fleetplane.core.catalog import Catalog, _task_type
 from fleetplane.core.events import Event
 from fleetplane.core.kafka import event_headers
 from fleetplane.core.logging import get_logger, task_context
@@ -58,6 +59,9 @@ SCHEDULER_TOPIC = f"{APP_ID}-scheduler"
 INPUTS = (t.ROUTED, t.LIFECYCLE, t.OUTCOMES, t.CONTROL, t.WORKSPACE, t.BUDGET)
 PARTITIONS = 6
 SCHEDULER_PARTITIONS = 1
+# headers the repartition adds: where the record was read (for dead letters)
+SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET = "x-source-topic", "x-source-partition", \
+    "x-source-offset"
 BATCH_MAX = 500  # records decided together, with one acknowledgement wait
 BATCH_WITHIN_S = 0.01  # how long a partial batch waits for more records
 
@@ -87,8 +91,21 @@ def group_instance_id(settings: Settings) -> str:
     return f"{APP_ID}-{settings.instance_id}"
 
 
+def tiers_catalog(path: Path) -> Catalog | None:
+    """The catalog's tiers and task types only: the coordinator needs no prices (loading them
+    would import litellm, seconds of start-up for nothing)."""
+    if not path.exists():
+        return None
+    raw = yaml.safe_load(path.read_text()) or {}
+    tiers = [str(x) for x in raw.get("tiers") or []]
+    types = {name: _task_type(name, v) for name, v in (raw.get("task_types") or {}).items()}
+    return Catalog(tiers=tiers, default_tier=str(raw.get("default_tier", tiers[0] if tiers
+                                                                          else "")),
+                   models={}, task_types=types)
+
+
 def policy_for_settings(settings: Settings) -> Policy:
-    catalog = load_catalog(settings.catalog_file) if settings.catalog_file.exists() else None
+    catalog = tiers_catalog(settings.catalog_file)
     return Policy(teams=load_teams(settings.teams_file), catalog=catalog,
                   max_running=settings.coordinator_max_running,
                   heartbeat_timeout_ms=int(settings.coordinator_heartbeat_timeout_s * 1000),
@@ -187,9 +204,12 @@ class Coordinator:
             for event in events:
                 msg = event.message
                 self.watchdog.saw(msg.tp)
+                source = [(SOURCE_TOPIC, msg.topic.encode()),
+                          (SOURCE_PARTITION, str(msg.partition).encode()),
+                          (SOURCE_OFFSET, str(msg.offset).encode())]
                 pending.append(await self.scheduler_topic.send(
                     key=msg.key, value=msg.value or b"", partition=0,
-                    headers=_bytes_headers(list(msg.headers or [])), force=True))
+                    headers=[*_bytes_headers(list(msg.headers or [])), *source], force=True))
             await asyncio.gather(*pending)
             self.stats.forwarded += len(events)
 
@@ -335,8 +355,15 @@ class Coordinator:
 
 
 def _record_of(msg: Any) -> Record:
-    return Record(topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key,
-                  value=msg.value or b"", headers=headers_dict(msg.headers),
+    """The original input record (topic, partition, offset before the repartition)."""
+    headers = headers_dict(msg.headers)
+    topic = headers.pop(SOURCE_TOPIC, None)
+    partition = headers.pop(SOURCE_PARTITION, None)
+    offset = headers.pop(SOURCE_OFFSET, None)
+    return Record(topic=topic.decode() if topic else msg.topic,
+                  partition=int(partition) if partition else msg.partition,
+                  offset=int(offset) if offset else msg.offset, key=msg.key,
+                  value=msg.value or b"", headers=headers,
                   timestamp_ms=int((msg.timestamp or 0) * 1000))
 
 

@@ -306,8 +306,25 @@ def witness(a: str, b: str) -> str | None:
     return None
 
 
+@lru_cache(maxsize=65536)
+def literal_prefix(pattern: str) -> tuple[str, ...]:
+    """The leading segments without wildcards (or escapes)."""
+    out: list[str] = []
+    for seg in split(pattern):
+        if any(c in seg for c in "*?[\\"):
+            break
+        out.append(seg)
+    return tuple(out)
+
+
 def overlaps(a: str, b: str) -> bool:
-    """True when some path is covered by both globs (order does not matter)."""
+    """True when some path is covered by both globs (order does not matter).
+
+    Fast path: two globs whose leading literal segments differ at some position cannot cover
+    a common path (each of those segments must equal the path's segment there)."""
+    for x, y in zip(literal_prefix(a), literal_prefix(b), strict=False):
+        if x != y:
+            return False
     if a > b:
         a, b = b, a
     return witness(a, b) is not None

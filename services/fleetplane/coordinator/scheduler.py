@@ -227,7 +227,7 @@ class Scheduler:
         outside = [p for p in files if not covered(scope, p)]
         other_id: str | None = None
         inside: list[str] = []
-        for other in self._leases(state.repository):
+        for other in self.world.lease_holders(state.repository, files):
             if other.task_id == state.task_id:
                 continue
             hit = [p for p in files if covered(other.leased_paths, p)]
@@ -416,7 +416,7 @@ class Scheduler:
         queues: dict[str, list[TaskState]] = {}
         for s in ready:
             queues.setdefault(s.team, []).append(s)
-        running = Counter(s.team for s in world.active.values())
+        running = Counter(world.running)
         capacity = self.policy.max_running - len(world.active)
         open_teams: list[str] = []
         for team in sorted(queues):
@@ -484,17 +484,13 @@ class Scheduler:
             return "quota", _quota_reason(team, policy.max_running)
         return None
 
-    def _leases(self, repository: str) -> list[TaskState]:
-        return [s for s in self.world.active.values()
-                if s.leased_paths and s.repository == repository]
-
     def _conflict(self, state: TaskState) -> tuple[str, str, list[str]] | None:
         """(reason, holder, holder's overlapping globs) when an active lease overlaps."""
         assert state.spec is not None
         scope = state.spec.write_scope
         if not scope:
             return None
-        candidates = self._leases(state.repository)
+        candidates = self.world.lease_holders(state.repository, scope)
         if state.held_by is not None:  # the last holder first: usually still the one
             candidates.sort(key=lambda s: s.task_id != state.held_by)
         for holder in candidates:

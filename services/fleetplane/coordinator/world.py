@@ -8,9 +8,13 @@ admission needs (active tasks with their leases, waiting tasks, dependents) up t
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 
+from fleetplane.coordinator.globs import literal_prefix
 from fleetplane.coordinator.state import FleetState, Status, TaskState
+
+WILD = "*"  # lease bucket of globs whose first segment is not literal
 
 TASK_PREFIX = b"task/"
 FLEET_KEY = b"fleet"
@@ -27,6 +31,9 @@ class World:
         self.active: dict[str, TaskState] = {}  # dispatched, running, rolling back
         self.waiting: dict[str, TaskState] = {}
         self.dependents: dict[str, set[str]] = {}  # dependency id -> waiting task ids
+        self.running: Counter[str] = Counter()  # team -> active tasks
+        # repository -> first literal segment of a leased glob (or WILD) -> task id -> state
+        self.leases: dict[str, dict[str, dict[str, TaskState]]] = {}
         self._dirty: set[str] = set()
         self._fleet_dirty = False
         self._undo: dict[str, TaskState | None] | None = None
@@ -65,15 +72,48 @@ class World:
             for dep in old.spec.depends_on:
                 self.dependents.get(dep, set()).discard(tid)
         self.tasks[tid] = state
-        self.active.pop(tid, None)
+        gone = self.active.pop(tid, None)
+        if gone is not None:
+            self.running[gone.team] -= 1
+            for bucket in self._buckets(gone):
+                bucket.pop(tid, None)
         self.waiting.pop(tid, None)
         if state.status.active:
             self.active[tid] = state
+            self.running[state.team] += 1
+            for bucket in self._buckets(state, create=True):
+                bucket[tid] = state
         elif state.status is Status.WAITING:
             self.waiting[tid] = state
             if state.hold_kind == "dependency" and state.spec is not None:
                 for dep in state.spec.depends_on:
                     self.dependents.setdefault(dep, set()).add(tid)
+
+    def _buckets(self, state: TaskState, create: bool = False) -> list[dict[str, TaskState]]:
+        repo = self.leases.setdefault(state.repository, {}) if create \
+            else self.leases.get(state.repository, {})
+        out = []
+        for glob in state.leased_paths:
+            prefix = literal_prefix(glob)
+            key = prefix[0] if prefix else WILD
+            bucket = repo.setdefault(key, {}) if create else repo.get(key)
+            if bucket is not None:
+                out.append(bucket)
+        return out
+
+    def lease_holders(self, repository: str, scope: list[str]) -> list[TaskState]:
+        """Active tasks in the repository whose leases may overlap `scope` (a superset of the
+        ones that do: same first literal segment, or a wildcard first segment on either side)."""
+        repo = self.leases.get(repository)
+        if not repo:
+            return []
+        found: dict[str, TaskState] = {}
+        for glob in scope:
+            prefix = literal_prefix(glob)
+            keys = [prefix[0], WILD] if prefix else list(repo)
+            for key in keys:
+                found.update(repo.get(key, {}))
+        return [found[k] for k in sorted(found)]
 
     # -- one event as a unit ---------------------------------------------------------------
     def begin(self) -> None:
