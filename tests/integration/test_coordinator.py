@@ -30,9 +30,12 @@ from fleetplane.infra.broker import free_port
 class CoordinatorProcess:
     """fleetplane-coordinator in a subprocess (the console script's code, no CLI arguments)."""
 
-    def __init__(self, settings: Settings, data_dir: Path, instance_id: str) -> None:
+    def __init__(self, settings: Settings, data_dir: Path, instance_id: str,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.data_dir = data_dir
+        teams = data_dir / "teams.yaml"  # delivery tests: no team quota or budget in the way
+        teams.write_text("defaults: {max_running: 1000000, budget_usd: 1000000}\n")
         self.env = {
             **os.environ,
             "PYTHONPATH": str(REPO_ROOT / "services"),
@@ -41,6 +44,11 @@ class CoordinatorProcess:
             "FLEETPLANE_COORDINATOR_WEB_PORT": str(self.port),
             "FLEETPLANE_INSTANCE_ID": instance_id,
             "FLEETPLANE_LOG_LEVEL": "INFO",
+            # these tests are about delivery (dispatch once, recovery): no fleet capacity limit
+            "FLEETPLANE_COORDINATOR_MAX_RUNNING": "1000000",
+            "FLEETPLANE_TEAMS_FILE": str(teams),
+            "FLEETPLANE_COORDINATOR_BACKOFF_BASE_MS": "200",
+            **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
@@ -153,11 +161,14 @@ class Tail:
 
 
 def spec(**kw: Any) -> ev.TaskSpec:
-    return ev.TaskSpec(name="n", task_type="refactor", prompt="p", write_scope=["src/**"], **kw)
+    kw.setdefault("write_scope", ["src/**"])
+    return ev.TaskSpec(name="n", task_type="refactor", prompt="p", **kw)
 
 
 def routed(task_id: str, attempt: int = 1, **kw: Any) -> ev.TaskRouted:
-    return ev.TaskRouted(task_id=task_id, team="team-c", spec=kw.pop("spec", spec()),
+    # each task writes its own directory: these tests are not about leases
+    return ev.TaskRouted(task_id=task_id, team="team-c",
+                         spec=kw.pop("spec", spec(write_scope=[f"{task_id}/**"])),
                          attempt=attempt, model="claude-x", provider="anthropic",
                          tier="standard", reason="test", **kw)
 
@@ -209,7 +220,7 @@ def test_routed_tasks_are_dispatched_once(
     first = tasks[0]
     d = by_task[first.task_id][0]
     assert (d.attempt, d.model, d.provider, d.tier) == (1, "claude-x", "anthropic", "standard")
-    assert d.spec == first.spec and d.leased_paths == ["src/**"]
+    assert d.spec == first.spec and d.leased_paths == [f"{first.task_id}/**"]
     assert d.causation_id == first.event_id and d.team == "team-c"
     headers = next(h for e, h in dispatch.records if e.event_id == d.event_id)
     assert headers["event_type"] == b"TaskDispatched" and headers["team"] == b"team-c"
@@ -227,7 +238,7 @@ def test_retry_then_final_failure_cancel_and_terminal(
     tail: Callable[[str], Tail], unique: str,
 ) -> None:
     dispatch, lifecycle, outcomes = tail(DISPATCH), tail(LIFECYCLE), tail(OUTCOMES)
-    r = routed(f"{unique}-retry", spec=spec(max_attempts=2))
+    r = routed(f"{unique}-retry", spec=spec(max_attempts=2, write_scope=["retry/**"]))
     producer.send([r])
     dispatch.wait_for(r.task_id, 1, ev.TaskDispatched, linger_s=0)
     started = ev.TaskStarted(task_id=r.task_id, team="team-c", attempt=1, executor_id="ex")

@@ -1,16 +1,20 @@
-"""Faust wiring: one agent over the coordinator's input topics, one table of task states.
+"""Faust wiring: a repartition agent, a scheduler agent over one partition, one table.
 
-Every input topic is keyed by task id and has as many partitions as the table's changelog, so
-the record for task T arrives on partition p of whichever topic, and T's row lives in partition
-p of the table (Faust writes a row to the changelog partition of the event being processed).
+Admission needs state that spans tasks (leases per repository, running tasks and spend per
+team, fair share between teams), so the decisions cannot be taken per task-id partition. The
+``repartition`` agent forwards every input record (keyed by task id, 6 partitions; fleet.budget
+keyed by team) unchanged onto the internal topic ``fleetplane-coordinator-scheduler`` (one
+partition), and the ``schedule`` agent consumes that topic with the ``scheduler`` table (one
+partition, co-partitioned with it): one writer sees every task, in one total order that
+survives restarts (the topic is the log the decisions are replayed from). See
+docs/coordinator.md, "Why one scheduler partition".
 
-Per record (``Coordinator.process``): decode the Avro bytes (undecodable -> fleet.dlq), read
-the task's row, ``decide``, publish the decided events and wait for the broker's
-acknowledgement, then write the row. A crash before the row is written redelivers the input
-(its offset is not committed: Faust commits an offset only after the record was processed and
-the producer flushed), and ``decide`` derives the same events with the same event ids from the
-old row; a crash after it finds the row and ignores the input. So nothing is lost, and the one
-possible duplicate (published, row not yet written) carries the event id of the original.
+Per batch of scheduler records (``Coordinator.process_batch``): decode (undecodable -> fleet.dlq),
+``Scheduler.apply`` each event to the in-memory ``World`` (loaded from the table after each
+recovery), publish every decided event and wait for the broker's acknowledgement, then write the
+changed rows. A crash before the rows are written redelivers the records (offsets are committed
+only after processing and a producer flush); the world is reloaded from the old rows and the same
+events are derived again with the same event ids.
 """
 
 from __future__ import annotations
@@ -24,31 +28,40 @@ from pathlib import Path
 from typing import Any
 
 import faust
+import yaml
 from faust.streams import _current_event  # private: which input a table write belongs to
 from faust.types import EventT, RecordMetadata, StreamT, TopicT
 
-from fleetplane.coordinator.handlers import decide
 from fleetplane.coordinator.partitioning import partition_for
-from fleetplane.coordinator.state import TaskState
+from fleetplane.coordinator.scheduler import TICK, Policy, Scheduler
 from fleetplane.coordinator.workarounds import (
     FetchGate,
     StallWatchdog,
     install_idle_fetch_backoff,
 )
+from fleetplane.coordinator.world import World
+from fleetplane.core import events as ev
 from fleetplane.core import topics as t
+from fleetplane.core.catalog import Catalog, _task_type
 from fleetplane.core.events import Event
 from fleetplane.core.kafka import event_headers
 from fleetplane.core.logging import get_logger, task_context
 from fleetplane.core.loop import Record, dead_letter, headers_dict
 from fleetplane.core.serde import DecodeError, Serde, default_serde
 from fleetplane.core.settings import Settings
+from fleetplane.core.teams import load_teams
 
 SERVICE = "coordinator"
 APP_ID = "fleetplane-coordinator"
-TABLE = "tasks"
+TABLE = "scheduler"
 CHANGELOG = f"{APP_ID}-{TABLE}-changelog"
-INPUTS = (t.ROUTED, t.LIFECYCLE, t.OUTCOMES, t.CONTROL)
+SCHEDULER_TOPIC = f"{APP_ID}-scheduler"
+INPUTS = (t.ROUTED, t.LIFECYCLE, t.OUTCOMES, t.CONTROL, t.WORKSPACE, t.BUDGET)
 PARTITIONS = 6
+SCHEDULER_PARTITIONS = 1
+# headers the repartition adds: where the record was read (for dead letters)
+SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET = "x-source-topic", "x-source-partition", \
+    "x-source-offset"
 BATCH_MAX = 500  # records decided together, with one acknowledgement wait
 BATCH_WITHIN_S = 0.01  # how long a partial batch waits for more records
 
@@ -60,7 +73,9 @@ class Stats:
     """Counters (exposed in logs and on the web endpoint /coordinator/stats/)."""
 
     started_at: float = field(default_factory=time.monotonic)
-    processed: int = 0
+    forwarded: int = 0  # input records repartitioned onto the scheduler topic
+    processed: int = 0  # scheduler records decided
+    decided_s: float = 0.0  # time spent in Scheduler.apply
     published: int = 0
     dead_letters: int = 0
     ready_s: float | None = None  # process start -> table recovered, inputs flowing
@@ -74,6 +89,28 @@ def group_instance_id(settings: Settings) -> str:
     """Static group membership id: stable across restarts of one replica, unique among live
     replicas (``FLEETPLANE_INSTANCE_ID``). See coordinator.workarounds for why it is static."""
     return f"{APP_ID}-{settings.instance_id}"
+
+
+def tiers_catalog(path: Path) -> Catalog | None:
+    """The catalog's tiers and task types only: the coordinator needs no prices (loading them
+    would import litellm, seconds of start-up for nothing)."""
+    if not path.exists():
+        return None
+    raw = yaml.safe_load(path.read_text()) or {}
+    tiers = [str(x) for x in raw.get("tiers") or []]
+    types = {name: _task_type(name, v) for name, v in (raw.get("task_types") or {}).items()}
+    return Catalog(tiers=tiers, default_tier=str(raw.get("default_tier", tiers[0] if tiers
+                                                                          else "")),
+                   models={}, task_types=types)
+
+
+def policy_for_settings(settings: Settings) -> Policy:
+    catalog = tiers_catalog(settings.catalog_file)
+    return Policy(teams=load_teams(settings.teams_file), catalog=catalog,
+                  max_running=settings.coordinator_max_running,
+                  heartbeat_timeout_ms=int(settings.coordinator_heartbeat_timeout_s * 1000),
+                  backoff_base_ms=settings.coordinator_backoff_base_ms,
+                  backoff_cap_ms=settings.coordinator_backoff_cap_ms)
 
 
 def faust_settings(settings: Settings) -> dict[str, Any]:
@@ -119,10 +156,15 @@ class Coordinator:
         Path(conf["datadir"]).mkdir(parents=True, exist_ok=True)  # faust creates one level only
         self.app = faust.App(APP_ID, **conf)
         # key_type/value_type bytes: the "raw" codec both ways (rows are TaskState JSON)
-        self.table = self.app.Table(TABLE, default=None, partitions=PARTITIONS,
+        self.scheduler = Scheduler(policy_for_settings(settings))
+        self.world: World | None = None  # loaded from the table after each recovery
+        self.table = self.app.Table(TABLE, default=None, partitions=SCHEDULER_PARTITIONS,
                                     key_type=bytes, value_type=bytes)
         self.inputs = self.app.topic(*INPUTS, key_type=bytes, value_type=bytes,
                                      key_serializer="raw", value_serializer="raw")
+        self.scheduler_topic = self.app.topic(
+            SCHEDULER_TOPIC, key_type=bytes, value_type=bytes, key_serializer="raw",
+            value_serializer="raw", partitions=SCHEDULER_PARTITIONS)
         partitions = {s.name: s.partitions for s in t.load_topics(settings.topics_file)}
         self._partitions = partitions
         self._outputs: dict[str, TopicT] = {}
@@ -130,11 +172,19 @@ class Coordinator:
         install_idle_fetch_backoff(settings.idle_fetch_backoff_ms / 1000)
         self.watchdog = StallWatchdog(self.app)
         self.app.timer(1.0, name="coordinator.stall_watchdog")(self._check_stalls)
-        self.app.agent(self.inputs, name="coordinate")(self._agent)
+        self.app.timer(settings.coordinator_tick_s, name="coordinator.tick")(self._tick)
+        self.app.agent(self.inputs, name="repartition")(self._repartition)
+        self.app.agent(self.scheduler_topic, name="schedule")(self._agent)
         self.app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
 
         async def stats(view: Any, request: Any) -> Any:
             return view.json({**self.stats.__dict__, "rows": len(self.table)})
+
+        async def held(view: Any, request: Any) -> Any:
+            return view.json(self.held_tasks())
+
+        async def fleet(view: Any, request: Any) -> Any:
+            return view.json(self.fleet_view())
 
         async def healthz(view: Any, request: Any) -> Any:
             ready = self.stats.ready_s is not None
@@ -142,39 +192,67 @@ class Coordinator:
 
         self.app.page("/coordinator/stats/")(stats)
         self.app.page("/healthz")(healthz)
+        self.app.page("/coordinator/held/")(held)
+        self.app.page("/coordinator/fleet/")(fleet)
 
-    # -- agent -----------------------------------------------------------------------------
+    # -- agents ----------------------------------------------------------------------------
+    async def _repartition(self, stream: StreamT[bytes]) -> None:
+        """Forward each input record, bytes and headers unchanged, to the scheduler topic."""
+        batches = stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S)  # type: ignore[attr-defined]
+        async for events in batches:
+            pending = []
+            for event in events:
+                msg = event.message
+                self.watchdog.saw(msg.tp)
+                source = [(SOURCE_TOPIC, msg.topic.encode()),
+                          (SOURCE_PARTITION, str(msg.partition).encode()),
+                          (SOURCE_OFFSET, str(msg.offset).encode())]
+                pending.append(await self.scheduler_topic.send(
+                    key=msg.key, value=msg.value or b"", partition=0,
+                    headers=[*_bytes_headers(list(msg.headers or [])), *source], force=True))
+            await asyncio.gather(*pending)
+            self.stats.forwarded += len(events)
+
+    async def _tick(self) -> None:
+        """The scheduler's clock: a tick record on its own topic (decided like any input, so
+        replays see the same ticks): releases due backoffs, finds lost executors."""
+        if self.stats.ready_s is None:
+            return
+        tick = ev.ControlCommand(task_id="", team="", command=TICK, requested_by=SERVICE)
+        await self.scheduler_topic.send(key=b"", value=self.serde.encode(tick), partition=0,
+                                        force=True)
+
     async def _agent(self, stream: StreamT[bytes]) -> None:
         batches = stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S)  # type: ignore[attr-defined]
         async for events in batches:
             await self.process_batch(events)
 
-    async def process(self, event: EventT[bytes]) -> None:
-        """Apply one input record (a batch of one)."""
-        await self.process_batch([event])
-
     async def process_batch(self, events: Sequence[EventT[bytes]]) -> None:
-        """Apply a batch of input records (called inside the agent's ``async for``).
+        """Apply a batch of scheduler records (called inside the agent's ``async for``).
 
-        Decisions are taken in order, each seeing the rows the earlier ones changed; then every
-        output is published and acknowledged at once, and only then are the changed rows written
-        (effects first, then the row that records them: a crash in between re-derives the same
-        events, with the same event ids, from the old row when the inputs are redelivered). One
-        acknowledgement wait per batch instead of per record is what makes the agent fast."""
-        rows: dict[bytes, tuple[TaskState, EventT[bytes]]] = {}
+        Decisions are taken in order on the in-memory world; then every output is published
+        and acknowledged at once, and only then are the changed rows written (effects first,
+        then the rows that record them). One acknowledgement wait per batch."""
+        if self.world is None:
+            self.world = World.load((k, v) for k, v in self.table.items())
+        world = self.world
         outputs: list[Event] = []
         for event in events:
-            outputs.extend(self._decide_one(event, rows))
-        if outputs:
-            await self._publish_acked(outputs)
-        for key, (state, source) in rows.items():
-            # the changelog partition is the partition of the input that changed the row
-            # (co-partitioned); Faust reads it from the current event
-            _current_event.set(weakref.ref(source))
-            self.table[key] = state.to_bytes()
+            outputs.extend(self._decide_one(world, event))
+        try:
+            if outputs:
+                await self._publish_acked(outputs)
+        except BaseException:
+            self.world = None  # reload from the table: these decisions were not recorded
+            raise
+        rows = world.take_rows()
+        if rows:
+            # the changelog partition is the partition of the current event (0: one partition)
+            _current_event.set(weakref.ref(events[-1]))
+            for key, value in rows:
+                self.table[key] = value
 
-    def _decide_one(self, event: EventT[bytes],
-                    rows: dict[bytes, tuple[TaskState, EventT[bytes]]]) -> list[Event]:
+    def _decide_one(self, world: World, event: EventT[bytes]) -> list[Event]:
         msg = event.message
         self.watchdog.saw(msg.tp)
         key: bytes = msg.key or b""
@@ -182,7 +260,7 @@ class Coordinator:
         self.stats.processed += 1
         try:
             decoded = self.serde.decode(value)
-            if decoded.task_id.encode() != key:
+            if decoded.task_id.encode() != key and not isinstance(decoded, ev.BudgetStatus):
                 raise DecodeError(f"record key {key!r} is not the task id {decoded.task_id!r}")
         except DecodeError as exc:
             log.warning("undecodable record to DLQ", topic=msg.topic, offset=msg.offset,
@@ -190,23 +268,45 @@ class Coordinator:
             self.stats.dead_letters += 1
             return [dead_letter(SERVICE, _record_of(msg), exc)]
         with task_context(decoded.task_id, event_type=type(decoded).__name__):
-            if key in rows:
-                state: TaskState | None = rows[key][0]
-            else:
-                raw = self.table.get(key)
-                state = TaskState.from_bytes(raw) if raw is not None else None
+            started = time.perf_counter()
             try:
-                new, outputs = decide(state, decoded)
-            except Exception as exc:  # a bug for one task must not stop the others
-                log.exception("decide failed, record to DLQ")
+                outputs = self.scheduler.apply(world, decoded, stamp=ev.utcnow_ms())
+            except Exception as exc:  # a bug for one event must not stop the others
+                log.exception("decision failed, record to DLQ")
                 self.stats.dead_letters += 1
                 return [dead_letter(SERVICE, _record_of(msg), exc)]
+            finally:
+                self.stats.decided_s += time.perf_counter() - started
             if outputs:
-                log.debug("decided", status=new.status if new else None,
-                          emitted=[type(o).__name__ for o in outputs])
-            if new is not None and new is not state:
-                rows[key] = (new, event)
+                log.debug("decided", emitted=[type(o).__name__ for o in outputs])
             return outputs
+
+    # -- views (web pages and CLI) ---------------------------------------------------------
+    def held_tasks(self) -> list[dict[str, Any]]:
+        world = self.world
+        if world is None:
+            return []
+        return [{"task_id": s.task_id, "team": s.team, "kind": s.hold_kind or "queued",
+                 "reason": s.hold_reason, "held_by": s.held_by, "paths": s.held_paths,
+                 "since": (s.held_since or s.updated_at).isoformat(),
+                 "repository": s.repository, "attempt": s.next_attempt,
+                 "priority": s.spec.priority if s.spec else None}
+                for s in world.held()]
+
+    def fleet_view(self) -> dict[str, Any]:
+        world = self.world
+        if world is None:
+            return {"ready": False}
+        running: dict[str, int] = {}
+        for s in world.active.values():
+            running[s.team] = running.get(s.team, 0) + 1
+        fleet = world.fleet
+        return {"ready": True, "kill_switch": fleet.kill_switch,
+                "kill_switch_reason": fleet.kill_switch_reason, "paused": fleet.paused,
+                "running": running, "active": len(world.active), "waiting": len(world.waiting),
+                "max_running": self.scheduler.policy.max_running,
+                "spend": {k: v.model_dump() for k, v in fleet.spend.items()},
+                "budget_exhausted": fleet.budget_exhausted}
 
     # -- output ----------------------------------------------------------------------------
     def _topic(self, name: str) -> TopicT:
@@ -239,6 +339,7 @@ class Coordinator:
 
     async def _on_assigned(self, sender: Any, assigned: Any, **_: Any) -> None:
         self.stats.assigned_at = time.monotonic()
+        self.world = None  # reloaded from the (recovered) table before the next decision
         log.info("partitions assigned", count=len(assigned))
 
     async def _on_inputs_flowing(self) -> None:
@@ -254,8 +355,15 @@ class Coordinator:
 
 
 def _record_of(msg: Any) -> Record:
-    return Record(topic=msg.topic, partition=msg.partition, offset=msg.offset, key=msg.key,
-                  value=msg.value or b"", headers=headers_dict(msg.headers),
+    """The original input record (topic, partition, offset before the repartition)."""
+    headers = headers_dict(msg.headers)
+    topic = headers.pop(SOURCE_TOPIC, None)
+    partition = headers.pop(SOURCE_PARTITION, None)
+    offset = headers.pop(SOURCE_OFFSET, None)
+    return Record(topic=topic.decode() if topic else msg.topic,
+                  partition=int(partition) if partition else msg.partition,
+                  offset=int(offset) if offset else msg.offset, key=msg.key,
+                  value=msg.value or b"", headers=headers,
                   timestamp_ms=int((msg.timestamp or 0) * 1000))
 
 

@@ -79,6 +79,16 @@ class Settings(BaseSettings):
     executor_slots: int = 32
     executor_id: str = ""
 
+    # Coordinator (admission, failure policies: docs/coordinator.md)
+    coordinator_max_running: int = Field(
+        default=64, description="Fleet capacity: attempts dispatched and not finished, all teams.")
+    coordinator_heartbeat_timeout_s: float = Field(
+        default=60.0, description="A running attempt silent this long is declared lost.")
+    coordinator_tick_s: float = Field(
+        default=0.5, description="Scheduler clock: backoff releases and heartbeat checks.")
+    coordinator_backoff_base_ms: int = 1_000
+    coordinator_backoff_cap_ms: int = 60_000
+
     # Logging
     log_level: str = "INFO"
     log_json: bool = True

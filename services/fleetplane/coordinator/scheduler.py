@@ -1,0 +1,598 @@
+"""The coordinator's decisions: ``Scheduler.apply(world, event) -> events``.
+
+Deterministic and free of I/O: time is the event's ``occurred_at`` (timer ticks carry the
+wall clock into the log), derived event ids are functions of the input event id, so replaying
+the scheduler topic from the table's state yields the same decisions and the same event ids.
+``apply`` changes only the ``World`` it is given (and returns what to publish).
+
+Per event: apply it to its task (or to the fleet row), then, when anything that can unblock
+work changed, run one admission pass over the waiting tasks: kill switch, pause, budget and
+quota per team, write-scope leases per repository, fleet capacity, weighted fair share between
+teams and priority within a team. See docs/coordinator.md for the state diagram and policies.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from fleetplane.coordinator.backoff import backoff_ms, derived_event_id
+from fleetplane.coordinator.globs import covered, overlaps, validate_scope
+from fleetplane.coordinator.state import PARKED, FleetState, Routing, Spend, Status, TaskState
+from fleetplane.coordinator.world import World
+from fleetplane.core import events as ev
+from fleetplane.core import failures
+from fleetplane.core.catalog import Catalog
+from fleetplane.core.teams import TeamPolicy, TeamsConfig
+
+E = TypeVar("E", bound=ev.Event)
+
+TICK = "tick"  # ControlCommand published by the coordinator's own timer onto its scheduler topic
+PRIORITY_RANK = {"critical": 0, "high": 1, "normal": 2, "low": 3}
+TERMINAL_STATUS: dict[type[ev.Event], Status] = {
+    ev.TaskCompleted: Status.COMPLETED,
+    ev.TaskFailed: Status.FAILED,
+    ev.TaskAbandoned: Status.ABANDONED,
+    ev.TaskCancelled: Status.CANCELLED,
+    ev.TaskRolledBack: Status.ROLLED_BACK,
+}
+OUTPUT_MAX_CHARS = 64_000  # of a completed task's output kept for its dependents
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Configuration the scheduler decides by (built in the composition root)."""
+
+    teams: TeamsConfig = field(default_factory=TeamsConfig)
+    catalog: Catalog | None = None
+    max_running: int = 64  # the fleet's capacity: attempts dispatched and not finished
+    heartbeat_timeout_ms: int = 60_000
+    backoff_base_ms: int = 1_000
+    backoff_cap_ms: int = 60_000
+
+    def team(self, name: str) -> TeamPolicy:
+        return self.teams.policy(name)
+
+    def type_policies(self, task_type: str) -> dict[str, str]:
+        if self.catalog is None or task_type not in self.catalog.task_types:
+            return {}
+        return self.catalog.task_types[task_type].failure_policies
+
+    def tier_above(self, tier: str) -> str | None:
+        if self.catalog is None or tier not in self.catalog.tiers:
+            return None
+        return self.catalog.tier_above(tier)
+
+
+def budget_period(period: str, at: datetime) -> str:
+    if period == "month":
+        return f"{at.year:04d}-{at.month:02d}"
+    if period == "week":
+        year, week, _ = at.isocalendar()
+        return f"{year:04d}-W{week:02d}"
+    return at.date().isoformat()
+
+
+class Scheduler:
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+        # per-event context (apply sets these)
+        self.world = World()
+        self.cause: ev.Event = ev.ControlCommand(task_id="", team="", command=TICK)
+        self.at: datetime = self.cause.occurred_at
+        self.stamp: datetime = self.at
+        self.out: list[ev.Event] = []
+        self.admit_needed = False
+
+    # -- entry point -----------------------------------------------------------------------
+    def apply(self, world: World, event: ev.Event, *,
+              stamp: datetime | None = None) -> list[ev.Event]:
+        """Apply one input event; returns the events to publish (world changed in place).
+        On an exception the world is left as it was before the event. Decisions use the
+        event's time only; ``stamp`` (default: the event's time) is the ``occurred_at`` of the
+        emitted events (the coordinator passes the wall clock)."""
+        self.world, self.cause, self.at = world, event, event.occurred_at
+        self.stamp = stamp or event.occurred_at
+        self.out, self.admit_needed = [], False
+        world.begin()
+        try:
+            self._apply(event)
+            if self.admit_needed:
+                self._admit()
+        except Exception:
+            world.rollback()
+            raise
+        world.commit()
+        return self.out
+
+    def _apply(self, event: ev.Event) -> None:
+        if isinstance(event, ev.BudgetStatus):
+            return self._on_budget(event)
+        if isinstance(event, ev.ControlCommand) and not event.task_id:
+            return self._on_fleet_command(event)
+        state = self.world.tasks.get(event.task_id)
+        if state is not None and event.event_id in state.seen:
+            return None  # redelivered input: already applied
+        if isinstance(event, ev.TaskCompleted | ev.TaskFailed) and event.cost_usd > 0:
+            self._charge(event.team, event.cost_usd)
+            if state is not None:
+                state = self._put(state)  # remember the event id: charged once
+        if state is not None and state.terminal:
+            return None  # nothing moves a task out of a terminal state
+        if ev.is_terminal(event):
+            return self._on_terminal(state, event)
+        handler = _HANDLERS.get(type(event))
+        if handler is not None:
+            handler(self, state, event)
+        return None
+
+    # -- task events -----------------------------------------------------------------------
+    def _on_routed(self, state: TaskState | None, e: ev.Event) -> None:
+        assert isinstance(e, ev.TaskRouted)
+        routing = Routing(model=e.model, provider=e.provider, tier=e.tier)
+        if state is None:
+            state = TaskState(task_id=e.task_id, team=e.team, status=Status.WAITING,
+                              next_attempt=e.attempt, spec=e.spec, routing=routing,
+                              seq=int(e.occurred_at.timestamp() * 1000), updated_at=self.at)
+            bad = validate_scope(e.spec.write_scope)
+            if bad:
+                return self._fail(state, "invalid_spec", f"write_scope: {bad}")
+            cycle = self._cycle(e.task_id, e.spec.depends_on)
+            if cycle:
+                return self._fail(state, "dependency",
+                                  "dependency cycle: " + " -> ".join(cycle))
+            return self._check_dependencies(self._put(state))
+        waiting_again = state.status is Status.WAITING and e.attempt >= state.next_attempt
+        escalated = state.status is Status.ESCALATING and e.attempt > state.attempt
+        if not (waiting_again or escalated):
+            return None  # a duplicate, or an attempt that is (or was) already dispatched
+        update: dict[str, Any] = {"routing": routing, "spec": e.spec, "next_attempt": e.attempt}
+        if escalated:
+            update.update(status=Status.WAITING, hold_kind=None, held_by=None, hold_reason="")
+            self.admit_needed = True
+        self._put(state, **update)
+        return None
+
+    def _on_progress(self, state: TaskState | None, e: ev.Event) -> None:
+        assert isinstance(e, ev.TaskStarted | ev.TaskHeartbeat)
+        if state is None or e.attempt != state.attempt \
+                or state.status not in (Status.DISPATCHED, Status.RUNNING):
+            return
+        self._put(state, status=Status.RUNNING, executor_id=e.executor_id,
+                  last_heartbeat_at=e.occurred_at)
+
+    def _on_failed(self, state: TaskState | None, e: ev.Event) -> None:
+        assert isinstance(e, ev.TaskFailed) and not e.final
+        if state is None or e.attempt != state.attempt \
+                or state.status not in (Status.DISPATCHED, Status.RUNNING):
+            return
+        self._attempt_failed(self._put(state), e.failure_class, e.reason)
+
+    def _on_terminal(self, state: TaskState | None, e: ev.Event) -> None:
+        attempt = getattr(e, "attempt", None)
+        if state is not None and attempt is not None and attempt < state.attempt:
+            return  # the outcome of a superseded attempt
+        if state is not None and state.status is Status.ROLLING_BACK \
+                and not isinstance(e, ev.TaskRolledBack):
+            return  # only the rollback's result ends a rollback
+        status = TERMINAL_STATUS[type(e)]
+        if state is None:  # e.g. completed from the router's response cache
+            state = TaskState(task_id=e.task_id, team=e.team, status=status,
+                              attempt=attempt or 0, updated_at=self.at)
+        output = e.output[:OUTPUT_MAX_CHARS] if isinstance(e, ev.TaskCompleted) else None
+        self._finish(state, status, type(e).__name__, output=output)
+
+    def _on_control(self, state: TaskState | None, e: ev.Event) -> None:
+        assert isinstance(e, ev.ControlCommand)
+        who = e.requested_by or "operator"
+        if e.command == "cancel":
+            if state is not None and state.status is Status.ROLLING_BACK:
+                return  # the rollback finishes first (its TaskRolledBack ends the task)
+            if state is None:  # cancelled before routing: remembered, never dispatched
+                state = TaskState(task_id=e.task_id, team=e.team, status=Status.WAITING,
+                                  updated_at=self.at)
+            self._emit(ev.TaskCancelled, state, reason=e.reason or "cancelled by operator",
+                       requested_by=e.requested_by)
+            self._finish(state, Status.CANCELLED, "TaskCancelled")
+        elif e.command in ("approve", "reject") and state is not None:
+            self._on_approval(state, e.command == "approve", who, e.reason)
+
+    def _on_approval(self, state: TaskState, approved: bool, who: str, why: str) -> None:
+        if state.status is Status.WAITING and state.hold_kind == "approval":
+            if approved:
+                nxt = max(state.next_attempt, state.attempt + 1)
+                self._emit(ev.TaskRetrying, state, attempt=nxt, delay_ms=0,
+                           reason=f"approved by {who}" + (f": {why}" if why else ""))
+                self._put(state, next_attempt=nxt, hold_kind=None, held_by=None,
+                          hold_reason="", held_paths=[])
+                self.admit_needed = True
+            else:
+                self._fail(state, "rejected", f"rejected by {who}" + (f": {why}" if why else ""))
+        elif state.conflict_hold and state.status.active:
+            state = self._put(state, conflict_hold=False)
+            if not approved and state.status is not Status.ROLLING_BACK:
+                self._rollback(state)
+
+    def _on_workspace_change(self, state: TaskState | None, e: ev.Event) -> None:
+        """Conflicts after the fact: files outside the task's write scope, or inside another
+        active task's lease in the same repository."""
+        assert isinstance(e, ev.WorkspaceChange)
+        if state is None or state.spec is None or e.attempt != state.attempt \
+                or state.status not in (Status.DISPATCHED, Status.RUNNING):
+            return
+        files = [f.path for f in e.files]
+        scope = state.spec.write_scope
+        outside = [p for p in files if not covered(scope, p)]
+        other_id: str | None = None
+        inside: list[str] = []
+        for other in self.world.lease_holders(state.repository, files):
+            if other.task_id == state.task_id:
+                continue
+            hit = [p for p in files if covered(other.leased_paths, p)]
+            if hit:
+                other_id, inside = other.task_id, hit
+                break
+        if not outside and not inside:
+            return
+        parts = []
+        if outside:
+            parts.append(f"{len(outside)} file(s) outside the write scope {scope}")
+        if inside:
+            parts.append(f"{len(inside)} file(s) inside the lease of task {other_id}")
+        reason = "; ".join(parts)
+        policy = state.spec.conflict_policy if state.spec.conflict_policy in \
+            failures.CONFLICT_POLICIES else "rollback"
+        self._emit(ev.TaskConflict, state, attempt=state.attempt,
+                   repository=state.repository or e.repository,
+                   paths=sorted(set(outside + inside)), conflicting_task_id=other_id,
+                   reason=reason, policy=policy)
+        state = self._put(state)
+        if policy == "hold":
+            self._emit(ev.TaskHeld, state, tag="conflict", kind="approval",
+                       reason=f"conflict: {reason}; approve to keep the changes, reject to "
+                              "roll them back", held_by=other_id,
+                       paths=sorted(set(outside + inside)), attempt=state.attempt)
+            self._put(state, conflict_hold=True)
+        else:
+            self._rollback(state)
+
+    # -- fleet events ----------------------------------------------------------------------
+    def _on_fleet_command(self, e: ev.ControlCommand) -> None:
+        fleet = self.world.fleet
+        reason = e.reason or f"by {e.requested_by or 'operator'}"
+        if e.command == TICK:
+            return self._on_tick()
+        if e.command == "pause" and e.team:
+            self.world.set_fleet(fleet.model_copy(
+                update={"paused": {**fleet.paused, e.team: reason}}))
+        elif e.command == "resume" and e.team:
+            self.world.set_fleet(fleet.model_copy(
+                update={"paused": {k: v for k, v in fleet.paused.items() if k != e.team}}))
+        elif e.command in ("kill_switch", "kill_switch_on"):
+            self.world.set_fleet(fleet.model_copy(
+                update={"kill_switch": True, "kill_switch_reason": reason}))
+            for state in sorted(self.world.active.values(), key=lambda s: s.task_id):
+                if state.status is not Status.ROLLING_BACK:  # a rollback is cleanup: it ends
+                    self._emit(ev.TaskCancelled, state, reason=f"kill switch: {reason}",
+                               requested_by=e.requested_by)
+                    self._finish(state, Status.CANCELLED, "TaskCancelled")
+        elif e.command == "kill_switch_off":
+            self.world.set_fleet(fleet.model_copy(
+                update={"kill_switch": False, "kill_switch_reason": ""}))
+        else:
+            return None
+        self.admit_needed = True
+        return None
+
+    def _on_budget(self, e: ev.BudgetStatus) -> None:
+        fleet = self.world.fleet
+        exhausted = e.remaining_usd <= 0 or e.state in ("exhausted", "exceeded")
+        current = fleet.budget_exhausted.get(e.team)
+        if exhausted and current != e.period:
+            self.world.set_fleet(fleet.model_copy(
+                update={"budget_exhausted": {**fleet.budget_exhausted, e.team: e.period}}))
+        elif not exhausted and current is not None:
+            self.world.set_fleet(fleet.model_copy(update={"budget_exhausted": {
+                k: v for k, v in fleet.budget_exhausted.items() if k != e.team}}))
+        else:
+            return
+        self.admit_needed = True
+
+    def _on_tick(self) -> None:
+        """Timer: release due backoffs; declare attempts without heartbeats lost."""
+        for state in sorted(self.world.waiting.values(), key=lambda s: s.task_id):
+            if state.hold_kind == "backoff" and (state.not_before is None
+                                                 or state.not_before <= self.at):
+                self._put(state, hold_kind=None, held_by=None, hold_reason="", not_before=None)
+                self.admit_needed = True
+        limit = timedelta(milliseconds=self.policy.heartbeat_timeout_ms)
+        for state in sorted(self.world.active.values(), key=lambda s: s.task_id):
+            if state.status is not Status.RUNNING or state.last_heartbeat_at is None:
+                continue
+            silent = self.at - state.last_heartbeat_at
+            if silent > limit:
+                reason = (f"no heartbeat from executor {state.executor_id} for "
+                          f"{silent.total_seconds():.1f}s")
+                self._emit(ev.TaskFailed, state, attempt=state.attempt,
+                           failure_class=failures.LOST_EXECUTOR, reason=reason, final=False)
+                self._attempt_failed(state, failures.LOST_EXECUTOR, reason)
+
+    # -- failure policies ------------------------------------------------------------------
+    def _attempt_failed(self, state: TaskState, failure_class: str, reason: str) -> None:
+        spec, n = state.spec, state.attempt
+        if spec is None or state.routing is None:
+            return self._fail(state, failure_class, reason)
+        policy = failures.policy_for(failure_class, spec.failure_policy, spec.failure_policies,
+                                     self.policy.type_policies(spec.task_type))
+        why = f"{failure_class}: {reason}"
+        if policy == "abandon":
+            self._emit(ev.TaskAbandoned, state, attempt=n, reason=why)
+            return self._finish(state, Status.ABANDONED, "TaskAbandoned")
+        if policy == "rollback":
+            return self._rollback(state)
+        if policy == "hold":
+            self._release(state)
+            return self._hold(self.world.tasks[state.task_id], "approval",
+                              f"{why} (attempt {n}); approve to retry, reject to fail")
+        if n >= spec.max_attempts:
+            return self._fail(state, failure_class,
+                              f"{reason} (attempt {n} of {spec.max_attempts})")
+        if policy == "escalate":
+            to_tier = self.policy.tier_above(state.routing.tier)
+            if to_tier is None:
+                return self._fail(state, failure_class,
+                                  f"{reason} (at the top tier {state.routing.tier})")
+            self._emit(ev.TaskEscalated, state, attempt=n + 1, from_tier=state.routing.tier,
+                       to_tier=to_tier, reason=why, spec=spec)
+            self._put(state, status=Status.ESCALATING, next_attempt=n + 1, leased_paths=[])
+            self.admit_needed = True
+            return None
+        delay = backoff_ms(state.task_id, n, base_ms=self.policy.backoff_base_ms,
+                           cap_ms=self.policy.backoff_cap_ms)
+        self._emit(ev.TaskRetrying, state, attempt=n + 1, delay_ms=delay, reason=why)
+        state = self._release(state, next_attempt=n + 1,
+                              not_before=self.at + timedelta(milliseconds=delay))
+        self._hold(state, "backoff", f"retry {n + 1} after {delay} ms ({why})")
+        return None
+
+    def _rollback(self, state: TaskState) -> None:
+        """Dispatch a rollback job for the current attempt; the lease stays until it is done."""
+        assert state.spec is not None and state.routing is not None
+        r = state.routing
+        self._emit(ev.TaskDispatched, state, tag="rollback", spec=state.spec,
+                   attempt=state.attempt, model=r.model, provider=r.provider, tier=r.tier,
+                   leased_paths=list(state.leased_paths), action="rollback")
+        self._put(state, status=Status.ROLLING_BACK)
+
+    # -- dependencies ----------------------------------------------------------------------
+    def _cycle(self, task_id: str, deps: list[str]) -> list[str] | None:
+        """The path task -> ... -> task through known tasks' depends_on, or None."""
+        stack: list[tuple[str, list[str]]] = [(d, [task_id, d]) for d in deps]
+        seen: set[str] = set()
+        while stack:
+            node, path = stack.pop()
+            if node == task_id:
+                return path
+            if node in seen:
+                continue
+            seen.add(node)
+            other = self.world.tasks.get(node)
+            if other is not None and other.spec is not None and not other.terminal:
+                stack.extend((d, [*path, d]) for d in other.spec.depends_on)
+        return None
+
+    def _check_dependencies(self, state: TaskState) -> None:
+        assert state.spec is not None
+        pending: list[str] = []
+        for dep in state.spec.depends_on:
+            other = self.world.tasks.get(dep)
+            if other is None or not other.terminal:
+                pending.append(dep)
+            elif other.status is not Status.COMPLETED:
+                return self._fail(state, "dependency",
+                                  f"dependency {dep} ended {other.status.value}")
+        if pending:
+            more = f" (and {len(pending) - 1} more)" if len(pending) > 1 else ""
+            return self._hold(state, "dependency", f"waits for {pending[0]}{more} to complete",
+                              held_by=pending[0])
+        if state.hold_kind == "dependency":
+            self._put(state, hold_kind=None, held_by=None, hold_reason="")
+        self.admit_needed = True
+        return None
+
+    # -- admission -------------------------------------------------------------------------
+    def _admit(self) -> None:
+        world, fleet = self.world, self.world.fleet
+        ready = [s for s in world.waiting.values() if s.ready and s.spec is not None]
+        if not ready:
+            return
+        ready.sort(key=_rank)
+        if fleet.kill_switch:
+            for s in ready:
+                self._hold(s, "kill_switch", f"kill switch on: {fleet.kill_switch_reason}")
+            return
+        queues: dict[str, list[TaskState]] = {}
+        for s in ready:
+            queues.setdefault(s.team, []).append(s)
+        running = Counter(world.running)
+        capacity = self.policy.max_running - len(world.active)
+        open_teams: list[str] = []
+        for team in sorted(queues):
+            block = self._team_block(team, running[team])
+            if block:
+                for s in queues[team]:
+                    self._hold(s, *block)
+            else:
+                open_teams.append(team)
+        heads: dict[str, int] = dict.fromkeys(open_teams, 0)  # first unexamined in queue
+        while capacity > 0 and heads:
+            best: tuple[tuple[float, int, int, str], str, TaskState] | None = None
+            for team in sorted(heads):
+                queue, i = queues[team], heads[team]
+                policy = self.policy.team(team)
+                if running[team] >= policy.max_running:
+                    for s in queue[i:]:
+                        self._hold(s, "quota", _quota_reason(team, policy.max_running))
+                    del heads[team]
+                    continue
+                while i < len(queue):
+                    s = queue[i]
+                    conflict = self._conflict(s)
+                    if conflict is None:
+                        break
+                    self._hold(s, "conflict", *conflict)
+                    i += 1
+                heads[team] = i
+                if i >= len(queue):
+                    del heads[team]
+                    continue
+                s = queue[i]
+                key = (running[team] / policy.weight, *_rank(s))
+                if best is None or key < best[0]:
+                    best = (key, team, s)
+            if best is None:
+                break
+            _, team, s = best
+            self._dispatch(s)
+            heads[team] += 1
+            if heads[team] >= len(queues[team]):
+                del heads[team]
+            running[team] += 1
+            capacity -= 1
+        if capacity <= 0:
+            for team, i in heads.items():
+                for s in queues[team][i:]:
+                    self._hold(s, "quota",
+                               f"the fleet is at its limit of {self.policy.max_running} "
+                               "running tasks")
+
+    def _team_block(self, team: str, running: int) -> tuple[str, str] | None:
+        fleet, policy = self.world.fleet, self.policy.team(team)
+        if team in fleet.paused:
+            return "paused", f"team {team} is paused ({fleet.paused[team]})"
+        spend = fleet.spend.get(team)
+        period = budget_period(policy.budget_period, self.at)
+        if spend is not None and spend.period == period and spend.usd >= policy.budget_usd:
+            return "budget", (f"team {team} reached its ${policy.budget_usd:.2f} "
+                              f"{policy.budget_period} budget ({period})")
+        if team in fleet.budget_exhausted:
+            return "budget", (f"accounting reports team {team}'s budget for "
+                              f"{fleet.budget_exhausted[team]} exhausted")
+        if running >= policy.max_running:
+            return "quota", _quota_reason(team, policy.max_running)
+        return None
+
+    def _conflict(self, state: TaskState) -> tuple[str, str, list[str]] | None:
+        """(reason, holder, holder's overlapping globs) when an active lease overlaps."""
+        assert state.spec is not None
+        scope = state.spec.write_scope
+        if not scope:
+            return None
+        candidates = self.world.lease_holders(state.repository, scope)
+        if state.held_by is not None:  # the last holder first: usually still the one
+            candidates.sort(key=lambda s: s.task_id != state.held_by)
+        for holder in candidates:
+            theirs = [g for g in holder.leased_paths if any(overlaps(g, m) for m in scope)]
+            if theirs:
+                return (f"write scope overlaps {theirs} leased by task {holder.task_id} in "
+                        f"{state.repository or '(no repository)'}", holder.task_id, theirs)
+        return None
+
+    def _dispatch(self, state: TaskState) -> None:
+        state = self.world.tasks.get(state.task_id, state)
+        assert state.spec is not None and state.routing is not None
+        spec, r, n = state.spec, state.routing, state.next_attempt
+        inputs = {d: (self.world.tasks[d].output or "") for d in spec.depends_on
+                  if d in self.world.tasks}
+        self._emit(ev.TaskDispatched, state, tag=str(n), spec=spec, attempt=n, model=r.model,
+                   provider=r.provider, tier=r.tier, leased_paths=list(spec.write_scope),
+                   inputs=inputs)
+        self._put(state, status=Status.DISPATCHED, attempt=n, leased_paths=list(spec.write_scope),
+                  dispatched_at=self.at, executor_id=None, last_heartbeat_at=None,
+                  hold_kind=None, held_by=None, hold_reason="", held_paths=[],
+                  held_since=None, not_before=None, conflict_hold=False)
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _hold(self, state: TaskState, kind: str, reason: str, held_by: str | None = None,
+              paths: list[str] | None = None) -> None:
+        state = self.world.tasks.get(state.task_id, state)
+        if (state.hold_kind, state.hold_reason, state.held_by) == (kind, reason, held_by):
+            return  # already reported
+        self._emit(ev.TaskHeld, state, tag=f"{kind}/{held_by}", reason=reason, held_by=held_by,
+                   paths=paths or [], kind=kind, attempt=state.next_attempt)
+        since = state.held_since if state.hold_kind == kind and state.held_since else self.at
+        self._put(state, hold_kind=kind, hold_reason=reason, held_by=held_by,
+                  held_paths=paths or [], held_since=since)
+
+    def _release(self, state: TaskState, **changes: Any) -> TaskState:
+        """Back to waiting: the lease is released (admission runs again)."""
+        self.admit_needed = True
+        return self._put(state, status=Status.WAITING, leased_paths=[], executor_id=None,
+                         **changes)
+
+    def _fail(self, state: TaskState, failure_class: str, reason: str) -> None:
+        self._emit(ev.TaskFailed, state, tag="final", attempt=state.attempt,
+                   failure_class=failure_class, reason=reason, final=True, cost_usd=0.0)
+        self._finish(state, Status.FAILED, "TaskFailed")
+
+    def _finish(self, state: TaskState, status: Status, outcome: str,
+                output: str | None = None) -> None:
+        """Terminal: lease released, spec and routing dropped, dependents re-examined."""
+        self._put(state, status=status, outcome=outcome, spec=None, routing=None,
+                  leased_paths=[], hold_kind=None, held_by=None, hold_reason="",
+                  not_before=None, output=output)
+        self.admit_needed = True
+        for tid in sorted(self.world.dependents.pop(state.task_id, set())):
+            dependent = self.world.tasks.get(tid)
+            if dependent is not None and dependent.status is Status.WAITING \
+                    and dependent.hold_kind == "dependency":
+                self._check_dependencies(dependent)
+
+    def _charge(self, team: str, usd: float) -> None:
+        fleet = self.world.fleet
+        period = budget_period(self.policy.team(team).budget_period, self.at)
+        spend = fleet.spend.get(team)
+        total = usd + (spend.usd if spend is not None and spend.period == period else 0.0)
+        self.world.set_fleet(fleet.model_copy(
+            update={"spend": {**fleet.spend, team: Spend(period=period, usd=total)}}))
+        self.admit_needed = True
+
+    def _put(self, state: TaskState, **changes: Any) -> TaskState:
+        """Store a new version of the task's row (the cause's event id remembered)."""
+        seen = state.seen
+        if self.cause.task_id == state.task_id and self.cause.event_id not in seen:
+            seen = state.remember(self.cause.event_id)
+        new = state.model_copy(update={**changes, "updated_at": self.at, "seen": seen})
+        self.world.put(new)
+        return new
+
+    def _emit(self, cls: type[E], state: TaskState, tag: str = "", **fields: Any) -> E:
+        event = cls(task_id=state.task_id, team=state.team, causation_id=self.cause.event_id,
+                    event_id=derived_event_id(self.cause.event_id,
+                                              f"{cls.__name__}/{state.task_id}/{tag}"),
+                    occurred_at=self.stamp, **fields)
+        self.out.append(event)
+        return event
+
+
+def _rank(state: TaskState) -> tuple[int, int, str]:
+    prio = PRIORITY_RANK.get(state.spec.priority if state.spec else "normal", 2)
+    return prio, state.seq, state.task_id
+
+
+def _quota_reason(team: str, limit: int) -> str:
+    return f"team {team} is at its limit of {limit} running tasks"
+
+
+_HANDLERS = {
+    ev.TaskRouted: Scheduler._on_routed,
+    ev.TaskStarted: Scheduler._on_progress,
+    ev.TaskHeartbeat: Scheduler._on_progress,
+    ev.TaskFailed: Scheduler._on_failed,  # final=True is handled as terminal before the lookup
+    ev.ControlCommand: Scheduler._on_control,
+    ev.WorkspaceChange: Scheduler._on_workspace_change,
+}
+
+__all__ = ["PARKED", "TICK", "FleetState", "Policy", "Scheduler", "World", "budget_period"]

@@ -1,0 +1,156 @@
+"""The scheduler's view of every task, kept in memory next to the table it mirrors.
+
+The scheduler table (one partition) is the source of truth; ``World`` is loaded from it after
+each recovery and written back through ``take_rows`` after every batch. It keeps the indexes
+admission needs (active tasks with their leases, waiting tasks, dependents) up to date on every
+``put``, and an undo log so that one event's changes can be discarded when deciding it fails.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from fleetplane.coordinator.globs import literal_prefix
+from fleetplane.coordinator.state import FleetState, Status, TaskState
+
+WILD = "*"  # lease bucket of globs whose first segment is not literal
+
+TASK_PREFIX = b"task/"
+FLEET_KEY = b"fleet"
+
+
+def task_key(task_id: str) -> bytes:
+    return TASK_PREFIX + task_id.encode()
+
+
+class World:
+    def __init__(self) -> None:
+        self.tasks: dict[str, TaskState] = {}
+        self.fleet = FleetState()
+        self.active: dict[str, TaskState] = {}  # dispatched, running, rolling back
+        self.waiting: dict[str, TaskState] = {}
+        self.dependents: dict[str, set[str]] = {}  # dependency id -> waiting task ids
+        self.running: Counter[str] = Counter()  # team -> active tasks
+        # repository -> first literal segment of a leased glob (or WILD) -> task id -> state
+        self.leases: dict[str, dict[str, dict[str, TaskState]]] = {}
+        self._dirty: set[str] = set()
+        self._fleet_dirty = False
+        self._undo: dict[str, TaskState | None] | None = None
+        self._undo_fleet: FleetState | None = None
+
+    @classmethod
+    def load(cls, rows: Iterable[tuple[bytes, bytes]]) -> World:
+        world = cls()
+        for key, value in rows:
+            if value is None:
+                continue
+            if key == FLEET_KEY:
+                world.fleet = FleetState.from_bytes(value)
+            elif key.startswith(TASK_PREFIX):
+                world._index(TaskState.from_bytes(value))
+        world._dirty.clear()
+        return world
+
+    # -- changes ---------------------------------------------------------------------------
+    def put(self, state: TaskState) -> None:
+        if self._undo is not None and state.task_id not in self._undo:
+            self._undo[state.task_id] = self.tasks.get(state.task_id)
+        self._index(state)
+        self._dirty.add(state.task_id)
+
+    def set_fleet(self, fleet: FleetState) -> None:
+        if self._undo is not None and self._undo_fleet is None:
+            self._undo_fleet = self.fleet
+        self.fleet = fleet
+        self._fleet_dirty = True
+
+    def _index(self, state: TaskState) -> None:
+        tid = state.task_id
+        old = self.tasks.get(tid)
+        if old is not None and old.spec is not None:
+            for dep in old.spec.depends_on:
+                self.dependents.get(dep, set()).discard(tid)
+        self.tasks[tid] = state
+        gone = self.active.pop(tid, None)
+        if gone is not None:
+            self.running[gone.team] -= 1
+            for bucket in self._buckets(gone):
+                bucket.pop(tid, None)
+        self.waiting.pop(tid, None)
+        if state.status.active:
+            self.active[tid] = state
+            self.running[state.team] += 1
+            for bucket in self._buckets(state, create=True):
+                bucket[tid] = state
+        elif state.status is Status.WAITING:
+            self.waiting[tid] = state
+            if state.hold_kind == "dependency" and state.spec is not None:
+                for dep in state.spec.depends_on:
+                    self.dependents.setdefault(dep, set()).add(tid)
+
+    def _buckets(self, state: TaskState, create: bool = False) -> list[dict[str, TaskState]]:
+        repo = self.leases.setdefault(state.repository, {}) if create \
+            else self.leases.get(state.repository, {})
+        out = []
+        for glob in state.leased_paths:
+            prefix = literal_prefix(glob)
+            key = prefix[0] if prefix else WILD
+            bucket = repo.setdefault(key, {}) if create else repo.get(key)
+            if bucket is not None:
+                out.append(bucket)
+        return out
+
+    def lease_holders(self, repository: str, scope: list[str]) -> list[TaskState]:
+        """Active tasks in the repository whose leases may overlap `scope` (a superset of the
+        ones that do: same first literal segment, or a wildcard first segment on either side)."""
+        repo = self.leases.get(repository)
+        if not repo:
+            return []
+        found: dict[str, TaskState] = {}
+        for glob in scope:
+            prefix = literal_prefix(glob)
+            keys = [prefix[0], WILD] if prefix else list(repo)
+            for key in keys:
+                found.update(repo.get(key, {}))
+        return [found[k] for k in sorted(found)]
+
+    # -- one event as a unit ---------------------------------------------------------------
+    def begin(self) -> None:
+        self._undo, self._undo_fleet = {}, None
+
+    def commit(self) -> None:
+        self._undo, self._undo_fleet = None, None
+
+    def rollback(self) -> None:
+        undo, fleet = self._undo or {}, self._undo_fleet
+        self._undo, self._undo_fleet = None, None
+        for tid, old in undo.items():
+            if old is None:
+                gone = self.tasks.pop(tid, None)
+                self.active.pop(tid, None)
+                self.waiting.pop(tid, None)
+                if gone is not None and gone.spec is not None:
+                    for dep in gone.spec.depends_on:
+                        self.dependents.get(dep, set()).discard(tid)
+                self._dirty.discard(tid)
+            else:
+                self._index(old)
+        if fleet is not None:
+            self.fleet = fleet
+
+    # -- persistence -----------------------------------------------------------------------
+    def take_rows(self) -> list[tuple[bytes, bytes]]:
+        """The rows changed since the last call, as (key, value) for the table."""
+        rows = [(task_key(tid), self.tasks[tid].to_bytes()) for tid in sorted(self._dirty)
+                if tid in self.tasks]
+        if self._fleet_dirty:
+            rows.append((FLEET_KEY, self.fleet.to_bytes()))
+        self._dirty.clear()
+        self._fleet_dirty = False
+        return rows
+
+    def held(self) -> list[TaskState]:
+        """Waiting tasks with the reason they wait (oldest first)."""
+        return sorted((s for s in self.waiting.values()),
+                      key=lambda s: (s.held_since or s.updated_at, s.task_id))
