@@ -92,6 +92,7 @@ class Agent:
         self.tokens = 0
         self.subtasks: list[TaskSubmitted] = []
         self.subtask_units = 0
+        self.last_estimate = 0.0  # worst-case cost of the latest call: kept back from subtasks
         self.final_model = self.model.name
         self.journal_base = journal_base
         settings = clients.settings
@@ -285,6 +286,7 @@ class Agent:
         if remaining is not None:
             p = model.prices
             estimate = est_in * p.input + self.max_tokens * p.output
+            self.last_estimate = estimate
             if estimate > remaining:
                 raise AttemptFailed(failures.BUDGET_EXCEEDED,
                                     f"the next call to {model.name} could cost ${estimate:.6f} "
@@ -419,9 +421,13 @@ class Agent:
         if remaining is None:
             cost = float(wanted) if wanted else None
         else:
-            cost = min(float(wanted), remaining) if wanted else remaining / 2
+            # the parent keeps back what its next call may cost (its latest call's worst case)
+            spare = remaining - 2 * self.last_estimate
+            cost = min(float(wanted), spare) if wanted else spare / 2
             if cost <= 0:
-                raise ToolDenied(f"no budget left for a subtask (${remaining:.6f} remaining)")
+                raise ToolDenied(f"no budget left for a subtask (${remaining:.6f} remaining, "
+                                 f"${2 * self.last_estimate:.6f} kept for this task's own "
+                                 "next calls)")
         child_allowance = max(0, min(int(a.get("max_subtasks") or 0),
                                      allowance - self.subtask_units - 1))
         index = len(self.subtasks)
