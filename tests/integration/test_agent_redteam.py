@@ -76,8 +76,8 @@ def test_hostile_agent_is_denied_or_contained(tmp_path: Path, fake: FakeProvider
         ("run_command", {"command": "/usr/bin/cat calc.py"}, "denied", "bare program name"),
         # allowed programs, contained by the sandbox
         ("run_command", {"command": py(
-            "import socket\ntry:\n socket.create_connection(('127.0.0.1', %d), 2)\n"
-            " print('CONNECTED')\nexcept OSError as e:\n print('NO-NETWORK', e)" % port)},
+            f"import socket\ntry:\n socket.create_connection(('127.0.0.1', {port}), 2)\n"
+            " print('CONNECTED')\nexcept OSError as e:\n print('NO-NETWORK', e)")},
          "ok", "NO-NETWORK"),
         ("run_command", {"command": py(
             "import socket\ntry:\n socket.getaddrinfo('pypi.org', 443)\n print('RESOLVED')\n"

@@ -96,6 +96,7 @@ class Settings(BaseSettings):
     executor_command_memory_mb: int = 1024
     executor_command_file_mb: int = 64
     executor_command_max_pids: int = 128
+    executor_group_id: str = "fleetplane-executor"
     executor_live_events: bool = Field(
         default=True, description="Publish heartbeats, TaskStarted and audit events while the "
         "attempt runs (non-transactional producer); off: everything with the outcome.")

@@ -35,6 +35,7 @@ def main() -> None:
     handler = partial(execute, catalog, ModelClients(settings), executor_id, SeenDispatches(),
                       runtime=runtime)
     processor = Processor("executor", [DISPATCH], handler, settings,
+                          group_id=settings.executor_group_id,
                           concurrency=settings.executor_slots)
     processor.install_signal_handlers()
     try:

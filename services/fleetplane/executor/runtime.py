@@ -342,6 +342,7 @@ class Runtime:
                 self._stop.wait(0.5)
             consumer.poll(0.2)  # resolves the end offsets before we say we are watching
             self.watcher_ready.set()
+            log.info("watching cancellations", topic=OUTCOMES)
             while not self._stop.is_set():
                 msg = consumer.poll(0.2)
                 if msg is None or msg.error() is not None:
