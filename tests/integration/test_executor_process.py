@@ -20,7 +20,7 @@ from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import REPO_ROOT, Settings
-from fleetplane.core.topics import TOOL_CALLS, LIFECYCLE, UTILIZATION
+from fleetplane.core.topics import LIFECYCLE, TOOL_CALLS, UTILIZATION
 from fleetplane.fakeprovider import FakeProvider
 
 from .agentkit import dispatched, git, sample_repo

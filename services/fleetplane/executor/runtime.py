@@ -204,6 +204,19 @@ class Journal:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
 
+    def prune(self, older_than_s: float = 7 * 86_400) -> int:
+        """Forget attempts older than a week (a redelivery comes within minutes)."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for f in self.root.glob("*.json"):
+            try:
+                if f.stat().st_mtime < cutoff:
+                    f.unlink()
+                    removed += 1
+            except OSError:
+                pass
+        return removed
+
     def _path(self, task_id: str, attempt: int) -> Path:
         return self.root / f"{safe_name(task_id)}-a{attempt}.json"
 
