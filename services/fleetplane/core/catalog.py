@@ -44,6 +44,7 @@ class Model:
     context_window: int
     tool_use: bool
     default_for_tier: bool = False
+    fallback: str | None = None  # the executor's fallback model after retries (issue 5)
 
     def cost(self, usage: Usage) -> float:
         p = self.prices
@@ -155,9 +156,12 @@ def load_catalog(path: Path) -> Catalog:
             name=m["name"], tier=m["tier"], provider=m["provider"], prices=prices,
             context_window=window, tool_use=tools,
             default_for_tier=bool(m.get("default_for_tier", False)),
+            fallback=m.get("fallback"),
         )
     tiers = list(raw["tiers"])
     for model in models.values():
+        if model.fallback is not None and model.fallback not in models:
+            raise ValueError(f"{path}: model {model.name} falls back to unknown {model.fallback}")
         if model.tier not in tiers:
             raise ValueError(f"{path}: model {model.name} has unknown tier {model.tier!r}")
     task_types = {name: _task_type(name, v) for name, v in (raw.get("task_types") or {}).items()}

@@ -75,9 +75,31 @@ class Settings(BaseSettings):
     model_timeout_s: float = 60.0
     model_max_retries: int = 2
 
-    # Executor
+    # Executor (issue 5: agent runtime, workspaces, sandbox; see docs/executor.md)
     executor_slots: int = 32
     executor_id: str = ""
+    executor_repositories_file: Path = REPO_ROOT / "infra" / "repositories.yaml"
+    executor_repositories: dict[str, str] = Field(
+        default_factory=dict, description="name -> git repository path (JSON); overrides the "
+        "repositories file entry of the same name.")
+    executor_workspaces_dir: Path | None = Field(
+        default=None, description="Where attempt worktrees live (default <data_dir>/worktrees).")
+    executor_journal_dir: Path | None = Field(
+        default=None, description="Attempt journal (default <data_dir>/executor-runs; '' off).")
+    executor_heartbeat_s: float = 2.0
+    executor_utilization_window_s: float = 10.0
+    executor_max_output_tokens: int = 1024
+    executor_max_tokens_per_task: int = 400_000
+    executor_retry_backoff_s: float = 0.5
+    executor_command_timeout_s: float = 60.0
+    executor_command_cpu_s: int = 60
+    executor_command_memory_mb: int = 1024
+    executor_command_file_mb: int = 64
+    executor_command_max_pids: int = 128
+    executor_group_id: str = "fleetplane-executor"
+    executor_live_events: bool = Field(
+        default=True, description="Publish heartbeats, TaskStarted and audit events while the "
+        "attempt runs (non-transactional producer); off: everything with the outcome.")
 
     # Coordinator (admission, failure policies: docs/coordinator.md)
     coordinator_max_running: int = Field(

@@ -1,33 +1,36 @@
-"""Executor handler: run an admitted attempt and report what happened.
+"""Executor handler: run an admitted attempt (the agent loop) or roll one back.
 
-Thin for now: one model call per task (issue 5 replaces it with the agent loop). The handler is a
-function of the dispatch event and a `ModelClients`; everything it did comes back as events, which
-the loop publishes in one transaction with the input offset (a crash re-runs the attempt, and the
-aborted transaction's ModelCall is never counted)."""
+`execute` is what core.loop's Processor calls for each TaskDispatched. What it returns (the
+attempt's outcome, the subtasks it submits) is committed with the dispatch offset in one Kafka
+transaction; what must be seen while it runs goes through the runtime's live channel (see
+runtime.py and docs/executor.md for the reasoning)."""
 
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from functools import lru_cache
 
+from fleetplane.core import failures
 from fleetplane.core.catalog import Catalog
 from fleetplane.core.events import (
     Event,
-    ModelCall,
-    TaskCompleted,
     TaskDispatched,
     TaskFailed,
+    TaskRolledBack,
     TaskStarted,
     derived_id,
 )
 from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import Record
-from fleetplane.executor.models import ModelCallError, ModelClients
+from fleetplane.core.settings import Settings
+from fleetplane.executor.agent import Agent
+from fleetplane.executor.models import ModelClients
+from fleetplane.executor.runtime import Collect, Emitter, Journal, Runtime
+from fleetplane.executor.workspace import WorkspaceError, branch_name
 
 log = get_logger(__name__)
-MAX_OUTPUT_TOKENS = 1024
 
 
 class SeenDispatches:
@@ -51,47 +54,101 @@ class SeenDispatches:
             return True
 
 
+@lru_cache(maxsize=1)
+def _default_runtime() -> Runtime:
+    """For callers without a composition root (tests of the plain path): no live channel."""
+    return Runtime(Settings(), "local")
+
+
 def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: SeenDispatches,
-            event: Event, record: Record | None = None) -> Iterable[Event]:
-    """Run one dispatched attempt. Output event ids derive from the dispatch's, so a repeat of
-    the same dispatch (after a crash of this process) yields the same events, which every
-    consumer deduplicates."""
+            event: Event, record: Record | None = None, *,
+            runtime: Runtime | None = None) -> Iterable[Event]:
+    """Run one dispatched attempt (or rollback). Output event ids derive from the dispatch's, so
+    a repeat of the same dispatch yields the same events, which every consumer deduplicates."""
     if not isinstance(event, TaskDispatched):
         return []
     if not seen.first_time(event.event_id):
         log.warning("duplicate dispatch ignored", attempt=event.attempt)
         return []
-    started = time.perf_counter()
-    cause = event.event_id
-    out: list[Event] = [event.derive(TaskStarted, attempt=event.attempt, executor_id=executor_id,
-                                     event_id=derived_id(cause, "started"))]
-    model = catalog.model(event.model)
+    rt = runtime or _default_runtime()
+    if event.action == "rollback":
+        return rollback(rt, event)
+    journal = rt.journal
+    if journal is not None:
+        previous = journal.read(event.task_id, event.attempt)
+        if previous is not None and previous.get("dispatch") == event.event_id:
+            return _answer_redelivery(rt, event, previous)
+    emitter: Emitter = rt.live if rt.live is not None else Collect()
+    run = rt.begin(event.task_id, event.team, event.attempt)
+    base = {"dispatch": event.event_id, "state": "running"}
     try:
-        result = clients.call(model, event.spec.prompt, event.spec.system_prompt,
-                              MAX_OUTPUT_TOKENS, event.spec.temperature)
-    except ModelCallError as exc:
-        out.append(event.derive(
-            ModelCall, event_id=derived_id(cause, "model-call-0"),
-            attempt=event.attempt, call_index=0, model=model.name,
-            provider=model.provider, tier=model.tier, input_tokens=0, output_tokens=0,
-            cost_usd=0.0, latency_ms=exc.latency_ms, outcome=exc.kind, error=str(exc)))
-        out.append(event.derive(TaskFailed, event_id=derived_id(cause, "failed"),
-                                attempt=event.attempt, failure_class="model_error",
-                                reason=f"{exc.kind}: {exc}", final=False))
-        log.warning("attempt failed", kind=exc.kind, attempt=event.attempt)
-        return out
-    cost = model.cost(result.usage)
-    out.append(event.derive(
-        ModelCall, event_id=derived_id(cause, "model-call-0"),
-        attempt=event.attempt, call_index=0, model=model.name,
-        provider=model.provider, tier=model.tier,
-        input_tokens=result.usage.input_tokens, output_tokens=result.usage.output_tokens,
-        cache_creation_input_tokens=result.usage.cache_creation_input_tokens,
-        cache_read_input_tokens=result.usage.cache_read_input_tokens,
-        cost_usd=cost, latency_ms=result.latency_ms, outcome="ok",
-        stop_reason=result.stop_reason))
-    out.append(event.derive(
-        TaskCompleted, event_id=derived_id(cause, "completed"),
-        attempt=event.attempt, model=model.name, output=result.text,
-        cost_usd=cost, duration_ms=int((time.perf_counter() - started) * 1000)))
-    return out
+        if journal is not None:
+            journal.write(event.task_id, event.attempt, base)
+        started = event.derive(TaskStarted, attempt=event.attempt, executor_id=executor_id,
+                               slot=run.slot.index, event_id=derived_id(event.event_id,
+                                                                       "started"))
+        emitter.emit(started)
+        agent = Agent(rt, catalog, clients, executor_id, event, emitter, run, base)
+        outcome = agent.run()
+    finally:
+        rt.end(run)
+    if isinstance(emitter, Collect):
+        result = [*emitter.events, *outcome]
+    else:  # audit events the broker did not acknowledge go into the outcome's transaction
+        result = [*rt.live.settle({started.event_id, *_audit_ids(agent)}), *outcome] \
+            if rt.live is not None else list(outcome)
+    if journal is not None:
+        journal.write(event.task_id, event.attempt, {**base, "state": "done",
+                                                     "outcome": Journal.encode(outcome)})
+    return result
+
+
+def _audit_ids(agent: Agent) -> set[str]:
+    ids = {derived_id(agent.event.event_id, f"model-call-{i}") for i in range(agent.model_calls)}
+    ids |= {derived_id(agent.event.event_id, f"tool-call-{i}") for i in range(agent.tool_calls)}
+    ids.add(derived_id(agent.event.event_id, "workspace-change"))
+    return ids
+
+
+def _answer_redelivery(rt: Runtime, event: TaskDispatched, previous: dict[str, object]) -> \
+        list[Event]:
+    """The dispatch came back after this executor stopped (its transaction was not committed).
+    A finished attempt is answered with the same outcome; an interrupted one is reported as
+    lost (its worktree was cleaned at start-up), never run a second time."""
+    if previous.get("state") == "done":
+        raw = previous.get("outcome")
+        return Journal.decode(raw) if isinstance(raw, list) else []
+    if event.spec.repository:
+        try:
+            rt.workspaces.rollback(event.spec.repository, event.task_id, event.attempt,
+                                   event.spec.ref)
+        except WorkspaceError:
+            log.warning("could not drop the interrupted attempt's branch", exc_info=True)
+    head = str(previous.get("head") or "")
+    count = int(str(previous.get("count") or 0))
+    cost = float(str(previous.get("cost") or 0.0))
+    return [event.derive(TaskFailed, event_id=derived_id(event.event_id, "failed"),
+                         attempt=event.attempt, failure_class=failures.LOST_EXECUTOR,
+                         reason="the executor stopped during this attempt; it was not re-run",
+                         final=False, cost_usd=cost, audit_head=head, audit_count=count)]
+
+
+def rollback(rt: Runtime, event: TaskDispatched) -> list[Event]:
+    """action="rollback": undo attempt `event.attempt`'s workspace changes."""
+    spec = event.spec
+    if not spec.repository:
+        return [event.derive(TaskRolledBack, event_id=derived_id(event.event_id, "rolled-back"),
+                             attempt=event.attempt,
+                             reason="the task has no repository: nothing to roll back")]
+    try:
+        done = rt.workspaces.rollback(spec.repository, event.task_id, event.attempt, spec.ref)
+    except WorkspaceError as exc:
+        log.error("rollback failed", reason=str(exc))
+        return [event.derive(TaskFailed, event_id=derived_id(event.event_id, "rollback-failed"),
+                             attempt=event.attempt, failure_class=failures.TOOL_ERROR,
+                             reason=f"rollback of {branch_name(event.task_id, event.attempt)} "
+                                    f"failed: {exc}", final=False)]
+    log.info("attempt rolled back", attempt=event.attempt, reason=done.reason)
+    return [event.derive(TaskRolledBack, event_id=derived_id(event.event_id, "rolled-back"),
+                         attempt=event.attempt, reason=done.reason,
+                         reverted_commit=done.reverted_commit, files=done.files)]

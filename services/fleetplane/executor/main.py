@@ -7,22 +7,47 @@ import socket
 from functools import partial
 
 from fleetplane.core.catalog import load_catalog
+from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import Processor
 from fleetplane.core.service import bootstrap
 from fleetplane.core.topics import DISPATCH
 from fleetplane.executor.handlers import SeenDispatches, execute
 from fleetplane.executor.models import ModelClients
+from fleetplane.executor.runtime import Journal, LiveEmitter, Runtime
+
+log = get_logger(__name__)
 
 
 def main() -> None:
     settings = bootstrap("executor")
+    # An attempt runs inside one poll of the loop (up to spec.timeout_s): keep the consumer in
+    # its group meanwhile (librdkafka's default is 5 minutes). Override in KAFKA_CONFIG.
+    settings = settings.model_copy(update={"kafka_config": {
+        "max.poll.interval.ms": "3600000", **settings.kafka_config}})
     catalog = load_catalog(settings.catalog_file)
     executor_id = settings.executor_id or f"{socket.gethostname()}-{os.getpid()}"
-    handler = partial(execute, catalog, ModelClients(settings), executor_id, SeenDispatches())
+    journal_dir = settings.executor_journal_dir or settings.resolved_data_dir() / "executor-runs"
+    runtime = Runtime(settings, executor_id,
+                      live=LiveEmitter(settings) if settings.executor_live_events else None,
+                      journal=Journal(journal_dir) if str(journal_dir) else None)
+    if runtime.journal is not None:
+        runtime.journal.prune()
+    removed = runtime.workspaces.clean_orphans()
+    if removed:
+        log.warning("orphaned worktrees removed at start-up", count=len(removed), paths=removed)
+    ok, why = runtime.sandbox.availability()
+    log.info("sandbox", available=ok, detail=why)
+    runtime.start(watch_cancellations=True)
+    handler = partial(execute, catalog, ModelClients(settings), executor_id, SeenDispatches(),
+                      runtime=runtime)
     processor = Processor("executor", [DISPATCH], handler, settings,
+                          group_id=settings.executor_group_id,
                           concurrency=settings.executor_slots)
     processor.install_signal_handlers()
-    processor.run()
+    try:
+        processor.run()
+    finally:
+        runtime.close()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
-"""Model calls through the providers' SDKs; the usage they report is what gets priced."""
+"""Model calls through the providers' SDKs; the usage they report is what gets priced.
+
+The SDKs' own retries are off (max_retries=0 / num_retries=0): the agent loop retries retriable
+errors itself so that every call, failed or not, is audited (docs/executor.md)."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
@@ -21,14 +25,48 @@ class ModelResult:
     latency_ms: float
 
 
+@dataclass(frozen=True)
+class ToolUseRequest:
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelTurn:
+    """One assistant turn of the tool-use loop."""
+
+    text: str
+    tool_uses: list[ToolUseRequest]
+    usage: Usage
+    stop_reason: str | None
+    latency_ms: float
+    model: str = ""
+    blocks: list[dict[str, Any]] = field(default_factory=list)
+
+
 class ModelCallError(Exception):
     """A provider call failed; `kind` classifies it (rate_limited, overloaded, timeout, ...)."""
 
-    def __init__(self, kind: str, message: str, retriable: bool, latency_ms: float) -> None:
+    def __init__(self, kind: str, message: str, retriable: bool, latency_ms: float,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.retriable = retriable
         self.latency_ms = latency_ms
+        self.retry_after_s = retry_after_s
+
+
+def retry_after(exc: Exception) -> float | None:
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    try:
+        value = headers.get("retry-after")
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def classify(exc: Exception) -> tuple[str, bool]:
@@ -47,10 +85,23 @@ def classify(exc: Exception) -> tuple[str, bool]:
             return "context_too_long", False
         return "bad_request", False
     name = type(exc).__name__
+    text = str(exc).lower()
+    status = getattr(exc, "status_code", None)
     if "Timeout" in name:
         return "timeout", True
-    if "RateLimit" in name:
+    if "RateLimit" in name or status == 429:
         return "rate_limited", True
+    if "ContextWindow" in name or ("context" in text and ("long" in text or "exceed" in text)):
+        return "context_too_long", False
+    if status == 529 or "overloaded" in text:
+        return "overloaded", True
+    if "APIConnection" in name or "ConnectError" in name or "Connection" in name:
+        return "network", True
+    if (isinstance(status, int) and status >= 500) or "InternalServer" in name \
+            or "ServiceUnavailable" in name:
+        return "server_error", True
+    if "BadRequest" in name or status == 400:
+        return "bad_request", False
     return "model_error", False
 
 
@@ -62,7 +113,7 @@ class ModelClients:
         self.anthropic = anthropic.Anthropic(
             base_url=settings.anthropic_base_url,
             api_key=settings.anthropic_api_key,
-            max_retries=settings.model_max_retries,
+            max_retries=0,
             timeout=settings.model_timeout_s,
         )
 
@@ -109,7 +160,7 @@ class ModelClients:
         resp: Any = litellm.completion(
             model=f"{model.provider}/{model.name}", messages=messages, max_tokens=max_tokens,
             temperature=temperature, api_base=self.settings.openai_base_url,
-            api_key=self.settings.openai_api_key, num_retries=self.settings.model_max_retries,
+            api_key=self.settings.openai_api_key, num_retries=0, max_retries=0,
             timeout=self.settings.model_timeout_s,
         )
         usage_raw = resp.usage
@@ -123,3 +174,122 @@ class ModelClients:
         choice = resp.choices[0]
         return ModelResult(choice.message.content or "", usage, choice.finish_reason,
                            (time.perf_counter() - start) * 1000)
+
+    # -- the tool-use loop's call ------------------------------------------------------------
+    def chat(self, model: Model, system: str | None, messages: list[dict[str, Any]],
+             tools: list[str], max_tokens: int, temperature: float,
+             timeout_s: float) -> ModelTurn:
+        """One turn: `messages` in Anthropic form (text, tool_use and tool_result blocks);
+        litellm models get them converted to the OpenAI form."""
+        start = time.perf_counter()
+        try:
+            if model.provider == "anthropic":
+                return self._anthropic_chat(model, system, messages, tools, max_tokens,
+                                            timeout_s, start)
+            return self._litellm_chat(model, system, messages, tools, max_tokens, temperature,
+                                      timeout_s, start)
+        except Exception as exc:
+            kind, retriable = classify(exc)
+            raise ModelCallError(kind, str(exc)[:500], retriable,
+                                 (time.perf_counter() - start) * 1000, retry_after(exc)) from exc
+
+    def _anthropic_chat(self, model: Model, system: str | None, messages: list[dict[str, Any]],
+                        tools: list[str], max_tokens: int, timeout_s: float,
+                        start: float) -> ModelTurn:
+        from fleetplane.executor.tools import anthropic_tools
+
+        kwargs: dict[str, Any] = {}
+        if system:
+            kwargs["system"] = system
+        if tools:
+            kwargs["tools"] = anthropic_tools(tools)
+        msg = self.anthropic.messages.create(model=model.name, max_tokens=max_tokens,
+                                             messages=messages,  # type: ignore[arg-type]
+                                             timeout=timeout_s, **kwargs)
+        blocks: list[dict[str, Any]] = []
+        uses: list[ToolUseRequest] = []
+        texts: list[str] = []
+        for b in msg.content:
+            if b.type == "text":
+                texts.append(b.text)
+                blocks.append({"type": "text", "text": b.text})
+            elif b.type == "tool_use":
+                args = dict(b.input) if isinstance(b.input, dict) else {}
+                uses.append(ToolUseRequest(b.id, b.name, args))
+                blocks.append({"type": "tool_use", "id": b.id, "name": b.name, "input": args})
+        u = msg.usage
+        usage = Usage(input_tokens=u.input_tokens, output_tokens=u.output_tokens,
+                      cache_creation_input_tokens=u.cache_creation_input_tokens or 0,
+                      cache_read_input_tokens=u.cache_read_input_tokens or 0)
+        return ModelTurn("".join(texts), uses, usage, msg.stop_reason,
+                         (time.perf_counter() - start) * 1000, model.name, blocks)
+
+    def _litellm_chat(self, model: Model, system: str | None, messages: list[dict[str, Any]],
+                      tools: list[str], max_tokens: int, temperature: float, timeout_s: float,
+                      start: float) -> ModelTurn:
+        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+        import litellm
+
+        from fleetplane.executor.tools import openai_tools
+
+        kwargs: dict[str, Any] = {}
+        if tools:
+            kwargs["tools"] = openai_tools(tools)
+        resp: Any = litellm.completion(
+            model=f"{model.provider}/{model.name}", messages=to_openai(system, messages),
+            max_tokens=max_tokens, temperature=temperature, api_base=self.settings.openai_base_url,
+            api_key=self.settings.openai_api_key, num_retries=0, max_retries=0,
+            timeout=timeout_s, **kwargs)
+        usage_raw = resp.usage
+        details = getattr(usage_raw, "prompt_tokens_details", None)
+        cached = int(getattr(details, "cached_tokens", 0) or 0)
+        usage = Usage(input_tokens=int(usage_raw.prompt_tokens) - cached,
+                      output_tokens=int(usage_raw.completion_tokens),
+                      cache_read_input_tokens=cached)
+        message = resp.choices[0].message
+        text = message.content or ""
+        blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+        uses: list[ToolUseRequest] = []
+        for tc in message.tool_calls or []:
+            try:
+                args = json.loads(tc.function.arguments or "{}")
+            except json.JSONDecodeError:
+                args = {"_unparsed": tc.function.arguments}
+            if not isinstance(args, dict):
+                args = {"_value": args}
+            uses.append(ToolUseRequest(tc.id, tc.function.name, args))
+            blocks.append({"type": "tool_use", "id": tc.id, "name": tc.function.name,
+                           "input": args})
+        return ModelTurn(text, uses, usage, resp.choices[0].finish_reason,
+                         (time.perf_counter() - start) * 1000, model.name, blocks)
+
+
+def to_openai(system: str | None, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Anthropic-form messages as OpenAI chat messages (tool_use -> tool_calls, tool_result ->
+    role "tool")."""
+    out: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            out.append({"role": m["role"], "content": content})
+            continue
+        if m["role"] == "assistant":
+            text = "".join(b.get("text", "") for b in content if b.get("type") == "text")
+            calls = [{"id": b["id"], "type": "function",
+                      "function": {"name": b["name"], "arguments": json.dumps(b["input"])}}
+                     for b in content if b.get("type") == "tool_use"]
+            msg: dict[str, Any] = {"role": "assistant", "content": text or None}
+            if calls:
+                msg["tool_calls"] = calls
+            out.append(msg)
+            continue
+        texts = []
+        for b in content:
+            if b.get("type") == "tool_result":
+                out.append({"role": "tool", "tool_call_id": b["tool_use_id"],
+                            "content": str(b.get("content", ""))})
+            elif b.get("type") == "text":
+                texts.append(b["text"])
+        if texts:
+            out.append({"role": "user", "content": "".join(texts)})
+    return out

@@ -1,0 +1,242 @@
+"""Executor benchmark: overhead of the agent runtime per step, how many agents one process runs
+before that overhead doubles, and slot utilization on the demo workload.
+
+    python -m bench.executor [--steps 20] [--latency-ms 100] [--max-agents 64]
+
+In-process (the executor's `execute` with its Runtime, real git worktrees, the real sandbox, the
+fake provider over HTTP through the anthropic SDK). A step is one model turn plus the tool call
+it asks for; "overhead" is the executor's own time between the end of one model call and the
+start of the next (tool execution, audit chain, journal, preflight estimates, context fitting),
+i.e. everything but model time. Figures, not assertions; JSON under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.pipeline import RESULTS, machine
+from fleetplane.cli.demo import SAMPLES
+from fleetplane.core import events as ev
+from fleetplane.core.catalog import catalog_for
+from fleetplane.core.logging import configure_logging
+from fleetplane.core.settings import Settings
+from fleetplane.executor.handlers import SeenDispatches, execute
+from fleetplane.executor.models import ModelClients, ModelTurn
+from fleetplane.executor.runtime import Runtime
+from fleetplane.executor.sandbox import Sandbox
+from fleetplane.fakeprovider import FakeProvider
+
+CATALOG = catalog_for(Settings().catalog_file)
+
+
+class TimedClients(ModelClients):
+    """Records when each model call of an attempt started and ended (keyed by the attempt's
+    first message: the bench gives every attempt its own prompt)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.calls: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        self._lock = threading.Lock()
+
+    def chat(self, *args: Any, **kwargs: Any) -> ModelTurn:
+        start = time.perf_counter()
+        try:
+            return super().chat(*args, **kwargs)
+        finally:
+            end = time.perf_counter()
+            with self._lock:
+                self.calls[str(args[2][0]["content"])].append((start, end))
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))]
+
+
+def sample_repo(root: Path) -> Path:
+    repo = root / "sample"
+    repo.mkdir(parents=True)
+    run = ["git", "-c", "user.name=b", "-c", "user.email=b@b"]
+    subprocess.run([*run, "init", "-q", "-b", "main"], cwd=repo, check=True)
+    (repo / "calc.py").write_text("def add(a, b):\n    return a + b\n" * 50)
+    (repo / "README.md").write_text("# sample\n")
+    subprocess.run([*run, "add", "-A"], cwd=repo, check=True)
+    subprocess.run([*run, "commit", "-q", "-m", "init"], cwd=repo, check=True)
+    return repo
+
+
+def make_runtime(tmp: Path, repo: Path, slots: int) -> Runtime:
+    s = Settings(executor_repositories={"sample": str(repo)},
+                 executor_workspaces_dir=tmp / f"wt-{slots}-{time.monotonic_ns()}",
+                 executor_slots=slots)
+    return Runtime(s, "bench", sandbox=Sandbox())
+
+
+def dispatch(task_id: str, prompt: str, repository: str | None, turns: int) -> ev.TaskDispatched:
+    spec = ev.TaskSpec(name=task_id, task_type="codegen", prompt=prompt, repository=repository,
+                       max_turns=turns)
+    return ev.TaskDispatched(task_id=task_id, team="platform", spec=spec, attempt=1,
+                             model="claude-haiku-4-5", provider="anthropic", tier="small")
+
+
+def agents(fake: FakeProvider, rt: Runtime, n: int, steps: int, tool: dict[str, Any],
+           latency_ms: float) -> dict[str, Any]:
+    """n agents at once, each `steps` turns of (model call -> tool call)."""
+    fake.set_script({"latency_ms": latency_ms,
+                     "default": {"tool_uses": [tool]}})
+    clients = TimedClients(Settings(anthropic_base_url=fake.base_url, model_max_retries=0))
+    seen = SeenDispatches()
+    runs: dict[str, tuple[float, float]] = {}
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        task_id = f"b{n}-{i}-{time.monotonic_ns()}"
+        start = time.perf_counter()
+        list(execute(CATALOG, clients, "bench", seen,
+                     dispatch(task_id, f"work {task_id}", "sample", steps), runtime=rt))
+        with lock:
+            runs[f"work {task_id}"] = (start, time.perf_counter())
+
+    wall = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(one, range(n)))
+    wall = time.perf_counter() - wall
+    gaps: list[float] = []
+    for calls in clients.calls.values():
+        calls.sort()
+        gaps += [(b[0] - a[1]) * 1000 for a, b in itertools.pairwise(calls)]
+    setup = [(calls[0][0] - runs[key][0]) * 1000 + (runs[key][1] - calls[-1][1]) * 1000
+             for key, calls in clients.calls.items() if key in runs and calls]
+    model_ms = [e - s for c in clients.calls.values() for s, e in c]
+    return {"agents": n, "steps": len(gaps), "overhead_p50_ms": pct(gaps, 50),
+            "overhead_p99_ms": pct(gaps, 99), "attempt_setup_teardown_p50_ms": pct(setup, 50),
+            "model_call_p50_ms": pct([m * 1000 for m in model_ms], 50), "wall_s": wall}
+
+
+def demo_utilization(fake: FakeProvider, tmp: Path, repo: Path, latency_ms: float,
+                     per_team: int, slots: int) -> dict[str, Any]:
+    """The demo's tasks (plain model calls, no repository) through `slots` slots at once, as
+    the Processor's thread pool runs a batch; utilization from the runtime's slot meters."""
+    fake.set_script({"latency_ms": latency_ms})
+    rt = make_runtime(tmp, repo, slots)
+    rt.utilization_events()  # open a fresh window
+    clients = ModelClients(Settings(anthropic_base_url=fake.base_url,
+                                    openai_base_url=fake.openai_base_url, model_max_retries=0))
+    seen = SeenDispatches()
+    tasks = [(team, prompt) for team, samples in SAMPLES.items()
+             for i in range(per_team) for _, prompt, _ in [samples[i % len(samples)]]]
+    with ThreadPoolExecutor(slots) as pool:
+        list(pool.map(lambda tp: list(execute(
+            CATALOG, clients, "bench", seen,
+            dispatch(f"demo-{time.monotonic_ns()}", tp[1], None, 5), runtime=rt)), tasks))
+    util = rt.utilization_events()
+    rt.close()
+    window = sum(u.window_s for u in util)
+    used = [u for u in util if u.attempts]
+    return {"tasks": len(tasks), "slots": slots, "slots_used": len(used),
+            "model_share": sum(u.model_s for u in util) / window,
+            "tool_share": sum(u.tool_s for u in util) / window,
+            "busy_share": sum(u.busy_s for u in util) / window,
+            "idle_share": sum(u.idle_s for u in util) / window,
+            "busy_share_of_used_slots": (sum(u.busy_s for u in used)
+                                         / max(1e-9, sum(u.window_s for u in used))),
+            "model_share_of_busy": (sum(u.model_s for u in util)
+                                    / max(1e-9, sum(u.busy_s for u in util)))}
+
+
+def sandbox_cost(n: int = 30) -> dict[str, float]:
+    box = Sandbox()
+    with tempfile.TemporaryDirectory() as d:
+        times = [box.run(["true"], Path(d)).duration_ms for _ in range(n)]
+    return {"run_command_true_p50_ms": pct(times, 50), "run_command_true_p99_ms": pct(times, 99)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--latency-ms", type=float, default=100.0)
+    ap.add_argument("--max-agents", type=int, default=64)
+    ap.add_argument("--demo-per-team", type=int, default=4)
+    ap.add_argument("--demo-latency-ms", type=float, default=300.0)
+    args = ap.parse_args()
+    configure_logging("bench", "ERROR", json=False)
+    console = Console()
+    results: dict[str, Any] = {"machine": machine(), "args": vars(args)}
+    read = {"name": "read_file", "input": {"path": "calc.py"}}
+    with tempfile.TemporaryDirectory() as tmp_s, FakeProvider() as fake:
+        tmp = Path(tmp_s)
+        repo = sample_repo(tmp)
+        # 1. per-step overhead, one agent, zero model latency
+        rt = make_runtime(tmp, repo, 4)
+        results["single_read_file"] = agents(fake, rt, 1, args.steps, read, 0)
+        results["single_list_dir"] = agents(fake, rt, 1, args.steps,
+                                            {"name": "list_dir", "input": {}}, 0)
+        results["single_run_command"] = agents(
+            fake, rt, 1, max(5, args.steps // 2),
+            {"name": "run_command", "input": {"command": "cat README.md"}}, 0)
+        rt.close()
+        results["sandbox"] = sandbox_cost()
+        # 2. concurrency sweep with model latency (agents overlap while they wait)
+        sweep = []
+        n = 1
+        while n <= args.max_agents:
+            rt = make_runtime(tmp, repo, n)
+            sweep.append(agents(fake, rt, n, args.steps, read, args.latency_ms))
+            rt.close()
+            console.print(f"  {n} agents: overhead p50 {sweep[-1]['overhead_p50_ms']:.2f} ms")
+            n *= 2
+        results["sweep"] = sweep
+        base = sweep[0]["overhead_p50_ms"]
+        doubled = next((s["agents"] for s in sweep if s["overhead_p50_ms"] >= 2 * base), None)
+        results["agents_before_overhead_doubles"] = doubled
+        # 3. the demo workload
+        results["demo"] = demo_utilization(fake, tmp, repo, args.demo_latency_ms,
+                                           args.demo_per_team, 32)
+
+    t = Table(title="executor overhead per agent step (excluding model time)")
+    for col in ("case", "agents", "steps", "p50 ms", "p99 ms", "attempt setup+teardown p50 ms"):
+        t.add_column(col)
+    for key in ("single_read_file", "single_list_dir", "single_run_command"):
+        r = results[key]
+        t.add_row(key, str(r["agents"]), str(r["steps"]), f"{r['overhead_p50_ms']:.2f}",
+                  f"{r['overhead_p99_ms']:.2f}", f"{r['attempt_setup_teardown_p50_ms']:.1f}")
+    for r in results["sweep"]:
+        t.add_row(f"read_file, model {args.latency_ms:.0f} ms", str(r["agents"]),
+                  str(r["steps"]), f"{r['overhead_p50_ms']:.2f}", f"{r['overhead_p99_ms']:.2f}",
+                  f"{r['attempt_setup_teardown_p50_ms']:.1f}")
+    console.print(t)
+    console.print(f"sandbox `true`: p50 {results['sandbox']['run_command_true_p50_ms']:.1f} ms, "
+                  f"p99 {results['sandbox']['run_command_true_p99_ms']:.1f} ms")
+    console.print(f"agents per process before the p50 overhead doubles: "
+                  f"{results['agents_before_overhead_doubles'] or f'> {args.max_agents}'}")
+    d = results["demo"]
+    console.print(f"demo workload ({d['tasks']} tasks, {d['slots']} slots, model latency "
+                  f"{args.demo_latency_ms:.0f} ms): model {d['model_share']:.1%}, tool "
+                  f"{d['tool_share']:.1%}, busy {d['busy_share']:.1%}, idle "
+                  f"{d['idle_share']:.1%} of slot time; used slots busy "
+                  f"{d['busy_share_of_used_slots']:.1%} (model {d['model_share_of_busy']:.1%} "
+                  "of busy)")
+    console.print(f"machine: {results['machine']}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"executor-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(results, indent=2, default=str))
+    console.print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,382 @@
+"""What the executor process holds beside the loop: agent slots and their utilization, the live
+(non-transactional) event channel, heartbeats, the cancellation watcher and the attempt journal.
+
+The transaction decision (docs/executor.md): an attempt's outcome (TaskCompleted / TaskFailed /
+TaskRolledBack, and the subtasks it submits) is returned to core.loop's Processor and committed
+with the dispatch offset in one Kafka transaction. What must be visible while the attempt runs
+(TaskStarted, TaskHeartbeat, ModelCall, ToolCall, WorkspaceChange, ExecutorUtilization) goes out
+through `LiveEmitter`, an idempotent producer outside the transaction, with event ids derived from
+the dispatch; the journal makes a redelivered dispatch report the interrupted attempt instead of
+running it a second time.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, Message, Producer, TopicPartition
+
+from fleetplane.core.events import (
+    EVENT_TYPES,
+    Event,
+    ExecutorUtilization,
+    TaskCancelled,
+    TaskHeartbeat,
+)
+from fleetplane.core.kafka import event_headers
+from fleetplane.core.logging import get_logger
+from fleetplane.core.serde import Serde, default_serde
+from fleetplane.core.settings import Settings
+from fleetplane.core.teams import TeamsConfig, teams_for
+from fleetplane.core.topics import OUTCOMES, key_for, topic_for
+from fleetplane.executor.sandbox import Limits, Sandbox
+from fleetplane.executor.workspace import Workspaces, load_repositories, safe_name
+
+log = get_logger(__name__)
+
+
+class Emitter(Protocol):
+    def emit(self, event: Event) -> None: ...
+
+
+class Collect:
+    """Events kept for the outcome's transaction (no live channel: tests, live_events off)."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def emit(self, event: Event) -> None:
+        self.events.append(event)
+
+
+class LiveEmitter:
+    """Publishes at once through an idempotent producer, outside the loop's transaction.
+
+    `settle(ids)` waits for those events' acknowledgements and returns the ones that were not
+    delivered, so the caller can put them into the outcome's transaction instead."""
+
+    def __init__(self, settings: Settings, serde: Serde | None = None) -> None:
+        self._producer = Producer(settings.producer_config())
+        self._serde = serde or default_serde()
+        self._lock = threading.Lock()
+        self._pending: dict[str, Event] = {}
+        self._failed: dict[str, Event] = {}
+        self._closed = threading.Event()
+        self._poller = threading.Thread(target=self._poll, name="live-poll", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        while not self._closed.is_set():
+            self._producer.poll(0.05)
+
+    def emit(self, event: Event) -> None:
+        with self._lock:
+            self._pending[event.event_id] = event
+
+        def delivered(err: KafkaError | None, _msg: Message, eid: str = event.event_id) -> None:
+            with self._lock:
+                ev = self._pending.pop(eid, None)
+                if err is not None and ev is not None:
+                    self._failed[eid] = ev
+
+        while True:
+            try:
+                self._producer.produce(topic_for(event), key=key_for(event),
+                                       value=self._serde.encode(event),
+                                       headers=event_headers(event), on_delivery=delivered)
+                return
+            except BufferError:
+                time.sleep(0.01)
+
+    def settle(self, ids: set[str], timeout_s: float = 15.0) -> list[Event]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not ids & self._pending.keys():
+                    break
+            self._producer.flush(0.05)
+        with self._lock:
+            undelivered = [e for i, e in list(self._pending.items()) + list(self._failed.items())
+                           if i in ids]
+            for e in undelivered:
+                self._pending.pop(e.event_id, None)
+                self._failed.pop(e.event_id, None)
+        return undelivered
+
+    def close(self) -> None:
+        self._producer.flush(10)
+        self._closed.set()
+        self._poller.join(2)
+
+
+class Slot:
+    """One agent slot's time accounting for the current utilization window."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self._lock = threading.Lock()
+        self.window_start = time.monotonic()
+        self.window_wall = datetime.now(UTC)
+        self.model_s = self.tool_s = self.busy_s = 0.0
+        self.busy_since: float | None = None
+        self.attempts = 0
+
+    def add(self, kind: str, seconds: float) -> None:
+        with self._lock:
+            if kind == "model":
+                self.model_s += seconds
+            else:
+                self.tool_s += seconds
+
+    def begin(self) -> None:
+        with self._lock:
+            self.busy_since = time.monotonic()
+            self.attempts += 1
+
+    def end(self) -> None:
+        with self._lock:
+            if self.busy_since is not None:
+                self.busy_s += time.monotonic() - max(self.busy_since, self.window_start)
+            self.busy_since = None
+
+    def roll(self) -> dict[str, Any]:
+        """The closing window's figures; a new window starts now."""
+        with self._lock:
+            now = time.monotonic()
+            window = max(1e-9, now - self.window_start)
+            busy = self.busy_s
+            if self.busy_since is not None:
+                busy += now - max(self.busy_since, self.window_start)
+            busy = min(busy, window)
+            figures = {"slot": self.index, "window_start": self.window_wall, "window_s": window,
+                       "model_s": min(self.model_s, busy), "tool_s": min(self.tool_s, busy),
+                       "busy_s": busy, "idle_s": window - busy, "attempts": self.attempts}
+            self.window_start, self.window_wall = now, datetime.now(UTC)
+            self.model_s = self.tool_s = self.busy_s = 0.0
+            self.attempts = 1 if self.busy_since is not None else 0
+            return figures
+
+
+class SlotPool:
+    def __init__(self, n: int) -> None:
+        self.slots = [Slot(i) for i in range(max(1, n))]
+        self._free = list(reversed(self.slots))
+        self._cond = threading.Condition()
+
+    def acquire(self) -> Slot:
+        with self._cond:
+            while not self._free:
+                self._cond.wait()
+            slot = self._free.pop()
+        slot.begin()
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        slot.end()
+        with self._cond:
+            self._free.append(slot)
+            self._cond.notify()
+
+
+@dataclass
+class Running:
+    task_id: str
+    team: str
+    attempt: int
+    slot: Slot
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class Journal:
+    """One small JSON file per attempt: started, audit head, outcome. A dispatch redelivered
+    after a crash finds it and is answered from it instead of being run again."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def prune(self, older_than_s: float = 7 * 86_400) -> int:
+        """Forget attempts older than a week (a redelivery comes within minutes)."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for f in self.root.glob("*.json"):
+            try:
+                if f.stat().st_mtime < cutoff:
+                    f.unlink()
+                    removed += 1
+            except OSError:
+                pass
+        return removed
+
+    def _path(self, task_id: str, attempt: int) -> Path:
+        return self.root / f"{safe_name(task_id)}-a{attempt}.json"
+
+    def read(self, task_id: str, attempt: int) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = json.loads(self._path(task_id, attempt).read_text())
+            return data
+        except (OSError, ValueError):
+            return None
+
+    def write(self, task_id: str, attempt: int, data: dict[str, Any]) -> None:
+        path = self._path(task_id, attempt)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+
+    @staticmethod
+    def encode(events: list[Event]) -> list[dict[str, str]]:
+        return [{"type": type(e).__name__, "json": e.model_dump_json()} for e in events]
+
+    @staticmethod
+    def decode(raw: list[dict[str, str]]) -> list[Event]:
+        return [EVENT_TYPES[r["type"]].model_validate_json(r["json"]) for r in raw]
+
+
+class Runtime:
+    """Shared by the executor's slots (one per process)."""
+
+    def __init__(self, settings: Settings, executor_id: str, *, live: LiveEmitter | None = None,
+                 teams: TeamsConfig | None = None, journal: Journal | None = None,
+                 sandbox: Sandbox | None = None, workspaces: Workspaces | None = None) -> None:
+        self.settings = settings
+        self.executor_id = executor_id
+        self.live = live
+        self.teams = teams or teams_for(settings.teams_file)
+        self.journal = journal
+        self.sandbox = sandbox or Sandbox(Limits(
+            timeout_s=settings.executor_command_timeout_s, cpu_s=settings.executor_command_cpu_s,
+            memory_mb=settings.executor_command_memory_mb,
+            file_mb=settings.executor_command_file_mb,
+            max_pids=settings.executor_command_max_pids))
+        root = settings.executor_workspaces_dir or settings.resolved_data_dir() / "worktrees"
+        self.workspaces = workspaces or Workspaces(load_repositories(settings), root)
+        self.slots = SlotPool(settings.executor_slots)
+        self.model_pool = ThreadPoolExecutor(max(2, settings.executor_slots),
+                                             thread_name_prefix="model-call")
+        self._running: dict[str, Running] = {}
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.watcher_ready = threading.Event()
+
+    # -- attempts ------------------------------------------------------------------------------
+    def begin(self, task_id: str, team: str, attempt: int) -> Running:
+        slot = self.slots.acquire()
+        run = Running(task_id, team, attempt, slot)
+        with self._lock:
+            self._running[task_id] = run
+            if task_id in self._cancelled:
+                run.cancel.set()
+        return run
+
+    def end(self, run: Running) -> None:
+        with self._lock:
+            if self._running.get(run.task_id) is run:
+                del self._running[run.task_id]
+        self.slots.release(run.slot)
+
+    def cancel(self, task_id: str) -> bool:
+        """Stop the task's running attempt (and refuse to start it later). True if running."""
+        with self._lock:
+            self._cancelled[task_id] = None
+            if len(self._cancelled) > 100_000:
+                self._cancelled.popitem(last=False)
+            run = self._running.get(task_id)
+        if run is not None:
+            run.cancel.set()
+            log.info("cancelling running attempt", task_id=task_id, attempt=run.attempt)
+            return True
+        return False
+
+    def running(self) -> list[Running]:
+        with self._lock:
+            return list(self._running.values())
+
+    # -- background threads --------------------------------------------------------------------
+    def start(self, watch_cancellations: bool = True) -> None:
+        self._spawn("heartbeats", self._heartbeats)
+        self._spawn("utilization", self._utilization)
+        if watch_cancellations:
+            self._spawn("cancel-watch", self._watch_cancellations)
+        else:
+            self.watcher_ready.set()
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _heartbeats(self) -> None:
+        while not self._stop.wait(self.settings.executor_heartbeat_s):
+            if self.live is None:
+                continue
+            for run in self.running():
+                self.live.emit(TaskHeartbeat(task_id=run.task_id, team=run.team,
+                                             attempt=run.attempt, executor_id=self.executor_id))
+
+    def utilization_events(self) -> list[ExecutorUtilization]:
+        return [ExecutorUtilization(task_id="", team="", executor_id=self.executor_id,
+                                    **slot.roll()) for slot in self.slots.slots]
+
+    def _utilization(self) -> None:
+        while not self._stop.wait(self.settings.executor_utilization_window_s):
+            events = self.utilization_events()
+            if self.live is not None:
+                for e in events:
+                    self.live.emit(e)
+
+    def _watch_cancellations(self) -> None:
+        """A consumer of its own on tasks.outcomes (no group membership: assigned every
+        partition at its end), so every executor sees every TaskCancelled."""
+        serde = default_serde()
+        cfg = {**self.settings.client_config(),
+               "group.id": f"fleetplane-executor-cancel-{self.executor_id}",
+               "enable.auto.commit": False, "isolation.level": "read_committed"}
+        consumer = Consumer(cfg)
+        try:
+            while not self._stop.is_set():
+                meta = consumer.list_topics(OUTCOMES, timeout=10)
+                parts = meta.topics.get(OUTCOMES)
+                if parts is not None and parts.partitions and parts.error is None:
+                    consumer.assign([TopicPartition(OUTCOMES, p, OFFSET_END)
+                                     for p in parts.partitions])
+                    break
+                self._stop.wait(0.5)
+            consumer.poll(0.2)  # resolves the end offsets before we say we are watching
+            self.watcher_ready.set()
+            log.info("watching cancellations", topic=OUTCOMES)
+            while not self._stop.is_set():
+                msg = consumer.poll(0.2)
+                if msg is None or msg.error() is not None:
+                    continue
+                if (dict(msg.headers() or []).get("event_type") or b"") != b"TaskCancelled":
+                    continue
+                try:
+                    event = serde.decode(msg.value() or b"")
+                except Exception:
+                    continue
+                if isinstance(event, TaskCancelled):
+                    self.cancel(event.task_id)
+        finally:
+            consumer.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(3)
+        self.model_pool.shutdown(wait=False, cancel_futures=True)
+        if self.live is not None:
+            for e in self.utilization_events():
+                self.live.emit(e)
+            self.live.close()

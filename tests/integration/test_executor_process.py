@@ -1,0 +1,197 @@
+"""The executor as its own OS process on the real broker: TaskStarted, heartbeats and audit events
+visible while the attempt runs, cancellation, utilization events, and a SIGKILL mid-attempt
+(orphaned worktree cleaned at restart, the redelivered dispatch reported, not re-run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer
+
+from fleetplane.core import events as ev
+from fleetplane.core.kafka import EventProducer
+from fleetplane.core.serde import default_serde
+from fleetplane.core.settings import REPO_ROOT, Settings
+from fleetplane.core.topics import LIFECYCLE, TOOL_CALLS, UTILIZATION
+from fleetplane.fakeprovider import FakeProvider
+
+from .agentkit import dispatched, git, sample_repo
+
+
+class Reader:
+    """Reads a topic from the start, keeping what matches."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
+        self.consumer = Consumer({**settings.consumer_config(f"t-{time.monotonic_ns()}"),
+                                  "enable.auto.commit": False})
+        self.consumer.subscribe([topic])
+        self.serde = default_serde()
+        self.seen: list[ev.Event] = []
+
+    def until(self, pred: Callable[[list[ev.Event]], bool], timeout_s: float = 60.0,
+              task_id: str | None = None) -> list[ev.Event]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for m in self.consumer.consume(100, 0.1):
+                if m.error():
+                    continue
+                e = self.serde.decode(m.value() or b"")
+                if task_id is None or e.task_id == task_id:
+                    self.seen.append(e)
+            if pred(self.seen):
+                return self.seen
+        raise AssertionError(f"timed out; saw {[type(e).__name__ for e in self.seen]}")
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class ExecutorProcess:
+    def __init__(self, settings: Settings, tmp: Path, repo: Path, fake: FakeProvider,
+                 unique: str) -> None:
+        self.tmp = tmp
+        self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "services"),
+                    "FLEETPLANE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+                    "FLEETPLANE_DATA_DIR": str(tmp / "data"),
+                    "FLEETPLANE_ANTHROPIC_BASE_URL": fake.base_url,
+                    "FLEETPLANE_OPENAI_BASE_URL": fake.openai_base_url,
+                    "FLEETPLANE_EXECUTOR_REPOSITORIES": json.dumps({"sample": str(repo)}),
+                    "FLEETPLANE_EXECUTOR_ID": f"exec-{unique}",
+                    "FLEETPLANE_INSTANCE_ID": f"exec-{unique}",
+                    "FLEETPLANE_EXECUTOR_GROUP_ID": f"executor-{unique}",
+                    "FLEETPLANE_EXECUTOR_SLOTS": "2",
+                    "FLEETPLANE_EXECUTOR_HEARTBEAT_S": "0.3",
+                    "FLEETPLANE_EXECUTOR_UTILIZATION_WINDOW_S": "1",
+                    "FLEETPLANE_MODEL_MAX_RETRIES": "0",
+                    "FLEETPLANE_LOG_JSON": "false"}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.tmp / f"executor-{self.starts}.log"
+
+    def start(self) -> None:
+        self.starts += 1
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "fleetplane.executor.main"],
+                                         env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def wait_log(self, text: str, timeout_s: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None and self.proc.poll() is None, self.log_path.read_text()
+            if text in self.log_path.read_text():
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"{text!r} not logged: {self.log_path.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeProvider]:
+    with FakeProvider() as provider:
+        yield provider
+
+
+@pytest.fixture
+def executor(base_settings: Settings, tmp_path: Path, fake: FakeProvider,
+             unique: str) -> Iterator[ExecutorProcess]:
+    repo = sample_repo(tmp_path)
+    proc = ExecutorProcess(base_settings, tmp_path, repo, fake, unique)
+    proc.repo = repo  # type: ignore[attr-defined]
+    yield proc
+    proc.kill()
+
+
+def test_live_heartbeats_cancellation_and_utilization(
+        base_settings: Settings, executor: ExecutorProcess, fake: FakeProvider,
+        producer: EventProducer, unique: str) -> None:
+    fake.set_script({"replies": [{"match": "SLOW", "text": "late", "latency_ms": 30_000}]})
+    executor.start()
+    executor.wait_log("watching cancellations")
+    task = f"t-cancel-{unique}"
+    lifecycle = Reader(base_settings, LIFECYCLE)
+    utilization = Reader(base_settings, UTILIZATION)
+    try:
+        producer.send([dispatched(task, "SLOW please", repository=None)])
+        # while the model call hangs, the attempt is visibly alive
+        lifecycle.until(lambda s: sum(isinstance(e, ev.TaskHeartbeat) for e in s) >= 2
+                        and any(isinstance(e, ev.TaskStarted) for e in s), task_id=task)
+        cancel_at = time.monotonic()
+        producer.send([ev.TaskCancelled(task_id=task, team="payments", reason="test")])
+        seen = lifecycle.until(lambda s: any(isinstance(e, ev.TaskFailed) for e in s),
+                               task_id=task, timeout_s=30)
+        stopped_after = time.monotonic() - cancel_at
+        failed = next(e for e in seen if isinstance(e, ev.TaskFailed))
+        assert failed.failure_class == "cancelled" and not failed.final
+        assert failed.audit_count == 1  # the abandoned call is audited
+        # far sooner than the 30 s the model call would have taken (the target is < 1 s;
+        # bench/executor.py measures it)
+        assert stopped_after < 10, stopped_after
+        util = utilization.until(lambda s: any(
+            isinstance(e, ev.ExecutorUtilization) and e.executor_id == f"exec-{unique}"
+            and e.model_s > 0 for e in s))
+        mine = [e for e in util if isinstance(e, ev.ExecutorUtilization)
+                and e.executor_id == f"exec-{unique}"]
+        assert {e.slot for e in mine} == {0, 1}
+        assert all(abs(e.busy_s + e.idle_s - e.window_s) < 1e-6 for e in mine)
+    finally:
+        lifecycle.close()
+        utilization.close()
+        executor.stop()
+
+
+def test_sigkill_mid_attempt_cleans_the_worktree_and_does_not_rerun(
+        base_settings: Settings, executor: ExecutorProcess, fake: FakeProvider,
+        producer: EventProducer, unique: str) -> None:
+    task = f"t-crash-{unique}"
+    fake.set_script({"replies": [
+        {"tool_uses": [{"name": "write_file", "input": {"path": "half.txt", "content": "x"}}]},
+        {"text": "never", "latency_ms": 60_000}]})
+    executor.start()
+    executor.wait_log("watching cancellations")
+    tools = Reader(base_settings, TOOL_CALLS)
+    lifecycle = Reader(base_settings, LIFECYCLE)
+    repo: Path = executor.repo  # type: ignore[attr-defined]
+    try:
+        producer.send([dispatched(task, "crash me")])
+        tools.until(lambda s: any(isinstance(e, ev.ToolCall) for e in s), task_id=task)
+        worktrees = executor.tmp / "data" / "worktrees" / "sample"
+        assert [p.name for p in worktrees.iterdir()] == [f"{task}-a1"]
+        executor.kill()
+        calls_before = len(fake.calls)
+        executor.start()
+        seen = lifecycle.until(lambda s: any(isinstance(e, ev.TaskFailed) for e in s),
+                               task_id=task, timeout_s=90)
+        failed = next(e for e in seen if isinstance(e, ev.TaskFailed))
+        assert failed.failure_class == "lost_executor" and failed.audit_count == 2
+        assert len(fake.calls) == calls_before  # not run a second time
+        assert not any(worktrees.iterdir())
+        assert git(repo, "worktree", "list").count("\n") == 1
+        assert "orphaned worktrees removed" in executor.log_path.read_text()
+    finally:
+        tools.close()
+        lifecycle.close()
+        executor.stop()
