@@ -23,10 +23,10 @@ from rich.table import Table
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-from fleetplane.core import events as ev  # noqa: E402
-from fleetplane.core.logging import configure_logging  # noqa: E402
-from fleetplane.core.settings import Settings  # noqa: E402
-from fleetplane.router.main import build_router  # noqa: E402
+from fleetplane.core import events as ev
+from fleetplane.core.logging import configure_logging
+from fleetplane.core.settings import Settings
+from fleetplane.router.main import build_router
 
 
 def pct(values: list[float], q: float) -> float:
