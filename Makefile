@@ -48,5 +48,8 @@ typecheck: lint
 bench: install
 	$(PY) -m bench.pipeline $(BENCH_ARGS)
 
+bench-routing: install  ## routing decision latency in process (bench/routing.py)
+	$(PY) -m bench.routing
+
 clean:
 	rm -rf .fleetplane .pytest_cache .mypy_cache .ruff_cache

@@ -47,46 +47,82 @@ def manifests(per_team: int) -> list[dict[str, Any]]:
     return out
 
 
+def repeats(per_team: int) -> list[dict[str, Any]]:
+    """A second wave: the same prompts again (the response cache answers these)."""
+    return [{**m, "metadata": {**m["metadata"], "name": m["metadata"]["name"] + "-again"}}
+            for m in manifests(min(per_team, 2))]
+
+
 def run_demo(ingest: str, accounting: str, per_team: int, timeout_s: float,
              console: Console) -> int:
     ids: dict[str, str] = {}
+    prompt_of: dict[str, tuple[str, str]] = {}
+    deadline = time.monotonic() + timeout_s
     with httpx.Client(timeout=30) as http:
-        for m in manifests(per_team):
-            resp = http.post(f"{ingest}/v1/tasks", json=m)
-            resp.raise_for_status()
-            ids[resp.json()["task_id"]] = m["metadata"]["team"]
-        console.print(f"submitted {len(ids)} tasks from {len(SAMPLES)} teams")
-        rows: dict[str, dict[str, Any]] = {}
-        deadline = time.monotonic() + timeout_s
-        with Progress(TextColumn("{task.description}"), BarColumn(),
-                      TextColumn("{task.completed}/{task.total}"), console=console) as progress:
-            bar = progress.add_task("tasks finished", total=len(ids))
-            while time.monotonic() < deadline:
-                listed = http.get(f"{accounting}/v1/tasks", params={"limit": 10_000}).json()
-                rows = {r["task_id"]: r for r in listed if r["task_id"] in ids}
-                done = sum(1 for r in rows.values() if r["state"] in TERMINAL_STATES)
-                progress.update(bar, completed=done)
-                if done == len(ids):
-                    break
-                time.sleep(0.5)
-        table = Table(title="outcomes")
-        for col in ("TASK", "TEAM", "TYPE", "MODEL", "STATE", "COST $"):
-            table.add_column(col)
-        for task_id, team in ids.items():
-            r = rows.get(task_id, {})
-            table.add_row(task_id[:12], team, r.get("task_type", ""), r.get("model") or "",
-                          r.get("state", "pending"), f"{float(r.get('cost_usd') or 0):.6f}")
-        console.print(table)
-        costs = http.get(f"{accounting}/v1/cost", params={"by": "team"}).json()
-        ctable = Table(title="cost per team")
-        ctable.add_column("TEAM")
-        ctable.add_column("CALLS", justify="right")
-        ctable.add_column("COST $", justify="right")
-        for c in costs:
-            ctable.add_row(c["team"], str(c.get("calls", "")), f"{float(c['cost_usd']):.6f}")
-        console.print(ctable)
+        first: set[str] = set()
+        for wave, docs in enumerate((manifests(per_team), repeats(per_team))):
+            for m in docs:
+                resp = http.post(f"{ingest}/v1/tasks", json=m)
+                resp.raise_for_status()
+                ids[resp.json()["task_id"]] = m["metadata"]["team"]
+                prompt_of[resp.json()["task_id"]] = (m["metadata"]["team"], m["spec"]["prompt"])
+            console.print(f"wave {wave + 1}: submitted {len(docs)} tasks from {len(SAMPLES)} "
+                          f"teams" + (" (repeated prompts)" if wave else ""))
+            if wave == 0:  # the repeats go in once the first answers are known
+                first = set(ids)
+                rows = _wait(http, accounting, first, deadline, console)
+        rows = _wait(http, accounting, set(ids), deadline, console)
+        _outcomes(http, accounting, ids, rows, console)
+        _cache_summary(ids, first, prompt_of, rows, console)
     finished = sum(1 for r in rows.values() if r.get("state") in TERMINAL_STATES)
     if finished < len(ids):
         console.print(f"[yellow]{len(ids) - finished} tasks still running after {timeout_s}s")
         return 1
     return 0
+
+
+def _cache_summary(ids: dict[str, str], first: set[str], prompt_of: dict[str, tuple[str, str]],
+                   rows: dict[str, dict[str, Any]], console: Console) -> None:
+    """Cache hit rate and the model cost it saved (what the first run of each prompt cost)."""
+    cost_of = {prompt_of[t]: float(rows.get(t, {}).get("cost_usd") or 0) for t in first}
+    hits = [t for t in ids if rows.get(t, {}).get("model") == "cache"]
+    saved = sum(cost_of.get(prompt_of[t], 0.0) for t in hits)
+    console.print(f"response cache: {len(hits)} of {len(ids)} tasks answered from the cache "
+                  f"({len(hits) / max(1, len(ids)):.0%}), saving ${saved:.6f} of model cost")
+
+
+def _wait(http: httpx.Client, accounting: str, ids: set[str], deadline: float,
+          console: Console) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(),
+                  TextColumn("{task.completed}/{task.total}"), console=console) as progress:
+        bar = progress.add_task("tasks finished", total=len(ids))
+        while time.monotonic() < deadline:
+            listed = http.get(f"{accounting}/v1/tasks", params={"limit": 10_000}).json()
+            rows = {r["task_id"]: r for r in listed if r["task_id"] in ids}
+            done = sum(1 for r in rows.values() if r["state"] in TERMINAL_STATES)
+            progress.update(bar, completed=done)
+            if done == len(ids):
+                break
+            time.sleep(0.5)
+    return rows
+
+
+def _outcomes(http: httpx.Client, accounting: str, ids: dict[str, str],
+              rows: dict[str, dict[str, Any]], console: Console) -> None:
+    table = Table(title="outcomes")
+    for col in ("TASK", "TEAM", "TYPE", "MODEL", "STATE", "COST $"):
+        table.add_column(col)
+    for task_id, team in ids.items():
+        r = rows.get(task_id, {})
+        table.add_row(task_id[:12], team, r.get("task_type", ""), r.get("model") or "",
+                      r.get("state", "pending"), f"{float(r.get('cost_usd') or 0):.6f}")
+    console.print(table)
+    costs = http.get(f"{accounting}/v1/cost", params={"by": "team"}).json()
+    ctable = Table(title="cost per team")
+    ctable.add_column("TEAM")
+    ctable.add_column("CALLS", justify="right")
+    ctable.add_column("COST $", justify="right")
+    for c in costs:
+        ctable.add_row(c["team"], str(c.get("calls", "")), f"{float(c['cost_usd']):.6f}")
+    console.print(ctable)

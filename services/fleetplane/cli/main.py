@@ -16,6 +16,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from fleetplane.cli.route import route_app
 from fleetplane.core.settings import Settings, get_settings
 from fleetplane.infra.broker import stop_group
 
@@ -23,6 +24,7 @@ app = typer.Typer(help="fleetplane: the control plane for a fleet of AI agents."
                   no_args_is_help=True, add_completion=False)
 get_app = typer.Typer(help="List resources.", no_args_is_help=True)
 app.add_typer(get_app, name="get")
+app.add_typer(route_app, name="route")
 console = Console()
 err = Console(stderr=True)
 

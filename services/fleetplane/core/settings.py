@@ -111,6 +111,20 @@ class Settings(BaseSettings):
     coordinator_backoff_base_ms: int = 1_000
     coordinator_backoff_cap_ms: int = 60_000
 
+    # Router (fleetplane.router; docs/routing.md)
+    router_exploration_share: float = Field(
+        default=0.1, ge=0, le=1,
+        description="Share of routing decisions that explore (Thompson sampling).")
+    router_confidence_z: float = Field(
+        default=1.0, ge=0,
+        description="A model qualifies when its posterior mean - z * std meets the target.")
+    router_min_cost_observations: int = 3
+    router_cache_ttl_s: float = Field(default=86_400.0, ge=0,
+                                      description="Response cache entry lifetime (0: no cache).")
+    router_cache_scope: str = Field(default="team", pattern="^(team|fleet)$",
+                                    description="team: answers are reused within a team only.")
+    router_cache_max_entries: int = 100_000
+
     # Logging
     log_level: str = "INFO"
     log_json: bool = True

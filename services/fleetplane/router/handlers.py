@@ -1,33 +1,160 @@
-"""Router handler: TaskAccepted -> TaskRouted (pure, given the catalog)."""
+"""The router's handler: events in, decisions out (no I/O; the state is a fold of the events).
+
+* TaskAccepted      -> TaskCompleted(cached) from the response cache, or TaskHeld(budget) when the
+                       team's budget is spent, or TaskRouted(attempt 1); TaskRejected when no model
+                       can take the task.
+* TaskEscalated(n)  -> TaskRouted(n) one tier up (the tier the coordinator asks for), or
+                       TaskHeld(budget); TaskFailed(final) when no tier can take it.
+* BudgetStatus      -> TaskRouted for the team's held tasks once the budget is no longer spent.
+* outcomes          -> statistics per (task type, model) and cache entries (no output).
+
+Every output's event id is derived from its input's, so reprocessing an input after a crash
+re-publishes the same ids (consumers deduplicate) and the same decision (exploration and Thompson
+draws are seeded by task id and attempt).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from dataclasses import dataclass
 
+from fleetplane.core import events as ev
 from fleetplane.core.catalog import Catalog
-from fleetplane.core.events import Event, TaskAccepted, TaskRejected, TaskRouted
+from fleetplane.core.events import derived_id
+from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import Record
-from fleetplane.router.policy import choose
+from fleetplane.core.teams import TeamsConfig
+from fleetplane.router.cache import CACHE_MODEL, not_cacheable
+from fleetplane.router.policy import BudgetView, PolicyConfig, Unroutable, choose
+from fleetplane.router.state import BUDGET_HOLD, RouterState
+
+log = get_logger(__name__)
 
 
-def route(catalog: Catalog, event: Event, record: Record | None = None) -> Iterable[Event]:
-    if not isinstance(event, TaskAccepted):
-        return []
-    try:
-        decision = choose(catalog, event.spec)
-    except KeyError as exc:
-        return [event.derive(TaskRejected, reason=f"cannot route: {exc.args[0]}",
-                             field="spec.model", source=event.source)]
-    return [
-        event.derive(
-            TaskRouted,
-            spec=event.spec,
-            attempt=1,
-            model=decision.model.name,
-            provider=decision.model.provider,
-            tier=decision.model.tier,
-            reason=decision.reason,
-            alternatives=decision.alternatives,
-            estimated_cost_usd=decision.estimated_cost_usd,
-        )
-    ]
+@dataclass(frozen=True)
+class BudgetCheck:
+    spent: bool
+    view: BudgetView
+    reason: str = ""
+
+
+class Router:
+    def __init__(self, catalog: Catalog, teams: TeamsConfig, state: RouterState,
+                 cfg: PolicyConfig | None = None) -> None:
+        self.catalog = catalog
+        self.teams = teams
+        self.state = state
+        self.cfg = cfg or PolicyConfig()
+        self.cache_hits = 0
+        self.cache_saved_usd = 0.0
+
+    def __call__(self, event: ev.Event, record: Record | None = None) -> list[ev.Event]:
+        return self.handle(event)
+
+    def handle(self, event: ev.Event) -> list[ev.Event]:
+        if isinstance(event, ev.TaskAccepted):
+            outs = self._route(event, event.spec, attempt=1, tag="routed/1")
+        elif isinstance(event, ev.TaskEscalated):
+            self.state.apply(event)
+            outs = self._escalate(event)
+        elif isinstance(event, ev.BudgetStatus):
+            self.state.apply(event)
+            outs = self._release(event)
+        else:
+            outs = []
+        for out in outs:
+            self.state.apply(out)
+        self.state.apply(event)  # after the outputs: a held task's record takes its spec here
+        return outs
+
+    # -- budget ----------------------------------------------------------------------------------
+    def budget(self, team: str) -> BudgetCheck:
+        status = self.state.budgets.get(team)
+        if status is None:
+            return BudgetCheck(False, BudgetView())
+        if status.remaining_usd <= 0:
+            return BudgetCheck(True, BudgetView(low=True), (
+                f"team {team} spent its {status.period} budget (${status.spent_usd:.2f} of "
+                f"${status.budget_usd:.2f}); held until a budget status shows budget again"))
+        share = self.teams.policy(team).low_budget_share
+        if status.budget_usd > 0 and status.remaining_usd < share * status.budget_usd:
+            return BudgetCheck(False, BudgetView(low=True, note=(
+                f"team budget low (${status.remaining_usd:.2f} of ${status.budget_usd:.2f} "
+                f"left, below {share:.0%}): cheaper models judged by the posterior mean, "
+                f"no exploration")))
+        return BudgetCheck(False, BudgetView())
+
+    # -- decisions --------------------------------------------------------------------------------
+    def _route(self, cause: ev.Event, spec: ev.TaskSpec, *, attempt: int, tag: str,
+               escalate_to: str | None = None, why: str = "") -> list[ev.Event]:
+        key = f"{cause.task_id}/{attempt}"
+        check = self.budget(cause.team)
+        try:
+            decision = choose(self.catalog, spec, self.state.stats, key=key, cfg=self.cfg,
+                              budget=check.view, escalate_to=escalate_to)
+        except Unroutable as exc:
+            if escalate_to is not None:
+                return [cause.derive(
+                    ev.TaskFailed, event_id=derived_id(cause.event_id, tag), attempt=attempt,
+                    failure_class="model_error", final=True,
+                    reason=f"cannot route the escalated attempt: {exc.reason}")]
+            return [cause.derive(ev.TaskRejected, event_id=derived_id(cause.event_id, tag),
+                                 reason=f"cannot route: {exc.reason}", field=exc.field,
+                                 source=getattr(cause, "source", "kafka"))]
+        if attempt == 1 and escalate_to is None and not_cacheable(spec) is None:
+            hit = self.state.cache_lookup(spec, decision.model.tier, cause.team,
+                                          cause.occurred_at)
+            if hit is not None:
+                self.cache_hits += 1
+                self.cache_saved_usd += decision.estimated_cost_usd
+                log.info("cache hit", tier=decision.model.tier, source_task=hit.source_task_id,
+                         saved_estimate_usd=decision.estimated_cost_usd)
+                return [cause.derive(
+                    ev.TaskCompleted, event_id=derived_id(cause.event_id, tag), attempt=1,
+                    model=CACHE_MODEL, output=hit.output, cost_usd=0.0, duration_ms=0,
+                    cached=True)]
+        if check.spent:
+            return [cause.derive(ev.TaskHeld, event_id=derived_id(cause.event_id, tag),
+                                 reason=check.reason, kind=BUDGET_HOLD, attempt=attempt,
+                                 held_by=f"budget:{cause.team}")]
+        reason = f"{why}; {decision.reason}" if why else decision.reason
+        return [cause.derive(
+            ev.TaskRouted, event_id=derived_id(cause.event_id, tag), spec=spec, attempt=attempt,
+            model=decision.model.name, provider=decision.model.provider,
+            tier=decision.model.tier, reason=reason, alternatives=decision.alternatives,
+            estimated_cost_usd=decision.estimated_cost_usd)]
+
+    def _escalate(self, event: ev.TaskEscalated) -> list[ev.Event]:
+        rec = self.state.tasks.get(event.task_id)
+        spec = event.spec or (rec.spec if rec else None)
+        tag = f"routed/{event.attempt}"
+        if spec is None:
+            return [event.derive(
+                ev.TaskFailed, event_id=derived_id(event.event_id, tag), attempt=event.attempt,
+                failure_class="model_error", final=True,
+                reason="cannot route the escalated attempt: the escalation carries no spec and "
+                       "the router has none for this task")]
+        why = f"escalated from {event.from_tier} to {event.to_tier}: {event.reason}"
+        return self._route(event, spec, attempt=event.attempt, tag=tag,
+                           escalate_to=event.to_tier, why=why)
+
+    def _release(self, status: ev.BudgetStatus) -> list[ev.Event]:
+        if self.budget(status.team).spent:
+            return []
+        outs: list[ev.Event] = []
+        for task_id, rec in self.state.held_tasks(status.team):
+            if rec.spec is None or rec.held is None:
+                log.warning("held task without a spec", held_task=task_id)
+                continue
+            attempt = rec.held
+            # A synthetic cause carries the task's identity; ids derive from the status event.
+            cause = ev.TaskAccepted(event_id=derived_id(status.event_id, task_id),
+                                    task_id=task_id, team=rec.team, spec=rec.spec,
+                                    occurred_at=status.occurred_at,
+                                    causation_id=status.event_id)
+            tier = rec.escalations.get(attempt)
+            why = (f"released from the budget hold (${status.remaining_usd:.2f} of "
+                   f"${status.budget_usd:.2f} left)")
+            for out in self._route(cause, rec.spec, attempt=attempt, tag=f"released/{attempt}",
+                                   escalate_to=tier, why=why):
+                outs.append(out.model_copy(update={"causation_id": status.event_id}))
+        return outs

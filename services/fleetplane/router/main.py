@@ -2,19 +2,38 @@
 
 from __future__ import annotations
 
-from functools import partial
-
 from fleetplane.core.catalog import load_catalog
 from fleetplane.core.loop import Processor
 from fleetplane.core.service import bootstrap
-from fleetplane.core.topics import ACCEPTED
-from fleetplane.router.handlers import route
+from fleetplane.core.settings import Settings
+from fleetplane.core.teams import load_teams
+from fleetplane.core.topics import ACCEPTED, BUDGET, LIFECYCLE, OUTCOMES
+from fleetplane.router.handlers import Router
+from fleetplane.router.policy import PolicyConfig
+from fleetplane.router.rebuild import rebuild
+from fleetplane.router.state import RouterState
+
+#: What the router consumes: submissions to route, escalations and failed attempts (lifecycle),
+#: outcomes (statistics and cache) and budget status. Its own tasks.routed is read at start-up
+#: only (rebuild).
+INPUTS = [ACCEPTED, LIFECYCLE, OUTCOMES, BUDGET]
+
+
+def build_router(settings: Settings) -> Router:
+    catalog = load_catalog(settings.catalog_file)
+    state = RouterState(catalog, settings.router_cache_ttl_s, settings.router_cache_scope,
+                        settings.router_cache_max_entries)
+    cfg = PolicyConfig(exploration_share=settings.router_exploration_share,
+                       confidence_z=settings.router_confidence_z,
+                       min_cost_observations=settings.router_min_cost_observations)
+    return Router(catalog, load_teams(settings.teams_file), state, cfg)
 
 
 def main() -> None:
     settings = bootstrap("router")
-    catalog = load_catalog(settings.catalog_file)
-    processor = Processor("router", [ACCEPTED], partial(route, catalog), settings)
+    router = build_router(settings)
+    rebuild(router.state, settings)
+    processor = Processor("router", INPUTS, router, settings)
     processor.install_signal_handlers()
     processor.run()
 

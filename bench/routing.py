@@ -1,0 +1,97 @@
+"""Routing decision latency in process: the router's handler on TaskAccepted events.
+
+    python -m bench.routing [--decisions 20000] [--seed 1]
+
+Builds the router as fleetplane-router does (catalog, teams, state), warms its statistics with
+the outcomes of 2000 routed tasks (so the learned policy, not the cold-start rule, decides),
+fills the response cache with a few answers, then times `Router.handle(TaskAccepted)` (policy,
+exploration draw, budget check, cache lookup, output event) for a mix of task types, tools and
+repeated prompts. Prints p50/p99/max and decisions per second; figures, not assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+from fleetplane.core import events as ev
+from fleetplane.core.logging import configure_logging
+from fleetplane.core.settings import Settings
+from fleetplane.router.main import build_router
+
+
+def pct(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--decisions", type=int, default=20_000)
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args()
+    rng = random.Random(args.seed)
+    configure_logging("router", "WARNING", True)  # time the decision, not the log sink
+    router = build_router(Settings())
+    types = sorted(router.catalog.task_types)
+    models = sorted(router.catalog.models)
+    # warm the statistics: 2000 pinned tasks with outcomes
+    for i in range(2000):
+        model = rng.choice(models)
+        spec = ev.TaskSpec(name="w", task_type=rng.choice(types), prompt=f"warm {i}",
+                           model_preference="pinned", model=model)
+        router.handle(ev.TaskAccepted(task_id=f"w{i}", team="payments", spec=spec))
+        if rng.random() < 0.8:
+            router.handle(ev.TaskCompleted(task_id=f"w{i}", team="payments", attempt=1,
+                                           model=model, output="ok", cost_usd=0.002,
+                                           duration_ms=1))
+        else:
+            router.handle(ev.TaskFailed(task_id=f"w{i}", team="payments", attempt=1,
+                                        failure_class="model_error", reason="x", cost_usd=0.002))
+    repeated = [f"Summarize report {k}" for k in range(20)]
+    events = []
+    for i in range(args.decisions):
+        tools = ["read_file", "grep"] if rng.random() < 0.3 else []
+        prompt = rng.choice(repeated) if rng.random() < 0.2 else f"task {i} " + "x" * rng.randint(
+            50, 4000)
+        spec = ev.TaskSpec(name="b", task_type=rng.choice(types), prompt=prompt,
+                           allowed_tools=tools)
+        events.append(ev.TaskAccepted(task_id=f"b{i}", team="payments", spec=spec))
+    lat: list[float] = []
+    outcomes: dict[str, int] = {}
+    cpu0 = time.process_time()
+    for e in events:
+        t0 = time.perf_counter()
+        (out,) = router.handle(e)
+        lat.append((time.perf_counter() - t0) * 1e6)
+        kind = "cache hit" if isinstance(out, ev.TaskCompleted) else type(out).__name__
+        outcomes[kind] = outcomes.get(kind, 0) + 1
+        if isinstance(out, ev.TaskRouted) and out.spec.prompt in repeated:
+            router.handle(ev.TaskCompleted(task_id=out.task_id, team="payments", attempt=1,
+                                           model=out.model, output="cached answer",
+                                           cost_usd=0.001, duration_ms=1))
+    cpu_us = (time.process_time() - cpu0) * 1e6 / len(events)
+    table = Table(title=f"routing decision latency in process ({args.decisions} decisions, "
+                        f"{platform.machine()}, {os.cpu_count()} cores, "
+                        f"python {platform.python_version()})")
+    for col in ("p50 µs", "p99 µs", "max µs", "mean µs", "CPU µs/decision", "decisions/s",
+                "outcomes"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{pct(lat, 0.5):.0f}", f"{pct(lat, 0.99):.0f}", f"{max(lat):.0f}",
+                  f"{statistics.fmean(lat):.0f}", f"{cpu_us:.0f}",
+                  f"{1e6 / statistics.fmean(lat):.0f}",
+                  ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
+    Console(width=160).print(table)
+    print(f"load average at the end: {os.getloadavg()[0]:.1f} (the machine is shared)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Generate a synthetic routing-evaluation file (the shape fleetplane.router.evaluate reads).
+
+    python -m fleetplane.router.evalgen --tasks 500 --seed 7 > examples/routing-eval.jsonl
+
+The world it simulates: each task has a hidden difficulty d ~ U(0, 1); a model succeeds when d is
+below its skill for the task type (plus a little noise), so a task a small model solves is
+usually solved by stronger ones too. Skills grow with the tier and shrink with how hard the task
+type is (its catalog tier). Costs are the catalog's prices times the task's tokens and turns:
+an agent task spends several model calls. Deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+
+from fleetplane.core.catalog import load_catalog
+from fleetplane.core.settings import Settings
+
+#: Skill of a model tier (rows) on task types of a tier (columns): the success probability.
+SKILL = {
+    "small": {"small": 0.92, "standard": 0.72, "frontier": 0.35},
+    "standard": {"small": 0.96, "standard": 0.88, "frontier": 0.80},
+    "frontier": {"small": 0.98, "standard": 0.95, "frontier": 0.86},
+}
+#: Per-model adjustment inside a tier (a weaker cheap model, a stronger one).
+ADJUST = {"fleet-local-coder": -0.12, "gpt-4o-mini": -0.03}
+
+
+def generate(n: int, seed: int) -> list[dict[str, object]]:
+    catalog = load_catalog(Settings().catalog_file)
+    rng = random.Random(seed)
+    types = sorted(catalog.task_types)
+    out = []
+    for i in range(n):
+        task_type = rng.choice(types)
+        type_tier = catalog.task_types[task_type].tier
+        tools = rng.random() < 0.3
+        prompt_tokens = int(rng.lognormvariate(6.5, 0.8))  # median ~660 tokens
+        turns = rng.randint(1, 4) if tools else 1
+        output_tokens = rng.randint(150, 900)
+        difficulty = rng.random()
+        candidates: dict[str, dict[str, object]] = {}
+        for model in catalog.models.values():
+            if tools and not model.tool_use:
+                continue
+            if prompt_tokens + output_tokens > model.context_window:
+                continue
+            skill = SKILL[model.tier][type_tier] + ADJUST.get(model.name, 0.0)
+            success = difficulty + rng.gauss(0, 0.05) < skill
+            p = model.prices
+            cost = turns * (prompt_tokens * p.input + output_tokens * p.output)
+            candidates[model.name] = {"success": success, "cost_usd": round(cost, 7)}
+        out.append({"task_id": f"eval-{seed}-{i:05d}", "task_type": task_type,
+                    "prompt_tokens": prompt_tokens, "tools": tools, "candidates": candidates})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fleetplane.router.evalgen")
+    p.add_argument("--tasks", type=int, default=500)
+    p.add_argument("--seed", type=int, default=7)
+    args = p.parse_args(argv)
+    for row in generate(args.tasks, args.seed):
+        sys.stdout.write(json.dumps(row, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

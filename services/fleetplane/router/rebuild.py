@@ -1,0 +1,114 @@
+"""Rebuild the router's state at start-up from the topics (its memory survives a restart).
+
+Reads, up to their end at start-up and in this order: tasks.routed (what was routed, to which
+model, with which spec), tasks.lifecycle (escalations, budget holds, failed attempts),
+tasks.outcomes (completions fill the statistics and the cache; terminal events close tasks) and
+fleet.budget (the latest status per team); then tasks.accepted, only for the specs of tasks still
+held. Every event goes through ``RouterState.apply``, the fold the live router uses, so the rebuilt
+state is the state the router had (read_committed: aborted outputs are not seen). The processor
+then resumes from the group's committed offsets; what it re-reads is applied idempotently.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from fleetplane.core import events as ev
+from fleetplane.core.errors import NotRetriable
+from fleetplane.core.logging import get_logger
+from fleetplane.core.loop import headers_dict
+from fleetplane.core.serde import Serde, default_serde
+from fleetplane.core.settings import Settings
+from fleetplane.core.topics import ACCEPTED, BUDGET, LIFECYCLE, OUTCOMES, ROUTED
+from fleetplane.router.state import RouterState
+
+log = get_logger(__name__)
+
+#: Event types each topic contributes (others, e.g. heartbeats, are skipped before decoding).
+WANTED: dict[str, frozenset[str]] = {
+    ROUTED: frozenset({"TaskRouted"}),
+    LIFECYCLE: frozenset({"TaskEscalated", "TaskHeld", "TaskFailed"}),
+    OUTCOMES: frozenset({"TaskCompleted", "TaskFailed", "TaskAbandoned", "TaskCancelled",
+                         "TaskRolledBack"}),
+    BUDGET: frozenset({"BudgetStatus"}),
+    ACCEPTED: frozenset({"TaskAccepted"}),
+}
+
+
+def read_topic(settings: Settings, topic: str, serde: Serde,
+               keep: Callable[[bytes | None], bool] | None = None,
+               timeout_s: float = 120.0) -> Iterator[ev.Event]:
+    """Every wanted event of `topic` from the beginning to its end at call time."""
+    consumer = Consumer({**settings.consumer_config(f"router-rebuild-{uuid.uuid4().hex}"),
+                         "enable.auto.commit": False, "enable.partition.eof": True})
+    try:
+        meta = consumer.list_topics(topic, timeout=30).topics.get(topic)
+        if meta is None or not meta.partitions:
+            return
+        ends: dict[int, int] = {}
+        assign = []
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+            if high > low:
+                ends[p] = high
+                assign.append(TopicPartition(topic, p, low))
+        if not assign:
+            return
+        consumer.assign(assign)
+        wanted = WANTED[topic]
+        deadline = time.monotonic() + timeout_s
+        while ends:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rebuild: {topic} not read to its end in {timeout_s}s "
+                                   f"(partitions left: {sorted(ends)})")
+            for msg in consumer.consume(1000, 0.5):
+                p = msg.partition() or 0
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        ends.pop(p, None)
+                    continue
+                if (msg.offset() or 0) + 1 >= ends.get(p, 0):
+                    ends.pop(p, None)  # (read_committed: control records may end a partition)
+                etype = headers_dict(msg.headers()).get("event_type")
+                if etype is not None and etype.decode() not in wanted:
+                    continue
+                if keep is not None and not keep(msg.key()):
+                    continue
+                try:
+                    event = serde.decode(msg.value() or b"")
+                except NotRetriable:
+                    continue  # undecodable records are the DLQ's business, not state
+                if type(event).__name__ in wanted:
+                    yield event
+    finally:
+        consumer.close()
+
+
+def rebuild(state: RouterState, settings: Settings, serde: Serde | None = None) -> dict[str, int]:
+    """Fold the topics into `state`; returns how many events each topic contributed."""
+    serde = serde or default_serde()
+    started = time.monotonic()
+    counts: dict[str, int] = {}
+    for topic in (ROUTED, LIFECYCLE, OUTCOMES, BUDGET):
+        n = 0
+        for event in read_topic(settings, topic, serde):
+            state.apply(event)
+            n += 1
+        counts[topic] = n
+    missing = {tid for tid, rec in state.tasks.items() if rec.spec is None}
+    n = 0
+    if missing:
+        keys = {t.encode() for t in missing}
+        for event in read_topic(settings, ACCEPTED, serde, keep=lambda k: k in keys):
+            state.apply(event)
+            n += 1
+    counts[ACCEPTED] = n
+    log.info("router state rebuilt", seconds=round(time.monotonic() - started, 3),
+             events=counts, open_tasks=len(state.tasks), stats=len(state.stats),
+             cache_entries=len(state.cache))
+    return counts

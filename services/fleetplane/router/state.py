@@ -1,0 +1,149 @@
+"""The router's state as a fold of events (pure): what it routed, outcome statistics, the
+response cache, the latest budget status per team, and the tasks held for budget.
+
+``RouterState.apply`` takes every event the router reads or writes; applying an event twice is the
+same as applying it once, so the live router (which applies its inputs and its own outputs) and a
+router rebuilt at start-up from the topics (fleetplane.router.rebuild) hold the same state.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from fleetplane.core import events as ev
+from fleetplane.core.catalog import Catalog
+from fleetplane.router.cache import CACHE_MODEL, CacheEntry, ResponseCache, cache_key, not_cacheable
+from fleetplane.router.stats import NEUTRAL_FAILURES, OutcomeStats
+
+BUDGET_HOLD = "budget"
+RECENTLY_DONE = 100_000  # terminal task ids remembered, so a late event does not revive a task
+
+
+@dataclass
+class TaskRecord:
+    """One task the router has routed or held and that has not ended yet."""
+
+    team: str
+    spec: ev.TaskSpec | None = None
+    models: dict[int, str] = field(default_factory=dict)  # attempt -> model routed
+    counted: set[int] = field(default_factory=set)  # attempts whose outcome is in the stats
+    escalations: dict[int, str] = field(default_factory=dict)  # attempt -> tier asked for
+    held: int | None = None  # attempt held for budget, until routed
+    held_at: datetime | None = None
+
+    def model_of(self, attempt: int) -> str | None:
+        """The model of an attempt: the coordinator retries an attempt on the model of the last
+        routed attempt, so it is the latest routed attempt at or below `attempt`."""
+        known = [a for a in self.models if a <= attempt]
+        return self.models[max(known)] if known else None
+
+    @property
+    def waiting(self) -> bool:
+        return self.held is not None and self.held not in self.models
+
+
+class RouterState:
+    def __init__(self, catalog: Catalog, cache_ttl_s: float, cache_scope: str = "team",
+                 cache_max_entries: int = 100_000) -> None:
+        self.catalog = catalog
+        self.cache_scope = cache_scope
+        self.tasks: dict[str, TaskRecord] = {}
+        self.done: OrderedDict[str, None] = OrderedDict()
+        self.stats = OutcomeStats()
+        self.cache = ResponseCache(cache_ttl_s, cache_max_entries)
+        self.budgets: dict[str, ev.BudgetStatus] = {}
+        self.applied = 0
+
+    # -- queries -------------------------------------------------------------------------------
+    def held_tasks(self, team: str) -> list[tuple[str, TaskRecord]]:
+        held = [(tid, r) for tid, r in self.tasks.items() if r.team == team and r.waiting]
+        return sorted(held, key=lambda item: (item[1].held_at or datetime.min, item[0]))
+
+    def cache_lookup(self, spec: ev.TaskSpec, tier: str, team: str,
+                     now: datetime) -> CacheEntry | None:
+        """An answer for this task from `tier` or a tier above it (a stronger model's answer
+        serves a weaker tier's request, never the reverse)."""
+        t: str | None = tier
+        while t is not None:
+            entry = self.cache.get(cache_key(spec, t, team, self.cache_scope), now)
+            if entry is not None:
+                return entry
+            t = self.catalog.tier_above(t)
+        return None
+
+    # -- the fold --------------------------------------------------------------------------------
+    def apply(self, event: ev.Event) -> None:
+        self.applied += 1
+        if isinstance(event, ev.BudgetStatus):
+            self.budgets[event.team] = event
+            return
+        if event.task_id in self.done:
+            return
+        if isinstance(event, ev.TaskRouted):
+            rec = self._record(event)
+            rec.spec = rec.spec or event.spec
+            rec.models.setdefault(event.attempt, event.model)
+        elif isinstance(event, ev.TaskEscalated):
+            rec = self._record(event)
+            if event.spec is not None:
+                rec.spec = event.spec
+            rec.escalations.setdefault(event.attempt, event.to_tier)
+        elif isinstance(event, ev.TaskHeld) and event.kind == BUDGET_HOLD:
+            rec = self._record(event)
+            if event.attempt not in rec.models and (rec.held is None
+                                                    or event.attempt >= rec.held):
+                rec.held = event.attempt
+                rec.held_at = rec.held_at if rec.held_at else event.occurred_at
+        elif isinstance(event, ev.TaskAccepted):
+            rec_ = self.tasks.get(event.task_id)
+            if rec_ is not None and rec_.spec is None:
+                rec_.spec = event.spec  # a held task's spec (rebuild reads it last)
+        elif isinstance(event, ev.TaskFailed):
+            self._count(event.task_id, event.attempt,
+                        success=False, cost=event.cost_usd,
+                        neutral=event.failure_class in NEUTRAL_FAILURES)
+            if event.final:
+                self._finish(event.task_id)
+        elif isinstance(event, ev.TaskCompleted):
+            if not event.cached and event.model != CACHE_MODEL:
+                self._count(event.task_id, event.attempt, success=True, cost=event.cost_usd)
+                self._fill_cache(event)
+            self._finish(event.task_id)
+        elif ev.is_terminal(event):
+            self._finish(event.task_id)
+
+    def _record(self, event: ev.Event) -> TaskRecord:
+        rec = self.tasks.get(event.task_id)
+        if rec is None:
+            rec = self.tasks[event.task_id] = TaskRecord(team=event.team)
+        return rec
+
+    def _count(self, task_id: str, attempt: int, *, success: bool, cost: float,
+               neutral: bool = False) -> None:
+        rec = self.tasks.get(task_id)
+        if rec is None or attempt in rec.counted or rec.spec is None:
+            return
+        model = rec.model_of(attempt)
+        if model is None:
+            return
+        rec.counted.add(attempt)
+        if not neutral:
+            self.stats.record(rec.spec.task_type, model, success, cost)
+
+    def _fill_cache(self, event: ev.TaskCompleted) -> None:
+        rec = self.tasks.get(event.task_id)
+        model = self.catalog.models.get(event.model)
+        if rec is None or rec.spec is None or model is None or not_cacheable(rec.spec):
+            return
+        key = cache_key(rec.spec, model.tier, rec.team, self.cache_scope)
+        self.cache.put(key, CacheEntry(output=event.output, model=event.model,
+                                       cost_usd=event.cost_usd, created_at=event.occurred_at,
+                                       source_task_id=event.task_id))
+
+    def _finish(self, task_id: str) -> None:
+        self.tasks.pop(task_id, None)
+        self.done[task_id] = None
+        while len(self.done) > RECENTLY_DONE:
+            self.done.popitem(last=False)
