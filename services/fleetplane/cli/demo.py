@@ -48,11 +48,18 @@ def manifests(per_team: int) -> list[dict[str, Any]]:
 
 
 def run_demo(ingest: str, accounting: str, per_team: int, timeout_s: float,
-             console: Console) -> int:
+             console: Console, token: str = "") -> int:
+    """Submits with `token` (the local stack's admin token, which may submit for every team:
+    `fleetplane up` keeps it in <data dir>/admin.token)."""
     ids: dict[str, str] = {}
+    auth = {"Authorization": f"Bearer {token}", "X-Fleetplane-Source": "cli"}
     with httpx.Client(timeout=30) as http:
         for m in manifests(per_team):
-            resp = http.post(f"{ingest}/v1/tasks", json=m)
+            resp = http.post(f"{ingest}/v1/tasks", json=m, headers=auth)
+            if resp.status_code in (401, 403):
+                console.print(f"[red]ingest refused the demo's token ({resp.status_code}): "
+                              f"{resp.text[:200]}; is FLEETPLANE_TOKEN an admin token?")
+                return 1
             resp.raise_for_status()
             ids[resp.json()["task_id"]] = m["metadata"]["team"]
         console.print(f"submitted {len(ids)} tasks from {len(SAMPLES)} teams")
