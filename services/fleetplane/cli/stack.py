@@ -151,7 +151,7 @@ class Stack:
                     return
             except httpx.HTTPError:
                 pass
-            time.sleep(0.1)
+            time.sleep(0.25)  # each miss counts against the failed-token limit (30/min)
         raise RuntimeError(f"ingest did not learn the token within {timeout_s}s")
 
     def _spawn(self, name: str, argv: list[str]) -> Child:

@@ -132,8 +132,34 @@ def _parse_json_object(body: bytes) -> dict[str, Any]:
     return doc
 
 
+def principal(request: Request) -> Principal:
+    """The caller, from its bearer token (401 / 429 otherwise)."""
+    intake: Intake = request.app.state.intake
+    addr = request.client.host if request.client else "unknown"
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)",
+                       headers={"WWW-Authenticate": "Bearer"})
+    wait = intake.auth_failures.blocked_for(addr)
+    if wait > 0:
+        raise ApiError(429, "too many failed token checks from this address",
+                       headers=_retry_after(wait))
+    who = intake.tokens.verify(token.strip())
+    if who is None:
+        intake.auth_failures.take(addr)
+        raise ApiError(401, "invalid or revoked token",
+                       headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    return who
+
+
+Caller = Annotated[Principal, Depends(principal)]
+TaskId = Annotated[str, Path(pattern=TASK_ID_RE)]
+
+
 def create_app(intake: Intake) -> FastAPI:
     app = FastAPI(title="fleetplane ingest", version="1")
+    app.state.intake = intake
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -154,25 +180,6 @@ def create_app(intake: Intake) -> FastAPI:
         return JSONResponse(status_code=503, content={"error": str(exc)},
                             headers={"Retry-After": "1"})
 
-    def principal(request: Request) -> Principal:
-        addr = request.client.host if request.client else "unknown"
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError(401, "missing bearer token (Authorization: Bearer <token>)",
-                           headers={"WWW-Authenticate": "Bearer"})
-        wait = intake.auth_failures.blocked_for(addr)
-        if wait > 0:
-            raise ApiError(429, "too many failed token checks from this address",
-                           headers=_retry_after(wait))
-        who = intake.tokens.verify(token.strip())
-        if who is None:
-            intake.auth_failures.take(addr)
-            raise ApiError(401, "invalid or revoked token",
-                           headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
-        return who
-
-    Caller = Annotated[Principal, Depends(principal)]
 
     def charge(team: str) -> None:
         wait = intake.rate.take(team)
@@ -250,8 +257,6 @@ def create_app(intake: Intake) -> FastAPI:
             raise ApiError(403, f"a token of team {who.team} cannot list team {team}'s tasks")
         scope = team if (team is not None or who.is_admin) else who.team
         return intake.view.tasks(team=scope, state=state, task_type=task_type, limit=limit)
-
-    TaskId = Annotated[str, Path(pattern=TASK_ID_RE)]
 
     @app.get("/v1/tasks/{task_id}")
     def get_task(task_id: TaskId, who: Caller) -> dict[str, Any]:

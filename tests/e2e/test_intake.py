@@ -1,0 +1,177 @@
+"""Intake as teams use it: tokens and team scoping, idempotency keys (HTTP, raw Kafka, across an
+ingest restart), cancellation, and the SDK, on the five services as real processes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import httpx
+import pytest
+
+from fleetplane import Client
+from fleetplane.cli.stack import Stack
+from fleetplane.client import NotFound, PermissionDenied
+from fleetplane.core import events as ev
+from fleetplane.core.kafka import EventProducer
+from fleetplane.core.topics import ACCEPTED, LIFECYCLE
+
+from .conftest import auth, manifest, read_topic, settings_for, submit, wait_terminal
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def teams(stack: Stack) -> dict[str, str]:
+    """Two teams of this module with a token each (ingest learns them from fleet.tokens)."""
+    run = uuid.uuid4().hex[:6]
+    tokens = {f"alpha-{run}": "", f"beta-{run}": ""}
+    for team in tokens:
+        tokens[team] = stack.issue_token(team)
+    for token in tokens.values():
+        stack.wait_token(token)
+    return tokens
+
+
+def test_a_team_sees_lists_and_cancels_only_its_own_tasks(stack: Stack,
+                                                          teams: dict[str, str]) -> None:
+    (alpha, a_tok), (beta, b_tok) = teams.items()
+    url = stack.ingest_url
+    with httpx.Client(timeout=30) as http:
+        assert http.post(f"{url}/v1/tasks", json=manifest(alpha, "x", "p")).status_code == 401
+        assert http.get(f"{url}/v1/tasks", headers=auth("fpt_000000000000_" + "x" * 43)
+                        ).status_code == 401
+        no_team = manifest(alpha, "own", "summarize this")
+        del no_team["metadata"]["team"]
+        resp = http.post(f"{url}/v1/tasks", json=no_team, headers=auth(a_tok))
+        assert resp.status_code == 202 and resp.json()["team"] == alpha, resp.text
+        a_task = resp.json()["task_id"]
+        other = http.post(f"{url}/v1/tasks", json=manifest(beta, "spoof", "p"),
+                          headers=auth(a_tok))
+        assert other.status_code == 403
+        assert other.json()["errors"][0]["field"] == "metadata.team"
+        a_code = submit(http, stack, manifest(alpha, "gen", "write code", task_type="codegen"),
+                        token=a_tok)
+        b_task = submit(http, stack, manifest(beta, "theirs", "beta work"), token=b_tok)
+        wait_terminal(http, stack, {a_task, a_code, b_task})
+
+        assert http.get(f"{url}/v1/tasks/{a_task}", headers=auth(a_tok)).json()["state"] == (
+            "completed")
+        assert http.get(f"{url}/v1/tasks/{a_task}", headers=auth(b_tok)).status_code == 404
+        assert http.get(f"{url}/v1/tasks/{a_task}/events", headers=auth(b_tok)
+                        ).status_code == 404
+        assert http.post(f"{url}/v1/tasks/{a_task}:cancel", headers=auth(b_tok)
+                         ).status_code == 404
+        b_list = http.get(f"{url}/v1/tasks", params={"limit": 1000}, headers=auth(b_tok)).json()
+        assert {r["task_id"] for r in b_list} == {b_task}
+        assert http.get(f"{url}/v1/tasks", params={"team": alpha}, headers=auth(b_tok)
+                        ).status_code == 403
+        codegen = http.get(f"{url}/v1/tasks", params={"type": "codegen"},
+                           headers=auth(a_tok)).json()
+        assert [r["task_id"] for r in codegen] == [a_code]
+        done = http.get(f"{url}/v1/tasks", params={"state": "completed"},
+                        headers=auth(a_tok)).json()
+        assert {r["task_id"] for r in done} == {a_task, a_code}
+        admin = http.get(f"{url}/v1/tasks", params={"team": alpha},
+                         headers=auth(stack.admin_token)).json()
+        assert {r["task_id"] for r in admin} == {a_task, a_code}
+        assert http.get(f"{url}/v1/tasks/{b_task}", headers=auth(stack.admin_token)
+                        ).status_code == 200
+        timeline = http.get(f"{url}/v1/tasks/{a_task}/events", headers=auth(a_tok)).json()
+        kinds = [e["event_type"] for e in timeline]
+        assert kinds[0] == "TaskSubmitted" and kinds[-1] == "TaskCompleted"
+        finished = http.post(f"{url}/v1/tasks/{a_task}:cancel", headers=auth(a_tok))
+        assert finished.status_code == 409
+
+
+def test_sdk_cancels_a_running_task(stack: Stack, teams: dict[str, str]) -> None:
+    alpha, a_tok = next(iter(teams.items()))
+    run = uuid.uuid4().hex[:6]
+    with httpx.Client(timeout=30) as http:
+        saved = http.get(f"{stack.provider_url}/_fake/script").json()
+        slow = {**saved, "replies": [*saved.get("replies", []),
+                                     {"match": f"[slow-{run}]", "latency_ms": 60_000,
+                                      "times": 5}]}
+        assert http.post(f"{stack.provider_url}/_fake/script", json=slow).status_code < 300
+        try:
+            with Client(stack.ingest_url, a_tok) as sdk:
+                sub = sdk.submit(manifest(alpha, "slow", f"[slow-{run}] take your time"))
+                deadline = time.monotonic() + 60
+                busy = ("dispatched", "running")
+                while sdk.get(sub.task_id).state not in busy and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                assert sdk.get(sub.task_id).state in busy  # its model call takes 60 s
+                with Client(stack.ingest_url, teams[list(teams)[1]]) as other, \
+                        pytest.raises(NotFound):
+                    other.cancel(sub.task_id)
+                assert sdk.cancel(sub.task_id, "no longer needed")["state"] == "cancelling"
+                final = sdk.wait(sub.task_id, timeout=60)
+                assert final.state == "cancelled"
+                with pytest.raises(PermissionDenied):
+                    sdk.list(team=list(teams)[1])
+        finally:
+            http.post(f"{stack.provider_url}/_fake/script", json=saved)
+
+
+def _accepted(stack: Stack, ids: set[str]) -> Counter[str]:
+    return Counter(e.task_id for e in read_topic(settings_for(stack), ACCEPTED, ids, idle_s=2)
+                   if isinstance(e, ev.TaskAccepted))
+
+
+def test_idempotency_key_gives_one_task_across_an_ingest_restart(
+        stack: Stack, teams: dict[str, str]) -> None:
+    (alpha, a_tok), (beta, b_tok) = teams.items()
+    key = f"deploy-{uuid.uuid4().hex[:8]}"
+    m: dict[str, Any] = {**manifest(alpha, "once", "do it once"), "idempotencyKey": key}
+    url = stack.ingest_url
+    with httpx.Client(timeout=30) as http:
+        first = http.post(f"{url}/v1/tasks", json=m, headers=auth(a_tok))
+        again = http.post(f"{url}/v1/tasks", json=m, headers=auth(a_tok))
+        assert first.status_code == 202 and again.status_code in (200, 202)
+        task_id = first.json()["task_id"]
+        assert again.json()["task_id"] == task_id
+        wait_terminal(http, stack, {task_id})
+        stack.restart("ingest")
+        stack.wait_ready()
+        stack.wait_token(a_tok)
+        after = http.post(f"{url}/v1/tasks", json=m, headers=auth(a_tok))
+        assert after.status_code == 200, after.text
+        assert after.json() == {**first.json(), "idempotent_replay": True}
+        changed = {**m, "spec": {**m["spec"], "prompt": "something else"}}
+        conflict = http.post(f"{url}/v1/tasks", json=changed, headers=auth(a_tok))
+        assert conflict.status_code == 409
+        b_m = {**manifest(beta, "once", "do it once"), "idempotencyKey": key}
+        theirs = http.post(f"{url}/v1/tasks", json=b_m, headers=auth(b_tok))
+        assert theirs.status_code == 202 and theirs.json()["task_id"] != task_id
+        wait_terminal(http, stack, {theirs.json()["task_id"]})
+    assert _accepted(stack, {task_id}) == {task_id: 1}
+
+
+def test_idempotency_key_on_the_raw_kafka_path(stack: Stack, teams: dict[str, str]) -> None:
+    alpha = next(iter(teams))
+    run = uuid.uuid4().hex[:6]
+    key = f"raw-{run}"
+    spec = ev.TaskSpec(name="raw", task_type="summarize", prompt=f"raw path {run}")
+    first = ev.TaskSubmitted(task_id=f"raw1-{run}", team=alpha, spec=spec, idempotency_key=key)
+    retry = ev.TaskSubmitted(task_id=f"raw1-{run}", team=alpha, spec=spec, idempotency_key=key)
+    second = ev.TaskSubmitted(task_id=f"raw2-{run}", team=alpha, spec=spec, idempotency_key=key)
+    producer = EventProducer(settings_for(stack))
+    try:
+        producer.send([first])
+        with httpx.Client(timeout=30) as http:
+            wait_terminal(http, stack, {first.task_id})
+            stack.restart("ingest")  # the mark must survive it
+            stack.wait_ready()
+            producer.send([retry, second])
+            rows = wait_terminal(http, stack, {second.task_id})
+    finally:
+        producer.close()
+    assert rows[second.task_id]["state"] == "rejected"
+    assert first.task_id in rows[second.task_id]["reason"]
+    ids = {first.task_id, second.task_id}
+    assert _accepted(stack, ids) == {first.task_id: 1}
+    rejected = [e for e in read_topic(settings_for(stack), LIFECYCLE, ids, idle_s=2)
+                if isinstance(e, ev.TaskRejected)]
+    assert [(e.task_id, e.field) for e in rejected] == [(second.task_id, "idempotency_key")]
