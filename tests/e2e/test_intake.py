@@ -10,13 +10,17 @@ from typing import Any
 
 import httpx
 import pytest
+from confluent_kafka import Producer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fleetplane import Client
 from fleetplane.cli.stack import Stack
 from fleetplane.client import NotFound, PermissionDenied
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
-from fleetplane.core.topics import ACCEPTED, LIFECYCLE
+from fleetplane.core.topics import ACCEPTED, DLQ, LIFECYCLE, SUBMITTED
+from tests.hostile import as_json, hostile_manifests, hostile_records
 
 from .conftest import auth, manifest, read_topic, settings_for, submit, wait_terminal
 
@@ -175,3 +179,58 @@ def test_idempotency_key_on_the_raw_kafka_path(stack: Stack, teams: dict[str, st
     rejected = [e for e in read_topic(settings_for(stack), LIFECYCLE, ids, idle_s=2)
                 if isinstance(e, ev.TaskRejected)]
     assert [(e.task_id, e.field) for e in rejected] == [(second.task_id, "idempotency_key")]
+
+
+def test_hostile_input_on_both_paths_is_rejected_and_ingest_keeps_flowing(stack: Stack) -> None:
+    """Hypothesis throws hostile raw records at tasks.submitted and hostile manifests at the
+    running ingest; each gets a clear rejection, the process stays up, a valid task completes."""
+    run = uuid.uuid4().hex[:6]
+    settings_ = settings_for(stack)
+    raw = Producer(settings_.producer_config())
+    sent: dict[str, str] = {}
+
+    @settings(max_examples=60, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+    @given(data=st.data())
+    def throw_records(data: st.DataObject) -> None:
+        key = f"fuzz-{run}-{len(sent)}"
+        kind, value = data.draw(hostile_records(task_id=key))
+        raw.produce(SUBMITTED, key=key.encode(), value=value)
+        sent[key] = kind
+
+    throw_records()
+    assert raw.flush(30) == 0
+    token = stack.issue_token("fuzz-team")
+    stack.wait_token(token)
+    codes: Counter[int] = Counter()
+    with httpx.Client(timeout=30) as http:
+
+        @settings(max_examples=60, deadline=None,
+                  suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                         HealthCheck.too_slow])
+        @given(doc=hostile_manifests())
+        def throw_manifests(doc: Any) -> None:
+            r = http.post(f"{stack.ingest_url}/v1/tasks", content=as_json(doc),
+                          headers={**auth(token), "Content-Type": "application/json"})
+            codes[r.status_code] += 1
+            assert r.status_code in (202, 400, 403, 413, 422), r.text[:300]
+            if r.status_code in (400, 403, 422):
+                assert all(e["field"] for e in r.json()["errors"])
+
+        throw_manifests()
+        assert stack.children["ingest"].alive()
+        good = submit(http, stack, manifest("payments", "after-fuzz", f"still flowing {run}"))
+        assert wait_terminal(http, stack, {good})[good]["state"] == "completed"
+    dead = {d.task_id: d for d in read_topic(settings_, DLQ, set(sent), idle_s=2)
+            if isinstance(d, ev.DeadLetter)}
+    accepted = _accepted(stack, set(sent))
+    outcome: Counter[str] = Counter()
+    for key, kind in sent.items():
+        if key in accepted:
+            outcome[f"{kind}: accepted"] += 1
+            continue
+        assert key in dead, f"{kind} record {key} neither accepted nor dead-lettered"
+        assert dead[key].reason and dead[key].service == "ingest"
+        outcome[f"{kind}: {dead[key].error_class}"] += 1
+    print(f"\nhypothesis outcomes (e2e): raw {dict(sorted(outcome.items()))}; "
+          f"HTTP {dict(sorted(codes.items()))}")
