@@ -3,6 +3,10 @@ ingest restart), cancellation, and the SDK, on the five services as real process
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -235,3 +239,60 @@ def test_hostile_input_on_both_paths_is_rejected_and_ingest_keeps_flowing(stack:
         outcome[f"{kind}: {dead[key].error_class}"] += 1
     print(f"\nhypothesis outcomes (e2e): raw {dict(sorted(outcome.items()))}; "
           f"HTTP {dict(sorted(codes.items()))}")
+
+
+def test_cli_tokens_get_describe_cancel_as_a_team(stack: Stack) -> None:
+    """The kubectl-like commands, run as a user runs them, against the running stack."""
+    def cli(*args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETPLANE_")}
+        env.update({"FLEETPLANE_KAFKA_BOOTSTRAP": stack.bootstrap, "COLUMNS": "250",
+                    "FLEETPLANE_DATA_DIR": str(stack.data_dir),
+                    "FLEETPLANE_INGEST_URL": stack.ingest_url,
+                    "FLEETPLANE_CONFIG_FILE": str(stack.data_dir / "no-config.yaml")})
+        if token:
+            env["FLEETPLANE_TOKEN"] = token
+        return subprocess.run([sys.executable, "-m", "fleetplane.cli.main", *args], env=env,
+                              capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)
+
+    team = f"cli-{uuid.uuid4().hex[:6]}"
+    created = cli("token", "create", "--team", team, "--description", "ci")
+    assert created.returncode == 0, created.stderr
+    token = re.search(r"^(fpt_[0-9a-f]{12}_\S+)$", created.stdout, re.M)
+    assert token, created.stdout
+    token_id = token.group(1).split("_")[1]
+    listed = cli("token", "list", "--team", team)
+    assert token_id in listed.stdout and token.group(1) not in listed.stdout
+    stack.wait_token(token.group(1))
+
+    m = stack.data_dir / f"{team}.yaml"
+    m.write_text(f"apiVersion: fleetplane/v1\nkind: AgentTask\nmetadata: {{name: cli-task}}\n"
+                 f"spec: {{taskType: codegen, prompt: 'cli {team}'}}\n")
+    sub = cli("submit", "-f", str(m), token=token.group(1))
+    assert sub.returncode == 0, sub.stderr
+    task_id = re.search(r"submitted: ([0-9a-f]{32}) \(team (\S+)\)", sub.stdout)
+    assert task_id and task_id.group(2) == team, sub.stdout
+    with httpx.Client(timeout=30) as http:
+        wait_terminal(http, stack, {task_id.group(1)})
+    got = cli("get", "tasks", "--type", "codegen", token=token.group(1))
+    assert got.returncode == 0 and task_id.group(1) in got.stdout and "completed" in got.stdout
+    assert cli("get", "tasks", "--type", "summarize", token=token.group(1)).stdout.count(
+        task_id.group(1)) == 0
+    described = cli("describe", "task", task_id.group(1), token=token.group(1))
+    assert described.returncode == 0, described.stderr
+    for needle in ("TaskSubmitted", "TaskAccepted", "TaskRouted", "TaskCompleted", team):
+        assert needle in described.stdout, described.stdout
+    finished = cli("cancel", task_id.group(1), token=token.group(1))
+    assert finished.returncode == 1 and "already completed" in finished.stderr
+    stranger_token = stack.issue_token("strangers")
+    stack.wait_token(stranger_token)
+    stranger = cli("describe", "task", task_id.group(1), token=stranger_token)
+    assert stranger.returncode == 1 and f"no task {task_id.group(1)}" in stranger.stderr
+    assert cli("token", "revoke", token_id).returncode == 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if cli("get", "tasks", token=token.group(1)).returncode == 1:
+            break
+        time.sleep(0.5)
+    refused = cli("get", "tasks", token=token.group(1))
+    assert refused.returncode == 1 and "invalid or revoked token" in refused.stderr
