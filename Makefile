@@ -50,3 +50,6 @@ bench: install
 
 clean:
 	rm -rf .fleetplane .pytest_cache .mypy_cache .ruff_cache
+
+bench-intake: install   ## ingest HTTP submit latency/throughput with auth, idempotency, rate limits
+	$(PY) -m bench.intake $(BENCH_ARGS)

@@ -128,61 +128,53 @@ def _accepted(stack: Stack, ids: set[str]) -> Counter[str]:
                    if isinstance(e, ev.TaskAccepted))
 
 
-def test_idempotency_key_gives_one_task_across_an_ingest_restart(
+def test_idempotency_keys_give_one_task_over_http_and_kafka_across_an_ingest_restart(
         stack: Stack, teams: dict[str, str]) -> None:
     (alpha, a_tok), (beta, b_tok) = teams.items()
-    key = f"deploy-{uuid.uuid4().hex[:8]}"
+    run = uuid.uuid4().hex[:8]
+    key = f"deploy-{run}"
     m: dict[str, Any] = {**manifest(alpha, "once", "do it once"), "idempotencyKey": key}
     url = stack.ingest_url
-    with httpx.Client(timeout=30) as http:
-        first = http.post(f"{url}/v1/tasks", json=m, headers=auth(a_tok))
-        again = http.post(f"{url}/v1/tasks", json=m, headers=auth(a_tok))
-        assert first.status_code == 202 and again.status_code in (200, 202)
-        task_id = first.json()["task_id"]
-        assert again.json()["task_id"] == task_id
-        wait_terminal(http, stack, {task_id})
-        stack.restart("ingest")
-        stack.wait_ready()
-        stack.wait_token(a_tok)
-        after = http.post(f"{url}/v1/tasks", json=m, headers=auth(a_tok))
-        assert after.status_code == 200, after.text
-        assert after.json() == {**first.json(), "idempotent_replay": True}
-        changed = {**m, "spec": {**m["spec"], "prompt": "something else"}}
-        conflict = http.post(f"{url}/v1/tasks", json=changed, headers=auth(a_tok))
-        assert conflict.status_code == 409
-        b_m = {**manifest(beta, "once", "do it once"), "idempotencyKey": key}
-        theirs = http.post(f"{url}/v1/tasks", json=b_m, headers=auth(b_tok))
-        assert theirs.status_code == 202 and theirs.json()["task_id"] != task_id
-        wait_terminal(http, stack, {theirs.json()["task_id"]})
-    assert _accepted(stack, {task_id}) == {task_id: 1}
-
-
-def test_idempotency_key_on_the_raw_kafka_path(stack: Stack, teams: dict[str, str]) -> None:
-    alpha = next(iter(teams))
-    run = uuid.uuid4().hex[:6]
-    key = f"raw-{run}"
+    # raw Kafka path: a keyed submission, later retried and re-sent under a new task id
     spec = ev.TaskSpec(name="raw", task_type="summarize", prompt=f"raw path {run}")
-    first = ev.TaskSubmitted(task_id=f"raw1-{run}", team=alpha, spec=spec, idempotency_key=key)
-    retry = ev.TaskSubmitted(task_id=f"raw1-{run}", team=alpha, spec=spec, idempotency_key=key)
-    second = ev.TaskSubmitted(task_id=f"raw2-{run}", team=alpha, spec=spec, idempotency_key=key)
+    raw1 = ev.TaskSubmitted(task_id=f"raw1-{run}", team=alpha, spec=spec,
+                            idempotency_key=f"raw-{run}")
+    raw_retry = raw1.model_copy(update={"event_id": ev.new_event_id()})
+    raw2 = ev.TaskSubmitted(task_id=f"raw2-{run}", team=alpha, spec=spec,
+                            idempotency_key=f"raw-{run}")
     producer = EventProducer(settings_for(stack))
     try:
-        producer.send([first])
+        producer.send([raw1])
         with httpx.Client(timeout=30) as http:
-            wait_terminal(http, stack, {first.task_id})
-            stack.restart("ingest")  # the mark must survive it
+            first = http.post(f"{url}/v1/tasks", json=m, headers=auth(a_tok))
+            again = http.post(f"{url}/v1/tasks", json=m, headers=auth(a_tok))
+            assert first.status_code == 202 and again.status_code in (200, 202)
+            task_id = first.json()["task_id"]
+            assert again.json()["task_id"] == task_id
+            wait_terminal(http, stack, {task_id, raw1.task_id})
+            stack.restart("ingest")  # the marks must survive it
             stack.wait_ready()
-            producer.send([retry, second])
-            rows = wait_terminal(http, stack, {second.task_id})
+            stack.wait_token(a_tok)
+            producer.send([raw_retry, raw2])
+            after = http.post(f"{url}/v1/tasks", json=m, headers=auth(a_tok))
+            assert after.status_code == 200, after.text
+            assert after.json() == {**first.json(), "idempotent_replay": True}
+            changed = {**m, "spec": {**m["spec"], "prompt": "something else"}}
+            conflict = http.post(f"{url}/v1/tasks", json=changed, headers=auth(a_tok))
+            assert conflict.status_code == 409
+            b_m = {**manifest(beta, "once", "do it once"), "idempotencyKey": key}
+            theirs = http.post(f"{url}/v1/tasks", json=b_m, headers=auth(b_tok))
+            assert theirs.status_code == 202 and theirs.json()["task_id"] != task_id
+            rows = wait_terminal(http, stack, {raw2.task_id, theirs.json()["task_id"]})
     finally:
         producer.close()
-    assert rows[second.task_id]["state"] == "rejected"
-    assert first.task_id in rows[second.task_id]["reason"]
-    ids = {first.task_id, second.task_id}
-    assert _accepted(stack, ids) == {first.task_id: 1}
+    assert rows[raw2.task_id]["state"] == "rejected"
+    assert raw1.task_id in rows[raw2.task_id]["reason"]
+    ids = {task_id, raw1.task_id, raw2.task_id}
+    assert _accepted(stack, ids) == {task_id: 1, raw1.task_id: 1}
     rejected = [e for e in read_topic(settings_for(stack), LIFECYCLE, ids, idle_s=2)
                 if isinstance(e, ev.TaskRejected)]
-    assert [(e.task_id, e.field) for e in rejected] == [(second.task_id, "idempotency_key")]
+    assert [(e.task_id, e.field) for e in rejected] == [(raw2.task_id, "idempotency_key")]
 
 
 def test_hostile_input_on_both_paths_is_rejected_and_ingest_keeps_flowing(stack: Stack) -> None:
@@ -276,8 +268,6 @@ def test_cli_tokens_get_describe_cancel_as_a_team(stack: Stack) -> None:
         wait_terminal(http, stack, {task_id.group(1)})
     got = cli("get", "tasks", "--type", "codegen", token=token.group(1))
     assert got.returncode == 0 and task_id.group(1) in got.stdout and "completed" in got.stdout
-    assert cli("get", "tasks", "--type", "summarize", token=token.group(1)).stdout.count(
-        task_id.group(1)) == 0
     described = cli("describe", "task", task_id.group(1), token=token.group(1))
     assert described.returncode == 0, described.stderr
     for needle in ("TaskSubmitted", "TaskAccepted", "TaskRouted", "TaskCompleted", team):
@@ -290,9 +280,8 @@ def test_cli_tokens_get_describe_cancel_as_a_team(stack: Stack) -> None:
     assert stranger.returncode == 1 and f"no task {task_id.group(1)}" in stranger.stderr
     assert cli("token", "revoke", token_id).returncode == 0
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if cli("get", "tasks", token=token.group(1)).returncode == 1:
-            break
-        time.sleep(0.5)
+    while time.monotonic() < deadline and httpx.get(
+            f"{stack.ingest_url}/v1/whoami", headers=auth(token.group(1))).status_code == 200:
+        time.sleep(0.2)
     refused = cli("get", "tasks", token=token.group(1))
     assert refused.returncode == 1 and "invalid or revoked token" in refused.stderr
