@@ -14,13 +14,14 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from confluent_kafka import Producer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fleetplane import Client
 from fleetplane.cli.stack import Stack
-from fleetplane.client import NotFound, PermissionDenied
+from fleetplane.client import InvalidManifest, NotFound, PermissionDenied
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.topics import ACCEPTED, DLQ, LIFECYCLE, SUBMITTED
@@ -104,8 +105,14 @@ def test_sdk_cancels_a_running_task(stack: Stack, teams: dict[str, str]) -> None
                                       "times": 5}]}
         assert http.post(f"{stack.provider_url}/_fake/script", json=slow).status_code < 300
         try:
+            path = stack.data_dir / f"slow-{run}.yaml"
+            path.write_text(yaml.safe_dump(manifest(alpha, "slow", f"[slow-{run}] take your time")))
             with Client(stack.ingest_url, a_tok) as sdk:
-                sub = sdk.submit(manifest(alpha, "slow", f"[slow-{run}] take your time"))
+                with pytest.raises(InvalidManifest) as bad:
+                    sdk.submit(manifest(alpha, "Bad Name", ""))
+                assert {e["field"] for e in bad.value.errors} == {"metadata.name", "spec.prompt"}
+                assert bad.value.status == 422 and not bad.value.retriable
+                sub = sdk.submit(path)
                 deadline = time.monotonic() + 60
                 busy = ("dispatched", "running")
                 while sdk.get(sub.task_id).state not in busy and time.monotonic() < deadline:

@@ -40,7 +40,7 @@ def tokens(base_settings: Settings) -> Iterator[tuple[TokenStore, dict[str, str]
     """Tokens for three teams, issued on fleet.tokens and read back by a TopicTable."""
     store = TokenStore()
     issued = {team: issue(base_settings, team)[0] for team in ("slow", "fast", "fuzz-team")}
-    table = TopicTable(base_settings, TOKENS_TOPIC, store.apply)
+    table = TopicTable(base_settings, {TOKENS_TOPIC: store.apply})
     table.start()
     deadline = time.monotonic() + 30
     while any(store.verify(t) is None for t in issued.values()) and time.monotonic() < deadline:

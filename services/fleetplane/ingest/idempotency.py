@@ -25,8 +25,7 @@ from typing import Any
 
 from fleetplane.core.events import Event, TaskAccepted, TaskSpec, TaskSubmitted
 from fleetplane.core.loop import Record
-from fleetplane.core.settings import Settings
-from fleetplane.ingest.kvtopic import TopicTable, TopicWriter
+from fleetplane.ingest.kvtopic import TopicWriter
 
 IDEMPOTENCY_TOPIC = "ingest.idempotency"
 _NAMESPACE = uuid.UUID("0b7f9e1c-4d2a-4c55-9a1e-3f6b2d8c7e01")
@@ -114,8 +113,3 @@ class MarkingHandler:
             self.marks.apply(key, mark.to_json())
         return out
 
-
-def follow_marks(settings: Settings, marks: Marks) -> TopicTable:
-    table = TopicTable(settings, IDEMPOTENCY_TOPIC, marks.apply)
-    table.start()
-    return table

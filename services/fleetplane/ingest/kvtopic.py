@@ -26,17 +26,20 @@ Apply = Callable[[str, dict[str, Any] | None], None]
 
 
 class TopicTable:
-    """Follows `topic` and calls `apply(key, value)` for every record, in offset order per
-    partition. `start()` returns once the records present at start-up are applied (or
-    `catchup_timeout_s` passed; the thread keeps reading after that)."""
+    """Follows one or more compacted topics with one consumer and calls `appliers[topic](key,
+    value)` for every record, in offset order per partition. `start()` returns once the records
+    present at start-up are applied (or `catchup_timeout_s` passed; reading goes on after that).
+    One consumer for all tables: on the embedded broker every idle consumer costs CPU
+    (docs/operations.md, "Idle CPU")."""
 
-    def __init__(self, settings: Settings, topic: str, apply: Apply) -> None:
+    def __init__(self, settings: Settings, appliers: dict[str, Apply]) -> None:
         self.settings = settings
-        self.topic = topic
-        self.apply = apply
+        self.appliers = dict(appliers)
+        self.topic = ",".join(sorted(self.appliers))
         self._stop = threading.Event()
         self._caught_up = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"table-{topic}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"table-{self.topic}",
+                                        daemon=True)
         self.records = 0
         self.errors = 0
 
@@ -67,16 +70,17 @@ class TopicTable:
     def _run(self) -> None:
         consumer = self._consumer()
         try:
-            meta = consumer.list_topics(self.topic, timeout=30)
-            parts = sorted(meta.topics[self.topic].partitions) if self.topic in meta.topics else []
-            targets: dict[int, int] = {}
-            for p in parts:
-                _low, high = consumer.get_watermark_offsets(TopicPartition(self.topic, p),
-                                                            timeout=30)
-                targets[p] = high
-            consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
-            position = {p: 0 for p in parts}
-            if all(position[p] >= targets[p] for p in parts):
+            targets: dict[tuple[str, int], int] = {}
+            for topic in self.appliers:
+                meta = consumer.list_topics(topic, timeout=30)
+                parts = sorted(meta.topics[topic].partitions) if topic in meta.topics else []
+                for p in parts:
+                    _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p),
+                                                                timeout=30)
+                    targets[(topic, p)] = high
+            consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in targets])
+            position = dict.fromkeys(targets, 0)
+            if all(position[tp] >= targets[tp] for tp in targets):
                 self._caught_up.set()
             idle_since = time.monotonic()
             while not self._stop.is_set():
@@ -84,12 +88,13 @@ class TopicTable:
                 for m in msgs:
                     if m.error() is not None:
                         continue
-                    position[m.partition() or 0] = (m.offset() or 0) + 1
-                    self._apply(m.key(), m.value())
+                    topic = m.topic() or ""
+                    position[(topic, m.partition() or 0)] = (m.offset() or 0) + 1
+                    self._apply(topic, m.key(), m.value())
                 if msgs:
                     idle_since = time.monotonic()
                 if not self._caught_up.is_set() and (
-                        all(position[p] >= targets[p] for p in parts)
+                        all(position[tp] >= targets[tp] for tp in targets)
                         # brokers whose high watermark is approximate (tansu): idle is enough
                         or time.monotonic() - idle_since > 2.0):
                     self._caught_up.set()
@@ -99,14 +104,15 @@ class TopicTable:
         finally:
             consumer.close()
 
-    def _apply(self, key: bytes | None, value: bytes | None) -> None:
-        if key is None:
+    def _apply(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+        apply = self.appliers.get(topic)
+        if key is None or apply is None:
             return
         try:
             decoded = None if value is None else json.loads(value)
             if decoded is not None and not isinstance(decoded, dict):
                 raise ValueError("not a JSON object")
-            self.apply(key.decode(), decoded)
+            apply(key.decode(), decoded)
             self.records += 1
         except (ValueError, UnicodeDecodeError):
             self.errors += 1
@@ -146,7 +152,7 @@ def read_all(settings: Settings, topic: str, timeout_s: float = 20.0) -> dict[st
         else:
             table[key] = value
 
-    reader = TopicTable(settings, topic, apply)
+    reader = TopicTable(settings, {topic: apply})
     reader.start(timeout_s)
     reader.stop()
     return table

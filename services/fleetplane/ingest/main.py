@@ -12,17 +12,18 @@ from fleetplane.core.teams import teams_for
 from fleetplane.core.topics import SUBMITTED
 from fleetplane.ingest.api import Intake, create_app
 from fleetplane.ingest.handlers import accept
-from fleetplane.ingest.idempotency import MarkingHandler, Marks, follow_marks
-from fleetplane.ingest.kvtopic import TopicWriter
+from fleetplane.ingest.idempotency import IDEMPOTENCY_TOPIC, MarkingHandler, Marks
+from fleetplane.ingest.kvtopic import TopicTable, TopicWriter
 from fleetplane.ingest.taskview import TaskView
-from fleetplane.ingest.tokens import TokenStore, follow_tokens
+from fleetplane.ingest.tokens import TOKENS_TOPIC, TokenStore
 
 
 def main() -> None:
     settings = bootstrap("ingest")
     tokens = TokenStore()
     marks = Marks(settings.idempotency_window_s)
-    tables = [follow_tokens(settings, tokens), follow_marks(settings, marks)]
+    tables = TopicTable(settings, {TOKENS_TOPIC: tokens.apply, IDEMPOTENCY_TOPIC: marks.apply})
+    tables.start()
     producer = EventProducer(settings)
     writer = TopicWriter(settings)
     view = TaskView(settings.resolved_accounting_url())
@@ -38,8 +39,7 @@ def main() -> None:
         processor.run()
     finally:
         server.should_exit = True
-        for table in tables:
-            table.stop()
+        tables.stop()
         writer.close()
         producer.close()
         view.close()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fleetplane.core.settings import Settings
-from fleetplane.ingest.kvtopic import TopicTable, TopicWriter, read_all
+from fleetplane.ingest.kvtopic import TopicWriter, read_all
 
 TOKENS_TOPIC = "fleet.tokens"
 PREFIX = "fpt"
@@ -101,12 +101,6 @@ class TokenStore:
     def __len__(self) -> int:
         with self._lock:
             return len(self._records)
-
-
-def follow_tokens(settings: Settings, store: TokenStore) -> TopicTable:
-    table = TopicTable(settings, TOKENS_TOPIC, store.apply)
-    table.start()
-    return table
 
 
 def issue(settings: Settings, team: str, role: str = "team", description: str = "",
