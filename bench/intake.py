@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import threading
 import time
@@ -31,7 +32,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from bench.pipeline import RESULTS, machine, percentile
+from bench.pipeline import RESULTS, cpu_seconds, machine, percentile
 from fleetplane.cli.stack import Stack
 
 
@@ -52,8 +53,8 @@ def manifest(i: int, run: str, key: bool) -> dict[str, Any]:
     return m
 
 
-def phase(url: str, token: str, docs: list[dict[str, Any]], workers: int
-          ) -> dict[str, Any]:
+def phase(url: str, token: str, docs: list[dict[str, Any]], workers: int,
+          pid: int | None = None) -> dict[str, Any]:
     local = threading.local()
     latencies: list[float] = []
     codes: dict[int, int] = {}
@@ -71,15 +72,18 @@ def phase(url: str, token: str, docs: list[dict[str, Any]], workers: int
             latencies.append(dt)
             codes[resp.status_code] = codes.get(resp.status_code, 0) + 1
 
+    cpu0 = cpu_seconds(pid) or 0.0
     start = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(one, docs))
     elapsed = time.perf_counter() - start
+    cpu_ms = ((cpu_seconds(pid) or 0.0) - cpu0) * 1000 / len(docs)
     return {"requests": len(docs), "codes": codes, "elapsed_s": round(elapsed, 3),
             "requests_per_s": round(len(docs) / elapsed, 1),
             "p50_ms": round(percentile(latencies, 50), 2),
             "p99_ms": round(percentile(latencies, 99), 2),
-            "max_ms": round(max(latencies), 2)}
+            "max_ms": round(max(latencies), 2),
+            "ingest_cpu_ms_per_request": round(cpu_ms, 2)}
 
 
 def main() -> None:
@@ -101,24 +105,28 @@ def main() -> None:
         phase(stack.ingest_url, token, [manifest(i, f"warm{run}", False) for i in range(100)],
               args.workers)
         n = args.requests
+        pid = stack.children["ingest"].pid
         keyed = [manifest(i, run, True) for i in range(n)]
-        results = {"keyed": phase(stack.ingest_url, token, keyed, args.workers)}
+        results = {"keyed": phase(stack.ingest_url, token, keyed, args.workers, pid)}
         marks = 0
         deadline = time.monotonic() + 120
         while marks < n and time.monotonic() < deadline:  # ingest marks what it accepted
             marks = httpx.get(f"{stack.ingest_url}/healthz").json()["idempotency_marks"]
             time.sleep(0.2)
-        results["replay"] = phase(stack.ingest_url, token, keyed, args.workers)
+        results["replay"] = phase(stack.ingest_url, token, keyed, args.workers, pid)
         results["unkeyed"] = phase(stack.ingest_url, token,
                                    [manifest(i, f"u{run}", False) for i in range(n)],
-                                   args.workers)
+                                   args.workers, pid)
+        load = os.getloadavg()
     finally:
         stack.stop()
     out: dict[str, Any] = {"machine": machine(), "workers": args.workers, "phases": results,
+                           "load_average": [round(x, 1) for x in load],
                            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     table = Table(title=f"ingest HTTP submit ({args.workers} client threads; "
-                        f"{out['machine']['cores']} cores)")
-    for col in ("phase", "requests", "HTTP codes", "req/s", "p50 ms", "p99 ms", "max ms"):
+                        f"{out['machine']['cores']} cores, load average {load[0]:.1f})")
+    for col in ("phase", "requests", "HTTP codes", "req/s", "p50 ms", "p99 ms", "max ms",
+                "ingest CPU ms/req"):
         table.add_column(col, justify="left" if col in ("phase", "HTTP codes") else "right")
     labels = {"keyed": "new task, idempotency key", "replay": "same key again (replay)",
               "unkeyed": "new task, no key"}
@@ -126,7 +134,7 @@ def main() -> None:
         table.add_row(labels[name], str(r["requests"]),
                       ", ".join(f"{k}: {v}" for k, v in sorted(r["codes"].items())),
                       str(r["requests_per_s"]), str(r["p50_ms"]), str(r["p99_ms"]),
-                      str(r["max_ms"]))
+                      str(r["max_ms"]), str(r["ingest_cpu_ms_per_request"]))
     console.print(table)
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"intake-{time.strftime('%Y%m%d-%H%M%S')}.json"
