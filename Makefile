@@ -53,3 +53,6 @@ bench-routing: install  ## routing decision latency in process (bench/routing.py
 
 clean:
 	rm -rf .fleetplane .pytest_cache .mypy_cache .ruff_cache
+
+bench-intake: install   ## ingest HTTP submit latency/throughput with auth, idempotency, rate limits
+	$(PY) -m bench.intake $(BENCH_ARGS)

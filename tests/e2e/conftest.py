@@ -39,8 +39,15 @@ def manifest(team: str, name: str, prompt: str, task_type: str = "summarize",
             "spec": {"taskType": task_type, "prompt": prompt, **spec}}
 
 
-def submit(http: httpx.Client, stack: Stack, m: dict[str, Any]) -> str:
-    resp = http.post(f"{stack.ingest_url}/v1/tasks", json=m)
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def submit(http: httpx.Client, stack: Stack, m: dict[str, Any], token: str | None = None) -> str:
+    """Submit over HTTP with `token` (default: the stack's admin token, which may submit for
+    any team)."""
+    resp = http.post(f"{stack.ingest_url}/v1/tasks", json=m,
+                     headers=auth(token or stack.admin_token))
     assert resp.status_code == 202, resp.text
     task_id: str = resp.json()["task_id"]
     return task_id

@@ -17,7 +17,7 @@ from fleetplane.core.catalog import Usage, catalog_for
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.topics import DISPATCH, DLQ, OUTCOMES, SUBMITTED
 
-from .conftest import manifest, read_topic, settings_for, submit, wait_terminal
+from .conftest import auth, manifest, read_topic, settings_for, submit, wait_terminal
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +67,7 @@ def test_bad_http_and_raw_kafka_input_is_rejected_and_the_flow_goes_on(stack: St
     with httpx.Client(timeout=30) as http:
         bad = manifest("payments", "bad", "")
         bad["spec"]["writeScope"] = ["../../etc/passwd"]
-        resp = http.post(f"{stack.ingest_url}/v1/tasks", json=bad)
+        resp = http.post(f"{stack.ingest_url}/v1/tasks", json=bad, headers=auth(stack.admin_token))
         assert resp.status_code == 422
         fields = {e["field"] for e in resp.json()["errors"]}
         assert {"spec.prompt", "spec.writeScope"} <= fields

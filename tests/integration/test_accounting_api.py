@@ -153,3 +153,12 @@ def test_task_events_in_order_each_once(client: TestClient, published: list[ev.E
 
 def test_api_states_match_the_row_mapping() -> None:
     assert set(get_args(TaskState)) == set(STATES)
+
+
+def test_task_list_filters_by_task_type_and_task_id(client: TestClient) -> None:
+    """Used by ingest's team-scoped GET /v1/tasks?type= and GET /v1/tasks/{id} (issue 3)."""
+    rows = client.get("/v1/tasks", params={"team": TEAM, "task_type": "triage"}).json()
+    assert [r["task_id"] for r in rows] == ["api-2"]
+    [one] = client.get("/v1/tasks", params={"task_id": "api-3"}).json()
+    assert one["team"] == "other-team"
+    assert client.get("/v1/tasks", params={"task_id": "nope"}).json() == []

@@ -58,8 +58,11 @@ def create_app(store: Store, status: StatusFn | None = None) -> FastAPI:
         state: Annotated[TaskState | None, Query()] = None,
         team: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
         limit: Annotated[int, Query(ge=1, le=queries.MAX_TASKS)] = 100,
+        task_type: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+        task_id: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
     ) -> list[dict[str, Any]]:
-        return queries.task_list(store, state=state, team=team, limit=limit)
+        return queries.task_list(store, state=state, team=team, limit=limit,
+                                 task_type=task_type, task_id=task_id)
 
     @app.get("/v1/tasks/{task_id}/events")
     def task_events(

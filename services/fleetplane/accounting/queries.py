@@ -78,7 +78,8 @@ def cost_by(store: Store, by: CostDimension, *, team: str | None = None,
 
 
 def task_list(store: Store, *, state: str | None = None, team: str | None = None,
-              limit: int = 100) -> list[dict[str, Any]]:
+              limit: int = 100, task_type: str | None = None,
+              task_id: str | None = None) -> list[dict[str, Any]]:
     """Tasks with their latest state, most recently updated first.
 
     Each row: task_id, team, task_type, state, reason, model, tier, attempts, cost_usd,
@@ -93,6 +94,12 @@ def task_list(store: Store, *, state: str | None = None, team: str | None = None
     if team is not None:
         clauses.append("team = {team:String}")
         params["team"] = team
+    if task_type is not None:
+        clauses.append("task_type = {task_type:String}")
+        params["task_type"] = task_type
+    if task_id is not None:
+        clauses.append("task_id = {task_id:String}")
+        params["task_id"] = task_id
     sql = f"""
         SELECT task_id, team, task_type, state, reason, model, tier, attempts, cost_usd,
                model_calls, submitted_at, updated_at

@@ -54,15 +54,22 @@ def repeats(per_team: int) -> list[dict[str, Any]]:
 
 
 def run_demo(ingest: str, accounting: str, per_team: int, timeout_s: float,
-             console: Console) -> int:
+             console: Console, token: str = "") -> int:
+    """Submits with `token` (the local stack's admin token, which may submit for every team:
+    `fleetplane up` keeps it in <data dir>/admin.token)."""
     ids: dict[str, str] = {}
     prompt_of: dict[str, tuple[str, str]] = {}
     deadline = time.monotonic() + timeout_s
+    auth = {"Authorization": f"Bearer {token}", "X-Fleetplane-Source": "cli"}
     with httpx.Client(timeout=30) as http:
         first: set[str] = set()
         for wave, docs in enumerate((manifests(per_team), repeats(per_team))):
             for m in docs:
-                resp = http.post(f"{ingest}/v1/tasks", json=m)
+                resp = http.post(f"{ingest}/v1/tasks", json=m, headers=auth)
+                if resp.status_code in (401, 403):
+                    console.print(f"[red]ingest refused the demo's token ({resp.status_code}): "
+                                  f"{resp.text[:200]}; is FLEETPLANE_TOKEN an admin token?")
+                    return 1
                 resp.raise_for_status()
                 ids[resp.json()["task_id"]] = m["metadata"]["team"]
                 prompt_of[resp.json()["task_id"]] = (m["metadata"]["team"], m["spec"]["prompt"])

@@ -12,11 +12,13 @@ from typing import Annotated, Any
 
 import httpx
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
 
+from fleetplane.cli import tasks as tasks_cli
+from fleetplane.cli import tokens as tokens_cli
 from fleetplane.cli.route import route_app
+from fleetplane.client import resolve_token
 from fleetplane.core.settings import Settings, get_settings
 from fleetplane.infra.broker import stop_group
 
@@ -167,66 +169,9 @@ def status() -> None:
     _print_status(state)
 
 
-# -- tasks -------------------------------------------------------------------------------------
-def load_manifests(path: Path) -> list[dict[str, Any]]:
-    try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-    except (OSError, yaml.YAMLError) as exc:
-        raise _fail(f"{path}: {exc}") from exc
-    if not docs or not all(isinstance(d, dict) for d in docs):
-        raise _fail(f"{path}: expected one or more YAML mappings (kind: AgentTask)")
-    return docs
-
-
-def submit_manifest(url: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    try:
-        resp = httpx.post(f"{url}/v1/tasks", json=manifest, timeout=30)
-    except httpx.HTTPError as exc:
-        raise _fail(f"cannot reach ingest at {url} ({exc}); is the stack up?") from exc
-    if resp.status_code == 422:
-        problems = "; ".join(f"{e['field']}: {e['reason']}" for e in resp.json()["errors"])
-        raise _fail(f"invalid manifest: {problems}")
-    if resp.status_code >= 400:
-        raise _fail(f"HTTP {resp.status_code}: {resp.text[:500]}")
-    result: dict[str, Any] = resp.json()
-    return result
-
-
-@app.command()
-def submit(file: Annotated[Path, typer.Option("-f", "--file", help="Task manifest (YAML).")]
-           ) -> None:
-    """Submit the task(s) in a YAML manifest (apiVersion: fleetplane/v1, kind: AgentTask)."""
-    url = ingest_url(get_settings())
-    for manifest in load_manifests(file):
-        result = submit_manifest(url, manifest)
-        console.print(f"task/{result['name']} submitted: {result['task_id']} "
-                      f"(team {result['team']})")
-
-
-@get_app.command("tasks")
-def get_tasks(
-    state: Annotated[str | None, typer.Option(help="Filter by state.")] = None,
-    team: Annotated[str | None, typer.Option(help="Filter by team.")] = None,
-    limit: Annotated[int, typer.Option(help="Rows to show.")] = 50,
-    output: Annotated[str, typer.Option("-o", "--output", help="table or json")] = "table",
-) -> None:
-    """List tasks and their states."""
-    params: dict[str, Any] = {"limit": limit}
-    if state:
-        params["state"] = state
-    if team:
-        params["team"] = team
-    rows = _api_get(f"{accounting_url(get_settings())}/v1/tasks", params)
-    if output == "json":
-        console.print_json(json.dumps(rows))
-        return
-    table = Table()
-    for col in ("TASK", "TEAM", "TYPE", "STATE", "MODEL", "COST $"):
-        table.add_column(col, justify="right" if col == "COST $" else "left")
-    for r in rows:
-        table.add_row(r["task_id"], r["team"], r.get("task_type") or "", r["state"],
-                      r.get("model") or "", f"{float(r.get('cost_usd') or 0):.6f}")
-    console.print(table)
+# -- tasks and tokens (cli/tasks.py, cli/tokens.py) ------------------------------------------
+tasks_cli.register(app, get_app)
+app.add_typer(tokens_cli.app, name="token")
 
 
 @app.command()
@@ -252,7 +197,8 @@ def demo(
     from fleetplane.cli.demo import run_demo
 
     settings = get_settings()
-    code = run_demo(ingest_url(settings), accounting_url(settings), per_team, timeout, console)
+    code = run_demo(ingest_url(settings), accounting_url(settings), per_team, timeout, console,
+                    token=resolve_token(settings))
     raise typer.Exit(code=code)
 
 

@@ -18,6 +18,7 @@ import httpx
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import ensure_topics, load_topics
 from fleetplane.infra.broker import EmbeddedBroker, free_port, stop_group
+from fleetplane.ingest.tokens import ensure_local_admin, issue
 
 SERVICES = ("ingest", "router", "coordinator", "executor", "accounting")
 
@@ -59,6 +60,7 @@ class Stack:
     coordinator_web_port: int = 0
     broker: EmbeddedBroker | None = None
     children: dict[str, Child] = field(default_factory=dict)
+    admin_token: str = ""
 
     def __post_init__(self) -> None:
         self.data_dir = self.data_dir.resolve()
@@ -110,9 +112,11 @@ class Stack:
         return env
 
     def settings(self) -> Settings:
+        extra = self.extra_env.get("FLEETPLANE_KAFKA_CONFIG")
         return Settings(
             kafka_bootstrap=self.bootstrap, data_dir=self.data_dir,
             ingest_port=self.ingest_port, accounting_port=self.accounting_port,
+            **({"kafka_config": json.loads(extra)} if extra else {}),
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -123,6 +127,7 @@ class Stack:
             self.broker.start()
         settings = self.settings()
         ensure_topics(settings.client_config(), load_topics(settings.topics_file))
+        self.admin_token = ensure_local_admin(settings, self.data_dir)
         if self.fake_provider:
             self._spawn("fake-provider", [sys.executable, "-m", "fleetplane.fakeprovider.server",
                                           "--port", str(self.provider_port),
@@ -130,6 +135,24 @@ class Stack:
         for name in self.services:
             self._spawn(name, [sys.executable, "-m", f"fleetplane.{name}.main"])
         self.wait_ready(timeout_s)
+
+    def issue_token(self, team: str, role: str = "team") -> str:
+        """A new API token for `team` (published to fleet.tokens; ingest follows it)."""
+        token, _ = issue(self.settings(), team, role, created_by="stack")
+        return token
+
+    def wait_token(self, token: str, timeout_s: float = 30.0) -> None:
+        """Wait until ingest knows `token` (it follows fleet.tokens in the background)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.ingest_url}/v1/whoami", timeout=2.0,
+                             headers={"Authorization": f"Bearer {token}"}).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)  # each miss counts against the failed-token limit (30/min)
+        raise RuntimeError(f"ingest did not learn the token within {timeout_s}s")
 
     def _spawn(self, name: str, argv: list[str]) -> Child:
         child = self.children.get(name) or Child(name, argv, self.log_dir / f"{name}.log")
@@ -165,6 +188,8 @@ class Stack:
             time.sleep(0.2)
         if pending:
             raise RuntimeError(f"not ready within {timeout_s}s: {pending}")
+        if "ingest" in self.services and self.admin_token:
+            self.wait_token(self.admin_token, max(1.0, deadline - time.monotonic()))
 
     def kill(self, name: str) -> None:
         """SIGKILL a service (as a crash would)."""
@@ -214,6 +239,7 @@ class Stack:
             "accounting_url": self.accounting_url,
             "provider_url": self.provider_url if self.fake_provider else None,
             "data_dir": str(self.data_dir),
+            "admin_token_file": str(self.data_dir / "admin.token"),
             "services": {n: {"pid": c.pid, "restarts": c.restarts, "log": str(c.log_path)}
                          for n, c in self.children.items()},
         }

@@ -125,6 +125,20 @@ class Settings(BaseSettings):
                                     description="team: answers are reused within a team only.")
     router_cache_max_entries: int = 100_000
 
+    # Intake (ingest service, CLI, SDK): tokens, idempotency, rate limits
+    token: str = Field(default="", description="API token for the CLI and SDK "
+                       "(FLEETPLANE_TOKEN); else the config file, else the local admin token.")
+    config_file: Path = Field(default=Path("~/.config/fleetplane/config.yaml"),
+                              description="CLI/SDK config: `token:` and `ingest_url:`.")
+    max_request_bytes: int = Field(default=1_048_576, description="Largest HTTP body ingest "
+                                   "reads (413 above).")
+    auth_failures_per_minute: float = Field(default=30.0, description="Failed token checks "
+                                            "allowed per client address before 429.")
+    auth_failure_burst: int = 20
+    idempotency_window_s: int = Field(default=7 * 86_400, description="How long an "
+                                      "idempotency key is remembered (ingest.idempotency).")
+    table_catchup_timeout_s: float = 20.0
+
     # Logging
     log_level: str = "INFO"
     log_json: bool = True

@@ -1,26 +1,48 @@
-"""fleetplane-ingest: composition root (HTTP API + the raw-submission validator loop)."""
+"""fleetplane-ingest: composition root (HTTP API + the raw-submission validator loop).
+
+Start-up order: read the tokens and idempotency marks (compacted topics) to their end, then serve
+HTTP and validate raw submissions."""
 
 from __future__ import annotations
 
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.loop import Processor
 from fleetplane.core.service import bootstrap, serve_http_in_thread
+from fleetplane.core.teams import teams_for
 from fleetplane.core.topics import SUBMITTED
-from fleetplane.ingest.api import create_app
+from fleetplane.ingest.api import Intake, create_app
 from fleetplane.ingest.handlers import accept
+from fleetplane.ingest.idempotency import IDEMPOTENCY_TOPIC, MarkingHandler, Marks
+from fleetplane.ingest.kvtopic import TopicTable, TopicWriter
+from fleetplane.ingest.taskview import TaskView
+from fleetplane.ingest.tokens import TOKENS_TOPIC, TokenStore
 
 
 def main() -> None:
     settings = bootstrap("ingest")
+    tokens = TokenStore()
+    marks = Marks(settings.idempotency_window_s)
+    tables = TopicTable(settings, {TOKENS_TOPIC: tokens.apply, IDEMPOTENCY_TOPIC: marks.apply})
+    tables.start()
     producer = EventProducer(settings)
-    server = serve_http_in_thread(create_app(producer), settings.bind_host, settings.ingest_port)
-    processor = Processor("ingest", [SUBMITTED], accept, settings)
+    writer = TopicWriter(settings)
+    view = TaskView(settings.resolved_accounting_url())
+    intake = Intake(producer=producer, tokens=tokens, marks=marks,
+                    teams=teams_for(settings.teams_file), view=view,
+                    max_request_bytes=settings.max_request_bytes,
+                    auth_failures_per_minute=settings.auth_failures_per_minute,
+                    auth_failure_burst=settings.auth_failure_burst)
+    server = serve_http_in_thread(create_app(intake), settings.bind_host, settings.ingest_port)
+    processor = Processor("ingest", [SUBMITTED], MarkingHandler(accept, marks, writer), settings)
     processor.install_signal_handlers()
     try:
         processor.run()
     finally:
         server.should_exit = True
+        tables.stop()
+        writer.close()
         producer.close()
+        view.close()
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ CLI, SDK and raw Kafka submissions (`check_spec` is applied to the Avro TaskSpec
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -23,6 +24,10 @@ POLICIES = ("retry", "escalate", "abandon", "rollback", "hold")
 TIERS = ("small", "standard", "frontier")
 COMMAND_RE = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
 MAX_PATH = 500
+MAX_IDEMPOTENCY_KEY = 200
+MAX_SHORT = 200        # names, refs, tool names, task ids, label keys
+MAX_LABEL_VALUE = 1000
+Short = Annotated[str, Field(min_length=1, max_length=MAX_SHORT)]
 
 
 class Strict(BaseModel):
@@ -31,8 +36,10 @@ class Strict(BaseModel):
 
 class Metadata(Strict):
     name: str = Field(pattern=NAME_RE.pattern, description="DNS-like task name")
-    team: str = Field(pattern=NAME_RE.pattern, description="Owning team")
-    labels: dict[str, str] = Field(default_factory=dict, max_length=64)
+    team: str | None = Field(default=None, pattern=NAME_RE.pattern,
+                             description="Owning team; defaults to the caller's token's team")
+    labels: dict[Short, Annotated[str, Field(max_length=MAX_LABEL_VALUE)]] = Field(
+        default_factory=dict, max_length=64)
 
 
 class Workspace(Strict):
@@ -47,7 +54,8 @@ class ModelPreference(Strict):
 
 
 class Limits(Strict):
-    max_cost_usd: float | None = Field(default=None, gt=0, alias="maxCostUsd")
+    max_cost_usd: float | None = Field(default=None, gt=0, alias="maxCostUsd",
+                                       allow_inf_nan=False)
     max_turns: int = Field(default=20, ge=1, le=1000, alias="maxTurns")
     timeout_seconds: int = Field(default=600, ge=1, le=86_400, alias="timeoutSeconds")
     max_attempts: int = Field(default=3, ge=1, le=20, alias="maxAttempts")
@@ -59,10 +67,10 @@ class Spec(Strict):
     system_prompt: str | None = Field(default=None, alias="systemPrompt", max_length=MAX_PROMPT)
     workspace: Workspace = Field(default_factory=Workspace)
     write_scope: list[str] = Field(default_factory=list, alias="writeScope", max_length=MAX_GLOBS)
-    depends_on: list[str] = Field(default_factory=list, alias="dependsOn", max_length=100)
+    depends_on: list[Short] = Field(default_factory=list, alias="dependsOn", max_length=100)
     priority: Literal["low", "normal", "high", "critical"] = "normal"
     model: ModelPreference = Field(default_factory=ModelPreference)
-    tools: list[str] = Field(default_factory=list, max_length=50)
+    tools: list[Short] = Field(default_factory=list, max_length=50)
     limits: Limits = Field(default_factory=Limits)
     failure_policy: Literal["retry", "escalate", "abandon", "rollback", "hold"] = Field(
         default="retry", alias="failurePolicy")
@@ -74,7 +82,7 @@ class Spec(Strict):
     commands: list[str] = Field(default_factory=list, max_length=50,
                                 description="commands run_command may start (argv[0])")
     context_files: list[str] = Field(default_factory=list, alias="contextFiles", max_length=50)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, allow_inf_nan=False)
 
     @field_validator("failure_policies")
     @classmethod
@@ -116,7 +124,8 @@ class TaskManifest(Strict):
     kind: Literal["AgentTask"]
     metadata: Metadata
     spec: Spec
-    idempotency_key: str | None = Field(default=None, alias="idempotencyKey", max_length=200)
+    idempotency_key: str | None = Field(default=None, alias="idempotencyKey", min_length=1,
+                                        max_length=MAX_IDEMPOTENCY_KEY)
 
     def to_spec(self) -> TaskSpec:
         s = self.spec
@@ -178,9 +187,27 @@ def check_spec(team: str, spec: TaskSpec) -> tuple[str, str] | None:
         (1 <= spec.max_turns <= 1000, "spec.max_turns", "must be 1-1000"),
         (1 <= spec.timeout_s <= 86_400, "spec.timeout_s", "must be 1-86400"),
         (1 <= spec.max_attempts <= 20, "spec.max_attempts", "must be 1-20"),
-        (spec.max_cost_usd is None or spec.max_cost_usd > 0, "spec.max_cost_usd",
-         "must be positive"),
+        (spec.max_cost_usd is None or (math.isfinite(spec.max_cost_usd)
+                                       and spec.max_cost_usd > 0), "spec.max_cost_usd",
+         "must be a positive number"),
         (0.0 <= spec.temperature <= 2.0, "spec.temperature", "must be 0-2"),
+        (spec.system_prompt is None or len(spec.system_prompt) <= MAX_PROMPT,
+         "spec.system_prompt", f"at most {MAX_PROMPT} characters"),
+        (spec.repository is None or len(spec.repository) <= MAX_SHORT, "spec.repository",
+         f"at most {MAX_SHORT} characters"),
+        (0 < len(spec.ref) <= MAX_SHORT, "spec.ref", f"must be 1-{MAX_SHORT} characters"),
+        (spec.model is None or len(spec.model) <= MAX_SHORT, "spec.model",
+         f"at most {MAX_SHORT} characters"),
+        (len(spec.allowed_tools) <= 50
+         and all(0 < len(t) <= MAX_SHORT for t in spec.allowed_tools), "spec.allowed_tools",
+         f"at most 50 names of 1-{MAX_SHORT} characters"),
+        (len(spec.depends_on) <= 100
+         and all(0 < len(t) <= MAX_SHORT for t in spec.depends_on), "spec.depends_on",
+         f"at most 100 task ids of 1-{MAX_SHORT} characters"),
+        (len(spec.labels) <= 64
+         and all(0 < len(k) <= MAX_SHORT and len(v) <= MAX_LABEL_VALUE
+                 for k, v in spec.labels.items()), "spec.labels",
+         f"at most 64 labels, keys 1-{MAX_SHORT}, values up to {MAX_LABEL_VALUE} characters"),
         (len(spec.write_scope) <= MAX_GLOBS, "spec.write_scope", f"at most {MAX_GLOBS} globs"),
         (all(k in FAILURE_CLASSES and v in FAILURE_POLICIES
              for k, v in spec.failure_policies.items()), "spec.failure_policies",

@@ -1,0 +1,115 @@
+"""Idempotency keys: the same key from the same team names the same task, never a second one.
+
+Two mechanisms, so that neither an ingest restart nor several replicas break the promise:
+
+* HTTP/CLI/SDK submissions get a deterministic task id, ``uuid5(team, key)``: a retried request
+  answers with the same task id whatever replica serves it, before or after a restart.
+* Marks: when the validator accepts a keyed submission it records ``team/key -> task id`` on the
+  compacted topic ``ingest.idempotency`` (acknowledged before the acceptance is committed), and
+  every replica follows that topic. A later submission with the same team and key is not accepted
+  again: the same task id (a redelivery or a retried request) is dropped; a different task id (a
+  raw Kafka producer that made up a new id) gets a TaskRejected naming the original task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from fleetplane.core.events import Event, TaskAccepted, TaskSpec, TaskSubmitted
+from fleetplane.core.loop import Record
+from fleetplane.ingest.kvtopic import TopicWriter
+
+IDEMPOTENCY_TOPIC = "ingest.idempotency"
+_NAMESPACE = uuid.UUID("0b7f9e1c-4d2a-4c55-9a1e-3f6b2d8c7e01")
+
+
+def task_id_for(team: str, key: str) -> str:
+    """The task id an HTTP submission with this team and idempotency key gets."""
+    return uuid.uuid5(_NAMESPACE, f"{team}\x00{key}").hex
+
+
+def mark_key(team: str, key: str) -> str:
+    return f"{team}/{key}"
+
+
+def spec_digest(spec: TaskSpec) -> str:
+    return hashlib.sha256(json.dumps(spec.model_dump(), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Mark:
+    task_id: str
+    event_id: str
+    spec_sha256: str
+    at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"task_id": self.task_id, "event_id": self.event_id,
+                "spec_sha256": self.spec_sha256, "at": self.at}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Mark:
+        return cls(task_id=str(raw["task_id"]), event_id=str(raw.get("event_id", "")),
+                   spec_sha256=str(raw.get("spec_sha256", "")), at=float(raw.get("at", 0)))
+
+
+Lookup = Callable[[str, str], Mark | None]
+
+
+class Marks:
+    """The marks this replica knows: followed from the topic, plus its own writes."""
+
+    def __init__(self, window_s: float) -> None:
+        self.window_s = window_s
+        self._marks: dict[str, Mark] = {}
+        self._lock = threading.Lock()
+
+    def apply(self, key: str, value: dict[str, Any] | None) -> None:
+        with self._lock:
+            if value is None:
+                self._marks.pop(key, None)
+            else:
+                with contextlib.suppress(KeyError, TypeError, ValueError):
+                    self._marks[key] = Mark.from_json(value)
+
+    def get(self, team: str, key: str) -> Mark | None:
+        with self._lock:
+            mark = self._marks.get(mark_key(team, key))
+        if mark is None or time.time() - mark.at > self.window_s:
+            return None
+        return mark
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._marks)
+
+
+class MarkingHandler:
+    """Wraps the pure validator: an accepted keyed submission is marked (and the mark
+    acknowledged by the broker) before the loop commits the acceptance."""
+
+    def __init__(self, handler: Callable[[Event, Record, Lookup], Iterable[Event]],
+                 marks: Marks, writer: TopicWriter) -> None:
+        self.handler = handler
+        self.marks = marks
+        self.writer = writer
+
+    def __call__(self, event: Event, record: Record) -> list[Event]:
+        out = list(self.handler(event, record, self.marks.get))
+        if (isinstance(event, TaskSubmitted) and event.idempotency_key
+                and any(isinstance(e, TaskAccepted) for e in out)):
+            mark = Mark(task_id=event.task_id, event_id=event.event_id,
+                        spec_sha256=spec_digest(event.spec), at=time.time())
+            key = mark_key(event.team, event.idempotency_key)
+            self.writer.put(IDEMPOTENCY_TOPIC, key, mark.to_json())
+            self.marks.apply(key, mark.to_json())
+        return out
+

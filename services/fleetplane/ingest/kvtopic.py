@@ -1,0 +1,158 @@
+"""A compacted Kafka topic read as a key-value table (the tokens and the idempotency marks).
+
+Every ingest replica reads the whole topic from the beginning into memory and keeps following it
+(a background thread), so replicas agree without talking to each other; writers publish a record
+per key and wait for the broker's acknowledgement. Values are JSON; a tombstone (None) deletes.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+
+from fleetplane.core.errors import Retriable
+from fleetplane.core.logging import get_logger
+from fleetplane.core.settings import Settings
+
+log = get_logger(__name__)
+
+Apply = Callable[[str, dict[str, Any] | None], None]
+
+
+class TopicTable:
+    """Follows one or more compacted topics with one consumer and calls `appliers[topic](key,
+    value)` for every record, in offset order per partition. `start()` returns once the records
+    present at start-up are applied (or `catchup_timeout_s` passed; reading goes on after that).
+    One consumer for all tables: on the embedded broker every idle consumer costs CPU
+    (docs/operations.md, "Idle CPU")."""
+
+    def __init__(self, settings: Settings, appliers: dict[str, Apply]) -> None:
+        self.settings = settings
+        self.appliers = dict(appliers)
+        self.topic = ",".join(sorted(self.appliers))
+        self._stop = threading.Event()
+        self._caught_up = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"table-{self.topic}",
+                                        daemon=True)
+        self.records = 0
+        self.errors = 0
+
+    def _consumer(self) -> Consumer:
+        cfg = self.settings.consumer_config(f"fleetplane-table-{uuid.uuid4().hex[:12]}")
+        cfg.update({"enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        cfg.pop("group.instance.id", None)
+        return Consumer(cfg)
+
+    def start(self, catchup_timeout_s: float | None = None) -> bool:
+        self._thread.start()
+        timeout = (self.settings.table_catchup_timeout_s if catchup_timeout_s is None
+                   else catchup_timeout_s)
+        ok = self._caught_up.wait(timeout)
+        if not ok:
+            log.warning("table not caught up at start-up; serving what was read",
+                        topic=self.topic, records=self.records)
+        return ok
+
+    @property
+    def caught_up(self) -> bool:
+        return self._caught_up.is_set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        consumer = self._consumer()
+        try:
+            targets: dict[tuple[str, int], int] = {}
+            for topic in self.appliers:
+                meta = consumer.list_topics(topic, timeout=30)
+                parts = sorted(meta.topics[topic].partitions) if topic in meta.topics else []
+                for p in parts:
+                    _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p),
+                                                                timeout=30)
+                    targets[(topic, p)] = high
+            consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in targets])
+            position = dict.fromkeys(targets, 0)
+            if all(position[tp] >= targets[tp] for tp in targets):
+                self._caught_up.set()
+            idle_since = time.monotonic()
+            while not self._stop.is_set():
+                msgs = consumer.consume(500, 0.1)
+                for m in msgs:
+                    if m.error() is not None:
+                        continue
+                    topic = m.topic() or ""
+                    position[(topic, m.partition() or 0)] = (m.offset() or 0) + 1
+                    self._apply(topic, m.key(), m.value())
+                if msgs:
+                    idle_since = time.monotonic()
+                if not self._caught_up.is_set() and (
+                        all(position[tp] >= targets[tp] for tp in targets)
+                        # brokers whose high watermark is approximate (tansu): idle is enough
+                        or time.monotonic() - idle_since > 2.0):
+                    self._caught_up.set()
+                    log.info("table caught up", topic=self.topic, records=self.records)
+        except KafkaException:
+            log.exception("table reader failed", topic=self.topic)
+        finally:
+            consumer.close()
+
+    def _apply(self, topic: str, key: bytes | None, value: bytes | None) -> None:
+        apply = self.appliers.get(topic)
+        if key is None or apply is None:
+            return
+        try:
+            decoded = None if value is None else json.loads(value)
+            if decoded is not None and not isinstance(decoded, dict):
+                raise ValueError("not a JSON object")
+            apply(key.decode(), decoded)
+            self.records += 1
+        except (ValueError, UnicodeDecodeError):
+            self.errors += 1
+            log.warning("undecodable table record skipped", topic=self.topic)
+
+
+class TopicWriter:
+    """Publishes key -> JSON value records and waits for the broker's acknowledgement."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._producer = Producer(settings.producer_config())
+
+    def put(self, topic: str, key: str, value: dict[str, Any] | None,
+            timeout_s: float = 10.0) -> None:
+        errors: list[str] = []
+
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is not None:
+                errors.append(str(err))
+
+        payload = None if value is None else json.dumps(value, sort_keys=True).encode()
+        self._producer.produce(topic, key=key.encode(), value=payload, on_delivery=delivered)
+        if self._producer.flush(timeout_s) or errors:
+            raise Retriable(f"{topic}: record not acknowledged ({errors[:1] or 'timeout'})")
+
+    def close(self) -> None:
+        self._producer.flush(5)
+
+
+def read_all(settings: Settings, topic: str, timeout_s: float = 20.0) -> dict[str, dict[str, Any]]:
+    """The table's current content, read once (for the CLI)."""
+    table: dict[str, dict[str, Any]] = {}
+
+    def apply(key: str, value: dict[str, Any] | None) -> None:
+        if value is None:
+            table.pop(key, None)
+        else:
+            table[key] = value
+
+    reader = TopicTable(settings, {topic: apply})
+    reader.start(timeout_s)
+    reader.stop()
+    return table
