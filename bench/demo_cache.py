@@ -32,7 +32,7 @@ def main() -> None:
         try:
             stack.start()
             code = run_demo(stack.ingest_url, stack.accounting_url, args.per_team,
-                            args.timeout, Console(width=140))
+                            args.timeout, Console(width=140), token=stack.admin_token)
             print(f"demo exit code {code}")
         finally:
             stack.stop()
