@@ -318,6 +318,7 @@ class Agent:
                     return self._one_call(model, system, messages, tools)
                 except ModelCallError as exc:
                     last = exc
+                    self._check_running()  # the SDK's timeout was the attempt's wall time
                     if not exc.retriable:
                         raise AttemptFailed(failures.MODEL_ERROR,
                                             f"{exc.kind}: {exc}") from exc
