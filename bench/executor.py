@@ -159,6 +159,39 @@ def demo_utilization(fake: FakeProvider, tmp: Path, repo: Path, latency_ms: floa
                                     / max(1e-9, sum(u.busy_s for u in util)))}
 
 
+def cancel_latency(fake: FakeProvider, tmp: Path, repo: Path, n: int = 5) -> dict[str, float]:
+    """In-process: time from Runtime.cancel (what the cancellation watcher calls) to the
+    attempt's outcome, with a model call in flight and with a command running."""
+    rt = make_runtime(tmp, repo, 2)
+    clients = ModelClients(Settings(anthropic_base_url=fake.base_url, model_max_retries=0))
+    results: dict[str, list[float]] = {"model": [], "command": []}
+    for kind in results:
+        for i in range(n):
+            if kind == "model":
+                fake.set_script({"default": {"text": "late", "latency_ms": 20_000}})
+            else:
+                fake.set_script({"default": {"tool_uses": [{"name": "run_command", "input": {
+                    "command": ["python3", "-c", "import time; time.sleep(30)"]}}]}})
+            task = f"cancel-{kind}-{i}-{time.monotonic_ns()}"
+            done: list[float] = []
+
+            def go(task_id: str = task, done: list[float] = done) -> None:
+                list(execute(CATALOG, clients, "bench", SeenDispatches(),
+                             dispatch(task_id, "wait", "sample", 5), runtime=rt))
+                done.append(time.perf_counter())
+
+            th = threading.Thread(target=go)
+            th.start()
+            time.sleep(1.5)
+            at = time.perf_counter()
+            rt.cancel(task)
+            th.join(60)
+            results[kind].append((done[0] - at) * 1000)
+    rt.close()
+    return {f"cancel_{k}_p50_ms": pct(v, 50) for k, v in results.items()} | {
+        f"cancel_{k}_max_ms": max(v) for k, v in results.items()}
+
+
 def sandbox_cost(n: int = 30) -> dict[str, float]:
     box = Sandbox()
     with tempfile.TemporaryDirectory() as d:
@@ -191,6 +224,7 @@ def main() -> None:
             {"name": "run_command", "input": {"command": "cat README.md"}}, 0)
         rt.close()
         results["sandbox"] = sandbox_cost()
+        results["cancel"] = cancel_latency(fake, tmp, repo)
         # 2. concurrency sweep with model latency (agents overlap while they wait)
         sweep = []
         n = 1
@@ -222,6 +256,11 @@ def main() -> None:
     console.print(t)
     console.print(f"sandbox `true`: p50 {results['sandbox']['run_command_true_p50_ms']:.1f} ms, "
                   f"p99 {results['sandbox']['run_command_true_p99_ms']:.1f} ms")
+    c = results["cancel"]
+    console.print(f"cancel -> outcome: model call in flight p50 {c['cancel_model_p50_ms']:.0f} "
+                  f"ms (max {c['cancel_model_max_ms']:.0f}), command running p50 "
+                  f"{c['cancel_command_p50_ms']:.0f} ms (max {c['cancel_command_max_ms']:.0f}) "
+                  "(+ up to 0.2 s for the watcher's poll of tasks.outcomes)")
     console.print(f"agents per process before the p50 overhead doubles: "
                   f"{results['agents_before_overhead_doubles'] or f'> {args.max_agents}'}")
     d = results["demo"]

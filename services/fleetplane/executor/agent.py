@@ -147,16 +147,24 @@ class Agent:
         except AttemptFailed as exc:
             log.warning("attempt failed", failure_class=exc.failure_class, reason=str(exc),
                         attempt=ev.attempt)
-            return [ev.derive(TaskFailed, event_id=self._id("failed"), attempt=ev.attempt,
-                              failure_class=exc.failure_class, reason=str(exc)[:2000],
-                              final=False, cost_usd=self.budget.spent,
-                              audit_head=self.chain.head, audit_count=self.chain.count)]
+            return [self._failed(exc.failure_class, str(exc))]
+        except Exception as exc:  # a bug must still end the attempt with an outcome
+            log.exception("attempt crashed", attempt=ev.attempt)
+            return [self._failed(failures.TOOL_ERROR,
+                                 f"executor error: {type(exc).__name__}: {exc}")]
         finally:
             if wt is not None:
                 try:
                     self.rt.workspaces.remove(wt, delete_branch=not keep_branch)
                 except WorkspaceError:
                     log.exception("worktree removal failed", path=str(wt.path))
+
+    def _failed(self, failure_class: str, reason: str) -> TaskFailed:
+        ev = self.event
+        return ev.derive(TaskFailed, event_id=self._id("failed"), attempt=ev.attempt,
+                         failure_class=failure_class, reason=reason[:2000], final=False,
+                         cost_usd=self.budget.spent, audit_head=self.chain.head,
+                         audit_count=self.chain.count)
 
     def _toolbox(self, wt: Worktree | None) -> ToolBox:
         spec = self.spec
@@ -310,6 +318,7 @@ class Agent:
                     return self._one_call(model, system, messages, tools)
                 except ModelCallError as exc:
                     last = exc
+                    self._check_running()  # the SDK's timeout was the attempt's wall time
                     if not exc.retriable:
                         raise AttemptFailed(failures.MODEL_ERROR,
                                             f"{exc.kind}: {exc}") from exc
