@@ -44,7 +44,7 @@ class Metadata(Strict):
 
 class Workspace(Strict):
     repository: str | None = Field(default=None, max_length=200)
-    ref: str = Field(default="main", max_length=200)
+    ref: str = Field(default="main", min_length=1, max_length=MAX_SHORT)
 
 
 class ModelPreference(Strict):
