@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
@@ -21,6 +23,15 @@ from fleetplane.core.kafka import EventProducer
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import ensure_topics, load_topics
 from fleetplane.infra.broker import EmbeddedBroker
+
+# Property tests: no per-example deadline (a loaded 2-core machine makes timings meaningless);
+# in CI (CI=true) the examples are derandomized, so a red run is reproducible and a bug shows up
+# as a change that turns CI red, not as a coin flip. Locally they stay random, to find new bugs.
+hypothesis_settings.register_profile(
+    "dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.register_profile(
+    "ci", deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
 @pytest.fixture(scope="session")
