@@ -85,7 +85,7 @@ def run(settings: Settings) -> int:
     """Run the service until SIGTERM/SIGINT; returns the process exit code."""
     store = connect(settings)
     try:
-        apply_ddl(store, settings_ttl_days(settings))
+        apply_ddl(store, settings_ttl_days(settings), partition=settings.clickhouse_partition)
         processor, sink = build_processor(settings, store)
         app = create_app(store, status=lambda: status_of(processor, sink))
         server = serve_http_in_thread(app, settings.bind_host, settings.accounting_port)
