@@ -95,8 +95,8 @@ STATES: tuple[str, ...] = tuple(STATE_RANK)
 EVENT_ORDER: tuple[str, ...] = (
     "TaskSubmitted", "TaskRejected", "TaskAccepted", "TaskRouted", "TaskHeld", "TaskDispatched",
     "TaskStarted", "TaskHeartbeat", "ModelCall", "ToolCall", "WorkspaceChange", "TaskConflict",
-    "TaskFailed", "TaskRetrying", "TaskEscalated", "ControlCommand", "TaskCompleted", "TaskAbandoned",
-    "TaskCancelled", "TaskRolledBack", "BudgetStatus", "Alert", "ExecutorUtilization",
+    "TaskFailed", "TaskRetrying", "TaskEscalated", "ControlCommand", "TaskCompleted",
+    "TaskAbandoned", "TaskCancelled", "TaskRolledBack", "BudgetStatus", "Alert", "ExecutorUtilization",
     "DeadLetter",
 )
 

@@ -72,6 +72,19 @@ class Store:
             result = self.client.query(sql, parameters=dict(parameters or {}))
             return list(result.named_results())
 
+    def query_rows(self, sql: str, parameters: Mapping[str, Any] | None = None
+                   ) -> list[Sequence[Any]]:
+        """Rows as sequences."""
+        with self.lock:
+            return list(self.client.query(sql, parameters=dict(parameters or {})).result_rows)
+
+    def query_table(self, sql: str, settings: Mapping[str, Any] | None = None,
+                    ) -> tuple[list[str], list[list[Any]]]:
+        """(column names, rows) of a query run with per-query settings."""
+        with self.lock:
+            result = self.client.query(sql, settings=dict(settings or {}))
+            return list(result.column_names), [list(r) for r in result.result_rows]
+
     def insert(self, table: str, rows: Sequence[Sequence[Any]],
                column_names: Sequence[str]) -> None:
         if not rows:
@@ -132,7 +145,8 @@ def partition_clause(partition: str) -> str:
     try:
         return PARTITIONS[partition]
     except KeyError:
-        raise ValueError(f"partition must be one of {sorted(PARTITIONS)}, not {partition!r}") from None
+        raise ValueError(
+            f"partition must be one of {sorted(PARTITIONS)}, not {partition!r}") from None
 
 
 def render(sql: str, database: str, ttl_days: int = 0, partition: str = "month") -> str:
