@@ -96,8 +96,8 @@ EVENT_ORDER: tuple[str, ...] = (
     "TaskSubmitted", "TaskRejected", "TaskAccepted", "TaskRouted", "TaskHeld", "TaskDispatched",
     "TaskStarted", "TaskHeartbeat", "ModelCall", "ToolCall", "WorkspaceChange", "TaskConflict",
     "TaskFailed", "TaskRetrying", "TaskEscalated", "ControlCommand", "TaskCompleted",
-    "TaskAbandoned", "TaskCancelled", "TaskRolledBack", "BudgetStatus", "Alert", "ExecutorUtilization",
-    "DeadLetter",
+    "TaskAbandoned", "TaskCancelled", "TaskRolledBack", "BudgetStatus", "Alert",
+    "ExecutorUtilization", "DeadLetter",
 )
 
 _STATE_OF: dict[type[ev.Event], str] = {
