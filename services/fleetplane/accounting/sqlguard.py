@@ -13,6 +13,7 @@ Defence in depth, the same on chdb and on a server:
 
 from __future__ import annotations
 
+import base64
 import re
 from typing import Any
 
@@ -79,4 +80,14 @@ def run_readonly(store: Store, sql: str, *, max_execution_time_s: int,
     if not is_chdb(store.dsn):
         settings["readonly"] = 1
     columns, rows = store.query_table(text, settings=settings)
-    return {"columns": columns, "rows": rows}
+    return {"columns": columns, "rows": [[_plain(v) for v in row] for row in rows]}
+
+
+def _plain(value: Any) -> Any:
+    """Binary strings (e.g. events.avro) as base64, so every answer is JSON."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return base64.b64encode(value).decode("ascii")
+    return value

@@ -80,9 +80,15 @@ class Store:
 
     def query_table(self, sql: str, settings: Mapping[str, Any] | None = None,
                     ) -> tuple[list[str], list[list[Any]]]:
-        """(column names, rows) of a query run with per-query settings."""
+        """(column names, rows) of a query run with per-query settings, with the fleetplane
+        database as the default one (analysts write `FROM model_calls`)."""
         with self.lock:
-            result = self.client.query(sql, settings=dict(settings or {}))
+            previous = self.client.database
+            self.client.database = self.database
+            try:
+                result = self.client.query(sql, settings=dict(settings or {}))
+            finally:
+                self.client.database = previous
             return list(result.column_names), [list(r) for r in result.result_rows]
 
     def insert(self, table: str, rows: Sequence[Sequence[Any]],

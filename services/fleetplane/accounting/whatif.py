@@ -5,7 +5,8 @@ same token counts (input, output, cache writes, cache reads); the change is X% o
 Success: per task type, B's observed success rate on that type (non-cached attempts that ran on
 B) with a Wilson score interval; the expected successes lost are
 ``X% * tasks * (success rate of the current models - B's rate)``, its interval from B's interval.
-With no attempts of B on a type, B's rate is unknown: the interval is [0, 1] and `b_trials` is 0.
+With no attempts of B on a type, B's rate is unknown: no point estimate for that type (it is
+listed in `task_types_without_success_data`), and its interval uses [0, 1] for B's rate.
 Token counts on another model would differ (tokenizers, verbosity): the estimate assumes the same.
 """
 
@@ -153,15 +154,13 @@ def what_if(store: Store, catalog: Catalog, sel: Selection) -> dict[str, Any]:
             "b_successes": b_ok, "b_trials": b_n, "b_success_rate": b_rate,
             "b_interval": [lo, hi],
         })
-        if current is not None:
-            point = b_rate if b_rate is not None else (lo + hi) / 2
-            row["expected_successes_lost"] = moved * (current - point)
-            row["successes_lost_interval"] = [moved * (current - hi), moved * (current - lo)]
-        else:
-            row["expected_successes_lost"] = None
-            row["successes_lost_interval"] = None
+        row["successes_lost_interval"] = (
+            [moved * (current - hi), moved * (current - lo)] if current is not None else None)
+        row["expected_successes_lost"] = (
+            moved * (current - b_rate) if current is not None and b_rate is not None else None)
         out.append(row)
     known = [r for r in out if r["expected_successes_lost"] is not None]
+    bounded = [r for r in out if r["successes_lost_interval"] is not None]
     cost = sum(r["cost_usd"] for r in out)
     change = sum(r["cost_change_usd"] for r in out)
     return {
@@ -175,8 +174,8 @@ def what_if(store: Store, catalog: Catalog, sel: Selection) -> dict[str, Any]:
         "moved_tasks": sum(r["moved_tasks"] for r in out),
         "expected_successes_lost": sum(r["expected_successes_lost"] for r in known),
         "successes_lost_interval": [
-            sum(r["successes_lost_interval"][0] for r in known),
-            sum(r["successes_lost_interval"][1] for r in known)],
+            sum(r["successes_lost_interval"][0] for r in bounded),
+            sum(r["successes_lost_interval"][1] for r in bounded)],
         "task_types_without_success_data": [r["task_type"] for r in out
                                             if r["expected_successes_lost"] is None],
         "by_task_type": out,
