@@ -39,7 +39,7 @@ def test_only_new_attempts_over_the_threshold_alert() -> None:
     assert [(a.task_id, a.metric) for a in found] == [("t99", "cost_usd")]
     assert found[0].baseline == pytest.approx(0.0102)
     # too few samples: no verdict
-    assert attempt_anomalies(rows[:10] + [rows[30]], new_ids=new, min_samples=20,
+    assert attempt_anomalies([*rows[:10], rows[30]], new_ids=new, min_samples=20,
                              threshold=3.5) == []
 
 

@@ -16,6 +16,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from fleetplane.cli import analytics as _analytics
+from fleetplane.cli import audit as _audit
 from fleetplane.core.settings import Settings, get_settings
 from fleetplane.infra.broker import stop_group
 
@@ -253,6 +255,9 @@ def demo(
     code = run_demo(ingest_url(settings), accounting_url(settings), per_team, timeout, console)
     raise typer.Exit(code=code)
 
+
+_analytics.register(app)
+_audit.register(app)
 
 if __name__ == "__main__":
     app()
