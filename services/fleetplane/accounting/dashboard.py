@@ -33,6 +33,7 @@ border-radius:6px;padding:8px;text-align:center} .kpi b{display:block;font-size:
 .bar i{display:block;height:100%;background:#3b82f6} .bar i.low{background:#f59e0b}
 .bar i.exhausted{background:#dc2626} .sev-critical{color:#dc2626;font-weight:600}
 .sev-warning{color:#b45309} a{color:#2563eb;text-decoration:none} svg{width:100%;height:140px}
+@media (max-width:900px){section{grid-column:auto!important}}
 .ok{color:#15803d;font-weight:600} .bad{color:#dc2626;font-weight:600} code{font-size:12px}
 """
 
@@ -48,7 +49,7 @@ _OVERVIEW_HTML = """<!doctype html><html lang="en"><head><meta charset="utf-8">
  <div class="kpi">failed<b id="total-failed">-</b></div>
  <div class="kpi">spend $<b id="total-spend">-</b></div>
  <div class="kpi">cache saved $<b id="cache-saved">-</b></div></div></section>
-<section><h2>Teams: queue, quota, spend</h2><table id="teams"><thead><tr><th>team</th>
+<section style="grid-column:span 2"><h2>Teams: queue, quota, spend</h2><table id="teams"><thead><tr><th>team</th>
 <th class="n">queued</th><th class="n">running / max</th><th class="n">held</th>
 <th class="n">done</th><th class="n">spent $</th><th class="n">budget $</th><th>budget</th>
 </tr></thead><tbody></tbody></table></section>

@@ -23,8 +23,30 @@ def _url() -> str:
 
 
 def _get(path: str, params: dict[str, Any] | None = None) -> Any:
-    return cli._api_get(f"{_url()}{path}", {k: v for k, v in (params or {}).items()
-                                           if v is not None})
+    """GET from the accounting API; errors end the command with the API's message (analytics
+    over a large history may take a while: 120 s timeout)."""
+    url = f"{_url()}{path}"
+    try:
+        resp = httpx.get(url, params={k: v for k, v in (params or {}).items() if v is not None},
+                         timeout=120)
+    except httpx.HTTPError as exc:
+        raise cli._fail(f"cannot reach {url} ({exc!r}); is the stack up? (fleetplane up)"
+                        ) from exc
+    if resp.status_code >= 400:
+        raise cli._fail(f"HTTP {resp.status_code}: {_detail(resp)}")
+    return resp.json()
+
+
+def _detail(resp: httpx.Response) -> str:
+    """The API's error in a readable form (FastAPI's 422 names the field at fault)."""
+    try:
+        detail = resp.json().get("detail", resp.text)
+    except ValueError:
+        return resp.text[:500]
+    if isinstance(detail, list):
+        return "; ".join(f"{'.'.join(str(x) for x in d.get('loc', [])[1:])}: {d.get('msg')}"
+                         for d in detail)
+    return str(detail)
 
 
 def _fmt(value: Any) -> str:
@@ -163,9 +185,7 @@ def sql(query: Annotated[str, typer.Argument(help="One read-only SELECT.")],
     except httpx.HTTPError as exc:
         raise cli._fail(f"cannot reach {url} ({exc}); is the stack up?") from exc
     if resp.status_code >= 400:
-        detail = resp.json().get("detail", resp.text) if resp.headers.get(
-            "content-type", "").startswith("application/json") else resp.text
-        raise cli._fail(str(detail))
+        raise cli._fail(_detail(resp))
     body = resp.json()
     if output == "json":
         cli.console.print_json(json.dumps(body, default=str))
