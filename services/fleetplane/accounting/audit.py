@@ -14,11 +14,12 @@ partition the offsets must grow along that order, so a record moved on a topic i
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from fleetplane.accounting.rows import EVENT_ORDER
 from fleetplane.core import events as ev
@@ -75,10 +76,10 @@ def replay_kafka(settings: Settings, task_id: str, *, serde: Serde | None = None
     topics = event_topics(load_topics(settings.topics_file))
     consumer = Consumer({**settings.client_config(), "group.id": f"fleetplane-audit-{task_id}",
                          "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                         "isolation.level": "read_committed", "enable.partition.eof": False})
+                         "isolation.level": "read_committed", "enable.partition.eof": True})
     try:
         metadata = consumer.list_topics(timeout=10)
-        ends: dict[tuple[str, int], int] = {}
+        ends: set[tuple[str, int]] = set()
         assignment = []
         for topic in topics:
             if topic not in metadata.topics:
@@ -86,29 +87,29 @@ def replay_kafka(settings: Settings, task_id: str, *, serde: Serde | None = None
             for p in metadata.topics[topic].partitions:
                 low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
                 if high > low:
-                    ends[(topic, p)] = high
+                    ends.add((topic, p))
                     assignment.append(TopicPartition(topic, p, OFFSET_BEGINNING))
         out: list[Entry] = []
         if not assignment:
             return out
         consumer.assign(assignment)
-        import time
-
         deadline = time.monotonic() + timeout_s
+        # A partition is done at its end-of-partition event: the broker's end, which for
+        # transactional producers lies past the last data record (commit markers).
         while ends and time.monotonic() < deadline:
             for msg in consumer.consume(1000, 0.5):
-                if msg.error() is not None:
-                    continue
                 tp = (msg.topic() or "", msg.partition() or 0)
-                offset = msg.offset() or 0
-                if tp in ends and offset >= ends[tp] - 1:
-                    del ends[tp]
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        ends.discard(tp)
+                    continue
                 try:
                     event = serde.decode(msg.value() or b"")
                 except NotRetriable:
                     continue
                 if event.task_id == task_id:
-                    out.append(Entry(event, tp[0], tp[1], offset))
+                    out.append(Entry(event, tp[0], tp[1], msg.offset() or 0))
         if ends:
             raise TimeoutError(f"replay did not reach the end of {sorted(ends)} in {timeout_s}s")
         return ordered(out)
