@@ -61,8 +61,8 @@ def test_demo_audit_replay_and_dashboard(stack: Stack, tmp_path: Path) -> None:
         wait_for(lambda: text("#total-completed") == str(states.get("completed", 0)),
                  what="completed count")
         for team in ("payments", "search", "platform"):
-            assert text(f"tr[data-team='{team}'] .spent") == f"{cost[team]:.4f}"
-        assert float(text("#total-spend")) == pytest.approx(sum(cost.values()), abs=1e-4)
+            assert text(f"tr[data-team='{team}'] .spent") == f"{cost[team]:.6f}"
+        assert float(text("#total-spend")) == pytest.approx(sum(cost.values()), abs=1e-6)
         driver.save_screenshot(str(tmp_path / "demo.png"))   # type: ignore[attr-defined]
         if os.environ.get("FLEETPLANE_UPDATE_SCREENSHOTS"):
             shutil.copy(tmp_path / "demo.png", REPO_ROOT / "docs" / "dashboard-demo.png")

@@ -74,18 +74,18 @@ def test_dashboard_renders_the_fleet_and_a_task_page(api_url: str, tmp_path: Pat
                  what="fleet totals")
         assert text("#total-held") == "1"
         assert text("#total-failed") == "2"
-        assert text("#total-spend") == f"{api['spend_usd']:.4f}" == "1.1220"
+        assert text("#total-spend") == f"{api['spend_usd']:.6f}" == "1.122000"
         beta = f"tr[data-team='{P}-beta']"
-        assert text(f"{beta} .spent") == "1.0020"
-        assert text(f"{beta} .budget") == "50.0000"
+        assert text(f"{beta} .spent") == "1.002000"
+        assert text(f"{beta} .budget") == "50.00"
         assert "quota: 1" in text(f"{beta} .held")
         assert text(f"{beta} .done") == "2"
         assert "quota" in text("#held tbody")
         assert text("#util-busy") == "40%"
-        assert text("tr[data-task-type='debug'] .cost") == "1.0020"
-        assert text("tr[data-model='claude-opus-4-7'] .cost") == "1.0000"
+        assert text("tr[data-task-type='debug'] .cost") == "1.002000"
+        assert text("tr[data-model='claude-opus-4-7'] .cost") == "1.000000"
         assert "baseline 0.01" in text("#alerts tbody")
-        assert text("#cache-saved") == "0.0100"
+        assert text("#cache-saved") == "0.010000"
         shot = tmp_path / "dashboard.png"
         driver.save_screenshot(str(shot))   # type: ignore[attr-defined]
         assert shot.stat().st_size > 10_000

@@ -73,7 +73,7 @@ preserveAspectRatio="none"></svg><div id="util-summary"></div></section>
 </main>
 <script>
 const esc = s => String(s ?? '').replace(/[&<>"]/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;'}[c]));
-const usd = v => (v == null ? '-' : Number(v).toFixed(4));
+const usd = v => (v == null ? '-' : Number(v).toFixed(6));
 function rows(id, items, cells) {
   document.querySelector('#' + id + ' tbody').innerHTML = items.map(cells).join('');
 }
@@ -109,7 +109,7 @@ async function refresh() {
         `<td class="n running">${t.running} / ${b.max_running}</td>` +
         `<td class="n held" title="${esc(kinds)}">${t.held}${kinds ? ' (' + esc(kinds) + ')' : ''}</td>` +
         `<td class="n done">${t.completed}</td><td class="n spent">${usd(b.spent_usd)}</td>` +
-        `<td class="n budget">${usd(b.budget_usd)}</td><td><div class="bar"><i class="${esc(b.state)}" style="width:${pct}%%"></i></div></td></tr>`;
+        `<td class="n budget">${Number(b.budget_usd).toFixed(2)}</td><td><div class="bar"><i class="${esc(b.state)}" style="width:${pct}%%"></i></div></td></tr>`;
     });
     rows('held', d.overview.held, h => `<tr><td><a href="/tasks/${esc(h.task_id)}">${esc(h.task_id.slice(0, 12))}</a></td>` +
       `<td>${esc(h.team)}</td><td class="kind">${esc(h.kind)}</td><td>${esc(h.reason)}</td></tr>`);
