@@ -16,7 +16,7 @@ from fleetplane.cli.demo import manifests
 from fleetplane.cli.stack import Stack
 from fleetplane.core.settings import REPO_ROOT
 from tests.e2e.conftest import settings_for, submit, wait_terminal
-from tests.integration.browser import chromium, wait_for
+from tests.integration.browser import chromium, page_text, wait_for
 from tests.integration.test_accounting_audit import LiveConsumer
 
 pytestmark = pytest.mark.e2e
@@ -55,7 +55,7 @@ def test_demo_audit_replay_and_dashboard(stack: Stack, tmp_path: Path) -> None:
         from selenium.webdriver.common.by import By
 
         def text(css: str) -> str:
-            return str(driver.find_element(By.CSS_SELECTOR, css).text)  # type: ignore[attr-defined]
+            return page_text(driver, css)
 
         driver.get(stack.accounting_url + "/")   # type: ignore[attr-defined]
         wait_for(lambda: text("#total-completed") == str(states.get("completed", 0)),

@@ -47,3 +47,13 @@ def wait_for(check: Callable[[], bool], timeout_s: float = 20.0, what: str = "")
             pass
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what or check}")
+
+
+def page_text(driver: object, css: str) -> str:
+    """The rendered text of the first element matching `css`, read in one script call (the
+    page re-renders every refresh, so element handles go stale)."""
+    value = driver.execute_script(  # type: ignore[attr-defined]
+        "const e = document.querySelector(arguments[0]); return e ? e.innerText : null;", css)
+    if value is None:
+        raise LookupError(f"no element {css!r} on the page")
+    return str(value).strip()

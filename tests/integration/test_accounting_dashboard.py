@@ -22,7 +22,7 @@ from fleetplane.core import events as ev
 from fleetplane.core.catalog import catalog_for
 from fleetplane.core.service import serve_http_in_thread
 from fleetplane.core.settings import REPO_ROOT, Settings
-from tests.integration.browser import chromium, wait_for
+from tests.integration.browser import chromium, page_text, wait_for
 from tests.integration.fleet_history import base_time, stories, utilization_events
 from tests.integration.test_accounting import close_test_store, open_test_store
 from tests.integration.test_accounting_analytics import store_events
@@ -63,12 +63,11 @@ def api_url(ch_store: Store) -> Iterator[str]:
 def test_dashboard_renders_the_fleet_and_a_task_page(api_url: str, tmp_path: Path) -> None:
     api = httpx.get(f"{api_url}/v1/dashboard", timeout=30).json()
     with chromium(tmp_path / "profile") as driver:
-        from selenium.webdriver.common.by import By
 
         driver.get(api_url + "/")   # type: ignore[attr-defined]
 
         def text(css: str) -> str:
-            return str(driver.find_element(By.CSS_SELECTOR, css).text)  # type: ignore[attr-defined]
+            return page_text(driver, css)
 
         wait_for(lambda: text("#total-completed") == str(api["overview"]["total"]["completed"]),
                  what="fleet totals")
@@ -94,8 +93,10 @@ def test_dashboard_renders_the_fleet_and_a_task_page(api_url: str, tmp_path: Pat
 
         driver.get(f"{api_url}/tasks/{P}-t3")   # type: ignore[attr-defined]
         wait_for(lambda: "verified" in text("#verdict"), what="task page")
-        rows = driver.find_elements(By.CSS_SELECTOR, "#timeline tbody tr")  # type: ignore[attr-defined]
-        assert [r.get_attribute("data-event") for r in rows] == [
+        rows = driver.execute_script(  # type: ignore[attr-defined]
+            "return [...document.querySelectorAll('#timeline tbody tr')]"
+            ".map(r => r.dataset.event)")
+        assert rows == [
             "TaskSubmitted", "TaskAccepted", "TaskRouted", "TaskDispatched", "TaskStarted",
             "ModelCall", "ToolCall", "ModelCall", "ToolCall", "WorkspaceChange", "TaskCompleted"]
         assert "5 audit events" in text("#verdict")
