@@ -16,7 +16,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from fleetplane.accounting.analytics import task_info
 from fleetplane.accounting.store import Store
 from fleetplane.core.catalog import Catalog, Model
 
@@ -74,44 +73,62 @@ def resolve_target(catalog: Catalog, to_model: str | None, to_tier: str | None) 
     raise ValueError("give a target: --to TIER or --to-model MODEL")
 
 
+def _untyped(store: Store) -> str:
+    """Task types of the tasks whose model calls were stored before their type was known (the
+    sink fills model_calls.task_type; this covers the rest without scanning every task)."""
+    return (f"(SELECT task_id, argMaxIf(task_type, occurred_at, task_type != '') AS task_type "
+            f"FROM {store.table('task_transitions')} WHERE task_id IN (SELECT task_id FROM "
+            f"{store.table('model_calls')} WHERE task_type = '') GROUP BY task_id)")
+
+
+def _typed_calls(store: Store) -> str:
+    """Model calls (deduplicated) with their task type."""
+    return (f"(SELECT m.*, if(m.task_type != '', m.task_type, u.task_type) AS type "
+            f"FROM {store.table('model_calls')} AS m FINAL "
+            f"LEFT JOIN {_untyped(store)} AS u ON m.task_id = u.task_id)")
+
+
 def _selected_calls(store: Store, sel: Selection) -> list[dict[str, Any]]:
-    clauses: list[str] = ["m.model != {target:String}"]
+    clauses: list[str] = ["model != {target:String}"]
     params: dict[str, Any] = {"target": sel.target.name}
     if sel.from_tier:
-        clauses.append("m.tier = {tier:String}")
+        clauses.append("tier = {tier:String}")
         params["tier"] = sel.from_tier
     if sel.from_model:
-        clauses.append("m.model = {model:String}")
+        clauses.append("model = {model:String}")
         params["model"] = sel.from_model
     if sel.task_type:
-        clauses.append("task_type = {task_type:String}")
+        clauses.append("type = {task_type:String}")
         params["task_type"] = sel.task_type
     return store.query(
         f"""
-        SELECT if(m.task_type != '', m.task_type, ti.task_type) AS task_type, m.model AS model,
-               sum(m.cost_usd) AS cost_usd, count() AS calls, uniqExact(m.task_id) AS tasks,
-               sum(m.input_tokens) AS input_tokens, sum(m.output_tokens) AS output_tokens,
-               sum(m.cache_creation_input_tokens) AS cache_write_tokens,
-               sum(m.cache_read_input_tokens) AS cache_read_tokens
-        FROM {store.table('model_calls')} AS m FINAL
-        LEFT JOIN {task_info(store)} AS ti ON m.task_id = ti.task_id
+        SELECT type AS task_type, model, sum(cost_usd) AS cost_usd, count() AS calls,
+               uniqExact(task_id) AS tasks, sum(input_tokens) AS input_tokens,
+               sum(output_tokens) AS output_tokens,
+               sum(cache_creation_input_tokens) AS cache_write_tokens,
+               sum(cache_read_input_tokens) AS cache_read_tokens
+        FROM {_typed_calls(store)}
         WHERE {' AND '.join(clauses)}
-        GROUP BY task_type, model
+        GROUP BY type, model
         """, params)
 
 
 def success_stats(store: Store, task_types: list[str]) -> dict[tuple[str, str], tuple[int, int]]:
-    """(task type, model) -> (successes, trials) over non-cached finished attempts."""
+    """(task type, model) -> (successes, trials): finished non-cached attempts, each counted
+    for the model its model calls went to (an attempt that never called a model says nothing
+    about one)."""
     rows = store.query(
         f"""
-        SELECT ti.task_type AS task_type,
-               if(o.model != '', o.model, a.model) AS model,
+        SELECT c.call_type AS task_type, c.call_model AS model,
                countIf(o.success = 1) AS successes, count() AS trials
-        FROM {store.table('attempt_outcomes')} AS o FINAL
-        LEFT JOIN {task_info(store)} AS ti ON o.task_id = ti.task_id
-        LEFT JOIN (SELECT task_id, attempt, model FROM {store.table('attempts')}) AS a
-            ON o.task_id = a.task_id AND o.attempt = a.attempt
-        WHERE o.cached = 0 AND ti.task_type IN {{types:Array(String)}}
+        FROM (SELECT task_id, attempt, any(type) AS call_type,
+                     argMax(model, call_index) AS call_model
+              FROM {_typed_calls(store)} WHERE type IN {{types:Array(String)}}
+              GROUP BY task_id, attempt) AS c
+        INNER JOIN (SELECT task_id, attempt, max(success) AS success
+                    FROM {store.table('attempt_outcomes')} FINAL
+                    WHERE cached = 0 GROUP BY task_id, attempt) AS o
+            ON c.task_id = o.task_id AND c.attempt = o.attempt
         GROUP BY task_type, model
         """, {"types": task_types})
     return {(r["task_type"], r["model"]): (int(r["successes"]), int(r["trials"])) for r in rows}
