@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
 .PHONY: install run up down demo test test-unit test-tansu lint typecheck bench clean
+.PHONY: bench-accounting
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +48,10 @@ typecheck: lint
 ## bench: throughput and latency through all five services (prints a table, writes JSON)
 bench: install
 	$(PY) -m bench.pipeline $(BENCH_ARGS)
+
+## bench-accounting: sink rows/s and analytics latency over 1M and 10M model calls (chdb)
+bench-accounting: install
+	$(PY) -m bench.accounting $(BENCH_ARGS)
 
 clean:
 	rm -rf .fleetplane .pytest_cache .mypy_cache .ruff_cache
