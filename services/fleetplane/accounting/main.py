@@ -21,7 +21,6 @@ from fleetplane.accounting.handlers import make_handler
 from fleetplane.accounting.publisher import Publisher, run_in_thread
 from fleetplane.accounting.sink import ClickHouseSink
 from fleetplane.accounting.store import Store, apply_ddl, connect, settings_ttl_days
-from fleetplane.core.catalog import catalog_for
 from fleetplane.core.errors import Fatal
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.logging import get_logger
@@ -103,9 +102,6 @@ def run(settings: Settings) -> int:
                       port=settings.accounting_port)
             return 2
         processor.install_signal_handlers()
-        # the catalog (litellm's price map) takes seconds to load: warm it for /v1/whatif
-        threading.Thread(target=catalog_for, args=(settings.catalog_file,), name="warm-catalog",
-                         daemon=True).start()
         publisher_thread = run_in_thread(publisher, stop_publisher)
         code = 0
         try:
