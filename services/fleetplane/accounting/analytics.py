@@ -302,31 +302,40 @@ def spend_since(store: Store, start: datetime) -> dict[str, float]:
     return {r["team"]: float(r["cost_usd"]) for r in rows}
 
 
-def recent_attempts(store: Store, *, window: int, since: datetime | None = None
-                    ) -> list[dict[str, Any]]:
-    """The last `window` finished attempts per task type (non-cached), newest first, with
-    cost and tokens from their model calls and duration: the anomaly baselines."""
-    params: dict[str, Any] = {"window": max(1, window)}
-    clause = ""
-    if since is not None:
-        clause = "AND o.occurred_at >= " + _TIME % "since"
-        params["since"] = since.isoformat()
+def recent_attempts(store: Store, *, window: int, since: datetime) -> list[dict[str, Any]]:
+    """The last `window` finished attempts per task type (non-cached) that ended at or after
+    `since`, newest first, with cost and tokens from their model calls and duration: the
+    anomaly baselines. Only those attempts' tasks are read from the other tables."""
+    params: dict[str, Any] = {"window": max(1, window), "since": since.isoformat()}
+    recent = (f"(SELECT task_id FROM {store.table('attempt_outcomes')} "
+              "WHERE occurred_at >= " + _TIME % "since" + ")")
     return store.query(
         f"""
         SELECT o.task_id AS task_id, o.team AS team, o.attempt AS attempt,
                ti.task_type AS task_type, o.success AS success, o.occurred_at AS occurred_at,
                o.duration_ms AS duration_ms, c.cost_usd AS cost_usd, c.tokens AS tokens
         FROM {store.table('attempt_outcomes')} AS o FINAL
-        LEFT JOIN {task_info(store)} AS ti ON o.task_id = ti.task_id
+        INNER JOIN (SELECT task_id, argMaxIf(task_type, occurred_at, task_type != '')
+                               AS task_type
+                    FROM {store.table('task_transitions')} WHERE task_id IN {recent}
+                    GROUP BY task_id) AS ti ON o.task_id = ti.task_id
         LEFT JOIN (SELECT task_id, attempt, sum(cost_usd) AS cost_usd,
                           sum(input_tokens + output_tokens + cache_creation_input_tokens
                               + cache_read_input_tokens) AS tokens
-                   FROM {store.table('model_calls')} FINAL GROUP BY task_id, attempt) AS c
+                   FROM {store.table('model_calls')} FINAL WHERE task_id IN {recent}
+                   GROUP BY task_id, attempt) AS c
             ON o.task_id = c.task_id AND o.attempt = c.attempt
-        WHERE o.cached = 0 AND ti.task_type != '' {clause}
+        WHERE o.cached = 0 AND ti.task_type != '' AND o.occurred_at >= {_TIME % 'since'}
         ORDER BY o.occurred_at DESC, o.task_id
         LIMIT {{window:UInt32}} BY ti.task_type
         """, params)
+
+
+def outcomes_ingested_since(store: Store, since: datetime) -> int:
+    """Attempt outcomes stored at or after `since` (ingest time): is there anything to score?"""
+    return int(store.command(
+        f"SELECT count() FROM {store.table('attempt_outcomes')} WHERE ingested_at >= "
+        + _TIME % "since", {"since": since.isoformat()}))
 
 
 def period_start(period: str, now: datetime) -> datetime:

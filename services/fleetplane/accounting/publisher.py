@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fleetplane.accounting import analytics
@@ -29,6 +29,7 @@ log = get_logger(__name__)
 
 MIN_SPEND_DELTA_USD = 0.01
 FAILURE_WINDOW = 20
+LOOKBACK = timedelta(days=7)   # baselines come from attempts that ended in the last week
 
 
 def alert_for(a: Anomaly, threshold: float, now: datetime) -> Alert:
@@ -58,6 +59,7 @@ class Publisher:
         self.last_budget_at = 0.0
         self.scored: set[tuple[str, int]] = set()
         self.alerted: set[str] | None = None
+        self.last_scored_at: datetime | None = None
         self.published_budgets = 0
         self.published_alerts = 0
 
@@ -97,8 +99,16 @@ class Publisher:
         return self.alerted
 
     def check_anomalies(self) -> list[Alert]:
+        """Score the attempts that finished since the last check (nothing to do, no query
+        beyond one count, when no outcome arrived)."""
         s = self.settings
-        rows = analytics.recent_attempts(self.store, window=s.anomaly_window + 1)
+        started = self.clock()
+        if self.last_scored_at is not None and not analytics.outcomes_ingested_since(
+                self.store, self.last_scored_at - timedelta(seconds=1)):
+            return []
+        rows = analytics.recent_attempts(self.store, window=s.anomaly_window + 1,
+                                         since=started - LOOKBACK)
+        self.last_scored_at = started
         new_ids = {(r["task_id"], int(r["attempt"])) for r in rows} - self.scored
         found = attempt_anomalies(rows, new_ids=new_ids, min_samples=s.anomaly_min_samples,
                                   threshold=s.anomaly_threshold)

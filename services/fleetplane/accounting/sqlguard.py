@@ -7,7 +7,8 @@ Defence in depth, the same on chdb and on a server:
    must hold), no INTO OUTFILE and no table function other than numbers() (file(), url(),
    remote(), executable() ... would read or run things outside the fleetplane tables);
 3. it runs with max_execution_time and max_result_rows (result_overflow_mode=throw) and, on a
-   ClickHouse server, readonly=1. (chdb applies per-query settings to its one session and could
+   ClickHouse server, readonly=2 (reads only; the limits may still be set by the request, and a
+   SETTINGS clause in the query was refused above). (chdb applies per-query settings to its one session and could
    not take readonly back, so there the parser check is the read-only guarantee.)
 """
 
@@ -78,7 +79,7 @@ def run_readonly(store: Store, sql: str, *, max_execution_time_s: int,
         "result_overflow_mode": "throw",
     }
     if not is_chdb(store.dsn):
-        settings["readonly"] = 1
+        settings["readonly"] = 2   # read-only; 2 lets the limits above be set in the request
     columns, rows = store.query_table(text, settings=settings)
     return {"columns": columns, "rows": [[_plain(v) for v in row] for row in rows]}
 
