@@ -83,7 +83,12 @@ def _untyped(store: Store) -> str:
 
 def _typed_calls(store: Store) -> str:
     """Model calls (deduplicated) with their task type."""
-    return (f"(SELECT m.*, if(m.task_type != '', m.task_type, u.task_type) AS type "
+    return (f"(SELECT m.task_id AS task_id, m.attempt AS attempt, m.call_index AS call_index, "
+            f"m.model AS model, m.tier AS tier, m.cost_usd AS cost_usd, "
+            f"m.input_tokens AS input_tokens, m.output_tokens AS output_tokens, "
+            f"m.cache_creation_input_tokens AS cache_creation_input_tokens, "
+            f"m.cache_read_input_tokens AS cache_read_input_tokens, "
+            f"if(m.task_type != '', m.task_type, u.task_type) AS type "
             f"FROM {store.table('model_calls')} AS m FINAL "
             f"LEFT JOIN {_untyped(store)} AS u ON m.task_id = u.task_id)")
 
