@@ -8,8 +8,8 @@ Defence in depth, the same on chdb and on a server:
    remote(), executable() ... would read or run things outside the fleetplane tables);
 3. it runs with max_execution_time and max_result_rows (result_overflow_mode=throw) and, on a
    ClickHouse server, readonly=2 (reads only; the limits may still be set by the request, and a
-   SETTINGS clause in the query was refused above). (chdb applies per-query settings to its one session and could
-   not take readonly back, so there the parser check is the read-only guarantee.)
+   SETTINGS clause in the query was refused above). chdb applies per-query settings to its one
+   session and could not take readonly back, so there the parser check is the guarantee.
 """
 
 from __future__ import annotations
