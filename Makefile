@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
 .PHONY: install run up down demo test test-unit test-tansu lint typecheck bench clean
+.PHONY: bench-accounting
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,9 @@ bench: install
 
 bench-routing: install  ## routing decision latency in process (bench/routing.py)
 	$(PY) -m bench.routing
+## bench-accounting: sink rows/s and analytics latency over 1M and 10M model calls (chdb)
+bench-accounting: install
+	$(PY) -m bench.accounting $(BENCH_ARGS)
 
 clean:
 	rm -rf .fleetplane .pytest_cache .mypy_cache .ruff_cache

@@ -23,6 +23,6 @@ CREATE TABLE IF NOT EXISTS {database}.model_calls
     ingested_at                 DateTime64(3, 'UTC') DEFAULT now64(3)
 )
 ENGINE = ReplacingMergeTree
-PARTITION BY toYYYYMM(occurred_at)
+PARTITION BY {partition}
 ORDER BY (team, task_id, event_id)
 {ttl};

@@ -20,6 +20,6 @@ CREATE TABLE IF NOT EXISTS {database}.task_transitions
     ingested_at DateTime64(3, 'UTC') DEFAULT now64(3)
 )
 ENGINE = ReplacingMergeTree
-PARTITION BY toYYYYMM(occurred_at)
+PARTITION BY {partition}
 ORDER BY (task_id, event_id)
 {ttl};

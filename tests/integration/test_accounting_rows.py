@@ -55,10 +55,9 @@ def samples() -> list[ev.Event]:
         mk(ev.ControlCommand, command="cancel"),
         mk(ev.DeadLetter, service="ingest", source_topic="s", source_partition=0,
            source_offset=1, payload=b"\xff", error_class="E", reason="r"),
-        mk(ev.TaskConflict, attempt=1, repository="r", paths=["x.py"], reason="outside scope"),
-        ev.ExecutorUtilization(task_id="", team="", executor_id="e", slot=0,
-                               window_start=datetime(2026, 1, 1, tzinfo=UTC), window_s=10.0,
-                               model_s=4.0, tool_s=1.0, busy_s=6.0, idle_s=4.0, attempts=2),
+        mk(ev.TaskConflict, attempt=1, repository="r", paths=["a.py"], reason="outside scope"),
+        mk(ev.ExecutorUtilization, executor_id="x", slot=0, window_start=datetime.now(UTC),
+           window_s=10, busy_s=6, model_s=4, tool_s=1, idle_s=4),
     ]
 
 
@@ -81,6 +80,12 @@ def test_rows_match_their_columns_and_agree_with_core_terminality(event: ev.Even
         "tasks.lifecycle", 3, 41)
     assert json.loads(as_event["payload"])["event_id"] == event.event_id
     assert (rows.MODEL_CALLS in out) == isinstance(event, ev.ModelCall)
+    assert (rows.TOOL_CALLS in out) == isinstance(event, ev.ToolCall)
+    assert (rows.HOLDS in out) == isinstance(event, ev.TaskHeld)
+    assert (rows.ATTEMPT_OUTCOMES in out) == isinstance(event, ev.TaskCompleted | ev.TaskFailed)
+    assert (rows.UTILIZATION in out) == isinstance(event, ev.ExecutorUtilization)
+    assert (rows.ALERTS in out) == isinstance(event, ev.Alert)
+    assert (rows.WORKSPACE_CHANGES in out) == isinstance(event, ev.WorkspaceChange)
     state = rows.state_of(event)
     assert (rows.TASK_TRANSITIONS in out) == (state is not None)
     if state is not None and not isinstance(event, ev.TaskRejected):
@@ -133,10 +138,17 @@ def test_dead_letter_payload_is_json_with_base64_bytes() -> None:
 
 def test_ddl_renders_every_statement_with_database_and_ttl() -> None:
     statements = ddl_statements("acct", ttl_days=30)
-    assert len(statements) == 6
+    assert len(statements) == 19
     assert statements[0] == "CREATE DATABASE IF NOT EXISTS acct"
     assert not any("{" in s or s.rstrip().endswith(";") for s in statements)
-    assert sum("TTL toDateTime(occurred_at) + INTERVAL 30 DAY" in s for s in statements) == 3
+    fact_tables = [s for s in statements if "ReplacingMergeTree" in s]
+    assert len(fact_tables) == 9
+    assert all("TTL toDateTime(occurred_at) + INTERVAL 30 DAY" in s for s in fact_tables)
+    assert all("PARTITION BY toYYYYMM(occurred_at)" in s for s in fact_tables)
+    daily = ddl_statements("acct", partition="day")
+    assert sum("PARTITION BY toYYYYMMDD(occurred_at)" in s for s in daily) == 9
+    with pytest.raises(ValueError, match="partition"):
+        ddl_statements("acct", partition="hour")
     assert all("TTL" not in s for s in ddl_statements("acct", ttl_days=0))
     assert ttl_clause(-1) == ""
 

@@ -14,9 +14,10 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, HTTPException, Path, Query
 from fastapi.responses import JSONResponse
 
-from fleetplane.accounting import queries
+from fleetplane.accounting import api_analytics, dashboard, queries
 from fleetplane.accounting.queries import CostDimension
 from fleetplane.accounting.store import Store
+from fleetplane.core.settings import Settings
 
 TaskState = Literal[
     "submitted", "accepted", "routed", "held", "dispatched", "running", "attempt_failed",
@@ -27,9 +28,14 @@ TaskState = Literal[
 StatusFn = Callable[[], dict[str, Any]]
 
 
-def create_app(store: Store, status: StatusFn | None = None) -> FastAPI:
-    """The API over `store`; `status` adds live processor figures to /healthz."""
+def create_app(store: Store, status: StatusFn | None = None,
+               settings: Settings | None = None) -> FastAPI:
+    """The API over `store`; `status` adds live processor figures to /healthz; `settings` gives
+    the catalog, teams and analyst-SQL limits (defaults: the environment's)."""
+    settings = settings or Settings()
     app = FastAPI(title="fleetplane accounting", version="1")
+    app.include_router(api_analytics.make_router(store, settings))
+    app.include_router(dashboard.make_router(store, settings))
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

@@ -18,9 +18,11 @@ import uvicorn
 
 from fleetplane.accounting.api import create_app
 from fleetplane.accounting.handlers import make_handler
+from fleetplane.accounting.publisher import Publisher, run_in_thread
 from fleetplane.accounting.sink import ClickHouseSink
 from fleetplane.accounting.store import Store, apply_ddl, connect, settings_ttl_days
 from fleetplane.core.errors import Fatal
+from fleetplane.core.kafka import EventProducer
 from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import Processor
 from fleetplane.core.service import bootstrap, serve_http_in_thread
@@ -85,15 +87,22 @@ def run(settings: Settings) -> int:
     """Run the service until SIGTERM/SIGINT; returns the process exit code."""
     store = connect(settings)
     try:
-        apply_ddl(store, settings_ttl_days(settings))
+        apply_ddl(store, settings_ttl_days(settings), partition=settings.clickhouse_partition)
         processor, sink = build_processor(settings, store)
-        app = create_app(store, status=lambda: status_of(processor, sink))
+        producer = EventProducer(settings)
+        publisher = Publisher(store, settings, producer.send)
+        stop_publisher = threading.Event()
+        app = create_app(store, status=lambda: {**status_of(processor, sink),
+                                                "budgets_published": publisher.published_budgets,
+                                                "alerts_published": publisher.published_alerts},
+                         settings=settings)
         server = serve_http_in_thread(app, settings.bind_host, settings.accounting_port)
         if not wait_started(server):
             log.error("accounting API did not start", host=settings.bind_host,
                       port=settings.accounting_port)
             return 2
         processor.install_signal_handlers()
+        publisher_thread = run_in_thread(publisher, stop_publisher)
         code = 0
         try:
             processor.run()
@@ -102,6 +111,9 @@ def run(settings: Settings) -> int:
             code = 1
         finally:
             server.should_exit = True
+            stop_publisher.set()
+            publisher_thread.join(10)
+            producer.close()
         log.info("accounting stopped", **status_of(processor, sink))
         return code
     finally:

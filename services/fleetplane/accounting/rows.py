@@ -18,24 +18,63 @@ Row = tuple[Any, ...]
 EVENTS = "events"
 MODEL_CALLS = "model_calls"
 TASK_TRANSITIONS = "task_transitions"
+TOOL_CALLS = "tool_calls"
+WORKSPACE_CHANGES = "workspace_changes"
+ATTEMPT_OUTCOMES = "attempt_outcomes"
+HOLDS = "holds"
+ALERTS = "alerts"
+UTILIZATION = "utilization"
 
 EVENTS_COLUMNS: tuple[str, ...] = (
     "event_id", "event_type", "task_id", "team", "occurred_at", "schema_version", "causation_id",
-    "topic", "partition", "offset", "payload",
+    "topic", "partition", "offset", "payload", "avro",
 )
 MODEL_CALLS_COLUMNS: tuple[str, ...] = (
     "task_id", "team", "attempt", "call_index", "model", "provider", "tier", "input_tokens",
     "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "cost_usd",
-    "latency_ms", "outcome", "error", "stop_reason", "occurred_at", "event_id",
+    "latency_ms", "outcome", "error", "stop_reason", "occurred_at", "event_id", "task_type",
 )
+# model_calls.task_type is filled in by the sink (ClickHouseSink resolves it from the task's
+# lifecycle rows); rows_for leaves it empty.
+MODEL_CALL_TASK_TYPE = MODEL_CALLS_COLUMNS.index("task_type")
 TASK_TRANSITIONS_COLUMNS: tuple[str, ...] = (
     "task_id", "team", "event_id", "event_type", "state", "terminal", "state_rank", "occurred_at",
     "attempt", "task_type", "model", "tier", "cost_usd", "reason",
+)
+TOOL_CALLS_COLUMNS: tuple[str, ...] = (
+    "task_id", "team", "attempt", "call_index", "tool", "outcome", "duration_ms", "occurred_at",
+    "event_id",
+)
+WORKSPACE_CHANGES_COLUMNS: tuple[str, ...] = (
+    "task_id", "team", "attempt", "repository", "branch", "commit", "files", "added", "removed",
+    "occurred_at", "event_id",
+)
+ATTEMPT_OUTCOMES_COLUMNS: tuple[str, ...] = (
+    "task_id", "team", "attempt", "event_type", "success", "final", "cached", "model",
+    "failure_class", "cost_usd", "duration_ms", "audit_head", "audit_count", "occurred_at",
+    "event_id",
+)
+HOLDS_COLUMNS: tuple[str, ...] = (
+    "task_id", "team", "attempt", "kind", "reason", "held_by", "occurred_at", "event_id",
+)
+ALERTS_COLUMNS: tuple[str, ...] = (
+    "team", "task_id", "severity", "kind", "message", "metric", "value", "baseline",
+    "occurred_at", "event_id",
+)
+UTILIZATION_COLUMNS: tuple[str, ...] = (
+    "executor_id", "slot", "window_start", "window_s", "model_s", "tool_s", "busy_s", "idle_s",
+    "attempts", "occurred_at", "event_id",
 )
 
 # Insert order of a flush: `events` last, so an event visible there has its other rows stored.
 COLUMNS: dict[str, tuple[str, ...]] = {
     MODEL_CALLS: MODEL_CALLS_COLUMNS,
+    TOOL_CALLS: TOOL_CALLS_COLUMNS,
+    WORKSPACE_CHANGES: WORKSPACE_CHANGES_COLUMNS,
+    ATTEMPT_OUTCOMES: ATTEMPT_OUTCOMES_COLUMNS,
+    HOLDS: HOLDS_COLUMNS,
+    ALERTS: ALERTS_COLUMNS,
+    UTILIZATION: UTILIZATION_COLUMNS,
     TASK_TRANSITIONS: TASK_TRANSITIONS_COLUMNS,
     EVENTS: EVENTS_COLUMNS,
 }
@@ -56,10 +95,9 @@ STATES: tuple[str, ...] = tuple(STATE_RANK)
 EVENT_ORDER: tuple[str, ...] = (
     "TaskSubmitted", "TaskRejected", "TaskAccepted", "TaskRouted", "TaskHeld", "TaskDispatched",
     "TaskStarted", "TaskHeartbeat", "ModelCall", "ToolCall", "WorkspaceChange", "TaskConflict",
-    "TaskFailed",
-    "TaskRetrying", "TaskEscalated", "ControlCommand", "TaskCompleted", "TaskAbandoned",
-    "TaskCancelled", "TaskRolledBack", "BudgetStatus", "Alert", "DeadLetter",
-    "ExecutorUtilization",
+    "TaskFailed", "TaskRetrying", "TaskEscalated", "ControlCommand", "TaskCompleted",
+    "TaskAbandoned", "TaskCancelled", "TaskRolledBack", "BudgetStatus", "Alert",
+    "ExecutorUtilization", "DeadLetter",
 )
 
 _STATE_OF: dict[type[ev.Event], str] = {
@@ -109,7 +147,7 @@ def event_row(event: ev.Event, record: Record) -> Row:
     return (
         event.event_id, type(event).__name__, event.task_id, event.team, event.occurred_at,
         event.schema_version, event.causation_id or "", record.topic, record.partition,
-        record.offset, payload_json(event),
+        record.offset, payload_json(event), record.value,
     )
 
 
@@ -118,8 +156,45 @@ def model_call_row(event: ev.ModelCall) -> Row:
         event.task_id, event.team, event.attempt, event.call_index, event.model, event.provider,
         event.tier, event.input_tokens, event.output_tokens, event.cache_creation_input_tokens,
         event.cache_read_input_tokens, event.cost_usd, event.latency_ms, event.outcome,
-        event.error or "", event.stop_reason or "", event.occurred_at, event.event_id,
+        event.error or "", event.stop_reason or "", event.occurred_at, event.event_id, "",
     )
+
+
+def _fact_row(event: ev.Event) -> tuple[str, Row] | None:
+    """The row of the one fact table an event feeds besides events/transitions, if any."""
+    if isinstance(event, ev.ToolCall):
+        return TOOL_CALLS, (event.task_id, event.team, event.attempt, event.call_index,
+                            event.tool, event.outcome, event.duration_ms, event.occurred_at,
+                            event.event_id)
+    if isinstance(event, ev.WorkspaceChange):
+        return WORKSPACE_CHANGES, (
+            event.task_id, event.team, event.attempt, event.repository, event.branch,
+            event.commit or "", [f.path for f in event.files],
+            sum(f.added for f in event.files), sum(f.removed for f in event.files),
+            event.occurred_at, event.event_id)
+    if isinstance(event, ev.TaskCompleted):
+        return ATTEMPT_OUTCOMES, (
+            event.task_id, event.team, event.attempt, "TaskCompleted", 1, 1, int(event.cached),
+            event.model, "", event.cost_usd, float(event.duration_ms), event.audit_head,
+            event.audit_count, event.occurred_at, event.event_id)
+    if isinstance(event, ev.TaskFailed):
+        return ATTEMPT_OUTCOMES, (
+            event.task_id, event.team, event.attempt, "TaskFailed", 0, int(event.final), 0, "",
+            event.failure_class, event.cost_usd, 0.0, event.audit_head, event.audit_count,
+            event.occurred_at, event.event_id)
+    if isinstance(event, ev.TaskHeld):
+        return HOLDS, (event.task_id, event.team, event.attempt, event.kind or "unspecified",
+                       event.reason[:2000], event.held_by or "", event.occurred_at,
+                       event.event_id)
+    if isinstance(event, ev.Alert):
+        return ALERTS, (event.team, event.task_id, event.severity, event.kind,
+                        event.message[:4000], event.metric or "", event.value, event.baseline,
+                        event.occurred_at, event.event_id)
+    if isinstance(event, ev.ExecutorUtilization):
+        return UTILIZATION, (event.executor_id, event.slot, event.window_start, event.window_s,
+                             event.model_s, event.tool_s, event.busy_s, event.idle_s,
+                             event.attempts, event.occurred_at, event.event_id)
+    return None
 
 
 def _details(event: ev.Event) -> tuple[str, str, str, float, str]:
@@ -161,6 +236,9 @@ def rows_for(event: ev.Event, record: Record) -> dict[str, list[Row]]:
     out: dict[str, list[Row]] = {EVENTS: [event_row(event, record)]}
     if isinstance(event, ev.ModelCall):
         out[MODEL_CALLS] = [model_call_row(event)]
+    fact = _fact_row(event)
+    if fact is not None:
+        out[fact[0]] = [fact[1]]
     transition = transition_row(event)
     if transition is not None:
         out[TASK_TRANSITIONS] = [transition]

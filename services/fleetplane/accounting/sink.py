@@ -14,12 +14,22 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from fleetplane.accounting.rows import COLUMNS, Row
+from fleetplane.accounting.rows import (
+    COLUMNS,
+    MODEL_CALL_TASK_TYPE,
+    MODEL_CALLS,
+    TASK_TRANSITIONS,
+    TASK_TRANSITIONS_COLUMNS,
+    Row,
+)
 from fleetplane.accounting.store import Store
+from fleetplane.accounting.tasktypes import TaskTypes
 from fleetplane.core.errors import Fatal, RetryPolicy
 from fleetplane.core.logging import get_logger
 
 log = get_logger(__name__)
+
+_TT_TASK_TYPE = TASK_TRANSITIONS_COLUMNS.index("task_type")
 
 DEFAULT_INSERT_RETRY = RetryPolicy(initial_interval_s=0.2, backoff_coefficient=2.0,
                                    maximum_interval_s=5.0, maximum_attempts=6)
@@ -51,6 +61,7 @@ class ClickHouseSink:
         self._buffers: dict[str, list[Row]] = {table: [] for table in self.columns}
         self._pending = 0
         self._lock = threading.RLock()
+        self.task_types = TaskTypes(store)
 
     @property
     def pending(self) -> int:
@@ -65,6 +76,9 @@ class ClickHouseSink:
                     raise ValueError(f"unknown table {table!r}")
                 self._buffers[table].extend(batch)
                 self._pending += len(batch)
+                if table == TASK_TRANSITIONS:
+                    for row in batch:
+                        self.task_types.remember(row[0], row[_TT_TASK_TYPE])
             if self._pending >= self.flush_rows:
                 self.flush()
 
@@ -74,12 +88,32 @@ class ClickHouseSink:
         with self._lock:
             if not self._pending:
                 return
+            self._fill_task_types()
             for table, buffer in self._buffers.items():
                 if buffer:
                     self._insert(table, buffer)
                     self._pending -= len(buffer)
                     buffer.clear()
             self.stats.flushes += 1
+
+    def _fill_task_types(self) -> None:
+        """Set model_calls.task_type from the tasks' lifecycle rows (see tasktypes.py)."""
+        calls = self._buffers.get(MODEL_CALLS)
+        if not calls:
+            return
+        unknown = {row[0] for row in calls if not row[MODEL_CALL_TASK_TYPE]}
+        if not unknown:
+            return
+        try:
+            types = self.task_types.resolve(unknown)
+        except Exception as exc:  # the lookup is best effort; the insert must not wait on it
+            log.warning("task type lookup failed", error=str(exc)[:300])
+            return
+        for i, row in enumerate(calls):
+            task_type = types.get(row[0], "")
+            if task_type and not row[MODEL_CALL_TASK_TYPE]:
+                calls[i] = (*row[:MODEL_CALL_TASK_TYPE], task_type,
+                            *row[MODEL_CALL_TASK_TYPE + 1:])
 
     def _insert(self, table: str, rows: list[Row]) -> None:
         attempt = 1

@@ -24,7 +24,12 @@ log = get_logger(__name__)
 
 DDL_DIR = REPO_ROOT / "infra" / "clickhouse"
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_PLACEHOLDER = re.compile(r"\{(database|ttl)\}")
+_PLACEHOLDER = re.compile(r"\{(database|ttl|partition)\}")
+PARTITIONS: dict[str, str] = {
+    "month": "toYYYYMM(occurred_at)",
+    "week": "toMonday(occurred_at)",
+    "day": "toYYYYMMDD(occurred_at)",
+}
 
 
 def is_chdb(dsn: str) -> bool:
@@ -66,6 +71,25 @@ class Store:
         with self.lock:
             result = self.client.query(sql, parameters=dict(parameters or {}))
             return list(result.named_results())
+
+    def query_rows(self, sql: str, parameters: Mapping[str, Any] | None = None
+                   ) -> list[Sequence[Any]]:
+        """Rows as sequences."""
+        with self.lock:
+            return list(self.client.query(sql, parameters=dict(parameters or {})).result_rows)
+
+    def query_table(self, sql: str, settings: Mapping[str, Any] | None = None,
+                    ) -> tuple[list[str], list[list[Any]]]:
+        """(column names, rows) of a query run with per-query settings, with the fleetplane
+        database as the default one (analysts write `FROM model_calls`)."""
+        with self.lock:
+            previous = self.client.database
+            self.client.database = self.database
+            try:
+                result = self.client.query(sql, settings=dict(settings or {}))
+            finally:
+                self.client.database = previous
+            return list(result.column_names), [list(r) for r in result.result_rows]
 
     def insert(self, table: str, rows: Sequence[Sequence[Any]],
                column_names: Sequence[str]) -> None:
@@ -122,9 +146,19 @@ def ttl_clause(ttl_days: int) -> str:
     return f"TTL toDateTime(occurred_at) + INTERVAL {int(ttl_days)} DAY"
 
 
-def render(sql: str, database: str, ttl_days: int = 0) -> str:
-    """Substitute the DDL placeholders ({database}, {ttl})."""
-    values = {"database": check_identifier(database), "ttl": ttl_clause(ttl_days)}
+def partition_clause(partition: str) -> str:
+    """The partition key expression of the fact tables for a granularity (month, week, day)."""
+    try:
+        return PARTITIONS[partition]
+    except KeyError:
+        raise ValueError(
+            f"partition must be one of {sorted(PARTITIONS)}, not {partition!r}") from None
+
+
+def render(sql: str, database: str, ttl_days: int = 0, partition: str = "month") -> str:
+    """Substitute the DDL placeholders ({database}, {ttl}, {partition})."""
+    values = {"database": check_identifier(database), "ttl": ttl_clause(ttl_days),
+              "partition": partition_clause(partition)}
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], sql)
 
 
@@ -144,20 +178,24 @@ def split_statements(sql: str) -> list[str]:
     return [s for s in statements if s]
 
 
-def ddl_statements(database: str, ttl_days: int = 0, ddl_dir: Path = DDL_DIR) -> list[str]:
+def ddl_statements(database: str, ttl_days: int = 0, ddl_dir: Path = DDL_DIR,
+                   partition: str = "month") -> list[str]:
     """Every statement of infra/clickhouse/*.sql in file-name order, rendered."""
     files = sorted(ddl_dir.glob("*.sql"))
     if not files:
         raise FileNotFoundError(f"no DDL files in {ddl_dir}")
     out: list[str] = []
     for path in files:
-        out.extend(split_statements(render(path.read_text(), database, ttl_days)))
+        out.extend(split_statements(render(path.read_text(), database, ttl_days, partition)))
     return out
 
 
-def apply_ddl(store: Store, ttl_days: int = 0, ddl_dir: Path = DDL_DIR) -> int:
-    """Create the database, tables and views (idempotent); returns the statement count."""
-    statements = ddl_statements(store.database, ttl_days, ddl_dir)
+def apply_ddl(store: Store, ttl_days: int = 0, ddl_dir: Path = DDL_DIR,
+              partition: str = "month") -> int:
+    """Create the database, tables and views (idempotent); returns the statement count.
+
+    Partitioning applies to tables created now; an existing table keeps its partition key."""
+    statements = ddl_statements(store.database, ttl_days, ddl_dir, partition)
     for statement in statements:
         store.command(statement)
     log.info("clickhouse schema applied", statements=len(statements), database=store.database)

@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fleetplane.cli import analytics as _analytics
+from fleetplane.cli import audit as _audit
 from fleetplane.cli import tasks as tasks_cli
 from fleetplane.cli import tokens as tokens_cli
 from fleetplane.cli.route import route_app
@@ -201,6 +203,9 @@ def demo(
                     token=resolve_token(settings))
     raise typer.Exit(code=code)
 
+
+_analytics.register(app)
+_audit.register(app)
 
 if __name__ == "__main__":
     app()

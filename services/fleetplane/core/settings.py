@@ -58,6 +58,19 @@ class Settings(BaseSettings):
     clickhouse_ttl_days: int = Field(
         default=0, description="Drop raw rows older than this many days (0: keep forever).")
 
+    # Accounting (issue 6): partitioning, budget and anomaly publishing, analyst SQL limits
+    clickhouse_partition: str = Field(
+        default="month", description="Partition granularity of new fact tables: month, week, day.")
+    accounting_check_interval_s: float = Field(
+        default=5.0, description="How often accounting recomputes budgets and anomalies.")
+    budget_republish_s: float = Field(
+        default=60.0, description="BudgetStatus is published on change and at least this often.")
+    anomaly_window: int = Field(default=200, description="Baseline: last N attempts per type.")
+    anomaly_min_samples: int = Field(default=20, description="No score below this many.")
+    anomaly_threshold: float = Field(default=3.5, description="Alert when |robust z| exceeds.")
+    sql_max_execution_time_s: int = 10
+    sql_max_result_rows: int = 10_000
+
     # HTTP services (all bind to 127.0.0.1 by default)
     bind_host: str = "127.0.0.1"
     ingest_port: int = 8470

@@ -1,0 +1,350 @@
+"""Analytics over the accounting tables: cost per day, cache savings, cost-to-value,
+utilization, queue waits, held time, the fleet overview (see docs/accounting.md).
+
+Values reach SQL only as bound parameters; identifiers come from fixed sets.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, get_args
+
+from fleetplane.accounting.rows import TERMINAL_STATES
+from fleetplane.accounting.store import Store
+
+DailyDimension = Literal["team", "task_type", "model", "tier"]
+ValueDimension = Literal["team", "task_type"]
+
+QUEUED_STATES = ("submitted", "accepted", "routed", "attempt_failed", "retrying", "escalated")
+RUNNING_STATES = ("dispatched", "running")
+_TERMINAL = tuple(sorted(TERMINAL_STATES))
+_TIME = "parseDateTime64BestEffort({%s:String}, 3, 'UTC')"
+
+
+def task_info(store: Store) -> str:
+    """Subquery: task_id, team, task_type and routed model per task (duplicate-safe)."""
+    return (f"(SELECT task_id, any(team) AS team, "
+            f"argMaxIf(task_type, occurred_at, task_type != '') AS task_type, "
+            f"argMaxIf(model, occurred_at, model != '' AND event_type IN "
+            f"('TaskRouted', 'TaskDispatched') AND tier != 'cache') AS routed_model "
+            f"FROM {store.table('task_transitions')} GROUP BY task_id)")
+
+
+def _window(column: str, since: datetime | None, until: datetime | None,
+            params: dict[str, Any]) -> list[str]:
+    clauses = []
+    if since is not None:
+        clauses.append(f"{column} >= " + _TIME % "since")
+        params["since"] = since.isoformat()
+    if until is not None:
+        clauses.append(f"{column} < " + _TIME % "until")
+        params["until"] = until.isoformat()
+    return clauses
+
+
+def _where(clauses: list[str]) -> str:
+    return f"WHERE {' AND '.join(clauses)}" if clauses else ""
+
+
+# -- cost ------------------------------------------------------------------------------------
+def cost_daily(store: Store, by: DailyDimension, *, team: str | None = None,
+               since: datetime | None = None, until: datetime | None = None
+               ) -> list[dict[str, Any]]:
+    """Cost, calls and tokens per UTC day and `by`, from the daily rollups (materialized views
+    over model_calls): [{day, <by>, cost_usd, calls}], oldest day first, then costliest."""
+    if by not in get_args(DailyDimension):
+        raise ValueError(f"by must be one of {get_args(DailyDimension)}")
+    table = "cost_daily_task_type" if by == "task_type" else "cost_daily_team"
+    params: dict[str, Any] = {}
+    clauses = []
+    if team is not None:
+        clauses.append("team = {team:String}")
+        params["team"] = team
+    if since is not None:
+        clauses.append("day >= toDate(" + _TIME % "since" + ")")
+        params["since"] = since.isoformat()
+    if until is not None:
+        clauses.append("day < toDate(" + _TIME % "until" + ")")
+        params["until"] = until.isoformat()
+    return store.query(
+        f"SELECT day, toString({by}) AS {by}, sum(cost_usd) AS cost_usd, sum(calls) AS calls "
+        f"FROM {store.table(table)} {_where(clauses)} "
+        f"GROUP BY day, {by} ORDER BY day, cost_usd DESC, {by}", params)
+
+
+def cache_savings(store: Store, *, team: str | None = None) -> dict[str, Any]:
+    """What the response cache saved: each task completed from the cache (TaskCompleted
+    cached=True) is valued at the average cost of the non-cached successful tasks of the same
+    task type on its routed model; when there are none, of the same task type on any model;
+    otherwise it counts as unpriced. Returns totals and rows per task type."""
+    params: dict[str, Any] = {}
+    team_clause = ""
+    if team is not None:
+        team_clause = "AND o.team = {team:String}"
+        params["team"] = team
+    cached = store.query(
+        f"""
+        SELECT ti.task_type AS task_type,
+               if(ti.routed_model != '', ti.routed_model, any(o.model)) AS model,
+               uniqExact(o.task_id) AS tasks
+        FROM {store.table('attempt_outcomes')} AS o FINAL
+        LEFT JOIN {task_info(store)} AS ti ON o.task_id = ti.task_id
+        WHERE o.cached = 1 {team_clause}
+        GROUP BY ti.task_type, ti.routed_model
+        """, params)
+    paid = store.query(
+        f"""
+        SELECT ti.task_type AS task_type, ti.routed_model AS model, count() AS tasks,
+               avg(c.cost_usd) AS avg_cost_usd
+        FROM (SELECT task_id FROM {store.table('attempt_outcomes')} FINAL
+              WHERE success = 1 AND cached = 0 GROUP BY task_id) AS s
+        INNER JOIN (SELECT task_id, sum(cost_usd) AS cost_usd
+                    FROM {store.table('model_calls')} FINAL GROUP BY task_id) AS c
+            ON s.task_id = c.task_id
+        LEFT JOIN {task_info(store)} AS ti ON s.task_id = ti.task_id
+        GROUP BY ti.task_type, ti.routed_model
+        """)
+    by_type_model = {(r["task_type"], r["model"]): float(r["avg_cost_usd"]) for r in paid}
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for r in paid:
+        totals[r["task_type"]][0] += float(r["avg_cost_usd"]) * int(r["tasks"])
+        totals[r["task_type"]][1] += int(r["tasks"])
+    by_type = {t: s / n for t, (s, n) in totals.items() if n}
+    rows: dict[str, dict[str, Any]] = {}
+    for r in cached:
+        task_type, model, n = r["task_type"], r["model"], int(r["tasks"])
+        unit = by_type_model.get((task_type, model), by_type.get(task_type))
+        row = rows.setdefault(task_type, {"task_type": task_type, "cached_tasks": 0,
+                                          "saved_usd": 0.0, "unpriced_tasks": 0})
+        row["cached_tasks"] += n
+        if unit is None:
+            row["unpriced_tasks"] += n
+        else:
+            row["saved_usd"] += unit * n
+    out = sorted(rows.values(), key=lambda r: (-r["saved_usd"], r["task_type"]))
+    return {
+        "cached_tasks": sum(r["cached_tasks"] for r in out),
+        "saved_usd": sum(r["saved_usd"] for r in out),
+        "unpriced_tasks": sum(r["unpriced_tasks"] for r in out),
+        "by_task_type": out,
+    }
+
+
+def cost_to_value(store: Store, by: ValueDimension, *, team: str | None = None
+                  ) -> list[dict[str, Any]]:
+    """Finished tasks per `by`: successes (completed), cost of all its tasks (failed ones too),
+    successes per dollar and cost per success; highest cost per success first."""
+    if by not in get_args(ValueDimension):
+        raise ValueError(f"by must be one of {get_args(ValueDimension)}")
+    params: dict[str, Any] = {"terminal": list(_TERMINAL)}
+    clauses = ["state IN {terminal:Array(String)}", "state != 'rejected'"]
+    if team is not None:
+        clauses.append("team = {team:String}")
+        params["team"] = team
+    rows = store.query(
+        f"""
+        SELECT toString({by}) AS {by}, count() AS tasks, countIf(state = 'completed') AS successes,
+               sum(cost_usd) AS cost_usd
+        FROM {store.table('tasks')} {_where(clauses)}
+        GROUP BY {by}
+        """, params)
+    for r in rows:
+        cost, ok = float(r["cost_usd"]), int(r["successes"])
+        r["success_rate"] = ok / int(r["tasks"]) if r["tasks"] else 0.0
+        r["successes_per_usd"] = ok / cost if cost > 0 else None
+        r["cost_per_success_usd"] = cost / ok if ok else None
+    rows.sort(key=lambda r: (-(r["cost_per_success_usd"] if r["cost_per_success_usd"] is not None
+                               else float("inf")), r[by]))
+    return rows
+
+
+# -- utilization and waiting -----------------------------------------------------------------
+def utilization(store: Store, *, bucket_s: int = 60, since: datetime | None = None,
+                until: datetime | None = None) -> dict[str, Any]:
+    """Executor slots busy vs idle per time bucket (from ExecutorUtilization windows), and
+    within busy time the seconds waiting on models, running tools and the rest (agent loop,
+    queueing inside the executor). Totals over the whole range beside the series."""
+    params: dict[str, Any] = {"bucket": max(1, int(bucket_s))}
+    clauses = _window("window_start", since, until, params)
+    series = store.query(
+        f"""
+        SELECT toStartOfInterval(window_start, toIntervalSecond({{bucket:UInt32}})) AS t,
+               uniqExact(executor_id, slot) AS slots,
+               sum(busy_s) AS busy_s, sum(idle_s) AS idle_s, sum(model_s) AS model_s,
+               sum(tool_s) AS tool_s, sum(attempts) AS attempts
+        FROM {store.table('utilization')} FINAL {_where(clauses)}
+        GROUP BY t ORDER BY t
+        """, params)
+    total = {k: sum(float(r[k]) for r in series) for k in ("busy_s", "idle_s", "model_s",
+                                                           "tool_s")}
+    for r in [*series, total]:
+        busy, idle = float(r["busy_s"]), float(r["idle_s"])
+        other = max(0.0, busy - float(r["model_s"]) - float(r["tool_s"]))
+        r["other_s"] = other
+        r["busy_share"] = busy / (busy + idle) if busy + idle > 0 else 0.0
+        for part in ("model", "tool", "other"):
+            r[f"{part}_share_of_busy"] = float(r[f"{part}_s"]) / busy if busy > 0 else 0.0
+    return {"bucket_s": params["bucket"], "series": series, "total": total}
+
+
+def queue_wait(store: Store, *, by: Literal["team", "task_type"] | None = None
+               ) -> list[dict[str, Any]]:
+    """Seconds from submission to the first dispatch per task: count, p50, p90, p99, max
+    (overall, or per team / task type)."""
+    key = f"toString({by})" if by else "'all'"
+    return store.query(
+        f"""
+        SELECT {key} AS `group`, count() AS tasks,
+               quantileExact(0.5)(wait_s) AS p50_s, quantileExact(0.9)(wait_s) AS p90_s,
+               quantileExact(0.99)(wait_s) AS p99_s, max(wait_s) AS max_s
+        FROM (
+            SELECT task_id, any(team) AS team,
+                   argMaxIf(task_type, occurred_at, task_type != '') AS task_type,
+                   (toUnixTimestamp64Milli(minIf(occurred_at, st = 'dispatched'))
+                    - toUnixTimestamp64Milli(minIf(occurred_at, st = 'submitted'))) / 1000.0
+                       AS wait_s
+            FROM (SELECT *, state AS st FROM {store.table('task_transitions')})
+            GROUP BY task_id
+            HAVING countIf(st = 'dispatched') > 0 AND countIf(st = 'submitted') > 0
+        )
+        GROUP BY `group` ORDER BY `group`
+        """)
+
+
+def held_time(store: Store, *, now: datetime | None = None) -> list[dict[str, Any]]:
+    """Held periods by TaskHeld.kind. A period runs from the TaskHeld to the task's next
+    transition that is another hold, a dispatch or a terminal state; a task still held counts
+    until `now` (still_held)."""
+    now = now or datetime.now(UTC)
+    ends = ("held", "dispatched", *_TERMINAL)
+    return store.query(
+        f"""
+        SELECT kind, count() AS holds, uniqExact(task_id) AS tasks,
+               sum(held_s) AS total_s, quantileExact(0.5)(held_s) AS p50_s, max(held_s) AS max_s,
+               countIf(open) AS still_held
+        FROM (
+            SELECT h.task_id AS task_id, h.kind AS kind,
+                   e.occurred_at = toDateTime64(0, 3, 'UTC') AS open,
+                   (toUnixTimestamp64Milli(if(open, {_TIME % 'now'}, e.occurred_at))
+                    - toUnixTimestamp64Milli(h.occurred_at)) / 1000.0 AS held_s
+            FROM (SELECT task_id, kind, occurred_at FROM {store.table('holds')} FINAL) AS h
+            ASOF LEFT JOIN (
+                SELECT task_id, occurred_at FROM {store.table('task_transitions')}
+                WHERE state IN {{ends:Array(String)}}
+            ) AS e ON h.task_id = e.task_id AND e.occurred_at > h.occurred_at
+        )
+        GROUP BY kind ORDER BY total_s DESC, kind
+        """, {"ends": list(ends), "now": now.isoformat()})
+
+
+# -- fleet overview --------------------------------------------------------------------------
+def fleet_overview(store: Store) -> dict[str, Any]:
+    """Per team: queued, running, held (with the held tasks' kinds), finished, failed; and the
+    currently held tasks with kind and reason."""
+    counts = store.query(
+        f"SELECT team, state, count() AS tasks FROM {store.table('task_states')} "
+        "GROUP BY team, state")
+    teams: dict[str, dict[str, Any]] = {}
+    for r in counts:
+        t = teams.setdefault(r["team"], {"team": r["team"], "queued": 0, "running": 0,
+                                         "held": 0, "completed": 0, "failed": 0, "other": 0,
+                                         "held_by_kind": {}})
+        state, n = r["state"], int(r["tasks"])
+        if state in QUEUED_STATES:
+            t["queued"] += n
+        elif state in RUNNING_STATES:
+            t["running"] += n
+        elif state == "held":
+            t["held"] += n
+        elif state == "completed":
+            t["completed"] += n
+        elif state in ("failed", "abandoned", "rolled_back", "rejected"):
+            t["failed"] += n
+        else:
+            t["other"] += n
+    held = store.query(
+        f"""
+        SELECT s.task_id AS task_id, s.team AS team, s.task_type AS task_type, h.kind AS kind,
+               h.reason AS reason, h.held_by AS held_by, h.since AS since
+        FROM {store.table('task_states')} AS s
+        INNER JOIN (SELECT task_id, argMax(kind, occurred_at) AS kind,
+                           argMax(reason, occurred_at) AS reason,
+                           argMax(held_by, occurred_at) AS held_by, max(occurred_at) AS since
+                    FROM {store.table('holds')} GROUP BY task_id) AS h
+            ON s.task_id = h.task_id
+        WHERE s.state = 'held'
+        ORDER BY since LIMIT 500
+        """)
+    for h in held:
+        kinds = teams.get(h["team"], {}).get("held_by_kind")
+        if kinds is not None:
+            kinds[h["kind"]] = kinds.get(h["kind"], 0) + 1
+    rows = sorted(teams.values(), key=lambda t: t["team"])
+    total = {k: sum(t[k] for t in rows) for k in ("queued", "running", "held", "completed",
+                                                  "failed", "other")}
+    return {"teams": rows, "total": total, "held": held}
+
+
+def recent_alerts(store: Store, *, limit: int = 50) -> list[dict[str, Any]]:
+    return store.query(
+        f"SELECT occurred_at, team, task_id, severity, kind, metric, value, baseline, message, "
+        f"event_id FROM {store.table('alerts')} FINAL ORDER BY occurred_at DESC, event_id "
+        "LIMIT {limit:UInt32}", {"limit": max(1, min(limit, 10_000))})
+
+
+def spend_since(store: Store, start: datetime) -> dict[str, float]:
+    """Spend per team from model calls at or after `start` (deduplicated)."""
+    rows = store.query(
+        f"SELECT team, sum(cost_usd) AS cost_usd FROM {store.table('model_calls')} FINAL "
+        "WHERE occurred_at >= " + _TIME % "start" + " GROUP BY team",
+        {"start": start.isoformat()})
+    return {r["team"]: float(r["cost_usd"]) for r in rows}
+
+
+def recent_attempts(store: Store, *, window: int, since: datetime) -> list[dict[str, Any]]:
+    """The last `window` finished attempts per task type (non-cached) that ended at or after
+    `since`, newest first, with cost and tokens from their model calls and duration: the
+    anomaly baselines. Only those attempts' tasks are read from the other tables."""
+    params: dict[str, Any] = {"window": max(1, window), "since": since.isoformat()}
+    recent = (f"(SELECT task_id FROM {store.table('attempt_outcomes')} "
+              "WHERE occurred_at >= " + _TIME % "since" + ")")
+    return store.query(
+        f"""
+        SELECT o.task_id AS task_id, o.team AS team, o.attempt AS attempt,
+               ti.task_type AS task_type, o.success AS success, o.occurred_at AS occurred_at,
+               o.duration_ms AS duration_ms, c.cost_usd AS cost_usd, c.tokens AS tokens
+        FROM {store.table('attempt_outcomes')} AS o FINAL
+        INNER JOIN (SELECT task_id, argMaxIf(task_type, occurred_at, task_type != '')
+                               AS task_type
+                    FROM {store.table('task_transitions')} WHERE task_id IN {recent}
+                    GROUP BY task_id) AS ti ON o.task_id = ti.task_id
+        LEFT JOIN (SELECT task_id, attempt, sum(cost_usd) AS cost_usd,
+                          sum(input_tokens + output_tokens + cache_creation_input_tokens
+                              + cache_read_input_tokens) AS tokens
+                   FROM {store.table('model_calls')} FINAL WHERE task_id IN {recent}
+                   GROUP BY task_id, attempt) AS c
+            ON o.task_id = c.task_id AND o.attempt = c.attempt
+        WHERE o.cached = 0 AND ti.task_type != '' AND o.occurred_at >= {_TIME % 'since'}
+        ORDER BY o.occurred_at DESC, o.task_id
+        LIMIT {{window:UInt32}} BY ti.task_type
+        """, params)
+
+
+def outcomes_ingested_since(store: Store, since: datetime) -> int:
+    """Attempt outcomes stored at or after `since` (ingest time): is there anything to score?"""
+    return int(store.command(
+        f"SELECT count() FROM {store.table('attempt_outcomes')} WHERE ingested_at >= "
+        + _TIME % "since", {"since": since.isoformat()}))
+
+
+def period_start(period: str, now: datetime) -> datetime:
+    """Start of the UTC calendar period (day, week from Monday, month) containing `now`."""
+    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return day
+    if period == "week":
+        return day - timedelta(days=day.weekday())
+    if period == "month":
+        return day.replace(day=1)
+    raise ValueError(f"unknown budget period {period!r}")

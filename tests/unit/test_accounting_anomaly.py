@@ -1,0 +1,100 @@
+"""Robust anomaly scores, budget states and the analyst SQL parser check (pure functions)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from fleetplane.accounting.anomaly import attempt_anomalies, failure_rate_anomalies, robust_z
+from fleetplane.accounting.budgets import budget_state, changed, period_name, statuses
+from fleetplane.accounting.sqlguard import SqlRefused, check_ast, normalize
+from fleetplane.accounting.whatif import parse_share, wilson
+from fleetplane.core.teams import TeamPolicy, parse_teams
+
+
+def attempt(i: int, cost: float, task_type: str = "classify", success: int = 1,
+            tokens: int = 1000, duration: float = 2000.0) -> dict[str, object]:
+    return {"task_id": f"t{i}", "team": "a", "attempt": 1, "task_type": task_type,
+            "cost_usd": cost, "tokens": tokens, "duration_ms": duration, "success": success,
+            "occurred_at": datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=i)}
+
+
+def test_robust_z_ignores_outliers_in_the_baseline() -> None:
+    sample = [1.0, 1.1, 0.9, 1.05, 0.95, 100.0]   # one wild value does not move median/MAD
+    score, median = robust_z(1.0, sample)
+    assert median == pytest.approx(1.025)
+    assert abs(score) < 1
+    assert robust_z(5.0, sample)[0] > 3.5
+    assert robust_z(2.0, [1.0] * 10)[0] == float("inf")   # MAD 0, value far from the median
+    assert robust_z(1.0, [1.0] * 10)[0] == 0.0
+
+
+def test_only_new_attempts_over_the_threshold_alert() -> None:
+    rows = [attempt(i, 0.010 + 0.0001 * (i % 5)) for i in range(30)]
+    rows.append(attempt(99, 0.5))
+    rows.append(attempt(98, 0.0102, task_type="other"))
+    new = {("t99", 1), ("t3", 1), ("t98", 1)}
+    found = attempt_anomalies(rows, new_ids=new, min_samples=20, threshold=3.5)
+    assert [(a.task_id, a.metric) for a in found] == [("t99", "cost_usd")]
+    assert found[0].baseline == pytest.approx(0.0102)
+    # too few samples: no verdict
+    assert attempt_anomalies([*rows[:10], rows[30]], new_ids=new, min_samples=20,
+                             threshold=3.5) == []
+
+
+def test_failure_rate_of_the_newest_window_against_earlier_windows() -> None:
+    rows = [attempt(i, 0.01, success=0 if i % 10 == 0 else 1) for i in range(100)]
+    rows += [attempt(100 + i, 0.01, success=0 if i % 2 else 1) for i in range(20)]
+    [a] = failure_rate_anomalies(rows, recent=20, min_windows=3, threshold=3.5)
+    assert a.metric == "failure_rate"
+    assert a.value == pytest.approx(0.5)
+    assert a.baseline == pytest.approx(0.1)
+    assert failure_rate_anomalies(rows[:100], recent=20, min_windows=3, threshold=3.5) == []
+
+
+def test_budget_states_and_periods() -> None:
+    policy = TeamPolicy(budget_usd=100, low_budget_share=0.2)
+    assert [budget_state(policy, s) for s in (0, 79.9, 85, 100, 120)] == [
+        "ok", "ok", "low", "exhausted", "exhausted"]
+    now = datetime(2026, 11, 24, 15, 0, tzinfo=UTC)
+    assert period_name("day", now) == "2026-11-24"
+    assert period_name("week", now) == "2026-W48"
+    assert period_name("month", now) == "2026-11"
+    teams = parse_teams({"defaults": {"budget_usd": 10}, "teams": {
+        "a": {"budget_usd": 100, "budget_period": "month"}}})
+    out = {s.team: s for s in statuses(teams, {"month": {"a": 30.0}, "day": {"b": 9.5}}, now,
+                                       ["b"])}
+    assert (out["a"].spent_usd, out["a"].remaining_usd, out["a"].state) == (30.0, 70.0, "ok")
+    assert (out["b"].period, out["b"].state) == ("2026-11-24", "low")
+    assert out["a"].team == "a" and out["a"].task_id == ""
+    assert not changed(out["a"], out["a"].model_copy(update={"spent_usd": 30.001}), 0.01)
+    assert changed(out["a"], out["a"].model_copy(update={"spent_usd": 30.02}), 0.01)
+    assert changed(None, out["a"], 0.01)
+
+
+def test_wilson_interval_and_share_parsing() -> None:
+    lo, hi = wilson(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-3)
+    assert hi == pytest.approx(0.9433, abs=1e-3)
+    assert wilson(0, 0) == (0.0, 1.0)
+    assert [parse_share(s) for s in ("20%", "20", "0.2", "100%")] == pytest.approx(
+        [0.2, 0.2, 0.2, 1.0])
+    for bad in ("0", "-5%", "150%", "lots"):
+        with pytest.raises(ValueError, match="shift"):
+            parse_share(bad)
+
+
+def test_sql_guard_text_and_ast_checks() -> None:
+    assert normalize("  SELECT 1 ;; ") == "SELECT 1"
+    for bad, reason in [("", "empty"), ("SELECT 1; SELECT 2", "one statement"),
+                        ("SELECT 1 INTO OUTFILE 'x'", "OUTFILE")]:
+        with pytest.raises(SqlRefused, match=reason):
+            normalize(bad)
+    check_ast(["SelectWithUnionQuery (children 1)", " TableExpression (children 1)",
+               "  Function numbers (children 1)"])
+    with pytest.raises(SqlRefused, match="Drop"):
+        check_ast(["DropQuery d t (children 3)"])
+    with pytest.raises(SqlRefused, match="url"):
+        check_ast(["SelectWithUnionQuery (children 1)", " TableExpression (children 1)",
+                   "  Function url (children 1)"])
