@@ -5,7 +5,6 @@ PY     := $(VENV)/bin/python
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
 .PHONY: install run up down demo test test-unit test-tansu lint typecheck bench clean
-.PHONY: bench-accounting
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,14 +48,16 @@ typecheck: lint
 bench: install
 	$(PY) -m bench.pipeline $(BENCH_ARGS)
 
-bench-routing: install  ## routing decision latency in process (bench/routing.py)
-	$(PY) -m bench.routing
-## bench-accounting: sink rows/s and analytics latency over 1M and 10M model calls (chdb)
-bench-accounting: install
+## per-service benches (each prints its figures; BENCH_ARGS passes options through)
+.PHONY: bench-intake bench-routing bench-coordinator bench-executor bench-accounting
+bench-intake: install      ## ingest HTTP submit latency/throughput with auth, idempotency, rate limits
+	$(PY) -m bench.intake $(BENCH_ARGS)
+bench-routing: install     ## routing decision latency in process
+	$(PY) -m bench.routing $(BENCH_ARGS)
+bench-executor: install    ## executor overhead per agent step, concurrency, cancel latency
+	$(PY) -m bench.executor $(BENCH_ARGS)
+bench-accounting: install  ## sink rows/s and analytics latency over 1M and 10M model calls (chdb)
 	$(PY) -m bench.accounting $(BENCH_ARGS)
 
 clean:
 	rm -rf .fleetplane .pytest_cache .mypy_cache .ruff_cache
-
-bench-intake: install   ## ingest HTTP submit latency/throughput with auth, idempotency, rate limits
-	$(PY) -m bench.intake $(BENCH_ARGS)

@@ -3,6 +3,7 @@ tests. Skips with the reason when the browser is not installed (.ci/run installs
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +22,10 @@ def chromium(profile_dir: Path) -> Iterator[object]:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     driver_path = shutil.which("chromedriver")
     if not binary or not driver_path:
-        pytest.skip("chromium and chromium-driver (Debian packages) are not installed")
+        missing = "chromium and chromium-driver (Debian packages) are not installed"
+        if os.environ.get("CI"):  # .ci/run installs them: in CI their absence is a failure
+            pytest.fail(missing)
+        pytest.skip(missing)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
