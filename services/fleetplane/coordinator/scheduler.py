@@ -405,27 +405,33 @@ class Scheduler:
     # -- admission -------------------------------------------------------------------------
     def _admit(self) -> None:
         world, fleet = self.world, self.world.fleet
-        ready = [s for s in world.waiting.values() if s.ready and s.spec is not None]
-        if not ready:
-            return
-        ready.sort(key=_rank)
+        active, running = world.active, Counter(world.running)
         if fleet.kill_switch:
-            for s in ready:
-                self._hold(s, "kill_switch", f"kill switch on: {fleet.kill_switch_reason}")
+            for s in sorted(world.waiting.values(), key=_rank):
+                if s.ready:
+                    self._hold(s, "kill_switch", f"kill switch on: {fleet.kill_switch_reason}")
             return
+        # one cheap look at each waiting task: skip those whose reported hold still stands
+        # (their holder is active, or their team is still blocked for the reported reason)
+        blocks: dict[str, tuple[str, str] | None] = {}
         queues: dict[str, list[TaskState]] = {}
-        for s in ready:
-            queues.setdefault(s.team, []).append(s)
-        running = Counter(world.running)
-        capacity = self.policy.max_running - len(world.active)
-        open_teams: list[str] = []
-        for team in sorted(queues):
-            block = self._team_block(team, running[team])
-            if block:
-                for s in queues[team]:
+        for s in list(world.waiting.values()):
+            if not s.ready or s.spec is None:
+                continue
+            if s.hold_kind == "conflict" and s.held_by in active:
+                continue
+            if s.team not in blocks:
+                blocks[s.team] = self._team_block(s.team, running[s.team])
+            block = blocks[s.team]
+            if block is not None:
+                if (s.hold_kind, s.hold_reason) != block:
                     self._hold(s, *block)
-            else:
-                open_teams.append(team)
+                continue
+            queues.setdefault(s.team, []).append(s)
+        for queue in queues.values():
+            queue.sort(key=_rank)
+        capacity = self.policy.max_running - len(active)
+        open_teams = sorted(queues)
         heads: dict[str, int] = dict.fromkeys(open_teams, 0)  # first unexamined in queue
         while capacity > 0 and heads:
             best: tuple[tuple[float, int, int, str], str, TaskState] | None = None
@@ -490,10 +496,10 @@ class Scheduler:
         scope = state.spec.write_scope
         if not scope:
             return None
-        candidates = self.world.lease_holders(state.repository, scope)
-        if state.held_by is not None:  # the last holder first: usually still the one
-            candidates.sort(key=lambda s: s.task_id != state.held_by)
-        for holder in candidates:
+        if state.hold_kind == "conflict" and state.held_by in self.world.active:
+            # the holder's lease is fixed while it is active: the reported conflict stands
+            return state.hold_reason, state.held_by, state.held_paths
+        for holder in self.world.lease_holders(state.repository, scope):
             theirs = [g for g in holder.leased_paths if any(overlaps(g, m) for m in scope)]
             if theirs:
                 return (f"write scope overlaps {theirs} leased by task {holder.task_id} in "
