@@ -254,5 +254,9 @@ def demo(
     raise typer.Exit(code=code)
 
 
+from fleetplane.cli import control  # noqa: E402 - pause/resume, kill-switch, approve, get held
+
+control.register(app, get_app)
+
 if __name__ == "__main__":
     app()
