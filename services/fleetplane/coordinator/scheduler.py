@@ -424,8 +424,7 @@ class Scheduler:
                 blocks[s.team] = self._team_block(s.team, running[s.team])
             block = blocks[s.team]
             if block is not None:
-                if (s.hold_kind, s.hold_reason) != block:
-                    self._hold(s, *block)
+                self._hold_blocked(s, *block)
                 continue
             queues.setdefault(s.team, []).append(s)
         for queue in queues.values():
@@ -440,7 +439,7 @@ class Scheduler:
                 policy = self.policy.team(team)
                 if running[team] >= policy.max_running:
                     for s in queue[i:]:
-                        self._hold(s, "quota", _quota_reason(team, policy.max_running))
+                        self._hold_blocked(s, "quota", _quota_reason(team, policy.max_running))
                     del heads[team]
                     continue
                 while i < len(queue):
@@ -470,9 +469,19 @@ class Scheduler:
         if capacity <= 0:
             for team, i in heads.items():
                 for s in queues[team][i:]:
-                    self._hold(s, "quota",
+                    self._hold_blocked(s, "quota",
                                f"the fleet is at its limit of {self.policy.max_running} "
                                "running tasks")
+
+    def _hold_blocked(self, state: TaskState, kind: str, reason: str) -> None:
+        """Held by its team or the fleet. A task that also conflicts keeps reporting the
+        conflict (so its hold does not flip between the two at every pass)."""
+        if state.hold_kind == "conflict":
+            conflict = self._conflict(state)
+            if conflict is not None:
+                self._hold(state, "conflict", *conflict)
+                return
+        self._hold(state, kind, reason)
 
     def _team_block(self, team: str, running: int) -> tuple[str, str] | None:
         fleet, policy = self.world.fleet, self.policy.team(team)
@@ -526,8 +535,12 @@ class Scheduler:
         state = self.world.tasks.get(state.task_id, state)
         if (state.hold_kind, state.hold_reason, state.held_by) == (kind, reason, held_by):
             return  # already reported
-        self._emit(ev.TaskHeld, state, tag=f"{kind}/{held_by}", reason=reason, held_by=held_by,
-                   paths=paths or [], kind=kind, attempt=state.next_attempt)
+        if state.hold_kind != kind:  # a new reason to wait: reported on the log. The same
+            # kind with another holder (one overlapping lease ended, another one blocks) only
+            # updates the row (shown by `fleetplane get held`), to keep the log quiet.
+            self._emit(ev.TaskHeld, state, tag=f"{kind}/{held_by}", reason=reason,
+                       held_by=held_by, paths=paths or [], kind=kind,
+                       attempt=state.next_attempt)
         since = state.held_since if state.hold_kind == kind and state.held_since else self.at
         self._put(state, hold_kind=kind, hold_reason=reason, held_by=held_by,
                   held_paths=paths or [], held_since=since)
