@@ -415,7 +415,8 @@ class Scheduler:
         # (their holder is active, or their team is still blocked for the reported reason)
         blocks: dict[str, tuple[str, str] | None] = {}
         queues: dict[str, list[TaskState]] = {}
-        for s in list(world.waiting.values()):
+        look = [*world.candidates.values(), *(world.tasks[t] for t in sorted(world.recheck))]
+        for s in look:
             if not s.ready or s.spec is None:
                 continue
             if s.hold_kind == "conflict" and s.held_by in active:
