@@ -48,5 +48,9 @@ typecheck: lint
 bench: install
 	$(PY) -m bench.pipeline $(BENCH_ARGS)
 
+## bench-coordinator: admission decisions/s, latency at 1,000 queued, recovery after SIGKILL
+bench-coordinator: install
+	$(PY) -m bench.coordinator $(BENCH_ARGS)
+
 clean:
 	rm -rf .fleetplane .pytest_cache .mypy_cache .ruff_cache
