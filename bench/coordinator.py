@@ -173,6 +173,7 @@ def on_broker(queued: int, events: int) -> dict[str, Any]:
         producer = EventProducer(settings)
         rng = random.Random(2)
         tasks = [routed(i, rng, RUN) for i in range(queued + CAPACITY)]
+        t_routed = time.monotonic()
         producer.send(tasks)
         dispatched: dict[str, ev.TaskDispatched] = {}
         decided: set[str] = set()
@@ -185,6 +186,7 @@ def on_broker(queued: int, events: int) -> dict[str, Any]:
                         decided.add(e.task_id)
                     if isinstance(e, ev.TaskDispatched):
                         dispatched[e.task_id] = e
+        routed_s = time.monotonic() - t_routed
         queued_now = len(tasks) - len(dispatched)
         # latency: one completion at a time -> the dispatch it frees (broker timestamps)
         latencies: list[float] = []
@@ -234,10 +236,13 @@ def on_broker(queued: int, events: int) -> dict[str, Any]:
         st = coordinator.stats()
         consumer.close()
         producer.close()
-        return {"queued": queued_now, "latency_ms_p50": round(pct(latencies, 0.5), 1),
+        return {"queued": queued_now,
+                "routed_backlog": len(tasks), "routed_backlog_decided_s": round(routed_s, 2),
+                "routed_decisions_per_s": round(len(tasks) / routed_s, 1),
+                "latency_ms_p50": round(pct(latencies, 0.5), 1),
                 "latency_ms_p99": round(pct(latencies, 0.99), 1), "samples": len(latencies),
                 "backlog_completions": len(batch), "decisions": decisions,
-                "decisions_per_s": round(decisions / drained, 1) if drained else None,
+                "completion_decisions_per_s": round(decisions / drained, 1) if drained else None,
                 "records_per_s": round((after["processed"] - before["processed"]) / drained, 1)
                 if drained else None,
                 "table_rows": rows, "restart_ready_s": round(ready_wall, 2),
