@@ -374,3 +374,59 @@ def test_chain_retry_escalation_rollback(coordinator: CoordinatorProcess,
     # rollback: a rollback job dispatched, the task ends rolled back
     assert [d.action for d in dispatches if d.task_id == ids["rb"]] == ["run", "rollback"]
     assert isinstance(ends[ids["rb"]], ev.TaskRolledBack)
+
+
+def test_cli_pause_get_held_resume_approve(coordinator: CoordinatorProcess,
+                                           base_settings: Settings, unique: str) -> None:
+    """The operator's commands through the real CLI: pause a team, see its task held with the
+    reason (`get held`, from the coordinator's page), resume; approve a task held for
+    approval after a failure."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FLEETPLANE_KAFKA_BOOTSTRAP": base_settings.kafka_bootstrap,
+           "FLEETPLANE_COORDINATOR_WEB_PORT": str(coordinator.port),
+           "FLEETPLANE_DATA_DIR": str(coordinator.data_dir / "cli")}
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "fleetplane.cli.main", *args], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    team, repo = f"{unique}-plat", f"{unique}-r1"
+    first_try: set[str] = set()
+
+    def plan(d: ev.TaskDispatched) -> list[tuple[float, ev.Event]]:
+        if d.task_id.endswith("-appr") and d.task_id not in first_try:
+            first_try.add(d.task_id)
+            return [started(d), outcome(d, "tool_error", 0.05)]
+        return [started(d), outcome(d, "ok", 0.05)]
+
+    executor = Executor(base_settings, plan)
+    try:
+        cli("pause", "--team", team, "--reason", "maintenance")
+        paused, appr = f"{unique}-paused", f"{unique}-appr"
+        executor.producer.send([routed(paused, team, repo, ["p/**"]),
+                                routed(appr, f"{unique}-search", repo, ["q/**"],
+                                       failure_policies={"tool_error": "hold"})])
+        deadline = time.monotonic() + 60
+        rows: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            rows = json.loads(cli("get", "held", "--json"))
+            kinds = {r["task_id"]: r["kind"] for r in rows}
+            if kinds.get(paused) == "paused" and kinds.get(appr) == "approval":
+                break
+            time.sleep(0.5)
+        held = {r["task_id"]: r for r in rows}
+        assert held[paused]["kind"] == "paused" and "maintenance" in held[paused]["reason"]
+        assert held[appr]["kind"] == "approval" and "tool_error" in held[appr]["reason"]
+        cli("resume", "--team", team)
+        cli("approve", appr)
+        ends = wait_terminal(executor, {paused, appr}, timeout_s=60)
+    finally:
+        executor.close()
+    assert isinstance(ends[paused], ev.TaskCompleted)
+    assert isinstance(ends[appr], ev.TaskCompleted) and ends[appr].attempt == 2
