@@ -58,6 +58,8 @@ bench-executor: install    ## executor overhead per agent step, concurrency, can
 	$(PY) -m bench.executor $(BENCH_ARGS)
 bench-accounting: install  ## sink rows/s and analytics latency over 1M and 10M model calls (chdb)
 	$(PY) -m bench.accounting $(BENCH_ARGS)
+bench-coordinator: install  ## admission decisions/s, latency at 1,000 queued, recovery after SIGKILL
+	$(PY) -m bench.coordinator $(BENCH_ARGS)
 
 clean:
 	rm -rf .fleetplane .pytest_cache .mypy_cache .ruff_cache

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from fleetplane.cli import analytics as _analytics
 from fleetplane.cli import audit as _audit
+from fleetplane.cli import control
 from fleetplane.cli import tasks as tasks_cli
 from fleetplane.cli import tokens as tokens_cli
 from fleetplane.cli.route import route_app
@@ -206,6 +207,7 @@ def demo(
 
 _analytics.register(app)
 _audit.register(app)
+control.register(app, get_app)
 
 if __name__ == "__main__":
     app()

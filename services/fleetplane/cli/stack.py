@@ -237,6 +237,7 @@ class Stack:
             "bootstrap": self.bootstrap,
             "ingest_url": self.ingest_url,
             "accounting_url": self.accounting_url,
+            "coordinator_url": f"http://127.0.0.1:{self.coordinator_web_port}",
             "provider_url": self.provider_url if self.fake_provider else None,
             "data_dir": str(self.data_dir),
             "admin_token_file": str(self.data_dir / "admin.token"),

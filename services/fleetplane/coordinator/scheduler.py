@@ -405,27 +405,33 @@ class Scheduler:
     # -- admission -------------------------------------------------------------------------
     def _admit(self) -> None:
         world, fleet = self.world, self.world.fleet
-        ready = [s for s in world.waiting.values() if s.ready and s.spec is not None]
-        if not ready:
-            return
-        ready.sort(key=_rank)
+        active, running = world.active, Counter(world.running)
         if fleet.kill_switch:
-            for s in ready:
-                self._hold(s, "kill_switch", f"kill switch on: {fleet.kill_switch_reason}")
+            for s in sorted(world.waiting.values(), key=_rank):
+                if s.ready:
+                    self._hold(s, "kill_switch", f"kill switch on: {fleet.kill_switch_reason}")
             return
+        # one cheap look at each waiting task: skip those whose reported hold still stands
+        # (their holder is active, or their team is still blocked for the reported reason)
+        blocks: dict[str, tuple[str, str] | None] = {}
         queues: dict[str, list[TaskState]] = {}
-        for s in ready:
+        look = [*world.candidates.values(), *(world.tasks[t] for t in sorted(world.recheck))]
+        for s in look:
+            if not s.ready or s.spec is None:
+                continue
+            if s.hold_kind == "conflict" and s.held_by in active:
+                continue
+            if s.team not in blocks:
+                blocks[s.team] = self._team_block(s.team, running[s.team])
+            block = blocks[s.team]
+            if block is not None:
+                self._hold_blocked(s, *block)
+                continue
             queues.setdefault(s.team, []).append(s)
-        running = Counter(world.running)
-        capacity = self.policy.max_running - len(world.active)
-        open_teams: list[str] = []
-        for team in sorted(queues):
-            block = self._team_block(team, running[team])
-            if block:
-                for s in queues[team]:
-                    self._hold(s, *block)
-            else:
-                open_teams.append(team)
+        for queue in queues.values():
+            queue.sort(key=_rank)
+        capacity = self.policy.max_running - len(active)
+        open_teams = sorted(queues)
         heads: dict[str, int] = dict.fromkeys(open_teams, 0)  # first unexamined in queue
         while capacity > 0 and heads:
             best: tuple[tuple[float, int, int, str], str, TaskState] | None = None
@@ -434,7 +440,7 @@ class Scheduler:
                 policy = self.policy.team(team)
                 if running[team] >= policy.max_running:
                     for s in queue[i:]:
-                        self._hold(s, "quota", _quota_reason(team, policy.max_running))
+                        self._hold_blocked(s, "quota", _quota_reason(team, policy.max_running))
                     del heads[team]
                     continue
                 while i < len(queue):
@@ -464,9 +470,19 @@ class Scheduler:
         if capacity <= 0:
             for team, i in heads.items():
                 for s in queues[team][i:]:
-                    self._hold(s, "quota",
+                    self._hold_blocked(s, "quota",
                                f"the fleet is at its limit of {self.policy.max_running} "
                                "running tasks")
+
+    def _hold_blocked(self, state: TaskState, kind: str, reason: str) -> None:
+        """Held by its team or the fleet. A task that also conflicts keeps reporting the
+        conflict (so its hold does not flip between the two at every pass)."""
+        if state.hold_kind == "conflict":
+            conflict = self._conflict(state)
+            if conflict is not None:
+                self._hold(state, "conflict", *conflict)
+                return
+        self._hold(state, kind, reason)
 
     def _team_block(self, team: str, running: int) -> tuple[str, str] | None:
         fleet, policy = self.world.fleet, self.policy.team(team)
@@ -490,10 +506,10 @@ class Scheduler:
         scope = state.spec.write_scope
         if not scope:
             return None
-        candidates = self.world.lease_holders(state.repository, scope)
-        if state.held_by is not None:  # the last holder first: usually still the one
-            candidates.sort(key=lambda s: s.task_id != state.held_by)
-        for holder in candidates:
+        if state.hold_kind == "conflict" and state.held_by in self.world.active:
+            # the holder's lease is fixed while it is active: the reported conflict stands
+            return state.hold_reason, state.held_by, state.held_paths
+        for holder in self.world.lease_holders(state.repository, scope):
             theirs = [g for g in holder.leased_paths if any(overlaps(g, m) for m in scope)]
             if theirs:
                 return (f"write scope overlaps {theirs} leased by task {holder.task_id} in "
@@ -520,8 +536,12 @@ class Scheduler:
         state = self.world.tasks.get(state.task_id, state)
         if (state.hold_kind, state.hold_reason, state.held_by) == (kind, reason, held_by):
             return  # already reported
-        self._emit(ev.TaskHeld, state, tag=f"{kind}/{held_by}", reason=reason, held_by=held_by,
-                   paths=paths or [], kind=kind, attempt=state.next_attempt)
+        if state.hold_kind != kind:  # a new reason to wait: reported on the log. The same
+            # kind with another holder (one overlapping lease ended, another one blocks) only
+            # updates the row (shown by `fleetplane get held`), to keep the log quiet.
+            self._emit(ev.TaskHeld, state, tag=f"{kind}/{held_by}", reason=reason,
+                       held_by=held_by, paths=paths or [], kind=kind,
+                       attempt=state.next_attempt)
         since = state.held_since if state.hold_kind == kind and state.held_since else self.at
         self._put(state, hold_kind=kind, hold_reason=reason, held_by=held_by,
                   held_paths=paths or [], held_since=since)

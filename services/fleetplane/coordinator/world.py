@@ -32,6 +32,10 @@ class World:
         self.waiting: dict[str, TaskState] = {}
         self.dependents: dict[str, set[str]] = {}  # dependency id -> waiting task ids
         self.running: Counter[str] = Counter()  # team -> active tasks
+        # admission candidates: waiting, ready, and not held by an overlapping active lease
+        self.candidates: dict[str, TaskState] = {}
+        self.conflict_waiters: dict[str, set[str]] = {}  # active holder -> tasks it blocks
+        self.recheck: set[str] = set()  # conflict-held tasks whose holder is no longer active
         # repository -> first literal segment of a leased glob (or WILD) -> task id -> state
         self.leases: dict[str, dict[str, dict[str, TaskState]]] = {}
         self._dirty: set[str] = set()
@@ -72,12 +76,25 @@ class World:
             for dep in old.spec.depends_on:
                 self.dependents.get(dep, set()).discard(tid)
         self.tasks[tid] = state
+        if old is not None and old.hold_kind == "conflict" and old.held_by:
+            self.conflict_waiters.get(old.held_by, set()).discard(tid)
+        self.candidates.pop(tid, None)
+        self.recheck.discard(tid)
         gone = self.active.pop(tid, None)
         if gone is not None:
             self.running[gone.team] -= 1
             for bucket in self._buckets(gone):
                 bucket.pop(tid, None)
+            if not state.status.active:
+                self.recheck |= self.conflict_waiters.pop(tid, set())
         self.waiting.pop(tid, None)
+        if state.ready and state.spec is not None:
+            if state.hold_kind == "conflict" and state.held_by:
+                self.conflict_waiters.setdefault(state.held_by, set()).add(tid)
+                if state.held_by not in self.active:
+                    self.recheck.add(tid)
+            else:
+                self.candidates[tid] = state
         if state.status.active:
             self.active[tid] = state
             self.running[state.team] += 1
@@ -130,6 +147,8 @@ class World:
                 gone = self.tasks.pop(tid, None)
                 self.active.pop(tid, None)
                 self.waiting.pop(tid, None)
+                self.candidates.pop(tid, None)
+                self.recheck.discard(tid)
                 if gone is not None and gone.spec is not None:
                     for dep in gone.spec.depends_on:
                         self.dependents.get(dep, set()).discard(tid)
