@@ -22,7 +22,7 @@ def spec() -> ev.TaskSpec:
     return ev.TaskSpec(name="n", task_type="t", prompt="p")
 
 
-def read_all(settings: Settings, topic: str, want: int, timeout_s: float = 20.0,
+def read_all(settings: Settings, topic: str, want: int, timeout_s: float = 90.0,
              match: str = "") -> list[tuple[bytes | None, bytes, dict[str, bytes]]]:
     """Read a topic from the start (read_committed) until `want` records containing `match`."""
     c = Consumer({**settings.consumer_config(f"reader-{time.monotonic_ns()}"),
