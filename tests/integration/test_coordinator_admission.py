@@ -255,12 +255,12 @@ def test_300_tasks_invariants_3_4_5(coordinator: CoordinatorProcess, base_settin
         # overlap with src/**) ends while it is held; if held work blocked it, this times out
         unrelated = [t for t in tasks[1:] if t.spec.repository == repos[1]
                      or not scope_overlap(t.spec.write_scope, ["src/**"])]
-        wait_terminal(executor, {t.task_id for t in unrelated}, timeout_s=90)
+        wait_terminal(executor, {t.task_id for t in unrelated}, timeout_s=180)
         assert stuck not in terminal_of(executor.events())
         stuck_d = next(e for e in executor.events() if isinstance(e, ev.TaskDispatched)
                        and e.task_id == stuck)
         executor.producer.send([outcome(stuck_d, "ok", 0)[1]])
-        ends = wait_terminal(executor, {t.task_id for t in tasks}, timeout_s=60)
+        ends = wait_terminal(executor, {t.task_id for t in tasks}, timeout_s=180)
         print(f"\n301 tasks, all terminal in {time.monotonic() - t0:.1f}s")
         log = executor.events()
     finally:
