@@ -103,20 +103,21 @@ class Spec(Strict):
     @field_validator("context_files")
     @classmethod
     def _files(cls, paths: list[str]) -> list[str]:
-        for path in paths:
-            problem = glob_problem(path)
-            if problem:
-                raise ValueError(f"context file {path!r}: {problem}")
-        return paths
+        return _relative_paths("context file", paths)
 
     @field_validator("write_scope")
     @classmethod
     def _globs(cls, globs: list[str]) -> list[str]:
-        for g in globs:
-            problem = glob_problem(g)
-            if problem:
-                raise ValueError(f"write scope {g!r}: {problem}")
-        return globs
+        return _relative_paths("write scope", globs)
+
+
+def _relative_paths(what: str, paths: list[str]) -> list[str]:
+    """`paths` unchanged if each is a relative path or glob (glob_problem), else ValueError."""
+    for path in paths:
+        problem = glob_problem(path)
+        if problem:
+            raise ValueError(f"{what} {path!r}: {problem}")
+    return paths
 
 
 class TaskManifest(Strict):
