@@ -143,6 +143,16 @@ def test_tools_need_a_tool_use_model() -> None:
     assert isinstance(out, ev.TaskRejected) and "no tool use" in out.reason
 
 
+def test_a_task_on_a_repository_needs_a_tool_use_model_without_tools_of_its_own() -> None:
+    """Found by the chaos run: the executor offers the team's workspace tools to every task with
+    a repository, so a model without tool use would answer without touching the repository."""
+    rt = router()
+    train(rt, "summarize", "fleet-local-coder", 40)
+    r = routed(accepted("w1", repository="payments-core", write_scope=["src/**"]), rt)
+    assert r.model != "fleet-local-coder"
+    assert any(a.startswith("fleet-local-coder") and "no tool use" in a for a in r.alternatives)
+
+
 def test_context_window_is_respected() -> None:
     big = "y" * (40_000 * 4)  # ~40k tokens: over fleet-local-coder's 32k window
     rt = router()

@@ -69,8 +69,10 @@ def prompt_tokens(spec: TaskSpec) -> int:
 
 
 def incapable(model: Model, spec: TaskSpec) -> str | None:
-    """Why `model` cannot take the task (None when it can)."""
-    if (spec.allowed_tools or spec.allowed_commands) and not model.tool_use:
+    """Why `model` cannot take the task (None when it can). A task with a repository needs tool
+    use even without tools of its own: the executor offers it the team's workspace tools, and a
+    model without tool use could only answer without touching the repository."""
+    if (spec.repository or spec.allowed_tools or spec.allowed_commands) and not model.tool_use:
         return "no tool use"
     need = prompt_tokens(spec) + EXPECTED_OUTPUT_TOKENS
     if need > model.context_window:

@@ -1,0 +1,450 @@
+"""Chaos run: N tasks through the five services while each service is SIGKILLed and restarted in
+turn, the broker is restarted, and the fake provider fails 10% of calls and stalls some.
+
+    python -m bench.chaos --tasks 2000           (make chaos)
+
+Then it proves from the topics and from ClickHouse (through the accounting API) that every
+accepted task reached exactly one terminal state, that no attempt's effects happened twice (model
+calls, commits in the git repository, cost in ClickHouse), that no two overlapping write scopes ran
+at once and no team ran more than its quota; it prints lost / duplicated / stuck counts and writes
+them to bench/results/chaos-<time>.json. tests/e2e/test_chaos.py runs the same at a small scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from fleetplane.cli.stack import SERVICES, Stack
+from fleetplane.core import events as ev
+from fleetplane.core.teams import load_teams
+from fleetplane.ingest.idempotency import task_id_for
+from fleetplane.testing.invariants import Verdict, check, read_log
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = "chaos"
+AREAS = 8          # write-scope groups: tasks of one area serialize on its lease
+WORKSPACE_EVERY = 3  # every third task edits the repository, the others are plain calls
+
+
+@dataclass
+class ChaosConfig:
+    tasks: int = 2000
+    rate: float = 40.0               # submissions per second (paced, so faults hit a busy stack)
+    failure_rate: float = 0.10       # fake provider: share of calls answered 429/500/529
+    stall_rate: float = 0.02         # share of calls that stall
+    stall_ms: float = 3000.0
+    latency_ms: float = 100.0        # every call, so attempts are in flight when the executor dies
+    down_s: float = 2.0              # how long a killed service stays down
+    settle_s: float = 600.0          # wait for terminal states after the last submission
+    kill_order: tuple[str, ...] = SERVICES
+    restart_broker: bool = True
+
+
+@dataclass
+class ChaosResult:
+    config: dict[str, Any]
+    faults: list[str] = field(default_factory=list)
+    unplanned_restarts: dict[str, int] = field(default_factory=dict)
+    submit_retries: int = 0
+    verdict: dict[str, Any] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    clickhouse: dict[str, Any] = field(default_factory=dict)
+    git: dict[str, Any] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    phases_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def problems(self) -> dict[str, int]:
+        out = {k: v for k, v in self.counts.items() if v}
+        out.update({f"clickhouse.{k}": len(v) for k, v in self.clickhouse.items()
+                    if isinstance(v, list) and v})
+        out.update({f"git.{k}": len(v) for k, v in self.git.items()
+                    if isinstance(v, list) and v})
+        return out
+
+
+def make_repo(root: Path) -> Path:
+    """A bare repository (the intended setup for registered repositories) with one commit."""
+    work = root / "chaos-src"
+    bare = root / "chaos.git"
+    work.mkdir(parents=True)
+    for k in range(AREAS):
+        (work / f"area-{k}").mkdir()
+        (work / f"area-{k}" / "README.md").write_text(f"area {k}\n")
+
+    def git(*args: str, cwd: Path = work) -> None:
+        subprocess.run(["git", "-c", "user.name=chaos", "-c", "user.email=chaos@localhost",
+                        *args], cwd=cwd, check=True, capture_output=True)
+
+    git("init", "-q", "-b", "main")
+    git("add", "-A")
+    git("commit", "-q", "-m", "chaos: initial")
+    git("clone", "-q", "--bare", str(work), str(bare), cwd=root)
+    return bare
+
+
+def provider_script(cfg: ChaosConfig) -> dict[str, Any]:
+    """Workspace tasks write one file in their area, then answer; everything may fail or stall."""
+    replies = [{"match": f"<write:area-{k}>", "times": None,
+                "tool_uses": [{"name": "write_file",
+                               "input": {"path": f"area-{k}/notes.md",
+                                         "content": f"chaos notes for area {k}\n"}}]}
+               for k in range(AREAS)]
+    return {"replies": replies, "failure_rate": cfg.failure_rate, "stall_rate": cfg.stall_rate,
+            "stall_ms": cfg.stall_ms, "latency_ms": cfg.latency_ms, "seed": 7}
+
+
+def teams_file(data_dir: Path) -> Path:
+    """infra/teams.yaml with the intake rate limit lifted (the run paces itself)."""
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "infra" / "teams.yaml")
+                         .read_text())
+    raw.setdefault("defaults", {})["rate_limit"] = {"per_second": 1e6, "burst": 1_000_000}
+    path = data_dir / "teams-chaos.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def manifest(i: int, run: str, teams: list[str]) -> dict[str, Any]:
+    team = teams[i % len(teams)]
+    spec: dict[str, Any] = {"taskType": "summarize", "prompt": f"[chaos:{run}:{i}] summarize"}
+    if i % WORKSPACE_EVERY == 0:
+        area = (i // WORKSPACE_EVERY) % AREAS
+        spec = {"taskType": "codegen",
+                "prompt": f"[chaos:{run}:{i}] <write:area-{area}> update the notes",
+                "workspace": {"repository": REPO}, "writeScope": [f"area-{area}/**"],
+                "limits": {"maxTurns": 4}}
+    return {"apiVersion": "fleetplane/v1", "kind": "AgentTask",
+            "metadata": {"name": f"chaos-{i}", "team": team},
+            "idempotencyKey": f"{run}-{i}", "spec": spec}
+
+
+class Submitter:
+    """Paced HTTP submissions with idempotency keys, retried through ingest restarts."""
+
+    def __init__(self, stack: Stack, run: str, teams: list[str], cfg: ChaosConfig) -> None:
+        self.stack, self.run, self.teams, self.cfg = stack, run, teams, cfg
+        self.acknowledged: set[str] = set()
+        self.retries = 0
+        self.gave_up: list[int] = []
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def one(self, i: int, start: float) -> None:
+        delay = start + i / self.cfg.rate - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = httpx.Client(timeout=15)
+        m = manifest(i, self.run, self.teams)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                resp = client.post(f"{self.stack.ingest_url}/v1/tasks", json=m,
+                                   headers={"Authorization": f"Bearer {self.stack.admin_token}"})
+                if resp.status_code in (200, 202):
+                    with self._lock:
+                        self.acknowledged.add(resp.json()["task_id"])
+                    return
+                if resp.status_code < 500 and resp.status_code != 429:
+                    raise RuntimeError(f"task {i} refused: {resp.status_code} {resp.text[:300]}")
+            except httpx.HTTPError:
+                pass
+            with self._lock:
+                self.retries += 1
+            time.sleep(0.5)
+        with self._lock:
+            self.gave_up.append(i)
+
+    def run_all(self, n: int) -> None:
+        start = time.time()
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda i: self.one(i, start), range(n)))
+
+
+class Faults:
+    """Kills each service in turn (SIGKILL, restart after down_s), then restarts the broker, at
+    even intervals over the submission window; restarts anything that exits on its own."""
+
+    def __init__(self, stack: Stack, cfg: ChaosConfig, window_s: float,
+                 log: Callable[[str], None]) -> None:
+        self.stack, self.cfg, self.log = stack, cfg, log
+        steps: list[str] = list(cfg.kill_order) + (["broker"] if cfg.restart_broker else [])
+        self.plan = steps
+        self.every = max(3.0, window_s / (len(steps) + 1))
+        self.done: list[str] = []
+        self.unplanned: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(120)
+
+    def _supervise(self) -> None:
+        for name in self.stack.supervise_once(backoff_s=0.5):
+            self.unplanned[name] += 1
+            self.log(f"{name} exited on its own: restarted")
+
+    def _run(self) -> None:
+        for step in self.plan:
+            until = time.monotonic() + self.every
+            while time.monotonic() < until:
+                if self._stop.wait(0.5):
+                    return
+                self._supervise()
+            t = time.time()
+            if step == "broker":
+                assert self.stack.broker is not None
+                self.stack.broker.stop(timeout_s=5)
+                time.sleep(self.cfg.down_s)
+                self.stack.broker.start()
+            else:
+                self.stack.kill(step)
+                time.sleep(self.cfg.down_s)
+                self.stack.restart(step)
+            self.done.append(step)
+            self.log(f"{step}: {'restarted' if step == 'broker' else 'SIGKILL + restart'} "
+                     f"({time.time() - t:.1f} s)")
+        while not self._stop.wait(0.5):
+            self._supervise()
+
+
+def clickhouse_checks(stack: Stack, teams: list[str], acknowledged: set[str],
+                      verdict_terminal: dict[str, str], topic_cost: dict[str, float],
+                      timeout_s: float) -> dict[str, Any]:
+    """What analysts see must match the log: one row per task in its terminal state, and cost per
+    team equal to the distinct model calls' cost on the topic (no call charged twice)."""
+    out: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    rows: dict[str, dict[str, Any]] = {}
+    with httpx.Client(base_url=stack.accounting_url, timeout=30) as http:
+        while time.monotonic() < deadline:
+            rows = {}
+            try:
+                for team in teams:
+                    for r in http.get("/v1/tasks", params={"team": team,
+                                                           "limit": 100_000}).json():
+                        rows[r["task_id"]] = r
+            except (httpx.HTTPError, ValueError):
+                time.sleep(1)
+                continue
+            if all(rows.get(t, {}).get("state") == s for t, s in verdict_terminal.items()):
+                break
+            time.sleep(1)
+        out["tasks_in_clickhouse"] = len(rows)
+        out["missing"] = sorted(t for t in acknowledged if t not in rows)
+        out["state_mismatches"] = sorted(
+            f"{t}: log {s}, clickhouse {rows.get(t, {}).get('state')}"
+            for t, s in verdict_terminal.items() if rows.get(t, {}).get("state") != s)
+        costs = {r["team"]: r for r in http.get("/v1/cost", params={"by": "team"}).json()}
+        out["cost_by_team"] = {t: round(costs.get(t, {}).get("cost_usd", 0.0), 9)
+                               for t in teams}
+        out["cost_mismatches"] = sorted(
+            f"{t}: topic {topic_cost.get(t, 0.0):.9f}, clickhouse "
+            f"{costs.get(t, {}).get('cost_usd', 0.0):.9f}" for t in teams
+            if abs(costs.get(t, {}).get("cost_usd", 0.0) - topic_cost.get(t, 0.0)) > 1e-9)
+    return out
+
+
+STATE_OF = {"TaskCompleted": "completed", "TaskFailed": "failed", "TaskAbandoned": "abandoned",
+            "TaskCancelled": "cancelled", "TaskRolledBack": "rolled_back"}
+
+
+def git_checks(bare: Path, verdict_terminal: dict[str, str],
+               completed_attempt: dict[str, int], workspace_ids: set[str]) -> dict[str, Any]:
+    """The repository itself: at most one commit per attempt on any ref, and every completed
+    workspace task's commit on its attempt's branch."""
+    fmt = "%H%x1f%(trailers:key=Fleetplane-Task,valueonly,separator=)%x1f" \
+          "%(trailers:key=Fleetplane-Attempt,valueonly,separator=)"
+    out = subprocess.run(["git", "--git-dir", str(bare), "log", "--all", f"--format={fmt}"],
+                         capture_output=True, text=True, check=True).stdout
+    per_attempt: dict[tuple[str, str], set[str]] = {}
+    for line in out.splitlines():
+        sha, task, attempt = [*line.split("\x1f"), "", ""][:3]
+        if task.strip():
+            per_attempt.setdefault((task.strip(), attempt.strip()), set()).add(sha)
+    branches = subprocess.run(["git", "--git-dir", str(bare), "for-each-ref", "--format=%(refname)",
+                               "refs/heads/fleetplane/"], capture_output=True, text=True,
+                              check=True).stdout.split()
+    missing = []
+    for task in workspace_ids:
+        if verdict_terminal.get(task) == "completed":
+            a = completed_attempt[task]
+            if not per_attempt.get((task, str(a))):
+                missing.append(f"{task}/a{a}: no commit")
+            elif f"refs/heads/fleetplane/{task}/attempt-{a}" not in branches:
+                missing.append(f"{task}/a{a}: branch gone")
+    return {"commits": sum(len(s) for s in per_attempt.values()),
+            "branches": len(branches),
+            "double_commits": sorted(f"{t}/a{a}: {len(s)} commits"
+                                     for (t, a), s in per_attempt.items() if len(s) > 1),
+            "completed_without_commit": sorted(missing)}
+
+
+def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
+              console: Console | None = None) -> ChaosResult:
+    console = console or Console()
+    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="fleetplane-chaos-"))
+    bare = make_repo(data_dir / "repos")
+    stack = Stack(data_dir=data_dir, extra_env={
+        "FLEETPLANE_LOG_LEVEL": "WARNING",
+        "FLEETPLANE_TEAMS_FILE": str(teams_file(data_dir)),
+        "FLEETPLANE_EXECUTOR_REPOSITORIES": json.dumps({REPO: str(bare)}),
+        "FLEETPLANE_MODEL_TIMEOUT_S": "10",
+    })
+    result = ChaosResult(config=asdict(cfg))
+    started = time.monotonic()
+    console.print(f"chaos: starting the stack in {data_dir} ...")
+    stack.start(timeout_s=240)
+    result.phases_s["start"] = round(time.monotonic() - started, 1)
+    try:
+        httpx.post(f"{stack.provider_url}/_fake/script", json=provider_script(cfg),
+                   timeout=10).raise_for_status()
+        run = uuid.uuid4().hex[:6]
+        teams = [f"chaos-{run}-{x}" for x in ("pay", "search", "plat")]
+        submitter = Submitter(stack, run, teams, cfg)
+        window = cfg.tasks / cfg.rate
+        faults = Faults(stack, cfg, window, lambda s: console.print(f"  fault: {s}"))
+        console.print(f"chaos: {cfg.tasks} tasks at {cfg.rate}/s over {window:.0f} s; "
+                      f"faults every {faults.every:.0f} s: {', '.join(faults.plan)}")
+        faults.start()
+        submitter.run_all(cfg.tasks)
+        result.phases_s["submit"] = round(time.monotonic() - started, 1)
+        ids = {task_id_for(teams[i % len(teams)], f"{run}-{i}") for i in range(cfg.tasks)}
+        workspace_ids = {task_id_for(teams[i % len(teams)], f"{run}-{i}")
+                         for i in range(0, cfg.tasks, WORKSPACE_EVERY)}
+        settings = stack.settings()
+        # wait for every acknowledged task to end (faults keep running until the plan is done)
+        deadline = time.monotonic() + cfg.settle_s
+        log = read_log(settings, ids.__contains__)
+        while time.monotonic() < deadline:
+            v = check(log, submitter.acknowledged, lambda t: 10**6)
+            if not v.stuck and len(faults.done) == len(faults.plan):
+                break
+            time.sleep(10)
+            log = read_log(settings, ids.__contains__)
+        faults.stop()
+        result.phases_s["settled"] = round(time.monotonic() - started, 1)
+        time.sleep(2)
+        log = read_log(settings, ids.__contains__)
+        policies = load_teams(data_dir / "teams-chaos.yaml")
+        verdict: Verdict = check(log, submitter.acknowledged,
+                                 lambda t: policies.policy(t).max_running)
+        verdict.lost += [f"submission {i} never acknowledged" for i in submitter.gave_up]
+        terminal: dict[str, str] = {}
+        completed_attempt: dict[str, int] = {}
+        for topic, e in log.records:
+            if topic == "tasks.outcomes" and ev.is_terminal(e):
+                terminal.setdefault(e.task_id, STATE_OF[type(e).__name__])
+                if isinstance(e, ev.TaskCompleted):
+                    completed_attempt.setdefault(e.task_id, e.attempt)
+        topic_cost: dict[str, float] = {}
+        seen_calls: set[str] = set()
+        for e in log.of(ev.ModelCall):
+            if e.event_id not in seen_calls:
+                seen_calls.add(e.event_id)
+                assert isinstance(e, ev.ModelCall)
+                topic_cost[e.team] = topic_cost.get(e.team, 0.0) + e.cost_usd
+        result.clickhouse = clickhouse_checks(stack, teams, submitter.acknowledged, terminal,
+                                              topic_cost, timeout_s=120)
+        result.git = git_checks(bare, terminal, completed_attempt, workspace_ids)
+        result.faults = faults.done
+        result.unplanned_restarts = dict(faults.unplanned)
+        result.submit_retries = submitter.retries
+        result.verdict = {k: v for k, v in asdict(verdict).items()
+                          if not isinstance(v, list)}
+        result.verdict["examples"] = {k: v[:5] for k, v in asdict(verdict).items()
+                                      if isinstance(v, list) and v}
+        result.counts = verdict.counts()
+        failures = Counter(e.failure_class for e in log.of(ev.TaskFailed)
+                           if isinstance(e, ev.TaskFailed))
+        result.verdict["attempt_failures"] = dict(failures)
+        result.verdict["model_call_outcomes"] = dict(Counter(
+            e.outcome for e in log.of(ev.ModelCall) if isinstance(e, ev.ModelCall)))
+    finally:
+        stack.stop()
+    result.elapsed_s = round(time.monotonic() - started, 1)
+    return result
+
+
+def print_result(result: ChaosResult, console: Console) -> None:
+    v = result.verdict
+    table = Table(title="fleetplane chaos run")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    table.add_row("tasks acknowledged / accepted", f"{v['acknowledged']} / {v['accepted']}")
+    table.add_row("terminal states", ", ".join(f"{k}={n}" for k, n in v["terminal"].items()))
+    table.add_row("faults injected", ", ".join(result.faults))
+    table.add_row("unplanned restarts", json.dumps(result.unplanned_restarts))
+    table.add_row("attempts / model calls / commits",
+                  f"{v['attempts']} / {v['model_calls']} / {v['commits']}")
+    table.add_row("attempt failures by class", json.dumps(v.get("attempt_failures", {})))
+    table.add_row("model call outcomes", json.dumps(v.get("model_call_outcomes", {})))
+    table.add_row("HTTP submit retries (ingest down)", str(result.submit_retries))
+    table.add_row("max running per team", json.dumps(v["max_running"]))
+    for k, n in result.counts.items():
+        table.add_row(k, str(n))
+    ch = result.clickhouse
+    table.add_row("clickhouse: missing / state mismatches / cost mismatches",
+                  f"{len(ch['missing'])} / {len(ch['state_mismatches'])} / "
+                  f"{len(ch['cost_mismatches'])}")
+    g = result.git
+    table.add_row("git: commits / double commits / completed without commit",
+                  f"{g['commits']} / {len(g['double_commits'])} / "
+                  f"{len(g['completed_without_commit'])}")
+    table.add_row("elapsed (started, submitted, settled at)",
+                  f"{result.elapsed_s} s ({', '.join(f'{v} s' for v in result.phases_s.values())})")
+    console.print(table)
+    if result.problems:
+        console.print(f"[red]PROBLEMS: {result.problems}[/red]")
+        console.print(json.dumps(result.verdict.get("examples", {}), indent=2)[:4000])
+        console.print(json.dumps({k: v for k, v in {**ch, **g}.items()
+                                  if isinstance(v, list) and v}, indent=2)[:4000])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--rate", type=float, default=40.0)
+    parser.add_argument("--failure-rate", type=float, default=0.10)
+    parser.add_argument("--stall-rate", type=float, default=0.02)
+    parser.add_argument("--latency-ms", type=float, default=100.0)
+    parser.add_argument("--no-broker-restart", action="store_true")
+    args = parser.parse_args()
+    cfg = ChaosConfig(tasks=args.tasks, rate=args.rate, failure_rate=args.failure_rate,
+                      stall_rate=args.stall_rate, latency_ms=args.latency_ms,
+                      restart_broker=not args.no_broker_restart)
+    console = Console()
+    result = run_chaos(cfg, console=console)
+    print_result(result, console)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"chaos-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(asdict(result), indent=2, default=str))
+    console.print(f"written to {out}")
+    raise SystemExit(1 if result.problems else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Harnesses for testing fleetplane deployments: invariant checks over the event log."""

@@ -1,0 +1,36 @@
+"""The chaos run at CI scale: every service SIGKILLed and restarted in turn, the broker restarted,
+the fake provider failing 10% of calls and stalling some, while tasks flow. The large run is
+`make chaos` (bench/chaos.py, 2,000 tasks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from bench.chaos import ChaosConfig, print_result, run_chaos
+from fleetplane.cli.stack import SERVICES
+
+pytestmark = [pytest.mark.e2e, pytest.mark.reliability]
+
+
+def test_kills_and_broker_restart_lose_duplicate_and_strand_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = ChaosConfig(tasks=150, rate=15.0, settle_s=300.0)
+    result = run_chaos(cfg, data_dir=tmp_path / "chaos", console=Console(stderr=True))
+    with capsys.disabled():
+        print_result(result, Console(width=110))
+
+    assert result.faults == [*SERVICES, "broker"], "every fault of the plan was injected"
+    v = result.verdict
+    assert v["acknowledged"] == v["accepted"] == cfg.tasks
+    assert sum(v["terminal"].values()) == cfg.tasks
+    outcomes = v["model_call_outcomes"]
+    assert sum(n for kind, n in outcomes.items() if kind != "ok") > 0, (
+        f"the provider's injected failures reached the audit log: {outcomes}")
+    assert result.git["commits"] >= cfg.tasks // 3 * 0.9, "workspace tasks committed"
+    assert result.problems == {}, json.dumps(
+        {"counts": result.counts, "examples": v.get("examples"),
+         "clickhouse": result.clickhouse, "git": result.git}, indent=1, default=str)[:6000]
