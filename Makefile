@@ -61,5 +61,15 @@ bench-accounting: install  ## sink rows/s and analytics latency over 1M and 10M 
 bench-coordinator: install  ## admission decisions/s, latency at 1,000 queued, recovery after SIGKILL
 	$(PY) -m bench.coordinator $(BENCH_ARGS)
 
+## chaos: the large chaos run (2,000 tasks; each service SIGKILLed in turn, broker restart,
+## 10% provider failures and stalls); prints lost / duplicated / stuck, exits 1 on any violation
+.PHONY: chaos reliability
+chaos: install
+	$(PY) -m bench.chaos $(CHAOS_ARGS)
+
+## reliability: chaos at CI scale, fuzz, tenant isolation and the executor red-team suite
+reliability: install
+	$(PY) -m pytest -q -m reliability $(PYTEST_ARGS)
+
 clean:
 	rm -rf .fleetplane .pytest_cache .mypy_cache .ruff_cache

@@ -399,6 +399,7 @@ def print_result(result: ChaosResult, console: Console) -> None:
     table.add_row("unplanned restarts", json.dumps(result.unplanned_restarts))
     table.add_row("attempts / model calls / commits",
                   f"{v['attempts']} / {v['model_calls']} / {v['commits']}")
+    table.add_row("audit chains verified (attempt outcomes)", str(v["audits_verified"]))
     table.add_row("attempt failures by class", json.dumps(v.get("attempt_failures", {})))
     table.add_row("model call outcomes", json.dumps(v.get("model_call_outcomes", {})))
     table.add_row("HTTP submit retries (ingest down)", str(result.submit_retries))

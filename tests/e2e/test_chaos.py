@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.reliability]
 
 def test_kills_and_broker_restart_lose_duplicate_and_strand_nothing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = ChaosConfig(tasks=150, rate=15.0, settle_s=300.0)
+    cfg = ChaosConfig(tasks=120, rate=10.0, settle_s=300.0)
     result = run_chaos(cfg, data_dir=tmp_path / "chaos", console=Console(stderr=True))
     with capsys.disabled():
         print_result(result, Console(width=110))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from fleetplane.core import events as ev
+from fleetplane.core.auditchain import Chain
 from fleetplane.core.topics import ACCEPTED, DISPATCH, LIFECYCLE, MODEL_CALLS, OUTCOMES, WORKSPACE
 from fleetplane.testing.invariants import Log, check
 
@@ -23,19 +24,22 @@ def spec(scope: list[str] | None = None) -> ev.TaskSpec:
 
 def run_task(log: Log, task: str, team: str, start: float, end: float,
              scope: list[str] | None = None, attempt: int = 1) -> None:
+    chain = Chain()
+    call = chain.link(ev.ModelCall(event_id=f"{task}-call-0", task_id=task, team=team,
+                                   attempt=attempt, call_index=0, model="m",
+                                   provider="anthropic", tier="small", input_tokens=1,
+                                   output_tokens=1, cost_usd=0.01, latency_ms=1, outcome="ok",
+                                   occurred_at=at(start)))
     log.records += [
         (ACCEPTED, ev.TaskAccepted(task_id=task, team=team, spec=spec(scope), occurred_at=at(0))),
         (DISPATCH, ev.TaskDispatched(task_id=task, team=team, spec=spec(scope), attempt=attempt,
                                      model="m", provider="anthropic", tier="small",
                                      leased_paths=scope or [], occurred_at=at(start))),
-        (MODEL_CALLS, ev.ModelCall(event_id=f"{task}-call-0", task_id=task, team=team,
-                                   attempt=attempt, call_index=0, model="m",
-                                   provider="anthropic", tier="small", input_tokens=1,
-                                   output_tokens=1, cost_usd=0.01, latency_ms=1, outcome="ok",
-                                   occurred_at=at(start))),
+        (MODEL_CALLS, call),
         (OUTCOMES, ev.TaskCompleted(event_id=f"{task}-done", task_id=task, team=team,
                                     attempt=attempt, model="m", output="ok", cost_usd=0.01,
-                                    duration_ms=1, occurred_at=at(end))),
+                                    duration_ms=1, occurred_at=at(end), audit_head=chain.head,
+                                    audit_count=chain.count)),
     ]
 
 
@@ -56,6 +60,7 @@ def test_a_clean_log_passes_with_its_figures() -> None:
     assert v.ok, v.counts()
     assert (v.accepted, v.attempts, v.model_calls) == (3, 3, 3)
     assert v.terminal == {"TaskCompleted": 3}
+    assert v.audits_verified == 3
     assert v.max_running == {"pay": 2}
 
 
@@ -127,3 +132,14 @@ def test_a_non_final_failure_ends_the_attempt_and_a_retry_is_a_new_interval() ->
     v = check(log, {"a", "b"}, quota)
     assert v.ok, (v.counts(), v.lease_overlaps)
     assert v.attempts == 3
+
+
+def test_an_audit_event_missing_or_changed_breaks_the_chain() -> None:
+    log = clean_log()
+    log.records = [(t, e) for t, e in log.records if e.event_id != "a-call-0"]
+    i, (topic, call) = next((i, r) for i, r in enumerate(log.records)
+                            if r[1].event_id == "b-call-0")
+    assert isinstance(call, ev.ModelCall)
+    log.records[i] = (topic, call.model_copy(update={"cost_usd": 0.0}))
+    v = check(log, {"a", "b", "c"}, quota)
+    assert [b.split(":")[0] for b in v.audit_breaks] == ["a/a1", "b/a1"], v.audit_breaks

@@ -13,7 +13,9 @@ read_committed, so aborted transactions are not counted); `check` turns that log
 * **lease overlaps**: two attempts in one repository whose write scopes overlap and whose
   dispatch-to-end intervals overlap (invariant 3);
 * **quota breaches**: a team with more attempts running at once than its `max_running`
-  (invariant 4).
+  (invariant 4);
+* **audit breaks**: an attempt outcome whose audit hash chain (audit_head, audit_count) does not
+  match the ModelCall / ToolCall / WorkspaceChange events on the topics (invariant 8).
 
 Everything here is pure except `read_log` (a consumer on the real broker).
 """
@@ -30,6 +32,7 @@ from datetime import datetime
 from confluent_kafka import Consumer, TopicPartition
 
 from fleetplane.coordinator.globs import scope_overlap
+from fleetplane.core import auditchain
 from fleetplane.core import events as ev
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
@@ -39,10 +42,11 @@ from fleetplane.core.topics import (
     LIFECYCLE,
     MODEL_CALLS,
     OUTCOMES,
+    TOOL_CALLS,
     WORKSPACE,
 )
 
-LOG_TOPICS = (ACCEPTED, DISPATCH, LIFECYCLE, OUTCOMES, MODEL_CALLS, WORKSPACE)
+LOG_TOPICS = (ACCEPTED, DISPATCH, LIFECYCLE, OUTCOMES, MODEL_CALLS, TOOL_CALLS, WORKSPACE)
 
 
 @dataclass
@@ -145,6 +149,8 @@ class Verdict:
     double_effects: list[str] = field(default_factory=list)
     lease_overlaps: list[str] = field(default_factory=list)
     quota_breaches: list[str] = field(default_factory=list)
+    audit_breaks: list[str] = field(default_factory=list)
+    audits_verified: int = 0
     attempts: int = 0
     model_calls: int = 0
     commits: int = 0
@@ -153,13 +159,14 @@ class Verdict:
     @property
     def ok(self) -> bool:
         return not (self.lost or self.stuck or self.duplicated or self.double_effects
-                    or self.lease_overlaps or self.quota_breaches)
+                    or self.lease_overlaps or self.quota_breaches or self.audit_breaks)
 
     def counts(self) -> dict[str, int]:
         return {"lost": len(self.lost), "duplicated": len(self.duplicated),
                 "stuck": len(self.stuck), "double_effects": len(self.double_effects),
                 "lease_overlaps": len(self.lease_overlaps),
-                "quota_breaches": len(self.quota_breaches)}
+                "quota_breaches": len(self.quota_breaches),
+                "audit_breaks": len(self.audit_breaks)}
 
 
 def check(log: Log, acknowledged: set[str], quota: Callable[[str], int]) -> Verdict:
@@ -208,6 +215,7 @@ def check(log: Log, acknowledged: set[str], quota: Callable[[str], int]) -> Verd
     v.double_effects += [f"{t}/a{a} reverted {len(r)} times" for (t, a), r in reverted.items()
                          if len(r) > 1]
 
+    check_audit(log, v)
     intervals, open_ = attempt_intervals(log)
     v.attempts = len(intervals) + len(open_)
     v.stuck += [f"attempt {a} never ended" for a in open_
@@ -240,3 +248,32 @@ def check(log: Log, acknowledged: set[str], quota: Callable[[str], int]) -> Verd
         if peak > quota(team):
             v.quota_breaches.append(f"{team}: {peak} running, quota {quota(team)}")
     return v
+
+
+def check_audit(log: Log, v: Verdict) -> None:
+    """Each attempt outcome's audit chain against the audit events on the topics. Events of one
+    attempt sit on three topics, so they are put in order by following prev_hash from the start
+    of the chain."""
+    audit: dict[tuple[str, int], dict[str, auditchain.AuditEvent]] = defaultdict(dict)
+    for e in log.of(ev.ModelCall, ev.ToolCall, ev.WorkspaceChange):
+        assert isinstance(e, ev.ModelCall | ev.ToolCall | ev.WorkspaceChange)
+        audit[(e.task_id, e.attempt)].setdefault(e.event_id, e)
+    checked: set[tuple[str, int]] = set()
+    for e in log.of(ev.TaskCompleted, ev.TaskFailed):
+        assert isinstance(e, ev.TaskCompleted | ev.TaskFailed)
+        key = (e.task_id, e.attempt)
+        if key in checked or (isinstance(e, ev.TaskCompleted) and e.cached):
+            continue
+        checked.add(key)
+        events = audit.get(key, {})
+        by_prev = {a.prev_hash: a for a in events.values()}
+        ordered: list[auditchain.AuditEvent] = []
+        prev = ""
+        while prev in by_prev and len(ordered) < len(events):
+            ordered.append(by_prev[prev])
+            prev = auditchain.event_hash(ordered[-1])
+        ordered += [a for a in events.values() if a not in ordered]
+        verdict = auditchain.verify(ordered, e.audit_head, e.audit_count)
+        v.audits_verified += 1
+        if not verdict.ok:
+            v.audit_breaks.append(f"{e.task_id}/a{e.attempt}: {'; '.join(verdict.problems)}")
