@@ -39,7 +39,6 @@ from fleetplane.testing.invariants import Verdict, check, read_log
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = "chaos"
-AREAS = 8          # write-scope groups: tasks of one area serialize on its lease
 WORKSPACE_EVERY = 3  # every third task edits the repository, the others are plain calls
 
 
@@ -54,6 +53,12 @@ class ChaosConfig:
     down_s: float = 2.0              # how long a killed service stays down
     settle_s: float = 600.0          # wait for terminal states after the last submission
     kill_order: tuple[str, ...] = SERVICES
+    areas: int = 0                   # write-scope groups (tasks of one area serialize on its
+                                     # lease); 0: one per 40 tasks, at least 8
+
+    @property
+    def area_count(self) -> int:
+        return self.areas or max(8, self.tasks // 40)
     restart_broker: bool = True
 
 
@@ -80,12 +85,12 @@ class ChaosResult:
         return out
 
 
-def make_repo(root: Path) -> Path:
+def make_repo(root: Path, areas: int) -> Path:
     """A bare repository (the intended setup for registered repositories) with one commit."""
     work = root / "chaos-src"
     bare = root / "chaos.git"
     work.mkdir(parents=True)
-    for k in range(AREAS):
+    for k in range(areas):
         (work / f"area-{k}").mkdir()
         (work / f"area-{k}" / "README.md").write_text(f"area {k}\n")
 
@@ -106,7 +111,7 @@ def provider_script(cfg: ChaosConfig) -> dict[str, Any]:
                 "tool_uses": [{"name": "write_file",
                                "input": {"path": f"area-{k}/notes.md",
                                          "content": f"chaos notes for area {k}\n"}}]}
-               for k in range(AREAS)]
+               for k in range(cfg.area_count)]
     return {"replies": replies, "failure_rate": cfg.failure_rate, "stall_rate": cfg.stall_rate,
             "stall_ms": cfg.stall_ms, "latency_ms": cfg.latency_ms, "seed": 7}
 
@@ -121,11 +126,11 @@ def teams_file(data_dir: Path) -> Path:
     return path
 
 
-def manifest(i: int, run: str, teams: list[str]) -> dict[str, Any]:
+def manifest(i: int, run: str, teams: list[str], areas: int) -> dict[str, Any]:
     team = teams[i % len(teams)]
     spec: dict[str, Any] = {"taskType": "summarize", "prompt": f"[chaos:{run}:{i}] summarize"}
     if i % WORKSPACE_EVERY == 0:
-        area = (i // WORKSPACE_EVERY) % AREAS
+        area = (i // WORKSPACE_EVERY) % areas
         spec = {"taskType": "codegen",
                 "prompt": f"[chaos:{run}:{i}] <write:area-{area}> update the notes",
                 "workspace": {"repository": REPO}, "writeScope": [f"area-{area}/**"],
@@ -153,7 +158,7 @@ class Submitter:
         client = getattr(self._local, "client", None)
         if client is None:
             client = self._local.client = httpx.Client(timeout=15)
-        m = manifest(i, self.run, self.teams)
+        m = manifest(i, self.run, self.teams, self.cfg.area_count)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             try:
@@ -264,6 +269,12 @@ def clickhouse_checks(stack: Stack, teams: list[str], acknowledged: set[str],
             f"{t}: topic {topic_cost.get(t, 0.0):.9f}, clickhouse "
             f"{costs.get(t, {}).get('cost_usd', 0.0):.9f}" for t in teams
             if abs(costs.get(t, {}).get("cost_usd", 0.0) - topic_cost.get(t, 0.0)) > 1e-9)
+        # the daily rollups (materialized views) behind /v1/cost/daily and the dashboard
+        daily = {t: sum(r["cost_usd"] for r in http.get("/v1/cost/daily", params={
+            "by": "team", "team": t}).json()) for t in teams}
+        out["daily_cost_mismatches"] = sorted(
+            f"{t}: topic {topic_cost.get(t, 0.0):.9f}, daily rollup {daily[t]:.9f}"
+            for t in teams if abs(daily[t] - topic_cost.get(t, 0.0)) > 1e-9)
     return out
 
 
@@ -306,7 +317,7 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
               console: Console | None = None) -> ChaosResult:
     console = console or Console()
     data_dir = data_dir or Path(tempfile.mkdtemp(prefix="fleetplane-chaos-"))
-    bare = make_repo(data_dir / "repos")
+    bare = make_repo(data_dir / "repos", cfg.area_count)
     stack = Stack(data_dir=data_dir, extra_env={
         "FLEETPLANE_LOG_LEVEL": "WARNING",
         "FLEETPLANE_TEAMS_FILE": str(teams_file(data_dir)),
@@ -407,9 +418,9 @@ def print_result(result: ChaosResult, console: Console) -> None:
     for k, n in result.counts.items():
         table.add_row(k, str(n))
     ch = result.clickhouse
-    table.add_row("clickhouse: missing / state mismatches / cost mismatches",
+    table.add_row("clickhouse: missing / state mismatches / cost mismatches (calls, daily)",
                   f"{len(ch['missing'])} / {len(ch['state_mismatches'])} / "
-                  f"{len(ch['cost_mismatches'])}")
+                  f"{len(ch['cost_mismatches'])}, {len(ch['daily_cost_mismatches'])}")
     g = result.git
     table.add_row("git: commits / double commits / completed without commit",
                   f"{g['commits']} / {len(g['double_commits'])} / "
@@ -432,11 +443,13 @@ def main() -> None:
     parser.add_argument("--failure-rate", type=float, default=0.10)
     parser.add_argument("--stall-rate", type=float, default=0.02)
     parser.add_argument("--latency-ms", type=float, default=100.0)
+    parser.add_argument("--areas", type=int, default=0,
+                        help="write-scope groups (0: one per 40 tasks, at least 8)")
     parser.add_argument("--no-broker-restart", action="store_true")
     args = parser.parse_args()
     cfg = ChaosConfig(tasks=args.tasks, rate=args.rate, failure_rate=args.failure_rate,
                       stall_rate=args.stall_rate, latency_ms=args.latency_ms,
-                      restart_broker=not args.no_broker_restart)
+                      areas=args.areas, restart_broker=not args.no_broker_restart)
     console = Console()
     result = run_chaos(cfg, console=console)
     print_result(result, console)

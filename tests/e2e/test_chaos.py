@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import pytest
+from bench.chaos import ChaosConfig, print_result, run_chaos
 from rich.console import Console
 
-from bench.chaos import ChaosConfig, print_result, run_chaos
 from fleetplane.cli.stack import SERVICES
 
 pytestmark = [pytest.mark.e2e, pytest.mark.reliability]

@@ -5,6 +5,13 @@ offsets, so a stored offset always means its rows are in ClickHouse. The sink al
 itself once it holds ``flush_rows`` rows. An insert that keeps failing raises Fatal: the loop
 then stops without storing offsets and the records are redelivered (at-least-once; rows are
 deduplicated by event_id in ClickHouse).
+
+ReplacingMergeTree tables deduplicate on their own (queries read them with FINAL), but the daily
+cost rollups are materialized views over model_calls: they see every inserted block, so a model
+call inserted twice (a batch redelivered after a crash between insert and offset commit, or an
+audit event the executor re-published) would be summed twice. The sink therefore drops
+model_calls rows whose event_id is already in the batch or already in ClickHouse before it
+inserts (one lookup per flush, on the table's sort key).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from fleetplane.core.logging import get_logger
 log = get_logger(__name__)
 
 _TT_TASK_TYPE = TASK_TRANSITIONS_COLUMNS.index("task_type")
+_MC_EVENT_ID = COLUMNS[MODEL_CALLS].index("event_id")
 
 DEFAULT_INSERT_RETRY = RetryPolicy(initial_interval_s=0.2, backoff_coefficient=2.0,
                                    maximum_interval_s=5.0, maximum_attempts=6)
@@ -89,6 +97,7 @@ class ClickHouseSink:
             if not self._pending:
                 return
             self._fill_task_types()
+            self._drop_known_model_calls()
             for table, buffer in self._buffers.items():
                 if buffer:
                     self._insert(table, buffer)
@@ -114,6 +123,38 @@ class ClickHouseSink:
             if task_type and not row[MODEL_CALL_TASK_TYPE]:
                 calls[i] = (*row[:MODEL_CALL_TASK_TYPE], task_type,
                             *row[MODEL_CALL_TASK_TYPE + 1:])
+
+    def _drop_known_model_calls(self) -> None:
+        calls = self._buffers.get(MODEL_CALLS)
+        if not calls:
+            return
+        fresh: dict[str, Row] = {}
+        for row in calls:
+            fresh.setdefault(str(row[_MC_EVENT_ID]), row)
+        known = self._known_event_ids({str(r[0]) for r in fresh.values()}, set(fresh))
+        kept = [row for eid, row in fresh.items() if eid not in known]
+        dropped = len(calls) - len(kept)
+        if dropped:
+            log.info("model calls already recorded were not inserted again", rows=dropped)
+            self._pending -= dropped
+            calls[:] = kept
+
+    def _known_event_ids(self, task_ids: set[str], event_ids: set[str]) -> set[str]:
+        attempt = 1
+        while True:
+            try:
+                rows = self.store.query_rows(
+                    f"SELECT event_id FROM {self.store.table(MODEL_CALLS)} "
+                    "WHERE task_id IN {tasks:Array(String)} AND event_id IN {ids:Array(String)}",
+                    {"tasks": sorted(task_ids), "ids": sorted(event_ids)})
+                return {str(r[0]) for r in rows}
+            except Exception as exc:
+                self.stats.failures += 1
+                if attempt >= self.retry.maximum_attempts:
+                    raise Fatal(f"looking up recorded model calls failed {attempt} times: "
+                                f"{exc}") from exc
+                time.sleep(self.retry.delay(attempt))
+                attempt += 1
 
     def _insert(self, table: str, rows: list[Row]) -> None:
         attempt = 1
