@@ -20,9 +20,10 @@ events are derived again with the same event ids.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import weakref
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET = "x-source-topic", "x-source-part
     "x-source-offset"
 BATCH_MAX = 500  # records decided together, with one acknowledgement wait
 BATCH_WITHIN_S = 0.01  # how long a partial batch waits for more records
+DELIVERY_LIMIT_S = 120.0  # how long a batch's outputs are retried before the process exits
 
 log = get_logger(__name__)
 
@@ -207,10 +209,16 @@ class Coordinator:
                 source = [(SOURCE_TOPIC, msg.topic.encode()),
                           (SOURCE_PARTITION, str(msg.partition).encode()),
                           (SOURCE_OFFSET, str(msg.offset).encode())]
-                pending.append(await self.scheduler_topic.send(
-                    key=msg.key, value=msg.value or b"", partition=0,
-                    headers=[*_bytes_headers(list(msg.headers or [])), *source], force=True))
-            await asyncio.gather(*pending)
+                pending.append((msg.key, msg.value or b"",
+                                [*_bytes_headers(list(msg.headers or [])), *source]))
+
+            async def forward(batch: list[tuple[Any, bytes, list[tuple[str, bytes]]]] = pending
+                              ) -> None:
+                await asyncio.gather(*[await self.scheduler_topic.send(
+                    key=key, value=value, partition=0, headers=headers, force=True)
+                    for key, value, headers in batch])
+
+            await self._deliver("forward to the scheduler topic", forward)
             self.stats.forwarded += len(events)
 
     async def _tick(self) -> None:
@@ -241,7 +249,8 @@ class Coordinator:
             outputs.extend(self._decide_one(world, event))
         try:
             if outputs:
-                await self._publish_acked(outputs)
+                await self._deliver("publish decisions",
+                                    lambda: self._publish_acked(outputs))
         except BaseException:
             self.world = None  # reload from the table: these decisions were not recorded
             raise
@@ -326,6 +335,35 @@ class Coordinator:
             headers=_bytes_headers(event_headers(event)), force=True)
         self.stats.published += 1
         return pending
+
+    async def _deliver(self, what: str, send: Callable[[], Awaitable[None]]) -> None:
+        """Run `send` (publish, then await the broker's acknowledgements) until it succeeds.
+
+        faust acknowledges a take_events batch in a ``finally`` clause, even when the agent
+        raises: an exception here would commit the input offsets of outputs never published,
+        and the tasks would be lost (found by the chaos run: a broker restart failed the
+        forwarding of 15 routed tasks, which were never scheduled). So a failed send is retried
+        with backoff (duplicates are harmless: decisions are idempotent and consumers
+        deduplicate by event id); after DELIVERY_LIMIT_S the process exits without returning
+        to faust (no acknowledgement), and its restart re-reads the inputs from the committed
+        offsets."""
+        deadline = time.monotonic() + DELIVERY_LIMIT_S
+        delay = 0.2
+        while True:
+            try:
+                await send()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    log.critical("delivery keeps failing: exiting without acknowledging",
+                                 what=what, error=str(exc)[:300])
+                    os._exit(75)
+                log.warning("delivery failed, retrying", what=what, delay_s=delay,
+                            error=str(exc)[:300])
+                await asyncio.sleep(delay)
+                delay = min(5.0, delay * 2)
 
     async def _publish_acked(self, events: list[Event]) -> None:
         """Publish and wait until the broker acknowledged every event (acks=all)."""

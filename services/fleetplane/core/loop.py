@@ -17,10 +17,13 @@ offset. SIGTERM/SIGINT finish the current batch, checkpoint, and close cleanly.
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Protocol
@@ -34,6 +37,9 @@ from fleetplane.core.logging import get_logger, task_context
 from fleetplane.core.serde import Serde, default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import key_for, topic_for
+
+#: Timeout of each transactional call (seconds).
+TXN_CALL_TIMEOUT_S = 30.0
 
 log = get_logger(__name__)
 
@@ -144,6 +150,8 @@ class Processor:
         self._delivery_errors: list[KafkaError] = []
         self._in_txn = False
         self.processed = 0
+        self.exit_on_hang = False
+        self.hang_limit_s = TXN_CALL_TIMEOUT_S * 3
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
 
@@ -152,6 +160,10 @@ class Processor:
         self._stopping = True
 
     def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop the loop after its batch; and, since the loop is then the
+        process's own, a transactional call that hangs ends the process (see _guard)."""
+        self.exit_on_hang = True
+
         def handler(signum: int, frame: FrameType | None) -> None:
             log.info("signal received, stopping", signal=signum)
             self.stop()
@@ -171,7 +183,7 @@ class Processor:
             cfg["enable.auto.commit"] = False
         self.consumer = Consumer(cfg)
         if self.transactional:
-            self.producer.init_transactions(30)
+            self.producer.init_transactions(TXN_CALL_TIMEOUT_S)
         self.consumer.subscribe(self.topics, on_revoke=self._on_revoke)
 
     def run(self) -> None:
@@ -314,14 +326,16 @@ class Processor:
             self.consumer.store_offsets(offsets=offsets)
         self._pending.clear()
 
-    def _commit_transaction(self, offsets: list[TopicPartition]) -> None:
+    def _commit_transaction(self, offsets: list[TopicPartition], tries: int = 1) -> None:
         assert self.consumer is not None and self.producer is not None
         try:
             if self.sink is not None:
                 self.sink.flush()
-            self.producer.send_offsets_to_transaction(
-                offsets, self.consumer.consumer_group_metadata(), 30)
-            self.producer.commit_transaction(30)
+            with self._guard("send_offsets_to_transaction"):
+                self.producer.send_offsets_to_transaction(
+                    offsets, self.consumer.consumer_group_metadata(), TXN_CALL_TIMEOUT_S)
+            with self._guard("commit_transaction"):
+                self.producer.commit_transaction(TXN_CALL_TIMEOUT_S)
             self._in_txn = False
         except KafkaException as exc:
             err = exc.args[0]
@@ -330,16 +344,41 @@ class Processor:
                 self._abort()
                 self._rewind()
                 return
-            if isinstance(err, KafkaError) and err.retriable():
-                log.warning("commit retriable error, retrying", error=str(err))
-                self._commit_transaction(offsets)
+            if isinstance(err, KafkaError) and err.retriable() and tries < 10:
+                log.warning("commit retriable error, retrying", error=str(err), tries=tries)
+                time.sleep(min(5.0, 0.2 * 2 ** tries))
+                self._commit_transaction(offsets, tries + 1)
                 return
             raise Fatal(f"transaction commit failed: {exc}") from exc
+
+    @contextmanager
+    def _guard(self, what: str) -> Iterator[None]:
+        """librdkafka's send_offsets_to_transaction can block past its timeout when the group
+        coordinator goes away mid-transaction (confluentinc/librdkafka#5456; the chaos run's
+        broker restart hit it: the router stopped routing for good). A call still blocked after
+        hang_limit_s ends a service process (exit 75): the supervisor restarts it, and the new
+        instance's init_transactions fences and aborts the open transaction, so its inputs are
+        processed again (at-least-once across the restart, exactly-once in the output topics).
+        In-process (tests) it is only logged."""
+        def hung() -> None:
+            log.critical("transactional call hung", call=what, limit_s=self.hang_limit_s,
+                         action="exit 75" if self.exit_on_hang else "none (in-process)")
+            if self.exit_on_hang:
+                os._exit(75)
+
+        timer = threading.Timer(self.hang_limit_s, hung)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
 
     def _abort(self) -> None:
         if self.transactional and self._in_txn and self.producer is not None:
             try:
-                self.producer.abort_transaction(30)
+                with self._guard("abort_transaction"):
+                    self.producer.abort_transaction(TXN_CALL_TIMEOUT_S)
             except KafkaException:
                 log.warning("abort failed", exc_info=True)
             self._in_txn = False
