@@ -31,7 +31,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from fleetplane.cli.stack import SERVICES, Stack
+from fleetplane.cli.stack import Stack
 from fleetplane.core import events as ev
 from fleetplane.core.teams import load_teams
 from fleetplane.ingest.idempotency import task_id_for
@@ -52,7 +52,9 @@ class ChaosConfig:
     latency_ms: float = 100.0        # every call, so attempts are in flight when the executor dies
     down_s: float = 2.0              # how long a killed service stays down
     settle_s: float = 600.0          # wait for terminal states after the last submission
-    kill_order: tuple[str, ...] = SERVICES
+    # the executor first, while attempts are in flight (after the coordinator's restart the
+    # fleet is briefly idle); the coordinator last before the broker
+    kill_order: tuple[str, ...] = ("executor", "ingest", "router", "accounting", "coordinator")
     areas: int = 0                   # write-scope groups (tasks of one area serialize on its
                                      # lease); 0: one per 40 tasks, at least 8
 
@@ -126,8 +128,14 @@ def teams_file(data_dir: Path) -> Path:
     return path
 
 
+def team_of(i: int, teams: list[str]) -> str:
+    """Round robin over the teams, shifted every WORKSPACE_EVERY tasks so that every team gets
+    workspace tasks too."""
+    return teams[(i + i // WORKSPACE_EVERY) % len(teams)]
+
+
 def manifest(i: int, run: str, teams: list[str], areas: int) -> dict[str, Any]:
-    team = teams[i % len(teams)]
+    team = team_of(i, teams)
     spec: dict[str, Any] = {"taskType": "summarize", "prompt": f"[chaos:{run}:{i}] summarize"}
     if i % WORKSPACE_EVERY == 0:
         area = (i // WORKSPACE_EVERY) % areas
@@ -342,8 +350,8 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
         faults.start()
         submitter.run_all(cfg.tasks)
         result.phases_s["submit"] = round(time.monotonic() - started, 1)
-        ids = {task_id_for(teams[i % len(teams)], f"{run}-{i}") for i in range(cfg.tasks)}
-        workspace_ids = {task_id_for(teams[i % len(teams)], f"{run}-{i}")
+        ids = {task_id_for(team_of(i, teams), f"{run}-{i}") for i in range(cfg.tasks)}
+        workspace_ids = {task_id_for(team_of(i, teams), f"{run}-{i}")
                          for i in range(0, cfg.tasks, WORKSPACE_EVERY)}
         settings = stack.settings()
         # wait for every acknowledged task to end (faults keep running until the plan is done)
