@@ -15,7 +15,7 @@ from fleetplane.cli.stack import Stack
 from fleetplane.core import events as ev
 from fleetplane.core.catalog import Usage, catalog_for
 from fleetplane.core.kafka import EventProducer
-from fleetplane.core.topics import DISPATCH, DLQ, OUTCOMES, SUBMITTED
+from fleetplane.core.topics import DLQ, SUBMITTED
 
 from .conftest import auth, manifest, read_topic, settings_for, submit, wait_terminal
 
@@ -90,31 +90,6 @@ def test_bad_http_and_raw_kafka_input_is_rejected_and_the_flow_goes_on(stack: St
     reasons = {d.task_id: d.reason for d in dead if isinstance(d, ev.DeadLetter)}
     assert "single-object" in reasons[f"garbage-{run}"]
     assert "spec.failure_policy" in reasons[f"invalid-{run}"]
-
-
-def test_router_sigkill_mid_run_loses_no_task_and_completes_none_twice(stack: Stack) -> None:
-    run = uuid.uuid4().hex[:6]
-    with httpx.Client(timeout=30) as http:
-        ids: list[str] = []
-        with ThreadPoolExecutor(8) as pool:
-            first = pool.map(lambda i: submit(http, stack, manifest(
-                TEAMS[i % 3], f"k{i}", f"[{run}] kill test {i}")), range(100))
-            ids += list(first)
-            stack.kill("router")
-            second = pool.map(lambda i: submit(http, stack, manifest(
-                TEAMS[i % 3], f"k{i}", f"[{run}] kill test {i}")), range(100, 200))
-            ids += list(second)
-        stack.restart("router")
-        rows = wait_terminal(http, stack, set(ids), timeout_s=180)
-        assert Counter(r["state"] for r in rows.values()) == {"completed": 200}
-
-    settings = settings_for(stack)
-    completed = Counter(e.task_id for e in read_topic(settings, OUTCOMES, set(ids))
-                        if isinstance(e, ev.TaskCompleted))
-    assert set(completed) == set(ids)
-    assert max(completed.values()) == 1, "a task completed twice"
-    dispatched = Counter(e.task_id for e in read_topic(settings, DISPATCH, set(ids)))
-    assert max(dispatched.values()) == 1, "a task was dispatched twice"
 
 
 def test_services_stop_cleanly_on_sigterm(stack: Stack) -> None:
