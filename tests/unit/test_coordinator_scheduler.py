@@ -138,6 +138,29 @@ def test_team_quota_holds_only_that_team() -> None:
     assert dispatched(h.done("s1")) == ["s2"]
 
 
+def test_a_backlog_is_not_rewritten_when_only_the_quota_reason_changes() -> None:
+    """Team quota and fleet limit alternate as slots free up; the queued tasks' rows (one
+    changelog record each) are not rewritten for that."""
+    h = Harness(max_running=2)
+    h.route("a1", team="a")
+    h.route("a2", team="a")  # the fleet is full
+    for i in range(20):
+        h.route(f"s{i}", team="small")  # waiting: the fleet is at its limit
+    assert h.world.tasks["s5"].hold_kind == "quota"
+    h.world.take_rows()
+    h.done("a1")  # a slot: s0 runs
+    assert h.state("s0") is Status.DISPATCHED
+    h.world.take_rows()
+    # each of these used to flip the 19 queued rows between "team small is at its limit" and
+    # "the fleet is at its limit" (19-20 rows per event)
+    for step in (lambda: h.route("a3", team="a"), lambda: h.done("s0"),
+                 lambda: h.done("a2")):
+        step()
+        rows = h.world.take_rows()
+        assert len(rows) <= 3, f"{len(rows)} rows rewritten for one event"
+    assert h.world.tasks["s9"].hold_kind == "quota"
+
+
 def test_budget_from_spend_holds_the_team() -> None:
     h = Harness()
     h.route("b1", team="b")
