@@ -44,6 +44,11 @@ def all_paths() -> list[str]:
     return out
 
 
+def in_bound(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) <= 4 and all(len(p) <= 2 and set(p) <= set("abc") for p in parts)
+
+
 segment = st.one_of(st.just("**"), st.lists(st.sampled_from(TOKENS), min_size=1, max_size=2)
                     .map("".join))
 glob = st.lists(segment, min_size=1, max_size=3).map("/".join)
@@ -58,7 +63,10 @@ def test_overlap_agrees_with_brute_force(a: str, b: str) -> None:
         assert ref_covers(a, w) and ref_covers(b, w), (a, b, w)
     brute = next((p for p in all_paths() if ref_covers(a, p) and ref_covers(b, p)), None)
     # completeness: a path covered by both exists (within the bound) -> overlap found
-    assert (brute is not None) == (w is not None), (a, b, brute, w)
+    assert brute is None or w is not None, (a, b, brute)
+    # and an overlap the enumeration missed lies beyond its bound (e.g. '**/a/a' and 'a/aa/aa'
+    # meet first at depth 5: a/aa/aa/a/a)
+    assert w is None or brute is not None or not in_bound(w), (a, b, w)
     assert overlaps(a, b) == overlaps(b, a) == (w is not None)
 
 
