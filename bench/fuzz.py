@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import socket
 import tempfile
 import time
@@ -93,6 +94,7 @@ class Report:
     http: Counter[tuple[str, str]] = field(default_factory=Counter)   # (endpoint, status)
     raw_sent: Counter[tuple[str, str]] = field(default_factory=Counter)  # (topic, kind)
     dlq: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # service, topic, class
+    dlq_reasons: Counter[tuple[str, str]] = field(default_factory=Counter)  # service, reason
     missing_dlq: list[str] = field(default_factory=list)
     server_errors: list[str] = field(default_factory=list)
     bad_answers: list[str] = field(default_factory=list)
@@ -142,7 +144,7 @@ class Case:
     endpoint: str
     method: str
     path: str
-    caller: str = "team"           # team | admin | anon (hostile Authorization, own address)
+    caller: str = "team"   # team | admin | none (no token) | anon (bad tokens, own address)
     params: dict[str, str] | None = None
     headers: dict[str, bytes] = field(default_factory=dict)
     content: bytes | None = None
@@ -266,6 +268,9 @@ def http_cases(rng: random.Random, n: int, team: str, known_task: str) -> Iterat
         lambda: _kill_switch_case(rng),
         lambda: Case("GET /v1/admin/tokens", "GET", "/v1/admin/tokens",
                      caller=rng.choice(["team", "admin"]), params=_params(rng, ["team"])),
+        lambda: Case("GET /healthz", "GET", "/healthz", caller="none",
+                     params=_params(rng, ["x", "team"]),
+                     headers={"x-fleetplane-source": _header_value(rng)}),
         lambda: Case("GET /v1/whoami", "GET", "/v1/whoami", headers={
             rng.choice(["x-fleetplane-source", "accept", "x-forwarded-for", "cookie",
                         "user-agent", "x-request-id", "host"]): _header_value(rng)}),
@@ -572,6 +577,7 @@ def collect_dlq(report: Report, consumer_config: dict[str, Any], sent: list[Sent
                 if not d.reason:
                     report.missing_dlq.append(f"{key} {d.service}: dead letter without reason")
                 report.dlq[(d.service, d.source_topic, d.error_class)] += 1
+                report.dlq_reasons[(d.service, reason_kind(d.reason))] += 1
                 need.discard((key, d.service))
     finally:
         c.close()
@@ -579,6 +585,15 @@ def collect_dlq(report: Report, consumer_config: dict[str, Any], sent: list[Sent
         s = by_key[key]
         report.missing_dlq.append(f"{s.kind} record {key} on {s.topic}: no dead letter from "
                                   f"{svc}")
+
+
+def reason_kind(reason: str) -> str:
+    """A dead letter's reason without its particulars (ids, offsets, values): for counting."""
+    head = reason.split("\n")[0]
+    head = re.sub(r"[0-9a-f]{16}", "<fp>", head)
+    head = re.sub(r"'[^']*'|\"[^\"]*\"", "<v>", head)
+    head = re.sub(r"\d+", "<n>", head)
+    return head[:70]
 
 
 def accepted_keys(consumer_config: dict[str, Any], keys: set[str], idle_s: float = 2.0
@@ -727,6 +742,12 @@ def print_report(report: Report) -> None:
         t.add_column(col)
     for (topic, kind), n in sorted(report.raw_sent.items()):
         t.add_row(topic, kind, str(n))
+    console.print(t)
+    t = Table(title="fleet.dlq: reasons")
+    for col in ("service", "reason", "count"):
+        t.add_column(col)
+    for (svc, why), n in sorted(report.dlq_reasons.items()):
+        t.add_row(svc, why, str(n))
     console.print(t)
     t = Table(title="fleet.dlq: dead letters of the hostile records")
     for col in ("service", "source topic", "error class", "count"):

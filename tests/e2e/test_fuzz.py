@@ -21,6 +21,8 @@ def test_fuzz_http_and_raw_kafka_paths_crash_nothing(stack: Stack) -> None:
     print("\nfuzz counts:", json.dumps(report.summary(), indent=1))
     print("dead letters (service, topic, class):",
           {" ".join(k): n for k, n in sorted(report.dlq.items())})
+    print("dead letters by reason:", {" | ".join(k): n for k, n in
+                                      sorted(report.dlq_reasons.items())})
     assert report.http_total >= 200
     assert report.server_errors == [] and report.http_5xx == 0
     assert report.bad_answers == []
