@@ -274,8 +274,10 @@ def http_cases(rng: random.Random, n: int, team: str, known_task: str) -> Iterat
         lambda: Case("GET /v1/whoami", "GET", "/v1/whoami", headers={
             rng.choice(["x-fleetplane-source", "accept", "x-forwarded-for", "cookie",
                         "user-agent", "x-request-id", "host"]): _header_value(rng)}),
-        lambda: Case("Authorization", rng.choice(["GET", "POST"]),
-                     rng.choice(["/v1/tasks", "/v1/whoami", "/v1/cost", "/v1/admin/tokens"]),
+        lambda: Case("Authorization", *rng.choice([
+                         ("GET", "/v1/tasks"), ("POST", "/v1/tasks"), ("GET", "/v1/whoami"),
+                         ("GET", "/v1/cost"), ("GET", "/v1/admin/tokens"),
+                         ("POST", "/v1/admin/kill-switch")]),
                      caller="anon", headers={"authorization": rng.choice([
                          b"Bearer " + _header_value(rng), _header_value(rng), b"Bearer",
                          b"Basic dXNlcjpwYXNz", b"Bearer fpt_000000000000_" + b"x" * 43,
@@ -730,7 +732,7 @@ def print_report(report: Report) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=150)
     t = Table(title=f"HTTP: {report.http_total} requests, {report.http_5xx} x 5xx")
     for col in ("endpoint [caller]", "status", "count"):
         t.add_column(col)

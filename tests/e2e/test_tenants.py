@@ -14,7 +14,9 @@ import httpx
 import pytest
 from confluent_kafka import Consumer
 
+from fleetplane import Client
 from fleetplane.cli.stack import Stack
+from fleetplane.client import NotFound, PermissionDenied
 from fleetplane.core import events as ev
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
@@ -159,6 +161,15 @@ def test_a_team_cannot_see_steer_or_charge_another_teams_work(
         spoof = call("submit for other team", "POST", "/v1/tasks", b_tok,
                      json=manifest(alpha, f"spoof-{run}", "charge it to alpha"))
         assert spoof.status_code == 403 and spoof.json()["errors"][0]["field"] == "metadata.team"
+        with Client(url, b_tok, max_retries=0) as sdk:  # the SDK raises the typed errors
+            for refused_call in (lambda: sdk.approve(task), lambda: sdk.reject(task, "no")):
+                with pytest.raises(NotFound):
+                    refused_call()
+            with pytest.raises(PermissionDenied):
+                sdk.cost(team=alpha)
+            with pytest.raises(PermissionDenied):
+                sdk.budgets(team=alpha)
+            assert [r["team"] for r in sdk.budgets()] == [beta]
         # beta's spend went to beta: alpha's budget is what it was
         assert http.get(f"{url}/v1/budgets", headers=auth(a_tok)).json() == a_budget
 
@@ -215,6 +226,14 @@ def test_admin_endpoints_refuse_team_tokens_and_work_for_admins(
             assert "admin" in r.json()["error"]
         assert commands_by(stack, a_id) == before  # nothing published for the refused calls
 
+        with Client(url, a_tok, max_retries=0) as sdk:
+            for refused_call in (lambda: sdk.pause_team(beta), lambda: sdk.resume_team(beta),
+                                 lambda: sdk.kill_switch(True), lambda: sdk.tokens()):
+                with pytest.raises(PermissionDenied):
+                    refused_call()
+        assert commands_by(stack, a_id) == before
+        with Client(url, stack.admin_token) as admin_sdk:
+            assert [t["token_id"] for t in admin_sdk.tokens(team=alpha)] == [a_id]
         tokens = http.get(f"{url}/v1/admin/tokens", headers=auth(stack.admin_token)).json()
         assert a_id in {t["token_id"] for t in tokens}
         assert all("sha256" not in t for t in tokens)
