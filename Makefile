@@ -49,13 +49,15 @@ bench: install
 	$(PY) -m bench.pipeline $(BENCH_ARGS)
 
 ## per-service benches (each prints its figures; BENCH_ARGS passes options through)
-.PHONY: bench-intake bench-routing bench-coordinator bench-executor bench-accounting
+.PHONY: bench-intake bench-routing bench-coordinator bench-executor bench-accounting fuzz
 bench-intake: install      ## ingest HTTP submit latency/throughput with auth, idempotency, rate limits
 	$(PY) -m bench.intake $(BENCH_ARGS)
 bench-routing: install     ## routing decision latency in process
 	$(PY) -m bench.routing $(BENCH_ARGS)
 bench-executor: install    ## executor overhead per agent step, concurrency, cancel latency
 	$(PY) -m bench.executor $(BENCH_ARGS)
+fuzz: install              ## hostile HTTP requests and raw Kafka records at a fresh stack; prints counts
+	$(PY) -m bench.fuzz $(FUZZ_ARGS)
 bench-accounting: install  ## sink rows/s and analytics latency over 1M and 10M model calls (chdb)
 	$(PY) -m bench.accounting $(BENCH_ARGS)
 bench-coordinator: install  ## admission decisions/s, latency at 1,000 queued, recovery after SIGKILL

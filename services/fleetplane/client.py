@@ -293,6 +293,55 @@ class Client:
         result: dict[str, Any] = self._call("POST", f"/v1/tasks/{_q(task_id)}:cancel", json=body)
         return result
 
+    def approve(self, task_id: str, reason: str | None = None) -> dict[str, Any]:
+        """Approve a task held for approval (it is retried; a conflict hold keeps its changes)."""
+        return self._command(f"/v1/tasks/{_q(task_id)}:approve", reason)
+
+    def reject(self, task_id: str, reason: str | None = None) -> dict[str, Any]:
+        """Reject a task held for approval (it fails; a conflict hold is rolled back)."""
+        return self._command(f"/v1/tasks/{_q(task_id)}:reject", reason)
+
+    def cost(self, *, by: str = "team", team: str | None = None, since: str | None = None,
+             until: str | None = None) -> builtins.list[dict[str, Any]]:
+        """Spend grouped by team, task_type, model or tier: the token's team (an admin: every
+        team, or `team`)."""
+        params = {k: v for k, v in (("by", by), ("team", team), ("since", since),
+                                    ("until", until)) if v is not None}
+        rows: builtins.list[dict[str, Any]] = self._call("GET", "/v1/cost", params=params)
+        return rows
+
+    def budgets(self, team: str | None = None) -> builtins.list[dict[str, Any]]:
+        """Spend against budget in the current period (the token's team; an admin: all)."""
+        params = {"team": team} if team else {}
+        rows: builtins.list[dict[str, Any]] = self._call("GET", "/v1/budgets", params=params)
+        return rows
+
+    # -- admin (403 PermissionDenied for a team token) ---------------------------------------
+    def pause_team(self, team: str, reason: str | None = None) -> dict[str, Any]:
+        return self._command(f"/v1/admin/teams/{_q(team)}:pause", reason)
+
+    def resume_team(self, team: str, reason: str | None = None) -> dict[str, Any]:
+        return self._command(f"/v1/admin/teams/{_q(team)}:resume", reason)
+
+    def kill_switch(self, on: bool, reason: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"state": "on" if on else "off"}
+        if reason:
+            body["reason"] = reason
+        result: dict[str, Any] = self._call("POST", "/v1/admin/kill-switch", json=body)
+        return result
+
+    def tokens(self, team: str | None = None) -> builtins.list[dict[str, Any]]:
+        """Token metadata (ids, teams, roles, created/revoked); never tokens or hashes."""
+        params = {"team": team} if team else {}
+        rows: builtins.list[dict[str, Any]] = self._call("GET", "/v1/admin/tokens",
+                                                         params=params)
+        return rows
+
+    def _command(self, path: str, reason: str | None) -> dict[str, Any]:
+        body = {"reason": reason} if reason else None
+        result: dict[str, Any] = self._call("POST", path, json=body)
+        return result
+
     def wait(self, task_id: str, timeout: float = 300.0, poll: float = 0.5) -> Task:
         """Poll until the task reaches a terminal state; WaitTimeout after `timeout` seconds."""
         deadline = time.monotonic() + timeout

@@ -20,6 +20,8 @@ from fleetplane.fakeprovider import FakeProvider
 
 from .agentkit import assert_audit_chain, clients, dispatched, git, of, runtime, sample_repo
 
+pytestmark = pytest.mark.reliability
+
 CATALOG = catalog_for(Settings().catalog_file)
 KEY = "sk-ant-REDTEAM-0123456789"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from fleetplane.accounting.rowcheck import check
 from fleetplane.accounting.rows import rows_for
 from fleetplane.accounting.sink import ClickHouseSink
 from fleetplane.core.events import Event
@@ -14,7 +15,9 @@ def make_handler(sink: ClickHouseSink) -> Handler:
     """A loop handler that buffers the rows of each event in `sink` and returns no events."""
 
     def handle(event: Event, record: Record) -> Iterable[Event]:
-        sink.add(rows_for(event, record))
+        rows = rows_for(event, record)
+        check(rows)  # a value no column can hold: dead-lettered, never a failed batch
+        sink.add(rows)
         return ()
 
     return handle

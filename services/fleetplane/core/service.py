@@ -23,10 +23,15 @@ def bootstrap(service: str, settings: Settings | None = None) -> Settings:
     return settings
 
 
-def serve_http_in_thread(app: Any, host: str, port: int) -> uvicorn.Server:
-    """Run a FastAPI app beside a processor loop (uvicorn in a daemon thread)."""
+def serve_http_in_thread(app: Any, host: str, port: int,
+                         trusted_proxies: str = "") -> uvicorn.Server:
+    """Run a FastAPI app beside a processor loop (uvicorn in a daemon thread).
+
+    X-Forwarded-For is believed only from `trusted_proxies` (uvicorn's default would trust any
+    local peer, which would let a local client pick its address for per-address limits)."""
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            lifespan="on")
+                            lifespan="on", proxy_headers=bool(trusted_proxies),
+                            forwarded_allow_ips=trusted_proxies or None)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="http", daemon=True)
     thread.start()

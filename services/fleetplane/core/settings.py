@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     auth_failures_per_minute: float = Field(default=30.0, description="Failed token checks "
                                             "allowed per client address before 429.")
     auth_failure_burst: int = 20
+    trusted_proxies: str = Field(default="", description="Addresses (comma-separated) of "
+                                 "reverse proxies whose X-Forwarded-For ingest believes; empty: "
+                                 "none, the client address is the TCP peer's.")
     idempotency_window_s: int = Field(default=7 * 86_400, description="How long an "
                                       "idempotency key is remembered (ingest.idempotency).")
     table_catchup_timeout_s: float = 20.0

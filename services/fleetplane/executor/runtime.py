@@ -364,7 +364,9 @@ class Runtime:
                     continue
                 try:
                     event = serde.decode(msg.value() or b"")
-                except Exception:
+                except Exception as exc:  # dead-lettered by the outcome topic's consumers
+                    log.warning("undecodable cancellation skipped", topic=OUTCOMES,
+                                offset=msg.offset(), reason=str(exc)[:300])
                     continue
                 if isinstance(event, TaskCancelled):
                     self.cancel(event.task_id)

@@ -15,7 +15,8 @@ import json
 import math
 import uuid
 from dataclasses import dataclass
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,7 +30,7 @@ from fleetplane.core.events import ControlCommand, TaskSubmitted
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.teams import TeamsConfig
 from fleetplane.ingest.idempotency import Marks, spec_digest, task_id_for
-from fleetplane.ingest.manifest import TaskManifest
+from fleetplane.ingest.manifest import NAME_RE, TaskManifest
 from fleetplane.ingest.ratelimit import Limiter
 from fleetplane.ingest.taskview import TaskView
 from fleetplane.ingest.tokens import Principal, TokenStore
@@ -155,6 +156,9 @@ def principal(request: Request) -> Principal:
 
 Caller = Annotated[Principal, Depends(principal)]
 TaskId = Annotated[str, Path(pattern=TASK_ID_RE)]
+TeamPath = Annotated[str, Path(pattern=NAME_RE.pattern)]
+TeamQuery = Annotated[str | None, Query(pattern=NAME_RE.pattern)]
+CostBy = Literal["team", "task_type", "model", "tier"]
 
 
 def create_app(intake: Intake) -> FastAPI:
@@ -269,28 +273,140 @@ def create_app(intake: Intake) -> FastAPI:
         visible_task(who, task_id)
         return intake.view.events(task_id, limit)
 
-    @app.post("/v1/tasks/{task_id}:cancel", status_code=202)
-    async def cancel(task_id: TaskId, request: Request, who: Caller) -> dict[str, Any]:
+    async def reason_of(request: Request) -> str:
+        """The optional body of a command: {"reason": string} (at most 500 characters kept)."""
         body = await _read_body(request, 16_384)
-        reason = ""
-        if body.strip():
-            doc = _parse_json_object(body)
-            unknown = set(doc) - {"reason"}
-            if unknown or not isinstance(doc.get("reason", ""), str):
-                raise ApiError(422, "invalid request", [{
-                    "field": sorted(unknown)[0] if unknown else "reason",
-                    "reason": "the body takes only {\"reason\": string}"}])
-            reason = str(doc.get("reason", ""))[:500]
+        if not body.strip():
+            return ""
+        doc = _parse_json_object(body)
+        unknown = set(doc) - {"reason"}
+        if unknown or not isinstance(doc.get("reason", ""), str):
+            raise ApiError(422, "invalid request", [{
+                "field": sorted(unknown)[0] if unknown else "reason",
+                "reason": "the body takes only {\"reason\": string}"}])
+        return str(doc.get("reason", ""))[:500]
+
+    async def publish(command: ControlCommand) -> None:
+        await run_in_threadpool(intake.producer.send, [command], 10)
+
+    async def task_command(task_id: str, request: Request, who: Principal, command: str,
+                           verb: str) -> dict[str, Any]:
+        """cancel / approve / reject: the owning team or an admin (another team's task is
+        404, as for reads); 409 once the task is finished."""
+        reason = await reason_of(request)
         row = await run_in_threadpool(visible_task, who, task_id)
         team = str(row["team"])
         if row.get("state") in TERMINAL_STATES:
             raise ApiError(409, f"task {task_id} is already {row['state']}")
         charge(team)
-        command = ControlCommand(task_id=task_id, team=team, command="cancel",
-                                 requested_by=f"{who.team}/{who.token_id}",
-                                 reason=reason or f"cancelled by {who.team} via the API")
-        await run_in_threadpool(intake.producer.send, [command], 10)
-        return {"task_id": task_id, "team": team, "state": "cancelling"}
+        await publish(ControlCommand(task_id=task_id, team=team, command=command,
+                                     requested_by=f"{who.team}/{who.token_id}",
+                                     reason=reason or f"{verb} by {who.team} via the API"))
+        return {"task_id": task_id, "team": team, "command": command,
+                "state": {"cancel": "cancelling", "approve": "approving",
+                          "reject": "rejecting"}[command]}
+
+    @app.post("/v1/tasks/{task_id}:cancel", status_code=202)
+    async def cancel(task_id: TaskId, request: Request, who: Caller) -> dict[str, Any]:
+        return await task_command(task_id, request, who, "cancel", "cancelled")
+
+    @app.post("/v1/tasks/{task_id}:approve", status_code=202)
+    async def approve(task_id: TaskId, request: Request, who: Caller) -> dict[str, Any]:
+        """A task held for approval is retried (a conflict hold keeps its changes)."""
+        return await task_command(task_id, request, who, "approve", "approved")
+
+    @app.post("/v1/tasks/{task_id}:reject", status_code=202)
+    async def reject(task_id: TaskId, request: Request, who: Caller) -> dict[str, Any]:
+        """A task held for approval fails (a conflict hold is rolled back)."""
+        return await task_command(task_id, request, who, "reject", "rejected")
+
+    # -- spend ---------------------------------------------------------------------------------
+    def scope_of(who: Principal, team: str | None, what: str) -> str | None:
+        """The team a read is about: a team token reads its own (another is 403); an admin
+        reads the one named, or all (None)."""
+        if team is not None and not who.may_see(team):
+            raise ApiError(403, f"a token of team {who.team} cannot read team {team}'s {what}",
+                           [{"field": "team", "reason": f"the token belongs to team "
+                                                        f"{who.team}"}])
+        return team if (team is not None or who.is_admin) else who.team
+
+    @app.get("/v1/cost")
+    def cost(who: Caller, by: CostBy = "team", team: TeamQuery = None,
+             since: Annotated[datetime | None, Query()] = None,
+             until: Annotated[datetime | None, Query()] = None) -> list[dict[str, Any]]:
+        """Spend (USD, tokens, calls) grouped by team, task type, model or tier."""
+        scope = scope_of(who, team, "costs")
+        return intake.view.cost(by=by, team=scope,
+                                since=since.isoformat() if since else None,
+                                until=until.isoformat() if until else None)
+
+    @app.get("/v1/budgets")
+    def budgets(who: Caller, team: TeamQuery = None) -> list[dict[str, Any]]:
+        """Spend against budget in the current period, per team."""
+        scope = scope_of(who, team, "budget")
+        rows = intake.view.budgets()
+        if scope is not None:
+            rows = [r for r in rows if r.get("team") == scope]
+            if not rows:  # a team with no spend yet: its configured budget, nothing spent
+                policy = intake.teams.policy(scope)
+                rows = [{"team": scope, "period": policy.budget_period,
+                         "budget_usd": policy.budget_usd, "spent_usd": 0.0,
+                         "remaining_usd": policy.budget_usd, "state": "ok",
+                         "max_running": policy.max_running}]
+        return rows
+
+    # -- admin ---------------------------------------------------------------------------------
+    def admin(who: Principal) -> Principal:
+        if not who.is_admin:
+            raise ApiError(403, "an admin token is required (this token is of team "
+                                f"{who.team})")
+        return who
+
+    async def fleet_command(who: Principal, command: str, team: str, reason: str
+                            ) -> dict[str, Any]:
+        charge(who.team)
+        event = ControlCommand(task_id="", team=team, command=command,
+                               requested_by=f"{who.team}/{who.token_id}",
+                               reason=reason or f"{command} by {who.team} via the API")
+        await publish(event)
+        return {"command": command, "team": team or None, "event_id": event.event_id}
+
+    @app.post("/v1/admin/teams/{team}:pause", status_code=202)
+    async def pause(team: TeamPath, request: Request, who: Caller) -> dict[str, Any]:
+        """Hold the team's waiting work (`paused`); running work finishes."""
+        admin(who)
+        return await fleet_command(who, "pause", team, await reason_of(request))
+
+    @app.post("/v1/admin/teams/{team}:resume", status_code=202)
+    async def resume(team: TeamPath, request: Request, who: Caller) -> dict[str, Any]:
+        admin(who)
+        return await fleet_command(who, "resume", team, await reason_of(request))
+
+    @app.post("/v1/admin/kill-switch", status_code=202)
+    async def kill_switch(request: Request, who: Caller) -> dict[str, Any]:
+        """Body {"state": "on" | "off", "reason": "..."}: on cancels every running attempt and
+        dispatches nothing; off dispatches again."""
+        admin(who)
+        doc = _parse_json_object(await _read_body(request, 16_384))
+        unknown = set(doc) - {"state", "reason"}
+        if unknown:
+            raise ApiError(422, "invalid request", [{"field": sorted(unknown)[0],
+                                                     "reason": "unknown field"}])
+        if doc.get("state") not in ("on", "off"):
+            raise ApiError(422, "invalid request", [{"field": "state",
+                                                     "reason": "must be \"on\" or \"off\""}])
+        reason = doc.get("reason", "")
+        if not isinstance(reason, str):
+            raise ApiError(422, "invalid request", [{"field": "reason",
+                                                     "reason": "must be a string"}])
+        command = "kill_switch" if doc["state"] == "on" else "kill_switch_off"
+        return await fleet_command(who, command, "", reason[:500])
+
+    @app.get("/v1/admin/tokens")
+    def tokens(who: Caller, team: TeamQuery = None) -> list[dict[str, Any]]:
+        """Token metadata (id, team, role, description, created, revoked); never a hash."""
+        admin(who)
+        return intake.tokens.metadata(team)
 
     return app
 

@@ -32,7 +32,8 @@ def main() -> None:
                     max_request_bytes=settings.max_request_bytes,
                     auth_failures_per_minute=settings.auth_failures_per_minute,
                     auth_failure_burst=settings.auth_failure_burst)
-    server = serve_http_in_thread(create_app(intake), settings.bind_host, settings.ingest_port)
+    server = serve_http_in_thread(create_app(intake), settings.bind_host, settings.ingest_port,
+                                  trusted_proxies=settings.trusted_proxies)
     processor = Processor("ingest", [SUBMITTED], MarkingHandler(accept, marks, writer), settings)
     processor.install_signal_handlers()
     try:

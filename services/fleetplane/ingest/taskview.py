@@ -80,5 +80,25 @@ class TaskView:
         rows: list[dict[str, Any]] = resp.json()
         return rows
 
+    def cost(self, *, by: str, team: str | None, since: str | None,
+             until: str | None) -> list[dict[str, Any]]:
+        """Spend grouped by `by` (accounting's /v1/cost), for one team or all (None)."""
+        params = {k: v for k, v in (("by", by), ("team", team), ("since", since),
+                                    ("until", until)) if v is not None}
+        resp = self._get("/v1/cost", params)
+        if resp.status_code != 200:
+            raise AccountingUnavailable(f"accounting refused the query: {resp.text[:300]}")
+        rows: list[dict[str, Any]] = resp.json()
+        return rows
+
+    def budgets(self) -> list[dict[str, Any]]:
+        """Every team's spend against its budget for the current period (accounting's
+        /v1/budgets); the caller filters by team."""
+        resp = self._get("/v1/budgets", {})
+        if resp.status_code != 200:
+            raise AccountingUnavailable(f"accounting refused the query: {resp.text[:300]}")
+        rows: list[dict[str, Any]] = resp.json()
+        return rows
+
     def close(self) -> None:
         self._http.close()

@@ -26,6 +26,8 @@ PREFIX = "fpt"
 TOKEN_RE = re.compile(r"^fpt_([0-9a-f]{12})_([A-Za-z0-9_-]{20,100})$")
 Role = Literal["team", "admin"]
 ROLES: tuple[str, ...] = ("team", "admin")
+PUBLIC_FIELDS = ("token_id", "team", "role", "description", "created_by", "created_at",
+                 "revoked_at")
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,15 @@ class TokenStore:
             return None
         return Principal(team=str(rec["team"]), role=str(rec.get("role", "team")),
                          token_id=token_id)
+
+    def metadata(self, team: str | None = None) -> list[dict[str, Any]]:
+        """What an operator may see of each token (never the hash): id, team, role,
+        description, created at/by, revoked at."""
+        with self._lock:
+            records = list(self._records.values())
+        return sorted(({k: r.get(k) for k in PUBLIC_FIELDS} for r in records
+                       if team is None or r.get("team") == team),
+                      key=lambda r: (str(r["team"]), str(r["created_at"]), str(r["token_id"])))
 
     def __len__(self) -> int:
         with self._lock:
