@@ -110,6 +110,21 @@ def group_cpu_seconds(pgid: int | None) -> float | None:
     return round(sum(values), 2) if values else None
 
 
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU jiffies of the whole machine since boot, all cores (/proc/stat)."""
+    with open("/proc/stat") as f:
+        values = [int(x) for x in f.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    total = sum(values[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """Share of the machine's CPU capacity (all cores) that was busy between two readings."""
+    total = after[1] - before[1]
+    return round((after[0] - before[0]) / total, 2) if total else float("nan")
+
+
 def self_cpu_seconds() -> float:
     """CPU time of this (the bench client) process."""
     t = os.times()

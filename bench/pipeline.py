@@ -34,10 +34,12 @@ from rich.table import Table
 
 from bench.measure import (
     RESULTS,
+    busy_share,
     cpu_seconds,
     group_cpu_seconds,
     group_peak_rss_mib,
     machine,
+    machine_jiffies,
     percentile,
     self_cpu_seconds,
 )
@@ -257,6 +259,7 @@ def run_batch(stack: Stack, recorder: StageRecorder, n: int, submit: str = "kafk
     run = f"{label or 'b'}{uuid.uuid4().hex[:6]}"
     cpu_before = cpu_now(stack)
     client_cpu_before = self_cpu_seconds()
+    jiffies_before = machine_jiffies()
     t0 = time.time()
     sub = (submit_http(stack, n, run, rate, concurrency) if submit == "http"
            else submit_kafka(stack, n, run, rate))
@@ -268,6 +271,7 @@ def run_batch(stack: Stack, recorder: StageRecorder, n: int, submit: str = "kafk
     done = stages["completed"]
     elapsed = (max(done.values()) - t0) if done else float("nan")
     cpu_after = cpu_now(stack)
+    machine_busy = busy_share(jiffies_before, machine_jiffies())
     wall = t_end - t0
     cpu = {name: round((cpu_after.get(name) or 0) - (cpu_before.get(name) or 0), 2)
            for name in cpu_after}
@@ -296,6 +300,7 @@ def run_batch(stack: Stack, recorder: StageRecorder, n: int, submit: str = "kafk
         "cpu_s": cpu,
         "cpu_share": {name: round(v / wall, 2) for name, v in cpu.items()},
         "client_cpu_s": round(self_cpu_seconds() - client_cpu_before, 2),
+        "machine_busy": machine_busy,  # share of all cores busy (ours and anyone else's)
         "wall_s": round(wall, 3),
         "task_ids": ids,          # private: not written to JSON (see strip_private)
         "_submitted": sub.submitted,

@@ -22,9 +22,11 @@ def _x(d: dict[str, Any] | None) -> str:
     return f"{d['p50']:.2f}x / {d['p99']:.2f}x"
 
 
-def _busiest(cpu_share: dict[str, float], k: int = 3) -> str:
-    top = sorted(cpu_share.items(), key=lambda kv: -kv[1])[:k]
-    return ", ".join(f"{name} {share:.2f}" for name, share in top)
+def _busiest(r: dict[str, Any], k: int = 3) -> str:
+    top = sorted(r["cpu_share"].items(), key=lambda kv: -kv[1])[:k]
+    ours = sum(r["cpu_share"].values())
+    return (", ".join(f"{name} {share:.2f}" for name, share in top)
+            + f"; stack {ours:.2f}, machine {r.get('machine_busy', float('nan')):.0%} busy")
 
 
 def _stages(r: dict[str, Any]) -> str:
@@ -62,7 +64,7 @@ def render(result: dict[str, Any]) -> Table:
         table.add_row("", "submit→completed p50 / p99",
                       _ms(r["latency_ms"]["submit_to_completed"]))
         table.add_row("", "stage p50 (ms since previous)", _stages(r))
-        table.add_row("", "busiest processes (CPU-s per s)", _busiest(r["cpu_share"]),
+        table.add_row("", "busiest (CPU-s/s); all cores busy", _busiest(r),
                       end_section=True)
     s = result.get("steady")
     if s:
@@ -77,7 +79,7 @@ def render(result: dict[str, Any]) -> Table:
         table.add_row("", "finished / accepted; throughput",
                       f"{_finished(s)}; {s['tasks_per_s']:,.1f} tasks/s")
         table.add_row("", "stage p50 (ms since previous)", _stages(s))
-        table.add_row("", "busiest processes (CPU-s per s)", _busiest(s["cpu_share"]),
+        table.add_row("", "busiest (CPU-s/s); all cores busy", _busiest(s),
                       end_section=True)
     o = result.get("overhead")
     if o:

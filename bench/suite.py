@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -40,6 +41,7 @@ from bench.pipeline import (
 )
 from bench.recorder import StageRecorder
 from bench.report import render
+from fleetplane.cli.stack import Stack
 from fleetplane.core.settings import Settings
 
 SCENARIOS = ("throughput", "steady", "overhead", "accounting")
@@ -95,9 +97,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def pipeline_scenarios(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+def _throughput(args: argparse.Namespace, console: Console, stack: Stack,
+                recorder: StageRecorder, n: int, out: dict[str, Any]) -> None:
+    console.print(f"throughput: {n:,} tasks over {args.throughput_submit} ...")
+    r = run_batch(stack, recorder, n, args.throughput_submit, 0.0, timeout_s=args.timeout,
+                  label="tp")
+    out.setdefault("throughput", []).append(strip_private(r))
+    out["throughput"].sort(key=lambda x: x["tasks"])
+    out["memory_after"][f"throughput_{n}"] = peak_memory(stack)
+
+
+def pipeline_scenarios(args: argparse.Namespace, console: Console, out: dict[str, Any],
+                       save: Callable[[], None]) -> None:
+    """Every pipeline scenario on one stack, into `out`; `save` after each (a run cut short
+    keeps what it measured). The largest throughput batch runs last."""
     env = dict(args.env or [])
-    out: dict[str, Any] = {"memory_after": {}}
+    out["memory_after"] = {}
     stack = start_stack(console, 0.0, env)
     settings = Settings()
     out["stack"] = {"executor_slots": int(env.get("FLEETPLANE_EXECUTOR_SLOTS",
@@ -105,18 +120,15 @@ def pipeline_scenarios(args: argparse.Namespace, console: Console) -> dict[str, 
                     "coordinator_max_running": int(env.get("FLEETPLANE_COORDINATOR_MAX_RUNNING",
                                                            settings.coordinator_max_running)),
                     "env": env}
+    sizes = sorted(int(x) for x in args.throughput.split(",") if x.strip())
     try:
         recorder = StageRecorder(stack)
         recorder.start()
         warm_up(stack, recorder)
         if "throughput" in args.only:
-            out["throughput"] = []
-            for n in [int(x) for x in args.throughput.split(",") if x.strip()]:
-                console.print(f"throughput: {n:,} tasks over {args.throughput_submit} ...")
-                r = run_batch(stack, recorder, n, args.throughput_submit, 0.0,
-                              timeout_s=args.timeout, label="tp")
-                out["throughput"].append(strip_private(r))
-                out["memory_after"][f"throughput_{n}"] = peak_memory(stack)
+            for n in sizes[:-1]:
+                _throughput(args, console, stack, recorder, n, out)
+                save()
         if "steady" in args.only:
             n = int(args.steady_rate * args.steady_seconds)
             console.print(f"steady: {n:,} tasks at {args.steady_rate:g}/s over "
@@ -125,6 +137,7 @@ def pipeline_scenarios(args: argparse.Namespace, console: Console) -> dict[str, 
                           timeout_s=args.timeout, label="st")
             out["steady"] = {"seconds": args.steady_seconds, **strip_private(r)}
             out["memory_after"]["steady"] = peak_memory(stack)
+            save()
         if "overhead" in args.only:
             console.print(f"overhead: provider at {args.overhead_latency_ms:g} ms; "
                           f"{args.overhead_unloaded} tasks one by one, then a burst of "
@@ -140,17 +153,21 @@ def pipeline_scenarios(args: argparse.Namespace, console: Console) -> dict[str, 
             finally:
                 set_provider(stack, latency_ms=0)
             out["memory_after"]["overhead"] = peak_memory(stack)
+            save()
+        if "throughput" in args.only and sizes:
+            _throughput(args, console, stack, recorder, sizes[-1], out)
         recorder.stop()
         out["peak_rss_mib"] = peak_memory(stack)
     finally:
         stack.stop()
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 150))
     started = time.time()
     result: dict[str, Any] = {
         "machine": machine(),
@@ -158,19 +175,24 @@ def main(argv: list[str] | None = None) -> None:
         "args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()},
         "lifted": BENCH_LIFTED,
     }
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+    def save() -> None:
+        result["duration_s"] = round(time.time() - started, 1)
+        path.write_text(json.dumps(result, indent=2, default=str))
+
     if args.only - {"accounting"}:
-        result.update(pipeline_scenarios(args, console))
+        pipeline_scenarios(args, console, result, save)
+        save()
     if "accounting" in args.only:
         sizes = [int(x) for x in args.accounting_rows.split(",") if x.strip()]
         console.print(f"accounting: sink {args.sink_tasks:,} task lifecycles, analytics over "
                       f"{', '.join(f'{n:,}' for n in sizes)} model calls ...")
         result["accounting"] = accounting.measure(args.sink_tasks, 20_000, sizes)
-    result["duration_s"] = round(time.time() - started, 1)
     result["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    save()
     console.print(render(result))
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
     console.print(f"written to {path}")
 
 
