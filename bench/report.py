@@ -127,3 +127,25 @@ def render(result: dict[str, Any]) -> Table:
         table.add_row("settings", "executor slots; coordinator max running",
                       f"{stack['executor_slots']}; {stack['coordinator_max_running']}")
     return table
+
+
+def main() -> None:
+    """Print the table of a saved result: python -m bench.report bench/results/bench-<time>.json"""
+    import argparse
+    import json
+
+    from rich.console import Console
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("path", help="a bench-<time>.json written by make bench")
+    args = parser.parse_args()
+    with open(args.path) as f:
+        result = json.load(f)
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=max(console.width, 150))
+    console.print(render(result))
+
+
+if __name__ == "__main__":
+    main()
