@@ -257,6 +257,7 @@ def run_batch(stack: Stack, recorder: StageRecorder, n: int, submit: str = "kafk
     throughput (finished / (last terminal - first submit)), latency submit->dispatched and
     submit->completed, per-stage time, CPU per process during the batch."""
     run = f"{label or 'b'}{uuid.uuid4().hex[:6]}"
+    pending_before = recorder.pending()
     cpu_before = cpu_now(stack)
     client_cpu_before = self_cpu_seconds()
     jiffies_before = machine_jiffies()
@@ -265,6 +266,7 @@ def run_batch(stack: Stack, recorder: StageRecorder, n: int, submit: str = "kafk
            else submit_kafka(stack, n, run, rate))
     submit_done = time.time()
     ids = set(sub.submitted)
+    recorder.tracked |= ids
     all_done = recorder.wait_done(ids, timeout_s or max(300.0, n / 10))
     t_end = time.time()
     stages = recorder.snapshot(ids)
@@ -291,6 +293,7 @@ def run_batch(stack: Stack, recorder: StageRecorder, n: int, submit: str = "kafk
         "finished": len(done),
         "unfinished": len(ids) - len(done),
         "all_finished": all_done,
+        "pending_before": pending_before,  # earlier batches' tasks still running at the start
         "outcomes": recorder.outcome_kinds(ids),
         "elapsed_s": round(elapsed, 3),
         "tasks_per_s": round(len(done) / elapsed, 1) if done else 0.0,

@@ -42,6 +42,8 @@ class StageRecorder:
         self._stop = threading.Event()
         self._assigned: set[str] = set()
         self._ready = threading.Event()
+        self.tracked: set[str] = set()
+        """Every task a batch submitted (so a batch can tell how many earlier ones are left)."""
         self._thread = threading.Thread(target=self._run, name="stage-recorder", daemon=True)
 
     def start(self, timeout_s: float = 60.0) -> None:
@@ -86,13 +88,18 @@ class StageRecorder:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(15)
+        if self._thread.is_alive():
+            self._thread.join(15)
 
     # -- reading ------------------------------------------------------------------------------
     def completed(self, task_ids: set[str]) -> int:
         with self._lock:
             done = self.stages["completed"]
             return sum(1 for t in task_ids if t in done)
+
+    def pending(self) -> int:
+        """Tracked tasks not in a terminal state yet."""
+        return len(self.tracked) - self.completed(self.tracked)
 
     def wait_done(self, task_ids: set[str], timeout_s: float) -> bool:
         deadline = time.time() + timeout_s

@@ -38,6 +38,8 @@ def _finished(r: dict[str, Any]) -> str:
     kinds = {k: v for k, v in r["outcomes"].items() if k != "TaskCompleted"}
     if kinds:
         text += " (" + ", ".join(f"{k} {v}" for k, v in kinds.items()) + ")"
+    if r.get("pending_before"):
+        text += f"; {r['pending_before']:,} earlier tasks still queued at start"
     if r.get("rejected"):
         text += "; refused " + ", ".join(f"{k}: {v}" for k, v in r["rejected"].items())
     return text

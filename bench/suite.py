@@ -121,8 +121,8 @@ def pipeline_scenarios(args: argparse.Namespace, console: Console, out: dict[str
                                                            settings.coordinator_max_running)),
                     "env": env}
     sizes = sorted(int(x) for x in args.throughput.split(",") if x.strip())
+    recorder = StageRecorder(stack)
     try:
-        recorder = StageRecorder(stack)
         recorder.start()
         warm_up(stack, recorder)
         if "throughput" in args.only:
@@ -156,9 +156,9 @@ def pipeline_scenarios(args: argparse.Namespace, console: Console, out: dict[str
             save()
         if "throughput" in args.only and sizes:
             _throughput(args, console, stack, recorder, sizes[-1], out)
-        recorder.stop()
         out["peak_rss_mib"] = peak_memory(stack)
     finally:
+        recorder.stop()
         stack.stop()
 
 
