@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -72,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="add the 10,000,000 model-call analytics run")
     p.add_argument("--timeout", type=float, default=0.0,
                    help="seconds to wait for a batch's tasks (default max(300, tasks/10))")
+    p.add_argument("--keep-data", action="store_true",
+                   help="keep the stack's and chdb's temporary directories (logs, broker data)")
     p.add_argument("--env", action="append", type=lambda kv: tuple(kv.split("=", 1)),
                    help="FLEETPLANE_X=value for every service (repeatable)")
     args = p.parse_args(argv)
@@ -160,6 +164,10 @@ def pipeline_scenarios(args: argparse.Namespace, console: Console, out: dict[str
     finally:
         recorder.stop()
         stack.stop()
+        if args.keep_data:
+            console.print(f"stack data kept in {stack.data_dir}")
+        else:
+            shutil.rmtree(stack.data_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -189,7 +197,12 @@ def main(argv: list[str] | None = None) -> None:
         sizes = [int(x) for x in args.accounting_rows.split(",") if x.strip()]
         console.print(f"accounting: sink {args.sink_tasks:,} task lifecycles, analytics over "
                       f"{', '.join(f'{n:,}' for n in sizes)} model calls ...")
-        result["accounting"] = accounting.measure(args.sink_tasks, 20_000, sizes)
+        acct_dir = tempfile.mkdtemp(prefix="fleetplane-bench-acct-")
+        try:
+            result["accounting"] = accounting.measure(args.sink_tasks, 20_000, sizes, acct_dir)
+        finally:
+            if not args.keep_data:
+                shutil.rmtree(acct_dir, ignore_errors=True)
     result["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     save()
     console.print(render(result))
