@@ -44,12 +44,14 @@ lint: install
 
 typecheck: lint
 
-## bench: throughput and latency through all five services (prints a table, writes JSON)
+## bench: the suite (docs/benchmarks.md): throughput, latency at 200/s, overhead, memory, ClickHouse
 bench: install
-	$(PY) -m bench.pipeline $(BENCH_ARGS)
+	$(PY) -m bench.suite $(BENCH_ARGS)
 
 ## per-service benches (each prints its figures; BENCH_ARGS passes options through)
-.PHONY: bench-intake bench-routing bench-coordinator bench-executor bench-accounting fuzz
+.PHONY: bench-pipeline bench-intake bench-routing bench-coordinator bench-executor bench-accounting fuzz
+bench-pipeline: install    ## one batch through all five services (--tasks, --rate, --submit, --latency-ms)
+	$(PY) -m bench.pipeline $(BENCH_ARGS)
 bench-intake: install      ## ingest HTTP submit latency/throughput with auth, idempotency, rate limits
 	$(PY) -m bench.intake $(BENCH_ARGS)
 bench-routing: install     ## routing decision latency in process

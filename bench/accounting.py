@@ -136,6 +136,31 @@ def scale_run(dsn_dir: Path, rows: int) -> dict[str, Any]:
         store.close()
 
 
+def sink(base: Path, sink_tasks: int, flush_rows: int) -> dict[str, Any]:
+    """Synthetic lifecycles mapped to rows and inserted through ClickHouseSink (chdb in `base`)."""
+    store = connect(Settings(clickhouse_dsn=f"chdb://{base}", clickhouse_database="bench_sink"))
+    try:
+        apply_ddl(store)
+        r = run_bench(store, sink_tasks, flush_rows)
+        store.command(f"DROP DATABASE {store.database}")
+    finally:
+        store.close()
+    return {"events": r.events, "rows": r.rows, "seconds": r.seconds,
+            "events_per_s": r.events_per_s, "rows_per_s": r.rows_per_s,
+            "insert_rows_per_s": r.insert_rows_per_s, "flush_rows": flush_rows}
+
+
+def measure(sink_tasks: int, flush_rows: int, sizes: list[int],
+            dsn_dir: str = "") -> dict[str, Any]:
+    """The sink figures and one scale run per size (used by this bench and by `make bench`)."""
+    base = Path(dsn_dir or tempfile.mkdtemp(prefix="fleetplane-bench-acct-"))
+    out: dict[str, Any] = {}
+    if sink_tasks > 0:
+        out["sink"] = sink(base, sink_tasks, flush_rows)
+    out["scale"] = [scale_run(base, n) for n in sizes]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sink-tasks", type=int, default=4000)
@@ -144,32 +169,21 @@ def main() -> None:
                         help="comma-separated model-call row counts for the scale runs")
     parser.add_argument("--dsn-dir", default="", help="chdb directory (default: a temp dir)")
     args = parser.parse_args()
-    base = Path(args.dsn_dir or tempfile.mkdtemp(prefix="fleetplane-bench-acct-"))
     console = Console()
+    sizes = [int(x) for x in args.rows.split(",") if x.strip()]
     out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                        "load_avg": os.getloadavg()}}
-    if args.sink_tasks > 0:
-        store = connect(Settings(clickhouse_dsn=f"chdb://{base}", clickhouse_database="bench_sink"))
-        try:
-            apply_ddl(store)
-            r = run_bench(store, args.sink_tasks, args.flush_rows)
-        finally:
-            store.close()
-        out["sink"] = {"events": r.events, "rows": r.rows, "seconds": r.seconds,
-                       "events_per_s": r.events_per_s, "rows_per_s": r.rows_per_s,
-                       "insert_rows_per_s": r.insert_rows_per_s, "flush_rows": args.flush_rows}
-        console.print(f"sink: {r.events:,} events, {r.rows:,} rows in {r.seconds:.1f}s: "
-                      f"{r.rows_per_s:,.0f} rows/s end to end, {r.insert_rows_per_s:,.0f} rows/s "
-                      f"inserting ({r.events_per_s:,.0f} events/s)")
-    sizes = [int(x) for x in args.rows.split(",") if x.strip()]
+    out.update(measure(args.sink_tasks, args.flush_rows, sizes, args.dsn_dir))
+    if "sink" in out:
+        r = out["sink"]
+        console.print(f"sink: {r['events']:,} events, {r['rows']:,} rows in {r['seconds']:.1f}s: "
+                      f"{r['rows_per_s']:,.0f} rows/s end to end, {r['insert_rows_per_s']:,.0f} "
+                      f"rows/s inserting ({r['events_per_s']:,.0f} events/s)")
     table = Table(title="analytics latency on chdb (first run / median of 3, seconds)")
     for c in ("model calls", "generate", "cost by team", "cost/day", "cost-to-value",
               "what-if tier", "what-if type"):
         table.add_column(c, justify="right")
-    out["scale"] = []
-    for n in sizes:
-        r = scale_run(base, n)
-        out["scale"].append(r)
+    for r in out["scale"]:
 
         def cell(k: str, r: dict[str, Any] = r) -> str:
             return f"{r[k]['first_s']:.2f} / {r[k]['median_s']:.2f}"

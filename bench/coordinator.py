@@ -44,7 +44,7 @@ from fleetplane.infra.broker import EmbeddedBroker, free_port
 
 SCOPES = ["src/**", "src/a/*.py", "src/a/x.py", "src/b/**", "docs/**", "docs/*.md", "**/*.md",
           "tests/test_[a-m]*.py", "tests/test_[n-z]*.py", "lib/?.py"]
-TEAMS_RAW = {"defaults": {"max_running": 20, "budget_usd": 1e9},
+TEAMS_RAW: dict[str, dict[str, Any]] = {"defaults": {"max_running": 20, "budget_usd": 1e9},
              "teams": {"pay": {"weight": 2.0}, "search": {}, "plat": {"max_running": 30}}}
 CAPACITY = 64
 

@@ -1,151 +1,230 @@
-"""End-to-end pipeline benchmark: N tasks through all five services with the fake provider.
+"""End-to-end pipeline runs: batches of tasks through all five services on an embedded stack.
 
     python -m bench.pipeline --tasks 2000 [--submit http|kafka] [--rate 0] [--latency-ms 0]
 
-Starts its own embedded stack (broker, topics, fake provider, five services) in a temporary
-directory, submits the tasks, and watches tasks.outcomes with its own consumer. Prints one table
-(tasks/s, submit-to-completed latency p50/p99 as seen by a stream consumer, peak RSS per process)
-with the machine it ran on, and writes the figures to bench/results/pipeline-<time>.json.
-Figures, not assertions: nothing here passes or fails.
+The building blocks of `make bench` (bench/suite.py), and one run on its own here: starts an
+embedded stack (broker, topics, fake provider, five services) in a temporary directory, submits
+the tasks, records when each passed each stage (bench/recorder.py), prints one table and writes
+bench/results/pipeline-<time>.json. Figures, not assertions: nothing here passes or fails.
+
+Submission is open-loop when a rate is given: task i is due at start + i/rate, and its latency
+counts from when it was due, so a submitter that falls behind shows up in the figures instead of
+hiding it (no coordinated omission). At rate 0 the tasks go as fast as `workers` concurrent
+clients (HTTP) or batches of 500 (Kafka) allow, timed from when each was sent.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
-import platform
 import statistics
 import tempfile
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
-from confluent_kafka import Consumer
 from rich.console import Console
 from rich.table import Table
 
+from bench.measure import (
+    RESULTS,
+    busy_share,
+    cpu_seconds,
+    group_cpu_seconds,
+    group_peak_rss_mib,
+    machine,
+    machine_jiffies,
+    percentile,
+    self_cpu_seconds,
+)
+from bench.recorder import STAGES, StageRecorder
 from fleetplane.cli.stack import Stack
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
-from fleetplane.core.serde import default_serde
-from fleetplane.core.topics import OUTCOMES
 
-RESULTS = Path(__file__).resolve().parent / "results"
+__all__ = ["RESULTS", "cpu_seconds", "machine", "percentile"]  # used by the per-service benches
+
 TEAMS = ("payments", "search", "platform")
 TYPES = ("summarize", "codegen", "architecture", "classify")
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def machine() -> dict[str, Any]:
-    mem_kb = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem_kb = int(line.split()[1])
-    return {"cores": os.cpu_count(), "memory_gib": round(mem_kb / 1024 / 1024, 1),
-            "python": platform.python_version(), "platform": platform.platform()}
+# -- the stack --------------------------------------------------------------------------------
+BENCH_LIFTED = {
+    "rate_limit": "intake token bucket per team: 50/s (burst 200) -> 1e6/s (bench/intake.py "
+                  "measures intake with it on)",
+    "budget_usd": "team budgets: 50-200 USD/day -> 1e9 (20,000 tasks must not be held for "
+                  "budget)",
+}
+"""What the bench's teams file changes from infra/teams.yaml (printed and stored with figures).
+Per-team concurrency quotas (max_running 20/20/40), the fleet cap (coordinator_max_running 64)
+and the executor's slots (32) are left as shipped."""
 
 
-def peak_rss_mib(pid: int | None) -> float | None:
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
-    return None
+def bench_teams_file(data_dir: Path) -> Path:
+    """infra/teams.yaml with the intake rate limit and the budgets lifted (BENCH_LIFTED)."""
+    raw = yaml.safe_load((REPO_ROOT / "infra" / "teams.yaml").read_text())
+    defaults = raw.setdefault("defaults", {})
+    defaults["rate_limit"] = {"per_second": 1e6, "burst": 1_000_000}
+    defaults["budget_usd"] = 1e9
+    for team in (raw.get("teams") or {}).values():
+        if isinstance(team, dict):
+            team.pop("rate_limit", None)
+            team.pop("budget_usd", None)
+    path = data_dir / "teams-bench.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
-def cpu_seconds(pid: int | None) -> float | None:
-    """User + system CPU time a process has used so far."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    ticks = os.sysconf("SC_CLK_TCK")
-    return round((int(fields[11]) + int(fields[12])) / ticks, 2)
+def start_stack(console: Console, latency_ms: float = 0.0,
+                env: dict[str, str] | None = None) -> Stack:
+    data_dir = Path(tempfile.mkdtemp(prefix="fleetplane-bench-"))
+    stack = Stack(data_dir=data_dir, fake_provider_args=["--latency-ms", str(latency_ms)],
+                  extra_env={"FLEETPLANE_LOG_LEVEL": "WARNING",
+                             "FLEETPLANE_TEAMS_FILE": str(bench_teams_file(data_dir)),
+                             **(env or {})})
+    console.print(f"starting the stack in {data_dir} ...")
+    stack.start(timeout_s=180)
+    return stack
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[k]
+def set_provider(stack: Stack, **knobs: Any) -> None:
+    """Change the running fake provider's script (POST /_fake/script), e.g. latency_ms=200."""
+    httpx.post(f"{stack.provider_url}/_fake/script", json=knobs, timeout=10).raise_for_status()
 
 
-class OutcomeWatcher:
-    """Reads tasks.outcomes and records when each of our tasks reached a terminal state."""
-
-    def __init__(self, stack: Stack) -> None:
-        self.settings = stack.settings()
-        self.seen: dict[str, tuple[float, str]] = {}
-        self._stop = threading.Event()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-        self._ready.wait(30)
-
-    def _run(self) -> None:
-        c = Consumer({**self.settings.consumer_config(f"bench-{uuid.uuid4().hex[:8]}"),
-                      "enable.auto.commit": False, "auto.offset.reset": "latest"})
-        c.subscribe([OUTCOMES], on_assign=lambda *_: self._ready.set())
-        serde = default_serde()
-        try:
-            while not self._stop.is_set():
-                for m in c.consume(1000, 0.1):
-                    if m.error():
-                        continue
-                    now = time.time()
-                    e = serde.decode(m.value() or b"")
-                    if e.task_id not in self.seen:
-                        self.seen[e.task_id] = (now, type(e).__name__)
-        finally:
-            c.close()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
+def processes(stack: Stack) -> dict[str, int]:
+    """Process-group leader per service, the fake provider and the broker."""
+    pids = {name: child.pid for name, child in stack.children.items() if child.pid}
+    if stack.broker and stack.broker.proc:
+        pids["broker"] = stack.broker.proc.pid
+    return pids
 
 
-STAGES = (("tasks.accepted", "accepted"), ("tasks.routed", "routed"),
-          ("tasks.dispatch", "dispatched"), ("tasks.outcomes", "completed"))
+def peak_memory(stack: Stack) -> dict[str, float | None]:
+    return {name: group_peak_rss_mib(pid) for name, pid in processes(stack).items()}
 
 
-def stage_times(stack: Stack, ids: set[str]) -> dict[str, dict[str, float]]:
-    """When (event time, epoch s) each of our tasks passed each stage, read back from the topics."""
-    serde = default_serde()
-    out: dict[str, dict[str, float]] = {}
-    for topic, stage in STAGES:
-        c = Consumer({**stack.settings().consumer_config(f"bench-st-{uuid.uuid4().hex[:8]}"),
-                      "enable.auto.commit": False})
-        c.subscribe([topic])
-        times: dict[str, float] = {}
-        idle = time.time()
-        while time.time() - idle < 2.0:
-            for m in c.consume(2000, 0.2):
-                if m.error():
-                    continue
-                idle = time.time()
-                key = (m.key() or b"").decode()
-                if key in ids and key not in times:
-                    times[key] = serde.decode(m.value() or b"").occurred_at.timestamp()
-        c.close()
-        out[stage] = times
+def cpu_now(stack: Stack) -> dict[str, float | None]:
+    return {name: group_cpu_seconds(pid) for name, pid in processes(stack).items()}
+
+
+# -- submission -------------------------------------------------------------------------------
+def manifest(i: int, run: str) -> dict[str, Any]:
+    return {"apiVersion": "fleetplane/v1", "kind": "AgentTask",
+            "metadata": {"name": f"bench-{i}", "team": TEAMS[i % 3]},
+            "spec": {"taskType": TYPES[i % len(TYPES)], "prompt": f"[{run}:{i}] bench task"}}
+
+
+@dataclass
+class Submission:
+    submitted: dict[str, float] = field(default_factory=dict)
+    """task id -> submit time (when due, open loop; when sent, closed loop)."""
+    answered_at: list[float] = field(default_factory=list)
+    rejected: dict[str, int] = field(default_factory=dict)
+    late_s: list[float] = field(default_factory=list)
+    """How late each request was sent against its due time (open loop)."""
+
+
+async def _submit_http(url: str, token: str, n: int, run: str, rate: float,
+                       concurrency: int) -> Submission:
+    out = Submission()
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"Authorization": f"Bearer {token}"}
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120,
+                                 headers=headers) as client:
+        start = time.time()
+
+        async def one(i: int) -> None:
+            due = start + i / rate if rate > 0 else 0.0
+            if rate > 0:
+                delay = due - time.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            async with sem:
+                sent = time.time()
+                if rate > 0:
+                    out.late_s.append(sent - due)
+                try:
+                    resp = await client.post("/v1/tasks", json=manifest(i, run))
+                except httpx.HTTPError as exc:
+                    out.rejected[type(exc).__name__] = out.rejected.get(type(exc).__name__, 0) + 1
+                    return
+            if resp.status_code in (200, 202):
+                out.submitted[resp.json()["task_id"]] = due if rate > 0 else sent
+                out.answered_at.append(time.time())
+            else:
+                key = str(resp.status_code)
+                out.rejected[key] = out.rejected.get(key, 0) + 1
+
+        if rate > 0:
+            await asyncio.gather(*(one(i) for i in range(n)))
+        else:
+            queue = iter(range(n))
+
+            async def worker() -> None:
+                for i in queue:
+                    await one(i)
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
     return out
+
+
+def submit_http(stack: Stack, n: int, run: str, rate: float = 0.0,
+                concurrency: int = 16) -> Submission:
+    """POST /v1/tasks with the admin token: open loop at `rate`, else `concurrency` clients."""
+    return asyncio.run(_submit_http(stack.ingest_url, stack.admin_token, n, run, rate,
+                                    max(concurrency, 256) if rate > 0 else concurrency))
+
+
+def submit_kafka(stack: Stack, n: int, run: str, rate: float = 0.0) -> Submission:
+    """TaskSubmitted records straight onto tasks.submitted (ingest still validates them)."""
+    producer = EventProducer(stack.settings())
+    out = Submission()
+    start = time.time()
+    batch: list[ev.Event] = []
+    try:
+        for i in range(n):
+            if rate > 0:
+                due = start + i / rate
+                delay = due - time.time()
+                if delay > 0:
+                    time.sleep(delay)
+                out.late_s.append(max(0.0, time.time() - due))
+            task_id = uuid.uuid4().hex
+            m = manifest(i, run)
+            spec = ev.TaskSpec(name=m["metadata"]["name"], task_type=m["spec"]["taskType"],
+                               prompt=m["spec"]["prompt"])
+            event = ev.TaskSubmitted(task_id=task_id, team=m["metadata"]["team"], spec=spec,
+                                     source="kafka")
+            if rate > 0:
+                producer.produce(event)
+                out.submitted[task_id] = due
+                continue
+            batch.append(event)
+            out.submitted[task_id] = time.time()
+            if len(batch) == 500:
+                producer.send(batch)
+                batch = []
+        producer.send(batch)
+        out.answered_at.append(time.time())
+    finally:
+        producer.close()
+    return out
+
+
+# -- one batch ----------------------------------------------------------------------------------
+def _dist(values: list[float]) -> dict[str, float | None]:
+    return {"p50": round(percentile(values, 50), 1), "p99": round(percentile(values, 99), 1),
+            "max": round(max(values), 1) if values else None,
+            "mean": round(statistics.fmean(values), 1) if values else None}
 
 
 def stage_summary(submitted: dict[str, float], stages: dict[str, dict[str, float]],
@@ -153,7 +232,7 @@ def stage_summary(submitted: dict[str, float], stages: dict[str, dict[str, float
     """Per stage: p50/p99 of time since the previous stage, and when the last task passed it."""
     summary: dict[str, dict[str, float]] = {}
     prev: dict[str, float] = submitted
-    for _, stage in STAGES:
+    for stage, _ in STAGES:
         cur = stages.get(stage, {})
         deltas = [(cur[t] - prev[t]) * 1000 for t in cur if t in prev]
         summary[stage] = {
@@ -165,140 +244,78 @@ def stage_summary(submitted: dict[str, float], stages: dict[str, dict[str, float
     return summary
 
 
-def manifest(i: int, run: str) -> dict[str, Any]:
-    return {"apiVersion": "fleetplane/v1", "kind": "AgentTask",
-            "metadata": {"name": f"bench-{i}", "team": TEAMS[i % 3]},
-            "spec": {"taskType": TYPES[i % len(TYPES)], "prompt": f"[{run}:{i}] bench task"}}
+def warm_up(stack: Stack, recorder: StageRecorder, n: int = 20) -> None:
+    """A few tasks so every service has connected, joined its group and loaded its code."""
+    sub = submit_http(stack, n, f"warm{uuid.uuid4().hex[:6]}", 0, 4)
+    recorder.wait_done(set(sub.submitted), 120)
 
 
-def submit_http(stack: Stack, n: int, run: str, rate: float, workers: int
-                ) -> dict[str, float]:
-    submitted: dict[str, float] = {}
-    lock = threading.Lock()
-    start = time.time()
-    local = threading.local()
-
-    def one(i: int) -> None:
-        if rate > 0:
-            delay = start + i / rate - time.time()
-            if delay > 0:
-                time.sleep(delay)
-        client = getattr(local, "client", None)
-        if client is None:
-            client = local.client = httpx.Client(timeout=60)
-        t0 = time.time()
-        resp = client.post(f"{stack.ingest_url}/v1/tasks", json=manifest(i, run),
-                           headers={"Authorization": f"Bearer {stack.admin_token}"})
-        resp.raise_for_status()
-        with lock:
-            submitted[resp.json()["task_id"]] = t0
-
-    with ThreadPoolExecutor(workers) as pool:
-        list(pool.map(one, range(n)))
-    return submitted
-
-
-def submit_kafka(stack: Stack, n: int, run: str) -> dict[str, float]:
-    producer = EventProducer(stack.settings())
-    submitted: dict[str, float] = {}
-    batch: list[ev.Event] = []
-    for i in range(n):
-        task_id = uuid.uuid4().hex
-        m = manifest(i, run)
-        spec = ev.TaskSpec(name=m["metadata"]["name"], task_type=m["spec"]["taskType"],
-                           prompt=m["spec"]["prompt"])
-        batch.append(ev.TaskSubmitted(task_id=task_id, team=m["metadata"]["team"], spec=spec,
-                                      source="kafka"))
-        submitted[task_id] = time.time()
-        if len(batch) == 500:
-            producer.send(batch)
-            batch = []
-    producer.send(batch)
-    producer.close()
-    return submitted
-
-
-def unlimited_teams_file(data_dir: Path) -> Path:
-    """infra/teams.yaml with the intake rate limit lifted: the pipeline bench measures the
-    pipeline, not the per-team token bucket (bench/intake.py measures intake)."""
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "infra" / "teams.yaml")
-                         .read_text())
-    raw.setdefault("defaults", {})["rate_limit"] = {"per_second": 1e6, "burst": 1_000_000}
-    for team in (raw.get("teams") or {}).values():
-        if isinstance(team, dict):
-            team.pop("rate_limit", None)
-    path = data_dir / "teams-bench.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def run_once(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    data_dir = Path(tempfile.mkdtemp(prefix="fleetplane-bench-"))
-    provider_args = ["--latency-ms", str(args.latency_ms)]
-    stack = Stack(data_dir=data_dir, fake_provider_args=provider_args,
-                  extra_env={"FLEETPLANE_LOG_LEVEL": "WARNING",
-                             "FLEETPLANE_TEAMS_FILE": str(unlimited_teams_file(data_dir)),
-                             **dict(args.env or [])})
-    console.print(f"starting the stack in {data_dir} ...")
-    stack.start(timeout_s=180)
-    try:
-        watcher = OutcomeWatcher(stack)
-        watcher.start()
-        run = uuid.uuid4().hex[:6]
-        # warm-up: a few tasks so every service has connected and joined its group
-        warm = submit_http(stack, 20, f"warm{run}", 0, 4)
-        deadline = time.time() + 120
-        while any(t not in watcher.seen for t in warm) and time.time() < deadline:
-            time.sleep(0.2)
-        cpu_before = {name: cpu_seconds(child.pid) for name, child in stack.children.items()}
-        console.print(f"submitting {args.tasks} tasks over {args.submit} ...")
-        t0 = time.time()
-        if args.submit == "http":
-            submitted = submit_http(stack, args.tasks, run, args.rate, args.workers)
-        else:
-            submitted = submit_kafka(stack, args.tasks, run)
-        submit_done = time.time()
-        deadline = time.time() + args.timeout
-        while time.time() < deadline:
-            if all(t in watcher.seen for t in submitted):
-                break
-            time.sleep(0.2)
-        watcher.stop()
-        done = {t: watcher.seen[t] for t in submitted if t in watcher.seen}
-        ends = [v[0] for v in done.values()]
-        latencies = [(watcher.seen[t][0] - s) * 1000 for t, s in submitted.items()
-                     if t in watcher.seen]
-        outcomes: dict[str, int] = {}
-        for _, kind in done.values():
-            outcomes[kind] = outcomes.get(kind, 0) + 1
-        elapsed = (max(ends) - t0) if ends else float("nan")
-        stages = stage_summary(submitted, stage_times(stack, set(submitted)), t0)
-        memory = {name: peak_rss_mib(child.pid) for name, child in stack.children.items()}
-        cpu = {name: round((cpu_seconds(child.pid) or 0) - (cpu_before.get(name) or 0), 2)
-               for name, child in stack.children.items()}
-        if stack.broker and stack.broker.proc:
-            memory["broker"] = peak_rss_mib(stack.broker.proc.pid)
-        return {
-            "tasks": args.tasks,
-            "submit": args.submit,
-            "rate": args.rate,
-            "provider_latency_ms": args.latency_ms,
-            "finished": len(done),
-            "outcomes": outcomes,
-            "submit_s": round(submit_done - t0, 3),
-            "elapsed_s": round(elapsed, 3),
-            "tasks_per_s": round(len(done) / elapsed, 1) if ends else 0.0,
-            "latency_ms": {"p50": round(percentile(latencies, 50), 1),
-                           "p99": round(percentile(latencies, 99), 1),
-                           "mean": round(statistics.fmean(latencies), 1) if latencies else None},
-            "stages": stages,
-            "peak_rss_mib": memory,
-            "cpu_s_during_run": cpu,
-        }
-    finally:
-        stack.stop()
+def run_batch(stack: Stack, recorder: StageRecorder, n: int, submit: str = "kafka",
+              rate: float = 0.0, concurrency: int = 16, timeout_s: float = 0.0,
+              label: str = "") -> dict[str, Any]:
+    """Submit n tasks, wait for their terminal states, and measure. Figures in the result:
+    throughput (finished / (last terminal - first submit)), latency submit->dispatched and
+    submit->completed, per-stage time, CPU per process during the batch."""
+    run = f"{label or 'b'}{uuid.uuid4().hex[:6]}"
+    pending_before = recorder.pending()
+    cpu_before = cpu_now(stack)
+    client_cpu_before = self_cpu_seconds()
+    jiffies_before = machine_jiffies()
+    t0 = time.time()
+    sub = (submit_http(stack, n, run, rate, concurrency) if submit == "http"
+           else submit_kafka(stack, n, run, rate))
+    submit_done = time.time()
+    ids = set(sub.submitted)
+    recorder.tracked |= ids
+    all_done = recorder.wait_done(ids, timeout_s or max(300.0, n / 10))
+    t_end = time.time()
+    stages = recorder.snapshot(ids)
+    done = stages["completed"]
+    elapsed = (max(done.values()) - t0) if done else float("nan")
+    cpu_after = cpu_now(stack)
+    machine_busy = busy_share(jiffies_before, machine_jiffies())
+    wall = t_end - t0
+    cpu = {name: round((cpu_after.get(name) or 0) - (cpu_before.get(name) or 0), 2)
+           for name in cpu_after}
+    span = (max(sub.answered_at) - t0) if sub.answered_at else float("nan")
+    dispatch = [(stages["dispatched"][t] - s) * 1000 for t, s in sub.submitted.items()
+                if t in stages["dispatched"]]
+    completed = [(done[t] - s) * 1000 for t, s in sub.submitted.items() if t in done]
+    return {
+        "tasks": n,
+        "submit": submit,
+        "rate_target": rate,
+        "accepted": len(ids),
+        "rejected": sub.rejected,
+        "submit_s": round(submit_done - t0, 3),
+        "achieved_rate": round(len(ids) / span, 1) if sub.answered_at and span > 0 else None,
+        "submit_late_ms": _dist([x * 1000 for x in sub.late_s]) if sub.late_s else None,
+        "finished": len(done),
+        "unfinished": len(ids) - len(done),
+        "all_finished": all_done,
+        "pending_before": pending_before,  # earlier batches' tasks still running at the start
+        "outcomes": recorder.outcome_kinds(ids),
+        "elapsed_s": round(elapsed, 3),
+        "tasks_per_s": round(len(done) / elapsed, 1) if done else 0.0,
+        "latency_ms": {"submit_to_dispatched": _dist(dispatch),
+                       "submit_to_completed": _dist(completed)},
+        "stages": stage_summary(sub.submitted, stages, t0),
+        "cpu_s": cpu,
+        "cpu_share": {name: round(v / wall, 2) for name, v in cpu.items()},
+        "client_cpu_s": round(self_cpu_seconds() - client_cpu_before, 2),
+        "machine_busy": machine_busy,  # share of all cores busy (ours and anyone else's)
+        "wall_s": round(wall, 3),
+        "task_ids": ids,          # private: not written to JSON (see strip_private)
+        "_submitted": sub.submitted,
+    }
 
 
+def strip_private(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch result without the per-task data kept for later figures."""
+    return {k: v for k, v in batch.items() if k != "task_ids" and not k.startswith("_")}
+
+
+# -- one run on its own (python -m bench.pipeline) ---------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=2000)
@@ -312,29 +329,41 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     console = Console()
-    result = {"machine": machine(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                time.gmtime()),
-              "pipeline": run_once(args, console)}
-    r = result["pipeline"]
-    table = Table(title=f"fleetplane pipeline bench — {result['machine']['cores']} cores, "
-                        f"{result['machine']['memory_gib']} GiB")
+    stack = start_stack(console, args.latency_ms, dict(args.env or []))
+    try:
+        recorder = StageRecorder(stack)
+        recorder.start()
+        warm_up(stack, recorder)
+        console.print(f"submitting {args.tasks} tasks over {args.submit} ...")
+        r = run_batch(stack, recorder, args.tasks, args.submit, args.rate, args.workers,
+                      args.timeout)
+        recorder.stop()
+        memory = peak_memory(stack)
+    finally:
+        stack.stop()
+    r = strip_private(r)
+    result = {"machine": machine(), "lifted": BENCH_LIFTED, "provider_latency_ms": args.latency_ms,
+              "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "pipeline": r, "peak_rss_mib": memory}
+    m = result["machine"]
+    table = Table(title=f"fleetplane pipeline bench — {m['cores']} cores, {m['memory_gib']} GiB")
     table.add_column("figure")
     table.add_column("value", justify="right")
-    table.add_row("tasks submitted / finished", f"{r['tasks']} / {r['finished']}")
-    table.add_row("submit path", f"{r['submit']} (rate {r['rate'] or 'max'})")
-    table.add_row("fake provider latency", f"{r['provider_latency_ms']} ms")
+    lat = r["latency_ms"]
+    table.add_row("tasks accepted / finished", f"{r['accepted']} / {r['finished']}")
+    table.add_row("submit path", f"{r['submit']} (rate {r['rate_target'] or 'max'}, achieved "
+                                 f"{r['achieved_rate']}/s)")
+    table.add_row("fake provider latency", f"{args.latency_ms} ms")
     table.add_row("outcomes", ", ".join(f"{k}={v}" for k, v in r["outcomes"].items()))
     table.add_row("throughput", f"{r['tasks_per_s']} tasks/s")
-    table.add_row("submission took", f"{r['submit_s']} s")
-    table.add_row("submit→completed p50", f"{r['latency_ms']['p50']} ms")
-    table.add_row("submit→completed p99", f"{r['latency_ms']['p99']} ms")
+    for name, d in lat.items():
+        table.add_row(f"{name.replace('_', ' ')} p50 / p99", f"{d['p50']} / {d['p99']} ms")
     for stage, st in r["stages"].items():
         table.add_row(f"→ {stage}: since previous p50 / p99, last at",
                       f"{st['p50_ms']} / {st['p99_ms']} ms, {st['last_at_s']} s")
-    for name, mib in r["peak_rss_mib"].items():
-        cpu_s = r["cpu_s_during_run"].get(name)
+    for name, mib in memory.items():
         table.add_row(f"{name}: peak RSS, CPU during run",
-                      f"{mib} MiB, {cpu_s if cpu_s is not None else '-'} s")
+                      f"{mib} MiB, {r['cpu_s'].get(name, '-')} s")
     console.print(table)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -1,0 +1,135 @@
+"""A stream consumer that records when each task passed each stage of the pipeline.
+
+One background consumer (its own group, from the end of each topic at start) reads
+tasks.accepted, tasks.routed, tasks.dispatch, tasks.outcomes and audit.model_calls:
+* accepted / routed / dispatched: the record's Kafka timestamp (the producer's create time, i.e.
+  when the service produced it; visible to read_committed consumers at commit),
+* completed: when this consumer received the terminal record (what a user watching the stream sees),
+* model calls: the raw ModelCall records per task, decoded on demand (latency_ms is the SDK call's
+  wall time measured by the executor).
+Values are kept raw and decoded only when a figure needs them, so recording costs little CPU while
+the services are being measured.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import defaultdict
+
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, TopicPartition
+
+from fleetplane.cli.stack import Stack
+from fleetplane.core import events as ev
+from fleetplane.core.serde import default_serde
+from fleetplane.core.topics import ACCEPTED, DISPATCH, MODEL_CALLS, OUTCOMES, ROUTED
+
+STAGES = (("accepted", ACCEPTED), ("routed", ROUTED), ("dispatched", DISPATCH),
+          ("completed", OUTCOMES))
+_STAGE_OF = {topic: stage for stage, topic in STAGES}
+
+
+class StageRecorder:
+    """Records stage times (epoch seconds) per task id, from the moment `start()` returns."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.settings = stack.settings()
+        self.stages: dict[str, dict[str, float]] = {stage: {} for stage, _ in STAGES}
+        self._outcomes: dict[str, bytes] = {}
+        self._model_calls: dict[str, list[bytes]] = defaultdict(list)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._assigned: set[str] = set()
+        self._ready = threading.Event()
+        self.tracked: set[str] = set()
+        """Every task a batch submitted (so a batch can tell how many earlier ones are left)."""
+        self._thread = threading.Thread(target=self._run, name="stage-recorder", daemon=True)
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        self._thread.start()
+        if not self._ready.wait(timeout_s):
+            raise RuntimeError("the stage recorder got no partitions assigned")
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._assigned.update(p.topic for p in partitions)
+        if self._assigned >= {*_STAGE_OF, MODEL_CALLS}:
+            self._ready.set()
+
+    def _run(self) -> None:
+        c = Consumer({**self.settings.consumer_config(f"bench-rec-{uuid.uuid4().hex[:8]}"),
+                      "enable.auto.commit": False, "auto.offset.reset": "latest"})
+        c.subscribe([*_STAGE_OF, MODEL_CALLS], on_assign=self._on_assign)
+        try:
+            while not self._stop.is_set():
+                msgs = c.consume(2000, 0.1)
+                now = time.time()
+                with self._lock:
+                    for m in msgs:
+                        if m.error():
+                            continue
+                        key = (m.key() or b"").decode()
+                        topic = m.topic()
+                        if topic == MODEL_CALLS:
+                            self._model_calls[key].append(m.value() or b"")
+                            continue
+                        stage = _STAGE_OF[topic or ""]
+                        times = self.stages[stage]
+                        if key in times:
+                            continue
+                        if stage == "completed":
+                            times[key] = now
+                            self._outcomes[key] = m.value() or b""
+                        else:
+                            ts_type, ts = m.timestamp()
+                            times[key] = ts / 1000 if ts_type != TIMESTAMP_NOT_AVAILABLE else now
+        finally:
+            c.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(15)
+
+    # -- reading ------------------------------------------------------------------------------
+    def completed(self, task_ids: set[str]) -> int:
+        with self._lock:
+            done = self.stages["completed"]
+            return sum(1 for t in task_ids if t in done)
+
+    def pending(self) -> int:
+        """Tracked tasks not in a terminal state yet."""
+        return len(self.tracked) - self.completed(self.tracked)
+
+    def wait_done(self, task_ids: set[str], timeout_s: float) -> bool:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.completed(task_ids) >= len(task_ids):
+                return True
+            time.sleep(0.2)
+        return self.completed(task_ids) >= len(task_ids)
+
+    def snapshot(self, task_ids: set[str]) -> dict[str, dict[str, float]]:
+        with self._lock:
+            return {stage: {t: ts for t, ts in times.items() if t in task_ids}
+                    for stage, times in self.stages.items()}
+
+    def outcome_kinds(self, task_ids: set[str]) -> dict[str, int]:
+        serde = default_serde()
+        with self._lock:
+            raw = [v for t, v in self._outcomes.items() if t in task_ids]
+        kinds: dict[str, int] = {}
+        for value in raw:
+            name = type(serde.decode(value)).__name__
+            kinds[name] = kinds.get(name, 0) + 1
+        return kinds
+
+    def model_calls(self, task_ids: set[str]) -> dict[str, list[ev.ModelCall]]:
+        serde = default_serde()
+        with self._lock:
+            raw = {t: list(v) for t, v in self._model_calls.items() if t in task_ids}
+        out: dict[str, list[ev.ModelCall]] = {}
+        for task_id, values in raw.items():
+            calls = [e for e in (serde.decode(v) for v in values) if isinstance(e, ev.ModelCall)]
+            out[task_id] = calls
+        return out
