@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 from rich.console import Console
 from rich.table import Table
 
+from bench.pipeline import bench_teams_file
 from fleetplane.cli.stack import Stack
 from fleetplane.core import events as ev
 from fleetplane.core.teams import load_teams
@@ -116,16 +116,6 @@ def provider_script(cfg: ChaosConfig) -> dict[str, Any]:
                for k in range(cfg.area_count)]
     return {"replies": replies, "failure_rate": cfg.failure_rate, "stall_rate": cfg.stall_rate,
             "stall_ms": cfg.stall_ms, "latency_ms": cfg.latency_ms, "seed": 7}
-
-
-def teams_file(data_dir: Path) -> Path:
-    """infra/teams.yaml with the intake rate limit lifted (the run paces itself)."""
-    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "infra" / "teams.yaml")
-                         .read_text())
-    raw.setdefault("defaults", {})["rate_limit"] = {"per_second": 1e6, "burst": 1_000_000}
-    path = data_dir / "teams-chaos.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def team_of(i: int, teams: list[str]) -> str:
@@ -326,9 +316,11 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
     console = console or Console()
     data_dir = data_dir or Path(tempfile.mkdtemp(prefix="fleetplane-chaos-"))
     bare = make_repo(data_dir / "repos", cfg.area_count)
+    # the intake rate limit lifted (the run paces itself); budgets and quotas as shipped
+    teams_path = bench_teams_file(data_dir, lift_budgets=False, name="teams-chaos.yaml")
     stack = Stack(data_dir=data_dir, extra_env={
         "FLEETPLANE_LOG_LEVEL": "WARNING",
-        "FLEETPLANE_TEAMS_FILE": str(teams_file(data_dir)),
+        "FLEETPLANE_TEAMS_FILE": str(teams_path),
         "FLEETPLANE_EXECUTOR_REPOSITORIES": json.dumps({REPO: str(bare)}),
         "FLEETPLANE_MODEL_TIMEOUT_S": "10",
     })
@@ -367,7 +359,7 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
         result.phases_s["settled"] = round(time.monotonic() - started, 1)
         time.sleep(2)
         log = read_log(settings, ids.__contains__)
-        policies = load_teams(data_dir / "teams-chaos.yaml")
+        policies = load_teams(teams_path)
         verdict: Verdict = check(log, submitter.acknowledged,
                                  lambda t: policies.policy(t).max_running)
         verdict.lost += [f"submission {i} never acknowledged" for i in submitter.gave_up]

@@ -190,7 +190,8 @@ MANIFEST_PATHS = [
 ]
 
 
-def _set(doc: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+def set_path(doc: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    """Set doc[path[0]][path[1]]... = value, replacing what is not a mapping on the way."""
     cur = doc
     for part in path[:-1]:
         nxt = cur.get(part)
@@ -205,7 +206,7 @@ def _body(rng: random.Random, team: str) -> bytes:
     if roll < 0.6:
         doc = _valid_manifest(team)
         for _ in range(rng.randint(1, 3)):
-            _set(doc, rng.choice(MANIFEST_PATHS), _hostile(rng))
+            set_path(doc, rng.choice(MANIFEST_PATHS), _hostile(rng))
         return _json(doc)
     return rng.choice([
         b"", b"{", b"null", b"[]", b"\"str\"", b"42", b"{\"a\":", b"\xff\xfe\x00garbage",

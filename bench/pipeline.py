@@ -67,17 +67,21 @@ Per-team concurrency quotas (max_running 20/20/40), the fleet cap (coordinator_m
 and the executor's slots (32) are left as shipped."""
 
 
-def bench_teams_file(data_dir: Path) -> Path:
-    """infra/teams.yaml with the intake rate limit and the budgets lifted (BENCH_LIFTED)."""
+def bench_teams_file(data_dir: Path, *, lift_budgets: bool = True,
+                     name: str = "teams-bench.yaml") -> Path:
+    """infra/teams.yaml with the intake rate limit and (unless lift_budgets is False) the
+    budgets lifted (BENCH_LIFTED), written to data_dir / name."""
     raw = yaml.safe_load((REPO_ROOT / "infra" / "teams.yaml").read_text())
     defaults = raw.setdefault("defaults", {})
     defaults["rate_limit"] = {"per_second": 1e6, "burst": 1_000_000}
-    defaults["budget_usd"] = 1e9
+    if lift_budgets:
+        defaults["budget_usd"] = 1e9
     for team in (raw.get("teams") or {}).values():
         if isinstance(team, dict):
             team.pop("rate_limit", None)
-            team.pop("budget_usd", None)
-    path = data_dir / "teams-bench.yaml"
+            if lift_budgets:
+                team.pop("budget_usd", None)
+    path = data_dir / name
     path.write_text(yaml.safe_dump(raw))
     return path
 

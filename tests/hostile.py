@@ -7,6 +7,7 @@ import copy
 import json
 from typing import Any
 
+from bench.fuzz import set_path
 from hypothesis import strategies as st
 
 from fleetplane.core import events as ev
@@ -65,16 +66,6 @@ PATHS = [
 ]
 
 
-def _set(doc: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    cur = doc
-    for part in path[:-1]:
-        nxt = cur.get(part)
-        if not isinstance(nxt, dict):
-            nxt = cur[part] = {}
-        cur = nxt
-    cur[path[-1]] = value
-
-
 @st.composite
 def hostile_manifests(draw: st.DrawFn) -> Any:
     """A manifest with one to three fields replaced by hostile values, an unknown field added,
@@ -87,11 +78,11 @@ def hostile_manifests(draw: st.DrawFn) -> Any:
         path = draw(st.sampled_from([("surprise",), ("spec", "surprise"),
                                      ("metadata", "surprise"), ("spec", "limits", "x")]))
         key = draw(st.sampled_from(INJECTIONS[:8]) | st.text(min_size=1, max_size=12))
-        _set(doc, (*path[:-1], key if path[-1] == "surprise" else path[-1]),
+        set_path(doc, (*path[:-1], key if path[-1] == "surprise" else path[-1]),
              draw(hostile_values))
         if path[-1] == "surprise" and key in ("apiVersion", "kind", "metadata", "spec",
                                                "idempotencyKey"):
-            _set(doc, ("spec", "unknownField"), 1)
+            set_path(doc, ("spec", "unknownField"), 1)
         return doc
     if kind == "lists":
         field = draw(st.sampled_from(["writeScope", "dependsOn", "tools", "commands",
@@ -100,7 +91,7 @@ def hostile_manifests(draw: st.DrawFn) -> Any:
         doc["spec"][field] = [item] * draw(st.integers(min_value=1, max_value=400))
         return doc
     for _ in range(draw(st.integers(min_value=1, max_value=3))):
-        _set(doc, draw(st.sampled_from(PATHS)), draw(hostile_values))
+        set_path(doc, draw(st.sampled_from(PATHS)), draw(hostile_values))
     return doc
 
 
