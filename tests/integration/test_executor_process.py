@@ -14,13 +14,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, Producer
 
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.serde import DecodeError, default_serde
 from fleetplane.core.settings import REPO_ROOT, Settings
-from fleetplane.core.topics import LIFECYCLE, TOOL_CALLS, UTILIZATION
+from fleetplane.core.topics import LIFECYCLE, OUTCOMES, TOOL_CALLS, UTILIZATION
 from fleetplane.fakeprovider import FakeProvider
 
 from .agentkit import dispatched, git, sample_repo
@@ -114,6 +114,29 @@ class ExecutorProcess:
                 self.kill()
 
 
+def leave_open_transaction(settings: Settings, topic: str, key: str, txn_id: str) -> None:
+    """A producer process opens a transaction on `key`'s partition of `topic` and dies without
+    ending it (as a SIGKILLed service does). Until the broker aborts it (transaction.timeout.ms
+    on Kafka; the embedded broker never does) that partition's last stable offset is stuck, and
+    read_committed consumers see nothing behind it."""
+    code = (
+        "import os, sys\n"
+        "from confluent_kafka import Producer\n"
+        f"p = Producer({settings.producer_config(txn_id)!r})\n"
+        "p.init_transactions(30); p.begin_transaction()\n"
+        f"p.produce({topic!r}, key={key.encode()!r}, value=b'half a transaction')\n"
+        "p.flush(30); os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def end_open_transaction(settings: Settings, txn_id: str) -> None:
+    """What the broker's transaction timeout would do: a new producer with the same id fences
+    the dead one and aborts its transaction (so later tests on the session broker see on)."""
+    fencer = Producer(settings.producer_config(txn_id))
+    fencer.init_transactions(30)
+    fencer.flush(5)
+
+
 @pytest.fixture
 def fake() -> Iterator[FakeProvider]:
     with FakeProvider() as provider:
@@ -139,28 +162,46 @@ def test_live_events_cancellation_utilization_and_sigkill_mid_attempt(
         {"match": "crash me", "tool_uses": [
             {"name": "write_file", "input": {"path": "half.txt", "content": "x"}}]},
         {"match": "wrote 1 chars", "text": "never", "latency_ms": 60_000}]})
+    # a cancel published while the executor is down or starting is honoured when the dispatch
+    # comes (before: the watcher started at the end of the topic and never saw it)
+    early = f"t-early-{unique}"
+    producer.send([ev.TaskCancelled(task_id=early, team="payments", reason="test")])
     executor.start()
     executor.wait_log("watching cancellations")
     lifecycle = Reader(base_settings, LIFECYCLE)
     utilization = Reader(base_settings, UTILIZATION)
     tools = Reader(base_settings, TOOL_CALLS)
+    dangling = f"dangling-{unique}"
     try:
-        # 1. while the model call hangs, the attempt is visibly alive; a cancel stops it
+        producer.send([dispatched(early, "SLOW early", repository=None)])
+        seen = lifecycle.until(lambda s: any(isinstance(e, ev.TaskFailed) for e in s),
+                               task_id=early, timeout_s=30)
+        failed = next(e for e in seen if isinstance(e, ev.TaskFailed))
+        assert failed.failure_class == "cancelled" and failed.audit_count == 0, failed
+        assert not any("SLOW early" in c.last_user_text for c in fake.calls)
+
+        # 1. while the model call hangs, the attempt is visibly alive; a cancel stops it, also
+        # when a dead producer's transaction is still open on the cancel's partition (the cause
+        # of the flaky CI runs: earlier tests SIGKILL transactional services on this broker)
         task = f"t-cancel-{unique}"
+        leave_open_transaction(base_settings, OUTCOMES, task, dangling)
         producer.send([dispatched(task, "SLOW please", repository=None)])
-        lifecycle.until(lambda s: sum(isinstance(e, ev.TaskHeartbeat) for e in s) >= 2
-                        and any(isinstance(e, ev.TaskStarted) for e in s), task_id=task)
+        lifecycle.until(lambda s: sum(isinstance(e, ev.TaskHeartbeat) and e.task_id == task
+                                      for e in s) >= 2
+                        and any(isinstance(e, ev.TaskStarted) and e.task_id == task for e in s),
+                        task_id=task)
         cancel_at = time.monotonic()
         producer.send([ev.TaskCancelled(task_id=task, team="payments", reason="test")])
-        seen = lifecycle.until(lambda s: any(isinstance(e, ev.TaskFailed) for e in s),
-                               task_id=task, timeout_s=30)
+        seen = lifecycle.until(lambda s: any(isinstance(e, ev.TaskFailed) and e.task_id == task
+                                             for e in s), task_id=task, timeout_s=30)
         stopped_after = time.monotonic() - cancel_at
-        failed = next(e for e in seen if isinstance(e, ev.TaskFailed))
+        failed = next(e for e in seen if isinstance(e, ev.TaskFailed) and e.task_id == task)
         assert failed.failure_class == "cancelled" and not failed.final
         assert failed.audit_count == 1  # the abandoned call is audited
         # far sooner than the 30 s the model call would have taken (the target is < 1 s;
         # bench/executor.py measures it)
         assert stopped_after < 10, stopped_after
+        end_open_transaction(base_settings, dangling)
         util = utilization.until(lambda s: any(
             isinstance(e, ev.ExecutorUtilization) and e.executor_id == f"exec-{unique}"
             and e.model_s > 0 for e in s))
@@ -191,6 +232,7 @@ def test_live_events_cancellation_utilization_and_sigkill_mid_attempt(
         assert git(repo, "worktree", "list").count("\n") == 1
         assert "orphaned worktrees removed" in executor.log_path.read_text()
     finally:
+        end_open_transaction(base_settings, dangling)
         lifecycle.close()
         utilization.close()
         tools.close()

@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     executor_command_file_mb: int = 64
     executor_command_max_pids: int = 128
     executor_group_id: str = "fleetplane-executor"
+    executor_cancel_lookback_s: float = Field(
+        default=300.0, description="At start-up the cancellation watcher reads tasks.outcomes "
+        "from this far back, so a cancel published while the executor was starting or down is "
+        "still honoured when its dispatch arrives.")
     executor_live_events: bool = Field(
         default=True, description="Publish heartbeats, TaskStarted and audit events while the "
         "attempt runs (non-transactional producer); off: everything with the outcome.")

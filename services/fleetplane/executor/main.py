@@ -38,6 +38,10 @@ def main() -> None:
     ok, why = runtime.sandbox.availability()
     log.info("sandbox", available=ok, detail=why)
     runtime.start(watch_cancellations=True)
+    # take dispatches once the cancellations of the lookback window are known (a cancel published
+    # while this executor was starting stops its attempt before the first model call)
+    if not runtime.watcher_ready.wait(90):
+        log.warning("cancellation watcher not ready after 90 s; taking dispatches anyway")
     handler = partial(execute, catalog, ModelClients(settings), executor_id, SeenDispatches(),
                       runtime=runtime)
     processor = Processor("executor", [DISPATCH], handler, settings,
