@@ -105,6 +105,30 @@ class Submission:
 
 
 @dataclass(frozen=True)
+class ItemResult:
+    """One manifest's answer in a batch submission (`Client.submit_many`): status 202 (accepted)
+    or 200 (an idempotent replay) carry the task id; others carry the error and, for 422, the
+    fields at fault (`errors`: [{"field", "reason"}])."""
+
+    index: int
+    status: int
+    task_id: str = ""
+    team: str = ""
+    name: str = ""
+    error: str = ""
+    errors: list[dict[str, str]] = field(default_factory=list)
+    retry_after_s: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (200, 202)
+
+    @property
+    def retriable(self) -> bool:
+        return self.status in (429, 503)
+
+
+@dataclass(frozen=True)
 class Task:
     task_id: str
     team: str
@@ -271,6 +295,27 @@ class Client:
 
     def submit_all(self, path: str | Path) -> builtins.list[Submission]:
         return [self.submit(doc) for doc in load_manifests(path)]
+
+    def submit_many(self, manifests: builtins.list[dict[str, Any]] | str | Path, *,
+                    chunk: int = 1000) -> builtins.list[ItemResult]:
+        """Submit many manifests (dicts, or a multi-document YAML file) through the batch
+        endpoint, `chunk` per request (at most 1,000). One result per manifest, in order; an
+        invalid manifest does not stop the others (check `.ok`, `.status`, `.errors`)."""
+        docs = load_manifests(manifests) if isinstance(manifests, str | Path) else manifests
+        if not 1 <= chunk <= 1000:
+            raise ValueError("chunk must be between 1 and 1000")
+        results: builtins.list[ItemResult] = []
+        for start in range(0, len(docs), chunk):
+            body = self._call("POST", "/v1/tasks:batch",
+                              json={"tasks": docs[start:start + chunk]})
+            for item in body["results"]:
+                results.append(ItemResult(
+                    index=start + int(item["index"]), status=int(item["status"]),
+                    task_id=str(item.get("task_id", "")), team=str(item.get("team", "")),
+                    name=str(item.get("name", "")), error=str(item.get("error", "")),
+                    errors=list(item.get("errors", [])),
+                    retry_after_s=int(item.get("retry_after_s", 0))))
+        return results
 
     def get(self, task_id: str) -> Task:
         return Task.from_row(self._call("GET", f"/v1/tasks/{_q(task_id)}"))

@@ -79,6 +79,14 @@ def test_up_submit_demo_get_cost_down(cli_env: dict[str, str]) -> None:
     broken.write_text(bad.read_text().replace("taskType: codegen", "taskType: codegen\n  oops: 1"))
     rejected = run(cli_env, "submit", "-f", str(broken))
     assert rejected.returncode == 1 and "spec.oops" in rejected.stderr
+    # several documents go as one batch: each answered, the valid ones submitted, exit 1
+    several = broken.parent / "several.yaml"
+    several.write_text("---\n".join([bad.read_text(), broken.read_text(), bad.read_text()]))
+    batch = run(cli_env, "submit", "-f", str(several))
+    assert batch.returncode == 1, batch.stdout + batch.stderr
+    assert len(re.findall(r"submitted: [0-9a-f]{32}", batch.stdout)) == 2, batch.stdout
+    assert "2 of 3 submitted" in batch.stdout
+    assert "document 2" in batch.stderr and "spec.oops" in batch.stderr
 
     down = run(cli_env, "down")
     assert down.returncode == 0 and "stopped" in down.stdout

@@ -132,6 +132,29 @@ def test_sdk_cancels_a_running_task(stack: Stack, teams: dict[str, str]) -> None
             http.post(f"{stack.provider_url}/_fake/script", json=saved)
 
 
+def test_sdk_submit_many_runs_the_valid_manifests_and_names_the_bad_ones(
+        stack: Stack, teams: dict[str, str]) -> None:
+    alpha, a_tok = next(iter(teams.items()))
+    run = uuid.uuid4().hex[:6]
+    docs = [manifest(alpha, f"many-{i}", f"summarize batch item {i} of {run}") for i in range(40)]
+    docs[7] = manifest(alpha, "Bad Name", "p")
+    docs[30] = {**docs[30], "idempotencyKey": f"many-{run}"}
+    path = stack.data_dir / f"many-{run}.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    with Client(stack.ingest_url, a_tok) as sdk:
+        results = sdk.submit_many(path, chunk=16)  # three requests
+        assert [r.index for r in results] == list(range(40))
+        assert [r.status for r in results].count(202) == 39
+        assert results[7].status == 422 and not results[7].ok
+        assert results[7].errors[0]["field"] == "metadata.name"
+        again = sdk.submit_many([docs[30]])
+        assert again[0].status == 200 and again[0].task_id == results[30].task_id
+    ids = {r.task_id for r in results if r.ok}
+    with httpx.Client(timeout=30) as http:
+        rows = wait_terminal(http, stack, ids)
+    assert {r["state"] for r in rows.values()} == {"completed"}
+
+
 def _accepted(stack: Stack, ids: set[str]) -> Counter[str]:
     return Counter(e.task_id for e in read_topic(settings_for(stack), ACCEPTED, ids, idle_s=2)
                    if isinstance(e, ev.TaskAccepted))

@@ -187,3 +187,84 @@ def test_after_the_hostile_input_a_valid_task_still_reaches_kafka(
         c.close()
     assert isinstance(found, TaskSubmitted)
     assert (found.team, found.spec.name, found.source) == ("fuzz-team", name, "http")
+
+
+def read_submitted(settings: Settings, task_ids: set[str], timeout_s: float = 30.0
+                   ) -> dict[str, TaskSubmitted]:
+    """The TaskSubmitted records of these task ids on tasks.submitted (as a consumer sees them)."""
+    c = Consumer({**settings.consumer_config(f"t-{uuid.uuid4().hex}"),
+                  "enable.auto.commit": False})
+    c.subscribe([SUBMITTED])
+    serde = default_serde()
+    found: dict[str, TaskSubmitted] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while found.keys() != task_ids and time.monotonic() < deadline:
+            for m in c.consume(1000, 0.5):
+                if m.error() is None and (m.key() or b"").decode() in task_ids:
+                    e = serde.decode(m.value() or b"")
+                    assert isinstance(e, TaskSubmitted)
+                    found[e.task_id] = e
+    finally:
+        c.close()
+    return found
+
+
+def test_batch_submission_answers_each_item_and_publishes_the_valid_ones(
+        api: tuple[TestClient, Intake], tokens: tuple[TokenStore, dict[str, str]],
+        base_settings: Settings) -> None:
+    client, _ = api
+    h = bearer(tokens[1]["fuzz-team"])
+    run = uuid.uuid4().hex[:8]
+    good = [{**valid_manifest(), "metadata": {"name": f"b{i}-{run}"},
+             "idempotencyKey": f"batch-{run}-{i}"} for i in range(6)]
+    no_prompt = {**valid_manifest(), "spec": {k: v for k, v in valid_manifest()["spec"].items()
+                                              if k != "prompt"}}
+    other_team = {**valid_manifest(), "metadata": {"name": "x", "team": "fast"}}
+    clash = {**good[0], "spec": {**good[0]["spec"], "prompt": "another prompt"}}
+    items = [good[0], no_prompt, good[1], "not a manifest", other_team, *good[2:], good[0], clash]
+    r = client.post("/v1/tasks:batch", json={"tasks": items}, headers=h)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    results = body["results"]
+    assert [x["index"] for x in results] == list(range(len(items)))
+    assert [x["status"] for x in results] == [202, 422, 202, 422, 403, 202, 202, 202, 202,
+                                              200, 409]
+    assert {"field": "spec.prompt", "reason": "Field required"} in results[1]["errors"]
+    assert results[3]["errors"][0]["field"] == "body"
+    assert results[4]["errors"][0]["field"] == "metadata.team"
+    assert results[9]["task_id"] == results[0]["task_id"] and results[9]["idempotent_replay"]
+    assert results[10]["errors"][0]["field"] == "idempotencyKey"
+    assert (body["accepted"], body["rejected"]) == (7, 4)
+    published = read_submitted(base_settings, {x["task_id"] for x in results
+                                               if x["status"] == 202})
+    assert sorted(e.spec.name for e in published.values()) == sorted(
+        m["metadata"]["name"] for m in good)
+    # the same batch again: nothing new, the same task ids (the deterministic id of each key)
+    again = client.post("/v1/tasks:batch", json={"tasks": good}, headers=h).json()["results"]
+    assert [x["task_id"] for x in again] == [results[i]["task_id"] for i in (0, 2, 5, 6, 7, 8)]
+
+
+def test_batch_limits_rate_and_scoping(
+        api: tuple[TestClient, Intake], tokens: tuple[TokenStore, dict[str, str]]) -> None:
+    client, intake = api
+    fuzz = bearer(tokens[1]["fuzz-team"])
+    m = valid_manifest()
+    too_many = client.post("/v1/tasks:batch", json={"tasks": [m] * 1001}, headers=fuzz)
+    assert too_many.status_code == 422 and too_many.json()["errors"][0]["field"] == "tasks"
+    assert client.post("/v1/tasks:batch", json={"tasks": []}, headers=fuzz).status_code == 422
+    assert client.post("/v1/tasks:batch", json=[m], headers=fuzz).status_code == 400
+    wrong = client.post("/v1/tasks:batch", json={"tasks": [m], "extra": 1}, headers=fuzz)
+    assert wrong.status_code == 422 and wrong.json()["errors"][0]["field"] == "extra"
+    big = {**m, "spec": {**m["spec"], "prompt": "A" * 200_000}}
+    intake.max_batch_bytes = 1_000_000
+    assert client.post("/v1/tasks:batch", json={"tasks": [big] * 6},
+                       headers=fuzz).status_code == 413
+    assert client.post("/v1/tasks:batch", json={"tasks": [m]}).status_code == 401
+    # the team's rate limit counts items: burst 3, so 3 accepted and the rest 429 with a wait
+    slow = {**m, "metadata": {"name": "rl"}}
+    r = client.post("/v1/tasks:batch", json={"tasks": [slow] * 5},
+                    headers=bearer(tokens[1]["slow"])).json()
+    assert [x["status"] for x in r["results"]] == [202, 202, 202, 429, 429]
+    assert all(x["retry_after_s"] >= 1 for x in r["results"][3:])
+    assert all(x["team"] == "slow" for x in r["results"][:3])

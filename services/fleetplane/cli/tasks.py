@@ -47,14 +47,36 @@ def _age(ts: str) -> str:
 
 def submit(file: Annotated[Path, typer.Option("-f", "--file", help="Task manifest (YAML).")]
            ) -> None:
-    """Submit the task(s) in a YAML manifest (apiVersion: fleetplane/v1, kind: AgentTask)."""
+    """Submit the task(s) in a YAML manifest (apiVersion: fleetplane/v1, kind: AgentTask).
+
+    A file of several documents is sent as one batch (1,000 per request): every manifest gets
+    its own answer, and the exit status is 1 if any was refused."""
     try:
         with client() as c:
-            for manifest in load_manifests(file):
-                result = c.submit(manifest)
+            docs = load_manifests(file)
+            if len(docs) == 1:
+                result = c.submit(docs[0])
                 again = " (idempotency key: existing task)" if result.idempotent_replay else ""
                 console.print(f"task/{result.name} submitted: {result.task_id} "
                               f"(team {result.team}){again}")
+                return
+            refused = 0
+            for item in c.submit_many(docs):
+                meta = docs[item.index].get("metadata")
+                name = str(meta.get("name") if isinstance(meta, dict) else "") \
+                    or f"#{item.index}"
+                if item.ok:
+                    again = " (idempotency key: existing task)" if item.status == 200 else ""
+                    console.print(f"task/{name} submitted: {item.task_id} "
+                                  f"(team {item.team}){again}")
+                    continue
+                refused += 1
+                fields = "; ".join(f"{e.get('field')}: {e.get('reason')}" for e in item.errors)
+                err.print(f"[red]refused[/red] document {item.index + 1} ({name}): "
+                          f"{item.status} {item.error}" + (f" ({fields})" if fields else ""))
+            console.print(f"{len(docs) - refused} of {len(docs)} submitted")
+            if refused:
+                raise typer.Exit(code=1)
     except ApiError as exc:
         raise _fail(exc) from exc
 

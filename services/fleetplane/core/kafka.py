@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
@@ -72,6 +74,42 @@ class EventProducer:
             raise Retriable(f"{pending[0]} events not acknowledged within {timeout_s}s")
         if errors:
             raise Retriable(f"delivery failed: {errors[0]}")
+
+    async def deliver(self, events: Sequence[Event], timeout_s: float = 10.0) -> list[str | None]:
+        """Publish from an asyncio handler without holding a thread per request: every event is
+        queued at once (librdkafka batches them with other requests' events, linger.ms), and
+        the result is one entry per event, None once the broker acknowledged it, else why not.
+        """
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[str | None]] = []
+
+        def settle(fut: asyncio.Future[str | None], why: str | None) -> None:
+            if not fut.done():
+                fut.set_result(why)
+
+        for event in events:
+            fut: asyncio.Future[str | None] = loop.create_future()
+
+            def delivered(err: KafkaError | None, _msg: Message,
+                          fut: asyncio.Future[str | None] = fut) -> None:
+                loop.call_soon_threadsafe(settle, fut, None if err is None else str(err))
+
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    self.produce(event, on_delivery=delivered)
+                    break
+                except BufferError:  # the local queue is full: let deliveries drain it
+                    if time.monotonic() >= deadline:
+                        fut.set_result("the producer's queue stayed full")
+                        break
+                    await asyncio.sleep(0.005)
+            futures.append(fut)
+        if not futures:
+            return []
+        done, _ = await asyncio.wait(futures, timeout=timeout_s)
+        return [f.result() if f in done else f"not acknowledged within {timeout_s}s"
+                for f in futures]
 
     def close(self) -> None:
         self._producer.flush(10)

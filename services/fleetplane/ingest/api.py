@@ -38,6 +38,7 @@ from fleetplane.ingest.tokens import Principal, TokenStore
 TASK_ID_RE = r"^[A-Za-z0-9._-]{1,128}$"
 SOURCES = ("http", "cli", "sdk")
 MAX_LIST = 10_000
+MAX_BATCH = 1_000
 
 
 class ApiError(Exception):
@@ -60,6 +61,8 @@ class Intake:
     teams: TeamsConfig
     view: TaskView
     max_request_bytes: int = 1_048_576
+    max_batch_bytes: int = 16 * 1_048_576
+    delivery_timeout_s: float = 10.0
     auth_failures_per_minute: float = 30.0
     auth_failure_burst: int = 20
 
@@ -71,6 +74,15 @@ class Intake:
         self.rate = Limiter(team_limits)
         per_s = self.auth_failures_per_minute / 60.0
         self.auth_failures = Limiter(lambda _addr: (per_s, float(self.auth_failure_burst)))
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated submission: the event to publish (None: an idempotent replay) and the
+    answer the caller gets."""
+
+    event: TaskSubmitted | None
+    answer: dict[str, Any]
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -206,9 +218,13 @@ def create_app(intake: Intake) -> FastAPI:
     def whoami(who: Caller) -> dict[str, str]:
         return {"team": who.team, "role": who.role, "token_id": who.token_id}
 
-    @app.post("/v1/tasks", status_code=202)
-    async def submit(request: Request, who: Caller) -> JSONResponse:
-        doc = _parse_json_object(await _read_body(request, intake.max_request_bytes))
+    def prepare(who: Principal, doc: Any, source: str,
+                batch_keys: dict[tuple[str, str], tuple[str, str]] | None = None) -> Prepared:
+        """Validate one manifest and decide what it becomes: a TaskSubmitted to publish, or
+        the answer for an idempotency key already used. ApiError names the field at fault."""
+        if not isinstance(doc, dict):
+            raise ApiError(422, "invalid task manifest", [{
+                "field": "body", "reason": f"expected an object, got {type(doc).__name__}"}])
         try:
             manifest = TaskManifest.model_validate(doc)
         except ValidationError as exc:
@@ -223,28 +239,102 @@ def create_app(intake: Intake) -> FastAPI:
         charge(team)
         spec = manifest.to_spec()
         key = manifest.idempotency_key
+        answer = {"team": team, "name": spec.name, "state": "submitted"}
         if key:
+            digest = spec_digest(spec)
             mark = intake.marks.get(team, key)
-            if mark is not None:
-                if mark.spec_sha256 != spec_digest(spec):
+            earlier = (mark.task_id, mark.spec_sha256) if mark is not None else \
+                (batch_keys or {}).get((team, key))
+            if earlier is not None:
+                if earlier[1] != digest:
                     raise ApiError(409, "idempotency key already used with another manifest",
                                    [{"field": "idempotencyKey",
-                                     "reason": f"names task {mark.task_id}"}])
-                return JSONResponse(status_code=200, content={
-                    "task_id": mark.task_id, "team": team, "name": spec.name,
-                    "state": "submitted", "idempotent_replay": True})
+                                     "reason": f"names task {earlier[0]}"}])
+                return Prepared(None, {"task_id": earlier[0], **answer,
+                                       "idempotent_replay": True})
             task_id = task_id_for(team, key)
+            if batch_keys is not None:
+                batch_keys[(team, key)] = (task_id, digest)
         else:
             task_id = uuid.uuid4().hex
-        source = request.headers.get("x-fleetplane-source", "http")
         event = TaskSubmitted(task_id=task_id, team=team, spec=spec,
                               source=source if source in SOURCES else "http",
                               idempotency_key=key)
-        await run_in_threadpool(intake.producer.send, [event], 10)
-        intake.view.remember(task_id, team, spec.name, spec.task_type)
-        return JSONResponse(status_code=202, content={
-            "task_id": task_id, "team": team, "name": spec.name, "state": "submitted",
-            "idempotent_replay": False})
+        return Prepared(event, {"task_id": task_id, **answer, "idempotent_replay": False})
+
+    def accepted(prepared: Prepared) -> None:
+        event = prepared.event
+        assert event is not None
+        intake.view.remember(event.task_id, event.team, event.spec.name, event.spec.task_type)
+
+    @app.post("/v1/tasks", status_code=202)
+    async def submit(request: Request, who: Caller) -> JSONResponse:
+        doc = _parse_json_object(await _read_body(request, intake.max_request_bytes))
+        prepared = prepare(who, doc, request.headers.get("x-fleetplane-source", "http"))
+        if prepared.event is None:
+            return JSONResponse(status_code=200, content=prepared.answer)
+        (failed,) = await intake.producer.deliver([prepared.event], intake.delivery_timeout_s)
+        if failed is not None:
+            raise ApiError(503, f"the broker did not acknowledge the task: {failed}",
+                           headers={"Retry-After": "1"})
+        accepted(prepared)
+        return JSONResponse(status_code=202, content=prepared.answer)
+
+    @app.post("/v1/tasks:batch")
+    async def submit_batch(request: Request, who: Caller) -> JSONResponse:
+        """Body {"tasks": [manifest, ...]} (at most MAX_BATCH). One result per item, in order:
+        {"index", "status", ...}: 202 accepted (task_id), 200 an idempotent replay, 422 with
+        the fields at fault, 403, 409, 429 (retry_after_s), 503 (not acknowledged: send again,
+        with idempotency keys). The response is 200 whatever the items' results; a body that
+        is not a batch is 400 / 413 / 422 as a whole."""
+        doc = _parse_json_object(await _read_body(request, intake.max_batch_bytes))
+        unknown = set(doc) - {"tasks"}
+        items = doc.get("tasks")
+        if unknown or not isinstance(items, list):
+            raise ApiError(422, "invalid batch", [{
+                "field": sorted(unknown)[0] if unknown else "tasks",
+                "reason": "the body is {\"tasks\": [manifest, ...]}"}])
+        if not items or len(items) > MAX_BATCH:
+            raise ApiError(422, "invalid batch", [{
+                "field": "tasks", "reason": f"between 1 and {MAX_BATCH} manifests, "
+                                            f"got {len(items)}"}])
+        source = request.headers.get("x-fleetplane-source", "http")
+        results: list[dict[str, Any]] = []
+        to_send: list[tuple[int, Prepared]] = []
+        keys: dict[tuple[str, str], tuple[str, str]] = {}
+        for index, item in enumerate(items):
+            try:
+                prepared = prepare(who, item, source, keys)
+            except ApiError as exc:
+                result: dict[str, Any] = {"index": index, "status": exc.status,
+                                          "error": exc.message}
+                if exc.errors is not None:
+                    result["errors"] = exc.errors
+                if "Retry-After" in exc.headers:
+                    result["retry_after_s"] = int(exc.headers["Retry-After"])
+                results.append(result)
+                continue
+            if prepared.event is None:
+                results.append({"index": index, "status": 200, **prepared.answer})
+            else:
+                results.append({"index": index, "status": 202, **prepared.answer})
+                to_send.append((index, prepared))
+        outcomes = await intake.producer.deliver([p.event for _, p in to_send if p.event],
+                                                 intake.delivery_timeout_s)
+        for (index, prepared), failed in zip(to_send, outcomes, strict=True):
+            if failed is None:
+                accepted(prepared)
+            else:
+                results[index] = {"index": index, "status": 503,
+                                  "task_id": prepared.answer["task_id"],
+                                  "error": f"the broker did not acknowledge the task: {failed}"}
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[str(r["status"])] = counts.get(str(r["status"]), 0) + 1
+        return JSONResponse(status_code=200, content={
+            "accepted": counts.get("202", 0) + counts.get("200", 0),
+            "rejected": len(results) - counts.get("202", 0) - counts.get("200", 0),
+            "by_status": counts, "results": results})
 
     @app.get("/v1/tasks")
     def list_tasks(
