@@ -8,7 +8,8 @@ issues a team token, and submits over HTTP from `workers` threads (one connectio
 1. new tasks with a fresh idempotency key each (auth + rate-limit check + broker ack),
 2. the same requests again once ingest has marked them (idempotent replays: answered from the
    marks, nothing published),
-3. new tasks without a key.
+3. new tasks without a key,
+4. new tasks with keys through the batch endpoint (`--batch-size` per request).
 The team's token bucket is configured high enough not to bind (it is still checked on every call).
 Prints p50/p99/max latency and requests/s per phase; writes bench/results/intake-<time>.json.
 Figures, not assertions.
@@ -86,10 +87,51 @@ def phase(url: str, token: str, docs: list[dict[str, Any]], workers: int,
             "ingest_cpu_ms_per_request": round(cpu_ms, 2)}
 
 
+def batch_phase(url: str, token: str, docs: list[dict[str, Any]], workers: int, size: int,
+                pid: int | None = None) -> dict[str, Any]:
+    """The same manifests through POST /v1/tasks:batch, `size` per request."""
+    local = threading.local()
+    latencies: list[float] = []
+    codes: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def one(chunk: list[dict[str, Any]]) -> None:
+        client = getattr(local, "client", None)
+        if client is None:
+            client = local.client = httpx.Client(
+                base_url=url, timeout=120, headers={"Authorization": f"Bearer {token}"})
+        t0 = time.perf_counter()
+        resp = client.post("/v1/tasks:batch", json={"tasks": chunk})
+        dt = (time.perf_counter() - t0) * 1000
+        with lock:
+            latencies.append(dt)
+            if resp.status_code != 200:
+                codes[resp.status_code] = codes.get(resp.status_code, 0) + len(chunk)
+                return
+            for item in resp.json()["results"]:
+                codes[item["status"]] = codes.get(item["status"], 0) + 1
+
+    chunks = [docs[i:i + size] for i in range(0, len(docs), size)]
+    cpu0 = cpu_seconds(pid) or 0.0
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(one, chunks))
+    elapsed = time.perf_counter() - start
+    cpu_ms = ((cpu_seconds(pid) or 0.0) - cpu0) * 1000 / len(docs)
+    return {"requests": len(docs), "codes": codes, "elapsed_s": round(elapsed, 3),
+            "requests_per_s": round(len(docs) / elapsed, 1),
+            "p50_ms": round(percentile(latencies, 50), 2),
+            "p99_ms": round(percentile(latencies, 99), 2),
+            "max_ms": round(max(latencies), 2),
+            "ingest_cpu_ms_per_request": round(cpu_ms, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=500,
+                        help="manifests per POST /v1/tasks:batch in the batch phase")
     args = parser.parse_args()
     console = Console()
     data_dir = Path(tempfile.mkdtemp(prefix="fleetplane-intake-bench-"))
@@ -117,6 +159,9 @@ def main() -> None:
         results["unkeyed"] = phase(stack.ingest_url, token,
                                    [manifest(i, f"u{run}", False) for i in range(n)],
                                    args.workers, pid)
+        results["batch"] = batch_phase(stack.ingest_url, token,
+                                       [manifest(i, f"b{run}", True) for i in range(n)],
+                                       max(1, min(args.workers, 4)), args.batch_size, pid)
         load = os.getloadavg()
     finally:
         stack.stop()
@@ -129,7 +174,9 @@ def main() -> None:
                 "ingest CPU ms/req"):
         table.add_column(col, justify="left" if col in ("phase", "HTTP codes") else "right")
     labels = {"keyed": "new task, idempotency key", "replay": "same key again (replay)",
-              "unkeyed": "new task, no key"}
+              "unkeyed": "new task, no key",
+              "batch": f"batch endpoint, {args.batch_size} per request (figures per task; "
+                       "latency per request)"}
     for name, r in results.items():
         table.add_row(labels[name], str(r["requests"]),
                       ", ".join(f"{k}: {v}" for k, v in sorted(r["codes"].items())),
