@@ -44,6 +44,7 @@ from confluent_kafka import Consumer, Producer
 from fleetplane.cli.stack import Stack
 from fleetplane.core import events as ev
 from fleetplane.core.serde import HEADER_LEN, MAGIC, default_serde
+from fleetplane.core.states import TERMINAL_STATES
 from fleetplane.core.topics import (
     ACCEPTED,
     CONTROL,
@@ -55,8 +56,6 @@ from fleetplane.core.topics import (
     SUBMITTED,
 )
 from fleetplane.ingest.manifest import NAME_RE
-
-TERMINAL = {"completed", "failed", "abandoned", "cancelled", "rolled_back", "rejected"}
 
 INJECTIONS = [
     "'; DROP TABLE events; --", "\" OR 1=1 --", "1; SELECT sleep(10)", "x' UNION SELECT * --",
@@ -662,7 +661,7 @@ def wait_state(http: httpx.Client, url: str, token: str, task_id: str,
         state = row.get("state", "")
         if state == "completed":
             return state
-        if state in TERMINAL:
+        if state in TERMINAL_STATES:
             return f"{state}: {row.get('reason', '')}"[:300]
         time.sleep(0.5)
     return f"{state} after {timeout_s}s"

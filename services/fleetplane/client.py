@@ -30,8 +30,7 @@ import yaml
 
 from fleetplane.core.errors import FleetplaneError
 from fleetplane.core.settings import Settings, get_settings
-
-TERMINAL = frozenset({"rejected", "completed", "failed", "abandoned", "cancelled", "rolled_back"})
+from fleetplane.core.states import TERMINAL_STATES
 
 
 class ApiError(FleetplaneError):
@@ -145,7 +144,7 @@ class Task:
 
     @property
     def finished(self) -> bool:
-        return self.state in TERMINAL
+        return self.state in TERMINAL_STATES
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Task:

@@ -12,11 +12,11 @@ import httpx
 import pytest
 from confluent_kafka import Consumer
 
-from fleetplane.accounting.rows import TERMINAL_STATES
 from fleetplane.cli.stack import Stack
 from fleetplane.core.events import Event
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
+from fleetplane.core.states import TERMINAL_STATES
 
 
 @pytest.fixture(scope="session")

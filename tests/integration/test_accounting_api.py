@@ -10,11 +10,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fleetplane.accounting.api import TaskState, create_app
-from fleetplane.accounting.rows import STATES, rows_for
+from fleetplane.accounting.rows import rows_for
 from fleetplane.accounting.sink import ClickHouseSink
 from fleetplane.accounting.store import Store
 from fleetplane.core import events as ev
 from fleetplane.core.loop import Record
+from fleetplane.core.states import STATES
 from tests.integration.test_accounting import close_test_store, model_call, open_test_store, spec
 
 TEAM = "api-team"

@@ -13,6 +13,7 @@ from fleetplane.accounting import rows
 from fleetplane.accounting.store import ddl_statements, render, split_statements, ttl_clause
 from fleetplane.core import events as ev
 from fleetplane.core.loop import Record
+from fleetplane.core.states import TERMINAL_STATES
 
 SPEC = ev.TaskSpec(name="n", task_type="review", prompt="p")
 T = "t-1"
@@ -90,7 +91,7 @@ def test_rows_match_their_columns_and_agree_with_core_terminality(event: ev.Even
     assert (rows.TASK_TRANSITIONS in out) == (state is not None)
     if state is not None and not isinstance(event, ev.TaskRejected):
         # rejected ends a task that was never accepted; core counts only accepted tasks
-        assert (state in rows.TERMINAL_STATES) == ev.is_terminal(event)
+        assert (state in TERMINAL_STATES) == ev.is_terminal(event)
 
 
 def test_transition_rows_carry_type_model_tier_cost_and_reason() -> None:

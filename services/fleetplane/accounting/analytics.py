@@ -7,17 +7,16 @@ Values reach SQL only as bound parameters; identifiers come from fixed sets.
 from __future__ import annotations
 
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
-from fleetplane.accounting.rows import TERMINAL_STATES
+from fleetplane.accounting.queries import where_clause
 from fleetplane.accounting.store import Store
+from fleetplane.core.states import QUEUED_STATES, RUNNING_STATES, TERMINAL_STATES
 
 DailyDimension = Literal["team", "task_type", "model", "tier"]
 ValueDimension = Literal["team", "task_type"]
 
-QUEUED_STATES = ("submitted", "accepted", "routed", "attempt_failed", "retrying", "escalated")
-RUNNING_STATES = ("dispatched", "running")
 _TERMINAL = tuple(sorted(TERMINAL_STATES))
 _TIME = "parseDateTime64BestEffort({%s:String}, 3, 'UTC')"
 
@@ -43,10 +42,6 @@ def _window(column: str, since: datetime | None, until: datetime | None,
     return clauses
 
 
-def _where(clauses: list[str]) -> str:
-    return f"WHERE {' AND '.join(clauses)}" if clauses else ""
-
-
 # -- cost ------------------------------------------------------------------------------------
 def cost_daily(store: Store, by: DailyDimension, *, team: str | None = None,
                since: datetime | None = None, until: datetime | None = None
@@ -69,7 +64,7 @@ def cost_daily(store: Store, by: DailyDimension, *, team: str | None = None,
         params["until"] = until.isoformat()
     return store.query(
         f"SELECT day, toString({by}) AS {by}, sum(cost_usd) AS cost_usd, sum(calls) AS calls "
-        f"FROM {store.table(table)} {_where(clauses)} "
+        f"FROM {store.table(table)} {where_clause(clauses)} "
         f"GROUP BY day, {by} ORDER BY day, cost_usd DESC, {by}", params)
 
 
@@ -146,7 +141,7 @@ def cost_to_value(store: Store, by: ValueDimension, *, team: str | None = None
         f"""
         SELECT toString({by}) AS {by}, count() AS tasks, countIf(state = 'completed') AS successes,
                sum(cost_usd) AS cost_usd
-        FROM {store.table('tasks')} {_where(clauses)}
+        FROM {store.table('tasks')} {where_clause(clauses)}
         GROUP BY {by}
         """, params)
     for r in rows:
@@ -173,7 +168,7 @@ def utilization(store: Store, *, bucket_s: int = 60, since: datetime | None = No
                uniqExact(executor_id, slot) AS slots,
                sum(busy_s) AS busy_s, sum(idle_s) AS idle_s, sum(model_s) AS model_s,
                sum(tool_s) AS tool_s, sum(attempts) AS attempts
-        FROM {store.table('utilization')} FINAL {_where(clauses)}
+        FROM {store.table('utilization')} FINAL {where_clause(clauses)}
         GROUP BY t ORDER BY t
         """, params)
     total = {k: sum(float(r[k]) for r in series) for k in ("busy_s", "idle_s", "model_s",
@@ -336,15 +331,3 @@ def outcomes_ingested_since(store: Store, since: datetime) -> int:
     return int(store.command(
         f"SELECT count() FROM {store.table('attempt_outcomes')} WHERE ingested_at >= "
         + _TIME % "since", {"since": since.isoformat()}))
-
-
-def period_start(period: str, now: datetime) -> datetime:
-    """Start of the UTC calendar period (day, week from Monday, month) containing `now`."""
-    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    if period == "day":
-        return day
-    if period == "week":
-        return day - timedelta(days=day.weekday())
-    if period == "month":
-        return day.replace(day=1)
-    raise ValueError(f"unknown budget period {period!r}")

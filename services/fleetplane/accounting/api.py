@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Path, Query
 from fastapi.responses import JSONResponse
@@ -18,12 +18,7 @@ from fleetplane.accounting import api_analytics, dashboard, queries
 from fleetplane.accounting.queries import CostDimension
 from fleetplane.accounting.store import Store
 from fleetplane.core.settings import Settings
-
-TaskState = Literal[
-    "submitted", "accepted", "routed", "held", "dispatched", "running", "attempt_failed",
-    "retrying", "escalated", "rejected", "completed", "failed", "abandoned", "cancelled",
-    "rolled_back",
-]
+from fleetplane.core.states import TaskState
 
 StatusFn = Callable[[], dict[str, Any]]
 

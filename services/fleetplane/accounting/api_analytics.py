@@ -16,6 +16,7 @@ from fleetplane.accounting.sqlguard import SqlRefused, run_readonly
 from fleetplane.accounting.store import Store
 from fleetplane.accounting.whatif import Selection, parse_share, resolve_target, what_if
 from fleetplane.core.catalog import catalog_for
+from fleetplane.core.periods import period_start
 from fleetplane.core.settings import Settings
 from fleetplane.core.teams import teams_for
 
@@ -39,7 +40,7 @@ def budgets(store: Store, settings: Settings) -> list[dict[str, Any]]:
     now = datetime.now(UTC)
     periods = {teams.policy(t).budget_period for t in teams.teams} | {teams.defaults.budget_period}
     spent: dict[str, dict[str, float]] = {
-        p: analytics.spend_since(store, analytics.period_start(p, now)) for p in periods}
+        p: analytics.spend_since(store, period_start(p, now)) for p in periods}
     extra = {t for by_team in spent.values() for t in by_team if t}
     out = []
     for s in statuses(teams, spent, now, extra):

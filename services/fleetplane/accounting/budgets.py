@@ -10,19 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 
-from fleetplane.accounting.analytics import period_start
 from fleetplane.core.events import BudgetStatus
+from fleetplane.core.periods import period_name
 from fleetplane.core.teams import TeamPolicy, TeamsConfig
-
-
-def period_name(period: str, now: datetime) -> str:
-    start = period_start(period, now)
-    if period == "day":
-        return start.strftime("%Y-%m-%d")
-    if period == "week":
-        year, week, _ = start.isocalendar()
-        return f"{year}-W{week:02d}"
-    return start.strftime("%Y-%m")
 
 
 def budget_state(policy: TeamPolicy, spent: float) -> str:

@@ -22,6 +22,7 @@ from fleetplane.accounting.budgets import changed, statuses
 from fleetplane.accounting.store import Store
 from fleetplane.core.events import Alert, BudgetStatus, Event, derived_id
 from fleetplane.core.logging import get_logger
+from fleetplane.core.periods import period_start
 from fleetplane.core.settings import Settings
 from fleetplane.core.teams import teams_for
 
@@ -70,7 +71,7 @@ class Publisher:
         periods = {teams.policy(t).budget_period for t in teams.teams} | {
             teams.defaults.budget_period}
         spent: dict[str, dict[str, float]] = {
-            p: analytics.spend_since(self.store, analytics.period_start(p, now))
+            p: analytics.spend_since(self.store, period_start(p, now))
             for p in sorted(periods)}
         extra = {t for by_team in spent.values() for t in by_team if t}
         return statuses(teams, spent, now, extra)

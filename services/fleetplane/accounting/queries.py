@@ -22,7 +22,8 @@ MAX_EVENTS = 100_000
 _TIME = "parseDateTime64BestEffort({%s:String}, 3, 'UTC')"
 
 
-def _where(clauses: list[str]) -> str:
+def where_clause(clauses: list[str]) -> str:
+    """`WHERE a AND b` for the clauses given, or nothing."""
     return f"WHERE {' AND '.join(clauses)}" if clauses else ""
 
 
@@ -70,7 +71,7 @@ def cost_by(store: Store, by: CostDimension, *, team: str | None = None,
             sum(m.cache_read_input_tokens) AS cache_read_input_tokens
         FROM {store.table('model_calls')} AS m FINAL
         {join}
-        {_where(clauses)}
+        {where_clause(clauses)}
         GROUP BY {by}
         ORDER BY cost_usd DESC, {by}
     """
@@ -104,7 +105,7 @@ def task_list(store: Store, *, state: str | None = None, team: str | None = None
         SELECT task_id, team, task_type, state, reason, model, tier, attempts, cost_usd,
                model_calls, submitted_at, updated_at
         FROM {store.table('tasks')}
-        {_where(clauses)}
+        {where_clause(clauses)}
         ORDER BY updated_at DESC, task_id
         LIMIT {{limit:UInt32}}
     """

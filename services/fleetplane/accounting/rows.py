@@ -12,6 +12,7 @@ from typing import Any
 
 from fleetplane.core import events as ev
 from fleetplane.core.loop import Record
+from fleetplane.core.states import STATE_RANK, TERMINAL_STATES
 
 Row = tuple[Any, ...]
 
@@ -78,18 +79,6 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     TASK_TRANSITIONS: TASK_TRANSITIONS_COLUMNS,
     EVENTS: EVENTS_COLUMNS,
 }
-
-# Task states in lifecycle order (the rank breaks ties between events of the same millisecond).
-STATE_RANK: dict[str, int] = {
-    "submitted": 1, "accepted": 2, "routed": 3, "held": 4, "dispatched": 5, "running": 6,
-    "attempt_failed": 7, "retrying": 8, "escalated": 8,
-    "rejected": 9, "completed": 9, "failed": 9, "abandoned": 9, "cancelled": 9,
-    "rolled_back": 10,
-}
-TERMINAL_STATES: frozenset[str] = frozenset(
-    {"rejected", "completed", "failed", "abandoned", "cancelled", "rolled_back"}
-)
-STATES: tuple[str, ...] = tuple(STATE_RANK)
 
 # Timeline order of event types that share a millisecond (a task's usual life story).
 EVENT_ORDER: tuple[str, ...] = (

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from fleetplane.accounting.rows import TERMINAL_STATES
+from fleetplane.core.states import TERMINAL_STATES
 
 SAMPLES: dict[str, list[tuple[str, str, str | None]]] = {
     "payments": [

@@ -25,6 +25,7 @@ from fleetplane.coordinator.world import World
 from fleetplane.core import events as ev
 from fleetplane.core import failures
 from fleetplane.core.catalog import Catalog
+from fleetplane.core.periods import period_name
 from fleetplane.core.teams import TeamPolicy, TeamsConfig
 
 E = TypeVar("E", bound=ev.Event)
@@ -64,15 +65,6 @@ class Policy:
         if self.catalog is None or tier not in self.catalog.tiers:
             return None
         return self.catalog.tier_above(tier)
-
-
-def budget_period(period: str, at: datetime) -> str:
-    if period == "month":
-        return f"{at.year:04d}-{at.month:02d}"
-    if period == "week":
-        year, week, _ = at.isocalendar()
-        return f"{year:04d}-W{week:02d}"
-    return at.date().isoformat()
 
 
 class Scheduler:
@@ -489,7 +481,7 @@ class Scheduler:
         if team in fleet.paused:
             return "paused", f"team {team} is paused ({fleet.paused[team]})"
         spend = fleet.spend.get(team)
-        period = budget_period(policy.budget_period, self.at)
+        period = period_name(policy.budget_period, self.at)
         if spend is not None and spend.period == period and spend.usd >= policy.budget_usd:
             return "budget", (f"team {team} reached its ${policy.budget_usd:.2f} "
                               f"{policy.budget_period} budget ({period})")
@@ -578,7 +570,7 @@ class Scheduler:
 
     def _charge(self, team: str, usd: float) -> None:
         fleet = self.world.fleet
-        period = budget_period(self.policy.team(team).budget_period, self.at)
+        period = period_name(self.policy.team(team).budget_period, self.at)
         spend = fleet.spend.get(team)
         total = usd + (spend.usd if spend is not None and spend.period == period else 0.0)
         self.world.set_fleet(fleet.model_copy(
@@ -621,4 +613,4 @@ _HANDLERS = {
     ev.WorkspaceChange: Scheduler._on_workspace_change,
 }
 
-__all__ = ["PARKED", "TICK", "FleetState", "Policy", "Scheduler", "World", "budget_period"]
+__all__ = ["PARKED", "TICK", "FleetState", "Policy", "Scheduler", "World"]

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fleetplane.core.periods import BudgetPeriod
 
 
 class RateLimit(BaseModel):
@@ -25,7 +27,7 @@ class TeamPolicy(BaseModel):
 
     max_running: int = Field(default=20, ge=0)
     budget_usd: float = Field(default=50.0, ge=0)
-    budget_period: Literal["day", "week", "month"] = "day"
+    budget_period: BudgetPeriod = "day"
     low_budget_share: float = Field(default=0.2, ge=0, le=1)
     weight: float = Field(default=1.0, gt=0)
     rate_limit: RateLimit = Field(default_factory=RateLimit)
@@ -46,12 +48,27 @@ class TeamsConfig(BaseModel):
         return self.teams.get(team, self.defaults)
 
 
+class TeamsFileError(ValueError):
+    """teams.yaml is not valid: the message names each field at fault (`teams.<team>.<key>`)."""
+
+
+def _policy(where: str, raw: Any) -> TeamPolicy:
+    try:
+        return TeamPolicy.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join([where, *(str(p) for p in e['loc'])])}: {e['msg']}"
+            for e in exc.errors())
+        raise TeamsFileError(problems) from exc
+
+
 def parse_teams(raw: dict[str, Any]) -> TeamsConfig:
-    """Teams inherit every key they do not set from `defaults`."""
-    defaults = TeamPolicy.model_validate(raw.get("defaults") or {})
+    """Teams inherit every key they do not set from `defaults`. Refused (TeamsFileError, naming
+    the field) when a value is not allowed, e.g. an unknown budget period."""
+    defaults = _policy("defaults", raw.get("defaults") or {})
     base = defaults.model_dump()
     teams = {
-        name: TeamPolicy.model_validate({**base, **(overrides or {})})
+        name: _policy(f"teams.{name}", {**base, **(overrides or {})})
         for name, overrides in (raw.get("teams") or {}).items()
     }
     return TeamsConfig(defaults=defaults, teams=teams)

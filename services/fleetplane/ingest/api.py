@@ -24,10 +24,10 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from fleetplane.accounting.rows import STATES, TERMINAL_STATES
 from fleetplane.core.errors import Retriable
 from fleetplane.core.events import ControlCommand, TaskSubmitted
 from fleetplane.core.kafka import EventProducer
+from fleetplane.core.states import STATES, TERMINAL_STATES
 from fleetplane.core.teams import TeamsConfig
 from fleetplane.ingest.idempotency import Marks, spec_digest, task_id_for
 from fleetplane.ingest.manifest import NAME_RE, TaskManifest
