@@ -57,6 +57,7 @@ def build_processor(settings: Settings, store: Store, *, group_id: str = GROUP_I
     tuned = settings.model_copy(update={"batch_size": max(settings.batch_size, MIN_BATCH_SIZE)})
     processor = Processor(SERVICE, all_topics(settings), make_handler(sink), tuned,
                           group_id=group_id, sink=sink, commit_interval_s=commit_interval_s,
+                          commit_when_drained=False,
                           transactional=False,
                           instance_id=instance_id or default_instance_id(settings, group_id))
     return processor, sink

@@ -129,6 +129,7 @@ class Processor:
         concurrency: int = 1,
         sink: Sink | None = None,
         commit_interval_s: float = 0.05,
+        commit_when_drained: bool = True,
         transactional: bool | None = None,
         instance_id: str | None = None,
     ) -> None:
@@ -140,6 +141,9 @@ class Processor:
         self.retry = retry or RetryPolicy()
         self.sink = sink
         self.commit_interval_s = commit_interval_s
+        # a hop forwards at once when its input is drained (the next service waits on this
+        # commit); a sink at the end of the pipeline (accounting) prefers larger batches
+        self.commit_when_drained = commit_when_drained
         self.transactional = settings.transactional if transactional is None else transactional
         self.group_id = group_id or f"fleetplane-{service}"
         self.instance_id = instance_id or f"{self.group_id}-{settings.instance_id}"
@@ -195,12 +199,12 @@ class Processor:
                  transactional=self.transactional)
         try:
             while not self._stopping:
-                msgs = self.consumer.consume(self.settings.batch_size,
-                                             self.settings.poll_timeout_s)
+                msgs = self._fetch()
                 if msgs:
                     self._process(msgs)
                 now = time.monotonic()
-                if self._pending and now - last_checkpoint >= self.commit_interval_s:
+                drained = self.commit_when_drained and len(msgs) < self.settings.batch_size
+                if self._pending and (drained or now - last_checkpoint >= self.commit_interval_s):
                     self._checkpoint()
                     last_checkpoint = now
                 elif not self._pending:
@@ -213,6 +217,20 @@ class Processor:
         finally:
             self._running = False
             self._close()
+
+    def _fetch(self) -> list[Message]:
+        """The next batch: waits (up to poll_timeout_s) for the first record only, then takes
+        what is already fetched, up to batch_size. (librdkafka's consume(n, timeout) waits the
+        whole timeout unless n records arrive: every hop added up to poll_timeout_s to a task's
+        latency. With the batch drained, the loop checkpoints at once: the outputs are visible
+        downstream without waiting for a commit interval.)"""
+        assert self.consumer is not None
+        first = self.consumer.poll(self.settings.poll_timeout_s)
+        if first is None:
+            return []
+        if self.settings.batch_size <= 1:
+            return [first]
+        return [first, *self.consumer.consume(self.settings.batch_size - 1, 0)]
 
     def _close(self) -> None:
         if self._pool is not None:
