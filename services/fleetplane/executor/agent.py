@@ -9,7 +9,6 @@ import json
 import math
 import time
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -346,23 +345,24 @@ class Agent:
             self.spec.temperature, timeout)
         abandoned: str | None = None
         while True:
-            try:
-                turn = fut.result(timeout=0.05)
-                break
-            except FutureTimeout:
-                if self.run_.cancel.is_set():
-                    abandoned = "cancelled"
-                elif time.monotonic() >= self.deadline:
-                    abandoned = "timeout"
-                else:
-                    continue
-                fut.cancel()
-                break
-            except ModelCallError as exc:
-                self.run_.slot.add("model", time.perf_counter() - start)
-                self._audit(self._model_call(index, model, None, exc.latency_ms, exc.kind,
-                                             str(exc)[:1000]))
-                raise
+            self.run_.wait(fut, self.deadline - time.monotonic())
+            if fut.done():
+                try:
+                    turn = fut.result()
+                    break
+                except ModelCallError as exc:
+                    self.run_.slot.add("model", time.perf_counter() - start)
+                    self._audit(self._model_call(index, model, None, exc.latency_ms, exc.kind,
+                                                 str(exc)[:1000]))
+                    raise
+            if self.run_.cancel.is_set():
+                abandoned = "cancelled"
+            elif time.monotonic() >= self.deadline:
+                abandoned = "timeout"
+            else:
+                continue
+            fut.cancel()
+            break
         took = time.perf_counter() - start
         self.run_.slot.add("model", took)
         if abandoned is not None:

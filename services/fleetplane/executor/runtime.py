@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -201,6 +201,30 @@ class Running:
     attempt: int
     slot: Slot
     cancel: threading.Event = field(default_factory=threading.Event)
+    _waiters: set[threading.Event] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def request_cancel(self) -> None:
+        """Set the cancel flag and wake whatever the attempt is waiting for."""
+        self.cancel.set()
+        with self._lock:
+            waiters = list(self._waiters)
+        for w in waiters:
+            w.set()
+
+    def wait(self, fut: Future[Any], timeout_s: float) -> None:
+        """Block until `fut` is done, the attempt is cancelled, or `timeout_s` passed: one
+        wake-up, no polling (thousands of attempts wait on model calls at once)."""
+        wake = threading.Event()
+        fut.add_done_callback(lambda _f: wake.set())
+        with self._lock:
+            self._waiters.add(wake)
+        try:
+            if not self.cancel.is_set():
+                wake.wait(max(0.0, timeout_s))
+        finally:
+            with self._lock:
+                self._waiters.discard(wake)
 
 
 class Journal:
@@ -284,7 +308,7 @@ class Runtime:
         with self._lock:
             self._running[task_id] = run
             if task_id in self._cancelled:
-                run.cancel.set()
+                run.request_cancel()
         return run
 
     def end(self, run: Running) -> None:
@@ -301,7 +325,7 @@ class Runtime:
                 self._cancelled.popitem(last=False)
             run = self._running.get(task_id)
         if run is not None:
-            run.cancel.set()
+            run.request_cancel()
             log.info("cancelling running attempt", task_id=task_id, attempt=run.attempt)
             return True
         return False
