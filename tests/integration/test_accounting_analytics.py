@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -38,7 +39,8 @@ def store_events(store: Store, events: list[ev.Event], start_offset: int = 0) ->
 @pytest.fixture(scope="module")
 def ch_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Store]:
     store = open_test_store(tmp_path_factory.mktemp("accounting-analytics-ch"))
-    history = [e for s in stories(P) for e in s.events()] + utilization_events(base_time())
+    history = [e for s in stories(P) for e in s.events()] + utilization_events(base_time()) \
+        + second_executor(base_time())
     store_events(store, history)
     # a redelivered model call must not count twice (except in the daily rollups, see docs)
     store_events(store, [e for e in history if isinstance(e, ev.ModelCall)][:1], 0)
@@ -107,17 +109,35 @@ def test_cache_savings_valued_at_the_routed_models_cost(client: TestClient) -> N
     assert body["by_task_type"][0]["task_type"] == "summarize"
 
 
-def test_utilization_busy_idle_and_shares(client: TestClient) -> None:
+def second_executor(t0: datetime) -> list[ev.Event]:
+    """Another executor process with two slots: one busy the whole first window (all model
+    time), one idle."""
+    return [ev.ExecutorUtilization(task_id="", team="", executor_id="exec-2", slot=slot,
+                                   window_start=t0, window_s=10.0, busy_s=busy,
+                                   idle_s=10.0 - busy, model_s=busy, tool_s=0.0,
+                                   attempts=1 if busy else 0,
+                                   occurred_at=t0 + timedelta(seconds=10))
+            for slot, busy in ((0, 10.0), (1, 0.0))]
+
+
+def test_utilization_busy_idle_and_shares_per_executor_and_fleet(client: TestClient) -> None:
     body = get(client, "/v1/utilization", bucket_s=3600)
     total = body["total"]
-    assert total["busy_s"] == pytest.approx(8.0)
-    assert total["idle_s"] == pytest.approx(12.0)
-    assert total["busy_share"] == pytest.approx(0.4)
-    assert total["model_share_of_busy"] == pytest.approx(5 / 8)
-    assert total["tool_share_of_busy"] == pytest.approx(1.5 / 8)
-    assert total["other_share_of_busy"] == pytest.approx(1.5 / 8)
+    assert total["slots"] == 3
+    assert total["busy_s"] == pytest.approx(18.0)
+    assert total["idle_s"] == pytest.approx(22.0)
+    assert total["busy_share"] == pytest.approx(18 / 40)
+    assert total["model_share_of_busy"] == pytest.approx(15 / 18)
+    assert total["tool_share_of_busy"] == pytest.approx(1.5 / 18)
+    assert total["other_share_of_busy"] == pytest.approx(1.5 / 18)
+    per = {r["executor_id"]: r for r in body["executors"]}
+    assert sorted(per) == ["exec-1", "exec-2"]
+    assert (per["exec-1"]["slots"], per["exec-2"]["slots"]) == (1, 2)
+    assert per["exec-1"]["busy_share"] == pytest.approx(0.4)
+    assert per["exec-2"]["busy_share"] == pytest.approx(0.5)
+    assert per["exec-2"]["model_share_of_busy"] == pytest.approx(1.0)
     fine = get(client, "/v1/utilization", bucket_s=10)["series"]
-    assert [r["busy_s"] for r in fine] == [6.0, 2.0]
+    assert [r["busy_s"] for r in fine] == [16.0, 2.0]
 
 
 def test_queue_wait_percentiles_and_held_time(client: TestClient) -> None:

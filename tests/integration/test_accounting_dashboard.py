@@ -81,6 +81,7 @@ def test_dashboard_renders_the_fleet_and_a_task_page(api_url: str, tmp_path: Pat
         assert text(f"{beta} .done") == "2"
         assert "quota" in text("#held tbody")
         assert text("#util-busy") == "40%"
+        assert text("tr[data-executor='exec-1'] .busy") == "40%"  # per executor process
         assert text("tr[data-task-type='debug'] .cost") == "1.002000"
         assert text("tr[data-model='claude-opus-4-7'] .cost") == "1.000000"
         assert "baseline 0.01" in text("#alerts tbody")

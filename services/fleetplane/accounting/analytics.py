@@ -159,7 +159,8 @@ def utilization(store: Store, *, bucket_s: int = 60, since: datetime | None = No
                 until: datetime | None = None) -> dict[str, Any]:
     """Executor slots busy vs idle per time bucket (from ExecutorUtilization windows), and
     within busy time the seconds waiting on models, running tools and the rest (agent loop,
-    queueing inside the executor). Totals over the whole range beside the series."""
+    queueing inside the executor). Beside the series: the same per executor process
+    (`executors`: slots reported, shares, last report) and for the whole fleet (`total`)."""
     params: dict[str, Any] = {"bucket": max(1, int(bucket_s))}
     clauses = _window("window_start", since, until, params)
     series = store.query(
@@ -173,14 +174,24 @@ def utilization(store: Store, *, bucket_s: int = 60, since: datetime | None = No
         """, params)
     total = {k: sum(float(r[k]) for r in series) for k in ("busy_s", "idle_s", "model_s",
                                                            "tool_s")}
-    for r in [*series, total]:
+    executors = store.query(
+        f"""
+        SELECT executor_id, uniqExact(slot) AS slots, sum(busy_s) AS busy_s,
+               sum(idle_s) AS idle_s, sum(model_s) AS model_s, sum(tool_s) AS tool_s,
+               sum(attempts) AS attempts, max(window_start) AS last_report
+        FROM {store.table('utilization')} FINAL {where_clause(clauses)}
+        GROUP BY executor_id ORDER BY executor_id
+        """, params)
+    total["slots"] = sum(int(r["slots"]) for r in executors)
+    for r in [*series, *executors, total]:
         busy, idle = float(r["busy_s"]), float(r["idle_s"])
         other = max(0.0, busy - float(r["model_s"]) - float(r["tool_s"]))
         r["other_s"] = other
         r["busy_share"] = busy / (busy + idle) if busy + idle > 0 else 0.0
         for part in ("model", "tool", "other"):
             r[f"{part}_share_of_busy"] = float(r[f"{part}_s"]) / busy if busy > 0 else 0.0
-    return {"bucket_s": params["bucket"], "series": series, "total": total}
+    return {"bucket_s": params["bucket"], "series": series, "executors": executors,
+            "total": total}
 
 
 def queue_wait(store: Store, *, by: Literal["team", "task_type"] | None = None

@@ -58,7 +58,10 @@ _OVERVIEW_HTML = """<!doctype html><html lang="en"><head><meta charset="utf-8">
 <table id="held-time"><thead><tr><th>kind</th><th class="n">holds</th><th class="n">total s</th>
 <th class="n">p50 s</th><th class="n">still held</th></tr></thead><tbody></tbody></table></section>
 <section><h2>Executor utilization</h2><svg id="util-chart" viewBox="0 0 400 140"
-preserveAspectRatio="none"></svg><div id="util-summary"></div></section>
+preserveAspectRatio="none"></svg><div id="util-summary"></div>
+<table id="executors"><thead><tr><th>executor</th><th class="n">slots</th><th class="n">busy</th>
+<th class="n">models</th><th class="n">tools</th><th class="n">attempts</th></tr></thead>
+<tbody></tbody></table></section>
 <section><h2>Cost by task type</h2><table id="cost-task-type"><thead><tr><th>task type</th>
 <th class="n">calls</th><th class="n">cost $</th><th class="n">$ / success</th></tr></thead>
 <tbody></tbody></table></section>
@@ -122,6 +125,10 @@ async function refresh() {
       `models <b>${(100 * u.model_share_of_busy).toFixed(0)}%%</b>, tools <b>${(100 * u.tool_share_of_busy).toFixed(0)}%%</b>, ` +
       `other <b>${(100 * u.other_share_of_busy).toFixed(0)}%%</b>; queue wait p50 <b id="wait-p50">${d.queue_wait ? Number(d.queue_wait.p50_s).toFixed(2) : '-'}</b> s, ` +
       `p90 <b>${d.queue_wait ? Number(d.queue_wait.p90_s).toFixed(2) : '-'}</b> s`;
+    const pctOf = x => `${(100 * x).toFixed(0)}%%`;
+    rows('executors', d.utilization.executors || [], x => `<tr data-executor="${esc(x.executor_id)}"><td>${esc(x.executor_id)}</td>` +
+      `<td class="n">${x.slots}</td><td class="n busy">${pctOf(x.busy_share)}</td><td class="n">${pctOf(x.model_share_of_busy)}</td>` +
+      `<td class="n">${pctOf(x.tool_share_of_busy)}</td><td class="n">${x.attempts}</td></tr>`);
     const value = Object.fromEntries(d.value.map(v => [v.task_type, v]));
     rows('cost-task-type', d.cost_by_task_type, c => `<tr data-task-type="${esc(c.task_type)}"><td>${esc(c.task_type || '(unknown)')}</td>` +
       `<td class="n">${c.calls}</td><td class="n cost">${usd(c.cost_usd)}</td><td class="n">${usd((value[c.task_type] || {}).cost_per_success_usd)}</td></tr>`);

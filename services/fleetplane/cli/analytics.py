@@ -102,16 +102,21 @@ def cache(output: Output = "table") -> None:
 @analytics_app.command("utilization")
 def utilization(bucket: Annotated[int, typer.Option(help="seconds per row")] = 60,
                 output: Output = "table") -> None:
-    """Executor slots busy vs idle over time; busy time split into models, tools, other."""
+    """Executor slots busy vs idle over time, per executor and for the fleet; busy time split
+    into models, tools, other."""
     body = _get("/v1/utilization", {"bucket_s": bucket})
     if output == "json":
         cli.console.print_json(json.dumps(body, default=str))
         return
     show(body["series"], ["t", "slots", "busy_share", "model_share_of_busy",
                           "tool_share_of_busy", "other_share_of_busy"], "utilization", output)
+    show(body.get("executors", []), ["executor_id", "slots", "busy_share",
+                                     "model_share_of_busy", "tool_share_of_busy", "attempts",
+                                     "last_report"], "per executor", output)
     t = body["total"]
-    cli.console.print(f"total: busy {t['busy_share']:.0%}, of busy: models "
-                      f"{t['model_share_of_busy']:.0%}, tools {t['tool_share_of_busy']:.0%}, "
+    cli.console.print(f"fleet: {t.get('slots', 0)} slots, busy {t['busy_share']:.0%}, "
+                      f"of busy: models {t['model_share_of_busy']:.0%}, "
+                      f"tools {t['tool_share_of_busy']:.0%}, "
                       f"other {t['other_share_of_busy']:.0%}")
 
 
