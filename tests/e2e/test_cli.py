@@ -3,11 +3,14 @@ user runs them (the real console script in a subprocess, its own broker and data
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,9 +91,38 @@ def test_up_submit_demo_get_cost_down(cli_env: dict[str, str]) -> None:
     assert "2 of 3 submitted" in batch.stdout
     assert "document 2" in batch.stderr and "spec.oops" in batch.stderr
 
+    # the broker dies hard (SIGKILL, as the OOM killer would): the supervisor restarts it, the
+    # services reconnect, and work flows again without anyone stepping in
+    state_file = Path(cli_env["FLEETPLANE_DATA_DIR"]) / "stack.json"
+    state = json.loads(state_file.read_text())
+    os.killpg(state["broker"]["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and json.loads(state_file.read_text()).get(
+            "broker", {}).get("restarts", 0) < 1:
+        time.sleep(0.5)
+    status = run(cli_env, "status")
+    assert re.search(r"broker\W+\d+\W+1\W", status.stdout), status.stdout
+    after = run(cli_env, "submit", "-f", str(ROOT / "examples" / "task.yaml"), timeout=120)
+    assert after.returncode == 0, after.stdout + after.stderr
+
+    # the supervisor itself dies: `down` still stops every process the stack recorded
+    state = json.loads(state_file.read_text())
+    os.kill(state["supervisor_pid"], signal.SIGKILL)
+    recorded = [s["pid"] for s in state["services"].values()] + [state["broker"]["pid"]]
     down = run(cli_env, "down")
-    assert down.returncode == 0 and "stopped" in down.stdout
+    assert down.returncode == 0 and "stopped" in down.stdout, down.stdout
+    assert not [pid for pid in recorded if alive(pid)], down.stdout
     broker_port = int(cli_env["FLEETPLANE_KAFKA_BOOTSTRAP"].rsplit(":", 1)[1])
     assert not port_open("127.0.0.1", broker_port)
     assert not port_open("127.0.0.1", int(cli_env["FLEETPLANE_INGEST_PORT"]))
+    assert not port_open("127.0.0.1", int(cli_env["FLEETPLANE_FAKE_PROVIDER_PORT"]))
     assert run(cli_env, "status").returncode == 1
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is not running
+        return f.read().split(") ", 1)[1][0] != "Z"

@@ -139,6 +139,9 @@ def _print_status(state: dict[str, Any]) -> None:
     table.add_column("pid", justify="right")
     table.add_column("restarts", justify="right")
     table.add_column("log")
+    broker = state.get("broker")
+    if isinstance(broker, dict):
+        table.add_row("broker", str(broker["pid"]), str(broker["restarts"]), broker["log"])
     for name, info in state.get("services", {}).items():
         table.add_row(name, str(info["pid"]), str(info["restarts"]), info["log"])
     console.print(table)
@@ -153,13 +156,32 @@ def down(timeout: Annotated[float, typer.Option()] = 60.0) -> None:
     state = _stack_state(settings)
     pid = state.get("supervisor_pid") if state else None
     if not pid or not _alive(pid):
-        console.print("fleetplane is not running")
+        orphans = _recorded_pids(state or {})
+        for child in orphans:  # the supervisor died and left its children running
+            stop_group(child, timeout_s=5)
+        console.print(f"fleetplane is not running (stopped {len(orphans)} orphaned processes)"
+                      if orphans else "fleetplane is not running")
         _state_file(settings).unlink(missing_ok=True)
         return
     with console.status("stopping services and broker..."):
         stop_group(int(pid), timeout_s=timeout)
+        # whatever the supervisor could not stop (it was killed, or hung on a dead broker):
+        # every process the stack recorded, each in its own process group
+        left = _recorded_pids(state or {})
+        for child in left:
+            stop_group(child, timeout_s=5)
     _state_file(settings).unlink(missing_ok=True)
     console.print("fleetplane stopped")
+
+
+def _recorded_pids(state: dict[str, Any]) -> list[int]:
+    """The stack's processes from stack.json (services, fake provider, broker) still alive."""
+    pids = [int(s["pid"]) for s in (state.get("services") or {}).values()
+            if isinstance(s, dict) and s.get("pid")]
+    broker = state.get("broker")
+    if isinstance(broker, dict) and broker.get("pid"):
+        pids.append(int(broker["pid"]))
+    return [p for p in pids if _alive(p)]
 
 
 @app.command()

@@ -212,8 +212,22 @@ class Stack:
             child.proc.wait(10)
 
     def supervise_once(self, backoff_s: float = 1.0) -> list[str]:
-        """Restart children that exited; returns their names."""
+        """Restart the broker (embedded) and children that exited; returns their names.
+
+        A dead broker (a crash, the OOM killer, SIGKILL) is restarted on the same port and data
+        directory, with a backoff that grows with its restarts; the services reconnect on their
+        own (librdkafka retries), so they are not restarted for it. What the broker had
+        acknowledged but not yet written is lost on a hard kill (docs/operations.md)."""
         restarted = []
+        broker = self.broker
+        if broker is not None and not broker.alive() and (
+                time.monotonic() - broker.started_at >= backoff_s * (1 + min(broker.restarts, 5))):
+            broker.restarts += 1
+            try:
+                broker.start()
+                restarted.append("broker")
+            except RuntimeError:  # tried again at the next round, after the backoff
+                broker.started_at = time.monotonic()
         for name, child in self.children.items():
             if child.proc is not None and child.proc.poll() is not None:
                 if time.monotonic() - child.started_at < backoff_s * (1 + min(child.restarts, 5)):
@@ -243,6 +257,8 @@ class Stack:
             "admin_token_file": str(self.data_dir / "admin.token"),
             "services": {n: {"pid": c.pid, "restarts": c.restarts, "log": str(c.log_path)}
                          for n, c in self.children.items()},
+            "broker": ({"pid": self.broker.pid, "restarts": self.broker.restarts,
+                        "log": str(self.broker.log_file)} if self.broker is not None else None),
         }
 
 

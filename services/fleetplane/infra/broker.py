@@ -55,6 +55,15 @@ class EmbeddedBroker:
         self.log_file = log_file or data_dir / "broker.log"
         self.pid_file = data_dir / "broker.pid"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self.started_at = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     @property
     def bootstrap(self) -> str:
@@ -68,6 +77,7 @@ class EmbeddedBroker:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         self.pid_file.write_text(str(self.proc.pid))
+        self.started_at = time.monotonic()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
