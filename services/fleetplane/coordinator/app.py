@@ -22,13 +22,17 @@ confluent-kafka) and a clock:
 
 Failover. Every coordinator process starts as a standby that watches the end offset of the
 scheduler topic; when it has not moved for ``FLEETPLANE_COORDINATOR_TAKEOVER_S`` (the active
-ticks every ``TICK_S``, so it is gone), the standby becomes the active: it joins both consumer
-groups with the *role's* static member id (``group.instance.id``), which replaces the dead
-member at once (the embedded broker never expires a member killed with SIGKILL, static or
-dynamic), and opens the two transactional producers with the role's ``transactional.id``, which
-fences the previous active and aborts its open transactions; then it restores the table and goes
-on from the committed offsets. A previous active that was not dead after all is fenced (its next
-commit fails) and exits; the supervisor restarts it as a standby. See docs/coordinator.md.
+ticks every ``TICK_S``, so it is gone), the standby becomes the active: it fences the previous
+active (``init_transactions`` with the previous holder's transactional ids, which it read from
+the ``x-coordinator-epoch`` header of its ticks: that aborts its open transactions and fences
+its producers, should it be alive after all), joins both consumer groups with the *role's*
+static member id (``group.instance.id``), which replaces the dead member at once (the embedded
+broker never expires a member killed with SIGKILL, static or dynamic), opens its own
+transactional producers with fresh ids (``<role>-<epoch>``: reusing the previous holder's id,
+hence its producer id, leaves the new commits invisible to read_committed consumers on the
+embedded broker until some other transaction ends), restores the table and goes on from the
+committed offsets. A previous active that was not dead after all fails its next commit and
+exits; the supervisor restarts it as a standby. See docs/coordinator.md.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from fleetplane.coordinator.scheduler import TICK, Policy, Scheduler
 from fleetplane.coordinator.world import World
@@ -53,9 +57,10 @@ from fleetplane.core import events as ev
 from fleetplane.core import topics as t
 from fleetplane.core.catalog import Catalog, _task_type
 from fleetplane.core.errors import NotRetriable
-from fleetplane.core.kafka import EventProducer
+from fleetplane.core.kafka import event_headers
 from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import Output, Processor, RawRecord, Record, dead_letter
+from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.table import ChangelogTable
 from fleetplane.core.teams import load_teams
@@ -66,14 +71,17 @@ SCHEDULER_TOPIC = f"{APP_ID}-scheduler"
 SCHEDULER_GROUP = SCHEDULER_TOPIC  # the schedule step's consumer group
 CHANGELOG = f"{SCHEDULER_TOPIC}-changelog"
 INPUTS = (t.ROUTED, t.LIFECYCLE, t.OUTCOMES, t.CONTROL, t.WORKSPACE, t.BUDGET)
-# static member ids and transactional ids of the active role (the same in every process)
+# static member ids of the active role (the same in every process); each holder of the role
+# uses the transactional ids <role>-<epoch> (see Coordinator.fence_previous)
 REPARTITION_ROLE = f"{APP_ID}-active"
 SCHEDULE_ROLE = f"{SCHEDULER_GROUP}-active"
+OWNER_HEADER = "x-coordinator-epoch"  # on every tick: the epoch of the active that sent it
+WATCH_BACKLOG = 2_000  # scheduler records a standby reads back at start to learn the owner
 # headers the repartition adds: where the record was read (for dead letters)
 SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET = "x-source-topic", "x-source-partition", \
     "x-source-offset"
 BATCH_MAX = 500  # records consumed together (settings.batch_size); one transaction at most
-WATCH_INTERVAL_S = 0.25  # how often a standby reads the scheduler topic's end offset
+WATCH_INTERVAL_S = 0.25  # how long a standby's poll of the scheduler topic waits
 
 log = get_logger(__name__)
 
@@ -122,19 +130,22 @@ def policy_for_settings(settings: Settings) -> Policy:
 
 
 class Silence:
-    """A standby's judgement of the active: the scheduler topic's end offset has not moved for
-    ``takeover_s``. An observation that failed (broker away) is no evidence: it restarts the
-    wait, so a broker restart does not make a standby take over from a live active."""
+    """A standby's judgement of the active: nothing new on the scheduler topic for
+    ``takeover_s``. A failed read (broker away) is no evidence: it restarts the wait, so a
+    broker restart does not make a standby take over from a live active."""
 
     def __init__(self, takeover_s: float, now: float) -> None:
         self.takeover_s = takeover_s
-        self.end: int | None = None
+        self.last = -1
         self.since = now
 
-    def observe(self, end: int | None, now: float) -> bool:
-        """Record the end offset seen at `now` (None: could not read it); True: take over."""
-        if end is None or end != self.end:
-            self.end = end
+    def reset(self, now: float) -> None:
+        self.since = now
+
+    def observe(self, last: int, now: float) -> bool:
+        """The latest offset read at `now`; True: time to take over."""
+        if last != self.last:
+            self.last = last
             self.since = now
             return False
         return now - self.since >= self.takeover_s
@@ -176,12 +187,16 @@ class Coordinator:
         self.world: World | None = None  # loaded from the table after each restore
         self.lock = threading.Lock()  # the world between the schedule step and the web views
         self._stopping = threading.Event()
+        # this process's term as the active: its transactional ids are <role>-<epoch>
+        self.epoch = f"{settings.instance_id}-{time.time_ns() // 1_000_000}"
+        self.previous_epoch: str | None = None  # learnt from the ticks while standby
         self.repartitioner = Processor(
             SERVICE, INPUTS, repartition, settings, group_id=APP_ID, transactional=True,
-            instance_id=REPARTITION_ROLE)
+            instance_id=f"{REPARTITION_ROLE}-{self.epoch}", group_instance_id=REPARTITION_ROLE)
         self.schedule = Processor(
             SERVICE, [SCHEDULER_TOPIC], self.decide, settings, group_id=SCHEDULER_GROUP,
-            transactional=True, instance_id=SCHEDULE_ROLE, on_assign=self._on_assign,
+            transactional=True, instance_id=f"{SCHEDULE_ROLE}-{self.epoch}",
+            group_instance_id=SCHEDULE_ROLE, on_assign=self._on_assign,
             on_abort=self._on_abort)
         self.web: ThreadingHTTPServer | None = None
 
@@ -246,27 +261,56 @@ class Coordinator:
         self.schedule.stop()
 
     def wait_for_silence(self) -> bool:
-        """Standby: until the active has been quiet for takeover_s (True), or stop (False)."""
-        client = Consumer({**self.settings.client_config(), "group.id": f"{APP_ID}-watch"})
-        tp = TopicPartition(SCHEDULER_TOPIC, 0)
+        """Standby: until the active has been quiet for takeover_s (True), or stop (False).
+
+        Reads the scheduler topic (read_uncommitted: the ticks are not transactional, and an
+        open transaction of a dead active must not hide them) from a little before its end, and
+        remembers the epoch of the latest tick's sender: the holder to fence on takeover."""
+        consumer = Consumer({**self.settings.client_config(), "group.id": f"{APP_ID}-watch",
+                             "enable.auto.commit": False, "isolation.level": "read_uncommitted",
+                             "auto.offset.reset": "latest"})
         # a little jitter, so two processes started together rarely both take over
         silence = Silence(self.settings.coordinator_takeover_s + random.uniform(0, 0.5),
                           time.monotonic())
         log.info("standby: watching the active coordinator", topic=SCHEDULER_TOPIC,
                  takeover_s=self.settings.coordinator_takeover_s)
         try:
+            tp = TopicPartition(SCHEDULER_TOPIC, 0)
+            low, high = consumer.get_watermark_offsets(tp, timeout=30, cached=False)
+            consumer.assign([TopicPartition(SCHEDULER_TOPIC, 0, max(low, high - WATCH_BACKLOG))])
+            last = -1
             while not self._stopping.is_set():
-                end: int | None
                 try:
-                    end = client.get_watermark_offsets(tp, timeout=5, cached=False)[1]
+                    msgs = consumer.consume(1000, WATCH_INTERVAL_S)
                 except Exception:  # broker away: no evidence either way
-                    end = None
-                if silence.observe(end, time.monotonic()):
+                    msgs = []
+                    silence.reset(time.monotonic())
+                for msg in msgs:
+                    if msg.error() is not None:
+                        silence.reset(time.monotonic())
+                        continue
+                    last = msg.offset() or 0
+                    for key, value in msg.headers() or []:
+                        if key == OWNER_HEADER and value:
+                            self.previous_epoch = value.decode()
+                if silence.observe(last, time.monotonic()):
                     return True
-                self._stopping.wait(WATCH_INTERVAL_S)
             return False
         finally:
-            client.close()
+            consumer.close()
+
+    def fence_previous(self) -> None:
+        """Abort the previous active's open transactions and fence its producers, by opening
+        (and closing at once) producers with its transactional ids."""
+        if not self.previous_epoch or self.previous_epoch == self.epoch:
+            return
+        started = time.monotonic()
+        for role in (REPARTITION_ROLE, SCHEDULE_ROLE):
+            producer = Producer(self.settings.producer_config(f"{role}-{self.previous_epoch}"))
+            producer.init_transactions(60)
+            producer.flush(5)
+        log.info("fenced the previous active", epoch=self.previous_epoch,
+                 seconds=round(time.monotonic() - started, 3))
 
     def run(self) -> int:
         """The process: standby, then active until stopped. Returns the exit status."""
@@ -275,7 +319,8 @@ class Coordinator:
         self.active_at = time.monotonic()
         self.stats.role = "active"
         self.stats.standby_s = round(self.active_at - self.started_at, 3)
-        log.info("taking the active role", standby_s=self.stats.standby_s)
+        log.info("taking the active role", standby_s=self.stats.standby_s, epoch=self.epoch)
+        self.fence_previous()
         self._serve_web()
         failed: list[BaseException] = []
         threads = [self._thread("repartition", self.repartitioner.run, failed),
@@ -311,15 +356,19 @@ class Coordinator:
 
     def _clock(self) -> None:
         """Ticks onto the scheduler topic (not transactional: visible at once)."""
-        producer = EventProducer(self.settings)
+        producer = Producer(self.settings.producer_config())
+        serde = default_serde()
         try:
             while not self._stopping.is_set():
                 tick = ev.ControlCommand(task_id="", team="", command=TICK,
                                          requested_by=SERVICE)
-                producer.produce(tick, topic=SCHEDULER_TOPIC)
+                producer.produce(SCHEDULER_TOPIC, key=b"", value=serde.encode(tick), partition=0,
+                                 headers=[*event_headers(tick),
+                                          (OWNER_HEADER, self.epoch.encode())])
+                producer.poll(0)
                 self._stopping.wait(self.settings.coordinator_tick_s)
         finally:
-            producer.close()
+            producer.flush(5)
 
     # -- views (web pages and CLI) ---------------------------------------------------------
     def held_tasks(self) -> list[dict[str, Any]]:
@@ -369,7 +418,7 @@ class Coordinator:
         }
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 page = pages.get(self.path.split("?")[0].rstrip("/"))
                 status, body = page() if page else (404, {"error": "not found"})
                 data = json.dumps(body).encode()
@@ -379,7 +428,7 @@ class Coordinator:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
         def bind() -> None:

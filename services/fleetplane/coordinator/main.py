@@ -7,6 +7,7 @@ the process cleanly: each step finishes its batch and commits its transaction (e
 
 from __future__ import annotations
 
+import faulthandler
 import signal
 import sys
 from types import FrameType
@@ -29,6 +30,7 @@ def main() -> None:
         log.info("signal received, stopping", signal=signum)
         coordinator.stop()
 
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack on stderr
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("coordinator starting", instance=settings.instance_id,

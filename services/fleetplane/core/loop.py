@@ -148,6 +148,7 @@ class Processor:
         commit_interval_s: float = 0.05,
         transactional: bool | None = None,
         instance_id: str | None = None,
+        group_instance_id: str | None = None,
         on_assign: AssignHook | None = None,
         on_abort: Callable[[], None] | None = None,
     ) -> None:
@@ -162,6 +163,9 @@ class Processor:
         self.transactional = settings.transactional if transactional is None else transactional
         self.group_id = group_id or f"fleetplane-{service}"
         self.instance_id = instance_id or f"{self.group_id}-{settings.instance_id}"
+        # static member id (default: instance_id); a role shared by replicas may differ from
+        # the transactional.id (coordinator: one role, one fresh transactional.id per holder)
+        self.group_instance_id = group_instance_id or self.instance_id
         self.on_assign = on_assign  # before the assigned partitions' records are read
         self.on_abort = on_abort  # after an aborted transaction, before the rewind
         self._pool = ThreadPoolExecutor(concurrency) if concurrency > 1 else None
@@ -199,7 +203,7 @@ class Processor:
         # Static membership: a replica restarted after a crash (SIGKILL) takes its partitions back
         # at once instead of waiting for the broker to expire the dead member (the embedded broker
         # never does; see docs/operations.md).
-        cfg.setdefault("group.instance.id", self.instance_id)
+        cfg.setdefault("group.instance.id", self.group_instance_id)
         if self.transactional:
             cfg["enable.auto.commit"] = False
         self.consumer = Consumer(cfg)
