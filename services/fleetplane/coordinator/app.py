@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from fleetplane.coordinator.scheduler import TICK, Policy, Scheduler
 from fleetplane.coordinator.world import World
@@ -59,7 +59,14 @@ from fleetplane.core.catalog import Catalog, _task_type
 from fleetplane.core.errors import NotRetriable
 from fleetplane.core.kafka import event_headers
 from fleetplane.core.logging import get_logger
-from fleetplane.core.loop import Output, Processor, RawRecord, Record, dead_letter
+from fleetplane.core.loop import (
+    Output,
+    Processor,
+    RawRecord,
+    Record,
+    dead_letter,
+    headers_dict,
+)
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.table import ChangelogTable
@@ -290,14 +297,26 @@ class Coordinator:
                         silence.reset(time.monotonic())
                         continue
                     last = msg.offset() or 0
-                    for key, value in msg.headers() or []:
-                        if key == OWNER_HEADER and value:
-                            self.previous_epoch = value.decode()
-                if silence.observe(last, time.monotonic()):
+                    owner = headers_dict(msg.headers()).get(OWNER_HEADER)
+                    if owner:
+                        self.previous_epoch = owner.decode()
+                if not self._broker_answers(consumer):
+                    silence.reset(time.monotonic())  # the active cannot tick either
+                elif silence.observe(last, time.monotonic()):
                     return True
             return False
         finally:
             consumer.close()
+
+    def _broker_answers(self, consumer: Consumer) -> bool:
+        """A consumer that reads nothing may be facing a broker that is away (then the active
+        is quiet too): silence counts only if the broker answers now; if not, wait again."""
+        try:
+            consumer.get_watermark_offsets(TopicPartition(SCHEDULER_TOPIC, 0), timeout=2,
+                                           cached=False)
+            return True
+        except KafkaException:
+            return False
 
     def fence_previous(self) -> None:
         """Abort the previous active's open transactions and fence its producers, by opening
