@@ -37,6 +37,7 @@ exits; the supervisor restarts it as a standby. See docs/coordinator.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -374,20 +375,29 @@ class Coordinator:
         return threading.Thread(target=body, name=name, daemon=True)
 
     def _clock(self) -> None:
-        """Ticks onto the scheduler topic (not transactional: visible at once)."""
-        producer = Producer(self.settings.producer_config())
+        """Ticks onto the scheduler topic (not transactional: visible at once). The producer is
+        not idempotent: a duplicated or lost tick is harmless (the next one comes 0.5 s later),
+        and an idempotent producer's sequence state does not survive a broker restart on the
+        embedded broker (a fatal OUT_OF_ORDER_SEQUENCE_NUMBER, seen in the chaos run)."""
+        config = {**self.settings.producer_config(), "enable.idempotence": False}
+        producer = Producer(config)
         serde = default_serde()
         try:
             while not self._stopping.is_set():
                 tick = ev.ControlCommand(task_id="", team="", command=TICK,
                                          requested_by=SERVICE)
-                producer.produce(SCHEDULER_TOPIC, key=b"", value=serde.encode(tick), partition=0,
-                                 headers=[*event_headers(tick),
-                                          (OWNER_HEADER, self.epoch.encode())])
-                producer.poll(0)
+                try:
+                    producer.produce(SCHEDULER_TOPIC, key=b"", value=serde.encode(tick),
+                                     partition=0, headers=[*event_headers(tick),
+                                                           (OWNER_HEADER, self.epoch.encode())])
+                    producer.poll(0)
+                except (KafkaException, BufferError) as exc:
+                    log.warning("tick not produced: new producer", error=str(exc)[:300])
+                    producer = Producer(config)
                 self._stopping.wait(self.settings.coordinator_tick_s)
         finally:
-            producer.flush(5)
+            with contextlib.suppress(KafkaException):
+                producer.flush(5)
 
     # -- views (web pages and CLI) ---------------------------------------------------------
     def held_tasks(self) -> list[dict[str, Any]]:
