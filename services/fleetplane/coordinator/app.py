@@ -57,7 +57,7 @@ from fleetplane.coordinator.world import World
 from fleetplane.core import events as ev
 from fleetplane.core import topics as t
 from fleetplane.core.catalog import Catalog, _task_type
-from fleetplane.core.errors import NotRetriable
+from fleetplane.core.errors import Fatal, NotRetriable
 from fleetplane.core.kafka import event_headers
 from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import (
@@ -215,7 +215,7 @@ class Coordinator:
         with self.lock:
             world = self.world
             if world is None:  # the on_assign hook restores before any record is read
-                raise RuntimeError("scheduler record before the table was restored")
+                raise Fatal("scheduler record before the table was restored")
             self.stats.processed += 1
             started = time.perf_counter()
             try:
