@@ -88,7 +88,8 @@ def test_burst_with_the_active_sigkilled_fails_over_to_the_standby(
         t0 = time.monotonic()
         producer.send(tasks)  # the burst, at Kafka speed
         while len(terminal_of(executor.events())) < TASKS // 2:
-            assert time.monotonic() - t0 < 120, "half of the burst not done in 120 s"
+            # a guard, not a timing: about 20 s on a quiet machine, minutes at load average 70
+            assert time.monotonic() - t0 < 300, "half of the burst not done in 300 s"
             time.sleep(0.05)
         done_at_kill = len(terminal_of(executor.events()))
         active.kill()
@@ -107,14 +108,14 @@ def test_burst_with_the_active_sigkilled_fails_over_to_the_standby(
             assert time.monotonic() - killed_at < 60, "nothing decided after the takeover"
             time.sleep(0.02)
         first_output_after = time.monotonic() - killed_at
-        wait_terminal(executor, ids, timeout_s=180)
+        wait_terminal(executor, ids, timeout_s=300)
         drained = time.monotonic() - t0
         stats = standby.stats()
         assert stats is not None
     finally:
         executor.close()
         producer.close()
-        for proc in procs:
+        for proc in reversed(procs):  # the standby first: it would take over from a stopping a
             if proc.proc is not None and proc.proc.poll() is None:
                 proc.terminate()
 

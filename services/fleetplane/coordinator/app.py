@@ -359,7 +359,7 @@ class Coordinator:
             th.join(30)
         if self.web is not None:
             self.web.shutdown()
-        log.info("coordinator stopped", **{k: v for k, v in asdict(self.stats).items()
+        log.info("coordinator stopped", **{k: v for k, v in self.stats_view().items()
                                            if k in ("processed", "forwarded", "published")})
         return 0
 
