@@ -92,7 +92,7 @@ def run(tasks: int, data: Path, takeover_s: float) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=20_000)
-    parser.add_argument("--takeover-s", type=float, default=3.0)
+    parser.add_argument("--takeover-s", type=float, default=5.0)
     args = parser.parse_args()
     data = Path(tempfile.mkdtemp(prefix="coordinator-failover-"))
     print(json.dumps({**run(args.tasks, data, args.takeover_s), "logs": str(data)}))

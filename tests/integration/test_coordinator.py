@@ -48,6 +48,7 @@ class CoordinatorProcess:
             "FLEETPLANE_COORDINATOR_MAX_RUNNING": "1000000",
             "FLEETPLANE_TEAMS_FILE": str(teams),
             "FLEETPLANE_COORDINATOR_BACKOFF_BASE_MS": "200",
+            "FLEETPLANE_COORDINATOR_TAKEOVER_S": "3",  # each start waits this long as a standby
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None

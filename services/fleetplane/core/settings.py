@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     coordinator_tick_s: float = Field(
         default=0.5, description="Scheduler clock: backoff releases and heartbeat checks.")
     coordinator_takeover_s: float = Field(
-        default=3.0, description="A standby coordinator takes the active role when the "
+        default=5.0, description="A standby coordinator takes the active role when the "
         "scheduler topic (where the active ticks every coordinator_tick_s) has been quiet "
         "this long.")
     coordinator_backoff_base_ms: int = 1_000
