@@ -49,7 +49,7 @@ bench: install
 	$(PY) -m bench.suite $(BENCH_ARGS)
 
 ## per-service benches (each prints its figures; BENCH_ARGS passes options through)
-.PHONY: bench-pipeline bench-intake bench-routing bench-coordinator bench-executor bench-accounting fuzz
+.PHONY: bench-pipeline bench-intake bench-routing bench-coordinator bench-coordinator-failover bench-executor bench-accounting fuzz
 bench-pipeline: install    ## one batch through all five services (--tasks, --rate, --submit, --latency-ms)
 	$(PY) -m bench.pipeline $(BENCH_ARGS)
 bench-intake: install      ## ingest HTTP submit latency/throughput with auth, idempotency, rate limits
@@ -64,6 +64,9 @@ bench-accounting: install  ## sink rows/s and analytics latency over 1M and 10M 
 	$(PY) -m bench.accounting $(BENCH_ARGS)
 bench-coordinator: install  ## admission decisions/s, latency at 1,000 queued, recovery after SIGKILL
 	$(PY) -m bench.coordinator $(BENCH_ARGS)
+
+bench-coordinator-failover: install  ## SIGKILL the active coordinator with 20,000 rows: standby ready after
+	$(PY) -m bench.coordinator_failover $(BENCH_ARGS)
 
 ## chaos: the large chaos run (2,000 tasks; each service SIGKILLed in turn, broker restart,
 ## 10% provider failures and stalls); prints lost / duplicated / stuck, exits 1 on any violation

@@ -6,8 +6,8 @@ from typing import Any
 
 from rich.table import Table
 
-PROCESS_ORDER = ("ingest", "router", "coordinator", "executor", "accounting", "fake-provider",
-                 "broker")
+PROCESS_ORDER = ("ingest", "router", "coordinator", "coordinator-b", "executor", "accounting",
+                 "fake-provider", "broker")
 
 
 def _ms(d: dict[str, Any] | None) -> str:

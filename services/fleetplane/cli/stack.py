@@ -21,6 +21,9 @@ from fleetplane.infra.broker import EmbeddedBroker, free_port, stop_group
 from fleetplane.ingest.tokens import ensure_local_admin, issue
 
 SERVICES = ("ingest", "router", "coordinator", "executor", "accounting")
+#: the second coordinator process: a standby that takes the active role when the active one dies
+#: (docs/coordinator.md, "Failover"); after a failover either process may be the active one
+COORDINATOR_STANDBY = "coordinator-b"
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Child:
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: float = 0.0
+    env: dict[str, str] = field(default_factory=dict)  # on top of the stack's environment
 
     @property
     def pid(self) -> int | None:
@@ -58,6 +62,7 @@ class Stack:
     accounting_port: int = 0
     provider_port: int = 0
     coordinator_web_port: int = 0
+    coordinator_standby: bool = True  # a second coordinator process (standby)
     broker: EmbeddedBroker | None = None
     children: dict[str, Child] = field(default_factory=dict)
     admin_token: str = ""
@@ -133,8 +138,14 @@ class Stack:
                                           "--port", str(self.provider_port),
                                           *self.fake_provider_args])
         for name in self.services:
-            self._spawn(name, [sys.executable, "-m", f"fleetplane.{name}.main"])
+            self._spawn(name, [sys.executable, "-m", f"fleetplane.{name}.main"],
+                        {"FLEETPLANE_INSTANCE_ID": "a"} if name == "coordinator" else None)
         self.wait_ready(timeout_s)
+        if "coordinator" in self.services and self.coordinator_standby:
+            # started once the first one is active, so that one is the active one
+            self._spawn(COORDINATOR_STANDBY,
+                        [sys.executable, "-m", "fleetplane.coordinator.main"],
+                        {"FLEETPLANE_INSTANCE_ID": "b"})
 
     def issue_token(self, team: str, role: str = "team") -> str:
         """A new API token for `team` (published to fleet.tokens; ingest follows it)."""
@@ -154,11 +165,13 @@ class Stack:
             time.sleep(0.25)  # each miss counts against the failed-token limit (30/min)
         raise RuntimeError(f"ingest did not learn the token within {timeout_s}s")
 
-    def _spawn(self, name: str, argv: list[str]) -> Child:
-        child = self.children.get(name) or Child(name, argv, self.log_dir / f"{name}.log")
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+        child = self.children.get(name) or Child(name, argv, self.log_dir / f"{name}.log",
+                                                 env=env or {})
         with open(child.log_path, "ab") as log:
             child.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, env=self.env(),
+                                          stdin=subprocess.DEVNULL,
+                                          env={**self.env(), **child.env},
                                           start_new_session=True)
         child.started_at = time.monotonic()
         self.children[name] = child
@@ -172,6 +185,8 @@ class Stack:
             urls.append(f"{self.accounting_url}/healthz")
         if self.fake_provider:
             urls.append(f"{self.provider_url}/_fake/health")
+        if "coordinator" in self.services:
+            urls.append(f"http://127.0.0.1:{self.coordinator_web_port}/healthz")
         deadline = time.monotonic() + timeout_s
         pending = list(urls)
         while pending and time.monotonic() < deadline:
@@ -204,6 +219,21 @@ class Stack:
             self.stop_child(name)
         child.restarts += 1
         self._spawn(name, child.argv)
+
+    def active_coordinator(self) -> str | None:
+        """The name of the coordinator process in the active role (the one serving the
+        coordinator's web port says which instance it is), or None."""
+        try:
+            stats = httpx.get(f"http://127.0.0.1:{self.coordinator_web_port}"
+                              "/coordinator/stats/", timeout=2.0).json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        for name in ("coordinator", COORDINATOR_STANDBY):
+            child = self.children.get(name)
+            if child is not None and child.env.get("FLEETPLANE_INSTANCE_ID") == stats.get(
+                    "instance"):
+                return name
+        return None
 
     def stop_child(self, name: str, timeout_s: float = 20.0) -> None:
         child = self.children[name]
@@ -238,8 +268,12 @@ class Stack:
         return restarted
 
     def stop(self) -> None:
-        # services first (they checkpoint on SIGTERM), then the provider, then the broker
-        for name in [n for n in reversed(SERVICES) if n in self.children]:
+        # services first (they checkpoint on SIGTERM), then the provider, then the broker; the
+        # coordinator standby before the coordinators' active (it would take over otherwise)
+        order = [n for n in reversed(SERVICES) if n in self.children]
+        if COORDINATOR_STANDBY in self.children:
+            order.insert(order.index("coordinator"), COORDINATOR_STANDBY)
+        for name in order:
             self.stop_child(name)
         for name in list(self.children):
             self.stop_child(name)

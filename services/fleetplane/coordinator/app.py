@@ -1,96 +1,118 @@
-"""Faust wiring: a repartition agent, a scheduler agent over one partition, one table.
+"""The coordinator process: a standby until the active coordinator goes quiet, then the active one.
 
 Admission needs state that spans tasks (leases per repository, running tasks and spend per
 team, fair share between teams), so the decisions cannot be taken per task-id partition. The
-``repartition`` agent forwards every input record (keyed by task id, 6 partitions; fleet.budget
-keyed by team) unchanged onto the internal topic ``fleetplane-coordinator-scheduler`` (one
-partition), and the ``schedule`` agent consumes that topic with the ``scheduler`` table (one
-partition, co-partitioned with it): one writer sees every task, in one total order that
-survives restarts (the topic is the log the decisions are replayed from). See
-docs/coordinator.md, "Why one scheduler partition".
+active process runs two transactional consume-transform-produce steps (core.loop.Processor,
+confluent-kafka) and a clock:
 
-Per batch of scheduler records (``Coordinator.process_batch``): decode (undecodable -> fleet.dlq),
-``Scheduler.apply`` each event to the in-memory ``World`` (loaded from the table after each
-recovery), publish every decided event and wait for the broker's acknowledgement, then write the
-changed rows. A crash before the rows are written redelivers the records (offsets are committed
-only after processing and a producer flush); the world is reloaded from the old rows and the same
-events are derived again with the same event ids.
+* **repartition**: consumes the six-partition inputs and forwards every record, bytes and headers
+  unchanged (plus where it was read), onto the internal topic ``fleetplane-coordinator-scheduler``
+  (one partition). Undecodable records and records whose key is not the task id go to fleet.dlq
+  here, with their real source. Forwarded copies and input offsets commit in one transaction.
+* **schedule**: consumes that one partition: one writer sees every task in one total order that
+  survives restarts. Its state, the ``World`` (TaskState / FleetState rows), lives in memory in a
+  ``core.table.ChangelogTable`` backed by the compacted topic
+  ``fleetplane-coordinator-scheduler-changelog``: per record, ``Scheduler.apply`` decides, and
+  the decided events, the changed rows and the input offset commit in one Kafka transaction
+  (the Kafka Streams state-store model). On partition assignment the table is restored from the
+  changelog (read_committed, to its end) before any scheduler record is read.
+* **clock**: a ``ControlCommand(command="tick")`` onto the scheduler topic every
+  ``FLEETPLANE_COORDINATOR_TICK_S``, so backoff releases and heartbeat checks are records in the
+  scheduler's total order (replays see the same ticks). The ticks are also the active's pulse.
+
+Failover. Every coordinator process starts as a standby that watches the end offset of the
+scheduler topic; when it has not moved for ``FLEETPLANE_COORDINATOR_TAKEOVER_S`` (the active
+ticks every ``TICK_S``, so it is gone), the standby becomes the active: it fences the previous
+active (``init_transactions`` with the previous holder's transactional ids, which it read from
+the ``x-coordinator-epoch`` header of its ticks: that aborts its open transactions and fences
+its producers, should it be alive after all), joins both consumer groups with the *role's*
+static member id (``group.instance.id``), which replaces the dead member at once (the embedded
+broker never expires a member killed with SIGKILL, static or dynamic), opens its own
+transactional producers with fresh ids (``<role>-<epoch>``: reusing the previous holder's id,
+hence its producer id, leaves the new commits invisible to read_committed consumers on the
+embedded broker until some other transaction ends), restores the table and goes on from the
+committed offsets. A previous active that was not dead after all fails its next commit and
+exits; the supervisor restarts it as a standby. See docs/coordinator.md.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import json
 import os
+import random
+import threading
 import time
-import weakref
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import faust
 import yaml
-from faust.streams import _current_event  # private: which input a table write belongs to
-from faust.types import EventT, RecordMetadata, StreamT, TopicT
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-from fleetplane.coordinator.partitioning import partition_for
 from fleetplane.coordinator.scheduler import TICK, Policy, Scheduler
-from fleetplane.coordinator.workarounds import (
-    FetchGate,
-    StallWatchdog,
-    install_idle_fetch_backoff,
-)
 from fleetplane.coordinator.world import World
 from fleetplane.core import events as ev
 from fleetplane.core import topics as t
 from fleetplane.core.catalog import Catalog, _task_type
-from fleetplane.core.events import Event
+from fleetplane.core.errors import Fatal, NotRetriable
 from fleetplane.core.kafka import event_headers
-from fleetplane.core.logging import get_logger, task_context
-from fleetplane.core.loop import Record, dead_letter, headers_dict
-from fleetplane.core.serde import DecodeError, Serde, default_serde
+from fleetplane.core.logging import get_logger
+from fleetplane.core.loop import (
+    Output,
+    Processor,
+    RawRecord,
+    Record,
+    dead_letter,
+    headers_dict,
+)
+from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
+from fleetplane.core.table import ChangelogTable
 from fleetplane.core.teams import load_teams
 
 SERVICE = "coordinator"
-APP_ID = "fleetplane-coordinator"
-TABLE = "scheduler"
-CHANGELOG = f"{APP_ID}-{TABLE}-changelog"
+APP_ID = "fleetplane-coordinator"  # the repartition's consumer group
 SCHEDULER_TOPIC = f"{APP_ID}-scheduler"
+SCHEDULER_GROUP = SCHEDULER_TOPIC  # the schedule step's consumer group
+CHANGELOG = f"{SCHEDULER_TOPIC}-changelog"
 INPUTS = (t.ROUTED, t.LIFECYCLE, t.OUTCOMES, t.CONTROL, t.WORKSPACE, t.BUDGET)
-PARTITIONS = 6
-SCHEDULER_PARTITIONS = 1
+# static member ids of the active role (the same in every process); each holder of the role
+# uses the transactional ids <role>-<epoch> (see Coordinator.fence_previous)
+REPARTITION_ROLE = f"{APP_ID}-active"
+SCHEDULE_ROLE = f"{SCHEDULER_GROUP}-active"
+OWNER_HEADER = "x-coordinator-epoch"  # on every tick: the epoch of the active that sent it
+WATCH_BACKLOG = 2_000  # scheduler records a standby reads back at start to learn the owner
 # headers the repartition adds: where the record was read (for dead letters)
 SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET = "x-source-topic", "x-source-partition", \
     "x-source-offset"
-BATCH_MAX = 500  # records decided together, with one acknowledgement wait
-BATCH_WITHIN_S = 0.01  # how long a partial batch waits for more records
-DELIVERY_LIMIT_S = 120.0  # how long a batch's outputs are retried before the process exits
+BATCH_MAX = 500  # records consumed together (settings.batch_size); one transaction at most
+WATCH_INTERVAL_S = 0.25  # how long a standby's poll of the scheduler topic waits
 
 log = get_logger(__name__)
 
 
 @dataclass
 class Stats:
-    """Counters (exposed in logs and on the web endpoint /coordinator/stats/)."""
+    """Counters (in logs and on GET /coordinator/stats/)."""
 
-    started_at: float = field(default_factory=time.monotonic)
+    instance: str = ""
+    role: str = "standby"  # standby -> active
     forwarded: int = 0  # input records repartitioned onto the scheduler topic
     processed: int = 0  # scheduler records decided
     decided_s: float = 0.0  # time spent in Scheduler.apply
-    published: int = 0
+    published: int = 0  # events decided and published
     dead_letters: int = 0
-    ready_s: float | None = None  # process start -> table recovered, inputs flowing
-    recovery_s: float | None = None  # partitions assigned -> table recovered, inputs flowing
+    standby_s: float | None = None  # process start -> took the active role
+    ready_s: float | None = None  # process start -> table restored, decisions flowing
+    recovery_s: float | None = None  # took the active role -> table restored (incl. join)
+    restore_s: float | None = None  # reading the changelog alone
     recovered_rows: int | None = None
-    assigned_at: float | None = None
-    reseeks: int = 0  # stalled partitions sought back (coordinator.workarounds)
-
-
-def group_instance_id(settings: Settings) -> str:
-    """Static group membership id: stable across restarts of one replica, unique among live
-    replicas (``FLEETPLANE_INSTANCE_ID``). See coordinator.workarounds for why it is static."""
-    return f"{APP_ID}-{settings.instance_id}"
+    changelog_records: int | None = None
+    restores: int = 0
+    reseeks: int = 0  # kept for the stats' readers: nothing re-seeks any more
 
 
 def tiers_catalog(path: Path) -> Catalog | None:
@@ -115,297 +137,342 @@ def policy_for_settings(settings: Settings) -> Policy:
                   backoff_cap_ms=settings.coordinator_backoff_cap_ms)
 
 
-def faust_settings(settings: Settings) -> dict[str, Any]:
-    """The faust.App configuration (timeouts tuned for a fast start and rebalance)."""
-    session_s = settings.session_timeout_ms / 1000  # 10 s; 3 s on tansu (its join takes ~s/2)
-    return {
-        "broker": f"kafka://{settings.kafka_bootstrap}",
-        "broker_client_id": APP_ID,
-        "store": "memory://",  # tables are rebuilt from their changelog topics at start
-        "datadir": str(settings.resolved_data_dir() / SERVICE),
-        "autodiscover": False,
-        "topic_partitions": PARTITIONS,
-        "topic_replication_factor": 1,
-        "topic_allow_declare": False,  # core.topics.ensure_topics creates every topic
-        "topic_disable_leader": True,  # no leader election needed (saves a 1-partition topic)
-        "processing_guarantee": "at_least_once",  # exactly_once: see docs/coordinator.md
-        "consumer_auto_offset_reset": "earliest",
-        "consumer_group_instance_id": group_instance_id(settings),
-        "broker_session_timeout": session_s,
-        "broker_heartbeat_interval": max(0.5, session_s / 5),
-        "broker_rebalance_timeout": session_s,
-        "broker_request_timeout": 30.0,
-        "broker_commit_interval": 0.5,
-        "broker_commit_every": 1000,
-        "stream_recovery_delay": 0.0,
-        "table_standby_replicas": 0,
-        "web_enabled": True,
-        "web_bind": settings.bind_host,
-        "web_host": settings.bind_host,
-        "web_port": settings.coordinator_web_port,
-        "web_in_thread": False,
-    }
+class Silence:
+    """A standby's judgement of the active: nothing new on the scheduler topic for
+    ``takeover_s``. A failed read (broker away) is no evidence: it restarts the wait, so a
+    broker restart does not make a standby take over from a live active."""
+
+    def __init__(self, takeover_s: float, now: float) -> None:
+        self.takeover_s = takeover_s
+        self.last = -1
+        self.since = now
+
+    def reset(self, now: float) -> None:
+        self.since = now
+
+    def observe(self, last: int, now: float) -> bool:
+        """The latest offset read at `now`; True: time to take over."""
+        if last != self.last:
+            self.last = last
+            self.since = now
+            return False
+        return now - self.since >= self.takeover_s
 
 
-class Coordinator:
-    """The faust.App, its table and agent, and the per-record processing."""
-
-    def __init__(self, settings: Settings, *, serde: Serde | None = None) -> None:
-        self.settings = settings
-        self.serde = serde or default_serde()
-        self.stats = Stats()
-        conf = faust_settings(settings)
-        Path(conf["datadir"]).mkdir(parents=True, exist_ok=True)  # faust creates one level only
-        self.app = faust.App(APP_ID, **conf)
-        # key_type/value_type bytes: the "raw" codec both ways (rows are TaskState JSON)
-        self.scheduler = Scheduler(policy_for_settings(settings))
-        self.world: World | None = None  # loaded from the table after each recovery
-        self.table = self.app.Table(TABLE, default=None, partitions=SCHEDULER_PARTITIONS,
-                                    key_type=bytes, value_type=bytes)
-        self.inputs = self.app.topic(*INPUTS, key_type=bytes, value_type=bytes,
-                                     key_serializer="raw", value_serializer="raw")
-        self.scheduler_topic = self.app.topic(
-            SCHEDULER_TOPIC, key_type=bytes, value_type=bytes, key_serializer="raw",
-            value_serializer="raw", partitions=SCHEDULER_PARTITIONS)
-        partitions = {s.name: s.partitions for s in t.load_topics(settings.topics_file)}
-        self._partitions = partitions
-        self._outputs: dict[str, TopicT] = {}
-        FetchGate(self.app, on_open=self._on_inputs_flowing).install()
-        install_idle_fetch_backoff(settings.idle_fetch_backoff_ms / 1000)
-        self.watchdog = StallWatchdog(self.app)
-        self.app.timer(1.0, name="coordinator.stall_watchdog")(self._check_stalls)
-        self.app.timer(settings.coordinator_tick_s, name="coordinator.tick")(self._tick)
-        self.app.agent(self.inputs, name="repartition")(self._repartition)
-        self.app.agent(self.scheduler_topic, name="schedule")(self._agent)
-        self.app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
-
-        async def stats(view: Any, request: Any) -> Any:
-            return view.json({**self.stats.__dict__, "rows": len(self.table)})
-
-        async def held(view: Any, request: Any) -> Any:
-            return view.json(self.held_tasks())
-
-        async def fleet(view: Any, request: Any) -> Any:
-            return view.json(self.fleet_view())
-
-        async def healthz(view: Any, request: Any) -> Any:
-            ready = self.stats.ready_s is not None
-            return view.json({"ready": ready, "service": SERVICE}, status=200 if ready else 503)
-
-        self.app.page("/coordinator/stats/")(stats)
-        self.app.page("/healthz")(healthz)
-        self.app.page("/coordinator/held/")(held)
-        self.app.page("/coordinator/fleet/")(fleet)
-
-    # -- agents ----------------------------------------------------------------------------
-    async def _repartition(self, stream: StreamT[bytes]) -> None:
-        """Forward each input record, bytes and headers unchanged, to the scheduler topic."""
-        batches = stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S)  # type: ignore[attr-defined]
-        async for events in batches:
-            pending = []
-            for event in events:
-                msg = event.message
-                self.watchdog.saw(msg.tp)
-                source = [(SOURCE_TOPIC, msg.topic.encode()),
-                          (SOURCE_PARTITION, str(msg.partition).encode()),
-                          (SOURCE_OFFSET, str(msg.offset).encode())]
-                pending.append((msg.key, msg.value or b"",
-                                [*_bytes_headers(list(msg.headers or [])), *source]))
-
-            async def forward(batch: list[tuple[Any, bytes, list[tuple[str, bytes]]]] = pending
-                              ) -> None:
-                await asyncio.gather(*[await self.scheduler_topic.send(
-                    key=key, value=value, partition=0, headers=headers, force=True)
-                    for key, value, headers in batch])
-
-            await self._deliver("forward to the scheduler topic", forward)
-            self.stats.forwarded += len(events)
-
-    async def _tick(self) -> None:
-        """The scheduler's clock: a tick record on its own topic (decided like any input, so
-        replays see the same ticks): releases due backoffs, finds lost executors."""
-        if self.stats.ready_s is None:
-            return
-        tick = ev.ControlCommand(task_id="", team="", command=TICK, requested_by=SERVICE)
-        await self.scheduler_topic.send(key=b"", value=self.serde.encode(tick), partition=0,
-                                        force=True)
-
-    async def _agent(self, stream: StreamT[bytes]) -> None:
-        batches = stream.take_events(BATCH_MAX, within=BATCH_WITHIN_S)  # type: ignore[attr-defined]
-        async for events in batches:
-            await self.process_batch(events)
-
-    async def process_batch(self, events: Sequence[EventT[bytes]]) -> None:
-        """Apply a batch of scheduler records (called inside the agent's ``async for``).
-
-        Decisions are taken in order on the in-memory world; then every output is published
-        and acknowledged at once, and only then are the changed rows written (effects first,
-        then the rows that record them). One acknowledgement wait per batch."""
-        if self.world is None:
-            self.world = World.load((k, v) for k, v in self.table.items())
-        world = self.world
-        outputs: list[Event] = []
-        for event in events:
-            outputs.extend(self._decide_one(world, event))
-        try:
-            if outputs:
-                await self._deliver("publish decisions",
-                                    lambda: self._publish_acked(outputs))
-        except BaseException:
-            self.world = None  # reload from the table: these decisions were not recorded
-            raise
-        rows = world.take_rows()
-        if rows:
-            # the changelog partition is the partition of the current event (0: one partition)
-            _current_event.set(weakref.ref(events[-1]))
-            for key, value in rows:
-                self.table[key] = value
-
-    def _decide_one(self, world: World, event: EventT[bytes]) -> list[Event]:
-        msg = event.message
-        self.watchdog.saw(msg.tp)
-        key: bytes = msg.key or b""
-        value: bytes = msg.value or b""
-        self.stats.processed += 1
-        try:
-            decoded = self.serde.decode(value)
-            if decoded.task_id.encode() != key and not isinstance(decoded, ev.BudgetStatus):
-                raise DecodeError(f"record key {key!r} is not the task id {decoded.task_id!r}")
-        except DecodeError as exc:
-            log.warning("undecodable record to DLQ", topic=msg.topic, offset=msg.offset,
-                        reason=str(exc))
-            self.stats.dead_letters += 1
-            return [dead_letter(SERVICE, _record_of(msg), exc)]
-        with task_context(decoded.task_id, event_type=type(decoded).__name__):
-            started = time.perf_counter()
-            try:
-                outputs = self.scheduler.apply(world, decoded, stamp=ev.utcnow_ms())
-            except Exception as exc:  # a bug for one event must not stop the others
-                log.exception("decision failed, record to DLQ")
-                self.stats.dead_letters += 1
-                return [dead_letter(SERVICE, _record_of(msg), exc)]
-            finally:
-                self.stats.decided_s += time.perf_counter() - started
-            if outputs:
-                log.debug("decided", emitted=[type(o).__name__ for o in outputs])
-            return outputs
-
-    # -- views (web pages and CLI) ---------------------------------------------------------
-    def held_tasks(self) -> list[dict[str, Any]]:
-        world = self.world
-        if world is None:
-            return []
-        return [{"task_id": s.task_id, "team": s.team, "kind": s.hold_kind or "queued",
-                 "reason": s.hold_reason, "held_by": s.held_by, "paths": s.held_paths,
-                 "since": (s.held_since or s.updated_at).isoformat(),
-                 "repository": s.repository, "attempt": s.next_attempt,
-                 "priority": s.spec.priority if s.spec else None}
-                for s in world.held()]
-
-    def fleet_view(self) -> dict[str, Any]:
-        world = self.world
-        if world is None:
-            return {"ready": False}
-        running: dict[str, int] = {}
-        for s in world.active.values():
-            running[s.team] = running.get(s.team, 0) + 1
-        fleet = world.fleet
-        return {"ready": True, "kill_switch": fleet.kill_switch,
-                "kill_switch_reason": fleet.kill_switch_reason, "paused": fleet.paused,
-                "running": running, "active": len(world.active), "waiting": len(world.waiting),
-                "max_running": self.scheduler.policy.max_running,
-                "spend": {k: v.model_dump() for k, v in fleet.spend.items()},
-                "budget_exhausted": fleet.budget_exhausted}
-
-    # -- output ----------------------------------------------------------------------------
-    def _topic(self, name: str) -> TopicT:
-        topic = self._outputs.get(name)
-        if topic is None:
-            topic = self.app.topic(name, key_type=bytes, value_type=bytes,
-                                   key_serializer="raw", value_serializer="raw")
-            self._outputs[name] = topic
-        return topic
-
-    async def _send(self, event: Event) -> Awaitable[RecordMetadata]:
-        name = t.topic_for(event)
-        key = t.key_for(event)
-        pending = await self._topic(name).send(
-            key=key, value=self.serde.encode(event),
-            partition=partition_for(key, self._partitions.get(name, PARTITIONS)),
-            headers=_bytes_headers(event_headers(event)), force=True)
-        self.stats.published += 1
-        return pending
-
-    async def _deliver(self, what: str, send: Callable[[], Awaitable[None]]) -> None:
-        """Run `send` (publish, then await the broker's acknowledgements) until it succeeds.
-
-        faust acknowledges a take_events batch in a ``finally`` clause, even when the agent
-        raises: an exception here would commit the input offsets of outputs never published,
-        and the tasks would be lost (found by the chaos run: a broker restart failed the
-        forwarding of 15 routed tasks, which were never scheduled). So a failed send is retried
-        with backoff (duplicates are harmless: decisions are idempotent and consumers
-        deduplicate by event id); after DELIVERY_LIMIT_S the process exits without returning
-        to faust (no acknowledgement), and its restart re-reads the inputs from the committed
-        offsets."""
-        deadline = time.monotonic() + DELIVERY_LIMIT_S
-        delay = 0.2
-        while True:
-            try:
-                await send()
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                if time.monotonic() > deadline:
-                    log.critical("delivery keeps failing: exiting without acknowledging",
-                                 what=what, error=str(exc)[:300])
-                    os._exit(75)
-                log.warning("delivery failed, retrying", what=what, delay_s=delay,
-                            error=str(exc)[:300])
-                await asyncio.sleep(delay)
-                delay = min(5.0, delay * 2)
-
-    async def _publish_acked(self, events: list[Event]) -> None:
-        """Publish and wait until the broker acknowledged every event (acks=all)."""
-        pending = [await self._send(e) for e in events]
-        await asyncio.gather(*pending)
-
-    # -- lifecycle signals -------------------------------------------------------------------
-    async def _check_stalls(self) -> None:
-        await self.watchdog.check()
-        self.stats.reseeks = self.watchdog.reseeks
-
-    async def _on_assigned(self, sender: Any, assigned: Any, **_: Any) -> None:
-        self.stats.assigned_at = time.monotonic()
-        self.world = None  # reloaded from the (recovered) table before the next decision
-        log.info("partitions assigned", count=len(assigned))
-
-    async def _on_inputs_flowing(self) -> None:
-        """After each rebalance: the table is recovered and the input partitions resumed."""
-        now = time.monotonic()
-        if self.stats.ready_s is None:
-            self.stats.ready_s = round(now - self.stats.started_at, 3)
-        if self.stats.assigned_at is not None:
-            self.stats.recovery_s = round(now - self.stats.assigned_at, 3)
-        self.stats.recovered_rows = len(self.table)
-        log.info("table ready", rows=self.stats.recovered_rows, recovery_s=self.stats.recovery_s,
-                 ready_s=self.stats.ready_s)
+def repartition(event: ev.Event, rec: Record) -> list[Output]:
+    """The repartition step's handler: the record, unchanged, onto the scheduler partition."""
+    key = rec.key or b""
+    if not isinstance(event, ev.BudgetStatus) and event.task_id.encode() != key:
+        raise NotRetriable(f"record key {key!r} is not the task id {event.task_id!r}")
+    headers = (*rec.headers.items(), (SOURCE_TOPIC, rec.topic.encode()),
+               (SOURCE_PARTITION, str(rec.partition).encode()),
+               (SOURCE_OFFSET, str(rec.offset).encode()))
+    return [RawRecord(SCHEDULER_TOPIC, rec.key, rec.value, 0, headers)]
 
 
-def _record_of(msg: Any) -> Record:
-    """The original input record (topic, partition, offset before the repartition)."""
-    headers = headers_dict(msg.headers)
+def source_record(rec: Record) -> Record:
+    """The original input record of a scheduler record (before the repartition)."""
+    headers = dict(rec.headers)
     topic = headers.pop(SOURCE_TOPIC, None)
     partition = headers.pop(SOURCE_PARTITION, None)
     offset = headers.pop(SOURCE_OFFSET, None)
-    return Record(topic=topic.decode() if topic else msg.topic,
-                  partition=int(partition) if partition else msg.partition,
-                  offset=int(offset) if offset else msg.offset, key=msg.key,
-                  value=msg.value or b"", headers=headers,
-                  timestamp_ms=int((msg.timestamp or 0) * 1000))
+    return Record(topic=topic.decode() if topic else rec.topic,
+                  partition=int(partition) if partition else rec.partition,
+                  offset=int(offset) if offset else rec.offset, key=rec.key, value=rec.value,
+                  headers=headers, timestamp_ms=rec.timestamp_ms)
 
 
-def _bytes_headers(headers: list[tuple[str, str | bytes | None]]) -> list[tuple[str, bytes]]:
-    return [(k, v if isinstance(v, bytes) else (v or "").encode()) for k, v in headers]
+class Coordinator:
+    """One coordinator process: standby, then active (repartition, schedule, clock, web)."""
 
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stats = Stats(instance=settings.instance_id)
+        self.started_at = time.monotonic()
+        self.active_at: float | None = None
+        self.scheduler = Scheduler(policy_for_settings(settings))
+        self.table = ChangelogTable(CHANGELOG)
+        self.world: World | None = None  # loaded from the table after each restore
+        self.lock = threading.Lock()  # the world between the schedule step and the web views
+        self._stopping = threading.Event()
+        # this process's term as the active: its transactional ids are <role>-<epoch>
+        self.epoch = f"{settings.instance_id}-{time.time_ns() // 1_000_000}"
+        self.previous_epoch: str | None = None  # learnt from the ticks while standby
+        self.repartitioner = Processor(
+            SERVICE, INPUTS, repartition, settings, group_id=APP_ID, transactional=True,
+            instance_id=f"{REPARTITION_ROLE}-{self.epoch}", group_instance_id=REPARTITION_ROLE)
+        self.schedule = Processor(
+            SERVICE, [SCHEDULER_TOPIC], self.decide, settings, group_id=SCHEDULER_GROUP,
+            transactional=True, instance_id=f"{SCHEDULE_ROLE}-{self.epoch}",
+            group_instance_id=SCHEDULE_ROLE, on_assign=self._on_assign,
+            on_abort=self._on_abort)
+        self.web: ThreadingHTTPServer | None = None
+
+    # -- the schedule step -----------------------------------------------------------------
+    def decide(self, event: ev.Event, rec: Record) -> list[Output]:
+        """Decide one scheduler record: the events to publish and the changed rows, which the
+        Processor commits with the record's offset in one transaction."""
+        with self.lock:
+            world = self.world
+            if world is None:  # the on_assign hook restores before any record is read
+                raise Fatal("scheduler record before the table was restored")
+            self.stats.processed += 1
+            started = time.perf_counter()
+            try:
+                outputs: list[Output] = list(
+                    self.scheduler.apply(world, event, stamp=ev.utcnow_ms()))
+            except Exception as exc:  # a bug for one event must not stop the others
+                log.exception("decision failed, record to DLQ")
+                self.stats.dead_letters += 1
+                return [dead_letter(SERVICE, source_record(rec), exc)]
+            finally:
+                self.stats.decided_s += time.perf_counter() - started
+            self.stats.published += len(outputs)
+            for key, value in world.take_rows():
+                self.table.put(key, value)
+            outputs.extend(self.table.changes())
+            return outputs
+
+    def restore(self) -> None:
+        """Read the table from its changelog and rebuild the world from it."""
+        with self.lock:
+            self.world = None
+            self.table.invalidate()
+            restored = self.table.restore(self.settings.client_config())
+            self.world = World.load(self.table.items())
+            now = time.monotonic()
+            self.stats.restores += 1
+            self.stats.restore_s = restored.seconds
+            self.stats.recovered_rows = restored.rows
+            self.stats.changelog_records = restored.records
+            if self.active_at is not None:
+                self.stats.recovery_s = round(now - self.active_at, 3)
+            if self.stats.ready_s is None:
+                self.stats.ready_s = round(now - self.started_at, 3)
+        log.info("table restored", rows=restored.rows, records=restored.records,
+                 restore_s=restored.seconds, recovery_s=self.stats.recovery_s)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("scheduler partitions assigned", partitions=[p.partition for p in partitions])
+        if partitions and self.table.restored is None:
+            self.restore()
+
+    def _on_abort(self) -> None:
+        """An aborted transaction: the in-memory rows may hold uncommitted changes."""
+        log.warning("scheduler transaction aborted: restoring the table")
+        self.restore()
+
+    # -- roles -----------------------------------------------------------------------------
+    def stop(self, *_: Any) -> None:
+        self._stopping.set()
+        self.repartitioner.stop()
+        self.schedule.stop()
+
+    def wait_for_silence(self) -> bool:
+        """Standby: until the active has been quiet for takeover_s (True), or stop (False).
+
+        Reads the scheduler topic (read_uncommitted: the ticks are not transactional, and an
+        open transaction of a dead active must not hide them) from a little before its end, and
+        remembers the epoch of the latest tick's sender: the holder to fence on takeover."""
+        consumer = Consumer({**self.settings.client_config(), "group.id": f"{APP_ID}-watch",
+                             "enable.auto.commit": False, "isolation.level": "read_uncommitted",
+                             "auto.offset.reset": "latest"})
+        # a little jitter, so two processes started together rarely both take over
+        silence = Silence(self.settings.coordinator_takeover_s + random.uniform(0, 0.5),
+                          time.monotonic())
+        log.info("standby: watching the active coordinator", topic=SCHEDULER_TOPIC,
+                 takeover_s=self.settings.coordinator_takeover_s)
+        try:
+            tp = TopicPartition(SCHEDULER_TOPIC, 0)
+            low, high = consumer.get_watermark_offsets(tp, timeout=30, cached=False)
+            consumer.assign([TopicPartition(SCHEDULER_TOPIC, 0, max(low, high - WATCH_BACKLOG))])
+            last = -1
+            while not self._stopping.is_set():
+                try:
+                    msgs = consumer.consume(1000, WATCH_INTERVAL_S)
+                except Exception:  # broker away: no evidence either way
+                    msgs = []
+                    silence.reset(time.monotonic())
+                for msg in msgs:
+                    if msg.error() is not None:
+                        silence.reset(time.monotonic())
+                        continue
+                    last = msg.offset() or 0
+                    owner = headers_dict(msg.headers()).get(OWNER_HEADER)
+                    if owner:
+                        self.previous_epoch = owner.decode()
+                if not self._broker_answers(consumer):
+                    silence.reset(time.monotonic())  # the active cannot tick either
+                elif silence.observe(last, time.monotonic()):
+                    return True
+            return False
+        finally:
+            consumer.close()
+
+    def _broker_answers(self, consumer: Consumer) -> bool:
+        """A consumer that reads nothing may be facing a broker that is away (then the active
+        is quiet too): silence counts only if the broker answers now; if not, wait again."""
+        try:
+            consumer.get_watermark_offsets(TopicPartition(SCHEDULER_TOPIC, 0), timeout=2,
+                                           cached=False)
+            return True
+        except KafkaException:
+            return False
+
+    def fence_previous(self) -> None:
+        """Abort the previous active's open transactions and fence its producers, by opening
+        (and closing at once) producers with its transactional ids."""
+        if not self.previous_epoch or self.previous_epoch == self.epoch:
+            return
+        started = time.monotonic()
+        for role in (REPARTITION_ROLE, SCHEDULE_ROLE):
+            producer = Producer(self.settings.producer_config(f"{role}-{self.previous_epoch}"))
+            producer.init_transactions(60)
+            producer.flush(5)
+        log.info("fenced the previous active", epoch=self.previous_epoch,
+                 seconds=round(time.monotonic() - started, 3))
+
+    def run(self) -> int:
+        """The process: standby, then active until stopped. Returns the exit status."""
+        if not self.wait_for_silence():
+            return 0
+        self.active_at = time.monotonic()
+        self.stats.role = "active"
+        self.stats.standby_s = round(self.active_at - self.started_at, 3)
+        log.info("taking the active role", standby_s=self.stats.standby_s, epoch=self.epoch)
+        self.fence_previous()
+        self._serve_web()
+        failed: list[BaseException] = []
+        threads = [self._thread("repartition", self.repartitioner.run, failed),
+                   self._thread("schedule", self.schedule.run, failed),
+                   self._thread("clock", self._clock, failed)]
+        for th in threads:
+            th.start()
+        while not self._stopping.is_set() and not failed:
+            self._stopping.wait(0.2)
+        if failed:
+            log.critical("a coordinator step failed: exiting for a restart",
+                         error=str(failed[0])[:500])
+            self.stop()
+            os._exit(75)  # the steps' transactions are aborted by the next owner's fencing
+        for th in threads:
+            th.join(30)
+        if self.web is not None:
+            self.web.shutdown()
+        log.info("coordinator stopped", **{k: v for k, v in self.stats_view().items()
+                                           if k in ("processed", "forwarded", "published")})
+        return 0
+
+    def _thread(self, name: str, target: Callable[[], None],
+                failed: list[BaseException]) -> threading.Thread:
+        def body() -> None:
+            try:
+                target()
+            except BaseException as exc:
+                log.exception("coordinator step failed", step=name)
+                failed.append(exc)
+
+        return threading.Thread(target=body, name=name, daemon=True)
+
+    def _clock(self) -> None:
+        """Ticks onto the scheduler topic (not transactional: visible at once). The producer is
+        not idempotent: a duplicated or lost tick is harmless (the next one comes 0.5 s later),
+        and an idempotent producer's sequence state does not survive a broker restart on the
+        embedded broker (a fatal OUT_OF_ORDER_SEQUENCE_NUMBER, seen in the chaos run)."""
+        config = {**self.settings.producer_config(), "enable.idempotence": False}
+        producer = Producer(config)
+        serde = default_serde()
+        try:
+            while not self._stopping.is_set():
+                tick = ev.ControlCommand(task_id="", team="", command=TICK,
+                                         requested_by=SERVICE)
+                try:
+                    producer.produce(SCHEDULER_TOPIC, key=b"", value=serde.encode(tick),
+                                     partition=0, headers=[*event_headers(tick),
+                                                           (OWNER_HEADER, self.epoch.encode())])
+                    producer.poll(0)
+                except (KafkaException, BufferError) as exc:
+                    log.warning("tick not produced: new producer", error=str(exc)[:300])
+                    producer = Producer(config)
+                self._stopping.wait(self.settings.coordinator_tick_s)
+        finally:
+            with contextlib.suppress(KafkaException):
+                producer.flush(5)
+
+    # -- views (web pages and CLI) ---------------------------------------------------------
+    def held_tasks(self) -> list[dict[str, Any]]:
+        with self.lock:
+            world = self.world
+            if world is None:
+                return []
+            return [{"task_id": s.task_id, "team": s.team, "kind": s.hold_kind or "queued",
+                     "reason": s.hold_reason, "held_by": s.held_by, "paths": s.held_paths,
+                     "since": (s.held_since or s.updated_at).isoformat(),
+                     "repository": s.repository, "attempt": s.next_attempt,
+                     "priority": s.spec.priority if s.spec else None}
+                    for s in world.held()]
+
+    def fleet_view(self) -> dict[str, Any]:
+        with self.lock:
+            world = self.world
+            if world is None:
+                return {"ready": False}
+            running: dict[str, int] = {}
+            for s in world.active.values():
+                running[s.team] = running.get(s.team, 0) + 1
+            fleet = world.fleet
+            return {"ready": True, "kill_switch": fleet.kill_switch,
+                    "kill_switch_reason": fleet.kill_switch_reason, "paused": fleet.paused,
+                    "running": running, "active": len(world.active),
+                    "waiting": len(world.waiting),
+                    "max_running": self.scheduler.policy.max_running,
+                    "spend": {k: v.model_dump() for k, v in fleet.spend.items()},
+                    "budget_exhausted": fleet.budget_exhausted}
+
+    def stats_view(self) -> dict[str, Any]:
+        return {**asdict(self.stats), "rows": len(self.table),
+                "forwarded": self.repartitioner.processed}
+
+    def _serve_web(self) -> None:
+        """The active's HTTP pages on FLEETPLANE_COORDINATOR_WEB_PORT (bound when the role is
+        taken: the previous active, if it still holds the port, is on its way out)."""
+        coordinator = self
+        pages: dict[str, Callable[[], tuple[int, Any]]] = {
+            "/healthz": lambda: (200 if self.world is not None else 503,
+                                 {"ready": self.world is not None, "service": SERVICE,
+                                  "role": self.stats.role}),
+            "/coordinator/stats": lambda: (200, self.stats_view()),
+            "/coordinator/held": lambda: (200, self.held_tasks()),
+            "/coordinator/fleet": lambda: (200, self.fleet_view()),
+        }
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                page = pages.get(self.path.split("?")[0].rstrip("/"))
+                status, body = page() if page else (404, {"error": "not found"})
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        def bind() -> None:
+            while not coordinator._stopping.is_set():
+                try:
+                    server = ThreadingHTTPServer(
+                        (self.settings.bind_host, self.settings.coordinator_web_port), Handler)
+                except OSError as exc:
+                    log.warning("web port busy, retrying", error=str(exc))
+                    coordinator._stopping.wait(0.5)
+                    continue
+                server.daemon_threads = True
+                coordinator.web = server
+                server.serve_forever(poll_interval=0.2)
+                return
+
+        threading.Thread(target=bind, name="web", daemon=True).start()
 

@@ -57,7 +57,24 @@ class Record:
     timestamp_ms: int = 0
 
 
-Handler = Callable[[Event, Record], Iterable[Event]]
+@dataclass(frozen=True)
+class RawRecord:
+    """An output a handler publishes as given (bytes, explicit partition and headers), beside
+    events: a repartition forwarding input records, or a changelog row of a table
+    (core.table), committed in the same transaction as the events and the input offsets."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    partition: int | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+Output = Event | RawRecord
+Handler = Callable[[Event, Record], Iterable[Output]]
+#: on_assign hook: called with the consumer and the partitions assigned, before their records
+#: are read (a stateful step restores its table here)
+AssignHook = Callable[[Consumer, list[TopicPartition]], None]
 
 
 class Sink(Protocol):
@@ -132,6 +149,9 @@ class Processor:
         commit_when_drained: bool = True,
         transactional: bool | None = None,
         instance_id: str | None = None,
+        group_instance_id: str | None = None,
+        on_assign: AssignHook | None = None,
+        on_abort: Callable[[], None] | None = None,
     ) -> None:
         self.service = service
         self.topics = list(topics)
@@ -147,6 +167,11 @@ class Processor:
         self.transactional = settings.transactional if transactional is None else transactional
         self.group_id = group_id or f"fleetplane-{service}"
         self.instance_id = instance_id or f"{self.group_id}-{settings.instance_id}"
+        # static member id (default: instance_id); a role shared by replicas may differ from
+        # the transactional.id (coordinator: one role, one fresh transactional.id per holder)
+        self.group_instance_id = group_instance_id or self.instance_id
+        self.on_assign = on_assign  # before the assigned partitions' records are read
+        self.on_abort = on_abort  # after an aborted transaction, before the rewind
         self._pool = ThreadPoolExecutor(concurrency) if concurrency > 1 else None
         self._running = False
         self._stopping = False
@@ -182,13 +207,17 @@ class Processor:
         # Static membership: a replica restarted after a crash (SIGKILL) takes its partitions back
         # at once instead of waiting for the broker to expire the dead member (the embedded broker
         # never does; see docs/operations.md).
-        cfg.setdefault("group.instance.id", self.instance_id)
+        cfg.setdefault("group.instance.id", self.group_instance_id)
         if self.transactional:
             cfg["enable.auto.commit"] = False
         self.consumer = Consumer(cfg)
         if self.transactional:
             self.producer.init_transactions(TXN_CALL_TIMEOUT_S)
-        self.consumer.subscribe(self.topics, on_revoke=self._on_revoke)
+        if self.on_assign is not None:
+            self.consumer.subscribe(self.topics, on_assign=self.on_assign,
+                                    on_revoke=self._on_revoke)
+        else:
+            self.consumer.subscribe(self.topics, on_revoke=self._on_revoke)
 
     def run(self) -> None:
         self._open()
@@ -266,7 +295,7 @@ class Processor:
             self.producer.begin_transaction()
             self._in_txn = True
         if self._pool is not None:
-            results: Iterable[list[Event]] = self._pool.map(self._handle_one, records)
+            results: Iterable[list[Output]] = self._pool.map(self._handle_one, records)
         else:
             results = map(self._handle_one, records)
         for rec, outputs in zip(records, results, strict=True):
@@ -276,7 +305,7 @@ class Processor:
             self.processed += 1
         self.producer.poll(0)
 
-    def _handle_one(self, rec: Record) -> list[Event]:
+    def _handle_one(self, rec: Record) -> list[Output]:
         try:
             event = self.serde.decode(rec.value)
         except NotRetriable as exc:
@@ -306,14 +335,29 @@ class Processor:
                     log.exception("handler failed, record to DLQ")
                     return [dead_letter(self.service, rec, exc)]
 
-    def _produce(self, event: Event) -> None:
+    def _produce(self, event: Output) -> None:
         assert self.producer is not None
+        if isinstance(event, RawRecord):
+            self._produce_raw(event)
+            return
         value = self.serde.encode(event)
         while True:
             try:
                 self.producer.produce(topic_for(event), key=key_for(event), value=value,
                                       headers=event_headers(event),
                                       on_delivery=self._on_delivery)
+                return
+            except BufferError:
+                self.producer.poll(0.1)
+
+    def _produce_raw(self, raw: RawRecord) -> None:
+        assert self.producer is not None
+        kwargs: dict[str, Any] = {} if raw.partition is None else {"partition": raw.partition}
+        while True:
+            try:
+                self.producer.produce(raw.topic, key=raw.key, value=raw.value,
+                                      headers=list(raw.headers), on_delivery=self._on_delivery,
+                                      **kwargs)
                 return
             except BufferError:
                 self.producer.poll(0.1)
@@ -360,6 +404,8 @@ class Processor:
             if isinstance(err, KafkaError) and err.txn_requires_abort():
                 log.warning("transaction aborted, rewinding", error=str(err))
                 self._abort()
+                if self.on_abort is not None:
+                    self.on_abort()
                 self._rewind()
                 return
             if isinstance(err, KafkaError) and err.retriable() and tries < 10:

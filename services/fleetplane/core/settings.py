@@ -36,12 +36,6 @@ class Settings(BaseSettings):
     )
     batch_size: int = 500
     poll_timeout_s: float = 0.1
-    idle_fetch_backoff_ms: int = Field(
-        default=5,
-        description="The coordinator's consumer waits this long after a fetch that brought "
-        "nothing (0: never). The embedded broker answers empty fetches at once instead of "
-        "holding them for fetch.wait.max.ms, so an idle consumer would otherwise spin.",
-    )
     session_timeout_ms: int = 10_000
 
     # Files
@@ -125,6 +119,10 @@ class Settings(BaseSettings):
         default=60.0, description="A running attempt silent this long is declared lost.")
     coordinator_tick_s: float = Field(
         default=0.5, description="Scheduler clock: backoff releases and heartbeat checks.")
+    coordinator_takeover_s: float = Field(
+        default=5.0, description="A standby coordinator takes the active role when the "
+        "scheduler topic (where the active ticks every coordinator_tick_s) has been quiet "
+        "this long.")
     coordinator_backoff_base_ms: int = 1_000
     coordinator_backoff_cap_ms: int = 60_000
 

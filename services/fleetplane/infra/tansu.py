@@ -39,8 +39,6 @@ from typing import IO, Final
 
 __all__ = [
     "HOST",
-    "TANSU_AIOKAFKA_CONSUMER_OVERRIDES",
-    "TANSU_AIOKAFKA_PRODUCER_OVERRIDES",
     "TANSU_CLIENT_OVERRIDES",
     "TANSU_CONSUMER_OVERRIDES",
     "TANSU_PRODUCER_OVERRIDES",
@@ -99,8 +97,8 @@ TANSU_PRODUCER_OVERRIDES: Final[dict[str, str]] = {
     # Costs throughput, which does not matter for a smoke test.
     "batch.num.messages": "1",
     # enable.idempotence is deliberately NOT overridden: librdkafka obtains a producer id
-    # (InitProducerId) and produces with acks=all without errors. (aiokafka cannot; see
-    # TANSU_AIOKAFKA_PRODUCER_OVERRIDES.)
+    # (InitProducerId) and produces with acks=all without errors. (aiokafka cannot:
+    # docs/brokers-tansu.md.)
 }
 
 #: Union of the consumer and producer overrides, for code that builds one config for every
@@ -109,23 +107,6 @@ TANSU_PRODUCER_OVERRIDES: Final[dict[str, str]] = {
 TANSU_CLIENT_OVERRIDES: Final[dict[str, str]] = {
     **TANSU_CONSUMER_OVERRIDES,
     **TANSU_PRODUCER_OVERRIDES,
-}
-
-#: aiokafka keyword arguments for AIOKafkaConsumer (what the Faust service ends up using).
-#: In Faust settings terms: broker_session_timeout=3.0, broker_heartbeat_interval=0.5.
-TANSU_AIOKAFKA_CONSUMER_OVERRIDES: Final[dict[str, int]] = {
-    # Same JoinGroup delay as above: aiokafka's default 10000 means 5 s per join, and Faust's
-    # default broker_session_timeout of 60 s means 30 s.
-    "session_timeout_ms": 3000,
-    "heartbeat_interval_ms": 500,
-}
-
-#: aiokafka keyword arguments for AIOKafkaProducer. In Faust terms: keep
-#: processing_guarantee="at_least_once" (exactly_once needs a transactional producer).
-TANSU_AIOKAFKA_PRODUCER_OVERRIDES: Final[dict[str, bool]] = {
-    # aiokafka's InitProducerId fails on tansu with UnknownError (tansu logs producer=None
-    # epoch=None), so idempotent and transactional aiokafka producers cannot start.
-    "enable_idempotence": False,
 }
 
 #: Kafka transactions cannot be trusted on tansu: init/commit/abort and

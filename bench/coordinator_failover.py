@@ -1,0 +1,102 @@
+"""Coordinator failover with a large table: N TaskRouted dispatched by an active coordinator
+(N rows in its table), a standby watching; the active is SIGKILLed and the time until the
+standby has restored the table and decides again is measured (a figure, not a test).
+
+    .venv/bin/python -m bench.coordinator_failover --tasks 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from tests.integration.test_coordinator import CoordinatorProcess
+
+from fleetplane.core import events as ev
+from fleetplane.core.kafka import EventProducer
+from fleetplane.core.settings import Settings
+from fleetplane.core.topics import ensure_topics, load_topics
+from fleetplane.infra.broker import EmbeddedBroker, free_port
+
+
+def run(tasks: int, data: Path, takeover_s: float) -> dict[str, object]:
+    broker = EmbeddedBroker(data / "broker")
+    broker.start()
+    try:
+        settings = Settings(kafka_bootstrap=broker.bootstrap)
+        ensure_topics(settings.client_config(), load_topics(settings.topics_file))
+        port = free_port()
+        env = {"FLEETPLANE_COORDINATOR_WEB_PORT": str(port), "FLEETPLANE_LOG_LEVEL": "INFO",
+               "FLEETPLANE_COORDINATOR_TAKEOVER_S": str(takeover_s)}
+        procs = []
+        for name in ("a", "b"):
+            (data / name).mkdir()
+            proc = CoordinatorProcess(settings, data / name, name, env=env)
+            proc.port = port
+            procs.append(proc)
+        active, standby = procs
+        active.start()
+        active.wait_ready()
+        standby.start()
+        producer = EventProducer(settings)
+        spec = ev.TaskSpec(name="n", task_type="summarize", prompt="p")
+        t0 = time.monotonic()
+        for i in range(0, tasks, 2000):
+            producer.send([ev.TaskRouted(task_id=f"t-{j}", team="team", spec=spec, attempt=1,
+                                         model="m", provider="anthropic", tier="standard",
+                                         reason="bench") for j in range(i, min(tasks, i + 2000))])
+        deadline = time.monotonic() + 1800
+        while (active.stats() or {}).get("processed", 0) < tasks:
+            assert time.monotonic() < deadline, "not decided in 30 minutes"
+            assert standby.log_tail(1_000_000).count("taking the active role") == 0, (
+                "the standby took over from a live active (a pause longer than the takeover "
+                "time on a loaded machine): raise --takeover-s")
+            time.sleep(0.2)
+        decided_s = time.monotonic() - t0
+        while "standby: watching" not in standby.log_tail(1_000_000):
+            time.sleep(0.1)
+        time.sleep(2.0)
+        before = active.stats() or {}
+        assert before.get("instance") == "a", before
+        active.kill()
+        killed = time.monotonic()
+        while True:
+            stats = standby.stats()
+            if stats and stats.get("ready_s") is not None:
+                break
+            time.sleep(0.05)
+        ready = time.monotonic() - killed
+        producer.send([ev.TaskRouted(task_id="after", team="team", spec=spec, attempt=1,
+                                     model="m", provider="anthropic", tier="standard",
+                                     reason="bench")])
+        processed = stats["processed"]
+        while (standby.stats() or {}).get("processed", 0) <= processed:
+            time.sleep(0.02)
+        producer.close()
+        standby.terminate()
+        return {"tasks": tasks, "decided_s": round(decided_s, 1),
+                "decisions_per_s": round(tasks / decided_s, 1), "rows": before.get("rows"),
+                "failover_ready_s": round(ready, 2), "standby_s": stats.get("standby_s"),
+                "restore_s": stats.get("restore_s"), "recovery_s": stats.get("recovery_s"),
+                "changelog_records": stats.get("changelog_records"),
+                "recovered_rows": stats.get("recovered_rows"),
+                "load_average": round(os.getloadavg()[0], 1)}
+    finally:
+        broker.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--takeover-s", type=float, default=5.0)
+    args = parser.parse_args()
+    data = Path(tempfile.mkdtemp(prefix="coordinator-failover-"))
+    print(json.dumps({**run(args.tasks, data, args.takeover_s), "logs": str(data)}))
+
+
+if __name__ == "__main__":
+    main()
