@@ -8,7 +8,7 @@ from functools import partial
 
 from fleetplane.core.catalog import load_catalog
 from fleetplane.core.logging import get_logger
-from fleetplane.core.loop import Processor
+from fleetplane.core.parallel import ParallelProcessor
 from fleetplane.core.service import bootstrap
 from fleetplane.core.topics import DISPATCH
 from fleetplane.executor.handlers import SeenDispatches, execute
@@ -20,10 +20,6 @@ log = get_logger(__name__)
 
 def main() -> None:
     settings = bootstrap("executor")
-    # An attempt runs inside one poll of the loop (up to spec.timeout_s): keep the consumer in
-    # its group meanwhile (librdkafka's default is 5 minutes). Override in KAFKA_CONFIG.
-    settings = settings.model_copy(update={"kafka_config": {
-        "max.poll.interval.ms": "3600000", **settings.kafka_config}})
     catalog = load_catalog(settings.catalog_file)
     executor_id = settings.executor_id or f"{socket.gethostname()}-{os.getpid()}"
     journal_dir = settings.executor_journal_dir or settings.resolved_data_dir() / "executor-runs"
@@ -40,14 +36,22 @@ def main() -> None:
     runtime.start(watch_cancellations=True)
     handler = partial(execute, catalog, ModelClients(settings), executor_id, SeenDispatches(),
                       runtime=runtime)
-    processor = Processor("executor", [DISPATCH], handler, settings,
-                          group_id=settings.executor_group_id,
-                          concurrency=settings.executor_slots)
+    # Continuous dispatch (core/parallel.py): an attempt starts as soon as a slot frees, the
+    # consumer keeps polling while attempts run (no max.poll.interval.ms override needed).
+    processor = ParallelProcessor("executor", [DISPATCH], handler, settings,
+                                  group_id=settings.executor_group_id,
+                                  slots=settings.executor_slots)
     processor.install_signal_handlers()
     try:
         processor.run()
     finally:
         runtime.close()
+    if processor.running_count():
+        # Attempts still running after the drain: their dispatches were not committed and come
+        # back to the next owner (the journal reports them lost, never re-run). Their worker
+        # threads would keep the interpreter alive until they end: leave now.
+        log.warning("exiting with attempts still running", running=processor.running_count())
+        os._exit(0)
 
 
 if __name__ == "__main__":
