@@ -14,13 +14,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import Consumer, Producer
 
 from fleetplane.core import events as ev
-from fleetplane.core.kafka import EventProducer
+from fleetplane.core.kafka import EventProducer, event_headers
 from fleetplane.core.serde import DecodeError, default_serde
 from fleetplane.core.settings import REPO_ROOT, Settings
-from fleetplane.core.topics import LIFECYCLE, TOOL_CALLS, UTILIZATION
+from fleetplane.core.topics import DISPATCH, LIFECYCLE, OUTCOMES, TOOL_CALLS, UTILIZATION
 from fleetplane.fakeprovider import FakeProvider
 
 from .agentkit import dispatched, git, sample_repo
@@ -194,4 +194,68 @@ def test_live_events_cancellation_utilization_and_sigkill_mid_attempt(
         lifecycle.close()
         utilization.close()
         tools.close()
+        executor.stop()
+
+
+def send_dispatches(settings: Settings, events: list[ev.TaskDispatched],
+                    partition: int = 0) -> None:
+    """Dispatches in this order into one partition (as a coordinator would for tasks whose ids
+    hash alike): what head-of-line blocking and offset commits are about."""
+    p = Producer(settings.producer_config())
+    serde = default_serde()
+    for e in events:
+        p.produce(DISPATCH, key=e.task_id.encode(), value=serde.encode(e),
+                  headers=event_headers(e), partition=partition)
+    assert p.flush(30) == 0
+
+
+def test_short_tasks_run_while_long_ones_do_and_unfinished_survive_sigkill(
+        base_settings: Settings, executor: ExecutorProcess, fake: FakeProvider,
+        unique: str) -> None:
+    """Continuous dispatch (issue 13): with 3 slots, two 30 s attempts running and six 200 ms
+    ones dispatched after them into the same partition, the short ones start and complete
+    while the long ones run (the batch loop fetched nothing until its batch was done). Input
+    offsets are committed only up to the lowest unfinished attempt: after a SIGKILL the long
+    attempts' dispatches come back (reported lost, not re-run) and the finished short ones'
+    model calls are not made again."""
+    fake.set_script({"replies": [
+        {"match": "LONG", "text": "slow answer", "latency_ms": 30_000, "times": None},
+        {"match": "SHORT", "text": "quick answer", "latency_ms": 200, "times": None}]})
+    executor.env["FLEETPLANE_EXECUTOR_SLOTS"] = "3"
+    executor.start()
+    executor.wait_log("watching cancellations")
+    lifecycle = Reader(base_settings, LIFECYCLE)
+    outcomes = Reader(base_settings, OUTCOMES)
+    longs = [f"t-long{i}-{unique}" for i in range(2)]
+    shorts = [f"t-short{i}-{unique}" for i in range(6)]
+    try:
+        send_dispatches(base_settings, [dispatched(t, f"LONG {t}", repository=None)
+                                        for t in longs])
+        lifecycle.until(lambda s: {e.task_id for e in s if isinstance(e, ev.TaskStarted)}
+                        >= set(longs))
+        long_started = time.monotonic()
+        send_dispatches(base_settings, [dispatched(t, f"SHORT {t}", repository=None)
+                                        for t in shorts])
+        seen = outcomes.until(lambda s: {e.task_id for e in s if isinstance(e, ev.TaskCompleted)}
+                              >= set(shorts), timeout_s=20)
+        assert time.monotonic() - long_started < 25  # the long calls are still in flight
+        done = {e.task_id for e in seen if isinstance(e, ev.TaskCompleted)}
+        assert not done & set(longs)
+        short_calls = sum("SHORT" in c.last_user_text for c in fake.calls)
+        assert short_calls == len(shorts)
+
+        time.sleep(0.5)  # the short outcomes' offsets: committed up to the first long dispatch
+        executor.kill()
+        executor.start()
+        executor.wait_log("parallel processor started")  # start-up: seconds, more under load
+        seen = lifecycle.until(lambda s: {e.task_id for e in s if isinstance(e, ev.TaskFailed)}
+                               >= set(longs), timeout_s=30)
+        lost = [e for e in seen if isinstance(e, ev.TaskFailed) and e.task_id in longs]
+        assert {e.failure_class for e in lost} == {"lost_executor"}
+        # the short attempts were not run again (redelivered or not, the journal answers)
+        assert sum("SHORT" in c.last_user_text for c in fake.calls) == short_calls
+        assert sum("LONG" in c.last_user_text for c in fake.calls) == len(longs)
+    finally:
+        lifecycle.close()
+        outcomes.close()
         executor.stop()
