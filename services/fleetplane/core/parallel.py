@@ -306,10 +306,10 @@ class ParallelProcessor(Processor):
             return
         self._commit_failures = 0
         with self._lock:
-            for tp in offsets:
-                key = (tp.topic, tp.partition)
+            for part in offsets:
+                key = (part.topic, part.partition)
                 if key in self._next:
-                    self._committed[key] = tp.offset
+                    self._committed[key] = part.offset
             self.stats.committed += len(batch)
             self.stats.commits += 1
         self.processed += len(batch)
