@@ -214,7 +214,8 @@ def sandbox_cost(n: int = 30) -> dict[str, float]:
 
 
 def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
-                durations_s: list[float], trickle: int, loop: str) -> dict[str, Any]:
+                durations_s: list[float], trickle: int, loop: str,
+                rate: float = 0.0) -> dict[str, Any]:
     """The executor loop under a burst of mixed-duration attempts, then a trickle."""
     from confluent_kafka import Producer
 
@@ -294,6 +295,9 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
         for i in range(tasks):
             d = durations_s[i % len(durations_s)]
             send(f"burst-{i}", f"dur={d:g}s burst {i}")
+            if rate > 0:
+                producer.poll(0)
+                time.sleep(max(0.0, t0 + (i + 1) / rate - time.monotonic()))
         producer.flush(30)
         deadline = time.monotonic() + 600
         while len(ends) < tasks and time.monotonic() < deadline:
@@ -325,6 +329,10 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
             for k in range(max(0, len(burst_starts) - slots)) if k < len(burst_ends)]
     fill = [f for f in fill if f >= 0]
     queued = [(r, q) for _, r, q in samples if q > 0]
+    full_at = next((t for t, r, _ in samples if r >= min(slots, tasks)), None)
+    after_ramp = [(r, q) for t, r, q in samples if q > 0 and full_at is not None and t >= full_at]
+    produced = [(r, q) for t, r, q in samples if q > 0 and t - t0 < tasks / rate] \
+        if rate > 0 else []
     d2s = [(started_at[t] - produced_at[t]) * 1000 for t in produced_at
            if t.startswith("trickle-") and t in started_at]
     stats = getattr(proc, "stats", None)
@@ -334,6 +342,11 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
             "peak_running": max((r for _, r, _ in samples), default=0),
             "slot_utilization_while_queued": (sum(r for r, _ in queued)
                                               / max(1, len(queued) * slots)),
+            "ramp_s": None if full_at is None else full_at - t0,
+            "slot_utilization_while_queued_after_ramp": (sum(r for r, _ in after_ramp)
+                                                         / max(1, len(after_ramp) * slots)),
+            "rate": rate, "running_while_arriving_mean": (sum(r for r, _ in produced)
+                                                          / max(1, len(produced))),
             "fill_p50_ms": pct(fill, 50), "fill_p99_ms": pct(fill, 99),
             "dispatched_to_started_p50_ms": pct(d2s, 50),
             "dispatched_to_started_p99_ms": pct(d2s, 99), "trickle": len(d2s),
@@ -348,6 +361,8 @@ def main() -> None:
     ap.add_argument("--durations", default="1,2,5,10,20",
                     help="model call seconds, assigned round-robin")
     ap.add_argument("--trickle", type=int, default=50)
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="dispatches per second for the burst (0: all at once)")
     ap.add_argument("--loop", choices=["parallel", "batch"], default="parallel")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--latency-ms", type=float, default=100.0)
@@ -362,7 +377,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp_s, FakeProvider() as fake:
             c = concurrency(fake, Path(tmp_s), args.tasks, args.slots,
                             [float(x) for x in args.durations.split(",")], args.trickle,
-                            args.loop)
+                            args.loop, args.rate)
         results["concurrency"] = c
         console.print(
             f"concurrency ({c['loop']} loop): {c['tasks']} tasks of {c['durations_s']} s, "
@@ -371,7 +386,9 @@ def main() -> None:
             f"{c['fill_p50_ms']:.1f} ms p99 {c['fill_p99_ms']:.1f} ms, dispatched -> started "
             f"(slot free) p50 {c['dispatched_to_started_p50_ms']:.1f} ms p99 "
             f"{c['dispatched_to_started_p99_ms']:.1f} ms, burst {c['burst_wall_s']:.1f} s "
-            f"(ideal {c['ideal_wall_s']:.1f} s), pauses {c['pauses']}")
+            f"(ideal {c['ideal_wall_s']:.1f} s), pauses {c['pauses']}; ramp to full "
+            f"{c['ramp_s'] if c['ramp_s'] is None else round(c['ramp_s'], 1)} s, utilization "
+            f"while queued after it {c['slot_utilization_while_queued_after_ramp']:.1%}")
     if args.scenario == "concurrency":
         save(console, results)
         return

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -258,4 +259,56 @@ def test_short_tasks_run_while_long_ones_do_and_unfinished_survive_sigkill(
     finally:
         lifecycle.close()
         outcomes.close()
+        executor.stop()
+
+
+def test_lease_a_redelivered_dispatch_is_not_run_again_elsewhere(
+        base_settings: Settings, executor: ExecutorProcess, fake: FakeProvider,
+        producer: EventProducer, unique: str) -> None:
+    """The durable attempt lease (issue 13): executor A claims an attempt (TaskStarted with
+    lease_ms, acknowledged before the model call) and renews it with heartbeats; A is killed and
+    executor B (another id, no journal: another machine) takes its partitions: the redelivered
+    dispatch is not run while A's lease is live. A dispatch whose attempt was claimed by an
+    executor long gone (expired lease) is reported lost_executor, not run either."""
+    fake.set_script({"replies": [
+        {"match": "LONG", "text": "slow answer", "latency_ms": 30_000, "times": None}]})
+    executor.start()
+    executor.wait_log("parallel processor started")
+    lifecycle = Reader(base_settings, LIFECYCLE)
+    task, gone = f"t-lease-{unique}", f"t-gone-{unique}"
+    try:
+        producer.send([dispatched(task, "LONG claimed", repository=None)])
+        seen = lifecycle.until(lambda s: any(isinstance(e, ev.TaskHeartbeat) for e in s),
+                               task_id=task)
+        started = next(e for e in seen if isinstance(e, ev.TaskStarted))
+        beat = next(e for e in seen if isinstance(e, ev.TaskHeartbeat))
+        assert started.lease_ms > 0 and beat.lease_ms > 0
+        assert started.executor_id == f"exec-{unique}"
+        executor.kill()
+        # an attempt claimed two minutes ago by an executor that is gone
+        old = ev.utcnow_ms() - timedelta(minutes=2)
+        producer.send([ev.TaskStarted(task_id=gone, team="payments", attempt=1,
+                                      executor_id="exec-gone", lease_ms=5_000,
+                                      occurred_at=old)])
+        executor.env["FLEETPLANE_EXECUTOR_ID"] = f"exec-b-{unique}"
+        executor.env["FLEETPLANE_DATA_DIR"] = str(executor.tmp / "data-b")
+        executor.start()
+        executor.wait_log("parallel processor started")
+        deadline = time.monotonic() + 30
+        while not any("lease is live on another executor" in line and task in line
+                      for line in executor.log_path.read_text().splitlines()):
+            assert time.monotonic() < deadline, executor.log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        producer.send([dispatched(gone, "LONG gone", repository=None)])
+        seen = lifecycle.until(lambda s: any(isinstance(e, ev.TaskFailed) for e in s),
+                               task_id=gone, timeout_s=30)
+        failed = next(e for e in seen if isinstance(e, ev.TaskFailed))
+        assert failed.failure_class == "lost_executor" and not failed.final
+        # A called the model once; B did not call it for either attempt
+        assert sum("LONG claimed" in c.last_user_text for c in fake.calls) == 1
+        assert not any("LONG gone" in c.last_user_text for c in fake.calls)
+        assert not any(isinstance(e, ev.TaskStarted) and e.executor_id == f"exec-b-{unique}"
+                       for e in lifecycle.seen)
+    finally:
+        lifecycle.close()
         executor.stop()

@@ -12,6 +12,7 @@ from fleetplane.core.parallel import ParallelProcessor
 from fleetplane.core.service import bootstrap
 from fleetplane.core.topics import DISPATCH
 from fleetplane.executor.handlers import SeenDispatches, execute
+from fleetplane.executor.leases import LeaseTable
 from fleetplane.executor.models import ModelClients
 from fleetplane.executor.runtime import Journal, LiveEmitter, Runtime
 
@@ -34,8 +35,15 @@ def main() -> None:
     ok, why = runtime.sandbox.availability()
     log.info("sandbox", available=ok, detail=why)
     runtime.start(watch_cancellations=True)
+    leases = None
+    if settings.executor_lease_s > 0 and runtime.live is not None:
+        leases = LeaseTable(settings, executor_id, settings.executor_lease_lookback_s)
+        leases.start()
+        # judge no dispatch before the fleet's recent claims are read (docs/executor.md)
+        if not leases.ready.wait(120):
+            log.warning("attempt leases not read within 120 s; starting anyway")
     handler = partial(execute, catalog, ModelClients(settings), executor_id, SeenDispatches(),
-                      runtime=runtime)
+                      runtime=runtime, leases=leases)
     # Continuous dispatch (core/parallel.py): an attempt starts as soon as a slot frees, the
     # consumer keeps polling while attempts run (no max.poll.interval.ms override needed).
     processor = ParallelProcessor("executor", [DISPATCH], handler, settings,
@@ -46,6 +54,8 @@ def main() -> None:
         processor.run()
     finally:
         runtime.close()
+        if leases is not None:
+            leases.close()
     if processor.running_count():
         # Attempts still running after the drain: their dispatches were not committed and come
         # back to the next owner (the journal reports them lost, never re-run). Their worker
