@@ -85,7 +85,8 @@ class Stats:
     commits: int = 0
     dropped_on_revoke: int = 0
     #: seconds from taking a record to starting it, for records taken while a slot was free
-    start_delays: list[float] = field(default_factory=list)
+    #: (the latest 10,000)
+    start_delays: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
 
 
 class ParallelProcessor(Processor):
