@@ -238,6 +238,7 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
         starts: list[float] = []
         ends: list[float] = []
         produced_at: dict[str, float] = {}
+        produced = [0]
         started_at: dict[str, float] = {}
 
         def handler(event: ev.Event, rec: Record) -> list[ev.Event]:
@@ -269,9 +270,11 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
             producer.produce(DISPATCH, key=task_id.encode(), value=serde.encode(e),
                              headers=event_headers(e))
             produced_at[task_id] = time.monotonic()
+            produced[0] += 1
 
         # warm-up: one attempt through the loop (group join, first fetch, SDK client)
         send("warm", f"dur={min(durations_s):g}s warm")
+        produced[0] = 0
         producer.flush(30)
         deadline = time.monotonic() + 120
         while len(ends) < 1 and time.monotonic() < deadline:
@@ -280,14 +283,13 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
             starts.clear()
             ends.clear()
         samples: list[tuple[float, int, int]] = []  # (t, running, queued)
-        total = [tasks]
         stop_sampling = threading.Event()
 
         def sample() -> None:
             while not stop_sampling.wait(0.02):
                 with lock:
                     running, began = len(starts) - len(ends), len(starts)
-                samples.append((time.monotonic(), running, total[0] - began))
+                samples.append((time.monotonic(), running, produced[0] - began))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -304,9 +306,8 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
             time.sleep(0.05)
         burst_s = time.monotonic() - t0
         with lock:
-            burst_starts, burst_ends = sorted(starts), sorted(ends)
+            burst_ends = sorted(ends)
         # the trickle: short tasks, one every 50 ms, slots free
-        total[0] = tasks + trickle
         short = min(durations_s)
         for i in range(trickle):
             send(f"trickle-{i}", f"dur={short:g}s trickle {i}")
@@ -325,14 +326,18 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
         broker.stop()
     # a slot freed by the k-th end is filled by the (slots + k)-th start (FIFO matching),
     # counted while work was queued (there was a (slots + k)-th start of the burst)
-    fill = [(burst_starts[slots + k] - burst_ends[k]) * 1000
-            for k in range(max(0, len(burst_starts) - slots)) if k < len(burst_ends)]
-    fill = [f for f in fill if f >= 0]
+    # free slot -> filled: the k-th start (in time order) takes the k-th slot to become free
+    # (the slots at t0, then each end); its wait is counted from when both the slot was free and
+    # its dispatch was published (0 when it started at once)
+    burst = sorted((started_at[t], produced_at[t]) for t in produced_at
+                   if t.startswith("burst-") and t in started_at)
+    free = sorted([t0] * slots + burst_ends)
+    fill = [max(0.0, st - max(free[k], pub)) * 1000 for k, (st, pub) in enumerate(burst)
+            if k < len(free)]
     queued = [(r, q) for _, r, q in samples if q > 0]
     full_at = next((t for t, r, _ in samples if r >= min(slots, tasks)), None)
     after_ramp = [(r, q) for t, r, q in samples if q > 0 and full_at is not None and t >= full_at]
-    produced = [(r, q) for t, r, q in samples if q > 0 and t - t0 < tasks / rate] \
-        if rate > 0 else []
+    arriving = [(r, q) for t, r, q in samples if t - t0 < tasks / rate] if rate > 0 else []
     d2s = [(started_at[t] - produced_at[t]) * 1000 for t in produced_at
            if t.startswith("trickle-") and t in started_at]
     stats = getattr(proc, "stats", None)
@@ -345,12 +350,13 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
             "ramp_s": None if full_at is None else full_at - t0,
             "slot_utilization_while_queued_after_ramp": (sum(r for r, _ in after_ramp)
                                                          / max(1, len(after_ramp) * slots)),
-            "rate": rate, "running_while_arriving_mean": (sum(r for r, _ in produced)
-                                                          / max(1, len(produced))),
+            "rate": rate, "running_while_arriving_mean": (sum(r for r, _ in arriving)
+                                                          / max(1, len(arriving))),
             "fill_p50_ms": pct(fill, 50), "fill_p99_ms": pct(fill, 99),
             "dispatched_to_started_p50_ms": pct(d2s, 50),
             "dispatched_to_started_p99_ms": pct(d2s, 99), "trickle": len(d2s),
-            "pauses": stats.pauses if stats is not None else None}
+            "pauses": stats.pauses if stats is not None else None,
+            "timeline": [(round(t - t0, 2), r, q) for t, r, q in samples[::25]]}
 
 
 def main() -> None:

@@ -228,19 +228,14 @@ class ParallelProcessor(Processor):
         self._fill()
 
     def _fill(self) -> None:
-        """Start waiting records while slots are free (from the loop and from workers)."""
+        """Start waiting records on free slots (from the poll loop)."""
         while True:
             with self._lock:
-                if self._draining or not self._queue or self._active >= self.slots:
+                item = self._next_item()
+                if item is None:
                     return
-                item = self._queue.popleft()
                 self._active += 1
-                self.stats.started += 1
                 self.stats.peak_running = max(self.stats.peak_running, self._active)
-                now = time.monotonic()
-                if item.started_at < 0:
-                    self.stats.start_delays.append(now - item.taken_at)
-                item.started_at = now
             try:
                 self._workers.submit(self._work, item)
             except RuntimeError:  # shut down
@@ -248,19 +243,38 @@ class ParallelProcessor(Processor):
                     self._active -= 1
                 return
 
-    def _work(self, item: Item) -> None:
-        try:
-            outputs = self._handle_one(item.record)
-        except BaseException as exc:  # Fatal (the rest is dead-lettered by _handle_one)
-            self._fatal = exc
+    def _next_item(self, own_slot: bool = False) -> Item | None:
+        """The next waiting record, if a free slot (or the caller's own, `own_slot`) may take
+        it. Called with the lock held."""
+        if self._draining or not self._queue or \
+                self._active - (1 if own_slot else 0) >= self.slots:
+            return None
+        item = self._queue.popleft()
+        self.stats.started += 1
+        now = time.monotonic()
+        if item.started_at < 0:
+            self.stats.start_delays.append(now - item.taken_at)
+        item.started_at = now
+        return item
+
+    def _work(self, first: Item) -> None:
+        """One slot: runs its record, then, while records wait, the next one in the same thread
+        (no hand-off to another thread: a freed slot is refilled at once)."""
+        item: Item | None = first
+        while item is not None:
+            try:
+                outputs = self._handle_one(item.record)
+            except BaseException as exc:  # Fatal (the rest is dead-lettered by _handle_one)
+                self._fatal = exc
+                with self._lock:
+                    self._active -= 1
+                return
             with self._lock:
-                self._active -= 1
-            return
-        with self._lock:
-            self._active -= 1
-            self._done.append(Finished(item, outputs))
-            self.stats.finished += 1
-        self._fill()
+                self._done.append(Finished(item, outputs))
+                self.stats.finished += 1
+                item = self._next_item(own_slot=True)
+                if item is None:
+                    self._active -= 1
 
     # -- commits ---------------------------------------------------------------------------
     def _offsets(self) -> list[TopicPartition]:
@@ -356,6 +370,12 @@ class ParallelProcessor(Processor):
             except Fatal:
                 log.exception("commit on revocation failed; outputs kept for the next one")
         revoked = {(tp.topic, tp.partition) for tp in partitions}
+        # librdkafka keeps a partition's pause across an unassign/assign: one paused here and
+        # assigned back would never be fetched again (a record was lost this way in
+        # test_parallel's revocation test). Resume before letting it go.
+        still_paused = [TopicPartition(t, p) for t, p in self._paused & revoked]
+        if still_paused:
+            consumer.resume(still_paused)
         with self._lock:
             for tp in revoked:
                 self._epoch[tp] = self._epoch.get(tp, 0) + 1
