@@ -370,9 +370,10 @@ class ParallelProcessor(Processor):
             except Fatal:
                 log.exception("commit on revocation failed; outputs kept for the next one")
         revoked = {(tp.topic, tp.partition) for tp in partitions}
-        # librdkafka keeps a partition's pause across an unassign/assign: one paused here and
-        # assigned back would never be fetched again (a record was lost this way in
-        # test_parallel's revocation test). Resume before letting it go.
+        # librdkafka keeps a partition's pause across a rebalance (confluentinc/librdkafka#1849):
+        # one paused here and assigned back (our _paused forgets it) would never be fetched
+        # again; test_parallel's revocation test lost a record this way. Resume before letting
+        # it go.
         still_paused = [TopicPartition(t, p) for t, p in self._paused & revoked]
         if still_paused:
             consumer.resume(still_paused)
