@@ -272,6 +272,8 @@ def test_lease_a_redelivered_dispatch_is_not_run_again_elsewhere(
     executor long gone (expired lease) is reported lost_executor, not run either."""
     fake.set_script({"replies": [
         {"match": "LONG", "text": "slow answer", "latency_ms": 30_000, "times": None}]})
+    # longer than B's start-up on a loaded machine (30 s measured at load average 40)
+    executor.env["FLEETPLANE_EXECUTOR_LEASE_S"] = "120"
     executor.start()
     executor.wait_log("parallel processor started")
     lifecycle = Reader(base_settings, LIFECYCLE)

@@ -83,6 +83,10 @@ def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
     if leases is not None:
         lease = leases.get(event.task_id, event.attempt)
         if lease is not None:
+            if lease.done:
+                log.info("dispatch not run: the attempt already has an outcome",
+                         attempt=event.attempt, holder=lease.executor_id)
+                return []
             if lease.live() and lease.executor_id != executor_id:
                 log.warning("dispatch not run: the attempt's lease is live on another executor",
                             attempt=event.attempt, holder=lease.executor_id)
