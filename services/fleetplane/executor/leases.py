@@ -5,7 +5,8 @@ published and acknowledged by the broker (durable) before the agent runs; every 
 renews the lease (live until `occurred_at + lease_ms`). Every executor reads the claims and
 outcomes of the whole fleet from `tasks.lifecycle` and `tasks.outcomes` (`LeaseTable`: a consumer
 without group membership, assigned every partition from `lookback_s` ago, then following the
-topics), so a dispatch redelivered to another executor (rebalance, restart elsewhere) is judged against the claim:
+topics), so a dispatch redelivered to another executor (rebalance, restart elsewhere) is
+judged against the claim:
 
 * live and held by another executor: not run (the holder reports the outcome; if it dies its
   heartbeats stop and the coordinator declares the attempt lost after its heartbeat timeout);
