@@ -2,12 +2,21 @@
 before that overhead doubles, and slot utilization on the demo workload.
 
     python -m bench.executor [--steps 20] [--latency-ms 100] [--max-agents 64]
+    python -m bench.executor --scenario concurrency [--tasks 500 --slots 200 --durations 1,2,5]
 
 In-process (the executor's `execute` with its Runtime, real git worktrees, the real sandbox, the
 fake provider over HTTP through the anthropic SDK). A step is one model turn plus the tool call
 it asks for; "overhead" is the executor's own time between the end of one model call and the
 start of the next (tool execution, audit chain, journal, preflight estimates, context fitting),
 i.e. everything but model time. Figures, not assertions; JSON under bench/results/.
+
+The `concurrency` scenario is the executor's loop itself (core.parallel's ParallelProcessor, on
+the embedded broker, with `execute` and its Runtime): a burst of `--tasks` dispatches whose model
+calls take mixed scripted durations, through `--slots` slots; then a trickle of short tasks
+while slots are free. Reported: peak running attempts, slot utilization while work is queued,
+free slot -> refilled (while queued) and dispatched -> started (while a slot is free) p50/p99.
+`--loop batch` runs the same workload through core.loop's Processor (the former executor loop)
+for comparison.
 """
 
 from __future__ import annotations
@@ -32,12 +41,17 @@ from fleetplane.cli.demo import SAMPLES
 from fleetplane.core import events as ev
 from fleetplane.core.catalog import catalog_for
 from fleetplane.core.logging import configure_logging
+from fleetplane.core.loop import Processor, Record
+from fleetplane.core.parallel import ParallelProcessor
+from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
+from fleetplane.core.topics import DISPATCH, ensure_topics, load_topics
 from fleetplane.executor.handlers import SeenDispatches, execute
 from fleetplane.executor.models import ModelClients, ModelTurn
 from fleetplane.executor.runtime import Runtime
 from fleetplane.executor.sandbox import Sandbox
 from fleetplane.fakeprovider import FakeProvider
+from fleetplane.infra.broker import EmbeddedBroker
 
 CATALOG = catalog_for(Settings().catalog_file)
 
@@ -199,8 +213,163 @@ def sandbox_cost(n: int = 30) -> dict[str, float]:
     return {"run_command_true_p50_ms": pct(times, 50), "run_command_true_p99_ms": pct(times, 99)}
 
 
+def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
+                durations_s: list[float], trickle: int, loop: str,
+                rate: float = 0.0) -> dict[str, Any]:
+    """The executor loop under a burst of mixed-duration attempts, then a trickle."""
+    from confluent_kafka import Producer
+
+    from fleetplane.core.kafka import event_headers
+
+    broker = EmbeddedBroker(tmp / "broker")
+    broker.start()
+    try:
+        settings = Settings(kafka_bootstrap=broker.bootstrap, executor_slots=slots,
+                            anthropic_base_url=fake.base_url, model_max_retries=0,
+                            executor_workspaces_dir=tmp / "wt-concurrency")
+        ensure_topics(settings.client_config(), load_topics(settings.topics_file))
+        fake.set_script({"replies": [
+            {"match": f"dur={d:g}s", "text": "ok", "latency_ms": d * 1000, "times": None}
+            for d in durations_s]})
+        rt = Runtime(settings, "bench", sandbox=Sandbox())
+        clients = ModelClients(settings)
+        seen = SeenDispatches()
+        lock = threading.Lock()
+        starts: list[float] = []
+        ends: list[float] = []
+        produced_at: dict[str, float] = {}
+        produced = [0]
+        started_at: dict[str, float] = {}
+
+        def handler(event: ev.Event, rec: Record) -> list[ev.Event]:
+            t = time.monotonic()
+            with lock:
+                starts.append(t)
+                started_at[event.task_id] = t
+            try:
+                return list(execute(CATALOG, clients, "bench", seen, event, rec, runtime=rt))
+            finally:
+                with lock:
+                    ends.append(time.monotonic())
+
+        group = f"bench-exec-{time.monotonic_ns()}"
+        proc: Processor
+        if loop == "batch":
+            proc = Processor("executor", [DISPATCH], handler, settings, group_id=group,
+                             concurrency=slots)
+        else:
+            proc = ParallelProcessor("executor", [DISPATCH], handler, settings, group_id=group,
+                                     slots=slots)
+        runner = threading.Thread(target=proc.run, daemon=True)
+        runner.start()
+        serde = default_serde()
+        producer = Producer(settings.producer_config())
+
+        def send(task_id: str, prompt: str) -> None:
+            e = dispatch(task_id, prompt, None, 2)
+            producer.produce(DISPATCH, key=task_id.encode(), value=serde.encode(e),
+                             headers=event_headers(e))
+            produced_at[task_id] = time.monotonic()
+            produced[0] += 1
+
+        # warm-up: one attempt through the loop (group join, first fetch, SDK client)
+        send("warm", f"dur={min(durations_s):g}s warm")
+        produced[0] = 0
+        producer.flush(30)
+        deadline = time.monotonic() + 120
+        while len(ends) < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with lock:
+            starts.clear()
+            ends.clear()
+        samples: list[tuple[float, int, int]] = []  # (t, running, queued)
+        stop_sampling = threading.Event()
+
+        def sample() -> None:
+            while not stop_sampling.wait(0.02):
+                with lock:
+                    running, began = len(starts) - len(ends), len(starts)
+                samples.append((time.monotonic(), running, produced[0] - began))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = time.monotonic()
+        for i in range(tasks):
+            d = durations_s[i % len(durations_s)]
+            send(f"burst-{i}", f"dur={d:g}s burst {i}")
+            if rate > 0:
+                producer.poll(0)
+                time.sleep(max(0.0, t0 + (i + 1) / rate - time.monotonic()))
+        producer.flush(30)
+        deadline = time.monotonic() + 600
+        while len(ends) < tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        burst_s = time.monotonic() - t0
+        with lock:
+            burst_ends = sorted(ends)
+        # the trickle: short tasks, one every 50 ms, slots free
+        short = min(durations_s)
+        for i in range(trickle):
+            send(f"trickle-{i}", f"dur={short:g}s trickle {i}")
+            producer.flush(10)
+            time.sleep(0.05)
+        deadline = time.monotonic() + 120
+        while len(ends) < tasks + trickle and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop_sampling.set()
+        sampler.join(2)
+        producer.flush(10)
+        proc.stop()
+        runner.join(60)
+        rt.close()
+    finally:
+        broker.stop()
+    # a slot freed by the k-th end is filled by the (slots + k)-th start (FIFO matching),
+    # counted while work was queued (there was a (slots + k)-th start of the burst)
+    # free slot -> filled: the k-th start (in time order) takes the k-th slot to become free
+    # (the slots at t0, then each end); its wait is counted from when both the slot was free and
+    # its dispatch was published (0 when it started at once)
+    burst = sorted((started_at[t], produced_at[t]) for t in produced_at
+                   if t.startswith("burst-") and t in started_at)
+    free = sorted([t0] * slots + burst_ends)
+    fill = [max(0.0, st - max(free[k], pub)) * 1000 for k, (st, pub) in enumerate(burst)
+            if k < len(free)]
+    queued = [(r, q) for _, r, q in samples if q > 0]
+    full_at = next((t for t, r, _ in samples if r >= min(slots, tasks)), None)
+    after_ramp = [(r, q) for t, r, q in samples if q > 0 and full_at is not None and t >= full_at]
+    arriving = [(r, q) for t, r, q in samples if t - t0 < tasks / rate] if rate > 0 else []
+    d2s = [(started_at[t] - produced_at[t]) * 1000 for t in produced_at
+           if t.startswith("trickle-") and t in started_at]
+    stats = getattr(proc, "stats", None)
+    return {"loop": loop, "tasks": tasks, "slots": slots, "durations_s": durations_s,
+            "completed": len(burst_ends), "burst_wall_s": burst_s,
+            "ideal_wall_s": sum(durations_s[i % len(durations_s)] for i in range(tasks)) / slots,
+            "peak_running": max((r for _, r, _ in samples), default=0),
+            "slot_utilization_while_queued": (sum(r for r, _ in queued)
+                                              / max(1, len(queued) * slots)),
+            "ramp_s": None if full_at is None else full_at - t0,
+            "slot_utilization_while_queued_after_ramp": (sum(r for r, _ in after_ramp)
+                                                         / max(1, len(after_ramp) * slots)),
+            "rate": rate, "running_while_arriving_mean": (sum(r for r, _ in arriving)
+                                                          / max(1, len(arriving))),
+            "fill_p50_ms": pct(fill, 50), "fill_p99_ms": pct(fill, 99),
+            "dispatched_to_started_p50_ms": pct(d2s, 50),
+            "dispatched_to_started_p99_ms": pct(d2s, 99), "trickle": len(d2s),
+            "pauses": stats.pauses if stats is not None else None,
+            "timeline": [(round(t - t0, 2), r, q) for t, r, q in samples[::25]]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--scenario", choices=["all", "overhead", "concurrency"], default="all")
+    ap.add_argument("--tasks", type=int, default=500)
+    ap.add_argument("--slots", type=int, default=200)
+    ap.add_argument("--durations", default="1,2,5,10,20",
+                    help="model call seconds, assigned round-robin")
+    ap.add_argument("--trickle", type=int, default=50)
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="dispatches per second for the burst (0: all at once)")
+    ap.add_argument("--loop", choices=["parallel", "batch"], default="parallel")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--latency-ms", type=float, default=100.0)
     ap.add_argument("--max-agents", type=int, default=64)
@@ -210,6 +379,25 @@ def main() -> None:
     configure_logging("bench", "ERROR", json=False)
     console = Console()
     results: dict[str, Any] = {"machine": machine(), "args": vars(args)}
+    if args.scenario in ("all", "concurrency"):
+        with tempfile.TemporaryDirectory() as tmp_s, FakeProvider() as fake:
+            c = concurrency(fake, Path(tmp_s), args.tasks, args.slots,
+                            [float(x) for x in args.durations.split(",")], args.trickle,
+                            args.loop, args.rate)
+        results["concurrency"] = c
+        console.print(
+            f"concurrency ({c['loop']} loop): {c['tasks']} tasks of {c['durations_s']} s, "
+            f"{c['slots']} slots: peak running {c['peak_running']}, slot utilization while "
+            f"queued {c['slot_utilization_while_queued']:.1%}, free slot -> refilled p50 "
+            f"{c['fill_p50_ms']:.1f} ms p99 {c['fill_p99_ms']:.1f} ms, dispatched -> started "
+            f"(slot free) p50 {c['dispatched_to_started_p50_ms']:.1f} ms p99 "
+            f"{c['dispatched_to_started_p99_ms']:.1f} ms, burst {c['burst_wall_s']:.1f} s "
+            f"(ideal {c['ideal_wall_s']:.1f} s), pauses {c['pauses']}; ramp to full "
+            f"{c['ramp_s'] if c['ramp_s'] is None else round(c['ramp_s'], 1)} s, utilization "
+            f"while queued after it {c['slot_utilization_while_queued_after_ramp']:.1%}")
+    if args.scenario == "concurrency":
+        save(console, results)
+        return
     read = {"name": "read_file", "input": {"path": "calc.py"}}
     with tempfile.TemporaryDirectory() as tmp_s, FakeProvider() as fake:
         tmp = Path(tmp_s)
@@ -270,6 +458,10 @@ def main() -> None:
                   f"{d['idle_share']:.1%} of slot time; used slots busy "
                   f"{d['busy_share_of_used_slots']:.1%} (model {d['model_share_of_busy']:.1%} "
                   "of busy)")
+    save(console, results)
+
+
+def save(console: Console, results: dict[str, Any]) -> None:
     console.print(f"machine: {results['machine']}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"executor-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -11,16 +11,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, Producer
 
 from fleetplane.core import events as ev
-from fleetplane.core.kafka import EventProducer
+from fleetplane.core.kafka import EventProducer, event_headers
 from fleetplane.core.serde import DecodeError, default_serde
 from fleetplane.core.settings import REPO_ROOT, Settings
-from fleetplane.core.topics import LIFECYCLE, OUTCOMES, TOOL_CALLS, UTILIZATION
+from fleetplane.core.topics import DISPATCH, LIFECYCLE, OUTCOMES, TOOL_CALLS, UTILIZATION
 from fleetplane.fakeprovider import FakeProvider
 
 from .agentkit import dispatched, git, sample_repo
@@ -236,4 +237,122 @@ def test_live_events_cancellation_utilization_and_sigkill_mid_attempt(
         lifecycle.close()
         utilization.close()
         tools.close()
+        executor.stop()
+
+
+def send_dispatches(settings: Settings, events: list[ev.TaskDispatched],
+                    partition: int = 0) -> None:
+    """Dispatches in this order into one partition (as a coordinator would for tasks whose ids
+    hash alike): what head-of-line blocking and offset commits are about."""
+    p = Producer(settings.producer_config())
+    serde = default_serde()
+    for e in events:
+        p.produce(DISPATCH, key=e.task_id.encode(), value=serde.encode(e),
+                  headers=event_headers(e), partition=partition)
+    assert p.flush(30) == 0
+
+
+def test_short_tasks_run_while_long_ones_do_and_unfinished_survive_sigkill(
+        base_settings: Settings, executor: ExecutorProcess, fake: FakeProvider,
+        unique: str) -> None:
+    """Continuous dispatch (issue 13): with 3 slots, two 30 s attempts running and six 200 ms
+    ones dispatched after them into the same partition, the short ones start and complete
+    while the long ones run (the batch loop fetched nothing until its batch was done). Input
+    offsets are committed only up to the lowest unfinished attempt: after a SIGKILL the long
+    attempts' dispatches come back (reported lost, not re-run) and the finished short ones'
+    model calls are not made again."""
+    fake.set_script({"replies": [
+        {"match": "LONG", "text": "slow answer", "latency_ms": 30_000, "times": None},
+        {"match": "SHORT", "text": "quick answer", "latency_ms": 200, "times": None}]})
+    executor.env["FLEETPLANE_EXECUTOR_SLOTS"] = "3"
+    executor.start()
+    executor.wait_log("watching cancellations")
+    lifecycle = Reader(base_settings, LIFECYCLE)
+    outcomes = Reader(base_settings, OUTCOMES)
+    longs = [f"t-long{i}-{unique}" for i in range(2)]
+    shorts = [f"t-short{i}-{unique}" for i in range(6)]
+    try:
+        send_dispatches(base_settings, [dispatched(t, f"LONG {t}", repository=None)
+                                        for t in longs])
+        lifecycle.until(lambda s: {e.task_id for e in s if isinstance(e, ev.TaskStarted)}
+                        >= set(longs))
+        long_started = time.monotonic()
+        send_dispatches(base_settings, [dispatched(t, f"SHORT {t}", repository=None)
+                                        for t in shorts])
+        seen = outcomes.until(lambda s: {e.task_id for e in s if isinstance(e, ev.TaskCompleted)}
+                              >= set(shorts), timeout_s=20)
+        assert time.monotonic() - long_started < 25  # the long calls are still in flight
+        done = {e.task_id for e in seen if isinstance(e, ev.TaskCompleted)}
+        assert not done & set(longs)
+        short_calls = sum("SHORT" in c.last_user_text for c in fake.calls)
+        assert short_calls == len(shorts)
+
+        time.sleep(0.5)  # the short outcomes' offsets: committed up to the first long dispatch
+        executor.kill()
+        executor.start()
+        executor.wait_log("parallel processor started")  # start-up: seconds, more under load
+        seen = lifecycle.until(lambda s: {e.task_id for e in s if isinstance(e, ev.TaskFailed)}
+                               >= set(longs), timeout_s=30)
+        lost = [e for e in seen if isinstance(e, ev.TaskFailed) and e.task_id in longs]
+        assert {e.failure_class for e in lost} == {"lost_executor"}
+        # the short attempts were not run again (redelivered or not, the journal answers)
+        assert sum("SHORT" in c.last_user_text for c in fake.calls) == short_calls
+        assert sum("LONG" in c.last_user_text for c in fake.calls) == len(longs)
+    finally:
+        lifecycle.close()
+        outcomes.close()
+        executor.stop()
+
+
+def test_lease_a_redelivered_dispatch_is_not_run_again_elsewhere(
+        base_settings: Settings, executor: ExecutorProcess, fake: FakeProvider,
+        producer: EventProducer, unique: str) -> None:
+    """The durable attempt lease (issue 13): executor A claims an attempt (TaskStarted with
+    lease_ms, acknowledged before the model call) and renews it with heartbeats; A is killed and
+    executor B (another id, no journal: another machine) takes its partitions: the redelivered
+    dispatch is not run while A's lease is live. A dispatch whose attempt was claimed by an
+    executor long gone (expired lease) is reported lost_executor, not run either."""
+    fake.set_script({"replies": [
+        {"match": "LONG", "text": "slow answer", "latency_ms": 30_000, "times": None}]})
+    # longer than B's start-up on a loaded machine (30 s measured at load average 40)
+    executor.env["FLEETPLANE_EXECUTOR_LEASE_S"] = "120"
+    executor.start()
+    executor.wait_log("parallel processor started")
+    lifecycle = Reader(base_settings, LIFECYCLE)
+    task, gone = f"t-lease-{unique}", f"t-gone-{unique}"
+    try:
+        producer.send([dispatched(task, "LONG claimed", repository=None)])
+        seen = lifecycle.until(lambda s: any(isinstance(e, ev.TaskHeartbeat) for e in s),
+                               task_id=task)
+        started = next(e for e in seen if isinstance(e, ev.TaskStarted))
+        beat = next(e for e in seen if isinstance(e, ev.TaskHeartbeat))
+        assert started.lease_ms > 0 and beat.lease_ms > 0
+        assert started.executor_id == f"exec-{unique}"
+        executor.kill()
+        # an attempt claimed two minutes ago by an executor that is gone
+        old = ev.utcnow_ms() - timedelta(minutes=2)
+        producer.send([ev.TaskStarted(task_id=gone, team="payments", attempt=1,
+                                      executor_id="exec-gone", lease_ms=5_000,
+                                      occurred_at=old)])
+        executor.env["FLEETPLANE_EXECUTOR_ID"] = f"exec-b-{unique}"
+        executor.env["FLEETPLANE_DATA_DIR"] = str(executor.tmp / "data-b")
+        executor.start()
+        executor.wait_log("parallel processor started")
+        deadline = time.monotonic() + 30
+        while not any("lease is live on another executor" in line and task in line
+                      for line in executor.log_path.read_text().splitlines()):
+            assert time.monotonic() < deadline, executor.log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        producer.send([dispatched(gone, "LONG gone", repository=None)])
+        seen = lifecycle.until(lambda s: any(isinstance(e, ev.TaskFailed) for e in s),
+                               task_id=gone, timeout_s=30)
+        failed = next(e for e in seen if isinstance(e, ev.TaskFailed))
+        assert failed.failure_class == "lost_executor" and not failed.final
+        # A called the model once; B did not call it for either attempt
+        assert sum("LONG claimed" in c.last_user_text for c in fake.calls) == 1
+        assert not any("LONG gone" in c.last_user_text for c in fake.calls)
+        assert not any(isinstance(e, ev.TaskStarted) and e.executor_id == f"exec-b-{unique}"
+                       for e in lifecycle.seen)
+    finally:
+        lifecycle.close()
         executor.stop()

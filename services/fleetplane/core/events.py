@@ -144,11 +144,13 @@ class TaskStarted(Event):
     attempt: int
     executor_id: str
     slot: int = 0
+    lease_ms: int = 0
 
 
 class TaskHeartbeat(Event):
     attempt: int
     executor_id: str
+    lease_ms: int = 0
 
 
 class TaskCompleted(Event):

@@ -94,6 +94,13 @@ class Settings(BaseSettings):
     executor_journal_dir: Path | None = Field(
         default=None, description="Attempt journal (default <data_dir>/executor-runs; '' off).")
     executor_heartbeat_s: float = 2.0
+    executor_lease_s: float = Field(
+        default=30.0, description="Attempt lease: claimed by TaskStarted before the first model "
+        "call, renewed by each heartbeat; a redelivered dispatch whose lease is live on another "
+        "executor is not run (0: no leases). Keep it below coordinator_heartbeat_timeout_s.")
+    executor_lease_lookback_s: float = Field(
+        default=600.0, description="How far back in tasks.lifecycle an executor reads the "
+        "fleet's claims at start-up.")
     executor_utilization_window_s: float = 10.0
     executor_max_output_tokens: int = 1024
     executor_max_tokens_per_task: int = 400_000

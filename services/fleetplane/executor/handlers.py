@@ -26,6 +26,7 @@ from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import Record
 from fleetplane.core.settings import Settings
 from fleetplane.executor.agent import Agent
+from fleetplane.executor.leases import LeaseTable
 from fleetplane.executor.models import ModelClients
 from fleetplane.executor.runtime import Collect, Emitter, Journal, Runtime
 from fleetplane.executor.workspace import WorkspaceError, branch_name
@@ -62,9 +63,10 @@ def _default_runtime() -> Runtime:
 
 def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: SeenDispatches,
             event: Event, record: Record | None = None, *,
-            runtime: Runtime | None = None) -> Iterable[Event]:
+            runtime: Runtime | None = None, leases: LeaseTable | None = None) -> Iterable[Event]:
     """Run one dispatched attempt (or rollback). Output event ids derive from the dispatch's, so
-    a repeat of the same dispatch yields the same events, which every consumer deduplicates."""
+    a repeat of the same dispatch yields the same events, which every consumer deduplicates.
+    With `leases`, an attempt already claimed in the fleet is not run again (leases.py)."""
     if not isinstance(event, TaskDispatched):
         return []
     if not seen.first_time(event.event_id):
@@ -78,6 +80,20 @@ def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
         previous = journal.read(event.task_id, event.attempt)
         if previous is not None and previous.get("dispatch") == event.event_id:
             return _answer_redelivery(rt, event, previous)
+    if leases is not None:
+        lease = leases.get(event.task_id, event.attempt)
+        if lease is not None:
+            if lease.done:
+                log.info("dispatch not run: the attempt already has an outcome",
+                         attempt=event.attempt, holder=lease.executor_id)
+                return []
+            if lease.live() and lease.executor_id != executor_id:
+                log.warning("dispatch not run: the attempt's lease is live on another executor",
+                            attempt=event.attempt, holder=lease.executor_id)
+                return []
+            log.warning("dispatch not run: the attempt was claimed before and interrupted",
+                        attempt=event.attempt, holder=lease.executor_id, live=lease.live())
+            return _answer_redelivery(rt, event, {"state": "running"})
     emitter: Emitter = rt.live if rt.live is not None else Collect()
     run = rt.begin(event.task_id, event.team, event.attempt)
     base = {"dispatch": event.event_id, "state": "running"}
@@ -86,8 +102,17 @@ def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
             journal.write(event.task_id, event.attempt, base)
         started = event.derive(TaskStarted, attempt=event.attempt, executor_id=executor_id,
                                slot=run.slot.index, event_id=derived_id(event.event_id,
-                                                                       "started"))
+                                                                       "started"),
+                               lease_ms=rt.lease_ms if rt.live is not None else 0)
         emitter.emit(started)
+        if rt.live is not None and rt.lease_ms > 0 and rt.live.settle({started.event_id}):
+            # the claim is not durable: do not call the model (a redelivery could run it twice)
+            log.error("attempt not claimed: TaskStarted not acknowledged", attempt=event.attempt)
+            return [started, event.derive(
+                TaskFailed, event_id=derived_id(event.event_id, "failed"),
+                attempt=event.attempt, failure_class=failures.LOST_EXECUTOR, final=False,
+                reason="the executor could not claim the attempt (the broker did not "
+                       "acknowledge TaskStarted); the model was not called")]
         agent = Agent(rt, catalog, clients, executor_id, event, emitter, run, base)
         outcome = agent.run()
     finally:

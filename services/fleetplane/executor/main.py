@@ -8,10 +8,11 @@ from functools import partial
 
 from fleetplane.core.catalog import load_catalog
 from fleetplane.core.logging import get_logger
-from fleetplane.core.loop import Processor
+from fleetplane.core.parallel import ParallelProcessor
 from fleetplane.core.service import bootstrap
 from fleetplane.core.topics import DISPATCH
 from fleetplane.executor.handlers import SeenDispatches, execute
+from fleetplane.executor.leases import LeaseTable
 from fleetplane.executor.models import ModelClients
 from fleetplane.executor.runtime import Journal, LiveEmitter, Runtime
 
@@ -20,10 +21,6 @@ log = get_logger(__name__)
 
 def main() -> None:
     settings = bootstrap("executor")
-    # An attempt runs inside one poll of the loop (up to spec.timeout_s): keep the consumer in
-    # its group meanwhile (librdkafka's default is 5 minutes). Override in KAFKA_CONFIG.
-    settings = settings.model_copy(update={"kafka_config": {
-        "max.poll.interval.ms": "3600000", **settings.kafka_config}})
     catalog = load_catalog(settings.catalog_file)
     executor_id = settings.executor_id or f"{socket.gethostname()}-{os.getpid()}"
     journal_dir = settings.executor_journal_dir or settings.resolved_data_dir() / "executor-runs"
@@ -38,20 +35,37 @@ def main() -> None:
     ok, why = runtime.sandbox.availability()
     log.info("sandbox", available=ok, detail=why)
     runtime.start(watch_cancellations=True)
+    leases = None
+    if settings.executor_lease_s > 0 and runtime.live is not None:
+        leases = LeaseTable(settings, executor_id, settings.executor_lease_lookback_s)
+        leases.start()
     # take dispatches once the cancellations of the lookback window are known (a cancel published
-    # while this executor was starting stops its attempt before the first model call)
+    # while this executor was starting stops its attempt before the first model call) and the
+    # fleet's recent claims are read (docs/executor.md); both are read at the same time
     if not runtime.watcher_ready.wait(90):
         log.warning("cancellation watcher not ready after 90 s; taking dispatches anyway")
+    if leases is not None and not leases.ready.wait(120):
+        log.warning("attempt leases not read within 120 s; starting anyway")
     handler = partial(execute, catalog, ModelClients(settings), executor_id, SeenDispatches(),
-                      runtime=runtime)
-    processor = Processor("executor", [DISPATCH], handler, settings,
-                          group_id=settings.executor_group_id,
-                          concurrency=settings.executor_slots)
+                      runtime=runtime, leases=leases)
+    # Continuous dispatch (core/parallel.py): an attempt starts as soon as a slot frees, the
+    # consumer keeps polling while attempts run (no max.poll.interval.ms override needed).
+    processor = ParallelProcessor("executor", [DISPATCH], handler, settings,
+                                  group_id=settings.executor_group_id,
+                                  slots=settings.executor_slots)
     processor.install_signal_handlers()
     try:
         processor.run()
     finally:
         runtime.close()
+        if leases is not None:
+            leases.close()
+    if processor.running_count():
+        # Attempts still running after the drain: their dispatches were not committed and come
+        # back to the next owner (the journal reports them lost, never re-run). Their worker
+        # threads would keep the interpreter alive until they end: leave now.
+        log.warning("exiting with attempts still running", running=processor.running_count())
+        os._exit(0)
 
 
 if __name__ == "__main__":

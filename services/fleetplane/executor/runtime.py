@@ -300,6 +300,8 @@ class Runtime:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.watcher_ready = threading.Event()
+        #: the attempt lease each TaskStarted claims and each heartbeat renews (leases.py)
+        self.lease_ms = int(settings.executor_lease_s * 1000)
 
     # -- attempts ------------------------------------------------------------------------------
     def begin(self, task_id: str, team: str, attempt: int) -> Running:
@@ -354,7 +356,8 @@ class Runtime:
                 continue
             for run in self.running():
                 self.live.emit(TaskHeartbeat(task_id=run.task_id, team=run.team,
-                                             attempt=run.attempt, executor_id=self.executor_id))
+                                             attempt=run.attempt, executor_id=self.executor_id,
+                                             lease_ms=self.lease_ms))
 
     def utilization_events(self) -> list[ExecutorUtilization]:
         return [ExecutorUtilization(task_id="", team="", executor_id=self.executor_id,

@@ -1,0 +1,417 @@
+"""Continuous dispatch: a consume-transform-produce loop whose records finish out of order.
+
+core.loop's Processor handles a fetched batch and fetches again when the whole batch is done: a
+short record waits for the batch's slowest one (head-of-line blocking). That is right for the
+services whose handlers take microseconds, wrong for the executor, whose handler runs an agent
+for seconds to hours. `ParallelProcessor` is the pattern of Confluent's parallel consumer:
+
+* the consumer keeps polling (every ``poll_timeout_s``, 50 ms at most) while records run, so the
+  group membership stays alive without raising ``max.poll.interval.ms``;
+* each record runs in a worker thread of its own as soon as one of ``slots`` is free; a worker
+  that finishes starts the next waiting record itself (no wait for the poll loop);
+* at most ``slots + prefetch`` records are held; when that is reached the loop pauses its
+  assigned partitions (``consumer.pause``) and resumes them when a slot frees, polling all along
+  (librdkafka keeps the application position, so a resumed partition continues where it was;
+  a seek to that position makes it fetch at once, see `_pause`);
+* finished records are committed together, every ``commit_interval_s`` (50 ms) as soon as one
+  finished: their outputs and, per partition, the input offset up to (excluding) the lowest
+  unfinished record, in one Kafka transaction (or, non-transactional: produce, flush, store);
+  an aborted transaction is retried with the same outputs (nothing is rewound: records that
+  finished are never handled twice by this process);
+* on revocation, what finished is committed first (the partitions are still ours); records of
+  the revoked partitions that have not started are dropped (the new owner reads them from the
+  committed offset); attempts of those partitions that are running are left to finish: their
+  outputs are still published, in a later transaction, without an input offset (the new owner's
+  offset is its own). The new owner may then see the record again: the handler must be
+  idempotent (the executor's is, by event id and its journal; see docs/executor.md);
+* on stop (SIGTERM) the loop stops taking records, waits up to ``drain_timeout_s`` for the
+  running ones while it keeps committing, and closes. Records still running then are not
+  committed: they are redelivered to the next owner.
+
+Errors follow core.loop: the handler's Retriable/NotRetriable handling and DLQ are the
+Processor's (`_handle_one`); a Fatal in a worker stops the loop without committing it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from fleetplane.core.errors import Fatal
+from fleetplane.core.logging import get_logger
+from fleetplane.core.loop import (
+    TXN_CALL_TIMEOUT_S,
+    Handler,
+    Output,
+    Processor,
+    Record,
+    _record,
+)
+from fleetplane.core.settings import Settings
+
+log = get_logger(__name__)
+
+TP = tuple[str, int]
+
+#: Consecutive failed commits before the loop gives up (Fatal).
+MAX_COMMIT_TRIES = 10
+
+
+@dataclass
+class Item:
+    record: Record
+    epoch: int  # the partition's assignment epoch when the record was taken
+    taken_at: float = field(default_factory=time.monotonic)
+    started_at: float = 0.0
+
+
+@dataclass
+class Finished:
+    item: Item
+    outputs: list[Output]
+
+
+@dataclass
+class Stats:
+    """What the loop saw (for benches and tests)."""
+
+    taken: int = 0
+    started: int = 0
+    finished: int = 0
+    committed: int = 0
+    peak_running: int = 0
+    pauses: int = 0
+    commits: int = 0
+    dropped_on_revoke: int = 0
+    #: seconds from taking a record to starting it, for records taken while a slot was free
+    #: (the latest 10,000)
+    start_delays: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
+
+
+class ParallelProcessor(Processor):
+    """Processor whose records run in ``slots`` worker threads and finish out of order."""
+
+    def __init__(self, service: str, topics: Sequence[str], handler: Handler,
+                 settings: Settings, *, slots: int, prefetch: int | None = None,
+                 drain_timeout_s: float = 10.0, **kwargs: Any) -> None:
+        kwargs.setdefault("commit_interval_s", 0.05)
+        super().__init__(service, topics, handler, settings, concurrency=1, **kwargs)
+        self.slots = max(1, slots)
+        self.prefetch = max(1, min(self.slots, settings.batch_size)
+                            if prefetch is None else prefetch)
+        self.drain_timeout_s = drain_timeout_s
+        self.poll_timeout_s = min(settings.poll_timeout_s, 0.05)
+        self.stats = Stats()
+        self._lock = threading.Lock()
+        self._queue: deque[Item] = deque()
+        self._active = 0
+        self._unfinished: dict[TP, set[int]] = {}
+        self._next: dict[TP, int] = {}  # per owned partition: last taken offset + 1
+        self._committed: dict[TP, int] = {}
+        self._epoch: dict[TP, int] = {}
+        self._done: list[Finished] = []
+        self._fatal: BaseException | None = None
+        self._paused: set[TP] = set()
+        self._draining = False
+        self._commit_failures = 0
+        self._workers = ThreadPoolExecutor(self.slots, thread_name_prefix=f"{service}-slot")
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> None:
+        self._open()
+        assert self.consumer is not None and self.producer is not None
+        self._running = True
+        last_commit = 0.0
+        log.info("parallel processor started", topics=self.topics, group=self.group_id,
+                 slots=self.slots, prefetch=self.prefetch, transactional=self.transactional)
+        try:
+            while not self._stopping:
+                self._raise_fatal()
+                room = self._room()
+                self._pause(room <= 0)
+                msgs = self._next_records(max(1, min(room, self.settings.batch_size)))
+                if msgs:
+                    self._take(msgs)
+                now = time.monotonic()
+                if self._done and now - last_commit >= self.commit_interval_s:
+                    self._commit()
+                    last_commit = now
+            self._drain()
+        except Fatal:
+            log.exception("fatal error, stopping without checkpoint")
+            self._abort()
+            raise
+        finally:
+            self._running = False
+            self._workers.shutdown(wait=False, cancel_futures=True)
+            self._close()
+
+    def _next_records(self, limit: int) -> list[Any]:
+        """Wait (up to poll_timeout_s) for the first record only, then take what is already
+        fetched, up to `limit`: a dispatch starts without waiting out the poll timeout
+        (librdkafka's consume(n, timeout) waits the whole timeout unless n records arrive)."""
+        assert self.consumer is not None
+        first = self.consumer.poll(self.poll_timeout_s)
+        if first is None:
+            return []
+        return [first, *self.consumer.consume(limit - 1, 0)] if limit > 1 else [first]
+
+    def _drain(self) -> None:
+        """Stop taking records; give the running ones drain_timeout_s; commit what finished."""
+        assert self.consumer is not None
+        with self._lock:
+            self._draining = True
+            dropped = len(self._queue)
+            self._queue.clear()
+        deadline = time.monotonic() + self.drain_timeout_s
+        self._pause(True)
+        while self._active and time.monotonic() < deadline:
+            self._raise_fatal()
+            self.consumer.consume(1, self.poll_timeout_s)  # keeps the membership alive
+            if self._done:
+                self._commit()
+        self._raise_fatal()
+        self._commit()
+        if self._active or dropped:
+            log.warning("stopped with records unfinished; they will be redelivered",
+                        running=self._active, not_started=dropped)
+
+    def _raise_fatal(self) -> None:
+        if self._fatal is not None:
+            raise Fatal(f"handler stopped the loop: {self._fatal}") from self._fatal
+
+    def _room(self) -> int:
+        with self._lock:
+            return self.slots + self.prefetch - self._active - len(self._queue)
+
+    def _pause(self, full: bool) -> None:
+        assert self.consumer is not None
+        if full:
+            new = [tp for tp in self.consumer.assignment()
+                   if (tp.topic, tp.partition) not in self._paused]
+            if new:
+                self.consumer.pause(new)
+                self._paused.update((tp.topic, tp.partition) for tp in new)
+                self.stats.pauses += 1
+        elif self._paused:
+            parts = [TopicPartition(t, p) for t, p in self._paused]
+            self.consumer.resume(parts)
+            self._paused.clear()
+            # librdkafka (2.16) fetches a resumed partition only when its broker thread next
+            # re-evaluates what is fetchable, up to 1 s later (socket.blocking.max.ms): measured,
+            # a 20 ms record took 330 ms per pause. A seek to the position the application is
+            # at (nothing is lost: a paused partition's prefetched records were purged, and
+            # nothing was consumed since) wakes the fetcher at once.
+            try:
+                for tp in self.consumer.position(parts):
+                    if tp.offset >= 0:
+                        self.consumer.seek(tp)
+            except KafkaException as exc:  # only latency is at stake
+                log.warning("seek after resume failed", error=str(exc))
+
+    def _take(self, msgs: list[Any]) -> None:
+        items: list[Item] = []
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if err.fatal():
+                    raise Fatal(f"consumer error: {err}")
+                log.warning("consumer error", error=str(err))
+                continue
+            rec = _record(msg)
+            tp = (rec.topic, rec.partition)
+            with self._lock:
+                if rec.offset < self._next.get(tp, -1):
+                    continue  # already taken (a fetch raced a pause/resume): never twice
+                self._next[tp] = rec.offset + 1
+                self._unfinished.setdefault(tp, set()).add(rec.offset)
+                items.append(Item(rec, self._epoch.get(tp, 0)))
+        if not items:
+            return
+        with self._lock:
+            free = self._active + len(self._queue) < self.slots
+            for it in items:
+                it.started_at = -1.0 if free else 0.0  # -1: a slot was free when taken
+            self._queue.extend(items)
+            self.stats.taken += len(items)
+        self._fill()
+
+    def _fill(self) -> None:
+        """Start waiting records on free slots (from the poll loop)."""
+        while True:
+            with self._lock:
+                item = self._next_item()
+                if item is None:
+                    return
+                self._active += 1
+                self.stats.peak_running = max(self.stats.peak_running, self._active)
+            try:
+                self._workers.submit(self._work, item)
+            except RuntimeError:  # shut down
+                with self._lock:
+                    self._active -= 1
+                return
+
+    def _next_item(self, own_slot: bool = False) -> Item | None:
+        """The next waiting record, if a free slot (or the caller's own, `own_slot`) may take
+        it. Called with the lock held."""
+        if self._draining or not self._queue or \
+                self._active - (1 if own_slot else 0) >= self.slots:
+            return None
+        item = self._queue.popleft()
+        self.stats.started += 1
+        now = time.monotonic()
+        if item.started_at < 0:
+            self.stats.start_delays.append(now - item.taken_at)
+        item.started_at = now
+        return item
+
+    def _work(self, first: Item) -> None:
+        """One slot: runs its record, then, while records wait, the next one in the same thread
+        (no hand-off to another thread: a freed slot is refilled at once)."""
+        item: Item | None = first
+        while item is not None:
+            try:
+                outputs = self._handle_one(item.record)
+            except BaseException as exc:  # Fatal (the rest is dead-lettered by _handle_one)
+                self._fatal = exc
+                with self._lock:
+                    self._active -= 1
+                return
+            with self._lock:
+                self._done.append(Finished(item, outputs))
+                self.stats.finished += 1
+                item = self._next_item(own_slot=True)
+                if item is None:
+                    self._active -= 1
+
+    # -- commits ---------------------------------------------------------------------------
+    def _offsets(self) -> list[TopicPartition]:
+        """Per owned partition, the lowest unfinished offset (or all taken): what may be
+        committed. Called with the lock held."""
+        out = []
+        for tp, nxt in self._next.items():
+            pending = self._unfinished.get(tp)
+            low = min(pending) if pending else nxt
+            if low != self._committed.get(tp):
+                out.append(TopicPartition(tp[0], tp[1], low))
+        return out
+
+    def _commit(self) -> None:
+        assert self.consumer is not None and self.producer is not None
+        with self._lock:
+            batch, self._done = self._done, []
+            for f in batch:
+                rec = f.item.record
+                tp = (rec.topic, rec.partition)
+                if f.item.epoch == self._epoch.get(tp, 0):
+                    self._unfinished.get(tp, set()).discard(rec.offset)
+            offsets = self._offsets()
+        if not batch and not offsets:
+            return
+        try:
+            if self.transactional:
+                self._commit_transaction_once(batch, offsets)
+            else:
+                self._commit_at_least_once(batch, offsets)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            self._commit_failures += 1
+            retry = isinstance(err, KafkaError) and (err.txn_requires_abort() or err.retriable())
+            if not retry or self._commit_failures >= MAX_COMMIT_TRIES:
+                raise Fatal(f"commit failed: {exc}") from exc
+            log.warning("commit failed, retrying with the same outputs", error=str(err),
+                        tries=self._commit_failures)
+            if self.transactional and isinstance(err, KafkaError) and err.txn_requires_abort():
+                self._abort()
+            with self._lock:
+                self._done[:0] = batch
+            time.sleep(min(2.0, 0.05 * 2 ** self._commit_failures))
+            return
+        self._commit_failures = 0
+        with self._lock:
+            for part in offsets:
+                key = (part.topic, part.partition)
+                if key in self._next:
+                    self._committed[key] = part.offset
+            self.stats.committed += len(batch)
+            self.stats.commits += 1
+        self.processed += len(batch)
+
+    def _commit_transaction_once(self, batch: list[Finished],
+                                 offsets: list[TopicPartition]) -> None:
+        assert self.consumer is not None and self.producer is not None
+        if self.sink is not None:
+            self.sink.flush()
+        self.producer.begin_transaction()
+        self._in_txn = True
+        for f in batch:
+            for out in f.outputs:
+                self._produce(out)
+        if offsets:
+            with self._guard("send_offsets_to_transaction"):
+                self.producer.send_offsets_to_transaction(
+                    offsets, self.consumer.consumer_group_metadata(), TXN_CALL_TIMEOUT_S)
+        with self._guard("commit_transaction"):
+            self.producer.commit_transaction(TXN_CALL_TIMEOUT_S)
+        self._in_txn = False
+
+    def _commit_at_least_once(self, batch: list[Finished],
+                              offsets: list[TopicPartition]) -> None:
+        assert self.consumer is not None and self.producer is not None
+        for f in batch:
+            for out in f.outputs:
+                self._produce(out)
+        remaining = self.producer.flush(30)
+        if remaining or self._delivery_errors:
+            raise Fatal(f"outputs not delivered ({remaining} pending, "
+                        f"errors {self._delivery_errors[:1]}); not storing offsets")
+        if self.sink is not None:
+            self.sink.flush()
+        if offsets:
+            self.consumer.store_offsets(offsets=offsets)
+
+    # -- rebalances ------------------------------------------------------------------------
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._running:
+            try:
+                self._commit()
+            except Fatal:
+                log.exception("commit on revocation failed; outputs kept for the next one")
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        # librdkafka keeps a partition's pause across a rebalance (confluentinc/librdkafka#1849):
+        # one paused here and assigned back (our _paused forgets it) would never be fetched
+        # again; test_parallel's revocation test lost a record this way. Resume before letting
+        # it go.
+        still_paused = [TopicPartition(t, p) for t, p in self._paused & revoked]
+        if still_paused:
+            consumer.resume(still_paused)
+        with self._lock:
+            for tp in revoked:
+                self._epoch[tp] = self._epoch.get(tp, 0) + 1
+                self._next.pop(tp, None)
+                self._unfinished.pop(tp, None)
+                self._committed.pop(tp, None)
+            kept = deque(it for it in self._queue
+                         if (it.record.topic, it.record.partition) not in revoked)
+            dropped = len(self._queue) - len(kept)
+            self._queue = kept
+            self.stats.dropped_on_revoke += dropped
+            self._paused -= revoked
+        running = self._active
+        if partitions:
+            log.info("partitions revoked", partitions=sorted(revoked), not_started_dropped=dropped,
+                     running=running)
+
+    def running_count(self) -> int:
+        with self._lock:
+            return self._active
