@@ -10,10 +10,10 @@ import subprocess
 import pytest
 from pydantic import ValidationError
 
+from fleetplane.coordinator.state import Status
 from fleetplane.core import events as ev
 from fleetplane.core import failures
 from fleetplane.core.loop import Rejected
-from fleetplane.coordinator.state import Status
 from fleetplane.executor.tools import SPECS
 from fleetplane.ingest.handlers import accept
 from fleetplane.ingest.manifest import TOOL_NAMES, TaskManifest, check_spec, ref_problem
@@ -119,7 +119,7 @@ def test_registry_records_and_locations() -> None:
         assert location_problem(bad) is not None, bad
     for good in ("/abs", "file:///srv/x.git", "ssh://git@h/x", "git@github.com:o/r.git"):
         assert location_problem(good) is None, good
-    with pytest.raises(ValueError, match="^name"):
+    with pytest.raises(ValueError, match=r"^name"):
         record_for("Bad Name", "/abs")
 
 
