@@ -48,6 +48,7 @@ def run(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.Com
                           timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.timeout(720)  # one stack for the whole README path, repositories and admin CLI
 def test_up_submit_demo_get_cost_down(cli_env: dict[str, str]) -> None:
     up = run(cli_env, "up")
     assert up.returncode == 0, up.stdout + up.stderr
