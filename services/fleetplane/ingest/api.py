@@ -541,7 +541,7 @@ def create_app(intake: Intake) -> FastAPI:
     @app.get("/v1/admin/repositories")
     def list_repositories(who: Caller) -> list[dict[str, Any]]:
         """Registered repositories (and the static ones of infra/repositories.yaml)."""
-        return registry().list()
+        return registry().records()
 
     @app.get("/v1/admin/repositories/{name}")
     def get_repository(name: Annotated[str, Path(max_length=200)], who: Caller

@@ -89,7 +89,7 @@ class RepositoryRegistry:
             return None
         return {"name": name, "location": str(path), "kind": "path", "static": True}
 
-    def list(self) -> list[dict[str, Any]]:
+    def records(self) -> list[dict[str, Any]]:
         with self._lock:
             names = sorted(set(self._records) | set(self._static))
         return [r for r in (self.get(n) for n in names) if r is not None]
