@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +21,18 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
+from fleetplane.core.loop import Processor, Record
+from fleetplane.core.serde import default_serde
 from fleetplane.core.service import serve_http_in_thread
 from fleetplane.core.settings import Settings
 from fleetplane.core.teams import parse_teams
+from fleetplane.core.topics import ACCEPTED, DLQ, LIFECYCLE, SUBMITTED
 from fleetplane.executor.workspace import WorkspaceConfigError, Workspaces
 from fleetplane.infra.broker import free_port, port_open
 from fleetplane.ingest.api import Intake, create_app
+from fleetplane.ingest.handlers import accept
 from fleetplane.ingest.idempotency import Marks
 from fleetplane.ingest.kvtopic import TopicTable, TopicWriter
 from fleetplane.ingest.repositories import (
@@ -36,6 +43,7 @@ from fleetplane.ingest.repositories import (
 )
 from fleetplane.ingest.taskview import TaskView
 from fleetplane.ingest.tokens import TOKENS_TOPIC, TokenStore, issue
+from tests.integration.test_loop import read_all
 
 TEAMS = parse_teams({"teams": {"door": {"rate_limit": {"per_second": 1e6, "burst": 1_000_000}}}})
 
@@ -252,3 +260,53 @@ def test_a_registered_repository_is_checked_out_and_edited(tmp_path: Path) -> No
     registry.apply("payments-core", None)  # unregistered: the executor stops using it
     with pytest.raises(WorkspaceConfigError):
         ws.create("payments-core", "t-gone", 1, "main")
+
+
+def test_raw_submissions_with_each_fault_are_rejected_to_the_dlq(
+        base_settings: Settings, unique: str, producer: EventProducer) -> None:
+    """The ingest validator as ingest.main wires it (registered repositories from the
+    registry), on tasks.submitted: each fault becomes a TaskRejected naming the field and a
+    fleet.dlq record with the reason; the valid record on a registered repository is accepted."""
+    registry = RepositoryRegistry()
+    registry.apply("raw-repo", {"name": "raw-repo", "location": "/srv/raw", "kind": "path"})
+    validate = partial(accept, known_repository=registry.known)
+
+    def handler(event: ev.Event, record: Record) -> list[ev.Event]:
+        if not event.task_id.startswith(unique):
+            return []  # the session broker's tasks.submitted holds other tests' records
+        return list(validate(event, record))
+
+    cases = {"tool": ({"allowed_tools": ["sudo"]}, "spec.allowed_tools"),
+             "repo": ({"repository": "../../etc"}, "spec.repository"),
+             "ref": ({"repository": "raw-repo", "ref": "--output=/tmp/x"}, "spec.ref"),
+             "self": ({"depends_on": [f"{unique}-self"]}, "spec.depends_on")}
+    events = [ev.TaskSubmitted(task_id=f"{unique}-{k}", team="raw", source="kafka",
+                               spec=ev.TaskSpec(name=f"n-{k}", task_type="codegen", prompt="p",
+                                                **spec))  # type: ignore[arg-type]
+              for k, (spec, _) in cases.items()]
+    good = ev.TaskSubmitted(task_id=f"{unique}-good", team="raw", source="kafka",
+                            spec=ev.TaskSpec(name="n-good", task_type="codegen", prompt="p",
+                                             repository="raw-repo", ref="release/1"))
+    processor = Processor(f"raw-{unique}", [SUBMITTED], handler, base_settings,
+                          group_id=f"raw-{unique}")
+    thread = threading.Thread(target=processor.run, daemon=True)
+    thread.start()
+    try:
+        producer.send([*events, good])
+        serde = default_serde()
+        dlq = [serde.decode(v) for _, v, _ in read_all(base_settings, DLQ, len(cases),
+                                                        match=unique)]
+        dead = {d.task_id: d for d in dlq if isinstance(d, ev.DeadLetter)}
+        rejected = {e.task_id: e for e in (serde.decode(v) for _, v, _ in read_all(
+            base_settings, LIFECYCLE, len(cases), match=unique))
+            if isinstance(e, ev.TaskRejected)}
+        for key, (_, field) in cases.items():
+            task_id = f"{unique}-{key}"
+            assert dead[task_id].reason.startswith(field), dead[task_id].reason
+            assert rejected[task_id].field == field
+        accepted = [serde.decode(v) for _, v, _ in read_all(base_settings, ACCEPTED, 1,
+                                                             match=f"{unique}-good")]
+        assert [e.task_id for e in accepted if isinstance(e, ev.TaskAccepted)] == [good.task_id]
+    finally:
+        processor.stop()
+        thread.join(15)
