@@ -126,7 +126,11 @@ def test_repositories_api_is_persisted_on_the_topic(
     assert again.status_code == 200 and again.json()["kind"] == "url"
     listed = client.get("/v1/admin/repositories", headers=door["team"])
     assert listed.status_code == 200 and name in [r["name"] for r in listed.json()]
-    assert client.get(url, headers=door["team"]).json()["location"].startswith("https://")
+    assert client.get(url, headers=door["admin"]).json()["location"].startswith("https://")
+    # a team token sees the name (to submit with it), not where it lives or who added it
+    seen = client.get(url, headers=door["team"]).json()
+    assert seen["name"] == name and "location" not in seen and "created_by" not in seen
+    assert all("location" not in r for r in listed.json())
     # persisted: another reader of fleet.repositories (a second replica, an executor) sees it
     other = RepositoryRegistry()
     reader = TopicTable(base_settings, {REPOSITORIES_TOPIC: other.apply})

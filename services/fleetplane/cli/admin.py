@@ -78,7 +78,7 @@ def repo_list(output: Output = "table") -> None:
         table.add_column(col)
     for r in rows:
         table.add_row(str(r["name"]), "static" if r.get("static") else str(r.get("kind", "")),
-                      str(r["location"]), str(r.get("created_at", "")),
+                      str(r.get("location", "(admins only)")), str(r.get("created_at", "")),
                       str(r.get("created_by", "")), str(r.get("description", "")))
     console.print(table)
 

@@ -538,10 +538,17 @@ def create_app(intake: Intake) -> FastAPI:
             raise ApiError(503, "this ingest has no repository registry")
         return intake.repositories
 
+    def shown(who: Principal, record: dict[str, Any]) -> dict[str, Any]:
+        """A team token sees what it needs to name a repository; where it lives and who
+        registered it are for admins."""
+        if who.is_admin:
+            return record
+        return {k: v for k, v in record.items() if k not in ("location", "created_by")}
+
     @app.get("/v1/admin/repositories")
     def list_repositories(who: Caller) -> list[dict[str, Any]]:
         """Registered repositories (and the static ones of infra/repositories.yaml)."""
-        return registry().records()
+        return [shown(who, r) for r in registry().records()]
 
     @app.get("/v1/admin/repositories/{name}")
     def get_repository(name: Annotated[str, Path(max_length=200)], who: Caller
@@ -549,7 +556,7 @@ def create_app(intake: Intake) -> FastAPI:
         found = registry().get(name)
         if found is None:
             raise ApiError(404, f"no repository {name}")
-        return found
+        return shown(who, found)
 
     @app.put("/v1/admin/repositories/{name}")
     async def put_repository(name: Annotated[str, Path(max_length=200)], request: Request,
