@@ -381,6 +381,25 @@ class Client:
                                                          params=params)
         return rows
 
+    # -- repositories (reads: any token; add/remove: admin) ----------------------------------
+    def repositories(self) -> builtins.list[dict[str, Any]]:
+        """Registered repositories: name, location (path or git URL), kind, created."""
+        rows: builtins.list[dict[str, Any]] = self._call("GET", "/v1/admin/repositories")
+        return rows
+
+    def add_repository(self, name: str, location: str, description: str = ""
+                       ) -> dict[str, Any]:
+        """Register (or re-point) repository `name` at `location`: an absolute path of a git
+        repository on the executors' machines, or a git URL."""
+        body = {"location": location, "description": description}
+        result: dict[str, Any] = self._call("PUT", f"/v1/admin/repositories/{_q(name)}",
+                                            json=body)
+        return result
+
+    def remove_repository(self, name: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("DELETE", f"/v1/admin/repositories/{_q(name)}")
+        return result
+
     def _command(self, path: str, reason: str | None) -> dict[str, Any]:
         body = {"reason": reason} if reason else None
         result: dict[str, Any] = self._call("POST", path, json=body)

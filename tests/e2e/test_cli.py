@@ -51,6 +51,7 @@ def run(env: dict[str, str], *args: str, timeout: float = 240) -> subprocess.Com
                           timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.timeout(720)  # one stack for the whole README path, repositories and admin CLI
 def test_up_submit_demo_get_cost_down(cli_env: dict[str, str]) -> None:
     up = run(cli_env, "up")
     assert up.returncode == 0, up.stdout + up.stderr
@@ -58,6 +59,8 @@ def test_up_submit_demo_get_cost_down(cli_env: dict[str, str]) -> None:
         assert name in up.stdout
     assert run(cli_env, "up").stdout.strip().startswith("fleetplane is already up")
 
+    # `up` registers the repository the README's example names (issue 16)
+    assert "repository payments-core" in up.stdout, up.stdout + up.stderr
     sub = run(cli_env, "submit", "-f", str(ROOT / "examples" / "task.yaml"))
     assert sub.returncode == 0, sub.stderr
     task_id = re.search(r"submitted: ([0-9a-f]{32})", sub.stdout)
@@ -69,6 +72,11 @@ def test_up_submit_demo_get_cost_down(cli_env: dict[str, str]) -> None:
     for team in ("payments", "search", "platform"):
         assert re.search(rf"{team}\s+.*\b(\d+)\s+.*0\.\d+", demo.stdout), demo.stdout
     assert demo.stdout.count("completed") >= 6
+    # the demo's task on the registered sample repository committed its edit
+    assert re.search(r"payments-core: task \w+ completed; src/iban/checksum.py committed",
+                     demo.stdout), demo.stdout
+
+    repositories_and_admin(cli_env)
 
     tasks = run(cli_env, "get", "tasks", "-o", "json")
     assert tasks.returncode == 0, tasks.stderr
@@ -126,3 +134,51 @@ def alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:  # a zombie is not running
         return f.read().split(") ", 1)[1][0] != "Z"
+
+
+def repositories_and_admin(env: dict[str, str]) -> None:
+    """`fleetplane repo add|list|remove` and `fleetplane admin ...` on the running stack, with
+    the local admin token and then with a team token (403, as from the API)."""
+    extra = Path(env["FLEETPLANE_DATA_DIR"]).parent / "extra-repo"
+    subprocess.run(["git", "init", "-q", str(extra)], check=True)
+    added = run(env, "repo", "add", "extra-repo", str(extra), "--description", "e2e")
+    assert added.returncode == 0 and "repository/extra-repo registered" in added.stdout, \
+        added.stdout + added.stderr
+    listed = run(env, "repo", "list", "-o", "json")
+    assert listed.returncode == 0 and '"extra-repo"' in listed.stdout
+    assert '"payments-core"' in listed.stdout and str(extra) in listed.stdout
+    task = Path(env["FLEETPLANE_DATA_DIR"]).parent / "on-extra.yaml"
+    task.write_text((ROOT / "examples" / "task.yaml").read_text()
+                    .replace("repository: payments-core", "repository: extra-repo"))
+    assert run(env, "submit", "-f", str(task)).returncode == 0
+    removed = run(env, "repo", "remove", "extra-repo")
+    assert removed.returncode == 0 and "removed" in removed.stdout, removed.stderr
+    assert '"extra-repo"' not in run(env, "repo", "list", "-o", "json").stdout
+    again = run(env, "repo", "remove", "extra-repo")
+    assert again.returncode == 1 and "404" in again.stderr, again.stderr
+    refused = run(env, "submit", "-f", str(task))
+    assert refused.returncode == 1 and "spec.workspace.repository" in refused.stderr, \
+        refused.stderr
+
+    for args, expect in ((("admin", "pause", "payments", "--reason", "e2e"),
+                          "pause sent for team payments"),
+                         (("admin", "resume", "payments"), "resume sent for team payments"),
+                         (("admin", "kill-switch", "on", "--reason", "e2e"), "kill switch on"),
+                         (("admin", "kill-switch", "off"), "kill switch off")):
+        out = run(env, *args)
+        assert out.returncode == 0 and expect in out.stdout, (args, out.stdout, out.stderr)
+    tokens = run(env, "admin", "tokens", "-o", "json")
+    assert tokens.returncode == 0 and '"operators"' in tokens.stdout, tokens.stderr
+    assert "sha256" not in tokens.stdout
+    assert run(env, "admin", "kill-switch", "maybe").returncode == 2
+
+    created = run(env, "token", "create", "--team", "payments", "-q")
+    assert created.returncode == 0, created.stderr
+    team_env = {**env, "FLEETPLANE_TOKEN": created.stdout.strip()}
+    for args in (("admin", "pause", "search"), ("admin", "kill-switch", "on"),
+                 ("admin", "tokens"), ("repo", "add", "mine", str(extra)),
+                 ("repo", "remove", "payments-core")):
+        out = run(team_env, *args)
+        assert out.returncode == 1 and "403" in out.stderr and "admin token" in out.stderr, \
+            (args, out.stdout, out.stderr)
+    assert run(team_env, "repo", "list").returncode == 0

@@ -326,5 +326,10 @@ def test_unregistered_repository_fails_the_attempt_clearly(
     rt = runtime(tmp_path, {}, sandbox)
     out = run(rt, fake, dispatched("t-norepo", "fix", repository="nope"))
     failed = of(out, ev.TaskFailed)[0]
-    assert failed.failure_class == "tool_error" and "'nope' is not registered" in failed.reason
+    # a permanent failure class (issue 16): the coordinator fails the task, never retries it
+    assert failed.failure_class == "configuration" and "'nope' is not registered" in failed.reason
     assert len(fake.calls) == 0
+    with_repo = runtime(tmp_path, {"sample": sample_repo(tmp_path)}, sandbox)
+    bad_ref = run(with_repo, fake, dispatched("t-noref", "fix", ref="no-such-branch"))
+    failed = of(bad_ref, ev.TaskFailed)[0]
+    assert failed.failure_class == "configuration" and "no-such-branch" in failed.reason

@@ -14,7 +14,7 @@ from fleetplane.core import events as ev
 from fleetplane.core.loop import Processor, Record
 from fleetplane.core.settings import Settings
 from fleetplane.ingest.handlers import accept
-from fleetplane.ingest.manifest import TaskManifest, check_spec
+from fleetplane.ingest.manifest import TaskManifest, check_spec, reference_problem
 from tests.hostile import hostile_manifests, hostile_records
 
 OUTCOMES: Counter[str] = Counter()
@@ -50,8 +50,13 @@ def test_http_model_and_raw_validator_agree_on_hostile_manifests(doc: object) ->
         assert all(e["loc"] or e["type"] == "model_type" for e in exc.errors())
         OUTCOMES["manifest: 422"] += 1
         return
-    # what the HTTP model lets through, the raw-path validator accepts too
-    assert check_spec(manifest.metadata.team or "fuzz-team", manifest.to_spec()) is None
+    # what the HTTP path lets through (the model, then the references it checks after the
+    # model: ingest.manifest.reference_problem), the raw-path validator accepts too
+    spec = manifest.to_spec()
+    if reference_problem(spec, None, None) is not None:
+        OUTCOMES["manifest: 422 (reference)"] += 1
+        return
+    assert check_spec(manifest.metadata.team or "fuzz-team", spec) is None
     OUTCOMES["manifest: valid"] += 1
 
 

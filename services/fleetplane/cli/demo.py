@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -34,6 +37,84 @@ SAMPLES: dict[str, list[tuple[str, str, str | None]]] = {
 }
 
 
+SAMPLE_REPOSITORY = "payments-core"  # the repository examples/task.yaml names
+EDIT_MARKER = "IBAN checksum module"
+EDIT_FILE = "src/iban/checksum.py"
+EDIT_CONTENT = (
+    '"""IBAN checksum (ISO 13616 mod 97)."""\n\n\n'
+    "def valid(iban: str) -> bool:\n"
+    '    s = iban.replace(" ", "").upper()\n'
+    '    digits = "".join(str(int(c, 36)) for c in s[4:] + s[:4])\n'
+    "    return len(s) > 4 and int(digits) % 97 == 1\n"
+)
+
+
+def edit_manifest() -> dict[str, Any]:
+    """A task that edits the sample repository under a write scope (the loopback fake provider
+    is scripted to call write_file for it: see script_edit)."""
+    return {"apiVersion": "fleetplane/v1", "kind": "AgentTask",
+            "metadata": {"name": "iban-checksum", "team": "payments"},
+            "spec": {"taskType": "codegen",
+                     "prompt": f"Add the {EDIT_MARKER} as {EDIT_FILE}.",
+                     "workspace": {"repository": SAMPLE_REPOSITORY, "ref": "main"},
+                     "writeScope": ["src/iban/**"], "tools": ["read_file", "write_file"]}}
+
+
+def _git(*args: str, cwd: Path | None = None) -> None:
+    subprocess.run(["git", "-c", "user.name=fleetplane demo", "-c",
+                    "user.email=demo@fleetplane.local", "-c", "commit.gpgsign=false",
+                    "-c", "core.hooksPath=/dev/null", *args],
+                   cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def sample_repository(data_dir: Path) -> Path:
+    """<data dir>/repositories/payments-core.git: a bare git repository with a small Python
+    project on branch main (created once)."""
+    bare = data_dir / "repositories" / f"{SAMPLE_REPOSITORY}.git"
+    if (bare / "HEAD").exists():
+        return bare
+    bare.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src-repo"
+        (src / "src" / "iban").mkdir(parents=True)
+        (src / "tests").mkdir()
+        (src / "README.md").write_text("# payments-core\n\nSample repository of the "
+                                       "fleetplane demo.\n")
+        (src / "src" / "iban" / "__init__.py").write_text('"""IBAN helpers."""\n')
+        (src / "tests" / "test_iban.py").write_text("def test_placeholder() -> None:\n"
+                                                    "    assert True\n")
+        _git("init", "-q", "-b", "main", str(src))
+        _git("add", "-A", cwd=src)
+        _git("commit", "-q", "-m", "payments-core: initial import", cwd=src)
+        _git("clone", "-q", "--bare", str(src), str(bare))
+    return bare
+
+
+def ensure_sample_repository(client: Any, data_dir: Path) -> str:
+    """Register the sample repository (`client`: a fleetplane.Client with an admin token)
+    unless a repository of that name is registered already. Returns its location."""
+    for r in client.repositories():
+        if r.get("name") == SAMPLE_REPOSITORY:
+            return str(r.get("location"))
+    location = str(sample_repository(data_dir))
+    client.add_repository(SAMPLE_REPOSITORY, location, "fleetplane demo sample (bare)")
+    return location
+
+
+def script_edit(http: httpx.Client, provider_url: str) -> bool:
+    """Teach the loopback fake provider the edit task's reply: a write_file call (a real model
+    decides that itself). False if there is no fake provider."""
+    try:
+        script = http.get(f"{provider_url}/_fake/script").json()
+    except (httpx.HTTPError, ValueError):
+        return False
+    replies = [r for r in script.get("replies", []) if r.get("match") != EDIT_MARKER]
+    replies.append({"match": EDIT_MARKER, "times": None, "tool_uses": [
+        {"name": "write_file", "input": {"path": EDIT_FILE, "content": EDIT_CONTENT}}]})
+    resp = http.post(f"{provider_url}/_fake/script", json={**script, "replies": replies})
+    return resp.status_code == 200
+
+
 def manifests(per_team: int) -> list[dict[str, Any]]:
     out = []
     for team, samples in SAMPLES.items():
@@ -54,14 +135,25 @@ def repeats(per_team: int) -> list[dict[str, Any]]:
 
 
 def run_demo(ingest: str, accounting: str, per_team: int, timeout_s: float,
-             console: Console, token: str = "") -> int:
+             console: Console, token: str = "", data_dir: Path | None = None,
+             provider_url: str | None = None) -> int:
     """Submits with `token` (the local stack's admin token, which may submit for every team:
-    `fleetplane up` keeps it in <data dir>/admin.token)."""
+    `fleetplane up` keeps it in <data dir>/admin.token). With `data_dir`, the sample repository
+    is registered and one more task edits it (scripted on the fake provider at
+    `provider_url`)."""
     ids: dict[str, str] = {}
     prompt_of: dict[str, tuple[str, str]] = {}
     deadline = time.monotonic() + timeout_s
     auth = {"Authorization": f"Bearer {token}", "X-Fleetplane-Source": "cli"}
+    edit_id: str | None = None
+    repo_path: str | None = None
     with httpx.Client(timeout=30) as http:
+        if data_dir is not None:
+            edit_id, repo_path = _submit_edit(http, ingest, token, data_dir, provider_url,
+                                              console)
+            if edit_id:
+                ids[edit_id] = "payments"
+                prompt_of[edit_id] = ("payments", edit_manifest()["spec"]["prompt"])
         first: set[str] = set()
         for wave, docs in enumerate((manifests(per_team), repeats(per_team))):
             for m in docs:
@@ -81,11 +173,45 @@ def run_demo(ingest: str, accounting: str, per_team: int, timeout_s: float,
         rows = _wait(http, accounting, set(ids), deadline, console)
         _outcomes(http, accounting, ids, rows, console)
         _cache_summary(ids, first, prompt_of, rows, console)
+        if edit_id and repo_path:
+            _edit_summary(edit_id, rows.get(edit_id, {}), Path(repo_path), console)
     finished = sum(1 for r in rows.values() if r.get("state") in TERMINAL_STATES)
     if finished < len(ids):
         console.print(f"[yellow]{len(ids) - finished} tasks still running after {timeout_s}s")
         return 1
     return 0
+
+
+def _submit_edit(http: httpx.Client, ingest: str, token: str, data_dir: Path,
+                 provider_url: str | None, console: Console) -> tuple[str | None, str | None]:
+    """Register the sample repository and submit the task that edits it."""
+    from fleetplane.client import ApiError, Client
+
+    try:
+        with Client(ingest, token, source="cli") as client:
+            location = ensure_sample_repository(client, data_dir)
+            if provider_url:
+                script_edit(http, provider_url)
+            task_id = client.submit(edit_manifest()).task_id
+    except (ApiError, OSError, subprocess.SubprocessError) as exc:
+        console.print(f"[yellow]sample repository task skipped: {exc}")
+        return None, None
+    console.print(f"repository {SAMPLE_REPOSITORY} registered ({location}); submitted 1 task "
+                  f"that edits {EDIT_FILE} under write scope src/iban/**")
+    return task_id, location
+
+
+def _edit_summary(task_id: str, row: dict[str, Any], repo: Path, console: Console) -> None:
+    """The edit task's commit on its attempt branch of the sample repository."""
+    proc = subprocess.run(["git", f"--git-dir={repo}", "log", "--all", "--format=%h %D",
+                           "--", EDIT_FILE], capture_output=True, text=True, timeout=30)
+    commits = [line for line in proc.stdout.splitlines() if line.strip()]
+    state = row.get("state", "pending")
+    if commits:
+        console.print(f"{SAMPLE_REPOSITORY}: task {task_id[:12]} {state}; {EDIT_FILE} "
+                      f"committed ({commits[0].strip()})")
+    else:
+        console.print(f"{SAMPLE_REPOSITORY}: task {task_id[:12]} {state}; no commit")
 
 
 def _cache_summary(ids: dict[str, str], first: set[str], prompt_of: dict[str, tuple[str, str]],

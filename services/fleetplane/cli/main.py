@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fleetplane.cli import admin as _admin
 from fleetplane.cli import analytics as _analytics
 from fleetplane.cli import audit as _audit
 from fleetplane.cli import control
@@ -131,6 +132,22 @@ def up(
         else:
             raise _fail(f"not ready within {timeout}s; logs in {data_dir / 'logs'}")
     _print_status(state)
+    _register_sample(settings, data_dir)
+
+
+def _register_sample(settings: Settings, data_dir: Path) -> None:
+    """The repository examples/task.yaml names (payments-core): a bare sample repository under
+    the data directory, registered unless that name is registered already."""
+    from fleetplane.cli.demo import SAMPLE_REPOSITORY, ensure_sample_repository
+    from fleetplane.client import ApiError, Client
+
+    try:
+        with Client(ingest_url(settings), resolve_token(settings), source="cli") as client:
+            location = ensure_sample_repository(client, data_dir)
+    except (ApiError, OSError, subprocess.SubprocessError) as exc:
+        err.print(f"[yellow]warning:[/yellow] sample repository not registered: {exc}")
+        return
+    console.print(f"repository {SAMPLE_REPOSITORY}: {location} (fleetplane repo list)")
 
 
 def _print_status(state: dict[str, Any]) -> None:
@@ -222,14 +239,17 @@ def demo(
     from fleetplane.cli.demo import run_demo
 
     settings = get_settings()
+    state = _stack_state(settings) or {}
     code = run_demo(ingest_url(settings), accounting_url(settings), per_team, timeout, console,
-                    token=resolve_token(settings))
+                    token=resolve_token(settings), data_dir=settings.resolved_data_dir(),
+                    provider_url=state.get("provider_url"))
     raise typer.Exit(code=code)
 
 
 _analytics.register(app)
 _audit.register(app)
 control.register(app, get_app)
+_admin.register(app)
 
 if __name__ == "__main__":
     app()

@@ -316,6 +316,8 @@ class Scheduler:
         spec, n = state.spec, state.attempt
         if spec is None or state.routing is None:
             return self._fail(state, failure_class, reason)
+        if failures.is_permanent(failure_class):  # issue 16: never retried, escalated or held
+            return self._fail(state, failure_class, f"{reason} (permanent: not retried)")
         policy = failures.policy_for(failure_class, spec.failure_policy, spec.failure_policies,
                                      self.policy.type_policies(spec.task_type))
         why = f"{failure_class}: {reason}"

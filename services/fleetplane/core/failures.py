@@ -17,12 +17,22 @@ LIMIT_EXCEEDED = "limit_exceeded"  # turns or tokens
 CONFLICT = "conflict"  # changes outside the write scope or inside another running task's scope
 LOST_EXECUTOR = "lost_executor"  # no heartbeat for the configured time
 CANCELLED = "cancelled"  # stopped on request (not subject to a policy)
+# permanent: another attempt cannot succeed, so no policy retries, escalates or holds for them
+CONFIGURATION = "configuration"  # e.g. the repository is not registered, the ref does not exist
+VALIDATION = "validation"  # the task's input is invalid (caught after intake)
+PERMISSION = "permission"  # the task may not do what it asks (e.g. a repository it cannot use)
+PERMANENT_CLASSES: tuple[str, ...] = (CONFIGURATION, VALIDATION, PERMISSION)
 
 FAILURE_CLASSES: tuple[str, ...] = (
     MODEL_ERROR, TOOL_ERROR, TIMEOUT, BUDGET_EXCEEDED, LIMIT_EXCEEDED, CONFLICT, LOST_EXECUTOR,
 )
 FAILURE_POLICIES: tuple[str, ...] = ("retry", "escalate", "abandon", "rollback", "hold")
 CONFLICT_POLICIES: tuple[str, ...] = ("rollback", "hold")
+
+
+def is_permanent(failure_class: str) -> bool:
+    """A failure no retry can fix: the task fails at once, whatever its policies say."""
+    return failure_class in PERMANENT_CLASSES
 
 
 def policy_for(failure_class: str, default: str, *overrides: Mapping[str, str]) -> str:

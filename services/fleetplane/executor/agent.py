@@ -40,7 +40,7 @@ from fleetplane.executor.tools import (
     anthropic_tools,
     summarize_args,
 )
-from fleetplane.executor.workspace import WorkspaceError, Worktree
+from fleetplane.executor.workspace import WorkspaceConfigError, WorkspaceError, Worktree
 
 log = get_logger(__name__)
 SUBTASK_ALLOWANCE = "fleetplane.subtask_allowance"
@@ -125,6 +125,8 @@ class Agent:
                 try:
                     wt = self.rt.workspaces.create(spec.repository, ev.task_id, ev.attempt,
                                                    spec.ref)
+                except WorkspaceConfigError as exc:  # permanent: never retried
+                    raise AttemptFailed(failures.CONFIGURATION, f"workspace: {exc}") from exc
                 except WorkspaceError as exc:
                     raise AttemptFailed(failures.TOOL_ERROR, f"workspace: {exc}") from exc
             box = self._toolbox(wt)

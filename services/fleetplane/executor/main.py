@@ -15,6 +15,13 @@ from fleetplane.executor.handlers import SeenDispatches, execute
 from fleetplane.executor.leases import LeaseTable
 from fleetplane.executor.models import ModelClients
 from fleetplane.executor.runtime import Journal, LiveEmitter, Runtime
+from fleetplane.executor.workspace import Workspaces, load_repositories
+from fleetplane.ingest.kvtopic import TopicTable
+from fleetplane.ingest.repositories import (
+    REPOSITORIES_TOPIC,
+    CheckoutResolver,
+    RepositoryRegistry,
+)
 
 log = get_logger(__name__)
 
@@ -24,9 +31,18 @@ def main() -> None:
     catalog = load_catalog(settings.catalog_file)
     executor_id = settings.executor_id or f"{socket.gethostname()}-{os.getpid()}"
     journal_dir = settings.executor_journal_dir or settings.resolved_data_dir() / "executor-runs"
+    # registered repositories (fleet.repositories) on top of infra/repositories.yaml
+    registry = RepositoryRegistry()
+    repo_table = TopicTable(settings, {REPOSITORIES_TOPIC: registry.apply})
+    repo_table.start()
+    data_dir = settings.resolved_data_dir()
+    workspaces = Workspaces(load_repositories(settings),
+                            settings.executor_workspaces_dir or data_dir / "worktrees",
+                            lookup=CheckoutResolver(registry, data_dir / "repositories"))
     runtime = Runtime(settings, executor_id,
                       live=LiveEmitter(settings) if settings.executor_live_events else None,
-                      journal=Journal(journal_dir) if str(journal_dir) else None)
+                      journal=Journal(journal_dir) if str(journal_dir) else None,
+                      workspaces=workspaces)
     if runtime.journal is not None:
         runtime.journal.prune()
     removed = runtime.workspaces.clean_orphans()
@@ -58,6 +74,7 @@ def main() -> None:
         processor.run()
     finally:
         runtime.close()
+        repo_table.stop()
         if leases is not None:
             leases.close()
     if processor.running_count():

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,11 @@ _GIT_SAFE = ["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false",
 
 class WorkspaceError(Exception):
     """A git operation failed (the attempt fails with tool_error)."""
+
+
+class WorkspaceConfigError(WorkspaceError):
+    """The repository is not registered or the ref does not exist: permanent (the attempt fails
+    with failure class `configuration`, never retried)."""
 
 
 def load_repositories(settings: Settings) -> dict[str, Path]:
@@ -107,18 +113,30 @@ def _numstat(text: str) -> list[FileChange]:
 class Workspaces:
     """Creates and removes attempt worktrees under `root`, one directory per repository."""
 
-    def __init__(self, repositories: dict[str, Path], root: Path) -> None:
+    def __init__(self, repositories: dict[str, Path], root: Path,
+                 lookup: Callable[[str], Path | None] | None = None) -> None:
+        """`lookup`: registered repositories (fleet.repositories, ingest/repositories.py
+        CheckoutResolver), consulted before the static `repositories`."""
         self.repositories = repositories
         self.root = root.resolve()
+        self.lookup = lookup
         self._locks: dict[str, threading.Lock] = {n: threading.Lock() for n in repositories}
+        self._locks_lock = threading.Lock()
 
     def repo(self, name: str) -> Path:
         try:
-            return self.repositories[name]
-        except KeyError:
+            found = self.lookup(name) if self.lookup is not None else None
+        except Exception as exc:
+            raise WorkspaceError(f"repository {name!r}: {exc}") from exc
+        if found is None:
+            found = self.repositories.get(name)
+        if found is None:
             known = ", ".join(sorted(self.repositories)) or "none"
-            raise WorkspaceError(f"repository {name!r} is not registered (known: {known})") \
-                from None
+            raise WorkspaceConfigError(f"repository {name!r} is not registered (static: {known}; "
+                                       "fleetplane repo add NAME PATH|URL)")
+        with self._locks_lock:
+            self._locks.setdefault(name, threading.Lock())
+        return found
 
     def _gitdir(self, repo_path: Path) -> Path:
         common = _git(repo_path, "rev-parse", "--git-common-dir").strip()
@@ -133,7 +151,12 @@ class Workspaces:
             if path.exists():  # a leftover of a crashed run of this attempt
                 self._remove_locked(repo_path, path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            base = _git(repo_path, "rev-parse", "--verify", f"{ref}^{{commit}}").strip()
+            try:
+                base = _git(repo_path, "rev-parse", "--verify", "--end-of-options",
+                            f"{ref}^{{commit}}").strip()
+            except WorkspaceError as exc:
+                raise WorkspaceConfigError(f"ref {ref!r} is not a commit of {repository}: "
+                                           f"{exc}") from exc
             _git(repo_path, "worktree", "add", "--force", "-B", branch, str(path), base)
             name = _git(repo_path, "rev-parse", "--git-dir", cwd=path).strip()
         gitdir = Path(name) if Path(name).is_absolute() else (path / name).resolve()

@@ -30,8 +30,10 @@ from fleetplane.core.kafka import EventProducer
 from fleetplane.core.states import STATES, TERMINAL_STATES
 from fleetplane.core.teams import TeamsConfig
 from fleetplane.ingest.idempotency import Marks, spec_digest, task_id_for
-from fleetplane.ingest.manifest import NAME_RE, TaskManifest
+from fleetplane.ingest.kvtopic import TopicWriter
+from fleetplane.ingest.manifest import NAME_RE, TaskManifest, reference_problem
 from fleetplane.ingest.ratelimit import Limiter
+from fleetplane.ingest.repositories import REPOSITORIES_TOPIC, RepositoryRegistry, record_for
 from fleetplane.ingest.taskview import TaskView
 from fleetplane.ingest.tokens import Principal, TokenStore
 
@@ -60,6 +62,9 @@ class Intake:
     marks: Marks
     teams: TeamsConfig
     view: TaskView
+    # registered repositories (None: repository names are not checked; tests of other things)
+    repositories: RepositoryRegistry | None = None
+    writer: TopicWriter | None = None  # publishes repository records (admin API)
     max_request_bytes: int = 1_048_576
     max_batch_bytes: int = 16 * 1_048_576
     delivery_timeout_s: float = 10.0
@@ -114,16 +119,38 @@ def _surrogate_path(value: Any, path: str = "") -> str | None:
     return None
 
 
+MAX_DRAIN_BYTES = 64 * 1_048_576
+
+
+async def _too_large(request: Request, limit: int, seen: int) -> ApiError:
+    """The 413 for a body over `limit`, after reading (and dropping) the rest of it: a server
+    that answers and closes while the client is still sending makes the kernel reset the
+    connection (unread data in the receive buffer), and the client sees ECONNRESET instead of
+    the 413. Beyond MAX_DRAIN_BYTES the connection is closed anyway."""
+    size = seen
+    if size <= MAX_DRAIN_BYTES:
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_DRAIN_BYTES:
+                    break
+        except Exception:
+            pass
+    return ApiError(413, f"request body larger than {limit} bytes",
+                    [{"field": "body", "reason": f"at most {limit} bytes"}],
+                    headers={"Connection": "close"})
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body larger than {limit} bytes")
+        raise await _too_large(request, limit, 0)
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"request body larger than {limit} bytes")
+            raise await _too_large(request, limit, size)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -236,9 +263,16 @@ def create_app(intake: Intake) -> FastAPI:
             raise ApiError(403, "a team token submits only for its own team",
                            [{"field": "metadata.team",
                              "reason": f"the token belongs to team {who.team}, not {team}"}])
-        charge(team)
         spec = manifest.to_spec()
         key = manifest.idempotency_key
+        problem = reference_problem(spec, task_id_for(team, key) if key else None,
+                                    intake.repositories.known if intake.repositories else None)
+        if problem is not None:
+            field = {"spec.repository": "spec.workspace.repository",
+                     "spec.depends_on": "spec.dependsOn"}.get(problem[0], problem[0])
+            raise ApiError(422, "invalid task manifest", [{"field": field,
+                                                            "reason": problem[1]}])
+        charge(team)
         answer = {"team": team, "name": spec.name, "state": "submitted"}
         if key:
             digest = spec_digest(spec)
@@ -497,6 +531,78 @@ def create_app(intake: Intake) -> FastAPI:
         """Token metadata (id, team, role, description, created, revoked); never a hash."""
         admin(who)
         return intake.tokens.metadata(team)
+
+    # -- repositories (admin writes; any token reads) -------------------------------------------
+    def registry() -> RepositoryRegistry:
+        if intake.repositories is None:
+            raise ApiError(503, "this ingest has no repository registry")
+        return intake.repositories
+
+    def shown(who: Principal, record: dict[str, Any]) -> dict[str, Any]:
+        """A team token sees what it needs to name a repository; where it lives and who
+        registered it are for admins."""
+        if who.is_admin:
+            return record
+        return {k: v for k, v in record.items() if k not in ("location", "created_by")}
+
+    @app.get("/v1/admin/repositories")
+    def list_repositories(who: Caller) -> list[dict[str, Any]]:
+        """Registered repositories (and the static ones of infra/repositories.yaml)."""
+        return [shown(who, r) for r in registry().records()]
+
+    @app.get("/v1/admin/repositories/{name}")
+    def get_repository(name: Annotated[str, Path(max_length=200)], who: Caller
+                       ) -> dict[str, Any]:
+        found = registry().get(name)
+        if found is None:
+            raise ApiError(404, f"no repository {name}")
+        return shown(who, found)
+
+    @app.put("/v1/admin/repositories/{name}")
+    async def put_repository(name: Annotated[str, Path(max_length=200)], request: Request,
+                             who: Caller) -> JSONResponse:
+        """Body {"location": "/abs/path" | "https://...", "description": "..."}: 201 when new,
+        200 when it replaced a record."""
+        admin(who)
+        reg = registry()
+        doc = _parse_json_object(await _read_body(request, 16_384))
+        unknown = set(doc) - {"location", "description"}
+        if unknown:
+            raise ApiError(422, "invalid request", [{"field": sorted(unknown)[0],
+                                                     "reason": "unknown field"}])
+        for fld in ("location", "description"):
+            if not isinstance(doc.get(fld, ""), str):
+                raise ApiError(422, "invalid request", [{"field": fld,
+                                                         "reason": "must be a string"}])
+        try:
+            record = record_for(name, str(doc.get("location", "")),
+                                str(doc.get("description", "")),
+                                created_by=f"{who.team}/{who.token_id}")
+        except ValueError as exc:
+            fld, _, reason = str(exc).partition(": ")
+            raise ApiError(422, "invalid repository", [{"field": fld, "reason": reason}]) \
+                from exc
+        existed = reg.get(name) is not None
+        await write_repository(name, record)
+        return JSONResponse(status_code=200 if existed else 201, content=record)
+
+    @app.delete("/v1/admin/repositories/{name}")
+    async def delete_repository(name: Annotated[str, Path(max_length=200)], who: Caller
+                                ) -> dict[str, Any]:
+        """Unregister (a tombstone on fleet.repositories); a static repository stays."""
+        admin(who)
+        found = registry().get(name)
+        if found is None or found.get("static"):
+            raise ApiError(404, f"no registered repository {name}" +
+                           (" (it is configured in infra/repositories.yaml)" if found else ""))
+        await write_repository(name, None)
+        return {"name": name, "removed": True}
+
+    async def write_repository(name: str, record: dict[str, Any] | None) -> None:
+        if intake.writer is None:
+            raise ApiError(503, "this ingest cannot publish repository records")
+        await run_in_threadpool(intake.writer.put, REPOSITORIES_TOPIC, name, record)
+        registry().apply(name, record)  # this replica knows it at once; others follow the topic
 
     return app
 

@@ -6,7 +6,7 @@ of an accepted keyed submission is the composition root's job (idempotency.Marki
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from fleetplane.core.events import Event, TaskAccepted, TaskRejected, TaskSubmitted, derived_id
 from fleetplane.core.loop import Record, Rejected
@@ -21,13 +21,15 @@ def _no_marks(_team: str, _key: str) -> Mark | None:
 
 
 def accept(event: Event, record: Record | None = None,
-           seen: Lookup = _no_marks) -> Iterable[Event]:
+           seen: Lookup = _no_marks, *,
+           known_repository: Callable[[str], bool] | None = None) -> Iterable[Event]:
+    """`known_repository`: whether a repository name is registered (None: not checked)."""
     if not isinstance(event, TaskSubmitted):
         raise Rejected(f"tasks.submitted takes TaskSubmitted, not {type(event).__name__}")
     if not event.task_id or len(event.task_id) > MAX_TASK_ID:
         raise Rejected(f"task_id: must be 1-{MAX_TASK_ID} characters")
     key = event.idempotency_key
-    problem = check_spec(event.team, event.spec)
+    problem = check_spec(event.team, event.spec, event.task_id, known_repository)
     if problem is None and key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
         problem = ("idempotency_key", f"must be 1-{MAX_IDEMPOTENCY_KEY} characters")
     if problem is not None:

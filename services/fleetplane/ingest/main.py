@@ -5,15 +5,19 @@ HTTP and validate raw submissions."""
 
 from __future__ import annotations
 
+from functools import partial
+
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.loop import Processor
 from fleetplane.core.service import bootstrap, serve_http_in_thread
 from fleetplane.core.teams import teams_for
 from fleetplane.core.topics import SUBMITTED
+from fleetplane.executor.workspace import load_repositories
 from fleetplane.ingest.api import Intake, create_app
 from fleetplane.ingest.handlers import accept
 from fleetplane.ingest.idempotency import IDEMPOTENCY_TOPIC, MarkingHandler, Marks
 from fleetplane.ingest.kvtopic import TopicTable, TopicWriter
+from fleetplane.ingest.repositories import REPOSITORIES_TOPIC, RepositoryRegistry
 from fleetplane.ingest.taskview import TaskView
 from fleetplane.ingest.tokens import TOKENS_TOPIC, TokenStore
 
@@ -22,19 +26,23 @@ def main() -> None:
     settings = bootstrap("ingest")
     tokens = TokenStore()
     marks = Marks(settings.idempotency_window_s)
-    tables = TopicTable(settings, {TOKENS_TOPIC: tokens.apply, IDEMPOTENCY_TOPIC: marks.apply})
+    repositories = RepositoryRegistry(load_repositories(settings))
+    tables = TopicTable(settings, {TOKENS_TOPIC: tokens.apply, IDEMPOTENCY_TOPIC: marks.apply,
+                                   REPOSITORIES_TOPIC: repositories.apply})
     tables.start()
     producer = EventProducer(settings)
     writer = TopicWriter(settings)
     view = TaskView(settings.resolved_accounting_url())
     intake = Intake(producer=producer, tokens=tokens, marks=marks,
                     teams=teams_for(settings.teams_file), view=view,
+                    repositories=repositories, writer=writer,
                     max_request_bytes=settings.max_request_bytes,
                     auth_failures_per_minute=settings.auth_failures_per_minute,
                     auth_failure_burst=settings.auth_failure_burst)
     server = serve_http_in_thread(create_app(intake), settings.bind_host, settings.ingest_port,
                                   trusted_proxies=settings.trusted_proxies)
-    processor = Processor("ingest", [SUBMITTED], MarkingHandler(accept, marks, writer), settings)
+    processor = Processor("ingest", [SUBMITTED], MarkingHandler(
+        partial(accept, known_repository=repositories.known), marks, writer), settings)
     processor.install_signal_handlers()
     try:
         processor.run()

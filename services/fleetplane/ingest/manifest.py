@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -27,6 +28,10 @@ MAX_PATH = 500
 MAX_IDEMPOTENCY_KEY = 200
 MAX_SHORT = 200        # names, refs, tool names, task ids, label keys
 MAX_LABEL_VALUE = 1000
+# the executor's tools (executor/tools.py SPECS; a unit test keeps the two equal)
+TOOL_NAMES: tuple[str, ...] = ("read_file", "write_file", "edit", "list_dir", "grep",
+                               "run_command", "submit_subtask")
+_REF_FORBIDDEN = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 Short = Annotated[str, Field(min_length=1, max_length=MAX_SHORT)]
 
 
@@ -43,8 +48,17 @@ class Metadata(Strict):
 
 
 class Workspace(Strict):
-    repository: str | None = Field(default=None, max_length=200)
+    repository: str | None = Field(default=None, max_length=200,
+                                   description="a registered repository (`fleetplane repo list`)")
     ref: str = Field(default="main", min_length=1, max_length=MAX_SHORT)
+
+    @field_validator("ref")
+    @classmethod
+    def _ref(cls, ref: str) -> str:
+        problem = ref_problem(ref)
+        if problem:
+            raise ValueError(f"ref {ref!r}: {problem}")
+        return ref
 
 
 class ModelPreference(Strict):
@@ -91,6 +105,14 @@ class Spec(Strict):
             if name not in FAILURE_CLASSES:
                 raise ValueError(f"unknown failure class {name!r}; one of {FAILURE_CLASSES}")
         return policies
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, tools: list[str]) -> list[str]:
+        problem = tools_problem(tools)
+        if problem:
+            raise ValueError(problem)
+        return tools
 
     @field_validator("commands")
     @classmethod
@@ -159,6 +181,36 @@ class TaskManifest(Strict):
         )
 
 
+def ref_problem(ref: str) -> str | None:
+    """Why `ref` is not a valid git ref name (`git check-ref-format --allow-onelevel` rules, and
+    no leading '-', which git would read as an option); None if it is."""
+    if not ref or len(ref) > MAX_SHORT:
+        return f"must be 1-{MAX_SHORT} characters"
+    if ref.startswith("-"):
+        return "may not begin with '-'"
+    if _REF_FORBIDDEN.search(ref):
+        return "may not contain spaces, control characters or any of ~ ^ : ? * [ \\"
+    if ".." in ref:
+        return "may not contain '..'"
+    if "@{" in ref or ref == "@":
+        return "may not contain '@{' or be '@'"
+    if ref.startswith("/") or ref.endswith("/") or "//" in ref:
+        return "may not begin or end with '/' or contain '//'"
+    if ref.endswith("."):
+        return "may not end with '.'"
+    for part in ref.split("/"):
+        if part.startswith(".") or part.endswith(".lock"):
+            return "no component may begin with '.' or end with '.lock'"
+    return None
+
+
+def tools_problem(tools: list[str]) -> str | None:
+    unknown = [t for t in tools if t not in TOOL_NAMES]
+    if unknown:
+        return f"unknown tool {unknown[0]!r}; tools are {', '.join(TOOL_NAMES)}"
+    return None
+
+
 def glob_problem(glob: str) -> str | None:
     if not glob or len(glob) > MAX_PATH:
         return f"must be 1-{MAX_PATH} characters"
@@ -171,8 +223,27 @@ def glob_problem(glob: str) -> str | None:
     return None
 
 
-def check_spec(team: str, spec: TaskSpec) -> tuple[str, str] | None:
-    """Validate a TaskSpec from any path; returns (field, reason) for the first problem."""
+def reference_problem(spec: TaskSpec, task_id: str | None,
+                      known_repository: Callable[[str], bool] | None
+                      ) -> tuple[str, str] | None:
+    """What a manifest names that must exist or make sense, on every intake path: a registered
+    repository, and a dependency that is not the task itself (by name or id). (field, reason),
+    fields named as in the Avro TaskSpec."""
+    if spec.repository is not None and known_repository is not None \
+            and not known_repository(spec.repository):
+        return ("spec.repository", f"repository {spec.repository!r} is not registered "
+                                   "(fleetplane repo list; fleetplane repo add NAME PATH|URL)")
+    for dep in spec.depends_on:
+        if dep == spec.name or (task_id is not None and dep == task_id):
+            return "spec.depends_on", f"{dep!r} names the task itself"
+    return None
+
+
+def check_spec(team: str, spec: TaskSpec, task_id: str | None = None,
+               known_repository: Callable[[str], bool] | None = None
+               ) -> tuple[str, str] | None:
+    """Validate a TaskSpec from any path; returns (field, reason) for the first problem.
+    `known_repository` (None: not checked) says whether a repository name is registered."""
     checks: list[tuple[bool, str, str]] = [
         (bool(NAME_RE.match(team)), "team", "must match " + NAME_RE.pattern),
         (bool(NAME_RE.match(spec.name)), "spec.name", "must match " + NAME_RE.pattern),
@@ -196,12 +267,15 @@ def check_spec(team: str, spec: TaskSpec) -> tuple[str, str] | None:
          "spec.system_prompt", f"at most {MAX_PROMPT} characters"),
         (spec.repository is None or len(spec.repository) <= MAX_SHORT, "spec.repository",
          f"at most {MAX_SHORT} characters"),
-        (0 < len(spec.ref) <= MAX_SHORT, "spec.ref", f"must be 1-{MAX_SHORT} characters"),
+        (ref_problem(spec.ref) is None, "spec.ref",
+         f"not a valid git ref name: {ref_problem(spec.ref)}"),
         (spec.model is None or len(spec.model) <= MAX_SHORT, "spec.model",
          f"at most {MAX_SHORT} characters"),
         (len(spec.allowed_tools) <= 50
          and all(0 < len(t) <= MAX_SHORT for t in spec.allowed_tools), "spec.allowed_tools",
          f"at most 50 names of 1-{MAX_SHORT} characters"),
+        (tools_problem(spec.allowed_tools) is None, "spec.allowed_tools",
+         str(tools_problem(spec.allowed_tools))),
         (len(spec.depends_on) <= 100
          and all(0 < len(t) <= MAX_SHORT for t in spec.depends_on), "spec.depends_on",
          f"at most 100 task ids of 1-{MAX_SHORT} characters"),
@@ -232,4 +306,4 @@ def check_spec(team: str, spec: TaskSpec) -> tuple[str, str] | None:
         problem = glob_problem(g)
         if problem:
             return "spec.write_scope", f"{g!r}: {problem}"
-    return None
+    return reference_problem(spec, task_id, known_repository)
