@@ -32,7 +32,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
-from fleetplane.coordinator.scheduler import Policy, Scheduler
+from fleetplane.coordinator.scheduler import AdmissionPolicy, Scheduler
 from fleetplane.coordinator.world import World
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
@@ -69,7 +69,7 @@ def in_process(queued: int, events: int) -> dict[str, Any]:
     rng = random.Random(1)
     teams = parse_teams({"defaults": TEAMS_RAW["defaults"], "teams": {
         f"x-{k}": v for k, v in TEAMS_RAW["teams"].items()}})
-    scheduler, world = Scheduler(Policy(teams=teams, max_running=CAPACITY)), World()
+    scheduler, world = Scheduler(AdmissionPolicy(teams=teams, max_running=CAPACITY)), World()
     for i in range(queued + CAPACITY):
         scheduler.apply(world, routed(i, rng, "x"))
     lat: list[float] = []

@@ -18,7 +18,6 @@ cannot.
 from __future__ import annotations
 
 import builtins
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from urllib.parse import quote
 import httpx
 import yaml
 
+from fleetplane.core import localstack
 from fleetplane.core.errors import FleetplaneError
 from fleetplane.core.settings import Settings, get_settings
 from fleetplane.core.states import TERMINAL_STATES
@@ -173,8 +173,7 @@ def resolve_token(settings: Settings | None = None) -> str:
     cfg_token = _config(settings).get("token")
     if cfg_token:
         return str(cfg_token)
-    local = settings.resolved_data_dir() / "admin.token"
-    return local.read_text().strip() if local.exists() else ""
+    return localstack.admin_token(settings)
 
 
 def resolve_url(settings: Settings | None = None) -> str:
@@ -184,15 +183,7 @@ def resolve_url(settings: Settings | None = None) -> str:
     cfg_url = _config(settings).get("ingest_url")
     if cfg_url:
         return str(cfg_url)
-    state = settings.resolved_data_dir() / "stack.json"
-    if state.exists():
-        try:
-            url = json.loads(state.read_text()).get("ingest_url")
-        except ValueError:
-            url = None
-        if url:
-            return str(url)
-    return settings.resolved_ingest_url()
+    return localstack.ingest_url(settings)
 
 
 def load_manifests(path: str | Path) -> list[dict[str, Any]]:

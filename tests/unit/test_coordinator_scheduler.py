@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from fleetplane.coordinator.scheduler import TICK, Policy, Scheduler
+from fleetplane.coordinator.scheduler import TICK, AdmissionPolicy, Scheduler
 from fleetplane.coordinator.state import Status
 from fleetplane.coordinator.world import World
 from fleetplane.core import events as ev
@@ -24,7 +24,7 @@ CATALOG = Catalog(tiers=["small", "standard", "frontier"], default_tier="standar
 class Harness:
     def __init__(self, **policy: Any) -> None:
         self.world = World()
-        self.scheduler = Scheduler(Policy(teams=TEAMS, catalog=CATALOG, **policy))
+        self.scheduler = Scheduler(AdmissionPolicy(teams=TEAMS, catalog=CATALOG, **policy))
         self.now = T0
         self.log: list[ev.Event] = []
 

@@ -13,7 +13,7 @@ import pytest
 from fleetplane.executor.models import classify, retry_after, to_openai
 from fleetplane.executor.runtime import Slot
 from fleetplane.executor.sandbox import Sandbox
-from fleetplane.executor.tools import Policy, ToolBox, ToolDenied
+from fleetplane.executor.tools import ToolBox, ToolDenied, ToolPolicy
 from fleetplane.executor.workspace import _numstat, branch_name
 
 
@@ -63,14 +63,14 @@ def test_retry_after_header_is_read() -> None:
 
 
 def test_policy_is_the_union_of_manifest_and_team() -> None:
-    p = Policy.of(["grep"], ["read_file"], ["make"], ["ls"])
+    p = ToolPolicy.of(["grep"], ["read_file"], ["make"], ["ls"])
     assert p.tools == {"grep", "read_file"} and p.commands == {"make", "ls"}
 
 
 def test_confinement_rules(tmp_path: Path) -> None:
     (tmp_path / "ok.txt").write_text("x")
     (tmp_path / "out").symlink_to("/etc")
-    box = ToolBox(tmp_path, Policy(frozenset(), frozenset()), Sandbox())
+    box = ToolBox(tmp_path, ToolPolicy(frozenset(), frozenset()), Sandbox())
     assert box.resolve("ok.txt") == (tmp_path / "ok.txt").resolve()
     assert box.resolve("new/dir/file.txt").parent.name == "dir"
     for bad, why in [("/etc/passwd", "absolute"), ("a/../../x", "'..'"), ("~/x", "absolute"),

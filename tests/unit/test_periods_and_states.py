@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from fleetplane.accounting.budgets import statuses
 from fleetplane.accounting.rows import state_of
-from fleetplane.coordinator.scheduler import Policy, Scheduler
+from fleetplane.coordinator.scheduler import AdmissionPolicy, Scheduler
 from fleetplane.coordinator.world import World
 from fleetplane.core import events as ev
 from fleetplane.core.periods import PERIODS, period_end, period_name, period_start
@@ -32,7 +32,7 @@ def coordinator_period(team_period: str, at: datetime) -> str:
     """The period the coordinator charges a completed task's cost to (what it enforces)."""
     teams = parse_teams({"defaults": {"budget_period": team_period, "budget_usd": 100.0}})
     world = World()
-    Scheduler(Policy(teams=teams)).apply(world, ev.TaskCompleted(
+    Scheduler(AdmissionPolicy(teams=teams)).apply(world, ev.TaskCompleted(
         task_id="t1", team="a", attempt=1, model="m", output="", cost_usd=1.0, duration_ms=1,
         occurred_at=at))
     return world.fleet.spend["a"].period

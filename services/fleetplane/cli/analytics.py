@@ -10,7 +10,8 @@ import httpx
 import typer
 from rich.table import Table
 
-from fleetplane.cli.lazy import cli
+from fleetplane.cli import common
+from fleetplane.core import localstack
 from fleetplane.core.settings import get_settings
 
 analytics_app = typer.Typer(help="Cost, value, utilization, budgets and alerts from ClickHouse.",
@@ -19,7 +20,7 @@ Output = Annotated[str, typer.Option("-o", "--output", help="table or json")]
 
 
 def _url() -> str:
-    return str(cli.accounting_url(get_settings()))
+    return str(localstack.accounting_url(get_settings()))
 
 
 def _get(path: str, params: dict[str, Any] | None = None) -> Any:
@@ -30,10 +31,10 @@ def _get(path: str, params: dict[str, Any] | None = None) -> Any:
         resp = httpx.get(url, params={k: v for k, v in (params or {}).items() if v is not None},
                          timeout=120)
     except httpx.HTTPError as exc:
-        raise cli._fail(f"cannot reach {url} ({exc!r}); is the stack up? (fleetplane up)"
+        raise common.fail(f"cannot reach {url} ({exc!r}); is the stack up? (fleetplane up)"
                         ) from exc
     if resp.status_code >= 400:
-        raise cli._fail(f"HTTP {resp.status_code}: {_detail(resp)}")
+        raise common.fail(f"HTTP {resp.status_code}: {_detail(resp)}")
     return resp.json()
 
 
@@ -59,7 +60,7 @@ def _fmt(value: Any) -> str:
 
 def show(rows: list[dict[str, Any]], columns: list[str], title: str, output: str) -> None:
     if output == "json":
-        cli.console.print_json(json.dumps(rows, default=str))
+        common.console.print_json(json.dumps(rows, default=str))
         return
     table = Table(title=title)
     for c in columns:
@@ -67,7 +68,7 @@ def show(rows: list[dict[str, Any]], columns: list[str], title: str, output: str
                          justify="left" if c in columns[:1] else "right")
     for r in rows:
         table.add_row(*[_fmt(r.get(c)) for c in columns])
-    cli.console.print(table)
+    common.console.print(table)
 
 
 @analytics_app.command("cost-daily")
@@ -93,7 +94,7 @@ def cache(output: Output = "table") -> None:
     """What the response cache saved (valued at the routed model's observed cost)."""
     body = _get("/v1/cache-savings")
     if output == "json":
-        cli.console.print_json(json.dumps(body))
+        common.console.print_json(json.dumps(body))
         return
     show(body["by_task_type"], ["task_type", "cached_tasks", "saved_usd", "unpriced_tasks"],
          f"cache savings: {body['cached_tasks']} tasks, ${body['saved_usd']:.6f}", output)
@@ -106,7 +107,7 @@ def utilization(bucket: Annotated[int, typer.Option(help="seconds per row")] = 6
     into models, tools, other."""
     body = _get("/v1/utilization", {"bucket_s": bucket})
     if output == "json":
-        cli.console.print_json(json.dumps(body, default=str))
+        common.console.print_json(json.dumps(body, default=str))
         return
     show(body["series"], ["t", "slots", "busy_share", "model_share_of_busy",
                           "tool_share_of_busy", "other_share_of_busy"], "utilization", output)
@@ -114,7 +115,7 @@ def utilization(bucket: Annotated[int, typer.Option(help="seconds per row")] = 6
                                      "model_share_of_busy", "tool_share_of_busy", "attempts",
                                      "last_report"], "per executor", output)
     t = body["total"]
-    cli.console.print(f"fleet: {t.get('slots', 0)} slots, busy {t['busy_share']:.0%}, "
+    common.console.print(f"fleet: {t.get('slots', 0)} slots, busy {t['busy_share']:.0%}, "
                       f"of busy: models {t['model_share_of_busy']:.0%}, "
                       f"tools {t['tool_share_of_busy']:.0%}, "
                       f"other {t['other_share_of_busy']:.0%}")
@@ -163,7 +164,7 @@ def whatif(
     body = _get("/v1/whatif", {"shift": shift, "from": from_tier, "from_model": from_model,
                                "task_type": task_type, "to": to, "to_model": to_model})
     if output == "json":
-        cli.console.print_json(json.dumps(body))
+        common.console.print_json(json.dumps(body))
         return
     show(body["by_task_type"], ["task_type", "tasks", "cost_usd", "repriced_usd",
                                 "cost_change_usd", "current_success_rate", "b_success_rate",
@@ -171,12 +172,12 @@ def whatif(
          body["scenario"], output)
     lo, hi = body["successes_lost_interval"]
     lost = body["expected_successes_lost"]
-    cli.console.print(
+    common.console.print(
         f"cost change: {body['cost_change_usd']:+.6f} USD ({body['cost_change_pct']:+.1%} of "
         f"the selected ${body['selected_cost_usd']:.6f}) for {body['moved_tasks']:.1f} tasks\n"
         f"expected successes lost: {lost:+.2f} (95% interval {lo:+.2f} .. {hi:+.2f})")
     if body["task_types_without_success_data"]:
-        cli.console.print(f"[yellow]no observed success of {body['target_model']} on: "
+        common.console.print(f"[yellow]no observed success of {body['target_model']} on: "
                           f"{', '.join(body['task_types_without_success_data'])} "
                           "(interval only)")
 
@@ -188,20 +189,20 @@ def sql(query: Annotated[str, typer.Argument(help="One read-only SELECT.")],
     try:
         resp = httpx.post(url, json={"query": query}, timeout=60)
     except httpx.HTTPError as exc:
-        raise cli._fail(f"cannot reach {url} ({exc}); is the stack up?") from exc
+        raise common.fail(f"cannot reach {url} ({exc}); is the stack up?") from exc
     if resp.status_code >= 400:
-        raise cli._fail(_detail(resp))
+        raise common.fail(_detail(resp))
     body = resp.json()
     if output == "json":
-        cli.console.print_json(json.dumps(body, default=str))
+        common.console.print_json(json.dumps(body, default=str))
         return
     table = Table()
     for c in body["columns"]:
         table.add_column(c)
     for row in body["rows"]:
         table.add_row(*[_fmt(v) for v in row])
-    cli.console.print(table)
-    cli.console.print(f"{len(body['rows'])} rows")
+    common.console.print(table)
+    common.console.print(f"{len(body['rows'])} rows")
 
 
 def register(app: typer.Typer) -> None:

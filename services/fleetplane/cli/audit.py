@@ -10,7 +10,8 @@ import typer
 from rich.table import Table
 
 from fleetplane.accounting import audit
-from fleetplane.cli.lazy import cli
+from fleetplane.cli import common
+from fleetplane.core import localstack
 from fleetplane.core.settings import Settings, get_settings
 
 audit_app = typer.Typer(help="Replay and verify a task's audit trail.", no_args_is_help=True)
@@ -19,32 +20,22 @@ Task = Annotated[str, typer.Option("--task", help="Task id.")]
 
 def kafka_settings() -> Settings:
     """The CLI's settings, pointed at the embedded stack's broker when it is up."""
-    settings = get_settings()
-    state = cli._stack_state(settings)
-    if state and state.get("bootstrap") and "FLEETPLANE_KAFKA_BOOTSTRAP" not in _env():
-        settings = settings.model_copy(update={"kafka_bootstrap": state["bootstrap"]})
-    return settings
-
-
-def _env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
+    return localstack.kafka_settings(get_settings())
 
 
 def from_kafka(task_id: str) -> list[audit.Entry]:
     try:
         entries = audit.replay_kafka(kafka_settings(), task_id)
     except Exception as exc:
-        raise cli._fail(f"replaying the topics failed: {exc}") from exc
+        raise common.fail(f"replaying the topics failed: {exc}") from exc
     if not entries:
-        raise cli._fail(f"no events for task {task_id!r} on the topics")
+        raise common.fail(f"no events for task {task_id!r} on the topics")
     return entries
 
 
 def from_clickhouse(task_id: str) -> list[audit.Entry]:
-    url = f"{cli.accounting_url(get_settings())}/v1/tasks/{task_id}/events"
-    rows: list[dict[str, Any]] = cli._api_get(url, {"limit": 100_000})
+    url = f"{localstack.accounting_url(get_settings())}/v1/tasks/{task_id}/events"
+    rows: list[dict[str, Any]] = common.api_get(url, {"limit": 100_000})
     return audit.entries_from_rows(rows)
 
 
@@ -55,7 +46,7 @@ def print_timeline(entries: list[audit.Entry], title: str) -> None:
     for t in audit.timeline(entries):
         table.add_row(t["occurred_at"][11:23], t["event_type"],
                       "" if t["attempt"] is None else str(t["attempt"]), t["detail"])
-    cli.console.print(table)
+    common.console.print(table)
 
 
 @audit_app.command("replay")
@@ -73,18 +64,18 @@ def replay(task: Task,
         body: dict[str, Any] = {"task_id": task, "timeline": audit.timeline(primary)}
         if kafka is not None and ch is not None:
             body["sources_agree"] = audit.timeline(kafka) == audit.timeline(ch)
-        cli.console.print_json(json.dumps(body))
+        common.console.print_json(json.dumps(body))
     else:
         print_timeline(primary, f"task {task} ({'kafka' if kafka is not None else 'clickhouse'})")
     if kafka is not None and ch is not None:
         if audit.timeline(kafka) != audit.timeline(ch):
             only_k = {e.event.event_id for e in kafka} - {e.event.event_id for e in ch}
             only_c = {e.event.event_id for e in ch} - {e.event.event_id for e in kafka}
-            cli.err.print(f"[red]kafka and clickhouse disagree[/red]: {len(only_k)} events only "
+            common.err.print(f"[red]kafka and clickhouse disagree[/red]: {len(only_k)} events only "
                           f"on the topics, {len(only_c)} only in ClickHouse")
             raise typer.Exit(code=2)
         if output != "json":
-            cli.console.print(f"[green]kafka and clickhouse agree[/green]: {len(kafka)} events")
+            common.console.print(f"[green]kafka and clickhouse agree[/green]: {len(kafka)} events")
 
 
 @audit_app.command("verify")
@@ -97,15 +88,15 @@ def verify(task: Task,
     result = audit.verify_task(entries)
     for a in result["attempts"]:
         mark = "[green]ok[/green]" if a["ok"] else "[red]TAMPERED[/red]"
-        cli.console.print(f"attempt {a['attempt']}: {mark} ({a['events']} audit events, "
+        common.console.print(f"attempt {a['attempt']}: {mark} ({a['events']} audit events, "
                           f"outcome recorded {a['recorded_count']})")
         for p in a["problems"]:
-            cli.console.print(f"  - {p}")
+            common.console.print(f"  - {p}")
     if not result["attempts"]:
-        cli.console.print("no audit events or outcomes for this task yet")
+        common.console.print("no audit events or outcomes for this task yet")
     if not result["ok"]:
         raise typer.Exit(code=1)
-    cli.console.print(f"[green]verified[/green] ({source})")
+    common.console.print(f"[green]verified[/green] ({source})")
 
 
 def register(app: typer.Typer) -> None:

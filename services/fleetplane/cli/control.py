@@ -13,33 +13,22 @@ from rich.console import Console
 from rich.table import Table
 
 from fleetplane.core import events as ev
+from fleetplane.core import localstack
 from fleetplane.core.settings import Settings, get_settings
 
 console = Console()
 err = Console(stderr=True)
 
 
-def _stack_value(settings: Settings, key: str) -> str | None:
-    from fleetplane.cli.main import _stack_state
-
-    state = _stack_state(settings)
-    value = state.get(key) if state else None
-    return str(value) if value else None
-
-
 def coordinator_url(settings: Settings) -> str:
-    return _stack_value(settings, "coordinator_url") or \
-        f"http://{settings.bind_host}:{settings.coordinator_web_port}"
+    return localstack.coordinator_url(settings)
 
 
 def publish(command: str, *, task_id: str = "", team: str = "", reason: str = "") -> None:
     """Publish one ControlCommand and wait for the broker's acknowledgement."""
     from fleetplane.core.kafka import EventProducer
 
-    settings = get_settings()
-    bootstrap = _stack_value(settings, "bootstrap")
-    if bootstrap and not settings.model_fields_set & {"kafka_bootstrap"}:
-        settings = settings.model_copy(update={"kafka_bootstrap": bootstrap})
+    settings = localstack.kafka_settings(get_settings())
     cmd = ev.ControlCommand(task_id=task_id, team=team, command=command,
                             requested_by=getpass.getuser(), reason=reason)
     producer = EventProducer(settings)

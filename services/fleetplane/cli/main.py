@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from fleetplane.cli import admin as _admin
@@ -21,8 +17,10 @@ from fleetplane.cli import audit as _audit
 from fleetplane.cli import control
 from fleetplane.cli import tasks as tasks_cli
 from fleetplane.cli import tokens as tokens_cli
+from fleetplane.cli.common import api_get, console, err, fail
 from fleetplane.cli.route import route_app
 from fleetplane.client import resolve_token
+from fleetplane.core import localstack
 from fleetplane.core.settings import Settings, get_settings
 from fleetplane.infra.broker import stop_group
 
@@ -31,59 +29,6 @@ app = typer.Typer(help="fleetplane: the control plane for a fleet of AI agents."
 get_app = typer.Typer(help="List resources.", no_args_is_help=True)
 app.add_typer(get_app, name="get")
 app.add_typer(route_app, name="route")
-console = Console()
-err = Console(stderr=True)
-
-
-def _state_file(settings: Settings) -> Path:
-    return settings.resolved_data_dir() / "stack.json"
-
-
-def _stack_state(settings: Settings) -> dict[str, Any] | None:
-    path = _state_file(settings)
-    if not path.exists():
-        return None
-    data: dict[str, Any] = json.loads(path.read_text())
-    return data
-
-
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def ingest_url(settings: Settings) -> str:
-    state = _stack_state(settings)
-    if not settings.ingest_url and state and state.get("ingest_url"):
-        return str(state["ingest_url"])
-    return settings.resolved_ingest_url()
-
-
-def accounting_url(settings: Settings) -> str:
-    state = _stack_state(settings)
-    if not settings.accounting_url and state and state.get("accounting_url"):
-        return str(state["accounting_url"])
-    return settings.resolved_accounting_url()
-
-
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[red]error:[/red] {message}")
-    return typer.Exit(code=1)
-
-
-def _api_get(url: str, params: dict[str, Any] | None = None) -> Any:
-    try:
-        resp = httpx.get(url, params=params, timeout=10)
-    except httpx.HTTPError as exc:
-        raise _fail(f"cannot reach {url} ({exc}); is the stack up? (fleetplane up)") from exc
-    if resp.status_code >= 400:
-        raise _fail(f"{url}: HTTP {resp.status_code}: {resp.text[:500]}")
-    return resp.json()
 
 
 # -- stack -------------------------------------------------------------------------------------
@@ -100,8 +45,9 @@ def up(
     settings = get_settings()
     data_dir = settings.resolved_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
-    state = _stack_state(settings)
-    if state and _alive(state.get("supervisor_pid")) and state.get("state") == "ready":
+    state = localstack.read_state(settings)
+    if state and localstack.process_alive(state.get("supervisor_pid")) \
+            and state.get("state") == "ready":
         console.print(f"fleetplane is already up (supervisor pid {state['supervisor_pid']})")
         return
     broker_port = int(settings.kafka_bootstrap.rsplit(":", 1)[1])
@@ -114,23 +60,23 @@ def up(
     if not fake_provider:
         argv.append("--no-fake-provider")
     (data_dir / "logs").mkdir(exist_ok=True)
-    _state_file(settings).unlink(missing_ok=True)
+    localstack.state_file(settings).unlink(missing_ok=True)
     with open(data_dir / "logs" / "supervisor.log", "ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + timeout
     with console.status("starting broker, topics and services..."):
         while time.monotonic() < deadline:
-            state = _stack_state(settings)
+            state = localstack.read_state(settings)
             if state and state.get("state") == "ready":
                 break
             if state and state.get("state") == "failed":
-                raise _fail(f"stack failed: {state.get('error')}; logs in {data_dir / 'logs'}")
+                raise fail(f"stack failed: {state.get('error')}; logs in {data_dir / 'logs'}")
             if proc.poll() is not None:
-                raise _fail(f"supervisor exited ({proc.returncode}); see {data_dir / 'logs'}")
+                raise fail(f"supervisor exited ({proc.returncode}); see {data_dir / 'logs'}")
             time.sleep(0.3)
         else:
-            raise _fail(f"not ready within {timeout}s; logs in {data_dir / 'logs'}")
+            raise fail(f"not ready within {timeout}s; logs in {data_dir / 'logs'}")
     _print_status(state)
     _register_sample(settings, data_dir)
 
@@ -142,7 +88,8 @@ def _register_sample(settings: Settings, data_dir: Path) -> None:
     from fleetplane.client import ApiError, Client
 
     try:
-        with Client(ingest_url(settings), resolve_token(settings), source="cli") as client:
+        with Client(localstack.ingest_url(settings), resolve_token(settings),
+                    source="cli") as client:
             location = ensure_sample_repository(client, data_dir)
     except (ApiError, OSError, subprocess.SubprocessError) as exc:
         err.print(f"[yellow]warning:[/yellow] sample repository not registered: {exc}")
@@ -170,15 +117,15 @@ def _print_status(state: dict[str, Any]) -> None:
 def down(timeout: Annotated[float, typer.Option()] = 60.0) -> None:
     """Stop the embedded stack."""
     settings = get_settings()
-    state = _stack_state(settings)
+    state = localstack.read_state(settings)
     pid = state.get("supervisor_pid") if state else None
-    if not pid or not _alive(pid):
+    if not pid or not localstack.process_alive(pid):
         orphans = _recorded_pids(state or {})
         for child in orphans:  # the supervisor died and left its children running
             stop_group(child, timeout_s=5)
         console.print(f"fleetplane is not running (stopped {len(orphans)} orphaned processes)"
                       if orphans else "fleetplane is not running")
-        _state_file(settings).unlink(missing_ok=True)
+        localstack.state_file(settings).unlink(missing_ok=True)
         return
     with console.status("stopping services and broker..."):
         stop_group(int(pid), timeout_s=timeout)
@@ -187,7 +134,7 @@ def down(timeout: Annotated[float, typer.Option()] = 60.0) -> None:
         left = _recorded_pids(state or {})
         for child in left:
             stop_group(child, timeout_s=5)
-    _state_file(settings).unlink(missing_ok=True)
+    localstack.state_file(settings).unlink(missing_ok=True)
     console.print("fleetplane stopped")
 
 
@@ -198,14 +145,14 @@ def _recorded_pids(state: dict[str, Any]) -> list[int]:
     broker = state.get("broker")
     if isinstance(broker, dict) and broker.get("pid"):
         pids.append(int(broker["pid"]))
-    return [p for p in pids if _alive(p)]
+    return [p for p in pids if localstack.process_alive(p)]
 
 
 @app.command()
 def status() -> None:
     """Show the embedded stack's processes."""
-    state = _stack_state(get_settings())
-    if not state or not _alive(state.get("supervisor_pid")):
+    state = localstack.read_state(get_settings())
+    if not state or not localstack.process_alive(state.get("supervisor_pid")):
         console.print("fleetplane is not running")
         raise typer.Exit(code=1)
     _print_status(state)
@@ -219,7 +166,7 @@ app.add_typer(tokens_cli.app, name="token")
 @app.command()
 def cost(by: Annotated[str, typer.Option(help="team, task_type, model or tier")] = "team") -> None:
     """Spend from ClickHouse, grouped by team, task type, model or tier."""
-    rows = _api_get(f"{accounting_url(get_settings())}/v1/cost", {"by": by})
+    rows = api_get(f"{localstack.accounting_url(get_settings())}/v1/cost", {"by": by})
     table = Table(title=f"cost by {by}")
     table.add_column(by.upper())
     for col in ("CALLS", "INPUT TOK", "OUTPUT TOK", "COST $"):
@@ -239,8 +186,9 @@ def demo(
     from fleetplane.cli.demo import run_demo
 
     settings = get_settings()
-    state = _stack_state(settings) or {}
-    code = run_demo(ingest_url(settings), accounting_url(settings), per_team, timeout, console,
+    state = localstack.read_state(settings) or {}
+    code = run_demo(localstack.ingest_url(settings), localstack.accounting_url(settings),
+                    per_team, timeout, console,
                     token=resolve_token(settings), data_dir=settings.resolved_data_dir(),
                     provider_url=state.get("provider_url"))
     raise typer.Exit(code=code)

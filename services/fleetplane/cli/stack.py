@@ -9,12 +9,12 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
+from fleetplane.core.localstack import ADMIN_TOKEN_FILE
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import ensure_topics, load_topics
 from fleetplane.infra.broker import EmbeddedBroker, free_port, stop_group
@@ -288,15 +288,9 @@ class Stack:
             "coordinator_url": f"http://127.0.0.1:{self.coordinator_web_port}",
             "provider_url": self.provider_url if self.fake_provider else None,
             "data_dir": str(self.data_dir),
-            "admin_token_file": str(self.data_dir / "admin.token"),
+            "admin_token_file": str(self.data_dir / ADMIN_TOKEN_FILE),
             "services": {n: {"pid": c.pid, "restarts": c.restarts, "log": str(c.log_path)}
                          for n, c in self.children.items()},
             "broker": ({"pid": self.broker.pid, "restarts": self.broker.restarts,
                         "log": str(self.broker.log_file)} if self.broker is not None else None),
         }
-
-
-def write_state(path: Path, state: Mapping[str, object]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
-    tmp.replace(path)

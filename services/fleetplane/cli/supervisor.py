@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from fleetplane.cli.stack import Stack, write_state
+from fleetplane.cli.stack import Stack
+from fleetplane.core.localstack import STATE_FILE, write_state
 from fleetplane.core.logging import configure_logging, get_logger
 
 
@@ -31,7 +32,7 @@ def main() -> None:
                   fake_provider=not args.no_fake_provider, broker_port=args.broker_port,
                   ingest_port=args.ingest_port, accounting_port=args.accounting_port,
                   provider_port=args.provider_port)
-    state_file = stack.data_dir / "stack.json"
+    state_file = stack.data_dir / STATE_FILE
     stopping = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -52,7 +52,7 @@ from typing import Any
 import yaml
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-from fleetplane.coordinator.scheduler import TICK, Policy, Scheduler
+from fleetplane.coordinator.scheduler import TICK, AdmissionPolicy, Scheduler
 from fleetplane.coordinator.world import World
 from fleetplane.core import events as ev
 from fleetplane.core import topics as t
@@ -128,9 +128,9 @@ def tiers_catalog(path: Path) -> Catalog | None:
                    models={}, task_types=types)
 
 
-def policy_for_settings(settings: Settings) -> Policy:
+def policy_for_settings(settings: Settings) -> AdmissionPolicy:
     catalog = tiers_catalog(settings.catalog_file)
-    return Policy(teams=load_teams(settings.teams_file), catalog=catalog,
+    return AdmissionPolicy(teams=load_teams(settings.teams_file), catalog=catalog,
                   max_running=settings.coordinator_max_running,
                   heartbeat_timeout_ms=int(settings.coordinator_heartbeat_timeout_s * 1000),
                   backoff_base_ms=settings.coordinator_backoff_base_ms,

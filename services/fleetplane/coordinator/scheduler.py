@@ -43,7 +43,7 @@ OUTPUT_MAX_CHARS = 64_000  # of a completed task's output kept for its dependent
 
 
 @dataclass(frozen=True)
-class Policy:
+class AdmissionPolicy:
     """Configuration the scheduler decides by (built in the composition root)."""
 
     teams: TeamsConfig = field(default_factory=TeamsConfig)
@@ -68,7 +68,7 @@ class Policy:
 
 
 class Scheduler:
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: AdmissionPolicy) -> None:
         self.policy = policy
         # per-event context (apply sets these)
         self.world = World()
@@ -615,4 +615,4 @@ _HANDLERS = {
     ev.WorkspaceChange: Scheduler._on_workspace_change,
 }
 
-__all__ = ["PARKED", "TICK", "FleetState", "Policy", "Scheduler", "World"]
+__all__ = ["PARKED", "TICK", "AdmissionPolicy", "FleetState", "Scheduler", "World"]

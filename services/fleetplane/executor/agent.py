@@ -34,9 +34,9 @@ from fleetplane.executor.runtime import Emitter, Running, Runtime
 from fleetplane.executor.tools import (
     ALL_TOOLS,
     WORKSPACE_TOOLS,
-    Policy,
     ToolBox,
     ToolDenied,
+    ToolPolicy,
     anthropic_tools,
     summarize_args,
 )
@@ -169,7 +169,7 @@ class Agent:
 
     def _toolbox(self, wt: Worktree | None) -> ToolBox:
         spec = self.spec
-        policy = Policy.of(spec.allowed_tools, self.team.tools, spec.allowed_commands,
+        policy = ToolPolicy.of(spec.allowed_tools, self.team.tools, spec.allowed_commands,
                            self.team.commands)
         offered: list[str] = []
         if self.model.tool_use and wt is not None:

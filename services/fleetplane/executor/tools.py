@@ -33,13 +33,13 @@ class ToolError(Exception):
 
 
 @dataclass(frozen=True)
-class Policy:
+class ToolPolicy:
     tools: frozenset[str]
     commands: frozenset[str]
 
     @classmethod
     def of(cls, spec_tools: list[str], team_tools: list[str], spec_commands: list[str],
-           team_commands: list[str]) -> Policy:
+           team_commands: list[str]) -> ToolPolicy:
         """The task may use what its manifest names plus what its team allows."""
         return cls(frozenset(spec_tools) | frozenset(team_tools),
                    frozenset(spec_commands) | frozenset(team_commands))
@@ -106,7 +106,7 @@ class ToolBox:
     """The tools of one attempt. `root` is the worktree (None: no workspace tools)."""
 
     root: Path | None
-    policy: Policy
+    policy: ToolPolicy
     sandbox: Sandbox
     cancelled: Callable[[], bool] = lambda: False
     deadline_s: Callable[[], float] = lambda: 1e9

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from fleetplane.core.localstack import ADMIN_TOKEN_FILE
 from fleetplane.core.settings import Settings
 from fleetplane.ingest.kvtopic import TopicWriter, read_all
 
@@ -148,7 +149,7 @@ def revoke(settings: Settings, token_id: str) -> dict[str, Any] | None:
 
 
 LOCAL_ADMIN_TEAM = "operators"
-LOCAL_ADMIN_FILE = "admin.token"
+LOCAL_ADMIN_FILE = ADMIN_TOKEN_FILE  # core.localstack: where the CLI and SDK look
 
 
 def ensure_local_admin(settings: Settings, data_dir: Path) -> str:
