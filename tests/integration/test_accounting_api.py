@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from typing import Any, get_args
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from fleetplane.accounting.api import TaskState, create_app
+from fleetplane.accounting.api import create_app
 from fleetplane.accounting.rows import rows_for
 from fleetplane.accounting.sink import ClickHouseSink
 from fleetplane.accounting.store import Store
@@ -152,8 +152,16 @@ def test_task_events_in_order_each_once(client: TestClient, published: list[ev.E
     assert "no-such-task" in r.json()["detail"]
 
 
-def test_api_states_match_the_row_mapping() -> None:
-    assert set(get_args(TaskState)) == set(STATES)
+def test_api_states_are_the_states_rows_are_written_in(client: TestClient) -> None:
+    """The state filter accepts exactly the states the sink writes (core.states), in the
+    OpenAPI document clients generate from, and refuses others with the field."""
+    spec = client.get("/openapi.json").json()
+    params = spec["paths"]["/v1/tasks"]["get"]["parameters"]
+    state = next(p for p in params if p["name"] == "state")
+    enum = next(s["enum"] for s in state["schema"]["anyOf"] if "enum" in s)
+    assert enum == list(STATES)
+    bad = client.get("/v1/tasks", params={"state": "sleeping"})
+    assert bad.status_code == 422 and "state" in bad.text
 
 
 def test_task_list_filters_by_task_type_and_task_id(client: TestClient) -> None:

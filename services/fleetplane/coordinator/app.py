@@ -10,7 +10,7 @@ confluent-kafka) and a clock:
   (one partition). Undecodable records and records whose key is not the task id go to fleet.dlq
   here, with their real source. Forwarded copies and input offsets commit in one transaction.
 * **schedule**: consumes that one partition: one writer sees every task in one total order that
-  survives restarts. Its state, the ``World`` (TaskState / FleetState rows), lives in memory in a
+  survives restarts. Its state, the ``World`` (TaskRow / FleetState rows), lives in memory in a
   ``core.table.ChangelogTable`` backed by the compacted topic
   ``fleetplane-coordinator-scheduler-changelog``: per record, ``Scheduler.apply`` decides, and
   the decided events, the changed rows and the input offset commit in one Kafka transaction

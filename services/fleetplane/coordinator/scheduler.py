@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from fleetplane.coordinator.backoff import backoff_ms, derived_event_id
 from fleetplane.coordinator.globs import covered, overlaps, validate_scope
-from fleetplane.coordinator.state import PARKED, FleetState, Routing, Spend, Status, TaskState
+from fleetplane.coordinator.state import PARKED, FleetState, Routing, Spend, Status, TaskRow
 from fleetplane.coordinator.world import World
 from fleetplane.core import events as ev
 from fleetplane.core import failures
@@ -121,11 +121,11 @@ class Scheduler:
         return None
 
     # -- task events -----------------------------------------------------------------------
-    def _on_routed(self, state: TaskState | None, e: ev.Event) -> None:
+    def _on_routed(self, state: TaskRow | None, e: ev.Event) -> None:
         assert isinstance(e, ev.TaskRouted)
         routing = Routing(model=e.model, provider=e.provider, tier=e.tier)
         if state is None:
-            state = TaskState(task_id=e.task_id, team=e.team, status=Status.WAITING,
+            state = TaskRow(task_id=e.task_id, team=e.team, status=Status.WAITING,
                               next_attempt=e.attempt, spec=e.spec, routing=routing,
                               seq=int(e.occurred_at.timestamp() * 1000), updated_at=self.at)
             bad = validate_scope(e.spec.write_scope)
@@ -147,7 +147,7 @@ class Scheduler:
         self._put(state, **update)
         return None
 
-    def _on_progress(self, state: TaskState | None, e: ev.Event) -> None:
+    def _on_progress(self, state: TaskRow | None, e: ev.Event) -> None:
         assert isinstance(e, ev.TaskStarted | ev.TaskHeartbeat)
         if state is None or e.attempt != state.attempt \
                 or state.status not in (Status.DISPATCHED, Status.RUNNING):
@@ -155,14 +155,14 @@ class Scheduler:
         self._put(state, status=Status.RUNNING, executor_id=e.executor_id,
                   last_heartbeat_at=e.occurred_at)
 
-    def _on_failed(self, state: TaskState | None, e: ev.Event) -> None:
+    def _on_failed(self, state: TaskRow | None, e: ev.Event) -> None:
         assert isinstance(e, ev.TaskFailed) and not e.final
         if state is None or e.attempt != state.attempt \
                 or state.status not in (Status.DISPATCHED, Status.RUNNING):
             return
         self._attempt_failed(self._put(state), e.failure_class, e.reason)
 
-    def _on_terminal(self, state: TaskState | None, e: ev.Event) -> None:
+    def _on_terminal(self, state: TaskRow | None, e: ev.Event) -> None:
         attempt = getattr(e, "attempt", None)
         if state is not None and attempt is not None and attempt < state.attempt:
             return  # the outcome of a superseded attempt
@@ -171,19 +171,19 @@ class Scheduler:
             return  # only the rollback's result ends a rollback
         status = TERMINAL_STATUS[type(e)]
         if state is None:  # e.g. completed from the router's response cache
-            state = TaskState(task_id=e.task_id, team=e.team, status=status,
+            state = TaskRow(task_id=e.task_id, team=e.team, status=status,
                               attempt=attempt or 0, updated_at=self.at)
         output = e.output[:OUTPUT_MAX_CHARS] if isinstance(e, ev.TaskCompleted) else None
         self._finish(state, status, type(e).__name__, output=output)
 
-    def _on_control(self, state: TaskState | None, e: ev.Event) -> None:
+    def _on_control(self, state: TaskRow | None, e: ev.Event) -> None:
         assert isinstance(e, ev.ControlCommand)
         who = e.requested_by or "operator"
         if e.command == "cancel":
             if state is not None and state.status is Status.ROLLING_BACK:
                 return  # the rollback finishes first (its TaskRolledBack ends the task)
             if state is None:  # cancelled before routing: remembered, never dispatched
-                state = TaskState(task_id=e.task_id, team=e.team, status=Status.WAITING,
+                state = TaskRow(task_id=e.task_id, team=e.team, status=Status.WAITING,
                                   updated_at=self.at)
             self._emit(ev.TaskCancelled, state, reason=e.reason or "cancelled by operator",
                        requested_by=e.requested_by)
@@ -191,7 +191,7 @@ class Scheduler:
         elif e.command in ("approve", "reject") and state is not None:
             self._on_approval(state, e.command == "approve", who, e.reason)
 
-    def _on_approval(self, state: TaskState, approved: bool, who: str, why: str) -> None:
+    def _on_approval(self, state: TaskRow, approved: bool, who: str, why: str) -> None:
         if state.status is Status.WAITING and state.hold_kind == "approval":
             if approved:
                 nxt = max(state.next_attempt, state.attempt + 1)
@@ -207,7 +207,7 @@ class Scheduler:
             if not approved and state.status is not Status.ROLLING_BACK:
                 self._rollback(state)
 
-    def _on_workspace_change(self, state: TaskState | None, e: ev.Event) -> None:
+    def _on_workspace_change(self, state: TaskRow | None, e: ev.Event) -> None:
         """Conflicts after the fact: files outside the task's write scope, or inside another
         active task's lease in the same repository."""
         assert isinstance(e, ev.WorkspaceChange)
@@ -312,7 +312,7 @@ class Scheduler:
                 self._attempt_failed(state, failures.LOST_EXECUTOR, reason)
 
     # -- failure policies ------------------------------------------------------------------
-    def _attempt_failed(self, state: TaskState, failure_class: str, reason: str) -> None:
+    def _attempt_failed(self, state: TaskRow, failure_class: str, reason: str) -> None:
         spec, n = state.spec, state.attempt
         if spec is None or state.routing is None:
             return self._fail(state, failure_class, reason)
@@ -351,7 +351,7 @@ class Scheduler:
         self._hold(state, "backoff", f"retry {n + 1} after {delay} ms ({why})")
         return None
 
-    def _rollback(self, state: TaskState) -> None:
+    def _rollback(self, state: TaskRow) -> None:
         """Dispatch a rollback job for the current attempt; the lease stays until it is done."""
         assert state.spec is not None and state.routing is not None
         r = state.routing
@@ -377,7 +377,7 @@ class Scheduler:
                 stack.extend((d, [*path, d]) for d in other.spec.depends_on)
         return None
 
-    def _check_dependencies(self, state: TaskState) -> None:
+    def _check_dependencies(self, state: TaskRow) -> None:
         assert state.spec is not None
         pending: list[str] = []
         for dep in state.spec.depends_on:
@@ -408,7 +408,7 @@ class Scheduler:
         # one cheap look at each waiting task: skip those whose reported hold still stands
         # (their holder is active, or their team is still blocked for the reported reason)
         blocks: dict[str, tuple[str, str] | None] = {}
-        queues: dict[str, list[TaskState]] = {}
+        queues: dict[str, list[TaskRow]] = {}
         look = [*world.candidates.values(), *(world.tasks[t] for t in sorted(world.recheck))]
         for s in look:
             if not s.ready or s.spec is None:
@@ -428,7 +428,7 @@ class Scheduler:
         open_teams = sorted(queues)
         heads: dict[str, int] = dict.fromkeys(open_teams, 0)  # first unexamined in queue
         while capacity > 0 and heads:
-            best: tuple[tuple[float, int, int, str], str, TaskState] | None = None
+            best: tuple[tuple[float, int, int, str], str, TaskRow] | None = None
             for team in sorted(heads):
                 queue, i = queues[team], heads[team]
                 policy = self.policy.team(team)
@@ -468,7 +468,7 @@ class Scheduler:
                                f"the fleet is at its limit of {self.policy.max_running} "
                                "running tasks")
 
-    def _hold_blocked(self, state: TaskState, kind: str, reason: str) -> None:
+    def _hold_blocked(self, state: TaskRow, kind: str, reason: str) -> None:
         """Held by its team or the fleet. A task that also conflicts keeps reporting the
         conflict (so its hold does not flip between the two at every pass)."""
         if state.hold_kind == "conflict":
@@ -494,7 +494,7 @@ class Scheduler:
             return "quota", _quota_reason(team, policy.max_running)
         return None
 
-    def _conflict(self, state: TaskState) -> tuple[str, str, list[str]] | None:
+    def _conflict(self, state: TaskRow) -> tuple[str, str, list[str]] | None:
         """(reason, holder, holder's overlapping globs) when an active lease overlaps."""
         assert state.spec is not None
         scope = state.spec.write_scope
@@ -510,7 +510,7 @@ class Scheduler:
                         f"{state.repository or '(no repository)'}", holder.task_id, theirs)
         return None
 
-    def _dispatch(self, state: TaskState) -> None:
+    def _dispatch(self, state: TaskRow) -> None:
         state = self.world.tasks.get(state.task_id, state)
         assert state.spec is not None and state.routing is not None
         spec, r, n = state.spec, state.routing, state.next_attempt
@@ -525,7 +525,7 @@ class Scheduler:
                   held_since=None, not_before=None, conflict_hold=False)
 
     # -- helpers ---------------------------------------------------------------------------
-    def _hold(self, state: TaskState, kind: str, reason: str, held_by: str | None = None,
+    def _hold(self, state: TaskRow, kind: str, reason: str, held_by: str | None = None,
               paths: list[str] | None = None) -> None:
         state = self.world.tasks.get(state.task_id, state)
         if (state.hold_kind, state.hold_reason, state.held_by) == (kind, reason, held_by):
@@ -546,18 +546,18 @@ class Scheduler:
         self._put(state, hold_kind=kind, hold_reason=reason, held_by=held_by,
                   held_paths=paths or [], held_since=since)
 
-    def _release(self, state: TaskState, **changes: Any) -> TaskState:
+    def _release(self, state: TaskRow, **changes: Any) -> TaskRow:
         """Back to waiting: the lease is released (admission runs again)."""
         self.admit_needed = True
         return self._put(state, status=Status.WAITING, leased_paths=[], executor_id=None,
                          **changes)
 
-    def _fail(self, state: TaskState, failure_class: str, reason: str) -> None:
+    def _fail(self, state: TaskRow, failure_class: str, reason: str) -> None:
         self._emit(ev.TaskFailed, state, tag="final", attempt=state.attempt,
                    failure_class=failure_class, reason=reason, final=True, cost_usd=0.0)
         self._finish(state, Status.FAILED, "TaskFailed")
 
-    def _finish(self, state: TaskState, status: Status, outcome: str,
+    def _finish(self, state: TaskRow, status: Status, outcome: str,
                 output: str | None = None) -> None:
         """Terminal: lease released, spec and routing dropped, dependents re-examined."""
         self._put(state, status=status, outcome=outcome, spec=None, routing=None,
@@ -579,7 +579,7 @@ class Scheduler:
             update={"spend": {**fleet.spend, team: Spend(period=period, usd=total)}}))
         self.admit_needed = True
 
-    def _put(self, state: TaskState, **changes: Any) -> TaskState:
+    def _put(self, state: TaskRow, **changes: Any) -> TaskRow:
         """Store a new version of the task's row (the cause's event id remembered)."""
         seen = state.seen
         if self.cause.task_id == state.task_id and self.cause.event_id not in seen:
@@ -588,7 +588,7 @@ class Scheduler:
         self.world.put(new)
         return new
 
-    def _emit(self, cls: type[E], state: TaskState, tag: str = "", **fields: Any) -> E:
+    def _emit(self, cls: type[E], state: TaskRow, tag: str = "", **fields: Any) -> E:
         event = cls(task_id=state.task_id, team=state.team, causation_id=self.cause.event_id,
                     event_id=derived_event_id(self.cause.event_id,
                                               f"{cls.__name__}/{state.task_id}/{tag}"),
@@ -597,7 +597,7 @@ class Scheduler:
         return event
 
 
-def _rank(state: TaskState) -> tuple[int, int, str]:
+def _rank(state: TaskRow) -> tuple[int, int, str]:
     prio = PRIORITY_RANK.get(state.spec.priority if state.spec else "normal", 2)
     return prio, state.seq, state.task_id
 

@@ -1,4 +1,4 @@
-"""The coordinator's rows: one ``TaskState`` per task and one ``FleetState`` (fleet-wide control
+"""The coordinator's rows: one ``TaskRow`` per task and one ``FleetState`` (fleet-wide control
 and spend), stored as JSON bytes in the scheduler table."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Routing(BaseModel):
     tier: str
 
 
-class TaskState(BaseModel):
+class TaskRow(BaseModel):
     """What the coordinator knows about one task. Immutable: the scheduler stores new copies.
 
     ``spec`` and ``routing`` are dropped when the task reaches a terminal state (they are only
@@ -112,7 +112,7 @@ class TaskState(BaseModel):
         return self.model_dump_json(exclude_defaults=True).encode()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> TaskState:
+    def from_bytes(cls, data: bytes) -> TaskRow:
         return cls.model_validate_json(data)
 
 

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from fleetplane.coordinator.globs import literal_prefix
-from fleetplane.coordinator.state import FleetState, Status, TaskState
+from fleetplane.coordinator.state import FleetState, Status, TaskRow
 
 WILD = "*"  # lease bucket of globs whose first segment is not literal
 
@@ -26,21 +26,21 @@ def task_key(task_id: str) -> bytes:
 
 class World:
     def __init__(self) -> None:
-        self.tasks: dict[str, TaskState] = {}
+        self.tasks: dict[str, TaskRow] = {}
         self.fleet = FleetState()
-        self.active: dict[str, TaskState] = {}  # dispatched, running, rolling back
-        self.waiting: dict[str, TaskState] = {}
+        self.active: dict[str, TaskRow] = {}  # dispatched, running, rolling back
+        self.waiting: dict[str, TaskRow] = {}
         self.dependents: dict[str, set[str]] = {}  # dependency id -> waiting task ids
         self.running: Counter[str] = Counter()  # team -> active tasks
         # admission candidates: waiting, ready, and not held by an overlapping active lease
-        self.candidates: dict[str, TaskState] = {}
+        self.candidates: dict[str, TaskRow] = {}
         self.conflict_waiters: dict[str, set[str]] = {}  # active holder -> tasks it blocks
         self.recheck: set[str] = set()  # conflict-held tasks whose holder is no longer active
         # repository -> first literal segment of a leased glob (or WILD) -> task id -> state
-        self.leases: dict[str, dict[str, dict[str, TaskState]]] = {}
+        self.leases: dict[str, dict[str, dict[str, TaskRow]]] = {}
         self._dirty: set[str] = set()
         self._fleet_dirty = False
-        self._undo: dict[str, TaskState | None] | None = None
+        self._undo: dict[str, TaskRow | None] | None = None
         self._undo_fleet: FleetState | None = None
 
     @classmethod
@@ -52,12 +52,12 @@ class World:
             if key == FLEET_KEY:
                 world.fleet = FleetState.from_bytes(value)
             elif key.startswith(TASK_PREFIX):
-                world._index(TaskState.from_bytes(value))
+                world._index(TaskRow.from_bytes(value))
         world._dirty.clear()
         return world
 
     # -- changes ---------------------------------------------------------------------------
-    def put(self, state: TaskState) -> None:
+    def put(self, state: TaskRow) -> None:
         if self._undo is not None and state.task_id not in self._undo:
             self._undo[state.task_id] = self.tasks.get(state.task_id)
         self._index(state)
@@ -69,7 +69,7 @@ class World:
         self.fleet = fleet
         self._fleet_dirty = True
 
-    def _index(self, state: TaskState) -> None:
+    def _index(self, state: TaskRow) -> None:
         tid = state.task_id
         old = self.tasks.get(tid)
         if old is not None and old.spec is not None:
@@ -106,7 +106,7 @@ class World:
                 for dep in state.spec.depends_on:
                     self.dependents.setdefault(dep, set()).add(tid)
 
-    def _buckets(self, state: TaskState, create: bool = False) -> list[dict[str, TaskState]]:
+    def _buckets(self, state: TaskRow, create: bool = False) -> list[dict[str, TaskRow]]:
         repo = self.leases.setdefault(state.repository, {}) if create \
             else self.leases.get(state.repository, {})
         out = []
@@ -118,13 +118,13 @@ class World:
                 out.append(bucket)
         return out
 
-    def lease_holders(self, repository: str, scope: list[str]) -> list[TaskState]:
+    def lease_holders(self, repository: str, scope: list[str]) -> list[TaskRow]:
         """Active tasks in the repository whose leases may overlap `scope` (a superset of the
         ones that do: same first literal segment, or a wildcard first segment on either side)."""
         repo = self.leases.get(repository)
         if not repo:
             return []
-        found: dict[str, TaskState] = {}
+        found: dict[str, TaskRow] = {}
         for glob in scope:
             prefix = literal_prefix(glob)
             keys = [prefix[0], WILD] if prefix else list(repo)
@@ -169,7 +169,7 @@ class World:
         self._fleet_dirty = False
         return rows
 
-    def held(self) -> list[TaskState]:
+    def held(self) -> list[TaskRow]:
         """Waiting tasks with the reason they wait (oldest first)."""
         return sorted((s for s in self.waiting.values()),
                       key=lambda s: (s.held_since or s.updated_at, s.task_id))
