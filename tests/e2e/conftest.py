@@ -19,10 +19,11 @@ from fleetplane.core.settings import Settings
 from fleetplane.core.states import TERMINAL_STATES
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """One stack for the e2e session, on a broker of its own (unless FLEETPLANE_KAFKA_BOOTSTRAP
-    names one), so other tests' records do not flow through it."""
+    """One stack for the e2e tests, on a broker of its own (unless FLEETPLANE_KAFKA_BOOTSTRAP
+    names one), so other tests' records do not flow through it. Stopped after the last e2e test
+    (package scope): an idle stack polls the embedded broker and would slow every later test."""
     s = Stack(data_dir=tmp_path_factory.mktemp("stack"),
               external_bootstrap=os.environ.get("FLEETPLANE_KAFKA_BOOTSTRAP"))
     try:
