@@ -113,6 +113,23 @@ def _record(msg: Message) -> Record:
     )
 
 
+def records_of(msgs: list[Message]) -> list[Record]:
+    """The records of a consumed batch; end-of-partition events and retriable consumer errors
+    are skipped (logged), a fatal one raises Fatal."""
+    records: list[Record] = []
+    for msg in msgs:
+        err = msg.error()
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF:
+                continue
+            if err.fatal():
+                raise Fatal(f"consumer error: {err}")
+            log.warning("consumer error", error=str(err))
+            continue
+        records.append(_record(msg))
+    return records
+
+
 def dead_letter(service: str, rec: Record, exc: BaseException) -> DeadLetter:
     key = rec.key or b""
     return DeadLetter(
@@ -278,17 +295,7 @@ class Processor:
     # -- processing ------------------------------------------------------------------------
     def _process(self, msgs: list[Message]) -> None:
         assert self.producer is not None
-        records: list[Record] = []
-        for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    continue
-                if err.fatal():
-                    raise Fatal(f"consumer error: {err}")
-                log.warning("consumer error", error=str(err))
-                continue
-            records.append(_record(msg))
+        records = records_of(msgs)
         if not records:
             return
         if self.transactional and not self._in_txn:

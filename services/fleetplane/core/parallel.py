@@ -52,7 +52,7 @@ from fleetplane.core.loop import (
     Output,
     Processor,
     Record,
-    _record,
+    records_of,
 )
 from fleetplane.core.settings import Settings
 
@@ -218,16 +218,7 @@ class ParallelProcessor(Processor):
 
     def _take(self, msgs: list[Any]) -> None:
         items: list[Item] = []
-        for msg in msgs:
-            err = msg.error()
-            if err is not None:
-                if err.code() == KafkaError._PARTITION_EOF:
-                    continue
-                if err.fatal():
-                    raise Fatal(f"consumer error: {err}")
-                log.warning("consumer error", error=str(err))
-                continue
-            rec = _record(msg)
+        for rec in records_of(msgs):
             tp = (rec.topic, rec.partition)
             with self._lock:
                 if rec.offset < self._next.get(tp, -1):
