@@ -264,19 +264,21 @@ class Processor:
             self._running = False
             self._close()
 
-    def _fetch(self) -> list[Message]:
-        """The next batch: waits (up to poll_timeout_s) for the first record only, then takes
-        what is already fetched, up to batch_size. (librdkafka's consume(n, timeout) waits the
-        whole timeout unless n records arrive: every hop added up to poll_timeout_s to a task's
-        latency. With the batch drained, the loop checkpoints at once: the outputs are visible
-        downstream without waiting for a commit interval.)"""
+    def _fetch(self, limit: int | None = None, timeout_s: float | None = None
+               ) -> list[Message]:
+        """The next batch: waits (up to `timeout_s`, default poll_timeout_s) for the first
+        record only, then takes what is already fetched, up to `limit` (default batch_size).
+        (librdkafka's consume(n, timeout) waits the whole timeout unless n records arrive:
+        every hop added up to poll_timeout_s to a task's latency. With the batch drained, the
+        loop checkpoints at once: the outputs are visible downstream without waiting for a
+        commit interval.)"""
         assert self.consumer is not None
-        first = self.consumer.poll(self.settings.poll_timeout_s)
+        limit = self.settings.batch_size if limit is None else limit
+        first = self.consumer.poll(self.settings.poll_timeout_s if timeout_s is None
+                                   else timeout_s)
         if first is None:
             return []
-        if self.settings.batch_size <= 1:
-            return [first]
-        return [first, *self.consumer.consume(self.settings.batch_size - 1, 0)]
+        return [first, *self.consumer.consume(limit - 1, 0)] if limit > 1 else [first]
 
     def _close(self) -> None:
         if self._pool is not None:

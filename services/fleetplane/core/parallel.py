@@ -136,7 +136,8 @@ class ParallelProcessor(Processor):
                 self._raise_fatal()
                 room = self._room()
                 self._pause(room <= 0)
-                msgs = self._next_records(max(1, min(room, self.settings.batch_size)))
+                msgs = self._fetch(max(1, min(room, self.settings.batch_size)),
+                                   self.poll_timeout_s)
                 if msgs:
                     self._take(msgs)
                 now = time.monotonic()
@@ -152,16 +153,6 @@ class ParallelProcessor(Processor):
             self._running = False
             self._workers.shutdown(wait=False, cancel_futures=True)
             self._close()
-
-    def _next_records(self, limit: int) -> list[Any]:
-        """Wait (up to poll_timeout_s) for the first record only, then take what is already
-        fetched, up to `limit`: a dispatch starts without waiting out the poll timeout
-        (librdkafka's consume(n, timeout) waits the whole timeout unless n records arrive)."""
-        assert self.consumer is not None
-        first = self.consumer.poll(self.poll_timeout_s)
-        if first is None:
-            return []
-        return [first, *self.consumer.consume(limit - 1, 0)] if limit > 1 else [first]
 
     def _drain(self) -> None:
         """Stop taking records; give the running ones drain_timeout_s; commit what finished."""
