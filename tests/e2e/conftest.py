@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +99,21 @@ def read_topic(settings: Settings, topic: str, ids: set[str],
 
 def settings_for(stack: Stack) -> Settings:
     return Settings(kafka_bootstrap=stack.bootstrap, data_dir=Path(stack.data_dir))
+
+
+@pytest.fixture
+def failing_once(stack: Stack) -> Iterator[Callable[[str], None]]:
+    """Make the fake provider fail (HTTP 400) the next model call whose prompt has `marker`."""
+    with httpx.Client(timeout=30) as http:
+        saved = http.get(f"{stack.provider_url}/_fake/script").json()
+        replies: list[dict[str, Any]] = []
+
+        def fail(marker: str) -> None:
+            replies.append({"match": marker, "times": 1,
+                            "error": {"status": 400, "message": "scripted failure"}})
+            script = {**saved, "replies": [*saved.get("replies", []), *replies]}
+            assert http.post(f"{stack.provider_url}/_fake/script", json=script
+                             ).status_code < 300
+
+        yield fail
+        http.post(f"{stack.provider_url}/_fake/script", json=saved)

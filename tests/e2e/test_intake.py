@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -317,3 +318,46 @@ def test_cli_tokens_get_describe_cancel_as_a_team(stack: Stack) -> None:
         time.sleep(0.2)
     refused = cli("get", "tasks", token=token.group(1))
     assert refused.returncode == 1 and "invalid or revoked token" in refused.stderr
+
+
+def test_dependencies_by_name_resolve_at_intake_and_a_failed_dependency_fails_its_dependent(
+        stack: Stack, failing_once: Callable[[str], None]) -> None:
+    """A dependency given by name becomes the id of the one task of the team with that name; a
+    name of no task or of two is refused with the entry at fault; a dependent of a task that
+    failed fails at once instead of waiting for good (issue 16)."""
+    run = uuid.uuid4().hex[:6]
+    team = f"deps-{run}"
+    marker = f"[upstream-{run}]"
+    failing_once(marker)
+    with httpx.Client(timeout=30) as http:
+        upstream = submit(http, stack, manifest(team, f"upstream-{run}", f"{marker} summarize",
+                                                failurePolicy="abandon"))
+        dependent = submit(http, stack, manifest(team, f"dependent-{run}", "summarize it",
+                                                 dependsOn=[f"upstream-{run}"]))
+        done = wait_terminal(http, stack, {upstream, dependent}, timeout_s=120)
+        assert done[upstream]["state"] == "abandoned"
+        assert done[dependent]["state"] == "failed"
+        assert upstream in done[dependent]["reason"], done[dependent]
+        submitted = read_topic(settings_for(stack), SUBMITTED, {dependent})
+        assert {tuple(e.spec.depends_on) for e in submitted
+                if isinstance(e, ev.TaskSubmitted)} == {(upstream,)}
+
+        def refused(deps: list[str]) -> dict[str, Any]:
+            r = http.post(f"{stack.ingest_url}/v1/tasks", headers=auth(stack.admin_token),
+                          json=manifest(team, f"later-{run}", "x", dependsOn=deps))
+            assert r.status_code == 422, r.text
+            (error,) = r.json()["errors"]
+            return dict(error)
+
+        unknown = refused([upstream, f"nothing-{run}"])
+        assert unknown["field"] == "spec.dependsOn.1" and "names no task" in unknown["reason"]
+        # another team's task id is not a dependency of this team
+        other = submit(http, stack, manifest(f"other-{run}", "theirs", "summarize"))
+        assert refused([other])["field"] == "spec.dependsOn.0"
+        submit(http, stack, manifest(team, f"upstream-{run}", "summarize again"))
+        ambiguous = refused([f"upstream-{run}"])
+        assert ambiguous["field"] == "spec.dependsOn.0" and "2 tasks" in ambiguous["reason"]
+        # an id always names one task, however many share its name
+        assert http.post(f"{stack.ingest_url}/v1/tasks", headers=auth(stack.admin_token),
+                         json=manifest(team, f"by-id-{run}", "x", dependsOn=[upstream])
+                         ).status_code == 202

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -79,24 +79,6 @@ def tenants(stack: Stack) -> dict[str, tuple[str, str]]:
         stack.wait_token(token)
         out[team] = (token, token.split("_")[1])
     return out
-
-
-@pytest.fixture
-def failing_once(stack: Stack) -> Iterator[Callable[[str], None]]:
-    """Make the fake provider fail (HTTP 400) the next model call whose prompt has `marker`."""
-    with httpx.Client(timeout=30) as http:
-        saved = http.get(f"{stack.provider_url}/_fake/script").json()
-        replies: list[dict[str, Any]] = []
-
-        def fail(marker: str) -> None:
-            replies.append({"match": marker, "times": 1,
-                            "error": {"status": 400, "message": "scripted failure"}})
-            script = {**saved, "replies": [*saved.get("replies", []), *replies]}
-            assert http.post(f"{stack.provider_url}/_fake/script", json=script
-                             ).status_code < 300
-
-        yield fail
-        http.post(f"{stack.provider_url}/_fake/script", json=saved)
 
 
 def wait_state(http: httpx.Client, stack: Stack, task_id: str, token: str, state: str,

@@ -25,6 +25,7 @@ from fleetplane.ingest.api import Intake, create_app
 from fleetplane.ingest.idempotency import Mark, Marks, mark_key, spec_digest
 from fleetplane.ingest.kvtopic import TopicTable
 from fleetplane.ingest.manifest import TaskManifest, check_spec
+from fleetplane.ingest.names import NameIndex
 from fleetplane.ingest.taskview import TaskView
 from fleetplane.ingest.tokens import TOKENS_TOPIC, TokenStore, issue
 from tests.hostile import as_json, hostile_manifests, valid_manifest
@@ -268,3 +269,49 @@ def test_batch_limits_rate_and_scoping(
     assert [x["status"] for x in r["results"]] == [202, 202, 202, 429, 429]
     assert all(x["retry_after_s"] >= 1 for x in r["results"][3:])
     assert all(x["team"] == "slow" for x in r["results"][:3])
+
+
+def test_a_batch_sends_a_dag_by_names_and_dependencies_are_published_as_task_ids(
+        api: tuple[TestClient, Intake], tokens: tuple[TokenStore, dict[str, str]],
+        base_settings: Settings) -> None:
+    """dependsOn by name resolves to task ids at intake: an earlier manifest of the same batch,
+    then the one task of the team with that name; several manifests or tasks of one name, or
+    none, are refused with the entry at fault (accounting, which knows older ids, is down here:
+    an entry nothing else resolves is a 503 to retry, not a guess)."""
+    client, intake = api
+    intake.names = NameIndex(3600)
+    h = bearer(tokens[1]["fuzz-team"])
+    run = uuid.uuid4().hex[:8]
+
+    def m(name: str, *deps: str) -> dict[str, Any]:
+        base = valid_manifest()
+        return {**base, "metadata": {"name": f"{name}-{run}"},
+                "spec": {**base["spec"], "dependsOn": [f"{d}-{run}" for d in deps]}}
+
+    items = [m("fetch"), m("parse", "fetch"), m("report", "fetch", "parse"), m("dup"), m("dup"),
+             m("uses-dup", "dup")]
+    results = client.post("/v1/tasks:batch", json={"tasks": items}, headers=h).json()["results"]
+    assert [x["status"] for x in results] == [202, 202, 202, 202, 202, 422]
+    assert results[5]["errors"] == [{"field": "spec.dependsOn.0", "reason": (
+        f"'dup-{run}' names several manifests of this request: give them distinct names")}]
+    ids = [x.get("task_id") for x in results]
+    published = read_submitted(base_settings, set(ids[:3]))
+    assert published[ids[1]].spec.depends_on == [ids[0]]
+    assert published[ids[2]].spec.depends_on == [ids[0], ids[1]]
+    # later requests: a unique name resolves, two tasks of one name do not, an id always does
+    later = client.post("/v1/tasks", json=m("later", "report"), headers=h)
+    assert later.status_code == 202, later.text
+    assert read_submitted(base_settings, {later.json()["task_id"]})[
+        later.json()["task_id"]].spec.depends_on == [ids[2]]
+    ambiguous = client.post("/v1/tasks", json=m("again", "dup"), headers=h)
+    assert ambiguous.status_code == 422
+    assert ambiguous.json()["errors"][0]["field"] == "spec.dependsOn.0"
+    assert "names 2 tasks" in ambiguous.json()["errors"][0]["reason"]
+    by_id = {**m("by-id"), "spec": {**m("by-id")["spec"], "dependsOn": [ids[3]]}}
+    assert client.post("/v1/tasks", json=by_id, headers=h).status_code == 202
+    # another team cannot depend on this team's task, by id or by name
+    other = {**by_id, "metadata": {"name": "x"}}
+    r = client.post("/v1/tasks", json=other, headers=bearer(tokens[1]["fast"]))
+    assert r.status_code == 422 and r.json()["errors"][0]["field"] == "spec.dependsOn.0"
+    unknown = client.post("/v1/tasks", json=m("orphan", "never-submitted"), headers=h)
+    assert unknown.status_code == 503 and unknown.headers["Retry-After"] == "1"

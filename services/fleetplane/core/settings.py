@@ -162,6 +162,9 @@ class Settings(BaseSettings):
                                  "none, the client address is the TCP peer's.")
     idempotency_window_s: int = Field(default=7 * 86_400, description="How long an "
                                       "idempotency key is remembered (ingest.idempotency).")
+    names_window_s: int = Field(default=7 * 86_400, description="How far back a dependency "
+                                "given by task name is looked for (ingest.names); task ids "
+                                "of older tasks are still accepted.")
     table_catchup_timeout_s: float = 20.0
 
     # Logging

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -25,16 +26,17 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from fleetplane.core.errors import Retriable
-from fleetplane.core.events import ControlCommand, TaskSubmitted
+from fleetplane.core.events import ControlCommand, TaskSpec, TaskSubmitted
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.states import STATES, TERMINAL_STATES
 from fleetplane.core.teams import TeamsConfig
 from fleetplane.ingest.idempotency import Marks, spec_digest, task_id_for
 from fleetplane.ingest.kvtopic import TopicWriter
 from fleetplane.ingest.manifest import NAME_RE, TaskManifest, reference_problem
+from fleetplane.ingest.names import NameIndex, resolve
 from fleetplane.ingest.ratelimit import Limiter
 from fleetplane.ingest.repositories import REPOSITORIES_TOPIC, RepositoryRegistry, record_for
-from fleetplane.ingest.taskview import TaskView
+from fleetplane.ingest.taskview import AccountingUnavailable, TaskView
 from fleetplane.ingest.tokens import Principal, TokenStore
 
 TASK_ID_RE = r"^[A-Za-z0-9._-]{1,128}$"
@@ -65,6 +67,8 @@ class Intake:
     # registered repositories (None: repository names are not checked; tests of other things)
     repositories: RepositoryRegistry | None = None
     writer: TopicWriter | None = None  # publishes repository records (admin API)
+    # task names, to resolve dependencies given by name (None: dependencies pass as given)
+    names: NameIndex | None = None
     max_request_bytes: int = 1_048_576
     max_batch_bytes: int = 16 * 1_048_576
     delivery_timeout_s: float = 10.0
@@ -88,6 +92,12 @@ class Prepared:
 
     event: TaskSubmitted | None
     answer: dict[str, Any]
+
+
+def _has_dependencies(doc: Any) -> bool:
+    """Whether a manifest names dependencies (their resolution may query the task history)."""
+    spec = doc.get("spec") if isinstance(doc, dict) else None
+    return isinstance(spec, dict) and bool(spec.get("dependsOn") or spec.get("depends_on"))
 
 
 def _field(loc: tuple[Any, ...]) -> str:
@@ -245,10 +255,37 @@ def create_app(intake: Intake) -> FastAPI:
     def whoami(who: Caller) -> dict[str, str]:
         return {"team": who.team, "role": who.role, "token_id": who.token_id}
 
+    def known_task_of(team: str) -> Callable[[str], bool]:
+        def known(task_id: str) -> bool:
+            try:
+                row = intake.view.task(task_id)
+            except AccountingUnavailable as exc:
+                raise ApiError(503, f"dependencies cannot be checked now: {exc}",
+                               headers={"Retry-After": "1"}) from exc
+            return row is not None and row.get("team") == team
+        return known
+
+    def resolve_dependencies(team: str, spec: TaskSpec,
+                             batch_names: dict[str, str | None] | None) -> TaskSpec:
+        """dependsOn as task ids (ingest.names): 422 naming the entry that names no task of
+        the team, or several."""
+        if not spec.depends_on or intake.names is None:
+            return spec
+        ids, unresolved = resolve(team, spec.depends_on, intake.names, batch=batch_names,
+                                  known_id=known_task_of(team))
+        if unresolved:
+            raise ApiError(422, "invalid task manifest", [
+                {"field": f"spec.dependsOn.{u.index}", "reason": u.reason} for u in unresolved])
+        return spec if ids == list(spec.depends_on) else \
+            spec.model_copy(update={"depends_on": ids})
+
     def prepare(who: Principal, doc: Any, source: str,
-                batch_keys: dict[tuple[str, str], tuple[str, str]] | None = None) -> Prepared:
+                batch_keys: dict[tuple[str, str], tuple[str, str]] | None = None,
+                batch_names: dict[str, str | None] | None = None) -> Prepared:
         """Validate one manifest and decide what it becomes: a TaskSubmitted to publish, or
-        the answer for an idempotency key already used. ApiError names the field at fault."""
+        the answer for an idempotency key already used. ApiError names the field at fault.
+        May block on the task history when dependencies name old task ids: call it off the
+        event loop then (`needs_history`)."""
         if not isinstance(doc, dict):
             raise ApiError(422, "invalid task manifest", [{
                 "field": "body", "reason": f"expected an object, got {type(doc).__name__}"}])
@@ -272,6 +309,7 @@ def create_app(intake: Intake) -> FastAPI:
                      "spec.depends_on": "spec.dependsOn"}.get(problem[0], problem[0])
             raise ApiError(422, "invalid task manifest", [{"field": field,
                                                             "reason": problem[1]}])
+        spec = resolve_dependencies(team, spec, batch_names)
         charge(team)
         answer = {"team": team, "name": spec.name, "state": "submitted"}
         if key:
@@ -284,6 +322,8 @@ def create_app(intake: Intake) -> FastAPI:
                     raise ApiError(409, "idempotency key already used with another manifest",
                                    [{"field": "idempotencyKey",
                                      "reason": f"names task {earlier[0]}"}])
+                if batch_names is not None:
+                    batch_names[spec.name] = None if spec.name in batch_names else earlier[0]
                 return Prepared(None, {"task_id": earlier[0], **answer,
                                        "idempotent_replay": True})
             task_id = task_id_for(team, key)
@@ -291,6 +331,8 @@ def create_app(intake: Intake) -> FastAPI:
                 batch_keys[(team, key)] = (task_id, digest)
         else:
             task_id = uuid.uuid4().hex
+        if batch_names is not None:
+            batch_names[spec.name] = None if spec.name in batch_names else task_id
         event = TaskSubmitted(task_id=task_id, team=team, spec=spec,
                               source=source if source in SOURCES else "http",
                               idempotency_key=key)
@@ -300,11 +342,17 @@ def create_app(intake: Intake) -> FastAPI:
         event = prepared.event
         assert event is not None
         intake.view.remember(event.task_id, event.team, event.spec.name, event.spec.task_type)
+        if intake.names is not None:
+            intake.names.add(event.team, event.spec.name, event.task_id)
 
     @app.post("/v1/tasks", status_code=202)
     async def submit(request: Request, who: Caller) -> JSONResponse:
         doc = _parse_json_object(await _read_body(request, intake.max_request_bytes))
-        prepared = prepare(who, doc, request.headers.get("x-fleetplane-source", "http"))
+        source = request.headers.get("x-fleetplane-source", "http")
+        if _has_dependencies(doc):
+            prepared = await run_in_threadpool(prepare, who, doc, source)
+        else:
+            prepared = prepare(who, doc, source)
         if prepared.event is None:
             return JSONResponse(status_code=200, content=prepared.answer)
         (failed,) = await intake.producer.deliver([prepared.event], intake.delivery_timeout_s)
@@ -333,26 +381,10 @@ def create_app(intake: Intake) -> FastAPI:
                 "field": "tasks", "reason": f"between 1 and {MAX_BATCH} manifests, "
                                             f"got {len(items)}"}])
         source = request.headers.get("x-fleetplane-source", "http")
-        results: list[dict[str, Any]] = []
-        to_send: list[tuple[int, Prepared]] = []
-        keys: dict[tuple[str, str], tuple[str, str]] = {}
-        for index, item in enumerate(items):
-            try:
-                prepared = prepare(who, item, source, keys)
-            except ApiError as exc:
-                result: dict[str, Any] = {"index": index, "status": exc.status,
-                                          "error": exc.message}
-                if exc.errors is not None:
-                    result["errors"] = exc.errors
-                if "Retry-After" in exc.headers:
-                    result["retry_after_s"] = int(exc.headers["Retry-After"])
-                results.append(result)
-                continue
-            if prepared.event is None:
-                results.append({"index": index, "status": 200, **prepared.answer})
-            else:
-                results.append({"index": index, "status": 202, **prepared.answer})
-                to_send.append((index, prepared))
+        if any(_has_dependencies(item) for item in items):
+            results, to_send = await run_in_threadpool(prepare_all, who, items, source)
+        else:
+            results, to_send = prepare_all(who, items, source)
         outcomes = await intake.producer.deliver([p.event for _, p in to_send if p.event],
                                                  intake.delivery_timeout_s)
         for (index, prepared), failed in zip(to_send, outcomes, strict=True):
@@ -369,6 +401,33 @@ def create_app(intake: Intake) -> FastAPI:
             "accepted": counts.get("202", 0) + counts.get("200", 0),
             "rejected": len(results) - counts.get("202", 0) - counts.get("200", 0),
             "by_status": counts, "results": results})
+
+    def prepare_all(who: Principal, items: list[Any], source: str
+                    ) -> tuple[list[dict[str, Any]], list[tuple[int, Prepared]]]:
+        """Each manifest of a batch prepared in order: one result per item, and the events to
+        publish. A dependency may name an earlier manifest of the batch."""
+        results: list[dict[str, Any]] = []
+        to_send: list[tuple[int, Prepared]] = []
+        keys: dict[tuple[str, str], tuple[str, str]] = {}
+        names: dict[str, str | None] = {}
+        for index, item in enumerate(items):
+            try:
+                prepared = prepare(who, item, source, keys, names)
+            except ApiError as exc:
+                result: dict[str, Any] = {"index": index, "status": exc.status,
+                                          "error": exc.message}
+                if exc.errors is not None:
+                    result["errors"] = exc.errors
+                if "Retry-After" in exc.headers:
+                    result["retry_after_s"] = int(exc.headers["Retry-After"])
+                results.append(result)
+                continue
+            if prepared.event is None:
+                results.append({"index": index, "status": 200, **prepared.answer})
+            else:
+                results.append({"index": index, "status": 202, **prepared.answer})
+                to_send.append((index, prepared))
+        return results, to_send
 
     @app.get("/v1/tasks")
     def list_tasks(

@@ -12,6 +12,7 @@ from fleetplane.core.events import Event, TaskAccepted, TaskRejected, TaskSubmit
 from fleetplane.core.loop import Record, Rejected
 from fleetplane.ingest.idempotency import Lookup, Mark
 from fleetplane.ingest.manifest import MAX_IDEMPOTENCY_KEY, check_spec
+from fleetplane.ingest.names import NameIndex, resolve
 
 MAX_TASK_ID = 128
 
@@ -22,8 +23,11 @@ def _no_marks(_team: str, _key: str) -> Mark | None:
 
 def accept(event: Event, record: Record | None = None,
            seen: Lookup = _no_marks, *,
-           known_repository: Callable[[str], bool] | None = None) -> Iterable[Event]:
-    """`known_repository`: whether a repository name is registered (None: not checked)."""
+           known_repository: Callable[[str], bool] | None = None,
+           names: NameIndex | None = None) -> Iterable[Event]:
+    """`known_repository`: whether a repository name is registered (None: not checked).
+    `names`: the team's task names, to resolve dependencies given by name to task ids (None:
+    dependencies are passed on as given)."""
     if not isinstance(event, TaskSubmitted):
         raise Rejected(f"tasks.submitted takes TaskSubmitted, not {type(event).__name__}")
     if not event.task_id or len(event.task_id) > MAX_TASK_ID:
@@ -32,6 +36,13 @@ def accept(event: Event, record: Record | None = None,
     problem = check_spec(event.team, event.spec, event.task_id, known_repository)
     if problem is None and key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
         problem = ("idempotency_key", f"must be 1-{MAX_IDEMPOTENCY_KEY} characters")
+    spec = event.spec
+    if problem is None and names is not None and spec.depends_on:
+        ids, unresolved = resolve(event.team, spec.depends_on, names, strict=False)
+        if unresolved:
+            problem = ("spec.depends_on", unresolved[0].reason)
+        elif ids != list(spec.depends_on):
+            spec = spec.model_copy(update={"depends_on": ids})
     if problem is not None:
         field, reason = problem
         rejected = event.derive(TaskRejected, event_id=derived_id(event.event_id, "rejected"),
@@ -47,4 +58,4 @@ def accept(event: Event, record: Record | None = None,
                 reason=f"idempotency_key: duplicate of task {mark.task_id} (team {event.team} "
                        "already used this key)", field="idempotency_key", source=event.source)]
     return [event.derive(TaskAccepted, event_id=derived_id(event.event_id, "accepted"),
-                         spec=event.spec, source=event.source)]
+                         spec=spec, source=event.source)]

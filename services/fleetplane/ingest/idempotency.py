@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetplane.core.events import Event, TaskAccepted, TaskSpec, TaskSubmitted
-from fleetplane.core.loop import Record
-from fleetplane.ingest.kvtopic import TopicWriter
+from fleetplane.core.loop import Output, Record
+from fleetplane.ingest.kvtopic import table_record
+from fleetplane.ingest.names import NAMES_TOPIC, NameIndex, name_key, name_record
 
 IDEMPOTENCY_TOPIC = "ingest.idempotency"
 _NAMESPACE = uuid.UUID("0b7f9e1c-4d2a-4c55-9a1e-3f6b2d8c7e01")
@@ -93,23 +94,32 @@ class Marks:
 
 
 class MarkingHandler:
-    """Wraps the pure validator: an accepted keyed submission is marked (and the mark
-    acknowledged by the broker) before the loop commits the acceptance."""
+    """Wraps the pure validator. An accepted keyed submission's mark, and every accepted
+    task's name (dependencies by name: ingest.names), are outputs of the same step: published
+    in the transaction (or flush) that commits the acceptance, so no acceptance is committed
+    without its mark. This replica's tables learn them at once."""
 
-    def __init__(self, handler: Callable[[Event, Record, Lookup], Iterable[Event]],
-                 marks: Marks, writer: TopicWriter) -> None:
+    def __init__(self, handler: Callable[[Event, Record, Lookup], Iterable[Output]],
+                 marks: Marks, names: NameIndex | None = None) -> None:
         self.handler = handler
         self.marks = marks
-        self.writer = writer
+        self.names = names
 
-    def __call__(self, event: Event, record: Record) -> list[Event]:
+    def __call__(self, event: Event, record: Record) -> list[Output]:
         out = list(self.handler(event, record, self.marks.get))
-        if (isinstance(event, TaskSubmitted) and event.idempotency_key
-                and any(isinstance(e, TaskAccepted) for e in out)):
-            mark = Mark(task_id=event.task_id, event_id=event.event_id,
-                        spec_sha256=spec_digest(event.spec), at=time.time())
-            key = mark_key(event.team, event.idempotency_key)
-            self.writer.put(IDEMPOTENCY_TOPIC, key, mark.to_json())
-            self.marks.apply(key, mark.to_json())
-        return out
-
+        extra: list[Output] = []
+        for accepted in out:
+            if not isinstance(accepted, TaskAccepted):
+                continue
+            if isinstance(event, TaskSubmitted) and event.idempotency_key:
+                mark = Mark(task_id=event.task_id, event_id=event.event_id,
+                            spec_sha256=spec_digest(event.spec), at=time.time())
+                key = mark_key(event.team, event.idempotency_key)
+                extra.append(table_record(IDEMPOTENCY_TOPIC, key, mark.to_json()))
+                self.marks.apply(key, mark.to_json())
+            if self.names is not None:
+                extra.append(table_record(
+                    NAMES_TOPIC, name_key(accepted.team, accepted.task_id),
+                    name_record(accepted.team, accepted.spec.name, accepted.task_id)))
+                self.names.add(accepted.team, accepted.spec.name, accepted.task_id)
+        return [*extra, *out]

@@ -18,6 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer
 
 from fleetplane.core.errors import Retriable
 from fleetplane.core.logging import get_logger
+from fleetplane.core.loop import RawRecord
 from fleetplane.core.settings import Settings
 
 log = get_logger(__name__)
@@ -119,6 +120,17 @@ class TopicTable:
             log.warning("undecodable table record skipped", topic=self.topic)
 
 
+def encode_value(value: dict[str, Any] | None) -> bytes | None:
+    """A table value as stored on its topic: JSON with sorted keys; None is a tombstone."""
+    return None if value is None else json.dumps(value, sort_keys=True).encode()
+
+
+def table_record(topic: str, key: str, value: dict[str, Any] | None) -> RawRecord:
+    """A table record as a loop output: published in the same transaction (or flush) that
+    commits the input it was derived from."""
+    return RawRecord(topic, key.encode(), encode_value(value))
+
+
 class TopicWriter:
     """Publishes key -> JSON value records and waits for the broker's acknowledgement."""
 
@@ -133,8 +145,8 @@ class TopicWriter:
             if err is not None:
                 errors.append(str(err))
 
-        payload = None if value is None else json.dumps(value, sort_keys=True).encode()
-        self._producer.produce(topic, key=key.encode(), value=payload, on_delivery=delivered)
+        self._producer.produce(topic, key=key.encode(), value=encode_value(value),
+                               on_delivery=delivered)
         if self._producer.flush(timeout_s) or errors:
             raise Retriable(f"{topic}: record not acknowledged ({errors[:1] or 'timeout'})")
 

@@ -17,6 +17,7 @@ from fleetplane.ingest.api import Intake, create_app
 from fleetplane.ingest.handlers import accept
 from fleetplane.ingest.idempotency import IDEMPOTENCY_TOPIC, MarkingHandler, Marks
 from fleetplane.ingest.kvtopic import TopicTable, TopicWriter
+from fleetplane.ingest.names import NAMES_TOPIC, NameIndex
 from fleetplane.ingest.repositories import REPOSITORIES_TOPIC, RepositoryRegistry
 from fleetplane.ingest.taskview import TaskView
 from fleetplane.ingest.tokens import TOKENS_TOPIC, TokenStore
@@ -27,22 +28,25 @@ def main() -> None:
     tokens = TokenStore()
     marks = Marks(settings.idempotency_window_s)
     repositories = RepositoryRegistry(load_repositories(settings))
+    names = NameIndex(settings.names_window_s)
     tables = TopicTable(settings, {TOKENS_TOPIC: tokens.apply, IDEMPOTENCY_TOPIC: marks.apply,
-                                   REPOSITORIES_TOPIC: repositories.apply})
+                                   REPOSITORIES_TOPIC: repositories.apply,
+                                   NAMES_TOPIC: names.apply})
     tables.start()
     producer = EventProducer(settings)
     writer = TopicWriter(settings)
     view = TaskView(settings.resolved_accounting_url())
     intake = Intake(producer=producer, tokens=tokens, marks=marks,
                     teams=teams_for(settings.teams_file), view=view,
-                    repositories=repositories, writer=writer,
+                    repositories=repositories, writer=writer, names=names,
                     max_request_bytes=settings.max_request_bytes,
                     auth_failures_per_minute=settings.auth_failures_per_minute,
                     auth_failure_burst=settings.auth_failure_burst)
     server = serve_http_in_thread(create_app(intake), settings.bind_host, settings.ingest_port,
                                   trusted_proxies=settings.trusted_proxies)
     processor = Processor("ingest", [SUBMITTED], MarkingHandler(
-        partial(accept, known_repository=repositories.known), marks, writer), settings)
+        partial(accept, known_repository=repositories.known, names=names), marks, names),
+        settings)
     processor.install_signal_handlers()
     try:
         processor.run()
