@@ -22,19 +22,14 @@ Everything here is pure except `read_log` (a consumer on the real broker).
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from confluent_kafka import Consumer, TopicPartition
-
 from fleetplane.coordinator.globs import scope_overlap
 from fleetplane.core import auditchain
 from fleetplane.core import events as ev
-from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import (
     ACCEPTED,
@@ -45,6 +40,7 @@ from fleetplane.core.topics import (
     TOOL_CALLS,
     WORKSPACE,
 )
+from fleetplane.stream import read_to_end
 
 LOG_TOPICS = (ACCEPTED, DISPATCH, LIFECYCLE, OUTCOMES, MODEL_CALLS, TOOL_CALLS, WORKSPACE)
 
@@ -63,47 +59,13 @@ class Log:
 def read_log(settings: Settings, wanted: Callable[[str], bool],
              topics: Iterable[str] = LOG_TOPICS, timeout_s: float = 120.0) -> Log:
     """Every committed record of `topics` whose key (the task id) satisfies `wanted`, read from
-    the beginning up to each partition's end at the time of the call."""
+    the beginning up to each partition's end at the time of the call (fleetplane.stream)."""
     log = Log()
-    serde = default_serde()
-    c = Consumer({**settings.consumer_config(f"invariants-{uuid.uuid4().hex[:8]}"),
-                  "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                  "log_level": 2})
-    try:
-        for topic in topics:
-            meta = c.list_topics(topic, timeout=10).topics[topic]
-            ends: dict[int, int] = {}
-            for p in meta.partitions:
-                _, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
-                if high > 0:
-                    ends[p] = high
-            if not ends:
-                continue
-            c.assign([TopicPartition(topic, p, 0) for p in ends])
-            deadline = time.monotonic() + timeout_s
-            done: set[int] = set()
-            while len(done) < len(ends) and time.monotonic() < deadline:
-                for m in c.consume(5000, 0.5):
-                    if m.error():
-                        continue
-                    p = m.partition() or 0
-                    offset = m.offset()
-                    if offset is not None and offset + 1 >= ends[p]:
-                        done.add(p)
-                    if not wanted((m.key() or b"").decode("utf-8", "replace")):
-                        continue
-                    try:
-                        log.records.append((topic, serde.decode(m.value() or b"")))
-                    except Exception:  # another test's garbage on a shared broker
-                        log.undecodable += 1
-                # a partition whose last records are aborted transaction markers never yields
-                # its high watermark - 1: the position tells when it is consumed
-                for tp in c.position([TopicPartition(topic, p) for p in ends if p not in done]):
-                    if tp.offset >= ends[tp.partition]:
-                        done.add(tp.partition)
-            c.unassign()
-    finally:
-        c.close()
+    for rec in read_to_end(settings, topics, wanted=wanted, timeout_s=timeout_s):
+        if rec.event is None:
+            log.undecodable += 1  # another test's garbage on a shared broker
+        else:
+            log.records.append((rec.topic, rec.event))
     return log
 
 
