@@ -46,10 +46,16 @@ typecheck: lint
 
 ## bench: the suite (docs/benchmarks.md): throughput, latency at 200/s, overhead, memory, ClickHouse
 bench: install
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) -m bench.suite $(BENCH_ARGS)
 
+## bench-anchor: the LiteLLM proxy forwarding the same calls to the fake provider (in make bench)
+bench-anchor: install
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m bench.anchor $(BENCH_ARGS)
+
 ## per-service benches (each prints its figures; BENCH_ARGS passes options through)
-.PHONY: bench-pipeline bench-intake bench-routing bench-coordinator bench-coordinator-failover bench-executor bench-accounting fuzz
+.PHONY: bench-anchor bench-pipeline bench-intake bench-routing bench-coordinator bench-coordinator-failover bench-executor bench-accounting fuzz
 bench-pipeline: install    ## one batch through all five services (--tasks, --rate, --submit, --latency-ms)
 	$(PY) -m bench.pipeline $(BENCH_ARGS)
 bench-intake: install      ## ingest HTTP submit latency/throughput with auth, idempotency, rate limits

@@ -21,6 +21,7 @@ from typing import Any
 
 import anthropic
 
+from bench import anchor
 from bench.measure import percentile
 from bench.pipeline import run_batch
 from bench.recorder import StageRecorder
@@ -88,6 +89,11 @@ def measure(stack: Stack, recorder: StageRecorder, unloaded_tasks: int, unloaded
     direct = direct_calls(stack.provider_url, burst_ratios["model_calls"] or burst_tasks,
                           concurrency)
     pipeline_wall = burst["elapsed_s"]
+    try:  # the LiteLLM proxy on the same provider, the same number of calls and threads
+        proxy: dict[str, Any] = anchor.measure(stack.provider_url, direct["calls"], concurrency,
+                                               one_by_one=unloaded_tasks)
+    except (OSError, RuntimeError, TimeoutError) as exc:  # not installed, did not start
+        proxy = {"error": str(exc)}
     return {
         "unloaded": {"tasks": unloaded_tasks, "rate": unloaded_rate,
                      "finished": unloaded["finished"], "outcomes": unloaded["outcomes"],
@@ -98,5 +104,6 @@ def measure(stack: Stack, recorder: StageRecorder, unloaded_tasks: int, unloaded
                   "tasks_per_s": burst["tasks_per_s"], **burst_ratios,
                   "cpu_share": burst["cpu_share"]},
         "direct": direct,
+        "anchor_litellm_proxy": proxy,
         "wall_ratio": round(pipeline_wall / direct["wall_s"], 2) if direct["wall_s"] else None,
     }

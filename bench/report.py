@@ -99,7 +99,21 @@ def render(result: dict[str, Any]) -> Table:
         table.add_row("", "burst: submit→completed / model time p50 / p99 (incl. slot wait)",
                       _x(b["e2e_over_model"]))
         table.add_row("", "burst: dispatched→completed / model time p50 / p99",
-                      _x(b["dispatched_to_completed_over_model"]), end_section=True)
+                      _x(b["dispatched_to_completed_over_model"]))
+        a = o.get("anchor_litellm_proxy") or {}
+        if "proxy_added_ms" in a:
+            table.add_row("", "anchor, LiteLLM proxy one call at a time: proxied / direct p50; "
+                              "added p50 / p99",
+                          f"{a['proxy_over_direct_p50']}x; {a['proxy_added_ms']['p50']:,.0f} / "
+                          f"{a['proxy_added_ms']['p99']:,.0f} ms")
+            pb, db = a["proxy_burst"], a["direct_burst"]
+            table.add_row("", f"anchor, LiteLLM proxy burst ({pb['calls']:,} calls, "
+                              f"{pb['concurrency']} threads): proxied / direct wall",
+                          f"{pb['wall_s']:,.1f} s / {db['wall_s']:,.1f} s = "
+                          f"{a['proxy_burst_wall_ratio']}x ({pb['calls_per_s']:,.1f} calls/s)")
+        elif a:
+            table.add_row("", "anchor, LiteLLM proxy", f"not measured: {a.get('error')}")
+        table.add_row("", "", "", end_section=True)
     peak = result.get("peak_rss_mib")
     if peak:
         names = [n for n in PROCESS_ORDER if n in peak] + [n for n in peak
