@@ -1,9 +1,11 @@
 """Shared fixtures: a real Kafka-protocol broker and a real ClickHouse engine.
 
-Broker: FLEETPLANE_KAFKA_BOOTSTRAP when set, else the pinned broker (noida-db) started here on a
-free 127.0.0.1 port. ClickHouse: FLEETPLANE_TEST_CLICKHOUSE_URL when set, else chdb in a
-temporary directory. (testcontainers is used by neither: no Docker daemon answers on the machines
-this project runs on; see docs/testing.md.)
+Broker: FLEETPLANE_KAFKA_BOOTSTRAP when set; else, with FLEETPLANE_TESTCONTAINERS=1 and a Docker
+daemon that answers, Apache Kafka and ClickHouse server in containers (testcontainers); else the
+pinned broker (noida-db) started here on a free 127.0.0.1 port. ClickHouse:
+FLEETPLANE_TEST_CLICKHOUSE_URL when set (the container sets it), else chdb in a temporary
+directory. Containers are opt-in, not automatic: a CI machine with Docker but without a registry
+to pull from must not turn red (docs/testing.md).
 """
 
 from __future__ import annotations
@@ -34,11 +36,54 @@ hypothesis_settings.register_profile(
 hypothesis_settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
+KAFKA_IMAGE = os.environ.get("FLEETPLANE_TEST_KAFKA_IMAGE", "confluentinc/cp-kafka:7.6.1")
+CLICKHOUSE_IMAGE = os.environ.get("FLEETPLANE_TEST_CLICKHOUSE_IMAGE",
+                                  "clickhouse/clickhouse-server:24.8")
+
+
+def use_containers() -> bool:
+    """FLEETPLANE_TESTCONTAINERS=1 and a Docker daemon that answers."""
+    if os.environ.get("FLEETPLANE_TESTCONTAINERS") != "1":
+        return False
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env().ping()
+    except Exception as exc:
+        pytest.exit(f"FLEETPLANE_TESTCONTAINERS=1 but no Docker daemon answers: {exc}", 2)
+    return True
+
+
+@pytest.fixture(scope="session", autouse=True)
+def clickhouse_container() -> Iterator[None]:
+    """ClickHouse server in a container for the session (opt-in, see the module doc): the
+    accounting tests find it through FLEETPLANE_TEST_CLICKHOUSE_URL."""
+    if os.environ.get("FLEETPLANE_TEST_CLICKHOUSE_URL") or not use_containers():
+        yield
+        return
+    from testcontainers.community.clickhouse import ClickHouseContainer
+
+    with ClickHouseContainer(CLICKHOUSE_IMAGE) as ch:
+        host, port = ch.get_container_host_ip(), ch.get_exposed_port(8123)
+        os.environ["FLEETPLANE_TEST_CLICKHOUSE_URL"] = (
+            f"http://{ch.username}:{ch.password}@{host}:{port}")
+        try:
+            yield
+        finally:
+            os.environ.pop("FLEETPLANE_TEST_CLICKHOUSE_URL", None)
+
+
 @pytest.fixture(scope="session")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     external = os.environ.get("FLEETPLANE_KAFKA_BOOTSTRAP")
     if external:
         yield external
+        return
+    if use_containers():
+        from testcontainers.community.kafka import KafkaContainer
+
+        with KafkaContainer(KAFKA_IMAGE).with_kraft() as kafka:
+            yield kafka.get_bootstrap_server()
         return
     broker = EmbeddedBroker(tmp_path_factory.mktemp("broker"))
     broker.start()
