@@ -12,6 +12,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -22,12 +23,17 @@ from fleetplane.accounting.publisher import Publisher, run_in_thread
 from fleetplane.accounting.sink import ClickHouseSink
 from fleetplane.accounting.store import Store, apply_ddl, connect, settings_ttl_days
 from fleetplane.core.errors import Fatal
+from fleetplane.core.events import Event
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import Processor
 from fleetplane.core.service import bootstrap, serve_http_in_thread
 from fleetplane.core.settings import Settings
+from fleetplane.core.teams import teams_for
 from fleetplane.core.topics import event_topics, load_topics
+from fleetplane.metrics.fleet import FleetMetrics
+from fleetplane.metrics.http import mount_metrics
+from fleetplane.metrics.lag import ConsumerLag
 
 log = get_logger(__name__)
 
@@ -51,11 +57,14 @@ def default_instance_id(settings: Settings, group_id: str) -> str:
 
 def build_processor(settings: Settings, store: Store, *, group_id: str = GROUP_ID,
                     commit_interval_s: float = COMMIT_INTERVAL_S,
-                    instance_id: str | None = None) -> tuple[Processor, ClickHouseSink]:
-    """The accounting Processor over every topic, at-least-once, with its ClickHouse sink."""
+                    instance_id: str | None = None,
+                    observe: Callable[[Event], None] | None = None
+                    ) -> tuple[Processor, ClickHouseSink]:
+    """The accounting Processor over every topic, at-least-once, with its ClickHouse sink;
+    `observe` sees every stored event (fleet metrics)."""
     sink = ClickHouseSink(store, flush_rows=settings.sink_flush_rows)
     tuned = settings.model_copy(update={"batch_size": max(settings.batch_size, MIN_BATCH_SIZE)})
-    processor = Processor(SERVICE, all_topics(settings), make_handler(sink), tuned,
+    processor = Processor(SERVICE, all_topics(settings), make_handler(sink, observe), tuned,
                           group_id=group_id, sink=sink, commit_interval_s=commit_interval_s,
                           commit_when_drained=False,
                           transactional=False,
@@ -89,7 +98,11 @@ def run(settings: Settings) -> int:
     store = connect(settings)
     try:
         apply_ddl(store, settings_ttl_days(settings), partition=settings.clickhouse_partition)
-        processor, sink = build_processor(settings, store)
+        teams = teams_for(settings.teams_file)
+        fleet = FleetMetrics(quota=lambda team: teams.policy(team).max_running)
+        lag = ConsumerLag(settings.client_config())
+        fleet.registry.register(lag)
+        processor, sink = build_processor(settings, store, observe=fleet.observe)
         producer = EventProducer(settings)
         publisher = Publisher(store, settings, producer.send)
         stop_publisher = threading.Event()
@@ -97,6 +110,7 @@ def run(settings: Settings) -> int:
                                                 "budgets_published": publisher.published_budgets,
                                                 "alerts_published": publisher.published_alerts},
                          settings=settings)
+        mount_metrics(app, fleet.registry)  # GET /metrics (docs/operations.md, "Metrics")
         server = serve_http_in_thread(app, settings.bind_host, settings.accounting_port)
         if not wait_started(server):
             log.error("accounting API did not start", host=settings.bind_host,
@@ -115,6 +129,7 @@ def run(settings: Settings) -> int:
             stop_publisher.set()
             publisher_thread.join(10)
             producer.close()
+            lag.close()
         log.info("accounting stopped", **status_of(processor, sink))
         return code
     finally:

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -38,6 +39,7 @@ from fleetplane.ingest.ratelimit import Limiter
 from fleetplane.ingest.repositories import REPOSITORIES_TOPIC, RepositoryRegistry, record_for
 from fleetplane.ingest.taskview import AccountingUnavailable, TaskView
 from fleetplane.ingest.tokens import Principal, TokenStore
+from fleetplane.metrics.http import instrument_requests, mount_metrics
 
 TASK_ID_RE = r"^[A-Za-z0-9._-]{1,128}$"
 SOURCES = ("http", "cli", "sdk")
@@ -213,6 +215,9 @@ CostBy = Literal["team", "task_type", "model", "tier"]
 def create_app(intake: Intake) -> FastAPI:
     app = FastAPI(title="fleetplane ingest", version="1")
     app.state.intake = intake
+    metrics = CollectorRegistry()
+    instrument_requests(app, metrics, "ingest")
+    mount_metrics(app, metrics)  # GET /metrics (docs/operations.md, "Metrics")
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:

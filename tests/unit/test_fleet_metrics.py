@@ -1,0 +1,64 @@
+"""Fleet metrics from events (fleetplane.metrics.fleet): what a platform team's alerts read."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from fleetplane.core import events as ev
+from fleetplane.metrics.fleet import FleetMetrics
+
+T0 = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def value(m: FleetMetrics, name: str, **labels: str) -> float:
+    got = m.registry.get_sample_value(name, labels)
+    return 0.0 if got is None else got
+
+
+def test_a_task_moves_the_counters_once_however_often_its_events_arrive() -> None:
+    m = FleetMetrics(quota=lambda team: {"pay": 5}.get(team, 20))
+    submitted = ev.TaskSubmitted(task_id="t1", team="pay", occurred_at=at(0), spec=ev.TaskSpec(
+        name="n", task_type="codegen", prompt="p"))
+    started = ev.TaskStarted(task_id="t1", team="pay", attempt=1, executor_id="x",
+                             occurred_at=at(1))
+    call = ev.ModelCall(task_id="t1", team="pay", attempt=1, call_index=0, model="big",
+                        provider="anthropic", tier="frontier", input_tokens=100, output_tokens=20,
+                        cache_read_input_tokens=50, cost_usd=0.5, latency_ms=1500,
+                        outcome="ok", occurred_at=at(2))
+    done = ev.TaskCompleted(task_id="t1", team="pay", attempt=1, model="big", output="o",
+                            cost_usd=0.5, duration_ms=3000, occurred_at=at(4))
+    for e in (submitted, started, call):
+        m.observe(e)
+    assert value(m, "fleetplane_tasks_running", team="pay") == 1
+    assert value(m, "fleetplane_team_running_quota", team="pay") == 5
+    for e in (call, done, done):  # redeliveries
+        m.observe(e)
+    assert value(m, "fleetplane_tasks_finished_total", outcome="completed", team="pay") == 1
+    assert value(m, "fleetplane_tasks_running", team="pay") == 0
+    assert value(m, "fleetplane_task_duration_seconds_sum", outcome="completed", team="pay") == 4
+    assert value(m, "fleetplane_model_calls_total", model="big", team="pay", outcome="ok") == 1
+    assert value(m, "fleetplane_model_tokens_total", model="big", team="pay", kind="input") == 100
+    assert value(m, "fleetplane_model_tokens_total", model="big", team="pay",
+                 kind="cache_read") == 50
+    assert value(m, "fleetplane_model_cost_usd_total", model="big", team="pay") == 0.5
+    assert value(m, "fleetplane_model_call_seconds_count", model="big") == 1
+    assert value(m, "fleetplane_events_total", type="ModelCall", team="pay") == 1
+
+
+def test_cache_hits_and_dead_letters_by_service_and_class() -> None:
+    m = FleetMetrics()
+    m.observe(ev.TaskCompleted(task_id="t2", team="a", attempt=1, model="cache", output="o",
+                               cost_usd=0.0, duration_ms=1, cached=True))
+    m.observe(ev.DeadLetter(task_id="", team="", service="router", source_topic="tasks.accepted",
+                            source_partition=0, source_offset=7, payload=b"x",
+                            error_class="DecodeError", reason="not avro"))
+    assert value(m, "fleetplane_cache_hits_total", team="a") == 1
+    assert value(m, "fleetplane_dead_letters_total", service="router",
+                 error_class="DecodeError") == 1
+    # a task whose submission was not seen (accounting started later) still counts as finished
+    assert value(m, "fleetplane_tasks_finished_total", outcome="completed", team="a") == 1
+    assert value(m, "fleetplane_task_duration_seconds_count", outcome="completed", team="a") == 0
