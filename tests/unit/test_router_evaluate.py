@@ -26,9 +26,20 @@ def test_the_shipped_example_evaluates_and_baselines_are_consistent(
         capsys: pytest.CaptureFixture[str]) -> None:
     path = REPO_ROOT / "examples" / "routing-eval.jsonl"
     assert main([str(path), "--json"]) == 0
-    results = {r["policy"]: r for r in json.loads(capsys.readouterr().out)}
-    assert set(results) == {"router", "task-type tiers", "all-frontier", "all-small", "random",
-                            "oracle"}
+    report = json.loads(capsys.readouterr().out)
+    results = {r["policy"]: r for r in report["results"]}
+    single = [p for p in results if p.startswith("best single <= cost: ")]
+    assert set(results) - set(single) == {
+        "router", "task-type tiers", "all-frontier", "all-small", "random", "oracle",
+        "hindsight per-type (q 0.95)"}
+    # the curve over q: more success costs more, and the gap figures are shares
+    curve = report["curve"]
+    assert [p["q"] for p in curve] == sorted(p["q"] for p in curve) and len(curve) >= 5
+    assert curve[-1]["cost_usd"] >= curve[0]["cost_usd"]
+    assert 0 <= report["summary"]["average_gap_recovered"] <= 1.5
+    # per task type figures add up to the totals
+    router = results["router"]
+    assert sum(t["tasks"] for t in router["by_type"].values()) == router["tasks"]
     n = sum(1 for line in path.read_text().splitlines() if line.strip())
     assert all(r["tasks"] == n for r in results.values())
     # the oracle is the cheapest way to the best success any policy can reach
@@ -39,6 +50,8 @@ def test_the_shipped_example_evaluates_and_baselines_are_consistent(
     assert main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "all-frontier" in out and "oracle" in out and "cost vs frontier" in out
+    assert "cost-success curve over q" in out and "per task type" in out
+    assert "cost at 50% of the gap" in out
 
 
 def test_any_file_of_that_shape_models_outside_the_catalog_with_a_tier(tmp_path: Path) -> None:
