@@ -40,13 +40,13 @@ def spec(**fields: Any) -> TaskSpec:
 
 
 def run_world(stats: OutcomeStats, world: dict[str, float], n: int, prefix: str,
-              rng: random.Random, cfg: PolicyConfig | None = None) -> list[tuple[str, bool]]:
+              rng: random.Random, q: float = 0.95) -> list[tuple[str, bool]]:
     """n decisions in a world where model m succeeds with probability world[m]."""
     cat = catalog()
     out = []
     for i in range(n):
         s = spec()
-        d = choose(cat, s, stats, key=f"{prefix}-{i}/1", cfg=cfg)
+        d = choose(cat, s, stats, key=f"{prefix}-{i}/1", q=q)
         ok = rng.random() < world[d.model.name]
         stats.record("codegen", d.model.name, ok, estimate_cost(d.model, s))
         out.append((d.model.name, ok))
@@ -76,31 +76,35 @@ def test_the_cheapest_mixture_meets_q_times_the_best_exactly() -> None:
 
 # -- the bandit on generated worlds ---------------------------------------------------------
 def test_converges_to_the_cheapest_model_that_meets_q_and_moves_when_it_degrades() -> None:
-    world = {"fleet-local-coder": 0.45, "gpt-4o-mini": 0.93, "claude-haiku-4-5": 0.94,
-             "claude-sonnet-4-6": 0.95, "claude-opus-4-7": 0.96}
+    world = {"fleet-local-coder": 0.3, "gpt-4o-mini": 0.92, "claude-haiku-4-5": 0.93,
+             "claude-sonnet-4-6": 0.94, "claude-opus-4-7": 0.95}
     rng = random.Random(3)
     stats = OutcomeStats()
-    first = run_world(stats, world, 1500, "a", rng)
-    tail = first[-500:]
+    first = run_world(stats, world, 1500, "a", rng, q=0.9)
+    head, tail = first[:500], first[-500:]
     picks = Counter(m for m, _ in tail)
-    # 0.95 x 0.96 = 0.912: gpt-4o-mini (0.93) is the cheapest model that meets it
+    # 0.9 x 0.95 = 0.855: gpt-4o-mini (0.92) is the cheapest model that meets it
     assert picks["gpt-4o-mini"] >= 0.8 * len(tail), picks
-    assert sum(ok for _, ok in tail) / len(tail) >= 0.912 - 0.04
+    assert picks["gpt-4o-mini"] > Counter(m for m, _ in head)["gpt-4o-mini"]
+    assert sum(ok for _, ok in tail) / len(tail) >= 0.855 - 0.03
     assert picks["claude-opus-4-7"] < 0.1 * len(tail)  # the best model is not the answer
     # gpt-4o-mini degrades: the router moves to the next cheapest model that meets q x best
     world["gpt-4o-mini"] = 0.5
-    second = run_world(stats, world, 1500, "b", rng)
+    second = run_world(stats, world, 1500, "b", rng, q=0.9)
     picks = Counter(m for m, _ in second[-300:])
-    assert picks["gpt-4o-mini"] < 0.2 * 300, picks
     assert picks["claude-haiku-4-5"] >= 0.6 * 300, picks
+    # the degraded model keeps only a mixing share (the LP's optimum with the true rates is
+    # 17% gpt-4o-mini with 83% claude-haiku-4-5), and expected success stays at the target
+    assert picks["gpt-4o-mini"] < 0.3 * 300, picks
+    assert sum(world[m] * n for m, n in picks.items()) / 300 >= 0.855 - 0.03
 
 
 def test_the_best_models_success_is_learned_not_a_configured_target() -> None:
     """All models are poor (codegen's configured quality_target 0.8 is out of reach): the
     objective is relative, so the router still finds the cheapest model within q of the best."""
-    world = {"fleet-local-coder": 0.2, "gpt-4o-mini": 0.49, "claude-haiku-4-5": 0.49,
-             "claude-sonnet-4-6": 0.5, "claude-opus-4-7": 0.5}
-    out = run_world(OutcomeStats(), world, 1500, "p", random.Random(5))
+    world = {"fleet-local-coder": 0.1, "gpt-4o-mini": 0.5, "claude-haiku-4-5": 0.5,
+             "claude-sonnet-4-6": 0.52, "claude-opus-4-7": 0.53}
+    out = run_world(OutcomeStats(), world, 1500, "p", random.Random(5), q=0.9)
     picks = Counter(m for m, _ in out[-400:])
     assert picks["gpt-4o-mini"] >= 0.6 * 400, picks
 
@@ -162,7 +166,7 @@ def test_an_unseen_task_type_borrows_from_similar_prompts() -> None:
     p = signal.predict_many(["gpt-4o-mini", "fleet-local-coder"], "translate-de", x)
     assert p["gpt-4o-mini"] > 0.7 > 0.3 > p["fleet-local-coder"]
     cat = catalog()
-    small_only = Catalog(tiers=cat.tiers, default_tier=cat.default_tier, task_types={},
+    small_only = Catalog(tiers=cat.tiers, default_tier="small", task_types={},
                          models={n: cat.models[n] for n in ("gpt-4o-mini", "fleet-local-coder")})
     d = choose(small_only, new, stats, key="new-1/1", cfg=PolicyConfig(exploration_share=0.0),
                prompt=PromptView(p))

@@ -43,10 +43,18 @@ def test_exploration_share_is_bounded_and_deterministic(share: float) -> None:
 
 
 def test_posterior_estimates() -> None:
-    s = ModelStats(successes=10, failures=0)
+    s = ModelStats()
+    for _ in range(10):
+        s.record(True, 0.0)
     assert s.mean == pytest.approx(11 / 12)
     assert s.lower(1.0) < s.mean and s.lower(0.0) == s.mean
     assert ModelStats().mean == 0.5 and ModelStats().mean_cost_usd is None
+    # the posterior weighs about the last WINDOW outcomes: a model that turns bad is re-judged
+    for _ in range(2000):
+        s.record(True, 0.0)
+    for _ in range(500):
+        s.record(False, 0.0)
+    assert s.mean < 0.5 and (s.successes, s.failures) == (2010, 500)  # totals stay exact
 
 
 def test_cache_key_rules() -> None:

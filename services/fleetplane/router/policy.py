@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from fleetplane.core.catalog import Catalog, Model
 from fleetplane.core.events import TaskSpec
 from fleetplane.router.objective import DEFAULT_QUALITY_SHARE, Option, solve
-from fleetplane.router.stats import PRIOR_A, PRIOR_B, OutcomeStats
+from fleetplane.router.stats import PRIOR_A, PRIOR_B, RECENT, OutcomeStats
 
 EXPECTED_OUTPUT_TOKENS = 500
 CHARS_PER_TOKEN = 4
@@ -37,10 +37,10 @@ class PolicyConfig:
     exploration_share: float = 1.0  # share of decisions judged by Thompson samples
     min_cost_observations: int = 3  # below this, cost is estimated from the prompt length
     low_budget_quality_share: float = 0.9  # q is at most this while the team's budget is low
-    confidence_z: float = 2.0  # options other than the best are judged this many std lower
-    shortfall_gain: float = 2.0  # the target rises by this times the type's realised shortfall
+    confidence_z: float = 0.0  # options other than the best are judged this many std lower
+    shortfall_gain: float = 3.0  # the target rises by this times the type's realised shortfall
     best_from_samples: bool = True  # exploring: the best model is judged by its sample too
-    shortfall_recent: bool = False  # shortfall of the recent success rate (EMA), not all-time
+    shortfall_recent: bool = True  # shortfall of the recent success rate (EMA), not all-time
     min_evidence: float = 5.0  # outcomes before a model is judged without exploring
     signal_min_outcomes: int = 30  # a model's outcomes before its per-prompt prediction counts
     signal_weight: float = 0.5  # weight of the per-prompt prediction against the type's mean
@@ -190,7 +190,8 @@ class Estimate:
 def _estimates(pool: list[Model], spec: TaskSpec, stats: OutcomeStats, rng: random.Random,
                explored: bool, prompt: PromptView | None,
                cfg: PolicyConfig) -> dict[str, Estimate]:
-    """Per model: Beta(1 + successes, 1 + failures) of this task type, with the model's outcomes
+    """Per model: Beta(1 + successes, 1 + failures) of this task type (about the last
+    stats.WINDOW outcomes), with the model's outcomes
     on other task types as extra pseudo-counts (weight BORROW each, at most BORROW_CAP in all),
     its mean blended with the per-prompt prediction once the model has enough outcomes."""
     out: dict[str, Estimate] = {}
@@ -199,8 +200,8 @@ def _estimates(pool: list[Model], spec: TaskSpec, stats: OutcomeStats, rng: rand
         o = stats.overall(m.name)
         other_n = o.attempts - s.attempts
         w = min(BORROW * other_n, BORROW_CAP) / other_n if other_n else 0.0
-        alpha = PRIOR_A + s.successes + w * (o.successes - s.successes)
-        beta = PRIOR_B + s.failures + w * (o.failures - s.failures)
+        alpha = s.alpha + w * (o.successes - s.successes)
+        beta = s.beta + w * (o.failures - s.failures)
         mean = alpha / (alpha + beta)
         source = "task type" if s.attempts else ("other task types" if other_n else "prior")
         centre = mean
@@ -306,11 +307,13 @@ def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,
         options = [best if o.name == best.name else o for o in options]
     target = q * best.success
     realised = stats.of_type(spec.task_type)
-    shortfall = 0.0
+    shortfall = rate = 0.0
     if realised.attempts >= cfg.min_evidence:
         rate = (stats.recent_rate(spec.task_type) if cfg.shortfall_recent
                 else realised.successes / realised.attempts)
-        shortfall = max(0.0, target - rate)
+        # a dead band of one standard error: noise in the realised rate is not a shortfall
+        n = min(realised.attempts, RECENT) if cfg.shortfall_recent else realised.attempts
+        shortfall = max(0.0, target - rate - math.sqrt(target * (1 - target) / n))
     raised = target + cfg.shortfall_gain * shortfall
     eff_q = min(1.0, raised / best.success) if best.success else q
     shifted = [Option(o.name, o.success if o.name == best.name
@@ -331,8 +334,8 @@ def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,
               f"{mix.best.success:.2f} ({b.attempts} outcomes, {b.source}) -> target "
               f"{mix.target:.2f}")
     if shortfall > 0:
-        reason += (f" (raised: {spec.task_type} so far {realised.successes}/"
-                   f"{realised.attempts} successes, short of {target:.2f})")
+        reason += (f" (raised: {spec.task_type}'s recent success {rate:.2f} is short of "
+                   f"{target:.2f})")
     reason += "; "
     if mix.lower is None:
         reason += (f"{model.name} is the cheapest model meeting it ({how} less margin "

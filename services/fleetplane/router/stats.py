@@ -17,6 +17,7 @@ from fleetplane.core import failures
 PRIOR_A = 1.0
 PRIOR_B = 1.0
 RECENT = 300  # outcomes in the task type's recent success rate (moving average)
+WINDOW = 500  # outcomes a (task type, model) posterior weighs, about (older ones discounted)
 
 #: Failure classes that say nothing about the model's quality (the attempt is not counted).
 NEUTRAL_FAILURES = frozenset({
@@ -29,6 +30,10 @@ class ModelStats:
     successes: int = 0
     failures: int = 0
     cost_usd: float = 0.0  # summed over counted attempts
+    # the posterior's counts: the same outcomes, discounted so that they weigh about the last
+    # WINDOW outcomes (a model whose quality changes is re-judged within a few hundred tasks)
+    recent_successes: float = 0.0
+    recent_failures: float = 0.0
 
     @property
     def attempts(self) -> int:
@@ -36,11 +41,11 @@ class ModelStats:
 
     @property
     def alpha(self) -> float:
-        return PRIOR_A + self.successes
+        return PRIOR_A + self.recent_successes
 
     @property
     def beta(self) -> float:
-        return PRIOR_B + self.failures
+        return PRIOR_B + self.recent_failures
 
     @property
     def mean(self) -> float:
@@ -63,10 +68,16 @@ class ModelStats:
         return rng.betavariate(self.alpha, self.beta)
 
     def record(self, success: bool, cost_usd: float) -> None:
+        if self.recent_successes + self.recent_failures >= WINDOW - 1:
+            keep = (WINDOW - 1) / WINDOW
+            self.recent_successes *= keep
+            self.recent_failures *= keep
         if success:
             self.successes += 1
+            self.recent_successes += 1
         else:
             self.failures += 1
+            self.recent_failures += 1
         self.cost_usd += max(0.0, cost_usd)
 
 
