@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import pytest
@@ -11,7 +10,7 @@ from fleetplane.core.catalog import catalog_for
 from fleetplane.core.events import TaskSpec
 from fleetplane.core.settings import Settings
 from fleetplane.router.cache import cache_key, not_cacheable
-from fleetplane.router.policy import BudgetView, PolicyConfig, choose, explores
+from fleetplane.router.policy import explores
 from fleetplane.router.stats import ModelStats, OutcomeStats
 
 

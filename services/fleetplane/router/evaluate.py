@@ -431,6 +431,10 @@ def run(path: Path, *, seed: int = 0, exploration_share: float = 1.0, as_json: b
         q: float = DEFAULT_QUALITY_SHARE, with_curve: bool = True, prompt_signal: bool = True,
         embedding: str = "wordllama") -> int:
     console = console or Console(width=None if sys.stdout.isatty() else 160)
+    if embedding not in ("wordllama", "hashing"):
+        Console(stderr=True).print(f"error: --embedding: {embedding!r} is not wordllama or "
+                                   f"hashing", highlight=False)
+        return 2
     catalog = load_catalog(catalog_file or Settings().catalog_file)
     try:
         tasks = load_tasks(path, catalog)

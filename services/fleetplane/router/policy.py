@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from fleetplane.core.catalog import Catalog, Model
 from fleetplane.core.events import TaskSpec
 from fleetplane.router.objective import DEFAULT_QUALITY_SHARE, Option, solve
-from fleetplane.router.stats import PRIOR_A, PRIOR_B, RECENT, OutcomeStats
+from fleetplane.router.stats import RECENT, OutcomeStats
 
 EXPECTED_OUTPUT_TOKENS = 500
 CHARS_PER_TOKEN = 4
