@@ -97,3 +97,35 @@ def test_malformed_lines_are_rejected_with_line_and_field(tmp_path: Path) -> Non
     assert main([str(path)]) == 2
     assert main([str(write(tmp_path, [""]))]) == 2  # empty
     assert main([str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_prompts_feed_the_router_and_hindsight_and_single_model_baselines(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Generated file with prompts: the cheap model answers questions about rivers, only the
+    dear one answers questions about mountains. The hindsight per-type baseline picks per type,
+    the oracle per prompt; the router (hashed prompt features) beats the best single model of
+    at most its cost."""
+    rows: list[object] = []
+    rng = __import__("random").Random(4)
+    for i in range(600):
+        topic = rng.choice(["river", "mountain"])
+        rows.append({"task_id": f"p{i}", "task_type": "qa",
+                     "prompt": f"Tell me about the {topic} number {rng.randint(1, 50)}",
+                     "candidates": {
+                         "cheap": {"success": topic == "river", "cost_usd": 0.001,
+                                   "tier": "small"},
+                         "dear": {"success": True, "cost_usd": 0.02, "tier": "frontier"}}})
+    tasks = load_tasks(write(tmp_path, rows), catalog())
+    assert tasks[0].prompt and tasks[0].prompt.startswith("Tell me about the")
+    # q 0.7: the cheap model's type-level success (50%) misses it, its success on river
+    # prompts (100%) does: only the per-prompt signal lets the router use it where it works
+    res = {r.name: r for r in evaluate(tasks, catalog(), embedding="hashing", q=0.7)}
+    assert res["hindsight per-type (q 0.70)"].picks == {"dear": 600}  # cheap: 50% < 70%
+    assert res["oracle"].success_rate == 1.0
+    single = next(r for name, r in res.items() if name.startswith("best single <= cost"))
+    assert single.cost_usd <= res["router"].cost_usd
+    assert res["router"].success_rate >= 0.9
+    assert res["router"].cost_usd < 0.8 * res["all-frontier"].cost_usd  # prompts tell them apart
+    with pytest.raises(SystemExit) as exc:  # argparse: usage error, exit code 2
+        main([str(write(tmp_path, rows[:5])), "--embedding", "nope"])
+    assert exc.value.code == 2
