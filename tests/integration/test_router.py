@@ -157,10 +157,10 @@ def test_stats_cache_and_holds_survive_a_restart_and_escalation_goes_up(
         for k in range(5):
             producer.send([accepted(f"{unique}-auto1-{k}", team, ttype, f"job auto 1-{k}")])
             auto1 = tail.wait_for(f"{unique}-auto1-{k}", ev.TaskRouted)
-            if auto1.reason.startswith("learned:"):
+            if auto1.reason.startswith("objective:"):
                 break
             time.sleep(1)
-        assert auto1.model == "gpt-4o-mini" and auto1.reason.startswith("learned:"), auto1.reason
+        assert auto1.model == "gpt-4o-mini" and auto1.reason.startswith("objective:"), auto1.reason
         # 3. escalation: attempt 2 goes one tier up, with the reason
         producer.send([ev.TaskEscalated(task_id=auto1.task_id, team=team, attempt=2,
                                         from_tier="small", to_tier="standard",
@@ -191,6 +191,6 @@ def test_stats_cache_and_holds_survive_a_restart_and_escalation_goes_up(
         assert hit2.cached and hit2.output == "4"
         assert hit2.task_id.endswith("-0")  # the rebuilt cache answers the first repeat
         auto2 = tail.wait_for(f"{unique}-auto2", ev.TaskRouted)
-        assert auto2.model == "gpt-4o-mini" and "learned:" in auto2.reason, auto2.reason
+        assert auto2.model == "gpt-4o-mini" and "objective:" in auto2.reason, auto2.reason
     finally:
         tail.close()

@@ -26,9 +26,20 @@ def test_the_shipped_example_evaluates_and_baselines_are_consistent(
         capsys: pytest.CaptureFixture[str]) -> None:
     path = REPO_ROOT / "examples" / "routing-eval.jsonl"
     assert main([str(path), "--json"]) == 0
-    results = {r["policy"]: r for r in json.loads(capsys.readouterr().out)}
-    assert set(results) == {"router", "task-type tiers", "all-frontier", "all-small", "random",
-                            "oracle"}
+    report = json.loads(capsys.readouterr().out)
+    results = {r["policy"]: r for r in report["results"]}
+    single = [p for p in results if p.startswith("best single <= cost: ")]
+    assert set(results) - set(single) == {
+        "router", "task-type tiers", "all-frontier", "all-small", "random", "oracle",
+        "hindsight per-type (q 0.95)"}
+    # the curve over q: more success costs more, and the gap figures are shares
+    curve = report["curve"]
+    assert [p["q"] for p in curve] == sorted(p["q"] for p in curve) and len(curve) >= 5
+    assert curve[-1]["cost_usd"] >= curve[0]["cost_usd"]
+    assert 0 <= report["summary"]["average_gap_recovered"] <= 1.5
+    # per task type figures add up to the totals
+    router = results["router"]
+    assert sum(t["tasks"] for t in router["by_type"].values()) == router["tasks"]
     n = sum(1 for line in path.read_text().splitlines() if line.strip())
     assert all(r["tasks"] == n for r in results.values())
     # the oracle is the cheapest way to the best success any policy can reach
@@ -39,6 +50,8 @@ def test_the_shipped_example_evaluates_and_baselines_are_consistent(
     assert main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "all-frontier" in out and "oracle" in out and "cost vs frontier" in out
+    assert "cost-success curve over q" in out and "per task type" in out
+    assert "cost at 50% of the gap" in out
 
 
 def test_any_file_of_that_shape_models_outside_the_catalog_with_a_tier(tmp_path: Path) -> None:
@@ -84,3 +97,35 @@ def test_malformed_lines_are_rejected_with_line_and_field(tmp_path: Path) -> Non
     assert main([str(path)]) == 2
     assert main([str(write(tmp_path, [""]))]) == 2  # empty
     assert main([str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_prompts_feed_the_router_and_hindsight_and_single_model_baselines(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Generated file with prompts: the cheap model answers questions about rivers, only the
+    dear one answers questions about mountains. The hindsight per-type baseline picks per type,
+    the oracle per prompt; the router (hashed prompt features) beats the best single model of
+    at most its cost."""
+    rows: list[object] = []
+    rng = __import__("random").Random(4)
+    for i in range(600):
+        topic = rng.choice(["river", "mountain"])
+        rows.append({"task_id": f"p{i}", "task_type": "qa",
+                     "prompt": f"Tell me about the {topic} number {rng.randint(1, 50)}",
+                     "candidates": {
+                         "cheap": {"success": topic == "river", "cost_usd": 0.001,
+                                   "tier": "small"},
+                         "dear": {"success": True, "cost_usd": 0.02, "tier": "frontier"}}})
+    tasks = load_tasks(write(tmp_path, rows), catalog())
+    assert tasks[0].prompt and tasks[0].prompt.startswith("Tell me about the")
+    # q 0.7: the cheap model's type-level success (50%) misses it, its success on river
+    # prompts (100%) does: only the per-prompt signal lets the router use it where it works
+    res = {r.name: r for r in evaluate(tasks, catalog(), embedding="hashing", q=0.7)}
+    assert res["hindsight per-type (q 0.70)"].picks == {"dear": 600}  # cheap: 50% < 70%
+    assert res["oracle"].success_rate == 1.0
+    single = next(r for name, r in res.items() if name.startswith("best single <= cost"))
+    assert single.cost_usd <= res["router"].cost_usd
+    assert res["router"].success_rate >= 0.9
+    assert res["router"].cost_usd < 0.8 * res["all-frontier"].cost_usd  # prompts tell them apart
+    with pytest.raises(SystemExit) as exc:  # argparse: usage error, exit code 2
+        main([str(write(tmp_path, rows[:5])), "--embedding", "nope"])
+    assert exc.value.code == 2

@@ -15,11 +15,19 @@ def eval_(
     file: Annotated[Path, typer.Argument(help="JSONL: one task per line with each candidate "
                                               "model's observed success and cost")],
     seed: Annotated[int, typer.Option(help="Seed of the random baseline.")] = 0,
-    exploration_share: Annotated[float, typer.Option(help="Router's exploration share.")] = 0.1,
+    exploration_share: Annotated[float, typer.Option(
+        help="Share of decisions judged by Thompson samples.")] = 1.0,
     json_out: Annotated[bool, typer.Option("--json", help="Figures as JSON.")] = False,
+    q: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Quality share: success >= q x the best model's.")] = 0.95,
+    curve: Annotated[bool, typer.Option(help="Print the cost-success curve over q.")] = True,
+    prompt_signal: Annotated[bool, typer.Option(
+        help="Learn P(success | prompt, model) from the file's prompts.")] = True,
+    embedding: Annotated[str, typer.Option(help="wordllama or hashing.")] = "wordllama",
 ) -> None:
     """Replay FILE through the router and compare cost and success with baselines."""
     from fleetplane.router.evaluate import run
 
     raise typer.Exit(code=run(file, seed=seed, exploration_share=exploration_share,
-                              as_json=json_out))
+                              as_json=json_out, q=q, with_curve=curve,
+                              prompt_signal=prompt_signal, embedding=embedding))

@@ -65,6 +65,7 @@ class TaskTypePolicy:
     quality_target: float = 0.8
     failure_policy: str | None = None
     failure_policies: dict[str, str] = field(default_factory=dict)
+    quality_share: float | None = None  # the router's q: success >= q x the best model's
 
 
 def _task_type(name: str, raw: Any) -> TaskTypePolicy:
@@ -72,15 +73,20 @@ def _task_type(name: str, raw: Any) -> TaskTypePolicy:
         return TaskTypePolicy(tier=raw)
     if not isinstance(raw, dict) or "tier" not in raw:
         raise ValueError(f"task type {name!r}: give a tier, or a mapping with `tier`")
-    unknown = set(raw) - {"tier", "quality_target", "failure_policy", "failure_policies"}
+    unknown = set(raw) - {"tier", "quality_target", "failure_policy", "failure_policies",
+                          "quality_share"}
     if unknown:
         raise ValueError(f"task type {name!r}: unknown keys {sorted(unknown)}")
     target = float(raw.get("quality_target", 0.8))
     if not 0.0 <= target <= 1.0:
         raise ValueError(f"task type {name!r}: quality_target must be 0-1")
+    share = raw.get("quality_share")
+    if share is not None and not 0.0 <= float(share) <= 1.0:
+        raise ValueError(f"task type {name!r}: quality_share must be 0-1")
     return TaskTypePolicy(tier=str(raw["tier"]), quality_target=target,
                           failure_policy=raw.get("failure_policy"),
-                          failure_policies=dict(raw.get("failure_policies") or {}))
+                          failure_policies=dict(raw.get("failure_policies") or {}),
+                          quality_share=None if share is None else float(share))
 
 
 @dataclass(frozen=True)

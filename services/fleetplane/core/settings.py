@@ -135,11 +135,23 @@ class Settings(BaseSettings):
 
     # Router (fleetplane.router; docs/routing.md)
     router_exploration_share: float = Field(
-        default=0.1, ge=0, le=1,
-        description="Share of routing decisions that explore (Thompson sampling).")
+        default=1.0, ge=0, le=1,
+        description="Share of routing decisions judged by Thompson samples (the rest by the "
+        "posterior estimates).")
     router_confidence_z: float = Field(
-        default=1.0, ge=0,
-        description="A model qualifies when its posterior mean - z * std meets the target.")
+        default=2.0, description="Models other than the best are judged this many posterior "
+        "standard deviations lower (negative: optimism).")
+    router_shortfall_gain: float = Field(
+        default=2.0, ge=0, description="The target rises by this times the task type's "
+        "realised shortfall against it.")
+    router_low_budget_quality_share: float = Field(
+        default=0.9, ge=0, le=1, description="The router's q is at most this while a team's "
+        "budget is low.")
+    router_prompt_signal: bool = Field(
+        default=True, description="Learn P(success | prompt, model) from prompt features.")
+    router_embedding: str = Field(
+        default="wordllama", pattern="^(wordllama|hashing)$",
+        description="Prompt embedding: wordllama (bundled weights) or hashing.")
     router_min_cost_observations: int = 3
     router_cache_ttl_s: float = Field(default=86_400.0, ge=0,
                                       description="Response cache entry lifetime (0: no cache).")

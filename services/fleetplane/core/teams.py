@@ -29,6 +29,9 @@ class TeamPolicy(BaseModel):
     budget_usd: float = Field(default=50.0, ge=0)
     budget_period: BudgetPeriod = "day"
     low_budget_share: float = Field(default=0.2, ge=0, le=1)
+    # the router's q (success >= q x the best model's), for all task types / per task type
+    quality_share: float | None = Field(default=None, ge=0, le=1)
+    quality_shares: dict[str, float] = Field(default_factory=dict)
     weight: float = Field(default=1.0, gt=0)
     rate_limit: RateLimit = Field(default_factory=RateLimit)
     tools: list[str] = Field(default_factory=list)

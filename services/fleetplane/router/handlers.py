@@ -24,7 +24,14 @@ from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import Record
 from fleetplane.core.teams import TeamsConfig
 from fleetplane.router.cache import CACHE_MODEL, not_cacheable
-from fleetplane.router.policy import BudgetView, PolicyConfig, Unroutable, choose
+from fleetplane.router.policy import (
+    BudgetView,
+    PolicyConfig,
+    PromptView,
+    Unroutable,
+    choose,
+    quality_share,
+)
 from fleetplane.router.state import BUDGET_HOLD, RouterState
 
 log = get_logger(__name__)
@@ -79,8 +86,8 @@ class Router:
         if status.budget_usd > 0 and status.remaining_usd < share * status.budget_usd:
             return BudgetCheck(False, BudgetView(low=True, note=(
                 f"team budget low (${status.remaining_usd:.2f} of ${status.budget_usd:.2f} "
-                f"left, below {share:.0%}): cheaper models judged by the posterior mean, "
-                f"no exploration")))
+                f"left, below {share:.0%}): q capped at "
+                f"{self.cfg.low_budget_quality_share:.2f}, no exploration")))
         return BudgetCheck(False, BudgetView())
 
     # -- decisions --------------------------------------------------------------------------------
@@ -88,9 +95,16 @@ class Router:
                escalate_to: str | None = None, why: str = "") -> list[ev.Event]:
         key = f"{cause.task_id}/{attempt}"
         check = self.budget(cause.team)
+        team = self.teams.policy(cause.team)
         try:
+            q, q_source = quality_share(self.catalog, spec, team.quality_shares,
+                                        team.quality_share)
+            x = self.state.prompt_vector(cause.task_id, spec)
+            view = None if x is None else PromptView(self.state.signal.predict_many(
+                sorted(self.catalog.models), spec.task_type, x))
             decision = choose(self.catalog, spec, self.state.stats, key=key, cfg=self.cfg,
-                              budget=check.view, escalate_to=escalate_to)
+                              budget=check.view, escalate_to=escalate_to, q=q,
+                              q_source=q_source, prompt=view)
         except Unroutable as exc:
             if escalate_to is not None:
                 return [cause.derive(

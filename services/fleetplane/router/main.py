@@ -8,6 +8,7 @@ from fleetplane.core.service import bootstrap
 from fleetplane.core.settings import Settings
 from fleetplane.core.teams import load_teams
 from fleetplane.core.topics import ACCEPTED, BUDGET, LIFECYCLE, OUTCOMES
+from fleetplane.router.features import FeatureCache, load_embedder
 from fleetplane.router.handlers import Router
 from fleetplane.router.policy import PolicyConfig
 from fleetplane.router.rebuild import rebuild
@@ -21,11 +22,15 @@ INPUTS = [ACCEPTED, LIFECYCLE, OUTCOMES, BUDGET]
 
 def build_router(settings: Settings) -> Router:
     catalog = load_catalog(settings.catalog_file)
+    features = (FeatureCache(load_embedder(settings.router_embedding))
+                if settings.router_prompt_signal else None)
     state = RouterState(catalog, settings.router_cache_ttl_s, settings.router_cache_scope,
-                        settings.router_cache_max_entries)
+                        settings.router_cache_max_entries, features)
     cfg = PolicyConfig(exploration_share=settings.router_exploration_share,
+                       min_cost_observations=settings.router_min_cost_observations,
                        confidence_z=settings.router_confidence_z,
-                       min_cost_observations=settings.router_min_cost_observations)
+                       shortfall_gain=settings.router_shortfall_gain,
+                       low_budget_quality_share=settings.router_low_budget_quality_share)
     return Router(catalog, load_teams(settings.teams_file), state, cfg)
 
 

@@ -16,23 +16,41 @@ a task with tools needs a tool-use model, and the prompt must fit the context wi
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from dataclasses import dataclass
 
 from fleetplane.core.catalog import Catalog, Model
 from fleetplane.core.events import TaskSpec
-from fleetplane.router.stats import OutcomeStats
+from fleetplane.router.objective import DEFAULT_QUALITY_SHARE, Option, solve
+from fleetplane.router.stats import RECENT, OutcomeStats
 
 EXPECTED_OUTPUT_TOKENS = 500
 CHARS_PER_TOKEN = 4
-DEFAULT_QUALITY_TARGET = 0.8
+QUALITY_LABEL = "fleetplane/quality-share"
+BORROW = 0.2  # weight of one outcome of another task type in a type's prior
+BORROW_CAP = 5.0  # at most this many pseudo-outcomes borrowed from other task types
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    exploration_share: float = 0.1  # at most this share of decisions explores
-    confidence_z: float = 1.0  # conservative estimate = posterior mean - z * std
+    exploration_share: float = 1.0  # share of decisions judged by Thompson samples
     min_cost_observations: int = 3  # below this, cost is estimated from the prompt length
+    low_budget_quality_share: float = 0.9  # q is at most this while the team's budget is low
+    confidence_z: float = 0.0  # options other than the best are judged this many std lower
+    shortfall_gain: float = 3.0  # the target rises by this times the type's realised shortfall
+    best_from_samples: bool = True  # exploring: the best model is judged by its sample too
+    shortfall_recent: bool = True  # shortfall of the recent success rate (EMA), not all-time
+    min_evidence: float = 5.0  # outcomes before a model is judged without exploring
+    signal_min_outcomes: int = 30  # a model's outcomes before its per-prompt prediction counts
+    signal_weight: float = 0.5  # weight of the per-prompt prediction against the type's mean
+
+
+@dataclass(frozen=True)
+class PromptView:
+    """Per-prompt success predictions by model (fleetplane.router.signal)."""
+
+    predictions: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -94,6 +112,9 @@ def estimate_cost(model: Model, spec: TaskSpec, stats: OutcomeStats | None = Non
         s = stats.get(spec.task_type, model.name)
         if s.attempts >= cfg.min_cost_observations and s.mean_cost_usd is not None:
             return s.mean_cost_usd
+        o = stats.overall(model.name)
+        if o.attempts >= cfg.min_cost_observations and o.mean_cost_usd is not None:
+            return o.mean_cost_usd
     return token_estimate(model, spec, tokens)
 
 
@@ -109,9 +130,30 @@ def explores(key: str, share: float) -> bool:
 
 
 # -- the decision --------------------------------------------------------------------------------
-def quality_target(catalog: Catalog, task_type: str) -> float:
-    policy = catalog.task_types.get(task_type)
-    return policy.quality_target if policy else DEFAULT_QUALITY_TARGET
+def quality_share(catalog: Catalog, spec: TaskSpec, team_shares: dict[str, float] | None = None,
+                  team_default: float | None = None) -> tuple[float, str]:
+    """q and where it came from: the manifest's label `fleetplane/quality-share`, else the team's
+    value for the task type (teams.yaml `quality_shares`), else the team's `quality_share`, else
+    the task type's (catalog.yaml `quality_share`), else 0.95. A malformed label is an error
+    (Unroutable naming the field), not silently ignored."""
+    raw = spec.labels.get(QUALITY_LABEL)
+    if raw is not None:
+        try:
+            q = float(raw)
+        except ValueError:
+            q = -1.0
+        if not 0.0 <= q <= 1.0:
+            raise Unroutable(f"label {QUALITY_LABEL} must be a number in [0, 1], got {raw!r}",
+                             f"spec.labels.{QUALITY_LABEL}")
+        return q, "manifest"
+    if team_shares and spec.task_type in team_shares:
+        return team_shares[spec.task_type], "team, task type"
+    if team_default is not None:
+        return team_default, "team"
+    policy = catalog.task_types.get(spec.task_type)
+    if policy is not None and policy.quality_share is not None:
+        return policy.quality_share, "task type"
+    return DEFAULT_QUALITY_SHARE, "default"
 
 
 def _first_capable_tier(catalog: Catalog, tier: str, spec: TaskSpec) -> str | None:
@@ -133,16 +175,63 @@ def _fallback(catalog: Catalog, tier: str, refused: dict[str, str],
                key=lambda m: costs[m.name])
 
 
+@dataclass(frozen=True)
+class Estimate:
+    """What the router believes of one model for this task."""
+
+    success: float  # the centre: the posterior mean, blended with the per-prompt prediction
+    judged: float  # what the objective uses: the centre, or the centre plus posterior noise
+    margin: float  # z posterior standard deviations: an option must clear the target by this
+    attempts: int  # outcomes of this task type on this model
+    evidence: float  # attempts plus the (capped) weight of other task types' outcomes
+    source: str  # "prompt" | "task type" | "other task types" | "prior"
+
+
+def _estimates(pool: list[Model], spec: TaskSpec, stats: OutcomeStats, rng: random.Random,
+               explored: bool, prompt: PromptView | None,
+               cfg: PolicyConfig) -> dict[str, Estimate]:
+    """Per model: Beta(1 + successes, 1 + failures) of this task type (about the last
+    stats.WINDOW outcomes), with the model's outcomes
+    on other task types as extra pseudo-counts (weight BORROW each, at most BORROW_CAP in all),
+    its mean blended with the per-prompt prediction once the model has enough outcomes."""
+    out: dict[str, Estimate] = {}
+    for m in sorted(pool, key=lambda m: m.name):  # fixed draw order: deterministic
+        s = stats.get(spec.task_type, m.name)
+        o = stats.overall(m.name)
+        other_n = o.attempts - s.attempts
+        w = min(BORROW * other_n, BORROW_CAP) / other_n if other_n else 0.0
+        alpha = s.alpha + w * (o.successes - s.successes)
+        beta = s.beta + w * (o.failures - s.failures)
+        mean = alpha / (alpha + beta)
+        source = "task type" if s.attempts else ("other task types" if other_n else "prior")
+        centre = mean
+        if prompt is not None and o.attempts >= cfg.signal_min_outcomes:
+            p = prompt.predictions.get(m.name)
+            if p is not None:
+                centre = (1 - cfg.signal_weight) * mean + cfg.signal_weight * p
+                source += " + prompt"
+        judged = centre
+        if explored:  # the posterior's spread around the centre (Thompson sampling)
+            judged = min(1.0, max(0.0, centre + rng.betavariate(alpha, beta) - mean))
+        n = alpha + beta
+        margin = cfg.confidence_z * math.sqrt(alpha * beta / (n * n * (n + 1)))
+        out[m.name] = Estimate(centre, judged, margin, s.attempts, s.attempts + w * other_n,
+                               source)
+    return out
+
+
 def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,
            cfg: PolicyConfig | None = None, budget: BudgetView | None = None,
-           escalate_to: str | None = None) -> Decision:
-    """Pick the model for one attempt. `key` (task id and attempt) makes exploration and the
-    Thompson draws deterministic. Raises Unroutable when no model can take the task."""
+           escalate_to: str | None = None, q: float = DEFAULT_QUALITY_SHARE,
+           q_source: str = "default", prompt: PromptView | None = None) -> Decision:
+    """Pick the model for one attempt. `key` (task id and attempt) makes exploration, the
+    Thompson draws and the mixture draw deterministic. `q`: the quality share of the objective
+    (see quality_share). `prompt`: the per-prompt success predictions, when the router has them.
+    Raises Unroutable when no model can take the task."""
     cfg = cfg or PolicyConfig()
     budget = budget or BudgetView()
     models = list(catalog.models.values())
     refused = {m.name: why for m in models if (why := incapable(m, spec)) is not None}
-    target = quality_target(catalog, spec.task_type)
     tokens = prompt_tokens(spec)
     costs = {m.name: estimate_cost(m, spec, stats, cfg, tokens) for m in models}
 
@@ -154,7 +243,7 @@ def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,
             raise Unroutable(f"pinned model {model.name} cannot take this task: "
                              f"{refused[model.name]}", "spec.model")
         return Decision(model, "pinned", f"pinned by the manifest to {model.name}",
-                        _alternatives(models, model, refused, spec, stats, costs, target),
+                        _alternatives(models, model, refused, spec, stats, costs, None),
                         costs[model.name])
 
     asked = escalate_to or spec.tier
@@ -189,39 +278,78 @@ def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,
 
     fallback = _fallback(catalog, tier, refused, costs)
     explored = not budget.low and explores(key, cfg.exploration_share)
-    z = 0.0 if budget.low else cfg.confidence_z
+    if budget.low:
+        q = min(q, cfg.low_budget_quality_share)
     rng = random.Random(_seed(key, "thompson"))
-    scored: list[tuple[float, float, Model]] = []  # (estimated success, cost, model)
-    for m in sorted(pool, key=lambda m: m.name):  # fixed draw order: deterministic
-        s = stats.get(spec.task_type, m.name)
-        est = s.sample(rng) if explored else s.lower(z)
-        scored.append((est, costs[m.name], m))
-    qualifying = sorted((c, m.name, e, m) for e, c, m in scored if e >= target)
-    if qualifying:
-        cost, _, est, model = qualifying[0]
-        s = stats.get(spec.task_type, model.name)
-        if explored:
-            rule, reason = "explore", (
-                f"exploring: {model.name} is the cheapest model whose Thompson sample "
-                f"{est:.2f} meets {spec.task_type}'s quality target {target:.2f} "
-                f"({s.successes}/{s.attempts} successes so far); {why}")
-        else:
-            judged = "posterior mean" if budget.low else "conservative estimate"
-            if rule in ("task_type", "default"):
-                rule = "learned"
-            reason = (f"learned: {model.name} is the cheapest model whose {judged} of success "
-                      f"{est:.2f} ({s.successes}/{s.attempts}) meets {spec.task_type}'s "
-                      f"quality target {target:.2f}; {why}")
-    else:
+    est = _estimates(pool, spec, stats, rng, explored, prompt, cfg)
+    # Without exploring, only models with evidence are judged (an untried model's 0.5 prior
+    # is not a reason to send it work); exploring, every capable model competes by its sample.
+    judged = {name: e for name, e in est.items()
+              if explored or cfg.confidence_z < 0 or e.evidence >= cfg.min_evidence}
+    options = [Option(name, e.judged, costs[name]) for name, e in judged.items()]
+    if not options:
         model, cost = fallback, costs[fallback.name]
-        reason = (f"{why}; no model has the evidence to meet {spec.task_type}'s quality target "
-                  f"{target:.2f} yet, so the tier's default {model.name}")
-        if explored:
-            reason += " (exploring: no Thompson sample met the target)"
+        reason = (f"{why}; no model has {cfg.min_evidence:g} outcomes of {spec.task_type} "
+                  f"yet, so the tier's default {model.name}")
+        if budget.low and budget.note:
+            reason += f"; {budget.note}"
+        return Decision(model, rule, reason,
+                        _alternatives(models, model, refused, spec, stats, costs, est), cost)
+    # The target is q x the best judged success. The other options are judged z posterior
+    # standard deviations lower (pessimism about cheap models with thin evidence), and the
+    # target rises by the task type's realised shortfall (what exploration and estimation
+    # missed so far is made up by later decisions).
+    if cfg.best_from_samples or not explored:
+        best = max(options, key=lambda o: (o.success, -o.cost, o.name))
+    else:  # the target from the best posterior mean; samples only move the candidates
+        best = max(options, key=lambda o: (est[o.name].success, -o.cost, o.name))
+        best = Option(best.name, est[best.name].success, best.cost)
+        options = [best if o.name == best.name else o for o in options]
+    target = q * best.success
+    realised = stats.of_type(spec.task_type)
+    shortfall = rate = 0.0
+    if realised.attempts >= cfg.min_evidence:
+        rate = (stats.recent_rate(spec.task_type) if cfg.shortfall_recent
+                else realised.successes / realised.attempts)
+        # a dead band of one standard error: noise in the realised rate is not a shortfall
+        n = min(realised.attempts, RECENT) if cfg.shortfall_recent else realised.attempts
+        shortfall = max(0.0, target - rate - math.sqrt(target * (1 - target) / n))
+    raised = target + cfg.shortfall_gain * shortfall
+    eff_q = min(1.0, raised / best.success) if best.success else q
+    shifted = [Option(o.name, o.success if o.name == best.name
+                      else min(1.0, max(0.0, o.success - judged[o.name].margin)), o.cost)
+               for o in options]
+    mix = solve(shifted, eff_q)
+    u = _seed(key, "mixture") / 2**64
+    picked = mix.pick(u)
+    model, cost = catalog.models[picked.name], costs[picked.name]
+    if rule in ("task_type", "default"):
+        rule = "learned"
+    if explored:
+        rule = "explore"
+    how = "Thompson sample" if explored else "estimate"
+    b, p = est[mix.best.name], est[picked.name]
+    reason = (f"{'exploring' if explored else 'objective'}: lowest expected cost with success "
+              f">= q {q:.2f} ({q_source}) x best; best {mix.best.name} {how} "
+              f"{mix.best.success:.2f} ({b.attempts} outcomes, {b.source}) -> target "
+              f"{mix.target:.2f}")
+    if shortfall > 0:
+        reason += (f" (raised: {spec.task_type}'s recent success {rate:.2f} is short of "
+                   f"{target:.2f})")
+    reason += "; "
+    if mix.lower is None:
+        reason += (f"{model.name} is the cheapest model meeting it ({how} less margin "
+                   f"{picked.success:.2f}, {p.attempts} outcomes, {p.source}, est. ${cost:.6f})")
+    else:
+        reason += (f"mix {mix.upper.name} ({mix.upper.success:.2f}) {mix.upper_share:.0%} with "
+                   f"cheaper {mix.lower.name} ({mix.lower.success:.2f}) meets it at est. "
+                   f"${mix.expected_cost:.6f}; drew {model.name} ({p.attempts} outcomes, "
+                   f"{p.source})")
+    reason += f"; {why}"
     if budget.low and budget.note:
         reason += f"; {budget.note}"
     return Decision(model, rule, reason,
-                    _alternatives(models, model, refused, spec, stats, costs, target), cost,
+                    _alternatives(models, model, refused, spec, stats, costs, est), cost,
                     explored=explored)
 
 
@@ -231,7 +359,8 @@ def _nothing_fits(refused: dict[str, str]) -> str:
 
 
 def _alternatives(models: list[Model], chosen: Model, refused: dict[str, str], spec: TaskSpec,
-                  stats: OutcomeStats, costs: dict[str, float], target: float) -> list[str]:
+                  stats: OutcomeStats, costs: dict[str, float],
+                  est: dict[str, Estimate] | None) -> list[str]:
     """Every other model with why it was not chosen: capability, or estimate and cost."""
     out = []
     for m in sorted(models, key=lambda m: (costs[m.name], m.name)):
@@ -241,6 +370,11 @@ def _alternatives(models: list[Model], chosen: Model, refused: dict[str, str], s
             out.append(f"{m.name} ({m.tier}): {refused[m.name]}")
             continue
         s = stats.get(spec.task_type, m.name)
-        out.append(f"{m.name} ({m.tier}): success {s.mean:.2f} over {s.attempts} attempts "
-                   f"(target {target:.2f}), est. ${costs[m.name]:.6f}")
+        e = est.get(m.name) if est else None
+        if e is None:
+            out.append(f"{m.name} ({m.tier}): success {s.mean:.2f} over {s.attempts} attempts, "
+                       f"est. ${costs[m.name]:.6f}")
+        else:
+            out.append(f"{m.name} ({m.tier}): success {e.success:.2f} ({e.source}, "
+                       f"{e.attempts} attempts), est. ${costs[m.name]:.6f}")
     return out

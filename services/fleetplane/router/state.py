@@ -15,6 +15,8 @@ from datetime import datetime
 from fleetplane.core import events as ev
 from fleetplane.core.catalog import Catalog
 from fleetplane.router.cache import CACHE_MODEL, CacheEntry, ResponseCache, cache_key, not_cacheable
+from fleetplane.router.features import FeatureCache, Vector
+from fleetplane.router.signal import PromptSignal
 from fleetplane.router.stats import NEUTRAL_FAILURES, OutcomeStats
 
 BUDGET_HOLD = "budget"
@@ -46,8 +48,10 @@ class TaskRecord:
 
 class RouterState:
     def __init__(self, catalog: Catalog, cache_ttl_s: float, cache_scope: str = "team",
-                 cache_max_entries: int = 100_000) -> None:
+                 cache_max_entries: int = 100_000, features: FeatureCache | None = None) -> None:
         self.catalog = catalog
+        self.features = features  # None: no per-prompt signal (per task type statistics only)
+        self.signal = PromptSignal()
         self.cache_scope = cache_scope
         self.tasks: dict[str, TaskRecord] = {}
         self.done: OrderedDict[str, None] = OrderedDict()
@@ -72,6 +76,12 @@ class RouterState:
                 return entry
             t = self.catalog.tier_above(t)
         return None
+
+    def prompt_vector(self, task_id: str, spec: ev.TaskSpec) -> Vector | None:
+        """The task's prompt features (computed once per task, then cached)."""
+        if self.features is None or not spec.prompt:
+            return None
+        return self.features.vector(task_id, spec.prompt)
 
     # -- the fold --------------------------------------------------------------------------------
     def apply(self, event: ev.Event) -> None:
@@ -131,6 +141,9 @@ class RouterState:
         rec.counted.add(attempt)
         if not neutral:
             self.stats.record(rec.spec.task_type, model, success, cost)
+            x = self.prompt_vector(task_id, rec.spec)
+            if x is not None:
+                self.signal.update(model, rec.spec.task_type, x, success)
 
     def _fill_cache(self, event: ev.TaskCompleted) -> None:
         rec = self.tasks.get(event.task_id)

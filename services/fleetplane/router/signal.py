@@ -1,0 +1,67 @@
+"""P(success | prompt, model), learned online from outcomes (pure, numpy).
+
+One logistic regression per model over the prompt's feature vector (fleetplane.router.features)
+plus a bias per (model, task type):
+
+    logit P = b[model] + t[model, task type] + w[model] . x
+
+trained by one AdaGrad step per observed outcome (L2-regularised). A task type the model has
+never run gets t = 0, so its prediction comes from the prompt alone: an unseen task type borrows
+from the outcomes of similar prompts of other task types. The weights are small (262 floats per
+model) and are part of the router's state snapshot (fleetplane.router.snapshot).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fleetplane.router.features import DIM, Vector
+
+LEARNING_RATE = 0.3
+L2 = 1e-4
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
+
+
+@dataclass
+class ModelWeights:
+    w: Vector = field(default_factory=lambda: np.zeros(DIM, dtype=np.float32))
+    g2: Vector = field(default_factory=lambda: np.full(DIM, 1e-6, dtype=np.float32))
+    bias: float = 0.0
+    bias_g2: float = 1e-6
+    by_type: dict[str, list[float]] = field(default_factory=dict)  # type -> [t, g2]
+    updates: int = 0
+
+
+class PromptSignal:
+    def __init__(self) -> None:
+        self.models: dict[str, ModelWeights] = {}
+
+    def predict(self, model: str, task_type: str, x: Vector) -> float:
+        m = self.models.get(model)
+        if m is None:
+            return 0.5
+        t = m.by_type.get(task_type, (0.0, 0.0))[0]
+        return _sigmoid(m.bias + t + float(m.w @ x))
+
+    def predict_many(self, models: list[str], task_type: str, x: Vector) -> dict[str, float]:
+        return {name: self.predict(name, task_type, x) for name in models}
+
+    def update(self, model: str, task_type: str, x: Vector, success: bool) -> None:
+        m = self.models.setdefault(model, ModelWeights())
+        tb = m.by_type.setdefault(task_type, [0.0, 1e-6])
+        p = _sigmoid(m.bias + tb[0] + float(m.w @ x))
+        g = p - (1.0 if success else 0.0)
+        grad = g * x + L2 * m.w
+        m.g2 += grad * grad
+        m.w -= (LEARNING_RATE / np.sqrt(m.g2)) * grad
+        m.bias_g2 += g * g
+        m.bias -= LEARNING_RATE / math.sqrt(m.bias_g2) * g
+        tb[1] += g * g
+        tb[0] -= LEARNING_RATE / math.sqrt(tb[1]) * g
+        m.updates += 1
