@@ -82,15 +82,14 @@ def cache_savings(store: Store, *, team: str | None = None) -> dict[str, Any]:
         params["team"] = team
     outcomes = store.query(
         f"SELECT toString(task_type) AS task_type, toString(model) AS model, cached, "
-        f"sum(successes) AS successes FROM {rollups.attempts_source(store, params=params)} "
-        f"WHERE successes > 0 {where} GROUP BY task_type, model, cached", params)
+        f"sum(successes) AS ok FROM {rollups.attempts_source(store, params=params)} "
+        f"WHERE 1 {where} GROUP BY task_type, model, cached HAVING ok > 0", params)
     costs = store.query(
         f"SELECT toString(task_type) AS task_type, toString(model) AS model, "
         f"sum(cost_usd) AS cost_usd FROM {rollups.calls_source(store, params=params)} "
-        "GROUP BY task_type, model", params)
+        f"WHERE 1 {where} GROUP BY task_type, model", params)
     cost = {(r["task_type"], r["model"]): float(r["cost_usd"]) for r in costs}
-    paid = {(r["task_type"], r["model"]): int(r["successes"]) for r in outcomes
-            if not r["cached"]}
+    paid = {(r["task_type"], r["model"]): int(r["ok"]) for r in outcomes if not r["cached"]}
     by_type_cost: dict[str, float] = defaultdict(float)
     by_type_ok: dict[str, int] = defaultdict(int)
     for (task_type, model), n in paid.items():
@@ -100,7 +99,7 @@ def cache_savings(store: Store, *, team: str | None = None) -> dict[str, Any]:
     for r in outcomes:
         if not r["cached"]:
             continue
-        task_type, model, n = r["task_type"], r["model"], int(r["successes"])
+        task_type, model, n = r["task_type"], r["model"], int(r["ok"])
         if paid.get((task_type, model)):
             unit: float | None = cost.get((task_type, model), 0.0) / paid[(task_type, model)]
         elif by_type_ok.get(task_type):

@@ -209,8 +209,8 @@ class ClickHouseSink:
             try:
                 rows = self.store.query_rows(
                     f"SELECT event_id FROM {self.store.table(table)} "
-                    "WHERE occurred_at >= toDateTime({first:String}, 'UTC') "
-                    "AND occurred_at < toDateTime({last:String}, 'UTC') "
+                    "WHERE occurred_at >= toDateTime64({first:String}, 3, 'UTC') "
+                    "AND occurred_at < toDateTime64({last:String}, 3, 'UTC') "
                     "AND event_id IN {ids:Array(String)}",
                     {"first": _utc_second(first), "last": _utc_second(last, 1),
                      "ids": sorted(event_ids)})
