@@ -141,6 +141,14 @@ def test_cost_by_from_rollups_equals_raw_rows(store: Store, by: str) -> None:
     assert sum(r["calls"] for r in raw.values()) > 500
 
 
+def test_one_query_breakdown_equals_raw_rows_per_dimension(store: Store) -> None:
+    dims = ("team", "task_type", "model")
+    got = queries.cost_breakdown(store, dims)    # type: ignore[arg-type]
+    for by in dims:
+        assert rounded(got[by], by) == rounded(queries.cost_by_raw(store, by), by)  # type: ignore[arg-type]
+        assert [r[by] for r in got[by]] == [r[by] for r in queries.cost_by(store, by)]  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("since,until", [
     (NOW - timedelta(days=2), None),                                       # partial hour start
     (None, NOW - timedelta(hours=30, minutes=17)),                          # partial hour end

@@ -89,8 +89,8 @@ def cost_breakdown(store: Store, dims: tuple[CostDimension, ...]) -> dict[str, l
     """, params)
     out: dict[str, list[dict[str, Any]]] = {by: [] for by in dims}
     for r in rows:
-        # grouping(x) is 1 when x is part of the row's grouping set
-        by = next(d for d in dims if r[f"{d}_off"] == 1)
+        # grouping(x) is 0 when x is part of the row's grouping set (standard SQL)
+        by = next(d for d in dims if r[f"{d}_off"] == 0)
         out[by].append({by: r[f"{by}_key"], **{k: r[k] for k in (
             "cost_usd", "calls", "tasks", "input_tokens", "output_tokens",
             "cache_creation_input_tokens", "cache_read_input_tokens")}})
