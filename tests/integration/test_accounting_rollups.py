@@ -249,3 +249,84 @@ def test_migration_backfills_rollups_of_a_database_that_predates_them(chdb_dir: 
         assert success_stats(s, list(TYPES)) == stats
     finally:
         close_test_store(s)
+
+
+# -- the dashboard at growing history --------------------------------------------------------
+class RecordingStore(Store):
+    """The real Store, also remembering each query it ran (to ask ClickHouse afterwards how many
+    rows each would read)."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner.client, inner.database, inner.dsn, inner.lock)
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def query(self, sql: str, parameters: Any = None) -> list[dict[str, Any]]:
+        self.seen.append((sql, dict(parameters or {})))
+        return super().query(sql, parameters)
+
+
+def dashboard_reads(s: Store) -> tuple[int, int, dict[str, Any]]:
+    """(queries, rows ClickHouse estimates they read, the payload) of one dashboard refresh."""
+    from fleetplane.accounting.dashboard import dashboard_data
+
+    rec = RecordingStore(s)
+    body = dashboard_data(rec, Settings())
+    rows = 0
+    for sql, params in rec.seen:
+        for r in s.query("EXPLAIN ESTIMATE " + sql, params):
+            rows += int(r["rows"])
+    return len(rec.seen), rows, body
+
+
+def history_store(chdb_dir: Path, rows: int) -> Store:
+    """`rows` model calls of history older than the live window, then the same recent fleet."""
+    from fleetplane.accounting.bench import generate_history
+
+    s = open_test_store(chdb_dir)
+    generate_history(s, rows, teams=3, types=4, days=20, min_age_s=3 * 3600)
+    for table in (rollups.CALLS_ROLLUP, rollups.ATTEMPTS_ROLLUP):
+        s.command(f"OPTIMIZE TABLE {s.table(table)} FINAL")   # steady state: parts merged
+    recent = [e.model_copy(update={"occurred_at": NOW - timedelta(minutes=20)
+                                   + (e.occurred_at - NOW) / 300})
+              for e in fleet(40, seed=11, prefix="now")]
+    sink = ClickHouseSink(s)
+    deliver(sink, recent)
+    sink.flush()
+    return s
+
+
+def test_dashboard_reads_stay_flat_as_history_grows(chdb_dir: Path) -> None:
+    small = history_store(chdb_dir, 100_000)
+    large = history_store(chdb_dir, 1_000_000)
+    try:
+        n_small, read_small, body_small = dashboard_reads(small)
+        n_large, read_large, body_large = dashboard_reads(large)
+        assert n_small == n_large
+        # the history is there (spend, value), the live sections see the same recent fleet
+        assert body_large["spend_usd"] > 5 * body_small["spend_usd"] > 0
+        assert body_large["overview"]["total"] == body_small["overview"]["total"]
+        assert len(body_large["tasks"]) == len(body_small["tasks"]) == 25
+        # 10x the history; what a refresh reads may not follow it
+        assert read_large < 1.3 * read_small + 10_000, (read_small, read_large)
+        # and it is far below the history itself
+        assert read_large < 200_000
+    finally:
+        close_test_store(small)
+        close_test_store(large)
+
+
+def test_dashboard_endpoint_shape(store: Store) -> None:
+    from fastapi.testclient import TestClient
+
+    from fleetplane.accounting.api import create_app
+
+    with TestClient(create_app(store, settings=Settings())) as client:
+        body = client.get("/v1/dashboard").json()
+    assert set(body) >= {"generated_at", "live_window_s", "overview", "budgets", "spend_usd",
+                         "cost_by_team", "cost_by_task_type", "cost_by_model", "value", "cache",
+                         "utilization", "queue_wait", "held_time", "alerts", "tasks"}
+    assert body["spend_usd"] == pytest.approx(
+        sum(r["cost_usd"] for r in queries.cost_by_raw(store, "team")))
+    assert {r["model"] for r in body["cost_by_model"]} == {m for m, _ in MODELS}
+    assert set(body["overview"]["total"]) == {"queued", "running", "held", "completed",
+                                              "failed", "other"}
