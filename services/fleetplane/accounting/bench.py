@@ -88,7 +88,8 @@ def generate_history(store: Store, rows: int, *, teams: int = 20, types: int = 1
     models, tiers, kinds = _array(MODELS), _array(TIERS), _array(TYPES[:types])
     db = store.database
     started = time.perf_counter()
-    age = f"toIntervalSecond({int(min_age_s)} + %s %% {span})"
+    # task t starts t/tasks of the way through the span (newest first): a steady fleet
+    age = f"toIntervalSecond({int(min_age_s)} + intDiv(toUInt64(%s) * {span}, {tasks}))"
     store.command(f"""
         INSERT INTO {db}.model_calls (task_id, team, attempt, call_index, model, provider, tier,
             task_type, input_tokens, output_tokens, cache_creation_input_tokens,
