@@ -38,14 +38,14 @@ from fleetplane.accounting.bench import generate_history, run_bench, synthetic_e
 from fleetplane.accounting.dashboard import dashboard_data
 from fleetplane.accounting.main import build_processor
 from fleetplane.accounting.rows import rows_for
-from fleetplane.core.kafka import EventProducer
-from fleetplane.core.loop import Record
-from fleetplane.core.topics import ensure_topics, load_topics, topic_for
-from fleetplane.infra.broker import EmbeddedBroker
-from fleetplane.accounting.store import Store, apply_ddl, connect
+from fleetplane.accounting.store import apply_ddl, connect
 from fleetplane.accounting.whatif import Selection, what_if
 from fleetplane.core.catalog import catalog_for
+from fleetplane.core.kafka import EventProducer
+from fleetplane.core.loop import Record
 from fleetplane.core.settings import Settings
+from fleetplane.core.topics import ensure_topics, load_topics, topic_for
+from fleetplane.infra.broker import EmbeddedBroker
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RAW_LIMIT = 10_000_000
@@ -65,7 +65,8 @@ def scale_run(dsn_dir: Path, rows: int) -> dict[str, Any]:
         apply_ddl(store)
         gen_s = generate_history(store, rows, days=30)
         merge_started = time.perf_counter()
-        for table in ("model_calls_hourly", "attempts_hourly"):
+        for table in ("model_calls_hourly", "attempts_hourly", "model_calls_daily",
+                      "attempts_daily"):
             # steady state: a live system's rollup parts are merged in the background
             store.command(f"OPTIMIZE TABLE {store.table(table)} FINAL")
         merge_s = time.perf_counter() - merge_started
@@ -155,7 +156,8 @@ def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
     finally:
         broker.stop()
     return {"events": len(events), "rows": acct_sink.stats.rows, "expected_rows": expected,
-            "events_stored": stored, "seconds": elapsed, "rows_per_s": acct_sink.stats.rows / elapsed,
+            "events_stored": stored, "seconds": elapsed,
+            "rows_per_s": acct_sink.stats.rows / elapsed,
             "events_per_s": len(events) / elapsed,
             "insert_rows_per_s": acct_sink.stats.rows_per_second(), "produce_s": produce_s,
             "flush_rows": flush_rows}

@@ -3,7 +3,8 @@ ClickHouse figures are taken with the stack stopped; one table is printed and on
 (bench/results/bench-<time>.json) holds the machine and every figure.
 
     python -m bench.suite [--quick] [--throughput 2000,20000] [--steady-rate 200]
-                          [--steady-seconds 30] [--overhead-tasks 1000] [--accounting-10m] [--accounting-100m]
+                          [--steady-seconds 30] [--overhead-tasks 1000] [--accounting-10m]
+                          [--accounting-100m]
     make bench BENCH_ARGS="--quick"
 
 Scenarios (docs/benchmarks.md says what each figure means):

@@ -154,6 +154,8 @@ def test_one_query_breakdown_equals_raw_rows_per_dimension(store: Store) -> None
     (None, NOW - timedelta(hours=30, minutes=17)),                          # partial hour end
     ((NOW - timedelta(days=1)).replace(minute=0, second=0), NOW.replace(minute=0, second=0)),
     (NOW - timedelta(hours=5, minutes=40), NOW - timedelta(hours=5, minutes=10)),  # in one hour
+    (NOW - timedelta(days=2, hours=5, minutes=17), NOW - timedelta(hours=3, minutes=7)),  # days
+    ((NOW - timedelta(days=2)).replace(hour=0, minute=0, second=0), None),   # whole days
 ])
 def test_windows_on_and_off_the_hour_equal_raw_rows(store: Store, since: datetime | None,
                                                     until: datetime | None) -> None:
@@ -239,7 +241,7 @@ def test_migration_backfills_rollups_of_a_database_that_predates_them(chdb_dir: 
         sink.flush()
         expected = rounded(queries.cost_by(s, "task_type"), "task_type")
         stats = success_stats(s, list(TYPES))
-        for rollup in (rollups.CALLS_ROLLUP, rollups.ATTEMPTS_ROLLUP):
+        for rollup in (rollups.CALLS_ROLLUP, rollups.ATTEMPTS_ROLLUP, *rollups.DAILY.values()):
             s.command(f"TRUNCATE TABLE {s.table(rollup)}")
         s.command(f"ALTER TABLE {s.table('attempt_outcomes')} UPDATE task_type = '', "
                   "call_model = '', tier = '' WHERE cached = 0 SETTINGS mutations_sync = 1")
@@ -284,7 +286,7 @@ def history_store(chdb_dir: Path, rows: int) -> Store:
 
     s = open_test_store(chdb_dir)
     generate_history(s, rows, teams=3, types=4, days=20, min_age_s=3 * 3600)
-    for table in (rollups.CALLS_ROLLUP, rollups.ATTEMPTS_ROLLUP):
+    for table in (rollups.CALLS_ROLLUP, rollups.ATTEMPTS_ROLLUP, *rollups.DAILY.values()):
         s.command(f"OPTIMIZE TABLE {s.table(table)} FINAL")   # steady state: parts merged
     recent = [e.model_copy(update={"occurred_at": NOW - timedelta(minutes=20)
                                    + (e.occurred_at - NOW) / 300})

@@ -67,7 +67,8 @@ def cost_by(store: Store, by: CostDimension, *, team: str | None = None,
     """, params)
 
 
-def cost_breakdown(store: Store, dims: tuple[CostDimension, ...]) -> dict[str, list[dict[str, Any]]]:
+def cost_breakdown(store: Store, dims: tuple[CostDimension, ...]
+                   ) -> dict[str, list[dict[str, Any]]]:
     """cost_by for several dimensions in one query (GROUPING SETS over the hourly rollup):
     {dimension: rows as cost_by returns them}."""
     for by in dims:
@@ -90,12 +91,12 @@ def cost_breakdown(store: Store, dims: tuple[CostDimension, ...]) -> dict[str, l
     out: dict[str, list[dict[str, Any]]] = {by: [] for by in dims}
     for r in rows:
         # grouping(x) is 0 when x is part of the row's grouping set (standard SQL)
-        by = next(d for d in dims if r[f"{d}_off"] == 0)
-        out[by].append({by: r[f"{by}_key"], **{k: r[k] for k in (
+        dim = next(d for d in dims if r[f"{d}_off"] == 0)
+        out[dim].append({dim: r[f"{dim}_key"], **{k: r[k] for k in (
             "cost_usd", "calls", "tasks", "input_tokens", "output_tokens",
             "cache_creation_input_tokens", "cache_read_input_tokens")}})
-    for by, items in out.items():
-        items.sort(key=lambda x, by=by: (-float(x["cost_usd"]), x[by]))
+    for dim, items in out.items():
+        items.sort(key=lambda x, d=dim: (-float(x["cost_usd"]), x[d]))  # type: ignore[misc]
     return out
 
 

@@ -18,9 +18,10 @@ log = get_logger(__name__)
 
 CALLS_ROLLUP = "model_calls_hourly"
 ATTEMPTS_ROLLUP = "attempts_hourly"
+DAILY = {CALLS_ROLLUP: "model_calls_daily", ATTEMPTS_ROLLUP: "attempts_daily"}
 
 _CALLS_SELECT = """
-    toStartOfHour(toDateTime(occurred_at, 'UTC')) AS hour, team, task_type, model, tier,
+    {bucket}(toDateTime(occurred_at, 'UTC')) AS hour, team, task_type, model, tier,
     toUInt64(count()) AS calls, toUInt64(countIf(outcome != 'ok')) AS errors,
     sum(cost_usd) AS cost_usd, sum(input_tokens) AS input_tokens,
     sum(output_tokens) AS output_tokens,
@@ -33,7 +34,7 @@ _CALLS_COLUMNS = ("hour, team, task_type, model, tier, calls, errors, cost_usd, 
 _CALLS_GROUP = "hour, team, task_type, model, tier"
 
 _ATTEMPTS_SELECT = """
-    toStartOfHour(toDateTime(occurred_at, 'UTC')) AS hour, team, task_type,
+    {bucket}(toDateTime(occurred_at, 'UTC')) AS hour, team, task_type,
     call_model AS model, tier, cached, toUInt64(count()) AS attempts,
     toUInt64(countIf(success = 1)) AS successes,
     toUInt64(countIf(success = 1 OR final = 1)) AS finished,
@@ -60,47 +61,88 @@ def _fmt(value: datetime) -> str:
     return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
-def _source(store: Store, rollup: str, raw: str, select: str, columns: str, group: str,
-            since: datetime | None, until: datetime | None, params: dict[str, Any]) -> str:
-    """A subquery over `rollup` for [since, until), raw rows for the partial hours at its ends."""
-    raw_ranges: list[tuple[datetime | None, datetime | None]] = []
-    lo = hi = None
-    if since is not None:
-        since = _utc(since)
-        lo = _ceil_hour(since)
-        if lo != since:
-            raw_ranges.append((since, lo))
-    if until is not None:
-        until = _utc(until)
-        hi = _floor_hour(until)
-        if hi != until:
-            raw_ranges.append((hi, until))
-    if lo is not None and hi is not None and hi <= lo:
-        # the window lies within one or two partial hours: raw rows only
-        raw_ranges, lo, hi = [(since, until)], None, None
-        rollup_part = None
-    else:
+def _floor_day(value: datetime) -> datetime:
+    return value.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _ceil_day(value: datetime) -> datetime:
+    floor = _floor_day(value)
+    return floor if floor == value else floor + timedelta(days=1)
+
+
+class _Parts:
+    """The SELECTs of one source, with their bound parameters."""
+
+    def __init__(self, store: Store, hourly: str, daily: str, raw: str, select: str,
+                 columns: str, group: str, params: dict[str, Any]) -> None:
+        self.store, self.hourly, self.daily, self.raw = store, hourly, daily, raw
+        self.select, self.columns, self.group, self.params = select, columns, group, params
+        self.parts: list[str] = []
+
+    def _bound(self, value: datetime, kind: str) -> str:
+        name = f"b{len(self.params)}"
+        self.params[name] = _fmt(value)[:19] if kind == "DateTime" else _fmt(value)
+        if kind == "DateTime":
+            return f"toDateTime({{{name}:String}}, 'UTC')"
+        return f"toDateTime64({{{name}:String}}, 3, 'UTC')"
+
+    def rollup(self, table: str, lo: datetime | None, hi: datetime | None) -> None:
         clauses = []
         if lo is not None:
-            clauses.append("hour >= toDateTime({rollup_lo:String}, 'UTC')")
-            params["rollup_lo"] = _fmt(lo)[:19]
+            clauses.append(f"hour >= {self._bound(lo, 'DateTime')}")
         if hi is not None:
-            clauses.append("hour < toDateTime({rollup_hi:String}, 'UTC')")
-            params["rollup_hi"] = _fmt(hi)[:19]
+            clauses.append(f"hour < {self._bound(hi, 'DateTime')}")
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rollup_part = f"SELECT {columns} FROM {store.table(rollup)} {where}"
-    parts = [rollup_part] if rollup_part else []
-    for i, (a, b) in enumerate(raw_ranges):
-        conds = []
-        if a is not None:
-            conds.append(f"occurred_at >= toDateTime64({{raw_a{i}:String}}, 3, 'UTC')")
-            params[f"raw_a{i}"] = _fmt(a)
-        if b is not None:
-            conds.append(f"occurred_at < toDateTime64({{raw_b{i}:String}}, 3, 'UTC')")
-            params[f"raw_b{i}"] = _fmt(b)
-        parts.append(f"SELECT {select} FROM {store.table(raw)} WHERE {' AND '.join(conds)} "
-                     f"GROUP BY {group}")
-    return "(" + " UNION ALL ".join(parts) + ")"
+        self.parts.append(f"SELECT {self.columns} FROM {self.store.table(table)} {where}")
+
+    def raw_rows(self, lo: datetime, hi: datetime) -> None:
+        self.parts.append(
+            f"SELECT {self.select.replace('{bucket}', 'toStartOfHour')} "
+            f"FROM {self.store.table(self.raw)} "
+            f"WHERE occurred_at >= {self._bound(lo, 'DateTime64')} "
+            f"AND occurred_at < {self._bound(hi, 'DateTime64')} GROUP BY {self.group}")
+
+    def hours(self, lo: datetime, hi: datetime) -> None:
+        """[lo, hi) (both finite): whole hours from the hourly rollup, the rest from raw rows."""
+        if hi <= lo:
+            return
+        first, last = _ceil_hour(lo), _floor_hour(hi)
+        if last <= first:
+            self.raw_rows(lo, hi)
+            return
+        if lo < first:
+            self.raw_rows(lo, first)
+        self.rollup(self.hourly, first, last)
+        if last < hi:
+            self.raw_rows(last, hi)
+
+    def window(self, since: datetime | None, until: datetime | None) -> str:
+        """Whole days from the daily rollup, whole hours from the hourly one, raw rows for the
+        partial hours at the ends. An open end needs no split (a rollup holds every row)."""
+        first = _ceil_day(since) if since is not None else None
+        last = _floor_day(until) if until is not None else None
+        if first is not None and last is not None and last <= first:
+            assert since is not None and until is not None
+            self.hours(since, until)
+        else:
+            self.rollup(self.daily, first, last)
+            if since is not None and first is not None:
+                self.hours(since, first)
+            if until is not None and last is not None:
+                self.hours(last, until)
+        if not self.parts:   # an empty window
+            self.parts.append(f"SELECT {self.columns} FROM {self.store.table(self.hourly)} "
+                              "WHERE 0")
+        return "(" + " UNION ALL ".join(self.parts) + ")"
+
+
+def _source(store: Store, rollup: str, raw: str, select: str, columns: str, group: str,
+            since: datetime | None, until: datetime | None, params: dict[str, Any]) -> str:
+    """A subquery with the rollup's columns over [since, until)."""
+    daily = DAILY[rollup]
+    since = _utc(since) if since is not None else None
+    until = _utc(until) if until is not None else None
+    return _Parts(store, rollup, daily, raw, select, columns, group, params).window(since, until)
 
 
 def calls_source(store: Store, since: datetime | None = None, until: datetime | None = None,
@@ -121,14 +163,16 @@ def attempts_source(store: Store, since: datetime | None = None, until: datetime
 # -- migration -------------------------------------------------------------------------------
 def _fill(store: Store, rollup: str, raw: str, select: str, columns: str, group: str) -> None:
     # FINAL: rows stored before the sink deduplicated may still hold duplicates.
-    store.command(f"INSERT INTO {store.table(rollup)} ({columns}) "
-                  f"SELECT {select} FROM {store.table(raw)} FINAL GROUP BY {group}")
+    for table, bucket in ((rollup, "toStartOfHour"), (DAILY[rollup], "toStartOfDay")):
+        store.command(f"INSERT INTO {store.table(table)} ({columns}) "
+                      f"SELECT {select.replace('{bucket}', bucket)} FROM {store.table(raw)} "
+                      f"FINAL GROUP BY {group}")
 
 
 def rebuild(store: Store) -> None:
     """Recompute both rollups from the raw rows (after a manual correction of raw rows).
     Hours whose raw rows expired (TTL) are lost from the rollups: rebuild only when needed."""
-    for rollup in (CALLS_ROLLUP, ATTEMPTS_ROLLUP):
+    for rollup in (CALLS_ROLLUP, ATTEMPTS_ROLLUP, *DAILY.values()):
         store.command(f"TRUNCATE TABLE {store.table(rollup)}")
     _fill(store, CALLS_ROLLUP, "model_calls", _CALLS_SELECT, _CALLS_COLUMNS, _CALLS_GROUP)
     _fill(store, ATTEMPTS_ROLLUP, "attempt_outcomes", _ATTEMPTS_SELECT, _ATTEMPTS_COLUMNS,
