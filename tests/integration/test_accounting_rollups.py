@@ -118,6 +118,14 @@ def store(chdb_dir: Path) -> Iterator[Store]:
     close_test_store(s)
 
 
+def json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows as the HTTP API returns them, floats rounded like pytest.approx would compare."""
+    import json
+
+    return [{k: (pytest.approx(v) if isinstance(v, float) else v) for k, v in r.items()}
+            for r in json.loads(json.dumps(rows, default=str))]
+
+
 def rounded(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
     return {r[key]: {k: (round(float(v), 9) if isinstance(v, float) else v)
                      for k, v in r.items()} for r in rows}
@@ -330,5 +338,8 @@ def test_dashboard_endpoint_shape(store: Store) -> None:
     assert body["spend_usd"] == pytest.approx(
         sum(r["cost_usd"] for r in queries.cost_by_raw(store, "team")))
     assert {r["model"] for r in body["cost_by_model"]} == {m for m, _ in MODELS}
+    # value and cache savings on the dashboard are the endpoints' answers
+    assert body["value"] == json_rows(analytics.cost_to_value(store, "task_type", source="raw"))
+    assert body["cache"]["cached_tasks"] == analytics.cache_savings(store)["cached_tasks"] > 0
     assert set(body["overview"]["total"]) == {"queued", "running", "held", "completed",
                                               "failed", "other"}

@@ -69,25 +69,68 @@ def cost_daily(store: Store, by: DailyDimension, *, team: str | None = None,
         f"GROUP BY day, {by} ORDER BY day, cost_usd DESC, {by}", params)
 
 
-def cache_savings(store: Store, *, team: str | None = None) -> dict[str, Any]:
+def type_model_figures(store: Store, *, team: str | None = None
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Two rollup reads shared by cache savings and cost-to-value by task type:
+    (outcomes per task type x model x cached: finished, ok; model-call cost per task type x
+    model)."""
+    params: dict[str, Any] = {}
+    where = ""
+    if team is not None:
+        where = "WHERE team = {team:String}"
+        params["team"] = team
+    outcomes = store.query(
+        f"SELECT toString(task_type) AS task_type, toString(model) AS model, cached, "
+        f"sum(finished) AS finished, sum(successes) AS ok "
+        f"FROM {rollups.attempts_source(store, params=params)} {where} "
+        "GROUP BY task_type, model, cached", params)
+    costs = store.query(
+        f"SELECT toString(task_type) AS task_type, toString(model) AS model, "
+        f"sum(cost_usd) AS cost_usd FROM {rollups.calls_source(store, params=params)} "
+        f"{where} GROUP BY task_type, model", params)
+    return outcomes, costs
+
+
+def _value_rows(by: str, outcomes: list[dict[str, Any]], costs: list[dict[str, Any]]
+                ) -> list[dict[str, Any]]:
+    """cost_to_value's rows from (key, finished, successes) and (key, cost) rows."""
+    rows: dict[str, dict[str, Any]] = {}
+    for r in outcomes:
+        row = rows.setdefault(r[by], {by: r[by], "tasks": 0, "successes": 0, "cost_usd": 0.0})
+        row["tasks"] += int(r["tasks"])
+        row["successes"] += int(r["successes"])
+    for r in costs:
+        row = rows.setdefault(r[by], {by: r[by], "tasks": 0, "successes": 0, "cost_usd": 0.0})
+        row["cost_usd"] += float(r["cost_usd"])
+    out = list(rows.values())
+    for r in out:
+        cost, ok = float(r["cost_usd"]), int(r["successes"])
+        r["success_rate"] = ok / int(r["tasks"]) if r["tasks"] else 0.0
+        r["successes_per_usd"] = ok / cost if cost > 0 else None
+        r["cost_per_success_usd"] = cost / ok if ok else None
+    out.sort(key=lambda r: (-(r["cost_per_success_usd"] if r["cost_per_success_usd"] is not None
+                              else float("inf")), r[by]))
+    return out
+
+
+def value_by_task_type(figures: tuple[list[dict[str, Any]], list[dict[str, Any]]]
+                       ) -> list[dict[str, Any]]:
+    """cost_to_value(store, "task_type") from type_model_figures (no further query)."""
+    outcomes, costs = figures
+    return _value_rows("task_type", [{"task_type": r["task_type"], "tasks": r["finished"],
+                                      "successes": r["ok"]} for r in outcomes], costs)
+
+
+def cache_savings(store: Store, *, team: str | None = None,
+                  figures: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
+                  ) -> dict[str, Any]:
     """What the response cache saved: each task completed from the cache (TaskCompleted
     cached=True) is valued at the cost per success of non-cached work of the same task type on
     the model it reused (model-call cost / non-cached successes); when there is none, of the same
     task type on any model; otherwise it counts as unpriced. From the hourly rollups. Returns
     totals and rows per task type."""
-    params: dict[str, Any] = {}
-    where = ""
-    if team is not None:
-        where = "AND team = {team:String}"
-        params["team"] = team
-    outcomes = store.query(
-        f"SELECT toString(task_type) AS task_type, toString(model) AS model, cached, "
-        f"sum(successes) AS ok FROM {rollups.attempts_source(store, params=params)} "
-        f"WHERE 1 {where} GROUP BY task_type, model, cached HAVING ok > 0", params)
-    costs = store.query(
-        f"SELECT toString(task_type) AS task_type, toString(model) AS model, "
-        f"sum(cost_usd) AS cost_usd FROM {rollups.calls_source(store, params=params)} "
-        f"WHERE 1 {where} GROUP BY task_type, model", params)
+    outcomes, costs = figures or type_model_figures(store, team=team)
+    outcomes = [r for r in outcomes if int(r["ok"]) > 0]
     cost = {(r["task_type"], r["model"]): float(r["cost_usd"]) for r in costs}
     paid = {(r["task_type"], r["model"]): int(r["ok"]) for r in outcomes if not r["cached"]}
     by_type_cost: dict[str, float] = defaultdict(float)
@@ -155,21 +198,7 @@ def cost_to_value(store: Store, by: ValueDimension, *, team: str | None = None,
     costs = store.query(
         f"SELECT toString({by}) AS {by}, sum(cost_usd) AS cost_usd FROM {calls_src} {where} "
         f"GROUP BY {by}", params)
-    rows: dict[str, dict[str, Any]] = {
-        r[by]: {by: r[by], "tasks": int(r["tasks"]), "successes": int(r["successes"]),
-                "cost_usd": 0.0} for r in outcomes}
-    for r in costs:
-        rows.setdefault(r[by], {by: r[by], "tasks": 0, "successes": 0, "cost_usd": 0.0})
-        rows[r[by]]["cost_usd"] = float(r["cost_usd"])
-    out = list(rows.values())
-    for r in out:
-        cost, ok = float(r["cost_usd"]), int(r["successes"])
-        r["success_rate"] = ok / int(r["tasks"]) if r["tasks"] else 0.0
-        r["successes_per_usd"] = ok / cost if cost > 0 else None
-        r["cost_per_success_usd"] = cost / ok if ok else None
-    out.sort(key=lambda r: (-(r["cost_per_success_usd"] if r["cost_per_success_usd"] is not None
-                              else float("inf")), r[by]))
-    return out
+    return _value_rows(by, outcomes, costs)
 
 
 # -- utilization and waiting -----------------------------------------------------------------

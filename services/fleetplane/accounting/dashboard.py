@@ -179,7 +179,8 @@ def dashboard_data(store: Store, settings: Settings) -> dict[str, Any]:
     hourly rollups; live sections (tasks, holds, waits, utilization) from the recent window
     (live.py). Nothing here reads the raw history, so a refresh costs the same at any history."""
     now = datetime.now(UTC)
-    costs = queries.cost_breakdown(store, ("team", "task_type", "model"))
+    costs = queries.cost_breakdown(store, ("team", "task_type", "model"), tasks=False)
+    figures = analytics.type_model_figures(store)   # value and cache savings share these
     return {
         "generated_at": now.isoformat(),
         "live_window_s": live.LIVE_WINDOW.total_seconds(),
@@ -189,8 +190,8 @@ def dashboard_data(store: Store, settings: Settings) -> dict[str, Any]:
         "cost_by_team": costs["team"],
         "cost_by_task_type": costs["task_type"],
         "cost_by_model": costs["model"],
-        "value": analytics.cost_to_value(store, "task_type"),
-        "cache": analytics.cache_savings(store),
+        "value": analytics.value_by_task_type(figures),
+        "cache": analytics.cache_savings(store, figures=figures),
         "utilization": analytics.utilization(store, bucket_s=60,
                                              since=now - live.LIVE_WINDOW, recent=True),
         "queue_wait": live.queue_wait(store, now),

@@ -67,10 +67,11 @@ def cost_by(store: Store, by: CostDimension, *, team: str | None = None,
     """, params)
 
 
-def cost_breakdown(store: Store, dims: tuple[CostDimension, ...]
+def cost_breakdown(store: Store, dims: tuple[CostDimension, ...], *, tasks: bool = True
                    ) -> dict[str, list[dict[str, Any]]]:
-    """cost_by for several dimensions in one query (GROUPING SETS over the hourly rollup):
-    {dimension: rows as cost_by returns them}."""
+    """cost_by for several dimensions in one query (GROUPING SETS over the rollups):
+    {dimension: rows as cost_by returns them}. tasks=False leaves out the distinct-task count
+    (merging uniq states is most of the query's work; the dashboard does not show it)."""
     for by in dims:
         if by not in COST_DIMENSIONS:
             raise ValueError(f"by must be one of {COST_DIMENSIONS}, not {by!r}")
@@ -81,8 +82,8 @@ def cost_breakdown(store: Store, dims: tuple[CostDimension, ...]
     sets = ", ".join(f"({by})" for by in dims)
     rows = store.query(f"""
         SELECT {keys}, {flags}, sum(cost_usd) AS cost_usd, sum(calls) AS calls,
-               uniqMerge(tasks) AS tasks, sum(input_tokens) AS input_tokens,
-               sum(output_tokens) AS output_tokens,
+               {"uniqMerge(tasks)" if tasks else "toUInt64(0)"} AS tasks,
+               sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
                sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
                sum(cache_read_input_tokens) AS cache_read_input_tokens
         FROM {src}
@@ -93,8 +94,8 @@ def cost_breakdown(store: Store, dims: tuple[CostDimension, ...]
         # grouping(x) is 0 when x is part of the row's grouping set (standard SQL)
         dim = next(d for d in dims if r[f"{d}_off"] == 0)
         out[dim].append({dim: r[f"{dim}_key"], **{k: r[k] for k in (
-            "cost_usd", "calls", "tasks", "input_tokens", "output_tokens",
-            "cache_creation_input_tokens", "cache_read_input_tokens")}})
+            "cost_usd", "calls", *(("tasks",) if tasks else ()), "input_tokens",
+            "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")}})
     for dim, items in out.items():
         items.sort(key=lambda x, d=dim: (-float(x["cost_usd"]), x[d]))  # type: ignore[misc]
     return out
