@@ -96,8 +96,8 @@ def cost_breakdown(store: Store, dims: tuple[CostDimension, ...], *, tasks: bool
         out[dim].append({dim: r[f"{dim}_key"], **{k: r[k] for k in (
             "cost_usd", "calls", *(("tasks",) if tasks else ()), "input_tokens",
             "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")}})
-    for dim, items in out.items():
-        items.sort(key=lambda x, d=dim: (-float(x["cost_usd"]), x[d]))  # type: ignore[misc]
+    for key, items in out.items():
+        items.sort(key=lambda x, k=key: (-float(x["cost_usd"]), x[k]))  # type: ignore[misc]
     return out
 
 
