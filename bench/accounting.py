@@ -5,11 +5,14 @@
 
 1. Sink: synthetic task lifecycles (15 events each: lifecycle, five model calls, five tool
    calls) mapped to rows and inserted through ClickHouseSink, as the accounting loop does.
-2. Scale: for each size N, N model-call rows (and the matching tasks: N/5 tasks with submission,
-   dispatch and outcome rows) are generated inside ClickHouse with INSERT ... SELECT FROM
-   numbers(N), then cost by team (model_calls FINAL), cost per day (the rollup), cost-to-value
-   and what-if (20% of frontier -> small; 20% of one task type -> a model) are timed
-   (first run and median of three).
+2. Sink through Kafka: the same lifecycles produced to a real broker first, then consumed by the
+   accounting processor as the service runs it (decode, map, dedupe lookups, columnar inserts).
+3. Scale: for each size N, N model-call rows (and the matching tasks: N/5 tasks with submission,
+   dispatch and outcome rows) over 30 days are generated inside ClickHouse with INSERT ...
+   SELECT FROM numbers(N) (generate_history; the rollups' materialized views see them), then
+   cost by team, cost per day, cost-to-value, what-if (20% of frontier -> small; 20% of one task
+   type -> a model) and one dashboard refresh are timed (first run and median of three), all
+   from the rollups; cost by team from raw rows once for comparison (up to 10M).
 Figures, not assertions. Results go to bench/results/accounting-<time>.json.
 """
 
@@ -21,6 +24,7 @@ import os
 import platform
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,74 +34,21 @@ from rich.console import Console
 from rich.table import Table
 
 from fleetplane.accounting import analytics, queries
-from fleetplane.accounting.bench import run_bench
-from fleetplane.accounting.store import Store, apply_ddl, connect
+from fleetplane.accounting.bench import generate_history, run_bench, synthetic_events
+from fleetplane.accounting.dashboard import dashboard_data
+from fleetplane.accounting.main import build_processor
+from fleetplane.accounting.rows import rows_for
+from fleetplane.accounting.store import apply_ddl, connect
 from fleetplane.accounting.whatif import Selection, what_if
 from fleetplane.core.catalog import catalog_for
+from fleetplane.core.kafka import EventProducer
+from fleetplane.core.loop import Record
 from fleetplane.core.settings import Settings
+from fleetplane.core.topics import ensure_topics, load_topics, topic_for
+from fleetplane.infra.broker import EmbeddedBroker
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = "['claude-opus-4-7', 'claude-sonnet-4-6', 'claude-haiku-4-5']"
-TIERS = "['frontier', 'standard', 'small']"
-TYPES = ("['summarize', 'classify', 'translate', 'format', 'codegen', 'refactor', 'review', "
-         "'test', 'debug', 'architecture', 'research']")
-
-
-def generate(store: Store, rows: int) -> float:
-    """N model calls over N/5 tasks (5 calls each) spread over 30 days; returns seconds."""
-    tasks = max(1, rows // 5)
-    db = store.database
-    started = time.perf_counter()
-    store.command(f"""
-        INSERT INTO {db}.model_calls (task_id, team, attempt, call_index, model, provider, tier,
-            task_type, input_tokens, output_tokens, cache_creation_input_tokens,
-            cache_read_input_tokens, cost_usd, latency_ms, outcome, error, stop_reason,
-            occurred_at, event_id)
-        SELECT concat('bt-', toString(intDiv(number, 5))) AS task_id,
-               concat('team-', toString(intDiv(number, 5) % 20)),
-               1, toUInt32(number % 5),
-               arrayElement({MODELS}, 1 + intDiv(number, 5) % 3), 'anthropic',
-               arrayElement({TIERS}, 1 + intDiv(number, 5) % 3),
-               arrayElement({TYPES}, 1 + intDiv(number, 15) % 11),
-               500 + number % 4000, 50 + number % 900, number % 7 = 0 ? 1000 : 0,
-               number % 3 = 0 ? 2000 : 0,
-               (500 + number % 4000) * 3e-6 + (50 + number % 900) * 15e-6,
-               300 + number % 2000, 'ok', '', 'end_turn',
-               now64(3) - toIntervalSecond(intDiv(number, 5) % 2592000),
-               hex(cityHash64(number, 'call'))
-        FROM numbers({rows})
-    """)
-    store.command(f"""
-        INSERT INTO {db}.task_transitions (task_id, team, event_id, event_type, state, terminal,
-            state_rank, occurred_at, attempt, task_type, model, tier, cost_usd, reason)
-        SELECT concat('bt-', toString(t)), concat('team-', toString(t % 20)),
-               hex(cityHash64(t, k)),
-               arrayElement(['TaskSubmitted', 'TaskDispatched', 'TaskCompleted', 'TaskFailed'],
-                            k + 1 + (k = 2 AND t % 10 = 0 ? 1 : 0)),
-               arrayElement(['submitted', 'dispatched', 'completed', 'failed'],
-                            k + 1 + (k = 2 AND t % 10 = 0 ? 1 : 0)),
-               k = 2, k = 2 ? 9 : k * 4 + 1,
-               now64(3) - toIntervalSecond(t % 2592000) + toIntervalMillisecond(k * 500),
-               k > 0, arrayElement({TYPES}, 1 + intDiv(t, 3) % 11),
-               k = 1 ? arrayElement({MODELS}, 1 + t % 3) : '',
-               k = 1 ? arrayElement({TIERS}, 1 + t % 3) : '', 0, ''
-        FROM (SELECT intDiv(number, 3) AS t, number % 3 AS k FROM numbers({tasks * 3}))
-    """)
-    store.command(f"""
-        INSERT INTO {db}.attempt_outcomes (task_id, team, attempt, event_type, success, final,
-            cached, model, failure_class, cost_usd, duration_ms, audit_head, audit_count,
-            occurred_at, event_id)
-        SELECT concat('bt-', toString(number)), concat('team-', toString(number % 20)), 1,
-               number % 10 = 0 ? 'TaskFailed' : 'TaskCompleted', number % 10 != 0, 1, 0,
-               number % 10 = 0 ? '' : arrayElement({MODELS}, 1 + number % 3),
-               number % 10 = 0 ? 'model_error' : '', 0, 1000 + number % 5000, '', 0,
-               now64(3) - toIntervalSecond(number % 2592000) + toIntervalSecond(1),
-               hex(cityHash64(number, 'outcome'))
-        FROM numbers({tasks})
-    """)
-    return time.perf_counter() - started
-
-
+RAW_LIMIT = 10_000_000
 def timed(fn: Callable[[], Any], repeat: int = 3) -> dict[str, float]:
     times = []
     for _ in range(repeat):
@@ -112,8 +63,15 @@ def scale_run(dsn_dir: Path, rows: int) -> dict[str, Any]:
                              clickhouse_database=f"bench_{rows}"))
     try:
         apply_ddl(store)
-        gen_s = generate(store, rows)
-        catalog = catalog_for(Settings().catalog_file)
+        gen_s = generate_history(store, rows, days=30)
+        merge_started = time.perf_counter()
+        for table in ("model_calls_hourly", "attempts_hourly", "model_calls_daily",
+                      "attempts_daily"):
+            # steady state: a live system's rollup parts are merged in the background
+            store.command(f"OPTIMIZE TABLE {store.table(table)} FINAL")
+        merge_s = time.perf_counter() - merge_started
+        settings = Settings()
+        catalog = catalog_for(settings.catalog_file)
         small = catalog.default_model("small")
         frontier_shift = Selection(share=0.2, target=small, from_tier="frontier")
         type_shift = Selection(share=0.2, target=catalog.model("claude-sonnet-4-6"),
@@ -123,13 +81,20 @@ def scale_run(dsn_dir: Path, rows: int) -> dict[str, Any]:
                 f"SELECT count() FROM {store.table('model_calls')}")),
             "tasks": rows // 5,
             "generate_s": gen_s,
+            "rollup_merge_s": merge_s,
+            "rollup_rows": int(store.command(
+                f"SELECT count() FROM {store.table('model_calls_hourly')}")),
             "cost_by_team": timed(lambda: queries.cost_by(store, "team")),
             "cost_daily_by_team": timed(lambda: analytics.cost_daily(store, "team")),
             "cost_to_value_by_task_type": timed(
                 lambda: analytics.cost_to_value(store, "task_type")),
             "whatif_frontier_to_small": timed(lambda: what_if(store, catalog, frontier_shift)),
             "whatif_task_type_to_model": timed(lambda: what_if(store, catalog, type_shift)),
+            "dashboard": timed(lambda: dashboard_data(store, settings)),
         }
+        if rows <= RAW_LIMIT:   # the pre-issue-18 path, for comparison
+            result["cost_by_team_raw"] = timed(lambda: queries.cost_by_raw(store, "team"),
+                                               repeat=1)
         store.command(f"DROP DATABASE {store.database}")
         return result
     finally:
@@ -150,13 +115,63 @@ def sink(base: Path, sink_tasks: int, flush_rows: int) -> dict[str, Any]:
             "insert_rows_per_s": r.insert_rows_per_s, "flush_rows": flush_rows}
 
 
+def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
+               timeout_s: float = 900.0) -> dict[str, Any]:
+    """End to end: the events are first produced to a real broker (pinned embedded noida-db on
+    a free port), then the accounting processor (build_processor, as the service runs it)
+    consumes, maps and inserts them; timed from its start until every row is in ClickHouse."""
+    broker = EmbeddedBroker(base / "broker")
+    broker.start()
+    try:
+        settings = Settings(kafka_bootstrap=broker.bootstrap,
+                            clickhouse_dsn=f"chdb://{base}", clickhouse_database="bench_e2e",
+                            sink_flush_rows=flush_rows)
+        ensure_topics(settings.client_config(), load_topics(settings.topics_file))
+        events = list(synthetic_events(sink_tasks, prefix=f"e2e-{time.monotonic_ns()}"))
+        expected = sum(len(v) for e in events
+                       for v in rows_for(e, Record(topic_for(e), 0, 0, None, b"")).values())
+        producer = EventProducer(settings)
+        produce_started = time.perf_counter()
+        producer.send(events, timeout_s=timeout_s)
+        produce_s = time.perf_counter() - produce_started
+        producer.close()
+        store = connect(settings)
+        try:
+            apply_ddl(store)
+            processor, acct_sink = build_processor(settings, store,
+                                                   group_id=f"bench-acct-{time.monotonic_ns()}")
+            thread = threading.Thread(target=processor.run, daemon=True)
+            started = time.perf_counter()
+            thread.start()
+            deadline = started + timeout_s
+            while acct_sink.stats.rows < expected and time.perf_counter() < deadline:
+                time.sleep(0.05)
+            elapsed = time.perf_counter() - started
+            processor.stop()
+            thread.join(60)
+            stored = int(store.command(f"SELECT count() FROM {store.table('events')}"))
+            store.command(f"DROP DATABASE {store.database}")
+        finally:
+            store.close()
+    finally:
+        broker.stop()
+    return {"events": len(events), "rows": acct_sink.stats.rows, "expected_rows": expected,
+            "events_stored": stored, "seconds": elapsed,
+            "rows_per_s": acct_sink.stats.rows / elapsed,
+            "events_per_s": len(events) / elapsed,
+            "insert_rows_per_s": acct_sink.stats.rows_per_second(), "produce_s": produce_s,
+            "flush_rows": flush_rows}
+
+
 def measure(sink_tasks: int, flush_rows: int, sizes: list[int],
-            dsn_dir: str = "") -> dict[str, Any]:
+            dsn_dir: str = "", kafka: bool = True) -> dict[str, Any]:
     """The sink figures and one scale run per size (used by this bench and by `make bench`)."""
     base = Path(dsn_dir or tempfile.mkdtemp(prefix="fleetplane-bench-acct-"))
     out: dict[str, Any] = {}
     if sink_tasks > 0:
         out["sink"] = sink(base, sink_tasks, flush_rows)
+        if kafka:
+            out["sink_kafka"] = sink_kafka(base, sink_tasks, flush_rows)
     out["scale"] = [scale_run(base, n) for n in sizes]
     return out
 
@@ -168,20 +183,29 @@ def main() -> None:
     parser.add_argument("--rows", default="1000000,10000000",
                         help="comma-separated model-call row counts for the scale runs")
     parser.add_argument("--dsn-dir", default="", help="chdb directory (default: a temp dir)")
+    parser.add_argument("--no-kafka", action="store_true",
+                        help="skip the end-to-end sink run through the broker")
     args = parser.parse_args()
     console = Console()
     sizes = [int(x) for x in args.rows.split(",") if x.strip()]
     out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                        "load_avg": os.getloadavg()}}
-    out.update(measure(args.sink_tasks, args.flush_rows, sizes, args.dsn_dir))
+    out.update(measure(args.sink_tasks, args.flush_rows, sizes, args.dsn_dir,
+                       kafka=not args.no_kafka))
     if "sink" in out:
         r = out["sink"]
         console.print(f"sink: {r['events']:,} events, {r['rows']:,} rows in {r['seconds']:.1f}s: "
                       f"{r['rows_per_s']:,.0f} rows/s end to end, {r['insert_rows_per_s']:,.0f} "
                       f"rows/s inserting ({r['events_per_s']:,.0f} events/s)")
+    if "sink_kafka" in out:
+        r = out["sink_kafka"]
+        console.print(f"sink through Kafka: {r['events']:,} events, {r['rows']:,} rows in "
+                      f"{r['seconds']:.1f}s: {r['rows_per_s']:,.0f} rows/s end to end "
+                      f"({r['events_per_s']:,.0f} events/s), {r['insert_rows_per_s']:,.0f} "
+                      f"rows/s inserting")
     table = Table(title="analytics latency on chdb (first run / median of 3, seconds)")
     for c in ("model calls", "generate", "cost by team", "cost/day", "cost-to-value",
-              "what-if tier", "what-if type"):
+              "what-if tier", "what-if type", "dashboard", "cost by team (raw)"):
         table.add_column(c, justify="right")
     for r in out["scale"]:
 
@@ -190,7 +214,9 @@ def main() -> None:
 
         table.add_row(f"{r['model_call_rows']:,}", f"{r['generate_s']:.1f}", cell("cost_by_team"),
                       cell("cost_daily_by_team"), cell("cost_to_value_by_task_type"),
-                      cell("whatif_frontier_to_small"), cell("whatif_task_type_to_model"))
+                      cell("whatif_frontier_to_small"), cell("whatif_task_type_to_model"),
+                      cell("dashboard"),
+                      cell("cost_by_team_raw") if "cost_by_team_raw" in r else "-")
     console.print(table)
     console.print(f"load average during the run: {os.getloadavg()} on {os.cpu_count()} CPUs")
     RESULTS.mkdir(exist_ok=True)

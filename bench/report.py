@@ -129,14 +129,22 @@ def render(result: dict[str, Any]) -> Table:
             table.add_row("clickhouse", f"sink rows/s ({sk['rows']:,} rows, {sk['events']:,} "
                                         "events; end to end / insert only)",
                           f"{sk['rows_per_s']:,.0f} / {sk['insert_rows_per_s']:,.0f}")
+        kf = a.get("sink_kafka")
+        if kf:
+            table.add_row("", f"sink rows/s through Kafka ({kf['rows']:,} rows; end to end / "
+                              "insert only)",
+                          f"{kf['rows_per_s']:,.0f} / {kf['insert_rows_per_s']:,.0f}")
         for sc in a.get("scale", []):
             n = f"{sc['model_call_rows']:,} calls"
             for key, label in (("cost_by_team", "cost by team"),
                                ("cost_daily_by_team", "cost per day by team"),
                                ("cost_to_value_by_task_type", "cost-to-value by task type"),
                                ("whatif_frontier_to_small", "what-if frontier→small"),
-                               ("whatif_task_type_to_model", "what-if task type→model")):
-                t = sc[key]
+                               ("whatif_task_type_to_model", "what-if task type→model"),
+                               ("dashboard", "dashboard data endpoint")):
+                t = sc.get(key)
+                if t is None:
+                    continue
                 table.add_row("", f"{n}: {label} (first / median of 3)",
                               f"{t['first_s'] * 1000:,.0f} / {t['median_s'] * 1000:,.0f} ms")
     if stack:

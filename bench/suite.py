@@ -4,6 +4,7 @@ ClickHouse figures are taken with the stack stopped; one table is printed and on
 
     python -m bench.suite [--quick] [--throughput 2000,20000] [--steady-rate 200]
                           [--steady-seconds 30] [--overhead-tasks 1000] [--accounting-10m]
+                          [--accounting-100m]
     make bench BENCH_ARGS="--quick"
 
 Scenarios (docs/benchmarks.md says what each figure means):
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model-call row counts for the analytics runs (default 1000000)")
     p.add_argument("--accounting-10m", action="store_true",
                    help="add the 10,000,000 model-call analytics run")
+    p.add_argument("--accounting-100m", action="store_true",
+                   help="add the 100,000,000 model-call analytics run (about 12 days of a "
+                        "1,000-agent fleet; generating it takes a long while)")
     p.add_argument("--timeout", type=float, default=0.0,
                    help="seconds to wait for a batch's tasks (default max(300, tasks/10))")
     p.add_argument("--keep-data", action="store_true",
@@ -94,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.accounting_rows = "100000" if quick else "1000000"
     if args.accounting_10m and "10000000" not in args.accounting_rows.split(","):
         args.accounting_rows += ",10000000"
+    if args.accounting_100m and "100000000" not in args.accounting_rows.split(","):
+        args.accounting_rows += ",100000000"
     args.only = {s.strip() for s in args.only.split(",") if s.strip()}
     unknown = args.only - set(SCENARIOS)
     if unknown:

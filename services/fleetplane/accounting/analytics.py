@@ -10,6 +10,7 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
+from fleetplane.accounting import rollups
 from fleetplane.accounting.queries import where_clause
 from fleetplane.accounting.store import Store
 from fleetplane.core.states import QUEUED_STATES, RUNNING_STATES, TERMINAL_STATES
@@ -68,48 +69,86 @@ def cost_daily(store: Store, by: DailyDimension, *, team: str | None = None,
         f"GROUP BY day, {by} ORDER BY day, cost_usd DESC, {by}", params)
 
 
-def cache_savings(store: Store, *, team: str | None = None) -> dict[str, Any]:
-    """What the response cache saved: each task completed from the cache (TaskCompleted
-    cached=True) is valued at the average cost of the non-cached successful tasks of the same
-    task type on its routed model; when there are none, of the same task type on any model;
-    otherwise it counts as unpriced. Returns totals and rows per task type."""
+def type_model_figures(store: Store, *, team: str | None = None
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Two rollup reads shared by cache savings and cost-to-value by task type:
+    (outcomes per task type x model x cached: finished, ok; model-call cost per task type x
+    model)."""
     params: dict[str, Any] = {}
-    team_clause = ""
+    where = ""
     if team is not None:
-        team_clause = "AND o.team = {team:String}"
+        where = "WHERE team = {team:String}"
         params["team"] = team
-    cached = store.query(
-        f"""
-        SELECT ti.task_type AS task_type,
-               if(ti.routed_model != '', ti.routed_model, any(o.model)) AS model,
-               uniqExact(o.task_id) AS tasks
-        FROM {store.table('attempt_outcomes')} AS o FINAL
-        LEFT JOIN {task_info(store)} AS ti ON o.task_id = ti.task_id
-        WHERE o.cached = 1 {team_clause}
-        GROUP BY ti.task_type, ti.routed_model
-        """, params)
-    paid = store.query(
-        f"""
-        SELECT ti.task_type AS task_type, ti.routed_model AS model, count() AS tasks,
-               avg(c.cost_usd) AS avg_cost_usd
-        FROM (SELECT task_id FROM {store.table('attempt_outcomes')} FINAL
-              WHERE success = 1 AND cached = 0 GROUP BY task_id) AS s
-        INNER JOIN (SELECT task_id, sum(cost_usd) AS cost_usd
-                    FROM {store.table('model_calls')} FINAL GROUP BY task_id) AS c
-            ON s.task_id = c.task_id
-        LEFT JOIN {task_info(store)} AS ti ON s.task_id = ti.task_id
-        GROUP BY ti.task_type, ti.routed_model
-        """)
-    by_type_model = {(r["task_type"], r["model"]): float(r["avg_cost_usd"]) for r in paid}
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for r in paid:
-        totals[r["task_type"]][0] += float(r["avg_cost_usd"]) * int(r["tasks"])
-        totals[r["task_type"]][1] += int(r["tasks"])
-    by_type = {t: s / n for t, (s, n) in totals.items() if n}
+    outcomes = store.query(
+        f"SELECT toString(task_type) AS task_type, toString(model) AS model, cached, "
+        f"sum(finished) AS finished, sum(successes) AS ok "
+        f"FROM {rollups.attempts_source(store, params=params)} {where} "
+        "GROUP BY task_type, model, cached", params)
+    costs = store.query(
+        f"SELECT toString(task_type) AS task_type, toString(model) AS model, "
+        f"sum(cost_usd) AS cost_usd FROM {rollups.calls_source(store, params=params)} "
+        f"{where} GROUP BY task_type, model", params)
+    return outcomes, costs
+
+
+def _value_rows(by: str, outcomes: list[dict[str, Any]], costs: list[dict[str, Any]]
+                ) -> list[dict[str, Any]]:
+    """cost_to_value's rows from (key, finished, successes) and (key, cost) rows."""
     rows: dict[str, dict[str, Any]] = {}
-    for r in cached:
-        task_type, model, n = r["task_type"], r["model"], int(r["tasks"])
-        unit = by_type_model.get((task_type, model), by_type.get(task_type))
+    for r in outcomes:
+        row = rows.setdefault(r[by], {by: r[by], "tasks": 0, "successes": 0, "cost_usd": 0.0})
+        row["tasks"] += int(r["tasks"])
+        row["successes"] += int(r["successes"])
+    for r in costs:
+        row = rows.setdefault(r[by], {by: r[by], "tasks": 0, "successes": 0, "cost_usd": 0.0})
+        row["cost_usd"] += float(r["cost_usd"])
+    out = list(rows.values())
+    for r in out:
+        cost, ok = float(r["cost_usd"]), int(r["successes"])
+        r["success_rate"] = ok / int(r["tasks"]) if r["tasks"] else 0.0
+        r["successes_per_usd"] = ok / cost if cost > 0 else None
+        r["cost_per_success_usd"] = cost / ok if ok else None
+    out.sort(key=lambda r: (-(r["cost_per_success_usd"] if r["cost_per_success_usd"] is not None
+                              else float("inf")), r[by]))
+    return out
+
+
+def value_by_task_type(figures: tuple[list[dict[str, Any]], list[dict[str, Any]]]
+                       ) -> list[dict[str, Any]]:
+    """cost_to_value(store, "task_type") from type_model_figures (no further query)."""
+    outcomes, costs = figures
+    return _value_rows("task_type", [{"task_type": r["task_type"], "tasks": r["finished"],
+                                      "successes": r["ok"]} for r in outcomes], costs)
+
+
+def cache_savings(store: Store, *, team: str | None = None,
+                  figures: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None
+                  ) -> dict[str, Any]:
+    """What the response cache saved: each task completed from the cache (TaskCompleted
+    cached=True) is valued at the cost per success of non-cached work of the same task type on
+    the model it reused (model-call cost / non-cached successes); when there is none, of the same
+    task type on any model; otherwise it counts as unpriced. From the hourly rollups. Returns
+    totals and rows per task type."""
+    outcomes, costs = figures or type_model_figures(store, team=team)
+    outcomes = [r for r in outcomes if int(r["ok"]) > 0]
+    cost = {(r["task_type"], r["model"]): float(r["cost_usd"]) for r in costs}
+    paid = {(r["task_type"], r["model"]): int(r["ok"]) for r in outcomes if not r["cached"]}
+    by_type_cost: dict[str, float] = defaultdict(float)
+    by_type_ok: dict[str, int] = defaultdict(int)
+    for (task_type, model), n in paid.items():
+        by_type_cost[task_type] += cost.get((task_type, model), 0.0)
+        by_type_ok[task_type] += n
+    rows: dict[str, dict[str, Any]] = {}
+    for r in outcomes:
+        if not r["cached"]:
+            continue
+        task_type, model, n = r["task_type"], r["model"], int(r["ok"])
+        if paid.get((task_type, model)):
+            unit: float | None = cost.get((task_type, model), 0.0) / paid[(task_type, model)]
+        elif by_type_ok.get(task_type):
+            unit = by_type_cost[task_type] / by_type_ok[task_type]
+        else:
+            unit = None
         row = rows.setdefault(task_type, {"task_type": task_type, "cached_tasks": 0,
                                           "saved_usd": 0.0, "unpriced_tasks": 0})
         row["cached_tasks"] += n
@@ -126,50 +165,62 @@ def cache_savings(store: Store, *, team: str | None = None) -> dict[str, Any]:
     }
 
 
-def cost_to_value(store: Store, by: ValueDimension, *, team: str | None = None
-                  ) -> list[dict[str, Any]]:
-    """Finished tasks per `by`: successes (completed), cost of all its tasks (failed ones too),
-    successes per dollar and cost per success; highest cost per success first."""
+def cost_to_value(store: Store, by: ValueDimension, *, team: str | None = None,
+                  since: datetime | None = None, until: datetime | None = None,
+                  source: Literal["rollup", "raw"] = "rollup") -> list[dict[str, Any]]:
+    """Per `by` over [since, until): tasks finished (a success or a final failure recorded),
+    successes (completed, cached ones included), the cost of the model calls made, successes
+    per dollar and cost per success; highest cost per success first. From the hourly rollups;
+    `source="raw"` computes the same from the raw rows (attempt_outcomes, model_calls FINAL)."""
     if by not in get_args(ValueDimension):
         raise ValueError(f"by must be one of {get_args(ValueDimension)}")
-    params: dict[str, Any] = {"terminal": list(_TERMINAL)}
-    clauses = ["state IN {terminal:Array(String)}", "state != 'rejected'"]
+    params: dict[str, Any] = {}
+    where = ""
     if team is not None:
-        clauses.append("team = {team:String}")
+        where = "WHERE team = {team:String}"
         params["team"] = team
-    rows = store.query(
-        f"""
-        SELECT toString({by}) AS {by}, count() AS tasks, countIf(state = 'completed') AS successes,
-               sum(cost_usd) AS cost_usd
-        FROM {store.table('tasks')} {where_clause(clauses)}
-        GROUP BY {by}
-        """, params)
-    for r in rows:
-        cost, ok = float(r["cost_usd"]), int(r["successes"])
-        r["success_rate"] = ok / int(r["tasks"]) if r["tasks"] else 0.0
-        r["successes_per_usd"] = ok / cost if cost > 0 else None
-        r["cost_per_success_usd"] = cost / ok if ok else None
-    rows.sort(key=lambda r: (-(r["cost_per_success_usd"] if r["cost_per_success_usd"] is not None
-                               else float("inf")), r[by]))
-    return rows
+    if source == "raw":
+        win_o = where_clause([*(["team = {team:String}"] if team is not None else []),
+                              *_window("occurred_at", since, until, params)])
+        outcomes_src = (f"(SELECT task_type, team, toUInt64(countIf(success = 1 OR final = 1)) "
+                        f"AS finished, toUInt64(countIf(success = 1)) AS successes "
+                        f"FROM {store.table('attempt_outcomes')} FINAL {win_o} "
+                        f"GROUP BY task_type, team)")
+        calls_src = (f"(SELECT task_type, team, sum(cost_usd) AS cost_usd "
+                     f"FROM {store.table('model_calls')} FINAL {win_o} GROUP BY task_type, team)")
+        where = ""
+    else:
+        outcomes_src = rollups.attempts_source(store, since, until, params)
+        calls_src = rollups.calls_source(store, since, until, params)
+    outcomes = store.query(
+        f"SELECT toString({by}) AS {by}, sum(finished) AS tasks, sum(successes) AS successes "
+        f"FROM {outcomes_src} {where} GROUP BY {by}", params)
+    costs = store.query(
+        f"SELECT toString({by}) AS {by}, sum(cost_usd) AS cost_usd FROM {calls_src} {where} "
+        f"GROUP BY {by}", params)
+    return _value_rows(by, outcomes, costs)
 
 
 # -- utilization and waiting -----------------------------------------------------------------
 def utilization(store: Store, *, bucket_s: int = 60, since: datetime | None = None,
-                until: datetime | None = None) -> dict[str, Any]:
+                until: datetime | None = None, recent: bool = False) -> dict[str, Any]:
     """Executor slots busy vs idle per time bucket (from ExecutorUtilization windows), and
     within busy time the seconds waiting on models, running tools and the rest (agent loop,
     queueing inside the executor). Beside the series: the same per executor process
     (`executors`: slots reported, shares, last report) and for the whole fleet (`total`)."""
     params: dict[str, Any] = {"bucket": max(1, int(bucket_s))}
     clauses = _window("window_start", since, until, params)
+    # recent=True: the time-ordered copy (last 8 days; the dashboard), read by its primary key.
+    # The full table keeps FINAL for rows stored before the sink deduplicated utilization.
+    source = (store.table("recent_utilization") if recent
+              else f"{store.table('utilization')} FINAL")
     series = store.query(
         f"""
         SELECT toStartOfInterval(window_start, toIntervalSecond({{bucket:UInt32}})) AS t,
                uniqExact(executor_id, slot) AS slots,
                sum(busy_s) AS busy_s, sum(idle_s) AS idle_s, sum(model_s) AS model_s,
                sum(tool_s) AS tool_s, sum(attempts) AS attempts
-        FROM {store.table('utilization')} FINAL {where_clause(clauses)}
+        FROM {source} {where_clause(clauses)}
         GROUP BY t ORDER BY t
         """, params)
     total = {k: sum(float(r[k]) for r in series) for k in ("busy_s", "idle_s", "model_s",
@@ -179,7 +230,7 @@ def utilization(store: Store, *, bucket_s: int = 60, since: datetime | None = No
         SELECT executor_id, uniqExact(slot) AS slots, sum(busy_s) AS busy_s,
                sum(idle_s) AS idle_s, sum(model_s) AS model_s, sum(tool_s) AS tool_s,
                sum(attempts) AS attempts, max(window_start) AS last_report
-        FROM {store.table('utilization')} FINAL {where_clause(clauses)}
+        FROM {source} {where_clause(clauses)}
         GROUP BY executor_id ORDER BY executor_id
         """, params)
     total["slots"] = sum(int(r["slots"]) for r in executors)
@@ -300,11 +351,11 @@ def recent_alerts(store: Store, *, limit: int = 50) -> list[dict[str, Any]]:
 
 
 def spend_since(store: Store, start: datetime) -> dict[str, float]:
-    """Spend per team from model calls at or after `start` (deduplicated)."""
-    rows = store.query(
-        f"SELECT team, sum(cost_usd) AS cost_usd FROM {store.table('model_calls')} FINAL "
-        "WHERE occurred_at >= " + _TIME % "start" + " GROUP BY team",
-        {"start": start.isoformat()})
+    """Spend per team from model calls at or after `start` (the hourly rollup; raw rows for a
+    start that is not on an hour)."""
+    params: dict[str, Any] = {}
+    src = rollups.calls_source(store, start, None, params)
+    rows = store.query(f"SELECT team, sum(cost_usd) AS cost_usd FROM {src} GROUP BY team", params)
     return {r["team"]: float(r["cost_usd"]) for r in rows}
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 
-from fleetplane.accounting import analytics, queries
+from fleetplane.accounting import analytics, live, queries
 from fleetplane.accounting.api_analytics import budgets
 from fleetplane.accounting.store import Store
 from fleetplane.core.settings import Settings
@@ -175,24 +175,29 @@ refresh(); setInterval(refresh, %(refresh)d);
 
 
 def dashboard_data(store: Store, settings: Settings) -> dict[str, Any]:
-    overview = analytics.fleet_overview(store)
-    by_team = queries.cost_by(store, "team")
-    waits = analytics.queue_wait(store)
+    """One refresh of the overview page. Costs, value, cache savings and budgets come from the
+    hourly rollups; live sections (tasks, holds, waits, utilization) from the recent window
+    (live.py). Nothing here reads the raw history, so a refresh costs the same at any history."""
+    now = datetime.now(UTC)
+    costs = queries.cost_breakdown(store, ("team", "task_type", "model"), tasks=False)
+    figures = analytics.type_model_figures(store)   # value and cache savings share these
     return {
-        "generated_at": datetime.now(UTC).isoformat(),
-        "overview": overview,
+        "generated_at": now.isoformat(),
+        "live_window_s": live.LIVE_WINDOW.total_seconds(),
+        "overview": live.overview(store, now),
         "budgets": budgets(store, settings),
-        "spend_usd": sum(float(r["cost_usd"]) for r in by_team),
-        "cost_by_team": by_team,
-        "cost_by_task_type": queries.cost_by(store, "task_type"),
-        "cost_by_model": queries.cost_by(store, "model"),
-        "value": analytics.cost_to_value(store, "task_type"),
-        "cache": analytics.cache_savings(store),
-        "utilization": analytics.utilization(store, bucket_s=60),
-        "queue_wait": waits[0] if waits else None,
-        "held_time": analytics.held_time(store),
+        "spend_usd": sum(float(r["cost_usd"]) for r in costs["team"]),
+        "cost_by_team": costs["team"],
+        "cost_by_task_type": costs["task_type"],
+        "cost_by_model": costs["model"],
+        "value": analytics.value_by_task_type(figures),
+        "cache": analytics.cache_savings(store, figures=figures),
+        "utilization": analytics.utilization(store, bucket_s=60,
+                                             since=now - live.LIVE_WINDOW, recent=True),
+        "queue_wait": live.queue_wait(store, now),
+        "held_time": live.held_time(store, now),
         "alerts": analytics.recent_alerts(store, limit=20),
-        "tasks": queries.task_list(store, limit=25),
+        "tasks": live.recent_tasks(store, now, limit=25),
     }
 
 

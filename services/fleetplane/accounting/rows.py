@@ -53,8 +53,11 @@ WORKSPACE_CHANGES_COLUMNS: tuple[str, ...] = (
 ATTEMPT_OUTCOMES_COLUMNS: tuple[str, ...] = (
     "task_id", "team", "attempt", "event_type", "success", "final", "cached", "model",
     "failure_class", "cost_usd", "duration_ms", "audit_head", "audit_count", "occurred_at",
-    "event_id",
+    "event_id", "task_type", "call_model", "tier",
 )
+# attempt_outcomes.task_type, call_model and tier (the model and tier of the attempt's last model
+# call) are filled in by the sink; rows_for leaves them empty.
+OUTCOME_TASK_TYPE = ATTEMPT_OUTCOMES_COLUMNS.index("task_type")
 HOLDS_COLUMNS: tuple[str, ...] = (
     "task_id", "team", "attempt", "kind", "reason", "held_by", "occurred_at", "event_id",
 )
@@ -165,12 +168,12 @@ def _fact_row(event: ev.Event) -> tuple[str, Row] | None:
         return ATTEMPT_OUTCOMES, (
             event.task_id, event.team, event.attempt, "TaskCompleted", 1, 1, int(event.cached),
             event.model, "", event.cost_usd, float(event.duration_ms), event.audit_head,
-            event.audit_count, event.occurred_at, event.event_id)
+            event.audit_count, event.occurred_at, event.event_id, "", "", "")
     if isinstance(event, ev.TaskFailed):
         return ATTEMPT_OUTCOMES, (
             event.task_id, event.team, event.attempt, "TaskFailed", 0, int(event.final), 0, "",
             event.failure_class, event.cost_usd, 0.0, event.audit_head, event.audit_count,
-            event.occurred_at, event.event_id)
+            event.occurred_at, event.event_id, "", "", "")
     if isinstance(event, ev.TaskHeld):
         return HOLDS, (event.task_id, event.team, event.attempt, event.kind or "unspecified",
                        event.reason[:2000], event.held_by or "", event.occurred_at,

@@ -101,10 +101,14 @@ class Store:
             context = self._insert_contexts.get(key)
             if context is None:
                 context = self.client.create_insert_context(self.table(table),
-                                                            column_names=list(column_names))
+                                                            column_names=list(column_names),
+                                                            column_oriented=True)
                 self._insert_contexts[key] = context
             try:
-                self.client.insert(data=rows, context=context)
+                # Columnar: one list per column (zip runs in C); the driver then serializes
+                # each column without visiting rows.
+                columns = [list(c) for c in zip(*rows, strict=True)]
+                self.client.insert(data=columns, context=context)
             except Exception:
                 self._insert_contexts.pop(key, None)
                 raise
@@ -198,8 +202,29 @@ def apply_ddl(store: Store, ttl_days: int = 0, ddl_dir: Path = DDL_DIR,
     statements = ddl_statements(store.database, ttl_days, ddl_dir, partition)
     for statement in statements:
         store.command(statement)
+    if ttl_days > 0 and ddl_dir == DDL_DIR:
+        apply_ttl(store, ttl_days)
+    if ddl_dir == DDL_DIR:
+        from fleetplane.accounting import rollups
+
+        rollups.migrate(store)
     log.info("clickhouse schema applied", statements=len(statements), database=store.database)
     return len(statements)
+
+
+# The raw fact tables: their rows expire after the configured TTL (the rollups are kept).
+FACT_TABLES: tuple[str, ...] = (
+    "events", "model_calls", "task_transitions", "tool_calls", "workspace_changes",
+    "attempt_outcomes", "holds", "alerts", "utilization")
+
+
+def apply_ttl(store: Store, ttl_days: int) -> None:
+    """Set the raw-row TTL on existing fact tables (tables created before it, or with another
+    value). Metadata only: expired rows are dropped by later merges, not rewritten now."""
+    clause = ttl_clause(ttl_days).removeprefix("TTL ")
+    for table in FACT_TABLES:
+        store.command(f"ALTER TABLE {store.table(table)} MODIFY TTL {clause} "
+                      "SETTINGS materialize_ttl_after_modify = 0")
 
 
 def settings_ttl_days(settings: Settings) -> int:

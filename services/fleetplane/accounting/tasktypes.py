@@ -10,8 +10,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Any
 
+from fleetplane.accounting.rows import MODEL_CALLS_COLUMNS
 from fleetplane.accounting.store import Store
+
+_TASK, _ATTEMPT, _INDEX, _MODEL, _TIER = (MODEL_CALLS_COLUMNS.index(c) for c in (
+    "task_id", "attempt", "call_index", "model", "tier"))
 
 
 class TaskTypes:
@@ -44,4 +49,44 @@ class TaskTypes:
                 if row["task_type"]:
                     found[row["task_id"]] = row["task_type"]
                     self.remember(row["task_id"], row["task_type"])
+        return found
+
+
+class AttemptModels:
+    """The model and tier of each attempt's last model call (highest call_index): remembered from
+    the model-call rows the sink sees (a bounded LRU), else looked up in ClickHouse."""
+
+    def __init__(self, store: Store, capacity: int = 200_000) -> None:
+        self.store = store
+        self.capacity = capacity
+        self._known: OrderedDict[tuple[str, int], tuple[int, str, str]] = OrderedDict()
+
+    def remember(self, row: tuple[Any, ...]) -> None:
+        key = (str(row[_TASK]), int(row[_ATTEMPT]))
+        index = int(row[_INDEX])
+        seen = self._known.get(key)
+        if seen is None or index >= seen[0]:
+            self._known[key] = (index, str(row[_MODEL]), str(row[_TIER]))
+        self._known.move_to_end(key)
+        while len(self._known) > self.capacity:
+            self._known.popitem(last=False)
+
+    def resolve(self, attempts: Iterable[tuple[str, int]], teams: Iterable[str] = ()
+                ) -> dict[tuple[str, int], tuple[str, str]]:
+        """(task id, attempt) -> (model, tier) for the attempts with a model call; `teams` (of
+        those tasks) narrows the ClickHouse lookup to their part of the sort key."""
+        wanted = set(attempts)
+        found = {k: (v[1], v[2]) for k in wanted if (v := self._known.get(k)) is not None}
+        missing = wanted - set(found)
+        if missing:
+            rows = self.store.query(
+                f"SELECT task_id, attempt, argMax(model, call_index) AS model, "
+                f"argMax(tier, call_index) AS tier FROM {self.store.table('model_calls')} "
+                "WHERE team IN {teams:Array(String)} AND task_id IN {ids:Array(String)} "
+                "GROUP BY task_id, attempt",
+                {"ids": sorted({t for t, _ in missing}), "teams": sorted(set(teams))})
+            for row in rows:
+                key = (str(row["task_id"]), int(row["attempt"]))
+                if key in missing:
+                    found[key] = (str(row["model"]), str(row["tier"]))
         return found

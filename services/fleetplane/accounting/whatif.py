@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from fleetplane.accounting import rollups
 from fleetplane.accounting.store import Store
 from fleetplane.core.catalog import Catalog, Model
 
@@ -73,14 +74,6 @@ def resolve_target(catalog: Catalog, to_model: str | None, to_tier: str | None) 
     raise ValueError("give a target: --to TIER or --to-model MODEL")
 
 
-def _untyped(store: Store) -> str:
-    """Task types of the tasks whose model calls were stored before their type was known (the
-    sink fills model_calls.task_type; this covers the rest without scanning every task)."""
-    return (f"(SELECT task_id, argMaxIf(task_type, occurred_at, task_type != '') AS task_type "
-            f"FROM {store.table('task_transitions')} WHERE task_id IN (SELECT task_id FROM "
-            f"{store.table('model_calls')} WHERE task_type = '') GROUP BY task_id)")
-
-
 def _typed_calls(store: Store) -> str:
     """Model calls (deduplicated) with their task type."""
     return (f"(SELECT m.task_id AS task_id, m.attempt AS attempt, m.call_index AS call_index, "
@@ -88,12 +81,12 @@ def _typed_calls(store: Store) -> str:
             f"m.input_tokens AS input_tokens, m.output_tokens AS output_tokens, "
             f"m.cache_creation_input_tokens AS cache_creation_input_tokens, "
             f"m.cache_read_input_tokens AS cache_read_input_tokens, "
-            f"if(m.task_type != '', m.task_type, u.task_type) AS type "
-            f"FROM {store.table('model_calls')} AS m FINAL "
-            f"LEFT JOIN {_untyped(store)} AS u ON m.task_id = u.task_id)")
+            f"m.task_type AS type "
+            f"FROM {store.table('model_calls')} AS m FINAL)")
 
 
-def _selected_calls(store: Store, sel: Selection) -> list[dict[str, Any]]:
+def _selected_calls(store: Store, sel: Selection, source: str = "rollup"
+                    ) -> list[dict[str, Any]]:
     clauses: list[str] = ["model != {target:String}"]
     params: dict[str, Any] = {"target": sel.target.name}
     if sel.from_tier:
@@ -105,6 +98,19 @@ def _selected_calls(store: Store, sel: Selection) -> list[dict[str, Any]]:
     if sel.task_type:
         clauses.append("type = {task_type:String}")
         params["task_type"] = sel.task_type
+    if source != "raw":
+        src = rollups.calls_source(store, params=params)
+        return store.query(
+            f"""
+            SELECT toString(task_type) AS task_type, toString(model) AS model,
+                   sum(cost_usd) AS cost_usd, sum(calls) AS calls, uniqMerge(tasks) AS tasks,
+                   sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+                   sum(cache_creation_input_tokens) AS cache_write_tokens,
+                   sum(cache_read_input_tokens) AS cache_read_tokens
+            FROM (SELECT *, task_type AS type FROM {src})
+            WHERE {' AND '.join(clauses)}
+            GROUP BY task_type, model
+            """, params)
     return store.query(
         f"""
         SELECT type AS task_type, model, sum(cost_usd) AS cost_usd, count() AS calls,
@@ -118,10 +124,22 @@ def _selected_calls(store: Store, sel: Selection) -> list[dict[str, Any]]:
         """, params)
 
 
-def success_stats(store: Store, task_types: list[str]) -> dict[tuple[str, str], tuple[int, int]]:
+def success_stats(store: Store, task_types: list[str], source: str = "rollup"
+                  ) -> dict[tuple[str, str], tuple[int, int]]:
     """(task type, model) -> (successes, trials): finished non-cached attempts, each counted
     for the model its model calls went to (an attempt that never called a model says nothing
-    about one)."""
+    about one). From the attempts rollup (the sink resolves each outcome's call model);
+    `source="raw"` joins the raw rows."""
+    if source != "raw":
+        params: dict[str, Any] = {"types": task_types}
+        src = rollups.attempts_source(store, params=params)
+        rows = store.query(
+            f"SELECT toString(task_type) AS task_type, toString(model) AS model, "
+            f"sum(successes) AS successes, sum(attempts) AS trials FROM {src} "
+            "WHERE cached = 0 AND model != '' AND task_type IN {types:Array(String)} "
+            "GROUP BY task_type, model", params)
+        return {(r["task_type"], r["model"]): (int(r["successes"]), int(r["trials"]))
+                for r in rows}
     rows = store.query(
         f"""
         SELECT c.call_type AS task_type, c.call_model AS model,
@@ -139,12 +157,14 @@ def success_stats(store: Store, task_types: list[str]) -> dict[tuple[str, str], 
     return {(r["task_type"], r["model"]): (int(r["successes"]), int(r["trials"])) for r in rows}
 
 
-def what_if(store: Store, catalog: Catalog, sel: Selection) -> dict[str, Any]:
-    """The cost change and expected successes lost of moving sel.share of the work to B."""
-    calls = _selected_calls(store, sel)
+def what_if(store: Store, catalog: Catalog, sel: Selection, source: str = "rollup"
+            ) -> dict[str, Any]:
+    """The cost change and expected successes lost of moving sel.share of the work to B
+    (from the rollups; source="raw": from the raw rows, for audit and tests)."""
+    calls = _selected_calls(store, sel, source)
     prices = sel.target.prices
     types = sorted({r["task_type"] for r in calls})
-    stats = success_stats(store, types) if types else {}
+    stats = success_stats(store, types, source) if types else {}
     per_type: dict[str, dict[str, Any]] = {}
     for r in calls:
         row = per_type.setdefault(r["task_type"], {

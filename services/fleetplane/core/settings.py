@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     clickhouse_database: str = "fleetplane"
     sink_flush_rows: int = 20_000
     clickhouse_ttl_days: int = Field(
-        default=0, description="Drop raw rows older than this many days (0: keep forever).")
+        default=90, description="Drop raw rows older than this many days (0: keep forever); "
+        "the accounting rollups are kept.")
 
     # Accounting (issue 6): partitioning, budget and anomaly publishing, analyst SQL limits
     clickhouse_partition: str = Field(

@@ -1,0 +1,145 @@
+-- Issue 18: rollups the analytics and the dashboard read (docs/accounting.md, "Rollups").
+-- The sink deduplicates model_calls and attempt_outcomes by event_id before inserting, so every
+-- row reaches these materialized views once: the rollups are exact without FINAL.
+-- Rollups have no TTL: they are kept when raw rows expire.
+-- The task type and the model of an attempt, resolved by the sink (see sink.py): success counts
+-- per model and task type for the what-if come from these columns.
+ALTER TABLE {database}.attempt_outcomes ADD COLUMN IF NOT EXISTS task_type LowCardinality(String) DEFAULT '';
+ALTER TABLE {database}.attempt_outcomes ADD COLUMN IF NOT EXISTS call_model LowCardinality(String) DEFAULT '';
+ALTER TABLE {database}.attempt_outcomes ADD COLUMN IF NOT EXISTS tier LowCardinality(String) DEFAULT '';
+-- The sink's duplicate lookup reads event ids of a time range: a bloom filter on event_id keeps
+-- that lookup from reading the whole table.
+ALTER TABLE {database}.model_calls ADD INDEX IF NOT EXISTS event_id_bf event_id TYPE bloom_filter(0.01) GRANULARITY 1;
+ALTER TABLE {database}.attempt_outcomes ADD INDEX IF NOT EXISTS event_id_bf event_id TYPE bloom_filter(0.01) GRANULARITY 1;
+-- Model calls per hour x team x task type x model x tier.
+-- tasks: distinct task ids (uniq: exact up to 65,536 distinct tasks per answer row, an estimate
+-- within about 2% above that).
+CREATE TABLE IF NOT EXISTS {database}.model_calls_hourly
+(
+    hour                        DateTime('UTC'),
+    team                        LowCardinality(String),
+    task_type                   LowCardinality(String),
+    model                       LowCardinality(String),
+    tier                        LowCardinality(String),
+    calls                       SimpleAggregateFunction(sum, UInt64),
+    errors                      SimpleAggregateFunction(sum, UInt64),
+    cost_usd                    SimpleAggregateFunction(sum, Float64),
+    input_tokens                SimpleAggregateFunction(sum, UInt64),
+    output_tokens               SimpleAggregateFunction(sum, UInt64),
+    cache_creation_input_tokens SimpleAggregateFunction(sum, UInt64),
+    cache_read_input_tokens     SimpleAggregateFunction(sum, UInt64),
+    latency_ms                  SimpleAggregateFunction(sum, Float64),
+    tasks                       AggregateFunction(uniq, String)
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(hour)
+ORDER BY (hour, team, task_type, model, tier);
+CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.model_calls_hourly_mv TO {database}.model_calls_hourly AS
+SELECT toStartOfHour(toDateTime(occurred_at, 'UTC')) AS hour, team, task_type, model, tier,
+       toUInt64(count()) AS calls, toUInt64(countIf(outcome != 'ok')) AS errors,
+       sum(cost_usd) AS cost_usd, sum(input_tokens) AS input_tokens,
+       sum(output_tokens) AS output_tokens,
+       sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
+       sum(cache_read_input_tokens) AS cache_read_input_tokens,
+       sum(latency_ms) AS latency_ms, uniqState(task_id) AS tasks
+FROM {database}.model_calls
+GROUP BY hour, team, task_type, model, tier;
+-- Attempt outcomes per hour x team x task type x model (of the attempt's model calls) x tier x
+-- cached: attempts, successes, final outcomes (finished tasks), durations.
+CREATE TABLE IF NOT EXISTS {database}.attempts_hourly
+(
+    hour        DateTime('UTC'),
+    team        LowCardinality(String),
+    task_type   LowCardinality(String),
+    model       LowCardinality(String),
+    tier        LowCardinality(String),
+    cached      UInt8,
+    attempts    SimpleAggregateFunction(sum, UInt64),
+    successes   SimpleAggregateFunction(sum, UInt64),
+    finished    SimpleAggregateFunction(sum, UInt64),
+    duration_ms SimpleAggregateFunction(sum, Float64),
+    reported_cost_usd SimpleAggregateFunction(sum, Float64)
+)
+ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(hour)
+ORDER BY (hour, team, task_type, model, tier, cached);
+CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.attempts_hourly_mv TO {database}.attempts_hourly AS
+SELECT toStartOfHour(toDateTime(occurred_at, 'UTC')) AS hour, team, task_type,
+       call_model AS model, tier, cached, toUInt64(count()) AS attempts,
+       toUInt64(countIf(success = 1)) AS successes,
+       toUInt64(countIf(success = 1 OR final = 1)) AS finished,
+       sum(duration_ms) AS duration_ms, sum(cost_usd) AS reported_cost_usd
+FROM {database}.attempt_outcomes
+GROUP BY hour, team, task_type, model, tier, cached;
+-- Recent lifecycle rows in time order (kept 8 days): the dashboard's live sections read a
+-- bounded time range of this table through its primary key, not the task-ordered history.
+CREATE TABLE IF NOT EXISTS {database}.recent_transitions
+(
+    occurred_at DateTime64(3, 'UTC'),
+    task_id     String,
+    team        LowCardinality(String),
+    event_id    String,
+    state       LowCardinality(String),
+    terminal    UInt8,
+    state_rank  UInt8,
+    task_type   LowCardinality(String)
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMMDD(occurred_at)
+ORDER BY (occurred_at, task_id)
+TTL toDateTime(occurred_at) + INTERVAL 8 DAY;
+CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.recent_transitions_mv TO {database}.recent_transitions AS
+SELECT occurred_at, task_id, team, event_id, state, terminal, state_rank, task_type
+FROM {database}.task_transitions;
+-- Recent executor utilization windows in time order (kept 8 days), for the dashboard. The sink
+-- deduplicates utilization rows by event_id, so this copy holds each window once.
+CREATE TABLE IF NOT EXISTS {database}.recent_utilization
+(
+    window_start DateTime64(3, 'UTC'),
+    executor_id  LowCardinality(String),
+    slot         UInt32,
+    window_s     Float64,
+    model_s      Float64,
+    tool_s       Float64,
+    busy_s       Float64,
+    idle_s       Float64,
+    attempts     UInt32,
+    event_id     String
+)
+ENGINE = MergeTree
+PARTITION BY toYYYYMMDD(window_start)
+ORDER BY (window_start, executor_id, slot)
+TTL toDateTime(window_start) + INTERVAL 8 DAY;
+CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.recent_utilization_mv TO {database}.recent_utilization AS
+SELECT window_start, executor_id, slot, window_s, model_s, tool_s, busy_s, idle_s, attempts, event_id
+FROM {database}.utilization;
+ALTER TABLE {database}.utilization ADD INDEX IF NOT EXISTS event_id_bf event_id TYPE bloom_filter(0.01) GRANULARITY 1;
+-- The same two rollups per UTC day: questions over days, weeks and months (and the dashboard's
+-- all-time figures) read ~24x fewer rows. A window reads whole days from these, whole hours
+-- from the hourly ones, and raw rows only for partial hours at its ends (rollups.py).
+CREATE TABLE IF NOT EXISTS {database}.model_calls_daily AS {database}.model_calls_hourly
+ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(hour)
+ORDER BY (hour, team, task_type, model, tier);
+CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.model_calls_daily_mv TO {database}.model_calls_daily AS
+SELECT toStartOfDay(toDateTime(occurred_at, 'UTC')) AS hour, team, task_type, model, tier,
+       toUInt64(count()) AS calls, toUInt64(countIf(outcome != 'ok')) AS errors,
+       sum(cost_usd) AS cost_usd, sum(input_tokens) AS input_tokens,
+       sum(output_tokens) AS output_tokens,
+       sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
+       sum(cache_read_input_tokens) AS cache_read_input_tokens,
+       sum(latency_ms) AS latency_ms, uniqState(task_id) AS tasks
+FROM {database}.model_calls
+GROUP BY hour, team, task_type, model, tier;
+CREATE TABLE IF NOT EXISTS {database}.attempts_daily AS {database}.attempts_hourly
+ENGINE = AggregatingMergeTree
+PARTITION BY toYYYYMM(hour)
+ORDER BY (hour, team, task_type, model, tier, cached);
+CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.attempts_daily_mv TO {database}.attempts_daily AS
+SELECT toStartOfDay(toDateTime(occurred_at, 'UTC')) AS hour, team, task_type,
+       call_model AS model, tier, cached, toUInt64(count()) AS attempts,
+       toUInt64(countIf(success = 1)) AS successes,
+       toUInt64(countIf(success = 1 OR final = 1)) AS finished,
+       sum(duration_ms) AS duration_ms, sum(cost_usd) AS reported_cost_usd
+FROM {database}.attempt_outcomes
+GROUP BY hour, team, task_type, model, tier, cached;

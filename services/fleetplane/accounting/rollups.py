@@ -1,0 +1,225 @@
+"""The hourly rollups (infra/clickhouse/011_rollups.sql): what the analytics read, and their
+migration (backfill from raw rows when a database that predates them is upgraded; rebuild).
+
+`calls_source` / `attempts_source` are subqueries with the rollup's columns for a time window:
+whole hours come from the rollup; the parts of the window that do not start or end on an hour
+come from the raw rows of those partial hours, aggregated the same way, so any window is exact.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fleetplane.accounting.store import Store
+from fleetplane.core.logging import get_logger
+
+log = get_logger(__name__)
+
+CALLS_ROLLUP = "model_calls_hourly"
+ATTEMPTS_ROLLUP = "attempts_hourly"
+DAILY = {CALLS_ROLLUP: "model_calls_daily", ATTEMPTS_ROLLUP: "attempts_daily"}
+
+_CALLS_SELECT = """
+    {bucket}(toDateTime(occurred_at, 'UTC')) AS hour, team, task_type, model, tier,
+    toUInt64(count()) AS calls, toUInt64(countIf(outcome != 'ok')) AS errors,
+    sum(cost_usd) AS cost_usd, sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens,
+    sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
+    sum(cache_read_input_tokens) AS cache_read_input_tokens,
+    sum(latency_ms) AS latency_ms, uniqState(task_id) AS tasks"""
+_CALLS_COLUMNS = ("hour, team, task_type, model, tier, calls, errors, cost_usd, input_tokens, "
+                  "output_tokens, cache_creation_input_tokens, cache_read_input_tokens, "
+                  "latency_ms, tasks")
+_CALLS_GROUP = "hour, team, task_type, model, tier"
+
+_ATTEMPTS_SELECT = """
+    {bucket}(toDateTime(occurred_at, 'UTC')) AS hour, team, task_type,
+    call_model AS model, tier, cached, toUInt64(count()) AS attempts,
+    toUInt64(countIf(success = 1)) AS successes,
+    toUInt64(countIf(success = 1 OR final = 1)) AS finished,
+    sum(duration_ms) AS duration_ms, sum(cost_usd) AS reported_cost_usd"""
+_ATTEMPTS_COLUMNS = ("hour, team, task_type, model, tier, cached, attempts, successes, finished, "
+                     "duration_ms, reported_cost_usd")
+_ATTEMPTS_GROUP = "hour, team, task_type, model, tier, cached"
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _floor_hour(value: datetime) -> datetime:
+    return value.replace(minute=0, second=0, microsecond=0)
+
+
+def _ceil_hour(value: datetime) -> datetime:
+    floor = _floor_hour(value)
+    return floor if floor == value else floor + timedelta(hours=1)
+
+
+def _fmt(value: datetime) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _floor_day(value: datetime) -> datetime:
+    return value.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _ceil_day(value: datetime) -> datetime:
+    floor = _floor_day(value)
+    return floor if floor == value else floor + timedelta(days=1)
+
+
+class _Parts:
+    """The SELECTs of one source, with their bound parameters."""
+
+    def __init__(self, store: Store, hourly: str, daily: str, raw: str, select: str,
+                 columns: str, group: str, params: dict[str, Any]) -> None:
+        self.store, self.hourly, self.daily, self.raw = store, hourly, daily, raw
+        self.select, self.columns, self.group, self.params = select, columns, group, params
+        self.parts: list[str] = []
+
+    def _bound(self, value: datetime, kind: str) -> str:
+        name = f"b{len(self.params)}"
+        self.params[name] = _fmt(value)[:19] if kind == "DateTime" else _fmt(value)
+        if kind == "DateTime":
+            return f"toDateTime({{{name}:String}}, 'UTC')"
+        return f"toDateTime64({{{name}:String}}, 3, 'UTC')"
+
+    def rollup(self, table: str, lo: datetime | None, hi: datetime | None) -> None:
+        clauses = []
+        if lo is not None:
+            clauses.append(f"hour >= {self._bound(lo, 'DateTime')}")
+        if hi is not None:
+            clauses.append(f"hour < {self._bound(hi, 'DateTime')}")
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        self.parts.append(f"SELECT {self.columns} FROM {self.store.table(table)} {where}")
+
+    def raw_rows(self, lo: datetime, hi: datetime) -> None:
+        self.parts.append(
+            f"SELECT {self.select.replace('{bucket}', 'toStartOfHour')} "
+            f"FROM {self.store.table(self.raw)} "
+            f"WHERE occurred_at >= {self._bound(lo, 'DateTime64')} "
+            f"AND occurred_at < {self._bound(hi, 'DateTime64')} GROUP BY {self.group}")
+
+    def hours(self, lo: datetime, hi: datetime) -> None:
+        """[lo, hi) (both finite): whole hours from the hourly rollup, the rest from raw rows."""
+        if hi <= lo:
+            return
+        first, last = _ceil_hour(lo), _floor_hour(hi)
+        if last <= first:
+            self.raw_rows(lo, hi)
+            return
+        if lo < first:
+            self.raw_rows(lo, first)
+        self.rollup(self.hourly, first, last)
+        if last < hi:
+            self.raw_rows(last, hi)
+
+    def window(self, since: datetime | None, until: datetime | None) -> str:
+        """Whole days from the daily rollup, whole hours from the hourly one, raw rows for the
+        partial hours at the ends. An open end needs no split (a rollup holds every row)."""
+        first = _ceil_day(since) if since is not None else None
+        last = _floor_day(until) if until is not None else None
+        if first is not None and last is not None and last <= first:
+            assert since is not None and until is not None
+            self.hours(since, until)
+        else:
+            self.rollup(self.daily, first, last)
+            if since is not None and first is not None:
+                self.hours(since, first)
+            if until is not None and last is not None:
+                self.hours(last, until)
+        if not self.parts:   # an empty window
+            self.parts.append(f"SELECT {self.columns} FROM {self.store.table(self.hourly)} "
+                              "WHERE 0")
+        return "(" + " UNION ALL ".join(self.parts) + ")"
+
+
+def _source(store: Store, rollup: str, raw: str, select: str, columns: str, group: str,
+            since: datetime | None, until: datetime | None, params: dict[str, Any]) -> str:
+    """A subquery with the rollup's columns over [since, until)."""
+    daily = DAILY[rollup]
+    since = _utc(since) if since is not None else None
+    until = _utc(until) if until is not None else None
+    return _Parts(store, rollup, daily, raw, select, columns, group, params).window(since, until)
+
+
+def calls_source(store: Store, since: datetime | None = None, until: datetime | None = None,
+                 params: dict[str, Any] | None = None) -> str:
+    """Model calls per hour x team x task type x model x tier for [since, until)."""
+    return _source(store, CALLS_ROLLUP, "model_calls", _CALLS_SELECT, _CALLS_COLUMNS,
+                   _CALLS_GROUP, since, until, params if params is not None else {})
+
+
+def attempts_source(store: Store, since: datetime | None = None, until: datetime | None = None,
+                    params: dict[str, Any] | None = None) -> str:
+    """Attempt outcomes per hour x team x task type x model x tier x cached for [since, until)."""
+    return _source(store, ATTEMPTS_ROLLUP, "attempt_outcomes", _ATTEMPTS_SELECT,
+                   _ATTEMPTS_COLUMNS, _ATTEMPTS_GROUP, since, until,
+                   params if params is not None else {})
+
+
+# -- migration -------------------------------------------------------------------------------
+def _fill(store: Store, rollup: str, raw: str, select: str, columns: str, group: str) -> None:
+    # FINAL: rows stored before the sink deduplicated may still hold duplicates.
+    for table, bucket in ((rollup, "toStartOfHour"), (DAILY[rollup], "toStartOfDay")):
+        store.command(f"INSERT INTO {store.table(table)} ({columns}) "
+                      f"SELECT {select.replace('{bucket}', bucket)} FROM {store.table(raw)} "
+                      f"FINAL GROUP BY {group}")
+
+
+def rebuild(store: Store) -> None:
+    """Recompute both rollups from the raw rows (after a manual correction of raw rows).
+    Hours whose raw rows expired (TTL) are lost from the rollups: rebuild only when needed."""
+    for rollup in (CALLS_ROLLUP, ATTEMPTS_ROLLUP, *DAILY.values()):
+        store.command(f"TRUNCATE TABLE {store.table(rollup)}")
+    _fill(store, CALLS_ROLLUP, "model_calls", _CALLS_SELECT, _CALLS_COLUMNS, _CALLS_GROUP)
+    _fill(store, ATTEMPTS_ROLLUP, "attempt_outcomes", _ATTEMPTS_SELECT, _ATTEMPTS_COLUMNS,
+          _ATTEMPTS_GROUP)
+
+
+def _update_attempt_columns(store: Store) -> None:
+    """Rewrite the rows of attempt_outcomes that lack the sink-filled columns (migration)."""
+    t = store.table
+    missing = int(store.command(
+        f"SELECT count() FROM {t('attempt_outcomes')} WHERE task_type = '' OR call_model = ''"))
+    if not missing:
+        return
+    # Insert completed copies with the same event_id, then collapse: the table is a
+    # ReplacingMergeTree on (task_id, event_id) and the copy has the newer ingested_at.
+    store.command(f"""
+        INSERT INTO {t('attempt_outcomes')}
+        SELECT o.* REPLACE (
+            if(o.task_type != '', o.task_type, tt.task_type) AS task_type,
+            if(o.call_model != '', o.call_model, mc.model) AS call_model,
+            if(o.tier != '', o.tier, mc.tier) AS tier,
+            now64(3) AS ingested_at)
+        FROM {t('attempt_outcomes')} AS o FINAL
+        LEFT JOIN (SELECT task_id, argMaxIf(task_type, occurred_at, task_type != '')
+                       AS task_type FROM {t('task_transitions')} GROUP BY task_id) AS tt
+            ON o.task_id = tt.task_id
+        LEFT JOIN (SELECT task_id, attempt, argMax(model, call_index) AS model,
+                          argMax(tier, call_index) AS tier
+                   FROM {t('model_calls')} FINAL GROUP BY task_id, attempt) AS mc
+            ON o.task_id = mc.task_id AND o.attempt = mc.attempt
+        WHERE o.task_type = '' OR o.call_model = ''
+        SETTINGS join_use_nulls = 0""")
+    store.command(f"OPTIMIZE TABLE {t('attempt_outcomes')} FINAL")
+
+
+def migrate(store: Store) -> bool:
+    """Backfill the rollups once when they are empty and raw rows exist (a database created
+    before issue 18). Returns True when it backfilled."""
+    t = store.table
+    if int(store.command(f"SELECT count() FROM {t(CALLS_ROLLUP)}")) or int(store.command(
+            f"SELECT count() FROM {t(ATTEMPTS_ROLLUP)}")):
+        return False
+    raw = int(store.command(f"SELECT count() FROM {t('model_calls')}")) + int(
+        store.command(f"SELECT count() FROM {t('attempt_outcomes')}"))
+    if not raw:
+        return False
+    log.info("backfilling the hourly rollups from raw rows", rows=raw)
+    _update_attempt_columns(store)
+    rebuild(store)
+    return True

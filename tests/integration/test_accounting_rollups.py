@@ -1,0 +1,345 @@
+"""Issue 18: the rollup answers equal the raw-row answers on the same data, also when events are
+delivered twice and when accounting restarts mid-batch; retention; the dashboard's reads do not
+grow with history. Real ClickHouse (chdb) fed through the real sink."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetplane.accounting import analytics, queries, rollups
+from fleetplane.accounting.rows import rows_for
+from fleetplane.accounting.sink import ClickHouseSink
+from fleetplane.accounting.store import Store, apply_ddl
+from fleetplane.accounting.whatif import Selection, success_stats, what_if
+from fleetplane.core import events as ev
+from fleetplane.core.catalog import catalog_for
+from fleetplane.core.loop import Record
+from fleetplane.core.settings import Settings
+from fleetplane.core.topics import topic_for
+from tests.integration.test_accounting import close_test_store, open_test_store
+
+TYPES = ("summarize", "codegen", "debug", "review")
+MODELS = (("claude-haiku-4-5", "small"), ("claude-sonnet-4-6", "standard"),
+          ("claude-opus-4-7", "frontier"))
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+def fleet(n_tasks: int, seed: int = 7, prefix: str = "ru") -> list[ev.Event]:
+    """Task lifecycles over the last three days: retries, final failures, cached completions,
+    several teams, task types, models and tiers."""
+    rnd = random.Random(seed)
+    out: list[ev.Event] = []
+    for i in range(n_tasks):
+        task_id, team = f"{prefix}-{i}", f"{prefix}-team-{i % 3}"
+        task_type = TYPES[rnd.randrange(len(TYPES))]
+        spec = ev.TaskSpec(name="t", task_type=task_type, prompt="p")
+        t = NOW - timedelta(seconds=rnd.randrange(3 * 86_400))
+
+        def at(s: float, t: datetime = t) -> datetime:
+            return t + timedelta(seconds=s)
+
+        out.append(ev.TaskSubmitted(task_id=task_id, team=team, spec=spec, occurred_at=at(0)))
+        if rnd.random() < 0.1:      # a cached completion: no model call
+            model = MODELS[rnd.randrange(3)][0]
+            out.append(ev.TaskCompleted(task_id=task_id, team=team, attempt=1, model=model,
+                                        output="o", cost_usd=0.0, duration_ms=5, cached=True,
+                                        occurred_at=at(1)))
+            continue
+        attempts = 1 + (rnd.random() < 0.3)
+        for attempt in range(1, attempts + 1):
+            model, tier = MODELS[rnd.randrange(3)]
+            out.append(ev.TaskDispatched(task_id=task_id, team=team, spec=spec, attempt=attempt,
+                                         model=model, provider="anthropic", tier=tier,
+                                         occurred_at=at(attempt * 100)))
+            calls = rnd.randrange(0, 4)
+            cost = 0.0
+            for c in range(calls):
+                inp, outp = rnd.randrange(100, 5000), rnd.randrange(10, 900)
+                call_cost = round(inp * 3e-6 + outp * 15e-6, 6)
+                cost += call_cost
+                out.append(ev.ModelCall(
+                    task_id=task_id, team=team, attempt=attempt, call_index=c, model=model,
+                    provider="anthropic", tier=tier, input_tokens=inp, output_tokens=outp,
+                    cache_read_input_tokens=rnd.choice((0, 1000)), cost_usd=call_cost,
+                    latency_ms=float(rnd.randrange(100, 3000)),
+                    outcome="ok" if rnd.random() < 0.95 else "error",
+                    occurred_at=at(attempt * 100 + c + 1)))
+            last = attempt == attempts
+            if last and rnd.random() < 0.75:
+                out.append(ev.TaskCompleted(task_id=task_id, team=team, attempt=attempt,
+                                            model=model, output="o", cost_usd=cost,
+                                            duration_ms=1000 + c * 7 if calls else 900,
+                                            occurred_at=at(attempt * 100 + 50)))
+            else:
+                out.append(ev.TaskFailed(task_id=task_id, team=team, attempt=attempt,
+                                         failure_class="model_error", reason="r", final=last,
+                                         cost_usd=cost, occurred_at=at(attempt * 100 + 50)))
+    return out
+
+
+def deliver(sink: ClickHouseSink, events: list[ev.Event], offset: int = 0) -> None:
+    for i, event in enumerate(events):
+        sink.add(rows_for(event, Record(topic_for(event), 0, offset + i, None, b"")))
+
+
+@pytest.fixture(scope="module")
+def chdb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One chdb directory for the module (chdb serves one data directory per process); each
+    store is its own database in it."""
+    return tmp_path_factory.mktemp("accounting-rollups-ch")
+
+
+@pytest.fixture(scope="module")
+def store(chdb_dir: Path) -> Iterator[Store]:
+    s = open_test_store(chdb_dir)
+    events = fleet(600)
+    half = len(events) // 2
+    sink = ClickHouseSink(s, flush_rows=700)
+    deliver(sink, events[:half])
+    # a batch delivered twice within one buffer, and again after it was flushed
+    deliver(sink, events[half - 200:half])
+    sink.flush()
+    deliver(sink, events[half - 300:half - 100])
+    sink.flush()
+    # accounting restarts mid-batch: the first process inserted part of the batch (it flushed
+    # by size) and died before committing; the next process gets the whole batch again.
+    crashed = ClickHouseSink(s, flush_rows=250)
+    deliver(crashed, events[half:half + 400])        # flushed by size, never committed
+    restarted = ClickHouseSink(s, flush_rows=5_000)
+    deliver(restarted, events[half:])
+    restarted.flush()
+    yield s
+    close_test_store(s)
+
+
+def json_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows as the HTTP API returns them, floats rounded like pytest.approx would compare."""
+    import json
+
+    return [{k: (pytest.approx(v) if isinstance(v, float) else v) for k, v in r.items()}
+            for r in json.loads(json.dumps(rows, default=str))]
+
+
+def rounded(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
+    return {r[key]: {k: (round(float(v), 9) if isinstance(v, float) else v)
+                     for k, v in r.items()} for r in rows}
+
+
+def test_the_data_really_has_duplicates_that_the_raw_rows_collapse(store: Store) -> None:
+    raw = int(store.command(f"SELECT count() FROM {store.table('model_calls')} FINAL"))
+    assert raw == len([e for e in fleet(600) if isinstance(e, ev.ModelCall)])
+    # the lifecycle rows (not deduplicated by the sink) did receive the redeliveries
+    copies = int(store.command(f"SELECT count() FROM {store.table('recent_transitions')}"))
+    distinct = int(store.command(
+        f"SELECT uniqExact(event_id) FROM {store.table('recent_transitions')}"))
+    assert copies > distinct + 300
+
+
+@pytest.mark.parametrize("by", ["team", "task_type", "model", "tier"])
+def test_cost_by_from_rollups_equals_raw_rows(store: Store, by: str) -> None:
+    rollup = rounded(queries.cost_by(store, by), by)   # type: ignore[arg-type]
+    raw = rounded(queries.cost_by_raw(store, by), by)  # type: ignore[arg-type]
+    assert rollup == raw
+    assert sum(r["calls"] for r in raw.values()) > 500
+
+
+def test_one_query_breakdown_equals_raw_rows_per_dimension(store: Store) -> None:
+    dims = ("team", "task_type", "model")
+    got = queries.cost_breakdown(store, dims)    # type: ignore[arg-type]
+    for by in dims:
+        assert rounded(got[by], by) == rounded(queries.cost_by_raw(store, by), by)  # type: ignore[arg-type]
+        assert [r[by] for r in got[by]] == [r[by] for r in queries.cost_by(store, by)]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("since,until", [
+    (NOW - timedelta(days=2), None),                                       # partial hour start
+    (None, NOW - timedelta(hours=30, minutes=17)),                          # partial hour end
+    ((NOW - timedelta(days=1)).replace(minute=0, second=0), NOW.replace(minute=0, second=0)),
+    (NOW - timedelta(hours=5, minutes=40), NOW - timedelta(hours=5, minutes=10)),  # in one hour
+    (NOW - timedelta(days=2, hours=5, minutes=17), NOW - timedelta(hours=3, minutes=7)),  # days
+    ((NOW - timedelta(days=2)).replace(hour=0, minute=0, second=0), None),   # whole days
+])
+def test_windows_on_and_off_the_hour_equal_raw_rows(store: Store, since: datetime | None,
+                                                    until: datetime | None) -> None:
+    rollup = rounded(queries.cost_by(store, "team", since=since, until=until), "team")
+    raw = rounded(queries.cost_by_raw(store, "team", since=since, until=until), "team")
+    assert rollup == raw
+    assert rollup
+
+
+@pytest.mark.parametrize("by", ["team", "task_type"])
+def test_cost_to_value_from_rollups_equals_raw_rows(store: Store, by: str) -> None:
+    rollup = rounded(analytics.cost_to_value(store, by), by)             # type: ignore[arg-type]
+    raw = rounded(analytics.cost_to_value(store, by, source="raw"), by)  # type: ignore[arg-type]
+    assert rollup == raw
+    assert sum(r["successes"] for r in raw.values()) > 300
+    team = sorted(raw)[0] if by == "team" else None
+    if team:
+        assert rounded(analytics.cost_to_value(store, by, team=team), by) == rounded(
+            analytics.cost_to_value(store, by, team=team, source="raw"), by)
+
+
+def test_success_counts_per_model_and_task_type_equal_raw_rows(store: Store) -> None:
+    rollup = success_stats(store, list(TYPES))
+    raw = success_stats(store, list(TYPES), source="raw")
+    assert rollup == raw
+    assert len(rollup) == len(TYPES) * len(MODELS)
+
+
+@pytest.mark.parametrize("scenario", ["tier", "type"])
+def test_what_if_from_rollups_equals_raw_rows(store: Store, scenario: str) -> None:
+    catalog = catalog_for(Settings().catalog_file)
+    if scenario == "tier":
+        sel = Selection(share=0.2, target=catalog.default_model("small"), from_tier="frontier")
+    else:
+        sel = Selection(share=0.3, target=catalog.model("claude-sonnet-4-6"), task_type="debug")
+    rollup, raw = what_if(store, catalog, sel), what_if(store, catalog, sel, source="raw")
+    assert rollup["by_task_type"] and rollup["moved_tasks"] > 0
+    assert rollup["cost_change_usd"] == pytest.approx(raw["cost_change_usd"], rel=1e-9)
+    assert rollup["expected_successes_lost"] == pytest.approx(raw["expected_successes_lost"])
+    for a, b in zip(rollup["by_task_type"], raw["by_task_type"], strict=True):
+        assert {k: v for k, v in a.items() if not isinstance(v, float)} == \
+               {k: v for k, v in b.items() if not isinstance(v, float)}
+
+
+def test_rebuild_from_raw_rows_gives_the_same_rollups(store: Store) -> None:
+    before = rounded(queries.cost_by(store, "model"), "model")
+    stats = success_stats(store, list(TYPES))
+    rollups.rebuild(store)
+    assert rounded(queries.cost_by(store, "model"), "model") == before
+    assert success_stats(store, list(TYPES)) == stats
+
+
+# -- retention -------------------------------------------------------------------------------
+def test_raw_rows_expire_after_the_ttl_and_the_rollups_keep_them(chdb_dir: Path) -> None:
+    s = open_test_store(chdb_dir)
+    try:
+        apply_ddl(s, ttl_days=30)            # migration: existing tables get the TTL
+        create = str(s.command(f"SHOW CREATE TABLE {s.table('model_calls')}"))
+        assert "TTL" in create and "toIntervalDay(30)" in create
+        assert "toYYYYMM(occurred_at)" in create          # monthly partitions
+        old = [e.model_copy(update={"occurred_at": e.occurred_at - timedelta(days=40)})
+               for e in fleet(40, seed=3, prefix="old")]
+        new = fleet(40, seed=4, prefix="new")
+        sink = ClickHouseSink(s)
+        deliver(sink, old + new)
+        sink.flush()
+        before = queries.cost_by(s, "team")
+        for table in ("model_calls", "attempt_outcomes", "events"):
+            s.command(f"OPTIMIZE TABLE {s.table(table)} FINAL")
+        teams_raw = {r["team"] for r in queries.cost_by_raw(s, "team")}
+        assert teams_raw and all(t.startswith("new-") for t in teams_raw)
+        assert queries.cost_by(s, "team") == before      # the rollups kept the old hours
+        assert {r["team"] for r in before} >= {f"old-team-{i}" for i in range(3)}
+    finally:
+        close_test_store(s)
+
+
+def test_migration_backfills_rollups_of_a_database_that_predates_them(chdb_dir: Path) -> None:
+    s = open_test_store(chdb_dir)
+    try:
+        sink = ClickHouseSink(s)
+        deliver(sink, fleet(80, seed=5, prefix="mig"))
+        sink.flush()
+        expected = rounded(queries.cost_by(s, "task_type"), "task_type")
+        stats = success_stats(s, list(TYPES))
+        for rollup in (rollups.CALLS_ROLLUP, rollups.ATTEMPTS_ROLLUP, *rollups.DAILY.values()):
+            s.command(f"TRUNCATE TABLE {s.table(rollup)}")
+        s.command(f"ALTER TABLE {s.table('attempt_outcomes')} UPDATE task_type = '', "
+                  "call_model = '', tier = '' WHERE cached = 0 SETTINGS mutations_sync = 1")
+        assert queries.cost_by(s, "task_type") == []
+        apply_ddl(s)                                        # the start of a new version
+        assert rounded(queries.cost_by(s, "task_type"), "task_type") == expected
+        assert success_stats(s, list(TYPES)) == stats
+    finally:
+        close_test_store(s)
+
+
+# -- the dashboard at growing history --------------------------------------------------------
+class RecordingStore(Store):
+    """The real Store, also remembering each query it ran (to ask ClickHouse afterwards how many
+    rows each would read)."""
+
+    def __init__(self, inner: Store) -> None:
+        super().__init__(inner.client, inner.database, inner.dsn, inner.lock)
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+
+    def query(self, sql: str, parameters: Any = None) -> list[dict[str, Any]]:
+        self.seen.append((sql, dict(parameters or {})))
+        return super().query(sql, parameters)
+
+
+def dashboard_reads(s: Store) -> tuple[int, int, dict[str, Any]]:
+    """(queries, rows ClickHouse estimates they read, the payload) of one dashboard refresh."""
+    from fleetplane.accounting.dashboard import dashboard_data
+
+    rec = RecordingStore(s)
+    body = dashboard_data(rec, Settings())
+    rows = 0
+    for sql, params in rec.seen:
+        for r in s.query("EXPLAIN ESTIMATE " + sql, params):
+            rows += int(r["rows"])
+    return len(rec.seen), rows, body
+
+
+def history_store(chdb_dir: Path, rows: int) -> Store:
+    """`rows` model calls of history older than the live window, then the same recent fleet."""
+    from fleetplane.accounting.bench import generate_history
+
+    s = open_test_store(chdb_dir)
+    generate_history(s, rows, teams=3, types=4, days=20, min_age_s=3 * 3600)
+    for table in (rollups.CALLS_ROLLUP, rollups.ATTEMPTS_ROLLUP, *rollups.DAILY.values()):
+        s.command(f"OPTIMIZE TABLE {s.table(table)} FINAL")   # steady state: parts merged
+    recent = [e.model_copy(update={"occurred_at": NOW - timedelta(minutes=20)
+                                   + (e.occurred_at - NOW) / 300})
+              for e in fleet(40, seed=11, prefix="now")]
+    sink = ClickHouseSink(s)
+    deliver(sink, recent)
+    sink.flush()
+    return s
+
+
+def test_dashboard_reads_stay_flat_as_history_grows(chdb_dir: Path) -> None:
+    small = history_store(chdb_dir, 100_000)
+    large = history_store(chdb_dir, 1_000_000)
+    try:
+        n_small, read_small, body_small = dashboard_reads(small)
+        n_large, read_large, body_large = dashboard_reads(large)
+        assert n_small == n_large
+        # the history is there (spend, value), the live sections see the same recent fleet
+        assert body_large["spend_usd"] > 5 * body_small["spend_usd"] > 0
+        assert body_large["overview"]["total"] == body_small["overview"]["total"]
+        assert len(body_large["tasks"]) == len(body_small["tasks"]) == 25
+        # 10x the history; what a refresh reads may not follow it
+        assert read_large < 1.3 * read_small + 10_000, (read_small, read_large)
+        # and it is far below the history itself
+        assert read_large < 200_000
+    finally:
+        close_test_store(small)
+        close_test_store(large)
+
+
+def test_dashboard_endpoint_shape(store: Store) -> None:
+    from fastapi.testclient import TestClient
+
+    from fleetplane.accounting.api import create_app
+
+    with TestClient(create_app(store, settings=Settings())) as client:
+        body = client.get("/v1/dashboard").json()
+    assert set(body) >= {"generated_at", "live_window_s", "overview", "budgets", "spend_usd",
+                         "cost_by_team", "cost_by_task_type", "cost_by_model", "value", "cache",
+                         "utilization", "queue_wait", "held_time", "alerts", "tasks"}
+    assert body["spend_usd"] == pytest.approx(
+        sum(r["cost_usd"] for r in queries.cost_by_raw(store, "team")))
+    assert {r["model"] for r in body["cost_by_model"]} == {m for m, _ in MODELS}
+    # value and cache savings on the dashboard are the endpoints' answers
+    assert body["value"] == json_rows(analytics.cost_to_value(store, "task_type", source="raw"))
+    assert body["cache"]["cached_tasks"] == analytics.cache_savings(store)["cached_tasks"] > 0
+    assert set(body["overview"]["total"]) == {"queued", "running", "held", "completed",
+                                              "failed", "other"}
