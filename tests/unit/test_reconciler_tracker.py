@@ -80,14 +80,16 @@ def test_routed_task_the_coordinator_never_recorded_is_re_driven() -> None:
     assert tr.due({(ROUTED, 0): 9}, 100, deadline_s=30, max_redrives=3) == []
 
 
-def test_gives_up_after_max_redrives_with_a_reason() -> None:
+def test_re_drives_back_off_and_an_operator_is_alerted_once_after_max_redrives() -> None:
     tr = Tracker()
     see(tr, accepted(), ACCEPTED, 1, now=0)
     committed = {(ACCEPTED, 0): 2}
-    kinds = [type(a).__name__ for t in (31, 62, 93) for a in
-             tr.due(committed, t, deadline_s=30, max_redrives=2)]
-    assert kinds == ["Redrive", "Redrive", "GiveUp"]
-    assert tr.due(committed, 500, deadline_s=30, max_redrives=2) == []
+    kinds = []
+    for t in range(0, 400):
+        kinds += [(t, type(a).__name__) for a in
+                  tr.due(committed, t, deadline_s=30, max_redrives=2)]
+    # after 30 s, then 60 s later, then 120 s later (with the alert), then 240 s later
+    assert kinds == [(30, "Redrive"), (90, "Redrive"), (210, "GiveUp"), (210, "Redrive")]
     assert isinstance(GiveUp("router", "t1", "a", "x"), GiveUp)
 
 

@@ -34,19 +34,21 @@ from fleetplane.core.logging import get_logger
 from fleetplane.core.serde import default_serde
 from fleetplane.core.service import bootstrap
 from fleetplane.core.settings import Settings
-from fleetplane.core.topics import ALERTS, DISPATCH, LIFECYCLE, OUTCOMES, key_for
+from fleetplane.core.topics import ALERTS, DISPATCH, LIFECYCLE, OUTCOMES, ROUTED, key_for
 from fleetplane.reconciler.tracker import (
     COORDINATOR_CHANGELOG,
     HOPS,
+    SCHEDULER_TOPIC,
     GiveUp,
     Redrive,
     Tracker,
 )
 
 SERVICE = "reconciler"
+SCHEDULER_GROUP = SCHEDULER_TOPIC  # the coordinator's schedule step's consumer group
 GROUP = "fleetplane-reconciler"  # never joined nor committed: the topics are read by assignment
 READ_TOPICS = (*(topic for topic, _ in HOPS.values()), DISPATCH, LIFECYCLE, OUTCOMES)
-CATCH_UP_S = 3.0  # at most this long reading before each scan (the deadline covers the rest)
+CATCH_UP_S = 10.0  # at most this long reading per pass (the next pass goes on from there)
 
 log = get_logger(__name__)
 
@@ -65,6 +67,9 @@ class Reconciler:
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         self.groups: dict[str, Consumer] = {}
+        self.positions: dict[tuple[str, int], int] = {}  # where the next pass starts
+        self._prev_routed: dict[tuple[str, int], int] = {}
+        self._prev_scheduler_end: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
@@ -75,18 +80,14 @@ class Reconciler:
         self.consumer = Consumer({**base, "group.id": GROUP, "enable.auto.commit": False,
                                   "auto.offset.reset": "earliest",
                                   "isolation.level": "read_committed"})
-        parts = []
         for topic in (*READ_TOPICS, COORDINATOR_CHANGELOG):
             meta = self.consumer.list_topics(topic, timeout=30).topics.get(topic)
             if meta is None or meta.error is not None:
                 log.warning("topic missing: not read", topic=topic)
                 continue
-            parts += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions]
-        self.consumer.assign(parts)
+            for p in meta.partitions:
+                self.positions[(topic, p)] = OFFSET_BEGINNING
         self.producer = Producer(self.settings.producer_config())
-        for _hop, (_topic, group) in HOPS.items():
-            self.groups[group] = Consumer({**base, "group.id": group,
-                                           "enable.auto.commit": False})
 
     def close(self) -> None:
         for c in [self.consumer, *self.groups.values()]:
@@ -103,31 +104,42 @@ class Reconciler:
         log.info("reconciler started", deadline_s=self.settings.reconciler_deadline_s,
                  scan_s=self.settings.reconciler_scan_s)
         try:
-            next_scan = self.clock() + self.settings.reconciler_scan_s
             while not self._stopping.is_set():
-                self.read(max(0.05, min(0.5, next_scan - self.clock())))
-                if self.clock() >= next_scan:
-                    self.scan()
-                    next_scan = self.clock() + self.settings.reconciler_scan_s
+                self.scan()
+                self._stopping.wait(self.settings.reconciler_scan_s)
         finally:
             self.close()
 
     # -- reading ---------------------------------------------------------------------------
-    def read(self, timeout_s: float) -> int:
-        """Read what is there (up to timeout_s for the first record); returns records read."""
+    def catch_up(self) -> bool:
+        """Read every partition from where the last pass stopped to its end (up to CATCH_UP_S).
+        The partitions are assigned for the pass only: between scans nothing is fetched (the
+        embedded broker answers empty fetches at once, so an idle assigned consumer spins).
+        True: the pass reached the end (a round that read nothing)."""
         assert self.consumer is not None
-        n = 0
-        deadline = self.clock() + timeout_s
-        while True:
-            msgs = self.consumer.consume(1000, max(0.0, min(0.2, deadline - self.clock())))
-            for msg in msgs:
-                if msg.error() is not None:
-                    continue
-                n += 1
-                self.observe(msg.topic() or "", msg.partition() or 0, msg.offset() or 0,
-                             msg.key(), msg.value(), msg.headers())
-            if not msgs or self.clock() >= deadline:
-                return n
+        self.consumer.assign([TopicPartition(t, p, o) for (t, p), o in self.positions.items()])
+        deadline = self.clock() + CATCH_UP_S
+        reached_end = False
+        try:
+            while self.clock() < deadline:
+                msgs = self.consumer.consume(1000, 0.3)
+                if not msgs:
+                    reached_end = True
+                    break
+                for msg in msgs:
+                    if msg.error() is not None:
+                        continue
+                    topic, partition = msg.topic() or "", msg.partition() or 0
+                    offset = msg.offset() or 0
+                    self.positions[(topic, partition)] = offset + 1
+                    self.observe(topic, partition, offset, msg.key(), msg.value(),
+                                 msg.headers())
+            for tp in self.consumer.position(self.consumer.assignment()):
+                if tp.offset >= 0:  # past aborted records and transaction markers too
+                    self.positions[(tp.topic, tp.partition)] = tp.offset
+        finally:
+            self.consumer.unassign()
+        return reached_end
 
     def observe(self, topic: str, partition: int, offset: int, key: bytes | None,
                 value: bytes | None, headers: Any) -> None:
@@ -148,44 +160,69 @@ class Reconciler:
                                  key=key, value=value, headers=pairs, now=self.clock())
 
     def committed(self) -> dict[tuple[str, int], int]:
-        """Each hop's group: the committed offset per partition of its input topic."""
-        assert self.consumer is not None
+        """Each hop's group: the committed offset per partition of its input topic.
+
+        The coordinator reads tasks.routed in two steps (a repartition onto its scheduler topic,
+        then the schedule step); its repartition group's offsets count only from the previous
+        sample, and only if the schedule step has since read everything that was on the
+        scheduler topic at that sample: otherwise a backlog (or a coordinator down) would look
+        like a lost event."""
         out: dict[tuple[str, int], int] = {}
         for topic, group in HOPS.values():
-            meta = self.consumer.list_topics(topic, timeout=10).topics.get(topic)
-            if meta is None:
-                continue
-            tps = [TopicPartition(topic, p) for p in meta.partitions]
-            try:
-                for tp in self.groups[group].committed(tps, timeout=10):
-                    if tp.error is None and tp.offset >= 0:
-                        out[(topic, tp.partition)] = tp.offset
-            except KafkaException as exc:  # broker away: no evidence, no re-drive
-                log.warning("committed offsets unavailable", group=group, error=str(exc))
+            out.update(self._group_offsets(group, topic))
+        scheduler_end = self._end(SCHEDULER_TOPIC)
+        scheduler_read = self._group_offsets(SCHEDULER_GROUP, SCHEDULER_TOPIC).get(
+            (SCHEDULER_TOPIC, 0), -1)
+        routed_prev = self._prev_routed
+        prev_end = self._prev_scheduler_end
+        self._prev_routed = {k: v for k, v in out.items() if k[0] == ROUTED}
+        self._prev_scheduler_end = scheduler_end
+        for k in [k for k in out if k[0] == ROUTED]:
+            del out[k]
+        if prev_end is not None and 0 <= prev_end <= scheduler_read:
+            out.update(routed_prev)
+        else:
+            self.stats["coordinator_behind"] += 1
         return out
 
-    def caught_up(self) -> None:
-        """Read until every assigned partition's position reaches its (cached) high watermark,
-        or CATCH_UP_S."""
+    def _group_offsets(self, group: str, topic: str) -> dict[tuple[str, int], int]:
         assert self.consumer is not None
-        deadline = self.clock() + CATCH_UP_S
-        while self.clock() < deadline:
-            behind = False
-            for tp in self.consumer.position(self.consumer.assignment()):
-                try:
-                    _, high = self.consumer.get_watermark_offsets(tp, cached=True)
-                except KafkaException:
-                    continue
-                if high is not None and high >= 0 and 0 <= tp.offset < high:
-                    behind = True
-                    break
-            if not behind or not self.read(0.2):
-                return
+        consumer = self.groups.get(group)
+        if consumer is None:
+            consumer = self.groups[group] = Consumer({**self.settings.client_config(),
+                                                      "group.id": group,
+                                                      "enable.auto.commit": False})
+        out: dict[tuple[str, int], int] = {}
+        try:
+            meta = self.consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if meta is None:
+                return out
+            tps = [TopicPartition(topic, p) for p in meta.partitions]
+            for tp in consumer.committed(tps, timeout=10):
+                if tp.error is None and tp.offset >= 0:
+                    out[(topic, tp.partition)] = tp.offset
+        except KafkaException as exc:  # broker away: no evidence, no re-drive
+            log.warning("committed offsets unavailable", group=group, error=str(exc))
+        return out
+
+    def _end(self, topic: str) -> int | None:
+        assert self.consumer is not None
+        try:
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10,
+                                                          cached=False)
+            return int(high)
+        except KafkaException:
+            return None
 
     # -- deciding and acting ---------------------------------------------------------------
     def scan(self) -> list[Redrive | GiveUp]:
+        """One round: sample the groups' committed offsets, read the log to its end, decide,
+        re-drive. Nothing is decided from a pass that did not reach the end (the answers of
+        the records read may be further on)."""
         committed = self.committed()  # before reading on: answers committed by now are read
-        self.caught_up()
+        if not self.catch_up():
+            self.stats["partial_reads"] += 1
+            return []
         with self.lock:
             actions = self.tracker.due(committed, self.clock(),
                                        deadline_s=self.settings.reconciler_deadline_s,

@@ -45,7 +45,13 @@ HOPS: dict[str, tuple[str, str]] = {
 #: the coordinator's state table (core.table.ChangelogTable): a row ``task/<id>`` is the
 #: coordinator's durable fact that it recorded the task
 COORDINATOR_CHANGELOG = "fleetplane-coordinator-scheduler-changelog"
+#: the coordinator's schedule step: its input topic and group (one partition). The repartition
+#: group having read a TaskRouted is evidence only once the schedule step has caught up with
+#: what was forwarded: see Reconciler.committed
+SCHEDULER_TOPIC = "fleetplane-coordinator-scheduler"
 ROW_PREFIX = b"task/"
+#: the longest wait between two re-drives of one hop of one task
+BACKOFF_CAP_S = 600.0
 
 
 @dataclass
@@ -209,7 +215,7 @@ class Tracker:
         out: list[Redrive | GiveUp] = []
         for track in self.tracks.values():
             hop = track.waiting_at()
-            if hop is None or hop in track.gave_up:
+            if hop is None:
                 continue
             if hop == "coordinator" and track.task_id in self.recorded:
                 continue
@@ -218,15 +224,16 @@ class Tracker:
             if read_up_to <= fact.offset:
                 continue  # the hop's service has not read it yet: slow, not lost
             waited = now - fact.seen_at
-            if waited < deadline_s:
-                continue
             n = track.redrives.get(hop, 0)
-            if n >= max_redrives:
+            # the first re-drive after deadline_s, then backing off: deadline_s * 2^n, capped
+            if waited < min(deadline_s * 2 ** n, max(deadline_s, BACKOFF_CAP_S)):
+                continue
+            if n >= max_redrives and hop not in track.gave_up:
                 track.gave_up.add(hop)
                 out.append(GiveUp(hop, track.task_id, track.team, (
                     f"{hop} read {fact.topic}[{fact.partition}]@{fact.offset} and never "
-                    f"answered after {n} re-drives: an operator should look at this task")))
-                continue
+                    f"answered after {n} re-drives: an operator should look at this task "
+                    f"(re-driven again every {BACKOFF_CAP_S:.0f}s at most)")))
             track.redrives[hop] = n + 1
             fact.seen_at = now  # the next deadline counts from the re-drive
             out.append(Redrive(hop, fact, track.task_id, track.team, n + 1, (
