@@ -239,12 +239,12 @@ class Faults:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             restarted = self.stack.supervise_once(backoff_s=0.5)
-            for name in restarted:
-                if name != "broker":
-                    self.unplanned[name] += 1
-                    self.log(f"{name} exited on its own: restarted")
-            if "broker" in restarted:
+            if "broker" in restarted:  # the services are restarted with it
+                self.log(f"supervisor restarted {', '.join(restarted)}")
                 return
+            for name in restarted:
+                self.unplanned[name] += 1
+                self.log(f"{name} exited on its own: restarted")
             time.sleep(0.2)
         raise RuntimeError("the supervisor did not restart the broker within 120 s")
 
