@@ -103,3 +103,15 @@ def test_a_re_published_record_resets_the_fact_to_its_new_offset() -> None:
     assert tr.due({(ACCEPTED, 0): 12}, 500, deadline_s=30, max_redrives=3) == []
     (again,) = tr.due({(ACCEPTED, 0): 13}, 500, deadline_s=30, max_redrives=3)
     assert isinstance(again, Redrive) and again.attempt == 2 and again.fact.offset == 12
+
+
+def test_a_record_the_service_dead_lettered_is_answered_not_re_driven() -> None:
+    tr = Tracker()
+    bad = ev.TaskSubmitted(task_id="t1", team="a", spec=SPEC)
+    see(tr, bad, SUBMITTED, 3, now=0)
+    tr.observe(ev.DeadLetter(task_id="t1", team="a", service="ingest", source_topic=SUBMITTED,
+                             source_partition=0, source_offset=3, payload=b"x",
+                             error_class="Rejected", reason="task_id: too long"),
+               topic="fleet.dlq", partition=0, offset=0, key=b"t1", value=b"d", headers=(),
+               now=1)
+    assert tr.due({(SUBMITTED, 0): 4}, 1000, deadline_s=30, max_redrives=3) == []

@@ -34,7 +34,7 @@ from fleetplane.core.logging import get_logger
 from fleetplane.core.serde import default_serde
 from fleetplane.core.service import bootstrap
 from fleetplane.core.settings import Settings
-from fleetplane.core.topics import ALERTS, DISPATCH, LIFECYCLE, OUTCOMES, ROUTED, key_for
+from fleetplane.core.topics import ALERTS, DISPATCH, DLQ, LIFECYCLE, OUTCOMES, ROUTED, key_for
 from fleetplane.reconciler.tracker import (
     COORDINATOR_CHANGELOG,
     HOPS,
@@ -47,7 +47,7 @@ from fleetplane.reconciler.tracker import (
 SERVICE = "reconciler"
 SCHEDULER_GROUP = SCHEDULER_TOPIC  # the coordinator's schedule step's consumer group
 GROUP = "fleetplane-reconciler"  # never joined nor committed: the topics are read by assignment
-READ_TOPICS = (*(topic for topic, _ in HOPS.values()), DISPATCH, LIFECYCLE, OUTCOMES)
+READ_TOPICS = (*(topic for topic, _ in HOPS.values()), DISPATCH, LIFECYCLE, OUTCOMES, DLQ)
 CATCH_UP_S = 10.0  # at most this long reading per pass (the next pass goes on from there)
 
 log = get_logger(__name__)

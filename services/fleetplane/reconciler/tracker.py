@@ -164,6 +164,12 @@ class Tracker:
             # is the holder's job
             self._answer(event, ("ingest", "router", "coordinator"))
             return
+        if isinstance(event, ev.DeadLetter):
+            # the hop's service refused its input with a reason (fleet.dlq): answered, not lost
+            hop_of = {t: h for h, (t, _g) in HOPS.items()}.get(event.source_topic)
+            if hop_of is not None:
+                self._answer(event, (hop_of,))
+            return
         if isinstance(event, ev.TaskCompleted):  # a cached completion on another topic
             self._answer(event, ("ingest", "router", "coordinator"))
             return
