@@ -1,5 +1,6 @@
-"""Chaos run: N tasks through the five services while each service is SIGKILLed and restarted in
-turn, the broker is restarted, and the fake provider fails 10% of calls and stalls some.
+"""Chaos run: N tasks through the services while each service is SIGKILLed and restarted in
+turn, the broker is restarted cleanly and then SIGKILLed (the supervisor restarts it), and the
+fake provider fails 10% of calls and stalls some.
 
     python -m bench.chaos --tasks 2000           (make chaos)
 
@@ -8,12 +9,21 @@ accepted task reached exactly one terminal state, that no attempt's effects happ
 calls, commits in the git repository, cost in ClickHouse), that no two overlapping write scopes ran
 at once and no team ran more than its quota; it prints lost / duplicated / stuck counts and writes
 them to bench/results/chaos-<time>.json. tests/e2e/test_chaos.py runs the same at a small scale.
+
+A SIGKILLed embedded broker loses the writes it acknowledged in its last moments
+(docs/operations.md): submissions answered 202 whose records the broker lost are counted apart
+(``broker_lost``, each named), and the run then does what a client with idempotency keys does:
+it submits them again with the same keys until they are accepted. They count as lost only if
+that does not get them done. Tasks the broker kept must all end (stuck 0): the reconciler
+re-drives those whose next event was lost.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import tempfile
 import threading
@@ -54,14 +64,18 @@ class ChaosConfig:
     settle_s: float = 600.0          # wait for terminal states after the last submission
     # the executor first, while attempts are in flight (after the coordinator's restart the
     # fleet is briefly idle); the coordinator last before the broker
-    kill_order: tuple[str, ...] = ("executor", "ingest", "router", "accounting", "coordinator")
+    kill_order: tuple[str, ...] = ("executor", "ingest", "router", "accounting", "reconciler",
+                                   "coordinator")
     areas: int = 0                   # write-scope groups (tasks of one area serialize on its
                                      # lease); 0: one per 40 tasks, at least 8
 
     @property
     def area_count(self) -> int:
         return self.areas or max(8, self.tasks // 40)
-    restart_broker: bool = True
+    restart_broker: bool = True      # a clean broker stop and start
+    kill_broker: bool = True         # then SIGKILL of the broker; the supervisor restarts it
+    reconciler_deadline_s: float = 20.0
+    client_retry_rounds: int = 3     # re-submissions of broker-lost tasks, same keys
 
 
 @dataclass
@@ -74,6 +88,10 @@ class ChaosResult:
     counts: dict[str, int] = field(default_factory=dict)
     clickhouse: dict[str, Any] = field(default_factory=dict)
     git: dict[str, Any] = field(default_factory=dict)
+    broker_lost: list[str] = field(default_factory=list)  # "i: task id", acked then lost
+    broker_lost_done: int = 0  # of those, done after the client re-submitted them
+    reconciler: dict[str, Any] = field(default_factory=dict)
+    load_average: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
     phases_s: dict[str, float] = field(default_factory=dict)
 
@@ -144,6 +162,7 @@ class Submitter:
     def __init__(self, stack: Stack, run: str, teams: list[str], cfg: ChaosConfig) -> None:
         self.stack, self.run, self.teams, self.cfg = stack, run, teams, cfg
         self.acknowledged: set[str] = set()
+        self.answers: Counter[int] = Counter()  # HTTP status of the final answers
         self.retries = 0
         self.gave_up: list[int] = []
         self._lock = threading.Lock()
@@ -165,6 +184,7 @@ class Submitter:
                 if resp.status_code in (200, 202):
                     with self._lock:
                         self.acknowledged.add(resp.json()["task_id"])
+                        self.answers[resp.status_code] += 1
                     return
                 if resp.status_code < 500 and resp.status_code != 429:
                     raise RuntimeError(f"task {i} refused: {resp.status_code} {resp.text[:300]}")
@@ -189,7 +209,8 @@ class Faults:
     def __init__(self, stack: Stack, cfg: ChaosConfig, window_s: float,
                  log: Callable[[str], None]) -> None:
         self.stack, self.cfg, self.log = stack, cfg, log
-        steps: list[str] = list(cfg.kill_order) + (["broker"] if cfg.restart_broker else [])
+        steps: list[str] = list(cfg.kill_order) + (["broker"] if cfg.restart_broker else []) \
+            + (["broker-kill"] if cfg.kill_broker else [])
         self.plan = steps
         self.every = max(3.0, window_s / (len(steps) + 1))
         self.done: list[str] = []
@@ -209,6 +230,24 @@ class Faults:
             self.unplanned[name] += 1
             self.log(f"{name} exited on its own: restarted")
 
+    def _kill_broker(self) -> None:
+        """SIGKILL the broker's process group (a host crash, the OOM killer), then supervise
+        until the supervisor's backoff restarts it."""
+        broker = self.stack.broker
+        assert broker is not None and broker.pid is not None
+        os.killpg(os.getpgid(broker.pid), signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            restarted = self.stack.supervise_once(backoff_s=0.5)
+            if "broker" in restarted:  # the services are restarted with it
+                self.log(f"supervisor restarted {', '.join(restarted)}")
+                return
+            for name in restarted:
+                self.unplanned[name] += 1
+                self.log(f"{name} exited on its own: restarted")
+            time.sleep(0.2)
+        raise RuntimeError("the supervisor did not restart the broker within 120 s")
+
     def _run(self) -> None:
         for step in self.plan:
             until = time.monotonic() + self.every
@@ -217,7 +256,9 @@ class Faults:
                     return
                 self._supervise()
             t = time.time()
-            if step == "broker":
+            if step == "broker-kill":
+                self._kill_broker()
+            elif step == "broker":
                 assert self.stack.broker is not None
                 self.stack.broker.stop(timeout_s=5)
                 time.sleep(self.cfg.down_s)
@@ -227,8 +268,8 @@ class Faults:
                 time.sleep(self.cfg.down_s)
                 self.stack.restart(step)
             self.done.append(step)
-            self.log(f"{step}: {'restarted' if step == 'broker' else 'SIGKILL + restart'} "
-                     f"({time.time() - t:.1f} s)")
+            what = {"broker": "restarted", "broker-kill": "SIGKILL, restarted by the supervisor"}
+            self.log(f"{step}: {what.get(step, 'SIGKILL + restart')} ({time.time() - t:.1f} s)")
         while not self._stop.wait(0.5):
             self._supervise()
 
@@ -323,6 +364,7 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
         "FLEETPLANE_TEAMS_FILE": str(teams_path),
         "FLEETPLANE_EXECUTOR_REPOSITORIES": json.dumps({REPO: str(bare)}),
         "FLEETPLANE_MODEL_TIMEOUT_S": "10",
+        "FLEETPLANE_RECONCILER_DEADLINE_S": str(cfg.reconciler_deadline_s),
     })
     result = ChaosResult(config=asdict(cfg))
     started = time.monotonic()
@@ -355,10 +397,37 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
                 break
             time.sleep(10)
             log = read_log(settings, ids.__contains__)
+        # submissions acknowledged, then lost by the broker: a client with idempotency keys
+        # sends them again until they are accepted
+        by_id = {task_id_for(team_of(i, teams), f"{run}-{i}"): i for i in range(cfg.tasks)}
+        v = check(log, submitter.acknowledged, lambda t: 10**6)
+        result.broker_lost = [f"{by_id[t]}: {t}" for t in v.lost if t in by_id]
+        lost_now = [by_id[t] for t in v.lost if t in by_id]
+        for _round in range(cfg.client_retry_rounds if lost_now else 0):
+            console.print(f"chaos: the broker lost {len(lost_now)} acknowledged submissions: "
+                          "submitting them again with the same idempotency keys")
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda i: submitter.one(i, 0.0), lost_now))
+            until = time.monotonic() + max(60.0, cfg.reconciler_deadline_s * 3)
+            while time.monotonic() < until:
+                time.sleep(5)
+                log = read_log(settings, ids.__contains__)
+                v = check(log, submitter.acknowledged, lambda t: 10**6)
+                if not v.stuck and not set(v.lost) & {t for t in by_id if by_id[t] in lost_now}:
+                    break
+            lost_now = [by_id[t] for t in v.lost if t in by_id]
+            if not lost_now:
+                break
+        result.broker_lost_done = len(result.broker_lost) - len(lost_now)
         faults.stop()
         result.phases_s["settled"] = round(time.monotonic() - started, 1)
         time.sleep(2)
         log = read_log(settings, ids.__contains__)
+        try:
+            result.reconciler = httpx.get(f"{stack.reconciler_url}/reconciler/stats",
+                                          timeout=10).json()
+        except (httpx.HTTPError, ValueError):
+            result.reconciler = {}
         policies = load_teams(teams_path)
         verdict: Verdict = check(log, submitter.acknowledged,
                                  lambda t: policies.policy(t).max_running)
@@ -396,6 +465,7 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
     finally:
         stack.stop()
     result.elapsed_s = round(time.monotonic() - started, 1)
+    result.load_average = [round(x, 1) for x in os.getloadavg()]
     return result
 
 
@@ -414,6 +484,10 @@ def print_result(result: ChaosResult, console: Console) -> None:
     table.add_row("attempt failures by class", json.dumps(v.get("attempt_failures", {})))
     table.add_row("model call outcomes", json.dumps(v.get("model_call_outcomes", {})))
     table.add_row("HTTP submit retries (ingest down)", str(result.submit_retries))
+    table.add_row("acknowledged, then lost by the broker (SIGKILL) / done after the client "
+                  "re-submitted them", f"{len(result.broker_lost)} / {result.broker_lost_done}")
+    table.add_row("reconciler re-drives", json.dumps(
+        (result.reconciler or {}).get("counters", {})))
     table.add_row("max running per team", json.dumps(v["max_running"]))
     for k, n in result.counts.items():
         table.add_row(k, str(n))
@@ -427,7 +501,10 @@ def print_result(result: ChaosResult, console: Console) -> None:
                   f"{len(g['completed_without_commit'])}")
     table.add_row("elapsed (started, submitted, settled at)",
                   f"{result.elapsed_s} s ({', '.join(f'{v} s' for v in result.phases_s.values())})")
+    table.add_row("load average (1, 5, 15 min) at the end", str(result.load_average))
     console.print(table)
+    if result.broker_lost:
+        console.print(f"broker-lost submissions (index: task id): {result.broker_lost[:50]}")
     if result.problems:
         console.print(f"[red]PROBLEMS: {result.problems}[/red]")
         console.print(json.dumps(result.verdict.get("examples", {}), indent=2)[:4000])
@@ -446,10 +523,17 @@ def main() -> None:
     parser.add_argument("--areas", type=int, default=0,
                         help="write-scope groups (0: one per 40 tasks, at least 8)")
     parser.add_argument("--no-broker-restart", action="store_true")
+    parser.add_argument("--no-broker-kill", action="store_true",
+                        help="no SIGKILL of the broker (it loses acknowledged writes)")
+    parser.add_argument("--settle", type=float, default=600.0,
+                        help="seconds to wait for terminal states after the submissions")
+    parser.add_argument("--reconciler-deadline", type=float, default=20.0)
     args = parser.parse_args()
     cfg = ChaosConfig(tasks=args.tasks, rate=args.rate, failure_rate=args.failure_rate,
                       stall_rate=args.stall_rate, latency_ms=args.latency_ms,
-                      areas=args.areas, restart_broker=not args.no_broker_restart)
+                      areas=args.areas, restart_broker=not args.no_broker_restart,
+                      kill_broker=not args.no_broker_kill, settle_s=args.settle,
+                      reconciler_deadline_s=args.reconciler_deadline)
     console = Console()
     result = run_chaos(cfg, console=console)
     print_result(result, console)

@@ -1,6 +1,6 @@
-"""The chaos run at CI scale: every service SIGKILLed and restarted in turn, the broker restarted,
-the fake provider failing 10% of calls and stalling some, while tasks flow. The large run is
-`make chaos` (bench/chaos.py, 2,000 tasks)."""
+"""The chaos run at CI scale: every service SIGKILLed and restarted in turn, the broker restarted
+and SIGKILLed, the fake provider failing 10% of calls and stalling some, while tasks flow. The
+large run is `make chaos` (bench/chaos.py, 2,000 tasks)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.reliability]
 
 def test_kills_and_broker_restart_lose_duplicate_and_strand_nothing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    cfg = ChaosConfig(tasks=120, rate=10.0, settle_s=300.0)
+    cfg = ChaosConfig(tasks=120, rate=10.0, settle_s=300.0, kill_broker=False)
     result = run_chaos(cfg, data_dir=tmp_path / "chaos", console=Console(stderr=True))
     with capsys.disabled():
         print_result(result, Console(width=110))
@@ -35,3 +35,27 @@ def test_kills_and_broker_restart_lose_duplicate_and_strand_nothing(
     assert result.problems == {}, json.dumps(
         {"counts": result.counts, "examples": v.get("examples"),
          "clickhouse": result.clickhouse, "git": result.git}, indent=1, default=str)[:6000]
+
+
+def test_broker_sigkill_mid_run_supervisor_restarts_it_and_nothing_stays_stuck(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 19: the broker SIGKILLed while tasks flow (it loses what it acknowledged last); the
+    supervisor restarts it; after the reconciler's deadline every task the broker kept has
+    ended, and the submissions it lost are done once the client sends them again with the same
+    idempotency keys."""
+    cfg = ChaosConfig(tasks=60, rate=6.0, settle_s=240.0, kill_order=(), restart_broker=False,
+                      kill_broker=True, failure_rate=0.0, stall_rate=0.0,
+                      reconciler_deadline_s=10.0)
+    result = run_chaos(cfg, data_dir=tmp_path / "chaos", console=Console(stderr=True))
+    with capsys.disabled():
+        print_result(result, Console(width=110))
+
+    assert result.faults == ["broker-kill"]
+    v = result.verdict
+    assert v["acknowledged"] == cfg.tasks
+    assert result.broker_lost_done == len(result.broker_lost), result.broker_lost
+    assert sum(v["terminal"].values()) == v["accepted"] == cfg.tasks
+    assert result.problems == {}, json.dumps(
+        {"counts": result.counts, "examples": v.get("examples"),
+         "clickhouse": result.clickhouse, "reconciler": result.reconciler},
+        indent=1, default=str)[:6000]

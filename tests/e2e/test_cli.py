@@ -182,3 +182,32 @@ def repositories_and_admin(env: dict[str, str]) -> None:
         assert out.returncode == 1 and "403" in out.stderr and "admin token" in out.stderr, \
             (args, out.stdout, out.stderr)
     assert run(team_env, "repo", "list").returncode == 0
+
+
+def test_up_names_a_stale_process_holding_its_port(tmp_path: Path) -> None:
+    """The orphan of issue 19: a fake provider left behind by a crashed stack holds its port;
+    `up` says which process it is and how to stop it, and starts nothing."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETPLANE_")}
+    env.update({"FLEETPLANE_DATA_DIR": str(tmp_path / ".fleetplane"),
+                "FLEETPLANE_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+                "FLEETPLANE_INGEST_PORT": str(free_port()),
+                "FLEETPLANE_ACCOUNTING_PORT": str(free_port()),
+                "FLEETPLANE_FAKE_PROVIDER_PORT": str(port), "COLUMNS": "300"})
+    orphan = subprocess.Popen([sys.executable, "-m", "fleetplane.fakeprovider.server",
+                               "--port", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not port_open("127.0.0.1", port):
+            assert time.monotonic() < deadline and orphan.poll() is None, "orphan started"
+            time.sleep(0.2)
+        up = run(env, "up", "--timeout", "30")
+        out = " ".join((up.stdout + up.stderr).split())
+        assert up.returncode != 0, out
+        assert f"port {port} (fake-provider) is held by pid {orphan.pid}" in out, out
+        assert "stale fleetplane process" in out, out
+        assert not (tmp_path / ".fleetplane" / "broker").exists(), "nothing was started"
+    finally:
+        os.killpg(orphan.pid, signal.SIGKILL)
+        orphan.wait(10)

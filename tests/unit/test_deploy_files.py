@@ -15,7 +15,7 @@ def test_compose_runs_every_service_with_a_real_entry_point() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     services = compose["services"]
-    for name in ("ingest", "router", "coordinator", "executor", "accounting"):
+    for name in ("ingest", "router", "coordinator", "executor", "accounting", "reconciler"):
         command = services[name]["command"]
         assert command in scripts, f"{name}: {command} is not a console script"
         env = services[name]["environment"]

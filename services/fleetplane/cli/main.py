@@ -23,6 +23,7 @@ from fleetplane.client import resolve_token
 from fleetplane.core import localstack
 from fleetplane.core.settings import Settings, get_settings
 from fleetplane.infra.broker import stop_group
+from fleetplane.infra.ports import port_holders
 
 app = typer.Typer(help="fleetplane: the control plane for a fleet of AI agents.",
                   no_args_is_help=True, add_completion=False)
@@ -51,6 +52,14 @@ def up(
         console.print(f"fleetplane is already up (supervisor pid {state['supervisor_pid']})")
         return
     broker_port = int(settings.kafka_bootstrap.rsplit(":", 1)[1])
+    wanted = {"ingest": settings.ingest_port, "accounting": settings.accounting_port}
+    if not external_bootstrap:
+        wanted["broker"] = broker_port
+    if fake_provider:
+        wanted["fake-provider"] = settings.fake_provider_port
+    stale = port_holders(wanted)
+    if stale:
+        raise fail("cannot start: " + "; ".join(h.describe() for h in stale))
     argv = [sys.executable, "-m", "fleetplane.cli.supervisor", "--data-dir", str(data_dir),
             "--broker-port", str(broker_port), "--ingest-port", str(settings.ingest_port),
             "--accounting-port", str(settings.accounting_port),

@@ -34,6 +34,7 @@ from fleetplane.core.errors import Fatal, NotRetriable, Retriable, RetryPolicy
 from fleetplane.core.events import DeadLetter, Event
 from fleetplane.core.kafka import event_headers
 from fleetplane.core.logging import get_logger, task_context
+from fleetplane.core.offsets import truncation_guard
 from fleetplane.core.serde import Serde, default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import key_for, topic_for
@@ -230,11 +231,8 @@ class Processor:
         self.consumer = Consumer(cfg)
         if self.transactional:
             self.producer.init_transactions(TXN_CALL_TIMEOUT_S)
-        if self.on_assign is not None:
-            self.consumer.subscribe(self.topics, on_assign=self.on_assign,
-                                    on_revoke=self._on_revoke)
-        else:
-            self.consumer.subscribe(self.topics, on_revoke=self._on_revoke)
+        self.consumer.subscribe(self.topics, on_assign=truncation_guard(self.on_assign),
+                                on_revoke=self._on_revoke)
 
     def run(self) -> None:
         self._open()

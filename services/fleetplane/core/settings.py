@@ -180,6 +180,18 @@ class Settings(BaseSettings):
                                 "of older tasks are still accepted.")
     table_catchup_timeout_s: float = 20.0
 
+    # Reconciler (issue 19: re-drives tasks whose next event was lost; docs/operations.md)
+    reconciler_port: int = 8473
+    reconciler_deadline_s: float = Field(
+        default=30.0, description="How long a task may wait at a hop (submitted, accepted, "
+        "routed) after the hop's consumer group has read past its record before the "
+        "reconciler re-drives it.")
+    reconciler_scan_s: float = Field(
+        default=2.0, description="How often the reconciler compares what should be with what is.")
+    reconciler_max_redrives: int = Field(
+        default=5, description="Re-drives of one hop of one task before the reconciler gives "
+        "up and raises a critical alert for an operator.")
+
     # Logging
     log_level: str = "INFO"
     log_json: bool = True

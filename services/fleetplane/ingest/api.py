@@ -31,7 +31,13 @@ from fleetplane.core.events import ControlCommand, TaskSpec, TaskSubmitted
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.states import STATES, TERMINAL_STATES
 from fleetplane.core.teams import TeamsConfig
-from fleetplane.ingest.idempotency import Marks, spec_digest, task_id_for
+from fleetplane.ingest.idempotency import (
+    Marks,
+    lost_task,
+    resubmission,
+    spec_digest,
+    task_id_for,
+)
 from fleetplane.ingest.kvtopic import TopicWriter
 from fleetplane.ingest.manifest import NAME_RE, TaskManifest, reference_problem
 from fleetplane.ingest.names import NameIndex, resolve
@@ -329,6 +335,12 @@ def create_app(intake: Intake) -> FastAPI:
                                      "reason": f"names task {earlier[0]}"}])
                 if batch_names is not None:
                     batch_names[spec.name] = None if spec.name in batch_names else earlier[0]
+                if mark is not None and lost_task(mark, lambda t: intake.view.events(t, 20)):
+                    # the broker lost the task, not the mark: recreate it (issue 19)
+                    return Prepared(resubmission(mark, team, spec, key, source if source in
+                                                 SOURCES else "http"),
+                                    {"task_id": mark.task_id, **answer,
+                                     "idempotent_replay": False, "recreated": True})
                 return Prepared(None, {"task_id": earlier[0], **answer,
                                        "idempotent_replay": True})
             task_id = task_id_for(team, key)

@@ -9,6 +9,13 @@ Two mechanisms, so that neither an ingest restart nor several replicas break the
   every replica follows that topic. A later submission with the same team and key is not accepted
   again: the same task id (a redelivery or a retried request) is dropped; a different task id (a
   raw Kafka producer that made up a new id) gets a TaskRejected naming the original task.
+
+A mark outlives what it names when the broker loses acknowledged writes on a hard crash (the
+embedded broker on SIGKILL: the submission and its acceptance gone, the mark kept, in the topic or
+in a replica's memory). A client retrying with the same key must then get its task recreated,
+not an idempotent replay of a task that does not exist: ``lost_task`` tells, and the replay
+re-publishes the original submission (same task id, same event id, so a copy that did survive is
+recognised downstream as the same event).
 """
 
 from __future__ import annotations
@@ -23,12 +30,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from fleetplane.core.errors import Retriable
 from fleetplane.core.events import Event, TaskAccepted, TaskSpec, TaskSubmitted
 from fleetplane.core.loop import Output, Record
 from fleetplane.ingest.kvtopic import table_record
 from fleetplane.ingest.names import NAMES_TOPIC, NameIndex, name_key, name_record
 
 IDEMPOTENCY_TOPIC = "ingest.idempotency"
+#: a mark younger than this is trusted as is (accounting may not have recorded its task yet)
+LOST_AFTER_S = 30.0
 _NAMESPACE = uuid.UUID("0b7f9e1c-4d2a-4c55-9a1e-3f6b2d8c7e01")
 
 
@@ -63,6 +73,28 @@ class Mark:
 
 
 Lookup = Callable[[str, str], Mark | None]
+
+
+def lost_task(mark: Mark, recorded_events: Callable[[str], list[dict[str, Any]]], *,
+              now: float | None = None, after_s: float = LOST_AFTER_S) -> bool:
+    """Whether the task `mark` names is gone: the mark is older than `after_s` and its
+    acceptance was never recorded (``recorded_events(task_id)``: accounting's events of the
+    task, rows with ``event_type``; a submission the broker lost after accounting read it
+    leaves a TaskSubmitted alone). Accounting unreachable is no evidence: not lost."""
+    if (time.time() if now is None else now) - mark.at < after_s:
+        return False
+    try:
+        events = recorded_events(mark.task_id)
+    except Retriable:
+        return False
+    return not any(e.get("event_type") not in (None, "TaskSubmitted") for e in events)
+
+
+def resubmission(mark: Mark, team: str, spec: TaskSpec, key: str,
+                 source: str) -> TaskSubmitted:
+    """The original submission of a lost task, to publish again."""
+    return TaskSubmitted(event_id=mark.event_id, task_id=mark.task_id, team=team, spec=spec,
+                         source=source, idempotency_key=key)
 
 
 class Marks:

@@ -1,0 +1,87 @@
+"""Know what the log lost: committed offsets beyond the end of the log.
+
+A broker that loses acknowledged writes on a hard crash (the embedded broker on SIGKILL) can come
+back with a partition shorter than a consumer group's committed offset. Left alone, librdkafka
+answers the out-of-range fetch with ``auto.offset.reset`` (earliest: the whole partition is read
+again) and, worse, records written at the lost offsets after the restart are skipped or re-read
+silently. On assignment, before any record is read, ``reset_beyond_end`` compares each
+partition's committed offset with its log end; a committed offset past the end is reported
+loudly (an error log naming the group, partition, committed offset and end, with the count of
+records lost) and the partition starts at the log end instead. The tasks whose records were in
+the lost range are the reconciler's to catch (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, TopicPartition
+
+from fleetplane.core.logging import get_logger
+
+log = get_logger(__name__)
+
+AssignHook = Callable[[Consumer, list[TopicPartition]], None]
+
+
+@dataclass(frozen=True)
+class Truncation:
+    topic: str
+    partition: int
+    committed: int
+    log_end: int
+
+    @property
+    def lost(self) -> int:
+        return self.committed - self.log_end
+
+
+def reset_beyond_end(consumer: Consumer, partitions: list[TopicPartition],
+                     timeout_s: float = 30.0) -> list[Truncation]:
+    """Assign `partitions`, each truncated one at its log end (the others at their committed
+    offset), if any committed offset lies beyond its partition's end; returns the truncations
+    (none: nothing is assigned here, the caller's assignment stands)."""
+    if not partitions:
+        return []
+    try:
+        committed = consumer.committed(
+            [TopicPartition(tp.topic, tp.partition) for tp in partitions], timeout=timeout_s)
+    except KafkaException as exc:
+        log.warning("committed offsets unavailable: truncation not checked", error=str(exc))
+        return []
+    found: list[Truncation] = []
+    start: dict[tuple[str, int], int] = {}
+    for tp in committed:
+        if tp.error is not None or tp.offset < 0:
+            continue
+        try:
+            _, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition),
+                                                     timeout=timeout_s, cached=False)
+        except KafkaException as exc:
+            log.warning("log end unavailable: truncation not checked", topic=tp.topic,
+                        partition=tp.partition, error=str(exc))
+            continue
+        if tp.offset > high:
+            found.append(Truncation(tp.topic, tp.partition, tp.offset, high))
+            start[(tp.topic, tp.partition)] = high
+    for t in found:
+        log.error("committed offset beyond the end of the log: the broker lost records; "
+                  "starting at the log end", topic=t.topic, partition=t.partition,
+                  committed=t.committed, log_end=t.log_end, lost_records=t.lost)
+    if found:
+        consumer.assign([TopicPartition(tp.topic, tp.partition,
+                                        start.get((tp.topic, tp.partition), OFFSET_INVALID))
+                         for tp in partitions])
+    return found
+
+
+def truncation_guard(inner: AssignHook | None = None) -> AssignHook:
+    """An on_assign hook: `reset_beyond_end`, then `inner` (a service's own hook)."""
+
+    def on_assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        reset_beyond_end(consumer, partitions)
+        if inner is not None:
+            inner(consumer, partitions)
+
+    return on_assign

@@ -1,0 +1,325 @@
+"""fleetplane-reconciler: level-triggered healing of tasks whose next event was lost.
+
+The services are edge-triggered: each reacts to the record in front of it, so a task whose next
+event never arrives (a broker that lost acknowledged writes on a hard kill, a truncated log, a
+consumer group reset, a bug) would wait forever. This process compares, again and again, what
+should be with what is (fleetplane.reconciler.tracker): it reads every task topic and the
+coordinator's state changelog from the start (read_committed), samples the committed offsets of
+the ingest, router and coordinator consumer groups, and re-drives each task that waits past its
+deadline at a hop whose service has already read its input: it re-publishes the input record
+unchanged and puts the reason on the task's timeline (an ``Alert`` of kind
+``reconciler_redrive``, stored by accounting with the task's events), counted per hop on
+``GET /reconciler/stats``.
+
+It holds no state of its own: a restart reads the topics again.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+
+from fleetplane.core import events as ev
+from fleetplane.core.kafka import event_headers
+from fleetplane.core.logging import get_logger
+from fleetplane.core.serde import default_serde
+from fleetplane.core.service import bootstrap
+from fleetplane.core.settings import Settings
+from fleetplane.core.topics import ALERTS, DISPATCH, DLQ, LIFECYCLE, OUTCOMES, ROUTED, key_for
+from fleetplane.reconciler.tracker import (
+    COORDINATOR_CHANGELOG,
+    HOPS,
+    SCHEDULER_TOPIC,
+    GiveUp,
+    Redrive,
+    Tracker,
+)
+
+SERVICE = "reconciler"
+SCHEDULER_GROUP = SCHEDULER_TOPIC  # the coordinator's schedule step's consumer group
+GROUP = "fleetplane-reconciler"  # never joined nor committed: the topics are read by assignment
+READ_TOPICS = (*(topic for topic, _ in HOPS.values()), DISPATCH, LIFECYCLE, OUTCOMES, DLQ)
+CATCH_UP_S = 10.0  # at most this long reading per pass (the next pass goes on from there)
+
+log = get_logger(__name__)
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.tracker = Tracker()
+        self.serde = default_serde()
+        self.stats: Counter[str] = Counter()
+        self.started_at = clock()
+        self.last_scan_at: float | None = None
+        self.lock = threading.Lock()
+        self._stopping = threading.Event()
+        self.consumer: Consumer | None = None
+        self.producer: Producer | None = None
+        self.groups: dict[str, Consumer] = {}
+        self.positions: dict[tuple[str, int], int] = {}  # where the next pass starts
+        self._prev_routed: dict[tuple[str, int], int] = {}
+        self._prev_scheduler_end: int | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def stop(self, *_: Any) -> None:
+        self._stopping.set()
+
+    def open(self) -> None:
+        base = self.settings.client_config()
+        self.consumer = Consumer({**base, "group.id": GROUP, "enable.auto.commit": False,
+                                  "auto.offset.reset": "earliest",
+                                  "isolation.level": "read_committed"})
+        for topic in (*READ_TOPICS, COORDINATOR_CHANGELOG):
+            meta = self.consumer.list_topics(topic, timeout=30).topics.get(topic)
+            if meta is None or meta.error is not None:
+                log.warning("topic missing: not read", topic=topic)
+                continue
+            for p in meta.partitions:
+                self.positions[(topic, p)] = OFFSET_BEGINNING
+        self.producer = Producer(self.settings.producer_config())
+
+    def close(self) -> None:
+        for c in [self.consumer, *self.groups.values()]:
+            if c is not None:
+                try:
+                    c.close()
+                except KafkaException:
+                    log.warning("consumer close failed", exc_info=True)
+        if self.producer is not None:
+            self.producer.flush(5)
+
+    def run(self) -> None:
+        self.open()
+        log.info("reconciler started", deadline_s=self.settings.reconciler_deadline_s,
+                 scan_s=self.settings.reconciler_scan_s)
+        try:
+            while not self._stopping.is_set():
+                self.scan()
+                self._stopping.wait(self.settings.reconciler_scan_s)
+        finally:
+            self.close()
+
+    # -- reading ---------------------------------------------------------------------------
+    def catch_up(self) -> bool:
+        """Read every partition from where the last pass stopped to its end (up to CATCH_UP_S).
+        The partitions are assigned for the pass only: between scans nothing is fetched (the
+        embedded broker answers empty fetches at once, so an idle assigned consumer spins).
+        True: the pass reached the end (a round that read nothing)."""
+        assert self.consumer is not None
+        self.consumer.assign([TopicPartition(t, p, o) for (t, p), o in self.positions.items()])
+        deadline = self.clock() + CATCH_UP_S
+        reached_end = False
+        try:
+            while self.clock() < deadline:
+                msgs = self.consumer.consume(1000, 0.3)
+                if not msgs:
+                    reached_end = True
+                    break
+                for msg in msgs:
+                    if msg.error() is not None:
+                        continue
+                    topic, partition = msg.topic() or "", msg.partition() or 0
+                    offset = msg.offset() or 0
+                    self.positions[(topic, partition)] = offset + 1
+                    self.observe(topic, partition, offset, msg.key(), msg.value(),
+                                 msg.headers())
+            for tp in self.consumer.position(self.consumer.assignment()):
+                if tp.offset >= 0:  # past aborted records and transaction markers too
+                    self.positions[(tp.topic, tp.partition)] = tp.offset
+        finally:
+            self.consumer.unassign()
+        return reached_end
+
+    def observe(self, topic: str, partition: int, offset: int, key: bytes | None,
+                value: bytes | None, headers: Any) -> None:
+        with self.lock:
+            if topic == COORDINATOR_CHANGELOG:
+                self.tracker.row(key, value is not None)
+                return
+            if not value:
+                return
+            try:
+                event = self.serde.decode(value)
+            except Exception:  # ingest dead-letters it; nothing to track
+                self.stats["undecodable"] += 1
+                return
+            pairs = tuple((str(k), v if isinstance(v, bytes) else str(v or "").encode())
+                          for k, v in (headers or []))
+            self.tracker.observe(event, topic=topic, partition=partition, offset=offset,
+                                 key=key, value=value, headers=pairs, now=self.clock())
+
+    def committed(self) -> dict[tuple[str, int], int]:
+        """Each hop's group: the committed offset per partition of its input topic.
+
+        The coordinator reads tasks.routed in two steps (a repartition onto its scheduler topic,
+        then the schedule step); its repartition group's offsets count only from the previous
+        sample, and only if the schedule step has since read everything that was on the
+        scheduler topic at that sample: otherwise a backlog (or a coordinator down) would look
+        like a lost event."""
+        out: dict[tuple[str, int], int] = {}
+        for topic, group in HOPS.values():
+            out.update(self._group_offsets(group, topic))
+        scheduler_end = self._end(SCHEDULER_TOPIC)
+        scheduler_read = self._group_offsets(SCHEDULER_GROUP, SCHEDULER_TOPIC).get(
+            (SCHEDULER_TOPIC, 0), -1)
+        routed_prev = self._prev_routed
+        prev_end = self._prev_scheduler_end
+        self._prev_routed = {k: v for k, v in out.items() if k[0] == ROUTED}
+        self._prev_scheduler_end = scheduler_end
+        for k in [k for k in out if k[0] == ROUTED]:
+            del out[k]
+        if prev_end is not None and 0 <= prev_end <= scheduler_read:
+            out.update(routed_prev)
+        else:
+            self.stats["coordinator_behind"] += 1
+        return out
+
+    def _group_offsets(self, group: str, topic: str) -> dict[tuple[str, int], int]:
+        assert self.consumer is not None
+        consumer = self.groups.get(group)
+        if consumer is None:
+            consumer = self.groups[group] = Consumer({**self.settings.client_config(),
+                                                      "group.id": group,
+                                                      "enable.auto.commit": False})
+        out: dict[tuple[str, int], int] = {}
+        try:
+            meta = self.consumer.list_topics(topic, timeout=10).topics.get(topic)
+            if meta is None:
+                return out
+            tps = [TopicPartition(topic, p) for p in meta.partitions]
+            for tp in consumer.committed(tps, timeout=10):
+                if tp.error is None and tp.offset >= 0:
+                    out[(topic, tp.partition)] = tp.offset
+        except KafkaException as exc:  # broker away: no evidence, no re-drive
+            log.warning("committed offsets unavailable", group=group, error=str(exc))
+        return out
+
+    def _end(self, topic: str) -> int | None:
+        assert self.consumer is not None
+        try:
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10,
+                                                          cached=False)
+            return int(high)
+        except KafkaException:
+            return None
+
+    # -- deciding and acting ---------------------------------------------------------------
+    def scan(self) -> list[Redrive | GiveUp]:
+        """One round: sample the groups' committed offsets, read the log to its end, decide,
+        re-drive. Nothing is decided from a pass that did not reach the end (the answers of
+        the records read may be further on)."""
+        committed = self.committed()  # before reading on: answers committed by now are read
+        if not self.catch_up():
+            self.stats["partial_reads"] += 1
+            return []
+        with self.lock:
+            actions = self.tracker.due(committed, self.clock(),
+                                       deadline_s=self.settings.reconciler_deadline_s,
+                                       max_redrives=self.settings.reconciler_max_redrives)
+            self.stats["scans"] += 1
+            self.last_scan_at = self.clock()
+        for action in actions:
+            self.act(action)
+        if actions:
+            assert self.producer is not None
+            remaining = self.producer.flush(30)
+            if remaining:
+                log.error("re-drives not acknowledged", pending=remaining)
+        return actions
+
+    def act(self, action: Redrive | GiveUp) -> None:
+        assert self.producer is not None
+        if isinstance(action, Redrive):
+            fact = action.fact
+            self.producer.produce(fact.topic, key=fact.key, value=fact.value,
+                                  partition=fact.partition, headers=list(fact.headers))
+            self.stats[f"redrives.{action.hop}"] += 1
+            log.warning("task re-driven", task_id=action.task_id, hop=action.hop,
+                        redrive=action.attempt, reason=action.reason)
+            alert = ev.Alert(event_id=ev.derived_id(fact.event_id,
+                                                    f"reconciler/{action.hop}/{action.attempt}"),
+                             task_id=action.task_id, team=action.team, severity="warning",
+                             kind="reconciler_redrive", message=action.reason,
+                             metric=f"reconciler_redrives.{action.hop}",
+                             value=float(action.attempt))
+        else:
+            self.stats[f"gave_up.{action.hop}"] += 1
+            log.error("task left to an operator", task_id=action.task_id, hop=action.hop,
+                      reason=action.reason)
+            alert = ev.Alert(event_id=ev.derived_id(action.task_id,
+                                                    f"reconciler/{action.hop}/gave-up"),
+                             task_id=action.task_id, team=action.team, severity="critical",
+                             kind="reconciler_gave_up", message=action.reason)
+        self.producer.produce(ALERTS, key=key_for(alert), value=self.serde.encode(alert),
+                              headers=event_headers(alert))
+        self.producer.poll(0)
+
+    def view(self) -> dict[str, Any]:
+        with self.lock:
+            waiting = Counter(t.waiting_at() or "none" for t in self.tracker.tracks.values())
+            return {"service": SERVICE, "tracked": len(self.tracker),
+                    "finished": len(self.tracker.finished),
+                    "recorded_by_coordinator": len(self.tracker.recorded),
+                    "waiting_at": dict(waiting), "counters": dict(self.stats),
+                    "deadline_s": self.settings.reconciler_deadline_s,
+                    "last_scan_s_ago": (None if self.last_scan_at is None
+                                        else round(self.clock() - self.last_scan_at, 1))}
+
+
+def serve(reconciler: Reconciler, host: str, port: int) -> ThreadingHTTPServer:
+    """GET /healthz and /reconciler/stats (JSON) in a daemon thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?")[0].rstrip("/")
+            if path == "/healthz":
+                status, body = 200, {"ready": True, "service": SERVICE}
+            elif path == "/reconciler/stats":
+                status, body = 200, reconciler.view()
+            else:
+                status, body = 404, {"error": "not found"}
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server
+
+
+def main() -> None:
+    settings = bootstrap(SERVICE)
+    reconciler = Reconciler(settings)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        reconciler.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server = serve(reconciler, settings.bind_host, settings.reconciler_port)
+    try:
+        reconciler.run()
+    finally:
+        server.shutdown()
+
+
+if __name__ == "__main__":
+    main()
