@@ -13,6 +13,7 @@ teams and priority within a team. See docs/coordinator.md for the state diagram 
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 from fleetplane.coordinator.backoff import backoff_ms, derived_event_id
 from fleetplane.coordinator.globs import covered, overlaps, validate_scope
 from fleetplane.coordinator.state import PARKED, FleetState, Routing, Spend, Status, TaskRow
-from fleetplane.coordinator.world import World
+from fleetplane.coordinator.world import PRIORITY_RANK, HoldKey, Rank, World, rank
 from fleetplane.core import events as ev
 from fleetplane.core import failures
 from fleetplane.core.catalog import Catalog
@@ -31,7 +32,6 @@ from fleetplane.core.teams import TeamPolicy, TeamsConfig
 E = TypeVar("E", bound=ev.Event)
 
 TICK = "tick"  # ControlCommand published by the coordinator's own timer onto its scheduler topic
-PRIORITY_RANK = {"critical": 0, "high": 1, "normal": 2, "low": 3}
 TERMINAL_STATUS: dict[type[ev.Event], Status] = {
     ev.TaskCompleted: Status.COMPLETED,
     ev.TaskFailed: Status.FAILED,
@@ -294,11 +294,15 @@ class Scheduler:
 
     def _on_tick(self) -> None:
         """Timer: release due backoffs; declare attempts without heartbeats lost."""
-        for state in sorted(self.world.waiting.values(), key=lambda s: s.task_id):
-            if state.hold_kind == "backoff" and (state.not_before is None
-                                                 or state.not_before <= self.at):
-                self._put(state, hold_kind=None, held_by=None, hold_reason="", not_before=None)
-                self.admit_needed = True
+        self._release_backoffs()
+        self._expire_attempts()
+
+    def _release_backoffs(self) -> None:
+        for state in self.world.due_backoffs(self.at):
+            self._put(state, hold_kind=None, held_by=None, hold_reason="", not_before=None)
+            self.admit_needed = True
+
+    def _expire_attempts(self) -> None:
         limit = timedelta(milliseconds=self.policy.heartbeat_timeout_ms)
         for state in sorted(self.world.active.values(), key=lambda s: s.task_id):
             if state.status is not Status.RUNNING or state.last_heartbeat_at is None:
@@ -398,75 +402,117 @@ class Scheduler:
 
     # -- admission -------------------------------------------------------------------------
     def _admit(self) -> None:
+        """One admission pass, incremental: the work is proportional to what changed (tasks
+        whose hold changes, dispatches, and the head of each team's queue), not to the queue.
+
+        Decisions are those of a full pass over every waiting task (kept as the oracle of the
+        replay-equivalence test, tests/unit/coordinator_oracle.py): a task whose reported hold
+        a full pass would leave unchanged is not looked at. Per team, the queue is sorted by
+        rank (priority, arrival); the candidates are grouped by the hold they last reported."""
         world, fleet = self.world, self.world.fleet
         active, running = world.active, Counter(world.running)
         if fleet.kill_switch:
-            for s in sorted(world.waiting.values(), key=_rank):
-                if s.ready:
-                    self._hold(s, "kill_switch", f"kill switch on: {fleet.kill_switch_reason}")
-            return
-        # one cheap look at each waiting task: skip those whose reported hold still stands
-        # (their holder is active, or their team is still blocked for the reported reason)
-        blocks: dict[str, tuple[str, str] | None] = {}
-        queues: dict[str, list[TaskRow]] = {}
-        look = [*world.candidates.values(), *(world.tasks[t] for t in sorted(world.recheck))]
-        for s in look:
-            if not s.ready or s.spec is None:
+            return self._hold_all_killed(f"kill switch on: {fleet.kill_switch_reason}")
+        # conflict-held tasks whose holder ended: always looked at (unless it is active again)
+        recheck = [world.tasks[t] for t in sorted(world.recheck)]
+        skip = {s.task_id for s in recheck if s.held_by in active}
+        recheck_of: dict[str, list[TaskRow]] = {}
+        for s in recheck:
+            if s.task_id not in skip and s.ready and s.spec is not None:
+                recheck_of.setdefault(s.team, []).append(s)
+        open_teams: list[str] = []
+        for team in sorted(world.queues):
+            if not world.queues[team]:
                 continue
-            if s.hold_kind == "conflict" and s.held_by in active:
+            block = self._team_block(team, running[team])
+            if block is None:
+                open_teams.append(team)
                 continue
-            if s.team not in blocks:
-                blocks[s.team] = self._team_block(s.team, running[s.team])
-            block = blocks[s.team]
-            if block is not None:
+            for s in self._changing(team, block[0], (block[0], block[1], None), None,
+                                    recheck_of):
                 self._hold_blocked(s, *block)
-                continue
-            queues.setdefault(s.team, []).append(s)
-        for queue in queues.values():
-            queue.sort(key=_rank)
         capacity = self.policy.max_running - len(active)
-        open_teams = sorted(queues)
-        heads: dict[str, int] = dict.fromkeys(open_teams, 0)  # first unexamined in queue
+        cursor: dict[str, Rank | None] = dict.fromkeys(open_teams)  # last examined rank
+        heads = set(open_teams)
         while capacity > 0 and heads:
             best: tuple[tuple[float, int, int, str], str, TaskRow] | None = None
             for team in sorted(heads):
-                queue, i = queues[team], heads[team]
                 policy = self.policy.team(team)
                 if running[team] >= policy.max_running:
-                    for s in queue[i:]:
+                    for s in self._changing(team, "quota", None, cursor[team], recheck_of):
                         self._hold_blocked(s, "quota", _quota_reason(team, policy.max_running))
-                    del heads[team]
+                    heads.discard(team)
                     continue
-                while i < len(queue):
-                    s = queue[i]
-                    conflict = self._conflict(s)
+                head = self._head(team, cursor[team], skip)
+                while head is not None:
+                    conflict = self._conflict(head)
                     if conflict is None:
                         break
-                    self._hold(s, "conflict", *conflict)
-                    i += 1
-                heads[team] = i
-                if i >= len(queue):
-                    del heads[team]
+                    self._hold(head, "conflict", *conflict)
+                    cursor[team] = rank(head)
+                    head = self._head(team, cursor[team], skip)
+                if head is None:
+                    heads.discard(team)
                     continue
-                s = queue[i]
-                key = (running[team] / policy.weight, *_rank(s))
+                key = (running[team] / policy.weight, *rank(head))
                 if best is None or key < best[0]:
-                    best = (key, team, s)
+                    best = (key, team, head)
             if best is None:
                 break
             _, team, s = best
             self._dispatch(s)
-            heads[team] += 1
-            if heads[team] >= len(queues[team]):
-                del heads[team]
+            cursor[team] = rank(s)
+            if self._head(team, cursor[team], skip) is None:
+                heads.discard(team)
             running[team] += 1
             capacity -= 1
         if capacity <= 0:
-            for team, i in heads.items():
-                for s in queues[team][i:]:
-                    self._hold_blocked(s, "quota",
-                               f"the fleet is at its limit of {self.policy.max_running} "
-                               "running tasks")
+            reason = f"the fleet is at its limit of {self.policy.max_running} running tasks"
+            for team in sorted(heads):
+                for s in self._changing(team, "quota", None, cursor[team], recheck_of):
+                    self._hold_blocked(s, "quota", reason)
+        return None
+
+    def _head(self, team: str, after: Rank | None, skip: set[str]) -> TaskRow | None:
+        """The first task of the team's queue ranked after ``after``."""
+        queue = self.world.queues.get(team, [])
+        i = 0 if after is None else bisect_right(queue, after)
+        while i < len(queue):
+            tid = queue[i][2]
+            if tid not in skip:
+                return self.world.tasks[tid]
+            i += 1
+        return None
+
+    def _changing(self, team: str, kind: str, target: HoldKey | None, after: Rank | None,
+                  recheck_of: dict[str, list[TaskRow]]) -> list[TaskRow]:
+        """The team's queued tasks ranked after ``after`` whose hold changes when they are
+        held with ``target`` (any quota reason keeps a quota hold): the others are left as
+        they are by ``_hold``. Recheck tasks always (their conflict is looked at again)."""
+        world = self.world
+        out: list[TaskRow] = []
+        for group, members in world.groups.get(team, {}).items():
+            if group == target or (kind == "quota" and group[0] == "quota"):
+                continue
+            out.extend(world.tasks[t] for t in members)
+        out.extend(recheck_of.get(team, []))
+        if after is not None:
+            out = [s for s in out if (world.queued_rank(s.task_id) or rank(s)) > after]
+        return sorted(out, key=rank)
+
+    def _hold_all_killed(self, reason: str) -> None:
+        world = self.world
+        todo: dict[str, TaskRow] = {}
+        for groups in world.groups.values():
+            for group, members in groups.items():
+                if group != ("kill_switch", reason, None):
+                    todo.update((t, world.tasks[t]) for t in members)
+        for waiters in world.conflict_waiters.values():
+            todo.update((t, world.tasks[t]) for t in waiters if t in world.tasks)
+        todo.update((t, world.tasks[t]) for t in world.recheck)
+        for s in sorted(todo.values(), key=rank):
+            if s.ready:
+                self._hold(s, "kill_switch", reason)
 
     def _hold_blocked(self, state: TaskRow, kind: str, reason: str) -> None:
         """Held by its team or the fleet. A task that also conflicts keeps reporting the
@@ -597,11 +643,6 @@ class Scheduler:
         return event
 
 
-def _rank(state: TaskRow) -> tuple[int, int, str]:
-    prio = PRIORITY_RANK.get(state.spec.priority if state.spec else "normal", 2)
-    return prio, state.seq, state.task_id
-
-
 def _quota_reason(team: str, limit: int) -> str:
     return f"team {team} is at its limit of {limit} running tasks"
 
@@ -615,4 +656,4 @@ _HANDLERS = {
     ev.WorkspaceChange: Scheduler._on_workspace_change,
 }
 
-__all__ = ["PARKED", "TICK", "AdmissionPolicy", "FleetState", "Scheduler", "World"]
+__all__ = ["PARKED", "PRIORITY_RANK", "TICK", "AdmissionPolicy", "FleetState", "Scheduler", "World"]

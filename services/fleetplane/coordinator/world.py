@@ -8,13 +8,18 @@ admission needs (active tasks with their leases, waiting tasks, dependents) up t
 
 from __future__ import annotations
 
+import heapq
+from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Iterable
+from datetime import datetime
 
 from fleetplane.coordinator.globs import literal_prefix
 from fleetplane.coordinator.state import FleetState, Status, TaskRow
 
 WILD = "*"  # lease bucket of globs whose first segment is not literal
+
+PRIORITY_RANK = {"critical": 0, "high": 1, "normal": 2, "low": 3}
 
 TASK_PREFIX = b"task/"
 FLEET_KEY = b"fleet"
@@ -22,6 +27,24 @@ FLEET_KEY = b"fleet"
 
 def task_key(task_id: str) -> bytes:
     return TASK_PREFIX + task_id.encode()
+
+
+Rank = tuple[int, int, str]
+HoldKey = tuple[str | None, str, str | None]  # (hold_kind, hold_reason, held_by)
+
+
+def rank(state: TaskRow) -> Rank:
+    """Admission order within a team: priority, then arrival, then task id."""
+    prio = PRIORITY_RANK.get(state.spec.priority if state.spec else "normal", 2)
+    return prio, state.seq, state.task_id
+
+
+def hold_key(state: TaskRow) -> HoldKey:
+    return state.hold_kind, state.hold_reason, state.held_by
+
+
+def _due(state: TaskRow) -> float:
+    return state.not_before.timestamp() if state.not_before is not None else float("-inf")
 
 
 class World:
@@ -38,6 +61,14 @@ class World:
         self.recheck: set[str] = set()  # conflict-held tasks whose holder is no longer active
         # repository -> first literal segment of a leased glob (or WILD) -> task id -> state
         self.leases: dict[str, dict[str, dict[str, TaskRow]]] = {}
+        # incremental admission (see Scheduler._admit): per team, the admission queue
+        # (candidates and recheck tasks) as a sorted list of ranks, and the candidates grouped
+        # by the hold they last reported, so that a pass only looks at the tasks whose hold
+        # would change; backoffs as a heap by due time (stale entries skipped when popped)
+        self.queues: dict[str, list[Rank]] = {}
+        self.groups: dict[str, dict[HoldKey, set[str]]] = {}
+        self._queued: dict[str, tuple[str, Rank, HoldKey | None]] = {}  # tid -> team, rank, group
+        self.backoffs: list[tuple[float, str]] = []
         self._dirty: set[str] = set()
         self._fleet_dirty = False
         self._undo: dict[str, TaskRow | None] | None = None
@@ -80,21 +111,30 @@ class World:
             self.conflict_waiters.get(old.held_by, set()).discard(tid)
         self.candidates.pop(tid, None)
         self.recheck.discard(tid)
+        self._unqueue(tid)
         gone = self.active.pop(tid, None)
         if gone is not None:
             self.running[gone.team] -= 1
             for bucket in self._buckets(gone):
                 bucket.pop(tid, None)
             if not state.status.active:
-                self.recheck |= self.conflict_waiters.pop(tid, set())
+                for waiter in self.conflict_waiters.pop(tid, set()):
+                    row = self.tasks.get(waiter)
+                    if row is not None:
+                        self.recheck.add(waiter)
+                        self._enqueue(row, None)
         self.waiting.pop(tid, None)
         if state.ready and state.spec is not None:
             if state.hold_kind == "conflict" and state.held_by:
                 self.conflict_waiters.setdefault(state.held_by, set()).add(tid)
                 if state.held_by not in self.active:
                     self.recheck.add(tid)
+                    self._enqueue(state, None)
             else:
                 self.candidates[tid] = state
+                self._enqueue(state, hold_key(state))
+        if state.status is Status.WAITING and state.hold_kind == "backoff":
+            heapq.heappush(self.backoffs, (_due(state), tid))
         if state.status.active:
             self.active[tid] = state
             self.running[state.team] += 1
@@ -105,6 +145,46 @@ class World:
             if state.hold_kind == "dependency" and state.spec is not None:
                 for dep in state.spec.depends_on:
                     self.dependents.setdefault(dep, set()).add(tid)
+
+    def _enqueue(self, state: TaskRow, group: HoldKey | None) -> None:
+        """Into its team's admission queue; ``group``: its hold, for a candidate (None for a
+        task to recheck: a conflict whose holder ended)."""
+        tid = state.task_id
+        self._unqueue(tid)
+        key = rank(state)
+        insort(self.queues.setdefault(state.team, []), key)
+        if group is not None:
+            self.groups.setdefault(state.team, {}).setdefault(group, set()).add(tid)
+        self._queued[tid] = (state.team, key, group)
+
+    def _unqueue(self, tid: str) -> None:
+        entry = self._queued.pop(tid, None)
+        if entry is None:
+            return
+        team, key, group = entry
+        queue = self.queues[team]
+        del queue[bisect_left(queue, key)]
+        if group is not None:
+            members = self.groups[team][group]
+            members.discard(tid)
+            if not members:
+                del self.groups[team][group]
+
+    def queued_rank(self, tid: str) -> Rank | None:
+        entry = self._queued.get(tid)
+        return entry[1] if entry is not None else None
+
+    def due_backoffs(self, now: datetime) -> list[TaskRow]:
+        """Waiting tasks whose backoff is due at ``now`` (taken off the heap)."""
+        due: dict[str, TaskRow] = {}
+        limit = now.timestamp()
+        while self.backoffs and self.backoffs[0][0] <= limit:
+            when, tid = heapq.heappop(self.backoffs)
+            state = self.tasks.get(tid)
+            if state is not None and state.status is Status.WAITING \
+                    and state.hold_kind == "backoff" and _due(state) == when:
+                due[tid] = state
+        return [due[t] for t in sorted(due)]
 
     def _buckets(self, state: TaskRow, create: bool = False) -> list[dict[str, TaskRow]]:
         repo = self.leases.setdefault(state.repository, {}) if create \
@@ -149,6 +229,7 @@ class World:
                 self.waiting.pop(tid, None)
                 self.candidates.pop(tid, None)
                 self.recheck.discard(tid)
+                self._unqueue(tid)
                 if gone is not None and gone.spec is not None:
                     for dep in gone.spec.depends_on:
                         self.dependents.get(dep, set()).discard(tid)
