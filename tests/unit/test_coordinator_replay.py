@@ -21,7 +21,7 @@ CATALOG = Catalog(tiers=["small", "standard", "frontier"], default_tier="standar
 WORKLOADS = {
     # the integration test's 301 tasks: 3 teams, 2 repositories, src/** leased by a stuck task
     "invariants-301": (Workload(tasks=300, stuck=True, operators=False, p_dependency=0.0), 7),
-    "operators": (Workload(tasks=400), 11),
+    "operators": (Workload(tasks=400, p_never_start=0.03), 11),
     "many-teams": (Workload(tasks=600, repositories=5, capacity=20, burst=200, teams={
         f"team{i}": {"max_running": 2 + i % 4, "weight": 1.0 + i % 3} for i in range(8)}), 3),
     "fleet-bound": (Workload(tasks=400, capacity=3, p_never_start=0.0, burst=400), 5),
@@ -30,7 +30,8 @@ WORKLOADS = {
 
 def policy(w: Workload) -> AdmissionPolicy:
     return AdmissionPolicy(teams=teams_config(w), catalog=CATALOG, max_running=w.capacity,
-                           heartbeat_timeout_ms=5_000, backoff_base_ms=500)
+                           heartbeat_timeout_ms=5_000, backoff_base_ms=500,
+                           start_timeout_ms=20_000, conflict_hold_timeout_ms=30_000)
 
 
 def canon(events: list[ev.Event]) -> tuple[list[str], dict[str, list[str]]]:

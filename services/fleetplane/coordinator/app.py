@@ -134,7 +134,10 @@ def policy_for_settings(settings: Settings) -> AdmissionPolicy:
                   max_running=settings.coordinator_max_running,
                   heartbeat_timeout_ms=int(settings.coordinator_heartbeat_timeout_s * 1000),
                   backoff_base_ms=settings.coordinator_backoff_base_ms,
-                  backoff_cap_ms=settings.coordinator_backoff_cap_ms)
+                  backoff_cap_ms=settings.coordinator_backoff_cap_ms,
+                  start_timeout_ms=int(settings.coordinator_start_timeout_s * 1000),
+                  conflict_hold_timeout_ms=int(
+                      settings.coordinator_conflict_hold_timeout_s * 1000))
 
 
 class Silence:

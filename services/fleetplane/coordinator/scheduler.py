@@ -52,6 +52,8 @@ class AdmissionPolicy:
     heartbeat_timeout_ms: int = 60_000
     backoff_base_ms: int = 1_000
     backoff_cap_ms: int = 60_000
+    start_timeout_ms: int = 300_000  # dispatched, never started: lost (0: never)
+    conflict_hold_timeout_ms: int = 1_800_000  # held for approval after a conflict: rolled back
 
     def team(self, name: str) -> TeamPolicy:
         return self.teams.policy(name)
@@ -77,6 +79,7 @@ class Scheduler:
         self.stamp: datetime = self.at
         self.out: list[ev.Event] = []
         self.admit_needed = False
+        self._periods: dict[tuple[str, datetime], str] = {}
 
     # -- entry point -----------------------------------------------------------------------
     def apply(self, world: World, event: ev.Event, *,
@@ -152,8 +155,9 @@ class Scheduler:
         if state is None or e.attempt != state.attempt \
                 or state.status not in (Status.DISPATCHED, Status.RUNNING):
             return
+        lease = e.occurred_at + timedelta(milliseconds=e.lease_ms) if e.lease_ms > 0 else None
         self._put(state, status=Status.RUNNING, executor_id=e.executor_id,
-                  last_heartbeat_at=e.occurred_at)
+                  last_heartbeat_at=e.occurred_at, lease_until=lease)
 
     def _on_failed(self, state: TaskRow | None, e: ev.Event) -> None:
         assert isinstance(e, ev.TaskFailed) and not e.final
@@ -203,7 +207,7 @@ class Scheduler:
             else:
                 self._fail(state, "rejected", f"rejected by {who}" + (f": {why}" if why else ""))
         elif state.conflict_hold and state.status.active:
-            state = self._put(state, conflict_hold=False)
+            state = self._put(state, conflict_hold=False, conflict_held_at=None)
             if not approved and state.status is not Status.ROLLING_BACK:
                 self._rollback(state)
 
@@ -246,7 +250,7 @@ class Scheduler:
                        reason=f"conflict: {reason}; approve to keep the changes, reject to "
                               "roll them back", held_by=other_id,
                        paths=sorted(set(outside + inside)), attempt=state.attempt)
-            self._put(state, conflict_hold=True)
+            self._put(state, conflict_hold=True, conflict_held_at=self.at)
         else:
             self._rollback(state)
 
@@ -303,17 +307,75 @@ class Scheduler:
             self.admit_needed = True
 
     def _expire_attempts(self) -> None:
-        limit = timedelta(milliseconds=self.policy.heartbeat_timeout_ms)
-        for state in sorted(self.world.active.values(), key=lambda s: s.task_id):
-            if state.status is not Status.RUNNING or state.last_heartbeat_at is None:
+        """Attempts that will not report: dispatched and never started, running without a
+        heartbeat (or past the executor's durable lease), held for approval after a conflict
+        with nobody deciding. One cheap look at each active attempt; the expired ones are
+        handled in task id order."""
+        p, at = self.policy, self.at
+        heartbeat = timedelta(milliseconds=p.heartbeat_timeout_ms)
+        start = timedelta(milliseconds=p.start_timeout_ms) if p.start_timeout_ms > 0 else None
+        hold = timedelta(milliseconds=p.conflict_hold_timeout_ms) \
+            if p.conflict_hold_timeout_ms > 0 else None
+        expired: list[tuple[str, TaskRow, str]] = []
+        for state in self.world.active.values():
+            if state.conflict_hold and hold is not None and state.conflict_held_at is not None \
+                    and at - state.conflict_held_at > hold:
+                expired.append((state.task_id, state, "conflict_hold"))
+            elif state.status is Status.RUNNING:
+                if state.last_heartbeat_at is not None \
+                        and at - state.last_heartbeat_at > heartbeat:
+                    expired.append((state.task_id, state, "heartbeat"))
+                elif state.lease_until is not None and at > state.lease_until:
+                    expired.append((state.task_id, state, "lease"))
+            elif state.status is Status.DISPATCHED and start is not None \
+                    and state.dispatched_at is not None and at - state.dispatched_at > start:
+                expired.append((state.task_id, state, "start"))
+        for _, state, why in sorted(expired, key=lambda x: x[0]):
+            if why == "conflict_hold":
+                self._stop_conflict_hold(state)
                 continue
-            silent = self.at - state.last_heartbeat_at
-            if silent > limit:
-                reason = (f"no heartbeat from executor {state.executor_id} for "
-                          f"{silent.total_seconds():.1f}s")
-                self._emit(ev.TaskFailed, state, attempt=state.attempt,
-                           failure_class=failures.LOST_EXECUTOR, reason=reason, final=False)
+            if why == "heartbeat":
+                assert state.last_heartbeat_at is not None
+                silent = (at - state.last_heartbeat_at).total_seconds()
+                reason = f"no heartbeat from executor {state.executor_id} for {silent:.1f}s"
+            elif why == "lease":
+                assert state.lease_until is not None and state.last_heartbeat_at is not None
+                silent = (at - state.last_heartbeat_at).total_seconds()
+                reason = (f"the lease of executor {state.executor_id} expired at "
+                          f"{state.lease_until.isoformat()} without a heartbeat "
+                          f"(silent {silent:.1f}s)")
+            else:
+                assert state.dispatched_at is not None
+                waited = (at - state.dispatched_at).total_seconds()
+                reason = f"dispatched {waited:.1f}s ago and never started by an executor"
+            self._emit(ev.TaskFailed, state, attempt=state.attempt,
+                       failure_class=failures.LOST_EXECUTOR, reason=reason, final=False)
+            if why == "lease" and state.spec is not None and state.routing is not None \
+                    and state.attempt < state.spec.max_attempts:
+                self._retry_lost(state, reason)
+            else:
                 self._attempt_failed(state, failures.LOST_EXECUTOR, reason)
+
+    def _retry_lost(self, state: TaskRow, reason: str) -> None:
+        """An attempt whose executor's durable lease expired: the executor is gone (its
+        claim says so), so the attempt is retried once, at once, whatever the failure policy
+        (a retry after a lost lease is not the task's failure; its attempts stay bounded by
+        max_attempts)."""
+        n = state.attempt
+        self._emit(ev.TaskRetrying, state, attempt=n + 1, delay_ms=0,
+                   reason=f"{failures.LOST_EXECUTOR}: {reason}")
+        self._release(state, next_attempt=n + 1, lease_until=None, last_heartbeat_at=None)
+
+    def _stop_conflict_hold(self, state: TaskRow) -> None:
+        """Held for approval after a conflict and nobody decided in time: stopped, as a reject
+        would (rolled back; the rollback job ends the attempt's work)."""
+        waited = self.policy.conflict_hold_timeout_ms / 1000
+        self._emit(ev.TaskHeld, state, tag="conflict-timeout", kind="approval",
+                   reason=f"no approve/reject within {waited:.0f}s of the conflict: stopped "
+                          "and rolled back", held_by=None, paths=[], attempt=state.attempt)
+        state = self._put(state, conflict_hold=False, conflict_held_at=None)
+        if state.status is not Status.ROLLING_BACK:
+            self._rollback(state)
 
     # -- failure policies ------------------------------------------------------------------
     def _attempt_failed(self, state: TaskRow, failure_class: str, reason: str) -> None:
@@ -529,8 +591,9 @@ class Scheduler:
         if team in fleet.paused:
             return "paused", f"team {team} is paused ({fleet.paused[team]})"
         spend = fleet.spend.get(team)
-        period = period_name(policy.budget_period, self.at)
-        if spend is not None and spend.period == period and spend.usd >= policy.budget_usd:
+        if spend is not None and spend.usd >= policy.budget_usd \
+                and spend.period == self._period(policy.budget_period):
+            period = spend.period
             return "budget", (f"team {team} reached its ${policy.budget_usd:.2f} "
                               f"{policy.budget_period} budget ({period})")
         if team in fleet.budget_exhausted:
@@ -539,6 +602,16 @@ class Scheduler:
         if running >= policy.max_running:
             return "quota", _quota_reason(team, policy.max_running)
         return None
+
+    def _period(self, budget_period: str) -> str:
+        """The budget period containing the event's time (cached: one per event and kind)."""
+        key = (budget_period, self.at)
+        period = self._periods.get(key)
+        if period is None:
+            if len(self._periods) > 64:
+                self._periods.clear()
+            period = self._periods[key] = period_name(budget_period, self.at)
+        return period
 
     def _conflict(self, state: TaskRow) -> tuple[str, str, list[str]] | None:
         """(reason, holder, holder's overlapping globs) when an active lease overlaps."""
@@ -568,7 +641,8 @@ class Scheduler:
         self._put(state, status=Status.DISPATCHED, attempt=n, leased_paths=list(spec.write_scope),
                   dispatched_at=self.at, executor_id=None, last_heartbeat_at=None,
                   hold_kind=None, held_by=None, hold_reason="", held_paths=[],
-                  held_since=None, not_before=None, conflict_hold=False)
+                  held_since=None, not_before=None, conflict_hold=False,
+                  conflict_held_at=None, lease_until=None)
 
     # -- helpers ---------------------------------------------------------------------------
     def _hold(self, state: TaskRow, kind: str, reason: str, held_by: str | None = None,

@@ -86,6 +86,8 @@ class TaskRow(BaseModel):
     held_since: datetime | None = None
     not_before: datetime | None = None  # backoff: not dispatched before this time
     conflict_hold: bool = False  # a conflict waits for approve (keep) / reject (roll back)
+    conflict_held_at: datetime | None = None  # since when (the conflict hold's timeout)
+    lease_until: datetime | None = None  # the executor's durable lease (TaskStarted/Heartbeat)
     output: str | None = None  # TaskCompleted.output, for dependents
     outcome: str | None = None  # the event type that ended the task
     updated_at: datetime

@@ -132,6 +132,13 @@ class Settings(BaseSettings):
         "this long.")
     coordinator_backoff_base_ms: int = 1_000
     coordinator_backoff_cap_ms: int = 60_000
+    coordinator_start_timeout_s: float = Field(
+        default=300.0, description="An attempt dispatched and not started (no TaskStarted) "
+        "this long is declared lost (0: never).")
+    coordinator_conflict_hold_timeout_s: float = Field(
+        default=1800.0, description="A running attempt held for approval after a conflict "
+        "(conflict_policy hold) with no approve/reject this long is stopped: rolled back, as "
+        "a reject would (0: never).")
 
     # Router (fleetplane.router; docs/routing.md)
     router_exploration_share: float = Field(
