@@ -31,7 +31,8 @@ WORKLOADS = {
 def policy(w: Workload) -> AdmissionPolicy:
     return AdmissionPolicy(teams=teams_config(w), catalog=CATALOG, max_running=w.capacity,
                            heartbeat_timeout_ms=5_000, backoff_base_ms=500,
-                           start_timeout_ms=20_000, conflict_hold_timeout_ms=30_000)
+                           start_timeout_ms=20_000, conflict_hold_timeout_ms=30_000,
+                           reservations=False)  # the oracle's decisions predate them
 
 
 def canon(events: list[ev.Event]) -> tuple[list[str], dict[str, list[str]]]:

@@ -54,6 +54,9 @@ class AdmissionPolicy:
     backoff_cap_ms: int = 60_000
     start_timeout_ms: int = 300_000  # dispatched, never started: lost (0: never)
     conflict_hold_timeout_ms: int = 1_800_000  # held for approval after a conflict: rolled back
+    # the oldest conflict-held waiter of a repository reserves its write scope: younger tasks
+    # overlapping it wait ("reserved"), so a broad scope is not starved by narrow ones
+    reservations: bool = True
 
     def team(self, name: str) -> TeamPolicy:
         return self.teams.policy(name)
@@ -507,10 +510,12 @@ class Scheduler:
                     continue
                 head = self._head(team, cursor[team], skip)
                 while head is not None:
-                    conflict = self._conflict(head)
+                    kind, conflict = "conflict", self._conflict(head)
+                    if conflict is None and self.policy.reservations:
+                        kind, conflict = "reserved", self._reserved(head)
                     if conflict is None:
                         break
-                    self._hold(head, "conflict", *conflict)
+                    self._hold(head, kind, *conflict)
                     cursor[team] = rank(head)
                     head = self._head(team, cursor[team], skip)
                 if head is None:
@@ -628,6 +633,29 @@ class Scheduler:
                 return (f"write scope overlaps {theirs} leased by task {holder.task_id} in "
                         f"{state.repository or '(no repository)'}", holder.task_id, theirs)
         return None
+
+    def _reserved(self, state: TaskRow) -> tuple[str, str, list[str]] | None:
+        """(reason, reserver, its overlapping globs) when the repository's oldest waiter held
+        by a conflict arrived before this task and its scope overlaps this task's: the
+        reservation that bounds a broad scope's wait behind a stream of narrow ones (it is
+        admitted once the leases it waits for end: no younger overlapping task starts)."""
+        assert state.spec is not None
+        scope = state.spec.write_scope
+        if not scope:
+            return None
+        res = self.world.reserver(state.repository)
+        if res is None or res.task_id == state.task_id or res.spec is None \
+                or (res.seq, res.task_id) > (state.seq, state.task_id):
+            return None
+        fleet = self.world.fleet
+        if res.team in fleet.paused or res.team in fleet.budget_exhausted:
+            return None  # a reservation for work that cannot start would only block others
+        theirs = [g for g in res.spec.write_scope if any(overlaps(g, m) for m in scope)]
+        if not theirs:
+            return None
+        return (f"write scope overlaps {theirs} reserved by task {res.task_id}, which waits "
+                f"longest for it in {state.repository or '(no repository)'}", res.task_id,
+                theirs)
 
     def _dispatch(self, state: TaskRow) -> None:
         state = self.world.tasks.get(state.task_id, state)

@@ -44,6 +44,15 @@ def hold_key(state: TaskRow) -> HoldKey:
     return state.hold_kind, state.hold_reason, state.held_by
 
 
+#: hold kinds naming the task waited for (held_by): an active lease, or a reservation
+WAITS_FOR_TASK = frozenset({"conflict", "reserved"})
+
+
+def _reserving(state: TaskRow) -> bool:
+    """A waiter held by a conflict: it may hold its repository's reservation."""
+    return state.status is Status.WAITING and state.hold_kind == "conflict" and state.ready
+
+
 def _due(state: TaskRow) -> float:
     return state.not_before.timestamp() if state.not_before is not None else float("-inf")
 
@@ -70,6 +79,7 @@ class World:
         self.groups: dict[str, dict[HoldKey, set[str]]] = {}
         self._queued: dict[str, tuple[str, Rank, HoldKey | None]] = {}  # tid -> team, rank, group
         self.backoffs: list[tuple[float, str]] = []
+        self.reservers: dict[str, list[tuple[int, str]]] = {}  # repository -> (seq, task id)
         self._bulk = False  # World.load: queues sorted and the heap built once, at the end
         self._dirty: set[str] = set()
         self._fleet_dirty = False
@@ -95,6 +105,8 @@ class World:
                     world._index(TaskRow.from_bytes(value))
             for queue in world.queues.values():
                 queue.sort()
+            for heap in world.reservers.values():
+                heapq.heapify(heap)
             heapq.heapify(world.backoffs)
         finally:
             world._bulk = False
@@ -123,7 +135,7 @@ class World:
             for dep in old.spec.depends_on:
                 self.dependents.get(dep, set()).discard(tid)
         self.tasks[tid] = state
-        if old is not None and old.hold_kind == "conflict" and old.held_by:
+        if old is not None and old.hold_kind in WAITS_FOR_TASK and old.held_by:
             self.conflict_waiters.get(old.held_by, set()).discard(tid)
         self.candidates.pop(tid, None)
         self.recheck.discard(tid)
@@ -134,21 +146,29 @@ class World:
             for bucket in self._buckets(gone):
                 bucket.pop(tid, None)
             if not state.status.active:
-                for waiter in self.conflict_waiters.pop(tid, set()):
-                    row = self.tasks.get(waiter)
-                    if row is not None:
-                        self.recheck.add(waiter)
-                        self._enqueue(row, None)
+                self._release_waiters(tid)
+        elif old is not None and _reserving(old) and not _reserving(state) \
+                and not state.status.active:
+            # no longer the oldest waiter it was: the tasks it reserved for are looked at again
+            self._release_waiters(tid)
         self.waiting.pop(tid, None)
         if state.ready and state.spec is not None:
-            if state.hold_kind == "conflict" and state.held_by:
+            if state.hold_kind in WAITS_FOR_TASK and state.held_by:
                 self.conflict_waiters.setdefault(state.held_by, set()).add(tid)
-                if state.held_by not in self.active:
+                if state.held_by not in self.active and not (
+                        state.hold_kind == "reserved" and self.is_reserving(state.held_by)):
                     self.recheck.add(tid)
                     self._enqueue(state, None)
             else:
                 self.candidates[tid] = state
                 self._enqueue(state, hold_key(state))
+        if _reserving(state) and state.spec is not None:
+            entry = (state.seq, tid)
+            heap = self.reservers.setdefault(state.repository, [])
+            if self._bulk:
+                heap.append(entry)
+            else:
+                heapq.heappush(heap, entry)
         if state.status is Status.WAITING and state.hold_kind == "backoff":
             if self._bulk:
                 self.backoffs.append((_due(state), tid))
@@ -164,6 +184,30 @@ class World:
             if state.hold_kind == "dependency" and state.spec is not None:
                 for dep in state.spec.depends_on:
                     self.dependents.setdefault(dep, set()).add(tid)
+
+    def _release_waiters(self, tid: str) -> None:
+        for waiter in self.conflict_waiters.pop(tid, set()):
+            row = self.tasks.get(waiter)
+            if row is not None:
+                self.recheck.add(waiter)
+                self._enqueue(row, None)
+
+    def is_reserving(self, tid: str) -> bool:
+        row = self.tasks.get(tid)
+        return row is not None and _reserving(row)
+
+    def reserver(self, repository: str) -> TaskRow | None:
+        """The repository's oldest waiter held by a conflict (earliest arrival): admission
+        reserves its write scope (see Scheduler._reserved)."""
+        heap = self.reservers.get(repository)
+        while heap:
+            seq, tid = heap[0]
+            row = self.tasks.get(tid)
+            if row is not None and row.seq == seq and _reserving(row) \
+                    and row.repository == repository:
+                return row
+            heapq.heappop(heap)
+        return None
 
     def _enqueue(self, state: TaskRow, group: HoldKey | None) -> None:
         """Into its team's admission queue; ``group``: its hold, for a candidate (None for a
