@@ -80,8 +80,8 @@ def simulate(scheduler: Scheduler, w: Workload, seed: int) -> list[ev.Event]:
                     later(k * 0.9, ev.TaskHeartbeat(task_id=d.task_id, team=d.team,
                                                     attempt=d.attempt, executor_id="x"))
                 later(75.0, ev.TaskCompleted(task_id=d.task_id, team=d.team,
-                                             attempt=d.attempt, model="m", output="done", cost_usd=0.0,
-                                             duration_ms=1))
+                                             attempt=d.attempt, model="m", output="done",
+                                             cost_usd=0.0, duration_ms=1))
                 return
             r = rng.random()
             if r < w.p_never_start:
@@ -144,14 +144,14 @@ def simulate(scheduler: Scheduler, w: Workload, seed: int) -> list[ev.Event]:
         ids.append(tid)
         later(i // w.burst * 2.0 + (i % w.burst) * 0.001, pending_route)
     if w.operators:
-        for k in range(6):
+        for _ in range(6):
             team = rng.choice(teams)
             at = rng.uniform(0.5, 20)
             later(at, ev.ControlCommand(task_id="", team=team, command="pause",
                                         requested_by="op", reason="maintenance"))
             later(at + rng.uniform(0.5, 6), ev.ControlCommand(task_id="", team=team,
                                                               command="resume"))
-        for k in range(4):
+        for _ in range(4):
             later(rng.uniform(0, 25), ev.ControlCommand(
                 task_id=rng.choice(ids), team="", command="cancel", requested_by="op"))
         at = rng.uniform(5, 15)
@@ -160,8 +160,8 @@ def simulate(scheduler: Scheduler, w: Workload, seed: int) -> list[ev.Event]:
         later(at + 2.0, ev.ControlCommand(task_id="", team="", command="kill_switch_off"))
         team = rng.choice(teams)
         later(rng.uniform(1, 10), ev.BudgetStatus(
-            task_id="", team=team, period="2026-03-01", spent_usd=10, budget_usd=10, remaining_usd=0,
-            state="exhausted"))
+            task_id="", team=team, period="2026-03-01", spent_usd=10, budget_usd=10,
+            remaining_usd=0, state="exhausted"))
         later(rng.uniform(11, 20), ev.BudgetStatus(
             task_id="", team=team, period="2026-03-01", spent_usd=1, budget_usd=10, remaining_usd=9,
             state="ok"))

@@ -5,6 +5,7 @@ waiting task on each event), kept only as the oracle of the replay-equivalence t
 from __future__ import annotations
 
 from collections import Counter
+
 from fleetplane.coordinator.scheduler import Scheduler, _quota_reason
 from fleetplane.coordinator.state import TaskRow
 from fleetplane.coordinator.world import rank as _rank

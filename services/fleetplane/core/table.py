@@ -99,7 +99,7 @@ class Follower:
                         self._moved.notify_all()
             finally:
                 consumer.close()
-        except BaseException as exc:  # noqa: BLE001 - reported to restore, which reads again
+        except BaseException as exc:
             self.error = exc
             with self._moved:
                 self._moved.notify_all()
