@@ -87,6 +87,7 @@ def run(queued: int, repositories: int, teams: int, capacity: int,
     gc.collect()
     gc.freeze()  # as the coordinator does after restoring its table
     lat: list[float] = []
+    cpu: list[float] = []  # CPU time of the same calls: what a machine of our own would show
     decisions = 0
     rng = random.Random(2)
     active = sorted(world.active)
@@ -111,9 +112,10 @@ def run(queued: int, repositories: int, teams: int, capacity: int,
                                      occurred_at=now)
         else:
             event = w.routed(now)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.thread_time()
         out = scheduler.apply(world, event)
         lat.append((time.perf_counter() - start) * 1000)
+        cpu.append((time.thread_time() - cpu_start) * 1000)
         decisions += sum(isinstance(e, ev.TaskDispatched | ev.TaskHeld) for e in out)
         for e in out:
             if isinstance(e, ev.TaskDispatched):
@@ -121,16 +123,16 @@ def run(queued: int, repositories: int, teams: int, capacity: int,
         if k % 1000 == 999:
             world.take_rows()  # as the coordinator does after each batch
     elapsed = time.perf_counter() - t0
+    busy = sum(cpu) / 1000
     # restore: the rows of every task (and the fleet row) -> a World with its indexes
-    rows = [(k, v) for k, v in World.load([]).take_rows()]
     for tid in list(world.tasks):
         world.put(world.tasks[tid])
     world._fleet_dirty = True
     rows = world.take_rows()
     gc.collect()
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.thread_time()
     restored = World.load(rows)
-    restore_s = time.perf_counter() - t0
+    restore_s, restore_cpu_s = time.perf_counter() - t0, time.thread_time() - cpu0
     assert len(restored.tasks) == len(world.tasks)
     return {"queued": len(world.waiting), "active": len(world.active),
             "repositories": repositories, "teams": teams, "capacity": capacity,
@@ -139,7 +141,11 @@ def run(queued: int, repositories: int, teams: int, capacity: int,
             "decisions_per_s": round(decisions / elapsed, 1),
             "apply_ms_p50": round(pct(lat, 0.5), 3), "apply_ms_p99": round(pct(lat, 0.99), 3),
             "apply_ms_max": round(max(lat), 3),
-            "restore_rows": len(rows), "restore_s": round(restore_s, 2)}
+            "apply_cpu_ms_p50": round(pct(cpu, 0.5), 3),
+            "apply_cpu_ms_p99": round(pct(cpu, 0.99), 3),
+            "events_per_cpu_s": round(events / busy, 1) if busy else None,
+            "restore_rows": len(rows), "restore_s": round(restore_s, 2),
+            "restore_cpu_s": round(restore_cpu_s, 2)}
 
 
 def main() -> None:

@@ -106,3 +106,44 @@ def test_an_expired_lease_on_the_last_attempt_follows_the_failure_policy() -> No
                           lease_ms=5_000, occurred_at=h.now))
     out = h.tick(6.0)
     assert lost(out) and h.state("t1") is Status.FAILED
+
+
+# -- issue 16: a task whose dependency failed, was cancelled or rejected fails at once -------
+def test_a_dependency_rejected_at_intake_fails_its_dependent_at_once() -> None:
+    """The dependency never reaches the router (TaskRejected on tasks.lifecycle): its
+    dependent used to wait for it forever ("waits for d1 to complete")."""
+    h = Harness()
+    out = h.route("t1", depends_on=["d1"])
+    assert held(out)[0].kind == "dependency"
+    out = h.send(ev.TaskRejected(task_id="d1", team="a", reason="repository: not registered",
+                                 field="repository", occurred_at=h.now))
+    [f] = [e for e in out if isinstance(e, ev.TaskFailed)]
+    assert f.task_id == "t1" and f.final and f.failure_class == "dependency"
+    assert "dependency d1 ended failed: rejected: repository: not registered" in f.reason
+    assert h.state("t1") is Status.FAILED
+    # a dependent arriving after the rejection fails on arrival
+    out = h.route("t2", depends_on=["d1"])
+    assert [e.task_id for e in out if isinstance(e, ev.TaskFailed) and e.final] == ["t2"]
+
+
+def test_a_dependent_is_told_why_its_dependency_failed_or_was_cancelled() -> None:
+    h = Harness()
+    h.route("d1", max_attempts=1)
+    h.route("t1", depends_on=["d1"])
+    out = h.fail("d1", "model_error")
+    [f] = [e for e in out if isinstance(e, ev.TaskFailed) and e.task_id == "t1"]
+    assert "dependency d1 ended failed: boom" in f.reason
+    h.route("d2")
+    h.route("t2", depends_on=["d2"])
+    out = h.send(ev.ControlCommand(task_id="d2", team="a", command="cancel",
+                                   reason="not needed", occurred_at=h.now))
+    [f] = [e for e in out if isinstance(e, ev.TaskFailed) and e.task_id == "t2"]
+    assert f.reason.endswith("dependency d2 ended cancelled: not needed")
+
+
+def test_a_rejection_does_not_touch_a_known_task() -> None:
+    h = Harness()
+    h.route("t1")
+    assert h.send(ev.TaskRejected(task_id="t1", team="a", reason="dup",
+                                  occurred_at=h.now)) == []
+    assert h.state("t1") is Status.DISPATCHED

@@ -40,6 +40,7 @@ TERMINAL_STATUS: dict[type[ev.Event], Status] = {
     ev.TaskRolledBack: Status.ROLLED_BACK,
 }
 OUTPUT_MAX_CHARS = 64_000  # of a completed task's output kept for its dependents
+REASON_MAX_CHARS = 500  # of a failed task's reason kept for its dependents
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,18 @@ class Scheduler:
             state = TaskRow(task_id=e.task_id, team=e.team, status=status,
                               attempt=attempt or 0, updated_at=self.at)
         output = e.output[:OUTPUT_MAX_CHARS] if isinstance(e, ev.TaskCompleted) else None
-        self._finish(state, status, type(e).__name__, output=output)
+        self._finish(state, status, type(e).__name__, output=output,
+                     why=getattr(e, "reason", None))
+
+    def _on_rejected(self, state: TaskRow | None, e: ev.Event) -> None:
+        """Rejected at intake (it never reaches the router): nothing to schedule, but the tasks
+        that depend on it must not wait for it forever (issue 16): remembered as failed."""
+        assert isinstance(e, ev.TaskRejected)
+        if state is not None:
+            return  # a task the coordinator knows was accepted: not this rejection's subject
+        state = TaskRow(task_id=e.task_id, team=e.team, status=Status.FAILED,
+                        updated_at=self.at)
+        self._finish(state, Status.FAILED, "TaskRejected", why=f"rejected: {e.reason}")
 
     def _on_control(self, state: TaskRow | None, e: ev.Event) -> None:
         assert isinstance(e, ev.ControlCommand)
@@ -194,7 +206,8 @@ class Scheduler:
                                   updated_at=self.at)
             self._emit(ev.TaskCancelled, state, reason=e.reason or "cancelled by operator",
                        requested_by=e.requested_by)
-            self._finish(state, Status.CANCELLED, "TaskCancelled")
+            self._finish(state, Status.CANCELLED, "TaskCancelled",
+                         why=e.reason or f"cancelled by {who}")
         elif e.command in ("approve", "reject") and state is not None:
             self._on_approval(state, e.command == "approve", who, e.reason)
 
@@ -454,8 +467,9 @@ class Scheduler:
             if other is None or not other.terminal:
                 pending.append(dep)
             elif other.status is not Status.COMPLETED:
+                why = f": {other.outcome_reason}" if other.outcome_reason else ""
                 return self._fail(state, "dependency",
-                                  f"dependency {dep} ended {other.status.value}")
+                                  f"dependency {dep} ended {other.status.value}{why}")
         if pending:
             more = f" (and {len(pending) - 1} more)" if len(pending) > 1 else ""
             return self._hold(state, "dependency", f"waits for {pending[0]}{more} to complete",
@@ -703,14 +717,15 @@ class Scheduler:
     def _fail(self, state: TaskRow, failure_class: str, reason: str) -> None:
         self._emit(ev.TaskFailed, state, tag="final", attempt=state.attempt,
                    failure_class=failure_class, reason=reason, final=True, cost_usd=0.0)
-        self._finish(state, Status.FAILED, "TaskFailed")
+        self._finish(state, Status.FAILED, "TaskFailed", why=reason)
 
     def _finish(self, state: TaskRow, status: Status, outcome: str,
-                output: str | None = None) -> None:
+                output: str | None = None, why: str | None = None) -> None:
         """Terminal: lease released, spec and routing dropped, dependents re-examined."""
         self._put(state, status=status, outcome=outcome, spec=None, routing=None,
                   leased_paths=[], hold_kind=None, held_by=None, hold_reason="",
-                  not_before=None, output=output)
+                  not_before=None, output=output,
+                  outcome_reason=why[:REASON_MAX_CHARS] if why else None)
         self.admit_needed = True
         for tid in sorted(self.world.dependents.pop(state.task_id, set())):
             dependent = self.world.tasks.get(tid)
@@ -756,6 +771,7 @@ _HANDLERS = {
     ev.TaskFailed: Scheduler._on_failed,  # final=True is handled as terminal before the lookup
     ev.ControlCommand: Scheduler._on_control,
     ev.WorkspaceChange: Scheduler._on_workspace_change,
+    ev.TaskRejected: Scheduler._on_rejected,
 }
 
 __all__ = ["PARKED", "PRIORITY_RANK", "TICK", "AdmissionPolicy", "FleetState", "Scheduler", "World"]

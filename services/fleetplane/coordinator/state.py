@@ -90,6 +90,7 @@ class TaskRow(BaseModel):
     lease_until: datetime | None = None  # the executor's durable lease (TaskStarted/Heartbeat)
     output: str | None = None  # TaskCompleted.output, for dependents
     outcome: str | None = None  # the event type that ended the task
+    outcome_reason: str | None = None  # why it failed / was cancelled (told to dependents)
     updated_at: datetime
     seen: list[str] = Field(default_factory=list)  # last SEEN_EVENT_IDS processed event ids
 
