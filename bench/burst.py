@@ -95,7 +95,7 @@ def run(stack: Stack, recorder: StageRecorder, n: int, kill: bool,
     teams = load_teams(stack.settings().teams_file)
     log = read_log(stack.settings(), ids.__contains__)
     verdict = check(log, ids, lambda team: teams.policy(team).max_running)
-    out["invariants_ok"] = verdict.ok()
+    out["invariants_ok"] = verdict.ok
     out["invariants"] = verdict.counts()
     return out
 

@@ -105,6 +105,7 @@ def simulate(fleet: int, seconds: float, duration_s: float, heartbeat_s: float,
         event = event.model_copy(update={"occurred_at": now})
         t0 = time.thread_time()
         out = scheduler.apply(world, event)
+        world.take_rows()  # the changed rows, serialised for the changelog
         cpu += time.thread_time() - t0
         events += 1
         # what the coordinator publishes on tasks.lifecycle / tasks.outcomes comes back to it
@@ -113,6 +114,7 @@ def simulate(fleet: int, seconds: float, duration_s: float, heartbeat_s: float,
             if not isinstance(e, ev.TaskDispatched):
                 t0 = time.thread_time()
                 scheduler.apply(world, e)
+                world.take_rows()
                 cpu += time.thread_time() - t0
                 echoes += 1
         react(out)

@@ -571,12 +571,13 @@ class Scheduler:
         held with ``target`` (any quota reason keeps a quota hold): the others are left as
         they are by ``_hold``. Recheck tasks always (their conflict is looked at again)."""
         world = self.world
-        out: list[TaskRow] = []
-        for group, members in world.groups.get(team, {}).items():
-            if group == target or (kind == "quota" and group[0] == "quota"):
-                continue
-            out.extend(world.tasks[t] for t in members)
-        out.extend(recheck_of.get(team, []))
+        changing = [members for group, members in world.groups.get(team, {}).items()
+                    if group != target and not (kind == "quota" and group[0] == "quota")]
+        rechecks = recheck_of.get(team)
+        if not changing and not rechecks:
+            return []  # the usual case: every queued task of the team already says so
+        out: list[TaskRow] = [world.tasks[t] for members in changing for t in members]
+        out.extend(rechecks or [])
         if after is not None:
             out = [s for s in out if (world.queued_rank(s.task_id) or rank(s)) > after]
         return sorted(out, key=rank)
