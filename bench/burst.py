@@ -76,8 +76,10 @@ def run(stack: Stack, recorder: StageRecorder, n: int, kill: bool,
         "all_terminal": finished, "drain_s": round(drain, 2),
         "tasks_per_s": round(len(done) / drain, 1) if done else 0.0,
         "outcomes": recorder.outcome_kinds(ids),
-        "coordinator_cpu_s": {c: round((cpu_after.get(c) or 0) - (cpu_before.get(c) or 0), 2)
-                              for c in COORDINATORS if c in cpu_after},
+        # a process killed meanwhile has no figure (its CPU went with it)
+        "coordinator_cpu_s": {c: round(cpu_after[c] - (cpu_before.get(c) or 0), 2)
+                              if cpu_after.get(c) is not None and c != killed.get("name")
+                              else None for c in COORDINATORS if c in cpu_before},
         "coordinator_restarts": {c: stack.children[c].restarts - restarts_before[c]
                                  for c in restarts_before},
         "wall_s": round(t_end - t0, 2),
