@@ -30,8 +30,9 @@ def stream(h: Harness, releases: int) -> int | None:
 def test_a_broad_scope_is_admitted_within_bounded_releases() -> None:
     h = Harness()
     after = stream(h, releases=50)
-    # it waited only for the two leases active when it arrived
-    assert after is not None and after <= 2
+    # it waited for the two leases active when it arrived, and for the two admitted before it
+    # was passed over the first time (then its reservation holds every younger one back)
+    assert after is not None and after <= 4
     reserved = [e for e in h.log if isinstance(e, ev.TaskHeld) and e.kind == "reserved"]
     assert reserved and all(e.held_by == "broad" for e in reserved)
     assert "reserved by task broad" in reserved[0].reason
@@ -48,34 +49,50 @@ def test_without_reservations_the_broad_scope_starves() -> None:
     assert stream(h, releases=50) is None
 
 
+def passed_over(h: Harness) -> None:
+    """broad (src/**) waits for n0; n1 is admitted meanwhile; n0 ends: broad now waits for a
+    lease admitted after it began to wait (passed over), so it reserves src/** in r1."""
+    h.route("n0", scope=["src/a/f0.py"])
+    assert held(h.route("broad", scope=["src/**"]))[0].held_by == "n0"
+    assert dispatched(h.route("n1", scope=["src/a/f1.py"])) == ["n1"]  # not starving yet
+    h.done("n0")
+    assert h.world.tasks["broad"].held_by == "n1" and h.world.tasks["broad"].passed_over
+
+
 def test_a_reservation_blocks_only_overlapping_younger_tasks() -> None:
     h = Harness()
-    h.route("n0", scope=["src/a/f0.py"])
-    h.route("broad", scope=["src/**"])
+    passed_over(h)
     assert dispatched(h.route("docs", scope=["docs/**"])) == ["docs"]  # no overlap
     assert dispatched(h.route("other-repo", scope=["src/**"], repo="r2")) == ["other-repo"]
-    [hold] = held(h.route("n1", scope=["src/b/x.py"]))
+    [hold] = held(h.route("n2", scope=["src/b/x.py"]))
     assert hold.kind == "reserved" and hold.held_by == "broad"
+
+
+def test_waiting_for_an_older_lease_reserves_nothing() -> None:
+    """A long lease that was there first (invariant 5): tasks overlapping its waiters but not
+    the lease itself still run."""
+    h = Harness()
+    h.route("long", scope=["src/**"])
+    assert held(h.route("w", scope=["src/a/**", "docs/**"]))[0].held_by == "long"
+    assert dispatched(h.route("d", scope=["docs/x.md"])) == ["d"]
 
 
 def test_a_reservation_lapses_when_the_reserver_is_cancelled() -> None:
     h = Harness()
-    h.route("n0", scope=["src/a/f0.py"])
-    h.route("broad", scope=["src/**"])
-    assert held(h.route("n1", scope=["src/a/f1.py"]))[0].kind == "reserved"
+    passed_over(h)
+    assert held(h.route("n2", scope=["src/a/f2.py"]))[0].kind == "reserved"
     out = h.control("cancel", "broad", team="a")
-    assert dispatched(out) == ["n1"]
+    assert dispatched(out) == ["n2"]
 
 
 def test_the_reservation_survives_a_restart() -> None:
     from fleetplane.coordinator.world import World
     h = Harness()
-    h.route("n0", scope=["src/a/f0.py"])
-    h.route("broad", scope=["src/**"])
-    h.route("n1", scope=["src/a/f1.py"])
+    passed_over(h)
+    h.route("n2", scope=["src/a/f2.py"])
     h.world = World.load(h.world.take_rows())
-    assert held(h.route("n2", scope=["src/a/f2.py"]))[0].held_by == "broad"
-    out = h.done("n0")
+    assert held(h.route("n3", scope=["src/a/f3.py"]))[0].held_by == "broad"
+    out = h.done("n1")
     assert dispatched(out) == ["broad"]
 
 

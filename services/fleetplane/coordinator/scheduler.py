@@ -685,7 +685,7 @@ class Scheduler:
                   dispatched_at=self.at, executor_id=None, last_heartbeat_at=None,
                   hold_kind=None, held_by=None, hold_reason="", held_paths=[],
                   held_since=None, not_before=None, conflict_hold=False,
-                  conflict_held_at=None, lease_until=None)
+                  conflict_held_at=None, lease_until=None, passed_over=False)
 
     # -- helpers ---------------------------------------------------------------------------
     def _hold(self, state: TaskRow, kind: str, reason: str, held_by: str | None = None,
@@ -706,8 +706,14 @@ class Scheduler:
                        held_by=held_by, paths=paths or [], kind=kind,
                        attempt=state.next_attempt)
         since = state.held_since if state.hold_kind == kind and state.held_since else self.at
+        # passed over: the lease it now waits for started after it began to wait (another
+        # overlapping task was admitted meanwhile): the sign of starvation, which makes it
+        # eligible for its repository's reservation
+        holder = self.world.active.get(held_by) if kind == "conflict" and held_by else None
+        passed = holder is not None and holder.dispatched_at is not None \
+            and holder.dispatched_at > since
         self._put(state, hold_kind=kind, hold_reason=reason, held_by=held_by,
-                  held_paths=paths or [], held_since=since)
+                  held_paths=paths or [], held_since=since, passed_over=passed)
 
     def _release(self, state: TaskRow, **changes: Any) -> TaskRow:
         """Back to waiting: the lease is released (admission runs again)."""

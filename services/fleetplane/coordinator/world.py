@@ -49,8 +49,12 @@ WAITS_FOR_TASK = frozenset({"conflict", "reserved"})
 
 
 def _reserving(state: TaskRow) -> bool:
-    """A waiter held by a conflict: it may hold its repository's reservation."""
-    return state.status is Status.WAITING and state.hold_kind == "conflict" and state.ready
+    """A waiter held by a conflict, passed over (the lease it waits for was admitted after it
+    began to wait): it may hold its repository's reservation. A task waiting only for leases
+    older than its wait is not starving, and reserves nothing (its wait is bounded already,
+    and a reservation would make younger work wait for those leases too)."""
+    return state.status is Status.WAITING and state.hold_kind == "conflict" and state.ready \
+        and state.passed_over
 
 
 def _due(state: TaskRow) -> float:
