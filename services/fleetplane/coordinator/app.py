@@ -138,6 +138,7 @@ def policy_for_settings(settings: Settings) -> AdmissionPolicy:
                   backoff_base_ms=settings.coordinator_backoff_base_ms,
                   backoff_cap_ms=settings.coordinator_backoff_cap_ms,
                   start_timeout_ms=int(settings.coordinator_start_timeout_s * 1000),
+                  reservations=settings.coordinator_reservations,
                   conflict_hold_timeout_ms=int(
                       settings.coordinator_conflict_hold_timeout_s * 1000))
 
