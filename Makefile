@@ -55,7 +55,7 @@ bench-anchor: install
 	$(PY) -m bench.anchor $(BENCH_ARGS)
 
 ## per-service benches (each prints its figures; BENCH_ARGS passes options through)
-.PHONY: bench-anchor bench-pipeline bench-intake bench-routing bench-coordinator bench-coordinator-failover bench-executor bench-accounting fuzz
+.PHONY: bench-anchor bench-pipeline bench-intake bench-routing bench-coordinator bench-coordinator-failover bench-burst bench-executor bench-accounting fuzz
 bench-pipeline: install    ## one batch through all five services (--tasks, --rate, --submit, --latency-ms)
 	$(PY) -m bench.pipeline $(BENCH_ARGS)
 bench-intake: install      ## ingest HTTP submit latency/throughput with auth, idempotency, rate limits
@@ -68,8 +68,12 @@ fuzz: install              ## hostile HTTP requests and raw Kafka records at a f
 	$(PY) -m bench.fuzz $(FUZZ_ARGS)
 bench-accounting: install  ## sink rows/s and analytics latency over 1M and 10M model calls (chdb)
 	$(PY) -m bench.accounting $(BENCH_ARGS)
-bench-coordinator: install  ## admission decisions/s, latency at 1,000 queued, recovery after SIGKILL
+bench-coordinator: install  ## scheduler at 100,000 queued / 500 repos / 20 teams (p99, events/s, restore), then on the broker
+	$(PY) -m bench.coordinator_scale $(SCALE_ARGS)
 	$(PY) -m bench.coordinator $(BENCH_ARGS)
+
+bench-burst: install  ## 20,000 TaskSubmitted at Kafka speed through the stack, then again with the active coordinator SIGKILLed
+	$(PY) -m bench.burst $(BENCH_ARGS)
 
 bench-coordinator-failover: install  ## SIGKILL the active coordinator with 20,000 rows: standby ready after
 	$(PY) -m bench.coordinator_failover $(BENCH_ARGS)

@@ -15,6 +15,9 @@ Scenarios (docs/benchmarks.md says what each figure means):
    pipeline's wall time against the same calls made directly with the anthropic SDK.
 4. peak memory (RSS high-water) of each service, the fake provider and the broker.
 5. accounting: ClickHouse sink rows/s and analytics latency (bench/accounting.py) on chdb.
+6. burst: 20,000 TaskSubmitted at Kafka speed, then 20,000 more with the active coordinator
+   SIGKILLed midway (bench/burst.py): drain time, tasks/s, coordinator CPU-s, failover time,
+   invariants.
 Figures, not assertions.
 """
 
@@ -31,7 +34,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bench import accounting, overhead
+from bench import accounting, burst, overhead
 from bench.measure import RESULTS, machine
 from bench.pipeline import (
     BENCH_LIFTED,
@@ -47,7 +50,7 @@ from bench.report import render
 from fleetplane.cli.stack import Stack
 from fleetplane.core.settings import Settings
 
-SCENARIOS = ("throughput", "steady", "overhead", "accounting")
+SCENARIOS = ("throughput", "steady", "overhead", "accounting", "burst")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accounting-100m", action="store_true",
                    help="add the 100,000,000 model-call analytics run (about 12 days of a "
                         "1,000-agent fleet; generating it takes a long while)")
+    p.add_argument("--burst", type=int, default=None, help="burst size (default 20000)")
     p.add_argument("--timeout", type=float, default=0.0,
                    help="seconds to wait for a batch's tasks (default max(300, tasks/10))")
     p.add_argument("--keep-data", action="store_true",
@@ -92,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.overhead_tasks = 200 if quick else 1000
     if args.overhead_unloaded is None:
         args.overhead_unloaded = 10 if quick else 50
+    if args.burst is None:
+        args.burst = 400 if quick else 20_000
     if args.sink_tasks is None:
         args.sink_tasks = 500 if quick else 4000
     if args.accounting_rows is None:
@@ -196,9 +202,13 @@ def main(argv: list[str] | None = None) -> None:
         result["duration_s"] = round(time.time() - started, 1)
         path.write_text(json.dumps(result, indent=2, default=str))
 
-    if args.only - {"accounting"}:
+    if args.only - {"accounting", "burst"}:
         pipeline_scenarios(args, console, result, save)
         save()
+    if "burst" in args.only:
+        result["burst"] = burst.scenario(console, args.burst, args.timeout)
+        save()
+        console.print_json(data=result["burst"])
     if "accounting" in args.only:
         sizes = [int(x) for x in args.accounting_rows.split(",") if x.strip()]
         console.print(f"accounting: sink {args.sink_tasks:,} task lifecycles, analytics over "

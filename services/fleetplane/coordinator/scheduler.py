@@ -13,6 +13,7 @@ teams and priority within a team. See docs/coordinator.md for the state diagram 
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 from fleetplane.coordinator.backoff import backoff_ms, derived_event_id
 from fleetplane.coordinator.globs import covered, overlaps, validate_scope
 from fleetplane.coordinator.state import PARKED, FleetState, Routing, Spend, Status, TaskRow
-from fleetplane.coordinator.world import World
+from fleetplane.coordinator.world import PRIORITY_RANK, HoldKey, Rank, World, rank
 from fleetplane.core import events as ev
 from fleetplane.core import failures
 from fleetplane.core.catalog import Catalog
@@ -31,7 +32,6 @@ from fleetplane.core.teams import TeamPolicy, TeamsConfig
 E = TypeVar("E", bound=ev.Event)
 
 TICK = "tick"  # ControlCommand published by the coordinator's own timer onto its scheduler topic
-PRIORITY_RANK = {"critical": 0, "high": 1, "normal": 2, "low": 3}
 TERMINAL_STATUS: dict[type[ev.Event], Status] = {
     ev.TaskCompleted: Status.COMPLETED,
     ev.TaskFailed: Status.FAILED,
@@ -40,6 +40,7 @@ TERMINAL_STATUS: dict[type[ev.Event], Status] = {
     ev.TaskRolledBack: Status.ROLLED_BACK,
 }
 OUTPUT_MAX_CHARS = 64_000  # of a completed task's output kept for its dependents
+REASON_MAX_CHARS = 500  # of a failed task's reason kept for its dependents
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,11 @@ class AdmissionPolicy:
     heartbeat_timeout_ms: int = 60_000
     backoff_base_ms: int = 1_000
     backoff_cap_ms: int = 60_000
+    start_timeout_ms: int = 300_000  # dispatched, never started: lost (0: never)
+    conflict_hold_timeout_ms: int = 1_800_000  # held for approval after a conflict: rolled back
+    # the oldest conflict-held waiter of a repository reserves its write scope: younger tasks
+    # overlapping it wait ("reserved"), so a broad scope is not starved by narrow ones
+    reservations: bool = True
 
     def team(self, name: str) -> TeamPolicy:
         return self.teams.policy(name)
@@ -77,6 +83,7 @@ class Scheduler:
         self.stamp: datetime = self.at
         self.out: list[ev.Event] = []
         self.admit_needed = False
+        self._periods: dict[tuple[str, datetime], str] = {}
 
     # -- entry point -----------------------------------------------------------------------
     def apply(self, world: World, event: ev.Event, *,
@@ -152,8 +159,9 @@ class Scheduler:
         if state is None or e.attempt != state.attempt \
                 or state.status not in (Status.DISPATCHED, Status.RUNNING):
             return
+        lease = e.occurred_at + timedelta(milliseconds=e.lease_ms) if e.lease_ms > 0 else None
         self._put(state, status=Status.RUNNING, executor_id=e.executor_id,
-                  last_heartbeat_at=e.occurred_at)
+                  last_heartbeat_at=e.occurred_at, lease_until=lease)
 
     def _on_failed(self, state: TaskRow | None, e: ev.Event) -> None:
         assert isinstance(e, ev.TaskFailed) and not e.final
@@ -174,7 +182,18 @@ class Scheduler:
             state = TaskRow(task_id=e.task_id, team=e.team, status=status,
                               attempt=attempt or 0, updated_at=self.at)
         output = e.output[:OUTPUT_MAX_CHARS] if isinstance(e, ev.TaskCompleted) else None
-        self._finish(state, status, type(e).__name__, output=output)
+        self._finish(state, status, type(e).__name__, output=output,
+                     why=getattr(e, "reason", None))
+
+    def _on_rejected(self, state: TaskRow | None, e: ev.Event) -> None:
+        """Rejected at intake (it never reaches the router): nothing to schedule, but the tasks
+        that depend on it must not wait for it forever (issue 16): remembered as failed."""
+        assert isinstance(e, ev.TaskRejected)
+        if state is not None:
+            return  # a task the coordinator knows was accepted: not this rejection's subject
+        state = TaskRow(task_id=e.task_id, team=e.team, status=Status.FAILED,
+                        updated_at=self.at)
+        self._finish(state, Status.FAILED, "TaskRejected", why=f"rejected: {e.reason}")
 
     def _on_control(self, state: TaskRow | None, e: ev.Event) -> None:
         assert isinstance(e, ev.ControlCommand)
@@ -187,7 +206,8 @@ class Scheduler:
                                   updated_at=self.at)
             self._emit(ev.TaskCancelled, state, reason=e.reason or "cancelled by operator",
                        requested_by=e.requested_by)
-            self._finish(state, Status.CANCELLED, "TaskCancelled")
+            self._finish(state, Status.CANCELLED, "TaskCancelled",
+                         why=e.reason or f"cancelled by {who}")
         elif e.command in ("approve", "reject") and state is not None:
             self._on_approval(state, e.command == "approve", who, e.reason)
 
@@ -203,7 +223,7 @@ class Scheduler:
             else:
                 self._fail(state, "rejected", f"rejected by {who}" + (f": {why}" if why else ""))
         elif state.conflict_hold and state.status.active:
-            state = self._put(state, conflict_hold=False)
+            state = self._put(state, conflict_hold=False, conflict_held_at=None)
             if not approved and state.status is not Status.ROLLING_BACK:
                 self._rollback(state)
 
@@ -246,7 +266,7 @@ class Scheduler:
                        reason=f"conflict: {reason}; approve to keep the changes, reject to "
                               "roll them back", held_by=other_id,
                        paths=sorted(set(outside + inside)), attempt=state.attempt)
-            self._put(state, conflict_hold=True)
+            self._put(state, conflict_hold=True, conflict_held_at=self.at)
         else:
             self._rollback(state)
 
@@ -294,22 +314,84 @@ class Scheduler:
 
     def _on_tick(self) -> None:
         """Timer: release due backoffs; declare attempts without heartbeats lost."""
-        for state in sorted(self.world.waiting.values(), key=lambda s: s.task_id):
-            if state.hold_kind == "backoff" and (state.not_before is None
-                                                 or state.not_before <= self.at):
-                self._put(state, hold_kind=None, held_by=None, hold_reason="", not_before=None)
-                self.admit_needed = True
-        limit = timedelta(milliseconds=self.policy.heartbeat_timeout_ms)
-        for state in sorted(self.world.active.values(), key=lambda s: s.task_id):
-            if state.status is not Status.RUNNING or state.last_heartbeat_at is None:
+        self._release_backoffs()
+        self._expire_attempts()
+
+    def _release_backoffs(self) -> None:
+        for state in self.world.due_backoffs(self.at):
+            self._put(state, hold_kind=None, held_by=None, hold_reason="", not_before=None)
+            self.admit_needed = True
+
+    def _expire_attempts(self) -> None:
+        """Attempts that will not report: dispatched and never started, running without a
+        heartbeat (or past the executor's durable lease), held for approval after a conflict
+        with nobody deciding. One cheap look at each active attempt; the expired ones are
+        handled in task id order."""
+        p, at = self.policy, self.at
+        heartbeat = timedelta(milliseconds=p.heartbeat_timeout_ms)
+        start = timedelta(milliseconds=p.start_timeout_ms) if p.start_timeout_ms > 0 else None
+        hold = timedelta(milliseconds=p.conflict_hold_timeout_ms) \
+            if p.conflict_hold_timeout_ms > 0 else None
+        expired: list[tuple[str, TaskRow, str]] = []
+        for state in self.world.active.values():
+            if state.conflict_hold and hold is not None and state.conflict_held_at is not None \
+                    and at - state.conflict_held_at > hold:
+                expired.append((state.task_id, state, "conflict_hold"))
+            elif state.status is Status.RUNNING:
+                if state.last_heartbeat_at is not None \
+                        and at - state.last_heartbeat_at > heartbeat:
+                    expired.append((state.task_id, state, "heartbeat"))
+                elif state.lease_until is not None and at > state.lease_until:
+                    expired.append((state.task_id, state, "lease"))
+            elif state.status is Status.DISPATCHED and start is not None \
+                    and state.dispatched_at is not None and at - state.dispatched_at > start:
+                expired.append((state.task_id, state, "start"))
+        for _, state, why in sorted(expired, key=lambda x: x[0]):
+            if why == "conflict_hold":
+                self._stop_conflict_hold(state)
                 continue
-            silent = self.at - state.last_heartbeat_at
-            if silent > limit:
-                reason = (f"no heartbeat from executor {state.executor_id} for "
-                          f"{silent.total_seconds():.1f}s")
-                self._emit(ev.TaskFailed, state, attempt=state.attempt,
-                           failure_class=failures.LOST_EXECUTOR, reason=reason, final=False)
+            if why == "heartbeat":
+                assert state.last_heartbeat_at is not None
+                silent = (at - state.last_heartbeat_at).total_seconds()
+                reason = f"no heartbeat from executor {state.executor_id} for {silent:.1f}s"
+            elif why == "lease":
+                assert state.lease_until is not None and state.last_heartbeat_at is not None
+                silent = (at - state.last_heartbeat_at).total_seconds()
+                reason = (f"the lease of executor {state.executor_id} expired at "
+                          f"{state.lease_until.isoformat()} without a heartbeat "
+                          f"(silent {silent:.1f}s)")
+            else:
+                assert state.dispatched_at is not None
+                waited = (at - state.dispatched_at).total_seconds()
+                reason = f"dispatched {waited:.1f}s ago and never started by an executor"
+            self._emit(ev.TaskFailed, state, attempt=state.attempt,
+                       failure_class=failures.LOST_EXECUTOR, reason=reason, final=False)
+            if why == "lease" and state.spec is not None and state.routing is not None \
+                    and state.attempt < state.spec.max_attempts:
+                self._retry_lost(state, reason)
+            else:
                 self._attempt_failed(state, failures.LOST_EXECUTOR, reason)
+
+    def _retry_lost(self, state: TaskRow, reason: str) -> None:
+        """An attempt whose executor's durable lease expired: the executor is gone (its
+        claim says so), so the attempt is retried once, at once, whatever the failure policy
+        (a retry after a lost lease is not the task's failure; its attempts stay bounded by
+        max_attempts)."""
+        n = state.attempt
+        self._emit(ev.TaskRetrying, state, attempt=n + 1, delay_ms=0,
+                   reason=f"{failures.LOST_EXECUTOR}: {reason}")
+        self._release(state, next_attempt=n + 1, lease_until=None, last_heartbeat_at=None)
+
+    def _stop_conflict_hold(self, state: TaskRow) -> None:
+        """Held for approval after a conflict and nobody decided in time: stopped, as a reject
+        would (rolled back; the rollback job ends the attempt's work)."""
+        waited = self.policy.conflict_hold_timeout_ms / 1000
+        self._emit(ev.TaskHeld, state, tag="conflict-timeout", kind="approval",
+                   reason=f"no approve/reject within {waited:.0f}s of the conflict: stopped "
+                          "and rolled back", held_by=None, paths=[], attempt=state.attempt)
+        state = self._put(state, conflict_hold=False, conflict_held_at=None)
+        if state.status is not Status.ROLLING_BACK:
+            self._rollback(state)
 
     # -- failure policies ------------------------------------------------------------------
     def _attempt_failed(self, state: TaskRow, failure_class: str, reason: str) -> None:
@@ -385,8 +467,9 @@ class Scheduler:
             if other is None or not other.terminal:
                 pending.append(dep)
             elif other.status is not Status.COMPLETED:
+                why = f": {other.outcome_reason}" if other.outcome_reason else ""
                 return self._fail(state, "dependency",
-                                  f"dependency {dep} ended {other.status.value}")
+                                  f"dependency {dep} ended {other.status.value}{why}")
         if pending:
             more = f" (and {len(pending) - 1} more)" if len(pending) > 1 else ""
             return self._hold(state, "dependency", f"waits for {pending[0]}{more} to complete",
@@ -398,75 +481,120 @@ class Scheduler:
 
     # -- admission -------------------------------------------------------------------------
     def _admit(self) -> None:
+        """One admission pass, incremental: the work is proportional to what changed (tasks
+        whose hold changes, dispatches, and the head of each team's queue), not to the queue.
+
+        Decisions are those of a full pass over every waiting task (kept as the oracle of the
+        replay-equivalence test, tests/unit/coordinator_oracle.py): a task whose reported hold
+        a full pass would leave unchanged is not looked at. Per team, the queue is sorted by
+        rank (priority, arrival); the candidates are grouped by the hold they last reported."""
         world, fleet = self.world, self.world.fleet
         active, running = world.active, Counter(world.running)
         if fleet.kill_switch:
-            for s in sorted(world.waiting.values(), key=_rank):
-                if s.ready:
-                    self._hold(s, "kill_switch", f"kill switch on: {fleet.kill_switch_reason}")
-            return
-        # one cheap look at each waiting task: skip those whose reported hold still stands
-        # (their holder is active, or their team is still blocked for the reported reason)
-        blocks: dict[str, tuple[str, str] | None] = {}
-        queues: dict[str, list[TaskRow]] = {}
-        look = [*world.candidates.values(), *(world.tasks[t] for t in sorted(world.recheck))]
-        for s in look:
-            if not s.ready or s.spec is None:
+            return self._hold_all_killed(f"kill switch on: {fleet.kill_switch_reason}")
+        # conflict-held tasks whose holder ended: always looked at (unless it is active again)
+        recheck = [world.tasks[t] for t in sorted(world.recheck)]
+        skip = {s.task_id for s in recheck if s.held_by in active}
+        recheck_of: dict[str, list[TaskRow]] = {}
+        for s in recheck:
+            if s.task_id not in skip and s.ready and s.spec is not None:
+                recheck_of.setdefault(s.team, []).append(s)
+        open_teams: list[str] = []
+        for team in sorted(world.queues):
+            if not world.queues[team]:
                 continue
-            if s.hold_kind == "conflict" and s.held_by in active:
+            block = self._team_block(team, running[team])
+            if block is None:
+                open_teams.append(team)
                 continue
-            if s.team not in blocks:
-                blocks[s.team] = self._team_block(s.team, running[s.team])
-            block = blocks[s.team]
-            if block is not None:
+            for s in self._changing(team, block[0], (block[0], block[1], None), None,
+                                    recheck_of):
                 self._hold_blocked(s, *block)
-                continue
-            queues.setdefault(s.team, []).append(s)
-        for queue in queues.values():
-            queue.sort(key=_rank)
         capacity = self.policy.max_running - len(active)
-        open_teams = sorted(queues)
-        heads: dict[str, int] = dict.fromkeys(open_teams, 0)  # first unexamined in queue
+        cursor: dict[str, Rank | None] = dict.fromkeys(open_teams)  # last examined rank
+        heads = set(open_teams)
         while capacity > 0 and heads:
             best: tuple[tuple[float, int, int, str], str, TaskRow] | None = None
             for team in sorted(heads):
-                queue, i = queues[team], heads[team]
                 policy = self.policy.team(team)
                 if running[team] >= policy.max_running:
-                    for s in queue[i:]:
+                    for s in self._changing(team, "quota", None, cursor[team], recheck_of):
                         self._hold_blocked(s, "quota", _quota_reason(team, policy.max_running))
-                    del heads[team]
+                    heads.discard(team)
                     continue
-                while i < len(queue):
-                    s = queue[i]
-                    conflict = self._conflict(s)
+                head = self._head(team, cursor[team], skip)
+                while head is not None:
+                    kind, conflict = "conflict", self._conflict(head)
+                    if conflict is None and self.policy.reservations:
+                        kind, conflict = "reserved", self._reserved(head)
                     if conflict is None:
                         break
-                    self._hold(s, "conflict", *conflict)
-                    i += 1
-                heads[team] = i
-                if i >= len(queue):
-                    del heads[team]
+                    self._hold(head, kind, *conflict)
+                    cursor[team] = rank(head)
+                    head = self._head(team, cursor[team], skip)
+                if head is None:
+                    heads.discard(team)
                     continue
-                s = queue[i]
-                key = (running[team] / policy.weight, *_rank(s))
+                key = (running[team] / policy.weight, *rank(head))
                 if best is None or key < best[0]:
-                    best = (key, team, s)
+                    best = (key, team, head)
             if best is None:
                 break
             _, team, s = best
             self._dispatch(s)
-            heads[team] += 1
-            if heads[team] >= len(queues[team]):
-                del heads[team]
+            cursor[team] = rank(s)
+            if self._head(team, cursor[team], skip) is None:
+                heads.discard(team)
             running[team] += 1
             capacity -= 1
         if capacity <= 0:
-            for team, i in heads.items():
-                for s in queues[team][i:]:
-                    self._hold_blocked(s, "quota",
-                               f"the fleet is at its limit of {self.policy.max_running} "
-                               "running tasks")
+            reason = f"the fleet is at its limit of {self.policy.max_running} running tasks"
+            for team in sorted(heads):
+                for s in self._changing(team, "quota", None, cursor[team], recheck_of):
+                    self._hold_blocked(s, "quota", reason)
+        return None
+
+    def _head(self, team: str, after: Rank | None, skip: set[str]) -> TaskRow | None:
+        """The first task of the team's queue ranked after ``after``."""
+        queue = self.world.queues.get(team, [])
+        i = 0 if after is None else bisect_right(queue, after)
+        while i < len(queue):
+            tid = queue[i][2]
+            if tid not in skip:
+                return self.world.tasks[tid]
+            i += 1
+        return None
+
+    def _changing(self, team: str, kind: str, target: HoldKey | None, after: Rank | None,
+                  recheck_of: dict[str, list[TaskRow]]) -> list[TaskRow]:
+        """The team's queued tasks ranked after ``after`` whose hold changes when they are
+        held with ``target`` (any quota reason keeps a quota hold): the others are left as
+        they are by ``_hold``. Recheck tasks always (their conflict is looked at again)."""
+        world = self.world
+        changing = [members for group, members in world.groups.get(team, {}).items()
+                    if group != target and not (kind == "quota" and group[0] == "quota")]
+        rechecks = recheck_of.get(team)
+        if not changing and not rechecks:
+            return []  # the usual case: every queued task of the team already says so
+        out: list[TaskRow] = [world.tasks[t] for members in changing for t in members]
+        out.extend(rechecks or [])
+        if after is not None:
+            out = [s for s in out if (world.queued_rank(s.task_id) or rank(s)) > after]
+        return sorted(out, key=rank)
+
+    def _hold_all_killed(self, reason: str) -> None:
+        world = self.world
+        todo: dict[str, TaskRow] = {}
+        for groups in world.groups.values():
+            for group, members in groups.items():
+                if group != ("kill_switch", reason, None):
+                    todo.update((t, world.tasks[t]) for t in members)
+        for waiters in world.conflict_waiters.values():
+            todo.update((t, world.tasks[t]) for t in waiters if t in world.tasks)
+        todo.update((t, world.tasks[t]) for t in world.recheck)
+        for s in sorted(todo.values(), key=rank):
+            if s.ready:
+                self._hold(s, "kill_switch", reason)
 
     def _hold_blocked(self, state: TaskRow, kind: str, reason: str) -> None:
         """Held by its team or the fleet. A task that also conflicts keeps reporting the
@@ -483,8 +611,9 @@ class Scheduler:
         if team in fleet.paused:
             return "paused", f"team {team} is paused ({fleet.paused[team]})"
         spend = fleet.spend.get(team)
-        period = period_name(policy.budget_period, self.at)
-        if spend is not None and spend.period == period and spend.usd >= policy.budget_usd:
+        if spend is not None and spend.usd >= policy.budget_usd \
+                and spend.period == self._period(policy.budget_period):
+            period = spend.period
             return "budget", (f"team {team} reached its ${policy.budget_usd:.2f} "
                               f"{policy.budget_period} budget ({period})")
         if team in fleet.budget_exhausted:
@@ -493,6 +622,16 @@ class Scheduler:
         if running >= policy.max_running:
             return "quota", _quota_reason(team, policy.max_running)
         return None
+
+    def _period(self, budget_period: str) -> str:
+        """The budget period containing the event's time (cached: one per event and kind)."""
+        key = (budget_period, self.at)
+        period = self._periods.get(key)
+        if period is None:
+            if len(self._periods) > 64:
+                self._periods.clear()
+            period = self._periods[key] = period_name(budget_period, self.at)
+        return period
 
     def _conflict(self, state: TaskRow) -> tuple[str, str, list[str]] | None:
         """(reason, holder, holder's overlapping globs) when an active lease overlaps."""
@@ -510,6 +649,29 @@ class Scheduler:
                         f"{state.repository or '(no repository)'}", holder.task_id, theirs)
         return None
 
+    def _reserved(self, state: TaskRow) -> tuple[str, str, list[str]] | None:
+        """(reason, reserver, its overlapping globs) when the repository's oldest waiter held
+        by a conflict arrived before this task and its scope overlaps this task's: the
+        reservation that bounds a broad scope's wait behind a stream of narrow ones (it is
+        admitted once the leases it waits for end: no younger overlapping task starts)."""
+        assert state.spec is not None
+        scope = state.spec.write_scope
+        if not scope:
+            return None
+        res = self.world.reserver(state.repository)
+        if res is None or res.task_id == state.task_id or res.spec is None \
+                or (res.seq, res.task_id) > (state.seq, state.task_id):
+            return None
+        fleet = self.world.fleet
+        if res.team in fleet.paused or res.team in fleet.budget_exhausted:
+            return None  # a reservation for work that cannot start would only block others
+        theirs = [g for g in res.spec.write_scope if any(overlaps(g, m) for m in scope)]
+        if not theirs:
+            return None
+        return (f"write scope overlaps {theirs} reserved by task {res.task_id}, which waits "
+                f"longest for it in {state.repository or '(no repository)'}", res.task_id,
+                theirs)
+
     def _dispatch(self, state: TaskRow) -> None:
         state = self.world.tasks.get(state.task_id, state)
         assert state.spec is not None and state.routing is not None
@@ -522,7 +684,8 @@ class Scheduler:
         self._put(state, status=Status.DISPATCHED, attempt=n, leased_paths=list(spec.write_scope),
                   dispatched_at=self.at, executor_id=None, last_heartbeat_at=None,
                   hold_kind=None, held_by=None, hold_reason="", held_paths=[],
-                  held_since=None, not_before=None, conflict_hold=False)
+                  held_since=None, not_before=None, conflict_hold=False,
+                  conflict_held_at=None, lease_until=None, passed_over=False)
 
     # -- helpers ---------------------------------------------------------------------------
     def _hold(self, state: TaskRow, kind: str, reason: str, held_by: str | None = None,
@@ -543,8 +706,14 @@ class Scheduler:
                        held_by=held_by, paths=paths or [], kind=kind,
                        attempt=state.next_attempt)
         since = state.held_since if state.hold_kind == kind and state.held_since else self.at
+        # passed over: the lease it now waits for started after it began to wait (another
+        # overlapping task was admitted meanwhile): the sign of starvation, which makes it
+        # eligible for its repository's reservation
+        holder = self.world.active.get(held_by) if kind == "conflict" and held_by else None
+        passed = holder is not None and holder.dispatched_at is not None \
+            and holder.dispatched_at > since
         self._put(state, hold_kind=kind, hold_reason=reason, held_by=held_by,
-                  held_paths=paths or [], held_since=since)
+                  held_paths=paths or [], held_since=since, passed_over=passed)
 
     def _release(self, state: TaskRow, **changes: Any) -> TaskRow:
         """Back to waiting: the lease is released (admission runs again)."""
@@ -555,14 +724,15 @@ class Scheduler:
     def _fail(self, state: TaskRow, failure_class: str, reason: str) -> None:
         self._emit(ev.TaskFailed, state, tag="final", attempt=state.attempt,
                    failure_class=failure_class, reason=reason, final=True, cost_usd=0.0)
-        self._finish(state, Status.FAILED, "TaskFailed")
+        self._finish(state, Status.FAILED, "TaskFailed", why=reason)
 
     def _finish(self, state: TaskRow, status: Status, outcome: str,
-                output: str | None = None) -> None:
+                output: str | None = None, why: str | None = None) -> None:
         """Terminal: lease released, spec and routing dropped, dependents re-examined."""
         self._put(state, status=status, outcome=outcome, spec=None, routing=None,
                   leased_paths=[], hold_kind=None, held_by=None, hold_reason="",
-                  not_before=None, output=output)
+                  not_before=None, output=output,
+                  outcome_reason=why[:REASON_MAX_CHARS] if why else None)
         self.admit_needed = True
         for tid in sorted(self.world.dependents.pop(state.task_id, set())):
             dependent = self.world.tasks.get(tid)
@@ -597,11 +767,6 @@ class Scheduler:
         return event
 
 
-def _rank(state: TaskRow) -> tuple[int, int, str]:
-    prio = PRIORITY_RANK.get(state.spec.priority if state.spec else "normal", 2)
-    return prio, state.seq, state.task_id
-
-
 def _quota_reason(team: str, limit: int) -> str:
     return f"team {team} is at its limit of {limit} running tasks"
 
@@ -613,6 +778,7 @@ _HANDLERS = {
     ev.TaskFailed: Scheduler._on_failed,  # final=True is handled as terminal before the lookup
     ev.ControlCommand: Scheduler._on_control,
     ev.WorkspaceChange: Scheduler._on_workspace_change,
+    ev.TaskRejected: Scheduler._on_rejected,
 }
 
-__all__ = ["PARKED", "TICK", "AdmissionPolicy", "FleetState", "Scheduler", "World"]
+__all__ = ["PARKED", "PRIORITY_RANK", "TICK", "AdmissionPolicy", "FleetState", "Scheduler", "World"]

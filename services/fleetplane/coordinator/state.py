@@ -86,8 +86,12 @@ class TaskRow(BaseModel):
     held_since: datetime | None = None
     not_before: datetime | None = None  # backoff: not dispatched before this time
     conflict_hold: bool = False  # a conflict waits for approve (keep) / reject (roll back)
+    conflict_held_at: datetime | None = None  # since when (the conflict hold's timeout)
+    lease_until: datetime | None = None  # the executor's durable lease (TaskStarted/Heartbeat)
+    passed_over: bool = False  # conflict-held by a lease admitted after it began to wait
     output: str | None = None  # TaskCompleted.output, for dependents
     outcome: str | None = None  # the event type that ended the task
+    outcome_reason: str | None = None  # why it failed / was cancelled (told to dependents)
     updated_at: datetime
     seen: list[str] = Field(default_factory=list)  # last SEEN_EVENT_IDS processed event ids
 

@@ -8,13 +8,19 @@ admission needs (active tasks with their leases, waiting tasks, dependents) up t
 
 from __future__ import annotations
 
+import gc
+import heapq
+from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Iterable
+from datetime import datetime
 
 from fleetplane.coordinator.globs import literal_prefix
 from fleetplane.coordinator.state import FleetState, Status, TaskRow
 
 WILD = "*"  # lease bucket of globs whose first segment is not literal
+
+PRIORITY_RANK = {"critical": 0, "high": 1, "normal": 2, "low": 3}
 
 TASK_PREFIX = b"task/"
 FLEET_KEY = b"fleet"
@@ -22,6 +28,37 @@ FLEET_KEY = b"fleet"
 
 def task_key(task_id: str) -> bytes:
     return TASK_PREFIX + task_id.encode()
+
+
+Rank = tuple[int, int, str]
+HoldKey = tuple[str | None, str, str | None]  # (hold_kind, hold_reason, held_by)
+
+
+def rank(state: TaskRow) -> Rank:
+    """Admission order within a team: priority, then arrival, then task id."""
+    prio = PRIORITY_RANK.get(state.spec.priority if state.spec else "normal", 2)
+    return prio, state.seq, state.task_id
+
+
+def hold_key(state: TaskRow) -> HoldKey:
+    return state.hold_kind, state.hold_reason, state.held_by
+
+
+#: hold kinds naming the task waited for (held_by): an active lease, or a reservation
+WAITS_FOR_TASK = frozenset({"conflict", "reserved"})
+
+
+def _reserving(state: TaskRow) -> bool:
+    """A waiter held by a conflict, passed over (the lease it waits for was admitted after it
+    began to wait): it may hold its repository's reservation. A task waiting only for leases
+    older than its wait is not starving, and reserves nothing (its wait is bounded already,
+    and a reservation would make younger work wait for those leases too)."""
+    return state.status is Status.WAITING and state.hold_kind == "conflict" and state.ready \
+        and state.passed_over
+
+
+def _due(state: TaskRow) -> float:
+    return state.not_before.timestamp() if state.not_before is not None else float("-inf")
 
 
 class World:
@@ -38,6 +75,16 @@ class World:
         self.recheck: set[str] = set()  # conflict-held tasks whose holder is no longer active
         # repository -> first literal segment of a leased glob (or WILD) -> task id -> state
         self.leases: dict[str, dict[str, dict[str, TaskRow]]] = {}
+        # incremental admission (see Scheduler._admit): per team, the admission queue
+        # (candidates and recheck tasks) as a sorted list of ranks, and the candidates grouped
+        # by the hold they last reported, so that a pass only looks at the tasks whose hold
+        # would change; backoffs as a heap by due time (stale entries skipped when popped)
+        self.queues: dict[str, list[Rank]] = {}
+        self.groups: dict[str, dict[HoldKey, set[str]]] = {}
+        self._queued: dict[str, tuple[str, Rank, HoldKey | None]] = {}  # tid -> team, rank, group
+        self.backoffs: list[tuple[float, str]] = []
+        self.reservers: dict[str, list[tuple[int, str]]] = {}  # repository -> (seq, task id)
+        self._bulk = False  # World.load: queues sorted and the heap built once, at the end
         self._dirty: set[str] = set()
         self._fleet_dirty = False
         self._undo: dict[str, TaskRow | None] | None = None
@@ -45,14 +92,30 @@ class World:
 
     @classmethod
     def load(cls, rows: Iterable[tuple[bytes, bytes]]) -> World:
+        """The world of the table's rows, indexes rebuilt (a restart, a standby taking over).
+        Built in bulk: the garbage collector paused (100,000 rows allocate millions of objects
+        and each full collection walks them all), queues sorted once at the end."""
         world = cls()
-        for key, value in rows:
-            if value is None:
-                continue
-            if key == FLEET_KEY:
-                world.fleet = FleetState.from_bytes(value)
-            elif key.startswith(TASK_PREFIX):
-                world._index(TaskRow.from_bytes(value))
+        world._bulk = True
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for key, value in rows:
+                if value is None:
+                    continue
+                if key == FLEET_KEY:
+                    world.fleet = FleetState.from_bytes(value)
+                elif key.startswith(TASK_PREFIX):
+                    world._index(TaskRow.from_bytes(value))
+            for queue in world.queues.values():
+                queue.sort()
+            for heap in world.reservers.values():
+                heapq.heapify(heap)
+            heapq.heapify(world.backoffs)
+        finally:
+            world._bulk = False
+            if enabled:
+                gc.enable()
         world._dirty.clear()
         return world
 
@@ -76,25 +139,45 @@ class World:
             for dep in old.spec.depends_on:
                 self.dependents.get(dep, set()).discard(tid)
         self.tasks[tid] = state
-        if old is not None and old.hold_kind == "conflict" and old.held_by:
+        if old is not None and old.hold_kind in WAITS_FOR_TASK and old.held_by:
             self.conflict_waiters.get(old.held_by, set()).discard(tid)
         self.candidates.pop(tid, None)
         self.recheck.discard(tid)
+        self._unqueue(tid)
         gone = self.active.pop(tid, None)
         if gone is not None:
             self.running[gone.team] -= 1
             for bucket in self._buckets(gone):
                 bucket.pop(tid, None)
             if not state.status.active:
-                self.recheck |= self.conflict_waiters.pop(tid, set())
+                self._release_waiters(tid)
+        elif old is not None and _reserving(old) and not _reserving(state) \
+                and not state.status.active:
+            # no longer the oldest waiter it was: the tasks it reserved for are looked at again
+            self._release_waiters(tid)
         self.waiting.pop(tid, None)
         if state.ready and state.spec is not None:
-            if state.hold_kind == "conflict" and state.held_by:
+            if state.hold_kind in WAITS_FOR_TASK and state.held_by:
                 self.conflict_waiters.setdefault(state.held_by, set()).add(tid)
-                if state.held_by not in self.active:
+                if state.held_by not in self.active and not (
+                        state.hold_kind == "reserved" and self.is_reserving(state.held_by)):
                     self.recheck.add(tid)
+                    self._enqueue(state, None)
             else:
                 self.candidates[tid] = state
+                self._enqueue(state, hold_key(state))
+        if _reserving(state) and state.spec is not None:
+            entry = (state.seq, tid)
+            heap = self.reservers.setdefault(state.repository, [])
+            if self._bulk:
+                heap.append(entry)
+            else:
+                heapq.heappush(heap, entry)
+        if state.status is Status.WAITING and state.hold_kind == "backoff":
+            if self._bulk:
+                self.backoffs.append((_due(state), tid))
+            else:
+                heapq.heappush(self.backoffs, (_due(state), tid))
         if state.status.active:
             self.active[tid] = state
             self.running[state.team] += 1
@@ -105,6 +188,73 @@ class World:
             if state.hold_kind == "dependency" and state.spec is not None:
                 for dep in state.spec.depends_on:
                     self.dependents.setdefault(dep, set()).add(tid)
+
+    def _release_waiters(self, tid: str) -> None:
+        for waiter in self.conflict_waiters.pop(tid, set()):
+            row = self.tasks.get(waiter)
+            if row is not None:
+                self.recheck.add(waiter)
+                self._enqueue(row, None)
+
+    def is_reserving(self, tid: str) -> bool:
+        row = self.tasks.get(tid)
+        return row is not None and _reserving(row)
+
+    def reserver(self, repository: str) -> TaskRow | None:
+        """The repository's oldest waiter held by a conflict (earliest arrival): admission
+        reserves its write scope (see Scheduler._reserved)."""
+        heap = self.reservers.get(repository)
+        while heap:
+            seq, tid = heap[0]
+            row = self.tasks.get(tid)
+            if row is not None and row.seq == seq and _reserving(row) \
+                    and row.repository == repository:
+                return row
+            heapq.heappop(heap)
+        return None
+
+    def _enqueue(self, state: TaskRow, group: HoldKey | None) -> None:
+        """Into its team's admission queue; ``group``: its hold, for a candidate (None for a
+        task to recheck: a conflict whose holder ended)."""
+        tid = state.task_id
+        self._unqueue(tid)
+        key = rank(state)
+        if self._bulk:
+            self.queues.setdefault(state.team, []).append(key)
+        else:
+            insort(self.queues.setdefault(state.team, []), key)
+        if group is not None:
+            self.groups.setdefault(state.team, {}).setdefault(group, set()).add(tid)
+        self._queued[tid] = (state.team, key, group)
+
+    def _unqueue(self, tid: str) -> None:
+        entry = self._queued.pop(tid, None)
+        if entry is None:
+            return
+        team, key, group = entry
+        queue = self.queues[team]
+        del queue[bisect_left(queue, key)]
+        if group is not None:
+            members = self.groups[team][group]
+            members.discard(tid)
+            if not members:
+                del self.groups[team][group]
+
+    def queued_rank(self, tid: str) -> Rank | None:
+        entry = self._queued.get(tid)
+        return entry[1] if entry is not None else None
+
+    def due_backoffs(self, now: datetime) -> list[TaskRow]:
+        """Waiting tasks whose backoff is due at ``now`` (taken off the heap)."""
+        due: dict[str, TaskRow] = {}
+        limit = now.timestamp()
+        while self.backoffs and self.backoffs[0][0] <= limit:
+            when, tid = heapq.heappop(self.backoffs)
+            state = self.tasks.get(tid)
+            if state is not None and state.status is Status.WAITING \
+                    and state.hold_kind == "backoff" and _due(state) == when:
+                due[tid] = state
+        return [due[t] for t in sorted(due)]
 
     def _buckets(self, state: TaskRow, create: bool = False) -> list[dict[str, TaskRow]]:
         repo = self.leases.setdefault(state.repository, {}) if create \
@@ -149,6 +299,7 @@ class World:
                 self.waiting.pop(tid, None)
                 self.candidates.pop(tid, None)
                 self.recheck.discard(tid)
+                self._unqueue(tid)
                 if gone is not None and gone.spec is not None:
                     for dep in gone.spec.depends_on:
                         self.dependents.get(dep, set()).discard(tid)

@@ -133,6 +133,17 @@ class Settings(BaseSettings):
         "this long.")
     coordinator_backoff_base_ms: int = 1_000
     coordinator_backoff_cap_ms: int = 60_000
+    coordinator_start_timeout_s: float = Field(
+        default=300.0, description="An attempt dispatched and not started (no TaskStarted) "
+        "this long is declared lost (0: never).")
+    coordinator_reservations: bool = Field(
+        default=False, description="The oldest passed-over conflict waiter of a repository "
+        "reserves its write scope (no starvation of broad scopes; docs/coordinator.md). Off by "
+        "default until the 301-task admission test has passed with it on a quiet machine.")
+    coordinator_conflict_hold_timeout_s: float = Field(
+        default=1800.0, description="A running attempt held for approval after a conflict "
+        "(conflict_policy hold) with no approve/reject this long is stopped: rolled back, as "
+        "a reject would (0: never).")
 
     # Router (fleetplane.router; docs/routing.md)
     router_exploration_share: float = Field(

@@ -12,10 +12,15 @@ assignment, after ``init_transactions`` of the step's producer: that fences a pr
 aborts its open transaction, so the end of the log is stable). Rows written by an aborted
 transaction are never seen. After an aborted transaction of its own, the owner restores again
 (``invalidate`` then ``restore``): the in-memory rows may hold changes that were not committed.
+
+A standby keeps a warm copy (``follow``): a thread reads the changelog as it is written, so that
+on takeover ``restore`` only reads what the previous owner committed since (the standby replica
+of Kafka Streams); the restore after a takeover then costs the tail, not the whole table.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -40,6 +45,82 @@ class RestoreTimeout(RuntimeError):
     pass
 
 
+def _consumer(topic: str, client_config: Mapping[str, Any]) -> Consumer:
+    return Consumer({
+        **client_config,
+        "group.id": f"{topic}-restore",  # required by librdkafka; nothing is committed
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "isolation.level": "read_committed",
+        "enable.partition.eof": True,
+        "auto.offset.reset": "earliest",
+    })
+
+
+class Follower:
+    """A warm copy of the changelog partition, read by a thread of its own (read_committed)."""
+
+    def __init__(self, topic: str, partition: int, client_config: Mapping[str, Any]) -> None:
+        self.tp = TopicPartition(topic, partition)
+        self.config = dict(client_config)
+        self.rows: dict[bytes, bytes] = {}
+        self.records = 0
+        self.position = 0
+        self.error: BaseException | None = None
+        self._moved = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"follow-{topic}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            consumer = _consumer(self.tp.topic, self.config)
+            try:
+                consumer.assign([TopicPartition(self.tp.topic, self.tp.partition,
+                                                OFFSET_BEGINNING)])
+                while not self._stop.is_set():
+                    msgs = consumer.consume(5000, 0.2)
+                    for msg in msgs:
+                        err = msg.error()
+                        if err is not None:
+                            if err.code() == KafkaError._PARTITION_EOF:
+                                continue
+                            raise RuntimeError(f"changelog follow: {err}")
+                        self.records += 1
+                        key, value = msg.key() or b"", msg.value()
+                        if value is None:
+                            self.rows.pop(key, None)
+                        else:
+                            self.rows[key] = value
+                    position = consumer.position([self.tp])[0].offset
+                    with self._moved:
+                        if position >= 0:
+                            self.position = position
+                        self._moved.notify_all()
+            finally:
+                consumer.close()
+        except BaseException as exc:
+            self.error = exc
+            with self._moved:
+                self._moved.notify_all()
+
+    def take(self, end: int, timeout_s: float) -> tuple[dict[bytes, bytes], int] | None:
+        """Stop at ``end`` (an offset taken after the previous owner was fenced): the rows and
+        how many records were read; None if the follower failed or did not get there."""
+        deadline = time.monotonic() + timeout_s
+        with self._moved:
+            while self.error is None and self.position < end and time.monotonic() < deadline:
+                self._moved.wait(0.1)
+        reached = self.error is None and self.position >= end
+        self.stop()
+        return (self.rows, self.records) if reached else None
+
+    def stop(self) -> None:
+        self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(10)
+
+
 class ChangelogTable(Mapping[bytes, bytes]):
     """``key -> value`` bytes, one changelog partition. A ``None`` value is a tombstone (the key
     is deleted, and compaction drops it from the topic)."""
@@ -50,6 +131,17 @@ class ChangelogTable(Mapping[bytes, bytes]):
         self._rows: dict[bytes, bytes] = {}
         self._changed: dict[bytes, bytes | None] = {}
         self.restored: Restored | None = None
+        self._follower: Follower | None = None
+
+    def follow(self, client_config: Mapping[str, Any]) -> None:
+        """Keep a warm copy while standing by; the next ``restore`` reads only the tail."""
+        if self._follower is None:
+            self._follower = Follower(self.topic, self.partition, client_config)
+
+    def unfollow(self) -> None:
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            follower.stop()
 
     # -- reading ---------------------------------------------------------------------------
     def __getitem__(self, key: bytes) -> bytes:
@@ -90,21 +182,17 @@ class ChangelogTable(Mapping[bytes, bytes]):
         The end is the high watermark taken before reading; a read_committed consumer reaches
         it once no transaction on the partition is open (control records included)."""
         started = time.monotonic()
-        consumer = Consumer({
-            **client_config,
-            "group.id": f"{self.topic}-restore",  # required by librdkafka; nothing is committed
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-        })
+        consumer = _consumer(self.topic, client_config)
         rows: dict[bytes, bytes] = {}
         records = 0
+        follower, self._follower = self._follower, None
         try:
             tp = TopicPartition(self.topic, self.partition)
             _, high = consumer.get_watermark_offsets(tp, timeout=30, cached=False)
-            if high > 0:
+            warm = follower.take(high, timeout_s) if follower is not None else None
+            if warm is not None:
+                rows, records = warm
+            elif high > 0:
                 consumer.assign([TopicPartition(self.topic, self.partition, OFFSET_BEGINNING)])
                 deadline = started + timeout_s
                 while True:
@@ -133,6 +221,8 @@ class ChangelogTable(Mapping[bytes, bytes]):
                             f"transaction of a producer that was not fenced?)")
         finally:
             consumer.close()
+            if follower is not None:
+                follower.stop()
         self._rows = rows
         self._changed.clear()
         self.restored = Restored(rows=len(rows), records=records, end_offset=high,

@@ -1,0 +1,149 @@
+"""The coordinator's timeouts (issue 12, Build 4): an attempt dispatched and never started, a
+running attempt held for approval after a conflict that nobody decides, and the executor's
+durable lease (TaskStarted/TaskHeartbeat ``lease_ms``) expiring without a heartbeat."""
+
+from __future__ import annotations
+
+from fleetplane.coordinator.state import Status
+from fleetplane.core import events as ev
+from tests.unit.test_coordinator_scheduler import Harness, dispatched, held, kinds
+
+
+def lost(out: list[ev.Event]) -> list[ev.TaskFailed]:
+    return [e for e in out if isinstance(e, ev.TaskFailed) and e.failure_class == "lost_executor"]
+
+
+def test_dispatched_never_started_is_lost_after_the_start_timeout() -> None:
+    h = Harness(start_timeout_ms=30_000, backoff_base_ms=1)
+    h.route("t1", scope=["src/**"])
+    h.route("t2", scope=["src/a"])  # waits for t1's lease
+    assert h.state("t1") is Status.DISPATCHED and h.state("t2") is Status.WAITING
+    assert h.tick(29.0) == []
+    out = h.tick(2.0)
+    [f] = lost(out)
+    assert f.task_id == "t1" and not f.final and "never started" in f.reason
+    assert "TaskRetrying" in kinds(out) and dispatched(out) == ["t2"]  # the lease is released
+    assert h.state("t1") is Status.WAITING and h.world.tasks["t1"].next_attempt == 2
+
+
+def test_a_started_attempt_is_not_lost_by_the_start_timeout() -> None:
+    h = Harness(start_timeout_ms=30_000)
+    h.route("t1")
+    h.send(ev.TaskStarted(task_id="t1", team="a", attempt=1, executor_id="ex",
+                          occurred_at=h.now))
+    for _ in range(5):
+        h.tick(10.0)
+        h.send(ev.TaskHeartbeat(task_id="t1", team="a", attempt=1, executor_id="ex",
+                                occurred_at=h.now))
+    assert not lost(h.log) and h.state("t1") is Status.RUNNING
+
+
+def conflict_hold(h: Harness) -> None:
+    h.route("t1", scope=["src/a/**"], conflict_policy="hold")
+    h.route("t2", scope=["src/b/**"])
+    h.send(ev.TaskStarted(task_id="t1", team="a", attempt=1, executor_id="ex",
+                          occurred_at=h.now))
+    out = h.send(ev.WorkspaceChange(
+        task_id="t1", team="a", attempt=1, repository="r1", branch="x",
+        files=[ev.FileChange(path="src/b/x.py", added=1, removed=0)], occurred_at=h.now))
+    assert held(out)[0].kind == "approval" and h.world.tasks["t1"].conflict_hold
+
+
+def test_a_conflict_hold_nobody_decides_is_stopped_and_rolled_back() -> None:
+    h = Harness(conflict_hold_timeout_ms=600_000, heartbeat_timeout_ms=10_000_000,
+                start_timeout_ms=0)
+    conflict_hold(h)
+    assert [e for e in h.tick(599.0) if isinstance(e, ev.TaskDispatched)] == []
+    out = h.tick(2.0)
+    assert [e.action for e in out if isinstance(e, ev.TaskDispatched)] == ["rollback"]
+    assert any("no approve/reject" in e.reason for e in held(out))
+    assert h.state("t1") is Status.ROLLING_BACK and not h.world.tasks["t1"].conflict_hold
+    assert h.tick(700.0) == []  # stopped once
+    out = h.send(ev.TaskRolledBack(task_id="t1", team="a", attempt=1, reason="reverted",
+                                   occurred_at=h.now))
+    assert h.state("t1") is Status.ROLLED_BACK
+
+
+def test_an_approved_conflict_hold_is_not_stopped() -> None:
+    h = Harness(conflict_hold_timeout_ms=600_000, heartbeat_timeout_ms=10_000_000,
+                start_timeout_ms=0)
+    conflict_hold(h)
+    h.control("approve", "t1", team="a")
+    assert not [e for e in h.tick(900.0) if isinstance(e, ev.TaskDispatched)]
+    assert h.state("t1") is Status.RUNNING
+
+
+def test_an_expired_lease_is_lost_and_retried_once_at_once() -> None:
+    """The lease (30 s) ends before the heartbeat timeout (60 s): the attempt is declared lost
+    when its lease expires, and retried at once even under failure_policy abandon."""
+    h = Harness(heartbeat_timeout_ms=60_000)
+    h.route("t1", failure_policy="abandon", max_attempts=3)
+    h.send(ev.TaskStarted(task_id="t1", team="a", attempt=1, executor_id="ex",
+                          lease_ms=30_000, occurred_at=h.now))
+    h.tick(20.0)
+    h.send(ev.TaskHeartbeat(task_id="t1", team="a", attempt=1, executor_id="ex",
+                            lease_ms=30_000, occurred_at=h.now))  # renewed: live 30 s more
+    assert h.tick(29.0) == []
+    out = h.tick(2.0)
+    [f] = lost(out)
+    assert "lease of executor ex expired" in f.reason
+    [r] = [e for e in out if isinstance(e, ev.TaskRetrying)]
+    assert r.attempt == 2 and r.delay_ms == 0
+    assert [(e.task_id, e.attempt) for e in out if isinstance(e, ev.TaskDispatched)] == \
+        [("t1", 2)]
+    # the next attempt is not lost by the first attempt's lease, and is lost once by its own
+    h.send(ev.TaskStarted(task_id="t1", team="a", attempt=2, executor_id="ex2",
+                          lease_ms=30_000, occurred_at=h.now))
+    assert h.tick(10.0) == []
+    out = h.tick(25.0)
+    assert [f.attempt for f in lost(out)] == [2]
+
+
+def test_an_expired_lease_on_the_last_attempt_follows_the_failure_policy() -> None:
+    h = Harness(heartbeat_timeout_ms=60_000)
+    h.route("t1", failure_policy="retry", max_attempts=1)
+    h.send(ev.TaskStarted(task_id="t1", team="a", attempt=1, executor_id="ex",
+                          lease_ms=5_000, occurred_at=h.now))
+    out = h.tick(6.0)
+    assert lost(out) and h.state("t1") is Status.FAILED
+
+
+# -- issue 16: a task whose dependency failed, was cancelled or rejected fails at once -------
+def test_a_dependency_rejected_at_intake_fails_its_dependent_at_once() -> None:
+    """The dependency never reaches the router (TaskRejected on tasks.lifecycle): its
+    dependent used to wait for it forever ("waits for d1 to complete")."""
+    h = Harness()
+    out = h.route("t1", depends_on=["d1"])
+    assert held(out)[0].kind == "dependency"
+    out = h.send(ev.TaskRejected(task_id="d1", team="a", reason="repository: not registered",
+                                 field="repository", occurred_at=h.now))
+    [f] = [e for e in out if isinstance(e, ev.TaskFailed)]
+    assert f.task_id == "t1" and f.final and f.failure_class == "dependency"
+    assert "dependency d1 ended failed: rejected: repository: not registered" in f.reason
+    assert h.state("t1") is Status.FAILED
+    # a dependent arriving after the rejection fails on arrival
+    out = h.route("t2", depends_on=["d1"])
+    assert [e.task_id for e in out if isinstance(e, ev.TaskFailed) and e.final] == ["t2"]
+
+
+def test_a_dependent_is_told_why_its_dependency_failed_or_was_cancelled() -> None:
+    h = Harness()
+    h.route("d1", max_attempts=1)
+    h.route("t1", depends_on=["d1"])
+    out = h.fail("d1", "model_error")
+    [f] = [e for e in out if isinstance(e, ev.TaskFailed) and e.task_id == "t1"]
+    assert "dependency d1 ended failed: boom" in f.reason
+    h.route("d2")
+    h.route("t2", depends_on=["d2"])
+    out = h.send(ev.ControlCommand(task_id="d2", team="a", command="cancel",
+                                   reason="not needed", occurred_at=h.now))
+    [f] = [e for e in out if isinstance(e, ev.TaskFailed) and e.task_id == "t2"]
+    assert f.reason.endswith("dependency d2 ended cancelled: not needed")
+
+
+def test_a_rejection_does_not_touch_a_known_task() -> None:
+    h = Harness()
+    h.route("t1")
+    assert h.send(ev.TaskRejected(task_id="t1", team="a", reason="dup",
+                                  occurred_at=h.now)) == []
+    assert h.state("t1") is Status.DISPATCHED
