@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import subprocess
 import tempfile
 import threading
@@ -359,9 +360,51 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
             "timeline": [(round(t - t0, 2), r, q) for t, r, q in samples[::25]]}
 
 
+def idle_cpu(seconds: float, settle_s: float) -> dict[str, Any]:
+    """CPU of every process of an idle embedded stack (broker, five services, coordinator
+    standby, fake provider): CPU-seconds per second over `seconds`, after `settle_s` of start-up
+    (psutil; the processes' user+system time)."""
+    import psutil
+
+    from fleetplane.cli.stack import Stack
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = Stack(data_dir=Path(tmp))
+        try:
+            stack.start()
+            time.sleep(settle_s)
+            procs: dict[str, psutil.Process] = {
+                name: psutil.Process(child.pid) for name, child in stack.children.items()
+                if child.pid is not None}
+            if stack.broker is not None and stack.broker.pid is not None:
+                procs["broker"] = psutil.Process(stack.broker.pid)
+
+            def cpu(p: psutil.Process) -> float:
+                t = p.cpu_times()
+                own = t.user + t.system
+                for c in p.children(recursive=True):
+                    try:
+                        ct = c.cpu_times()
+                        own += ct.user + ct.system
+                    except psutil.Error:
+                        pass
+                return own
+
+            before = {n: cpu(p) for n, p in procs.items()}
+            t0 = time.monotonic()
+            time.sleep(seconds)
+            wall = time.monotonic() - t0
+            out = {n: round((cpu(p) - before[n]) / wall, 3) for n, p in procs.items()}
+            rss = {n: round(p.memory_info().rss / 2**20, 1) for n, p in procs.items()}
+        finally:
+            stack.stop()
+    return {"seconds": seconds, "cpu_core_share": out, "rss_mib": rss,
+            "total": round(sum(out.values()), 3), "loadavg": os.getloadavg()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--scenario", choices=["all", "overhead", "concurrency"], default="all")
+    ap.add_argument("--scenario", choices=["all", "overhead", "concurrency", "idle"], default="all")
     ap.add_argument("--tasks", type=int, default=500)
     ap.add_argument("--slots", type=int, default=200)
     ap.add_argument("--durations", default="1,2,5,10,20",
@@ -370,6 +413,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.0,
                     help="dispatches per second for the burst (0: all at once)")
     ap.add_argument("--loop", choices=["parallel", "batch"], default="parallel")
+    ap.add_argument("--idle-seconds", type=float, default=15.0)
+    ap.add_argument("--idle-settle", type=float, default=20.0)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--latency-ms", type=float, default=100.0)
     ap.add_argument("--max-agents", type=int, default=64)
@@ -379,6 +424,18 @@ def main() -> None:
     configure_logging("bench", "ERROR", json=False)
     console = Console()
     results: dict[str, Any] = {"machine": machine(), "args": vars(args)}
+    if args.scenario == "idle":
+        results["idle"] = r = idle_cpu(args.idle_seconds, args.idle_settle)
+        t = Table(title=f"idle stack: CPU (cores) and RSS over {r['seconds']:.0f} s")
+        for col in ("process", "CPU cores", "RSS MiB"):
+            t.add_column(col)
+        for name, share in sorted(r["cpu_core_share"].items()):
+            t.add_row(name, f"{share:.3f}", f"{r['rss_mib'][name]:.0f}")
+        t.add_row("total", f"{r['total']:.3f}", "")
+        console.print(t)
+        console.print(f"load average {r['loadavg']}")
+        save(console, results)
+        return
     if args.scenario in ("all", "concurrency"):
         with tempfile.TemporaryDirectory() as tmp_s, FakeProvider() as fake:
             c = concurrency(fake, Path(tmp_s), args.tasks, args.slots,

@@ -7,6 +7,7 @@ import socket
 from functools import partial
 
 from fleetplane.core.catalog import load_catalog
+from fleetplane.core.follower import Follower, apply_json
 from fleetplane.core.logging import get_logger
 from fleetplane.core.parallel import ParallelProcessor
 from fleetplane.core.service import bootstrap
@@ -16,7 +17,6 @@ from fleetplane.executor.leases import LeaseTable
 from fleetplane.executor.models import ModelClients
 from fleetplane.executor.runtime import Journal, LiveEmitter, Runtime
 from fleetplane.executor.workspace import Workspaces, load_repositories
-from fleetplane.ingest.kvtopic import TopicTable
 from fleetplane.ingest.repositories import (
     REPOSITORIES_TOPIC,
     CheckoutResolver,
@@ -33,8 +33,11 @@ def main() -> None:
     journal_dir = settings.executor_journal_dir or settings.resolved_data_dir() / "executor-runs"
     # registered repositories (fleet.repositories) on top of infra/repositories.yaml
     registry = RepositoryRegistry()
-    repo_table = TopicTable(settings, {REPOSITORIES_TOPIC: registry.apply})
-    repo_table.start()
+    # one consumer for every topic this process only reads (core/follower.py): the registered
+    # repositories, cancellations, the fleet's attempt leases
+    follower = Follower(settings, f"executor-follower-{executor_id}")
+    repositories = follower.follow("repositories", [REPOSITORIES_TOPIC],
+                                   partial(apply_json, registry.apply))
     data_dir = settings.resolved_data_dir()
     workspaces = Workspaces(load_repositories(settings),
                             settings.executor_workspaces_dir or data_dir / "worktrees",
@@ -50,11 +53,14 @@ def main() -> None:
         log.warning("orphaned worktrees removed at start-up", count=len(removed), paths=removed)
     ok, why = runtime.sandbox.availability()
     log.info("sandbox", available=ok, detail=why)
-    runtime.start(watch_cancellations=True)
+    runtime.start(follower)
     leases = None
     if settings.executor_lease_s > 0 and runtime.live is not None:
         leases = LeaseTable(settings, executor_id, settings.executor_lease_lookback_s)
-        leases.start()
+        leases.follow(follower)
+    follower.start()
+    if not repositories.ready.wait(settings.table_catchup_timeout_s):
+        log.warning("registered repositories not read at start-up; serving what was read")
     # take dispatches once the cancellations of the lookback window are known (a cancel published
     # while this executor was starting stops its attempt before the first model call) and the
     # fleet's recent claims are read (docs/executor.md); both are read at the same time
@@ -74,9 +80,7 @@ def main() -> None:
         processor.run()
     finally:
         runtime.close()
-        repo_table.stop()
-        if leases is not None:
-            leases.close()
+        follower.close()
     if processor.running_count():
         # Attempts still running after the drain: their dispatches were not committed and come
         # back to the next owner (the journal reports them lost, never re-run). Their worker
