@@ -66,10 +66,10 @@ class TimedClients(ModelClients):
         self.calls: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self._lock = threading.Lock()
 
-    def chat(self, *args: Any, **kwargs: Any) -> ModelTurn:
+    async def achat(self, *args: Any, **kwargs: Any) -> ModelTurn:
         start = time.perf_counter()
         try:
-            return super().chat(*args, **kwargs)
+            return await super().achat(*args, **kwargs)
         finally:
             end = time.perf_counter()
             with self._lock:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,6 +39,7 @@ from fleetplane.core.serde import Serde, default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.teams import TeamsConfig, teams_for
 from fleetplane.core.topics import OUTCOMES, key_for, topic_for
+from fleetplane.executor.models import AsyncCalls
 from fleetplane.executor.sandbox import Limits, Sandbox
 from fleetplane.executor.workspace import Workspaces, load_repositories, safe_name
 
@@ -286,8 +287,8 @@ class Runtime:
         root = settings.executor_workspaces_dir or settings.resolved_data_dir() / "worktrees"
         self.workspaces = workspaces or Workspaces(load_repositories(settings), root)
         self.slots = SlotPool(settings.executor_slots)
-        self.model_pool = ThreadPoolExecutor(max(2, settings.executor_slots),
-                                             thread_name_prefix="model-call")
+        #: model calls: coroutines on one asyncio loop (no thread per call in flight)
+        self.calls = AsyncCalls()
         self._running: dict[str, Running] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
@@ -406,7 +407,7 @@ class Runtime:
         self._stop.set()
         for t in self._threads:
             t.join(3)
-        self.model_pool.shutdown(wait=False, cancel_futures=True)
+        self.calls.close()
         if self.live is not None:
             for e in self.utilization_events():
                 self.live.emit(e)
