@@ -11,10 +11,11 @@ from fleetplane.core.follower import Follower, apply_json
 from fleetplane.core.logging import get_logger
 from fleetplane.core.parallel import ParallelProcessor
 from fleetplane.core.service import bootstrap
-from fleetplane.core.topics import DISPATCH
+from fleetplane.core.topics import DISPATCH, OUTCOMES
 from fleetplane.executor.handlers import SeenDispatches, execute
 from fleetplane.executor.leases import LeaseTable
 from fleetplane.executor.models import ModelClients
+from fleetplane.executor.position import position_new_group
 from fleetplane.executor.runtime import Journal, LiveEmitter, Runtime
 from fleetplane.executor.workspace import Workspaces, load_repositories
 from fleetplane.ingest.repositories import (
@@ -66,10 +67,15 @@ def main() -> None:
     # fleet's recent claims are read (docs/executor.md); both are read at the same time
     if not runtime.watcher_ready.wait(90):
         log.warning("cancellation watcher not ready after 90 s; taking dispatches anyway")
+    else:
+        log.info("watching cancellations", topic=OUTCOMES,
+                 lookback_s=settings.executor_cancel_lookback_s)
     if leases is not None and not leases.ready.wait(120):
         log.warning("attempt leases not read within 120 s; starting anyway")
     handler = partial(execute, catalog, ModelClients(settings), executor_id, SeenDispatches(),
                       runtime=runtime, leases=leases)
+    # a brand-new group starts at the recent dispatches, not the whole history (position.py)
+    position_new_group(settings, settings.executor_group_id)
     # Continuous dispatch (core/parallel.py): an attempt starts as soon as a slot frees, the
     # consumer keeps polling while attempts run (no max.poll.interval.ms override needed).
     processor = ParallelProcessor("executor", [DISPATCH], handler, settings,
