@@ -500,8 +500,9 @@ def hold(tmp: Path, attempts: int, latency_s: float, measure_s: float) -> dict[s
             "all_started_s": all_started_s, "measured_s": round(wall, 1),
             "executor_cpu_cores_waiting": round(cpu, 3), "executor_rss_mib": round(rss / 2**20),
             "executor_rss_before_mib": round(rss_before / 2**20),
-            "rss_per_1000_waiting_mib": round((rss - rss_before) / 2**20 / attempts * 1000),
-            "cpu_per_1000_waiting_cores": round(cpu / attempts * 1000, 3),
+            "rss_per_1000_waiting_mib": round((rss - rss_before) / 2**20
+                                              / max(1, len(started)) * 1000),
+            "cpu_per_1000_waiting_cores": round(cpu / max(1, len(started)) * 1000, 3),
             "threads": threads, "loadavg": os.getloadavg()}
 
 
