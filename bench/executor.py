@@ -24,12 +24,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +68,10 @@ class TimedClients(ModelClients):
         self.calls: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self._lock = threading.Lock()
 
-    def chat(self, *args: Any, **kwargs: Any) -> ModelTurn:
+    async def achat(self, *args: Any, **kwargs: Any) -> ModelTurn:
         start = time.perf_counter()
         try:
-            return super().chat(*args, **kwargs)
+            return await super().achat(*args, **kwargs)
         finally:
             end = time.perf_counter()
             with self._lock:
@@ -359,9 +362,154 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
             "timeline": [(round(t - t0, 2), r, q) for t, r, q in samples[::25]]}
 
 
+def idle_cpu(seconds: float, settle_s: float) -> dict[str, Any]:
+    """CPU of every process of an idle embedded stack (broker, five services, coordinator
+    standby, fake provider): CPU-seconds per second over `seconds`, after `settle_s` of start-up
+    (psutil; the processes' user+system time)."""
+    import psutil
+
+    from fleetplane.cli.stack import Stack
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = Stack(data_dir=Path(tmp))
+        try:
+            stack.start()
+            time.sleep(settle_s)
+            procs: dict[str, psutil.Process] = {
+                name: psutil.Process(child.pid) for name, child in stack.children.items()
+                if child.pid is not None}
+            if stack.broker is not None and stack.broker.pid is not None:
+                procs["broker"] = psutil.Process(stack.broker.pid)
+
+            def cpu(p: psutil.Process) -> float:
+                t = p.cpu_times()
+                own = float(t.user + t.system)
+                for c in p.children(recursive=True):
+                    try:
+                        ct = c.cpu_times()
+                        own += ct.user + ct.system
+                    except psutil.Error:
+                        pass
+                return own
+
+            before = {n: cpu(p) for n, p in procs.items()}
+            t0 = time.monotonic()
+            time.sleep(seconds)
+            wall = time.monotonic() - t0
+            out = {n: round((cpu(p) - before[n]) / wall, 3) for n, p in procs.items()}
+            rss = {n: round(p.memory_info().rss / 2**20, 1) for n, p in procs.items()}
+        finally:
+            stack.stop()
+    return {"seconds": seconds, "cpu_core_share": out, "rss_mib": rss,
+            "total": round(sum(out.values()), 3), "loadavg": os.getloadavg()}
+
+
+def hold(tmp: Path, attempts: int, latency_s: float, measure_s: float) -> dict[str, Any]:
+    """One executor process (fleetplane.executor.main, `attempts` slots) holding `attempts`
+    attempts whose model call takes `latency_s` (the fake provider in a process of its own):
+    peak running (TaskStarted seen), the executor's CPU (cores) and RSS while they wait, and
+    the time from the dispatches to all started."""
+    import psutil
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from fleetplane.core.kafka import event_headers
+    from fleetplane.core.settings import REPO_ROOT
+    from fleetplane.core.topics import LIFECYCLE
+    from fleetplane.infra.broker import free_port
+
+    broker = EmbeddedBroker(tmp / "broker-hold")
+    broker.start()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        settings = Settings(kafka_bootstrap=broker.bootstrap)
+        ensure_topics(settings.client_config(), load_topics(settings.topics_file))
+        port = free_port()
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "services"),
+               "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "fleetplane.fakeprovider.server", "--port", str(port),
+             "--latency-ms", str(latency_s * 1000)], env=env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True))
+        log_path = tmp / "executor-hold.log"
+        with open(log_path, "wb") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "fleetplane.executor.main"],
+                env={**env, "FLEETPLANE_KAFKA_BOOTSTRAP": broker.bootstrap,
+                     "FLEETPLANE_DATA_DIR": str(tmp / "data-hold"),
+                     "FLEETPLANE_ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}",
+                     "FLEETPLANE_EXECUTOR_SLOTS": str(attempts),
+                     "FLEETPLANE_MODEL_TIMEOUT_S": str(latency_s * 4),
+                     "FLEETPLANE_MODEL_MAX_RETRIES": "0", "FLEETPLANE_LOG_LEVEL": "INFO",
+                     "FLEETPLANE_LOG_JSON": "false"},
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        executor = psutil.Process(procs[-1].pid)
+        lifecycle = Consumer({**settings.consumer_config(f"hold-{time.monotonic_ns()}"),
+                              "enable.auto.commit": False, "isolation.level":
+                              "read_uncommitted"})
+        lifecycle.assign([TopicPartition(LIFECYCLE, p, -1) for p in
+                          lifecycle.list_topics(LIFECYCLE, timeout=30)
+                          .topics[LIFECYCLE].partitions])
+        # the executor is taking dispatches once its consumer group has it
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if procs[-1].poll() is not None:
+                raise RuntimeError(f"executor exited: {log_path.read_text()[-2000:]}")
+            if "parallel processor started" in log_path.read_text():
+                break
+            time.sleep(1)
+        time.sleep(5)  # group join
+        rss_before = executor.memory_info().rss
+        serde = default_serde()
+        producer = Producer(settings.producer_config())
+        t0 = time.monotonic()
+        ids = {f"hold-{i}" for i in range(attempts)}
+        for task_id in sorted(ids):
+            e = dispatch(task_id, f"hold {task_id}", None, 2)
+            producer.produce(DISPATCH, key=task_id.encode(), value=serde.encode(e),
+                             headers=event_headers(e))
+            producer.poll(0)
+        producer.flush(60)
+        started: set[str] = set()
+        all_started_s = None
+        deadline = time.monotonic() + latency_s * 0.8
+        while time.monotonic() < deadline and len(started) < attempts:
+            for m in lifecycle.consume(500, 0.2):
+                if m.error() is None and \
+                        dict(m.headers() or []).get("event_type") == b"TaskStarted":
+                    key = (m.key() or b"").decode()
+                    if key in ids:
+                        started.add(key)
+        if len(started) >= attempts:
+            all_started_s = time.monotonic() - t0
+        # every attempt is now waiting on its model call: measure
+        cpu0 = executor.cpu_times()
+        m0 = time.monotonic()
+        time.sleep(min(measure_s, max(1.0, t0 + latency_s - time.monotonic() - 1)))
+        cpu1 = executor.cpu_times()
+        wall = time.monotonic() - m0
+        rss = executor.memory_info().rss
+        threads = executor.num_threads()
+        lifecycle.close()
+    finally:
+        for p in procs:
+            with suppress(ProcessLookupError):
+                os.killpg(p.pid, 9)
+        broker.stop()
+    cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / wall
+    return {"attempts": attempts, "latency_s": latency_s, "peak_running": len(started),
+            "all_started_s": all_started_s, "measured_s": round(wall, 1),
+            "executor_cpu_cores_waiting": round(cpu, 3), "executor_rss_mib": round(rss / 2**20),
+            "executor_rss_before_mib": round(rss_before / 2**20),
+            "rss_per_1000_waiting_mib": round((rss - rss_before) / 2**20
+                                              / max(1, len(started)) * 1000),
+            "cpu_per_1000_waiting_cores": round(cpu / max(1, len(started)) * 1000, 3),
+            "threads": threads, "loadavg": os.getloadavg()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--scenario", choices=["all", "overhead", "concurrency"], default="all")
+    ap.add_argument("--scenario", default="all",
+                    choices=["all", "overhead", "concurrency", "idle", "hold"])
     ap.add_argument("--tasks", type=int, default=500)
     ap.add_argument("--slots", type=int, default=200)
     ap.add_argument("--durations", default="1,2,5,10,20",
@@ -370,6 +518,10 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.0,
                     help="dispatches per second for the burst (0: all at once)")
     ap.add_argument("--loop", choices=["parallel", "batch"], default="parallel")
+    ap.add_argument("--idle-seconds", type=float, default=15.0)
+    ap.add_argument("--attempts", type=int, default=2000)
+    ap.add_argument("--hold-latency-s", type=float, default=30.0)
+    ap.add_argument("--idle-settle", type=float, default=20.0)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--latency-ms", type=float, default=100.0)
     ap.add_argument("--max-agents", type=int, default=64)
@@ -379,6 +531,31 @@ def main() -> None:
     configure_logging("bench", "ERROR", json=False)
     console = Console()
     results: dict[str, Any] = {"machine": machine(), "args": vars(args)}
+    if args.scenario == "hold":
+        with tempfile.TemporaryDirectory() as tmp_s:
+            results["hold"] = h = hold(Path(tmp_s), args.attempts, args.hold_latency_s,
+                                       args.idle_seconds)
+        console.print(
+            f"hold: {h['attempts']} attempts, model call {h['latency_s']:.0f} s: peak running "
+            f"{h['peak_running']} (all started after {h['all_started_s']} s); executor while "
+            f"they wait: CPU {h['executor_cpu_cores_waiting']} cores, RSS "
+            f"{h['executor_rss_mib']} MiB (idle before: {h['executor_rss_before_mib']} MiB), "
+            f"{h['threads']} threads; per 1,000 waiting: {h['cpu_per_1000_waiting_cores']} "
+            f"cores, {h['rss_per_1000_waiting_mib']} MiB; load average {h['loadavg']}")
+        save(console, results)
+        return
+    if args.scenario == "idle":
+        results["idle"] = r = idle_cpu(args.idle_seconds, args.idle_settle)
+        t = Table(title=f"idle stack: CPU (cores) and RSS over {r['seconds']:.0f} s")
+        for col in ("process", "CPU cores", "RSS MiB"):
+            t.add_column(col)
+        for name, share in sorted(r["cpu_core_share"].items()):
+            t.add_row(name, f"{share:.3f}", f"{r['rss_mib'][name]:.0f}")
+        t.add_row("total", f"{r['total']:.3f}", "")
+        console.print(t)
+        console.print(f"load average {r['loadavg']}")
+        save(console, results)
+        return
     if args.scenario in ("all", "concurrency"):
         with tempfile.TemporaryDirectory() as tmp_s, FakeProvider() as fake:
             c = concurrency(fake, Path(tmp_s), args.tasks, args.slots,

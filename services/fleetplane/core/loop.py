@@ -148,6 +148,164 @@ def dead_letter(service: str, rec: Record, exc: BaseException) -> DeadLetter:
     )
 
 
+class IdleBackoff:
+    """Stops an idle consumer from re-fetching in a tight loop.
+
+    The embedded broker answers a fetch that finds nothing at once instead of holding it for
+    ``fetch.wait.max.ms`` (measured: librdkafka then sends fetches back to back, 0.6-0.8 core per
+    idle consumer between the client and the broker; ``fetch.wait.max.ms``,
+    ``fetch.min.bytes`` and the fetch backoffs change nothing). Once a consumer has read nothing
+    for `after_s`, its partitions are parked: unassigned (no fetches at all); every `probe_s`
+    they are assigned again at the position the fetcher had reached, polled until every one
+    answered (a record, or end-of-partition: ``enable.partition.eof``) or `probe_window_s`
+    passed, and parked again. A record arriving on an idle input therefore waits at most
+    `probe_s` plus one fetch round trip; the first record ends the backoff.
+
+    Why unassign and not pause: librdkafka (2.16) fetches a resumed partition only about 1 s
+    after it was paused, seek or not (measured: 650-1000 ms per resume); an assignment with an
+    explicit offset is fetched at once (0-1 ms). A group member stays a member while its
+    partitions are parked (``assign()`` outside a rebalance changes only the local fetch set).
+
+    Parked only when every partition's position is known (from a returned record or an
+    end-of-partition event) and the owner paused none (`held`). The owner wakes it before
+    anything that needs the assignment (storing offsets, a seek) and clears it on a rebalance.
+    `after_s <= 0` turns it off (Apache Kafka holds empty fetches itself)."""
+
+    def __init__(self, consumer: Consumer, after_s: float, probe_s: float,
+                 probe_window_s: float = 0.1) -> None:
+        self.consumer = consumer
+        self.after_s = after_s
+        self.probe_s = probe_s
+        self.probe_window_s = probe_window_s
+        self.last_data = time.monotonic()
+        self.parked: list[TopicPartition] = []
+        self.probes = 0
+        #: where the fetcher is, per partition: after the last record returned, or where an
+        #: end-of-partition was reported
+        self.positions: dict[tuple[str, int], int] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.after_s > 0
+
+    @property
+    def idle(self) -> bool:
+        return bool(self.parked)
+
+    def saw(self, msg: Message) -> None:
+        """Note where a returned message leaves its partition (the owner calls it for every
+        message it gets from the consumer beside poll(): consume() batches)."""
+        err = msg.error()
+        offset = msg.offset()
+        if offset is None or offset < 0:
+            return
+        key = (msg.topic() or "", msg.partition() or 0)
+        if err is None:
+            self.positions[key] = offset + 1
+        elif err.code() == KafkaError._PARTITION_EOF:
+            self.positions[key] = offset
+
+    def poll(self, timeout_s: float, held: set[tuple[str, int]] | None = None
+             ) -> Message | None:
+        """consumer.poll(timeout_s) with the backoff: the next message (a record, or an event
+        such as end-of-partition or an error), or None."""
+        if not self.enabled:
+            return self.consumer.poll(timeout_s)
+        if not self.parked:
+            msg = self.consumer.poll(timeout_s)
+            if msg is not None:
+                self.saw(msg)
+            now = time.monotonic()
+            if msg is not None and msg.error() is None:
+                self.last_data = now
+            elif now - self.last_data >= self.after_s and not held:
+                self._park()
+            return msg
+        # parked: wait out the probe interval (the consumer still serves its callbacks, e.g. a
+        # rebalance, which clears the parking), then fetch once
+        msg = self.consumer.poll(min(timeout_s, self.probe_s))
+        if msg is not None:
+            self.saw(msg)
+            return msg
+        if not self.parked:
+            return None
+        return self._probe()
+
+    def wake(self) -> None:
+        """Leave the backoff: the parked partitions are assigned again at their positions."""
+        if self.parked:
+            parts, self.parked = self.parked, []
+            self._assign(parts)
+        self.last_data = time.monotonic()
+
+    def reset(self) -> None:
+        """On a rebalance (assignment or revocation): nothing parked, positions unknown."""
+        self.parked = []
+        self.positions.clear()
+        self.last_data = time.monotonic()
+
+    def _park(self) -> None:
+        try:
+            assignment = self.consumer.assignment()
+        except KafkaException:
+            return
+        if not assignment:
+            return
+        parts = []
+        for tp in assignment:
+            offset = self.positions.get((tp.topic, tp.partition))
+            if offset is None:
+                return  # not fetched yet: keep fetching
+            parts.append(TopicPartition(tp.topic, tp.partition, offset))
+        try:
+            self.consumer.unassign()
+        except KafkaException as exc:
+            log.warning("idle unassign failed", error=str(exc))
+            return
+        self.parked = parts
+
+    def _assign(self, parts: list[TopicPartition]) -> bool:
+        try:
+            self.consumer.assign(
+                [TopicPartition(tp.topic, tp.partition,
+                                self.positions.get((tp.topic, tp.partition), tp.offset))
+                 for tp in parts])
+            return True
+        except KafkaException as exc:
+            log.warning("idle re-assign failed", error=str(exc))
+            return False
+
+    def _probe(self) -> Message | None:
+        parts, self.parked = self.parked, []
+        self.probes += 1
+        if not self._assign(parts):
+            self.last_data = time.monotonic()
+            return None
+        waiting = {(tp.topic, tp.partition) for tp in parts}
+        deadline = time.monotonic() + self.probe_window_s
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            msg = self.consumer.poll(left)
+            if msg is None:
+                break
+            self.saw(msg)
+            err = msg.error()
+            if err is None or err.code() != KafkaError._PARTITION_EOF:
+                # a record (or an error for the owner to see): no longer idle
+                self.last_data = time.monotonic()
+                return msg
+            waiting.discard((msg.topic() or "", msg.partition() or 0))
+        if waiting or not self.consumer.assignment():
+            # no answer within the window (a slow broker) or a rebalance in between: stay
+            # assigned and let the next polls tell
+            self.last_data = time.monotonic()
+            return None
+        self._park()
+        return None
+
+
 class Processor:
     """Runs one handler over input topics until stopped. One instance per OS process/thread."""
 
@@ -201,6 +359,7 @@ class Processor:
         self.hang_limit_s = TXN_CALL_TIMEOUT_S * 3
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
+        self._idle: IdleBackoff | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
@@ -228,10 +387,14 @@ class Processor:
         cfg.setdefault("group.instance.id", self.group_instance_id)
         if self.transactional:
             cfg["enable.auto.commit"] = False
+        if self.settings.idle_backoff_s > 0:
+            cfg.setdefault("enable.partition.eof", True)  # ends an idle probe (IdleBackoff)
         self.consumer = Consumer(cfg)
+        self._idle = IdleBackoff(self.consumer, self.settings.idle_backoff_s,
+                                 self.settings.idle_probe_s)
         if self.transactional:
             self.producer.init_transactions(TXN_CALL_TIMEOUT_S)
-        self.consumer.subscribe(self.topics, on_assign=truncation_guard(self.on_assign),
+        self.consumer.subscribe(self.topics, on_assign=truncation_guard(self._on_assign),
                                 on_revoke=self._on_revoke)
 
     def run(self) -> None:
@@ -270,13 +433,23 @@ class Processor:
         every hop added up to poll_timeout_s to a task's latency. With the batch drained, the
         loop checkpoints at once: the outputs are visible downstream without waiting for a
         commit interval.)"""
-        assert self.consumer is not None
+        assert self.consumer is not None and self._idle is not None
         limit = self.settings.batch_size if limit is None else limit
-        first = self.consumer.poll(self.settings.poll_timeout_s if timeout_s is None
-                                   else timeout_s)
+        first = self._idle.poll(self.settings.poll_timeout_s if timeout_s is None
+                                else timeout_s, self._held())
         if first is None:
             return []
-        return [first, *self.consumer.consume(limit - 1, 0)] if limit > 1 else [first]
+        if limit <= 1:
+            return [first]
+        rest = self.consumer.consume(limit - 1, 0)
+        if self._idle is not None:
+            for msg in rest:
+                self._idle.saw(msg)
+        return [first, *rest]
+
+    def _held(self) -> set[tuple[str, int]]:
+        """Partitions the loop paused itself (left alone by the idle backoff)."""
+        return set()
 
     def _close(self) -> None:
         if self._pool is not None:
@@ -374,15 +547,31 @@ class Processor:
             self._delivery_errors.append(err)
 
     # -- checkpoints -----------------------------------------------------------------------
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._idle is not None:
+            self._idle.reset()
+        if self.on_assign is not None:
+            self.on_assign(consumer, partitions)
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        parked = self._idle is not None and self._idle.idle
+        if self._idle is not None:
+            self._idle.wake()  # parked partitions are unassigned: storing offsets needs them
+            self._idle.reset()
         if self._running and self._pending:
             self._checkpoint()
+        if parked:
+            # wake() assigned inside the callback: the client then leaves the unassignment
+            # that follows a revocation to us
+            consumer.unassign()
 
     def _checkpoint(self) -> None:
         if not self._pending:
             return
         assert self.consumer is not None and self.producer is not None
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._pending.items()]
+        if self._idle is not None:
+            self._idle.wake()
         if self.transactional:
             self._commit_transaction(offsets)
         else:
@@ -457,6 +646,9 @@ class Processor:
 
     def _rewind(self) -> None:
         assert self.consumer is not None
+        if self._idle is not None:
+            self._idle.wake()
+            self._idle.reset()  # the positions move back to the committed offsets
         assignment = self.consumer.assignment()
         if not assignment:
             return

@@ -182,9 +182,14 @@ class ParallelProcessor(Processor):
         with self._lock:
             return self.slots + self.prefetch - self._active - len(self._queue)
 
+    def _held(self) -> set[TP]:
+        return set(self._paused)
+
     def _pause(self, full: bool) -> None:
         assert self.consumer is not None
         if full:
+            if self._idle is not None:
+                self._idle.wake()
             new = [tp for tp in self.consumer.assignment()
                    if (tp.topic, tp.partition) not in self._paused]
             if new:
@@ -301,6 +306,8 @@ class ParallelProcessor(Processor):
         if not batch and not offsets:
             return
         try:
+            if self._idle is not None and offsets:
+                self._idle.wake()
             if self.transactional:
                 self._commit_transaction_once(batch, offsets)
             else:
@@ -364,6 +371,10 @@ class ParallelProcessor(Processor):
 
     # -- rebalances ------------------------------------------------------------------------
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        parked = self._idle is not None and self._idle.idle
+        if self._idle is not None:
+            self._idle.wake()  # parked partitions are unassigned: commits need them
+            self._idle.reset()
         if self._running:
             try:
                 self._commit()
@@ -377,6 +388,7 @@ class ParallelProcessor(Processor):
         still_paused = [TopicPartition(t, p) for t, p in self._paused & revoked]
         if still_paused:
             consumer.resume(still_paused)
+
         with self._lock:
             for tp in revoked:
                 self._epoch[tp] = self._epoch.get(tp, 0) + 1
@@ -389,6 +401,8 @@ class ParallelProcessor(Processor):
             self._queue = kept
             self.stats.dropped_on_revoke += dropped
             self._paused -= revoked
+        if parked:
+            consumer.unassign()  # wake() assigned inside the callback (see core.loop)
         running = self._active
         if partitions:
             log.info("partitions revoked", partitions=sorted(revoked), not_started_dropped=dropped,

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     )
     batch_size: int = 500
     poll_timeout_s: float = 0.1
+    #: idle backoff (core.loop.IdleBackoff): after this long without a record a consumer stops
+    #: fetching and probes every idle_probe_s instead (0: off; Apache Kafka holds empty fetches)
+    idle_backoff_s: float = 0.5
+    idle_probe_s: float = 0.02
     session_timeout_ms: int = 10_000
 
     # Files
@@ -112,6 +116,15 @@ class Settings(BaseSettings):
     executor_command_file_mb: int = 64
     executor_command_max_pids: int = 128
     executor_group_id: str = "fleetplane-executor"
+    executor_previous_group_id: str = Field(
+        default="", description="A brand-new executor group (no committed offset on "
+        "tasks.dispatch) starts where this group's commits are (a renamed group); empty: see "
+        "executor_new_group_lookback_s.")
+    executor_new_group_lookback_s: float = Field(
+        default=600.0, description="A brand-new executor group starts at the dispatches of the "
+        "last this-many seconds, not at the beginning of tasks.dispatch (the attempt leases "
+        "know only executor_lease_lookback_s of outcomes; older dispatches are the "
+        "coordinator's dispatched->started timeout's).")
     executor_cancel_lookback_s: float = Field(
         default=300.0, description="At start-up the cancellation watcher reads tasks.outcomes "
         "from this far back, so a cancel published while the executor was starting or down is "

@@ -342,9 +342,8 @@ class Agent:
         remaining_s = max(0.5, self.deadline - time.monotonic())
         timeout = min(self.clients.settings.model_timeout_s, remaining_s)
         start = time.perf_counter()
-        fut: Future[ModelTurn] = self.rt.model_pool.submit(
-            self.clients.chat, model, system, messages, tools, self.max_tokens,
-            self.spec.temperature, timeout)
+        fut: Future[ModelTurn] = self.rt.calls.submit(self.clients.achat(
+            model, system, messages, tools, self.max_tokens, self.spec.temperature, timeout))
         abandoned: str | None = None
         while True:
             self.run_.wait(fut, self.deadline - time.monotonic())

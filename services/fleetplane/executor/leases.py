@@ -3,10 +3,11 @@
 Before its first model call an attempt is claimed: its `TaskStarted` carries `lease_ms` and is
 published and acknowledged by the broker (durable) before the agent runs; every `TaskHeartbeat`
 renews the lease (live until `occurred_at + lease_ms`). Every executor reads the claims and
-outcomes of the whole fleet from `tasks.lifecycle` and `tasks.outcomes` (`LeaseTable`: a consumer
-without group membership, assigned every partition from `lookback_s` ago, then following the
-topics), so a dispatch redelivered to another executor (rebalance, restart elsewhere) is
-judged against the claim:
+outcomes of the whole fleet from `tasks.lifecycle` and `tasks.outcomes` (`LeaseTable`: a reader
+of the process's follower, core.follower, from `lookback_s` ago, then following the topics),
+so a dispatch redelivered to another executor (rebalance, restart elsewhere) is judged against
+the claim (the follower reads `read_uncommitted`: an outcome whose transaction is later aborted
+counts as finished; the attempt is then covered by the coordinator's lease expiry):
 
 * live and held by another executor: not run (the holder reports the outcome; if it dies its
   heartbeats stop and the coordinator declares the attempt lost after its heartbeat timeout);
@@ -25,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import OFFSET_END, Consumer, KafkaError, TopicPartition
+from confluent_kafka import Message
 
 from fleetplane.core.events import (
     TaskCompleted,
@@ -34,6 +35,7 @@ from fleetplane.core.events import (
     TaskRolledBack,
     TaskStarted,
 )
+from fleetplane.core.follower import Follower
 from fleetplane.core.logging import get_logger
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
@@ -65,8 +67,8 @@ class LeaseTable:
         self.ready = threading.Event()
         self._leases: dict[tuple[str, int], Lease] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._serde = default_serde()
+        self._last_prune = time.monotonic()
 
     def get(self, task_id: str, attempt: int) -> Lease | None:
         with self._lock:
@@ -87,68 +89,29 @@ class LeaseTable:
             old = self._leases.get(key)
             self._leases[key] = Lease(old.executor_id if old else "", at_ms, done=True)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="lease-watch", daemon=True)
-        self._thread.start()
+    def follow(self, follower: Follower) -> None:
+        """Register on the process's follower (core.follower): every partition of
+        tasks.lifecycle and tasks.outcomes from `lookback_s` ago; `ready` once read."""
+        reader = follower.follow("attempt-leases", _TOPICS, self.on_record,
+                                 since_s=self.lookback_s)
+        self.ready = reader.ready
 
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(3)
-
-    def _run(self) -> None:
-        serde = default_serde()
-        consumer = Consumer({**self.settings.client_config(),
-                             "group.id": f"fleetplane-executor-leases-{self.executor_id}",
-                             "enable.auto.commit": False, "enable.partition.eof": True,
-                             "isolation.level": "read_committed"})
+    def on_record(self, msg: Message) -> None:
+        etype = dict(msg.headers() or []).get("event_type") or b""
+        if etype not in _TYPES:
+            return
         try:
-            pending: set[tuple[str, int]] = set()  # partitions not read to their end yet
-            while not self._stop.is_set():
-                meta = consumer.list_topics(timeout=10)
-                found = [meta.topics.get(t) for t in _TOPICS]
-                if all(m is not None and m.partitions and m.error is None for m in found):
-                    since = int((time.time() - self.lookback_s) * 1000)
-                    start = consumer.offsets_for_times(
-                        [TopicPartition(t, p, since) for t in _TOPICS
-                         for p in meta.topics[t].partitions], timeout=10)
-                    for tp in start:
-                        if tp.offset < 0:  # nothing since then: from the end
-                            tp.offset = OFFSET_END
-                    consumer.assign(start)
-                    pending = {(tp.topic, tp.partition) for tp in start}
-                    break
-                self._stop.wait(0.5)
-            log.info("reading attempt leases", topics=_TOPICS, lookback_s=self.lookback_s)
-            last_prune = time.monotonic()
-            while not self._stop.is_set():
-                for msg in consumer.consume(500, 0.2):
-                    err = msg.error()
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF and pending:
-                            pending.discard((msg.topic() or "", msg.partition() or 0))
-                            if not pending:
-                                self.ready.set()
-                                log.info("attempt leases read", leases=len(self._leases))
-                        continue
-                    etype = dict(msg.headers() or []).get("event_type") or b""
-                    if etype not in _TYPES:
-                        continue
-                    try:
-                        event = serde.decode(msg.value() or b"")
-                    except Exception:  # dead-lettered by the topic's own consumers
-                        continue
-                    at = int(event.occurred_at.timestamp() * 1000)
-                    if isinstance(event, TaskStarted | TaskHeartbeat) and event.lease_ms > 0:
-                        self.note(event.task_id, event.attempt, event.executor_id,
-                                  at + event.lease_ms)
-                    elif isinstance(event, TaskCompleted | TaskFailed | TaskRolledBack):
-                        self.finished(event.task_id, event.attempt, at)
-                if time.monotonic() - last_prune > 60:
-                    self._prune()
-                    last_prune = time.monotonic()
-        finally:
-            consumer.close()
+            event = self._serde.decode(msg.value() or b"")
+        except Exception:  # dead-lettered by the topic's own consumers
+            return
+        at = int(event.occurred_at.timestamp() * 1000)
+        if isinstance(event, TaskStarted | TaskHeartbeat) and event.lease_ms > 0:
+            self.note(event.task_id, event.attempt, event.executor_id, at + event.lease_ms)
+        elif isinstance(event, TaskCompleted | TaskFailed | TaskRolledBack):
+            self.finished(event.task_id, event.attempt, at)
+        if time.monotonic() - self._last_prune > 60:
+            self._prune()
+            self._last_prune = time.monotonic()
 
     def _prune(self) -> None:
         cutoff = int((time.time() - self.lookback_s) * 1000)

@@ -7,16 +7,17 @@ import socket
 from functools import partial
 
 from fleetplane.core.catalog import load_catalog
+from fleetplane.core.follower import Follower, apply_json
 from fleetplane.core.logging import get_logger
 from fleetplane.core.parallel import ParallelProcessor
 from fleetplane.core.service import bootstrap
-from fleetplane.core.topics import DISPATCH
+from fleetplane.core.topics import DISPATCH, OUTCOMES
 from fleetplane.executor.handlers import SeenDispatches, execute
 from fleetplane.executor.leases import LeaseTable
 from fleetplane.executor.models import ModelClients
+from fleetplane.executor.position import position_new_group
 from fleetplane.executor.runtime import Journal, LiveEmitter, Runtime
 from fleetplane.executor.workspace import Workspaces, load_repositories
-from fleetplane.ingest.kvtopic import TopicTable
 from fleetplane.ingest.repositories import (
     REPOSITORIES_TOPIC,
     CheckoutResolver,
@@ -33,8 +34,11 @@ def main() -> None:
     journal_dir = settings.executor_journal_dir or settings.resolved_data_dir() / "executor-runs"
     # registered repositories (fleet.repositories) on top of infra/repositories.yaml
     registry = RepositoryRegistry()
-    repo_table = TopicTable(settings, {REPOSITORIES_TOPIC: registry.apply})
-    repo_table.start()
+    # one consumer for every topic this process only reads (core/follower.py): the registered
+    # repositories, cancellations, the fleet's attempt leases
+    follower = Follower(settings, f"executor-follower-{executor_id}")
+    repositories = follower.follow("repositories", [REPOSITORIES_TOPIC],
+                                   partial(apply_json, registry.apply))
     data_dir = settings.resolved_data_dir()
     workspaces = Workspaces(load_repositories(settings),
                             settings.executor_workspaces_dir or data_dir / "worktrees",
@@ -50,20 +54,28 @@ def main() -> None:
         log.warning("orphaned worktrees removed at start-up", count=len(removed), paths=removed)
     ok, why = runtime.sandbox.availability()
     log.info("sandbox", available=ok, detail=why)
-    runtime.start(watch_cancellations=True)
+    runtime.start(follower)
     leases = None
     if settings.executor_lease_s > 0 and runtime.live is not None:
         leases = LeaseTable(settings, executor_id, settings.executor_lease_lookback_s)
-        leases.start()
+        leases.follow(follower)
+    follower.start()
+    if not repositories.ready.wait(settings.table_catchup_timeout_s):
+        log.warning("registered repositories not read at start-up; serving what was read")
     # take dispatches once the cancellations of the lookback window are known (a cancel published
     # while this executor was starting stops its attempt before the first model call) and the
     # fleet's recent claims are read (docs/executor.md); both are read at the same time
     if not runtime.watcher_ready.wait(90):
         log.warning("cancellation watcher not ready after 90 s; taking dispatches anyway")
+    else:
+        log.info("watching cancellations", topic=OUTCOMES,
+                 lookback_s=settings.executor_cancel_lookback_s)
     if leases is not None and not leases.ready.wait(120):
         log.warning("attempt leases not read within 120 s; starting anyway")
     handler = partial(execute, catalog, ModelClients(settings), executor_id, SeenDispatches(),
                       runtime=runtime, leases=leases)
+    # a brand-new group starts at the recent dispatches, not the whole history (position.py)
+    position_new_group(settings, settings.executor_group_id)
     # Continuous dispatch (core/parallel.py): an attempt starts as soon as a slot frees, the
     # consumer keeps polling while attempts run (no max.poll.interval.ms override needed).
     processor = ParallelProcessor("executor", [DISPATCH], handler, settings,
@@ -74,9 +86,7 @@ def main() -> None:
         processor.run()
     finally:
         runtime.close()
-        repo_table.stop()
-        if leases is not None:
-            leases.close()
+        follower.close()
     if processor.running_count():
         # Attempts still running after the drain: their dispatches were not committed and come
         # back to the next owner (the journal reports them lost, never re-run). Their worker

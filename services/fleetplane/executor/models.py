@@ -5,16 +5,23 @@ errors itself so that every call, failed or not, is audited (docs/executor.md)."
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import threading
 import time
+from collections.abc import Coroutine
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anthropic
+import httpx2
 
 from fleetplane.core.catalog import Model, Usage
 from fleetplane.core.settings import Settings
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,22 @@ class ModelClients:
             max_retries=0,
             timeout=settings.model_timeout_s,
         )
+        # the agent loop's calls (achat) run on the process's asyncio loop (AsyncCalls): one
+        # client, created on that loop at the first call (an httpx.AsyncClient is bound to it)
+        self._async_anthropic: anthropic.AsyncAnthropic | None = None
+
+    @property
+    def async_anthropic(self) -> anthropic.AsyncAnthropic:
+        if self._async_anthropic is None:
+            # a connection per call in flight (the SDK's default pool stops at 1,000: the
+            # 1,001st call would wait for a connection, not for the model)
+            limits = httpx2.Limits(max_connections=None, max_keepalive_connections=1000)
+            self._async_anthropic = anthropic.AsyncAnthropic(
+                base_url=self.settings.anthropic_base_url,
+                api_key=self.settings.anthropic_api_key, max_retries=0,
+                timeout=self.settings.model_timeout_s,
+                http_client=anthropic.DefaultAsyncHttpxClient(limits=limits))
+        return self._async_anthropic
 
     def call(self, model: Model, prompt: str, system: str | None, max_tokens: int,
              temperature: float) -> ModelResult:
@@ -179,23 +202,34 @@ class ModelClients:
     def chat(self, model: Model, system: str | None, messages: list[dict[str, Any]],
              tools: list[str], max_tokens: int, temperature: float,
              timeout_s: float) -> ModelTurn:
+        """One turn, blocking (a loop of its own for this call; the executor's attempts use
+        achat on the shared loop, AsyncCalls)."""
+        return asyncio.run(self.achat(model, system, messages, tools, max_tokens, temperature,
+                                      timeout_s, shared=False))
+
+    async def achat(self, model: Model, system: str | None, messages: list[dict[str, Any]],
+                    tools: list[str], max_tokens: int, temperature: float,
+                    timeout_s: float, shared: bool = True) -> ModelTurn:
         """One turn: `messages` in Anthropic form (text, tool_use and tool_result blocks);
-        litellm models get them converted to the OpenAI form."""
+        litellm models get them converted to the OpenAI form. Awaits the provider without a
+        thread: thousands of calls in flight cost a socket and a coroutine each."""
         start = time.perf_counter()
         try:
             if model.provider == "anthropic":
-                return self._anthropic_chat(model, system, messages, tools, max_tokens,
-                                            timeout_s, start)
-            return self._litellm_chat(model, system, messages, tools, max_tokens, temperature,
-                                      timeout_s, start)
+                return await self._anthropic_chat(model, system, messages, tools, max_tokens,
+                                                  timeout_s, start, shared)
+            return await self._litellm_chat(model, system, messages, tools, max_tokens,
+                                            temperature, timeout_s, start)
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:
             kind, retriable = classify(exc)
             raise ModelCallError(kind, str(exc)[:500], retriable,
                                  (time.perf_counter() - start) * 1000, retry_after(exc)) from exc
 
-    def _anthropic_chat(self, model: Model, system: str | None, messages: list[dict[str, Any]],
-                        tools: list[str], max_tokens: int, timeout_s: float,
-                        start: float) -> ModelTurn:
+    async def _anthropic_chat(self, model: Model, system: str | None,
+                              messages: list[dict[str, Any]], tools: list[str], max_tokens: int,
+                              timeout_s: float, start: float, shared: bool) -> ModelTurn:
         from fleetplane.executor.tools import anthropic_tools
 
         kwargs: dict[str, Any] = {}
@@ -203,9 +237,19 @@ class ModelClients:
             kwargs["system"] = system
         if tools:
             kwargs["tools"] = anthropic_tools(tools)
-        msg = self.anthropic.messages.create(model=model.name, max_tokens=max_tokens,
-                                             messages=messages,  # type: ignore[arg-type]
-                                             timeout=timeout_s, **kwargs)
+        if shared:
+            client = self.async_anthropic
+        else:
+            client = anthropic.AsyncAnthropic(base_url=self.settings.anthropic_base_url,
+                                              api_key=self.settings.anthropic_api_key,
+                                              max_retries=0, timeout=timeout_s)
+        try:
+            msg = await client.messages.create(model=model.name, max_tokens=max_tokens,
+                                               messages=messages,  # type: ignore[arg-type]
+                                               timeout=timeout_s, **kwargs)
+        finally:
+            if not shared:
+                await client.close()
         blocks: list[dict[str, Any]] = []
         uses: list[ToolUseRequest] = []
         texts: list[str] = []
@@ -224,9 +268,9 @@ class ModelClients:
         return ModelTurn("".join(texts), uses, usage, msg.stop_reason,
                          (time.perf_counter() - start) * 1000, model.name, blocks)
 
-    def _litellm_chat(self, model: Model, system: str | None, messages: list[dict[str, Any]],
-                      tools: list[str], max_tokens: int, temperature: float, timeout_s: float,
-                      start: float) -> ModelTurn:
+    async def _litellm_chat(self, model: Model, system: str | None,
+                            messages: list[dict[str, Any]], tools: list[str], max_tokens: int,
+                            temperature: float, timeout_s: float, start: float) -> ModelTurn:
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         import litellm
 
@@ -235,7 +279,7 @@ class ModelClients:
         kwargs: dict[str, Any] = {}
         if tools:
             kwargs["tools"] = openai_tools(tools)
-        resp: Any = litellm.completion(
+        resp: Any = await litellm.acompletion(
             model=f"{model.provider}/{model.name}", messages=to_openai(system, messages),
             max_tokens=max_tokens, temperature=temperature, api_base=self.settings.openai_base_url,
             api_key=self.settings.openai_api_key, num_retries=0, max_retries=0,
@@ -262,6 +306,38 @@ class ModelClients:
                            "input": args})
         return ModelTurn(text, uses, usage, resp.choices[0].finish_reason,
                          (time.perf_counter() - start) * 1000, model.name, blocks)
+
+
+class AsyncCalls:
+    """The process's asyncio loop for model calls (a thread of its own). `submit(coro)` returns
+    a concurrent Future the attempt's slot thread waits on (Running.wait); cancelling it cancels
+    the call's task, which closes its HTTP request."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name="model-calls", daemon=True)
+        self._thread.start()
+        self.in_flight = 0
+        self.peak_in_flight = 0
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, _fut: Future[Any]) -> None:
+        self.in_flight -= 1
+
+    def close(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(5)
 
 
 def to_openai(system: str | None, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -17,20 +17,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from confluent_kafka import (
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import KafkaError, Message, Producer
 
 from fleetplane.core.events import (
     EVENT_TYPES,
@@ -39,12 +32,14 @@ from fleetplane.core.events import (
     TaskCancelled,
     TaskHeartbeat,
 )
+from fleetplane.core.follower import Follower
 from fleetplane.core.kafka import event_headers
 from fleetplane.core.logging import get_logger
 from fleetplane.core.serde import Serde, default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.teams import TeamsConfig, teams_for
 from fleetplane.core.topics import OUTCOMES, key_for, topic_for
+from fleetplane.executor.models import AsyncCalls
 from fleetplane.executor.sandbox import Limits, Sandbox
 from fleetplane.executor.workspace import Workspaces, load_repositories, safe_name
 
@@ -292,14 +287,15 @@ class Runtime:
         root = settings.executor_workspaces_dir or settings.resolved_data_dir() / "worktrees"
         self.workspaces = workspaces or Workspaces(load_repositories(settings), root)
         self.slots = SlotPool(settings.executor_slots)
-        self.model_pool = ThreadPoolExecutor(max(2, settings.executor_slots),
-                                             thread_name_prefix="model-call")
+        #: model calls: coroutines on one asyncio loop (no thread per call in flight)
+        self.calls = AsyncCalls()
         self._running: dict[str, Running] = {}
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.watcher_ready = threading.Event()
+        self._serde = default_serde()
         #: the attempt lease each TaskStarted claims and each heartbeat renews (leases.py)
         self.lease_ms = int(settings.executor_lease_s * 1000)
 
@@ -337,11 +333,13 @@ class Runtime:
             return list(self._running.values())
 
     # -- background threads --------------------------------------------------------------------
-    def start(self, watch_cancellations: bool = True) -> None:
+    def start(self, follower: Follower | None = None) -> None:
+        """Heartbeats and utilization; with a follower, the cancellation reader (registered
+        on it: the caller starts the follower)."""
         self._spawn("heartbeats", self._heartbeats)
         self._spawn("utilization", self._utilization)
-        if watch_cancellations:
-            self._spawn("cancel-watch", self._watch_cancellations)
+        if follower is not None:
+            self.watch_cancellations(follower)
         else:
             self.watcher_ready.set()
 
@@ -370,9 +368,10 @@ class Runtime:
                 for e in events:
                     self.live.emit(e)
 
-    def _watch_cancellations(self) -> None:
-        """A consumer of its own on tasks.outcomes (no group membership: it is assigned every
-        partition), so every executor sees every TaskCancelled.
+    def watch_cancellations(self, follower: Follower) -> None:
+        """Register the cancellation reader on the process's follower (core.follower): every
+        partition of tasks.outcomes, from `executor_cancel_lookback_s` ago, so every executor
+        sees every TaskCancelled. `watcher_ready` is set once that window is read.
 
         Why a cancel used to be missed (docs/executor.md, "Cancellation"):
         * it read `read_committed`: a transaction left open on a tasks.outcomes partition by a
@@ -380,88 +379,35 @@ class Runtime:
           aborts it (transaction.timeout.ms on Kafka; never on the embedded broker), so every
           cancel behind it was invisible. A TaskCancelled is the coordinator's deterministic
           decision from committed inputs (an aborted one is decided again, with the same event
-          id), so acting on it before its transaction commits is safe: the watcher reads
+          id), so acting on it before its transaction commits is safe: the follower reads
           `read_uncommitted`.
         * it was assigned at OFFSET_END, resolved asynchronously after "watching" was logged,
           and started only when the process was up: a cancel published while the executor was
-          starting (or down, with the dispatch redelivered later) was never seen. The watcher
-          now starts at concrete offsets, `executor_cancel_lookback_s` back in time, and says it
-          is watching only once it is assigned at them."""
-        serde = default_serde()
-        cfg = {**self.settings.client_config(),
-               "group.id": f"fleetplane-executor-cancel-{self.executor_id}",
-               "enable.auto.commit": False, "isolation.level": "read_uncommitted",
-               "auto.offset.reset": "latest"}
-        consumer = Consumer(cfg)
-        try:
-            start: list[TopicPartition] = []
-            while not self._stop.is_set() and not start:
-                start = self._cancel_start_offsets(consumer)
-                if not start:
-                    self._stop.wait(0.5)
-            consumer.assign(start)
-            # ready once the lookback window is read: the process starts taking dispatches then
-            ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1]
-                    for tp in start}
-            behind = {tp.partition: ends[tp.partition] for tp in start
-                      if tp.offset < ends[tp.partition]}
-            caught_up_by = time.monotonic() + 20  # a tail of transaction markers only
-            while not self._stop.is_set():
-                if behind and time.monotonic() < caught_up_by:
-                    at = consumer.position([TopicPartition(OUTCOMES, p) for p in behind])
-                    behind = {tp.partition: behind[tp.partition] for tp in at
-                              if tp.offset < behind[tp.partition]}
-                if not self.watcher_ready.is_set() and (
-                        not behind or time.monotonic() >= caught_up_by):
-                    self.watcher_ready.set()
-                    log.info("watching cancellations", topic=OUTCOMES,
-                             lookback_s=self.settings.executor_cancel_lookback_s,
-                             remembered=len(self._cancelled))
-                for msg in consumer.consume(500, 0.2):
-                    if msg.error() is not None:
-                        continue
-                    if (dict(msg.headers() or []).get("event_type") or b"") != b"TaskCancelled":
-                        continue
-                    try:
-                        event = serde.decode(msg.value() or b"")
-                    except Exception as exc:  # dead-lettered by the outcome topic's consumers
-                        log.warning("undecodable cancellation skipped", topic=OUTCOMES,
-                                    offset=msg.offset(), reason=str(exc)[:300])
-                        continue
-                    if isinstance(event, TaskCancelled):
-                        self.cancel(event.task_id)
-        finally:
-            consumer.close()
+          starting (or down, with the dispatch redelivered later) was never seen. The reader
+          now starts at concrete offsets, `executor_cancel_lookback_s` back in time, and is
+          ready only once it has read them."""
+        reader = follower.follow("cancellations", [OUTCOMES], self.on_outcome,
+                                 since_s=self.settings.executor_cancel_lookback_s)
+        self.watcher_ready = reader.ready
 
-    def _cancel_start_offsets(self, consumer: Consumer) -> list[TopicPartition]:
-        """Every partition of tasks.outcomes at the first offset of the lookback window (the
-        high watermark where nothing is that recent); [] while the topic or broker is not
-        there yet."""
+    def on_outcome(self, msg: Message) -> None:
+        """A tasks.outcomes record: a TaskCancelled stops the task's attempt."""
+        if (dict(msg.headers() or []).get("event_type") or b"") != b"TaskCancelled":
+            return
         try:
-            meta = consumer.list_topics(OUTCOMES, timeout=10)
-            parts = meta.topics.get(OUTCOMES)
-            if parts is None or parts.error is not None or not parts.partitions:
-                return []
-            since_ms = int((time.time() - self.settings.executor_cancel_lookback_s) * 1000)
-            found = consumer.offsets_for_times(
-                [TopicPartition(OUTCOMES, p, since_ms) for p in sorted(parts.partitions)],
-                timeout=10)
-            start = []
-            for tp in found:
-                offset = tp.offset
-                if offset < 0:  # nothing that recent: start at the end
-                    offset = consumer.get_watermark_offsets(tp, timeout=10)[1]
-                start.append(TopicPartition(OUTCOMES, tp.partition, offset))
-            return start
-        except KafkaException as exc:
-            log.warning("cancellation watcher not assigned yet", reason=str(exc)[:300])
-            return []
+            event = self._serde.decode(msg.value() or b"")
+        except Exception as exc:  # dead-lettered by the outcome topic's consumers
+            log.warning("undecodable cancellation skipped", topic=OUTCOMES,
+                        offset=msg.offset(), reason=str(exc)[:300])
+            return
+        if isinstance(event, TaskCancelled):
+            self.cancel(event.task_id)
 
     def close(self) -> None:
         self._stop.set()
         for t in self._threads:
             t.join(3)
-        self.model_pool.shutdown(wait=False, cancel_futures=True)
+        self.calls.close()
         if self.live is not None:
             for e in self.utilization_events():
                 self.live.emit(e)

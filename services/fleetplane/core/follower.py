@@ -1,0 +1,203 @@
+"""One consumer per process for every read-only topic reader.
+
+A service often follows topics outside its consumer group (the executor: cancellations on
+tasks.outcomes, the fleet's attempt leases on tasks.lifecycle and tasks.outcomes, the registered
+repositories on fleet.repositories). One consumer each costs a fetch loop each, and on the
+embedded broker an idle fetch loop costs CPU (core.loop.IdleBackoff). `Follower` is one consumer
+without group membership, assigned every partition of the union of its readers' topics, with the
+idle backoff; each reader gets the records of its topics from its own start (a time `since_s`
+back, or the beginning) and is `ready` once it has read what its partitions held when it was
+assigned (end-of-partition seen for each).
+
+It reads ``read_uncommitted``: a transaction left open by a producer that died holds a
+partition's last stable offset until the broker aborts it (never, on the embedded broker), and a
+``read_committed`` follower would stop there for every reader. Readers of transactional outputs
+must accept records whose transaction is later aborted (docs/executor.md, "Follower").
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
+
+from fleetplane.core.logging import get_logger
+from fleetplane.core.loop import IdleBackoff
+from fleetplane.core.settings import Settings
+
+log = get_logger(__name__)
+
+OnRecord = Callable[[Message], None]
+
+
+@dataclass
+class Reader:
+    """One reader of a Follower: its topics, where it starts, what it does with a record."""
+
+    name: str
+    topics: tuple[str, ...]
+    on_record: OnRecord
+    since_s: float | None = None  # None: from the beginning
+    ready: threading.Event = field(default_factory=threading.Event)
+    since_ms: int = 0
+    pending: set[tuple[str, int]] = field(default_factory=set)
+    records: int = 0
+    errors: int = 0
+
+
+class Follower:
+    """Follows the topics of several readers with one consumer (a thread of its own)."""
+
+    def __init__(self, settings: Settings, name: str = "follower") -> None:
+        self.settings = settings
+        self.name = name
+        self.readers: list[Reader] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.assigned = threading.Event()
+        self.idle: IdleBackoff | None = None
+
+    def follow(self, name: str, topics: Sequence[str], on_record: OnRecord, *,
+               since_s: float | None = None) -> Reader:
+        """Register a reader (before start())."""
+        if self._thread is not None:
+            raise RuntimeError("follow() after start()")
+        reader = Reader(name, tuple(topics), on_record, since_s)
+        self.readers.append(reader)
+        return reader
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    # -- the thread ----------------------------------------------------------------------------
+    def _consumer(self) -> Consumer:
+        return Consumer({**self.settings.client_config(),
+                         "group.id": f"fleetplane-{self.name}-{uuid.uuid4().hex[:12]}",
+                         "enable.auto.commit": False, "enable.partition.eof": True,
+                         "isolation.level": "read_uncommitted",
+                         "auto.offset.reset": "earliest"})
+
+    def _start_offsets(self, consumer: Consumer) -> list[TopicPartition] | None:
+        """Per partition, the earliest start of the readers of its topic; None while a topic
+        is not there yet."""
+        topics = sorted({t for r in self.readers for t in r.topics})
+        meta = consumer.list_topics(timeout=10)
+        parts: dict[str, list[int]] = {}
+        for t in topics:
+            m = meta.topics.get(t)
+            if m is None or m.error is not None or not m.partitions:
+                return None
+            parts[t] = sorted(m.partitions)
+        now_ms = int(time.time() * 1000)
+        start: dict[tuple[str, int], int] = {}
+        for r in self.readers:
+            r.since_ms = 0 if r.since_s is None else now_ms - int(r.since_s * 1000)
+            r.pending = {(t, p) for t in r.topics for p in parts[t]}
+            if r.since_s is None:
+                found = [TopicPartition(t, p, OFFSET_BEGINNING) for t in r.topics
+                         for p in parts[t]]
+            else:
+                found = consumer.offsets_for_times(
+                    [TopicPartition(t, p, r.since_ms) for t in r.topics for p in parts[t]],
+                    timeout=10)
+            for tp in found:
+                offset = tp.offset
+                if r.since_s is not None and offset < 0:  # nothing that recent: the end
+                    offset = consumer.get_watermark_offsets(tp, timeout=10)[1]
+                elif r.since_s is None:
+                    offset = consumer.get_watermark_offsets(tp, timeout=10)[0]
+                key = (tp.topic, tp.partition)
+                start[key] = min(start.get(key, offset), offset)
+        return [TopicPartition(t, p, o if o >= 0 else OFFSET_END) for (t, p), o in start.items()]
+
+    def _run(self) -> None:
+        consumer = self._consumer()
+        try:
+            start: list[TopicPartition] | None = None
+            while not self._stop.is_set() and start is None:
+                try:
+                    start = self._start_offsets(consumer)
+                except KafkaException as exc:
+                    log.warning("follower not assigned yet", reason=str(exc)[:300])
+                if start is None:
+                    self._stop.wait(0.5)
+            if start is None:
+                return
+            consumer.assign(start)
+            self.assigned.set()
+            # a partition already at its end answers with end-of-partition at once
+            self.idle = IdleBackoff(consumer, self.settings.idle_backoff_s,
+                                    self.settings.idle_probe_s)
+            log.info("following", readers=[r.name for r in self.readers],
+                     partitions=len(start))
+            while not self._stop.is_set():
+                first = self.idle.poll(0.2)
+                if first is None:
+                    continue
+                rest = consumer.consume(499, 0)
+                for msg in rest:
+                    self.idle.saw(msg)
+                for msg in [first, *rest]:
+                    self._dispatch(msg)
+        except KafkaException:
+            log.exception("follower failed", follower=self.name)
+        finally:
+            consumer.close()
+
+    def _dispatch(self, msg: Message) -> None:
+        err = msg.error()
+        topic, partition = msg.topic() or "", msg.partition() or 0
+        if err is not None:
+            if err.code() == KafkaError._PARTITION_EOF:
+                for r in self.readers:
+                    if (topic, partition) in r.pending:
+                        r.pending.discard((topic, partition))
+                        if not r.pending and not r.ready.is_set():
+                            r.ready.set()
+                            log.info("reader caught up", reader=r.name, records=r.records)
+            else:
+                log.warning("follower consumer error", error=str(err))
+            return
+        ts_type, ts = msg.timestamp()
+        for r in self.readers:
+            if topic not in r.topics or (ts_type and ts < r.since_ms):
+                continue
+            try:
+                r.on_record(msg)
+                r.records += 1
+            except Exception:  # a reader's bug must not stop the others
+                r.errors += 1
+                log.exception("follower reader failed", reader=r.name, topic=topic,
+                              offset=msg.offset())
+
+
+def apply_json(apply: Callable[[str, dict[str, Any] | None], None], msg: Message) -> None:
+    """A key-value topic's record (JSON object value, tombstone deletes; the format of
+    ingest.kvtopic's tables) given to `apply(key, value)`."""
+    key, value = msg.key(), msg.value()
+    if key is None:
+        return
+    decoded = None if value is None else json.loads(value)
+    if decoded is not None and not isinstance(decoded, dict):
+        raise ValueError("not a JSON object")
+    apply(key.decode(), decoded)
