@@ -164,10 +164,10 @@ class Settings(BaseSettings):
         description="Share of routing decisions judged by Thompson samples (the rest by the "
         "posterior estimates).")
     router_confidence_z: float = Field(
-        default=2.0, description="Models other than the best are judged this many posterior "
+        default=0.0, description="Models other than the best are judged this many posterior "
         "standard deviations lower (negative: optimism).")
     router_shortfall_gain: float = Field(
-        default=2.0, ge=0, description="The target rises by this times the task type's "
+        default=3.0, ge=0, description="The target rises by this times the task type's "
         "realised shortfall against it.")
     router_low_budget_quality_share: float = Field(
         default=0.9, ge=0, le=1, description="The router's q is at most this while a team's "
