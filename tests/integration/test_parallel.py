@@ -120,7 +120,9 @@ def test_out_of_order_completion_commits_up_to_lowest_unfinished(
             and time.monotonic() < deadline:
         time.sleep(0.2)
     assert committed(base_settings, group) > offset_of(base_settings, fast[-1])
-    assert handled[0] == slow  # redelivered from the lowest unfinished offset
+    # redelivered from the lowest unfinished offset: the slow record is among the first three
+    # started (three slots start at once, so which appends first is the threads' race)
+    assert slow in handled[:3], handled
 
 
 def test_pause_when_full_resume_when_free_nothing_lost_or_twice(

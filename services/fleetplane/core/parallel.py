@@ -371,9 +371,12 @@ class ParallelProcessor(Processor):
 
     # -- rebalances ------------------------------------------------------------------------
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        parked = self._idle is not None and self._idle.idle
+        # closing (_drain committed what finished): parked partitions stay unassigned and the
+        # client unassigns the rest; waking them inside close() can hang it (see core.loop)
+        parked = self._running and self._idle is not None and self._idle.idle
         if self._idle is not None:
-            self._idle.wake()  # parked partitions are unassigned: commits need them
+            if self._running:
+                self._idle.wake()  # parked partitions are unassigned: commits need them
             self._idle.reset()
         if self._running:
             try:
