@@ -36,16 +36,17 @@ def _committed(settings: Settings, group: str, parts: list[TopicPartition]
         c.close()
 
 
-def position_new_group(settings: Settings, group: str) -> dict[int, int]:
-    """Commit start offsets for the partitions of tasks.dispatch `group` has none for; returns
-    them (partition -> offset). Best effort: a failure is logged and the group starts by its
-    offset reset."""
+def position_new_group(settings: Settings, group: str, topic: str = DISPATCH
+                       ) -> dict[int, int]:
+    """Commit start offsets for the partitions of `topic` (tasks.dispatch) `group` has none
+    for; returns them (partition -> offset). Best effort: a failure is logged and the group
+    starts by its offset reset."""
     c = Consumer({**settings.consumer_config(group), "enable.auto.commit": False})
     try:
-        meta = c.list_topics(DISPATCH, timeout=30).topics.get(DISPATCH)
+        meta = c.list_topics(topic, timeout=30).topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
             return {}
-        parts = [TopicPartition(DISPATCH, p) for p in sorted(meta.partitions)]
+        parts = [TopicPartition(topic, p) for p in sorted(meta.partitions)]
         have = {tp.partition for tp in c.committed(parts, timeout=30) if tp.offset >= 0}
         missing = [tp for tp in parts if tp.partition not in have]
         if not missing:
@@ -57,13 +58,13 @@ def position_new_group(settings: Settings, group: str) -> dict[int, int]:
         rest = [tp for tp in missing if tp.partition not in start]
         if rest:
             since = int((time.time() - settings.executor_new_group_lookback_s) * 1000)
-            for tp in c.offsets_for_times([TopicPartition(DISPATCH, tp.partition, since)
+            for tp in c.offsets_for_times([TopicPartition(topic, tp.partition, since)
                                            for tp in rest], timeout=30):
                 offset = tp.offset
                 if offset < 0:  # nothing that recent: the end
                     offset = c.get_watermark_offsets(tp, timeout=30)[1]
                 start[tp.partition] = offset
-        c.commit(offsets=[TopicPartition(DISPATCH, p, o) for p, o in start.items()],
+        c.commit(offsets=[TopicPartition(topic, p, o) for p, o in start.items()],
                  asynchronous=False)
         log.info("new executor group positioned", group=group, offsets=start,
                  previous_group=settings.executor_previous_group_id or None,
