@@ -87,6 +87,8 @@ def up(
         else:
             raise fail(f"not ready within {timeout}s; logs in {data_dir / 'logs'}")
     _print_status(state)
+    console.print(f"metrics (Prometheus): {state.get('ingest_url')}/metrics   "
+                  f"{state.get('accounting_url')}/metrics   (docs/operations.md, \"Metrics\")")
     _register_sample(settings, data_dir)
 
 
