@@ -296,12 +296,10 @@ def held_time(store: Store, *, now: datetime | None = None) -> list[dict[str, An
 
 
 # -- fleet overview --------------------------------------------------------------------------
-def fleet_overview(store: Store) -> dict[str, Any]:
-    """Per team: queued, running, held (with the held tasks' kinds), finished, failed; and the
-    currently held tasks with kind and reason."""
-    counts = store.query(
-        f"SELECT team, state, count() AS tasks FROM {store.table('task_states')} "
-        "GROUP BY team, state")
+
+def team_state_counts(counts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Rows of (team, state, tasks) bucketed per team: queued, running, held, completed,
+    failed (failed, abandoned, rolled back, rejected) and other."""
     teams: dict[str, dict[str, Any]] = {}
     for r in counts:
         t = teams.setdefault(r["team"], {"team": r["team"], "queued": 0, "running": 0,
@@ -320,6 +318,15 @@ def fleet_overview(store: Store) -> dict[str, Any]:
             t["failed"] += n
         else:
             t["other"] += n
+    return teams
+
+def fleet_overview(store: Store) -> dict[str, Any]:
+    """Per team: queued, running, held (with the held tasks' kinds), finished, failed; and the
+    currently held tasks with kind and reason."""
+    counts = store.query(
+        f"SELECT team, state, count() AS tasks FROM {store.table('task_states')} "
+        "GROUP BY team, state")
+    teams = team_state_counts(counts)
     held = store.query(
         f"""
         SELECT s.task_id AS task_id, s.team AS team, s.task_type AS task_type, h.kind AS kind,

@@ -12,8 +12,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from fleetplane.accounting.analytics import team_state_counts
 from fleetplane.accounting.store import Store
-from fleetplane.core.states import QUEUED_STATES, RUNNING_STATES, TERMINAL_STATES
+from fleetplane.core.states import TERMINAL_STATES
 
 LIVE_WINDOW = timedelta(hours=1)
 _TERMINAL = tuple(sorted(TERMINAL_STATES))
@@ -39,24 +40,7 @@ def overview(store: Store, now: datetime, window: timedelta = LIVE_WINDOW) -> di
     counts = store.query(
         f"SELECT team, state, count() AS tasks FROM {_states(store)} GROUP BY team, state",
         params)
-    teams: dict[str, dict[str, Any]] = {}
-    for r in counts:
-        t = teams.setdefault(r["team"], {"team": r["team"], "queued": 0, "running": 0,
-                                         "held": 0, "completed": 0, "failed": 0, "other": 0,
-                                         "held_by_kind": {}})
-        state, n = r["state"], int(r["tasks"])
-        if state in QUEUED_STATES:
-            t["queued"] += n
-        elif state in RUNNING_STATES:
-            t["running"] += n
-        elif state == "held":
-            t["held"] += n
-        elif state == "completed":
-            t["completed"] += n
-        elif state in ("failed", "abandoned", "rolled_back", "rejected"):
-            t["failed"] += n
-        else:
-            t["other"] += n
+    teams = team_state_counts(counts)
     held = store.query(
         f"""
         SELECT s.task_id AS task_id, s.team AS team, s.task_type AS task_type, h.kind AS kind,
