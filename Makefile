@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: install run up down demo test test-unit test-tansu lint typecheck bench clean
+.PHONY: install run up down demo test test-long test-unit test-tansu lint typecheck bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,10 +30,16 @@ down:
 demo: install
 	$(VENV)/bin/fleetplane demo
 
-## test: the whole suite on a real broker and real ClickHouse (exit 5, no tests, is a failure)
-test: install
-	@$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+## test: the suite on a real broker and real ClickHouse, without the minutes-long chaos runs
+## (marker `long`: make test-long); exit 5 (no tests) is a failure
+PYTEST = rc=0; $(PY) -m pytest -q $(1) $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+test: install
+	@$(call PYTEST,-m "not long")
+
+## test-long: chaos and the reconciler at CI scale (SIGKILLs, broker kills; several minutes)
+test-long: install
+	@$(call PYTEST,-m long)
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
@@ -86,7 +92,7 @@ chaos: install
 
 ## reliability: chaos at CI scale, fuzz, tenant isolation and the executor red-team suite
 reliability: install
-	$(PY) -m pytest -q -m reliability $(PYTEST_ARGS)
+	@$(call PYTEST,-m reliability)
 
 clean:
 	rm -rf .fleetplane .pytest_cache .mypy_cache .ruff_cache

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from fleetplane.cli.stack import SERVICES
 
-pytestmark = [pytest.mark.e2e, pytest.mark.reliability]
+pytestmark = [pytest.mark.e2e, pytest.mark.reliability, pytest.mark.long]
 
 
 def test_kills_and_broker_restart_lose_duplicate_and_strand_nothing(

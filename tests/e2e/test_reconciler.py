@@ -27,7 +27,7 @@ from fleetplane.router.main import INPUTS, build_router
 from fleetplane.testing.invariants import check, read_log
 from tests.e2e.conftest import manifest, submit, wait_terminal
 
-pytestmark = [pytest.mark.e2e, pytest.mark.reliability]
+pytestmark = [pytest.mark.e2e, pytest.mark.reliability, pytest.mark.long]
 
 SIDE_TOPIC = "test.routed.dropped"
 
