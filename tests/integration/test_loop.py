@@ -152,3 +152,57 @@ def test_offsets_survive_a_restart_without_reprocessing(
     mine = [s for s in seen if s.startswith(unique)]
     assert sorted(mine) == sorted([f"{unique}-a{i}" for i in range(5)]
                                   + [f"{unique}-b{i}" for i in range(5)])
+
+
+def test_inputs_read_until_says_how_far_behind_the_loop_is(
+    base_settings: Settings, unique: str, run_processor: Callable[[Processor], Processor],
+) -> None:
+    """The coordinator's clock stamps its ticks with how far its repartition step has read
+    (Processor.inputs_read_until_ms): caught up, it is now; while the loop is stuck on a
+    record with newer records waiting, it stays at the stuck record's time."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    topic = f"until-{unique}"
+    admin = AdminClient({"bootstrap.servers": base_settings.kafka_bootstrap})
+    for fut in admin.create_topics([NewTopic(topic, 2, 1)]).values():
+        fut.result(30)
+    gate, entered = threading.Event(), threading.Event()
+
+    def handler(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        if event.task_id.endswith("-block"):
+            entered.set()
+            gate.wait(60)
+        return []
+
+    p = run_processor(Processor(f"until-{unique}", [topic], handler, base_settings,
+                                group_id=f"g-{unique}"))
+    raw = Producer(base_settings.producer_config())
+    serde = default_serde()
+
+    def send(task_id: str) -> None:
+        raw.produce(topic, key=task_id.encode(),
+                    value=serde.encode(ev.TaskSubmitted(task_id=task_id, team="a", spec=spec())))
+        raw.flush(10)
+
+    def caught_up_since(t_ms: int) -> bool:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            until = p.inputs_read_until_ms()
+            if until is not None and until >= t_ms:
+                return True
+            time.sleep(0.05)
+        return False
+
+    send(f"{unique}-first")
+    assert caught_up_since(int(time.time() * 1000))
+    blocked_at = int(time.time() * 1000)
+    send(f"{unique}-block")
+    assert entered.wait(60)
+    for i in range(10):
+        send(f"{unique}-after-{i}")
+    time.sleep(1.0)  # the fetcher sees the newer records; the loop is still stuck
+    until = p.inputs_read_until_ms()
+    # (0: a partition whose position is not known yet also counts as behind)
+    assert until is not None and until < blocked_at + 1000, (until, blocked_at)
+    gate.set()
+    assert caught_up_since(int(time.time() * 1000))

@@ -4,6 +4,9 @@ durable lease (TaskStarted/TaskHeartbeat ``lease_ms``) expiring without a heartb
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
+from fleetplane.coordinator.scheduler import INPUTS_READ_UNTIL, TICK
 from fleetplane.coordinator.state import Status
 from fleetplane.core import events as ev
 from tests.unit.test_coordinator_scheduler import Harness, dispatched, held, kinds
@@ -97,6 +100,37 @@ def test_an_expired_lease_is_lost_and_retried_once_at_once() -> None:
     assert h.tick(10.0) == []
     out = h.tick(25.0)
     assert [f.attempt for f in lost(out)] == [2]
+
+
+def test_a_lease_is_not_lost_over_inputs_the_scheduler_has_not_seen() -> None:
+    """After a restart or a broker outage the repartition step is behind: its ticks say up to
+    when it had read the inputs, and silence is counted only up to there (the chaos run: a
+    completed attempt declared lost from a backlog, retried, and completed twice)."""
+    h = Harness(heartbeat_timeout_ms=60_000)
+    h.route("t1")
+    started = h.now
+    h.send(ev.TaskStarted(task_id="t1", team="a", attempt=1, executor_id="ex",
+                          lease_ms=30_000, occurred_at=h.now))
+
+    def tick(seconds: float, read_until: datetime) -> list[ev.Event]:
+        h.now += timedelta(seconds=seconds)
+        until_ms = int(read_until.timestamp() * 1000)
+        return h.send(ev.ControlCommand(task_id="", team="", command=TICK,
+                                        reason=f"{INPUTS_READ_UNTIL}{until_ms}",
+                                        occurred_at=h.now))
+
+    # 90 s of wall clock, but the inputs were read only 10 s past the start: not lost
+    assert lost(tick(90.0, started + timedelta(seconds=10))) == []
+    # the backlog is forwarded: the outcome arrives and nothing was declared lost
+    h.send(ev.TaskCompleted(task_id="t1", team="a", attempt=1, model="m", output="ok",
+                            cost_usd=0.01, duration_ms=8000, occurred_at=started))
+    assert h.state("t1") is Status.COMPLETED and not lost(h.log)
+    # with the inputs read past the lease, a silent attempt is lost as before
+    h.route("t2")
+    h.send(ev.TaskStarted(task_id="t2", team="a", attempt=1, executor_id="ex",
+                          lease_ms=30_000, occurred_at=h.now))
+    [f] = lost(tick(31.0, h.now + timedelta(seconds=31)))
+    assert f.task_id == "t2" and "lease of executor ex expired" in f.reason
 
 
 def test_an_expired_lease_on_the_last_attempt_follows_the_failure_policy() -> None:

@@ -53,7 +53,7 @@ from typing import Any
 import yaml
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-from fleetplane.coordinator.scheduler import TICK, AdmissionPolicy, Scheduler
+from fleetplane.coordinator.scheduler import INPUTS_READ_UNTIL, TICK, AdmissionPolicy, Scheduler
 from fleetplane.coordinator.world import World
 from fleetplane.core import events as ev
 from fleetplane.core import topics as t
@@ -174,6 +174,15 @@ def repartition(event: ev.Event, rec: Record) -> list[Output]:
                (SOURCE_PARTITION, str(rec.partition).encode()),
                (SOURCE_OFFSET, str(rec.offset).encode()))
     return [RawRecord(SCHEDULER_TOPIC, rec.key, rec.value, 0, headers)]
+
+
+def tick_reason(repartitioner: Processor) -> str:
+    """A tick says how far the repartition step had read the inputs when it was sent
+    (``inputs-read-until-ms=<epoch ms>``): the scheduler declares an attempt lost only over
+    time it has seen the inputs of (a backlog after a restart or a broker outage holds the
+    heartbeats and outcomes that would have kept it alive). Empty when the step cannot tell."""
+    until = repartitioner.inputs_read_until_ms()
+    return "" if until is None else f"{INPUTS_READ_UNTIL}{until}"
 
 
 def source_record(rec: Record) -> Record:
@@ -399,7 +408,8 @@ class Coordinator:
         try:
             while not self._stopping.is_set():
                 tick = ev.ControlCommand(task_id="", team="", command=TICK,
-                                         requested_by=SERVICE)
+                                         requested_by=SERVICE,
+                                         reason=tick_reason(self.repartitioner))
                 try:
                     producer.produce(SCHEDULER_TOPIC, key=b"", value=serde.encode(tick),
                                      partition=0, headers=[*event_headers(tick),

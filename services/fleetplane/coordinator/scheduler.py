@@ -16,7 +16,7 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from fleetplane.coordinator.backoff import backoff_ms, derived_event_id
@@ -32,6 +32,9 @@ from fleetplane.core.teams import TeamPolicy, TeamsConfig
 E = TypeVar("E", bound=ev.Event)
 
 TICK = "tick"  # ControlCommand published by the coordinator's own timer onto its scheduler topic
+#: a tick's reason: how far the inputs had been read when it was sent (epoch ms; see
+#: Scheduler._horizon)
+INPUTS_READ_UNTIL = "inputs-read-until-ms="
 TERMINAL_STATUS: dict[type[ev.Event], Status] = {
     ev.TaskCompleted: Status.COMPLETED,
     ev.TaskFailed: Status.FAILED,
@@ -275,7 +278,7 @@ class Scheduler:
         fleet = self.world.fleet
         reason = e.reason or f"by {e.requested_by or 'operator'}"
         if e.command == TICK:
-            return self._on_tick()
+            return self._on_tick(self._horizon(e))
         if e.command == "pause" and e.team:
             self.world.set_fleet(fleet.model_copy(
                 update={"paused": {**fleet.paused, e.team: reason}}))
@@ -312,22 +315,36 @@ class Scheduler:
             return
         self.admit_needed = True
 
-    def _on_tick(self) -> None:
+    def _on_tick(self, horizon: datetime) -> None:
         """Timer: release due backoffs; declare attempts without heartbeats lost."""
         self._release_backoffs()
-        self._expire_attempts()
+        self._expire_attempts(horizon)
+
+    def _horizon(self, tick: ev.ControlCommand) -> datetime:
+        """Up to when the scheduler has seen its inputs: the tick's time, or earlier when the
+        tick says the repartition step was behind (after a restart, a broker outage, a
+        burst). Silence is only counted up to there: the heartbeats and outcomes of a backlog
+        not yet forwarded must not make a live attempt look lost (the chaos run found
+        attempts declared lost, retried and completed twice after a broker restart)."""
+        if tick.reason.startswith(INPUTS_READ_UNTIL):
+            try:
+                until_ms = int(tick.reason[len(INPUTS_READ_UNTIL):])
+            except ValueError:
+                return self.at
+            return min(self.at, datetime.fromtimestamp(until_ms / 1000, tz=UTC))
+        return self.at
 
     def _release_backoffs(self) -> None:
         for state in self.world.due_backoffs(self.at):
             self._put(state, hold_kind=None, held_by=None, hold_reason="", not_before=None)
             self.admit_needed = True
 
-    def _expire_attempts(self) -> None:
+    def _expire_attempts(self, horizon: datetime) -> None:
         """Attempts that will not report: dispatched and never started, running without a
         heartbeat (or past the executor's durable lease), held for approval after a conflict
-        with nobody deciding. One cheap look at each active attempt; the expired ones are
-        handled in task id order."""
-        p, at = self.policy, self.at
+        with nobody deciding, as of `horizon` (see _horizon). One cheap look at each active
+        attempt; the expired ones are handled in task id order."""
+        p, at = self.policy, horizon
         heartbeat = timedelta(milliseconds=p.heartbeat_timeout_ms)
         start = timedelta(milliseconds=p.start_timeout_ms) if p.start_timeout_ms > 0 else None
         hold = timedelta(milliseconds=p.conflict_hold_timeout_ms) \

@@ -183,6 +183,8 @@ class IdleBackoff:
         #: where the fetcher is, per partition: after the last record returned, or where an
         #: end-of-partition was reported
         self.positions: dict[tuple[str, int], int] = {}
+        #: the timestamp (ms) of the last record returned, per partition
+        self.stamps: dict[tuple[str, int], int] = {}
 
     @property
     def enabled(self) -> bool:
@@ -202,6 +204,7 @@ class IdleBackoff:
         key = (msg.topic() or "", msg.partition() or 0)
         if err is None:
             self.positions[key] = offset + 1
+            self.stamps[key] = msg.timestamp()[1]
         elif err.code() == KafkaError._PARTITION_EOF:
             self.positions[key] = offset
 
@@ -364,6 +367,39 @@ class Processor:
     # -- lifecycle -------------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
         self._stopping = True
+
+    def inputs_read_until_ms(self) -> int | None:
+        """How far this loop has read its inputs, as a time (epoch ms): now when every
+        assigned partition is read to its end as of the last fetch, else the timestamp of the
+        last record read from the partition furthest behind; 0 when the loop is not running or
+        a partition's position is not known yet. None when the loop cannot tell (the idle
+        backoff, which tracks positions, is off). Safe to call from another thread: it reads
+        the consumer's cached watermarks, no broker round trip.
+
+        The coordinator's clock stamps its ticks with it, so that an executor's silence is
+        judged only over inputs the scheduler has seen (docs/coordinator.md, "Timeouts")."""
+        consumer, idle = self.consumer, self._idle
+        if idle is not None and not idle.enabled:
+            return None
+        if consumer is None or idle is None or not self._running:
+            return 0
+        now = int(time.time() * 1000)
+        if idle.parked:
+            return now  # parked only when every partition was read to its end
+        positions, stamps = dict(idle.positions), dict(idle.stamps)
+        until = now
+        try:
+            for tp in consumer.assignment():
+                key = (tp.topic, tp.partition)
+                position = positions.get(key)
+                if position is None:
+                    return 0
+                _, high = consumer.get_watermark_offsets(tp, cached=True)
+                if high < 0 or position < high:
+                    until = min(until, stamps.get(key, 0))
+        except (KafkaException, RuntimeError):
+            return 0
+        return until
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT stop the loop after its batch; and, since the loop is then the
