@@ -22,7 +22,7 @@ from fleetplane.cli.route import route_app
 from fleetplane.client import resolve_token
 from fleetplane.core import localstack
 from fleetplane.core.settings import Settings, get_settings
-from fleetplane.infra.broker import stop_group
+from fleetplane.infra.broker import stop_group, stop_groups
 from fleetplane.infra.ports import port_holders
 
 app = typer.Typer(help="fleetplane: the control plane for a fleet of AI agents.",
@@ -132,8 +132,12 @@ def down(timeout: Annotated[float, typer.Option()] = 60.0) -> None:
     pid = state.get("supervisor_pid") if state else None
     if not pid or not localstack.process_alive(pid):
         orphans = _recorded_pids(state or {})
-        for child in orphans:  # the supervisor died and left its children running
-            stop_group(child, timeout_s=5)
+        # the supervisor died and left its children running: the services together, then
+        # the broker (the services checkpoint on SIGTERM through it)
+        broker = _recorded_broker(state or {})
+        stop_groups([p for p in orphans if p != broker], timeout_s=10)
+        if broker in orphans:
+            stop_group(broker, timeout_s=10)
         console.print(f"fleetplane is not running (stopped {len(orphans)} orphaned processes)"
                       if orphans else "fleetplane is not running")
         localstack.state_file(settings).unlink(missing_ok=True)
@@ -143,10 +147,14 @@ def down(timeout: Annotated[float, typer.Option()] = 60.0) -> None:
         # whatever the supervisor could not stop (it was killed, or hung on a dead broker):
         # every process the stack recorded, each in its own process group
         left = _recorded_pids(state or {})
-        for child in left:
-            stop_group(child, timeout_s=5)
+        stop_groups(left, timeout_s=5)
     localstack.state_file(settings).unlink(missing_ok=True)
     console.print("fleetplane stopped")
+
+
+def _recorded_broker(state: dict[str, Any]) -> int | None:
+    broker = state.get("broker")
+    return int(broker["pid"]) if isinstance(broker, dict) and broker.get("pid") else None
 
 
 def _recorded_pids(state: dict[str, Any]) -> list[int]:

@@ -126,6 +126,36 @@ def stop_group(pid: int, timeout_s: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+def stop_groups(pids: list[int], timeout_s: float = 10.0) -> None:
+    """stop_group for several process groups at once: SIGTERM to all, then wait for all (up
+    to `timeout_s` in total, not per group), then SIGKILL what is left. Stopping a stack's
+    services one after the other made `fleetplane down` take 5 s per service."""
+    groups: dict[int, int] = {}
+    for pid in pids:
+        try:
+            groups[pid] = os.getpgid(pid)
+        except ProcessLookupError:
+            continue
+    for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+        for pid, pgid in list(groups.items()):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                _reap(pid)
+                del groups[pid]
+        deadline = time.monotonic() + wait
+        while groups and time.monotonic() < deadline:
+            for pid, pgid in list(groups.items()):
+                try:
+                    os.killpg(pgid, 0)
+                except ProcessLookupError:
+                    _reap(pid)
+                    del groups[pid]
+                    continue
+                _reap(pid)
+            time.sleep(0.05)
+
+
 def _reap(pid: int) -> None:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
