@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
 
+import structlog
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
@@ -189,7 +190,9 @@ class LoopTracing(Instruments):
                             "messaging.destination.partition.id": str(rec.partition),
                             "messaging.kafka.offset": rec.offset}) as span:
             started = time.perf_counter()
-            outputs = run()
+            ctx = span.get_span_context()
+            with structlog.contextvars.bound_contextvars(trace_id=f"{ctx.trace_id:032x}"):
+                outputs = run()
             span.set_attribute("fleetplane.outputs", len(outputs))
             span.set_attribute("fleetplane.handle_ms", (time.perf_counter() - started) * 1000)
             value = format_traceparent(span.get_span_context())
