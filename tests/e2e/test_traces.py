@@ -48,11 +48,12 @@ def wait_spans(stack: Stack, task_id: str, timeout_s: float = 60.0
     the model call's included."""
     deadline = time.monotonic() + timeout_s
     while True:
-        ids, trace = trace_of(spans(stack), task_id)
+        _ids, trace = trace_of(spans(stack), task_id)
         if (services(trace) >= PIPELINE and any(s["name"].startswith("model ") for s in trace)
                 and any(s["name"] == "accounting TaskCompleted" for s in trace)) \
                 or time.monotonic() > deadline:
-            return ids, trace
+            time.sleep(2.5)  # the other processes' last batches
+            return trace_of(spans(stack), task_id)
         time.sleep(1)
 
 
