@@ -53,6 +53,8 @@ def test_a_loop_reports_records_handling_time_and_errors(obs: Observability) -> 
         return []
 
     p = Processor("router", ["tasks.accepted"], handler, Settings())
+    seen: list[ev.Event] = []
+    obs.on_input(seen.append)  # a hook added after the loop was built sees its inputs
     records = [rec(accepted, 0), rec(accepted, 1), rec(None, 2)]
     p.instruments.consumed(records)
     for r in records:
@@ -74,6 +76,7 @@ def test_a_loop_reports_records_handling_time_and_errors(obs: Observability) -> 
                  group="fleetplane-router") == 1
     assert value(r, "fleetplane_loop_aborts_total", service="router",
                  group="fleetplane-router") == 1
+    assert [e.task_id for e in seen] == ["t1", "t1"]
 
 
 def test_without_instrument_a_loop_reports_nothing() -> None:

@@ -422,8 +422,11 @@ class Processor:
         # at once instead of waiting for the broker to expire the dead member (the embedded broker
         # never does; see docs/operations.md).
         cfg.setdefault("group.instance.id", self.group_instance_id)
-        if self.transactional:
-            cfg["enable.auto.commit"] = False
+        # transactional: offsets go in the transaction; at-least-once: the client commits the
+        # offsets stored after each checkpoint (settings.consumer_config follows the global
+        # FLEETPLANE_TRANSACTIONAL, not this loop's: accounting, always at-least-once, never
+        # committed an offset while it was true, and re-read every topic after each restart)
+        cfg["enable.auto.commit"] = not self.transactional
         if self.settings.idle_backoff_s > 0:
             cfg.setdefault("enable.partition.eof", True)  # ends an idle probe (IdleBackoff)
         self.consumer = Consumer(cfg)

@@ -33,6 +33,7 @@ def main() -> None:
     settings = bootstrap("executor")
     obs = instrument(settings, "executor")  # metrics and traces (docs/operations.md)
     obs.on_publish(Calls(obs.registry).observe)
+    obs.serve(settings.executor_metrics_port)  # at once: start-up below can take a while
     catalog = load_catalog(settings.catalog_file)
     executor_id = settings.executor_id or f"{socket.gethostname()}-{os.getpid()}"
     journal_dir = settings.executor_journal_dir or settings.resolved_data_dir() / "executor-runs"
@@ -87,7 +88,6 @@ def main() -> None:
                                   slots=settings.executor_slots)
     obs.registry.register(Slots(processor.slots, processor.running_count,
                                 lambda: len(runtime.running())))
-    obs.serve(settings.executor_metrics_port)
     processor.install_signal_handlers()
     try:
         processor.run()

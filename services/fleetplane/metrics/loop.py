@@ -51,7 +51,7 @@ class LoopMetrics(Instruments):
         self.f = families
         self.service = service
         self.group = group
-        self.inputs = list(inputs)
+        self.inputs = inputs  # the caller's list: hooks added later apply too
         self._batches = families.batches.labels(service, group)
         self._commit = families.commit.labels(service, group)
         self._aborts = families.aborts.labels(service, group)
