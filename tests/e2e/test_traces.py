@@ -6,7 +6,10 @@ headers and reaches the model provider as an HTTP header."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import subprocess
+import sys
 import time
 import uuid
 from collections import defaultdict
@@ -96,8 +99,16 @@ def test_one_trace_per_task_from_the_request_to_the_model_call(stack: Stack) -> 
     sent = [c["traceparent"] for c in calls if c.get("traceparent")
             and c["traceparent"].split("-")[1] == client_trace]
     assert sent, "no model call carried the task's traceparent"
-    # queryable: accounting recorded the trace id (fleetplane describe prints it)
+    # queryable: accounting recorded the trace id, and `fleetplane describe` prints it
     assert recorded == {"task_id": a, "trace_ids": [client_trace]}
+    described = subprocess.run(
+        [sys.executable, "-m", "fleetplane.cli.main", "describe", "task", a],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "FLEETPLANE_INGEST_URL": stack.ingest_url,
+             "FLEETPLANE_ACCOUNTING_URL": stack.accounting_url,
+             "FLEETPLANE_TOKEN": stack.admin_token, "FLEETPLANE_DATA_DIR": str(stack.data_dir)})
+    assert described.returncode == 0, described.stderr
+    assert f"Trace:       {client_trace}" in described.stdout, described.stdout
 
     # a request without a traceparent starts a trace of its own, as whole as the first
     assert len(ids_b) == 1 and ids_b != ids_a
