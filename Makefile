@@ -74,6 +74,9 @@ fuzz: install              ## hostile HTTP requests and raw Kafka records at a f
 	$(PY) -m bench.fuzz $(FUZZ_ARGS)
 bench-accounting: install  ## sink rows/s and analytics latency over 1M and 10M model calls (chdb)
 	$(PY) -m bench.accounting $(BENCH_ARGS)
+.PHONY: bench-observability
+bench-observability: install  ## CPU per record of loop metrics and of traces (in process)
+	$(PY) -m bench.observability $(BENCH_ARGS)
 bench-coordinator: install  ## scheduler at 100,000 queued / 500 repos / 20 teams (p99, events/s, restore), then on the broker
 	$(PY) -m bench.coordinator_scale $(SCALE_ARGS)
 	$(PY) -m bench.coordinator $(BENCH_ARGS)

@@ -24,8 +24,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One stack for the e2e tests, on a broker of its own (unless FLEETPLANE_KAFKA_BOOTSTRAP
     names one), so other tests' records do not flow through it. Stopped after the last e2e test
     (package scope): an idle stack polls the embedded broker and would slow every later test."""
-    s = Stack(data_dir=tmp_path_factory.mktemp("stack"),
-              external_bootstrap=os.environ.get("FLEETPLANE_KAFKA_BOOTSTRAP"))
+    data_dir = tmp_path_factory.mktemp("stack")
+    s = Stack(data_dir=data_dir,
+              external_bootstrap=os.environ.get("FLEETPLANE_KAFKA_BOOTSTRAP"),
+              # every service writes its spans as JSON lines (tests/e2e/test_traces.py)
+              extra_env={"FLEETPLANE_TRACE_FILE": str(data_dir / "traces" / "{service}.jsonl")})
     try:
         s.start()
         yield s

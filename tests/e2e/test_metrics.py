@@ -13,8 +13,10 @@ from fleetplane.cli.stack import Stack
 
 from .conftest import manifest, submit, wait_terminal
 
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
-def scrape(http: httpx.Client, url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+
+def scrape(http: httpx.Client, url: str) -> Samples:
     resp = http.get(f"{url}/metrics")
     assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
     return {(s.name, frozenset(s.labels.items())): s.value
@@ -27,10 +29,34 @@ def sample(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: s
                if n == name and set(labels.items()) <= set(ls))
 
 
+def scrape_all(http: httpx.Client, stack: Stack, timeout_s: float = 120.0
+               ) -> dict[str, Samples]:
+    """Every service's /metrics (the URLs `fleetplane up` prints), by process name; waits for
+    a process still starting (the standby coordinator starts after the others are ready)."""
+    out = {}
+    deadline = time.monotonic() + timeout_s
+    for name, url in stack.metrics_urls().items():
+        while True:
+            try:
+                out[name] = scrape(http, url.removesuffix("/metrics"))
+                break
+            except httpx.ConnectError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+    return out
+
+
+def moved(before: dict[str, Samples], after: dict[str, Samples], process: str, name: str,
+          **labels: str) -> float:
+    return sample(after[process], name, **labels) - sample(before[process], name, **labels)
+
+
 def test_metrics_move_when_tasks_flow(stack: Stack) -> None:
     team = f"metrics-{uuid.uuid4().hex[:6]}"
     with httpx.Client(timeout=30) as http:
-        before = scrape(http, stack.ingest_url)
+        every_before = scrape_all(http, stack)
+        before = every_before["ingest"]
         ids = {submit(http, stack, manifest(team, f"m{i}", f"summarize {i}")) for i in range(3)}
         refused = http.post(f"{stack.ingest_url}/v1/tasks", json={"spec": {}},
                             headers={"Authorization": f"Bearer {stack.admin_token}"})
@@ -48,6 +74,8 @@ def test_metrics_move_when_tasks_flow(stack: Stack) -> None:
                 and time.monotonic() < deadline:
             time.sleep(1)
             fleet = scrape(http, stack.accounting_url)
+        every_after = scrape_all(http, stack)
+        active = stack.active_coordinator()
     assert sample(fleet, "fleetplane_tasks_finished_total", outcome="completed", team=team) == 3
     assert sample(fleet, "fleetplane_task_duration_seconds_count", team=team) == 3
     assert sample(fleet, "fleetplane_model_calls_total", team=team) >= 3
@@ -58,3 +86,28 @@ def test_metrics_move_when_tasks_flow(stack: Stack) -> None:
     lag_groups = {dict(ls)["group"] for (n, ls) in fleet if n == "fleetplane_consumer_lag"}
     assert {"fleetplane-ingest", "fleetplane-router", "fleetplane-executor"} <= lag_groups, \
         sorted(lag_groups)
+    assert "fleetplane-accounting" in lag_groups, sorted(lag_groups)
+    # every service's own loops, and what only it knows
+    b, a = every_before, every_after
+    assert moved(b, a, "ingest", "fleetplane_loop_records_total", service="ingest") >= 3
+    assert moved(b, a, "router", "fleetplane_loop_handle_seconds_count", service="router",
+                 event_type="TaskAccepted") >= 3
+    assert moved(b, a, "router", "fleetplane_loop_commit_seconds_count", service="router") >= 1
+    assert active is not None
+    assert sample(a[active], "fleetplane_coordinator_active") == 1
+    assert moved(b, a, active, "fleetplane_coordinator_decisions_total",
+                 decision="dispatch") >= 3
+    assert moved(b, a, active, "fleetplane_coordinator_admission_seconds_count") >= 3
+    assert moved(b, a, active, "fleetplane_loop_records_total", service="coordinator") >= 6
+    standby = "coordinator-b" if active == "coordinator" else "coordinator"
+    assert sample(a[standby], "fleetplane_coordinator_active") == 0
+    assert moved(b, a, "executor", "fleetplane_executor_model_call_seconds_count") >= 3
+    assert moved(b, a, "executor", "fleetplane_loop_records_total", service="executor") >= 3
+    slots = sample(a["executor"], "fleetplane_executor_slots")
+    assert slots == stack.settings().executor_slots and \
+        sample(a["executor"], "fleetplane_executor_slots", state="busy") <= slots
+    assert moved(b, a, "accounting", "fleetplane_loop_records_total",
+                 service="accounting") >= 12
+    assert 0 <= sample(a["reconciler"], "fleetplane_reconciler_last_scan_age_seconds") < 60
+    for name, samples in a.items():  # every process reports its CPU and memory
+        assert sample(samples, "process_resident_memory_bytes") > 0, name

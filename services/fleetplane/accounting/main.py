@@ -34,6 +34,8 @@ from fleetplane.core.topics import event_topics, load_topics
 from fleetplane.metrics.fleet import FleetMetrics
 from fleetplane.metrics.http import mount_metrics
 from fleetplane.metrics.lag import ConsumerLag
+from fleetplane.metrics.setup import instrument
+from fleetplane.tracing.records import TraceIds, mount_traces
 
 log = get_logger(__name__)
 
@@ -96,13 +98,18 @@ def wait_started(server: uvicorn.Server, timeout_s: float = 10.0) -> bool:
 def run(settings: Settings) -> int:
     """Run the service until SIGTERM/SIGINT; returns the process exit code."""
     store = connect(settings)
+    instrument(settings, SERVICE)  # loop metrics (on /metrics) and traces
     try:
         apply_ddl(store, settings_ttl_days(settings), partition=settings.clickhouse_partition)
         teams = teams_for(settings.teams_file)
         fleet = FleetMetrics(quota=lambda team: teams.policy(team).max_running)
-        lag = ConsumerLag(settings.client_config())
+        lag = ConsumerLag(settings.client_config(), groups=[GROUP_ID])
         fleet.registry.register(lag)
         processor, sink = build_processor(settings, store, observe=fleet.observe)
+        # each task's trace id (traceparent headers), for `fleetplane describe`
+        traces = TraceIds(store, settings_ttl_days(settings))
+        processor.handler = traces.wrap(processor.handler)
+        processor.sink = traces.beside(sink)
         producer = EventProducer(settings)
         publisher = Publisher(store, settings, producer.send)
         stop_publisher = threading.Event()
@@ -111,6 +118,7 @@ def run(settings: Settings) -> int:
                                                 "alerts_published": publisher.published_alerts},
                          settings=settings)
         mount_metrics(app, fleet.registry)  # GET /metrics (docs/operations.md, "Metrics")
+        mount_traces(app, traces)  # GET /v1/tasks/{id}/trace
         server = serve_http_in_thread(app, settings.bind_host, settings.accounting_port)
         if not wait_started(server):
             log.error("accounting API did not start", host=settings.bind_host,

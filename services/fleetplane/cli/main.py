@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -63,7 +64,13 @@ def up(
     argv = [sys.executable, "-m", "fleetplane.cli.supervisor", "--data-dir", str(data_dir),
             "--broker-port", str(broker_port), "--ingest-port", str(settings.ingest_port),
             "--accounting-port", str(settings.accounting_port),
-            "--provider-port", str(settings.fake_provider_port)]
+            "--provider-port", str(settings.fake_provider_port),
+            "--metrics-port", str(settings.supervisor_metrics_port),
+            "--metrics-ports", json.dumps({
+                "router": settings.router_metrics_port,
+                "coordinator": settings.coordinator_metrics_port,
+                "executor": settings.executor_metrics_port,
+                "reconciler": settings.reconciler_metrics_port})]
     if external_bootstrap:
         argv += ["--external-bootstrap", external_bootstrap]
     if not fake_provider:
@@ -87,8 +94,7 @@ def up(
         else:
             raise fail(f"not ready within {timeout}s; logs in {data_dir / 'logs'}")
     _print_status(state)
-    console.print(f"metrics (Prometheus): {state.get('ingest_url')}/metrics   "
-                  f"{state.get('accounting_url')}/metrics   (docs/operations.md, \"Metrics\")")
+    _print_metrics(state)
     _register_sample(settings, data_dir)
 
 
@@ -106,6 +112,16 @@ def _register_sample(settings: Settings, data_dir: Path) -> None:
         err.print(f"[yellow]warning:[/yellow] sample repository not registered: {exc}")
         return
     console.print(f"repository {SAMPLE_REPOSITORY}: {location} (fleetplane repo list)")
+
+
+def _print_metrics(state: dict[str, Any]) -> None:
+    """Every Prometheus endpoint of the stack (docs/operations.md, "Metrics")."""
+    urls = dict(state.get("metrics") or {})
+    if state.get("supervisor_metrics_url"):
+        urls["supervisor"] = state["supervisor_metrics_url"]
+    console.print("metrics (Prometheus, docs/operations.md \"Metrics\"):")
+    for name, url in urls.items():
+        console.print(f"  {name:<14} {url}")
 
 
 def _print_status(state: dict[str, Any]) -> None:
@@ -175,6 +191,7 @@ def status() -> None:
         console.print("fleetplane is not running")
         raise typer.Exit(code=1)
     _print_status(state)
+    _print_metrics(state)
 
 
 # -- tasks and tokens (cli/tasks.py, cli/tokens.py) ------------------------------------------

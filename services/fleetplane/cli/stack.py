@@ -25,6 +25,13 @@ SERVICES = ("ingest", "router", "coordinator", "executor", "accounting", "reconc
 #: the second coordinator process: a standby that takes the active role when the active one dies
 #: (docs/coordinator.md, "Failover"); after a failover either process may be the active one
 COORDINATOR_STANDBY = "coordinator-b"
+#: processes with a metrics port of their own (ingest and accounting serve /metrics on their
+#: HTTP ports); the setting each reads it from (docs/operations.md, "Metrics")
+METRICS_PORT_SETTINGS = {"router": "FLEETPLANE_ROUTER_METRICS_PORT",
+                         "coordinator": "FLEETPLANE_COORDINATOR_METRICS_PORT",
+                         COORDINATOR_STANDBY: "FLEETPLANE_COORDINATOR_METRICS_PORT",
+                         "executor": "FLEETPLANE_EXECUTOR_METRICS_PORT",
+                         "reconciler": "FLEETPLANE_RECONCILER_METRICS_PORT"}
 
 
 @dataclass
@@ -65,6 +72,8 @@ class Stack:
     coordinator_web_port: int = 0
     reconciler_port: int = 0
     coordinator_standby: bool = True  # a second coordinator process (standby)
+    #: process name -> metrics port (METRICS_PORT_SETTINGS; free ports for those not given)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
     broker: EmbeddedBroker | None = None
     children: dict[str, Child] = field(default_factory=dict)
     admin_token: str = ""
@@ -77,6 +86,8 @@ class Stack:
         self.provider_port = self.provider_port or free_port()
         self.coordinator_web_port = self.coordinator_web_port or free_port()
         self.reconciler_port = self.reconciler_port or free_port()
+        for name in METRICS_PORT_SETTINGS:
+            self.metrics_ports[name] = self.metrics_ports.get(name) or free_port()
 
     @property
     def log_dir(self) -> Path:
@@ -114,6 +125,8 @@ class Stack:
             "FLEETPLANE_ACCOUNTING_PORT": str(self.accounting_port),
             "FLEETPLANE_COORDINATOR_WEB_PORT": str(self.coordinator_web_port),
             "FLEETPLANE_RECONCILER_PORT": str(self.reconciler_port),
+            **{METRICS_PORT_SETTINGS[n]: str(self.metrics_ports[n])
+               for n in ("router", "coordinator", "executor", "reconciler")},
             "FLEETPLANE_BIND_HOST": "127.0.0.1",
             "LITELLM_LOCAL_MODEL_COST_MAP": "True",
             "PYTHONUNBUFFERED": "1",
@@ -153,7 +166,9 @@ class Stack:
             # started once the first one is active, so that one is the active one
             self._spawn(COORDINATOR_STANDBY,
                         [sys.executable, "-m", "fleetplane.coordinator.main"],
-                        {"FLEETPLANE_INSTANCE_ID": "b"})
+                        {"FLEETPLANE_INSTANCE_ID": "b",
+                         METRICS_PORT_SETTINGS[COORDINATOR_STANDBY]:
+                             str(self.metrics_ports[COORDINATOR_STANDBY])})
 
     def issue_token(self, team: str, role: str = "team") -> str:
         """A new API token for `team` (published to fleet.tokens; ingest follows it)."""
@@ -313,8 +328,21 @@ class Stack:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(10)
 
+    def metrics_urls(self) -> dict[str, str]:
+        """Every scrape endpoint of the stack's services, by process name."""
+        urls = {name: f"http://127.0.0.1:{port}/metrics" for name, port in
+                (("ingest", self.ingest_port), ("accounting", self.accounting_port))
+                if name in self.services}
+        for name, port in self.metrics_ports.items():
+            standby = name == COORDINATOR_STANDBY
+            if ("coordinator" if standby else name) in self.services and (
+                    not standby or self.coordinator_standby):
+                urls[name] = f"http://127.0.0.1:{port}/metrics"
+        return urls
+
     def describe(self) -> dict[str, object]:
         return {
+            "metrics": self.metrics_urls(),
             "bootstrap": self.bootstrap,
             "ingest_url": self.ingest_url,
             "accounting_url": self.accounting_url,

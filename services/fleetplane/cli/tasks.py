@@ -132,7 +132,8 @@ def describe_task(task_id: Annotated[str, typer.Argument(help="Task id.")]) -> N
                                                    if task.model else ""),
                          ("Attempts", str(task.attempts)), ("Cost", f"${task.cost_usd:.6f}"),
                          ("Model calls", str(raw.get("model_calls", ""))),
-                         ("Submitted", task.submitted_at), ("Updated", task.updated_at)):
+                         ("Submitted", task.submitted_at), ("Updated", task.updated_at),
+                         ("Trace", ", ".join(_trace_ids(task.task_id)))):
         if value:
             console.print(f"[bold]{label + ':':<13}[/bold]{value}")
     table = Table(title="Events", box=None, header_style="bold", title_justify="left")
@@ -142,6 +143,15 @@ def describe_task(task_id: Annotated[str, typer.Argument(help="Task id.")]) -> N
         table.add_row(str(e.get("occurred_at", "")), str(e.get("event_type", "")),
                       _details(e.get("payload") or {}))
     console.print(table)
+
+
+def _trace_ids(task_id: str) -> list[str]:
+    """The task's trace id(s) as accounting recorded them (docs/operations.md, "Traces")."""
+    from fleetplane.core import localstack
+    from fleetplane.core.settings import get_settings
+    from fleetplane.tracing.records import trace_ids
+
+    return trace_ids(str(localstack.accounting_url(get_settings())), task_id)
 
 
 def cancel(task_id: Annotated[str, typer.Argument(help="Task id.")],

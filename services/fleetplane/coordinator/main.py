@@ -15,13 +15,21 @@ from types import FrameType
 from fleetplane.coordinator.app import Coordinator
 from fleetplane.core.logging import get_logger
 from fleetplane.core.service import bootstrap
+from fleetplane.metrics.coordinator import Decisions, Queue
+from fleetplane.metrics.setup import instrument
 
 log = get_logger(__name__)
 
 
 def main() -> None:
     settings = bootstrap("coordinator")
+    obs = instrument(settings, "coordinator")  # metrics and traces (docs/operations.md)
     coordinator = Coordinator(settings)
+    decisions = Decisions(obs.registry)
+    obs.on_input(decisions.routed)
+    obs.on_publish(decisions.published)
+    obs.registry.register(Queue(coordinator.fleet_view, coordinator.held_tasks))
+    obs.serve(settings.coordinator_metrics_port)
     # a transactional call that hangs ends the process (core.loop.Processor._guard)
     coordinator.repartitioner.exit_on_hang = True
     coordinator.schedule.exit_on_hang = True

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
@@ -16,13 +16,31 @@ from fleetplane.core.serde import Serde, default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import key_for, topic_for
 
+#: Called for every event a process publishes, with the headers it adds (tracing's traceparent;
+#: metrics that count what a service publishes return none). Installed by a service's
+#: composition root (fleetplane.metrics.setup); none by default.
+PublishHook = Callable[[Event], Iterable[tuple[str, bytes]]]
+_publish_hooks: list[PublishHook] = []
+
+
+def add_publish_hook(hook: PublishHook) -> None:
+    _publish_hooks.append(hook)
+
+
+def remove_publish_hook(hook: PublishHook) -> None:
+    if hook in _publish_hooks:
+        _publish_hooks.remove(hook)
+
 
 def event_headers(event: Event) -> list[tuple[str, str | bytes | None]]:
-    return [
+    headers: list[tuple[str, str | bytes | None]] = [
         ("event_type", type(event).__name__.encode()),
         ("content-type", b"avro/binary"),
         ("team", event.team.encode()),
     ]
+    for hook in _publish_hooks:
+        headers.extend(hook(event))
+    return headers
 
 
 class EventProducer:

@@ -78,6 +78,41 @@ Handler = Callable[[Event, Record], Iterable[Output]]
 AssignHook = Callable[[Consumer, list[TopicPartition]], None]
 
 
+class Instruments:
+    """What a Processor reports as it runs: metrics and traces (fleetplane.metrics.loop,
+    fleetplane.tracing). These defaults do nothing; a service's composition root installs a
+    factory with `set_instruments` before it builds its loops (tests that do not leave them
+    off)."""
+
+    def consumed(self, records: Sequence[Record]) -> None:
+        """A batch of records taken from the consumer."""
+
+    def handle(self, event: Event, rec: Record, run: Callable[[], list[Output]]
+               ) -> list[Output]:
+        """Runs the handling of one decoded record (`run`) and returns its outputs."""
+        return run()
+
+    def error(self, exc: BaseException, action: str) -> None:
+        """A record's handling failed: `action` is retry, dead_letter or fatal."""
+
+    def committed(self, seconds: float) -> None:
+        """A checkpoint (transaction commit, or flush and offset store) took `seconds`."""
+
+    def aborted(self) -> None:
+        """A transaction was aborted."""
+
+
+NO_INSTRUMENTS = Instruments()
+#: (service, group id) -> the instruments of a Processor built afterwards
+_instruments: Callable[[str, str], Instruments] | None = None
+
+
+def set_instruments(factory: Callable[[str, str], Instruments] | None) -> None:
+    """Install (or with None remove) the factory every Processor built from now on uses."""
+    global _instruments
+    _instruments = factory
+
+
 class Sink(Protocol):
     """A batching side-output (e.g. ClickHouse rows) flushed at every checkpoint."""
 
@@ -363,6 +398,8 @@ class Processor:
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         self._idle: IdleBackoff | None = None
+        self.instruments = (NO_INSTRUMENTS if _instruments is None
+                            else _instruments(service, self.group_id))
 
     # -- lifecycle -------------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
@@ -421,8 +458,11 @@ class Processor:
         # at once instead of waiting for the broker to expire the dead member (the embedded broker
         # never does; see docs/operations.md).
         cfg.setdefault("group.instance.id", self.group_instance_id)
-        if self.transactional:
-            cfg["enable.auto.commit"] = False
+        # transactional: offsets go in the transaction; at-least-once: the client commits the
+        # offsets stored after each checkpoint (settings.consumer_config follows the global
+        # FLEETPLANE_TRANSACTIONAL, not this loop's: accounting, always at-least-once, never
+        # committed an offset while it was true, and re-read every topic after each restart)
+        cfg["enable.auto.commit"] = not self.transactional
         if self.settings.idle_backoff_s > 0:
             cfg.setdefault("enable.partition.eof", True)  # ends an idle probe (IdleBackoff)
         self.consumer = Consumer(cfg)
@@ -507,6 +547,7 @@ class Processor:
         records = records_of(msgs)
         if not records:
             return
+        self.instruments.consumed(records)
         if self.transactional and not self._in_txn:
             self.producer.begin_transaction()
             self._in_txn = True
@@ -527,29 +568,38 @@ class Processor:
         except NotRetriable as exc:
             log.warning("undecodable record to DLQ", topic=rec.topic, offset=rec.offset,
                         reason=str(exc))
+            self.instruments.error(exc, "dead_letter")
             return [dead_letter(self.service, rec, exc)]
         with task_context(event.task_id, event_type=type(event).__name__):
-            attempt = 1
-            while True:
-                try:
-                    return list(self.handler(event, rec))
-                except Fatal:
-                    raise
-                except Rejected as exc:
-                    log.warning("record rejected to DLQ", reason=str(exc))
-                    return [*exc.emit, dead_letter(self.service, rec, exc)]
-                except Retriable as exc:
-                    if attempt >= self.retry.maximum_attempts:
-                        log.error("retries exhausted, record to DLQ", reason=str(exc))
-                        return [dead_letter(self.service, rec, exc)]
-                    delay = self.retry.delay(attempt)
-                    log.warning("retriable error", attempt=attempt, delay_s=delay,
-                                reason=str(exc))
-                    time.sleep(delay)
-                    attempt += 1
-                except Exception as exc:  # NotRetriable and anything unexpected
-                    log.exception("handler failed, record to DLQ")
+            return self.instruments.handle(event, rec, lambda: self._handle_event(event, rec))
+
+    def _handle_event(self, event: Event, rec: Record) -> list[Output]:
+        attempt = 1
+        while True:
+            try:
+                return list(self.handler(event, rec))
+            except Fatal as exc:
+                self.instruments.error(exc, "fatal")
+                raise
+            except Rejected as exc:
+                log.warning("record rejected to DLQ", reason=str(exc))
+                self.instruments.error(exc, "dead_letter")
+                return [*exc.emit, dead_letter(self.service, rec, exc)]
+            except Retriable as exc:
+                if attempt >= self.retry.maximum_attempts:
+                    log.error("retries exhausted, record to DLQ", reason=str(exc))
+                    self.instruments.error(exc, "dead_letter")
                     return [dead_letter(self.service, rec, exc)]
+                delay = self.retry.delay(attempt)
+                log.warning("retriable error", attempt=attempt, delay_s=delay,
+                            reason=str(exc))
+                self.instruments.error(exc, "retry")
+                time.sleep(delay)
+                attempt += 1
+            except Exception as exc:  # NotRetriable and anything unexpected
+                log.exception("handler failed, record to DLQ")
+                self.instruments.error(exc, "dead_letter")
+                return [dead_letter(self.service, rec, exc)]
 
     def _produce(self, event: Output) -> None:
         assert self.producer is not None
@@ -615,6 +665,7 @@ class Processor:
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._pending.items()]
         if self._idle is not None:
             self._idle.wake()
+        started = time.perf_counter()
         if self.transactional:
             self._commit_transaction(offsets)
         else:
@@ -625,6 +676,7 @@ class Processor:
             if self.sink is not None:
                 self.sink.flush()
             self.consumer.store_offsets(offsets=offsets)
+        self.instruments.committed(time.perf_counter() - started)
         self._pending.clear()
 
     def _commit_transaction(self, offsets: list[TopicPartition], tries: int = 1) -> None:
@@ -679,6 +731,7 @@ class Processor:
 
     def _abort(self) -> None:
         if self.transactional and self._in_txn and self.producer is not None:
+            self.instruments.aborted()
             try:
                 with self._guard("abort_transaction"):
                     self.producer.abort_transaction(TXN_CALL_TIMEOUT_S)

@@ -214,7 +214,10 @@ class ParallelProcessor(Processor):
 
     def _take(self, msgs: list[Any]) -> None:
         items: list[Item] = []
-        for rec in records_of(msgs):
+        records = records_of(msgs)
+        if records:
+            self.instruments.consumed(records)
+        for rec in records:
             tp = (rec.topic, rec.partition)
             with self._lock:
                 if rec.offset < self._next.get(tp, -1):
@@ -305,6 +308,7 @@ class ParallelProcessor(Processor):
             offsets = self._offsets()
         if not batch and not offsets:
             return
+        started = time.perf_counter()
         try:
             if self._idle is not None and offsets:
                 self._idle.wake()
@@ -327,6 +331,7 @@ class ParallelProcessor(Processor):
             time.sleep(min(2.0, 0.05 * 2 ** self._commit_failures))
             return
         self._commit_failures = 0
+        self.instruments.committed(time.perf_counter() - started)
         with self._lock:
             for part in offsets:
                 key = (part.topic, part.partition)

@@ -216,6 +216,24 @@ class Settings(BaseSettings):
         default=5, description="Re-drives of one hop of one task before the reconciler gives "
         "up and raises a critical alert for an operator.")
 
+    # Observability (docs/operations.md, "Metrics" and "Traces"). Ingest and accounting serve
+    # /metrics on their HTTP ports; the others on a metrics port of their own (0: none).
+    router_metrics_port: int = 8474
+    coordinator_metrics_port: int = 8475
+    executor_metrics_port: int = 8476
+    reconciler_metrics_port: int = 8477
+    supervisor_metrics_port: int = 8478
+    otlp_endpoint: str = Field(
+        default="", description="OTLP/HTTP collector (e.g. http://otel-collector:4318): spans "
+        "are exported there; empty: no OTLP export.")
+    trace_file: str = Field(
+        default="", description="Also write spans as JSON lines to this file ({service} is "
+        "replaced by the service name); empty: none. Tracing is off (no spans, no "
+        "traceparent headers) unless this or otlp_endpoint is set.")
+    trace_sample_ratio: float = Field(
+        default=1.0, ge=0, le=1, description="Share of new traces recorded (an incoming "
+        "traceparent's sampled flag is followed).")
+
     # Logging
     log_level: str = "INFO"
     log_json: bool = True

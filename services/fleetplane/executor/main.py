@@ -23,12 +23,17 @@ from fleetplane.ingest.repositories import (
     CheckoutResolver,
     RepositoryRegistry,
 )
+from fleetplane.metrics.executor import Calls, Slots
+from fleetplane.metrics.setup import instrument
 
 log = get_logger(__name__)
 
 
 def main() -> None:
     settings = bootstrap("executor")
+    obs = instrument(settings, "executor")  # metrics and traces (docs/operations.md)
+    obs.on_publish(Calls(obs.registry).observe)
+    obs.serve(settings.executor_metrics_port)  # at once: start-up below can take a while
     catalog = load_catalog(settings.catalog_file)
     executor_id = settings.executor_id or f"{socket.gethostname()}-{os.getpid()}"
     journal_dir = settings.executor_journal_dir or settings.resolved_data_dir() / "executor-runs"
@@ -81,6 +86,8 @@ def main() -> None:
     processor = ParallelProcessor("executor", [DISPATCH], handler, settings,
                                   group_id=settings.executor_group_id,
                                   slots=settings.executor_slots)
+    obs.registry.register(Slots(processor.slots, processor.running_count,
+                                lambda: len(runtime.running())))
     processor.install_signal_handlers()
     try:
         processor.run()

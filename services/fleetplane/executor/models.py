@@ -20,6 +20,7 @@ import httpx2
 
 from fleetplane.core.catalog import Model, Usage
 from fleetplane.core.settings import Settings
+from fleetplane.tracing import trace_headers
 
 T = TypeVar("T")
 
@@ -237,6 +238,8 @@ class ModelClients:
             kwargs["system"] = system
         if tools:
             kwargs["tools"] = anthropic_tools(tools)
+        if headers := trace_headers():  # the attempt's trace context to the provider
+            kwargs["extra_headers"] = headers
         if shared:
             client = self.async_anthropic
         else:
@@ -279,6 +282,8 @@ class ModelClients:
         kwargs: dict[str, Any] = {}
         if tools:
             kwargs["tools"] = openai_tools(tools)
+        if headers := trace_headers():  # the attempt's trace context to the provider
+            kwargs["extra_headers"] = headers
         resp: Any = await litellm.acompletion(
             model=f"{model.provider}/{model.name}", messages=to_openai(system, messages),
             max_tokens=max_tokens, temperature=temperature, api_base=self.settings.openai_base_url,

@@ -451,6 +451,7 @@ def _record(
     *,
     error_type: str | None = None,
     answer: _Answer | None = None,
+    traceparent: str | None = None,
 ) -> None:
     runner.record(
         CallRecord(
@@ -468,6 +469,7 @@ def _record(
             usage=answer.usage if answer else None,
             delay_ms=(plan.latency_s + plan.stall_s) * 1000.0,
             request=req.body if plan.record_bodies else None,
+            traceparent=traceparent,
         )
     )
 
@@ -489,14 +491,17 @@ async def _complete(request: Request, api: ApiKind) -> Response:
         error_body = _error_body(api, error.status, error.error_type, _message(error))
         error_type = str(error_body["error"]["type"])
         if not (req.stream and error.mid_stream):
-            _record(runner, req, plan, error.status, error_type=error_type)
+            _record(runner, req, plan, error.status, error_type=error_type,
+                    traceparent=request.headers.get("traceparent"))
             await _pause(runner, plan.latency_s + plan.stall_s)
             return _error_response(error_body, error.status, _retry_after(error))
         # Mid-stream failure: HTTP 200 and the stream head, then an error event.
-        _record(runner, req, plan, 200, error_type=error_type)
+        _record(runner, req, plan, 200, error_type=error_type,
+                traceparent=request.headers.get("traceparent"))
     answer = _answer(req, plan, runner)
     if error is None:
-        _record(runner, req, plan, 200, answer=answer)
+        _record(runner, req, plan, 200, answer=answer,
+                traceparent=request.headers.get("traceparent"))
     headers = {"request-id" if api == "anthropic" else "x-request-id": f"req_fake_{plan.seq:08d}"}
     if req.stream:
         await _pause(runner, plan.latency_s)

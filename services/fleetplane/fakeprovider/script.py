@@ -123,6 +123,7 @@ class CallRecord(_Model):
     usage: Usage | None = None
     delay_ms: float = 0.0
     request: dict[str, Any] | None = None
+    traceparent: str | None = None  # the caller's W3C trace context header, if any
 
 
 @dataclass(frozen=True, slots=True)

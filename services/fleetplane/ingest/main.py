@@ -21,10 +21,14 @@ from fleetplane.ingest.names import NAMES_TOPIC, NameIndex
 from fleetplane.ingest.repositories import REPOSITORIES_TOPIC, RepositoryRegistry
 from fleetplane.ingest.taskview import TaskView
 from fleetplane.ingest.tokens import TOKENS_TOPIC, TokenStore
+from fleetplane.metrics.setup import instrument
+from fleetplane.tracing.http import instrument_app
 
 
 def main() -> None:
     settings = bootstrap("ingest")
+    # loop metrics on /metrics; traces start here (an incoming traceparent is honoured)
+    obs = instrument(settings, "ingest", entry=True)
     tokens = TokenStore()
     marks = Marks(settings.idempotency_window_s)
     repositories = RepositoryRegistry(load_repositories(settings))
@@ -42,7 +46,10 @@ def main() -> None:
                     max_request_bytes=settings.max_request_bytes,
                     auth_failures_per_minute=settings.auth_failures_per_minute,
                     auth_failure_burst=settings.auth_failure_burst)
-    server = serve_http_in_thread(create_app(intake), settings.bind_host, settings.ingest_port,
+    app = create_app(intake)
+    if obs.tracing is not None:
+        instrument_app(app, obs.tracing)
+    server = serve_http_in_thread(app, settings.bind_host, settings.ingest_port,
                                   trusted_proxies=settings.trusted_proxies)
     processor = Processor("ingest", [SUBMITTED], MarkingHandler(
         partial(accept, known_repository=repositories.known, names=names), marks, names),

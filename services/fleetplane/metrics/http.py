@@ -9,16 +9,22 @@ from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
 
+from fleetplane.metrics.registry import PROCESS
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
 def mount_metrics(app: FastAPI, registry: CollectorRegistry) -> None:
     """GET /metrics: the registry in Prometheus text format (no authentication: like /healthz,
-    it is for the operator's scraper on the internal network; it carries no task content)."""
+    it is for the operator's scraper on the internal network; it carries no task content).
+    The process's own registry (loop and process metrics) is served beside `registry`."""
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        body = generate_latest(registry)
+        if registry is not PROCESS:
+            body += generate_latest(PROCESS)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
 
 def instrument_requests(app: FastAPI, registry: CollectorRegistry, service: str) -> None:

@@ -20,13 +20,17 @@ log = get_logger(__name__)
 class ConsumerLag(Collector):
     """`fleetplane_consumer_lag{group, topic}`: records not yet committed by each consumer group
     (log end minus committed offset, summed over the group's partitions of the topic), for the
-    groups whose id starts with one of `prefixes`. Read at most every `ttl_s` (a scrape costs
-    one request per group plus one per partition)."""
+    groups whose id starts with one of `prefixes` and for `groups` (asked for even when the
+    broker does not list them: the embedded broker leaves out a group whose only member is
+    static and commits through the consumer's auto-commit, as accounting's). Read at most every
+    `ttl_s` (a scrape costs one request per group plus one per partition)."""
 
     def __init__(self, client_config: dict[str, Any], prefixes: Iterable[str] = ("fleetplane",),
-                 ttl_s: float = 10.0, timeout_s: float = 5.0) -> None:
+                 ttl_s: float = 10.0, timeout_s: float = 5.0, groups: Iterable[str] = ()
+                 ) -> None:
         self.config = dict(client_config)
         self.prefixes = tuple(prefixes)
+        self.groups = tuple(groups)
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
         self._lock = threading.Lock()
@@ -53,7 +57,8 @@ class ConsumerLag(Collector):
                                          "enable.auto.commit": False})
         assert self._watermarks is not None
         listed = self._admin.list_consumer_groups().result(self.timeout_s)
-        groups = sorted(g.group_id for g in listed.valid if g.group_id.startswith(self.prefixes))
+        groups = sorted({g.group_id for g in listed.valid if g.group_id.startswith(self.prefixes)}
+                        | set(self.groups))
         lag: dict[tuple[str, str], int] = {}
         if not groups:
             return lag

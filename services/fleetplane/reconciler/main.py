@@ -35,6 +35,8 @@ from fleetplane.core.serde import default_serde
 from fleetplane.core.service import bootstrap
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import ALERTS, DISPATCH, DLQ, LIFECYCLE, OUTCOMES, ROUTED, key_for
+from fleetplane.metrics.reconciler import ReconcilerStats
+from fleetplane.metrics.setup import instrument
 from fleetplane.reconciler.tracker import (
     COORDINATOR_CHANGELOG,
     HOPS,
@@ -307,7 +309,10 @@ def serve(reconciler: Reconciler, host: str, port: int) -> ThreadingHTTPServer:
 
 def main() -> None:
     settings = bootstrap(SERVICE)
+    obs = instrument(settings, SERVICE)  # docs/operations.md, "Metrics"
     reconciler = Reconciler(settings)
+    obs.registry.register(ReconcilerStats(reconciler.view))
+    obs.serve(settings.reconciler_metrics_port)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         reconciler.stop()

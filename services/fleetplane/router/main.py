@@ -8,6 +8,7 @@ from fleetplane.core.service import bootstrap
 from fleetplane.core.settings import Settings
 from fleetplane.core.teams import load_teams
 from fleetplane.core.topics import ACCEPTED, BUDGET, LIFECYCLE, OUTCOMES
+from fleetplane.metrics.setup import instrument
 from fleetplane.router.features import FeatureCache, load_embedder
 from fleetplane.router.handlers import Router
 from fleetplane.router.policy import PolicyConfig
@@ -36,6 +37,7 @@ def build_router(settings: Settings) -> Router:
 
 def main() -> None:
     settings = bootstrap("router")
+    instrument(settings, "router").serve(settings.router_metrics_port)  # docs/operations.md
     router = build_router(settings)
     rebuild(router.state, settings)
     processor = Processor("router", INPUTS, router, settings)
