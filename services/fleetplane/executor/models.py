@@ -112,6 +112,21 @@ def classify(exc: Exception) -> tuple[str, bool]:
     return "model_error", False
 
 
+def import_litellm() -> Any:
+    """The litellm module (imported once; later calls return it at once)."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    return litellm
+
+
+def preload_litellm() -> threading.Thread:
+    """Import litellm in a background thread (executor start-up does not wait for it)."""
+    thread = threading.Thread(target=import_litellm, name="import-litellm", daemon=True)
+    thread.start()
+    return thread
+
+
 class ModelClients:
     """One SDK client per provider, shared by the executor's slots (they are thread-safe)."""
 
@@ -271,8 +286,10 @@ class ModelClients:
     async def _litellm_chat(self, model: Model, system: str | None,
                             messages: list[dict[str, Any]], tools: list[str], max_tokens: int,
                             temperature: float, timeout_s: float, start: float) -> ModelTurn:
-        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-        import litellm
+        # importing litellm takes seconds (minutes on a loaded machine): never on the loop
+        # that holds every attempt's calls and cancellations (main.py imports it in the
+        # background at start-up; this waits for that import off the loop)
+        litellm = await asyncio.to_thread(import_litellm)
 
         from fleetplane.executor.tools import openai_tools
 
