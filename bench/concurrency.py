@@ -210,6 +210,46 @@ def _provider(latency_s: float) -> Iterator[int]:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def _spy(pid: int, path: Path, seconds: float | None = None) -> subprocess.Popen[bytes] | None:
+    """py-spy recording `pid` (collapsed stacks, --nonblocking: the target is not paused), for
+    `seconds` or until SIGINT; None without py-spy."""
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        return None
+    cmd = [str(spy), "record", "-p", str(pid), "-r", "50", "--nonblocking", "-f", "raw",
+           "-o", str(path), "--threads"]
+    if seconds is not None:
+        cmd += ["-d", str(max(1, round(seconds)))]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop_spy(spy: subprocess.Popen[bytes] | None) -> None:
+    if spy is not None:
+        if spy.poll() is None:
+            spy.send_signal(signal.SIGINT)
+        with suppress(subprocess.TimeoutExpired):
+            spy.wait(60)
+
+
+def top_frames(path: Path, n: int = 12) -> list[tuple[str, float]]:
+    """The functions most often on the stack in a py-spy raw profile (share of samples, own
+    or inclusive of callees: any frame of the stack counts once per sample)."""
+    if not path.exists():
+        return []
+    total = 0
+    seen: Counter[str] = Counter()
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        k = int(count)
+        total += k
+        frames = {f.split(" (")[0] for f in stack.split(";")[1:]}  # [0] is the thread
+        for f in frames:
+            seen[f] += k
+    return [(f, round(c / max(1, total), 3)) for f, c in seen.most_common(n)]
+
+
 def _wait(pred: Any, timeout_s: float, step: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -220,7 +260,8 @@ def _wait(pred: Any, timeout_s: float, step: float = 0.05) -> bool:
 
 
 def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
-                     start_cancels: int, measure_s: float) -> dict[str, Any]:
+                     start_cancels: int, measure_s: float,
+                     profile: Path | None = None) -> dict[str, Any]:
     import psutil
 
     out: dict[str, Any] = {"attempts": attempts, "latency_s": latency_s}
@@ -256,6 +297,7 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
 
             # 2. hold: every attempt waits on its model call
             hold = {f"hold-{i}" for i in range(attempts)}
+            spy = _spy(proc.pid, profile / "ramp.txt") if profile else None
             t0 = time.monotonic()
             producer.send([dispatch(t, f"HOLD {t}", None, 2) for t in sorted(hold)],
                           timeout_s=120)
@@ -270,9 +312,16 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
             out["all_started_s"] = round(time.monotonic() - t0, 2) if started >= attempts \
                 else None
             out["started_within_window"] = started
+            _stop_spy(spy)
+            window = max(1.0, min(measure_s, t0 + latency_s - time.monotonic() - 3))
             cpu0, m0 = proc.cpu_times(), time.monotonic()
-            time.sleep(max(1.0, min(measure_s, t0 + latency_s - time.monotonic() - 3)))
+            spy = _spy(proc.pid, profile / "waiting.txt", window) if profile else None
+            time.sleep(window)
             cpu1, wall = proc.cpu_times(), time.monotonic() - m0
+            _stop_spy(spy)
+            if profile:
+                out["profile"] = {"ramp": top_frames(profile / "ramp.txt"),
+                                  "waiting": top_frames(profile / "waiting.txt")}
             waiting = watch.running(hold)
             peak = max(peak, waiting)
             cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / wall
@@ -376,15 +425,20 @@ def scenario(console: Console, quick: bool = False, **overrides: Any) -> dict[st
     console.print(f"concurrency: hold/cancel/kill with {size['attempts']} attempts "
                   f"({latency_s:g} s calls) ...")
     with tempfile.TemporaryDirectory() as tmp:
+        profile = Path(size["profile"]) if size.get("profile") else None
+        if profile:
+            profile.mkdir(parents=True, exist_ok=True)
         result["hold"] = hold_cancel_kill(Path(tmp), int(size["attempts"]), latency_s,
                                           int(size["cancels"]), int(size["start_cancels"]),
-                                          float(size.get("measure_s") or 10.0))
+                                          float(size.get("measure_s") or 10.0), profile)
     if not size.get("skip_mixed"):
         durations = [float(x) for x in str(size["mixed_durations"]).split(",")]
         console.print(f"concurrency: mixed, {size['mixed_tasks']} tasks of {durations} s "
                       f"through {size['mixed_slots']} slots ...")
         result["mixed"] = mixed(int(size["mixed_tasks"]), int(size["mixed_slots"]), durations)
     console.print(table(result))
+    for phase, frames in result["hold"].get("profile", {}).items():
+        console.print(f"py-spy, {phase}: " + "; ".join(f"{f} {share:.0%}" for f, share in frames))
     return result
 
 
@@ -451,6 +505,8 @@ def main() -> None:
     ap.add_argument("--mixed-slots", type=int)
     ap.add_argument("--mixed-durations")
     ap.add_argument("--skip-mixed", action="store_true")
+    ap.add_argument("--profile", help="directory: py-spy profiles of the executor (ramp, "
+                    "waiting), collapsed stacks")
     args = ap.parse_args()
     from fleetplane.core.logging import configure_logging
 
