@@ -231,23 +231,33 @@ def _stop_spy(spy: subprocess.Popen[bytes] | None) -> None:
             spy.wait(60)
 
 
-def top_frames(path: Path, n: int = 12) -> list[tuple[str, float]]:
-    """The functions most often on the stack in a py-spy raw profile (share of samples, own
-    or inclusive of callees: any frame of the stack counts once per sample)."""
+def top_frames(path: Path, n: int = 12) -> dict[str, Any]:
+    """A py-spy raw profile summed up: samples, per thread name, the functions with the most
+    samples on top of the stack (own time) and the fleetplane functions most often on the
+    stack (inclusive of their callees), as shares of all samples."""
     if not path.exists():
-        return []
+        return {}
     total = 0
-    seen: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not count.isdigit():
             continue
         k = int(count)
         total += k
-        frames = {f.split(" (")[0] for f in stack.split(";")[1:]}  # [0] is the thread
-        for f in frames:
-            seen[f] += k
-    return [(f, round(c / max(1, total), 3)) for f, c in seen.most_common(n)]
+        frames = stack.split(";")
+        threads[frames[0].split(" (")[0]] += k
+        own[frames[-1]] += k
+        for f in {f for f in frames[1:] if "fleetplane" in f}:
+            inclusive[f] += k
+
+    def share(c: Counter[str]) -> list[tuple[str, float]]:
+        return [(f, round(v / max(1, total), 3)) for f, v in c.most_common(n)]
+
+    return {"samples": total, "threads": share(threads), "own": share(own),
+            "inclusive": share(inclusive)}
 
 
 def _wait(pred: Any, timeout_s: float, step: float = 0.05) -> bool:
@@ -437,8 +447,10 @@ def scenario(console: Console, quick: bool = False, **overrides: Any) -> dict[st
                       f"through {size['mixed_slots']} slots ...")
         result["mixed"] = mixed(int(size["mixed_tasks"]), int(size["mixed_slots"]), durations)
     console.print(table(result))
-    for phase, frames in result["hold"].get("profile", {}).items():
-        console.print(f"py-spy, {phase}: " + "; ".join(f"{f} {share:.0%}" for f, share in frames))
+    for phase, prof in result["hold"].get("profile", {}).items():
+        for kind in ("threads", "own", "inclusive"):
+            console.print(f"py-spy {phase} ({prof.get('samples')} samples), {kind}: "
+                          + "; ".join(f"{f} {v:.0%}" for f, v in prof.get(kind, [])[:8]))
     return result
 
 
