@@ -72,9 +72,8 @@ FULL = {"attempts": 2000, "cancels": 200, "start_cancels": 50, "mixed_tasks": 30
 
 
 class Watch:
-    """Follows tasks.lifecycle (read_uncommitted: the live channel) and tasks.outcomes
-    (read_committed: what a user sees) from their ends: when each task started and got its
-    first outcome (and which)."""
+    """Follows tasks.lifecycle and tasks.outcomes from their ends, read_committed (what a user
+    sees): when each task started and got its first outcome (and which)."""
 
     def __init__(self, settings: Settings) -> None:
         from confluent_kafka import Consumer, TopicPartition
@@ -85,7 +84,7 @@ class Watch:
         self._stop = threading.Event()
         self._serde = default_serde()
         self._consumers = []
-        for topic, isolation in ((LIFECYCLE, "read_uncommitted"), (OUTCOMES, "read_committed")):
+        for topic, isolation in ((LIFECYCLE, "read_committed"), (OUTCOMES, "read_committed")):
             c = Consumer({**settings.consumer_config(f"watch-{topic}-{time.monotonic_ns()}"),
                           "enable.auto.commit": False, "isolation.level": isolation})
             parts = c.list_topics(topic, timeout=30).topics[topic].partitions
@@ -108,7 +107,8 @@ class Watch:
                 if kind == "TaskStarted":
                     with self._lock:
                         self.started.setdefault(task, now)
-                elif kind in ("TaskCompleted", "TaskFailed") and m.topic() == OUTCOMES:
+                elif kind in ("TaskCompleted", "TaskFailed"):  # TaskFailed(final=false):
+                    # tasks.lifecycle
                     label = kind
                     if kind == "TaskFailed":
                         try:
