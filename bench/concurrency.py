@@ -248,7 +248,7 @@ def top_frames(path: Path, n: int = 12) -> dict[str, Any]:
         k = int(count)
         total += k
         frames = stack.split(";")
-        threads[frames[0].split(" (")[0]] += k
+        threads[frames[0].split(": ", 1)[-1].rstrip("0123456789_")] += k
         own[frames[-1]] += k
         for f in {f for f in frames[1:] if "fleetplane" in f}:
             inclusive[f] += k
@@ -364,6 +364,10 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
                 "max_ms": round(max(lat, default=float("nan")))}
 
             # 4. SIGKILL with the attempts in flight, then a restart
+            with watch._lock:
+                out["outcomes_before_kill"] = dict(Counter(
+                    watch.outcome[t][1] for t in hold if t in watch.outcome))
+            out["calls_before_kill"] = len(_calls(port))
             in_flight = watch.running(hold)
             executor.kill()
             killed = time.monotonic()
@@ -411,6 +415,11 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
     finally:
         if executor is not None:
             executor.kill()
+            if profile:  # keep the executor's logs beside the profiles
+                for i in range(1, executor.starts + 1):
+                    with suppress(OSError):
+                        (profile / f"executor-{i}.log").write_bytes(
+                            (tmp / f"executor-{i}.log").read_bytes())
         if watch is not None:
             watch.close()
         broker.stop()

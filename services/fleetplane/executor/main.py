@@ -14,7 +14,7 @@ from fleetplane.core.service import bootstrap
 from fleetplane.core.topics import DISPATCH, OUTCOMES
 from fleetplane.executor.handlers import SeenDispatches, execute
 from fleetplane.executor.leases import LeaseTable
-from fleetplane.executor.models import ModelClients, preload_litellm
+from fleetplane.executor.models import ModelClients
 from fleetplane.executor.position import position_new_group
 from fleetplane.executor.runtime import Journal, LiveEmitter, Runtime
 from fleetplane.executor.workspace import Workspaces, load_repositories
@@ -72,10 +72,6 @@ def main() -> None:
                  lookback_s=settings.executor_cancel_lookback_s)
     if leases is not None and not leases.ready.wait(120):
         log.warning("attempt leases not read within 120 s; starting anyway")
-    if any(m.provider != "anthropic" for m in catalog.models.values()):
-        # litellm (seconds to import, minutes under load) is imported in the background: the
-        # executor takes dispatches meanwhile, and a litellm call waits for it off the loop
-        preload_litellm()
     handler = partial(execute, catalog, ModelClients(settings), executor_id, SeenDispatches(),
                       runtime=runtime, leases=leases)
     # a brand-new group starts at the recent dispatches, not the whole history (position.py)

@@ -120,13 +120,6 @@ def import_litellm() -> Any:
     return litellm
 
 
-def preload_litellm() -> threading.Thread:
-    """Import litellm in a background thread (executor start-up does not wait for it)."""
-    thread = threading.Thread(target=import_litellm, name="import-litellm", daemon=True)
-    thread.start()
-    return thread
-
-
 class ModelClients:
     """One SDK client per provider, shared by the executor's slots (they are thread-safe)."""
 
@@ -286,9 +279,10 @@ class ModelClients:
     async def _litellm_chat(self, model: Model, system: str | None,
                             messages: list[dict[str, Any]], tools: list[str], max_tokens: int,
                             temperature: float, timeout_s: float, start: float) -> ModelTurn:
-        # importing litellm takes seconds (minutes on a loaded machine): never on the loop
-        # that holds every attempt's calls and cancellations (main.py imports it in the
-        # background at start-up; this waits for that import off the loop)
+        # importing litellm takes seconds (minutes on a loaded machine): at the first litellm
+        # call, and never on the loop that holds every attempt's calls and cancellations (a
+        # background import at start-up was measured taking a quarter of the executor's CPU
+        # samples while 2,000 attempts started: lazy it is)
         litellm = await asyncio.to_thread(import_litellm)
 
         from fleetplane.executor.tools import openai_tools
