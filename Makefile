@@ -61,7 +61,7 @@ bench-anchor: install
 	$(PY) -m bench.anchor $(BENCH_ARGS)
 
 ## per-service benches (each prints its figures; BENCH_ARGS passes options through)
-.PHONY: bench-anchor bench-pipeline bench-intake bench-routing bench-coordinator bench-coordinator-failover bench-burst bench-executor bench-accounting fuzz
+.PHONY: bench-anchor bench-pipeline bench-intake bench-routing bench-coordinator bench-coordinator-failover bench-burst bench-executor bench-concurrency bench-accounting fuzz
 bench-pipeline: install    ## one batch through all five services (--tasks, --rate, --submit, --latency-ms)
 	$(PY) -m bench.pipeline $(BENCH_ARGS)
 bench-intake: install      ## ingest HTTP submit latency/throughput with auth, idempotency, rate limits
@@ -70,6 +70,8 @@ bench-routing: install     ## routing decision latency in process
 	$(PY) -m bench.routing $(BENCH_ARGS)
 bench-executor: install    ## executor overhead per agent step, concurrency, cancel latency
 	$(PY) -m bench.executor $(BENCH_ARGS)
+bench-concurrency: install  ## one executor process: 2,000 waiting attempts, cancels, SIGKILL, mixed durations (--quick)
+	$(PY) -m bench.concurrency $(BENCH_ARGS)
 fuzz: install              ## hostile HTTP requests and raw Kafka records at a fresh stack; prints counts
 	$(PY) -m bench.fuzz $(FUZZ_ARGS)
 bench-accounting: install  ## sink rows/s and analytics latency over 1M and 10M model calls (chdb)

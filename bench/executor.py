@@ -229,6 +229,7 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
     try:
         settings = Settings(kafka_bootstrap=broker.bootstrap, executor_slots=slots,
                             anthropic_base_url=fake.base_url, model_max_retries=0,
+                            model_timeout_s=max(60.0, 2 * max(durations_s)),
                             executor_workspaces_dir=tmp / "wt-concurrency")
         ensure_topics(settings.client_config(), load_topics(settings.topics_file))
         fake.set_script({"replies": [

@@ -18,6 +18,9 @@ Scenarios (docs/benchmarks.md says what each figure means):
 6. burst: 20,000 TaskSubmitted at Kafka speed, then 20,000 more with the active coordinator
    SIGKILLed midway (bench/burst.py): drain time, tasks/s, coordinator CPU-s, failover time,
    invariants.
+7. concurrency: one executor process holding 2,000 waiting attempts (CPU, RSS), cancels while
+   busy and while starting, a SIGKILL with the attempts in flight (recovery, billing per
+   attempt), mixed 1-120 s attempts through 500 slots (bench/concurrency.py).
 Figures, not assertions.
 """
 
@@ -34,7 +37,7 @@ from typing import Any
 
 from rich.console import Console
 
-from bench import accounting, burst, overhead
+from bench import accounting, burst, concurrency, overhead
 from bench.measure import RESULTS, machine
 from bench.pipeline import (
     BENCH_LIFTED,
@@ -50,7 +53,7 @@ from bench.report import render
 from fleetplane.cli.stack import Stack
 from fleetplane.core.settings import Settings
 
-SCENARIOS = ("throughput", "steady", "overhead", "accounting", "burst")
+SCENARIOS = ("throughput", "steady", "overhead", "accounting", "burst", "concurrency")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -202,13 +205,16 @@ def main(argv: list[str] | None = None) -> None:
         result["duration_s"] = round(time.time() - started, 1)
         path.write_text(json.dumps(result, indent=2, default=str))
 
-    if args.only - {"accounting", "burst"}:
+    if args.only - {"accounting", "burst", "concurrency"}:
         pipeline_scenarios(args, console, result, save)
         save()
     if "burst" in args.only:
         result["burst"] = burst.scenario(console, args.burst, args.timeout)
         save()
         console.print_json(data=result["burst"])
+    if "concurrency" in args.only:  # one executor process (bench/concurrency.py, issue 13)
+        result["concurrency"] = concurrency.scenario(console, quick=args.quick)
+        save()
     if "accounting" in args.only:
         sizes = [int(x) for x in args.accounting_rows.split(",") if x.strip()]
         console.print(f"accounting: sink {args.sink_tasks:,} task lifecycles, analytics over "

@@ -6,6 +6,8 @@ in the catalog. Cost is always computed from the usage a provider reported.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -116,11 +118,25 @@ class Catalog:
         return self.tiers[i + 1] if i + 1 < len(self.tiers) else None
 
 
-def _litellm_prices(name: str) -> tuple[Prices, int, bool] | None:
+@lru_cache(maxsize=1)
+def _litellm_cost_map() -> dict[str, Any]:
+    """litellm's bundled cost map, read as the file the package ships (what `litellm.model_cost`
+    holds with LITELLM_LOCAL_MODEL_COST_MAP=True) without importing litellm: the import takes
+    seconds, 1-2 minutes on a loaded machine, and held up every executor start (issue 13)."""
+    spec = importlib.util.find_spec("litellm")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / "model_prices_and_context_window_backup.json"
+        if path.is_file():
+            loaded: dict[str, Any] = json.loads(path.read_bytes())
+            return loaded
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-    import litellm
+    import litellm  # a layout without the bundled file: ask litellm itself
 
-    info: dict[str, Any] | None = litellm.model_cost.get(name)
+    return dict(litellm.model_cost)
+
+
+def _litellm_prices(name: str) -> tuple[Prices, int, bool] | None:
+    info: dict[str, Any] | None = _litellm_cost_map().get(name)
     if not info or info.get("input_cost_per_token") is None:
         return None
     inp = float(info["input_cost_per_token"])

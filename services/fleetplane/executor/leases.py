@@ -69,8 +69,19 @@ class LeaseTable:
         self._lock = threading.Lock()
         self._serde = default_serde()
         self._last_prune = time.monotonic()
+        #: the latest heartbeat of each task, undecoded: the fleet's heartbeats are most of
+        #: what this reader sees (one per running attempt every executor_heartbeat_s, 1,000/s
+        #: for 2,000 attempts) and a lookup happens once per dispatch, so a heartbeat is
+        #: decoded only when its task is looked up (a heartbeat renews the lease of the attempt
+        #: that sent it; a later attempt's heartbeat supersedes it: the older attempt's lease
+        #: then ends at its last decoded renewal, and it is judged expired, never run twice)
+        self._beats: dict[str, bytes] = {}
 
     def get(self, task_id: str, attempt: int) -> Lease | None:
+        with self._lock:
+            raw = self._beats.pop(task_id, None)
+        if raw is not None:
+            self._apply(raw)
         with self._lock:
             return self._leases.get((task_id, attempt))
 
@@ -100,8 +111,16 @@ class LeaseTable:
         etype = dict(msg.headers() or []).get("event_type") or b""
         if etype not in _TYPES:
             return
+        key = msg.key()
+        if etype == b"TaskHeartbeat" and key:
+            with self._lock:
+                self._beats[key.decode(errors="replace")] = msg.value() or b""
+            return
+        self._apply(msg.value() or b"")
+
+    def _apply(self, value: bytes) -> None:
         try:
-            event = self._serde.decode(msg.value() or b"")
+            event = self._serde.decode(value)
         except Exception:  # dead-lettered by the topic's own consumers
             return
         at = int(event.occurred_at.timestamp() * 1000)
@@ -110,11 +129,18 @@ class LeaseTable:
         elif isinstance(event, TaskCompleted | TaskFailed | TaskRolledBack):
             self.finished(event.task_id, event.attempt, at)
         if time.monotonic() - self._last_prune > 60:
+            self._last_prune = time.monotonic()  # before: _prune applies the heartbeats
             self._prune()
-            self._last_prune = time.monotonic()
 
     def _prune(self) -> None:
         cutoff = int((time.time() - self.lookback_s) * 1000)
+        with self._lock:
+            beats = list(self._beats.items())
+        for task_id, raw in beats:  # fold the heartbeats in (bounded: one per task)
+            with self._lock:
+                if self._beats.get(task_id) is raw:
+                    del self._beats[task_id]
+            self._apply(raw)
         with self._lock:
             for key in [k for k, v in self._leases.items() if v.expires_ms < cutoff]:
                 del self._leases[key]

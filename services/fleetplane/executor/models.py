@@ -113,6 +113,14 @@ def classify(exc: Exception) -> tuple[str, bool]:
     return "model_error", False
 
 
+def import_litellm() -> Any:
+    """The litellm module (imported once; later calls return it at once)."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import litellm
+
+    return litellm
+
+
 class ModelClients:
     """One SDK client per provider, shared by the executor's slots (they are thread-safe)."""
 
@@ -274,8 +282,11 @@ class ModelClients:
     async def _litellm_chat(self, model: Model, system: str | None,
                             messages: list[dict[str, Any]], tools: list[str], max_tokens: int,
                             temperature: float, timeout_s: float, start: float) -> ModelTurn:
-        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-        import litellm
+        # importing litellm takes seconds (minutes on a loaded machine): at the first litellm
+        # call, and never on the loop that holds every attempt's calls and cancellations (a
+        # background import at start-up was measured taking a quarter of the executor's CPU
+        # samples while 2,000 attempts started: lazy it is)
+        litellm = await asyncio.to_thread(import_litellm)
 
         from fleetplane.executor.tools import openai_tools
 

@@ -72,6 +72,8 @@ class LiveEmitter:
         self._lock = threading.Lock()
         self._pending: dict[str, Event] = {}
         self._failed: dict[str, Event] = {}
+        #: settle() waiters per event id: [ids still unacknowledged, wake-up]
+        self._waiters: dict[str, list[list[Any]]] = {}
         self._closed = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="live-poll", daemon=True)
         self._poller.start()
@@ -89,6 +91,10 @@ class LiveEmitter:
                 ev = self._pending.pop(eid, None)
                 if err is not None and ev is not None:
                     self._failed[eid] = ev
+                for box in self._waiters.pop(eid, []):
+                    box[0] -= 1
+                    if box[0] <= 0:
+                        box[1].set()
 
         while True:
             try:
@@ -100,12 +106,24 @@ class LiveEmitter:
                 time.sleep(0.01)
 
     def settle(self, ids: set[str], timeout_s: float = 15.0) -> list[Event]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        """Wait (one wake-up, from the delivery callback the poller thread serves) until the
+        broker acknowledged `ids`; return those that were not delivered. (Each slot used to
+        loop on producer.flush(0.05): with thousands of attempts starting, thousands of
+        threads flushed one shared producer at once.)"""
+        with self._lock:
+            waiting = ids & self._pending.keys()
+            done = threading.Event()
+            box: list[Any] = [len(waiting), done]
+            for eid in waiting:
+                self._waiters.setdefault(eid, []).append(box)
+        if waiting and not done.wait(timeout_s):
             with self._lock:
-                if not ids & self._pending.keys():
-                    break
-            self._producer.flush(0.05)
+                for eid in waiting:
+                    boxes = self._waiters.get(eid, [])
+                    if box in boxes:
+                        boxes.remove(box)
+                    if not boxes:
+                        self._waiters.pop(eid, None)
         with self._lock:
             undelivered = [e for i, e in list(self._pending.items()) + list(self._failed.items())
                            if i in ids]

@@ -1,0 +1,546 @@
+"""The `concurrency` scenario of `make bench` (issue 13): what one executor process holds.
+
+    python -m bench.concurrency [--quick] [--attempts 2000] [--latency-s 30] [--mixed-tasks 3000]
+                                [--mixed-slots 500] [--mixed-durations 1,2,5,10,20,30,60,90,120]
+    make bench BENCH_ARGS="--only concurrency [--quick]"
+
+Two parts, figures not assertions (JSON under bench/results/):
+
+* **hold, cancel, kill** - the executor as its own process (`fleetplane.executor.main`, every
+  attempt a slot), the fake provider in a process of its own answering after `--latency-s`, the
+  embedded broker:
+  1. start-up: process spawned -> "parallel processor started";
+  2. `--attempts` dispatches at once: peak running (TaskStarted seen, no outcome yet), the time
+     until all started, then the executor's CPU (cores), RSS and threads while they wait;
+  3. cancel while busy: `--cancels` TaskCancelled for running attempts, one every 20 ms:
+     cancel published -> the attempt's TaskFailed(cancelled) committed, p50/p99/max;
+  4. SIGKILL with the attempts in flight, then a restart (same executor id and data
+     directory, as a restarted pod); right after the spawn `--start-cancels` new dispatches and
+     their TaskCancelled are published, so the cancels arrive while the executor starts:
+     cancel -> TaskFailed(cancelled) (start-up included) and the model calls they made (0 is
+     right);
+  5. recovery: SIGKILL -> every attempt has an outcome (the interrupted ones are reported
+     `lost_executor` from the journal, never re-run), and the billing check: the fake
+     provider's call log, per attempt (one model call each; two would be billed twice).
+* **mixed** - the executor's loop (core.parallel's ParallelProcessor with `execute`, in this
+  process, the fake provider in this process too) with `--mixed-tasks` attempts whose calls take
+  `--mixed-durations` seconds round-robin through `--mixed-slots` slots (bench.executor's
+  concurrency scenario): slot utilization while work is queued, free slot -> filled p99, and
+  dispatched -> started with a free slot (a trickle of short tasks afterwards), p50/p99.
+
+`--quick` (a loaded machine): 500 attempts, 100 cancels, 600 mixed tasks through 100 slots of
+1-20 s calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.executor import concurrency as mixed_loop
+from bench.executor import dispatch, pct
+from bench.measure import RESULTS, machine
+from fleetplane.core import events as ev
+from fleetplane.core.kafka import EventProducer
+from fleetplane.core.serde import DecodeError, default_serde
+from fleetplane.core.settings import REPO_ROOT, Settings
+from fleetplane.core.topics import LIFECYCLE, OUTCOMES, ensure_topics, load_topics
+from fleetplane.fakeprovider import FakeProvider
+from fleetplane.infra.broker import EmbeddedBroker, free_port
+
+QUICK = {"attempts": 500, "cancels": 100, "start_cancels": 20, "mixed_tasks": 600,
+         "mixed_slots": 100, "mixed_durations": "1,2,5,10,20"}
+FULL = {"attempts": 2000, "cancels": 200, "start_cancels": 50, "mixed_tasks": 3000,
+        "mixed_slots": 500, "mixed_durations": "1,2,5,10,20,30,60,90,120"}
+
+
+class Watch:
+    """Follows tasks.lifecycle and tasks.outcomes from their ends, read_committed (what a user
+    sees): when each task started and got its first outcome (and which)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        self.started: dict[str, float] = {}
+        self.outcome: dict[str, tuple[float, str]] = {}  # task -> (time, type or failure class)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._serde = default_serde()
+        self._consumers = []
+        for topic, isolation in ((LIFECYCLE, "read_committed"), (OUTCOMES, "read_committed")):
+            c = Consumer({**settings.consumer_config(f"watch-{topic}-{time.monotonic_ns()}"),
+                          "enable.auto.commit": False, "isolation.level": isolation})
+            parts = c.list_topics(topic, timeout=30).topics[topic].partitions
+            c.assign([TopicPartition(topic, p, c.get_watermark_offsets(
+                TopicPartition(topic, p), timeout=30)[1]) for p in sorted(parts)])
+            self._consumers.append(c)
+        self._threads = [threading.Thread(target=self._run, args=(c,), daemon=True)
+                         for c in self._consumers]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, consumer: Any) -> None:
+        while not self._stop.is_set():
+            for m in consumer.consume(1000, 0.05):
+                if m.error() is not None:
+                    continue
+                kind = dict(m.headers() or []).get("event_type", b"").decode()
+                task = (m.key() or b"").decode()
+                now = time.monotonic()
+                if kind == "TaskStarted":
+                    with self._lock:
+                        self.started.setdefault(task, now)
+                elif kind in ("TaskCompleted", "TaskFailed"):  # TaskFailed(final=false):
+                    # tasks.lifecycle
+                    label = kind
+                    if kind == "TaskFailed":
+                        try:
+                            e = self._serde.decode(m.value() or b"")
+                            label = getattr(e, "failure_class", kind)
+                        except DecodeError:
+                            pass
+                    with self._lock:
+                        self.outcome.setdefault(task, (now, label))
+
+    def running(self, tasks: set[str]) -> int:
+        with self._lock:
+            return sum(1 for t in tasks if t in self.started and t not in self.outcome)
+
+    def counts(self, tasks: set[str]) -> tuple[int, int]:
+        with self._lock:
+            return (sum(1 for t in tasks if t in self.started),
+                    sum(1 for t in tasks if t in self.outcome))
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(5)
+        for c in self._consumers:
+            c.close()
+
+
+class ExecutorProc:
+    """fleetplane.executor.main as a child process (its own session: SIGKILL takes it all)."""
+
+    def __init__(self, env: dict[str, str], tmp: Path) -> None:
+        self.env, self.tmp = env, tmp
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.tmp / f"executor-{self.starts}.log"
+
+    def start(self) -> float:
+        self.starts += 1
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "fleetplane.executor.main"],
+                                         env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        return time.monotonic()
+
+    def wait_log(self, text: str, timeout_s: float = 600.0) -> float:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"executor exited: {self.log_path.read_text()[-2000:]}")
+            if text in self.log_path.read_text():
+                return time.monotonic()
+            time.sleep(0.1)
+        raise RuntimeError(f"{text!r} not logged in {timeout_s} s")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+
+def _calls(port: int) -> list[dict[str, Any]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_fake/calls", timeout=60) as resp:
+        calls: list[dict[str, Any]] = json.load(resp)
+    return calls
+
+
+def _set_script(port: int, script: dict[str, Any]) -> None:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/_fake/script",
+                                 data=json.dumps(script).encode(), method="POST",
+                                 headers={"content-type": "application/json"})
+    urllib.request.urlopen(req, timeout=30).close()
+
+
+@contextmanager
+def _provider(latency_s: float) -> Iterator[int]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "services")}
+    proc = subprocess.Popen([sys.executable, "-m", "fleetplane.fakeprovider.server", "--port",
+                             str(port)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                _set_script(port, {"latency_ms": latency_s * 1000, "replies": [
+                    {"match": "WARM", "text": "ok", "latency_ms": 0, "times": None}]})
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        yield port
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _spy(pid: int, path: Path, seconds: float | None = None) -> subprocess.Popen[bytes] | None:
+    """py-spy recording `pid` (collapsed stacks, --nonblocking: the target is not paused), for
+    `seconds` or until SIGINT; None without py-spy."""
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        return None
+    cmd = [str(spy), "record", "-p", str(pid), "-r", "50", "--nonblocking", "-f", "raw",
+           "-o", str(path), "--threads"]
+    if seconds is not None:
+        cmd += ["-d", str(max(1, round(seconds)))]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop_spy(spy: subprocess.Popen[bytes] | None) -> None:
+    if spy is not None:
+        if spy.poll() is None:
+            spy.send_signal(signal.SIGINT)
+        with suppress(subprocess.TimeoutExpired):
+            spy.wait(60)
+
+
+def top_frames(path: Path, n: int = 12) -> dict[str, Any]:
+    """A py-spy raw profile summed up: samples, per thread name, the functions with the most
+    samples on top of the stack (own time) and the fleetplane functions most often on the
+    stack (inclusive of their callees), as shares of all samples."""
+    if not path.exists():
+        return {}
+    total = 0
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        k = int(count)
+        total += k
+        frames = stack.split(";")
+        threads[frames[0].split(": ", 1)[-1].rstrip("0123456789_")] += k
+        own[frames[-1]] += k
+        for f in {f for f in frames[1:] if "fleetplane" in f}:
+            inclusive[f] += k
+
+    def share(c: Counter[str]) -> list[tuple[str, float]]:
+        return [(f, round(v / max(1, total), 3)) for f, v in c.most_common(n)]
+
+    return {"samples": total, "threads": share(threads), "own": share(own),
+            "inclusive": share(inclusive)}
+
+
+def _wait(pred: Any, timeout_s: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return bool(pred())
+
+
+def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
+                     start_cancels: int, measure_s: float,
+                     profile: Path | None = None) -> dict[str, Any]:
+    import psutil
+
+    out: dict[str, Any] = {"attempts": attempts, "latency_s": latency_s}
+    broker = EmbeddedBroker(tmp / "broker")
+    broker.start()
+    watch: Watch | None = None
+    executor: ExecutorProc | None = None
+    try:
+        settings = Settings(kafka_bootstrap=broker.bootstrap)
+        ensure_topics(settings.client_config(), load_topics(settings.topics_file))
+        with _provider(latency_s) as port:
+            env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "services"),
+                   "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                   "FLEETPLANE_KAFKA_BOOTSTRAP": broker.bootstrap,
+                   "FLEETPLANE_DATA_DIR": str(tmp / "data"),
+                   "FLEETPLANE_ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}",
+                   "FLEETPLANE_EXECUTOR_SLOTS": str(attempts),
+                   "FLEETPLANE_EXECUTOR_ID": "bench-exec", "FLEETPLANE_INSTANCE_ID": "bench-exec",
+                   "FLEETPLANE_MODEL_TIMEOUT_S": str(max(60.0, latency_s * 4)),
+                   "FLEETPLANE_MODEL_MAX_RETRIES": "0", "FLEETPLANE_LOG_LEVEL": "INFO",
+                   "FLEETPLANE_LOG_JSON": "false"}
+            watch = Watch(settings)
+            producer = EventProducer(settings)
+            executor = ExecutorProc(env, tmp)
+            spawned = executor.start()
+            out["startup_s"] = round(executor.wait_log("parallel processor started")
+                                     - spawned, 2)
+            producer.send([dispatch("warm", "WARM", None, 2)])
+            if not _wait(lambda: "warm" in watch.outcome, 300):
+                raise RuntimeError("the warm-up attempt got no outcome in 300 s")
+            proc = psutil.Process(executor.proc.pid)  # type: ignore[union-attr]
+            out["rss_idle_mib"] = round(proc.memory_info().rss / 2**20)
+
+            # 2. hold: every attempt waits on its model call
+            hold = {f"hold-{i}" for i in range(attempts)}
+            spy = _spy(proc.pid, profile / "ramp.txt") if profile else None
+            t0 = time.monotonic()
+            producer.send([dispatch(t, f"HOLD {t}", None, 2) for t in sorted(hold)],
+                          timeout_s=120)
+            peak = 0
+            deadline = t0 + latency_s * 0.8
+            while time.monotonic() < deadline:
+                peak = max(peak, watch.running(hold))
+                if watch.counts(hold)[0] >= attempts:
+                    break
+                time.sleep(0.1)
+            started, _ = watch.counts(hold)
+            out["all_started_s"] = round(time.monotonic() - t0, 2) if started >= attempts \
+                else None
+            out["started_within_window"] = started
+            _stop_spy(spy)
+            window = max(1.0, min(measure_s, t0 + latency_s - time.monotonic() - 3))
+            cpu0, m0 = proc.cpu_times(), time.monotonic()
+            spy = _spy(proc.pid, profile / "waiting.txt", window) if profile else None
+            time.sleep(window)
+            cpu1, wall = proc.cpu_times(), time.monotonic() - m0
+            _stop_spy(spy)
+            if profile:
+                out["profile"] = {"ramp": top_frames(profile / "ramp.txt"),
+                                  "waiting": top_frames(profile / "waiting.txt")}
+            waiting = watch.running(hold)
+            peak = max(peak, waiting)
+            cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / wall
+            rss = proc.memory_info().rss
+            out.update({"peak_running": peak, "waiting_while_measured": waiting,
+                        "measured_s": round(wall, 1), "cpu_cores_waiting": round(cpu, 3),
+                        "rss_mib": round(rss / 2**20), "threads": proc.num_threads(),
+                        "cpu_per_1000_waiting": round(cpu / max(1, waiting) * 1000, 3),
+                        "rss_per_1000_waiting_mib": round(
+                            (rss / 2**20 - out["rss_idle_mib"]) / max(1, waiting) * 1000)})
+
+            # 3. cancels while busy
+            with watch._lock:
+                running = sorted(t for t in hold if t in watch.started
+                                 and t not in watch.outcome)
+            targets = random.Random(7).sample(running, min(cancels, len(running)))
+            sent: dict[str, float] = {}
+            for t in targets:
+                producer.send([ev.TaskCancelled(task_id=t, team="platform",
+                                                reason="bench: cancel while busy")])
+                sent[t] = time.monotonic()
+                time.sleep(0.02)
+            _wait(lambda: all(t in watch.outcome for t in targets), 60)
+            lat = [(watch.outcome[t][0] - sent[t]) * 1000 for t in targets if t in watch.outcome]
+            out["cancel_busy"] = {
+                "n": len(targets), "stopped": sum(1 for t in targets
+                                                  if watch.outcome.get(t, (0, ""))[1]
+                                                  == "cancelled"),
+                "p50_ms": round(pct(lat, 50)), "p99_ms": round(pct(lat, 99)),
+                "max_ms": round(max(lat, default=float("nan")))}
+
+            # 4. SIGKILL with the attempts in flight, then a restart
+            with watch._lock:
+                out["outcomes_before_kill"] = dict(Counter(
+                    watch.outcome[t][1] for t in hold if t in watch.outcome))
+            out["calls_before_kill"] = len(_calls(port))
+            in_flight = watch.running(hold)
+            executor.kill()
+            killed = time.monotonic()
+            out["killed_in_flight"] = in_flight
+            late = {f"late-{i}" for i in range(start_cancels)}
+            respawned = executor.start()
+            producer.send([dispatch(t, f"HOLD {t}", None, 2) for t in sorted(late)])
+            late_sent: dict[str, float] = {}
+            for t in sorted(late):
+                producer.send([ev.TaskCancelled(task_id=t, team="platform",
+                                                reason="bench: cancel while starting")])
+                late_sent[t] = time.monotonic()
+            ready = executor.wait_log("parallel processor started")
+            out["restart_startup_s"] = round(ready - respawned, 2)
+            everyone = hold | late
+            _wait(lambda: all(t in watch.outcome for t in everyone), max(300.0, latency_s * 4),
+                  step=0.2)
+            done_at = max((watch.outcome[t][0] for t in everyone if t in watch.outcome),
+                          default=time.monotonic())
+            missing = sorted(t for t in everyone if t not in watch.outcome)
+            lat = [(watch.outcome[t][0] - late_sent[t]) * 1000 for t in late
+                   if t in watch.outcome]
+            out["cancel_starting"] = {
+                "n": len(late), "stopped": sum(1 for t in late
+                                               if watch.outcome.get(t, (0, ""))[1]
+                                               == "cancelled"),
+                "p50_ms": round(pct(lat, 50)), "p99_ms": round(pct(lat, 99)),
+                "after_ready_p99_ms": round(pct([(watch.outcome[t][0] - ready) * 1000
+                                                 for t in late if t in watch.outcome], 99))}
+            outcomes = Counter(watch.outcome[t][1] for t in hold if t in watch.outcome)
+            out["recovery"] = {"recover_s": round(done_at - killed, 2),
+                               "without_outcome": len(missing), "missing": missing[:10],
+                               "outcomes": dict(outcomes)}
+            # 5. billing: the provider's call log, per attempt (one attempt per task here)
+            per_task = Counter(c["last_user_text"].split(" ", 1)[1]
+                               for c in _calls(port)
+                               if c["last_user_text"].startswith("HOLD "))
+            out["billing"] = {"calls": sum(per_task.values()),
+                              "attempts_billed_twice": sorted(t for t, n in per_task.items()
+                                                              if n > 1)[:10],
+                              "billed_twice": sum(1 for n in per_task.values() if n > 1),
+                              "cancelled_while_starting_called": sum(per_task[t]
+                                                                     for t in late)}
+            producer.close()
+    finally:
+        if executor is not None:
+            executor.kill()
+            if profile:  # keep the executor's logs beside the profiles
+                for i in range(1, executor.starts + 1):
+                    with suppress(OSError):
+                        (profile / f"executor-{i}.log").write_bytes(
+                            (tmp / f"executor-{i}.log").read_bytes())
+        if watch is not None:
+            watch.close()
+        broker.stop()
+    out["loadavg"] = [round(x, 1) for x in os.getloadavg()]
+    return out
+
+
+def mixed(tasks: int, slots: int, durations: list[float]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp, FakeProvider() as fake:
+        r = mixed_loop(fake, Path(tmp), tasks, slots, durations, 50, "parallel")
+    r["loadavg"] = [round(x, 1) for x in os.getloadavg()]
+    r.pop("timeline", None)
+    return r
+
+
+def scenario(console: Console, quick: bool = False, **overrides: Any) -> dict[str, Any]:
+    """Both parts; returns the figures (printed as a table)."""
+    size = {**(QUICK if quick else FULL), **{k: v for k, v in overrides.items()
+                                             if v is not None}}
+    latency_s = float(size.get("latency_s") or 30.0)
+    result: dict[str, Any] = {"quick": quick, "size": size}
+    console.print(f"concurrency: hold/cancel/kill with {size['attempts']} attempts "
+                  f"({latency_s:g} s calls) ...")
+    with tempfile.TemporaryDirectory() as tmp:
+        profile = Path(size["profile"]) if size.get("profile") else None
+        if profile:
+            profile.mkdir(parents=True, exist_ok=True)
+        result["hold"] = hold_cancel_kill(Path(tmp), int(size["attempts"]), latency_s,
+                                          int(size["cancels"]), int(size["start_cancels"]),
+                                          float(size.get("measure_s") or 10.0), profile)
+    if not size.get("skip_mixed"):
+        durations = [float(x) for x in str(size["mixed_durations"]).split(",")]
+        console.print(f"concurrency: mixed, {size['mixed_tasks']} tasks of {durations} s "
+                      f"through {size['mixed_slots']} slots ...")
+        result["mixed"] = mixed(int(size["mixed_tasks"]), int(size["mixed_slots"]), durations)
+    console.print(table(result))
+    for phase, prof in result["hold"].get("profile", {}).items():
+        for kind in ("threads", "own", "inclusive"):
+            console.print(f"py-spy {phase} ({prof.get('samples')} samples), {kind}: "
+                          + "; ".join(f"{f} {v:.0%}" for f, v in prof.get(kind, [])[:8]))
+    return result
+
+
+def table(result: dict[str, Any]) -> Table:
+    t = Table(title="executor concurrency (one process)")
+    for col in ("figure", "value", "target"):
+        t.add_column(col)
+    h = result["hold"]
+    t.add_row("start-up (spawn -> taking dispatches) / restart", f"{h.get('startup_s')} s / "
+              f"{h.get('restart_startup_s')} s", "")
+    t.add_row(f"peak running of {h['attempts']} ({h['latency_s']:g} s calls)",
+              f"{h.get('peak_running')} (all started after {h.get('all_started_s')} s)",
+              ">= 2,000")
+    t.add_row("executor CPU while they wait", f"{h.get('cpu_cores_waiting')} cores "
+              f"({h.get('waiting_while_measured')} waiting)", "<= 0.3 core")
+    t.add_row("executor RSS / threads", f"{h.get('rss_mib')} MiB (idle {h.get('rss_idle_mib')})"
+              f" / {h.get('threads')}", "<= 1.5 GiB")
+    t.add_row("per 1,000 waiting attempts", f"{h.get('cpu_per_1000_waiting')} cores, "
+              f"{h.get('rss_per_1000_waiting_mib')} MiB", "")
+    if "cancel_busy" in h:
+        c = h["cancel_busy"]
+        t.add_row(f"cancel while busy ({c['n']}): stopped, p50 / p99 / max",
+                  f"{c['stopped']}, {c['p50_ms']} / {c['p99_ms']} / {c['max_ms']} ms",
+                  "p99 <= 2 s")
+    if "cancel_starting" in h:
+        c = h["cancel_starting"]
+        t.add_row(f"cancel while starting ({c['n']}): stopped, p50 / p99 (start-up included)",
+                  f"{c['stopped']}, {c['p50_ms']} / {c['p99_ms']} ms (p99 after ready "
+                  f"{c['after_ready_p99_ms']} ms)", "p99 <= 2 s")
+    if "recovery" in h:
+        r, b = h["recovery"], h["billing"]
+        t.add_row(f"SIGKILL with {h['killed_in_flight']} in flight: every attempt an outcome "
+                  "after", f"{r['recover_s']} s; without outcome {r['without_outcome']}; "
+                  f"{r['outcomes']}", "all terminal")
+        t.add_row("attempts billed twice (fake provider call log)",
+                  f"{b['billed_twice']} of {b['calls']} calls; cancelled-while-starting "
+                  f"called {b['cancelled_while_starting_called']}", "0")
+    if "mixed" in result:
+        m = result["mixed"]
+        t.add_row(f"mixed: {m['tasks']} tasks, {m['slots']} slots: slot utilization while "
+                  "queued (after the first fill)",
+                  f"{m['slot_utilization_while_queued']:.1%} "
+                  f"({m['slot_utilization_while_queued_after_ramp']:.1%})", ">= 95 %")
+        t.add_row("mixed: free slot -> filled p50 / p99", f"{m['fill_p50_ms']:.1f} / "
+                  f"{m['fill_p99_ms']:.1f} ms", "p99 <= 100 ms")
+        t.add_row("mixed: dispatched -> started, slot free, p50 / p99",
+                  f"{m['dispatched_to_started_p50_ms']:.1f} / "
+                  f"{m['dispatched_to_started_p99_ms']:.1f} ms", "")
+        t.add_row("mixed: wall / ideal", f"{m['burst_wall_s']:.1f} / {m['ideal_wall_s']:.1f} s",
+                  "")
+    t.add_row("load average", f"{h.get('loadavg')}", "")
+    return t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--attempts", type=int)
+    ap.add_argument("--latency-s", type=float)
+    ap.add_argument("--cancels", type=int)
+    ap.add_argument("--start-cancels", type=int)
+    ap.add_argument("--measure-s", type=float)
+    ap.add_argument("--mixed-tasks", type=int)
+    ap.add_argument("--mixed-slots", type=int)
+    ap.add_argument("--mixed-durations")
+    ap.add_argument("--skip-mixed", action="store_true")
+    ap.add_argument("--profile", help="directory: py-spy profiles of the executor (ramp, "
+                    "waiting), collapsed stacks")
+    args = ap.parse_args()
+    from fleetplane.core.logging import configure_logging
+
+    configure_logging("bench", "ERROR", json=False)
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    console = Console(width=160)
+    overrides = {k: v for k, v in vars(args).items() if k != "quick"}
+    result = {"machine": machine(), "concurrency": scenario(console, args.quick, **overrides)}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"concurrency-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    console.print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
