@@ -180,6 +180,9 @@ class RouterConfig:
     signal_weight: float = PolicyConfig.signal_weight
     best_from_samples: bool = PolicyConfig.best_from_samples
     shortfall_recent: bool = PolicyConfig.shortfall_recent
+    prior_strength: float = PolicyConfig.prior_strength
+    sampled_per_decision: int = PolicyConfig.sampled_per_decision
+    play_contender: bool = PolicyConfig.play_contender
 
 
 def prompt_vectors(tasks: list[EvalTask], embedding: str) -> FeatureCache | None:
@@ -199,7 +202,9 @@ def replay_router(tasks: list[EvalTask], catalog: Catalog, rc: RouterConfig,
     cfg = PolicyConfig(exploration_share=rc.exploration_share, confidence_z=rc.confidence_z,
                        shortfall_gain=rc.shortfall_gain, signal_weight=rc.signal_weight,
                        best_from_samples=rc.best_from_samples,
-                       shortfall_recent=rc.shortfall_recent)
+                       shortfall_recent=rc.shortfall_recent, prior_strength=rc.prior_strength,
+                       sampled_per_decision=rc.sampled_per_decision,
+                       play_contender=rc.play_contender)
     stats = OutcomeStats()
     signal = PromptSignal()
     res = Result("router")

@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 
 from fleetplane.core import failures
+from fleetplane.router.prior import TwoWayPrior
 
 PRIOR_A = 1.0
 PRIOR_B = 1.0
@@ -89,6 +90,8 @@ class OutcomeStats:
         self._by_model: dict[str, ModelStats] = {}
         self._by_type: dict[str, ModelStats] = {}
         self._recent: dict[str, float] = {}  # task type -> success rate, moving average
+        self._prior = TwoWayPrior()
+        self._unfitted = 0  # outcomes recorded since the prior was last fitted
 
     def get(self, task_type: str, model: str) -> ModelStats:
         return self._by_key.get((task_type, model)) or ModelStats()
@@ -100,6 +103,16 @@ class OutcomeStats:
         n = self._by_type[task_type].attempts
         ema = self._recent.get(task_type, 0.0)
         self._recent[task_type] = ema + ((1.0 if success else 0.0) - ema) / min(n, RECENT)
+        self._unfitted += 1
+
+    def prior(self, task_type: str, model: str) -> float | None:
+        """The two-way prior of P(success) for the pair (fleetplane.router.prior), refitted
+        lazily: after every outcome on small tables, every len/8 outcomes on large ones."""
+        if self._unfitted and self._unfitted >= len(self._by_key) // 8:
+            self._prior.fit((t, m, s.recent_successes, s.recent_successes + s.recent_failures)
+                            for (t, m), s in self._by_key.items())
+            self._unfitted = 0
+        return self._prior.predict(task_type, model)
 
     def overall(self, model: str) -> ModelStats:
         """The model's outcomes over every task type (for a type it has not run yet)."""
