@@ -194,25 +194,30 @@ class Estimate:
 def _estimates(pool: list[Model], spec: TaskSpec, stats: OutcomeStats, rng: random.Random,
                explored: bool, prompt: PromptView | None,
                cfg: PolicyConfig) -> dict[str, Estimate]:
-    """Per model: Beta(1 + successes, 1 + failures) of this task type (about the last
-    stats.WINDOW outcomes), with the model's outcomes
-    on other task types as extra pseudo-counts (weight BORROW each, at most BORROW_CAP in all),
-    its mean blended with the per-prompt prediction once the model has enough outcomes."""
+    """Per model: a Beta posterior of this task type's success (about the last stats.WINDOW
+    outcomes) whose prior is `prior_strength` pseudo-outcomes at the two-way prior's mean
+    (fleetplane.router.prior: how the model does on other task types and how other models do
+    on this one); with prior_strength 0, Beta(1, 1) plus the model's outcomes on other task
+    types as pseudo-counts (weight BORROW each, at most BORROW_CAP in all). The mean is blended
+    with the per-prompt prediction once the model has enough outcomes. Exploring, only
+    `sampled_per_decision` models (drawn per decision) are judged by a posterior draw: with a
+    draw for every model, the cheapest of many mediocre models almost always has one lucky
+    draw above the target, and exploration losses grow with the number of models."""
     out: dict[str, Estimate] = {}
     names = sorted(m.name for m in pool)
-    k = cfg.sampled_per_decision
-    sampled = set(rng.sample(names, k) if 0 < k < len(names) else names)
+    n_sampled = cfg.sampled_per_decision
+    sampled = set(rng.sample(names, n_sampled) if 0 < n_sampled < len(names) else names)
     for m in sorted(pool, key=lambda m: m.name):  # fixed draw order: deterministic
         s = stats.get(spec.task_type, m.name)
         o = stats.overall(m.name)
         other_n = o.attempts - s.attempts
         pi = stats.prior(spec.task_type, m.name) if cfg.prior_strength > 0 else None
         if pi is not None:  # the two-way prior: how the model and the task type do elsewhere
-            k = cfg.prior_strength
+            strength = cfg.prior_strength
             # evidence it lends: as many pseudo-outcomes as the pooled borrow would
             w = min(BORROW * other_n, BORROW_CAP) / other_n if other_n else 0.0
-            alpha = k * pi + s.recent_successes + 0.5
-            beta = k * (1 - pi) + s.recent_failures + 0.5
+            alpha = strength * pi + s.recent_successes + 0.5
+            beta = strength * (1 - pi) + s.recent_failures + 0.5
         else:
             w = min(BORROW * other_n, BORROW_CAP) / other_n if other_n else 0.0
             alpha = s.alpha + w * (o.successes - s.successes)
@@ -359,7 +364,11 @@ def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,
         reason += (f" (raised: {spec.task_type}'s recent success {rate:.2f} is short of "
                    f"{target:.2f})")
     reason += "; "
-    if mix.lower is None:
+    if contender is not None:
+        reason += (f"trying {model.name}: its draw {contender.success:.2f} beats the leader "
+                   f"{leader.name} ({est[leader.name].success:.2f}), so it may be the best "
+                   f"({p.attempts} outcomes, {p.source}, est. ${cost:.6f})")
+    elif mix.lower is None:
         reason += (f"{model.name} is the cheapest model meeting it ({how} less margin "
                    f"{picked.success:.2f}, {p.attempts} outcomes, {p.source}, est. ${cost:.6f})")
     else:
