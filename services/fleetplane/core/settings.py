@@ -178,6 +178,9 @@ class Settings(BaseSettings):
         default="wordllama", pattern="^(wordllama|hashing)$",
         description="Prompt embedding: wordllama (bundled weights) or hashing.")
     router_min_cost_observations: int = 3
+    router_shared_state: bool = Field(
+        default=True, description="Publish and follow the learned statistics on the compacted "
+        "router.stats topic (replicas learn from all outcomes; a restart reads the snapshot).")
     router_cache_ttl_s: float = Field(default=86_400.0, ge=0,
                                       description="Response cache entry lifetime (0: no cache).")
     router_cache_scope: str = Field(default="team", pattern="^(team|fleet)$",

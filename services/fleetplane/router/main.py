@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fleetplane.core.catalog import load_catalog
+from fleetplane.core.follower import Follower
 from fleetplane.core.loop import Processor
 from fleetplane.core.service import bootstrap
 from fleetplane.core.settings import Settings
@@ -12,6 +13,7 @@ from fleetplane.router.features import FeatureCache, load_embedder
 from fleetplane.router.handlers import Router
 from fleetplane.router.policy import PolicyConfig
 from fleetplane.router.rebuild import rebuild
+from fleetplane.router.shared import STATS_TOPIC
 from fleetplane.router.state import RouterState
 
 #: What the router consumes: submissions to route, escalations and failed attempts (lifecycle),
@@ -31,16 +33,32 @@ def build_router(settings: Settings) -> Router:
                        confidence_z=settings.router_confidence_z,
                        shortfall_gain=settings.router_shortfall_gain,
                        low_budget_quality_share=settings.router_low_budget_quality_share)
-    return Router(catalog, load_teams(settings.teams_file), state, cfg)
+    replica = settings.instance_id if settings.router_shared_state else None
+    return Router(catalog, load_teams(settings.teams_file), state, cfg, replica=replica)
+
+
+def start(router: Router, settings: Settings) -> tuple[Processor, Follower | None]:
+    """Rebuild the state, follow the other replicas' statistics, and make the processor."""
+    rebuild(router.state, settings, replica=router.replica)
+    follower = None
+    if router.replica is not None:
+        follower = Follower(settings, name=f"router-stats-{settings.instance_id}")
+        follower.follow("router-stats", [STATS_TOPIC], router.follow_peers)
+        follower.start()
+    processor = Processor("router", INPUTS, router, settings, on_abort=router.on_abort)
+    return processor, follower
 
 
 def main() -> None:
     settings = bootstrap("router")
     router = build_router(settings)
-    rebuild(router.state, settings)
-    processor = Processor("router", INPUTS, router, settings)
+    processor, follower = start(router, settings)
     processor.install_signal_handlers()
-    processor.run()
+    try:
+        processor.run()
+    finally:
+        if follower is not None:
+            follower.close()
 
 
 if __name__ == "__main__":

@@ -59,6 +59,9 @@ class RouterState:
         self.cache = ResponseCache(cache_ttl_s, cache_max_entries)
         self.budgets: dict[str, ev.BudgetStatus] = {}
         self.applied = 0
+        # False while start-up re-reads outcomes the shared statistics already hold
+        # (fleetplane.router.shared): they close tasks but are not counted again
+        self.counting = True
 
     # -- queries -------------------------------------------------------------------------------
     def held_tasks(self, team: str) -> list[tuple[str, TaskRecord]]:
@@ -133,7 +136,7 @@ class RouterState:
     def _count(self, task_id: str, attempt: int, *, success: bool, cost: float,
                neutral: bool = False) -> None:
         rec = self.tasks.get(task_id)
-        if rec is None or attempt in rec.counted or rec.spec is None:
+        if not self.counting or rec is None or attempt in rec.counted or rec.spec is None:
             return
         model = rec.model_of(attempt)
         if model is None:
