@@ -57,10 +57,12 @@ class Router:
         self.replica = replica
         self.inbox = PeerInbox()
         self.published_signal: dict[str, int] = {}
+        self.rebuilt: dict[str, int] = {}  # events per topic read at start-up
         self.teams = teams
         self.state = state
         self.cfg = cfg or PolicyConfig()
         self.cache_hits = 0
+        self.semantic_hits = 0
         self.cache_saved_usd = 0.0
 
     def __call__(self, event: ev.Event, record: Record | None = None) -> list[Output]:
@@ -151,6 +153,14 @@ class Router:
         if attempt == 1 and escalate_to is None and not_cacheable(spec) is None:
             hit = self.state.cache_lookup(spec, decision.model.tier, cause.team,
                                           cause.occurred_at)
+            if hit is None:
+                match = self.state.semantic_lookup(cause.task_id, spec, decision.model.tier,
+                                                   cause.team, cause.occurred_at)
+                if match is not None:
+                    hit = match.entry
+                    self.semantic_hits += 1
+                    log.info("semantic cache hit", similarity=round(match.similarity, 4),
+                             source_task=hit.source_task_id)
             if hit is not None:
                 self.cache_hits += 1
                 self.cache_saved_usd += decision.estimated_cost_usd

@@ -13,6 +13,7 @@ from fleetplane.router.features import FeatureCache, load_embedder
 from fleetplane.router.handlers import Router
 from fleetplane.router.policy import PolicyConfig
 from fleetplane.router.rebuild import rebuild
+from fleetplane.router.semantic import SemanticCache
 from fleetplane.router.shared import STATS_TOPIC
 from fleetplane.router.state import RouterState
 
@@ -26,8 +27,16 @@ def build_router(settings: Settings) -> Router:
     catalog = load_catalog(settings.catalog_file)
     features = (FeatureCache(load_embedder(settings.router_embedding))
                 if settings.router_prompt_signal else None)
+    semantic_types = [t.strip() for t in settings.router_semantic_cache_types.split(",")
+                      if t.strip()]
+    semantic = (SemanticCache(semantic_types, settings.router_semantic_cache_threshold,
+                              settings.router_semantic_cache_max_edits,
+                              settings.router_cache_ttl_s) if semantic_types else None)
+    semantic_features = (features or FeatureCache(load_embedder(settings.router_embedding))
+                         if semantic is not None else None)
     state = RouterState(catalog, settings.router_cache_ttl_s, settings.router_cache_scope,
-                        settings.router_cache_max_entries, features)
+                        settings.router_cache_max_entries, features, semantic,
+                        semantic_features)
     cfg = PolicyConfig(exploration_share=settings.router_exploration_share,
                        min_cost_observations=settings.router_min_cost_observations,
                        confidence_z=settings.router_confidence_z,
@@ -39,7 +48,7 @@ def build_router(settings: Settings) -> Router:
 
 def start(router: Router, settings: Settings) -> tuple[Processor, Follower | None]:
     """Rebuild the state, follow the other replicas' statistics, and make the processor."""
-    rebuild(router.state, settings, replica=router.replica)
+    router.rebuilt = rebuild(router.state, settings, replica=router.replica)
     follower = None
     if router.replica is not None:
         follower = Follower(settings, name=f"router-stats-{settings.instance_id}")
