@@ -16,6 +16,7 @@ from fleetplane.router.features import FeatureCache, load_embedder
 from fleetplane.router.handlers import Router
 from fleetplane.router.policy import PolicyConfig
 from fleetplane.router.semantic import SemanticCache, edits, salient, wording
+from fleetplane.router.semantic_eval import BENIGN, NEAR_MISS, semantic_pairs
 from fleetplane.router.state import RouterState
 
 BASE = "Summarize the incident report about the payment outage in two sentences."
@@ -119,3 +120,19 @@ def test_guards() -> None:
     assert edits(("a", "b", "c"), ("a", "x", "c"), 1) == 1
     assert edits(("a", "b", "c"), ("x", "y", "c"), 1) == 2
     assert edits(("a",), ("a",), 0) == 0
+
+
+def test_the_eval_measures_false_hits_on_near_misses_and_hits_on_variants(
+        features: FeatureCache) -> None:
+    prompts = [("summarize", f"Summarize the report of team {name} about incident {n} in "
+                             f"the {word} service.")
+               for n, (name, word) in enumerate([("Alpha", "billing"), ("Bravo", "search"),
+                                                 ("Charlie", "ledger"), ("Delta", "mailer")]
+                                                * 5)]
+    kinds = {k.kind: k for k in semantic_pairs(prompts, features, per_kind=10)}
+    assert all(kinds[k].pairs == 10 for k in ("number", "name", "word", "spacing"))
+    assert sum(kinds[k].hits for k in NEAR_MISS) == 0
+    assert all(kinds[k].hits == kinds[k].pairs > 0 for k in BENIGN)
+    # with one word edit allowed, numbers and names are still guarded on their own
+    loose = {k.kind: k for k in semantic_pairs(prompts, features, per_kind=10, max_edits=1)}
+    assert loose["number"].hits == loose["name"].hits == 0
