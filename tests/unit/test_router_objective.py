@@ -227,3 +227,21 @@ def test_a_best_model_with_a_bad_start_is_not_locked_out() -> None:
             tasks.append(ev_.EvalTask(task_id=f"w{seed}-{i}", task_type="qa", candidates=cands))
         r = ev_.replay_router(tasks, catalog(), ev_.RouterConfig(prompt_signal=False))
         assert r.picks.get("best", 0) >= 100, (seed, r.picks)
+
+
+def test_the_two_way_prior_borrows_model_and_task_type_effects() -> None:
+    """A model weak wherever it ran starts low on a task type it never ran; a task type on
+    which every model does well starts high for a model that never ran it."""
+    from fleetplane.router.prior import TwoWayPrior
+
+    prior = TwoWayPrior()
+    cells = [("easy", "strong", 95, 100), ("easy", "weak", 70, 100),
+             ("hard", "strong", 60, 100), ("hard", "weak", 20, 100),
+             ("easy", "other", 90, 100)]
+    for _ in range(5):
+        prior.fit(cells)
+    strong, weak = prior.predict("new", "strong"), prior.predict("new", "weak")
+    assert strong is not None and weak is not None and strong > weak + 0.2
+    easy_other, hard_other = prior.predict("easy", "other"), prior.predict("hard", "other")
+    assert easy_other is not None and hard_other is not None and easy_other > hard_other + 0.2
+    assert prior.predict("easy", "never-ran") is None
