@@ -57,13 +57,9 @@ class Replica:
         self.thread.start()
 
     def table(self) -> dict[tuple[str, str], tuple[int, int, float]]:
-        for _ in range(20):  # read from the test's thread while the loop's may write
-            try:
-                return {k: (s.successes, s.failures, round(s.cost_usd, 9))
-                        for k, s in self.router.state.stats.items()}
-            except RuntimeError:
-                time.sleep(0.01)
-        raise AssertionError("statistics kept changing")
+        with self.router.lock:  # between two events of the loop's thread
+            return {k: (s.successes, s.failures, round(s.cost_usd, 9))
+                    for k, s in self.router.state.stats.items()}
 
     def stop(self) -> None:
         self.processor.stop()
@@ -73,13 +69,13 @@ class Replica:
             self.follower.close()
 
 
-def wait(cond: object, what: str, timeout_s: float = 120.0) -> None:
+def wait(cond: object, what: object, timeout_s: float = 90.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if callable(cond) and cond():
             return
         time.sleep(0.2)
-    raise AssertionError(f"timed out: {what}")
+    raise AssertionError(f"timed out: {what() if callable(what) else what}")
 
 
 def test_two_replicas_converge_and_a_restart_reads_the_snapshot(settings: Settings,
@@ -112,7 +108,10 @@ def test_two_replicas_converge_and_a_restart_reads_the_snapshot(settings: Settin
             e[2] = round(e[2] + 0.001, 9)
         want = {k: (int(v[0]), int(v[1]), v[2]) for k, v in expected.items()}
         wait(lambda: a.table() == want and b.table() == want,
-             "both replicas hold every outcome's statistics")
+             lambda: f"both replicas hold every outcome's statistics: want {want}, a "
+                     f"{a.table()} (own {a.router.state.stats.own}), b {b.table()} (own "
+                     f"{b.router.state.stats.own}), inbox {a.router.inbox.applied}/"
+                     f"{b.router.inbox.applied}")
         # each consumed only its own partitions' outcomes, and learned the rest from the other
         own_a, own_b = a.router.state.stats.own, b.router.state.stats.own
         assert own_a and own_b
@@ -144,6 +143,7 @@ def test_two_replicas_converge_and_a_restart_reads_the_snapshot(settings: Settin
              "both replicas hold the late outcomes")
     finally:
         tail.close()
+        producer.close()
         for r in replicas:
             if r.thread.is_alive():
                 r.stop()

@@ -16,6 +16,7 @@ draws are seeded by task id and attempt).
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 
 from confluent_kafka import Message
@@ -56,6 +57,9 @@ class Router:
         self.catalog = catalog
         self.replica = replica
         self.inbox = PeerInbox()
+        # held by the loop's thread while it handles an event, and by the follower's thread
+        # while it applies another replica's record: the statistics are current between events
+        self.lock = threading.Lock()
         self.published_signal: dict[str, int] = {}
         self.rebuilt: dict[str, int] = {}  # events per topic read at start-up
         self.teams = teams
@@ -66,13 +70,14 @@ class Router:
         self.cache_saved_usd = 0.0
 
     def __call__(self, event: ev.Event, record: Record | None = None) -> list[Output]:
-        if self.replica is not None:
-            self.inbox.drain(self.replica, self.state.stats)
-        outs: list[Output] = list(self.handle(event))
-        if self.replica is not None:
-            outs += pending_records(self.replica, self.state.stats, self.state.signal,
-                                    self.published_signal)
-        return outs
+        with self.lock:
+            if self.replica is not None:
+                self.inbox.drain(self.replica, self.state.stats)
+            outs: list[Output] = list(self.handle(event))
+            if self.replica is not None:
+                outs += pending_records(self.replica, self.state.stats, self.state.signal,
+                                        self.published_signal)
+            return outs
 
     def on_abort(self) -> None:
         """An aborted transaction lost the records of the cells it published: republish all."""
@@ -90,8 +95,10 @@ class Router:
         except ValueError:
             self.inbox.malformed += 1
             return
-        if isinstance(decoded, dict):
+        if isinstance(decoded, dict) and self.replica is not None:
             self.inbox.put(decoded)
+            with self.lock:
+                self.inbox.drain(self.replica, self.state.stats)
 
     def handle(self, event: ev.Event) -> list[ev.Event]:
         if isinstance(event, ev.TaskAccepted):

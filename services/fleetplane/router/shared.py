@@ -104,8 +104,8 @@ def apply_record(replica: str, value: dict[str, Any], stats: OutcomeStats,
 
 
 class PeerInbox:
-    """Records the follower thread reads, applied by the loop's thread before each event (the
-    state is only touched by the thread that decides)."""
+    """Records the follower thread reads, applied under the router's lock (handlers.Router):
+    at once by the follower's thread, and before each event by the loop's."""
 
     def __init__(self) -> None:
         self._queue: deque[dict[str, Any]] = deque()
