@@ -24,10 +24,16 @@ def eval_(
     prompt_signal: Annotated[bool, typer.Option(
         help="Learn P(success | prompt, model) from the file's prompts.")] = True,
     embedding: Annotated[str, typer.Option(help="wordllama or hashing.")] = "wordllama",
+    semantic: Annotated[bool, typer.Option(
+        help="Measure the semantic cache's false-hit rate on near-miss pairs.")] = True,
+    semantic_threshold: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.97,
+    semantic_max_edits: Annotated[int, typer.Option(min=0)] = 0,
 ) -> None:
     """Replay FILE through the router and compare cost and success with baselines."""
     from fleetplane.router.evaluate import run
 
     raise typer.Exit(code=run(file, seed=seed, exploration_share=exploration_share,
                               as_json=json_out, q=q, with_curve=curve,
-                              prompt_signal=prompt_signal, embedding=embedding))
+                              prompt_signal=prompt_signal, embedding=embedding,
+                              with_semantic=semantic, semantic_threshold=semantic_threshold,
+                              semantic_max_edits=semantic_max_edits))

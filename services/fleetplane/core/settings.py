@@ -178,6 +178,14 @@ class Settings(BaseSettings):
         default="wordllama", pattern="^(wordllama|hashing)$",
         description="Prompt embedding: wordllama (bundled weights) or hashing.")
     router_min_cost_observations: int = 3
+    router_semantic_cache_types: str = Field(
+        default="", description="Comma-separated task types whose near-duplicate prompts may "
+        "be answered from the semantic cache (opt-in; empty: off). docs/routing.md")
+    router_semantic_cache_threshold: float = Field(default=0.97, ge=0, le=1)
+    router_semantic_cache_max_edits: int = Field(default=0, ge=0)
+    router_shared_state: bool = Field(
+        default=True, description="Publish and follow the learned statistics on the compacted "
+        "router.stats topic (replicas learn from all outcomes; a restart reads the snapshot).")
     router_cache_ttl_s: float = Field(default=86_400.0, ge=0,
                                       description="Response cache entry lifetime (0: no cache).")
     router_cache_scope: str = Field(default="team", pattern="^(team|fleet)$",

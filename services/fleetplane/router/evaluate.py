@@ -37,6 +37,7 @@ from fleetplane.core.settings import Settings
 from fleetplane.router.features import FeatureCache, load_embedder
 from fleetplane.router.objective import DEFAULT_QUALITY_SHARE
 from fleetplane.router.policy import CHARS_PER_TOKEN, PolicyConfig, PromptView, Unroutable, choose
+from fleetplane.router.semantic_eval import KindResult, semantic_pairs
 from fleetplane.router.signal import PromptSignal
 from fleetplane.router.stats import OutcomeStats
 
@@ -180,6 +181,9 @@ class RouterConfig:
     signal_weight: float = PolicyConfig.signal_weight
     best_from_samples: bool = PolicyConfig.best_from_samples
     shortfall_recent: bool = PolicyConfig.shortfall_recent
+    prior_strength: float = PolicyConfig.prior_strength
+    sampled_per_decision: int = PolicyConfig.sampled_per_decision
+    play_contender: bool = PolicyConfig.play_contender
 
 
 def prompt_vectors(tasks: list[EvalTask], embedding: str) -> FeatureCache | None:
@@ -199,7 +203,9 @@ def replay_router(tasks: list[EvalTask], catalog: Catalog, rc: RouterConfig,
     cfg = PolicyConfig(exploration_share=rc.exploration_share, confidence_z=rc.confidence_z,
                        shortfall_gain=rc.shortfall_gain, signal_weight=rc.signal_weight,
                        best_from_samples=rc.best_from_samples,
-                       shortfall_recent=rc.shortfall_recent)
+                       shortfall_recent=rc.shortfall_recent, prior_strength=rc.prior_strength,
+                       sampled_per_decision=rc.sampled_per_decision,
+                       play_contender=rc.play_contender)
     stats = OutcomeStats()
     signal = PromptSignal()
     res = Result("router")
@@ -429,7 +435,8 @@ def _result_json(r: Result) -> dict[str, object]:
 def run(path: Path, *, seed: int = 0, exploration_share: float = 1.0, as_json: bool = False,
         catalog_file: Path | None = None, console: Console | None = None,
         q: float = DEFAULT_QUALITY_SHARE, with_curve: bool = True, prompt_signal: bool = True,
-        embedding: str = "wordllama") -> int:
+        embedding: str = "wordllama", with_semantic: bool = True,
+        semantic_threshold: float = 0.97, semantic_max_edits: int = 0) -> int:
     console = console or Console(width=None if sys.stdout.isatty() else 160)
     if embedding not in ("wordllama", "hashing"):
         Console(stderr=True).print(f"error: --embedding: {embedding!r} is not wordllama or "
@@ -446,9 +453,19 @@ def run(path: Path, *, seed: int = 0, exploration_share: float = 1.0, as_json: b
                        prompt_signal=prompt_signal, embedding=embedding, features=features)
     c = (curve(tasks, catalog, exploration_share=exploration_share, prompt_signal=prompt_signal,
                embedding=embedding, features=features) if with_curve else None)
+    semantic = None
+    if with_semantic:
+        with_prompts = [(t.task_type, t.prompt) for t in tasks if t.prompt]
+        if with_prompts:
+            sem_features = features or FeatureCache(load_embedder(embedding),
+                                                    max_entries=16 * 200 + 1)
+            semantic = semantic_pairs(with_prompts, sem_features, threshold=semantic_threshold,
+                                      max_edits=semantic_max_edits, seed=seed)
     if as_json:
         out: dict[str, object] = {"results": [_result_json(r) for r in results], "curve": [],
-                                  "summary": {}}
+                                  "summary": {}, "semantic_cache": [
+            {"kind": k.kind, "must_hit": k.must_hit, "pairs": k.pairs, "hits": k.hits}
+            for k in semantic or []]}
         if c is not None:
             out["curve"] = [{"q": p.q, "success_rate": p.success_rate, "cost_usd": p.cost_usd,
                              "cost_vs_frontier": c.cost_share(p), "gap_recovered": c.pgr(p)}
@@ -472,7 +489,25 @@ def run(path: Path, *, seed: int = 0, exploration_share: float = 1.0, as_json: b
                       f"of the gap: {share(s['cost_at_50pct_gap'])} of all-frontier, at 80%: "
                       f"{share(s['cost_at_80pct_gap'])}; average gap recovered over the curve: "
                       f"{share(s['average_gap_recovered'])}", highlight=False)
+    if semantic is not None:
+        console.print(semantic_table(semantic, semantic_threshold, semantic_max_edits))
     return 0
+
+
+def semantic_table(kinds: list[KindResult], threshold: float, max_edits: int) -> Table:
+    t = Table(title=f"semantic cache on pairs from the file's prompts (threshold {threshold:.2f},"
+                    f" max word edits {max_edits})")
+    for col in ("pair", "should hit", "pairs", "answered from cache", "rate"):
+        t.add_column(col, justify="left" if col == "pair" else "right")
+    for k in kinds:
+        label = "false hits" if not k.must_hit else "hits"
+        t.add_row(k.kind, "yes" if k.must_hit else "no (near miss)", str(k.pairs),
+                  f"{k.hits} {label}", f"{k.rate:.1%}")
+    misses = [k for k in kinds if not k.must_hit]
+    total, bad = sum(k.pairs for k in misses), sum(k.hits for k in misses)
+    t.caption = (f"false-hit rate on near misses: {bad}/{total} = "
+                 f"{bad / total if total else 0:.2%}")
+    return t
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -489,12 +524,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="ignore prompts: per task type statistics only")
     p.add_argument("--embedding", choices=("wordllama", "hashing"), default="wordllama")
     p.add_argument("--json", action="store_true", help="figures as JSON instead of tables")
+    p.add_argument("--no-semantic", action="store_true",
+                   help="skip the semantic cache's near-miss measurement")
+    p.add_argument("--semantic-threshold", type=float, default=0.97)
+    p.add_argument("--semantic-max-edits", type=int, default=0)
     args = p.parse_args(argv)
     if not 0.0 <= args.q <= 1.0:
         p.error("--q must be in [0, 1]")
     return run(args.file, seed=args.seed, exploration_share=args.exploration_share,
                as_json=args.json, q=args.q, with_curve=not args.no_curve,
-               prompt_signal=not args.no_prompt_signal, embedding=args.embedding)
+               prompt_signal=not args.no_prompt_signal, embedding=args.embedding,
+               with_semantic=not args.no_semantic, semantic_threshold=args.semantic_threshold,
+               semantic_max_edits=args.semantic_max_edits)
 
 
 if __name__ == "__main__":

@@ -73,19 +73,32 @@ class WordLlamaEmbedder:
         import wordllama
         from safetensors import safe_open
         from tokenizers import Tokenizer
-        from wordllama.inference import WordLlamaInference
 
         root = Path(wordllama.__file__).parent
         tokenizer = Tokenizer.from_file(str(root / "tokenizers" / WORDLLAMA_TOKENIZER))
         with safe_open(str(root / "weights" / WORDLLAMA_WEIGHTS), framework="np",
                        device="cpu") as f:
             table = f.get_tensor("embedding.weight")
-        self._model = WordLlamaInference(table, tokenizer, binary=False)
+        self._table = np.ascontiguousarray(table, dtype=np.float32)
+        # No padding: WordLlamaInference pads a batch to its longest text, so a batch of
+        # mixed lengths gathers and averages mostly padding (measured: 9.7 ms per prompt in
+        # batches of 256 prompts of 10-700 words, against 0.65 ms one at a time). Each text is
+        # averaged over its own tokens instead (mean pooling as WordLlama's, without the
+        # padding; vectors agree to within 0.035 per component), at the cost of its length.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        self._tokenizer = tokenizer
 
     def embed(self, texts: list[str]) -> npt.NDArray[np.float32]:
-        vecs = np.asarray(self._model.embed([t[:MAX_CHARS] for t in texts], norm=True),
-                          dtype=np.float32)
-        return vecs.reshape(len(texts), EMBED_DIM)
+        out = np.zeros((len(texts), EMBED_DIM), dtype=np.float32)
+        vocab = self._table.shape[0]
+        for i, enc in enumerate(self._tokenizer.encode_batch([t[:MAX_CHARS] for t in texts])):
+            if enc.ids:
+                ids = np.clip(np.asarray(enc.ids, dtype=np.int64), 0, vocab - 1)
+                out[i] = self._table[ids].mean(axis=0)
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        normed: npt.NDArray[np.float32] = out / np.maximum(norms, 1e-9)
+        return normed
 
 
 def load_embedder(kind: str = "wordllama") -> Embedder:

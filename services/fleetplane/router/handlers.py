@@ -15,13 +15,17 @@ draws are seeded by task id and attempt).
 
 from __future__ import annotations
 
+import json
+import threading
 from dataclasses import dataclass
+
+from confluent_kafka import Message
 
 from fleetplane.core import events as ev
 from fleetplane.core.catalog import Catalog
 from fleetplane.core.events import derived_id
 from fleetplane.core.logging import get_logger
-from fleetplane.core.loop import Record
+from fleetplane.core.loop import Output, Record
 from fleetplane.core.teams import TeamsConfig
 from fleetplane.router.cache import CACHE_MODEL, not_cacheable
 from fleetplane.router.policy import (
@@ -32,6 +36,7 @@ from fleetplane.router.policy import (
     choose,
     quality_share,
 )
+from fleetplane.router.shared import PeerInbox, pending_records
 from fleetplane.router.state import BUDGET_HOLD, RouterState
 
 log = get_logger(__name__)
@@ -46,16 +51,54 @@ class BudgetCheck:
 
 class Router:
     def __init__(self, catalog: Catalog, teams: TeamsConfig, state: RouterState,
-                 cfg: PolicyConfig | None = None) -> None:
+                 cfg: PolicyConfig | None = None, replica: str | None = None) -> None:
+        """`replica`: this replica's id on the shared state topic (fleetplane.router.shared);
+        None: the statistics are not published (a single router, tests, the offline eval)."""
         self.catalog = catalog
+        self.replica = replica
+        self.inbox = PeerInbox()
+        # held by the loop's thread while it handles an event, and by the follower's thread
+        # while it applies another replica's record: the statistics are current between events
+        self.lock = threading.Lock()
+        self.published_signal: dict[str, int] = {}
+        self.rebuilt: dict[str, int] = {}  # events per topic read at start-up
         self.teams = teams
         self.state = state
         self.cfg = cfg or PolicyConfig()
         self.cache_hits = 0
+        self.semantic_hits = 0
         self.cache_saved_usd = 0.0
 
-    def __call__(self, event: ev.Event, record: Record | None = None) -> list[ev.Event]:
-        return self.handle(event)
+    def __call__(self, event: ev.Event, record: Record | None = None) -> list[Output]:
+        with self.lock:
+            if self.replica is not None:
+                self.inbox.drain(self.replica, self.state.stats)
+            outs: list[Output] = list(self.handle(event))
+            if self.replica is not None:
+                outs += pending_records(self.replica, self.state.stats, self.state.signal,
+                                        self.published_signal)
+            return outs
+
+    def on_abort(self) -> None:
+        """An aborted transaction lost the records of the cells it published: republish all."""
+        self.state.stats.dirty |= set(self.state.stats.own)
+        self.published_signal.clear()
+
+    def follow_peers(self, msg: Message) -> None:
+        """A record of the shared state topic, from the follower's thread: queued for the
+        loop's thread."""
+        value = msg.value()
+        if value is None:
+            return
+        try:
+            decoded = json.loads(value)
+        except ValueError:
+            self.inbox.malformed += 1
+            return
+        if isinstance(decoded, dict) and self.replica is not None:
+            self.inbox.put(decoded)
+            with self.lock:
+                self.inbox.drain(self.replica, self.state.stats)
 
     def handle(self, event: ev.Event) -> list[ev.Event]:
         if isinstance(event, ev.TaskAccepted):
@@ -117,6 +160,14 @@ class Router:
         if attempt == 1 and escalate_to is None and not_cacheable(spec) is None:
             hit = self.state.cache_lookup(spec, decision.model.tier, cause.team,
                                           cause.occurred_at)
+            if hit is None:
+                match = self.state.semantic_lookup(cause.task_id, spec, decision.model.tier,
+                                                   cause.team, cause.occurred_at)
+                if match is not None:
+                    hit = match.entry
+                    self.semantic_hits += 1
+                    log.info("semantic cache hit", similarity=round(match.similarity, 4),
+                             source_task=hit.source_task_id)
             if hit is not None:
                 self.cache_hits += 1
                 self.cache_saved_usd += decision.estimated_cost_usd

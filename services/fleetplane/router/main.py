@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fleetplane.core.catalog import load_catalog
+from fleetplane.core.follower import Follower
 from fleetplane.core.loop import Processor
 from fleetplane.core.service import bootstrap
 from fleetplane.core.settings import Settings
@@ -13,6 +14,8 @@ from fleetplane.router.features import FeatureCache, load_embedder
 from fleetplane.router.handlers import Router
 from fleetplane.router.policy import PolicyConfig
 from fleetplane.router.rebuild import rebuild
+from fleetplane.router.semantic import SemanticCache
+from fleetplane.router.shared import STATS_TOPIC
 from fleetplane.router.state import RouterState
 
 #: What the router consumes: submissions to route, escalations and failed attempts (lifecycle),
@@ -25,24 +28,48 @@ def build_router(settings: Settings) -> Router:
     catalog = load_catalog(settings.catalog_file)
     features = (FeatureCache(load_embedder(settings.router_embedding))
                 if settings.router_prompt_signal else None)
+    semantic_types = [t.strip() for t in settings.router_semantic_cache_types.split(",")
+                      if t.strip()]
+    semantic = (SemanticCache(semantic_types, settings.router_semantic_cache_threshold,
+                              settings.router_semantic_cache_max_edits,
+                              settings.router_cache_ttl_s) if semantic_types else None)
+    semantic_features = (features or FeatureCache(load_embedder(settings.router_embedding))
+                         if semantic is not None else None)
     state = RouterState(catalog, settings.router_cache_ttl_s, settings.router_cache_scope,
-                        settings.router_cache_max_entries, features)
+                        settings.router_cache_max_entries, features, semantic,
+                        semantic_features)
     cfg = PolicyConfig(exploration_share=settings.router_exploration_share,
                        min_cost_observations=settings.router_min_cost_observations,
                        confidence_z=settings.router_confidence_z,
                        shortfall_gain=settings.router_shortfall_gain,
                        low_budget_quality_share=settings.router_low_budget_quality_share)
-    return Router(catalog, load_teams(settings.teams_file), state, cfg)
+    replica = settings.instance_id if settings.router_shared_state else None
+    return Router(catalog, load_teams(settings.teams_file), state, cfg, replica=replica)
+
+
+def start(router: Router, settings: Settings) -> tuple[Processor, Follower | None]:
+    """Rebuild the state, follow the other replicas' statistics, and make the processor."""
+    router.rebuilt = rebuild(router.state, settings, replica=router.replica)
+    follower = None
+    if router.replica is not None:
+        follower = Follower(settings, name=f"router-stats-{settings.instance_id}")
+        follower.follow("router-stats", [STATS_TOPIC], router.follow_peers)
+        follower.start()
+    processor = Processor("router", INPUTS, router, settings, on_abort=router.on_abort)
+    return processor, follower
 
 
 def main() -> None:
     settings = bootstrap("router")
     instrument(settings, "router").serve(settings.router_metrics_port)  # docs/operations.md
     router = build_router(settings)
-    rebuild(router.state, settings)
-    processor = Processor("router", INPUTS, router, settings)
+    processor, follower = start(router, settings)
     processor.install_signal_handlers()
-    processor.run()
+    try:
+        processor.run()
+    finally:
+        if follower is not None:
+            follower.close()
 
 
 if __name__ == "__main__":

@@ -44,6 +44,9 @@ class PolicyConfig:
     min_evidence: float = 5.0  # outcomes before a model is judged without exploring
     signal_min_outcomes: int = 30  # a model's outcomes before its per-prompt prediction counts
     signal_weight: float = 0.5  # weight of the per-prompt prediction against the type's mean
+    sampled_per_decision: int = 3  # exploring: models judged by their sample (0: all)
+    play_contender: bool = True  # a sampled model whose draw beats the leader is tried
+    prior_strength: float = 4.0  # pseudo-outcomes of the two-way prior (0: the pooled borrow)
 
 
 @dataclass(frozen=True)
@@ -185,23 +188,40 @@ class Estimate:
     attempts: int  # outcomes of this task type on this model
     evidence: float  # attempts plus the (capped) weight of other task types' outcomes
     source: str  # "prompt" | "task type" | "other task types" | "prior"
+    sampled: bool = False  # judged by a Thompson draw in this decision
 
 
 def _estimates(pool: list[Model], spec: TaskSpec, stats: OutcomeStats, rng: random.Random,
                explored: bool, prompt: PromptView | None,
                cfg: PolicyConfig) -> dict[str, Estimate]:
-    """Per model: Beta(1 + successes, 1 + failures) of this task type (about the last
-    stats.WINDOW outcomes), with the model's outcomes
-    on other task types as extra pseudo-counts (weight BORROW each, at most BORROW_CAP in all),
-    its mean blended with the per-prompt prediction once the model has enough outcomes."""
+    """Per model: a Beta posterior of this task type's success (about the last stats.WINDOW
+    outcomes) whose prior is `prior_strength` pseudo-outcomes at the two-way prior's mean
+    (fleetplane.router.prior: how the model does on other task types and how other models do
+    on this one); with prior_strength 0, Beta(1, 1) plus the model's outcomes on other task
+    types as pseudo-counts (weight BORROW each, at most BORROW_CAP in all). The mean is blended
+    with the per-prompt prediction once the model has enough outcomes. Exploring, only
+    `sampled_per_decision` models (drawn per decision) are judged by a posterior draw: with a
+    draw for every model, the cheapest of many mediocre models almost always has one lucky
+    draw above the target, and exploration losses grow with the number of models."""
     out: dict[str, Estimate] = {}
+    names = sorted(m.name for m in pool)
+    n_sampled = cfg.sampled_per_decision
+    sampled = set(rng.sample(names, n_sampled) if 0 < n_sampled < len(names) else names)
     for m in sorted(pool, key=lambda m: m.name):  # fixed draw order: deterministic
         s = stats.get(spec.task_type, m.name)
         o = stats.overall(m.name)
         other_n = o.attempts - s.attempts
-        w = min(BORROW * other_n, BORROW_CAP) / other_n if other_n else 0.0
-        alpha = s.alpha + w * (o.successes - s.successes)
-        beta = s.beta + w * (o.failures - s.failures)
+        pi = stats.prior(spec.task_type, m.name) if cfg.prior_strength > 0 else None
+        if pi is not None:  # the two-way prior: how the model and the task type do elsewhere
+            strength = cfg.prior_strength
+            # evidence it lends: as many pseudo-outcomes as the pooled borrow would
+            w = min(BORROW * other_n, BORROW_CAP) / other_n if other_n else 0.0
+            alpha = strength * pi + s.recent_successes + 0.5
+            beta = strength * (1 - pi) + s.recent_failures + 0.5
+        else:
+            w = min(BORROW * other_n, BORROW_CAP) / other_n if other_n else 0.0
+            alpha = s.alpha + w * (o.successes - s.successes)
+            beta = s.beta + w * (o.failures - s.failures)
         mean = alpha / (alpha + beta)
         source = "task type" if s.attempts else ("other task types" if other_n else "prior")
         centre = mean
@@ -211,12 +231,12 @@ def _estimates(pool: list[Model], spec: TaskSpec, stats: OutcomeStats, rng: rand
                 centre = (1 - cfg.signal_weight) * mean + cfg.signal_weight * p
                 source += " + prompt"
         judged = centre
-        if explored:  # the posterior's spread around the centre (Thompson sampling)
+        if explored and m.name in sampled:  # the posterior's spread (Thompson sampling)
             judged = min(1.0, max(0.0, centre + rng.betavariate(alpha, beta) - mean))
         n = alpha + beta
         margin = cfg.confidence_z * math.sqrt(alpha * beta / (n * n * (n + 1)))
         out[m.name] = Estimate(centre, judged, margin, s.attempts, s.attempts + w * other_n,
-                               source)
+                               source, explored and m.name in sampled)
     return out
 
 
@@ -322,6 +342,13 @@ def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,
     mix = solve(shifted, eff_q)
     u = _seed(key, "mixture") / 2**64
     picked = mix.pick(u)
+    leader = max(options, key=lambda o: (est[o.name].success, -o.cost, o.name))
+    contender = None
+    if (cfg.play_contender and explored and est[best.name].sampled
+            and best.name != leader.name):
+        # a draw says another model may be the best: try it, or the target stays anchored to
+        # an incumbent that merely had luckier first outcomes
+        picked = contender = best
     model, cost = catalog.models[picked.name], costs[picked.name]
     if rule in ("task_type", "default"):
         rule = "learned"
@@ -337,7 +364,11 @@ def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,
         reason += (f" (raised: {spec.task_type}'s recent success {rate:.2f} is short of "
                    f"{target:.2f})")
     reason += "; "
-    if mix.lower is None:
+    if contender is not None:
+        reason += (f"trying {model.name}: its draw {contender.success:.2f} beats the leader "
+                   f"{leader.name} ({est[leader.name].success:.2f}), so it may be the best "
+                   f"({p.attempts} outcomes, {p.source}, est. ${cost:.6f})")
+    elif mix.lower is None:
         reason += (f"{model.name} is the cheapest model meeting it ({how} less margin "
                    f"{picked.success:.2f}, {p.attempts} outcomes, {p.source}, est. ${cost:.6f})")
     else:

@@ -11,11 +11,12 @@ then resumes from the group's committed offsets; what it re-reads is applied ide
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from fleetplane.core import events as ev
 from fleetplane.core.errors import NotRetriable
@@ -24,6 +25,7 @@ from fleetplane.core.loop import headers_dict
 from fleetplane.core.serde import Serde, default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import ACCEPTED, BUDGET, LIFECYCLE, OUTCOMES, ROUTED
+from fleetplane.router.shared import STATS_TOPIC, apply_record
 from fleetplane.router.state import RouterState
 
 log = get_logger(__name__)
@@ -39,10 +41,9 @@ WANTED: dict[str, frozenset[str]] = {
 }
 
 
-def read_topic(settings: Settings, topic: str, serde: Serde,
-               keep: Callable[[bytes | None], bool] | None = None,
-               timeout_s: float = 120.0) -> Iterator[ev.Event]:
-    """Every wanted event of `topic` from the beginning to its end at call time."""
+def read_messages(settings: Settings, topic: str,
+                  timeout_s: float = 120.0) -> Iterator[Message]:
+    """Every record of `topic` from the beginning to its end at call time (read_committed)."""
     consumer = Consumer({**settings.consumer_config(f"router-rebuild-{uuid.uuid4().hex}"),
                          "enable.auto.commit": False, "enable.partition.eof": True})
     try:
@@ -59,7 +60,6 @@ def read_topic(settings: Settings, topic: str, serde: Serde,
         if not assign:
             return
         consumer.assign(assign)
-        wanted = WANTED[topic]
         deadline = time.monotonic() + timeout_s
         while ends:
             if time.monotonic() > deadline:
@@ -74,31 +74,94 @@ def read_topic(settings: Settings, topic: str, serde: Serde,
                     continue
                 if (msg.offset() or 0) + 1 >= ends.get(p, 0):
                     ends.pop(p, None)  # (read_committed: control records may end a partition)
-                etype = headers_dict(msg.headers()).get("event_type")
-                if etype is not None and etype.decode() not in wanted:
-                    continue
-                if keep is not None and not keep(msg.key()):
-                    continue
-                try:
-                    event = serde.decode(msg.value() or b"")
-                except NotRetriable:
-                    continue  # undecodable records are the DLQ's business, not state
-                if type(event).__name__ in wanted:
-                    yield event
+                yield msg
     finally:
         consumer.close()
 
 
-def rebuild(state: RouterState, settings: Settings, serde: Serde | None = None) -> dict[str, int]:
-    """Fold the topics into `state`; returns how many events each topic contributed."""
+def read_topic(settings: Settings, topic: str, serde: Serde,
+               keep: Callable[[bytes | None], bool] | None = None,
+               timeout_s: float = 120.0) -> Iterator[ev.Event]:
+    """Every wanted event of `topic` from the beginning to its end at call time."""
+    for _, event in read_positioned(settings, topic, serde, keep, timeout_s):
+        yield event
+
+
+def read_positioned(settings: Settings, topic: str, serde: Serde,
+                    keep: Callable[[bytes | None], bool] | None = None,
+                    timeout_s: float = 120.0) -> Iterator[tuple[tuple[int, int], ev.Event]]:
+    """Like read_topic, with each event's (partition, offset)."""
+    wanted = WANTED[topic]
+    for msg in read_messages(settings, topic, timeout_s):
+        etype = headers_dict(msg.headers()).get("event_type")
+        if etype is not None and etype.decode() not in wanted:
+            continue
+        if keep is not None and not keep(msg.key()):
+            continue
+        try:
+            event = serde.decode(msg.value() or b"")
+        except NotRetriable:
+            continue  # undecodable records are the DLQ's business, not state
+        if type(event).__name__ in wanted:
+            yield (msg.partition() or 0, msg.offset() or 0), event
+
+
+def committed_offsets(settings: Settings, group_id: str, topics: list[str]) -> dict[
+        tuple[str, int], int]:
+    """The consumer group's committed offset of every partition of `topics` (absent: none)."""
+    consumer = Consumer({**settings.consumer_config(group_id), "enable.auto.commit": False})
+    try:
+        tps = []
+        for topic in topics:
+            meta = consumer.list_topics(topic, timeout=30).topics.get(topic)
+            if meta is not None:
+                tps += [TopicPartition(topic, p) for p in meta.partitions]
+        if not tps:
+            return {}
+        return {(tp.topic, tp.partition): tp.offset
+                for tp in consumer.committed(tps, timeout=30) if tp.offset >= 0}
+    finally:
+        consumer.close()
+
+
+def restore_shared(state: RouterState, settings: Settings, replica: str) -> int:
+    """The shared statistics (fleetplane.router.shared) from the compacted topic: every
+    replica's latest cells, this replica's per-prompt weights. Returns the records applied."""
+    n = 0
+    for msg in read_messages(settings, STATS_TOPIC):
+        if msg.value() is None:
+            continue
+        try:
+            value = json.loads(msg.value() or b"")
+            n += apply_record(replica, value, state.stats, state.signal, restoring=True)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("router.stats record ignored", offset=msg.offset(), error=str(exc))
+    state.stats.dirty.clear()  # what was restored is on the topic already
+    return n
+
+
+def rebuild(state: RouterState, settings: Settings, serde: Serde | None = None,
+            replica: str | None = None, group_id: str = "fleetplane-router") -> dict[str, int]:
+    """Fold the topics into `state`; returns how many events each topic contributed.
+
+    With `replica` (shared statistics on): the statistics come from the shared state topic,
+    and outcomes below the group's committed offsets (which the topic's cells already count)
+    close their tasks without being counted again; only the ones after them are counted."""
     serde = serde or default_serde()
     started = time.monotonic()
     counts: dict[str, int] = {}
+    committed: dict[tuple[str, int], int] | None = None
+    if replica is not None:
+        counts[STATS_TOPIC] = restore_shared(state, settings, replica)
+        committed = committed_offsets(settings, group_id, [LIFECYCLE, OUTCOMES])
     for topic in (ROUTED, LIFECYCLE, OUTCOMES, BUDGET):
         n = 0
-        for event in read_topic(settings, topic, serde):
+        for (partition, offset), event in read_positioned(settings, topic, serde):
+            if committed is not None:
+                state.counting = offset >= committed.get((topic, partition), 0)
             state.apply(event)
             n += 1
+        state.counting = True
         counts[topic] = n
     missing = {tid for tid, rec in state.tasks.items() if rec.spec is None}
     n = 0
@@ -110,5 +173,5 @@ def rebuild(state: RouterState, settings: Settings, serde: Serde | None = None) 
     counts[ACCEPTED] = n
     log.info("router state rebuilt", seconds=round(time.monotonic() - started, 3),
              events=counts, open_tasks=len(state.tasks), stats=len(state.stats),
-             cache_entries=len(state.cache))
+             replicas=sorted(state.stats.replicas()), cache_entries=len(state.cache))
     return counts

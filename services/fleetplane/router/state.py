@@ -15,7 +15,8 @@ from datetime import datetime
 from fleetplane.core import events as ev
 from fleetplane.core.catalog import Catalog
 from fleetplane.router.cache import CACHE_MODEL, CacheEntry, ResponseCache, cache_key, not_cacheable
-from fleetplane.router.features import FeatureCache, Vector
+from fleetplane.router.features import EMBED_DIM, FeatureCache, Vector
+from fleetplane.router.semantic import Match, SemanticCache, scope_key, wording
 from fleetplane.router.signal import PromptSignal
 from fleetplane.router.stats import NEUTRAL_FAILURES, OutcomeStats
 
@@ -48,8 +49,12 @@ class TaskRecord:
 
 class RouterState:
     def __init__(self, catalog: Catalog, cache_ttl_s: float, cache_scope: str = "team",
-                 cache_max_entries: int = 100_000, features: FeatureCache | None = None) -> None:
+                 cache_max_entries: int = 100_000, features: FeatureCache | None = None,
+                 semantic: SemanticCache | None = None,
+                 semantic_features: FeatureCache | None = None) -> None:
         self.catalog = catalog
+        self.semantic = semantic  # the guarded semantic cache (opt-in per task type)
+        self.semantic_features = semantic_features or features
         self.features = features  # None: no per-prompt signal (per task type statistics only)
         self.signal = PromptSignal()
         self.cache_scope = cache_scope
@@ -59,6 +64,9 @@ class RouterState:
         self.cache = ResponseCache(cache_ttl_s, cache_max_entries)
         self.budgets: dict[str, ev.BudgetStatus] = {}
         self.applied = 0
+        # False while start-up re-reads outcomes the shared statistics already hold
+        # (fleetplane.router.shared): they close tasks but are not counted again
+        self.counting = True
 
     # -- queries -------------------------------------------------------------------------------
     def held_tasks(self, team: str) -> list[tuple[str, TaskRecord]]:
@@ -74,6 +82,30 @@ class RouterState:
             entry = self.cache.get(cache_key(spec, t, team, self.cache_scope), now)
             if entry is not None:
                 return entry
+            t = self.catalog.tier_above(t)
+        return None
+
+    def semantic_vector(self, task_id: str, spec: ev.TaskSpec) -> Vector | None:
+        """The prompt's embedding for the semantic cache, when the task type opted in."""
+        if (self.semantic is None or self.semantic_features is None or not spec.prompt
+                or not self.semantic.enabled(spec.task_type)):
+            return None
+        # the embedding of the normalised wording: case and spacing do not move it
+        text = " ".join(wording(spec.prompt)) or spec.prompt
+        return self.semantic_features.vector(f"{task_id}#semantic", text)[:EMBED_DIM]
+
+    def semantic_lookup(self, task_id: str, spec: ev.TaskSpec, tier: str, team: str,
+                        now: datetime) -> Match | None:
+        """A near-duplicate's answer from `tier` or a tier above, within the team, task type,
+        tool set and system prompt (fleetplane.router.semantic)."""
+        x = self.semantic_vector(task_id, spec)
+        if x is None or self.semantic is None:
+            return None
+        t: str | None = tier
+        while t is not None:
+            match = self.semantic.get(scope_key(spec, t, team), spec.prompt, x, now)
+            if match is not None:
+                return match
             t = self.catalog.tier_above(t)
         return None
 
@@ -133,7 +165,7 @@ class RouterState:
     def _count(self, task_id: str, attempt: int, *, success: bool, cost: float,
                neutral: bool = False) -> None:
         rec = self.tasks.get(task_id)
-        if rec is None or attempt in rec.counted or rec.spec is None:
+        if not self.counting or rec is None or attempt in rec.counted or rec.spec is None:
             return
         model = rec.model_of(attempt)
         if model is None:
@@ -151,9 +183,13 @@ class RouterState:
         if rec is None or rec.spec is None or model is None or not_cacheable(rec.spec):
             return
         key = cache_key(rec.spec, model.tier, rec.team, self.cache_scope)
-        self.cache.put(key, CacheEntry(output=event.output, model=event.model,
-                                       cost_usd=event.cost_usd, created_at=event.occurred_at,
-                                       source_task_id=event.task_id))
+        entry = CacheEntry(output=event.output, model=event.model, cost_usd=event.cost_usd,
+                           created_at=event.occurred_at, source_task_id=event.task_id)
+        self.cache.put(key, entry)
+        x = self.semantic_vector(event.task_id, rec.spec)
+        if x is not None and self.semantic is not None:
+            self.semantic.put(scope_key(rec.spec, model.tier, rec.team), rec.spec.prompt, x,
+                              entry)
 
     def _finish(self, task_id: str) -> None:
         self.tasks.pop(task_id, None)

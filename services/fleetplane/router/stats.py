@@ -13,6 +13,7 @@ import random
 from dataclasses import dataclass
 
 from fleetplane.core import failures
+from fleetplane.router.prior import TwoWayPrior
 
 PRIOR_A = 1.0
 PRIOR_B = 1.0
@@ -67,6 +68,23 @@ class ModelStats:
     def sample(self, rng: random.Random) -> float:
         return rng.betavariate(self.alpha, self.beta)
 
+    def add(self, successes: int, failures: int, cost_usd: float, recent_successes: float,
+            recent_failures: float) -> None:
+        """Add counts (negative to take them away): another replica's contribution."""
+        self.successes += successes
+        self.failures += failures
+        self.cost_usd += cost_usd
+        self.recent_successes = max(0.0, self.recent_successes + recent_successes)
+        self.recent_failures = max(0.0, self.recent_failures + recent_failures)
+        n = self.recent_successes + self.recent_failures
+        if n > WINDOW:  # the sum of several replicas' windows weighs about one window
+            self.recent_successes *= WINDOW / n
+            self.recent_failures *= WINDOW / n
+
+    def cell(self) -> tuple[int, int, float, float, float]:
+        return (self.successes, self.failures, self.cost_usd, self.recent_successes,
+                self.recent_failures)
+
     def record(self, success: bool, cost_usd: float) -> None:
         if self.recent_successes + self.recent_failures >= WINDOW - 1:
             keep = (WINDOW - 1) / WINDOW
@@ -81,25 +99,87 @@ class ModelStats:
         self.cost_usd += max(0.0, cost_usd)
 
 
+Cell = tuple[int, int, float, float, float]  # successes, failures, cost, recent s, recent f
+
+
 class OutcomeStats:
-    """Statistics for every (task type, model) seen; unseen pairs read as the prior."""
+    """Statistics for every (task type, model) seen; unseen pairs read as the prior.
+
+    With several router replicas (fleetplane.router.shared), each one records the outcomes it
+    consumes (`record`, its own contribution, kept apart in `own` for publishing) and sets the
+    other replicas' latest published contributions (`set_peer`); every query reads the sum."""
 
     def __init__(self) -> None:
         self._by_key: dict[tuple[str, str], ModelStats] = {}
         self._by_model: dict[str, ModelStats] = {}
         self._by_type: dict[str, ModelStats] = {}
         self._recent: dict[str, float] = {}  # task type -> success rate, moving average
+        self._prior = TwoWayPrior()
+        self.own: dict[tuple[str, str], ModelStats] = {}  # this replica's contribution
+        self.dirty: set[tuple[str, str]] = set()  # own cells changed since last published
+        self._peers: dict[tuple[str, str, str], Cell] = {}  # (replica, type, model) -> cell
+        self._unfitted = 0  # outcomes recorded since the prior was last fitted
 
     def get(self, task_type: str, model: str) -> ModelStats:
         return self._by_key.get((task_type, model)) or ModelStats()
 
     def record(self, task_type: str, model: str, success: bool, cost_usd: float) -> None:
+        self.own.setdefault((task_type, model), ModelStats()).record(success, cost_usd)
+        self.dirty.add((task_type, model))
         self._by_key.setdefault((task_type, model), ModelStats()).record(success, cost_usd)
         self._by_model.setdefault(model, ModelStats()).record(success, cost_usd)
         self._by_type.setdefault(task_type, ModelStats()).record(success, cost_usd)
         n = self._by_type[task_type].attempts
         ema = self._recent.get(task_type, 0.0)
         self._recent[task_type] = ema + ((1.0 if success else 0.0) - ema) / min(n, RECENT)
+        self._unfitted += 1
+
+    def set_peer(self, replica: str, task_type: str, model: str, cell: Cell) -> None:
+        """Another replica's latest contribution to a cell (its absolute counts; idempotent,
+        and an older value after a newer one only moves the sum back until the next one)."""
+        old = self._peers.get((replica, task_type, model), (0, 0, 0.0, 0.0, 0.0))
+        delta = (cell[0] - old[0], cell[1] - old[1], cell[2] - old[2], cell[3] - old[3],
+                 cell[4] - old[4])
+        if not any(delta):
+            return
+        self._peers[(replica, task_type, model)] = cell
+        self._add_to_sums(task_type, model, delta)
+
+    def restore_own(self, task_type: str, model: str, cell: Cell) -> None:
+        """This replica's own contribution as it last published it (start-up from the shared
+        state topic instead of the history)."""
+        old = self.own.get((task_type, model))
+        prev = old.cell() if old else (0, 0, 0.0, 0.0, 0.0)
+        own = self.own.setdefault((task_type, model), ModelStats())
+        delta = (cell[0] - prev[0], cell[1] - prev[1], cell[2] - prev[2], cell[3] - prev[3],
+                 cell[4] - prev[4])
+        own.add(*delta)
+        self._add_to_sums(task_type, model, delta)
+
+    def _add_to_sums(self, task_type: str, model: str, delta: Cell) -> None:
+        for stats in (self._by_key.setdefault((task_type, model), ModelStats()),
+                      self._by_model.setdefault(model, ModelStats()),
+                      self._by_type.setdefault(task_type, ModelStats())):
+            stats.add(*delta)
+        n = delta[0] + delta[1]
+        if n > 0:  # the type's recent rate moves towards the new outcomes' rate
+            ema = self._recent.get(task_type, 0.0)
+            total = max(1, self._by_type[task_type].attempts)
+            self._recent[task_type] = ema + (delta[0] / n - ema) * min(1.0, n / min(total,
+                                                                                      RECENT))
+        self._unfitted += max(1, n)
+
+    def replicas(self) -> set[str]:
+        return {r for r, _, _ in self._peers}
+
+    def prior(self, task_type: str, model: str) -> float | None:
+        """The two-way prior of P(success) for the pair (fleetplane.router.prior), refitted
+        lazily: after every outcome on small tables, every len/8 outcomes on large ones."""
+        if self._unfitted and self._unfitted >= len(self._by_key) // 8:
+            self._prior.fit((t, m, s.recent_successes, s.recent_successes + s.recent_failures)
+                            for (t, m), s in self._by_key.items())
+            self._unfitted = 0
+        return self._prior.predict(task_type, model)
 
     def overall(self, model: str) -> ModelStats:
         """The model's outcomes over every task type (for a type it has not run yet)."""
