@@ -160,6 +160,16 @@ class Scheduler:
                 or state.status not in (Status.DISPATCHED, Status.RUNNING):
             return
         lease = e.occurred_at + timedelta(milliseconds=e.lease_ms) if e.lease_ms > 0 else None
+        if isinstance(e, ev.TaskHeartbeat) and state.status is Status.RUNNING \
+                and state.executor_id == e.executor_id:
+            # the usual heartbeat: a newer one moves the heartbeat and the lease, nothing else
+            # (an older or redelivered one is ignored: no event id to remember in the row);
+            # the table gets a small beat/ record for it, not the whole row (World.beat)
+            if state.last_heartbeat_at is None or e.occurred_at > state.last_heartbeat_at:
+                self.world.beat(state.model_copy(update={
+                    "last_heartbeat_at": e.occurred_at, "lease_until": lease,
+                    "updated_at": self.at}))
+            return
         self._put(state, status=Status.RUNNING, executor_id=e.executor_id,
                   last_heartbeat_at=e.occurred_at, lease_until=lease)
 
