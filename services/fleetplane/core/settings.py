@@ -142,8 +142,8 @@ class Settings(BaseSettings):
         default=0.5, description="Scheduler clock: backoff releases and heartbeat checks.")
     coordinator_takeover_s: float = Field(
         default=5.0, description="A standby coordinator takes the active role when the "
-        "scheduler topic (where the active ticks every coordinator_tick_s) has been quiet "
-        "this long.")
+        "active made no progress on the broker (ticks, decisions, commits) this long; the "
+        "standby lengthens it on a loaded machine (coordinator/liveness.py).")
     coordinator_backoff_base_ms: int = 1_000
     coordinator_backoff_cap_ms: int = 60_000
     coordinator_start_timeout_s: float = Field(
