@@ -117,7 +117,15 @@ class Scheduler:
         if isinstance(event, ev.TaskCompleted | ev.TaskFailed) and event.cost_usd > 0:
             self._charge(event.team, event.cost_usd)
             if state is not None:
-                state = self._put(state)  # remember the event id: charged once
+                self._on_task(state, event)
+                # remember the event id: charged once (the handler's own write usually did)
+                row = self.world.tasks.get(event.task_id)
+                if row is not None and event.event_id not in row.seen:
+                    self._put(row)
+                return None
+        return self._on_task(state, event)
+
+    def _on_task(self, state: TaskRow | None, event: ev.Event) -> None:
         if state is not None and state.terminal:
             return None  # nothing moves a task out of a terminal state
         if ev.is_terminal(event):
@@ -752,7 +760,7 @@ class Scheduler:
 
     def _charge(self, team: str, usd: float) -> None:
         fleet = self.world.fleet
-        period = period_name(self.policy.team(team).budget_period, self.at)
+        period = self._period(self.policy.team(team).budget_period)
         spend = fleet.spend.get(team)
         total = usd + (spend.usd if spend is not None and spend.period == period else 0.0)
         self.world.set_fleet(fleet.model_copy(
