@@ -20,9 +20,12 @@ confluent-kafka) and a clock:
   ``FLEETPLANE_COORDINATOR_TICK_S``, so backoff releases and heartbeat checks are records in the
   scheduler's total order (replays see the same ticks). The ticks are also the active's pulse.
 
-Failover. Every coordinator process starts as a standby that watches the end offset of the
-scheduler topic; when it has not moved for ``FLEETPLANE_COORDINATOR_TAKEOVER_S`` (the active
-ticks every ``TICK_S``, so it is gone), the standby becomes the active: it fences the previous
+Failover. Every coordinator process starts as a standby; the active is the process the
+scheduler group assigns the scheduler partition to. The embedded broker never expires a dead
+member, so the standby judges when the active is gone (``Liveness``: no progress of the active
+on the broker, i.e. the scheduler topic's end, the changelog's end and the scheduler group's
+committed offset, for ``FLEETPLANE_COORDINATOR_TAKEOVER_S`` or longer on a loaded machine, over
+enough answered looks), then takes its place in the group: it fences the previous
 active (``init_transactions`` with the previous holder's transactional ids, which it read from
 the ``x-coordinator-epoch`` header of its ticks: that aborts its open transactions and fences
 its producers, should it be alive after all), joins both consumer groups with the *role's*
@@ -92,6 +95,7 @@ SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET = "x-source-topic", "x-source-part
     "x-source-offset"
 BATCH_MAX = 500  # records consumed together (settings.batch_size); one transaction at most
 WATCH_INTERVAL_S = 0.25  # how long a standby's poll of the scheduler topic waits
+SLOW_LOOK_S = 2.0  # a look at the progress marks answered slower than this proves nothing
 
 log = get_logger(__name__)
 
@@ -294,7 +298,7 @@ class Coordinator:
                         owner = headers_dict(msg.headers()).get(OWNER_HEADER)
                         if owner:
                             self.previous_epoch = owner.decode()
-                now = time.monotonic()
+                asked = time.monotonic()
                 try:
                     marks = (watch.get_watermark_offsets(tp, timeout=5, cached=False)[1],
                              watch.get_watermark_offsets(changelog, timeout=5,
@@ -302,6 +306,11 @@ class Coordinator:
                              offsets.committed([tp], timeout=5)[0].offset)
                 except KafkaException:  # no answer: no evidence either way
                     liveness.reset(time.monotonic())
+                    continue
+                now = time.monotonic()
+                if now - asked > SLOW_LOOK_S and marks == liveness.marks:
+                    # a broker this slow to answer holds the active back as well: no evidence
+                    liveness.reset(now)
                     continue
                 position = watch.position([tp])[0].offset
                 if position >= 0 and marks[0] - position > WATCH_BACKLOG:
