@@ -88,3 +88,27 @@ def test_replay_from_a_reloaded_table_decides_the_same() -> None:
     oracle = FullPassScheduler(policy(w))
     for event in log[half:]:
         assert canon(scheduler.apply(restored, event)) == canon(oracle.apply(oracle_world, event))
+
+
+class _Forgetful(dict[str, object]):
+    """A memo that never remembers: every conflict is computed from the leases."""
+
+    def __setitem__(self, key: str, value: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_the_clear_verdict_memo_changes_no_decision(name: str) -> None:
+    """Scheduler._conflict remembers rows it found clear until a lease is taken in their
+    repository; the oracle has the memo too, so it is checked here against no memo at all
+    (with reservations on, as in the service)."""
+    w, seed = WORKLOADS[name]
+    log = simulate(FullPassScheduler(policy(w)), w, seed)
+    on = AdmissionPolicy(**{**policy(w).__dict__, "reservations": True})
+    plain, memo = Scheduler(on), Scheduler(on)
+    plain._clear = _Forgetful()  # type: ignore[assignment]
+    plain_world, memo_world = World(), World()
+    for i, event in enumerate(log):
+        assert canon(memo.apply(memo_world, event)) == canon(plain.apply(plain_world, event)), \
+            f"event {i} decided differently"
+    assert memo._clear, "the memo was never used"

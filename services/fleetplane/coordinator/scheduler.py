@@ -84,6 +84,8 @@ class Scheduler:
         self.out: list[ev.Event] = []
         self.admit_needed = False
         self._periods: dict[tuple[str, datetime], str] = {}
+        # task id -> (row, its repository's lease version) when _conflict found it clear
+        self._clear: dict[str, tuple[TaskRow, int]] = {}
 
     # -- entry point -----------------------------------------------------------------------
     def apply(self, world: World, event: ev.Event, *,
@@ -660,11 +662,21 @@ class Scheduler:
         if state.hold_kind == "conflict" and state.held_by in self.world.active:
             # the holder's lease is fixed while it is active: the reported conflict stands
             return state.hold_reason, state.held_by, state.held_paths
+        # a row found clear stays clear until a lease is taken in its repository (an ended
+        # lease cannot make it conflict): the heads of the teams' queues are looked at on
+        # every admission pass, and are mostly the same rows as in the previous pass
+        version = self.world.lease_versions.get(state.repository, 0)
+        clear = self._clear.get(state.task_id)
+        if clear is not None and clear[0] is state and clear[1] == version:
+            return None
         for holder in self.world.lease_holders(state.repository, scope):
             theirs = [g for g in holder.leased_paths if any(overlaps(g, m) for m in scope)]
             if theirs:
                 return (f"write scope overlaps {theirs} leased by task {holder.task_id} in "
                         f"{state.repository or '(no repository)'}", holder.task_id, theirs)
+        if len(self._clear) > 4 * len(self.world.waiting) + 10_000:
+            self._clear.clear()  # rows of tasks long admitted or gone
+        self._clear[state.task_id] = (state, version)
         return None
 
     def _reserved(self, state: TaskRow) -> tuple[str, str, list[str]] | None:

@@ -109,6 +109,7 @@ class World:
         self.recheck: set[str] = set()  # conflict-held tasks whose holder is no longer active
         # repository -> first literal segment of a leased glob (or WILD) -> task id -> state
         self.leases: dict[str, dict[str, dict[str, TaskRow]]] = {}
+        self.lease_versions: dict[str, int] = {}  # repository -> leases taken in it so far
         # incremental admission (see Scheduler._admit): per team, the admission queue
         # (candidates and recheck tasks) as a sorted list of ranks, and the candidates grouped
         # by the hold they last reported, so that a pass only looks at the tasks whose hold
@@ -243,6 +244,10 @@ class World:
             self.running[state.team] += 1
             for bucket in self._buckets(state, create=True):
                 bucket[tid] = state
+            # a lease taken (or re-indexed) in the repository: conflict verdicts of its
+            # waiting tasks found clear before are stale (Scheduler._conflict)
+            self.lease_versions[state.repository] = \
+                self.lease_versions.get(state.repository, 0) + 1
         elif state.status is Status.WAITING:
             self.waiting[tid] = state
             if state.hold_kind == "dependency" and state.spec is not None:
