@@ -248,10 +248,10 @@ class Coordinator:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("scheduler partitions assigned", partitions=[p.partition for p in partitions])
+        if partitions:
+            self.stats.role = "active"  # the group gave this process the partition
         if partitions and self.table.restored is None:
             self.restore()
-        if partitions:
-            self.stats.role = "active"
 
     def _on_abort(self) -> None:
         """An aborted transaction: the in-memory rows may hold uncommitted changes."""
