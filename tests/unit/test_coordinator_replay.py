@@ -10,6 +10,7 @@ from collections import defaultdict
 import pytest
 
 from fleetplane.coordinator.scheduler import AdmissionPolicy, Scheduler
+from fleetplane.coordinator.state import TaskRow
 from fleetplane.coordinator.world import World
 from fleetplane.core import events as ev
 from fleetplane.core.catalog import Catalog
@@ -112,3 +113,21 @@ def test_the_clear_verdict_memo_changes_no_decision(name: str) -> None:
         assert canon(memo.apply(memo_world, event)) == canon(plain.apply(plain_world, event)), \
             f"event {i} decided differently"
     assert memo._clear, "the memo was never used"
+
+
+def test_rows_written_with_the_kept_spec_json_read_back_as_the_rows() -> None:
+    """World.take_rows splices the spec's JSON kept from the row's previous write: what it
+    writes must read back as the very row (and be what to_bytes means)."""
+    w, seed = WORKLOADS["operators"]
+    log = simulate(FullPassScheduler(policy(w)), w, seed)
+    world, scheduler = World(), Scheduler(policy(w))
+    written = 0
+    for event in log[: len(log) // 2]:
+        scheduler.apply(world, event)
+        for key, value in world.take_rows():
+            if key.startswith(b"task/") and value is not None:
+                row = world.tasks[key[5:].decode()]
+                assert TaskRow.from_bytes(value) == row
+                assert json.loads(value) == json.loads(row.to_bytes())
+                written += 1
+    assert written > 1000

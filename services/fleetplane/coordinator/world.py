@@ -18,6 +18,7 @@ from datetime import datetime
 
 from fleetplane.coordinator.globs import literal_prefix
 from fleetplane.coordinator.state import FleetState, Status, TaskRow
+from fleetplane.core.events import TaskSpec
 
 WILD = "*"  # lease bucket of globs whose first segment is not literal
 
@@ -122,6 +123,7 @@ class World:
         self._bulk = False  # World.load: queues sorted and the heap built once, at the end
         self._dirty: set[str] = set()
         self._beats: set[str] = set()  # rows whose heartbeat changed (and nothing else)
+        self._spec_json: dict[str, tuple[TaskSpec, bytes]] = {}  # task id -> spec, its JSON
         self._beat_keys: set[str] = set()  # tasks with a beat/ record in the table
         self._fleet_dirty = False
         self._undo: dict[str, TaskRow | None] | None = None
@@ -385,7 +387,7 @@ class World:
             row = tasks.get(tid)
             if row is None:
                 continue
-            rows.append((task_key(tid), row.to_bytes()))
+            rows.append((task_key(tid), self._row_bytes(row)))
             if tid in self._beat_keys:
                 self._beat_keys.discard(tid)
                 rows.append((beat_key(tid), None))
@@ -401,6 +403,21 @@ class World:
         dirty.clear()
         self._fleet_dirty = False
         return rows
+
+    def _row_bytes(self, row: TaskRow) -> bytes:
+        """``row.to_bytes()``, with the spec's JSON kept from the row's previous write: a
+        spec does not change while the task is queued and runs (its rows are new copies that
+        share it), and serialising it was a third of each row write."""
+        spec = row.spec
+        if spec is None:
+            self._spec_json.pop(row.task_id, None)
+            return row.to_bytes()
+        cached = self._spec_json.get(row.task_id)
+        if cached is None or cached[0] is not spec:
+            cached = self._spec_json[row.task_id] = (
+                spec, spec.model_dump_json(exclude_defaults=True).encode())
+        head = row.model_dump_json(exclude_defaults=True, exclude={"spec"}).encode()
+        return head[:-1] + b',"spec":' + cached[1] + b"}"
 
     def held(self) -> list[TaskRow]:
         """Waiting tasks with the reason they wait (oldest first)."""
