@@ -150,9 +150,8 @@ class Settings(BaseSettings):
         default=300.0, description="An attempt dispatched and not started (no TaskStarted) "
         "this long is declared lost (0: never).")
     coordinator_reservations: bool = Field(
-        default=False, description="The oldest passed-over conflict waiter of a repository "
-        "reserves its write scope (no starvation of broad scopes; docs/coordinator.md). Off by "
-        "default until the 301-task admission test has passed with it on a quiet machine.")
+        default=True, description="The oldest passed-over conflict waiter of a repository "
+        "reserves its write scope (no starvation of broad scopes; docs/coordinator.md).")
     coordinator_conflict_hold_timeout_s: float = Field(
         default=1800.0, description="A running attempt held for approval after a conflict "
         "(conflict_policy hold) with no approve/reject this long is stopped: rolled back, as "
