@@ -37,7 +37,7 @@ from typing import Any
 
 from bench.coordinator_scale import Workload
 from fleetplane.coordinator.scheduler import TICK, Scheduler
-from fleetplane.coordinator.world import World
+from fleetplane.coordinator.world import BEAT_PREFIX, TASK_PREFIX, World
 from fleetplane.core import events as ev
 
 TICK_S = 0.5
@@ -92,8 +92,12 @@ def simulate(fleet: int, seconds: float, duration_s: float, heartbeat_s: float,
               if d.spec is not None else [])
     end = start + timedelta(seconds=seconds)
     next_tick = start
-    events = echoes = 0
+    events = echoes = completed = 0
     cpu = 0.0
+    # changelog bytes: what the table gets; for heartbeats also what the whole row (the former
+    # write per heartbeat) would have been
+    written = {"heartbeat": 0, "other": 0}
+    whole_rows_for_beats = 0
     while now < end:
         if pending and pending[0][0] <= next_tick:
             at, _, event = heapq.heappop(pending)
@@ -105,24 +109,41 @@ def simulate(fleet: int, seconds: float, duration_s: float, heartbeat_s: float,
         event = event.model_copy(update={"occurred_at": now})
         t0 = time.thread_time()
         out = scheduler.apply(world, event)
-        world.take_rows()  # the changed rows, serialised for the changelog
+        rows = world.take_rows()  # the changed rows, serialised for the changelog
         cpu += time.thread_time() - t0
+        kind = "heartbeat" if isinstance(event, ev.TaskHeartbeat) else "other"
+        for key, value in rows:
+            written[kind] += len(key) + len(value or b"")
+            if key.startswith(BEAT_PREFIX):
+                row = world.tasks.get(key[len(BEAT_PREFIX):].decode())
+                if row is not None:
+                    whole_rows_for_beats += len(TASK_PREFIX + key[len(BEAT_PREFIX):]) \
+                        + len(row.to_bytes())
         events += 1
+        completed += isinstance(event, ev.TaskCompleted)
         # what the coordinator publishes on tasks.lifecycle / tasks.outcomes comes back to it
         # as input (it consumes those topics): applied and ignored, counted as events
         for e in out:
             if not isinstance(e, ev.TaskDispatched):
                 t0 = time.thread_time()
                 scheduler.apply(world, e)
-                world.take_rows()
+                rows = world.take_rows()
                 cpu += time.thread_time() - t0
+                written["other"] += sum(len(k) + len(v or b"") for k, v in rows)
                 echoes += 1
         react(out)
     total = events + echoes
     return {"fleet": fleet, "sim_s": seconds, "events": total,
             "events_per_sim_s": round(total / seconds, 1),
             "cpu_s": round(cpu, 3), "utilisation": round(cpu / seconds, 4),
-            "cpu_us_per_event": round(cpu / total * 1e6, 1) if total else None}
+            "cpu_us_per_event": round(cpu / total * 1e6, 1) if total else None,
+            "tasks_completed": completed,
+            "changelog_bytes_per_task": round(sum(written.values()) / completed)
+            if completed else None,
+            "changelog_heartbeat_share": round(written["heartbeat"] / sum(written.values()), 3)
+            if sum(written.values()) else None,
+            "changelog_bytes_per_task_if_heartbeats_wrote_whole_rows": round(
+                (written["other"] + whole_rows_for_beats) / completed) if completed else None}
 
 
 def main() -> None:

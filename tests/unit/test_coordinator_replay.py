@@ -10,6 +10,7 @@ from collections import defaultdict
 import pytest
 
 from fleetplane.coordinator.scheduler import AdmissionPolicy, Scheduler
+from fleetplane.coordinator.state import TaskRow
 from fleetplane.coordinator.world import World
 from fleetplane.core import events as ev
 from fleetplane.core.catalog import Catalog
@@ -88,3 +89,45 @@ def test_replay_from_a_reloaded_table_decides_the_same() -> None:
     oracle = FullPassScheduler(policy(w))
     for event in log[half:]:
         assert canon(scheduler.apply(restored, event)) == canon(oracle.apply(oracle_world, event))
+
+
+class _Forgetful(dict[str, object]):
+    """A memo that never remembers: every conflict is computed from the leases."""
+
+    def __setitem__(self, key: str, value: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_the_clear_verdict_memo_changes_no_decision(name: str) -> None:
+    """Scheduler._conflict remembers rows it found clear until a lease is taken in their
+    repository; the oracle has the memo too, so it is checked here against no memo at all
+    (with reservations on, as in the service)."""
+    w, seed = WORKLOADS[name]
+    log = simulate(FullPassScheduler(policy(w)), w, seed)
+    on = AdmissionPolicy(**{**policy(w).__dict__, "reservations": True})
+    plain, memo = Scheduler(on), Scheduler(on)
+    plain._clear = _Forgetful()  # type: ignore[assignment]
+    plain_world, memo_world = World(), World()
+    for i, event in enumerate(log):
+        assert canon(memo.apply(memo_world, event)) == canon(plain.apply(plain_world, event)), \
+            f"event {i} decided differently"
+    assert memo._clear, "the memo was never used"
+
+
+def test_rows_written_with_the_kept_spec_json_read_back_as_the_rows() -> None:
+    """World.take_rows splices the spec's JSON kept from the row's previous write: what it
+    writes must read back as the very row (and be what to_bytes means)."""
+    w, seed = WORKLOADS["operators"]
+    log = simulate(FullPassScheduler(policy(w)), w, seed)
+    world, scheduler = World(), Scheduler(policy(w))
+    written = 0
+    for event in log[: len(log) // 2]:
+        scheduler.apply(world, event)
+        for key, value in world.take_rows():
+            if key.startswith(b"task/") and value is not None:
+                row = world.tasks[key[5:].decode()]
+                assert TaskRow.from_bytes(value) == row
+                assert json.loads(value) == json.loads(row.to_bytes())
+                written += 1
+    assert written > 1000

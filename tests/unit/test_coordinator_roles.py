@@ -1,7 +1,9 @@
-"""The coordinator's pieces that need no broker: when a standby takes over (Silence), what the
+"""The coordinator's pieces that need no broker: when a standby takes over (Liveness), what the
 repartition forwards, and how a scheduler record's dead letter names its original source."""
 
 from __future__ import annotations
+
+from collections import deque
 
 import pytest
 
@@ -10,32 +12,73 @@ from fleetplane.coordinator.app import (
     SOURCE_OFFSET,
     SOURCE_PARTITION,
     SOURCE_TOPIC,
-    Silence,
     repartition,
     source_record,
 )
+from fleetplane.coordinator.liveness import Liveness
 from fleetplane.core import events as ev
 from fleetplane.core.errors import NotRetriable
 from fleetplane.core.loop import RawRecord, Record
 from fleetplane.core.serde import default_serde
 
 
-def test_silence_takes_over_only_after_takeover_s_without_new_records() -> None:
-    s = Silence(3.0, now=0.0)
-    assert not s.observe(-1, 1.0)
-    assert not s.observe(-1, 2.9)
-    assert s.observe(-1, 3.0)  # nothing ever read for 3 s: the active is gone
+def test_liveness_takes_over_after_enough_quiet_looks_spread_over_the_timeout() -> None:
+    s = Liveness(3.0, now=0.0)
+    assert not s.observe((5, 7, 4), 0.0)
+    looks = [0.25 * i for i in range(1, 13)]  # 0.25 .. 3.0
+    decided = [s.observe((5, 7, 4), t) for t in looks]
+    assert decided[:-1] == [False] * 11 and decided[-1]  # 3 s without progress: gone
 
 
-def test_silence_restarts_the_wait_on_every_new_record_and_on_errors() -> None:
-    s = Silence(3.0, now=0.0)
-    assert not s.observe(10, 2.0)  # a tick arrived: the active is alive
-    assert not s.observe(10, 4.9)
-    assert not s.observe(11, 5.0)
-    assert not s.observe(11, 7.9)
-    s.reset(7.9)  # the broker did not answer: no evidence, wait again
-    assert not s.observe(11, 10.8)
-    assert s.observe(11, 10.9)
+def test_liveness_any_progress_mark_restarts_the_wait() -> None:
+    s = Liveness(3.0, now=0.0)
+    s.observe((5, 7, 4), 0.0)
+    assert not s.observe((5, 7, 4), 2.9)
+    assert not s.observe((5, 7, 5), 3.0)  # only a commit of the schedule step moved
+    for t in (3.5, 4.0, 4.5, 5.0, 5.5):
+        assert not s.observe((5, 7, 5), t)
+    assert not s.observe((5, 8, 5), 5.9)  # only the changelog moved
+    assert not s.observe((6, 8, 5), 6.0)  # only a tick
+
+
+def test_liveness_one_late_look_after_a_stall_of_the_standby_is_not_silence() -> None:
+    """The standby starved of CPU for 10 s looks once: not enough to decide (the arrival-time
+    judgement took over from a live active there); the active's progress meanwhile would have
+    moved the marks, and a dead one is found out after the looks that follow."""
+    s = Liveness(3.0, now=0.0)
+    s.observe((5, 7, 4), 0.0)
+    assert not s.observe((5, 7, 4), 10.0)  # one look, 10 s late
+    assert not s.observe((5, 7, 4), 10.3)
+    assert not s.observe((5, 7, 4), 10.6)
+    # four quiet looks, but spread over 0.9 s only: the timeout's half is 1.5 s
+    assert not s.observe((5, 7, 4), 10.9)
+    assert s.observe((5, 7, 4), 11.6)
+
+
+def test_liveness_no_answer_is_no_evidence() -> None:
+    s = Liveness(3.0, now=0.0)
+    s.observe((5, 7, 4), 0.0)
+    for t in (0.5, 1.0, 1.5, 2.0, 2.5):
+        assert not s.observe((5, 7, 4), t)
+    s.reset(2.9)  # the broker did not answer: wait again
+    for t in (3.2, 3.7, 4.2, 4.7, 5.2, 5.7):
+        assert not s.observe((5, 7, 4), t)
+    assert s.observe((5, 7, 4), 5.9)
+
+
+def test_liveness_timeout_grows_with_the_gaps_seen_on_a_loaded_machine() -> None:
+    s = Liveness(3.0, now=0.0)
+    t, mark = 0.0, 0
+    for _ in range(20):  # the active's progress shows every 2 s (load): timeout 4 x 2 s
+        s.observe((mark, 0, 0), t)
+        t += 2.0
+        mark += 1
+    assert s.timeout() == 8.0
+    last = t - 2.0
+    looks = [last + 0.5 * i for i in range(1, 17)]  # 0.5 .. 8.0 s of silence
+    decided = [s.observe((mark - 1, 0, 0), x) for x in looks]
+    assert decided[:-1] == [False] * 15 and decided[-1]
+    assert Liveness(3.0, now=0.0, gaps=deque([100.0])).timeout() == 60.0  # capped
 
 
 def _record(event: ev.Event, key: bytes, topic: str = "tasks.routed") -> Record:

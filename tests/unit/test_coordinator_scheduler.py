@@ -344,3 +344,14 @@ def test_replay_derives_identical_events_and_rows_roundtrip() -> None:
     again = Scheduler(h.scheduler.policy).apply(World.load(rows), done)
     assert first == again and dispatched(first) == ["t2"]
     assert Scheduler(h.scheduler.policy).apply(world, done) == []  # redelivered
+
+
+@pytest.mark.parametrize("cause", ["", "0f3a", "ünïcode-id", "x" * 300])
+def test_derived_event_ids_are_the_uuid5_they_always_were(cause: str) -> None:
+    """Derived ids are computed without uuid.UUID for speed; they must stay the UUID5 of the
+    cause (a changed id would make a replay after an upgrade publish duplicates)."""
+    import uuid
+
+    from fleetplane.coordinator.backoff import _NAMESPACE, derived_event_id
+    for kind in ("TaskDispatched/t1/1", "TaskHeld/t/quota/None", ""):
+        assert derived_event_id(cause, kind) == uuid.uuid5(_NAMESPACE, f"{cause}/{kind}").hex

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 
 from fleetplane.coordinator.scheduler import INPUTS_READ_UNTIL, TICK
 from fleetplane.coordinator.state import Status
+from fleetplane.coordinator.world import World
 from fleetplane.core import events as ev
 from tests.unit.test_coordinator_scheduler import Harness, dispatched, held, kinds
 
@@ -181,3 +182,62 @@ def test_a_rejection_does_not_touch_a_known_task() -> None:
     assert h.send(ev.TaskRejected(task_id="t1", team="a", reason="dup",
                                   occurred_at=h.now)) == []
     assert h.state("t1") is Status.DISPATCHED
+
+
+def test_heartbeats_write_a_small_beat_record_and_a_failover_still_knows_the_lease() -> None:
+    """A heartbeat changes only the heartbeat and lease of a running row: the table gets a
+    small beat/ record, not the whole row (spec, 32 event ids); a coordinator restored from
+    the table's records (a failover) declares the attempt lost when its latest lease ends,
+    not at the lease of the last whole row."""
+    h = Harness(heartbeat_timeout_ms=600_000)
+    h.route("t1", max_attempts=3, system_prompt="x" * 2_000)
+    h.send(ev.TaskStarted(task_id="t1", team="a", attempt=1, executor_id="ex",
+                          lease_ms=30_000, occurred_at=h.now))
+    table: dict[bytes, bytes] = {}
+
+    def write() -> list[tuple[bytes, bytes | None]]:
+        rows = h.world.take_rows()
+        for key, value in rows:
+            if value is None:
+                table.pop(key, None)
+            else:
+                table[key] = value
+        return rows
+
+    whole = dict(write())[b"task/t1"]
+    assert whole is not None and len(whole) > 2_000
+    for _ in range(10):
+        h.now += timedelta(seconds=20)
+        h.send(ev.TaskHeartbeat(task_id="t1", team="a", attempt=1, executor_id="ex",
+                                lease_ms=30_000, occurred_at=h.now))
+        rows = write()
+        assert [k for k, _ in rows] == [b"beat/t1"]
+        assert all(v is not None and len(v) < 200 for _, v in rows)
+    # the failover: a world restored from the table's records is the world that ran
+    restored = World.load(table.items())
+    assert restored.tasks["t1"] == h.world.tasks["t1"]
+    h.world = restored
+    assert h.tick(29.0) == []  # 200 s after the last whole row, but the lease is 29 s old
+    [f] = lost(h.tick(2.0))
+    assert "lease of executor ex expired" in f.reason
+    # the whole row is written again (a new attempt): the beat record is deleted with it
+    rows = dict(write())
+    assert rows[b"beat/t1"] is None and rows[b"task/t1"] is not None
+    assert b"beat/t1" not in table and b"task/t1" in table
+
+
+def test_an_older_or_repeated_heartbeat_does_not_move_the_lease_back() -> None:
+    h = Harness(heartbeat_timeout_ms=600_000)
+    h.route("t1")
+    h.send(ev.TaskStarted(task_id="t1", team="a", attempt=1, executor_id="ex",
+                          lease_ms=30_000, occurred_at=h.now))
+    late = ev.TaskHeartbeat(task_id="t1", team="a", attempt=1, executor_id="ex",
+                            lease_ms=30_000, occurred_at=h.now + timedelta(seconds=20))
+    early = ev.TaskHeartbeat(task_id="t1", team="a", attempt=1, executor_id="ex",
+                             lease_ms=30_000, occurred_at=h.now + timedelta(seconds=10))
+    h.send(late)
+    h.send(early)  # delivered out of order
+    h.send(late)  # and again
+    row = h.world.tasks["t1"]
+    assert row.last_heartbeat_at == late.occurred_at
+    assert row.lease_until == late.occurred_at + timedelta(seconds=30)

@@ -20,9 +20,12 @@ confluent-kafka) and a clock:
   ``FLEETPLANE_COORDINATOR_TICK_S``, so backoff releases and heartbeat checks are records in the
   scheduler's total order (replays see the same ticks). The ticks are also the active's pulse.
 
-Failover. Every coordinator process starts as a standby that watches the end offset of the
-scheduler topic; when it has not moved for ``FLEETPLANE_COORDINATOR_TAKEOVER_S`` (the active
-ticks every ``TICK_S``, so it is gone), the standby becomes the active: it fences the previous
+Failover. Every coordinator process starts as a standby; the active is the process the
+scheduler group assigns the scheduler partition to. The embedded broker never expires a dead
+member, so the standby judges when the active is gone (``Liveness``: no progress of the active
+on the broker, i.e. the scheduler topic's end, the changelog's end and the scheduler group's
+committed offset, for ``FLEETPLANE_COORDINATOR_TAKEOVER_S`` or longer on a loaded machine, over
+enough answered looks), then takes its place in the group: it fences the previous
 active (``init_transactions`` with the previous holder's transactional ids, which it read from
 the ``x-coordinator-epoch`` header of its ticks: that aborts its open transactions and fences
 its producers, should it be alive after all), joins both consumer groups with the *role's*
@@ -53,6 +56,7 @@ from typing import Any
 import yaml
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
+from fleetplane.coordinator.liveness import Liveness
 from fleetplane.coordinator.scheduler import INPUTS_READ_UNTIL, TICK, AdmissionPolicy, Scheduler
 from fleetplane.coordinator.world import World
 from fleetplane.core import events as ev
@@ -91,6 +95,7 @@ SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET = "x-source-topic", "x-source-part
     "x-source-offset"
 BATCH_MAX = 500  # records consumed together (settings.batch_size); one transaction at most
 WATCH_INTERVAL_S = 0.25  # how long a standby's poll of the scheduler topic waits
+SLOW_LOOK_S = 2.0  # a look at the progress marks answered slower than this proves nothing
 
 log = get_logger(__name__)
 
@@ -141,28 +146,6 @@ def policy_for_settings(settings: Settings) -> AdmissionPolicy:
                   reservations=settings.coordinator_reservations,
                   conflict_hold_timeout_ms=int(
                       settings.coordinator_conflict_hold_timeout_s * 1000))
-
-
-class Silence:
-    """A standby's judgement of the active: nothing new on the scheduler topic for
-    ``takeover_s``. A failed read (broker away) is no evidence: it restarts the wait, so a
-    broker restart does not make a standby take over from a live active."""
-
-    def __init__(self, takeover_s: float, now: float) -> None:
-        self.takeover_s = takeover_s
-        self.last = -1
-        self.since = now
-
-    def reset(self, now: float) -> None:
-        self.since = now
-
-    def observe(self, last: int, now: float) -> bool:
-        """The latest offset read at `now`; True: time to take over."""
-        if last != self.last:
-            self.last = last
-            self.since = now
-            return False
-        return now - self.since >= self.takeover_s
 
 
 def repartition(event: ev.Event, rec: Record) -> list[Output]:
@@ -274,6 +257,8 @@ class Coordinator:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("scheduler partitions assigned", partitions=[p.partition for p in partitions])
+        if partitions:
+            self.stats.role = "active"  # the group gave this process the partition
         if partitions and self.table.restored is None:
             self.restore()
 
@@ -289,55 +274,67 @@ class Coordinator:
         self.schedule.stop()
 
     def wait_for_silence(self) -> bool:
-        """Standby: until the active has been quiet for takeover_s (True), or stop (False).
+        """Standby: until the active is gone (True), or stop (False).
 
-        Reads the scheduler topic (read_uncommitted: the ticks are not transactional, and an
-        open transaction of a dead active must not hide them) from a little before its end, and
-        remembers the epoch of the latest tick's sender: the holder to fence on takeover."""
-        consumer = Consumer({**self.settings.client_config(), "group.id": f"{APP_ID}-watch",
-                             "enable.auto.commit": False, "isolation.level": "read_uncommitted",
-                             "auto.offset.reset": "latest"})
+        The judgement (``Liveness``) rests on progress the active makes on the broker (the end
+        of the scheduler topic, the end of the changelog, the scheduler group's committed
+        offset), read with fresh requests: load on either process delays the looks, never
+        fakes silence. The scheduler topic is also read (read_uncommitted: the ticks are not
+        transactional, and an open transaction of a dead active must not hide them) for the
+        epoch of the latest tick's sender: the holder to fence on takeover."""
+        config = self.settings.client_config()
+        watch = Consumer({**config, "group.id": f"{APP_ID}-watch",
+                          "enable.auto.commit": False, "isolation.level": "read_uncommitted",
+                          "auto.offset.reset": "latest"})
+        # reads the scheduler group's committed offset only (never subscribes: never joins)
+        offsets = Consumer({**config, "group.id": SCHEDULER_GROUP, "enable.auto.commit": False})
         # a little jitter, so two processes started together rarely both take over
-        silence = Silence(self.settings.coordinator_takeover_s + random.uniform(0, 0.5),
-                          time.monotonic())
+        liveness = Liveness(self.settings.coordinator_takeover_s + random.uniform(0, 0.5),
+                            time.monotonic())
         log.info("standby: watching the active coordinator", topic=SCHEDULER_TOPIC,
                  takeover_s=self.settings.coordinator_takeover_s)
+        tp, changelog = TopicPartition(SCHEDULER_TOPIC, 0), TopicPartition(CHANGELOG, 0)
         try:
-            tp = TopicPartition(SCHEDULER_TOPIC, 0)
-            low, high = consumer.get_watermark_offsets(tp, timeout=30, cached=False)
-            consumer.assign([TopicPartition(SCHEDULER_TOPIC, 0, max(low, high - WATCH_BACKLOG))])
-            last = -1
+            low, high = watch.get_watermark_offsets(tp, timeout=30, cached=False)
+            watch.assign([TopicPartition(SCHEDULER_TOPIC, 0, max(low, high - WATCH_BACKLOG))])
             while not self._stopping.is_set():
                 try:
-                    msgs = consumer.consume(1000, WATCH_INTERVAL_S)
-                except Exception:  # broker away: no evidence either way
+                    msgs = watch.consume(1000, WATCH_INTERVAL_S)
+                except KafkaException:
                     msgs = []
-                    silence.reset(time.monotonic())
                 for msg in msgs:
-                    if msg.error() is not None:
-                        silence.reset(time.monotonic())
-                        continue
-                    last = msg.offset() or 0
-                    owner = headers_dict(msg.headers()).get(OWNER_HEADER)
-                    if owner:
-                        self.previous_epoch = owner.decode()
-                if not self._broker_answers(consumer):
-                    silence.reset(time.monotonic())  # the active cannot tick either
-                elif silence.observe(last, time.monotonic()):
+                    if msg.error() is None:
+                        owner = headers_dict(msg.headers()).get(OWNER_HEADER)
+                        if owner:
+                            self.previous_epoch = owner.decode()
+                asked = time.monotonic()
+                try:
+                    marks = (watch.get_watermark_offsets(tp, timeout=5, cached=False)[1],
+                             watch.get_watermark_offsets(changelog, timeout=5,
+                                                         cached=False)[1],
+                             offsets.committed([tp], timeout=5)[0].offset)
+                except KafkaException:  # no answer: no evidence either way
+                    liveness.reset(time.monotonic())
+                    continue
+                now = time.monotonic()
+                if now - asked > SLOW_LOOK_S and marks == liveness.marks:
+                    # a broker this slow to answer holds the active back as well: no evidence
+                    liveness.reset(now)
+                    continue
+                position = watch.position([tp])[0].offset
+                if position >= 0 and marks[0] - position > WATCH_BACKLOG:
+                    # far behind (a burst): only the latest ticks matter (their epoch)
+                    with contextlib.suppress(KafkaException):
+                        watch.seek(TopicPartition(SCHEDULER_TOPIC, 0,
+                                                  marks[0] - WATCH_BACKLOG))
+                if liveness.observe(marks, now):
+                    log.warning("the active coordinator made no progress: taking over",
+                                previous=self.previous_epoch, **liveness.describe(now))
                     return True
             return False
         finally:
-            consumer.close()
-
-    def _broker_answers(self, consumer: Consumer) -> bool:
-        """A consumer that reads nothing may be facing a broker that is away (then the active
-        is quiet too): silence counts only if the broker answers now; if not, wait again."""
-        try:
-            consumer.get_watermark_offsets(TopicPartition(SCHEDULER_TOPIC, 0), timeout=2,
-                                           cached=False)
-            return True
-        except KafkaException:
-            return False
+            watch.close()
+            offsets.close()
 
     def fence_previous(self) -> None:
         """Abort the previous active's open transactions and fence its producers, by opening
@@ -360,7 +357,7 @@ class Coordinator:
             self.table.unfollow()
             return 0
         self.active_at = time.monotonic()
-        self.stats.role = "active"
+        self.stats.role = "taking over"  # "active" once the group assigns the partition
         self.stats.standby_s = round(self.active_at - self.started_at, 3)
         log.info("taking the active role", standby_s=self.stats.standby_s, epoch=self.epoch)
         self.fence_previous()

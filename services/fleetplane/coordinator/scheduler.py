@@ -14,9 +14,9 @@ teams and priority within a team. See docs/coordinator.md for the state diagram 
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections import Counter
+from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
 from fleetplane.coordinator.backoff import backoff_ms, derived_event_id
@@ -86,7 +86,9 @@ class Scheduler:
         self.stamp: datetime = self.at
         self.out: list[ev.Event] = []
         self.admit_needed = False
-        self._periods: dict[tuple[str, datetime], str] = {}
+        self._periods: dict[tuple[str, date], str] = {}
+        # task id -> (row, its repository's lease version) when _conflict found it clear
+        self._clear: dict[str, tuple[TaskRow, int]] = {}
 
     # -- entry point -----------------------------------------------------------------------
     def apply(self, world: World, event: ev.Event, *,
@@ -120,7 +122,15 @@ class Scheduler:
         if isinstance(event, ev.TaskCompleted | ev.TaskFailed) and event.cost_usd > 0:
             self._charge(event.team, event.cost_usd)
             if state is not None:
-                state = self._put(state)  # remember the event id: charged once
+                self._on_task(state, event)
+                # remember the event id: charged once (the handler's own write usually did)
+                row = self.world.tasks.get(event.task_id)
+                if row is not None and event.event_id not in row.seen:
+                    self._put(row)
+                return None
+        return self._on_task(state, event)
+
+    def _on_task(self, state: TaskRow | None, event: ev.Event) -> None:
         if state is not None and state.terminal:
             return None  # nothing moves a task out of a terminal state
         if ev.is_terminal(event):
@@ -163,6 +173,16 @@ class Scheduler:
                 or state.status not in (Status.DISPATCHED, Status.RUNNING):
             return
         lease = e.occurred_at + timedelta(milliseconds=e.lease_ms) if e.lease_ms > 0 else None
+        if isinstance(e, ev.TaskHeartbeat) and state.status is Status.RUNNING \
+                and state.executor_id == e.executor_id:
+            # the usual heartbeat: a newer one moves the heartbeat and the lease, nothing else
+            # (an older or redelivered one is ignored: no event id to remember in the row);
+            # the table gets a small beat/ record for it, not the whole row (World.beat)
+            if state.last_heartbeat_at is None or e.occurred_at > state.last_heartbeat_at:
+                self.world.beat(state.model_copy(update={
+                    "last_heartbeat_at": e.occurred_at, "lease_until": lease,
+                    "updated_at": self.at}))
+            return
         self._put(state, status=Status.RUNNING, executor_id=e.executor_id,
                   last_heartbeat_at=e.occurred_at, lease_until=lease)
 
@@ -506,7 +526,7 @@ class Scheduler:
         a full pass would leave unchanged is not looked at. Per team, the queue is sorted by
         rank (priority, arrival); the candidates are grouped by the hold they last reported."""
         world, fleet = self.world, self.world.fleet
-        active, running = world.active, Counter(world.running)
+        active, running = world.active, defaultdict(int, world.running)  # a copy
         if fleet.kill_switch:
             return self._hold_all_killed(f"kill switch on: {fleet.kill_switch_reason}")
         # conflict-held tasks whose holder ended: always looked at (unless it is active again)
@@ -642,12 +662,15 @@ class Scheduler:
 
     def _period(self, budget_period: str) -> str:
         """The budget period containing the event's time (cached: one per event and kind)."""
-        key = (budget_period, self.at)
+        at = self.at
+        # the name depends on the UTC date only: one computation per day and kind, not per
+        # event (strftime per event was 2 % of the decision time)
+        key = (budget_period, (at.astimezone(UTC) if at.tzinfo is not None else at).date())
         period = self._periods.get(key)
         if period is None:
             if len(self._periods) > 64:
                 self._periods.clear()
-            period = self._periods[key] = period_name(budget_period, self.at)
+            period = self._periods[key] = period_name(budget_period, at)
         return period
 
     def _conflict(self, state: TaskRow) -> tuple[str, str, list[str]] | None:
@@ -659,11 +682,21 @@ class Scheduler:
         if state.hold_kind == "conflict" and state.held_by in self.world.active:
             # the holder's lease is fixed while it is active: the reported conflict stands
             return state.hold_reason, state.held_by, state.held_paths
+        # a row found clear stays clear until a lease is taken in its repository (an ended
+        # lease cannot make it conflict): the heads of the teams' queues are looked at on
+        # every admission pass, and are mostly the same rows as in the previous pass
+        version = self.world.lease_versions.get(state.repository, 0)
+        clear = self._clear.get(state.task_id)
+        if clear is not None and clear[0] is state and clear[1] == version:
+            return None
         for holder in self.world.lease_holders(state.repository, scope):
             theirs = [g for g in holder.leased_paths if any(overlaps(g, m) for m in scope)]
             if theirs:
                 return (f"write scope overlaps {theirs} leased by task {holder.task_id} in "
                         f"{state.repository or '(no repository)'}", holder.task_id, theirs)
+        if len(self._clear) > 4 * len(self.world.waiting) + 10_000:
+            self._clear.clear()  # rows of tasks long admitted or gone
+        self._clear[state.task_id] = (state, version)
         return None
 
     def _reserved(self, state: TaskRow) -> tuple[str, str, list[str]] | None:
@@ -759,7 +792,7 @@ class Scheduler:
 
     def _charge(self, team: str, usd: float) -> None:
         fleet = self.world.fleet
-        period = period_name(self.policy.team(team).budget_period, self.at)
+        period = self._period(self.policy.team(team).budget_period)
         spend = fleet.spend.get(team)
         total = usd + (spend.usd if spend is not None and spend.period == period else 0.0)
         self.world.set_fleet(fleet.model_copy(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+import json
 from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Iterable
@@ -17,17 +18,51 @@ from datetime import datetime
 
 from fleetplane.coordinator.globs import literal_prefix
 from fleetplane.coordinator.state import FleetState, Status, TaskRow
+from fleetplane.core.events import TaskSpec
 
 WILD = "*"  # lease bucket of globs whose first segment is not literal
 
 PRIORITY_RANK = {"critical": 0, "high": 1, "normal": 2, "low": 3}
 
 TASK_PREFIX = b"task/"
+BEAT_PREFIX = b"beat/"  # a running task's latest heartbeat, newer than its task/ row
 FLEET_KEY = b"fleet"
 
 
 def task_key(task_id: str) -> bytes:
     return TASK_PREFIX + task_id.encode()
+
+
+def beat_key(task_id: str) -> bytes:
+    return BEAT_PREFIX + task_id.encode()
+
+
+def _iso(at: datetime | None) -> str | None:
+    return at.isoformat() if at is not None else None
+
+
+def _at(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text is not None else None
+
+
+def beat_bytes(state: TaskRow) -> bytes:
+    """What a heartbeat changes in a running task's row (about 150 bytes; the whole row,
+    with its spec and the last 32 event ids, is 1-3 KB): written instead of the row."""
+    return json.dumps({"a": state.attempt, "x": state.executor_id,
+                       "h": _iso(state.last_heartbeat_at), "l": _iso(state.lease_until),
+                       "u": _iso(state.updated_at)}, separators=(",", ":")).encode()
+
+
+def with_beat(state: TaskRow, data: bytes) -> TaskRow:
+    """The row with its latest heartbeat applied (a beat of another attempt is ignored)."""
+    beat = json.loads(data)
+    if beat.get("a") != state.attempt or state.status is not Status.RUNNING:
+        return state
+    updated = _at(beat.get("u")) or state.updated_at
+    return state.model_copy(update={"executor_id": beat.get("x"),
+                                    "last_heartbeat_at": _at(beat.get("h")),
+                                    "lease_until": _at(beat.get("l")),
+                                    "updated_at": updated})
 
 
 Rank = tuple[int, int, str]
@@ -75,6 +110,7 @@ class World:
         self.recheck: set[str] = set()  # conflict-held tasks whose holder is no longer active
         # repository -> first literal segment of a leased glob (or WILD) -> task id -> state
         self.leases: dict[str, dict[str, dict[str, TaskRow]]] = {}
+        self.lease_versions: dict[str, int] = {}  # repository -> leases taken in it so far
         # incremental admission (see Scheduler._admit): per team, the admission queue
         # (candidates and recheck tasks) as a sorted list of ranks, and the candidates grouped
         # by the hold they last reported, so that a pass only looks at the tasks whose hold
@@ -86,12 +122,15 @@ class World:
         self.reservers: dict[str, list[tuple[int, str]]] = {}  # repository -> (seq, task id)
         self._bulk = False  # World.load: queues sorted and the heap built once, at the end
         self._dirty: set[str] = set()
+        self._beats: set[str] = set()  # rows whose heartbeat changed (and nothing else)
+        self._spec_json: dict[str, tuple[TaskSpec, bytes]] = {}  # task id -> spec, its JSON
+        self._beat_keys: set[str] = set()  # tasks with a beat/ record in the table
         self._fleet_dirty = False
         self._undo: dict[str, TaskRow | None] | None = None
         self._undo_fleet: FleetState | None = None
 
     @classmethod
-    def load(cls, rows: Iterable[tuple[bytes, bytes]]) -> World:
+    def load(cls, rows: Iterable[tuple[bytes, bytes | None]]) -> World:
         """The world of the table's rows, indexes rebuilt (a restart, a standby taking over).
         Built in bulk: the garbage collector paused (100,000 rows allocate millions of objects
         and each full collection walks them all), queues sorted once at the end."""
@@ -100,13 +139,24 @@ class World:
         enabled = gc.isenabled()
         gc.disable()
         try:
+            tasks: list[bytes] = []
+            beats: dict[str, bytes] = {}
             for key, value in rows:
                 if value is None:
                     continue
                 if key == FLEET_KEY:
                     world.fleet = FleetState.from_bytes(value)
                 elif key.startswith(TASK_PREFIX):
-                    world._index(TaskRow.from_bytes(value))
+                    tasks.append(value)
+                elif key.startswith(BEAT_PREFIX):
+                    beats[key[len(BEAT_PREFIX):].decode()] = value
+            for value in tasks:
+                row = TaskRow.from_bytes(value)
+                beat = beats.get(row.task_id)
+                if beat is not None:
+                    row = with_beat(row, beat)
+                    world._beat_keys.add(row.task_id)
+                world._index(row)
             for queue in world.queues.values():
                 queue.sort()
             for heap in world.reservers.values():
@@ -125,6 +175,19 @@ class World:
             self._undo[state.task_id] = self.tasks.get(state.task_id)
         self._index(state)
         self._dirty.add(state.task_id)
+
+    def beat(self, state: TaskRow) -> None:
+        """A heartbeat of a running task: only ``last_heartbeat_at``, ``lease_until`` and
+        ``updated_at`` changed (no index moves). ``take_rows`` writes a small ``beat/`` record
+        for it instead of the whole row (unless the row changed otherwise too)."""
+        tid = state.task_id
+        if self._undo is not None and tid not in self._undo:
+            self._undo[tid] = self.tasks.get(tid)
+        self.tasks[tid] = state
+        self.active[tid] = state
+        for bucket in self._buckets(state):
+            bucket[tid] = state
+        self._beats.add(tid)
 
     def set_fleet(self, fleet: FleetState) -> None:
         if self._undo is not None and self._undo_fleet is None:
@@ -183,6 +246,10 @@ class World:
             self.running[state.team] += 1
             for bucket in self._buckets(state, create=True):
                 bucket[tid] = state
+            # a lease taken (or re-indexed) in the repository: conflict verdicts of its
+            # waiting tasks found clear before are stale (Scheduler._conflict)
+            self.lease_versions[state.repository] = \
+                self.lease_versions.get(state.repository, 0) + 1
         elif state.status is Status.WAITING:
             self.waiting[tid] = state
             if state.hold_kind == "dependency" and state.spec is not None:
@@ -310,15 +377,47 @@ class World:
             self.fleet = fleet
 
     # -- persistence -----------------------------------------------------------------------
-    def take_rows(self) -> list[tuple[bytes, bytes]]:
-        """The rows changed since the last call, as (key, value) for the table."""
-        rows = [(task_key(tid), self.tasks[tid].to_bytes()) for tid in sorted(self._dirty)
-                if tid in self.tasks]
+    def take_rows(self) -> list[tuple[bytes, bytes | None]]:
+        """The rows changed since the last call, as (key, value) for the table (a ``None``
+        value deletes the key): the whole row of each changed task, a ``beat/`` record for a
+        task whose heartbeat alone changed (deleted again when its whole row is written)."""
+        rows: list[tuple[bytes, bytes | None]] = []
+        dirty, tasks = self._dirty, self.tasks
+        for tid in sorted(dirty):
+            row = tasks.get(tid)
+            if row is None:
+                continue
+            rows.append((task_key(tid), self._row_bytes(row)))
+            if tid in self._beat_keys:
+                self._beat_keys.discard(tid)
+                rows.append((beat_key(tid), None))
+        if self._beats:
+            for tid in sorted(self._beats - dirty):
+                row = tasks.get(tid)
+                if row is not None:
+                    rows.append((beat_key(tid), beat_bytes(row)))
+                    self._beat_keys.add(tid)
+            self._beats.clear()
         if self._fleet_dirty:
             rows.append((FLEET_KEY, self.fleet.to_bytes()))
-        self._dirty.clear()
+        dirty.clear()
         self._fleet_dirty = False
         return rows
+
+    def _row_bytes(self, row: TaskRow) -> bytes:
+        """``row.to_bytes()``, with the spec's JSON kept from the row's previous write: a
+        spec does not change while the task is queued and runs (its rows are new copies that
+        share it), and serialising it was a third of each row write."""
+        spec = row.spec
+        if spec is None:
+            self._spec_json.pop(row.task_id, None)
+            return row.to_bytes()
+        cached = self._spec_json.get(row.task_id)
+        if cached is None or cached[0] is not spec:
+            cached = self._spec_json[row.task_id] = (
+                spec, spec.model_dump_json(exclude_defaults=True).encode())
+        head = row.model_dump_json(exclude_defaults=True, exclude={"spec"}).encode()
+        return head[:-1] + b',"spec":' + cached[1] + b"}"
 
     def held(self) -> list[TaskRow]:
         """Waiting tasks with the reason they wait (oldest first)."""

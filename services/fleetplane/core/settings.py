@@ -142,17 +142,16 @@ class Settings(BaseSettings):
         default=0.5, description="Scheduler clock: backoff releases and heartbeat checks.")
     coordinator_takeover_s: float = Field(
         default=5.0, description="A standby coordinator takes the active role when the "
-        "scheduler topic (where the active ticks every coordinator_tick_s) has been quiet "
-        "this long.")
+        "active made no progress on the broker (ticks, decisions, commits) this long; the "
+        "standby lengthens it on a loaded machine (coordinator/liveness.py).")
     coordinator_backoff_base_ms: int = 1_000
     coordinator_backoff_cap_ms: int = 60_000
     coordinator_start_timeout_s: float = Field(
         default=300.0, description="An attempt dispatched and not started (no TaskStarted) "
         "this long is declared lost (0: never).")
     coordinator_reservations: bool = Field(
-        default=False, description="The oldest passed-over conflict waiter of a repository "
-        "reserves its write scope (no starvation of broad scopes; docs/coordinator.md). Off by "
-        "default until the 301-task admission test has passed with it on a quiet machine.")
+        default=True, description="The oldest passed-over conflict waiter of a repository "
+        "reserves its write scope (no starvation of broad scopes; docs/coordinator.md).")
     coordinator_conflict_hold_timeout_s: float = Field(
         default=1800.0, description="A running attempt held for approval after a conflict "
         "(conflict_policy hold) with no approve/reject this long is stopped: rolled back, as "
