@@ -398,6 +398,8 @@ class Processor:
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         self._idle: IdleBackoff | None = None
+        self._read_until_ms = 0  # see inputs_read_until_ms
+        self._read_until_noted = 0.0
         self.instruments = (NO_INSTRUMENTS if _instruments is None
                             else _instruments(service, self.group_id))
 
@@ -406,37 +408,50 @@ class Processor:
         self._stopping = True
 
     def inputs_read_until_ms(self) -> int | None:
-        """How far this loop has read its inputs, as a time (epoch ms): now when every
-        assigned partition is read to its end as of the last fetch, else the timestamp of the
-        last record read from the partition furthest behind; 0 when the loop is not running or
-        a partition's position is not known yet. None when the loop cannot tell (the idle
-        backoff, which tracks positions, is off). Safe to call from another thread: it reads
-        the consumer's cached watermarks, no broker round trip.
+        """How far this loop has read its inputs, as a time (epoch ms): when it last saw every
+        assigned partition read to its end as of the last fetch (now, for a loop that keeps
+        up), else the timestamp of the last record read from the partition furthest behind;
+        0 when the loop is not running or a partition's position is not known yet. None when
+        the loop cannot tell (the idle backoff, which tracks positions, is off). Safe to call
+        from another thread: the loop's own thread takes the figure (`_note_read_until`,
+        every 100 ms; calling the consumer from a second thread stalled the loop), so a loop
+        stuck in a handler reports the time it got stuck.
 
         The coordinator's clock stamps its ticks with it, so that an executor's silence is
         judged only over inputs the scheduler has seen (docs/coordinator.md, "Timeouts")."""
-        consumer, idle = self.consumer, self._idle
+        idle = self._idle
         if idle is not None and not idle.enabled:
             return None
-        if consumer is None or idle is None or not self._running:
+        if self.consumer is None or idle is None or not self._running:
             return 0
+        return self._read_until_ms
+
+    def _note_read_until(self) -> None:
+        """The loop's thread: how far the inputs are read (see inputs_read_until_ms)."""
+        consumer, idle = self.consumer, self._idle
+        now_s = time.monotonic()
+        if consumer is None or idle is None or not idle.enabled \
+                or now_s - self._read_until_noted < 0.1:
+            return
+        self._read_until_noted = now_s
         now = int(time.time() * 1000)
         if idle.parked:
-            return now  # parked only when every partition was read to its end
-        positions, stamps = dict(idle.positions), dict(idle.stamps)
+            self._read_until_ms = now  # parked only when every partition was read to its end
+            return
         until = now
         try:
             for tp in consumer.assignment():
                 key = (tp.topic, tp.partition)
-                position = positions.get(key)
+                position = idle.positions.get(key)
                 if position is None:
-                    return 0
+                    until = 0
+                    break
                 _, high = consumer.get_watermark_offsets(tp, cached=True)
                 if high < 0 or position < high:
-                    until = min(until, stamps.get(key, 0))
+                    until = min(until, idle.stamps.get(key, 0))
         except (KafkaException, RuntimeError):
-            return 0
-        return until
+            until = 0
+        self._read_until_ms = until
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT stop the loop after its batch; and, since the loop is then the
@@ -483,6 +498,7 @@ class Processor:
         try:
             while not self._stopping:
                 msgs = self._fetch()
+                self._note_read_until()
                 if msgs:
                     self._process(msgs)
                 now = time.monotonic()
