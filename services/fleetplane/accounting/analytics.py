@@ -193,13 +193,14 @@ def cost_to_value(store: Store, by: ValueDimension, *, team: str | None = None,
     else:
         outcomes_src = rollups.attempts_source(store, since, until, params)
         calls_src = rollups.calls_source(store, since, until, params)
-    outcomes = store.query(
-        f"SELECT toString({by}) AS {by}, sum(finished) AS tasks, sum(successes) AS successes "
-        f"FROM {outcomes_src} {where} GROUP BY {by}", params)
-    costs = store.query(
-        f"SELECT toString({by}) AS {by}, sum(cost_usd) AS cost_usd FROM {calls_src} {where} "
-        f"GROUP BY {by}", params)
-    return _value_rows(by, outcomes, costs)
+    reads = store.parallel({   # the two reads at once (each on a pooled client)
+        "outcomes": lambda s: s.query(
+            f"SELECT toString({by}) AS {by}, sum(finished) AS tasks, sum(successes) AS successes "
+            f"FROM {outcomes_src} {where} GROUP BY {by}", params),
+        "costs": lambda s: s.query(
+            f"SELECT toString({by}) AS {by}, sum(cost_usd) AS cost_usd FROM {calls_src} {where} "
+            f"GROUP BY {by}", params)}, readers=2)
+    return _value_rows(by, reads["outcomes"], reads["costs"])
 
 
 # -- utilization and waiting -----------------------------------------------------------------

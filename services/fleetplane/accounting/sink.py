@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from typing import TypeVar
 
 from fleetplane.accounting.rows import (
@@ -182,8 +183,8 @@ class ClickHouseSink:
                     for row in batch:
                         self.attempt_models.remember(row)
                 if suspect and table in DEDUPLICATED:
-                    eid = self.columns[table].index("event_id")
-                    self._suspects.update(str(row[eid]) for row in batch)
+                    self._suspects.update(map(itemgetter(self.columns[table].index("event_id")),
+                                              batch))
             if self._pending >= self.flush_rows:
                 self.flush()
 
@@ -202,8 +203,8 @@ class ClickHouseSink:
                 if buffer:
                     self._insert(table, buffer)
                     if table in DEDUPLICATED:
-                        eid = self.columns[table].index("event_id")
-                        stored.extend(str(row[eid]) for row in buffer)
+                        stored.extend(map(itemgetter(self.columns[table].index("event_id")),
+                                          buffer))
                     self._pending -= len(buffer)
                     buffer.clear()
             self.recent.add(stored)
@@ -238,13 +239,13 @@ class ClickHouseSink:
                 continue
             cols = self.columns[table]
             eid, at = cols.index("event_id"), cols.index("occurred_at")
-            ids = [str(row[eid]) for row in rows]
+            ids: list[str] = list(map(itemgetter(eid), rows))
             unique = set(ids)
             known = self.recent.known(unique)
             suspects = unique & self._suspects
             if suspects - known:
                 check = suspects - known
-                times = [row[at] for row in rows if str(row[eid]) in check]
+                times = [row[at] for row in rows if row[eid] in check]
                 known |= self._known_event_ids(table, check, min(times), max(times))
             if not known and len(unique) == len(ids):
                 continue
