@@ -14,7 +14,7 @@ import pytest
 
 from fleetplane.accounting import analytics, queries, rollups
 from fleetplane.accounting.rows import rows_for
-from fleetplane.accounting.sink import ClickHouseSink
+from fleetplane.accounting.sink import MARK_AHEAD, ClickHouseSink
 from fleetplane.accounting.store import Store, apply_ddl, is_chdb
 from fleetplane.accounting.whatif import Selection, success_stats, what_if
 from fleetplane.core import events as ev
@@ -272,7 +272,7 @@ def test_a_restart_mid_batch_looks_up_only_the_redelivered_records(chdb_dir: Pat
         assert restarted.stats.lookups >= 1 and restarted.stats.duplicates > 0
         lookups = restarted.stats.lookups
         more = fleet(40, seed=10, prefix="rs2")              # new records past the marks
-        deliver(restarted, more, offset=len(events))
+        deliver(restarted, more, offset=len(events) + MARK_AHEAD)
         restarted.flush()
         assert restarted.stats.lookups == lookups
         calls = [e for e in events + more if isinstance(e, ev.ModelCall)]

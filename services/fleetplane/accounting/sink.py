@@ -74,6 +74,8 @@ _EV_TOPIC, _EV_PARTITION, _EV_OFFSET = (EVENTS_COLUMNS.index(c)
 # Tables whose rows feed rollups: deduplicated by event_id before insert.
 DEDUPLICATED: tuple[str, ...] = (MODEL_CALLS, ATTEMPT_OUTCOMES, UTILIZATION)
 PROGRESS = "sink_progress"
+#: how far past a flush's highest offset its progress mark is set (see _mark_progress)
+MARK_AHEAD = 50_000
 
 DEFAULT_INSERT_RETRY = RetryPolicy(initial_interval_s=0.2, backoff_coefficient=2.0,
                                    maximum_interval_s=5.0, maximum_attempts=6)
@@ -142,9 +144,10 @@ class ClickHouseSink:
         self._marks: dict[tuple[str, int], int] | None = None
         #: (topic, partition) -> highest offset among the buffered rows
         self._high: dict[tuple[str, int], int] = {}
+        #: (topic, partition) -> the mark this process last wrote
+        self._written: dict[tuple[str, int], int] = {}
         #: buffered rows (of DEDUPLICATED tables) that may already be stored: their event ids
         self._suspects: set[str] = set()
-        self._suspect_all = False
 
     @property
     def pending(self) -> int:
@@ -222,12 +225,17 @@ class ClickHouseSink:
         return self._marks
 
     def _mark_progress(self) -> None:
-        """Record, before the inserts, how far this flush goes per topic partition."""
-        if not self._high:
+        """Record, before the inserts, how far this flush goes per topic partition. A mark is
+        set MARK_AHEAD offsets past the flush, so most flushes need no mark at all (one insert
+        fewer); after a restart at most MARK_AHEAD records per partition are looked up in vain."""
+        rows = [(self.group, t, p, o + MARK_AHEAD) for (t, p), o in self._high.items()
+                if o > self._written.get((t, p), -1)]
+        if not rows:
             return
-        rows = [(self.group, t, p, o) for (t, p), o in self._high.items()]
         self._retrying("recording the sink progress", lambda: self.store.insert(
             PROGRESS, rows, ("consumer_group", "topic", "partition", "offset")))
+        for _, t, p, o in rows:
+            self._written[(t, p)] = o
 
     # -- deduplication ---------------------------------------------------------------------
     def _drop_known(self) -> None:
