@@ -3,6 +3,8 @@
 -- (task_id, event_id) is as unique as event_id because an event's task_id never changes.
 -- Readers use FINAL (or GROUP BY event_id) until background merges have caught up.
 -- The partition key is derived from the event itself, so duplicates land in the same partition.
+-- Retention: {audit_ttl} (FLEETPLANE_CLICKHOUSE_AUDIT_TTL_DAYS, default 0: kept), not the raw
+-- fact tables' TTL: auditors rely on this log.
 CREATE TABLE IF NOT EXISTS {database}.events
 (
     event_id       String,
@@ -21,4 +23,4 @@ CREATE TABLE IF NOT EXISTS {database}.events
 ENGINE = ReplacingMergeTree
 PARTITION BY {partition}
 ORDER BY (task_id, event_id)
-{ttl};
+{audit_ttl};

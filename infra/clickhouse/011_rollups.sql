@@ -1,4 +1,7 @@
 -- Issue 18: rollups the analytics and the dashboard read (docs/accounting.md, "Rollups").
+-- Their materialized views (model_calls_hourly_mv, attempts_hourly_mv and the *_daily_mv ones)
+-- are created by fleetplane.accounting.rollups.create_views from the one select list per rollup
+-- that also aggregates raw rows for partial hours and rebuilds the rollups.
 -- The sink deduplicates model_calls and attempt_outcomes by event_id before inserting, so every
 -- row reaches these materialized views once: the rollups are exact without FINAL.
 -- Rollups have no TTL: they are kept when raw rows expire.
@@ -34,16 +37,6 @@ CREATE TABLE IF NOT EXISTS {database}.model_calls_hourly
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY (hour, team, task_type, model, tier);
-CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.model_calls_hourly_mv TO {database}.model_calls_hourly AS
-SELECT toStartOfHour(toDateTime(occurred_at, 'UTC')) AS hour, team, task_type, model, tier,
-       toUInt64(count()) AS calls, toUInt64(countIf(outcome != 'ok')) AS errors,
-       sum(cost_usd) AS cost_usd, sum(input_tokens) AS input_tokens,
-       sum(output_tokens) AS output_tokens,
-       sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
-       sum(cache_read_input_tokens) AS cache_read_input_tokens,
-       sum(latency_ms) AS latency_ms, uniqState(task_id) AS tasks
-FROM {database}.model_calls
-GROUP BY hour, team, task_type, model, tier;
 -- Attempt outcomes per hour x team x task type x model (of the attempt's model calls) x tier x
 -- cached: attempts, successes, final outcomes (finished tasks), durations.
 CREATE TABLE IF NOT EXISTS {database}.attempts_hourly
@@ -63,14 +56,6 @@ CREATE TABLE IF NOT EXISTS {database}.attempts_hourly
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY (hour, team, task_type, model, tier, cached);
-CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.attempts_hourly_mv TO {database}.attempts_hourly AS
-SELECT toStartOfHour(toDateTime(occurred_at, 'UTC')) AS hour, team, task_type,
-       call_model AS model, tier, cached, toUInt64(count()) AS attempts,
-       toUInt64(countIf(success = 1)) AS successes,
-       toUInt64(countIf(success = 1 OR final = 1)) AS finished,
-       sum(duration_ms) AS duration_ms, sum(cost_usd) AS reported_cost_usd
-FROM {database}.attempt_outcomes
-GROUP BY hour, team, task_type, model, tier, cached;
 -- Recent lifecycle rows in time order (kept 8 days): the dashboard's live sections read a
 -- bounded time range of this table through its primary key, not the task-ordered history.
 CREATE TABLE IF NOT EXISTS {database}.recent_transitions
@@ -121,25 +106,7 @@ CREATE TABLE IF NOT EXISTS {database}.model_calls_daily AS {database}.model_call
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY (hour, team, task_type, model, tier);
-CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.model_calls_daily_mv TO {database}.model_calls_daily AS
-SELECT toStartOfDay(toDateTime(occurred_at, 'UTC')) AS hour, team, task_type, model, tier,
-       toUInt64(count()) AS calls, toUInt64(countIf(outcome != 'ok')) AS errors,
-       sum(cost_usd) AS cost_usd, sum(input_tokens) AS input_tokens,
-       sum(output_tokens) AS output_tokens,
-       sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
-       sum(cache_read_input_tokens) AS cache_read_input_tokens,
-       sum(latency_ms) AS latency_ms, uniqState(task_id) AS tasks
-FROM {database}.model_calls
-GROUP BY hour, team, task_type, model, tier;
 CREATE TABLE IF NOT EXISTS {database}.attempts_daily AS {database}.attempts_hourly
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY (hour, team, task_type, model, tier, cached);
-CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.attempts_daily_mv TO {database}.attempts_daily AS
-SELECT toStartOfDay(toDateTime(occurred_at, 'UTC')) AS hour, team, task_type,
-       call_model AS model, tier, cached, toUInt64(count()) AS attempts,
-       toUInt64(countIf(success = 1)) AS successes,
-       toUInt64(countIf(success = 1 OR final = 1)) AS finished,
-       sum(duration_ms) AS duration_ms, sum(cost_usd) AS reported_cost_usd
-FROM {database}.attempt_outcomes
-GROUP BY hour, team, task_type, model, tier, cached;

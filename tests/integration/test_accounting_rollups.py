@@ -14,8 +14,8 @@ import pytest
 
 from fleetplane.accounting import analytics, queries, rollups
 from fleetplane.accounting.rows import rows_for
-from fleetplane.accounting.sink import ClickHouseSink
-from fleetplane.accounting.store import Store, apply_ddl
+from fleetplane.accounting.sink import MARK_AHEAD, ClickHouseSink
+from fleetplane.accounting.store import Store, apply_ddl, is_chdb
 from fleetplane.accounting.whatif import Selection, success_stats, what_if
 from fleetplane.core import events as ev
 from fleetplane.core.catalog import catalog_for
@@ -217,13 +217,18 @@ def test_rebuild_from_raw_rows_gives_the_same_rollups(store: Store) -> None:
 
 
 # -- retention -------------------------------------------------------------------------------
-def test_raw_rows_expire_after_the_ttl_and_the_rollups_keep_them(chdb_dir: Path) -> None:
+def test_raw_rows_expire_after_the_ttl_and_the_rollups_and_the_audit_log_keep_them(
+        chdb_dir: Path) -> None:
     s = open_test_store(chdb_dir)
     try:
-        apply_ddl(s, ttl_days=30)            # migration: existing tables get the TTL
+        # a database of the first issue-18 version: its default put the 90-day TTL on `events`
+        apply_ddl(s, ttl_days=90, audit_ttl_days=90)
+        assert "TTL" in str(s.command(f"SHOW CREATE TABLE {s.table('events')}"))
+        apply_ddl(s, ttl_days=30)            # this version's start: audit log kept by default
         create = str(s.command(f"SHOW CREATE TABLE {s.table('model_calls')}"))
         assert "TTL" in create and "toIntervalDay(30)" in create
         assert "toYYYYMM(occurred_at)" in create          # monthly partitions
+        assert "TTL" not in str(s.command(f"SHOW CREATE TABLE {s.table('events')}"))
         old = [e.model_copy(update={"occurred_at": e.occurred_at - timedelta(days=40)})
                for e in fleet(40, seed=3, prefix="old")]
         new = fleet(40, seed=4, prefix="new")
@@ -237,6 +242,45 @@ def test_raw_rows_expire_after_the_ttl_and_the_rollups_keep_them(chdb_dir: Path)
         assert teams_raw and all(t.startswith("new-") for t in teams_raw)
         assert queries.cost_by(s, "team") == before      # the rollups kept the old hours
         assert {r["team"] for r in before} >= {f"old-team-{i}" for i in range(3)}
+        # the audit log still holds every old event: an old task's timeline replays in full
+        old_task = old[0].task_id
+        assert len(queries.task_events(s, old_task)) == sum(
+            1 for e in old if e.task_id == old_task)
+        # an explicit audit retention applies to the audit log alone
+        apply_ddl(s, ttl_days=30, audit_ttl_days=35)
+        s.command(f"ALTER TABLE {s.table('events')} MATERIALIZE TTL SETTINGS mutations_sync = 1")
+        assert queries.task_events(s, old_task) == []
+        assert queries.task_events(s, new[0].task_id)
+    finally:
+        close_test_store(s)
+
+
+def test_a_restart_mid_batch_looks_up_only_the_redelivered_records(chdb_dir: Path) -> None:
+    """The sink asks ClickHouse for stored event ids only for records at or below the offsets an
+    earlier process recorded in sink_progress; a steady flush asks nothing; answers stay exact."""
+    s = open_test_store(chdb_dir)
+    try:
+        events = fleet(150, seed=9, prefix="rs")
+        crashed = ClickHouseSink(s, flush_rows=120, group="acct")
+        deliver(crashed, events[: len(events) * 2 // 3])   # flushed by size, then SIGKILL
+        assert crashed.stats.flushes >= 2 and crashed.stats.lookups == 0
+        assert crashed.pending > 0                          # the unflushed tail is lost
+        restarted = ClickHouseSink(s, flush_rows=100_000, group="acct")
+        restarted.reassigned()
+        deliver(restarted, events)           # nothing was committed: all of it comes again
+        restarted.flush()
+        assert restarted.stats.lookups >= 1 and restarted.stats.duplicates > 0
+        lookups = restarted.stats.lookups
+        more = fleet(40, seed=10, prefix="rs2")              # new records past the marks
+        deliver(restarted, more, offset=len(events) + MARK_AHEAD)
+        restarted.flush()
+        assert restarted.stats.lookups == lookups
+        calls = [e for e in events + more if isinstance(e, ev.ModelCall)]
+        assert int(s.command(f"SELECT count() FROM {s.table('model_calls')}")) == len(calls)
+        for by in ("team", "model"):
+            assert rounded(queries.cost_by(s, by), by) == rounded(  # type: ignore[arg-type]
+                queries.cost_by_raw(s, by), by)                     # type: ignore[arg-type]
+        assert success_stats(s, list(TYPES)) == success_stats(s, list(TYPES), source="raw")
     finally:
         close_test_store(s)
 
@@ -262,30 +306,21 @@ def test_migration_backfills_rollups_of_a_database_that_predates_them(chdb_dir: 
 
 
 # -- the dashboard at growing history --------------------------------------------------------
-class RecordingStore(Store):
-    """The real Store, also remembering each query it ran (to ask ClickHouse afterwards how many
-    rows each would read)."""
-
-    def __init__(self, inner: Store) -> None:
-        super().__init__(inner.client, inner.database, inner.dsn, inner.lock)
-        self.seen: list[tuple[str, dict[str, Any]]] = []
-
-    def query(self, sql: str, parameters: Any = None) -> list[dict[str, Any]]:
-        self.seen.append((sql, dict(parameters or {})))
-        return super().query(sql, parameters)
-
-
 def dashboard_reads(s: Store) -> tuple[int, int, dict[str, Any]]:
-    """(queries, rows ClickHouse estimates they read, the payload) of one dashboard refresh."""
+    """(queries, rows ClickHouse reads for them, the payload) of one dashboard refresh. Rows: the
+    query summaries' read_rows on a server; on chdb, whose summary counts result rows, the
+    EXPLAIN ESTIMATE of each query (granule-rounded)."""
     from fleetplane.accounting.dashboard import dashboard_data
 
-    rec = RecordingStore(s)
-    body = dashboard_data(rec, Settings())
+    with s.metered() as meter:
+        body = dashboard_data(s, Settings())
+    if not is_chdb(s.dsn):
+        return meter.queries, meter.read_rows, body
     rows = 0
-    for sql, params in rec.seen:
+    for sql, params in meter.statements:
         for r in s.query("EXPLAIN ESTIMATE " + sql, params):
             rows += int(r["rows"])
-    return len(rec.seen), rows, body
+    return meter.queries, rows, body
 
 
 def history_store(chdb_dir: Path, rows: int) -> Store:

@@ -69,10 +69,11 @@ def cost_daily(store: Store, by: DailyDimension, *, team: str | None = None,
         f"GROUP BY day, {by} ORDER BY day, cost_usd DESC, {by}", params)
 
 
-def type_model_figures(store: Store, *, team: str | None = None
+def type_model_figures(store: Store, *, team: str | None = None,
+                       since: datetime | None = None
                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Two rollup reads shared by cache savings and cost-to-value by task type:
-    (outcomes per task type x model x cached: finished, ok; model-call cost per task type x
+    """Two rollup reads shared by cache savings and cost-to-value by task type, from `since`
+    on: (outcomes per task type x model x cached: finished, ok; model-call cost per task type x
     model)."""
     params: dict[str, Any] = {}
     where = ""
@@ -82,11 +83,11 @@ def type_model_figures(store: Store, *, team: str | None = None
     outcomes = store.query(
         f"SELECT toString(task_type) AS task_type, toString(model) AS model, cached, "
         f"sum(finished) AS finished, sum(successes) AS ok "
-        f"FROM {rollups.attempts_source(store, params=params)} {where} "
+        f"FROM {rollups.attempts_source(store, since, None, params=params)} {where} "
         "GROUP BY task_type, model, cached", params)
     costs = store.query(
         f"SELECT toString(task_type) AS task_type, toString(model) AS model, "
-        f"sum(cost_usd) AS cost_usd FROM {rollups.calls_source(store, params=params)} "
+        f"sum(cost_usd) AS cost_usd FROM {rollups.calls_source(store, since, None, params)} "
         f"{where} GROUP BY task_type, model", params)
     return outcomes, costs
 
@@ -192,13 +193,14 @@ def cost_to_value(store: Store, by: ValueDimension, *, team: str | None = None,
     else:
         outcomes_src = rollups.attempts_source(store, since, until, params)
         calls_src = rollups.calls_source(store, since, until, params)
-    outcomes = store.query(
-        f"SELECT toString({by}) AS {by}, sum(finished) AS tasks, sum(successes) AS successes "
-        f"FROM {outcomes_src} {where} GROUP BY {by}", params)
-    costs = store.query(
-        f"SELECT toString({by}) AS {by}, sum(cost_usd) AS cost_usd FROM {calls_src} {where} "
-        f"GROUP BY {by}", params)
-    return _value_rows(by, outcomes, costs)
+    reads = store.parallel({   # the two reads at once (each on a pooled client)
+        "outcomes": lambda s: s.query(
+            f"SELECT toString({by}) AS {by}, sum(finished) AS tasks, sum(successes) AS successes "
+            f"FROM {outcomes_src} {where} GROUP BY {by}", params),
+        "costs": lambda s: s.query(
+            f"SELECT toString({by}) AS {by}, sum(cost_usd) AS cost_usd FROM {calls_src} {where} "
+            f"GROUP BY {by}", params)}, readers=2)
+    return _value_rows(by, reads["outcomes"], reads["costs"])
 
 
 # -- utilization and waiting -----------------------------------------------------------------
@@ -320,13 +322,27 @@ def team_state_counts(counts: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
             t["other"] += n
     return teams
 
+
+def overview_of(counts: list[dict[str, Any]], held: list[dict[str, Any]]) -> dict[str, Any]:
+    """The overview's shape from (team, state, tasks) rows and the held tasks (with kind):
+    per team counts with the held tasks' kinds, sorted by team; totals; the held tasks."""
+    teams = team_state_counts(counts)
+    for h in held:
+        kinds = teams.get(h["team"], {}).get("held_by_kind")
+        if kinds is not None:
+            kinds[h["kind"]] = kinds.get(h["kind"], 0) + 1
+    rows = sorted(teams.values(), key=lambda t: t["team"])
+    total = {k: sum(t[k] for t in rows) for k in ("queued", "running", "held", "completed",
+                                                  "failed", "other")}
+    return {"teams": rows, "total": total, "held": held}
+
+
 def fleet_overview(store: Store) -> dict[str, Any]:
     """Per team: queued, running, held (with the held tasks' kinds), finished, failed; and the
     currently held tasks with kind and reason."""
     counts = store.query(
         f"SELECT team, state, count() AS tasks FROM {store.table('task_states')} "
         "GROUP BY team, state")
-    teams = team_state_counts(counts)
     held = store.query(
         f"""
         SELECT s.task_id AS task_id, s.team AS team, s.task_type AS task_type, h.kind AS kind,
@@ -340,14 +356,7 @@ def fleet_overview(store: Store) -> dict[str, Any]:
         WHERE s.state = 'held'
         ORDER BY since LIMIT 500
         """)
-    for h in held:
-        kinds = teams.get(h["team"], {}).get("held_by_kind")
-        if kinds is not None:
-            kinds[h["kind"]] = kinds.get(h["kind"], 0) + 1
-    rows = sorted(teams.values(), key=lambda t: t["team"])
-    total = {k: sum(t[k] for t in rows) for k in ("queued", "running", "held", "completed",
-                                                  "failed", "other")}
-    return {"teams": rows, "total": total, "held": held}
+    return overview_of(counts, held)
 
 
 def recent_alerts(store: Store, *, limit: int = 50) -> list[dict[str, Any]]:

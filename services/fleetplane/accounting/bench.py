@@ -9,6 +9,7 @@ Each synthetic task has a full lifecycle, five model calls and five tool calls (
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -77,67 +78,114 @@ def _array(values: tuple[str, ...]) -> str:
 
 
 def generate_history(store: Store, rows: int, *, teams: int = 20, types: int = 11,
-                     days: int = 30, min_age_s: int = 0, prefix: str = "bt") -> float:
+                     days: int = 30, min_age_s: int = 0, prefix: str = "bt",
+                     span_s: int | None = None, raw: bool = True) -> float:
     """`rows` model calls over rows/5 tasks (5 calls each, one attempt; 90% succeed) spread over
-    `days` days ending `min_age_s` seconds ago, written inside ClickHouse (INSERT ... SELECT FROM
-    numbers) as the sink would store them: model calls with their task type, lifecycle rows
-    (submitted, dispatched, completed/failed) and attempt outcomes with task type, call model
-    and tier. Every materialized view (rollups, recent copies) sees them. Returns seconds."""
+    `days` days (or `span_s` seconds) ending `min_age_s` seconds ago, written inside ClickHouse
+    (INSERT ... SELECT FROM numbers) as the sink would store them: model calls with their task
+    type, lifecycle rows (submitted, dispatched, completed/failed) and attempt outcomes with task
+    type, call model and tier. Every materialized view (rollups, recent copies) sees them.
+
+    raw=False stores no raw rows: each materialized view's own SELECT (read from
+    system.tables) is run over the generated rows and inserted into its target, which is what
+    the views would have stored (the recent_* copies, kept 8 days, are left out). That is how
+    the bench builds 100M calls of history on a small machine. Returns seconds."""
     tasks = max(1, rows // 5)
-    span = max(1, days * 86_400)
+    span = max(1, span_s if span_s is not None else days * 86_400)
     models, tiers, kinds = _array(MODELS), _array(TIERS), _array(TYPES[:types])
-    db = store.database
-    started = time.perf_counter()
     # task t starts t/tasks of the way through the span (newest first): a steady fleet
     age = f"toIntervalSecond({int(min_age_s)} + intDiv(toUInt64(%s) * {span}, {tasks}))"
-    store.command(f"""
-        INSERT INTO {db}.model_calls (task_id, team, attempt, call_index, model, provider, tier,
-            task_type, input_tokens, output_tokens, cache_creation_input_tokens,
-            cache_read_input_tokens, cost_usd, latency_ms, outcome, error, stop_reason,
-            occurred_at, event_id)
+    calls = f"""
         SELECT concat('{prefix}-', toString(t)) AS task_id,
-               concat('team-', toString(t % {teams})), 1, toUInt32(number % 5),
-               arrayElement({models}, 1 + t % 3), 'anthropic', arrayElement({tiers}, 1 + t % 3),
-               arrayElement({kinds}, 1 + intDiv(t, 3) % {types}),
-               500 + number % 4000, 50 + number % 900, number % 7 = 0 ? 1000 : 0,
-               number % 3 = 0 ? 2000 : 0,
-               (500 + number % 4000) * 3e-6 + (50 + number % 900) * 15e-6,
-               300 + number % 2000, 'ok', '', 'end_turn',
-               now64(3) - {age % 't'} + toIntervalMillisecond(600 + (number % 5) * 100),
-               hex(cityHash64(number, '{prefix}', 'call'))
-        FROM (SELECT number, intDiv(number, 5) AS t FROM numbers({rows}))
-    """)
-    store.command(f"""
-        INSERT INTO {db}.task_transitions (task_id, team, event_id, event_type, state, terminal,
-            state_rank, occurred_at, attempt, task_type, model, tier, cost_usd, reason)
-        SELECT concat('{prefix}-', toString(t)), concat('team-', toString(t % {teams})),
-               hex(cityHash64(t, k, '{prefix}')),
-               arrayElement(['TaskSubmitted', 'TaskDispatched', 'TaskCompleted', 'TaskFailed'],
-                            k + 1 + (k = 2 AND t % 10 = 0 ? 1 : 0)),
-               arrayElement(['submitted', 'dispatched', 'completed', 'failed'],
-                            k + 1 + (k = 2 AND t % 10 = 0 ? 1 : 0)),
-               k = 2, k = 2 ? 9 : k * 4 + 1,
-               now64(3) - {age % 't'} + toIntervalMillisecond(k * 500 + (k = 2 ? 1000 : 0)),
-               k > 0, arrayElement({kinds}, 1 + intDiv(t, 3) % {types}),
-               k = 1 ? arrayElement({models}, 1 + t % 3) : '',
-               k = 1 ? arrayElement({tiers}, 1 + t % 3) : '', 0, ''
-        FROM (SELECT intDiv(number, 3) AS t, number % 3 AS k FROM numbers({tasks * 3}))
-    """)
-    store.command(f"""
-        INSERT INTO {db}.attempt_outcomes (task_id, team, attempt, event_type, success, final,
-            cached, model, failure_class, cost_usd, duration_ms, audit_head, audit_count,
-            occurred_at, event_id, task_type, call_model, tier)
-        SELECT concat('{prefix}-', toString(number)), concat('team-', toString(number % {teams})),
-               1, number % 10 = 0 ? 'TaskFailed' : 'TaskCompleted', number % 10 != 0, 1, 0,
-               number % 10 = 0 ? '' : arrayElement({models}, 1 + number % 3),
-               number % 10 = 0 ? 'model_error' : '', 0, 1000 + number % 5000, '', 0,
-               now64(3) - {age % 'number'} + toIntervalMillisecond(2000),
-               hex(cityHash64(number, '{prefix}', 'outcome')),
-               arrayElement({kinds}, 1 + intDiv(number, 3) % {types}),
-               arrayElement({models}, 1 + number % 3), arrayElement({tiers}, 1 + number % 3)
-        FROM numbers({tasks})
-    """)
+               toLowCardinality(concat('team-', toString(t % {teams}))) AS team,
+               toUInt32(1) AS attempt, toUInt32(number % 5) AS call_index,
+               toLowCardinality(arrayElement({models}, 1 + t % 3)) AS model,
+               toLowCardinality('anthropic') AS provider,
+               toLowCardinality(arrayElement({tiers}, 1 + t % 3)) AS tier,
+               toLowCardinality(arrayElement({kinds}, 1 + intDiv(t, 3) % {types})) AS task_type,
+               toUInt64(500 + number % 4000) AS input_tokens,
+               toUInt64(50 + number % 900) AS output_tokens,
+               toUInt64(number % 7 = 0 ? 1000 : 0) AS cache_creation_input_tokens,
+               toUInt64(number % 3 = 0 ? 2000 : 0) AS cache_read_input_tokens,
+               (500 + number % 4000) * 3e-6 + (50 + number % 900) * 15e-6 AS cost_usd,
+               toFloat64(300 + number % 2000) AS latency_ms,
+               toLowCardinality('ok') AS outcome, '' AS error,
+               toLowCardinality('end_turn') AS stop_reason,
+               now64(3) - {age % 't'} + toIntervalMillisecond(600 + (number % 5) * 100)
+                   AS occurred_at,
+               hex(cityHash64(number, '{prefix}', 'call')) AS event_id
+        FROM (SELECT number, intDiv(number, 5) AS t FROM numbers({rows}))"""
+    transitions = f"""
+        SELECT concat('{prefix}-', toString(t)) AS task_id,
+               toLowCardinality(concat('team-', toString(t % {teams}))) AS team,
+               hex(cityHash64(t, k, '{prefix}')) AS event_id,
+               toLowCardinality(arrayElement(['TaskSubmitted', 'TaskDispatched', 'TaskCompleted',
+                   'TaskFailed'], k + 1 + (k = 2 AND t % 10 = 0 ? 1 : 0))) AS event_type,
+               toLowCardinality(arrayElement(['submitted', 'dispatched', 'completed', 'failed'],
+                   k + 1 + (k = 2 AND t % 10 = 0 ? 1 : 0))) AS state,
+               toUInt8(k = 2) AS terminal, toUInt8(k = 2 ? 9 : k * 4 + 1) AS state_rank,
+               now64(3) - {age % 't'} + toIntervalMillisecond(k * 500 + (k = 2 ? 1000 : 0))
+                   AS occurred_at,
+               toUInt32(k > 0) AS attempt,
+               toLowCardinality(arrayElement({kinds}, 1 + intDiv(t, 3) % {types})) AS task_type,
+               toLowCardinality(k = 1 ? arrayElement({models}, 1 + t % 3) : '') AS model,
+               toLowCardinality(k = 1 ? arrayElement({tiers}, 1 + t % 3) : '') AS tier,
+               toFloat64(0) AS cost_usd, '' AS reason
+        FROM (SELECT intDiv(number, 3) AS t, number % 3 AS k FROM numbers({tasks * 3}))"""
+    outcomes = f"""
+        SELECT concat('{prefix}-', toString(number)) AS task_id,
+               toLowCardinality(concat('team-', toString(number % {teams}))) AS team,
+               toUInt32(1) AS attempt,
+               toLowCardinality(number % 10 = 0 ? 'TaskFailed' : 'TaskCompleted') AS event_type,
+               toUInt8(number % 10 != 0) AS success, toUInt8(1) AS final, toUInt8(0) AS cached,
+               toLowCardinality(number % 10 = 0 ? '' : arrayElement({models}, 1 + number % 3))
+                   AS model,
+               toLowCardinality(number % 10 = 0 ? 'model_error' : '') AS failure_class,
+               toFloat64(0) AS cost_usd, toFloat64(1000 + number % 5000) AS duration_ms,
+               '' AS audit_head, toUInt32(0) AS audit_count,
+               now64(3) - {age % 'number'} + toIntervalMillisecond(2000) AS occurred_at,
+               hex(cityHash64(number, '{prefix}', 'outcome')) AS event_id,
+               toLowCardinality(arrayElement({kinds}, 1 + intDiv(number, 3) % {types}))
+                   AS task_type,
+               toLowCardinality(arrayElement({models}, 1 + number % 3)) AS call_model,
+               toLowCardinality(arrayElement({tiers}, 1 + number % 3)) AS tier
+        FROM numbers({tasks})"""
+    started = time.perf_counter()
+    sources = {"model_calls": calls, "task_transitions": transitions,
+               "attempt_outcomes": outcomes}
+    if raw:
+        for table, select in sources.items():
+            cols = ", ".join(f"`{c}`" for c in _aliases(select))
+            store.command(f"INSERT INTO {store.table(table)} ({cols}) SELECT {cols} "
+                          f"FROM ({select})")
+    else:
+        for table, select in sources.items():
+            for target, view in _views_of(store, table):
+                store.command(f"INSERT INTO {target} {view.replace('@SOURCE', f'({select})')}")
     return time.perf_counter() - started
+
+
+def _aliases(select: str) -> list[str]:
+    """The output column names of one of the generator's SELECTs (each ends in `AS name`)."""
+    body = select.split("FROM (SELECT")[0].split("FROM numbers")[0]
+    return re.findall(r"\bAS\s+(\w+)\s*(?:,|$)", body)
+
+
+def _views_of(store: Store, table: str) -> list[tuple[str, str]]:
+    """(target table, SELECT with @SOURCE for its source) of each materialized view on `table`
+    except the recent_* copies."""
+    source = re.compile(rf"\bFROM\s+`?{re.escape(store.database)}`?\.`?{table}`?(?![\w`])")
+    out = []
+    for r in store.query(
+            "SELECT name, as_select, create_table_query FROM system.tables "
+            "WHERE database = {db:String} AND engine = 'MaterializedView'",
+            {"db": store.database}):
+        select = str(r["as_select"])
+        target = re.search(r"\bTO\s+(\S+)", str(r["create_table_query"]))
+        if target is None or not source.search(select) or "recent_" in target.group(1):
+            continue
+        out.append((target.group(1), source.sub("FROM @SOURCE", select)))
+    return out
 
 
 def run_bench(store: Store, tasks: int, flush_rows: int = 5_000) -> BenchResult:

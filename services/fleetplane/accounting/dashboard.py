@@ -5,7 +5,8 @@ build step or a front-end framework. Every number on the page comes from ClickHo
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter
@@ -17,6 +18,10 @@ from fleetplane.accounting.store import Store
 from fleetplane.core.settings import Settings
 
 REFRESH_MS = 2000
+#: the cost sections cover this many whole UTC days before today, and today
+COST_DAYS = 30
+#: pooled ClickHouse clients one refresh's sections run on
+READERS = 4
 
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f4f6f8;color:#1d2733}
@@ -47,7 +52,7 @@ _OVERVIEW_HTML = """<!doctype html><html lang="en"><head><meta charset="utf-8">
  <div class="kpi">held<b id="total-held">-</b></div>
  <div class="kpi">completed<b id="total-completed">-</b></div>
  <div class="kpi">failed<b id="total-failed">-</b></div>
- <div class="kpi">spend $<b id="total-spend">-</b></div>
+ <div class="kpi">spend $ (%(cost_days)sd)<b id="total-spend">-</b></div>
  <div class="kpi">cache saved $<b id="cache-saved">-</b></div></div></section>
 <section style="grid-column:span 2"><h2>Teams: queue, quota, spend</h2><table id="teams"><thead><tr><th>team</th>
 <th class="n">queued</th><th class="n">running / max</th><th class="n">held</th>
@@ -174,36 +179,62 @@ refresh(); setInterval(refresh, %(refresh)d);
 </script></body></html>"""
 
 
+def cost_since(now: datetime) -> datetime:
+    """Where the dashboard's cost sections start: midnight UTC COST_DAYS days ago (whole days:
+    the daily rollups alone answer, so a refresh reads the same at any length of history)."""
+    midnight = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    return midnight - timedelta(days=COST_DAYS)
+
+
 def dashboard_data(store: Store, settings: Settings) -> dict[str, Any]:
-    """One refresh of the overview page. Costs, value, cache savings and budgets come from the
-    hourly rollups; live sections (tasks, holds, waits, utilization) from the recent window
-    (live.py). Nothing here reads the raw history, so a refresh costs the same at any history."""
+    """One refresh of the overview page. Costs (the last COST_DAYS whole days and today), value,
+    cache savings and budgets come from the rollups; live sections (tasks, holds, waits,
+    utilization) from the recent window (live.py). Nothing here reads the raw history, so a
+    refresh costs the same at any history. The sections run at once on the store's read pool
+    (Store.parallel), so a refresh takes about as long as its slowest section."""
     now = datetime.now(UTC)
-    costs = queries.cost_breakdown(store, ("team", "task_type", "model"), tasks=False)
-    figures = analytics.type_model_figures(store)   # value and cache savings share these
+    since = cost_since(now)
+    sections: dict[str, Callable[[Store], Any]] = {
+        "costs": lambda s: queries.cost_breakdown(s, ("team", "task_type", "model"),
+                                                  tasks=False, since=since),
+        # value and cache savings share these two reads
+        "figures": lambda s: analytics.type_model_figures(s, since=since),
+        "overview": lambda s: live.overview(s, now),
+        "budgets": lambda s: budgets(s, settings),
+        "utilization": lambda s: analytics.utilization(s, bucket_s=60,
+                                                       since=now - live.LIVE_WINDOW,
+                                                       recent=True),
+        "queue_wait": lambda s: live.queue_wait(s, now),
+        "held_time": lambda s: live.held_time(s, now),
+        "alerts": lambda s: analytics.recent_alerts(s, limit=20),
+        "tasks": lambda s: live.recent_tasks(s, now, limit=25),
+    }
+    parts = store.parallel(sections, readers=READERS)
+    costs, figures = parts["costs"], parts["figures"]
     return {
         "generated_at": now.isoformat(),
         "live_window_s": live.LIVE_WINDOW.total_seconds(),
-        "overview": live.overview(store, now),
-        "budgets": budgets(store, settings),
+        "cost_since": since.isoformat(),
+        "overview": parts["overview"],
+        "budgets": parts["budgets"],
         "spend_usd": sum(float(r["cost_usd"]) for r in costs["team"]),
         "cost_by_team": costs["team"],
         "cost_by_task_type": costs["task_type"],
         "cost_by_model": costs["model"],
         "value": analytics.value_by_task_type(figures),
         "cache": analytics.cache_savings(store, figures=figures),
-        "utilization": analytics.utilization(store, bucket_s=60,
-                                             since=now - live.LIVE_WINDOW, recent=True),
-        "queue_wait": live.queue_wait(store, now),
-        "held_time": live.held_time(store, now),
-        "alerts": analytics.recent_alerts(store, limit=20),
-        "tasks": live.recent_tasks(store, now, limit=25),
+        "utilization": parts["utilization"],
+        "queue_wait": parts["queue_wait"],
+        "held_time": parts["held_time"],
+        "alerts": parts["alerts"],
+        "tasks": parts["tasks"],
     }
 
 
 def make_router(store: Store, settings: Settings) -> APIRouter:
     r = APIRouter()
-    params = {"style": _STYLE, "refresh": REFRESH_MS, "refresh_s": REFRESH_MS // 1000}
+    params = {"style": _STYLE, "refresh": REFRESH_MS, "refresh_s": REFRESH_MS // 1000,
+              "cost_days": COST_DAYS}
 
     @r.get("/", response_class=HTMLResponse, include_in_schema=False)
     def overview_page() -> str:

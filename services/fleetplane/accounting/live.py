@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from fleetplane.accounting.analytics import team_state_counts
+from fleetplane.accounting.analytics import overview_of
 from fleetplane.accounting.store import Store
 from fleetplane.core.states import TERMINAL_STATES
 
@@ -40,7 +40,6 @@ def overview(store: Store, now: datetime, window: timedelta = LIVE_WINDOW) -> di
     counts = store.query(
         f"SELECT team, state, count() AS tasks FROM {_states(store)} GROUP BY team, state",
         params)
-    teams = team_state_counts(counts)
     held = store.query(
         f"""
         SELECT s.task_id AS task_id, s.team AS team, s.task_type AS task_type, h.kind AS kind,
@@ -55,14 +54,7 @@ def overview(store: Store, now: datetime, window: timedelta = LIVE_WINDOW) -> di
             ON s.task_id = h.task_id
         ORDER BY since LIMIT 500
         """, params)
-    for h in held:
-        kinds = teams.get(h["team"], {}).get("held_by_kind")
-        if kinds is not None:
-            kinds[h["kind"]] = kinds.get(h["kind"], 0) + 1
-    rows = sorted(teams.values(), key=lambda t: t["team"])
-    total = {k: sum(t[k] for t in rows) for k in ("queued", "running", "held", "completed",
-                                                  "failed", "other")}
-    return {"teams": rows, "total": total, "held": held, "window_s": window.total_seconds()}
+    return {**overview_of(counts, held), "window_s": window.total_seconds()}
 
 
 def queue_wait(store: Store, now: datetime, window: timedelta = LIVE_WINDOW

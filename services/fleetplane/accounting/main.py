@@ -21,7 +21,7 @@ from fleetplane.accounting.api import create_app
 from fleetplane.accounting.handlers import make_handler
 from fleetplane.accounting.publisher import Publisher, run_in_thread
 from fleetplane.accounting.sink import ClickHouseSink
-from fleetplane.accounting.store import Store, apply_ddl, connect, settings_ttl_days
+from fleetplane.accounting.store import Store, apply_settings_ddl, connect
 from fleetplane.core.errors import Fatal
 from fleetplane.core.events import Event
 from fleetplane.core.kafka import EventProducer
@@ -64,12 +64,14 @@ def build_processor(settings: Settings, store: Store, *, group_id: str = GROUP_I
                     ) -> tuple[Processor, ClickHouseSink]:
     """The accounting Processor over every topic, at-least-once, with its ClickHouse sink;
     `observe` sees every stored event (fleet metrics)."""
-    sink = ClickHouseSink(store, flush_rows=settings.sink_flush_rows)
+    sink = ClickHouseSink(store, flush_rows=settings.sink_flush_rows, group=group_id)
     tuned = settings.model_copy(update={"batch_size": max(settings.batch_size, MIN_BATCH_SIZE)})
     processor = Processor(SERVICE, all_topics(settings), make_handler(sink, observe), tuned,
                           group_id=group_id, sink=sink, commit_interval_s=commit_interval_s,
                           commit_when_drained=False,
                           transactional=False,
+                          # rows past our offsets may have been stored by an earlier process
+                          on_assign=lambda _consumer, _parts: sink.reassigned(),
                           instance_id=instance_id or default_instance_id(settings, group_id))
     return processor, sink
 
@@ -100,7 +102,7 @@ def run(settings: Settings) -> int:
     store = connect(settings)
     instrument(settings, SERVICE)  # loop metrics (on /metrics) and traces
     try:
-        apply_ddl(store, settings_ttl_days(settings), partition=settings.clickhouse_partition)
+        apply_settings_ddl(store, settings)
         teams = teams_for(settings.teams_file)
         fleet = FleetMetrics(quota=lambda team: teams.policy(team).max_running)
         lag = ConsumerLag(settings.client_config(), groups=[GROUP_ID])

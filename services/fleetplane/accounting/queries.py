@@ -67,16 +67,17 @@ def cost_by(store: Store, by: CostDimension, *, team: str | None = None,
     """, params)
 
 
-def cost_breakdown(store: Store, dims: tuple[CostDimension, ...], *, tasks: bool = True
-                   ) -> dict[str, list[dict[str, Any]]]:
+def cost_breakdown(store: Store, dims: tuple[CostDimension, ...], *, tasks: bool = True,
+                   since: datetime | None = None) -> dict[str, list[dict[str, Any]]]:
     """cost_by for several dimensions in one query (GROUPING SETS over the rollups):
-    {dimension: rows as cost_by returns them}. tasks=False leaves out the distinct-task count
-    (merging uniq states is most of the query's work; the dashboard does not show it)."""
+    {dimension: rows as cost_by returns them}, from `since` on. tasks=False leaves out the
+    distinct-task count (merging uniq states is most of the query's work; the dashboard does not
+    show it)."""
     for by in dims:
         if by not in COST_DIMENSIONS:
             raise ValueError(f"by must be one of {COST_DIMENSIONS}, not {by!r}")
     params: dict[str, Any] = {}
-    src = rollups.calls_source(store, params=params)
+    src = rollups.calls_source(store, since, None, params=params)
     keys = ", ".join(f"toString({by}) AS {by}_key" for by in dims)
     flags = ", ".join(f"grouping({by}) AS {by}_off" for by in dims)
     sets = ", ".join(f"({by})" for by in dims)

@@ -160,13 +160,28 @@ def attempts_source(store: Store, since: datetime | None = None, until: datetime
                    params if params is not None else {})
 
 
-# -- migration -------------------------------------------------------------------------------
-def _fill(store: Store, rollup: str, raw: str, select: str, columns: str, group: str) -> None:
-    # FINAL: rows stored before the sink deduplicated may still hold duplicates.
-    for table, bucket in ((rollup, "toStartOfHour"), (DAILY[rollup], "toStartOfDay")):
-        store.command(f"INSERT INTO {store.table(table)} ({columns}) "
-                      f"SELECT {select.replace('{bucket}', bucket)} FROM {store.table(raw)} "
-                      f"FINAL GROUP BY {group}")
+# -- the materialized views and migration ----------------------------------------------------
+#: (rollup, raw table, select list, columns, group by): one definition per rollup, used by its
+#: hourly and daily materialized views, the raw reads of partial hours and the rebuild
+_ROLLUPS = ((CALLS_ROLLUP, "model_calls", _CALLS_SELECT, _CALLS_COLUMNS, _CALLS_GROUP),
+            (ATTEMPTS_ROLLUP, "attempt_outcomes", _ATTEMPTS_SELECT, _ATTEMPTS_COLUMNS,
+             _ATTEMPTS_GROUP))
+
+
+def _targets(rollup: str) -> tuple[tuple[str, str], ...]:
+    """(table, bucket function) of a rollup's hourly and daily tables."""
+    return (rollup, "toStartOfHour"), (DAILY[rollup], "toStartOfDay")
+
+
+def create_views(store: Store) -> None:
+    """The materialized views that feed the hourly and daily rollups from every inserted block
+    of model_calls / attempt_outcomes (idempotent; the tables are in 011_rollups.sql)."""
+    for rollup, raw, select, _columns, group in _ROLLUPS:
+        for table, bucket in _targets(rollup):
+            store.command(
+                f"CREATE MATERIALIZED VIEW IF NOT EXISTS {store.table(table + '_mv')} "
+                f"TO {store.table(table)} AS SELECT {select.replace('{bucket}', bucket)} "
+                f"FROM {store.table(raw)} GROUP BY {group}")
 
 
 def rebuild(store: Store) -> None:
@@ -174,9 +189,12 @@ def rebuild(store: Store) -> None:
     Hours whose raw rows expired (TTL) are lost from the rollups: rebuild only when needed."""
     for rollup in (CALLS_ROLLUP, ATTEMPTS_ROLLUP, *DAILY.values()):
         store.command(f"TRUNCATE TABLE {store.table(rollup)}")
-    _fill(store, CALLS_ROLLUP, "model_calls", _CALLS_SELECT, _CALLS_COLUMNS, _CALLS_GROUP)
-    _fill(store, ATTEMPTS_ROLLUP, "attempt_outcomes", _ATTEMPTS_SELECT, _ATTEMPTS_COLUMNS,
-          _ATTEMPTS_GROUP)
+    for rollup, raw, select, columns, group in _ROLLUPS:
+        # FINAL: rows stored before the sink deduplicated may still hold duplicates.
+        for table, bucket in _targets(rollup):
+            store.command(f"INSERT INTO {store.table(table)} ({columns}) "
+                          f"SELECT {select.replace('{bucket}', bucket)} FROM {store.table(raw)} "
+                          f"FINAL GROUP BY {group}")
 
 
 def _update_attempt_columns(store: Store) -> None:

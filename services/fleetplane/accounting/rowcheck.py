@@ -50,12 +50,33 @@ def problem(column: str, value: object) -> str | None:
     return None
 
 
+#: table -> (index, column, type) of its numeric columns (the only ones check() visits)
+_CHECKS: dict[str, tuple[tuple[int, str, str], ...]] = {
+    table: tuple((i, c, NUMERIC[c]) for i, c in enumerate(cols) if c in NUMERIC)
+    for table, cols in COLUMNS.items()}
+
+
+def _fine(kind: str, value: object) -> bool:
+    """The common case, decided without building a message: an int in range, a finite float."""
+    if type(value) is int:
+        limit = _UINT.get(kind)
+        if limit is not None:
+            return 0 <= value < limit
+        return kind != "cost" or value >= 0
+    if type(value) is float:
+        return kind not in _UINT and value - value == 0.0 and (kind != "cost" or value >= 0)
+    return value is None
+
+
 def check(rows: Mapping[str, Sequence[Row]]) -> None:
     """Raise Unstorable naming the first value no column can hold."""
     for table, batch in rows.items():
-        columns = COLUMNS[table]
+        checks = _CHECKS[table]
         for row in batch:
-            for column, value in zip(columns, row, strict=False):
+            for i, column, kind in checks:
+                value = row[i] if i < len(row) else None
+                if _fine(kind, value):
+                    continue
                 why = problem(column, value)
                 if why:
                     raise Unstorable(f"not stored in {table}: {why}")

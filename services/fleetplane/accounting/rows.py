@@ -152,6 +152,13 @@ def model_call_row(event: ev.ModelCall) -> Row:
     )
 
 
+#: event types that feed no fact table besides events/transitions/model calls (skip _fact_row)
+_NO_FACT_ROW: frozenset[type[ev.Event]] = frozenset(
+    cls for cls in ev.EVENT_TYPES.values() if cls not in (
+        ev.ToolCall, ev.WorkspaceChange, ev.TaskCompleted, ev.TaskFailed, ev.TaskHeld, ev.Alert,
+        ev.ExecutorUtilization))
+
+
 def _fact_row(event: ev.Event) -> tuple[str, Row] | None:
     """The row of the one fact table an event feeds besides events/transitions, if any."""
     if isinstance(event, ev.ToolCall):
@@ -193,9 +200,11 @@ def _details(event: ev.Event) -> tuple[str, str, str, float, str]:
     """(task_type, model, tier, reported cost, reason) where the event carries them."""
     task_type = model = tier = reason = ""
     cost = 0.0
-    spec: ev.TaskSpec | None = getattr(event, "spec", None)
-    if spec is not None:
-        task_type = spec.task_type
+    fields = type(event).model_fields   # not getattr(event, ...): a missing attribute is slow
+    if "spec" in fields:
+        spec: ev.TaskSpec | None = event.spec  # type: ignore[attr-defined]
+        if spec is not None:
+            task_type = spec.task_type
     if isinstance(event, ev.TaskRouted | ev.TaskDispatched):
         model, tier = event.model, event.tier
     elif isinstance(event, ev.TaskEscalated):
@@ -204,9 +213,10 @@ def _details(event: ev.Event) -> tuple[str, str, str, float, str]:
         model, cost = event.model, event.cost_usd
     elif isinstance(event, ev.TaskFailed):
         cost = event.cost_usd
-    value = getattr(event, "reason", None)
-    if isinstance(value, str):
-        reason = value
+    if "reason" in fields:
+        value = event.reason  # type: ignore[attr-defined]
+        if isinstance(value, str):
+            reason = value
     return task_type, model, tier, cost, reason
 
 
@@ -215,7 +225,7 @@ def transition_row(event: ev.Event) -> Row | None:
     if state is None:
         return None
     task_type, model, tier, cost, reason = _details(event)
-    attempt = getattr(event, "attempt", 0)
+    attempt = event.attempt if "attempt" in type(event).model_fields else 0  # type: ignore[attr-defined]
     return (
         event.task_id, event.team, event.event_id, type(event).__name__, state,
         int(state in TERMINAL_STATES), STATE_RANK[state], event.occurred_at,
@@ -226,14 +236,17 @@ def transition_row(event: ev.Event) -> Row | None:
 def rows_for(event: ev.Event, record: Record) -> dict[str, list[Row]]:
     """Every row one consumed event adds, by table (always one ``events`` row)."""
     out: dict[str, list[Row]] = {EVENTS: [event_row(event, record)]}
-    if isinstance(event, ev.ModelCall):
-        out[MODEL_CALLS] = [model_call_row(event)]
-    fact = _fact_row(event)
-    if fact is not None:
-        out[fact[0]] = [fact[1]]
-    transition = transition_row(event)
-    if transition is not None:
-        out[TASK_TRANSITIONS] = [transition]
+    cls = type(event)
+    if cls is ev.ModelCall:
+        out[MODEL_CALLS] = [model_call_row(event)]  # type: ignore[arg-type]
+    elif cls not in _NO_FACT_ROW:
+        fact = _fact_row(event)
+        if fact is not None:
+            out[fact[0]] = [fact[1]]
+    if cls in _STATE_OF or cls is ev.TaskFailed:
+        transition = transition_row(event)
+        if transition is not None:
+            out[TASK_TRANSITIONS] = [transition]
     return out
 
 

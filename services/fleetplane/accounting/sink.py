@@ -3,37 +3,53 @@
 Handlers add rows; the loop calls ``flush()`` at every checkpoint, before it stores the input
 offsets, so a stored offset always means its rows are in ClickHouse. The sink also flushes by
 itself once it holds ``flush_rows`` rows. An insert that keeps failing raises Fatal: the loop
-then stops without storing offsets and the records are redelivered (at-least-once; rows are
-deduplicated by event_id in ClickHouse).
+then stops without storing offsets and the records are redelivered (at-least-once).
 
 Exact without FINAL: the rollups (infra/clickhouse/011_rollups.sql) are materialized views over
-model_calls and attempt_outcomes; they see every inserted block, so a row inserted twice (a batch
-redelivered after a crash between insert and offset commit, or an event re-published) would be
-summed twice. The sink therefore drops rows of those tables whose event_id is already in the
-batch or already in ClickHouse before it inserts (one lookup per table and flush, bounded to the
-batch's occurred_at range and served by a bloom-filter index on event_id). Every row then reaches
-the rollups once, and reads of those tables need no FINAL.
+model_calls, attempt_outcomes and utilization; they see every inserted block, so a row inserted
+twice would be summed twice. The sink therefore drops rows of those tables (DEDUPLICATED) whose
+event_id was already stored, without asking ClickHouse on every flush:
 
-Before inserting it also fills what the events do not carry: model_calls.task_type and
+* Copies within the batch, and copies of rows this process stored recently (a re-published
+  event, a redelivery within this process): `RecentIds`, two generations of sets of event ids
+  (set intersections run in C; memory bounded by `recent_ids`).
+* Records redelivered after a restart or a rebalance (the only way an earlier process's rows
+  come back at the same offsets): before its inserts, each flush records in `sink_progress`
+  the highest offset per topic partition it is about to store (for the consumer group). After
+  an assignment the sink reads those marks once; rows of records at or below its partition's
+  mark may already be stored, and only they are looked up in ClickHouse (one query per flush
+  that holds such rows, bounded to their occurred_at range and served by the bloom-filter
+  index on event_id). Past the mark nothing is looked up: a steady flush asks ClickHouse
+  nothing. Rows added without their `events` row (so without a source offset) are looked up.
+
+Not caught: a copy of an event re-published at a new offset after this process restarted,
+whose original was stored by the earlier process (the raw tables still collapse it; the
+rollups would count it twice until `rollups.rebuild`). Producers re-publish with the same
+event id within seconds (retries, the reconciler), well inside one process's RecentIds.
+
+Before inserting the sink also fills what the events do not carry: model_calls.task_type and
 attempt_outcomes.task_type (tasktypes.py), and attempt_outcomes.call_model / tier: the model and
 tier of the attempt's last model call (by call_index), from the calls seen by this process or
 else from ClickHouse. An attempt that made no model call keeps an empty call_model.
 
-Inserts are columnar (one list per column, built with zip in C), so a flush does no per-row
-Python work beyond the lookups above.
+Inserts are columnar (one list per column, built with zip in C).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
+from typing import TypeVar
 
 from fleetplane.accounting.rows import (
     ATTEMPT_OUTCOMES,
     COLUMNS,
+    EVENTS,
+    EVENTS_COLUMNS,
     MODEL_CALL_TASK_TYPE,
     MODEL_CALLS,
     OUTCOME_TASK_TYPE,
@@ -48,12 +64,18 @@ from fleetplane.core.errors import Fatal, RetryPolicy
 from fleetplane.core.logging import get_logger
 
 log = get_logger(__name__)
+T = TypeVar("T")
 
 _TT_TASK_TYPE = TASK_TRANSITIONS_COLUMNS.index("task_type")
 _MC = {c: i for i, c in enumerate(COLUMNS[MODEL_CALLS])}
 _AO = {c: i for i, c in enumerate(COLUMNS[ATTEMPT_OUTCOMES])}
+_EV_TOPIC, _EV_PARTITION, _EV_OFFSET = (EVENTS_COLUMNS.index(c)
+                                        for c in ("topic", "partition", "offset"))
 # Tables whose rows feed rollups: deduplicated by event_id before insert.
 DEDUPLICATED: tuple[str, ...] = (MODEL_CALLS, ATTEMPT_OUTCOMES, UTILIZATION)
+PROGRESS = "sink_progress"
+#: how far past a flush's highest offset its progress mark is set (see _mark_progress)
+MARK_AHEAD = 50_000
 
 DEFAULT_INSERT_RETRY = RetryPolicy(initial_interval_s=0.2, backoff_coefficient=2.0,
                                    maximum_interval_s=5.0, maximum_attempts=6)
@@ -73,9 +95,29 @@ class SinkStats:
     flushes: int = 0
     insert_seconds: float = 0.0
     failures: int = 0
+    lookups: int = 0            # flushes that asked ClickHouse for already stored event ids
+    duplicates: int = 0         # rows of deduplicated tables not inserted again
 
     def rows_per_second(self) -> float:
         return self.rows / self.insert_seconds if self.insert_seconds > 0 else 0.0
+
+
+class RecentIds:
+    """Event ids stored recently: two generations of sets (the newer one is retired when it
+    holds capacity/2 ids), so membership is a C-level set intersection and memory is bounded."""
+
+    def __init__(self, capacity: int = 2_000_000) -> None:
+        self.half = max(1, capacity // 2)
+        self._new: set[str] = set()
+        self._old: set[str] = set()
+
+    def known(self, ids: set[str]) -> set[str]:
+        return (ids & self._new) | (ids & self._old)
+
+    def add(self, ids: Iterable[str]) -> None:
+        self._new.update(ids)
+        if len(self._new) >= self.half:
+            self._old, self._new = self._new, set()
 
 
 class ClickHouseSink:
@@ -83,30 +125,59 @@ class ClickHouseSink:
 
     def __init__(self, store: Store, flush_rows: int = 5_000,
                  retry: RetryPolicy = DEFAULT_INSERT_RETRY,
-                 columns: Mapping[str, Sequence[str]] = COLUMNS) -> None:
+                 columns: Mapping[str, Sequence[str]] = COLUMNS, *, group: str = "",
+                 recent_ids: int = 2_000_000) -> None:
         self.store = store
         self.flush_rows = max(1, flush_rows)
         self.retry = retry
         self.columns = dict(columns)
+        self.group = group
         self.stats = SinkStats()
         self._buffers: dict[str, list[Row]] = {table: [] for table in self.columns}
         self._pending = 0
         self._lock = threading.RLock()
         self.task_types = TaskTypes(store)
         self.attempt_models = AttemptModels(store)
+        self.recent = RecentIds(recent_ids)
+        #: (topic, partition) -> highest offset an earlier process of the group may have
+        #: stored (sink_progress); None until read after an assignment
+        self._marks: dict[tuple[str, int], int] | None = None
+        #: (topic, partition) -> highest offset among the buffered rows
+        self._high: dict[tuple[str, int], int] = {}
+        #: (topic, partition) -> the mark this process last wrote
+        self._written: dict[tuple[str, int], int] = {}
+        #: buffered rows (of DEDUPLICATED tables) that may already be stored: their event ids
+        self._suspects: set[str] = set()
 
     @property
     def pending(self) -> int:
         """Rows buffered and not yet inserted."""
         return self._pending
 
+    def reassigned(self) -> None:
+        """Partitions were (re)assigned: read the progress marks again before the next rows
+        (another process of the group may have stored rows past our last offsets)."""
+        with self._lock:
+            self._marks = None
+
     def add(self, rows: Mapping[str, Sequence[Row]]) -> None:
         """Buffer rows by table; flush when the buffer reaches flush_rows."""
         with self._lock:
+            source = rows.get(EVENTS)
+            suspect = True
+            if source:
+                ev = source[0]
+                key = (ev[_EV_TOPIC], ev[_EV_PARTITION])
+                offset = ev[_EV_OFFSET]
+                if self._high.get(key, -1) < offset:
+                    self._high[key] = offset
+                marks = self._marks if self._marks is not None else self._load_marks()
+                suspect = offset <= marks.get(key, -1)
             for table, batch in rows.items():
-                if table not in self._buffers:
+                buffer = self._buffers.get(table)
+                if buffer is None:
                     raise ValueError(f"unknown table {table!r}")
-                self._buffers[table].extend(batch)
+                buffer.extend(batch)
                 self._pending += len(batch)
                 if table == TASK_TRANSITIONS:
                     for row in batch:
@@ -114,6 +185,9 @@ class ClickHouseSink:
                 elif table == MODEL_CALLS:
                     for row in batch:
                         self.attempt_models.remember(row)
+                if suspect and table in DEDUPLICATED:
+                    self._suspects.update(map(itemgetter(self.columns[table].index("event_id")),
+                                              batch))
             if self._pending >= self.flush_rows:
                 self.flush()
 
@@ -125,15 +199,90 @@ class ClickHouseSink:
                 return
             self._fill_task_types()
             self._fill_attempt_models()
-            for table in DEDUPLICATED:
-                self._drop_known(table)
+            self._drop_known()
+            self._mark_progress()
+            stored: list[str] = []
             for table, buffer in self._buffers.items():
                 if buffer:
                     self._insert(table, buffer)
+                    if table in DEDUPLICATED:
+                        stored.extend(map(itemgetter(self.columns[table].index("event_id")),
+                                          buffer))
                     self._pending -= len(buffer)
                     buffer.clear()
+            self.recent.add(stored)
+            self._suspects.clear()
+            self._high.clear()
             self.stats.flushes += 1
 
+    # -- restart safety --------------------------------------------------------------------
+    def _load_marks(self) -> dict[tuple[str, int], int]:
+        rows = self._retrying("reading the sink progress", lambda: self.store.query_rows(
+            f"SELECT topic, `partition`, max(`offset`) FROM {self.store.table(PROGRESS)} "
+            "WHERE consumer_group = {group:String} GROUP BY topic, `partition`",
+            {"group": self.group}))
+        self._marks = {(str(t), int(p)): int(o) for t, p, o in rows}
+        return self._marks
+
+    def _mark_progress(self) -> None:
+        """Record, before the inserts, how far this flush goes per topic partition. A mark is
+        set MARK_AHEAD offsets past the flush, so most flushes need no mark at all (one insert
+        fewer); after a restart at most MARK_AHEAD records per partition are looked up in vain."""
+        rows = [(self.group, t, p, o + MARK_AHEAD) for (t, p), o in self._high.items()
+                if o > self._written.get((t, p), -1)]
+        if not rows:
+            return
+        self._retrying("recording the sink progress", lambda: self.store.insert(
+            PROGRESS, rows, ("consumer_group", "topic", "partition", "offset")))
+        for _, t, p, o in rows:
+            self._written[(t, p)] = o
+
+    # -- deduplication ---------------------------------------------------------------------
+    def _drop_known(self) -> None:
+        """Drop rows of the deduplicated tables whose event_id is already in the batch, among
+        the ids this process stored, or (for suspect rows only) in ClickHouse."""
+        for table in DEDUPLICATED:
+            rows = self._buffers.get(table)
+            if not rows:
+                continue
+            cols = self.columns[table]
+            eid, at = cols.index("event_id"), cols.index("occurred_at")
+            ids: list[str] = list(map(itemgetter(eid), rows))
+            unique = set(ids)
+            known = self.recent.known(unique)
+            suspects = unique & self._suspects
+            if suspects - known:
+                check = suspects - known
+                times = [row[at] for row in rows if row[eid] in check]
+                known |= self._known_event_ids(table, check, min(times), max(times))
+            if not known and len(unique) == len(ids):
+                continue
+            kept: list[Row] = []
+            seen: set[str] = set()
+            for key, row in zip(ids, rows, strict=True):
+                if key in known or key in seen:
+                    continue
+                seen.add(key)
+                kept.append(row)
+            dropped = len(rows) - len(kept)
+            log.info("rows already recorded were not inserted again", table=table, rows=dropped)
+            self.stats.duplicates += dropped
+            self._pending -= dropped
+            rows[:] = kept
+
+    def _known_event_ids(self, table: str, event_ids: set[str], first: datetime, last: datetime
+                         ) -> set[str]:
+        self.stats.lookups += 1
+        rows = self._retrying(f"looking up recorded {table}", lambda: self.store.query_rows(
+            f"SELECT event_id FROM {self.store.table(table)} "
+            "WHERE occurred_at >= toDateTime64({first:String}, 3, 'UTC') "
+            "AND occurred_at < toDateTime64({last:String}, 3, 'UTC') "
+            "AND event_id IN {ids:Array(String)}",
+            {"first": _utc_second(first), "last": _utc_second(last, 1),
+             "ids": sorted(event_ids)}))
+        return {str(r[0]) for r in rows}
+
+    # -- columns the events do not carry ---------------------------------------------------
     def _fill_task_types(self) -> None:
         """Set model_calls.task_type and attempt_outcomes.task_type from the tasks' lifecycle rows
         (see tasktypes.py)."""
@@ -182,63 +331,26 @@ class ClickHouseSink:
                 fixed[model_col], fixed[tier_col] = hit
                 outcomes[i] = tuple(fixed)
 
-    def _drop_known(self, table: str) -> None:
-        """Drop rows whose event_id is already in the batch or in ClickHouse."""
-        rows = self._buffers.get(table)
-        if not rows:
-            return
-        cols = {c: i for i, c in enumerate(self.columns[table])}
-        eid, at = cols["event_id"], cols["occurred_at"]
-        fresh: dict[str, Row] = {}
-        for row in rows:
-            fresh.setdefault(str(row[eid]), row)
-        times = [row[at] for row in fresh.values()]
-        known = self._known_event_ids(table, set(fresh), min(times), max(times))
-        kept = [row for key, row in fresh.items() if key not in known]
-        dropped = len(rows) - len(kept)
-        if dropped:
-            log.info("rows already recorded were not inserted again", table=table, rows=dropped)
-            self._pending -= dropped
-            rows[:] = kept
-
-    def _known_event_ids(self, table: str, event_ids: set[str], first: datetime, last: datetime
-                         ) -> set[str]:
+    # -- ClickHouse calls ------------------------------------------------------------------
+    def _retrying(self, what: str, call: Callable[[], T]) -> T:
         attempt = 1
         while True:
             try:
-                rows = self.store.query_rows(
-                    f"SELECT event_id FROM {self.store.table(table)} "
-                    "WHERE occurred_at >= toDateTime64({first:String}, 3, 'UTC') "
-                    "AND occurred_at < toDateTime64({last:String}, 3, 'UTC') "
-                    "AND event_id IN {ids:Array(String)}",
-                    {"first": _utc_second(first), "last": _utc_second(last, 1),
-                     "ids": sorted(event_ids)})
-                return {str(r[0]) for r in rows}
+                return call()
             except Exception as exc:
                 self.stats.failures += 1
                 if attempt >= self.retry.maximum_attempts:
-                    raise Fatal(f"looking up recorded {table} failed {attempt} times: "
-                                f"{exc}") from exc
-                time.sleep(self.retry.delay(attempt))
+                    raise Fatal(f"{what} failed {attempt} times: {exc}") from exc
+                delay = self.retry.delay(attempt)
+                log.warning("clickhouse call failed, retrying", what=what, attempt=attempt,
+                            delay_s=delay, error=str(exc)[:500])
+                time.sleep(delay)
                 attempt += 1
 
     def _insert(self, table: str, rows: list[Row]) -> None:
-        attempt = 1
-        while True:
-            started = time.perf_counter()
-            try:
-                self.store.insert(table, rows, self.columns[table])
-            except Exception as exc:
-                self.stats.failures += 1
-                if attempt >= self.retry.maximum_attempts:
-                    raise Fatal(f"insert into {table} failed {attempt} times: {exc}") from exc
-                delay = self.retry.delay(attempt)
-                log.warning("clickhouse insert failed, retrying", table=table, rows=len(rows),
-                            attempt=attempt, delay_s=delay, error=str(exc)[:500])
-                time.sleep(delay)
-                attempt += 1
-                continue
-            self.stats.insert_seconds += time.perf_counter() - started
-            self.stats.rows += len(rows)
-            self.stats.inserts += 1
-            return
+        started = time.perf_counter()
+        self._retrying(f"insert into {table} ({len(rows)} rows)",
+                       lambda: self.store.insert(table, rows, self.columns[table]))
+        self.stats.insert_seconds += time.perf_counter() - started
+        self.stats.rows += len(rows)
+        self.stats.inserts += 1

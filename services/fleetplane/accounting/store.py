@@ -2,16 +2,24 @@
 
 One ``Store`` per process. The processor loop (inserts) and the HTTP threads (queries) share it,
 so every call holds a lock: a chdb connection handle serves one call at a time, and a server
-session may not run two queries at once either.
+session may not run two queries at once either. Reads that should not wait for each other (one
+dashboard refresh) run on `parallel()`: a small pool of further clients, each with its own
+handle and lock (chdb serves any number of handles on its one engine; a server, connections).
+
+`metered()` counts the queries run and the rows and bytes ClickHouse read for them (from each
+query's summary), on this store and its pool: what a dashboard refresh costs.
 """
 
 from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
@@ -21,10 +29,12 @@ from fleetplane.core.logging import get_logger
 from fleetplane.core.settings import REPO_ROOT, Settings
 
 log = get_logger(__name__)
+T = TypeVar("T")
+_METER_LOCK = threading.Lock()   # meters are shared by a store and its pool's threads
 
 DDL_DIR = REPO_ROOT / "infra" / "clickhouse"
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_PLACEHOLDER = re.compile(r"\{(database|ttl|partition)\}")
+_PLACEHOLDER = re.compile(r"\{(database|ttl|audit_ttl|partition)\}")
 PARTITIONS: dict[str, str] = {
     "month": "toYYYYMM(occurred_at)",
     "week": "toMonday(occurred_at)",
@@ -43,20 +53,99 @@ def check_identifier(name: str) -> str:
     return name
 
 
+@dataclass
+class QueryMeter:
+    """Queries run and what ClickHouse read for them (see Store.metered). On a server
+    read_rows/read_bytes are the query summary's; on chdb (clickhouse-connect 1.12) the summary's
+    read_rows counts the result rows instead, so `statements` keeps each query and its
+    parameters for an EXPLAIN ESTIMATE."""
+
+    queries: int = 0
+    read_rows: int = 0
+    read_bytes: int = 0
+    statements: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+
 class Store:
     """A locked ClickHouse client bound to the fleetplane database."""
 
     def __init__(self, client: Client, database: str, dsn: str = "",
-                 lock: threading.RLock | None = None) -> None:
+                 lock: threading.RLock | None = None,
+                 open_client: Callable[[], Client] | None = None) -> None:
         self.client = client
         self.database = check_identifier(database)
         self.dsn = dsn
         self.lock = lock or threading.RLock()
         self._insert_contexts: dict[tuple[str, tuple[str, ...]], InsertContext] = {}
+        #: opens another client on the same target (the read pool); None: no pool
+        self.open_client = open_client
+        self._readers: list[Store] = []
+        self._readers_lock = threading.Lock()
+        self._meters: list[QueryMeter] = []
 
     def with_database(self, database: str) -> Store:
         """A Store on the same client and lock, bound to another database."""
-        return Store(self.client, database, self.dsn, self.lock)
+        other = Store(self.client, database, self.dsn, self.lock, self.open_client)
+        other._meters = self._meters
+        return other
+
+    # -- reads in parallel -----------------------------------------------------------------
+    def _reader_stores(self, n: int) -> list[Store]:
+        with self._readers_lock:
+            while len(self._readers) < n and self.open_client is not None:
+                reader = Store(self.open_client(), self.database, self.dsn)
+                reader._meters = self._meters
+                self._readers.append(reader)
+            return self._readers[:n]
+
+    def parallel(self, calls: Mapping[str, Callable[[Store], T]], readers: int = 4
+                 ) -> dict[str, T]:
+        """Run independent reads at once, each on a pooled client: {name: call(store)}. Without
+        a pool (a Store built on a bare client) they run one after another on this store."""
+        stores = self._reader_stores(max(1, min(readers, len(calls))))
+        if not stores:
+            return {name: call(self) for name, call in calls.items()}
+        free: list[Store] = list(stores)
+        free_lock = threading.Lock()
+
+        def run(call: Callable[[Store], T]) -> T:
+            with free_lock:
+                store = free.pop()
+            try:
+                return call(store)
+            finally:
+                with free_lock:
+                    free.append(store)
+
+        with ThreadPoolExecutor(len(stores), thread_name_prefix="ch-read") as pool:
+            futures = {name: pool.submit(run, call) for name, call in calls.items()}
+            return {name: f.result() for name, f in futures.items()}
+
+    # -- metering --------------------------------------------------------------------------
+    @contextmanager
+    def metered(self) -> Iterator[QueryMeter]:
+        """Count the queries (query, query_rows, query_table) run inside the block on this store
+        and its pool, with the rows and bytes ClickHouse read for them."""
+        meter = QueryMeter()
+        with _METER_LOCK:
+            self._meters.append(meter)
+        try:
+            yield meter
+        finally:
+            with _METER_LOCK:
+                self._meters.remove(meter)
+
+    def _meter(self, summary: Mapping[str, Any] | None, sql: str,
+               parameters: Mapping[str, Any] | None) -> None:
+        if not self._meters:
+            return
+        summary = summary or {}
+        with _METER_LOCK:
+            for meter in self._meters:
+                meter.queries += 1
+                meter.read_rows += int(summary.get("read_rows", 0) or 0)
+                meter.read_bytes += int(summary.get("read_bytes", 0) or 0)
+                meter.statements.append((sql, dict(parameters or {})))
 
     def table(self, name: str) -> str:
         """The qualified name of a fleetplane table: ``database.name``."""
@@ -70,13 +159,18 @@ class Store:
         """Rows as dicts (column name -> value)."""
         with self.lock:
             result = self.client.query(sql, parameters=dict(parameters or {}))
-            return list(result.named_results())
+            rows = list(result.named_results())
+        self._meter(result.summary, sql, parameters)
+        return rows
 
     def query_rows(self, sql: str, parameters: Mapping[str, Any] | None = None
                    ) -> list[Sequence[Any]]:
         """Rows as sequences."""
         with self.lock:
-            return list(self.client.query(sql, parameters=dict(parameters or {})).result_rows)
+            result = self.client.query(sql, parameters=dict(parameters or {}))
+            rows = list(result.result_rows)
+        self._meter(result.summary, sql, parameters)
+        return rows
 
     def query_table(self, sql: str, settings: Mapping[str, Any] | None = None,
                     ) -> tuple[list[str], list[list[Any]]]:
@@ -89,7 +183,9 @@ class Store:
                 result = self.client.query(sql, settings=dict(settings or {}))
             finally:
                 self.client.database = previous
-            return list(result.column_names), [list(r) for r in result.result_rows]
+            out = list(result.column_names), [list(r) for r in result.result_rows]
+        self._meter(result.summary, sql, settings)
+        return out
 
     def insert(self, table: str, rows: Sequence[Sequence[Any]],
                column_names: Sequence[str]) -> None:
@@ -122,6 +218,10 @@ class Store:
             return False
 
     def close(self) -> None:
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for reader in readers:
+            reader.close()
         with self.lock:
             self.client.close()
 
@@ -140,7 +240,11 @@ def connect(settings: Settings) -> Store:
     client = clickhouse_connect.get_client(dsn=dsn, **kwargs)
     log.info("clickhouse connected", backend="chdb" if is_chdb(dsn) else "server",
              version=client.server_version, database=settings.clickhouse_database)
-    return Store(client, settings.clickhouse_database, dsn)
+
+    def open_client() -> Client:
+        return clickhouse_connect.get_client(dsn=dsn, **kwargs)
+
+    return Store(client, settings.clickhouse_database, dsn, open_client=open_client)
 
 
 def ttl_clause(ttl_days: int) -> str:
@@ -159,9 +263,11 @@ def partition_clause(partition: str) -> str:
             f"partition must be one of {sorted(PARTITIONS)}, not {partition!r}") from None
 
 
-def render(sql: str, database: str, ttl_days: int = 0, partition: str = "month") -> str:
-    """Substitute the DDL placeholders ({database}, {ttl}, {partition})."""
+def render(sql: str, database: str, ttl_days: int = 0, partition: str = "month",
+           audit_ttl_days: int = 0) -> str:
+    """Substitute the DDL placeholders ({database}, {ttl}, {audit_ttl}, {partition})."""
     values = {"database": check_identifier(database), "ttl": ttl_clause(ttl_days),
+              "audit_ttl": ttl_clause(audit_ttl_days),
               "partition": partition_clause(partition)}
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], sql)
 
@@ -183,30 +289,32 @@ def split_statements(sql: str) -> list[str]:
 
 
 def ddl_statements(database: str, ttl_days: int = 0, ddl_dir: Path = DDL_DIR,
-                   partition: str = "month") -> list[str]:
+                   partition: str = "month", audit_ttl_days: int = 0) -> list[str]:
     """Every statement of infra/clickhouse/*.sql in file-name order, rendered."""
     files = sorted(ddl_dir.glob("*.sql"))
     if not files:
         raise FileNotFoundError(f"no DDL files in {ddl_dir}")
     out: list[str] = []
     for path in files:
-        out.extend(split_statements(render(path.read_text(), database, ttl_days, partition)))
+        out.extend(split_statements(render(path.read_text(), database, ttl_days, partition,
+                                           audit_ttl_days)))
     return out
 
 
 def apply_ddl(store: Store, ttl_days: int = 0, ddl_dir: Path = DDL_DIR,
-              partition: str = "month") -> int:
+              partition: str = "month", audit_ttl_days: int = 0) -> int:
     """Create the database, tables and views (idempotent); returns the statement count.
 
-    Partitioning applies to tables created now; an existing table keeps its partition key."""
-    statements = ddl_statements(store.database, ttl_days, ddl_dir, partition)
+    Partitioning applies to tables created now; an existing table keeps its partition key.
+    Retention follows the settings on every start (apply_ttl), also on existing tables."""
+    statements = ddl_statements(store.database, ttl_days, ddl_dir, partition, audit_ttl_days)
     for statement in statements:
         store.command(statement)
-    if ttl_days > 0 and ddl_dir == DDL_DIR:
-        apply_ttl(store, ttl_days)
     if ddl_dir == DDL_DIR:
         from fleetplane.accounting import rollups
 
+        rollups.create_views(store)
+        apply_ttl(store, ttl_days, audit_ttl_days)
         rollups.migrate(store)
     log.info("clickhouse schema applied", statements=len(statements), database=store.database)
     return len(statements)
@@ -214,19 +322,37 @@ def apply_ddl(store: Store, ttl_days: int = 0, ddl_dir: Path = DDL_DIR,
 
 # The raw fact tables: their rows expire after the configured TTL (the rollups are kept).
 FACT_TABLES: tuple[str, ...] = (
-    "events", "model_calls", "task_transitions", "tool_calls", "workspace_changes",
+    "model_calls", "task_transitions", "tool_calls", "workspace_changes",
     "attempt_outcomes", "holds", "alerts", "utilization")
+#: the audit log: every event as consumed; its own retention (default: kept)
+AUDIT_TABLES: tuple[str, ...] = ("events",)
 
 
-def apply_ttl(store: Store, ttl_days: int) -> None:
-    """Set the raw-row TTL on existing fact tables (tables created before it, or with another
-    value). Metadata only: expired rows are dropped by later merges, not rewritten now."""
-    clause = ttl_clause(ttl_days).removeprefix("TTL ")
-    for table in FACT_TABLES:
-        store.command(f"ALTER TABLE {store.table(table)} MODIFY TTL {clause} "
-                      "SETTINGS materialize_ttl_after_modify = 0")
+def has_ttl(store: Store, table: str) -> bool:
+    """Whether a table carries a TTL now."""
+    create = str(store.command(
+        "SELECT create_table_query FROM system.tables WHERE database = {db:String} "
+        "AND name = {name:String}", {"db": store.database, "name": table}))
+    return " TTL " in create
 
 
-def settings_ttl_days(settings: Settings) -> int:
-    """Row TTL in days; 0 keeps rows forever."""
-    return settings.clickhouse_ttl_days
+def apply_ttl(store: Store, ttl_days: int, audit_ttl_days: int = 0) -> None:
+    """Make the tables' TTL what the settings say: the raw fact tables `ttl_days`, the audit
+    log `audit_ttl_days`; 0 removes a TTL an earlier start set (issue 18's first version set
+    90 days on `events` too). Metadata only: expired rows are dropped by later merges, nothing
+    is rewritten now."""
+    for tables, days in ((FACT_TABLES, ttl_days), (AUDIT_TABLES, audit_ttl_days)):
+        for table in tables:
+            if days > 0:
+                clause = ttl_clause(days).removeprefix("TTL ")
+                store.command(f"ALTER TABLE {store.table(table)} MODIFY TTL {clause} "
+                              "SETTINGS materialize_ttl_after_modify = 0")
+            elif has_ttl(store, table):
+                store.command(f"ALTER TABLE {store.table(table)} REMOVE TTL")
+                log.info("TTL removed: rows are kept", table=table)
+
+
+def apply_settings_ddl(store: Store, settings: Settings) -> int:
+    """apply_ddl with the retention and partitioning of `settings` (the service's start)."""
+    return apply_ddl(store, settings.clickhouse_ttl_days, partition=settings.clickhouse_partition,
+                     audit_ttl_days=settings.clickhouse_audit_ttl_days)

@@ -124,19 +124,23 @@ def _selected_calls(store: Store, sel: Selection, source: str = "rollup"
         """, params)
 
 
-def success_stats(store: Store, task_types: list[str], source: str = "rollup"
+def success_stats(store: Store, task_types: list[str] | None, source: str = "rollup"
                   ) -> dict[tuple[str, str], tuple[int, int]]:
     """(task type, model) -> (successes, trials): finished non-cached attempts, each counted
     for the model its model calls went to (an attempt that never called a model says nothing
-    about one). From the attempts rollup (the sink resolves each outcome's call model);
-    `source="raw"` joins the raw rows."""
+    about one), for the task types given (None: every type; rollup only). From the attempts
+    rollup (the sink resolves each outcome's call model); `source="raw"` joins the raw rows."""
     if source != "raw":
-        params: dict[str, Any] = {"types": task_types}
+        params: dict[str, Any] = {}
         src = rollups.attempts_source(store, params=params)
+        types = ""
+        if task_types is not None:
+            types = "AND task_type IN {types:Array(String)} "
+            params["types"] = task_types
         rows = store.query(
             f"SELECT toString(task_type) AS task_type, toString(model) AS model, "
             f"sum(successes) AS successes, sum(attempts) AS trials FROM {src} "
-            "WHERE cached = 0 AND model != '' AND task_type IN {types:Array(String)} "
+            f"WHERE cached = 0 AND model != '' {types}"
             "GROUP BY task_type, model", params)
         return {(r["task_type"], r["model"]): (int(r["successes"]), int(r["trials"]))
                 for r in rows}
@@ -153,7 +157,7 @@ def success_stats(store: Store, task_types: list[str], source: str = "rollup"
                     WHERE cached = 0 GROUP BY task_id, attempt) AS o
             ON c.task_id = o.task_id AND c.attempt = o.attempt
         GROUP BY task_type, model
-        """, {"types": task_types})
+        """, {"types": task_types or []})
     return {(r["task_type"], r["model"]): (int(r["successes"]), int(r["trials"])) for r in rows}
 
 
@@ -161,10 +165,18 @@ def what_if(store: Store, catalog: Catalog, sel: Selection, source: str = "rollu
             ) -> dict[str, Any]:
     """The cost change and expected successes lost of moving sel.share of the work to B
     (from the rollups; source="raw": from the raw rows, for audit and tests)."""
-    calls = _selected_calls(store, sel, source)
+    if source == "raw":
+        calls = _selected_calls(store, sel, source)
+        types = sorted({r["task_type"] for r in calls})
+        stats = success_stats(store, types, source) if types else {}
+    else:
+        # two rollup reads at once: the selected calls, and the success counts of every task
+        # type (the rollup is small; the types are known only after the first read)
+        both: dict[str, Any] = store.parallel({
+            "calls": lambda s: _selected_calls(s, sel, source),
+            "stats": lambda s: success_stats(s, None, source)}, readers=2)
+        calls, stats = both["calls"], both["stats"]
     prices = sel.target.prices
-    types = sorted({r["task_type"] for r in calls})
-    stats = success_stats(store, types, source) if types else {}
     per_type: dict[str, dict[str, Any]] = {}
     for r in calls:
         row = per_type.setdefault(r["task_type"], {

@@ -54,8 +54,11 @@ class Settings(BaseSettings):
     clickhouse_database: str = "fleetplane"
     sink_flush_rows: int = 20_000
     clickhouse_ttl_days: int = Field(
-        default=90, description="Drop raw rows older than this many days (0: keep forever); "
-        "the accounting rollups are kept.")
+        default=90, ge=0, description="Drop raw rows older than this many days (0: keep "
+        "forever); the accounting rollups are kept. The audit log has its own setting.")
+    clickhouse_audit_ttl_days: int = Field(
+        default=0, ge=0, description="Drop audit-log rows (the `events` table: every event as "
+        "consumed) older than this many days; 0 (default): keep them (docs/accounting.md).")
 
     # Accounting (issue 6): partitioning, budget and anomaly publishing, analyst SQL limits
     clickhouse_partition: str = Field(
