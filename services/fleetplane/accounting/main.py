@@ -109,7 +109,7 @@ def run(settings: Settings) -> int:
         fleet.registry.register(lag)
         processor, sink = build_processor(settings, store, observe=fleet.observe)
         # each task's trace id (traceparent headers), for `fleetplane describe`
-        traces = TraceIds(store, settings_ttl_days(settings))
+        traces = TraceIds(store, settings.clickhouse_ttl_days)
         processor.handler = traces.wrap(processor.handler)
         processor.sink = traces.beside(sink)
         producer = EventProducer(settings)
