@@ -101,6 +101,12 @@ def test_coordinator_admission_latency_decisions_and_queue() -> None:
                                   occurred_at=T0 + timedelta(seconds=3)))
     assert value(registry, "fleetplane_coordinator_admission_seconds_count") == 1
     assert value(registry, "fleetplane_coordinator_admission_seconds_sum") == 3.0
+    # an executor starts it 2 s after the dispatch: the dispatch latency (once per attempt)
+    for _ in range(2):
+        d.routed(ev.TaskStarted(task_id="a", team="pay", attempt=1, executor_id="ex",
+                                occurred_at=T0 + timedelta(seconds=5)))
+    assert value(registry, "fleetplane_coordinator_dispatch_seconds_count") == 1
+    assert value(registry, "fleetplane_coordinator_dispatch_seconds_sum") == 2.0
     assert value(registry, "fleetplane_coordinator_decisions_total", decision="hold",
                  kind="quota") == 1
     assert value(registry, "fleetplane_coordinator_decisions_total", decision="dispatch",

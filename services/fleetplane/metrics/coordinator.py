@@ -75,22 +75,38 @@ class Decisions:
         self.decisions = Counter("fleetplane_coordinator_decisions", "What the coordinator "
                                  "published: dispatch, hold (by kind), fail, cancel, ...",
                                  ["decision", "kind"], registry=registry)
+        self.dispatch = Histogram("fleetplane_coordinator_dispatch_seconds", "Dispatched to "
+                                  "started by an executor (TaskStarted), per attempt: how long "
+                                  "a dispatch waits for an executor slot",
+                                  buckets=ADMISSION_BUCKETS, registry=registry)
         self.memory = memory
         self._lock = threading.Lock()
         self._routed: OrderedDict[tuple[str, int], datetime] = OrderedDict()
+        self._dispatched: OrderedDict[tuple[str, int], datetime] = OrderedDict()
 
     def routed(self, event: ev.Event) -> None:
+        """Every scheduler input (named for the TaskRouted that starts admission's clock; a
+        TaskStarted stops the dispatch clock)."""
         if isinstance(event, ev.TaskRouted):
             with self._lock:
                 self._routed.setdefault((event.task_id, event.attempt), event.occurred_at)
                 while len(self._routed) > self.memory:
                     self._routed.popitem(last=False)
+        elif isinstance(event, ev.TaskStarted):
+            with self._lock:
+                at = self._dispatched.pop((event.task_id, event.attempt), None)
+            if at is not None:
+                self.dispatch.observe(max(0.0, (event.occurred_at - at).total_seconds()))
 
     def published(self, event: ev.Event) -> None:
         if isinstance(event, ev.TaskDispatched):
             self.decisions.labels("dispatch", "").inc()
             with self._lock:
                 at = self._routed.pop((event.task_id, event.attempt), None)
+                if event.action != "rollback":
+                    self._dispatched[(event.task_id, event.attempt)] = event.occurred_at
+                    while len(self._dispatched) > self.memory:
+                        self._dispatched.popitem(last=False)
             if at is not None:
                 self.admission.observe(max(0.0, (event.occurred_at - at).total_seconds()))
         elif isinstance(event, ev.TaskHeld):
