@@ -62,3 +62,19 @@ def test_cache_hits_and_dead_letters_by_service_and_class() -> None:
     # a task whose submission was not seen (accounting started later) still counts as finished
     assert value(m, "fleetplane_tasks_finished_total", outcome="completed", team="a") == 1
     assert value(m, "fleetplane_task_duration_seconds_count", outcome="completed", team="a") == 0
+
+
+def test_an_outcome_read_before_its_submission_still_gives_the_duration() -> None:
+    """Submissions and outcomes are on different topics with no order between them: the
+    accounting service may read a task's end first (seen in the metrics e2e run)."""
+    m = FleetMetrics()
+    done = ev.TaskCompleted(task_id="t2", team="pay", attempt=1, model="m", output="o",
+                            cost_usd=0.1, duration_ms=1000, occurred_at=at(7))
+    m.observe(done)
+    assert value(m, "fleetplane_task_duration_seconds_count", outcome="completed",
+                 team="pay") == 0
+    m.observe(ev.TaskSubmitted(task_id="t2", team="pay", occurred_at=at(2), spec=ev.TaskSpec(
+        name="n", task_type="codegen", prompt="p")))
+    assert value(m, "fleetplane_task_duration_seconds_count", outcome="completed",
+                 team="pay") == 1
+    assert value(m, "fleetplane_task_duration_seconds_sum", outcome="completed", team="pay") == 5

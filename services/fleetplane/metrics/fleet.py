@@ -69,6 +69,10 @@ class FleetMetrics:
                                     registry=r)
         self._seen = _Bounded(memory)
         self._submitted = _Bounded(memory)
+        # outcomes read before their submission (other topics, no order between them): the
+        # duration is observed when the submission arrives
+        self._ended_first: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
+        self._memory = memory
         self._running: dict[str, set[str]] = {}
 
     def observe(self, event: ev.Event) -> None:
@@ -79,7 +83,12 @@ class FleetMetrics:
         self.events.labels(kind.__name__, event.team).inc()
         at = event.occurred_at.timestamp()
         if kind is ev.TaskSubmitted:
-            self._submitted.put(event.task_id, at)
+            ended = self._ended_first.pop(event.task_id, None)
+            if ended is None:
+                self._submitted.put(event.task_id, at)
+            else:
+                outcome, team, end = ended
+                self.duration.labels(outcome, team).observe(max(0.0, end - at))
         elif kind is ev.TaskStarted:
             self._set_running(event.team, event.task_id, True)
         elif kind in FINISHED:
@@ -94,6 +103,10 @@ class FleetMetrics:
         submitted = self._submitted.pop(event.task_id, None)
         if submitted is not None:
             self.duration.labels(outcome, event.team).observe(max(0.0, at - submitted))
+        else:
+            self._ended_first[event.task_id] = (outcome, event.team, at)
+            while len(self._ended_first) > self._memory:
+                self._ended_first.popitem(last=False)
         if isinstance(event, ev.TaskCompleted) and event.cached:
             self.cache_hits.labels(event.team).inc()
         self._set_running(event.team, event.task_id, False)
