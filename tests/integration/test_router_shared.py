@@ -85,8 +85,9 @@ def test_two_replicas_converge_and_a_restart_reads_the_snapshot(settings: Settin
     producer = EventProducer(settings)
     tail = Tail(settings, ROUTED, OUTCOMES)
     try:
-        wait(lambda: all(r.processor.consumer is not None and
-                         len(r.processor.consumer.assignment()) > 0 for r in (a, b)),
+        # (Processor.partitions: an idle loop's parked partitions are not in its consumer's
+        # assignment(), and the consumer is the loop thread's)
+        wait(lambda: all(len(r.processor.partitions) > 0 for r in (a, b)),
              "both replicas hold partitions")
         rng = random.Random(5)
         work = [(f"rs-{i}", rng.choice(TYPES), rng.choice(MODELS), rng.random() < 0.7)

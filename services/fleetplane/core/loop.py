@@ -399,6 +399,7 @@ class Processor:
         self.producer: Producer | None = None
         self._idle: IdleBackoff | None = None
         self._read_until_ms = 0  # see inputs_read_until_ms
+        self._partitions: frozenset[tuple[str, int]] = frozenset()
         self._read_until_noted = 0.0
         self.instruments = (NO_INSTRUMENTS if _instruments is None
                             else _instruments(service, self.group_id))
@@ -649,13 +650,21 @@ class Processor:
             self._delivery_errors.append(err)
 
     # -- checkpoints -----------------------------------------------------------------------
+    @property
+    def partitions(self) -> frozenset[tuple[str, int]]:
+        """The (topic, partition) pairs the group gave this loop, parked by the idle backoff or
+        not (consumer.assignment() leaves parked ones out). Safe to read from any thread."""
+        return self._partitions
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._partitions = self._partitions | {(tp.topic, tp.partition) for tp in partitions}
         if self._idle is not None:
             self._idle.reset()
         if self.on_assign is not None:
             self.on_assign(consumer, partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._partitions = self._partitions - {(tp.topic, tp.partition) for tp in partitions}
         if self.consumer is None or not self._running:
             # closing (the final checkpoint is done): leave the unassignment to the client.
             # Waking parked partitions here and unassigning them again inside close() hung

@@ -376,6 +376,7 @@ class ParallelProcessor(Processor):
 
     # -- rebalances ------------------------------------------------------------------------
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._partitions = self._partitions - {(tp.topic, tp.partition) for tp in partitions}
         # closing (_drain committed what finished): parked partitions stay unassigned and the
         # client unassigns the rest; waking them inside close() can hang it (see core.loop)
         parked = self._running and self._idle is not None and self._idle.idle
