@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
@@ -15,6 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from fleetplane.core import events as ev
+from fleetplane.core.bounded import Bounded
 
 ADMISSION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600,
                      14400)
@@ -79,19 +79,17 @@ class Decisions:
                                   "started by an executor (TaskStarted), per attempt: how long "
                                   "a dispatch waits for an executor slot",
                                   buckets=ADMISSION_BUCKETS, registry=registry)
-        self.memory = memory
         self._lock = threading.Lock()
-        self._routed: OrderedDict[tuple[str, int], datetime] = OrderedDict()
-        self._dispatched: OrderedDict[tuple[str, int], datetime] = OrderedDict()
+        self._routed: Bounded[tuple[str, int], datetime] = Bounded(memory)
+        self._dispatched: Bounded[tuple[str, int], datetime] = Bounded(memory)
 
     def routed(self, event: ev.Event) -> None:
         """Every scheduler input (named for the TaskRouted that starts admission's clock; a
         TaskStarted stops the dispatch clock)."""
         if isinstance(event, ev.TaskRouted):
             with self._lock:
-                self._routed.setdefault((event.task_id, event.attempt), event.occurred_at)
-                while len(self._routed) > self.memory:
-                    self._routed.popitem(last=False)
+                if (event.task_id, event.attempt) not in self._routed:
+                    self._routed.put((event.task_id, event.attempt), event.occurred_at)
         elif isinstance(event, ev.TaskStarted):
             with self._lock:
                 at = self._dispatched.pop((event.task_id, event.attempt), None)
@@ -104,9 +102,7 @@ class Decisions:
             with self._lock:
                 at = self._routed.pop((event.task_id, event.attempt), None)
                 if event.action != "rollback":
-                    self._dispatched[(event.task_id, event.attempt)] = event.occurred_at
-                    while len(self._dispatched) > self.memory:
-                        self._dispatched.popitem(last=False)
+                    self._dispatched.put((event.task_id, event.attempt), event.occurred_at)
             if at is not None:
                 self.admission.observe(max(0.0, (event.occurred_at - at).total_seconds()))
         elif isinstance(event, ev.TaskHeld):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from fleetplane.core import events as ev
+from fleetplane.core.bounded import Bounded
 
 #: submit -> finished, seconds: agent tasks take from seconds to hours
 TASK_BUCKETS = (0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400)
@@ -17,20 +17,6 @@ FINISHED: dict[type[ev.Event], str] = {
     ev.TaskCompleted: "completed", ev.TaskFailed: "failed", ev.TaskAbandoned: "abandoned",
     ev.TaskCancelled: "cancelled", ev.TaskRolledBack: "rolled_back", ev.TaskRejected: "rejected",
 }
-
-
-class _Bounded(OrderedDict[str, float]):
-    """An insertion-ordered map that forgets its oldest entries beyond `limit`."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = limit
-
-    def put(self, key: str, value: float) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.limit:
-            self.popitem(last=False)
 
 
 class FleetMetrics:
@@ -67,12 +53,11 @@ class FleetMetrics:
         self.dead_letters = Counter("fleetplane_dead_letters", "Records dead-lettered, by "
                                     "service and error class", ["service", "error_class"],
                                     registry=r)
-        self._seen = _Bounded(memory)
-        self._submitted = _Bounded(memory)
+        self._seen: Bounded[str, float] = Bounded(memory)
+        self._submitted: Bounded[str, float] = Bounded(memory)
         # outcomes read before their submission (other topics, no order between them): the
         # duration is observed when the submission arrives
-        self._ended_first: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
-        self._memory = memory
+        self._ended_first: Bounded[str, tuple[str, str, float]] = Bounded(memory)
         self._running: dict[str, set[str]] = {}
 
     def observe(self, event: ev.Event) -> None:
@@ -104,9 +89,7 @@ class FleetMetrics:
         if submitted is not None:
             self.duration.labels(outcome, event.team).observe(max(0.0, at - submitted))
         else:
-            self._ended_first[event.task_id] = (outcome, event.team, at)
-            while len(self._ended_first) > self._memory:
-                self._ended_first.popitem(last=False)
+            self._ended_first.put(event.task_id, (outcome, event.team, at))
         if isinstance(event, ev.TaskCompleted) and event.cached:
             self.cache_hits.labels(event.team).inc()
         self._set_running(event.team, event.task_id, False)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from typing import Any
@@ -37,6 +36,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from fleetplane.core import events as ev
+from fleetplane.core.bounded import Bounded
 from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import Instruments, Output, RawRecord, Record
 from fleetplane.tracing.propagation import TRACEPARENT, format_traceparent, trace_id_of
@@ -56,18 +56,6 @@ def parent_context(traceparent: str | bytes | None) -> otel_context.Context | No
     return PROPAGATOR.extract({TRACEPARENT: value})
 
 
-class _Bounded(OrderedDict[Any, Any]):
-    def __init__(self, limit: int) -> None:
-        super().__init__()
-        self.limit = limit
-
-    def put(self, key: Any, value: Any) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.limit:
-            self.popitem(last=False)
-
-
 class Tracing:
     """One per process (tracing.setup.configure). Thread-safe."""
 
@@ -76,9 +64,9 @@ class Tracing:
         self.service = service
         self._lock = threading.Lock()
         #: id(output event) -> (the event, traceparent): stamped by a loop, taken at publish
-        self._stamped = _Bounded(memory)
+        self._stamped: Bounded[Any, Any] = Bounded(memory)
         #: task id -> the traceparent this process last handled or published for the task
-        self._tasks = _Bounded(memory)
+        self._tasks: Bounded[Any, Any] = Bounded(memory)
 
     # -- the loop --------------------------------------------------------------------------
     def instruments(self, service: str, group: str, entry: bool = False) -> Instruments:
