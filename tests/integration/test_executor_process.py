@@ -315,6 +315,13 @@ def test_short_tasks_run_while_long_ones_do_and_unfinished_survive_sigkill(
         # the short attempts were not run again (redelivered or not, the journal answers)
         assert sum("SHORT" in c.last_user_text for c in fake.calls) == short_calls
         assert sum("LONG" in c.last_user_text for c in fake.calls) == len(longs)
+        # and their outcomes, already committed, were not published a second time
+        time.sleep(3.0)  # redelivered dispatches after the long ones are handled by now
+        for _ in range(5):
+            completed = outcomes.until(lambda s: True, timeout_s=1)
+        counts = {t: sum(isinstance(e, ev.TaskCompleted) and e.task_id == t for e in completed)
+                  for t in shorts}
+        assert counts == dict.fromkeys(shorts, 1), counts
     finally:
         lifecycle.close()
         outcomes.close()

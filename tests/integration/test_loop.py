@@ -206,3 +206,71 @@ def test_inputs_read_until_says_how_far_behind_the_loop_is(
     assert until is not None and until < blocked_at + 1000, (until, blocked_at)
     gate.set()
     assert caught_up_since(int(time.time() * 1000))
+
+
+def test_inputs_behind_an_open_transaction_are_not_read_to_the_end(
+    base_settings: Settings, unique: str, run_processor: Callable[[Processor], Processor],
+) -> None:
+    """A producer killed mid-transaction leaves it open until its restart aborts it; a
+    read_committed loop then stops at the last stable offset, reports end-of-partition there and
+    parks, while committed records after the open transaction wait. That is not "read to the
+    end": the coordinator would otherwise judge executors silent whose heartbeats sit behind it
+    (chaos run: a completed attempt declared lost and run twice)."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    topic = f"lso-{unique}"
+    admin = AdminClient({"bootstrap.servers": base_settings.kafka_bootstrap})
+    for fut in admin.create_topics([NewTopic(topic, 1, 1)]).values():
+        fut.result(30)
+    seen: list[str] = []
+    p = run_processor(Processor(f"lso-{unique}", [topic], lambda e, r: seen.append(e.task_id)
+                                or [], base_settings, group_id=f"g-{unique}"))
+    serde = default_serde()
+
+    def value(task_id: str) -> bytes:
+        return serde.encode(ev.TaskSubmitted(task_id=task_id, team="a", spec=spec()))
+
+    def transactional(txn_id: str) -> Producer:
+        prod = Producer({**base_settings.producer_config(), "transactional.id": txn_id})
+        prod.init_transactions(30)
+        return prod
+
+    def until_at_least(t_ms: int, within_s: float) -> int | None:
+        deadline = time.monotonic() + within_s
+        until = p.inputs_read_until_ms()
+        while time.monotonic() < deadline:
+            until = p.inputs_read_until_ms()
+            if until is not None and until >= t_ms:
+                break
+            time.sleep(0.05)
+        return until
+
+    committer = transactional(f"{unique}-committer")
+    committer.begin_transaction()
+    committer.produce(topic, key=b"k", value=value(f"{unique}-first"))
+    committer.commit_transaction(30)
+    t_ms = int(time.time() * 1000)
+    until = until_at_least(t_ms, 60)
+    assert until is not None and until >= t_ms, "read to the end: now"
+    assert seen == [f"{unique}-first"]
+
+    dead = transactional(f"{unique}-dead")  # opens a transaction and never ends it
+    dead.begin_transaction()
+    dead.produce(topic, key=b"k", value=value(f"{unique}-open"))
+    dead.flush(30)
+    opened_at = int(time.time() * 1000)
+    committer.begin_transaction()
+    committer.produce(topic, key=b"k", value=value(f"{unique}-after"))
+    committer.commit_transaction(30)
+    time.sleep(2.0)  # end-of-partition at the stable offset; the loop parks
+    until = until_at_least(opened_at + 1500, 0.5)
+    assert seen == [f"{unique}-first"], "records after the open transaction are not visible"
+    assert until is not None and until < opened_at + 1000, (until, opened_at)
+
+    restarted = transactional(f"{unique}-dead")  # the restart fences and aborts it
+    restarted.begin_transaction()
+    restarted.commit_transaction(30)
+    t_ms = int(time.time() * 1000)
+    until = until_at_least(t_ms, 60)
+    assert until is not None and until >= t_ms, "read to the end again once it is aborted"
+    assert seen == [f"{unique}-first", f"{unique}-after"]

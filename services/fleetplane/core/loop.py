@@ -401,6 +401,7 @@ class Processor:
         self._read_until_ms = 0  # see inputs_read_until_ms
         self._partitions: frozenset[tuple[str, int]] = frozenset()
         self._read_until_noted = 0.0
+        self._read_to_end_at: dict[tuple[str, int], int] = {}  # epoch ms, per partition
         self.instruments = (NO_INSTRUMENTS if _instruments is None
                             else _instruments(service, self.group_id))
 
@@ -428,7 +429,15 @@ class Processor:
         return self._read_until_ms
 
     def _note_read_until(self) -> None:
-        """The loop's thread: how far the inputs are read (see inputs_read_until_ms)."""
+        """The loop's thread: how far the inputs are read (see inputs_read_until_ms).
+
+        A partition is read to its end when the position has reached the high watermark. With
+        read_committed, the fetcher stops (and reports end-of-partition) at the last stable
+        offset instead: behind an open transaction, e.g. one a killed producer left behind until
+        its restart aborts it, committed records after it are not returned yet. Such a partition
+        is behind: it counts from the later of its last record's timestamp and the last time it
+        was seen at its high watermark, not from now (the idle backoff parks it all the same,
+        so being parked does not mean being read to the end)."""
         consumer, idle = self.consumer, self._idle
         now_s = time.monotonic()
         if consumer is None or idle is None or not idle.enabled \
@@ -436,20 +445,21 @@ class Processor:
             return
         self._read_until_noted = now_s
         now = int(time.time() * 1000)
-        if idle.parked:
-            self._read_until_ms = now  # parked only when every partition was read to its end
-            return
         until = now
         try:
-            for tp in consumer.assignment():
+            parts = idle.parked or consumer.assignment()
+            for tp in parts:
                 key = (tp.topic, tp.partition)
                 position = idle.positions.get(key)
                 if position is None:
                     until = 0
                     break
                 _, high = consumer.get_watermark_offsets(tp, cached=True)
-                if high < 0 or position < high:
-                    until = min(until, idle.stamps.get(key, 0))
+                if 0 <= high <= position:
+                    self._read_to_end_at[key] = now
+                else:
+                    until = min(until, max(idle.stamps.get(key, 0),
+                                           self._read_to_end_at.get(key, 0)))
         except (KafkaException, RuntimeError):
             until = 0
         self._read_until_ms = until

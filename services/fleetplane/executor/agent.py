@@ -30,7 +30,7 @@ from fleetplane.core.events import (
 )
 from fleetplane.core.logging import get_logger
 from fleetplane.executor.models import ModelCallError, ModelClients, ModelTurn
-from fleetplane.executor.runtime import Emitter, Running, Runtime
+from fleetplane.executor.runtime import Emitter, Journal, Running, Runtime
 from fleetplane.executor.tools import (
     ALL_TOOLS,
     WORKSPACE_TOOLS,
@@ -94,6 +94,7 @@ class Agent:
         self.last_estimate = 0.0  # worst-case cost of the latest call: kept back from subtasks
         self.final_model = self.model.name
         self.journal_base = journal_base
+        self.audited: list[dict[str, str]] = []  # the audit events, as the journal keeps them
         settings = clients.settings
         self.retries = settings.model_max_retries
         self.max_tokens = settings.executor_max_output_tokens
@@ -103,11 +104,14 @@ class Agent:
     # -- audit ---------------------------------------------------------------------------------
     def _audit(self, event: A) -> A:
         linked = self.chain.link(event)
-        self.emitter.emit(linked)
+        self.emitter.emit(linked, keep=True)
         if self.rt.journal is not None and self.journal_base is not None:
+            # the events themselves too: a live one the broker never got (the process was
+            # killed before its acknowledgement) is re-published with the interrupted outcome
+            self.audited.extend(Journal.encode([linked]))
             self.rt.journal.write(self.event.task_id, self.event.attempt, {
                 **self.journal_base, "head": self.chain.head, "count": self.chain.count,
-                "cost": self.budget.spent})
+                "cost": self.budget.spent, "audit": self.audited})
         return linked
 
     def _id(self, tag: str) -> str:

@@ -75,25 +75,27 @@ def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
     rt = runtime or _default_runtime()
     if event.action == "rollback":
         return rollback(rt, event)
+    lease = leases.get(event.task_id, event.attempt) if leases is not None else None
+    if lease is not None and lease.done:
+        # before the journal: a finished attempt whose outcome is committed is not answered
+        # again (offsets commit up to the lowest unfinished attempt, so a restart redelivers
+        # dispatches that already have their outcome)
+        log.info("dispatch not run: the attempt already has an outcome",
+                 attempt=event.attempt, holder=lease.executor_id)
+        return []
     journal = rt.journal
     if journal is not None:
         previous = journal.read(event.task_id, event.attempt)
         if previous is not None and previous.get("dispatch") == event.event_id:
             return _answer_redelivery(rt, event, previous)
-    if leases is not None:
-        lease = leases.get(event.task_id, event.attempt)
-        if lease is not None:
-            if lease.done:
-                log.info("dispatch not run: the attempt already has an outcome",
-                         attempt=event.attempt, holder=lease.executor_id)
-                return []
-            if lease.live() and lease.executor_id != executor_id:
-                log.warning("dispatch not run: the attempt's lease is live on another executor",
-                            attempt=event.attempt, holder=lease.executor_id)
-                return []
-            log.warning("dispatch not run: the attempt was claimed before and interrupted",
-                        attempt=event.attempt, holder=lease.executor_id, live=lease.live())
-            return _answer_redelivery(rt, event, {"state": "running"})
+    if lease is not None:
+        if lease.live() and lease.executor_id != executor_id:
+            log.warning("dispatch not run: the attempt's lease is live on another executor",
+                        attempt=event.attempt, holder=lease.executor_id)
+            return []
+        log.warning("dispatch not run: the attempt was claimed before and interrupted",
+                    attempt=event.attempt, holder=lease.executor_id, live=lease.live())
+        return _answer_redelivery(rt, event, {"state": "running"})
     emitter: Emitter = rt.live if rt.live is not None else Collect()
     run = rt.begin(event.task_id, event.team, event.attempt)
     base = {"dispatch": event.event_id, "state": "running"}
@@ -104,7 +106,7 @@ def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
                                slot=run.slot.index, event_id=derived_id(event.event_id,
                                                                        "started"),
                                lease_ms=rt.lease_ms if rt.live is not None else 0)
-        emitter.emit(started)
+        emitter.emit(started, keep=True)
         if rt.live is not None and rt.lease_ms > 0 and rt.live.settle({started.event_id}):
             # the claim is not durable: do not call the model (a redelivery could run it twice)
             log.error("attempt not claimed: TaskStarted not acknowledged", attempt=event.attempt)
@@ -124,6 +126,7 @@ def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
             if rt.live is not None else list(outcome)
     if journal is not None:
         journal.write(event.task_id, event.attempt, {**base, "state": "done",
+                                                     "audit": agent.audited,
                                                      "outcome": Journal.encode(outcome)})
     return result
 
@@ -140,9 +143,14 @@ def _answer_redelivery(rt: Runtime, event: TaskDispatched, previous: dict[str, o
     """The dispatch came back after this executor stopped (its transaction was not committed).
     A finished attempt is answered with the same outcome; an interrupted one is reported as
     lost (its worktree was cleaned at start-up), never run a second time."""
+    # the attempt's audit events as well: live ones may not have reached the log (the process
+    # was killed before the broker acknowledged them, or the broker lost them); consumers
+    # deduplicate by event id
+    audit = previous.get("audit")
+    audited = Journal.decode(audit) if isinstance(audit, list) else []
     if previous.get("state") == "done":
         raw = previous.get("outcome")
-        return Journal.decode(raw) if isinstance(raw, list) else []
+        return [*audited, *Journal.decode(raw)] if isinstance(raw, list) else []
     if event.spec.repository:
         try:
             rt.workspaces.rollback(event.spec.repository, event.task_id, event.attempt,
@@ -152,7 +160,7 @@ def _answer_redelivery(rt: Runtime, event: TaskDispatched, previous: dict[str, o
     head = str(previous.get("head") or "")
     count = int(str(previous.get("count") or 0))
     cost = float(str(previous.get("cost") or 0.0))
-    return [event.derive(TaskFailed, event_id=derived_id(event.event_id, "failed"),
+    return [*audited, event.derive(TaskFailed, event_id=derived_id(event.event_id, "failed"),
                          attempt=event.attempt, failure_class=failures.LOST_EXECUTOR,
                          reason="the executor stopped during this attempt; it was not re-run",
                          final=False, cost_usd=cost, audit_head=head, audit_count=count)]

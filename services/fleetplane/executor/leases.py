@@ -18,7 +18,8 @@ counts as finished; the attempt is then covered by the coordinator's lease expir
   or tasks.outcomes): not run, nothing reported (its outcome is already published);
 * no claim: the attempt is claimed and run.
 
-The executor's own journal is consulted first (a finished attempt is answered from it)."""
+A finished attempt is checked first; then the executor's own journal (an attempt it finished or
+was running when it stopped is answered from it, with the audit events the journal kept)."""
 
 from __future__ import annotations
 

@@ -46,8 +46,12 @@ from fleetplane.executor.workspace import Workspaces, load_repositories, safe_na
 log = get_logger(__name__)
 
 
+#: acknowledged audit events kept for their attempts' settle() (about 1 KiB each)
+KEPT_MAX = 200_000
+
+
 class Emitter(Protocol):
-    def emit(self, event: Event) -> None: ...
+    def emit(self, event: Event, keep: bool = False) -> None: ...
 
 
 class Collect:
@@ -56,7 +60,7 @@ class Collect:
     def __init__(self) -> None:
         self.events: list[Event] = []
 
-    def emit(self, event: Event) -> None:
+    def emit(self, event: Event, keep: bool = False) -> None:
         self.events.append(event)
 
 
@@ -64,33 +68,59 @@ class LiveEmitter:
     """Publishes at once through an idempotent producer, outside the loop's transaction.
 
     `settle(ids)` waits for those events' acknowledgements and returns the ones that were not
-    delivered, so the caller can put them into the outcome's transaction instead."""
+    delivered, so the caller can put them into the outcome's transaction instead. An event
+    emitted with ``keep=True`` (an attempt's TaskStarted and audit events) also counts as not
+    delivered when the broker went away after acknowledging it: a broker that crashes loses
+    the writes it acknowledged last (the embedded one does on SIGKILL), and an outcome
+    committed after its restart would then claim audit events the log no longer has. Consumers
+    deduplicate by event id, so the second copy of one that survived costs nothing."""
 
     def __init__(self, settings: Settings, serde: Serde | None = None) -> None:
-        self._producer = Producer(settings.producer_config())
+        self._producer = Producer({**settings.producer_config(), "error_cb": self._on_error})
         self._serde = serde or default_serde()
         self._lock = threading.Lock()
         self._pending: dict[str, Event] = {}
         self._failed: dict[str, Event] = {}
+        #: acknowledged events kept for settle(): event id -> (event, outages when acknowledged)
+        self._acked: dict[str, tuple[Event, int]] = {}
+        self._keep: set[str] = set()
+        #: times the producer lost every broker connection (each could have cost acked writes)
+        self.outages = 0
         #: settle() waiters per event id: [ids still unacknowledged, wake-up]
         self._waiters: dict[str, list[list[Any]]] = {}
         self._closed = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="live-poll", daemon=True)
         self._poller.start()
 
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._ALL_BROKERS_DOWN:
+            with self._lock:
+                self.outages += 1
+            log.warning("live channel: every broker connection is down; acknowledged audit "
+                        "events of running attempts go into their outcomes' transactions")
+
     def _poll(self) -> None:
         while not self._closed.is_set():
             self._producer.poll(0.05)
 
-    def emit(self, event: Event) -> None:
+    def emit(self, event: Event, keep: bool = False) -> None:
         with self._lock:
             self._pending[event.event_id] = event
+            if keep:
+                self._keep.add(event.event_id)
 
         def delivered(err: KafkaError | None, _msg: Message, eid: str = event.event_id) -> None:
             with self._lock:
                 ev = self._pending.pop(eid, None)
-                if err is not None and ev is not None:
-                    self._failed[eid] = ev
+                if ev is not None:
+                    if err is not None:
+                        self._failed[eid] = ev
+                    elif eid in self._keep:
+                        self._acked[eid] = (ev, self.outages)
+                        if len(self._acked) > KEPT_MAX:  # attempts that ended by an exception
+                            oldest = next(iter(self._acked))
+                            self._acked.pop(oldest)
+                            self._keep.discard(oldest)
                 for box in self._waiters.pop(eid, []):
                     box[0] -= 1
                     if box[0] <= 0:
@@ -130,6 +160,11 @@ class LiveEmitter:
             for e in undelivered:
                 self._pending.pop(e.event_id, None)
                 self._failed.pop(e.event_id, None)
+            for eid in ids:
+                kept = self._acked.pop(eid, None)
+                if kept is not None and kept[1] < self.outages:
+                    undelivered.append(kept[0])  # acknowledged before an outage: maybe lost
+            self._keep.difference_update(ids)
         return undelivered
 
     def close(self) -> None:
