@@ -246,6 +246,10 @@ def test_live_events_cancellation_utilization_and_sigkill_mid_attempt(
         failed = next(e for e in seen if isinstance(e, ev.TaskFailed) and e.task_id == crash)
         assert failed.failure_class == "lost_executor" and failed.audit_count >= 2
         assert len(fake.calls) == calls_before  # not run a second time
+        # the journal kept the audit events the answer re-published (live copies may be lost)
+        kept = json.loads((executor.tmp / "data" / "executor-runs" / f"{task}-a1.json")
+                          .read_text())["audit"]
+        assert len(kept) == failed.audit_count
         assert not any(worktrees.iterdir())
         assert git(repo, "worktree", "list").count("\n") == 1
         assert "orphaned worktrees removed" in executor.log_path.read_text()
