@@ -45,7 +45,7 @@ from fleetplane.cli.stack import Stack
 from fleetplane.core import events as ev
 from fleetplane.core.teams import load_teams
 from fleetplane.ingest.idempotency import task_id_for
-from fleetplane.testing.invariants import Verdict, check, read_log
+from fleetplane.testing.invariants import Log, Verdict, check, read_log
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = "chaos"
@@ -352,6 +352,17 @@ def git_checks(bare: Path, verdict_terminal: dict[str, str],
             "completed_without_commit": sorted(missing)}
 
 
+def waiting_at(log: Log, stuck: list[str]) -> dict[str, int]:
+    """Stuck tasks by the last event the log has of them (TaskAccepted: not routed or not
+    dispatched yet; TaskDispatched: not started; TaskStarted / TaskHeartbeat: running)."""
+    wanted = set(stuck)
+    last: dict[str, str] = {}
+    for _topic, e in log.records:
+        if e.task_id in wanted:
+            last[e.task_id] = type(e).__name__
+    return dict(Counter(last.get(t, "nothing") for t in stuck))
+
+
 def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
               console: Console | None = None) -> ChaosResult:
     console = console or Console()
@@ -391,10 +402,15 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
         # wait for every acknowledged task to end (faults keep running until the plan is done)
         deadline = time.monotonic() + cfg.settle_s
         log = read_log(settings, ids.__contains__)
+        shown = time.monotonic()
         while time.monotonic() < deadline:
             v = check(log, submitter.acknowledged, lambda t: 10**6)
             if not v.stuck and len(faults.done) == len(faults.plan):
                 break
+            if time.monotonic() - shown >= 60:  # slow, or stuck for good? where they wait
+                shown = time.monotonic()
+                console.print(f"  settle: {sum(v.terminal.values())} terminal, stuck "
+                              f"{len(v.stuck)}: {waiting_at(log, v.stuck)}")
             time.sleep(10)
             log = read_log(settings, ids.__contains__)
         # submissions acknowledged, then lost by the broker: a client with idempotency keys
@@ -457,6 +473,7 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
         result.verdict["examples"] = {k: v[:5] for k, v in asdict(verdict).items()
                                       if isinstance(v, list) and v}
         result.counts = verdict.counts()
+        result.verdict["stuck_waiting_at"] = waiting_at(log, verdict.stuck)
         failures = Counter(e.failure_class for e in log.of(ev.TaskFailed)
                            if isinstance(e, ev.TaskFailed))
         result.verdict["attempt_failures"] = dict(failures)
@@ -491,6 +508,9 @@ def print_result(result: ChaosResult, console: Console) -> None:
     table.add_row("max running per team", json.dumps(v["max_running"]))
     for k, n in result.counts.items():
         table.add_row(k, str(n))
+        if k == "stuck" and n:
+            table.add_row("stuck, by the last event on the log",
+                          json.dumps(v.get("stuck_waiting_at", {})))
     ch = result.clickhouse
     table.add_row("clickhouse: missing / state mismatches / cost mismatches (calls, daily)",
                   f"{len(ch['missing'])} / {len(ch['state_mismatches'])} / "

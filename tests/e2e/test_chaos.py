@@ -18,7 +18,9 @@ from fleetplane.cli.stack import SERVICES
 # one with the pre-existing duplicate-outcome bug that `make chaos` run 2 showed before any change
 # of that stop. `make test-quarantine` runs them; they leave quarantine when they pass again.
 pytestmark = [pytest.mark.e2e, pytest.mark.reliability, pytest.mark.long,
-              pytest.mark.quarantine]
+              pytest.mark.quarantine,
+              # the settle windows below are 240-300 s: the suite's 300 s would cut a slow run
+              pytest.mark.timeout(900)]
 
 
 def test_kills_and_broker_restart_lose_duplicate_and_strand_nothing(
