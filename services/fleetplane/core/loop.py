@@ -394,7 +394,9 @@ class Processor:
         self._in_txn = False
         self.processed = 0
         self.exit_on_hang = False
-        self.hang_limit_s = TXN_CALL_TIMEOUT_S * 3
+        # past its own timeout plus a margin for a loaded machine, the call will not return:
+        # every service stalled for 90 s (3 x the timeout) after a chaos run's broker restart
+        self.hang_limit_s = TXN_CALL_TIMEOUT_S + 15.0
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         self._idle: IdleBackoff | None = None
