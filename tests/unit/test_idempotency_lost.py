@@ -42,3 +42,21 @@ def test_the_resubmission_is_the_original_and_the_validator_accepts_it_again() -
     assert isinstance(out, ev.TaskAccepted)
     # the same derived event id as the lost acceptance: a surviving copy is a duplicate
     assert out.event_id == ev.derived_id("e1", "accepted")
+
+
+def test_a_retry_the_reconciler_re_drives_is_accepted_again_under_the_first_id() -> None:
+    """A client's retry (a new TaskSubmitted, same key and task) is dropped as a duplicate of
+    the marked task; when the reconciler re-publishes it because nothing answered the task on
+    the log (its acceptance lost in a broker crash that kept the mark), it is accepted under the
+    first acceptance's id (chaos run: 4 acknowledged tasks stayed lost through 3 retries)."""
+    from fleetplane.core.kafka import REDRIVE_HEADER
+    from fleetplane.core.loop import Record
+
+    retry = ev.TaskSubmitted(task_id="t1", team="payments", spec=SPEC, idempotency_key="key-1")
+    assert retry.event_id != MARK.event_id
+    assert list(accept(retry, None, lambda team, key: MARK)) == []
+    rec = Record(topic="tasks.submitted", partition=0, offset=14, key=b"t1", value=b"",
+                 headers={REDRIVE_HEADER: b"1"})
+    (out,) = accept(retry, rec, lambda team, key: MARK)
+    assert isinstance(out, ev.TaskAccepted) and out.task_id == "t1"
+    assert out.event_id == ev.derived_id("e1", "accepted")

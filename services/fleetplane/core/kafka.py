@@ -32,6 +32,11 @@ def remove_publish_hook(hook: PublishHook) -> None:
         _publish_hooks.remove(hook)
 
 
+#: on a record the reconciler re-published because its hop never answered it (value: the
+#: re-drive's number); a hop may answer it again where it would drop a plain duplicate
+REDRIVE_HEADER = "fleetplane-redrive"
+
+
 def event_headers(event: Event) -> list[tuple[str, str | bytes | None]]:
     headers: list[tuple[str, str | bytes | None]] = [
         ("event_type", type(event).__name__.encode()),

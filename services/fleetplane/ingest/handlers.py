@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from fleetplane.core.events import Event, TaskAccepted, TaskRejected, TaskSubmitted, derived_id
+from fleetplane.core.kafka import REDRIVE_HEADER
 from fleetplane.core.loop import Record, Rejected
 from fleetplane.ingest.idempotency import Lookup, Mark
 from fleetplane.ingest.manifest import MAX_IDEMPOTENCY_KEY, check_spec
@@ -52,6 +53,14 @@ def accept(event: Event, record: Record | None = None,
         mark = seen(event.team, key)
         if mark is not None and mark.event_id != event.event_id:
             if mark.task_id == event.task_id:
+                if record is not None and REDRIVE_HEADER in record.headers:
+                    # the reconciler found no answer to this task on the log: its acceptance
+                    # was lost while the mark survived (a broker crash keeps some writes of a
+                    # transaction and loses others). Accepted again, under the id the first
+                    # acceptance had, so a copy that did survive is a duplicate by event id.
+                    return [event.derive(TaskAccepted,
+                                         event_id=derived_id(mark.event_id, "accepted"),
+                                         spec=spec, source=event.source)]
                 return []  # the same task submitted again (a retry): it exists already
             return [event.derive(
                 TaskRejected, event_id=derived_id(event.event_id, "rejected"),

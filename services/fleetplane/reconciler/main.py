@@ -29,7 +29,7 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 from fleetplane.core import events as ev
-from fleetplane.core.kafka import event_headers
+from fleetplane.core.kafka import REDRIVE_HEADER, event_headers
 from fleetplane.core.logging import get_logger
 from fleetplane.core.serde import default_serde
 from fleetplane.core.service import bootstrap
@@ -244,8 +244,10 @@ class Reconciler:
         assert self.producer is not None
         if isinstance(action, Redrive):
             fact = action.fact
+            headers = [(k, v) for k, v in fact.headers if k != REDRIVE_HEADER]
+            headers.append((REDRIVE_HEADER, str(action.attempt).encode()))
             self.producer.produce(fact.topic, key=fact.key, value=fact.value,
-                                  partition=fact.partition, headers=list(fact.headers))
+                                  partition=fact.partition, headers=headers)
             self.stats[f"redrives.{action.hop}"] += 1
             log.warning("task re-driven", task_id=action.task_id, hop=action.hop,
                         redrive=action.attempt, reason=action.reason)
