@@ -23,7 +23,7 @@ from fleetplane.cli.route import route_app
 from fleetplane.client import resolve_token
 from fleetplane.core import localstack
 from fleetplane.core.settings import Settings, get_settings
-from fleetplane.infra.broker import stop_group, stop_groups
+from fleetplane.infra.broker import stop_broker, stop_group, stop_groups
 from fleetplane.infra.ports import port_holders
 
 app = typer.Typer(help="fleetplane: the control plane for a fleet of AI agents.",
@@ -153,7 +153,7 @@ def down(timeout: Annotated[float, typer.Option()] = 60.0) -> None:
         broker = _recorded_broker(state or {})
         stop_groups([p for p in orphans if p != broker], timeout_s=10)
         if broker in orphans:
-            stop_group(broker, timeout_s=10)
+            stop_broker(broker, timeout_s=10)
         console.print(f"fleetplane is not running (stopped {len(orphans)} orphaned processes)"
                       if orphans else "fleetplane is not running")
         localstack.state_file(settings).unlink(missing_ok=True)
@@ -163,7 +163,10 @@ def down(timeout: Annotated[float, typer.Option()] = 60.0) -> None:
         # whatever the supervisor could not stop (it was killed, or hung on a dead broker):
         # every process the stack recorded, each in its own process group
         left = _recorded_pids(state or {})
-        stop_groups(left, timeout_s=5)
+        broker = _recorded_broker(state or {})
+        stop_groups([p for p in left if p != broker], timeout_s=5)
+        if broker in left:
+            stop_broker(broker, timeout_s=10)
     localstack.state_file(settings).unlink(missing_ok=True)
     console.print("fleetplane stopped")
 
