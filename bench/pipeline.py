@@ -119,6 +119,32 @@ def peak_memory(stack: Stack) -> dict[str, float | None]:
     return {name: group_peak_rss_mib(pid) for name, pid in processes(stack).items()}
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of one process by kind of thread: librdkafka's own threads (named rdk:*:
+    fetching, producing, the broker connections) and the Python threads (everything else)."""
+    out = {"librdkafka": 0.0, "python": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2:].split()
+        secs = (int(fields[11]) + int(fields[12])) / tick
+        out["librdkafka" if comm.startswith("rdk:") else "python"] += secs
+    return out
+
+
+def threads_now(stack: Stack) -> dict[str, dict[str, float]]:
+    return {name: thread_cpu(pid) for name, pid in processes(stack).items()
+            if name not in ("broker", "fake-provider")}
+
+
 def cpu_now(stack: Stack) -> dict[str, float | None]:
     return {name: group_cpu_seconds(pid) for name, pid in processes(stack).items()}
 
@@ -369,6 +395,7 @@ def run_batch(stack: Stack, recorder: StageRecorder, n: int, submit: str = "kafk
     run = f"{label or 'b'}{uuid.uuid4().hex[:6]}"
     pending_before = recorder.pending()
     cpu_before = cpu_now(stack)
+    threads_before = threads_now(stack)
     client_cpu_before = self_cpu_seconds()
     jiffies_before = machine_jiffies()
     t0 = time.time()
@@ -383,6 +410,7 @@ def run_batch(stack: Stack, recorder: StageRecorder, n: int, submit: str = "kafk
     done = stages["completed"]
     elapsed = (max(done.values()) - t0) if done else float("nan")
     cpu_after = cpu_now(stack)
+    threads_after = threads_now(stack)
     machine_busy = busy_share(jiffies_before, machine_jiffies())
     wall = t_end - t0
     cpu = {name: round((cpu_after.get(name) or 0) - (cpu_before.get(name) or 0), 2)
@@ -412,6 +440,10 @@ def run_batch(stack: Stack, recorder: StageRecorder, n: int, submit: str = "kafk
         "stages": stage_summary(sub.submitted, stages, t0),
         "cpu_s": cpu,
         "cpu_share": {name: round(v / wall, 2) for name, v in cpu.items()},
+        # per service, CPU-s in librdkafka's threads vs the Python threads
+        "cpu_threads_s": {name: {k: round(v - threads_before.get(name, {}).get(k, 0.0), 2)
+                                 for k, v in kinds.items()}
+                          for name, kinds in threads_after.items()},
         "client_cpu_s": round(self_cpu_seconds() - client_cpu_before, 2),
         "machine_busy": machine_busy,  # share of all cores busy (ours and anyone else's)
         "wall_s": round(wall, 3),
@@ -481,8 +513,11 @@ def main() -> None:
         table.add_row(f"→ {stage}: since previous p50 / p99, last at",
                       f"{st['p50_ms']} / {st['p99_ms']} ms, {st['last_at_s']} s")
     for name, mib in memory.items():
+        kinds = r["cpu_threads_s"].get(name)
+        split = (f" (librdkafka {kinds['librdkafka']}, python {kinds['python']})"
+                 if kinds else "")
         table.add_row(f"{name}: peak RSS, CPU during run",
-                      f"{mib} MiB, {r['cpu_s'].get(name, '-')} s")
+                      f"{mib} MiB, {r['cpu_s'].get(name, '-')} s{split}")
     total_cpu = sum(v for k, v in r["cpu_s"].items() if k != "broker")
     table.add_row("CPU per task, services (broker)",
                   f"{1000 * total_cpu / max(1, r['finished']):.1f} ms "
