@@ -69,8 +69,8 @@ def _field_names(cls: type[Record]) -> frozenset[str]:
 def trusted(cls: type[R], fields: dict[str, Any]) -> R:
     """A record built from `fields` without pydantic validation, for fields an Avro reader
     decoded with the record's schema (types, unions and defaults are the schema's; the models
-    mirror the schemas field by field, tests/unit/test_schemas_match_models.py). About 5x
-    cheaper than model_validate on the loop's hot path (docs/benchmarks.md, "Profiles"). Takes
+    mirror the schemas field by field, tests/unit/test_schemas_match_models.py). About half
+    the cost of model_validate on the loop's hot path (docs/benchmarks.md, "Profiles"). Takes
     ownership of `fields`. Anything else (HTTP bodies, YAML) goes through validation."""
     for name, sub, many in _nested(cls):
         value = fields.get(name)
