@@ -19,7 +19,10 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -29,6 +32,7 @@ from typing import Any
 
 import httpx
 import yaml
+from confluent_kafka import Consumer, TopicPartition
 from rich.console import Console
 from rich.table import Table
 
@@ -115,8 +119,133 @@ def peak_memory(stack: Stack) -> dict[str, float | None]:
     return {name: group_peak_rss_mib(pid) for name, pid in processes(stack).items()}
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of one process by kind of thread: librdkafka's own threads (named rdk:*:
+    fetching, producing, the broker connections) and the Python threads (everything else)."""
+    out = {"librdkafka": 0.0, "python": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            raw = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        comm = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2:].split()
+        secs = (int(fields[11]) + int(fields[12])) / tick
+        out["librdkafka" if comm.startswith("rdk:") else "python"] += secs
+    return out
+
+
+def threads_now(stack: Stack) -> dict[str, dict[str, float]]:
+    return {name: thread_cpu(pid) for name, pid in processes(stack).items()
+            if name not in ("broker", "fake-provider")}
+
+
 def cpu_now(stack: Stack) -> dict[str, float | None]:
     return {name: group_cpu_seconds(pid) for name, pid in processes(stack).items()}
+
+
+# -- what the run cost the broker: records per topic ------------------------------------------
+def topic_counts(stack: Stack) -> dict[str, dict[str, int]]:
+    """Per topic: `offsets` (end - start over its partitions: records plus the transaction
+    markers, one per partition a transaction wrote) and `records` (what a read_committed reader
+    gets). The difference is the markers (and aborted records): every one costs the broker."""
+    settings = stack.settings()
+    c = Consumer({**settings.consumer_config(f"bench-count-{uuid.uuid4().hex[:8]}"),
+                  "enable.auto.commit": False, "enable.partition.eof": True})
+    out: dict[str, dict[str, int]] = {}
+    try:
+        meta = c.list_topics(timeout=30)
+        for topic, tmeta in sorted(meta.topics.items()):
+            if topic.startswith("__"):
+                continue
+            parts, offsets = [], 0
+            for p in tmeta.partitions:
+                low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=30)
+                offsets += max(0, high - low)
+                if high > low:
+                    parts.append(TopicPartition(topic, p, low))
+            seen: set[tuple[int, int]] = set()
+            if parts:
+                c.assign(parts)
+                left = {tp.partition for tp in parts}
+                deadline = time.monotonic() + 120
+                while left and time.monotonic() < deadline:
+                    for m in c.consume(10_000, 1.0):
+                        if m.topic() != topic:
+                            continue
+                        if m.error():
+                            left.discard(m.partition() or 0)  # enable.partition.eof
+                        else:
+                            seen.add((m.partition() or 0, m.offset() or 0))
+                c.unassign()
+            out[topic] = {"offsets": offsets, "records": len(seen)}
+    finally:
+        c.close()
+    return out
+
+
+class Profiler:
+    """py-spy record on every service process while a batch runs (raw collapsed stacks, one
+    file per service in `directory`; the top functions per service in `summary()`)."""
+
+    def __init__(self, stack: Stack, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        for name, pid in processes(stack).items():
+            if name in ("broker", "fake-provider"):
+                continue
+            self.procs[name] = subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid),
+                 "-r", "50", "--nonblocking", "-f", "raw", "-o", str(directory / f"{name}.txt")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.send_signal(signal.SIGINT)
+        for proc in self.procs.values():
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    def summary(self, top: int = 12) -> dict[str, list[tuple[str, float]]]:
+        """Per service: the functions with the largest inclusive share of busy samples (idle
+        waits in poll/consume/select left out of the total)."""
+        idle = ("poll", "consume", "select", "wait", "sleep", "_wait_for_tstate_lock", "accept")
+        result: dict[str, list[tuple[str, float]]] = {}
+        for name in self.procs:
+            path = self.directory / f"{name}.txt"
+            if not path.exists():
+                continue
+            incl: dict[str, int] = {}
+            own: dict[str, int] = {}
+            busy = 0
+            for line in path.read_text().splitlines():
+                stack_s, _, n_s = line.rpartition(" ")
+                if not n_s.isdigit():
+                    continue
+                frames = stack_s.split(";")
+                leaf = frames[-1].split(" (")[0] if frames else ""
+                if leaf in idle:
+                    continue
+                n = int(n_s)
+                busy += n
+                own[frames[-1]] = own.get(frames[-1], 0) + n
+                for f in set(frames):
+                    if "fleetplane/" in f and "main.py" not in f and "_run" not in f:
+                        incl[f] = incl.get(f, 0) + n
+            ranked = sorted(incl.items(), key=lambda kv: -kv[1])
+            leaves = sorted(own.items(), key=lambda kv: -kv[1])
+            result[name] = ([(f"incl {f}", round(100 * v / busy, 1)) for f, v in ranked[:top]]
+                            + [(f"self {f}", round(100 * v / busy, 1))
+                               for f, v in leaves[:top]]) if busy else []
+        return result
 
 
 # -- submission -------------------------------------------------------------------------------
@@ -248,7 +377,10 @@ def stage_summary(submitted: dict[str, float], stages: dict[str, dict[str, float
     return summary
 
 
-def warm_up(stack: Stack, recorder: StageRecorder, n: int = 20) -> None:
+WARM_UP_TASKS = 20
+
+
+def warm_up(stack: Stack, recorder: StageRecorder, n: int = WARM_UP_TASKS) -> None:
     """A few tasks so every service has connected, joined its group and loaded its code."""
     sub = submit_http(stack, n, f"warm{uuid.uuid4().hex[:6]}", 0, 4)
     recorder.wait_done(set(sub.submitted), 120)
@@ -263,6 +395,7 @@ def run_batch(stack: Stack, recorder: StageRecorder, n: int, submit: str = "kafk
     run = f"{label or 'b'}{uuid.uuid4().hex[:6]}"
     pending_before = recorder.pending()
     cpu_before = cpu_now(stack)
+    threads_before = threads_now(stack)
     client_cpu_before = self_cpu_seconds()
     jiffies_before = machine_jiffies()
     t0 = time.time()
@@ -277,6 +410,7 @@ def run_batch(stack: Stack, recorder: StageRecorder, n: int, submit: str = "kafk
     done = stages["completed"]
     elapsed = (max(done.values()) - t0) if done else float("nan")
     cpu_after = cpu_now(stack)
+    threads_after = threads_now(stack)
     machine_busy = busy_share(jiffies_before, machine_jiffies())
     wall = t_end - t0
     cpu = {name: round((cpu_after.get(name) or 0) - (cpu_before.get(name) or 0), 2)
@@ -306,6 +440,10 @@ def run_batch(stack: Stack, recorder: StageRecorder, n: int, submit: str = "kafk
         "stages": stage_summary(sub.submitted, stages, t0),
         "cpu_s": cpu,
         "cpu_share": {name: round(v / wall, 2) for name, v in cpu.items()},
+        # per service, CPU-s in librdkafka's threads vs the Python threads
+        "cpu_threads_s": {name: {k: round(v - threads_before.get(name, {}).get(k, 0.0), 2)
+                                 for k, v in kinds.items()}
+                          for name, kinds in threads_after.items()},
         "client_cpu_s": round(self_cpu_seconds() - client_cpu_before, 2),
         "machine_busy": machine_busy,  # share of all cores busy (ours and anyone else's)
         "wall_s": round(wall, 3),
@@ -330,6 +468,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--env", action="append", type=lambda kv: tuple(kv.split("=", 1)),
                         help="FLEETPLANE_X=value for every service (repeatable)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="py-spy every service during the batch, raw stacks to this folder")
     args = parser.parse_args()
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     console = Console()
@@ -339,16 +479,23 @@ def main() -> None:
         recorder.start()
         warm_up(stack, recorder)
         console.print(f"submitting {args.tasks} tasks over {args.submit} ...")
-        r = run_batch(stack, recorder, args.tasks, args.submit, args.rate, args.workers,
-                      args.timeout)
+        profiler = Profiler(stack, args.profile) if args.profile else None
+        try:
+            r = run_batch(stack, recorder, args.tasks, args.submit, args.rate, args.workers,
+                          args.timeout)
+        finally:
+            if profiler is not None:
+                profiler.stop()
         recorder.stop()
         memory = peak_memory(stack)
+        counts = topic_counts(stack)
     finally:
         stack.stop()
     r = strip_private(r)
     result = {"machine": machine(), "lifted": BENCH_LIFTED, "provider_latency_ms": args.latency_ms,
               "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "pipeline": r, "peak_rss_mib": memory}
+              "pipeline": r, "peak_rss_mib": memory, "topics": counts,
+              "profile": profiler.summary() if profiler is not None else None}
     m = result["machine"]
     table = Table(title=f"fleetplane pipeline bench — {m['cores']} cores, {m['memory_gib']} GiB")
     table.add_column("figure")
@@ -366,9 +513,27 @@ def main() -> None:
         table.add_row(f"→ {stage}: since previous p50 / p99, last at",
                       f"{st['p50_ms']} / {st['p99_ms']} ms, {st['last_at_s']} s")
     for name, mib in memory.items():
+        kinds = r["cpu_threads_s"].get(name)
+        split = (f" (librdkafka {kinds['librdkafka']}, python {kinds['python']})"
+                 if kinds else "")
         table.add_row(f"{name}: peak RSS, CPU during run",
-                      f"{mib} MiB, {r['cpu_s'].get(name, '-')} s")
+                      f"{mib} MiB, {r['cpu_s'].get(name, '-')} s{split}")
+    total_cpu = sum(v for k, v in r["cpu_s"].items() if k != "broker")
+    table.add_row("CPU per task, services (broker)",
+                  f"{1000 * total_cpu / max(1, r['finished']):.1f} ms "
+                  f"({1000 * r['cpu_s'].get('broker', 0) / max(1, r['finished']):.1f} ms)")
+    n_tasks = args.tasks + WARM_UP_TASKS
+    for topic, c in counts.items():
+        if c["offsets"]:
+            table.add_row(f"{topic}: records (offsets) per task",
+                          f"{c['records'] / n_tasks:.2f} ({c['offsets'] / n_tasks:.2f})")
     console.print(table)
+    if profiler is not None:
+        for name, rows in result["profile"].items():
+            console.print(f"[bold]{name}[/bold] (share of busy samples: fleetplane functions "
+                          "inclusive, then leaf functions)")
+            for frame, share in rows:
+                console.print(f"  {share:5.1f}%  {frame}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(result, indent=2))

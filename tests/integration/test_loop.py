@@ -274,3 +274,38 @@ def test_inputs_behind_an_open_transaction_are_not_read_to_the_end(
     until = until_at_least(t_ms, 60)
     assert until is not None and until >= t_ms, "read to the end again once it is aborted"
     assert seen == [f"{unique}-first", f"{unique}-after"]
+
+
+def test_before_commit_publishes_one_summary_per_transaction(
+    base_settings: Settings, unique: str, run_processor: Callable[[Processor], Processor],
+    producer: EventProducer,
+) -> None:
+    """A summary of the whole batch (the router's statistics) is published once per
+    checkpoint, in its transaction, not once per input: 60 inputs sent at once give fewer
+    summaries than inputs, and the last committed summary counts all 60."""
+    settings = base_settings.model_copy(update={"transactional": True})
+    counted = {"n": 0, "published": 0}
+
+    def count(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        if event.task_id.startswith(f"{unique}-"):
+            counted["n"] += 1
+        return []
+
+    def summary() -> list[ev.Event]:
+        if counted["n"] == counted["published"]:
+            return []
+        counted["published"] = counted["n"]
+        return [ev.TaskHeld(task_id=f"sum{unique}", team="a", reason=f"count={counted['n']}")]
+
+    run_processor(Processor(f"sum-{unique}", [SUBMITTED], count, settings,
+                            group_id=f"g-{unique}", before_commit=summary))
+    producer.send([ev.TaskSubmitted(task_id=f"{unique}-{i}", team="a", spec=spec())
+                   for i in range(60)])
+    deadline = time.monotonic() + 60
+    while counted["published"] < 60 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    out = read_all(settings, LIFECYCLE, 1, match="count=60")
+    summaries = read_all(settings, LIFECYCLE, 60, timeout_s=3.0, match=f"sum{unique}")
+    reasons = [getattr(default_serde().decode(v), "reason", "") for _, v, _ in summaries]
+    assert out and reasons[-1] == "count=60"
+    assert 1 <= len(reasons) < 60

@@ -5,6 +5,7 @@ from pathlib import Path
 import fastavro
 import pytest
 from fastavro import schemaless_reader
+from pydantic import ValidationError
 
 from fleetplane.core import events as ev
 from fleetplane.core.schemas import load_schema_set
@@ -106,3 +107,42 @@ def test_evolution_new_reader_decodes_old_writer_and_old_reader_decodes_new(
     event = old_serde.decode(buf.getvalue())
     assert isinstance(event, ev.TaskHeld) and event.reason == "conflict"
     assert "queue_position" not in event.model_dump()
+
+
+def test_decode_without_validation_builds_the_same_events_as_validation() -> None:
+    """decode() builds events from Avro's fields without pydantic's second validation
+    (events.trusted); every field, nested record and default is what validation gives."""
+    serde = default_serde()
+    samples: list[ev.Event] = [
+        ev.TaskAccepted(task_id="t", team="a", spec=spec()),
+        ev.TaskRouted(task_id="t", team="a", spec=spec(), attempt=2, model="m", provider="p",
+                      tier="small", reason="r", alternatives=["x"], estimated_cost_usd=0.5),
+        ev.WorkspaceChange(task_id="t", team="a", attempt=1, repository="r", branch="b",
+                           files=[ev.FileChange(path="f", added=3, removed=1)]),
+        ev.TaskHeld(task_id="t", team="a", reason="quota"),
+        ev.DeadLetter(task_id="", team="", service="s", source_topic="x", source_partition=1,
+                      source_offset=7, key=b"k", payload=b"\x00", headers={"h": b"v"},
+                      error_class="E", reason="bad"),
+    ]
+    for event in samples:
+        data = serde.encode(event)
+        fast, slow = serde.decode(data), serde.decode_validated(data)
+        assert fast == slow == event
+        assert fast.model_dump() == slow.model_dump()
+        assert serde.encode(fast) == data
+        assert type(fast) is type(event)
+        for name, value in fast:
+            assert type(value) is type(getattr(slow, name)), name
+        with pytest.raises(ValidationError):
+            fast.task_id = "other"  # type: ignore[misc]  # still frozen
+    routed = serde.decode(serde.encode(samples[1]))
+    assert isinstance(routed, ev.TaskRouted) and isinstance(routed.spec, ev.TaskSpec)
+    assert routed.derive(ev.TaskHeld, reason="x").causation_id == routed.event_id
+
+
+def test_an_older_record_gets_the_current_schema_defaults_without_validation() -> None:
+    """A record with fewer fields than the model (model_construct path) gets the defaults."""
+    made = ev.trusted(ev.TaskHeld, {"task_id": "t", "team": "a", "reason": "r"})
+    assert made == ev.TaskHeld(task_id="t", team="a", reason="r", event_id=made.event_id,
+                               occurred_at=made.occurred_at)
+    assert made.paths == [] and made.attempt == 0

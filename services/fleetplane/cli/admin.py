@@ -8,13 +8,20 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from fleetplane.client import ApiError, Client
+from fleetplane.cli.lazy import lazy
+
+if TYPE_CHECKING:
+    from fleetplane import client as fclient
+    from fleetplane.client import ApiError
+else:
+    fclient = lazy("fleetplane.client")
+
 
 console = Console()
 err = Console(stderr=True)
@@ -37,9 +44,9 @@ def _fail(exc: ApiError) -> typer.Exit:
 
 def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
-        with Client(source="cli") as c:
+        with fclient.Client(source="cli") as c:
             return fn(c, *args, **kwargs)
-    except ApiError as exc:
+    except fclient.ApiError as exc:
         raise _fail(exc) from exc
 
 
@@ -62,14 +69,14 @@ def repo_add(
     loc = location_of(location)
     if not _URL.match(loc) and not Path(loc).exists():
         err.print(f"[yellow]warning:[/yellow] {loc} does not exist here; executors must have it")
-    rec = _call(Client.add_repository, name, loc, description)
+    rec = _call(fclient.Client.add_repository, name, loc, description)
     console.print(f"repository/{rec['name']} registered: {rec['location']} ({rec['kind']})")
 
 
 @repo_app.command("list")
 def repo_list(output: Output = "table") -> None:
     """Registered repositories (and those configured in infra/repositories.yaml)."""
-    rows = _call(Client.repositories)
+    rows = _call(fclient.Client.repositories)
     if output == "json":
         console.print_json(json.dumps(rows))
         return
@@ -86,7 +93,7 @@ def repo_list(output: Output = "table") -> None:
 @repo_app.command("remove")
 def repo_remove(name: Annotated[str, typer.Argument(help="A registered repository.")]) -> None:
     """Unregister a repository (tasks naming it are refused from now on)."""
-    _call(Client.remove_repository, name)
+    _call(fclient.Client.remove_repository, name)
     console.print(f"repository/{name} removed")
 
 
@@ -95,7 +102,7 @@ def repo_remove(name: Annotated[str, typer.Argument(help="A registered repositor
 def admin_pause(team: Annotated[str, typer.Argument(help="The team to pause.")],
                 reason: Reason = None) -> None:
     """Hold the team's waiting work (`paused`); running work finishes."""
-    result = _call(Client.pause_team, team, reason)
+    result = _call(fclient.Client.pause_team, team, reason)
     console.print(f"pause sent for team {team} (event {result.get('event_id')})")
 
 
@@ -103,7 +110,7 @@ def admin_pause(team: Annotated[str, typer.Argument(help="The team to pause.")],
 def admin_resume(team: Annotated[str, typer.Argument(help="The team to resume.")],
                  reason: Reason = None) -> None:
     """Dispatch the team's work again."""
-    result = _call(Client.resume_team, team, reason)
+    result = _call(fclient.Client.resume_team, team, reason)
     console.print(f"resume sent for team {team} (event {result.get('event_id')})")
 
 
@@ -114,7 +121,7 @@ def admin_kill_switch(state: Annotated[str, typer.Argument(help="on | off")],
     if state not in ("on", "off"):
         err.print("[red]error:[/red] STATE must be `on` or `off`")
         raise typer.Exit(code=2)
-    result = _call(Client.kill_switch, state == "on", reason)
+    result = _call(fclient.Client.kill_switch, state == "on", reason)
     console.print(f"kill switch {state} sent (event {result.get('event_id')})")
 
 
@@ -122,7 +129,7 @@ def admin_kill_switch(state: Annotated[str, typer.Argument(help="on | off")],
 def admin_tokens(team: Annotated[str | None, typer.Option(help="Only this team's.")] = None,
                  output: Output = "table") -> None:
     """Token metadata (id, team, role, created, revoked); never tokens or hashes."""
-    rows = _call(Client.tokens, team)
+    rows = _call(fclient.Client.tokens, team)
     if output == "json":
         console.print_json(json.dumps(rows))
         return

@@ -4,15 +4,23 @@ analytics as tables (or JSON with -o json)."""
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import typer
 from rich.table import Table
 
 from fleetplane.cli import common
-from fleetplane.core import localstack
-from fleetplane.core.settings import get_settings
+from fleetplane.cli.lazy import lazy
+
+if TYPE_CHECKING:
+    import httpx
+
+    from fleetplane.core import localstack
+    from fleetplane.core import settings as fsettings
+else:
+    httpx = lazy("httpx")
+    localstack = lazy("fleetplane.core.localstack")
+    fsettings = lazy("fleetplane.core.settings")
 
 analytics_app = typer.Typer(help="Cost, value, utilization, budgets and alerts from ClickHouse.",
                             no_args_is_help=True)
@@ -20,7 +28,7 @@ Output = Annotated[str, typer.Option("-o", "--output", help="table or json")]
 
 
 def _url() -> str:
-    return str(localstack.accounting_url(get_settings()))
+    return str(localstack.accounting_url(fsettings.get_settings()))
 
 
 def _get(path: str, params: dict[str, Any] | None = None) -> Any:

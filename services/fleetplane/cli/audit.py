@@ -4,15 +4,23 @@ and/or from ClickHouse (through the accounting API), and its audit hash chains c
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.table import Table
 
-from fleetplane.accounting import audit
 from fleetplane.cli import common
-from fleetplane.core import localstack
-from fleetplane.core.settings import Settings, get_settings
+from fleetplane.cli.lazy import lazy
+
+if TYPE_CHECKING:
+    from fleetplane.accounting import audit
+    from fleetplane.core import localstack
+    from fleetplane.core import settings as fsettings
+    from fleetplane.core.settings import Settings
+else:
+    audit = lazy("fleetplane.accounting.audit")
+    localstack = lazy("fleetplane.core.localstack")
+    fsettings = lazy("fleetplane.core.settings")
 
 audit_app = typer.Typer(help="Replay and verify a task's audit trail.", no_args_is_help=True)
 Task = Annotated[str, typer.Option("--task", help="Task id.")]
@@ -20,7 +28,7 @@ Task = Annotated[str, typer.Option("--task", help="Task id.")]
 
 def kafka_settings() -> Settings:
     """The CLI's settings, pointed at the embedded stack's broker when it is up."""
-    return localstack.kafka_settings(get_settings())
+    return localstack.kafka_settings(fsettings.get_settings())
 
 
 def from_kafka(task_id: str) -> list[audit.Entry]:
@@ -34,7 +42,7 @@ def from_kafka(task_id: str) -> list[audit.Entry]:
 
 
 def from_clickhouse(task_id: str) -> list[audit.Entry]:
-    url = f"{localstack.accounting_url(get_settings())}/v1/tasks/{task_id}/events"
+    url = f"{localstack.accounting_url(fsettings.get_settings())}/v1/tasks/{task_id}/events"
     rows: list[dict[str, Any]] = common.api_get(url, {"limit": 100_000})
     return audit.entries_from_rows(rows)
 

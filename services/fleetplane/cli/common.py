@@ -3,11 +3,17 @@ accounting API. (The local stack itself is found by fleetplane.core.localstack.)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 import typer
 from rich.console import Console
+
+from fleetplane.cli.lazy import lazy
+
+if TYPE_CHECKING:
+    import httpx
+else:
+    httpx = lazy("httpx")
 
 console = Console()
 err = Console(stderr=True)

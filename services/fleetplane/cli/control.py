@@ -5,16 +5,27 @@ coordinator's /coordinator/held/ page: each held task with its reason)."""
 from __future__ import annotations
 
 import getpass
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from fleetplane.core import events as ev
-from fleetplane.core import localstack
-from fleetplane.core.settings import Settings, get_settings
+from fleetplane.cli.lazy import lazy
+
+if TYPE_CHECKING:
+    import httpx
+
+    from fleetplane.core import events as ev
+    from fleetplane.core import localstack
+    from fleetplane.core import settings as fsettings
+    from fleetplane.core.settings import Settings
+else:
+    httpx = lazy("httpx")
+    ev = lazy("fleetplane.core.events")
+    localstack = lazy("fleetplane.core.localstack")
+    fsettings = lazy("fleetplane.core.settings")
+
 
 console = Console()
 err = Console(stderr=True)
@@ -28,7 +39,7 @@ def publish(command: str, *, task_id: str = "", team: str = "", reason: str = ""
     """Publish one ControlCommand and wait for the broker's acknowledgement."""
     from fleetplane.core.kafka import EventProducer
 
-    settings = localstack.kafka_settings(get_settings())
+    settings = localstack.kafka_settings(fsettings.get_settings())
     cmd = ev.ControlCommand(task_id=task_id, team=team, command=command,
                             requested_by=getpass.getuser(), reason=reason)
     producer = EventProducer(settings)
@@ -87,7 +98,7 @@ def held(
     as_json: Annotated[bool, typer.Option("--json", help="JSON output.")] = False,
 ) -> None:
     """Held tasks with the reason each waits (from the coordinator)."""
-    url = f"{coordinator_url(get_settings())}/coordinator/held/"
+    url = f"{coordinator_url(fsettings.get_settings())}/coordinator/held/"
     try:
         resp = httpx.get(url, timeout=10)
         resp.raise_for_status()

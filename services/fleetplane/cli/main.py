@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -19,12 +19,22 @@ from fleetplane.cli import control
 from fleetplane.cli import tasks as tasks_cli
 from fleetplane.cli import tokens as tokens_cli
 from fleetplane.cli.common import api_get, console, err, fail
+from fleetplane.cli.lazy import lazy
 from fleetplane.cli.route import route_app
-from fleetplane.client import resolve_token
-from fleetplane.core import localstack
-from fleetplane.core.settings import Settings, get_settings
-from fleetplane.infra.broker import stop_broker, stop_group, stop_groups
-from fleetplane.infra.ports import port_holders
+
+if TYPE_CHECKING:
+    from fleetplane import client as fclient
+    from fleetplane.core import localstack
+    from fleetplane.core import settings as fsettings
+    from fleetplane.core.settings import Settings
+    from fleetplane.infra import broker as fbroker
+    from fleetplane.infra import ports as fports
+else:
+    fclient = lazy("fleetplane.client")
+    localstack = lazy("fleetplane.core.localstack")
+    fsettings = lazy("fleetplane.core.settings")
+    fbroker = lazy("fleetplane.infra.broker")
+    fports = lazy("fleetplane.infra.ports")
 
 app = typer.Typer(help="fleetplane: the control plane for a fleet of AI agents.",
                   no_args_is_help=True, add_completion=False)
@@ -44,7 +54,7 @@ def up(
 ) -> None:
     """Start the embedded stack: broker, topics, the five services (supervised), logs under
     .fleetplane/."""
-    settings = get_settings()
+    settings = fsettings.get_settings()
     data_dir = settings.resolved_data_dir()
     data_dir.mkdir(parents=True, exist_ok=True)
     state = localstack.read_state(settings)
@@ -58,7 +68,7 @@ def up(
         wanted["broker"] = broker_port
     if fake_provider:
         wanted["fake-provider"] = settings.fake_provider_port
-    stale = port_holders(wanted)
+    stale = fports.port_holders(wanted)
     if stale:
         raise fail("cannot start: " + "; ".join(h.describe() for h in stale))
     argv = [sys.executable, "-m", "fleetplane.cli.supervisor", "--data-dir", str(data_dir),
@@ -105,7 +115,7 @@ def _register_sample(settings: Settings, data_dir: Path) -> None:
     from fleetplane.client import ApiError, Client
 
     try:
-        with Client(localstack.ingest_url(settings), resolve_token(settings),
+        with Client(localstack.ingest_url(settings), fclient.resolve_token(settings),
                     source="cli") as client:
             location = ensure_sample_repository(client, data_dir)
     except (ApiError, OSError, subprocess.SubprocessError) as exc:
@@ -143,7 +153,7 @@ def _print_status(state: dict[str, Any]) -> None:
 @app.command()
 def down(timeout: Annotated[float, typer.Option()] = 60.0) -> None:
     """Stop the embedded stack."""
-    settings = get_settings()
+    settings = fsettings.get_settings()
     state = localstack.read_state(settings)
     pid = state.get("supervisor_pid") if state else None
     if not pid or not localstack.process_alive(pid):
@@ -151,22 +161,22 @@ def down(timeout: Annotated[float, typer.Option()] = 60.0) -> None:
         # the supervisor died and left its children running: the services together, then
         # the broker (the services checkpoint on SIGTERM through it)
         broker = _recorded_broker(state or {})
-        stop_groups([p for p in orphans if p != broker], timeout_s=10)
+        fbroker.stop_groups([p for p in orphans if p != broker], timeout_s=10)
         if broker in orphans:
-            stop_broker(broker, timeout_s=10)
+            fbroker.stop_broker(broker, timeout_s=10)
         console.print(f"fleetplane is not running (stopped {len(orphans)} orphaned processes)"
                       if orphans else "fleetplane is not running")
         localstack.state_file(settings).unlink(missing_ok=True)
         return
     with console.status("stopping services and broker..."):
-        stop_group(int(pid), timeout_s=timeout)
+        fbroker.stop_group(int(pid), timeout_s=timeout)
         # whatever the supervisor could not stop (it was killed, or hung on a dead broker):
         # every process the stack recorded, each in its own process group
         left = _recorded_pids(state or {})
         broker = _recorded_broker(state or {})
-        stop_groups([p for p in left if p != broker], timeout_s=5)
+        fbroker.stop_groups([p for p in left if p != broker], timeout_s=5)
         if broker in left:
-            stop_broker(broker, timeout_s=10)
+            fbroker.stop_broker(broker, timeout_s=10)
     localstack.state_file(settings).unlink(missing_ok=True)
     console.print("fleetplane stopped")
 
@@ -189,7 +199,7 @@ def _recorded_pids(state: dict[str, Any]) -> list[int]:
 @app.command()
 def status() -> None:
     """Show the embedded stack's processes."""
-    state = localstack.read_state(get_settings())
+    state = localstack.read_state(fsettings.get_settings())
     if not state or not localstack.process_alive(state.get("supervisor_pid")):
         console.print("fleetplane is not running")
         raise typer.Exit(code=1)
@@ -205,7 +215,7 @@ app.add_typer(tokens_cli.app, name="token")
 @app.command()
 def cost(by: Annotated[str, typer.Option(help="team, task_type, model or tier")] = "team") -> None:
     """Spend from ClickHouse, grouped by team, task type, model or tier."""
-    rows = api_get(f"{localstack.accounting_url(get_settings())}/v1/cost", {"by": by})
+    rows = api_get(f"{localstack.accounting_url(fsettings.get_settings())}/v1/cost", {"by": by})
     table = Table(title=f"cost by {by}")
     table.add_column(by.upper())
     for col in ("CALLS", "INPUT TOK", "OUTPUT TOK", "COST $"):
@@ -224,11 +234,11 @@ def demo(
     """Submit sample tasks from three teams, show progress, print outcomes and cost per team."""
     from fleetplane.cli.demo import run_demo
 
-    settings = get_settings()
+    settings = fsettings.get_settings()
     state = localstack.read_state(settings) or {}
     code = run_demo(localstack.ingest_url(settings), localstack.accounting_url(settings),
                     per_team, timeout, console,
-                    token=resolve_token(settings), data_dir=settings.resolved_data_dir(),
+                    token=fclient.resolve_token(settings), data_dir=settings.resolved_data_dir(),
                     provider_url=state.get("provider_url"))
     raise typer.Exit(code=code)
 

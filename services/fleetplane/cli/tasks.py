@@ -8,13 +8,20 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from fleetplane.client import ApiError, Client, load_manifests
+from fleetplane.cli.lazy import lazy
+
+if TYPE_CHECKING:
+    from fleetplane import client as fclient
+    from fleetplane.client import ApiError, Client
+else:
+    fclient = lazy("fleetplane.client")
+
 
 console = Console()
 err = Console(stderr=True)
@@ -26,7 +33,7 @@ def _fail(exc: ApiError) -> typer.Exit:
 
 
 def client() -> Client:
-    return Client(source="cli")
+    return fclient.Client(source="cli")
 
 
 def _age(ts: str) -> str:
@@ -53,7 +60,7 @@ def submit(file: Annotated[Path, typer.Option("-f", "--file", help="Task manifes
     its own answer, and the exit status is 1 if any was refused."""
     try:
         with client() as c:
-            docs = load_manifests(file)
+            docs = fclient.load_manifests(file)
             if len(docs) == 1:
                 result = c.submit(docs[0])
                 again = " (idempotency key: existing task)" if result.idempotent_replay else ""
@@ -77,7 +84,7 @@ def submit(file: Annotated[Path, typer.Option("-f", "--file", help="Task manifes
             console.print(f"{len(docs) - refused} of {len(docs)} submitted")
             if refused:
                 raise typer.Exit(code=1)
-    except ApiError as exc:
+    except fclient.ApiError as exc:
         raise _fail(exc) from exc
 
 
@@ -92,7 +99,7 @@ def get_tasks(
     try:
         with client() as c:
             tasks = c.list(state=state, type=task_type, team=team, limit=limit)
-    except ApiError as exc:
+    except fclient.ApiError as exc:
         raise _fail(exc) from exc
     if output == "json":
         console.print_json(json.dumps([t.raw for t in tasks], default=str))
@@ -123,7 +130,7 @@ def describe_task(task_id: Annotated[str, typer.Argument(help="Task id.")]) -> N
         with client() as c:
             task = c.get(task_id)
             events = c.events(task_id) if task.state != "submitted" else []
-    except ApiError as exc:
+    except fclient.ApiError as exc:
         raise _fail(exc) from exc
     raw = task.raw
     for label, value in (("Task", task.task_id), ("Team", task.team),
@@ -160,7 +167,7 @@ def cancel(task_id: Annotated[str, typer.Argument(help="Task id.")],
     try:
         with client() as c:
             result = c.cancel(task_id, reason)
-    except ApiError as exc:
+    except fclient.ApiError as exc:
         raise _fail(exc) from exc
     console.print(f"task/{task_id} {result.get('state', 'cancelling')}")
 

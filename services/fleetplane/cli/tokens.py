@@ -5,15 +5,23 @@ brokers, i.e. is an operator of the deployment. A token is printed once; only it
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from fleetplane.core.settings import get_settings
-from fleetplane.ingest.manifest import NAME_RE
-from fleetplane.ingest.tokens import issue, list_tokens, revoke
+from fleetplane.cli.lazy import lazy
+
+if TYPE_CHECKING:
+    from fleetplane.core import settings as fsettings
+    from fleetplane.ingest import manifest as fmanifest
+    from fleetplane.ingest import tokens as ftokens
+else:
+    fsettings = lazy("fleetplane.core.settings")
+    fmanifest = lazy("fleetplane.ingest.manifest")
+    ftokens = lazy("fleetplane.ingest.tokens")
+
 
 app = typer.Typer(help="Team API tokens (stored as hashes on fleet.tokens).",
                   no_args_is_help=True)
@@ -29,10 +37,11 @@ def create(
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print only the token.")] = False,
 ) -> None:
     """Issue a token for a team. It is shown once: store it (e.g. FLEETPLANE_TOKEN)."""
-    if not NAME_RE.match(team):
-        err.print(f"[red]error:[/red] team must match {NAME_RE.pattern}")
+    if not fmanifest.NAME_RE.match(team):
+        err.print(f"[red]error:[/red] team must match {fmanifest.NAME_RE.pattern}")
         raise typer.Exit(code=1)
-    token, record = issue(get_settings(), team, "admin" if admin else "team", description)
+    token, record = ftokens.issue(fsettings.get_settings(), team,
+                                  "admin" if admin else "team", description)
     if quiet:
         print(token)
         return
@@ -49,7 +58,7 @@ def list_(
     table = Table(box=None, header_style="bold")
     for col in ("ID", "TEAM", "ROLE", "CREATED", "BY", "REVOKED", "DESCRIPTION"):
         table.add_column(col)
-    for r in list_tokens(get_settings()):
+    for r in ftokens.list_tokens(fsettings.get_settings()):
         if team and r.get("team") != team:
             continue
         table.add_row(str(r["token_id"]), str(r["team"]), str(r.get("role", "team")),
@@ -62,7 +71,7 @@ def list_(
 def revoke_(token_id: Annotated[str, typer.Argument(help="Token id (from `token list`).")]
             ) -> None:
     """Revoke a token: every ingest replica refuses it within about a second."""
-    rec = revoke(get_settings(), token_id)
+    rec = ftokens.revoke(fsettings.get_settings(), token_id)
     if rec is None:
         err.print(f"[red]error:[/red] no token {token_id}")
         raise typer.Exit(code=1)

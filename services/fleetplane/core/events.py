@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from functools import cache
+from typing import Any, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,6 +38,52 @@ E = TypeVar("E", bound="Event")
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+R = TypeVar("R", bound=Record)
+
+
+@cache
+def _nested(cls: type[Record]) -> tuple[tuple[str, type[Record], bool], ...]:
+    """The fields of `cls` holding records: (name, record class, is a list)."""
+    out: list[tuple[str, type[Record], bool]] = []
+    for name, info in cls.model_fields.items():
+        ann = info.annotation
+        for arg in (ann, *get_args(ann)):
+            if isinstance(arg, type) and issubclass(arg, Record):
+                out.append((name, arg, False))
+                break
+            inner = get_args(arg)
+            if get_origin(arg) is list and inner and isinstance(inner[0], type) \
+                    and issubclass(inner[0], Record):
+                out.append((name, inner[0], True))
+                break
+    return tuple(out)
+
+
+@cache
+def _field_names(cls: type[Record]) -> frozenset[str]:
+    return frozenset(cls.model_fields)
+
+
+def trusted(cls: type[R], fields: dict[str, Any]) -> R:
+    """A record built from `fields` without pydantic validation, for fields an Avro reader
+    decoded with the record's schema (types, unions and defaults are the schema's; the models
+    mirror the schemas field by field, tests/unit/test_schemas_match_models.py). About half
+    the cost of model_validate on the loop's hot path (docs/benchmarks.md, "Profiles"). Takes
+    ownership of `fields`. Anything else (HTTP bodies, YAML) goes through validation."""
+    for name, sub, many in _nested(cls):
+        value = fields.get(name)
+        if value is not None:
+            fields[name] = [trusted(sub, v) for v in value] if many else trusted(sub, value)
+    if fields.keys() != _field_names(cls):
+        return cls.model_construct(**fields)  # fills defaults (drops what the model lacks)
+    obj = cls.__new__(cls)
+    object.__setattr__(obj, "__dict__", fields)
+    object.__setattr__(obj, "__pydantic_fields_set__", set(fields))
+    object.__setattr__(obj, "__pydantic_extra__", None)
+    object.__setattr__(obj, "__pydantic_private__", None)
+    return obj
 
 
 class TaskSpec(Record):

@@ -366,6 +366,7 @@ class Processor:
         group_instance_id: str | None = None,
         on_assign: AssignHook | None = None,
         on_abort: Callable[[], None] | None = None,
+        before_commit: Callable[[], Iterable[Output]] | None = None,
     ) -> None:
         self.service = service
         self.topics = list(topics)
@@ -386,6 +387,10 @@ class Processor:
         self.group_instance_id = group_instance_id or self.instance_id
         self.on_assign = on_assign  # before the assigned partitions' records are read
         self.on_abort = on_abort  # after an aborted transaction, before the rewind
+        # outputs that summarise the whole batch (one record per key per checkpoint, e.g. the
+        # router's statistics): produced at each checkpoint, in its transaction, before the
+        # input offsets are committed
+        self.before_commit = before_commit
         self._pool = ThreadPoolExecutor(concurrency) if concurrency > 1 else None
         self._running = False
         self._stopping = False
@@ -699,6 +704,9 @@ class Processor:
         if not self._pending:
             return
         assert self.consumer is not None and self.producer is not None
+        if self.before_commit is not None:
+            for out in self.before_commit():
+                self._produce(out)
         offsets = [TopicPartition(t, p, o) for (t, p), o in self._pending.items()]
         if self._idle is not None:
             self._idle.wake()

@@ -18,7 +18,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer
 
 from fleetplane.core.errors import Retriable
 from fleetplane.core.logging import get_logger
-from fleetplane.core.loop import RawRecord
+from fleetplane.core.loop import IdleBackoff, RawRecord
 from fleetplane.core.settings import Settings
 
 log = get_logger(__name__)
@@ -48,6 +48,8 @@ class TopicTable:
         cfg = self.settings.consumer_config(f"fleetplane-table-{uuid.uuid4().hex[:12]}")
         cfg.update({"enable.auto.commit": False, "auto.offset.reset": "earliest"})
         cfg.pop("group.instance.id", None)
+        if self.settings.idle_backoff_s > 0:
+            cfg["enable.partition.eof"] = True  # positions for the idle backoff
         return Consumer(cfg)
 
     def start(self, catchup_timeout_s: float | None = None) -> bool:
@@ -84,15 +86,23 @@ class TopicTable:
             if all(position[tp] >= targets[tp] for tp in targets):
                 self._caught_up.set()
             idle_since = time.monotonic()
+            # the tables are idle most of the time: on the embedded broker a consumer that
+            # keeps fetching costs CPU in librdkafka and the broker (docs/benchmarks.md,
+            # "Profiles"); parked between probes like the loops' inputs
+            idle = IdleBackoff(consumer, self.settings.idle_backoff_s,
+                               self.settings.idle_probe_s)
             while not self._stop.is_set():
-                msgs = consumer.consume(500, 0.1)
+                first = idle.poll(0.1)
+                msgs = [] if first is None else [first, *consumer.consume(499, 0)]
+                for m in msgs[1:]:
+                    idle.saw(m)
                 for m in msgs:
                     if m.error() is not None:
                         continue
                     topic = m.topic() or ""
                     position[(topic, m.partition() or 0)] = (m.offset() or 0) + 1
                     self._apply(topic, m.key(), m.value())
-                if msgs:
+                if any(m.error() is None for m in msgs):
                     idle_since = time.monotonic()
                 if not self._caught_up.is_set() and (
                         all(position[tp] >= targets[tp] for tp in targets)

@@ -25,7 +25,7 @@ from fleetplane.core import events as ev
 from fleetplane.core.catalog import Catalog
 from fleetplane.core.events import derived_id
 from fleetplane.core.logging import get_logger
-from fleetplane.core.loop import Output, Record
+from fleetplane.core.loop import Output, RawRecord, Record
 from fleetplane.core.teams import TeamsConfig
 from fleetplane.router.cache import CACHE_MODEL, not_cacheable
 from fleetplane.router.policy import (
@@ -68,16 +68,27 @@ class Router:
         self.cache_hits = 0
         self.semantic_hits = 0
         self.cache_saved_usd = 0.0
+        # True (the service): the shared statistics are published once per checkpoint by the
+        # loop's before_commit hook (shared_records), not after every event
+        self.batch_shared = False
 
     def __call__(self, event: ev.Event, record: Record | None = None) -> list[Output]:
         with self.lock:
             if self.replica is not None:
                 self.inbox.drain(self.replica, self.state.stats)
             outs: list[Output] = list(self.handle(event))
-            if self.replica is not None:
+            if self.replica is not None and not self.batch_shared:
                 outs += pending_records(self.replica, self.state.stats, self.state.signal,
                                         self.published_signal)
             return outs
+
+    def shared_records(self) -> list[RawRecord]:
+        """The loop's before_commit hook: one record per cell changed in this transaction."""
+        if self.replica is None:
+            return []
+        with self.lock:
+            return pending_records(self.replica, self.state.stats, self.state.signal,
+                                   self.published_signal)
 
     def on_abort(self) -> None:
         """An aborted transaction lost the records of the cells it published: republish all."""

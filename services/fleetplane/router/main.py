@@ -55,7 +55,9 @@ def start(router: Router, settings: Settings) -> tuple[Processor, Follower | Non
         follower = Follower(settings, name=f"router-stats-{settings.instance_id}")
         follower.follow("router-stats", [STATS_TOPIC], router.follow_peers)
         follower.start()
-    processor = Processor("router", INPUTS, router, settings, on_abort=router.on_abort)
+    router.batch_shared = True  # one stats record per changed cell per transaction
+    processor = Processor("router", INPUTS, router, settings, on_abort=router.on_abort,
+                          before_commit=router.shared_records)
     return processor, follower
 
 

@@ -3,8 +3,13 @@
 Every router replica publishes *its own contribution* to each (task type, model) cell of the
 statistics: the absolute counts of the outcomes it counted (successes, failures, cost, and the
 discounted counts of the posterior), one record per changed cell, keyed
-``stats|<replica>|<task type>|<model>``, written by the handler as a RawRecord in the loop's
-transaction with the input offsets (exactly what the replica's committed inputs counted).
+``stats|<replica>|<task type>|<model>``, written as a RawRecord in the loop's transaction with
+the input offsets (exactly what the replica's committed inputs counted). The service publishes
+once per transaction (the loop's ``before_commit`` hook, ``Router.shared_records``): one record
+per cell changed by the whole batch, not one per outcome (a record per outcome doubled the
+router's CPU and added to the broker's); since each record holds the cell's absolute counts,
+the last one of a transaction says everything the earlier ones would have. An aborted
+transaction marks every cell changed again (``Router.on_abort``).
 Every replica follows the topic (fleetplane.core.follower, outside the consumer group) and
 sums the latest contribution of every replica: the replicas learn from all outcomes, whichever
 replica consumed them. Because each record carries a replica's absolute counts for one cell,
