@@ -337,7 +337,7 @@ class Coordinator:
                     if err is not None:
                         done = done or err.code() == KafkaError._PARTITION_EOF
                         continue
-                    if msg.offset() >= end:
+                    if (msg.offset() or 0) >= end:
                         done = True
                         continue
                     found = headers_dict(msg.headers()).get(OWNER_HEADER)

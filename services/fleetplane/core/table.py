@@ -121,7 +121,7 @@ class Follower:
                 if err is not None:
                     if err.code() == KafkaError._PARTITION_EOF:
                         eof = True
-                        position = max(position, msg.offset())
+                        position = max(position, msg.offset() or 0)
                         continue
                     raise RuntimeError(f"changelog follow: {err}")
                 self.records += 1
@@ -130,7 +130,7 @@ class Follower:
                     self.rows.pop(key, None)
                 else:
                     self.rows[key] = value
-                position = max(position, msg.offset() + 1)
+                position = max(position, (msg.offset() or 0) + 1)
             fetched = consumer.position([tp])[0].offset
             if fetched >= 0:
                 position = max(position, fetched)
