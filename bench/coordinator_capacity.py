@@ -97,6 +97,7 @@ def simulate(fleet: int, seconds: float, duration_s: float, heartbeat_s: float,
     # changelog bytes: what the table gets; for heartbeats also what the whole row (the former
     # write per heartbeat) would have been
     written = {"heartbeat": 0, "other": 0}
+    heartbeats = heartbeat_records = 0
     whole_rows_for_beats = 0
     while now < end:
         if pending and pending[0][0] <= next_tick:
@@ -112,6 +113,9 @@ def simulate(fleet: int, seconds: float, duration_s: float, heartbeat_s: float,
         rows = world.take_rows()  # the changed rows, serialised for the changelog
         cpu += time.thread_time() - t0
         kind = "heartbeat" if isinstance(event, ev.TaskHeartbeat) else "other"
+        if kind == "heartbeat":
+            heartbeats += 1
+            heartbeat_records += len(rows)
         for key, value in rows:
             written[kind] += len(key) + len(value or b"")
             if key.startswith(BEAT_PREFIX):
@@ -142,6 +146,11 @@ def simulate(fleet: int, seconds: float, duration_s: float, heartbeat_s: float,
             if completed else None,
             "changelog_heartbeat_share": round(written["heartbeat"] / sum(written.values()), 3)
             if sum(written.values()) else None,
+            # per heartbeat: the changelog records and bytes (key + value) it costs
+            "changelog_records_per_heartbeat": round(heartbeat_records / heartbeats, 3)
+            if heartbeats else None,
+            "changelog_bytes_per_heartbeat": round(written["heartbeat"] / heartbeats, 1)
+            if heartbeats else None,
             "changelog_bytes_per_task_if_heartbeats_wrote_whole_rows": round(
                 (written["other"] + whole_rows_for_beats) / completed) if completed else None}
 

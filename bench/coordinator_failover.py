@@ -2,6 +2,11 @@
 (N rows in its table), a standby watching; the active is SIGKILLed and the time until the
 standby has restored the table and decides again is measured (a figure, not a test).
 
+Before the kill, both processes are left idle for ``--idle-s`` seconds (the active ticking, the
+standby watching and following the changelog): their CPU over that window, and the broker's,
+is what a coordinator pair costs while nothing happens. During the decisions the same figures
+are taken for the burst of N (``cpu_s``).
+
     .venv/bin/python -m bench.coordinator_failover --tasks 20000
 """
 
@@ -16,6 +21,7 @@ from pathlib import Path
 
 from tests.integration.test_coordinator import CoordinatorProcess
 
+from bench.measure import cpu_seconds, group_cpu_seconds
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.settings import Settings
@@ -23,7 +29,7 @@ from fleetplane.core.topics import ensure_topics, load_topics
 from fleetplane.infra.broker import EmbeddedBroker, free_port
 
 
-def run(tasks: int, data: Path, takeover_s: float) -> dict[str, object]:
+def run(tasks: int, data: Path, takeover_s: float, idle_s: float) -> dict[str, object]:
     broker = EmbeddedBroker(data / "broker")
     broker.start()
     try:
@@ -42,6 +48,20 @@ def run(tasks: int, data: Path, takeover_s: float) -> dict[str, object]:
         active.start()
         active.wait_ready()
         standby.start()
+        while "standby: watching" not in standby.log_tail(1_000_000):
+            time.sleep(0.1)
+
+        def cpu() -> dict[str, float | None]:
+            return {"active": cpu_seconds(active.proc.pid if active.proc else None),
+                    "standby": cpu_seconds(standby.proc.pid if standby.proc else None),
+                    "broker": group_cpu_seconds(broker.pid)}
+
+        def used(since: dict[str, float | None]) -> dict[str, float | None]:
+            now = cpu()
+            return {k: round(v - (since[k] or 0.0), 2) if v is not None else None
+                    for k, v in now.items()}
+
+        cpu0 = cpu()
         producer = EventProducer(settings)
         spec = ev.TaskSpec(name="n", task_type="summarize", prompt="p")
         t0 = time.monotonic()
@@ -57,9 +77,12 @@ def run(tasks: int, data: Path, takeover_s: float) -> dict[str, object]:
                 "coordinator made no progress' says what the judgement saw")
             time.sleep(0.2)
         decided_s = time.monotonic() - t0
-        while "standby: watching" not in standby.log_tail(1_000_000):
-            time.sleep(0.1)
+        busy_cpu = used(cpu0)
         time.sleep(2.0)
+        idle0, idle_t0 = cpu(), time.monotonic()
+        time.sleep(idle_s)
+        idle_cpu = {k: (round(v / (time.monotonic() - idle_t0), 3) if v is not None else None)
+                    for k, v in used(idle0).items()}
         before = active.stats() or {}
         assert before.get("instance") == "a", before
         active.kill()
@@ -84,6 +107,7 @@ def run(tasks: int, data: Path, takeover_s: float) -> dict[str, object]:
                 "restore_s": stats.get("restore_s"), "recovery_s": stats.get("recovery_s"),
                 "changelog_records": stats.get("changelog_records"),
                 "recovered_rows": stats.get("recovered_rows"),
+                "cpu_s_while_deciding": busy_cpu, "idle_cores": idle_cpu, "idle_s": idle_s,
                 "load_average": round(os.getloadavg()[0], 1)}
     finally:
         broker.stop()
@@ -93,9 +117,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--takeover-s", type=float, default=5.0)
+    parser.add_argument("--idle-s", type=float, default=20.0)
     args = parser.parse_args()
     data = Path(tempfile.mkdtemp(prefix="coordinator-failover-"))
-    print(json.dumps({**run(args.tasks, data, args.takeover_s), "logs": str(data)}))
+    print(json.dumps({**run(args.tasks, data, args.takeover_s, args.idle_s), "logs": str(data)}))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from fleetplane.coordinator.scheduler import TICK, AdmissionPolicy, Scheduler
-from fleetplane.coordinator.world import World
+from fleetplane.coordinator.world import World, settle_heap
 from fleetplane.core import events as ev
 from fleetplane.core.teams import parse_teams
 
@@ -86,7 +86,7 @@ def run(queued: int, repositories: int, teams: int, capacity: int,
     fill_s = time.perf_counter() - t0
     world.take_rows()
     gc.collect()
-    gc.freeze()  # as the coordinator does after restoring its table
+    settle_heap()  # as the coordinator does after restoring its table
     lat: list[float] = []
     cpu: list[float] = []  # CPU time of the same calls: what a machine of our own would show
     decisions = 0

@@ -69,16 +69,27 @@ def test_liveness_no_answer_is_no_evidence() -> None:
 def test_liveness_timeout_grows_with_the_gaps_seen_on_a_loaded_machine() -> None:
     s = Liveness(3.0, now=0.0)
     t, mark = 0.0, 0
-    for _ in range(20):  # the active's progress shows every 2 s (load): timeout 4 x 2 s
-        s.observe((mark, 0, 0), t)
+    for _ in range(20):  # the active's progress shows every 2 s (load), looks every 0.5 s:
+        s.observe((mark, 0, 0), t)  # each gap is proven by the looks at +0.5 .. +1.5 s
+        for quiet in (0.5, 1.0, 1.5):
+            assert not s.observe((mark, 0, 0), t + quiet)
         t += 2.0
         mark += 1
-    assert s.timeout() == 8.0
-    last = t - 2.0
-    looks = [last + 0.5 * i for i in range(1, 17)]  # 0.5 .. 8.0 s of silence
+    assert s.timeout() == 6.0  # 4 x the 1.5 s proven
+    # it dies after its last progress (at t - 2): silent looks go on until 6 s after it
+    looks = [t + 0.5 * i for i in range(9)]  # 2.0 .. 6.0 s of silence
     decided = [s.observe((mark - 1, 0, 0), x) for x in looks]
-    assert decided[:-1] == [False] * 15 and decided[-1]
+    assert decided[:-1] == [False] * 8 and decided[-1]
     assert Liveness(3.0, now=0.0, gaps=deque([100.0])).timeout() == 60.0  # capped
+
+
+def test_liveness_a_standby_that_looks_late_does_not_lengthen_its_timeout() -> None:
+    """The standby's own stalls (starved of CPU, it looks every 3 s) prove no gap of the
+    active, whose marks moved at every look: the timeout stays the configured one."""
+    s = Liveness(3.0, now=0.0)
+    for i in range(20):
+        s.observe((i, 0, 0), 3.0 * i)
+    assert s.timeout() == 3.0
 
 
 def _record(event: ev.Event, key: bytes, topic: str = "tasks.routed") -> Record:

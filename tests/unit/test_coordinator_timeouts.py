@@ -212,7 +212,8 @@ def test_heartbeats_write_a_small_beat_record_and_a_failover_still_knows_the_lea
                                 lease_ms=30_000, occurred_at=h.now))
         rows = write()
         assert [k for k, _ in rows] == [b"beat/t1"]
-        assert all(v is not None and len(v) < 200 for _, v in rows)
+        # the lease as an offset from the heartbeat, updated_at only when it differs
+        assert all(v is not None and len(v) < 80 for _, v in rows), rows
     # the failover: a world restored from the table's records is the world that ran
     restored = World.load(table.items())
     assert restored.tasks["t1"] == h.world.tasks["t1"]

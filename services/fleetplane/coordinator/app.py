@@ -41,7 +41,6 @@ exits; the supervisor restarts it as a standby. See docs/coordinator.md.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import random
@@ -54,11 +53,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from fleetplane.coordinator.liveness import Liveness
 from fleetplane.coordinator.scheduler import INPUTS_READ_UNTIL, TICK, AdmissionPolicy, Scheduler
-from fleetplane.coordinator.world import World
+from fleetplane.coordinator.world import World, settle_heap
 from fleetplane.core import events as ev
 from fleetplane.core import topics as t
 from fleetplane.core.catalog import Catalog, _task_type
@@ -89,12 +88,12 @@ INPUTS = (t.ROUTED, t.LIFECYCLE, t.OUTCOMES, t.CONTROL, t.WORKSPACE, t.BUDGET)
 REPARTITION_ROLE = f"{APP_ID}-active"
 SCHEDULE_ROLE = f"{SCHEDULER_GROUP}-active"
 OWNER_HEADER = "x-coordinator-epoch"  # on every tick: the epoch of the active that sent it
-WATCH_BACKLOG = 2_000  # scheduler records a standby reads back at start to learn the owner
+WATCH_BACKLOG = 2_000  # scheduler records read back per window to find the latest tick
 # headers the repartition adds: where the record was read (for dead letters)
 SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET = "x-source-topic", "x-source-partition", \
     "x-source-offset"
 BATCH_MAX = 500  # records consumed together (settings.batch_size); one transaction at most
-WATCH_INTERVAL_S = 0.25  # how long a standby's poll of the scheduler topic waits
+WATCH_INTERVAL_S = 0.25  # between two looks of a standby at the active's progress
 SLOW_LOOK_S = 2.0  # a look at the progress marks answered slower than this proves nothing
 
 log = get_logger(__name__)
@@ -195,7 +194,7 @@ class Coordinator:
         self._stopping = threading.Event()
         # this process's term as the active: its transactional ids are <role>-<epoch>
         self.epoch = f"{settings.instance_id}-{time.time_ns() // 1_000_000}"
-        self.previous_epoch: str | None = None  # learnt from the ticks while standby
+        self.previous_epoch: str | None = None  # read from the latest ticks on takeover
         self.repartitioner = Processor(
             SERVICE, INPUTS, repartition, settings, group_id=APP_ID, transactional=True,
             instance_id=f"{REPARTITION_ROLE}-{self.epoch}", group_instance_id=REPARTITION_ROLE)
@@ -239,9 +238,7 @@ class Coordinator:
             restored = self.table.restore(self.settings.client_config())
             loading = time.monotonic()
             self.world = World.load(self.table.items())
-            # the restored rows live as long as the process: out of the collector's sight
-            # (a full collection over them paused decisions for tens of ms)
-            gc.freeze()
+            settle_heap()  # the rows out of the collector's sight, fewer young collections
             now = time.monotonic()
             self.stats.world_load_s = round(now - loading, 3)
             self.stats.restores += 1
@@ -279,13 +276,14 @@ class Coordinator:
         The judgement (``Liveness``) rests on progress the active makes on the broker (the end
         of the scheduler topic, the end of the changelog, the scheduler group's committed
         offset), read with fresh requests: load on either process delays the looks, never
-        fakes silence. The scheduler topic is also read (read_uncommitted: the ticks are not
-        transactional, and an open transaction of a dead active must not hide them) for the
-        epoch of the latest tick's sender: the holder to fence on takeover."""
+        fakes silence. Nothing is fetched while watching (three small requests per look): the
+        epoch of the holder to fence is read from the latest ticks once, on takeover
+        (``find_owner``). A standby that fetched the scheduler topic continuously spent more CPU
+        than the router (the embedded broker answers empty fetches at once)."""
         config = self.settings.client_config()
         watch = Consumer({**config, "group.id": f"{APP_ID}-watch",
                           "enable.auto.commit": False, "isolation.level": "read_uncommitted",
-                          "auto.offset.reset": "latest"})
+                          "enable.partition.eof": True, "auto.offset.reset": "latest"})
         # reads the scheduler group's committed offset only (never subscribes: never joins)
         offsets = Consumer({**config, "group.id": SCHEDULER_GROUP, "enable.auto.commit": False})
         # a little jitter, so two processes started together rarely both take over
@@ -295,18 +293,7 @@ class Coordinator:
                  takeover_s=self.settings.coordinator_takeover_s)
         tp, changelog = TopicPartition(SCHEDULER_TOPIC, 0), TopicPartition(CHANGELOG, 0)
         try:
-            low, high = watch.get_watermark_offsets(tp, timeout=30, cached=False)
-            watch.assign([TopicPartition(SCHEDULER_TOPIC, 0, max(low, high - WATCH_BACKLOG))])
-            while not self._stopping.is_set():
-                try:
-                    msgs = watch.consume(1000, WATCH_INTERVAL_S)
-                except KafkaException:
-                    msgs = []
-                for msg in msgs:
-                    if msg.error() is None:
-                        owner = headers_dict(msg.headers()).get(OWNER_HEADER)
-                        if owner:
-                            self.previous_epoch = owner.decode()
+            while not self._stopping.wait(WATCH_INTERVAL_S):
                 asked = time.monotonic()
                 try:
                     marks = (watch.get_watermark_offsets(tp, timeout=5, cached=False)[1],
@@ -321,13 +308,8 @@ class Coordinator:
                     # a broker this slow to answer holds the active back as well: no evidence
                     liveness.reset(now)
                     continue
-                position = watch.position([tp])[0].offset
-                if position >= 0 and marks[0] - position > WATCH_BACKLOG:
-                    # far behind (a burst): only the latest ticks matter (their epoch)
-                    with contextlib.suppress(KafkaException):
-                        watch.seek(TopicPartition(SCHEDULER_TOPIC, 0,
-                                                  marks[0] - WATCH_BACKLOG))
                 if liveness.observe(marks, now):
+                    self.previous_epoch = self.find_owner(watch, marks[0])
                     log.warning("the active coordinator made no progress: taking over",
                                 previous=self.previous_epoch, **liveness.describe(now))
                     return True
@@ -335,6 +317,38 @@ class Coordinator:
         finally:
             watch.close()
             offsets.close()
+
+    def find_owner(self, watch: Consumer, end: int, timeout_s: float = 20.0) -> str | None:
+        """The epoch of the latest tick before ``end`` on the scheduler topic (the holder of
+        the active role to fence), read backwards in windows of ``WATCH_BACKLOG`` records
+        (read_uncommitted: an open transaction of a dead active must not hide its ticks)."""
+        deadline = time.monotonic() + timeout_s
+        tp = TopicPartition(SCHEDULER_TOPIC, 0)
+        try:
+            low = watch.get_watermark_offsets(tp, timeout=5, cached=False)[0]
+        except KafkaException:
+            low = 0
+        while end > low and time.monotonic() < deadline:
+            start, owner, done = max(low, end - WATCH_BACKLOG), None, False
+            watch.assign([TopicPartition(SCHEDULER_TOPIC, 0, start)])
+            while not done and time.monotonic() < deadline:
+                for msg in watch.consume(1000, 0.2):
+                    err = msg.error()
+                    if err is not None:
+                        done = done or err.code() == KafkaError._PARTITION_EOF
+                        continue
+                    if (msg.offset() or 0) >= end:
+                        done = True
+                        continue
+                    found = headers_dict(msg.headers()).get(OWNER_HEADER)
+                    if found:
+                        owner = found.decode()
+                done = done or watch.position([tp])[0].offset >= end
+            watch.unassign()
+            if owner is not None:
+                return owner
+            end = start
+        return None
 
     def fence_previous(self) -> None:
         """Abort the previous active's open transactions and fence its producers, by opening

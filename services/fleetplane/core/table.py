@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from fleetplane.core.loop import RawRecord
 
@@ -58,17 +58,29 @@ def _consumer(topic: str, client_config: Mapping[str, Any]) -> Consumer:
 
 
 class Follower:
-    """A warm copy of the changelog partition, read by a thread of its own (read_committed)."""
+    """A warm copy of the changelog partition, read by a thread of its own (read_committed).
 
-    def __init__(self, topic: str, partition: int, client_config: Mapping[str, Any]) -> None:
+    It reads in rounds and parks in between: once a round reaches the end of the partition, the
+    partition is unassigned (no fetches at all: the embedded broker answers an empty fetch at
+    once, and a consumer left assigned on an idle partition re-fetches back to back, most of a
+    core between client and broker, see ``core.loop.IdleBackoff``). Every ``probe_s`` it asks
+    for the end of the partition (one ListOffsets request) and reads a new round only if the
+    end moved. ``take`` wakes it at once and keeps it reading until the end asked for."""
+
+    def __init__(self, topic: str, partition: int, client_config: Mapping[str, Any],
+                 probe_s: float = 1.0) -> None:
         self.tp = TopicPartition(topic, partition)
         self.config = dict(client_config)
+        self.probe_s = probe_s
         self.rows: dict[bytes, bytes] = {}
         self.records = 0
         self.position = 0
+        self.rounds = 0  # reading rounds (each: assign, read to the end, park)
         self.error: BaseException | None = None
         self._moved = threading.Condition()
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._hurry = False
         self._thread = threading.Thread(target=self._run, name=f"follow-{topic}", daemon=True)
         self._thread.start()
 
@@ -76,27 +88,7 @@ class Follower:
         try:
             consumer = _consumer(self.tp.topic, self.config)
             try:
-                consumer.assign([TopicPartition(self.tp.topic, self.tp.partition,
-                                                OFFSET_BEGINNING)])
-                while not self._stop.is_set():
-                    msgs = consumer.consume(5000, 0.2)
-                    for msg in msgs:
-                        err = msg.error()
-                        if err is not None:
-                            if err.code() == KafkaError._PARTITION_EOF:
-                                continue
-                            raise RuntimeError(f"changelog follow: {err}")
-                        self.records += 1
-                        key, value = msg.key() or b"", msg.value()
-                        if value is None:
-                            self.rows.pop(key, None)
-                        else:
-                            self.rows[key] = value
-                    position = consumer.position([self.tp])[0].offset
-                    with self._moved:
-                        if position >= 0:
-                            self.position = position
-                        self._moved.notify_all()
+                self._follow(consumer)
             finally:
                 consumer.close()
         except BaseException as exc:
@@ -104,10 +96,57 @@ class Follower:
             with self._moved:
                 self._moved.notify_all()
 
+    def _follow(self, consumer: Consumer) -> None:
+        tp, position, assigned = self.tp, 0, False
+        while not self._stop.is_set():
+            if not assigned:
+                if self.rounds and not self._hurry:  # parked: until the next look or a take
+                    self._wake.wait(self.probe_s)
+                    self._wake.clear()
+                    if self._stop.is_set():
+                        return
+                try:
+                    high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)[1]
+                except KafkaException:
+                    high = position + 1  # no answer: read a round (it waits for the broker)
+                if high <= position:
+                    self.rounds = max(self.rounds, 1)
+                    continue
+                consumer.assign([TopicPartition(tp.topic, tp.partition, position)])
+                assigned = True
+                self.rounds += 1
+            eof = False
+            for msg in consumer.consume(5000, 0.2):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        eof = True
+                        position = max(position, msg.offset() or 0)
+                        continue
+                    raise RuntimeError(f"changelog follow: {err}")
+                self.records += 1
+                key, value = msg.key() or b"", msg.value()
+                if value is None:
+                    self.rows.pop(key, None)
+                else:
+                    self.rows[key] = value
+                position = max(position, (msg.offset() or 0) + 1)
+            fetched = consumer.position([tp])[0].offset
+            if fetched >= 0:
+                position = max(position, fetched)
+            with self._moved:
+                self.position = position
+                self._moved.notify_all()
+            if eof:  # the end of the partition (its last stable offset): park
+                consumer.unassign()
+                assigned = False
+
     def take(self, end: int, timeout_s: float) -> tuple[dict[bytes, bytes], int] | None:
         """Stop at ``end`` (an offset taken after the previous owner was fenced): the rows and
         how many records were read; None if the follower failed or did not get there."""
         deadline = time.monotonic() + timeout_s
+        self._hurry = True
+        self._wake.set()
         with self._moved:
             while self.error is None and self.position < end and time.monotonic() < deadline:
                 self._moved.wait(0.1)
@@ -117,6 +156,7 @@ class Follower:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if threading.current_thread() is not self._thread:
             self._thread.join(10)
 
