@@ -184,6 +184,7 @@ class RouterConfig:
     prior_strength: float = PolicyConfig.prior_strength
     sampled_per_decision: int = PolicyConfig.sampled_per_decision
     play_contender: bool = PolicyConfig.play_contender
+    ledger: bool = PolicyConfig.ledger
 
 
 def prompt_vectors(tasks: list[EvalTask], embedding: str) -> FeatureCache | None:
@@ -205,7 +206,7 @@ def replay_router(tasks: list[EvalTask], catalog: Catalog, rc: RouterConfig,
                        best_from_samples=rc.best_from_samples,
                        shortfall_recent=rc.shortfall_recent, prior_strength=rc.prior_strength,
                        sampled_per_decision=rc.sampled_per_decision,
-                       play_contender=rc.play_contender)
+                       play_contender=rc.play_contender, ledger=rc.ledger)
     stats = OutcomeStats()
     signal = PromptSignal()
     res = Result("router")

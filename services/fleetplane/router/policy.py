@@ -47,6 +47,10 @@ class PolicyConfig:
     sampled_per_decision: int = 3  # exploring: models judged by their sample (0: all)
     play_contender: bool = True  # a sampled model whose draw beats the leader is tried
     prior_strength: float = 4.0  # pseudo-outcomes of the two-way prior (0: the pooled borrow)
+    ledger: bool = True  # the target repays the type's success ledger (docs/routing.md)
+    repay_horizon: float = 100.0  # ledger: decisions over which a deficit (or surplus) is repaid
+    ledger_spend: bool = False  # ledger: a surplus lowers the target (else only deficits count)
+    ledger_band: float = 0.0  # ledger: deficits within this many standard errors are ignored
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,8 @@ class Estimate:
     evidence: float  # attempts plus the (capped) weight of other task types' outcomes
     source: str  # "prompt" | "task type" | "other task types" | "prior"
     sampled: bool = False  # judged by a Thompson draw in this decision
+    spread: float = 0.0  # the posterior's standard deviation
+    name: str = ""
 
 
 def _estimates(pool: list[Model], spec: TaskSpec, stats: OutcomeStats, rng: random.Random,
@@ -235,8 +241,9 @@ def _estimates(pool: list[Model], spec: TaskSpec, stats: OutcomeStats, rng: rand
             judged = min(1.0, max(0.0, centre + rng.betavariate(alpha, beta) - mean))
         n = alpha + beta
         margin = cfg.confidence_z * math.sqrt(alpha * beta / (n * n * (n + 1)))
+        sd = math.sqrt(alpha * beta / (n * n * (n + 1)))
         out[m.name] = Estimate(centre, judged, margin, s.attempts, s.attempts + w * other_n,
-                               source, explored and m.name in sampled)
+                               source, explored and m.name in sampled, sd, m.name)
     return out
 
 
@@ -328,21 +335,42 @@ def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,
     target = q * best.success
     realised = stats.of_type(spec.task_type)
     shortfall = rate = 0.0
-    if realised.attempts >= cfg.min_evidence:
+    leader = max(options, key=lambda o: (est[o.name].success, -o.cost, o.name))
+    if cfg.ledger:
+        # the success ledger: over the type's recent outcomes (discounted to ~stats.WINDOW),
+        # what q x the best model's estimated success would have delivered minus what the
+        # decisions delivered; a deficit (exploration, early estimates) raises the target
+        # until it is repaid over `repay_horizon` decisions, a surplus lowers it
+        n_w = realised.recent_successes + realised.recent_failures
+        # the best model's success: the mean of the model with the largest lower bound (mean
+        # less one posterior standard deviation), since the largest of several noisy means is
+        # biased up (a model with a few lucky outcomes is not the reference)
+        ref = max((e for e in est.values() if e.name in judged),
+                  key=lambda e: (e.success - e.spread, e.name))
+        owed = q * ref.success * n_w - realised.recent_successes
+        if not cfg.ledger_spend:
+            owed = max(0.0, owed)
+        # a dead band of `ledger_band` binomial standard errors of the window's count: the
+        # leader's estimate is the largest of several noisy means (biased up), and a deficit
+        # within noise is not one
+        band = cfg.ledger_band * math.sqrt(n_w * 0.25)  # 0.25: the binomial variance's bound
+        owed = math.copysign(max(0.0, abs(owed) - band), owed)
+        rate = realised.recent_successes / n_w if n_w else 0.0
+        shortfall = owed / cfg.repay_horizon
+    elif realised.attempts >= cfg.min_evidence:
         rate = (stats.recent_rate(spec.task_type) if cfg.shortfall_recent
                 else realised.successes / realised.attempts)
         # a dead band of one standard error: noise in the realised rate is not a shortfall
         n = min(realised.attempts, RECENT) if cfg.shortfall_recent else realised.attempts
         shortfall = max(0.0, target - rate - math.sqrt(target * (1 - target) / n))
-    raised = target + cfg.shortfall_gain * shortfall
-    eff_q = min(1.0, raised / best.success) if best.success else q
+    raised = (target + shortfall if cfg.ledger else target + cfg.shortfall_gain * shortfall)
+    eff_q = min(1.0, max(0.0, raised / best.success)) if best.success else q
     shifted = [Option(o.name, o.success if o.name == best.name
                       else min(1.0, max(0.0, o.success - judged[o.name].margin)), o.cost)
                for o in options]
     mix = solve(shifted, eff_q)
     u = _seed(key, "mixture") / 2**64
     picked = mix.pick(u)
-    leader = max(options, key=lambda o: (est[o.name].success, -o.cost, o.name))
     contender = None
     if (cfg.play_contender and explored and est[best.name].sampled
             and best.name != leader.name):
@@ -360,7 +388,13 @@ def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,
               f">= q {q:.2f} ({q_source}) x best; best {mix.best.name} {how} "
               f"{mix.best.success:.2f} ({b.attempts} outcomes, {b.source}) -> target "
               f"{mix.target:.2f}")
-    if shortfall > 0:
+    if cfg.ledger and abs(shortfall) >= 0.005:
+        owed = shortfall * cfg.repay_horizon
+        reason += (f" ({'raised' if owed > 0 else 'lowered'}: {spec.task_type}'s success "
+                   f"ledger is {abs(owed):.1f} successes {'short of' if owed > 0 else 'ahead of'}"
+                   f" q x best over its recent outcomes (rate {rate:.2f}), repaid over "
+                   f"{cfg.repay_horizon:g} decisions)")
+    elif not cfg.ledger and shortfall > 0:
         reason += (f" (raised: {spec.task_type}'s recent success {rate:.2f} is short of "
                    f"{target:.2f})")
     reason += "; "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -42,28 +43,26 @@ class KindResult:
         return self.hits / self.pairs if self.pairs else 0.0
 
 
+def _swap_one(prompt: str, pattern: re.Pattern[str], rng: random.Random,
+              replacement: Callable[[str], str]) -> str | None:
+    """The prompt with one match of `pattern` (drawn) replaced: the shape of every near miss
+    that edits the prompt (a number, a name, an ordinary word)."""
+    found = list(pattern.finditer(prompt))
+    if not found:
+        return None
+    m = rng.choice(found)
+    return prompt[:m.start()] + replacement(m.group()) + prompt[m.end():]
+
+
 def _variant(kind: str, prompt: str, rng: random.Random, names: list[str], words: list[str],
              others: list[str]) -> str | None:
     if kind == "number":
-        found = list(_NUMBER.finditer(prompt))
-        if not found:
+        return _swap_one(prompt, _NUMBER, rng, lambda g: str(int(g) + rng.randint(1, 9)))
+    if kind in ("name", "word"):
+        pool, pattern = (names, _NAME) if kind == "name" else (words, _WORDS)
+        if len(pool) < 2:
             return None
-        m = rng.choice(found)
-        return prompt[:m.start()] + str(int(m.group()) + rng.randint(1, 9)) + prompt[m.end():]
-    if kind == "name":
-        found = list(_NAME.finditer(prompt))
-        if not found or len(names) < 2:
-            return None
-        m = rng.choice(found)
-        other = rng.choice([n for n in names if n != m.group()])
-        return prompt[:m.start()] + other + prompt[m.end():]
-    if kind == "word":
-        found = list(_WORDS.finditer(prompt))
-        if not found or len(words) < 2:
-            return None
-        m = rng.choice(found)
-        other = rng.choice([w for w in words if w != m.group()])
-        return prompt[:m.start()] + other + prompt[m.end():]
+        return _swap_one(prompt, pattern, rng, lambda g: rng.choice([w for w in pool if w != g]))
     if kind == "other prompt":
         pool = [o for o in others if o != prompt]
         return rng.choice(pool) if pool else None
