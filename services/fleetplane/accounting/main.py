@@ -8,7 +8,9 @@ checkpoint interval keep inserts big (ClickHouse prefers few large inserts to ma
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import socket
 import sys
 import threading
@@ -66,6 +68,9 @@ def build_processor(settings: Settings, store: Store, *, group_id: str = GROUP_I
     """The accounting Processor over every topic, at-least-once, with its ClickHouse sink;
     `observe` sees every stored event (fleet metrics)."""
     sink = ClickHouseSink(store, flush_rows=settings.sink_flush_rows, group=group_id)
+    # clickhouse-connect imports pandas at the first insert (about 1 s): do it before the loop
+    with contextlib.suppress(ImportError):
+        importlib.import_module("pandas")
     tuned = settings.model_copy(update={"batch_size": max(settings.batch_size, MIN_BATCH_SIZE)})
     processor = BatchProcessor(SERVICE, all_topics(settings), make_handler(sink, observe), tuned,
                                group_id=group_id, sink=sink,
