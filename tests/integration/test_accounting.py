@@ -26,7 +26,7 @@ from fleetplane.accounting.sink import ClickHouseSink
 from fleetplane.accounting.store import Store, apply_ddl, connect, is_chdb
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
-from fleetplane.core.loop import Processor, Record
+from fleetplane.core.loop import Processor
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import LIFECYCLE
 

@@ -205,7 +205,9 @@ def build(msgs: Sequence[Message], serde: Serde, *, keep_events: bool = False) -
     per_topic = batch.per_topic
     decode = serde.decode_record
     for msg in msgs:
-        topic, partition, offset, value = msg.topic(), msg.partition(), msg.offset(), msg.value()
+        # (a record without an error always has them; `or` as core.loop's _record does)
+        topic, partition = msg.topic() or "", msg.partition() or 0
+        offset, value = msg.offset() or 0, msg.value() or b""
         per_topic[topic] = per_topic.get(topic, 0) + 1
         try:
             name, d = decode(value)
@@ -243,7 +245,7 @@ def _column_fine(kind: str, values: list[Any]) -> bool:
     if limit is not None:
         if not set(map(type, values)) <= {int, bool}:
             return False
-        return 0 <= min(values) and max(values) < limit
+        return bool(min(values) >= 0 and max(values) < limit)
     kinds = set(map(type, values))
     if _NONE in kinds:
         kinds.discard(_NONE)

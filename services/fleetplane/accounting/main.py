@@ -2,8 +2,8 @@
 
 At-least-once (``transactional=False``): the sink flushes at each checkpoint before the offsets
 are stored; rows are deduplicated by event_id in ClickHouse. Consumed batches go to rows
-columnar, without an event object per record (batchloop.py, columnar.py). Large consume batches and a 0.5 s
-checkpoint interval keep inserts big (ClickHouse prefers few large inserts to many small ones).
+without an event object per record (batchloop.py, columnar.py). Large consume batches and a
+0.5 s checkpoint interval keep inserts big (ClickHouse prefers few large inserts).
 """
 
 from __future__ import annotations
