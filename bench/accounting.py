@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import tempfile
 import threading
@@ -55,6 +56,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RAW_LIMIT = 10_000_000
 RECENT_S = 6 * 3600
 DAYS = 30
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process (every thread: the loop, librdkafka's and chdb's)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def timed(fn: Callable[[], Any], repeat: int = 3) -> dict[str, float]:
@@ -158,6 +165,7 @@ def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
             processor, acct_sink = build_processor(settings, store,
                                                    group_id=f"bench-acct-{time.monotonic_ns()}")
             thread = threading.Thread(target=processor.run, daemon=True)
+            cpu_started = cpu_seconds()
             started = time.perf_counter()
             thread.start()
             deadline = started + timeout_s
@@ -167,6 +175,7 @@ def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
                     first = time.perf_counter()
                 time.sleep(0.01)
             done = time.perf_counter()
+            cpu_s = cpu_seconds() - cpu_started
             elapsed = done - (first or started)
             processor.stop()
             thread.join(60)
@@ -181,6 +190,8 @@ def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
             "lookups": acct_sink.stats.lookups,
             "rows_per_s": acct_sink.stats.rows / elapsed,
             "events_per_s": len(events) / elapsed,
+            "cpu_s": cpu_s, "rows_per_cpu_s": acct_sink.stats.rows / cpu_s if cpu_s else 0.0,
+            "load_avg": os.getloadavg(),
             "insert_rows_per_s": acct_sink.stats.rows_per_second(), "produce_s": produce_s,
             "flush_rows": flush_rows}
 
@@ -229,7 +240,9 @@ def main() -> None:
                       f"{r['seconds']:.1f}s from the first record ({r['join_s']:.1f}s group "
                       f"join before it): {r['rows_per_s']:,.0f} rows/s end to end "
                       f"({r['events_per_s']:,.0f} events/s), {r['insert_rows_per_s']:,.0f} "
-                      f"rows/s inserting, {r['lookups']} duplicate lookups")
+                      f"rows/s inserting, {r['lookups']} duplicate lookups; "
+                      f"{r['rows_per_cpu_s']:,.0f} rows per CPU-second ({r['cpu_s']:.1f} CPU-s "
+                      f"over the run, load {r['load_avg'][0]:.1f})")
     table = Table(title="analytics latency on chdb (first run / median of 3, seconds)")
     for c in ("model calls", "generate", "cost by team", "cost/day", "cost-to-value",
               "what-if tier", "what-if type", "dashboard", "cost by team (raw)"):

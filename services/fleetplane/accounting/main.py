@@ -1,13 +1,16 @@
 """fleetplane-accounting: every topic into ClickHouse, and the analytics API beside it.
 
 At-least-once (``transactional=False``): the sink flushes at each checkpoint before the offsets
-are stored; rows are deduplicated by event_id in ClickHouse. Large consume batches and a 0.5 s
-checkpoint interval keep inserts big (ClickHouse prefers few large inserts to many small ones).
+are stored; rows are deduplicated by event_id in ClickHouse. Consumed batches go to rows
+without an event object per record (batchloop.py, columnar.py). Large consume batches and a
+0.5 s checkpoint interval keep inserts big (ClickHouse prefers few large inserts).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib
 import socket
 import sys
 import threading
@@ -18,6 +21,7 @@ from typing import Any
 import uvicorn
 
 from fleetplane.accounting.api import create_app
+from fleetplane.accounting.batchloop import BatchProcessor
 from fleetplane.accounting.handlers import make_handler
 from fleetplane.accounting.publisher import Publisher, run_in_thread
 from fleetplane.accounting.sink import ClickHouseSink
@@ -26,7 +30,6 @@ from fleetplane.core.errors import Fatal
 from fleetplane.core.events import Event
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.logging import get_logger
-from fleetplane.core.loop import Processor
 from fleetplane.core.service import bootstrap, serve_http_in_thread
 from fleetplane.core.settings import Settings
 from fleetplane.core.teams import teams_for
@@ -42,7 +45,7 @@ log = get_logger(__name__)
 SERVICE = "accounting"
 GROUP_ID = "fleetplane-accounting"
 COMMIT_INTERVAL_S = 0.5
-MIN_BATCH_SIZE = 2_000
+MIN_BATCH_SIZE = 20_000
 
 
 def all_topics(settings: Settings) -> list[str]:
@@ -61,22 +64,26 @@ def build_processor(settings: Settings, store: Store, *, group_id: str = GROUP_I
                     commit_interval_s: float = COMMIT_INTERVAL_S,
                     instance_id: str | None = None,
                     observe: Callable[[Event], None] | None = None
-                    ) -> tuple[Processor, ClickHouseSink]:
+                    ) -> tuple[BatchProcessor, ClickHouseSink]:
     """The accounting Processor over every topic, at-least-once, with its ClickHouse sink;
     `observe` sees every stored event (fleet metrics)."""
     sink = ClickHouseSink(store, flush_rows=settings.sink_flush_rows, group=group_id)
+    # clickhouse-connect imports pandas at the first insert (about 1 s): do it before the loop
+    with contextlib.suppress(ImportError):
+        importlib.import_module("pandas")
     tuned = settings.model_copy(update={"batch_size": max(settings.batch_size, MIN_BATCH_SIZE)})
-    processor = Processor(SERVICE, all_topics(settings), make_handler(sink, observe), tuned,
-                          group_id=group_id, sink=sink, commit_interval_s=commit_interval_s,
-                          commit_when_drained=False,
-                          transactional=False,
-                          # rows past our offsets may have been stored by an earlier process
-                          on_assign=lambda _consumer, _parts: sink.reassigned(),
-                          instance_id=instance_id or default_instance_id(settings, group_id))
+    processor = BatchProcessor(SERVICE, all_topics(settings), make_handler(sink, observe), tuned,
+                               group_id=group_id, sink=sink,
+                               commit_interval_s=commit_interval_s, commit_when_drained=False,
+                               transactional=False,
+                               # rows past our offsets may have been stored by an earlier process
+                               on_assign=lambda _consumer, _parts: sink.reassigned(),
+                               instance_id=instance_id or default_instance_id(settings, group_id),
+                               columnar_sink=sink, observe=observe)
     return processor, sink
 
 
-def status_of(processor: Processor, sink: ClickHouseSink) -> dict[str, Any]:
+def status_of(processor: BatchProcessor, sink: ClickHouseSink) -> dict[str, Any]:
     return {
         "processed": processor.processed,
         "rows_written": sink.stats.rows,
@@ -110,7 +117,8 @@ def run(settings: Settings) -> int:
         processor, sink = build_processor(settings, store, observe=fleet.observe)
         # each task's trace id (traceparent headers), for `fleetplane describe`
         traces = TraceIds(store, settings.clickhouse_ttl_days)
-        processor.handler = traces.wrap(processor.handler)
+        processor.handler = traces.wrap(processor.handler)   # records of the usual path
+        processor.note = traces.note                          # records of the fast path
         processor.sink = traces.beside(sink)
         producer = EventProducer(settings)
         publisher = Publisher(store, settings, producer.send)

@@ -191,6 +191,41 @@ class ClickHouseSink:
             if self._pending >= self.flush_rows:
                 self.flush()
 
+    def add_batch(self, rows: Mapping[str, list[Row]],
+                  offsets: Mapping[tuple[str, int], tuple[int, int]]) -> None:
+        """Buffer the rows of a whole consumed batch (columnar.build): `offsets` gives, per
+        topic partition, the lowest and highest offset of the records they come from. The
+        rows of a batch that reaches back to or below a partition's progress mark are all
+        looked up before insert (see the module doc); flush when the buffer is full."""
+        with self._lock:
+            marks = self._marks if self._marks is not None else self._load_marks()
+            suspect = False
+            for key, (low, high) in offsets.items():
+                if self._high.get(key, -1) < high:
+                    self._high[key] = high
+                suspect = suspect or low <= marks.get(key, -1)
+            for table, batch in rows.items():
+                if not batch:
+                    continue
+                buffer = self._buffers.get(table)
+                if buffer is None:
+                    raise ValueError(f"unknown table {table!r}")
+                buffer.extend(batch)
+                self._pending += len(batch)
+                if table == TASK_TRANSITIONS:
+                    remember = self.task_types.remember
+                    for row in batch:
+                        if row[_TT_TASK_TYPE]:
+                            remember(row[0], row[_TT_TASK_TYPE])
+                elif table == MODEL_CALLS:
+                    for row in batch:
+                        self.attempt_models.remember(row)
+                if suspect and table in DEDUPLICATED:
+                    self._suspects.update(map(itemgetter(self.columns[table].index("event_id")),
+                                              batch))
+            if self._pending >= self.flush_rows:
+                self.flush()
+
     def flush(self) -> None:
         """Insert every buffered row, table by table in the order of `columns` (rows.COLUMNS puts
         `events` last); Fatal when ClickHouse keeps failing."""
