@@ -244,7 +244,8 @@ class Reconciler:
         assert self.producer is not None
         if isinstance(action, Redrive):
             fact = action.fact
-            headers = [(k, v) for k, v in fact.headers if k != REDRIVE_HEADER]
+            headers: list[tuple[str, str | bytes | None]] = [
+                (k, v) for k, v in fact.headers if k != REDRIVE_HEADER]
             headers.append((REDRIVE_HEADER, str(action.attempt).encode()))
             self.producer.produce(fact.topic, key=fact.key, value=fact.value,
                                   partition=fact.partition, headers=headers)
