@@ -76,24 +76,30 @@ def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
     if event.action == "rollback":
         return rollback(rt, event)
     journal = rt.journal
-    if journal is not None:
-        previous = journal.read(event.task_id, event.attempt)
-        if previous is not None and previous.get("dispatch") == event.event_id:
-            return _answer_redelivery(rt, event, previous)
-    if leases is not None:
+    previous = journal.read(event.task_id, event.attempt) if journal is not None else None
+    if previous is not None and previous.get("dispatch") != event.event_id:
+        previous = None
+    lease = leases.get(event.task_id, event.attempt) if leases is not None else None
+    if leases is not None and (previous is not None or lease is not None):
+        # a redelivered attempt: read the committed outcomes to their end first (once per
+        # process), so one the previous incarnation committed is known (leases.sync)
+        leases.sync()
         lease = leases.get(event.task_id, event.attempt)
-        if lease is not None:
-            if lease.done:
-                log.info("dispatch not run: the attempt already has an outcome",
-                         attempt=event.attempt, holder=lease.executor_id)
-                return []
-            if lease.live() and lease.executor_id != executor_id:
-                log.warning("dispatch not run: the attempt's lease is live on another executor",
-                            attempt=event.attempt, holder=lease.executor_id)
-                return []
-            log.warning("dispatch not run: the attempt was claimed before and interrupted",
-                        attempt=event.attempt, holder=lease.executor_id, live=lease.live())
-            return _answer_redelivery(rt, event, {"state": "running"})
+    if lease is not None and lease.done:
+        # a committed outcome exists: publishing the journal's again would be a second one
+        log.info("dispatch not run: the attempt already has an outcome",
+                 attempt=event.attempt, holder=lease.executor_id)
+        return []
+    if previous is not None:
+        return _answer_redelivery(rt, event, previous)
+    if lease is not None:
+        if lease.live() and lease.executor_id != executor_id:
+            log.warning("dispatch not run: the attempt's lease is live on another executor",
+                        attempt=event.attempt, holder=lease.executor_id)
+            return []
+        log.warning("dispatch not run: the attempt was claimed before and interrupted",
+                    attempt=event.attempt, holder=lease.executor_id, live=lease.live())
+        return _answer_redelivery(rt, event, {"state": "running"})
     emitter: Emitter = rt.live if rt.live is not None else Collect()
     run = rt.begin(event.task_id, event.team, event.attempt)
     base = {"dispatch": event.event_id, "state": "running"}
