@@ -56,7 +56,8 @@ from rich.table import Table
 
 from bench.executor import concurrency as mixed_loop
 from bench.executor import dispatch, pct
-from bench.measure import RESULTS, machine
+from bench.measure import machine
+from bench.report import write_result
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.serde import DecodeError, default_serde
@@ -536,10 +537,7 @@ def main() -> None:
     console = Console(width=160)
     overrides = {k: v for k, v in vars(args).items() if k != "quick"}
     result = {"machine": machine(), "concurrency": scenario(console, args.quick, **overrides)}
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"concurrency-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
-    console.print(f"written to {path}")
+    console.print(f"written to {write_result('concurrency', result)}")
 
 
 if __name__ == "__main__":
