@@ -186,11 +186,16 @@ class Follower:
         if consumer is None or idle is None:
             return False
         targets: dict[tuple[str, int], int] = {}
+        # every partition: those with a position (all, once the readers are ready) and those
+        # assigned or parked by the idle backoff (its thread may move them meanwhile)
+        parts = set(self.positions) | {(tp.topic, tp.partition)
+                                       for tp in consumer.assignment() + list(idle.parked)}
         try:
-            for tp in consumer.assignment() + list(idle.parked):
+            for topic, partition in sorted(parts):
                 high = consumer.get_watermark_offsets(
-                    tp, timeout=max(0.1, deadline - time.monotonic()), cached=False)[1]
-                targets[(tp.topic, tp.partition)] = high
+                    TopicPartition(topic, partition),
+                    timeout=max(0.1, deadline - time.monotonic()), cached=False)[1]
+                targets[(topic, partition)] = high
         except KafkaException as exc:
             log.warning("follower: partition ends not known", follower=self.name,
                         reason=str(exc)[:300])
