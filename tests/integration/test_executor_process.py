@@ -370,6 +370,12 @@ def test_lease_a_redelivered_dispatch_is_not_run_again_elsewhere(
         beat = next(e for e in seen if isinstance(e, ev.TaskHeartbeat))
         assert started.lease_ms > 0 and beat.lease_ms > 0
         assert started.executor_id == f"exec-{unique}"
+        # killed mid-call: once the provider has the call (claimed is not yet calling: under
+        # load the request can leave after the first heartbeats)
+        deadline = time.monotonic() + 60
+        while not any("LONG claimed" in c.last_user_text for c in fake.calls):
+            assert time.monotonic() < deadline, "executor A never called the model"
+            time.sleep(0.1)
         executor.kill()
         # an attempt claimed two minutes ago by an executor that is gone
         old = ev.utcnow_ms() - timedelta(minutes=2)

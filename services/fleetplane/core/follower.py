@@ -70,7 +70,6 @@ class Follower:
         self.settings = settings
         self.name = name
         self.isolation = isolation
-        self._live: Consumer | None = None
         #: per partition, how far the readers were given records (after the last one, or where
         #: an end-of-partition was reported)
         self.positions: dict[tuple[str, int], int] = {}
@@ -156,7 +155,6 @@ class Follower:
             # a partition already at its end answers with end-of-partition at once
             self.idle = IdleBackoff(consumer, self.settings.idle_backoff_s,
                                     self.settings.idle_probe_s)
-            self._live = consumer
             self.assigned.set()
             log.info("following", readers=[r.name for r in self.readers],
                      partitions=len(start))
@@ -172,7 +170,6 @@ class Follower:
         except KafkaException:
             log.exception("follower failed", follower=self.name)
         finally:
-            self._live = None
             consumer.close()
 
     def caught_up(self, timeout_s: float) -> bool:
@@ -182,17 +179,15 @@ class Follower:
         deadline = time.monotonic() + timeout_s
         if not self.assigned.wait(timeout_s):
             return False
-        consumer, idle = self._live, self.idle
-        if consumer is None or idle is None:
-            return False
+        # every partition has a position once the readers are ready (end-of-partition seen).
+        # The ends are asked with a consumer of this call's own: the follower's consumer is
+        # its thread's (assignment() from here was seen to block while it polled)
+        parts = sorted(self.positions.copy())  # (copy: atomic; the thread inserts)
         targets: dict[tuple[str, int], int] = {}
-        # every partition: those with a position (all, once the readers are ready) and those
-        # assigned or parked by the idle backoff (its thread may move them meanwhile)
-        parts = set(self.positions) | {(tp.topic, tp.partition)
-                                       for tp in consumer.assignment() + list(idle.parked)}
+        probe = self._consumer()
         try:
-            for topic, partition in sorted(parts):
-                high = consumer.get_watermark_offsets(
+            for topic, partition in parts:
+                high = probe.get_watermark_offsets(
                     TopicPartition(topic, partition),
                     timeout=max(0.1, deadline - time.monotonic()), cached=False)[1]
                 targets[(topic, partition)] = high
@@ -200,6 +195,8 @@ class Follower:
             log.warning("follower: partition ends not known", follower=self.name,
                         reason=str(exc)[:300])
             return False
+        finally:
+            probe.close()
         while True:
             behind = {k: v for k, v in targets.items() if self.positions.get(k, -1) < v}
             if not behind:
