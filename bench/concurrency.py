@@ -56,7 +56,8 @@ from rich.table import Table
 
 from bench.executor import concurrency as mixed_loop
 from bench.executor import dispatch, pct
-from bench.measure import RESULTS, machine
+from bench.measure import machine
+from bench.report import write_result
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.serde import DecodeError, default_serde
@@ -269,6 +270,42 @@ def _wait(pred: Any, timeout_s: float, step: float = 0.05) -> bool:
     return bool(pred())
 
 
+def _log_times(path: Path, event: str) -> dict[str, float]:
+    """task_id -> monotonic time of the executor's JSON log line `event` (its wall-clock stamp
+    moved onto this process's monotonic clock; same machine)."""
+    from datetime import datetime
+
+    shift = time.monotonic() - time.time()
+    out: dict[str, float] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        if event not in line:
+            continue
+        try:
+            rec = json.loads(line)
+            ts = datetime.fromisoformat(str(rec["timestamp"]).replace("Z", "+00:00"))
+        except (ValueError, KeyError):
+            continue
+        if rec.get("event") == event and rec.get("task_id"):
+            out.setdefault(str(rec["task_id"]), ts.timestamp() + shift)
+    return out
+
+
+def cancel_stages(log: Path, sent: dict[str, float],
+                  outcome: dict[str, tuple[float, str]]) -> dict[str, Any]:
+    """Where a cancel's time goes, p50 / p99 ms: published -> the executor's cancellation reader
+    has it ("cancelling running attempt"), -> the attempt stopped ("attempt failed"), -> its
+    TaskFailed committed and read (the commit, and the reader's lag)."""
+    seen = _log_times(log, "cancelling running attempt")
+    failed = _log_times(log, "attempt failed")
+    stages: dict[str, list[float]] = {"received": [], "stopped": [], "committed": []}
+    for t, at in sent.items():
+        if t in seen and t in failed and t in outcome:
+            stages["received"].append((seen[t] - at) * 1000)
+            stages["stopped"].append((failed[t] - seen[t]) * 1000)
+            stages["committed"].append((outcome[t][0] - failed[t]) * 1000)
+    return {k: [round(pct(v, 50)), round(pct(v, 99))] for k, v in stages.items() if v}
+
+
 def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
                      start_cancels: int, measure_s: float,
                      profile: Path | None = None) -> dict[str, Any]:
@@ -292,7 +329,7 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
                    "FLEETPLANE_EXECUTOR_ID": "bench-exec", "FLEETPLANE_INSTANCE_ID": "bench-exec",
                    "FLEETPLANE_MODEL_TIMEOUT_S": str(max(60.0, latency_s * 4)),
                    "FLEETPLANE_MODEL_MAX_RETRIES": "0", "FLEETPLANE_LOG_LEVEL": "INFO",
-                   "FLEETPLANE_LOG_JSON": "false"}
+                   "FLEETPLANE_LOG_JSON": "true"}
             watch = Watch(settings)
             producer = EventProducer(settings)
             executor = ExecutorProc(env, tmp)
@@ -334,6 +371,8 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
                                   "waiting": top_frames(profile / "waiting.txt")}
             waiting = watch.running(hold)
             peak = max(peak, waiting)
+            # claimed is not calling: how many of them the provider has seen (minus the warm-up)
+            out["provider_calls_while_waiting"] = len(_calls(port)) - 1
             cpu = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / wall
             rss = proc.memory_info().rss
             out.update({"peak_running": peak, "waiting_while_measured": waiting,
@@ -361,7 +400,8 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
                                                   if watch.outcome.get(t, (0, ""))[1]
                                                   == "cancelled"),
                 "p50_ms": round(pct(lat, 50)), "p99_ms": round(pct(lat, 99)),
-                "max_ms": round(max(lat, default=float("nan")))}
+                "max_ms": round(max(lat, default=float("nan"))),
+                "stages": cancel_stages(executor.log_path, sent, watch.outcome)}
 
             # 4. SIGKILL with the attempts in flight, then a restart
             with watch._lock:
@@ -473,6 +513,8 @@ def table(result: dict[str, Any]) -> Table:
     t.add_row(f"peak running of {h['attempts']} ({h['latency_s']:g} s calls)",
               f"{h.get('peak_running')} (all started after {h.get('all_started_s')} s)",
               ">= 2,000")
+    t.add_row("model calls the provider received by then",
+              f"{h.get('provider_calls_while_waiting')}", "= running")
     t.add_row("executor CPU while they wait", f"{h.get('cpu_cores_waiting')} cores "
               f"({h.get('waiting_while_measured')} waiting)", "<= 0.3 core")
     t.add_row("executor RSS / threads", f"{h.get('rss_mib')} MiB (idle {h.get('rss_idle_mib')})"
@@ -484,6 +526,9 @@ def table(result: dict[str, Any]) -> Table:
         t.add_row(f"cancel while busy ({c['n']}): stopped, p50 / p99 / max",
                   f"{c['stopped']}, {c['p50_ms']} / {c['p99_ms']} / {c['max_ms']} ms",
                   "p99 <= 2 s")
+        if c.get("stages"):
+            t.add_row("  of which: received / stopped / committed+read, p50 / p99",
+                      "; ".join(f"{k} {v[0]} / {v[1]} ms" for k, v in c["stages"].items()), "")
     if "cancel_starting" in h:
         c = h["cancel_starting"]
         t.add_row(f"cancel while starting ({c['n']}): stopped, p50 / p99 (start-up included)",
@@ -536,10 +581,7 @@ def main() -> None:
     console = Console(width=160)
     overrides = {k: v for k, v in vars(args).items() if k != "quick"}
     result = {"machine": machine(), "concurrency": scenario(console, args.quick, **overrides)}
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"concurrency-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=2, default=str))
-    console.print(f"written to {path}")
+    console.print(f"written to {write_result('concurrency', result)}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import subprocess
 import sys
@@ -39,7 +38,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.pipeline import RESULTS, machine
+from bench.pipeline import machine
+from bench.report import write_result
 from fleetplane.cli.demo import SAMPLES
 from fleetplane.core import events as ev
 from fleetplane.core.catalog import catalog_for
@@ -641,10 +641,7 @@ def main() -> None:
 
 def save(console: Console, results: dict[str, Any]) -> None:
     console.print(f"machine: {results['machine']}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"executor-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(results, indent=2, default=str))
-    console.print(f"written to {out}")
+    console.print(f"written to {write_result('executor', results)}")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from bench.measure import RESULTS
+
 PROCESS_ORDER = ("ingest", "router", "coordinator", "coordinator-b", "executor", "accounting",
                  "fake-provider", "broker")
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    """A bench's result as JSON, bench/results/<name>-<local time>.json; returns the path."""
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    return path
 
 
 def _ms(d: dict[str, Any] | None) -> str:

@@ -9,10 +9,13 @@ idle backoff; each reader gets the records of its topics from its own start (a t
 back, or the beginning) and is `ready` once it has read what its partitions held when it was
 assigned (end-of-partition seen for each).
 
-It reads ``read_uncommitted``: a transaction left open by a producer that died holds a
-partition's last stable offset until the broker aborts it (never, on the embedded broker), and a
-``read_committed`` follower would stop there for every reader. Readers of transactional outputs
-must accept records whose transaction is later aborted (docs/executor.md, "Follower").
+By default it reads ``read_uncommitted``: a transaction left open by a producer that died holds
+a partition's last stable offset until the broker aborts it (never, on the embedded broker), and
+a ``read_committed`` follower would stop there for every reader. Readers of transactional outputs
+must then accept records whose transaction is later aborted (docs/executor.md, "Follower").
+A reader that must count committed records only (the executor's finished attempts) gets a
+follower of its own with ``isolation="read_committed"``; `caught_up` waits until such a follower
+has read up to the ends its partitions have now (a barrier after start-up).
 """
 
 from __future__ import annotations
@@ -62,9 +65,14 @@ class Reader:
 class Follower:
     """Follows the topics of several readers with one consumer (a thread of its own)."""
 
-    def __init__(self, settings: Settings, name: str = "follower") -> None:
+    def __init__(self, settings: Settings, name: str = "follower",
+                 isolation: str = "read_uncommitted") -> None:
         self.settings = settings
         self.name = name
+        self.isolation = isolation
+        #: per partition, how far the readers were given records (after the last one, or where
+        #: an end-of-partition was reported)
+        self.positions: dict[tuple[str, int], int] = {}
         self.readers: list[Reader] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -94,7 +102,7 @@ class Follower:
         return Consumer({**self.settings.client_config(),
                          "group.id": f"fleetplane-{self.name}-{uuid.uuid4().hex[:12]}",
                          "enable.auto.commit": False, "enable.partition.eof": True,
-                         "isolation.level": "read_uncommitted",
+                         "isolation.level": self.isolation,
                          "auto.offset.reset": "earliest"})
 
     def _start_offsets(self, consumer: Consumer) -> list[TopicPartition] | None:
@@ -144,10 +152,10 @@ class Follower:
             if start is None:
                 return
             consumer.assign(start)
-            self.assigned.set()
             # a partition already at its end answers with end-of-partition at once
             self.idle = IdleBackoff(consumer, self.settings.idle_backoff_s,
                                     self.settings.idle_probe_s)
+            self.assigned.set()
             log.info("following", readers=[r.name for r in self.readers],
                      partitions=len(start))
             while not self._stop.is_set():
@@ -164,11 +172,49 @@ class Follower:
         finally:
             consumer.close()
 
+    def caught_up(self, timeout_s: float) -> bool:
+        """Wait until every partition has been read up to the end it has now (asked of the
+        broker: for a read_committed follower, its last stable offset); False after
+        `timeout_s` (e.g. a dead producer's transaction holds an end the broker reports)."""
+        deadline = time.monotonic() + timeout_s
+        if not self.assigned.wait(timeout_s):
+            return False
+        # every partition has a position once the readers are ready (end-of-partition seen).
+        # The ends are asked with a consumer of this call's own: the follower's consumer is
+        # its thread's (assignment() from here was seen to block while it polled)
+        parts = sorted(self.positions.copy())  # (copy: atomic; the thread inserts)
+        targets: dict[tuple[str, int], int] = {}
+        probe = self._consumer()
+        try:
+            for topic, partition in parts:
+                high = probe.get_watermark_offsets(
+                    TopicPartition(topic, partition),
+                    timeout=max(0.1, deadline - time.monotonic()), cached=False)[1]
+                targets[(topic, partition)] = high
+        except KafkaException as exc:
+            log.warning("follower: partition ends not known", follower=self.name,
+                        reason=str(exc)[:300])
+            return False
+        finally:
+            probe.close()
+        while True:
+            behind = {k: v for k, v in targets.items() if self.positions.get(k, -1) < v}
+            if not behind:
+                return True
+            if time.monotonic() >= deadline:
+                log.warning("follower not caught up", follower=self.name,
+                            behind=dict(list(behind.items())[:5]))
+                return False
+            time.sleep(0.01)
+
     def _dispatch(self, msg: Message) -> None:
         err = msg.error()
         topic, partition = msg.topic() or "", msg.partition() or 0
         if err is not None:
             if err.code() == KafkaError._PARTITION_EOF:
+                offset = msg.offset()
+                if offset is not None and offset >= 0:
+                    self.positions[(topic, partition)] = offset
                 for r in self.readers:
                     if (topic, partition) in r.pending:
                         r.pending.discard((topic, partition))
@@ -189,6 +235,9 @@ class Follower:
                 r.errors += 1
                 log.exception("follower reader failed", reader=r.name, topic=topic,
                               offset=msg.offset())
+        offset = msg.offset()
+        if offset is not None:
+            self.positions[(topic, partition)] = offset + 1
 
 
 def apply_json(apply: Callable[[str, dict[str, Any] | None], None], msg: Message) -> None:

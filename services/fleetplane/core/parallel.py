@@ -7,8 +7,9 @@ for seconds to hours. `ParallelProcessor` is the pattern of Confluent's parallel
 
 * the consumer keeps polling (every ``poll_timeout_s``, 50 ms at most) while records run, so the
   group membership stays alive without raising ``max.poll.interval.ms``;
-* each record runs in a worker thread of its own as soon as one of ``slots`` is free; a worker
-  that finishes starts the next waiting record itself (no wait for the poll loop);
+* each record runs in one of ``slots`` slot threads as soon as one is free (the threads are
+  started in the background when the loop starts, never by the poll loop: see `_spawner`); a
+  slot thread that finishes takes the next waiting record itself (no wait for the poll loop);
 * at most ``slots + prefetch`` records are held; when that is reached the loop pauses its
   assigned partitions (``consumer.pause``) and resumes them when a slot frees, polling all along
   (librdkafka keeps the application position, so a resumed partition continues where it was;
@@ -38,7 +39,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,13 +121,18 @@ class ParallelProcessor(Processor):
         self._paused: set[TP] = set()
         self._draining = False
         self._commit_failures = 0
-        self._workers = ThreadPoolExecutor(self.slots, thread_name_prefix=f"{service}-slot")
+        #: the slot threads (started by `_spawner`, never by the poll loop) wait on `_wake`
+        self._wake = threading.Condition(self._lock)
+        self._threads: list[threading.Thread] = []
+        self._closing = False
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> None:
         self._open()
         assert self.consumer is not None and self.producer is not None
         self._running = True
+        threading.Thread(target=self._spawner, name=f"{self.service}-spawner",
+                         daemon=True).start()
         last_commit = 0.0
         log.info("parallel processor started", topics=self.topics, group=self.group_id,
                  slots=self.slots, prefetch=self.prefetch, transactional=self.transactional)
@@ -151,7 +156,9 @@ class ParallelProcessor(Processor):
             raise
         finally:
             self._running = False
-            self._workers.shutdown(wait=False, cancel_futures=True)
+            with self._lock:
+                self._closing = True
+                self._wake.notify_all()
             self._close()
 
     def _drain(self) -> None:
@@ -236,28 +243,38 @@ class ParallelProcessor(Processor):
         self._fill()
 
     def _fill(self) -> None:
-        """Start waiting records on free slots (from the poll loop)."""
-        while True:
-            with self._lock:
-                item = self._next_item()
-                if item is None:
-                    return
-                self._active += 1
-                self.stats.peak_running = max(self.stats.peak_running, self._active)
-            try:
-                self._workers.submit(self._work, item)
-            except RuntimeError:  # shut down
-                with self._lock:
-                    self._active -= 1
-                return
+        """Wake idle slot threads for the records waiting on free slots (from the poll loop:
+        a notify, never a thread start, see `_spawner`)."""
+        with self._lock:
+            n = min(len(self._queue), self.slots - self._active)
+            if n > 0:
+                self._wake.notify(n)
 
-    def _next_item(self, own_slot: bool = False) -> Item | None:
-        """The next waiting record, if a free slot (or the caller's own, `own_slot`) may take
-        it. Called with the lock held."""
-        if self._draining or not self._queue or \
-                self._active - (1 if own_slot else 0) >= self.slots:
+    def _spawner(self) -> None:
+        """Starts the `slots` slot threads, in the background, as soon as the loop runs.
+
+        A thread start waits until the new thread runs (`Thread.start`), which on a busy
+        machine takes milliseconds each: done by the poll loop (ThreadPoolExecutor.submit
+        starts a thread per submit until max_workers), 2,000 of them took most of the loop's
+        time while attempts started, and the commits, hence the cancellations' outcomes, waited
+        behind them (measured: a cancelled attempt's outcome committed 22 s after it stopped).
+        Idle slot threads wait on a condition (no CPU)."""
+        for i in range(self.slots):
+            with self._lock:
+                if self._closing:
+                    return
+            t = threading.Thread(target=self._work, name=f"{self.service}-slot_{i}",
+                                 daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _next_item(self) -> Item | None:
+        """The next waiting record, if a slot is free. Called with the lock held."""
+        if self._draining or not self._queue or self._active >= self.slots:
             return None
         item = self._queue.popleft()
+        self._active += 1
+        self.stats.peak_running = max(self.stats.peak_running, self._active)
         self.stats.started += 1
         now = time.monotonic()
         if item.started_at < 0:
@@ -265,11 +282,19 @@ class ParallelProcessor(Processor):
         item.started_at = now
         return item
 
-    def _work(self, first: Item) -> None:
-        """One slot: runs its record, then, while records wait, the next one in the same thread
-        (no hand-off to another thread: a freed slot is refilled at once)."""
-        item: Item | None = first
-        while item is not None:
+    def _work(self) -> None:
+        """One slot thread: takes the next waiting record when a slot is free, runs it, and
+        takes the next one in the same critical section as it reports the finished one (a
+        freed slot is refilled at once, no hand-off)."""
+        with self._lock:
+            item = self._next_item()
+        while True:
+            if item is None:
+                with self._lock:
+                    while not self._closing and (item := self._next_item()) is None:
+                        self._wake.wait()
+                if item is None:
+                    return
             try:
                 outputs = self._handle_one(item.record)
             except BaseException as exc:  # Fatal (the rest is dead-lettered by _handle_one)
@@ -280,9 +305,8 @@ class ParallelProcessor(Processor):
             with self._lock:
                 self._done.append(Finished(item, outputs))
                 self.stats.finished += 1
-                item = self._next_item(own_slot=True)
-                if item is None:
-                    self._active -= 1
+                self._active -= 1
+                item = self._next_item()
 
     # -- commits ---------------------------------------------------------------------------
     def _offsets(self) -> list[TopicPartition]:

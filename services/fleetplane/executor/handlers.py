@@ -75,19 +75,23 @@ def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
     rt = runtime or _default_runtime()
     if event.action == "rollback":
         return rollback(rt, event)
+    journal = rt.journal
+    previous = journal.read(event.task_id, event.attempt) if journal is not None else None
+    if previous is not None and previous.get("dispatch") != event.event_id:
+        previous = None
     lease = leases.get(event.task_id, event.attempt) if leases is not None else None
+    if leases is not None and (previous is not None or lease is not None):
+        # a redelivered attempt: read the committed outcomes to their end first (once per
+        # process), so one the previous incarnation committed is known (leases.sync)
+        leases.sync()
+        lease = leases.get(event.task_id, event.attempt)
     if lease is not None and lease.done:
-        # before the journal: a finished attempt whose outcome is committed is not answered
-        # again (offsets commit up to the lowest unfinished attempt, so a restart redelivers
-        # dispatches that already have their outcome)
+        # a committed outcome exists: publishing the journal's again would be a second one
         log.info("dispatch not run: the attempt already has an outcome",
                  attempt=event.attempt, holder=lease.executor_id)
         return []
-    journal = rt.journal
-    if journal is not None:
-        previous = journal.read(event.task_id, event.attempt)
-        if previous is not None and previous.get("dispatch") == event.event_id:
-            return _answer_redelivery(rt, event, previous)
+    if previous is not None:
+        return _answer_redelivery(rt, event, previous)
     if lease is not None:
         if lease.live() and lease.executor_id != executor_id:
             log.warning("dispatch not run: the attempt's lease is live on another executor",

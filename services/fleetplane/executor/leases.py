@@ -2,12 +2,22 @@
 
 Before its first model call an attempt is claimed: its `TaskStarted` carries `lease_ms` and is
 published and acknowledged by the broker (durable) before the agent runs; every `TaskHeartbeat`
-renews the lease (live until `occurred_at + lease_ms`). Every executor reads the claims and
-outcomes of the whole fleet from `tasks.lifecycle` and `tasks.outcomes` (`LeaseTable`: a reader
-of the process's follower, core.follower, from `lookback_s` ago, then following the topics),
-so a dispatch redelivered to another executor (rebalance, restart elsewhere) is judged against
-the claim (the follower reads `read_uncommitted`: an outcome whose transaction is later aborted
-counts as finished; the attempt is then covered by the coordinator's lease expiry):
+renews the lease (live until `occurred_at + lease_ms`). Every executor reads the claims
+and outcomes of the whole fleet from `tasks.lifecycle` and `tasks.outcomes` from `lookback_s`
+ago, then follows the topics (`LeaseTable`), so a dispatch redelivered to another executor
+(rebalance, restart elsewhere) is judged against the claim:
+
+* claims (TaskStarted, TaskHeartbeat: non-transactional, from the live channel) are read by the
+  process's follower, ``read_uncommitted``, so a dead producer's open transaction on a partition
+  does not hide a live claim behind it;
+* outcomes (TaskCompleted, TaskFailed, TaskRolledBack: transactional) are read by a follower of
+  their own, ``read_committed``: only a committed outcome makes an attempt finished. (Reading them
+  uncommitted made an outcome whose transaction was later aborted count as published: the
+  attempt then got none.) Before the executor answers a redelivered dispatch of an attempt it
+  knows (its journal, or a claim), `sync` waits, once per process, until that follower has read
+  the outcome topics up to the ends they have after the loop's `init_transactions` (which aborts
+  the transaction a SIGKILLed predecessor left open): an outcome the predecessor committed is
+  then known, and is not published a second time.
 
 * live and held by another executor: not run (the holder reports the outcome; if it dies its
   heartbeats stop and the coordinator declares the attempt lost after its heartbeat timeout);
@@ -44,7 +54,8 @@ from fleetplane.core.topics import LIFECYCLE, OUTCOMES
 
 log = get_logger(__name__)
 
-_TYPES = {b"TaskStarted", b"TaskHeartbeat", b"TaskCompleted", b"TaskFailed", b"TaskRolledBack"}
+_CLAIMS = {b"TaskStarted", b"TaskHeartbeat"}
+_OUTCOMES = {b"TaskCompleted", b"TaskFailed", b"TaskRolledBack"}
 _TOPICS = (LIFECYCLE, OUTCOMES)
 
 
@@ -77,6 +88,11 @@ class LeaseTable:
         #: that sent it; a later attempt's heartbeat supersedes it: the older attempt's lease
         #: then ends at its last decoded renewal, and it is judged expired, never run twice)
         self._beats: dict[str, bytes] = {}
+        #: set once the committed outcomes of the lookback window are read (see follow())
+        self.outcomes_ready = threading.Event()
+        self._outcomes: Follower | None = None
+        self._synced = False
+        self._sync_lock = threading.Lock()
 
     def get(self, task_id: str, attempt: int) -> Lease | None:
         with self._lock:
@@ -101,16 +117,37 @@ class LeaseTable:
             old = self._leases.get(key)
             self._leases[key] = Lease(old.executor_id if old else "", at_ms, done=True)
 
-    def follow(self, follower: Follower) -> None:
-        """Register on the process's follower (core.follower): every partition of
-        tasks.lifecycle and tasks.outcomes from `lookback_s` ago; `ready` once read."""
-        reader = follower.follow("attempt-leases", _TOPICS, self.on_record,
+    def follow(self, follower: Follower, outcomes: Follower) -> None:
+        """Register the claims on the process's follower (read_uncommitted) and the outcomes on
+        `outcomes` (a read_committed follower; the caller starts both): every partition of
+        tasks.lifecycle and tasks.outcomes from `lookback_s` ago; `ready` and `outcomes_ready`
+        once read."""
+        reader = follower.follow("attempt-claims", _TOPICS, self.on_claim,
                                  since_s=self.lookback_s)
         self.ready = reader.ready
+        done = outcomes.follow("attempt-outcomes", _TOPICS, self.on_outcome,
+                               since_s=self.lookback_s)
+        self.outcomes_ready = done.ready
+        self._outcomes = outcomes
 
-    def on_record(self, msg: Message) -> None:
+    def sync(self, timeout_s: float = 10.0) -> None:
+        """Once per process (the first caller waits, the others wait for it): read the committed
+        outcomes up to the ends the topics have now. Called by the handler, i.e. after the
+        loop's init_transactions fenced this executor's predecessor (same transactional id) and
+        aborted its open transaction, whose end then moves."""
+        if self._synced or self._outcomes is None:
+            return
+        with self._sync_lock:
+            if self._synced:
+                return
+            if not self._outcomes.caught_up(timeout_s):
+                log.warning("committed outcomes not read to their end; judging by what was read",
+                            timeout_s=timeout_s)
+            self._synced = True
+
+    def on_claim(self, msg: Message) -> None:
         etype = dict(msg.headers() or []).get("event_type") or b""
-        if etype not in _TYPES:
+        if etype not in _CLAIMS:
             return
         key = msg.key()
         if etype == b"TaskHeartbeat" and key:
@@ -118,6 +155,11 @@ class LeaseTable:
                 self._beats[key.decode(errors="replace")] = msg.value() or b""
             return
         self._apply(msg.value() or b"")
+
+    def on_outcome(self, msg: Message) -> None:
+        etype = dict(msg.headers() or []).get("event_type") or b""
+        if etype in _OUTCOMES:
+            self._apply(msg.value() or b"")
 
     def _apply(self, value: bytes) -> None:
         try:

@@ -61,9 +61,13 @@ def main() -> None:
     log.info("sandbox", available=ok, detail=why)
     runtime.start(follower)
     leases = None
+    committed: Follower | None = None
     if settings.executor_lease_s > 0 and runtime.live is not None:
         leases = LeaseTable(settings, executor_id, settings.executor_lease_lookback_s)
-        leases.follow(follower)
+        # outcomes count only once committed: a follower of their own, read_committed (leases.py)
+        committed = Follower(settings, f"executor-outcomes-{executor_id}", "read_committed")
+        leases.follow(follower, committed)
+        committed.start()
     follower.start()
     if not repositories.ready.wait(settings.table_catchup_timeout_s):
         log.warning("registered repositories not read at start-up; serving what was read")
@@ -75,7 +79,7 @@ def main() -> None:
     else:
         log.info("watching cancellations", topic=OUTCOMES,
                  lookback_s=settings.executor_cancel_lookback_s)
-    if leases is not None and not leases.ready.wait(120):
+    if leases is not None and not (leases.ready.wait(120) and leases.outcomes_ready.wait(120)):
         log.warning("attempt leases not read within 120 s; starting anyway")
     handler = partial(execute, catalog, ModelClients(settings), executor_id, SeenDispatches(),
                       runtime=runtime, leases=leases)
@@ -94,6 +98,8 @@ def main() -> None:
     finally:
         runtime.close()
         follower.close()
+        if committed is not None:
+            committed.close()
     if processor.running_count():
         # Attempts still running after the drain: their dispatches were not committed and come
         # back to the next owner (the journal reports them lost, never re-run). Their worker

@@ -121,6 +121,10 @@ def import_litellm() -> Any:
     return litellm
 
 
+#: model calls in flight per HTTP client of the asyncio path (ModelClients.async_anthropic)
+CALLS_PER_CLIENT = 50
+
+
 class ModelClients:
     """One SDK client per provider, shared by the executor's slots (they are thread-safe)."""
 
@@ -132,22 +136,34 @@ class ModelClients:
             max_retries=0,
             timeout=settings.model_timeout_s,
         )
-        # the agent loop's calls (achat) run on the process's asyncio loop (AsyncCalls): one
-        # client, created on that loop at the first call (an httpx.AsyncClient is bound to it)
-        self._async_anthropic: anthropic.AsyncAnthropic | None = None
+        # the agent loop's calls (achat) run on the process's asyncio loop (AsyncCalls): clients
+        # created on that loop at the first call (an httpx.AsyncClient is bound to it)
+        self._async_clients: list[anthropic.AsyncAnthropic] = []
+        self._next_client = 0
 
     @property
     def async_anthropic(self) -> anthropic.AsyncAnthropic:
-        if self._async_anthropic is None:
-            # a connection per call in flight (the SDK's default pool stops at 1,000: the
-            # 1,001st call would wait for a connection, not for the model)
-            limits = httpx2.Limits(max_connections=None, max_keepalive_connections=1000)
-            self._async_anthropic = anthropic.AsyncAnthropic(
+        """One of ``ceil(slots / CALLS_PER_CLIENT)`` clients, round-robin (on the calls' loop).
+
+        Why several: httpcore's pool re-examines every connection it holds each time a request
+        enters or leaves it (`_assign_requests_to_connections`), so one pool under N calls in
+        flight costs O(N) per call, O(N^2) to start N: with 2,000 calls this was most of the
+        model-calls thread's time, and the provider saw 51 requests of 1,331 started attempts
+        (docs/executor.md, "What limits one process"). Each pool holds at most about
+        CALLS_PER_CLIENT connections (no pool limit: the SDK's default of 1,000 would queue the
+        1,001st call behind a connection, not a model)."""
+        if not self._async_clients:
+            n = max(1, -(-self.settings.executor_slots // CALLS_PER_CLIENT))
+            limits = httpx2.Limits(max_connections=None,
+                                   max_keepalive_connections=CALLS_PER_CLIENT)
+            self._async_clients = [anthropic.AsyncAnthropic(
                 base_url=self.settings.anthropic_base_url,
                 api_key=self.settings.anthropic_api_key, max_retries=0,
                 timeout=self.settings.model_timeout_s,
                 http_client=anthropic.DefaultAsyncHttpxClient(limits=limits))
-        return self._async_anthropic
+                for _ in range(n)]
+        self._next_client = (self._next_client + 1) % len(self._async_clients)
+        return self._async_clients[self._next_client]
 
     def call(self, model: Model, prompt: str, system: str | None, max_tokens: int,
              temperature: float) -> ModelResult:
