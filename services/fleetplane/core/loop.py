@@ -397,7 +397,7 @@ class Processor:
         self._pending: dict[tuple[str, int], int] = {}
         self._delivery_errors: list[KafkaError] = []
         self._in_txn = False
-        self._outage = False  # the broker went away during the open transaction
+        self._outage = False  # the broker went away (see _on_producer_error)
         self.processed = 0
         self.exit_on_hang = False
         # past its own timeout plus a margin for a loaded machine, the call will not return:
@@ -529,25 +529,18 @@ class Processor:
             except KafkaException:
                 log.warning("purge after the broker went away failed", exc_info=True)
 
-    def _abort_after_outage(self) -> bool:
-        """Abort the open transaction if the broker went away since it began (see
-        _on_producer_error) and rewind to the committed offsets; whether it did."""
+    def _renew_producer_after_outage(self) -> bool:
+        """After a broker outage (see _on_producer_error), a new producer with the same
+        transactional.id; whether there was one. Also with no transaction open: the old
+        producer's view of the transaction coordinator is what librdkafka#5456 hangs on (its
+        send_offsets_to_transaction blocked past every timeout after a broker restart, and the
+        supervisor's restart of every service after a broker crash worked because it made
+        new producers)."""
         if self.producer is not None:
             self.producer.poll(0)  # serves the error callback
-        if not self._outage:
+        if not (self._outage and self.transactional):
             return False
         self._outage = False
-        if not (self.transactional and self._in_txn):
-            return False
-        log.warning("the broker went away during a transaction: a new producer fences it; its "
-                    "inputs are read again")
-        # not abort_transaction: measured, an abort after the restart still left the last
-        # stable offset stuck; a new producer with the same transactional.id (what a restarted
-        # process does, and what the supervisor's restart after a broker crash relied on)
-        # has the broker abort it
-        self.instruments.aborted()
-        self._in_txn = False
-        self._pending.clear()
         old, self.producer = self.producer, None
         if old is not None:
             with suppress(KafkaException):
@@ -556,6 +549,22 @@ class Processor:
                                   "error_cb": self._on_producer_error})
         with self._guard("init_transactions"):
             self.producer.init_transactions(TXN_CALL_TIMEOUT_S)
+        log.warning("the broker went away: a new producer fences the old one's transaction")
+        return True
+
+    def _abort_after_outage(self) -> bool:
+        """If the broker went away during the open transaction: a new producer fences it (the
+        broker aborts it; measured, abort_transaction after the restart still left the last
+        stable offset stuck) and its inputs are read again; whether it did."""
+        in_txn = self.transactional and self._in_txn
+        if not in_txn:
+            return False
+        if not self._renew_producer_after_outage():
+            return False
+        log.warning("its open transaction is dropped; its inputs are read again")
+        self.instruments.aborted()
+        self._in_txn = False
+        self._pending.clear()
         if self.on_abort is not None:
             self.on_abort()
         self._rewind()
@@ -640,9 +649,10 @@ class Processor:
             return
         self.instruments.consumed(records)
         if self.transactional and not self._in_txn:
+            self._renew_producer_after_outage()
+            assert self.producer is not None
             self.producer.begin_transaction()
             self._in_txn = True
-            self._outage = False
         if self._pool is not None:
             results: Iterable[list[Output]] = self._pool.map(self._handle_one, records)
         else:
