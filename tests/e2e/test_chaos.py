@@ -13,12 +13,10 @@ from rich.console import Console
 
 from fleetplane.cli.stack import SERVICES
 
-# Quarantined on 2026-12-05 (docs/testing.md, "Quarantine"): both runs failed in the fresh-clone
-# CI check of stop 13 (duplicated 9 / audit breaks 1; duplicated 1 / audit breaks 8), the first
-# one with the pre-existing duplicate-outcome bug that `make chaos` run 2 showed before any change
-# of that stop. `make test-quarantine` runs them; they leave quarantine when they pass again.
+# Quarantined on 2026-12-05 after stop 13's CI check (duplicated outcomes, audit breaks) and
+# released the same day: the causes are in docs/reliability.md ("Stop 13's CI" and "A broker
+# restart stopped the pipeline for good").
 pytestmark = [pytest.mark.e2e, pytest.mark.reliability, pytest.mark.long,
-              pytest.mark.quarantine,
               # the settle windows below are 240-300 s: the suite's 300 s would cut a slow run
               pytest.mark.timeout(900)]
 
