@@ -8,8 +8,10 @@ event, no `Record` per record) and into the sink in one call. Records the fast p
 (dead letters, undecodable records, an unstorable batch) go through the usual per-record path
 (`_handle_one`: decode, handler, dead letter on failure), unchanged.
 
-Hooks that need an event (the fleet metrics' `observe`, the trace-id recorder's `note`) get one
-built without validation (`model_construct`) from the decoded fields, only when they are set.
+Hooks that need an event (the fleet metrics' `observe`, the trace-id recorder's `note`, and the
+loop's instruments for a record that carries a trace context, so accounting has its span in the
+task's trace) get one built without validation (`model_construct`) from the decoded fields, only
+when they are set.
 The loop's per-event handle-time metric (Instruments.handle) is not observed on the fast path;
 the records-consumed counter is.
 """
@@ -24,9 +26,10 @@ from confluent_kafka import Message
 from fleetplane.accounting.columnar import build, messages_of
 from fleetplane.accounting.sink import ClickHouseSink
 from fleetplane.core.events import EVENT_TYPES, Event
-from fleetplane.core.loop import Processor, Record, headers_dict
+from fleetplane.core.loop import NO_INSTRUMENTS, Processor, Record, headers_dict
 
 Note = Callable[[Event, Record], None]
+TRACEPARENT = "traceparent"  # fleetplane.tracing.propagation's header (not imported: OTel)
 
 
 def record_of(msg: Message) -> Record:
@@ -53,7 +56,8 @@ class BatchProcessor(Processor):
         messages = messages_of(msgs)
         if not messages:
             return
-        hooks = self.observe is not None or self.note is not None
+        traced = self.instruments is not NO_INSTRUMENTS and _any_traced(messages)
+        hooks = self.observe is not None or self.note is not None or traced
         batch = build(messages, self.serde, keep_events=hooks)
         self._count(batch.per_topic)
         self.columnar_sink.add_batch(batch.rows, batch.offsets)
@@ -89,5 +93,14 @@ class BatchProcessor(Processor):
             event = EVENT_TYPES[name].model_construct(**fields)
             if self.observe is not None:
                 self.observe(event)
-            if self.note is not None and msg.headers():
-                self.note(event, record_of(msg))
+            if msg.headers():
+                rec = record_of(msg)
+                if self.note is not None:
+                    self.note(event, rec)
+                if TRACEPARENT in rec.headers:  # accounting's span of the task's trace
+                    self.instruments.handle(event, rec, list)
+
+
+def _any_traced(msgs: list[Message]) -> bool:
+    """Whether a record carries a trace context (none do when tracing is off at ingest)."""
+    return any(h[0] == TRACEPARENT for m in msgs for h in (m.headers() or []))
