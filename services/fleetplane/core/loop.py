@@ -421,7 +421,8 @@ class Processor:
         """How far this loop has read its inputs, as a time (epoch ms): when it last saw every
         assigned partition read to its end as of the last fetch (now, for a loop that keeps
         up), else the timestamp of the last record read from the partition furthest behind;
-        0 when the loop is not running or a partition's position is not known yet. None when
+        0 when the loop is not running, has no partition assigned, or a partition's position is
+        not known yet. None when
         the loop cannot tell (the idle backoff, which tracks positions, is off). Safe to call
         from another thread: the loop's own thread takes the figure (`_note_read_until`,
         every 100 ms; calling the consumer from a second thread stalled the loop), so a loop
@@ -456,6 +457,8 @@ class Processor:
         until = now
         try:
             parts = idle.parked or consumer.assignment()
+            if not parts:
+                until = 0  # nothing assigned yet (or between assignments): cannot tell
             for tp in parts:
                 key = (tp.topic, tp.partition)
                 position = idle.positions.get(key)
