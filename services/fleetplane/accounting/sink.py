@@ -174,20 +174,7 @@ class ClickHouseSink:
                 marks = self._marks if self._marks is not None else self._load_marks()
                 suspect = offset <= marks.get(key, -1)
             for table, batch in rows.items():
-                buffer = self._buffers.get(table)
-                if buffer is None:
-                    raise ValueError(f"unknown table {table!r}")
-                buffer.extend(batch)
-                self._pending += len(batch)
-                if table == TASK_TRANSITIONS:
-                    for row in batch:
-                        self.task_types.remember(row[0], row[_TT_TASK_TYPE])
-                elif table == MODEL_CALLS:
-                    for row in batch:
-                        self.attempt_models.remember(row)
-                if suspect and table in DEDUPLICATED:
-                    self._suspects.update(map(itemgetter(self.columns[table].index("event_id")),
-                                              batch))
+                self._buffer(table, batch, suspect)
             if self._pending >= self.flush_rows:
                 self.flush()
 
@@ -205,26 +192,29 @@ class ClickHouseSink:
                     self._high[key] = high
                 suspect = suspect or low <= marks.get(key, -1)
             for table, batch in rows.items():
-                if not batch:
-                    continue
-                buffer = self._buffers.get(table)
-                if buffer is None:
-                    raise ValueError(f"unknown table {table!r}")
-                buffer.extend(batch)
-                self._pending += len(batch)
-                if table == TASK_TRANSITIONS:
-                    remember = self.task_types.remember
-                    for row in batch:
-                        if row[_TT_TASK_TYPE]:
-                            remember(row[0], row[_TT_TASK_TYPE])
-                elif table == MODEL_CALLS:
-                    for row in batch:
-                        self.attempt_models.remember(row)
-                if suspect and table in DEDUPLICATED:
-                    self._suspects.update(map(itemgetter(self.columns[table].index("event_id")),
-                                              batch))
+                if batch:
+                    self._buffer(table, batch, suspect)
             if self._pending >= self.flush_rows:
                 self.flush()
+
+    def _buffer(self, table: str, batch: Sequence[Row], suspect: bool) -> None:
+        """One table's rows into its buffer (the lock held): remembered task types and attempt
+        models, and their event ids looked up before insert when `suspect`."""
+        buffer = self._buffers.get(table)
+        if buffer is None:
+            raise ValueError(f"unknown table {table!r}")
+        buffer.extend(batch)
+        self._pending += len(batch)
+        if table == TASK_TRANSITIONS:
+            remember = self.task_types.remember
+            for row in batch:
+                if row[_TT_TASK_TYPE]:
+                    remember(row[0], row[_TT_TASK_TYPE])
+        elif table == MODEL_CALLS:
+            for row in batch:
+                self.attempt_models.remember(row)
+        if suspect and table in DEDUPLICATED:
+            self._suspects.update(map(itemgetter(self.columns[table].index("event_id")), batch))
 
     def flush(self) -> None:
         """Insert every buffered row, table by table in the order of `columns` (rows.COLUMNS puts
