@@ -488,9 +488,7 @@ class Processor:
         signal.signal(signal.SIGINT, handler)
 
     def _open(self) -> None:
-        tx_id = self.instance_id if self.transactional else None
-        self.producer = Producer({**self.settings.producer_config(tx_id),
-                                  "error_cb": self._on_producer_error})
+        self.producer = self._new_producer()
         cfg = self.settings.consumer_config(self.group_id)
         # Static membership: a replica restarted after a crash (SIGKILL) takes its partitions back
         # at once instead of waiting for the broker to expire the dead member (the embedded broker
@@ -510,6 +508,11 @@ class Processor:
             self.producer.init_transactions(TXN_CALL_TIMEOUT_S)
         self.consumer.subscribe(self.topics, on_assign=truncation_guard(self._on_assign),
                                 on_revoke=self._on_revoke)
+
+    def _new_producer(self) -> Producer:
+        tx_id = self.instance_id if self.transactional else None
+        return Producer({**self.settings.producer_config(tx_id),
+                         "error_cb": self._on_producer_error})
 
     def _on_producer_error(self, err: KafkaError) -> None:
         """The producer's error callback (served by producer.poll, on the loop's thread).
@@ -548,8 +551,7 @@ class Processor:
         if old is not None:
             with suppress(KafkaException):
                 old.purge(in_queue=True, in_flight=True, blocking=False)
-        self.producer = Producer({**self.settings.producer_config(self.instance_id),
-                                  "error_cb": self._on_producer_error})
+        self.producer = self._new_producer()
         with self._guard("init_transactions"):
             self.producer.init_transactions(TXN_CALL_TIMEOUT_S)
         log.warning("the broker went away: a new producer fences the old one's transaction")
