@@ -37,14 +37,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.table import Table
 
 from bench.pipeline import bench_teams_file
 from fleetplane.cli.stack import Stack
 from fleetplane.core import events as ev
+from fleetplane.core.settings import Settings
 from fleetplane.core.teams import load_teams
 from fleetplane.ingest.idempotency import task_id_for
+from fleetplane.metrics.lag import ConsumerLag, open_transactions
 from fleetplane.testing.invariants import Log, Verdict, check, read_log
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -94,6 +98,9 @@ class ChaosResult:
     load_average: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
     phases_s: dict[str, float] = field(default_factory=dict)
+    #: when there are problems, read before the stack stops: partitions held by an open
+    #: transaction and each consumer group's lag (where the pipeline stands still)
+    diagnosis: dict[str, Any] = field(default_factory=dict)
 
     @property
     def problems(self) -> dict[str, int]:
@@ -363,6 +370,27 @@ def waiting_at(log: Log, stuck: list[str]) -> dict[str, int]:
     return dict(Counter(last.get(t, "nothing") for t in stuck))
 
 
+def diagnose(settings: Settings) -> dict[str, Any]:
+    """Where the pipeline stands still: partitions whose transaction stays open (sampled twice,
+    5 s apart: an open transaction seen both times is not a commit in flight) and the consumer
+    groups' lag per topic."""
+    admin = AdminClient(settings.client_config())
+    out: dict[str, Any] = {}
+    try:
+        first = open_transactions(admin)
+        time.sleep(5)
+        again = open_transactions(admin)
+        out["open_transactions"] = {f"{t}[{p}]": f"stable {again[(t, p)][0]}, end "
+                                    f"{again[(t, p)][1]}" for (t, p) in first if (t, p) in again
+                                    and again[(t, p)][0] == first[(t, p)][0]}
+        lag = ConsumerLag(settings.client_config(), groups=["fleetplane-accounting"])
+        out["consumer_lag"] = {f"{g} {t}": n for (g, t), n in sorted(lag.lag().items()) if n}
+        lag.close()
+    except (KafkaException, ValueError, RuntimeError) as exc:
+        out["error"] = str(exc)
+    return out
+
+
 def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
               console: Console | None = None) -> ChaosResult:
     console = console or Console()
@@ -479,6 +507,8 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
         result.verdict["attempt_failures"] = dict(failures)
         result.verdict["model_call_outcomes"] = dict(Counter(
             e.outcome for e in log.of(ev.ModelCall) if isinstance(e, ev.ModelCall)))
+        if result.problems:
+            result.diagnosis = diagnose(settings)
     finally:
         stack.stop()
     result.elapsed_s = round(time.monotonic() - started, 1)
@@ -527,6 +557,7 @@ def print_result(result: ChaosResult, console: Console) -> None:
         console.print(f"broker-lost submissions (index: task id): {result.broker_lost[:50]}")
     if result.problems:
         console.print(f"[red]PROBLEMS: {result.problems}[/red]")
+        console.print(f"diagnosis: {json.dumps(result.diagnosis)}")
         console.print(json.dumps(result.verdict.get("examples", {}), indent=2)[:4000])
         console.print(json.dumps({k: v for k, v in {**ch, **g}.items()
                                   if isinstance(v, list) and v}, indent=2)[:4000])

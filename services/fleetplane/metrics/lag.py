@@ -7,14 +7,48 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    IsolationLevel,
+    KafkaException,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from fleetplane.core.logging import get_logger
 
 log = get_logger(__name__)
+
+
+def open_transactions(admin: AdminClient, topics: Iterable[str] | None = None,
+                      timeout_s: float = 10.0) -> dict[tuple[str, int], tuple[int, int]]:
+    """Partitions whose last stable offset is behind their end: (topic, partition) -> (last
+    stable offset, log end). The records in between belong to a transaction still open;
+    read_committed consumers (every fleetplane service) read nothing past it until it commits
+    or aborts. Normal for a moment while a service commits; a partition that stays here is a
+    stuck transaction and stops everything downstream of it (docs/operations.md)."""
+    meta = admin.list_topics(timeout=timeout_s)
+    wanted = set(topics) if topics is not None else None
+    parts = [TopicPartition(t, p) for t, tm in meta.topics.items()
+             if (wanted is None or t in wanted) and not t.startswith("__")
+             for p in tm.partitions]
+    if not parts:
+        return {}
+    latest = {tp: OffsetSpec.latest() for tp in parts}  # type: ignore[no-untyped-call]
+    ends = admin.list_offsets(latest, isolation_level=IsolationLevel.READ_UNCOMMITTED,
+                              request_timeout=timeout_s)
+    stable = admin.list_offsets(latest, isolation_level=IsolationLevel.READ_COMMITTED,
+                                request_timeout=timeout_s)
+    out: dict[tuple[str, int], tuple[int, int]] = {}
+    for tp in parts:
+        end = ends[tp].result().offset
+        lso = stable[tp].result().offset
+        if 0 <= lso < end:
+            out[(tp.topic, tp.partition)] = (lso, end)
+    return out
 
 
 class ConsumerLag(Collector):
