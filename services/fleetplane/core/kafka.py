@@ -8,10 +8,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from fleetplane.core.errors import Retriable
 from fleetplane.core.events import Event
+from fleetplane.core.logging import get_logger
 from fleetplane.core.serde import Serde, default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import key_for, topic_for
@@ -48,6 +49,104 @@ def event_headers(event: Event) -> list[tuple[str, str | bytes | None]]:
     return headers
 
 
+log = get_logger(__name__)
+
+
+def _fatal(exc: KafkaException) -> bool:
+    err = exc.args[0] if exc.args else None
+    return isinstance(err, KafkaError) and (err.fatal() or err.code() == KafkaError._FATAL)
+
+
+class RenewingProducer:
+    """An idempotent (not transactional) producer that replaces its client after a fatal error.
+
+    A broker restart while records are in flight can end an idempotent producer for good: the
+    broker comes back without the last sequence numbers it had acknowledged, answers
+    OUT_OF_ORDER_SEQUENCE_NUMBER, and librdkafka raises that as a fatal error (from poll(), and
+    _FATAL from every produce() after it). Measured on the embedded broker: 2 of 3 clean
+    restarts under a steady produce. The chaos run's executor kept its dead live channel: every
+    attempt crashed on its first event and its dispatches went to the dead-letter topic.
+
+    Here a fatal error replaces the client with a new one (a new producer id, sequences from
+    0); what the old one had not delivered is purged, so its delivery callbacks report a
+    failure and the caller decides (ingest answers 503 and the client retries with its
+    idempotency key; the executor puts the events into the outcome's transaction). Consumers
+    deduplicate by event id, so an event the old client did deliver costs nothing twice.
+    `produce`, `poll` and `flush` are confluent-kafka's; `renewals` counts replacements."""
+
+    def __init__(self, config: dict[str, Any],
+                 on_error: Callable[[KafkaError], None] | None = None) -> None:
+        self._config = {k: v for k, v in config.items() if k != "error_cb"}
+        self._on_error = on_error
+        self._lock = threading.Lock()
+        self._failed: Producer | None = None  # a client that reported a fatal error
+        self.renewals = 0
+        self._producer = self._new()
+
+    def _new(self) -> Producer:
+        holder: list[Producer] = []
+
+        def error(err: KafkaError) -> None:
+            if err.fatal() and holder:
+                self._failed = holder[0]
+            if self._on_error is not None:
+                self._on_error(err)
+
+        producer = Producer({**self._config, "error_cb": error})
+        holder.append(producer)
+        return producer
+
+    def _renew(self, failed: Producer, why: str) -> None:
+        with self._lock:
+            if self._producer is not failed:
+                return  # another thread renewed it already
+            self._producer = self._new()
+            self._failed = None
+            self.renewals += 1
+        log.warning("producer replaced after a fatal error", error=why, renewals=self.renewals)
+        try:
+            failed.purge(in_queue=True, in_flight=True, blocking=False)
+            failed.poll(0)  # the purged records' delivery callbacks: not delivered
+        except KafkaException:
+            pass
+
+    def produce(self, *args: Any, **kwargs: Any) -> None:
+        producer = self._producer
+        try:
+            producer.produce(*args, **kwargs)
+        except KafkaException as exc:
+            if not _fatal(exc):
+                raise
+            self._renew(producer, str(exc))
+            self._producer.produce(*args, **kwargs)
+
+    def poll(self, timeout_s: float = 0.0) -> int:
+        producer = self._producer
+        try:
+            served = producer.poll(timeout_s)
+        except KafkaException as exc:
+            if not _fatal(exc):
+                raise
+            self._renew(producer, str(exc))
+            return 0
+        if self._failed is producer:
+            self._renew(producer, "fatal error reported")
+        return int(served)
+
+    def flush(self, timeout_s: float = 10.0) -> int:
+        producer = self._producer
+        try:
+            left = producer.flush(timeout_s)
+        except KafkaException as exc:
+            if not _fatal(exc):
+                raise
+            self._renew(producer, str(exc))
+            return 0
+        if self._failed is producer:
+            self._renew(producer, "fatal error reported")
+        return int(left)
+
+
 class EventProducer:
     """Publishes events to their topics (idempotent producer, acks=all).
 
@@ -55,7 +154,7 @@ class EventProducer:
     after the event is durable. A background thread serves delivery callbacks."""
 
     def __init__(self, settings: Settings, serde: Serde | None = None) -> None:
-        self._producer = Producer(settings.producer_config())
+        self._producer = RenewingProducer(settings.producer_config())
         self._serde = serde or default_serde()
         self._closed = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="producer-poll", daemon=True)

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, Message
 
 from fleetplane.core.events import (
     EVENT_TYPES,
@@ -33,7 +33,7 @@ from fleetplane.core.events import (
     TaskHeartbeat,
 )
 from fleetplane.core.follower import Follower
-from fleetplane.core.kafka import event_headers
+from fleetplane.core.kafka import RenewingProducer, event_headers
 from fleetplane.core.logging import get_logger
 from fleetplane.core.serde import Serde, default_serde
 from fleetplane.core.settings import Settings
@@ -76,7 +76,9 @@ class LiveEmitter:
     deduplicate by event id, so the second copy of one that survived costs nothing."""
 
     def __init__(self, settings: Settings, serde: Serde | None = None) -> None:
-        self._producer = Producer({**settings.producer_config(), "error_cb": self._on_error})
+        # a fatal error (a broker restart that lost the last sequence numbers) replaces the
+        # client; what it had not delivered comes back from settle() as undelivered
+        self._producer = RenewingProducer(settings.producer_config(), on_error=self._on_error)
         self._serde = serde or default_serde()
         self._lock = threading.Lock()
         self._pending: dict[str, Event] = {}
@@ -85,7 +87,7 @@ class LiveEmitter:
         self._acked: dict[str, tuple[Event, int]] = {}
         self._keep: set[str] = set()
         #: times the producer lost every broker connection (each could have cost acked writes)
-        self.outages = 0
+        self._down = 0
         #: settle() waiters per event id: [ids still unacknowledged, wake-up]
         self._waiters: dict[str, list[list[Any]]] = {}
         self._closed = threading.Event()
@@ -95,9 +97,15 @@ class LiveEmitter:
     def _on_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
             with self._lock:
-                self.outages += 1
+                self._down += 1
             log.warning("live channel: every broker connection is down; acknowledged audit "
                         "events of running attempts go into their outcomes' transactions")
+
+    @property
+    def outages(self) -> int:
+        """Broker outages and fatal errors seen (each could have cost acknowledged writes: a
+        client replaced after OUT_OF_ORDER_SEQUENCE_NUMBER met a broker that lost them)."""
+        return self._down + self._producer.renewals
 
     def _poll(self) -> None:
         while not self._closed.is_set():

@@ -14,9 +14,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from fleetplane.core.errors import Retriable
+from fleetplane.core.kafka import RenewingProducer
 from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import IdleBackoff, RawRecord
 from fleetplane.core.settings import Settings
@@ -145,7 +146,7 @@ class TopicWriter:
     """Publishes key -> JSON value records and waits for the broker's acknowledgement."""
 
     def __init__(self, settings: Settings) -> None:
-        self._producer = Producer(settings.producer_config())
+        self._producer = RenewingProducer(settings.producer_config())
 
     def put(self, topic: str, key: str, value: dict[str, Any] | None,
             timeout_s: float = 10.0) -> None:

@@ -26,10 +26,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from fleetplane.core import events as ev
-from fleetplane.core.kafka import REDRIVE_HEADER, event_headers
+from fleetplane.core.kafka import REDRIVE_HEADER, RenewingProducer, event_headers
 from fleetplane.core.logging import get_logger
 from fleetplane.core.serde import default_serde
 from fleetplane.core.service import bootstrap
@@ -67,7 +67,7 @@ class Reconciler:
         self.lock = threading.Lock()
         self._stopping = threading.Event()
         self.consumer: Consumer | None = None
-        self.producer: Producer | None = None
+        self.producer: RenewingProducer | None = None
         self.groups: dict[str, Consumer] = {}
         self.positions: dict[tuple[str, int], int] = {}  # where the next pass starts
         self._prev_routed: dict[tuple[str, int], int] = {}
@@ -89,7 +89,7 @@ class Reconciler:
                 continue
             for p in meta.partitions:
                 self.positions[(topic, p)] = OFFSET_BEGINNING
-        self.producer = Producer(self.settings.producer_config())
+        self.producer = RenewingProducer(self.settings.producer_config())
 
     def close(self) -> None:
         for c in [self.consumer, *self.groups.values()]:
