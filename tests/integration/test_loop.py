@@ -312,3 +312,53 @@ def test_before_commit_publishes_one_summary_per_transaction(
     reasons = [getattr(default_serde().decode(v), "reason", "") for _, v, _ in summaries]
     assert out and reasons[-1] == "count=60"
     assert 1 <= len(reasons) < 60
+
+
+def test_a_kafka_client_error_in_the_handler_stops_the_loop_and_dead_letters_nothing(
+    base_settings: Settings, unique: str, producer: EventProducer,
+) -> None:
+    """A dead producer inside a handler (the executor's live channel after a broker restart) is
+    not the input's fault: the loop stops without committing (the process restarts) and the
+    record is handled again, never dead-lettered (the chaos run's dispatches went to the DLQ)."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from fleetplane.core.errors import Fatal
+
+    broken = [True]
+
+    def handler(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        if not event.task_id.startswith(unique):
+            return []
+        if broken[0]:
+            raise KafkaException(KafkaError(KafkaError._FATAL, "Unable to produce message"))
+        return [event.derive(ev.TaskHeld, reason=f"redone-{unique}")]
+
+    settings = base_settings.model_copy(update={"transactional": True})
+    producer.send([ev.TaskSubmitted(task_id=f"{unique}-k", team="a", spec=spec())])
+    first = Processor(f"kx-{unique}", [SUBMITTED], handler, settings, group_id=f"g-{unique}")
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            first.run()
+        except BaseException as exc:  # noqa: BLE001 (the test checks it)
+            errors.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the loop went on after the client error"
+    assert errors and isinstance(errors[0], Fatal), errors
+
+    broken[0] = False  # the restarted process has a working client
+    second = Processor(f"kx-{unique}", [SUBMITTED], handler, settings, group_id=f"g-{unique}")
+    t2 = threading.Thread(target=second.run, daemon=True)
+    t2.start()
+    try:
+        out = read_all(settings, LIFECYCLE, 1, match=f"redone-{unique}")
+        assert [default_serde().decode(v).task_id for _, v, _ in out] == [f"{unique}-k"]
+    finally:
+        second.stop()
+        t2.join(15)
+    dead = read_all(settings, DLQ, 1, timeout_s=3, match=f"{unique}-k")
+    assert dead == [], (unique, dead)

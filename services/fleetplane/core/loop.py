@@ -706,6 +706,12 @@ class Processor:
                 self.instruments.error(exc, "retry")
                 time.sleep(delay)
                 attempt += 1
+            except KafkaException as exc:
+                # the Kafka client failed inside the handler (a dead producer): the input is
+                # fine and must not be dead-lettered; the process stops without committing it,
+                # restarts (supervisor, orchestrator) and reads it again
+                self.instruments.error(exc, "fatal")
+                raise Fatal(f"Kafka client error in the handler: {exc}") from exc
             except Exception as exc:  # NotRetriable and anything unexpected
                 log.exception("handler failed, record to DLQ")
                 self.instruments.error(exc, "dead_letter")
