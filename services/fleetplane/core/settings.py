@@ -37,8 +37,10 @@ class Settings(BaseSettings):
     batch_size: int = 500
     poll_timeout_s: float = 0.1
     #: idle backoff (core.loop.IdleBackoff): after this long without a record a consumer stops
-    #: fetching and probes every idle_probe_s instead (0: off; Apache Kafka holds empty fetches)
-    idle_backoff_s: float = 0.5
+    #: fetching and probes every idle_probe_s instead (0: off; Apache Kafka holds empty fetches).
+    #: Short on purpose: a drained consumer parks mid-run too, between batches (pacing), instead
+    #: of fetching back to back while it waits (measured: 39 instead of 72 ms of CPU per task)
+    idle_backoff_s: float = 0.005
     idle_probe_s: float = 0.02
     session_timeout_ms: int = 10_000
 
