@@ -1,0 +1,51 @@
+"""Prompt features: the word-by-word tokenization gives the tokenizer's own ids, so the
+embedding a decision computes is WordLlama's, only faster (docs/routing.md, "Decision latency")."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from fleetplane.router.features import MAX_CHARS, WordLlamaEmbedder
+
+TEXTS = [
+    "", " ", "   ", "hello world", "a  b", " x", "  lead", "trail  ", "x▁y",
+    "def f(x):\n    return x  # ok\n\tdone", "naïve café 東京 😀 ünïcødé",
+    "Which of these do scientists offer as the most recent explanation?\nA) disease\nB) dust",
+    "for i in range(10):\n        if i %  2:\n            print( i )   \n",
+    "Order 1234 for Alice: 3 x $19.99 -- ship   to 221B Baker St.",
+]
+
+
+@pytest.fixture(scope="module")
+def embedder() -> WordLlamaEmbedder:
+    return WordLlamaEmbedder()  # reads the wheel's files; no network here or in CI
+
+
+def whole(e: WordLlamaEmbedder, text: str) -> list[int]:
+    return [int(i) for i in e._tokenize_whole(text)]
+
+
+def test_word_by_word_ids_are_the_tokenizers_ids(embedder: WordLlamaEmbedder) -> None:
+    rng = random.Random(7)
+    alphabet = list("ab cd  \n\t{}()x1é東😀_-.,:;'\"") + ["  ", "    ", "the ", "return "]
+    texts = TEXTS + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300)))
+                     for _ in range(300)]
+    for text in texts:
+        assert [int(i) for i in embedder.token_ids(text)] == whole(embedder, text), repr(text)
+    # the second time from the word cache: still the same ids
+    for text in TEXTS:
+        assert [int(i) for i in embedder.token_ids(text)] == whole(embedder, text), repr(text)
+
+
+def test_the_embedding_is_the_mean_of_the_tokenizers_token_vectors(
+        embedder: WordLlamaEmbedder) -> None:
+    text = ("Refactor the parser so that errors carry line numbers " * 200)[:MAX_CHARS + 50]
+    ids = embedder._tokenize_whole(text[:MAX_CHARS])
+    expected = embedder._table[ids].mean(axis=0)
+    expected /= np.linalg.norm(expected)
+    got = embedder.embed([text])[0]
+    assert np.allclose(got, expected, atol=1e-6)
+    assert not np.allclose(embedder.embed(["Translate the release notes into French"])[0], got)
