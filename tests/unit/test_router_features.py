@@ -30,7 +30,7 @@ def whole(e: WordLlamaEmbedder, text: str) -> list[int]:
 
 def test_word_by_word_ids_are_the_tokenizers_ids(embedder: WordLlamaEmbedder) -> None:
     rng = random.Random(7)
-    alphabet = list("ab cd  \n\t{}()x1é東😀_-.,:;'\"") + ["  ", "    ", "the ", "return "]
+    alphabet = [*"ab cd  \n\t{}()x1é東😀_-.,:;'\"", "  ", "    ", "the ", "return "]
     texts = TEXTS + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 300)))
                      for _ in range(300)]
     for text in texts:
