@@ -44,6 +44,22 @@ def test_word_by_word_ids_are_the_tokenizers_ids(embedder: WordLlamaEmbedder) ->
         assert np.allclose(embedder.embed([text])[0], expected, atol=1e-5), repr(text)
 
 
+def test_a_full_word_cache_starts_over_and_the_embedding_stays_right(
+        embedder: WordLlamaEmbedder, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleetplane.router import features
+
+    monkeypatch.setattr(features, "WORD_CACHE", 12)
+    fresh = WordLlamaEmbedder()
+    texts = ["one two three four five six", "six seven eight nine ten eleven twelve",
+             "one two thirteen fourteen", "alpha beta gamma delta epsilon zeta eta theta"]
+    for text in texts * 2:
+        ids = fresh._tokenize_whole(text)
+        expected = embedder._table[ids].mean(axis=0)
+        expected /= np.linalg.norm(expected)
+        assert np.allclose(fresh.embed([text])[0], expected, atol=1e-5), text
+        assert len(fresh._piece_row) <= 12
+
+
 def test_the_embedding_is_the_mean_of_the_tokenizers_token_vectors(
         embedder: WordLlamaEmbedder) -> None:
     text = ("Refactor the parser so that errors carry line numbers " * 200)[:MAX_CHARS + 50]

@@ -34,7 +34,7 @@ DIM = EMBED_DIM + TEXT_FEATURES
 WORDLLAMA_WEIGHTS = "l2_supercat_256.safetensors"
 WORDLLAMA_TOKENIZER = "l2_supercat_tokenizer_config.json"
 MAX_CHARS = 8000  # the head of a long prompt is enough to tell what kind of task it is
-WORD_CACHE = 200_000  # pieces (words) whose token vectors' sum WordLlamaEmbedder keeps
+WORD_CACHE = 32_768  # pieces (words) whose token vectors' sum WordLlamaEmbedder keeps: 32 MB
 _WORD = re.compile(r"[A-Za-z_]+|\d+|[^\sA-Za-z_\d]")
 _PIECE = re.compile("▁+[^▁]*")  # a run of (normalised) spaces and the word after it
 
@@ -124,6 +124,9 @@ class WordLlamaEmbedder:
             rows = self._piece_row
             missing = [p for p in counts if p not in rows]
             if missing:
+                if len(rows) + len(missing) > WORD_CACHE:  # full: forget all, keep this text's
+                    rows.clear()
+                    missing = list(counts)
                 self._add_pieces(missing)
             idx = np.fromiter(map(rows.__getitem__, counts), dtype=np.intp, count=len(counts))
             w = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
@@ -136,13 +139,11 @@ class WordLlamaEmbedder:
 
     def _add_pieces(self, pieces: list[str]) -> None:
         """Tokenize new pieces (one batch) and keep each one's token count and vectors' sum;
-        `WORD_CACHE` pieces at most (all forgotten when full)."""
-        if len(self._piece_row) + len(pieces) > WORD_CACHE:
-            self._piece_row.clear()
+        `WORD_CACHE` pieces at most (the caller forgets them all when full)."""
         start = len(self._piece_row)
         need = start + len(pieces)
         if need > len(self._piece_len):
-            size = max(need, 2 * len(self._piece_len))
+            size = min(WORD_CACHE, max(need, 2 * len(self._piece_len)))
             sums = np.zeros((size, EMBED_DIM), dtype=np.float32)
             sums[:start] = self._piece_sum[:start]
             lens = np.zeros(size, dtype=np.float32)
