@@ -1,7 +1,7 @@
 """Routing decision latency in process: the router's handler on TaskAccepted events.
 
     python -m bench.routing [--decisions 20000] [--seed 1] [--embed both|batched|inline]
-                            [--semantic]
+                            [--vocabulary 20000] [--semantic]
 
 Builds the router as fleetplane-router does (catalog, teams, state, prompt features with the
 bundled WordLlama embedding and the online P(success | prompt, model)), warms its statistics
@@ -28,6 +28,7 @@ import platform
 import random
 import statistics
 import time
+from itertools import accumulate
 
 from rich.console import Console
 from rich.table import Table
@@ -54,6 +55,9 @@ def main() -> None:
     p.add_argument("--decisions", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--embed", choices=("batched", "inline", "both"), default="both")
+    p.add_argument("--vocabulary", type=int, default=20_000,
+                   help="distinct words the prompts draw from (Zipf-distributed; the word "
+                        "cache of the features must not see only a few words)")
     p.add_argument("--semantic", action="store_true",
                    help="opt every task type into the semantic cache (its lookups timed too)")
     args = p.parse_args()
@@ -73,10 +77,18 @@ def run(args: argparse.Namespace, mode: str) -> None:
     router = build_router(settings)
     types = sorted(router.catalog.task_types)
     models = sorted(router.catalog.models)
-    # warm the statistics: 2000 pinned tasks with outcomes
+    syllables = ("ka", "ro", "ti", "ment", "al", "ex", "pre", "con", "ing", "de", "un", "str",
+                 "qu", "ph", "er", "os", "ly", "tion", "ar", "ze")
+    vocab = list(WORDS) + ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4)))
+                           + rng.choice(("", "", "s", "ed", ".", ",", "()", "_id"))
+                           for _ in range(max(0, args.vocabulary - len(WORDS)))]
+    cum = list(accumulate(1.0 / (rank + 1) ** 1.1 for rank in range(len(vocab))))
+    # warm the statistics: 2000 pinned tasks with outcomes (their prompts from the same
+    # words, so the features' word cache is as warm as a running router's)
     for i in range(2000):
         model = rng.choice(models)
-        spec = ev.TaskSpec(name="w", task_type=rng.choice(types), prompt=f"warm {i}",
+        words = " ".join(rng.choices(vocab, cum_weights=cum, k=rng.randint(10, 700)))
+        spec = ev.TaskSpec(name="w", task_type=rng.choice(types), prompt=f"warm {i} {words}",
                            model_preference="pinned", model=model)
         router.handle(ev.TaskAccepted(task_id=f"w{i}", team="payments", spec=spec))
         if rng.random() < 0.8:
@@ -91,7 +103,7 @@ def run(args: argparse.Namespace, mode: str) -> None:
     for i in range(args.decisions):
         tools = ["read_file", "grep"] if rng.random() < 0.3 else []
         prompt = rng.choice(repeated) if rng.random() < 0.2 else f"task {i} " + " ".join(
-            rng.choice(WORDS) for _ in range(rng.randint(10, 700)))
+            rng.choices(vocab, cum_weights=cum, k=rng.randint(10, 700)))
         spec = ev.TaskSpec(name="b", task_type=rng.choice(types), prompt=prompt,
                            allowed_tools=tools)
         events.append(ev.TaskAccepted(task_id=f"b{i}", team="payments", spec=spec))

@@ -63,29 +63,32 @@ CHEAP, FRONTIER = "mixtral-8x7b-chat", "gpt-4-1106-preview"
 GAPS = (0.0, 0.02, 0.04, 0.06, 0.1, 0.15, 0.25)  # the cheap model's relative shortfall, drawn
 
 
-def generate_subjects(n: int, seed: int, types: int = 58) -> list[dict[str, object]]:
+def generate_subjects(n: int, seed: int, types: int = 58, gaps: tuple[float, ...] = GAPS,
+                      nested: bool = True) -> list[dict[str, object]]:
     """Two models and many task types (like a benchmark of subjects): per type, the frontier
     model's success rate p ~ U(0.55, 0.97) and the cheap model's p x (1 - gap x U(0.5, 1.5)),
     the gap drawn from GAPS (on about 3 types in 7 the cheap model is within 95%); type
-    frequencies log-normal; outcomes nested through a hidden difficulty; the cheap model costs
-    about 6% of the frontier model's."""
+    frequencies log-normal; outcomes nested through a hidden difficulty (or, with nested=False,
+    drawn independently per model: the cheap model may answer what the frontier one misses);
+    the cheap model costs about 6% of the frontier model's."""
     rng = random.Random(seed)
     world = []
     for i in range(types):
         pb = rng.uniform(0.55, 0.97)
-        pa = max(0.05, pb - rng.choice(GAPS) * pb * rng.uniform(0.5, 1.5))
+        pa = max(0.05, pb - rng.choice(gaps) * pb * rng.uniform(0.5, 1.5))
         world.append((f"subject-{i:02d}", pa, pb, rng.lognormvariate(0, 1)))
     weights = [w for *_, w in world]
     out: list[dict[str, object]] = []
     for k in range(n):
         name, pa, pb, _ = rng.choices(world, weights)[0]
         d = rng.random()
+        d_b = d if nested else rng.random()
         tokens = rng.randint(100, 1500)
         out.append({"task_id": f"subj-{seed}-{k:05d}", "task_type": name, "prompt_tokens": tokens,
                     "candidates": {
                         CHEAP: {"success": d < pa, "cost_usd": round(tokens * 0.6e-6, 9),
                                 "tier": "standard"},
-                        FRONTIER: {"success": d < pb, "tier": "frontier", "cost_usd": round(
+                        FRONTIER: {"success": d_b < pb, "tier": "frontier", "cost_usd": round(
                             tokens * 10e-6 + 30e-6 * rng.randint(1, 50), 9)}}})
     return out
 
@@ -98,8 +101,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="catalog: the catalog's models and task types; subjects: two models, "
                         "--types task types")
     p.add_argument("--types", type=int, default=58)
+    p.add_argument("--gaps", default=",".join(f"{g:g}" for g in GAPS),
+                   help="subjects: the cheap model's relative shortfalls to draw from, comma-"
+                        "separated")
+    p.add_argument("--independent", action="store_true",
+                   help="subjects: the two models' outcomes are drawn independently, not nested")
     args = p.parse_args(argv)
-    rows = (generate_subjects(args.tasks, args.seed, args.types) if args.world == "subjects"
+    try:
+        gaps = tuple(float(g) for g in args.gaps.split(","))
+    except ValueError:
+        p.error(f"--gaps: comma-separated numbers, got {args.gaps!r}")
+    rows = (generate_subjects(args.tasks, args.seed, args.types, gaps, not args.independent)
+            if args.world == "subjects"
             else generate(args.tasks, args.seed))
     for row in rows:
         sys.stdout.write(json.dumps(row, sort_keys=True) + "\n")

@@ -46,6 +46,9 @@ class PolicyConfig:
     signal_weight: float = 0.5  # weight of the per-prompt prediction against the type's mean
     sampled_per_decision: int = 3  # exploring: models judged by their sample (0: all)
     play_contender: bool = True  # a sampled model whose draw beats the leader is tried
+    # a contender is tried only when its draw would make the leader miss the target
+    contender_must_matter: bool = False
+    sample_by_spread: bool = False  # exploring: the drawn models are picked by posterior spread
     prior_strength: float = 4.0  # pseudo-outcomes of the two-way prior (0: the pooled borrow)
     ledger: bool = True  # the target repays the type's success ledger (docs/routing.md)
     repay_horizon: float = 100.0  # ledger: decisions over which a deficit (or surplus) is repaid
@@ -210,9 +213,7 @@ def _estimates(pool: list[Model], spec: TaskSpec, stats: OutcomeStats, rng: rand
     draw for every model, the cheapest of many mediocre models almost always has one lucky
     draw above the target, and exploration losses grow with the number of models."""
     out: dict[str, Estimate] = {}
-    names = sorted(m.name for m in pool)
-    n_sampled = cfg.sampled_per_decision
-    sampled = set(rng.sample(names, n_sampled) if 0 < n_sampled < len(names) else names)
+    posts: list[tuple[Model, float, float, float, str, float, int]] = []
     for m in sorted(pool, key=lambda m: m.name):  # fixed draw order: deterministic
         s = stats.get(spec.task_type, m.name)
         o = stats.overall(m.name)
@@ -228,10 +229,29 @@ def _estimates(pool: list[Model], spec: TaskSpec, stats: OutcomeStats, rng: rand
             w = min(BORROW * other_n, BORROW_CAP) / other_n if other_n else 0.0
             alpha = s.alpha + w * (o.successes - s.successes)
             beta = s.beta + w * (o.failures - s.failures)
-        mean = alpha / (alpha + beta)
         source = "task type" if s.attempts else ("other task types" if other_n else "prior")
+        posts.append((m, alpha, beta, w * other_n, source, float(o.attempts), s.attempts))
+    names = [p[0].name for p in posts]
+    n_sampled = cfg.sampled_per_decision
+    if not 0 < n_sampled < len(names):
+        sampled = set(names)
+    elif cfg.sample_by_spread:
+        # the models drawn are picked with weight = their posterior's spread (Efraimidis-
+        # Spirakis keys u^(1/w)): a draw of a well-known model is its mean, so the draws go
+        # where the router is unsure, and a cheap model written off after a few unlucky
+        # outcomes keeps being re-judged until its evidence is as firm as the others'
+        keys = []
+        for (m, a, b, *_rest) in posts:
+            n = a + b
+            sd = math.sqrt(a * b / (n * n * (n + 1)))
+            keys.append((rng.random() ** (1.0 / max(sd, 1e-9)), m.name))
+        sampled = {name for _, name in sorted(keys, reverse=True)[:n_sampled]}
+    else:
+        sampled = set(rng.sample(names, n_sampled))
+    for m, alpha, beta, lent, source, overall_n, attempts in posts:
+        mean = alpha / (alpha + beta)
         centre = mean
-        if prompt is not None and o.attempts >= cfg.signal_min_outcomes:
+        if prompt is not None and overall_n >= cfg.signal_min_outcomes:
             p = prompt.predictions.get(m.name)
             if p is not None:
                 centre = (1 - cfg.signal_weight) * mean + cfg.signal_weight * p
@@ -240,9 +260,9 @@ def _estimates(pool: list[Model], spec: TaskSpec, stats: OutcomeStats, rng: rand
         if explored and m.name in sampled:  # the posterior's spread (Thompson sampling)
             judged = min(1.0, max(0.0, centre + rng.betavariate(alpha, beta) - mean))
         n = alpha + beta
-        margin = cfg.confidence_z * math.sqrt(alpha * beta / (n * n * (n + 1)))
         sd = math.sqrt(alpha * beta / (n * n * (n + 1)))
-        out[m.name] = Estimate(centre, judged, margin, s.attempts, s.attempts + w * other_n,
+        margin = cfg.confidence_z * sd
+        out[m.name] = Estimate(centre, judged, margin, attempts, attempts + lent,
                                source, explored and m.name in sampled, sd, m.name)
     return out
 
@@ -326,8 +346,9 @@ def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,
     # standard deviations lower (pessimism about cheap models with thin evidence), and the
     # target rises by the task type's realised shortfall (what exploration and estimation
     # missed so far is made up by later decisions).
+    top_draw = max(options, key=lambda o: (o.success, -o.cost, o.name))
     if cfg.best_from_samples or not explored:
-        best = max(options, key=lambda o: (o.success, -o.cost, o.name))
+        best = top_draw
     else:  # the target from the best posterior mean; samples only move the candidates
         best = max(options, key=lambda o: (est[o.name].success, -o.cost, o.name))
         best = Option(best.name, est[best.name].success, best.cost)
@@ -372,11 +393,13 @@ def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,
     u = _seed(key, "mixture") / 2**64
     picked = mix.pick(u)
     contender = None
-    if (cfg.play_contender and explored and est[best.name].sampled
-            and best.name != leader.name):
+    if (cfg.play_contender and explored and est[top_draw.name].sampled
+            and top_draw.name != leader.name
+            and (not cfg.contender_must_matter
+                 or q * top_draw.success > est[leader.name].success)):
         # a draw says another model may be the best: try it, or the target stays anchored to
         # an incumbent that merely had luckier first outcomes
-        picked = contender = best
+        picked = contender = top_draw
     model, cost = catalog.models[picked.name], costs[picked.name]
     if rule in ("task_type", "default"):
         rule = "learned"
