@@ -123,6 +123,8 @@ def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
         outcome = agent.run()
     finally:
         rt.end(run)
+    # the slot is free; the lease is renewed until the outcome's transaction commits
+    rt.hold_until_committed(record, run)
     if isinstance(emitter, Collect):
         result = [*emitter.events, *outcome]
     else:  # audit events the broker did not acknowledge go into the outcome's transaction

@@ -89,7 +89,9 @@ def main() -> None:
     # consumer keeps polling while attempts run (no max.poll.interval.ms override needed).
     processor = ParallelProcessor("executor", [DISPATCH], handler, settings,
                                   group_id=settings.executor_group_id,
-                                  slots=settings.executor_slots)
+                                  slots=settings.executor_slots,
+                                  on_committed=runtime.committed)
+    runtime.track_commits = True  # finished attempts heartbeat until their outcome commits
     obs.registry.register(Slots(processor.slots, processor.running_count,
                                 lambda: len(runtime.running())))
     processor.install_signal_handlers()

@@ -343,6 +343,12 @@ class Runtime:
         #: model calls: coroutines on one asyncio loop (no thread per call in flight)
         self.calls = AsyncCalls()
         self._running: dict[str, Running] = {}
+        #: finished attempts whose outcome is not committed yet, by their dispatch record's
+        #: id(): they keep heartbeating (see `hold_until_committed`); the record is kept in
+        #: the value, so its id() is not reused while it is here
+        self._uncommitted: dict[int, tuple[object, Running]] = {}
+        #: set by the composition root once the loop reports its commits (`committed`)
+        self.track_commits = False
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -367,6 +373,30 @@ class Runtime:
             if self._running.get(run.task_id) is run:
                 del self._running[run.task_id]
         self.slots.release(run.slot)
+
+    def hold_until_committed(self, record: object | None, run: Running) -> None:
+        """A finished attempt keeps heartbeating (its lease renewed) until the transaction
+        holding its outcome commits (`committed`). Its slot is free already. Without this a
+        commit that stalled longer than the lease (a broker restart, a slow transaction) made
+        the coordinator declare a finished attempt lost_executor and run it again, and the
+        late outcome was a second terminal record (the chaos run: duplicated 2, audit breaks
+        23). Only when the loop reports its commits (`track_commits`); a process that dies
+        stops heartbeating, as it should."""
+        if record is None or not self.track_commits or self.live is None:
+            return
+        with self._lock:
+            self._uncommitted[id(record)] = (record, run)
+
+    def committed(self, records: list[Any]) -> None:
+        """The loop committed the outputs of `records`: their attempts stop heartbeating."""
+        with self._lock:
+            for rec in records:
+                self._uncommitted.pop(id(rec), None)
+
+    def uncommitted(self) -> list[Running]:
+        """Finished attempts whose outcome is not committed yet."""
+        with self._lock:
+            return [run for _, run in self._uncommitted.values()]
 
     def cancel(self, task_id: str) -> bool:
         """Stop the task's running attempt (and refuse to start it later). True if running."""
@@ -405,7 +435,9 @@ class Runtime:
         while not self._stop.wait(self.settings.executor_heartbeat_s):
             if self.live is None:
                 continue
-            for run in self.running():
+            # running attempts, and finished ones until their outcome is committed
+            beating = {(r.task_id, r.attempt): r for r in [*self.uncommitted(), *self.running()]}
+            for run in beating.values():
                 self.live.emit(TaskHeartbeat(task_id=run.task_id, team=run.team,
                                              attempt=run.attempt, executor_id=self.executor_id,
                                              lease_ms=self.lease_ms))
