@@ -33,6 +33,7 @@ from fleetplane.core.serde import DecodeError, default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import DISPATCH, LIFECYCLE, OUTCOMES
 from fleetplane.executor.handlers import SeenDispatches, execute
+from fleetplane.executor.leases import LeaseTable
 from fleetplane.executor.models import ModelClients
 from fleetplane.executor.runtime import Journal, LiveEmitter, Runtime
 from fleetplane.fakeprovider import FakeProvider
@@ -177,3 +178,41 @@ def test_a_finished_attempt_keeps_its_lease_until_its_outcome_is_committed(
     late = [e.occurred_at for e in progress if isinstance(e, ev.TaskHeartbeat)
             and e.occurred_at > committed_at + timedelta(seconds=1.5)]
     assert not late, (committed_at, late)
+
+
+def test_an_attempt_the_coordinator_declared_lost_while_it_ran_does_not_complete_the_task(
+        tmp_path: Path, fake: FakeProvider) -> None:
+    """The residual case: the executor's heartbeats stopped while the attempt ran (the process
+    frozen, or cut off from the broker, for longer than the lease), the coordinator declared it
+    lost and retried it; when the attempt then completes, its TaskCompleted would be a second
+    terminal record beside the retry's. It is reported as a non-final lost_executor instead,
+    with its cost and audit chain."""
+    fake.set_script({"replies": [{"match": "LATE", "text": "done", "latency_ms": 1_500}]})
+    settings = Settings(anthropic_base_url=fake.base_url, openai_base_url=fake.openai_base_url,
+                        model_max_retries=0, data_dir=tmp_path / "data")
+    runtime = Runtime(settings, "e1", journal=Journal(tmp_path / "journal"))
+    leases = LeaseTable(settings, "e1")
+    dispatch = ev.TaskDispatched(
+        task_id="late-1", team="a", attempt=1, model="claude-haiku-4-5", provider="anthropic",
+        tier="small", action="run", spec=ev.TaskSpec(name="n", task_type="codegen",
+                                                     prompt="LATE answer"))
+
+    def declare_lost_during_the_call() -> None:
+        deadline = time.monotonic() + 30
+        while not fake.calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # what the table records when it reads the coordinator's committed lost_executor
+        leases.finished("late-1", 1, int(time.time() * 1000))
+
+    declarer = threading.Thread(target=declare_lost_during_the_call)
+    declarer.start()
+    out = list(execute(load_catalog(settings.catalog_file), ModelClients(settings), "e1",
+                       SeenDispatches(), dispatch, runtime=runtime, leases=leases))
+    declarer.join()
+    assert fake.calls, "the model was not called"
+    assert not [e for e in out if ev.is_terminal(e)], out
+    [failed] = [e for e in out if isinstance(e, ev.TaskFailed)]
+    assert failed.failure_class == "lost_executor" and not failed.final
+    assert "declared it lost" in failed.reason
+    calls = [e for e in out if isinstance(e, ev.ModelCall)]
+    assert failed.audit_count == len(calls) == 1 and failed.cost_usd == calls[0].cost_usd > 0
