@@ -261,6 +261,33 @@ def top_frames(path: Path, n: int = 12) -> dict[str, Any]:
             "inclusive": share(inclusive)}
 
 
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Per OS thread of `pid`: (name, CPU seconds so far), from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            raw = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2:].split()
+        out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+              wall: float) -> dict[str, float]:
+    """Cores per thread kind over `wall` seconds: librdkafka's threads (rdk:*) by name, the
+    Python threads (named by the interpreter after their threading name, cut to 15 chars)
+    grouped by their name without a trailing number."""
+    cores: Counter[str] = Counter()
+    for tid, (name, cpu) in after.items():
+        kind = name.rstrip("0123456789_-") or name
+        cores[kind] += cpu - before.get(tid, (name, 0.0))[1]
+    return {k: round(v / wall, 3) for k, v in cores.most_common(12) if v > 0}
+
+
 def _wait(pred: Any, timeout_s: float, step: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -362,9 +389,11 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
             _stop_spy(spy)
             window = max(1.0, min(measure_s, t0 + latency_s - time.monotonic() - 3))
             cpu0, m0 = proc.cpu_times(), time.monotonic()
+            threads0 = thread_cpu(proc.pid)
             spy = _spy(proc.pid, profile / "waiting.txt", window) if profile else None
             time.sleep(window)
             cpu1, wall = proc.cpu_times(), time.monotonic() - m0
+            out["cpu_by_thread_waiting"] = cpu_split(threads0, thread_cpu(proc.pid), wall)
             _stop_spy(spy)
             if profile:
                 out["profile"] = {"ramp": top_frames(profile / "ramp.txt"),
