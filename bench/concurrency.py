@@ -276,6 +276,26 @@ def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
     return out
 
 
+def python_thread_names(pid: int) -> dict[int, str]:
+    """Thread id -> Python thread name (py-spy dump; {} without py-spy). Python 3.11 does not
+    name OS threads, so /proc shows them all as "python"."""
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        return {}
+    try:
+        text = subprocess.run([str(spy), "dump", "--pid", str(pid), "--nonblocking"],
+                              capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    names: dict[int, str] = {}
+    for line in text.splitlines():
+        if line.startswith("Thread ") and '"' in line:
+            head, name = line.split('"', 2)[:2]
+            with suppress(ValueError):
+                names[int(head.split()[1], 0)] = name
+    return names
+
+
 def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
               wall: float) -> dict[str, float]:
     """Cores per thread kind over `wall` seconds: librdkafka's threads (rdk:*) by name, the
@@ -393,7 +413,15 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
             spy = _spy(proc.pid, profile / "waiting.txt", window) if profile else None
             time.sleep(window)
             cpu1, wall = proc.cpu_times(), time.monotonic() - m0
-            out["cpu_by_thread_waiting"] = cpu_split(threads0, thread_cpu(proc.pid), wall)
+            threads1 = thread_cpu(proc.pid)
+            out["cpu_by_thread_waiting"] = cpu_split(threads0, threads1, wall)
+            # the busiest threads in creation order (thread id), Python ones by their name
+            names = python_thread_names(proc.pid)
+            out["busiest_threads_waiting"] = {
+                f"{tid} {names.get(tid, name)}":
+                    round((cpu - threads0.get(tid, (name, 0.0))[1]) / wall, 3)
+                for tid, (name, cpu) in sorted(threads1.items())
+                if cpu - threads0.get(tid, (name, 0.0))[1] > 0.005 * wall}
             _stop_spy(spy)
             if profile:
                 out["profile"] = {"ramp": top_frames(profile / "ramp.txt"),

@@ -84,8 +84,11 @@ class Follower:
         self.name = name
         self.isolation = isolation
         self.pace_s = pace_s
-        #: paced rounds so far (see the module's docstring)
+        #: paced rounds so far, how long they read (assigned), and how many ended by
+        #: ROUND_MAX_S rather than at every partition's end
         self.rounds = 0
+        self.reading_s = 0.0
+        self.full_rounds = 0
         #: per partition, how far the readers were given records (after the last one, or where
         #: an end-of-partition was reported)
         self.positions: dict[tuple[str, int], int] = {}
@@ -193,26 +196,30 @@ class Follower:
 
     def _paced(self, consumer: Consumer, start: list[TopicPartition]) -> None:
         """Read in rounds, `pace_s` apart (see the module's docstring)."""
-        first = {(tp.topic, tp.partition): tp for tp in start}
-        open_ = set(first)  # partitions that have not reported their end this round
+        parts = {(tp.topic, tp.partition): tp for tp in start}
+        open_ = set(parts)  # partitions that have not reported their end this round
         began = time.monotonic()
         while not self._stop.is_set():
             if not open_ or time.monotonic() - began > ROUND_MAX_S:
+                self.reading_s += time.monotonic() - began
+                self.full_rounds += 1 if open_ else 0
                 try:
                     consumer.unassign()  # what was fetched and not returned is dropped: the
                     # next round starts at the positions the readers were given
                     if self._stop.wait(self.pace_s):
                         return
                     consumer.assign([TopicPartition(t, p, self.positions.get((t, p), tp.offset))
-                                     for (t, p), tp in first.items()])
+                                     for (t, p), tp in parts.items()])
                 except KafkaException as exc:  # a lost broker: the next round tries again
                     log.warning("follower round not started", follower=self.name,
                                 reason=str(exc)[:300])
                     self._stop.wait(self.pace_s)
                 self.rounds += 1
-                open_, began = set(first), time.monotonic()
-            msgs = consumer.consume(500, 0.05)
-            for msg in msgs:
+                open_, began = set(parts), time.monotonic()
+            head = consumer.poll(0.05)  # (consume(n, t) would wait t for n records)
+            if head is None:
+                continue
+            for msg in [head, *consumer.consume(499, 0)]:
                 err = msg.error()
                 if err is not None and err.code() == KafkaError._PARTITION_EOF:
                     open_.discard((msg.topic() or "", msg.partition() or 0))
