@@ -407,6 +407,12 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
                 else None
             out["started_within_window"] = started
             _stop_spy(spy)
+            # waiting means every request is out: a claimed attempt (TaskStarted) may still
+            # wait for the asyncio loop to send its request; measuring from "all started"
+            # counted the end of the ramp (about 0.1 core of request building at load 20-40)
+            _wait(lambda: len(_calls(port)) > started, t0 + latency_s * 0.6 - time.monotonic(),
+                  step=1.0)
+            out["all_calls_sent_s"] = round(time.monotonic() - t0, 2)
             window = max(1.0, min(measure_s, t0 + latency_s - time.monotonic() - 3))
             cpu0, m0 = proc.cpu_times(), time.monotonic()
             threads0 = thread_cpu(proc.pid)
@@ -574,6 +580,7 @@ def table(result: dict[str, Any]) -> Table:
               f"{h.get('provider_calls_while_waiting')}", "= running")
     t.add_row("executor CPU while they wait", f"{h.get('cpu_cores_waiting')} cores "
               f"({h.get('waiting_while_measured')} waiting)", "<= 0.3 core")
+    t.add_row("  of which, per thread kind (cores)", str(h.get("cpu_by_thread_waiting")), "")
     t.add_row("executor RSS / threads", f"{h.get('rss_mib')} MiB (idle {h.get('rss_idle_mib')})"
               f" / {h.get('threads')}", "<= 1.5 GiB")
     t.add_row("per 1,000 waiting attempts", f"{h.get('cpu_per_1000_waiting')} cores, "
