@@ -544,15 +544,17 @@ def scenario(console: Console, quick: bool = False, **overrides: Any) -> dict[st
                                              if v is not None}}
     latency_s = float(size.get("latency_s") or 30.0)
     result: dict[str, Any] = {"quick": quick, "size": size}
-    console.print(f"concurrency: hold/cancel/kill with {size['attempts']} attempts "
-                  f"({latency_s:g} s calls) ...")
-    with tempfile.TemporaryDirectory() as tmp:
-        profile = Path(size["profile"]) if size.get("profile") else None
-        if profile:
-            profile.mkdir(parents=True, exist_ok=True)
-        result["hold"] = hold_cancel_kill(Path(tmp), int(size["attempts"]), latency_s,
-                                          int(size["cancels"]), int(size["start_cancels"]),
-                                          float(size.get("measure_s") or 10.0), profile)
+    result["hold"] = {}
+    if not size.get("skip_hold"):
+        console.print(f"concurrency: hold/cancel/kill with {size['attempts']} attempts "
+                      f"({latency_s:g} s calls) ...")
+        with tempfile.TemporaryDirectory() as tmp:
+            profile = Path(size["profile"]) if size.get("profile") else None
+            if profile:
+                profile.mkdir(parents=True, exist_ok=True)
+            result["hold"] = hold_cancel_kill(Path(tmp), int(size["attempts"]), latency_s,
+                                              int(size["cancels"]), int(size["start_cancels"]),
+                                              float(size.get("measure_s") or 10.0), profile)
     if not size.get("skip_mixed"):
         durations = [float(x) for x in str(size["mixed_durations"]).split(",")]
         console.print(f"concurrency: mixed, {size['mixed_tasks']} tasks of {durations} s "
@@ -571,6 +573,28 @@ def table(result: dict[str, Any]) -> Table:
     for col in ("figure", "value", "target"):
         t.add_column(col)
     h = result["hold"]
+    if h:
+        hold_rows(t, h)
+    if "mixed" in result:
+        m = result["mixed"]
+        t.add_row(f"mixed: {m['tasks']} tasks, {m['slots']} slots: slot utilization while "
+                  "queued (after the first fill)",
+                  f"{m['slot_utilization_while_queued']:.1%} "
+                  f"({m['slot_utilization_while_queued_after_ramp']:.1%})", ">= 95 %")
+        t.add_row("mixed: free slot -> filled p50 / p99", f"{m['fill_p50_ms']:.1f} / "
+                  f"{m['fill_p99_ms']:.1f} ms", "p99 <= 100 ms")
+        t.add_row("mixed: dispatched -> started, slot free, p50 / p99",
+                  f"{m['dispatched_to_started_p50_ms']:.1f} / "
+                  f"{m['dispatched_to_started_p99_ms']:.1f} ms", "")
+        t.add_row("mixed: wall / ideal", f"{m['burst_wall_s']:.1f} / {m['ideal_wall_s']:.1f} s",
+                  "")
+        t.add_row("mixed: load average at the end", f"{m.get('loadavg')}", "")
+    if h:
+        t.add_row("load average", f"{h.get('loadavg')}", "")
+    return t
+
+
+def hold_rows(t: Table, h: dict[str, Any]) -> None:
     t.add_row("start-up (spawn -> taking dispatches) / restart", f"{h.get('startup_s')} s / "
               f"{h.get('restart_startup_s')} s", "")
     t.add_row(f"peak running of {h['attempts']} ({h['latency_s']:g} s calls)",
@@ -606,21 +630,6 @@ def table(result: dict[str, Any]) -> Table:
         t.add_row("attempts billed twice (fake provider call log)",
                   f"{b['billed_twice']} of {b['calls']} calls; cancelled-while-starting "
                   f"called {b['cancelled_while_starting_called']}", "0")
-    if "mixed" in result:
-        m = result["mixed"]
-        t.add_row(f"mixed: {m['tasks']} tasks, {m['slots']} slots: slot utilization while "
-                  "queued (after the first fill)",
-                  f"{m['slot_utilization_while_queued']:.1%} "
-                  f"({m['slot_utilization_while_queued_after_ramp']:.1%})", ">= 95 %")
-        t.add_row("mixed: free slot -> filled p50 / p99", f"{m['fill_p50_ms']:.1f} / "
-                  f"{m['fill_p99_ms']:.1f} ms", "p99 <= 100 ms")
-        t.add_row("mixed: dispatched -> started, slot free, p50 / p99",
-                  f"{m['dispatched_to_started_p50_ms']:.1f} / "
-                  f"{m['dispatched_to_started_p99_ms']:.1f} ms", "")
-        t.add_row("mixed: wall / ideal", f"{m['burst_wall_s']:.1f} / {m['ideal_wall_s']:.1f} s",
-                  "")
-    t.add_row("load average", f"{h.get('loadavg')}", "")
-    return t
 
 
 def main() -> None:
@@ -635,6 +644,7 @@ def main() -> None:
     ap.add_argument("--mixed-slots", type=int)
     ap.add_argument("--mixed-durations")
     ap.add_argument("--skip-mixed", action="store_true")
+    ap.add_argument("--skip-hold", action="store_true", help="the mixed part only")
     ap.add_argument("--profile", help="directory: py-spy profiles of the executor (ramp, "
                     "waiting), collapsed stacks")
     args = ap.parse_args()
