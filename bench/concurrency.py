@@ -583,6 +583,10 @@ def table(result: dict[str, Any]) -> Table:
                   f"({m['slot_utilization_while_queued_after_ramp']:.1%})", ">= 95 %")
         t.add_row("mixed: free slot -> filled p50 / p99", f"{m['fill_p50_ms']:.1f} / "
                   f"{m['fill_p99_ms']:.1f} ms", "p99 <= 100 ms")
+        if m.get("refill_p99_ms") is not None:
+            t.add_row("mixed: of which the first fill p99 / a freed slot refilled p50 / p99",
+                      f"{m['fill_first_p99_ms']:.1f} / {m['refill_p50_ms']:.1f} / "
+                      f"{m['refill_p99_ms']:.1f} ms", "")
         t.add_row("mixed: dispatched -> started, slot free, p50 / p99",
                   f"{m['dispatched_to_started_p50_ms']:.1f} / "
                   f"{m['dispatched_to_started_p99_ms']:.1f} ms", "")
