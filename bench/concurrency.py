@@ -261,6 +261,53 @@ def top_frames(path: Path, n: int = 12) -> dict[str, Any]:
             "inclusive": share(inclusive)}
 
 
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Per OS thread of `pid`: (name, CPU seconds so far), from /proc (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            raw = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1:raw.rindex(")")]
+        fields = raw[raw.rindex(")") + 2:].split()
+        out[int(task.name)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def python_thread_names(pid: int) -> dict[int, str]:
+    """Thread id -> Python thread name (py-spy dump; {} without py-spy). Python 3.11 does not
+    name OS threads, so /proc shows them all as "python"."""
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        return {}
+    try:
+        text = subprocess.run([str(spy), "dump", "--pid", str(pid), "--nonblocking"],
+                              capture_output=True, text=True, timeout=120).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    names: dict[int, str] = {}
+    for line in text.splitlines():
+        if line.startswith("Thread ") and '"' in line:
+            head, name = line.split('"', 2)[:2]
+            with suppress(ValueError):
+                names[int(head.split()[1], 0)] = name
+    return names
+
+
+def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]],
+              wall: float) -> dict[str, float]:
+    """Cores per thread kind over `wall` seconds: librdkafka's threads (rdk:*) by name, the
+    Python threads (named by the interpreter after their threading name, cut to 15 chars)
+    grouped by their name without a trailing number."""
+    cores: Counter[str] = Counter()
+    for tid, (name, cpu) in after.items():
+        kind = name.rstrip("0123456789_-") or name
+        cores[kind] += cpu - before.get(tid, (name, 0.0))[1]
+    return {k: round(v / wall, 3) for k, v in cores.most_common(12) if v > 0}
+
+
 def _wait(pred: Any, timeout_s: float, step: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -360,11 +407,27 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
                 else None
             out["started_within_window"] = started
             _stop_spy(spy)
+            # waiting means every request is out: a claimed attempt (TaskStarted) may still
+            # wait for the asyncio loop to send its request; measuring from "all started"
+            # counted the end of the ramp (about 0.1 core of request building at load 20-40)
+            _wait(lambda: len(_calls(port)) > started, t0 + latency_s * 0.6 - time.monotonic(),
+                  step=1.0)
+            out["all_calls_sent_s"] = round(time.monotonic() - t0, 2)
             window = max(1.0, min(measure_s, t0 + latency_s - time.monotonic() - 3))
             cpu0, m0 = proc.cpu_times(), time.monotonic()
+            threads0 = thread_cpu(proc.pid)
             spy = _spy(proc.pid, profile / "waiting.txt", window) if profile else None
             time.sleep(window)
             cpu1, wall = proc.cpu_times(), time.monotonic() - m0
+            threads1 = thread_cpu(proc.pid)
+            out["cpu_by_thread_waiting"] = cpu_split(threads0, threads1, wall)
+            # the busiest threads in creation order (thread id), Python ones by their name
+            names = python_thread_names(proc.pid)
+            out["busiest_threads_waiting"] = {
+                f"{tid} {names.get(tid, name)}":
+                    round((cpu - threads0.get(tid, (name, 0.0))[1]) / wall, 3)
+                for tid, (name, cpu) in sorted(threads1.items())
+                if cpu - threads0.get(tid, (name, 0.0))[1] > 0.005 * wall}
             _stop_spy(spy)
             if profile:
                 out["profile"] = {"ramp": top_frames(profile / "ramp.txt"),
@@ -481,15 +544,17 @@ def scenario(console: Console, quick: bool = False, **overrides: Any) -> dict[st
                                              if v is not None}}
     latency_s = float(size.get("latency_s") or 30.0)
     result: dict[str, Any] = {"quick": quick, "size": size}
-    console.print(f"concurrency: hold/cancel/kill with {size['attempts']} attempts "
-                  f"({latency_s:g} s calls) ...")
-    with tempfile.TemporaryDirectory() as tmp:
-        profile = Path(size["profile"]) if size.get("profile") else None
-        if profile:
-            profile.mkdir(parents=True, exist_ok=True)
-        result["hold"] = hold_cancel_kill(Path(tmp), int(size["attempts"]), latency_s,
-                                          int(size["cancels"]), int(size["start_cancels"]),
-                                          float(size.get("measure_s") or 10.0), profile)
+    result["hold"] = {}
+    if not size.get("skip_hold"):
+        console.print(f"concurrency: hold/cancel/kill with {size['attempts']} attempts "
+                      f"({latency_s:g} s calls) ...")
+        with tempfile.TemporaryDirectory() as tmp:
+            profile = Path(size["profile"]) if size.get("profile") else None
+            if profile:
+                profile.mkdir(parents=True, exist_ok=True)
+            result["hold"] = hold_cancel_kill(Path(tmp), int(size["attempts"]), latency_s,
+                                              int(size["cancels"]), int(size["start_cancels"]),
+                                              float(size.get("measure_s") or 10.0), profile)
     if not size.get("skip_mixed"):
         durations = [float(x) for x in str(size["mixed_durations"]).split(",")]
         console.print(f"concurrency: mixed, {size['mixed_tasks']} tasks of {durations} s "
@@ -508,6 +573,32 @@ def table(result: dict[str, Any]) -> Table:
     for col in ("figure", "value", "target"):
         t.add_column(col)
     h = result["hold"]
+    if h:
+        hold_rows(t, h)
+    if "mixed" in result:
+        m = result["mixed"]
+        t.add_row(f"mixed: {m['tasks']} tasks, {m['slots']} slots: slot utilization while "
+                  "queued (after the first fill)",
+                  f"{m['slot_utilization_while_queued']:.1%} "
+                  f"({m['slot_utilization_while_queued_after_ramp']:.1%})", ">= 95 %")
+        t.add_row("mixed: free slot -> filled p50 / p99", f"{m['fill_p50_ms']:.1f} / "
+                  f"{m['fill_p99_ms']:.1f} ms", "p99 <= 100 ms")
+        if m.get("refill_p99_ms") is not None:
+            t.add_row("mixed: of which the first fill p99 / a freed slot refilled p50 / p99",
+                      f"{m['fill_first_p99_ms']:.1f} / {m['refill_p50_ms']:.1f} / "
+                      f"{m['refill_p99_ms']:.1f} ms", "")
+        t.add_row("mixed: dispatched -> started, slot free, p50 / p99",
+                  f"{m['dispatched_to_started_p50_ms']:.1f} / "
+                  f"{m['dispatched_to_started_p99_ms']:.1f} ms", "")
+        t.add_row("mixed: wall / ideal", f"{m['burst_wall_s']:.1f} / {m['ideal_wall_s']:.1f} s",
+                  "")
+        t.add_row("mixed: load average at the end", f"{m.get('loadavg')}", "")
+    if h:
+        t.add_row("load average", f"{h.get('loadavg')}", "")
+    return t
+
+
+def hold_rows(t: Table, h: dict[str, Any]) -> None:
     t.add_row("start-up (spawn -> taking dispatches) / restart", f"{h.get('startup_s')} s / "
               f"{h.get('restart_startup_s')} s", "")
     t.add_row(f"peak running of {h['attempts']} ({h['latency_s']:g} s calls)",
@@ -517,6 +608,7 @@ def table(result: dict[str, Any]) -> Table:
               f"{h.get('provider_calls_while_waiting')}", "= running")
     t.add_row("executor CPU while they wait", f"{h.get('cpu_cores_waiting')} cores "
               f"({h.get('waiting_while_measured')} waiting)", "<= 0.3 core")
+    t.add_row("  of which, per thread kind (cores)", str(h.get("cpu_by_thread_waiting")), "")
     t.add_row("executor RSS / threads", f"{h.get('rss_mib')} MiB (idle {h.get('rss_idle_mib')})"
               f" / {h.get('threads')}", "<= 1.5 GiB")
     t.add_row("per 1,000 waiting attempts", f"{h.get('cpu_per_1000_waiting')} cores, "
@@ -542,21 +634,6 @@ def table(result: dict[str, Any]) -> Table:
         t.add_row("attempts billed twice (fake provider call log)",
                   f"{b['billed_twice']} of {b['calls']} calls; cancelled-while-starting "
                   f"called {b['cancelled_while_starting_called']}", "0")
-    if "mixed" in result:
-        m = result["mixed"]
-        t.add_row(f"mixed: {m['tasks']} tasks, {m['slots']} slots: slot utilization while "
-                  "queued (after the first fill)",
-                  f"{m['slot_utilization_while_queued']:.1%} "
-                  f"({m['slot_utilization_while_queued_after_ramp']:.1%})", ">= 95 %")
-        t.add_row("mixed: free slot -> filled p50 / p99", f"{m['fill_p50_ms']:.1f} / "
-                  f"{m['fill_p99_ms']:.1f} ms", "p99 <= 100 ms")
-        t.add_row("mixed: dispatched -> started, slot free, p50 / p99",
-                  f"{m['dispatched_to_started_p50_ms']:.1f} / "
-                  f"{m['dispatched_to_started_p99_ms']:.1f} ms", "")
-        t.add_row("mixed: wall / ideal", f"{m['burst_wall_s']:.1f} / {m['ideal_wall_s']:.1f} s",
-                  "")
-    t.add_row("load average", f"{h.get('loadavg')}", "")
-    return t
 
 
 def main() -> None:
@@ -571,6 +648,7 @@ def main() -> None:
     ap.add_argument("--mixed-slots", type=int)
     ap.add_argument("--mixed-durations")
     ap.add_argument("--skip-mixed", action="store_true")
+    ap.add_argument("--skip-hold", action="store_true", help="the mixed part only")
     ap.add_argument("--profile", help="directory: py-spy profiles of the executor (ramp, "
                     "waiting), collapsed stacks")
     args = ap.parse_args()

@@ -357,6 +357,10 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
             "rate": rate, "running_while_arriving_mean": (sum(r for r, _ in arriving)
                                                           / max(1, len(arriving))),
             "fill_p50_ms": pct(fill, 50), "fill_p99_ms": pct(fill, 99),
+            # the first `slots` starts fill the empty slots of the start (the burst's own
+            # publish-fetch-start ramp); the rest refill a slot freed by an attempt's end
+            "fill_first_p99_ms": pct(fill[:slots], 99),
+            "refill_p50_ms": pct(fill[slots:], 50), "refill_p99_ms": pct(fill[slots:], 99),
             "dispatched_to_started_p50_ms": pct(d2s, 50),
             "dispatched_to_started_p99_ms": pct(d2s, 99), "trickle": len(d2s),
             "pauses": stats.pauses if stats is not None else None,

@@ -38,7 +38,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,8 +100,13 @@ class ParallelProcessor(Processor):
 
     def __init__(self, service: str, topics: Sequence[str], handler: Handler,
                  settings: Settings, *, slots: int, prefetch: int | None = None,
-                 drain_timeout_s: float = 10.0, **kwargs: Any) -> None:
+                 drain_timeout_s: float = 10.0,
+                 on_committed: Callable[[list[Record]], None] | None = None,
+                 **kwargs: Any) -> None:
         kwargs.setdefault("commit_interval_s", 0.05)
+        #: called after each successful commit with the records whose outputs it committed
+        #: (the executor renews a finished attempt's lease until then: docs/executor.md)
+        self.on_committed = on_committed
         super().__init__(service, topics, handler, settings, concurrency=1, **kwargs)
         self.slots = max(1, slots)
         self.prefetch = max(1, min(self.slots, settings.batch_size)
@@ -364,6 +369,11 @@ class ParallelProcessor(Processor):
             self.stats.committed += len(batch)
             self.stats.commits += 1
         self.processed += len(batch)
+        if self.on_committed is not None and batch:
+            try:
+                self.on_committed([f.item.record for f in batch])
+            except Exception:  # a hook's failure must not stop the loop (nothing to undo)
+                log.exception("on_committed hook failed")
 
     def _commit_transaction_once(self, batch: list[Finished],
                                  offsets: list[TopicPartition]) -> None:

@@ -16,6 +16,7 @@ from fleetplane.core import failures
 from fleetplane.core.catalog import Catalog
 from fleetplane.core.events import (
     Event,
+    TaskCompleted,
     TaskDispatched,
     TaskFailed,
     TaskRolledBack,
@@ -123,6 +124,11 @@ def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
         outcome = agent.run()
     finally:
         rt.end(run)
+    # the slot is free; the lease is renewed until the outcome's transaction commits
+    rt.hold_until_committed(record, run)
+    settled = leases.get(event.task_id, event.attempt) if leases is not None else None
+    if settled is not None and settled.done:
+        outcome = _superseded(event, outcome)
     if isinstance(emitter, Collect):
         result = [*emitter.events, *outcome]
     else:  # audit events the broker did not acknowledge go into the outcome's transaction
@@ -133,6 +139,26 @@ def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
                                                      "audit": agent.audited,
                                                      "outcome": Journal.encode(outcome)})
     return result
+
+
+def _superseded(event: TaskDispatched, outcome: list[Event]) -> list[Event]:
+    """The attempt finished, but its attempt already has a committed outcome that this process
+    did not publish: the coordinator declared it lost (its heartbeats stopped for longer than
+    the lease: the process was frozen, or cut off from the broker) and has retried it or ended
+    the task. Its TaskCompleted would be a second terminal record for the task: it is reported
+    as a non-final lost_executor instead, with its cost and audit chain (the spend was real and
+    is audited once), and its subtasks are not submitted (they go with a completion only)."""
+    done = next((e for e in outcome if isinstance(e, TaskCompleted)), None)
+    if done is None:
+        return outcome  # a TaskFailed is never final from the executor: the coordinator decides
+    log.warning("attempt finished after the coordinator declared it lost; its outcome is "
+                "reported as lost_executor, not completed", attempt=event.attempt)
+    return [event.derive(TaskFailed, event_id=derived_id(event.event_id, "superseded"),
+                         attempt=event.attempt, failure_class=failures.LOST_EXECUTOR,
+                         final=False, cost_usd=done.cost_usd, audit_head=done.audit_head,
+                         audit_count=done.audit_count,
+                         reason="the attempt completed after the coordinator had declared it "
+                                "lost; the coordinator's decision stands (output discarded)")]
 
 
 def _audit_ids(agent: Agent) -> set[str]:

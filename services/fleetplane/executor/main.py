@@ -28,6 +28,10 @@ from fleetplane.metrics.setup import instrument
 
 log = get_logger(__name__)
 
+#: the followers (cancellations, the fleet's leases and outcomes) read in rounds this far apart:
+#: a cancel waits at most this long more, and the fetch loop does not spin (core/follower.py)
+FOLLOWER_PACE_S = 0.1
+
 
 def main() -> None:
     settings = bootstrap("executor")
@@ -41,7 +45,7 @@ def main() -> None:
     registry = RepositoryRegistry()
     # one consumer for every topic this process only reads (core/follower.py): the registered
     # repositories, cancellations, the fleet's attempt leases
-    follower = Follower(settings, f"executor-follower-{executor_id}")
+    follower = Follower(settings, f"executor-follower-{executor_id}", pace_s=FOLLOWER_PACE_S)
     repositories = follower.follow("repositories", [REPOSITORIES_TOPIC],
                                    partial(apply_json, registry.apply))
     data_dir = settings.resolved_data_dir()
@@ -65,7 +69,8 @@ def main() -> None:
     if settings.executor_lease_s > 0 and runtime.live is not None:
         leases = LeaseTable(settings, executor_id, settings.executor_lease_lookback_s)
         # outcomes count only once committed: a follower of their own, read_committed (leases.py)
-        committed = Follower(settings, f"executor-outcomes-{executor_id}", "read_committed")
+        committed = Follower(settings, f"executor-outcomes-{executor_id}", "read_committed",
+                             pace_s=FOLLOWER_PACE_S)
         leases.follow(follower, committed)
         committed.start()
     follower.start()
@@ -89,7 +94,9 @@ def main() -> None:
     # consumer keeps polling while attempts run (no max.poll.interval.ms override needed).
     processor = ParallelProcessor("executor", [DISPATCH], handler, settings,
                                   group_id=settings.executor_group_id,
-                                  slots=settings.executor_slots)
+                                  slots=settings.executor_slots,
+                                  on_committed=runtime.committed)
+    runtime.track_commits = True  # finished attempts heartbeat until their outcome commits
     obs.registry.register(Slots(processor.slots, processor.running_count,
                                 lambda: len(runtime.running())))
     processor.install_signal_handlers()
