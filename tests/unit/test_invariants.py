@@ -143,3 +143,22 @@ def test_an_audit_event_missing_or_changed_breaks_the_chain() -> None:
     log.records[i] = (topic, call.model_copy(update={"cost_usd": 0.0}))
     v = check(log, {"a", "b", "c"}, quota)
     assert [b.split(":")[0] for b in v.audit_breaks] == ["a/a1", "b/a1"], v.audit_breaks
+
+
+def test_the_executors_report_vouches_for_the_chain_not_the_coordinators_declaration() -> None:
+    """The coordinator declares an attempt lost_executor without its audit events (it claims
+    none); the executor's own report of the attempt, later on the log, carries the chain. The
+    chain is checked against that report; with no report claiming them the events stay a
+    break."""
+    log = clean_log()
+    i = next(i for i, r in enumerate(log.records) if r[1].event_id == "a-done")
+    declared = ev.TaskFailed(event_id="a-lost", task_id="a", team="pay", attempt=1,
+                             failure_class="lost_executor", final=False,
+                             reason="no heartbeat from executor e1 for 31.0s", occurred_at=at(9))
+    log.records.insert(i, (OUTCOMES, declared))
+    v = check(log, {"a", "b", "c"}, quota)
+    assert v.audit_breaks == [] and v.audits_verified == 3, v.audit_breaks
+
+    log.records = [(t, e) for t, e in log.records if e.event_id != "a-done"]
+    v = check(log, {"a", "b", "c"}, quota)
+    assert [b.split(":")[0] for b in v.audit_breaks] == ["a/a1"], v.audit_breaks

@@ -220,13 +220,21 @@ def check_audit(log: Log, v: Verdict) -> None:
     for e in log.of(ev.ModelCall, ev.ToolCall, ev.WorkspaceChange):
         assert isinstance(e, ev.ModelCall | ev.ToolCall | ev.WorkspaceChange)
         audit[(e.task_id, e.attempt)].setdefault(e.event_id, e)
-    checked: set[tuple[str, int]] = set()
+    # the outcome that vouches for an attempt's chain is the executor's report: the one that
+    # claims the most audit events. The coordinator's lost_executor declaration (heartbeats
+    # stopped, lease expired) is a scheduling decision made without the attempt's events, so it
+    # claims none; the executor reports the same attempt when it comes back or finishes (from
+    # its journal, or as a superseded outcome). Audit events with no report claiming them stay a
+    # break.
+    reports: dict[tuple[str, int], ev.TaskCompleted | ev.TaskFailed] = {}
     for e in log.of(ev.TaskCompleted, ev.TaskFailed):
         assert isinstance(e, ev.TaskCompleted | ev.TaskFailed)
-        key = (e.task_id, e.attempt)
-        if key in checked or (isinstance(e, ev.TaskCompleted) and e.cached):
+        if isinstance(e, ev.TaskCompleted) and e.cached:
             continue
-        checked.add(key)
+        key = (e.task_id, e.attempt)
+        if key not in reports or e.audit_count > reports[key].audit_count:
+            reports[key] = e
+    for key, e in reports.items():
         events = audit.get(key, {})
         by_prev = {a.prev_hash: a for a in events.values()}
         ordered: list[auditchain.AuditEvent] = []
