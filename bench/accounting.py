@@ -73,6 +73,22 @@ def timed(fn: Callable[[], Any], repeat: int = 3) -> dict[str, float]:
     return {"first_s": times[0], "median_s": statistics.median(times)}
 
 
+def settle(store: Any, timeout_s: float = 180.0) -> float:
+    """Wait until ClickHouse runs no merge or mutation in the bench database (the generated
+    parts merged, as in a live system's steady state): the queries are then timed alone, not
+    next to chdb merging fresh parts in the same process. Returns the seconds waited."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout_s:
+        busy = int(store.command(
+            "SELECT (SELECT count() FROM system.merges WHERE database = {db:String}) + "
+            "(SELECT count() FROM system.mutations WHERE database = {db:String} "
+            "AND NOT is_done)", {"db": store.database}))
+        if not busy:
+            break
+        time.sleep(0.5)
+    return time.perf_counter() - started
+
+
 def scale_run(dsn_dir: Path, rows: int, raw_limit: int = RAW_LIMIT) -> dict[str, Any]:
     store = connect(Settings(clickhouse_dsn=f"chdb://{dsn_dir}",
                              clickhouse_database=f"bench_{rows}"))
@@ -91,6 +107,7 @@ def scale_run(dsn_dir: Path, rows: int, raw_limit: int = RAW_LIMIT) -> dict[str,
             # steady state: a live system's rollup parts are merged in the background
             store.command(f"OPTIMIZE TABLE {store.table(table)} FINAL")
         merge_s = time.perf_counter() - merge_started
+        settle_s = settle(store)
         settings = Settings()
         catalog = catalog_for(settings.catalog_file)
         small = catalog.default_model("small")
@@ -106,6 +123,7 @@ def scale_run(dsn_dir: Path, rows: int, raw_limit: int = RAW_LIMIT) -> dict[str,
             "tasks": rows // 5,
             "generate_s": gen_s,
             "rollup_merge_s": merge_s,
+            "settle_s": settle_s,
             "rollup_rows": int(store.command(
                 f"SELECT count() FROM {store.table('model_calls_hourly')}")),
             "cost_by_team": timed(lambda: queries.cost_by(store, "team")),

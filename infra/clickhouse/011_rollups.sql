@@ -15,8 +15,7 @@ ALTER TABLE {database}.attempt_outcomes ADD COLUMN IF NOT EXISTS tier LowCardina
 ALTER TABLE {database}.model_calls ADD INDEX IF NOT EXISTS event_id_bf event_id TYPE bloom_filter(0.01) GRANULARITY 1;
 ALTER TABLE {database}.attempt_outcomes ADD INDEX IF NOT EXISTS event_id_bf event_id TYPE bloom_filter(0.01) GRANULARITY 1;
 -- Model calls per hour x team x task type x model x tier.
--- tasks: distinct task ids (uniq: exact up to 65,536 distinct tasks per answer row, an estimate
--- within about 2% above that).
+-- Distinct tasks: first_calls (013_first_calls.sql), the count of tasks' first model calls.
 CREATE TABLE IF NOT EXISTS {database}.model_calls_hourly
 (
     hour                        DateTime('UTC'),
@@ -31,8 +30,7 @@ CREATE TABLE IF NOT EXISTS {database}.model_calls_hourly
     output_tokens               SimpleAggregateFunction(sum, UInt64),
     cache_creation_input_tokens SimpleAggregateFunction(sum, UInt64),
     cache_read_input_tokens     SimpleAggregateFunction(sum, UInt64),
-    latency_ms                  SimpleAggregateFunction(sum, Float64),
-    tasks                       AggregateFunction(uniq, String)
+    latency_ms                  SimpleAggregateFunction(sum, Float64)
 )
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)

@@ -306,6 +306,39 @@ def test_migration_backfills_rollups_of_a_database_that_predates_them(chdb_dir: 
         close_test_store(s)
 
 
+def test_a_database_from_before_first_calls_gets_its_task_counts_at_the_next_start(
+        chdb_dir: Path) -> None:
+    """Rollups and raw rows stored before model_calls.first_call existed (every flag 0, the
+    rollup view without it): the next start replaces the view, sets the flags from the rows
+    and adds the task counts to the rollups, which keep their other sums."""
+    s = open_test_store(chdb_dir)
+    try:
+        sink = ClickHouseSink(s)
+        deliver(sink, fleet(120, seed=9, prefix="old"))
+        sink.flush()
+        expected = {by: rounded(queries.cost_by(s, by), by)  # type: ignore[arg-type]
+                    for by in ("team", "model")}
+        assert all(r["tasks"] for rows in expected.values() for r in rows.values())
+        # the database as an older version left it
+        s.command(f"ALTER TABLE {s.table('model_calls')} UPDATE first_call = 0 WHERE 1 "
+                  "SETTINGS mutations_sync = 2")
+        rollups.rebuild(s)
+        for table in (rollups.CALLS_ROLLUP, rollups.DAILY[rollups.CALLS_ROLLUP]):
+            s.command(f"DROP VIEW {s.table(table + '_mv')}")
+            s.command(f"CREATE MATERIALIZED VIEW {s.table(table + '_mv')} TO {s.table(table)} "
+                      f"AS SELECT toStartOfHour(toDateTime(occurred_at, 'UTC')) AS hour, team, "
+                      f"task_type, model, tier, toUInt64(count()) AS calls, "
+                      f"sum(cost_usd) AS cost_usd FROM {s.table('model_calls')} "
+                      f"GROUP BY hour, team, task_type, model, tier")
+        assert {r["tasks"] for r in queries.cost_by(s, "team")} == {0}
+        apply_ddl(s)                                        # the start of a new version
+        for by, rows in expected.items():
+            assert rounded(queries.cost_by(s, by), by) == rows  # type: ignore[arg-type]
+            assert rounded(queries.cost_by_raw(s, by), by) == rows  # type: ignore[arg-type]
+    finally:
+        close_test_store(s)
+
+
 # -- the dashboard at growing history --------------------------------------------------------
 def dashboard_reads(s: Store) -> tuple[int, int, dict[str, Any]]:
     """(queries, rows ClickHouse reads for them, the payload) of one dashboard refresh. Rows: the

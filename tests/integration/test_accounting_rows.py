@@ -139,7 +139,7 @@ def test_dead_letter_payload_is_json_with_base64_bytes() -> None:
 
 def test_ddl_renders_every_statement_with_database_and_ttl() -> None:
     statements = ddl_statements("acct", ttl_days=30)
-    assert len(statements) == 34   # the rollups' views are created by rollups.create_views
+    assert len(statements) == 37   # the rollups' views are created by rollups.create_views
     assert statements[0] == "CREATE DATABASE IF NOT EXISTS acct"
     assert not any("{" in s or s.rstrip().endswith(";") for s in statements)
     fact_tables = [s for s in statements if "ReplacingMergeTree\n" in s]

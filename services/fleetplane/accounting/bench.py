@@ -113,7 +113,8 @@ def generate_history(store: Store, rows: int, *, teams: int = 20, types: int = 1
                toLowCardinality('end_turn') AS stop_reason,
                now64(3) - {age % 't'} + toIntervalMillisecond(600 + (number % 5) * 100)
                    AS occurred_at,
-               hex(cityHash64(number, '{prefix}', 'call')) AS event_id
+               hex(cityHash64(number, '{prefix}', 'call')) AS event_id,
+               toUInt8(number % 5 = 0) AS first_call
         FROM (SELECT number, intDiv(number, 5) AS t FROM numbers({rows}))"""
     transitions = f"""
         SELECT concat('{prefix}-', toString(t)) AS task_id,

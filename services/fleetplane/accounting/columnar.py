@@ -64,7 +64,7 @@ def _model_call(d: Fields) -> tuple[str, Row]:
         d["task_id"], d["team"], d["attempt"], d["call_index"], d["model"], d["provider"],
         d["tier"], d["input_tokens"], d["output_tokens"], d["cache_creation_input_tokens"],
         d["cache_read_input_tokens"], d["cost_usd"], d["latency_ms"], d["outcome"],
-        d["error"] or "", d["stop_reason"] or "", d["occurred_at"], d["event_id"], "")
+        d["error"] or "", d["stop_reason"] or "", d["occurred_at"], d["event_id"], "", 0)
 
 
 def _tool_call(d: Fields) -> tuple[str, Row]:

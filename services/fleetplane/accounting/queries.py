@@ -41,9 +41,10 @@ def cost_by(store: Store, by: CostDimension, *, team: str | None = None,
     Each row: {<by>: value, cost_usd, calls, tasks, input_tokens, output_tokens,
     cache_creation_input_tokens, cache_read_input_tokens}. From the hourly rollup (whole hours;
     raw rows for the partial hours at the ends of the window); `source="raw"` computes the same
-    from model_calls FINAL (tasks then exact). `tasks` from the rollup is exact up to 65,536
-    distinct tasks per row, an estimate within about 2% above. Model calls of tasks whose task
-    type was not known when they were stored group under task_type "".
+    from model_calls FINAL. `tasks` counts each task once, exactly, at its first model call: the
+    tasks whose first call falls in the window, under that call's team, task type, model and
+    tier (docs/accounting.md, "Counting tasks"). Model calls of tasks whose task type was not
+    known when they were stored group under task_type "".
     """
     if by not in COST_DIMENSIONS:
         raise ValueError(f"by must be one of {COST_DIMENSIONS}, not {by!r}")
@@ -57,7 +58,7 @@ def cost_by(store: Store, by: CostDimension, *, team: str | None = None,
         params["team"] = team
     return store.query(f"""
         SELECT toString({by}) AS {by}, sum(cost_usd) AS cost_usd, sum(calls) AS calls,
-               uniqMerge(tasks) AS tasks, sum(input_tokens) AS input_tokens,
+               sum(first_calls) AS tasks, sum(input_tokens) AS input_tokens,
                sum(output_tokens) AS output_tokens,
                sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
                sum(cache_read_input_tokens) AS cache_read_input_tokens
@@ -71,8 +72,7 @@ def cost_breakdown(store: Store, dims: tuple[CostDimension, ...], *, tasks: bool
                    since: datetime | None = None) -> dict[str, list[dict[str, Any]]]:
     """cost_by for several dimensions in one query (GROUPING SETS over the rollups):
     {dimension: rows as cost_by returns them}, from `since` on. tasks=False leaves out the
-    distinct-task count (merging uniq states is most of the query's work; the dashboard does not
-    show it)."""
+    task count (the dashboard does not show it)."""
     for by in dims:
         if by not in COST_DIMENSIONS:
             raise ValueError(f"by must be one of {COST_DIMENSIONS}, not {by!r}")
@@ -83,7 +83,7 @@ def cost_breakdown(store: Store, dims: tuple[CostDimension, ...], *, tasks: bool
     sets = ", ".join(f"({by})" for by in dims)
     rows = store.query(f"""
         SELECT {keys}, {flags}, sum(cost_usd) AS cost_usd, sum(calls) AS calls,
-               {"uniqMerge(tasks)" if tasks else "toUInt64(0)"} AS tasks,
+               {"sum(first_calls)" if tasks else "toUInt64(0)"} AS tasks,
                sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
                sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
                sum(cache_read_input_tokens) AS cache_read_input_tokens
@@ -106,7 +106,9 @@ def cost_by_raw(store: Store, by: CostDimension, *, team: str | None = None,
                 since: datetime | None = None, until: datetime | None = None
                 ) -> list[dict[str, Any]]:
     """cost_by from the raw rows (model_calls FINAL): the drill-down and audit answer, and the
-    reference the rollup answers are tested against. Reads grow with history."""
+    reference the rollup answers are tested against. Reads grow with history. A task's first
+    call is found from the rows themselves (rollups.FIRST_CALL_WINDOW), not from the sink's
+    first_call flag, so the rollup's task counts are checked against it."""
     if by not in COST_DIMENSIONS:
         raise ValueError(f"by must be one of {COST_DIMENSIONS}, not {by!r}")
     params: dict[str, Any] = {}
@@ -126,12 +128,13 @@ def cost_by_raw(store: Store, by: CostDimension, *, team: str | None = None,
             toString({key}) AS {by},
             sum(m.cost_usd) AS cost_usd,
             count() AS calls,
-            uniqExact(m.task_id) AS tasks,
+            toUInt64(countIf(m.first)) AS tasks,
             sum(m.input_tokens) AS input_tokens,
             sum(m.output_tokens) AS output_tokens,
             sum(m.cache_creation_input_tokens) AS cache_creation_input_tokens,
             sum(m.cache_read_input_tokens) AS cache_read_input_tokens
-        FROM {store.table('model_calls')} AS m FINAL
+        FROM (SELECT *, {rollups.FIRST_CALL_WINDOW} AS first
+              FROM {store.table('model_calls')} FINAL) AS m
         {where_clause(clauses)}
         GROUP BY {by}
         ORDER BY cost_usd DESC, {by}

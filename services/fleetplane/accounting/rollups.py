@@ -27,10 +27,10 @@ _CALLS_SELECT = """
     sum(output_tokens) AS output_tokens,
     sum(cache_creation_input_tokens) AS cache_creation_input_tokens,
     sum(cache_read_input_tokens) AS cache_read_input_tokens,
-    sum(latency_ms) AS latency_ms, uniqState(task_id) AS tasks"""
+    sum(latency_ms) AS latency_ms, toUInt64(sum(first_call)) AS first_calls"""
 _CALLS_COLUMNS = ("hour, team, task_type, model, tier, calls, errors, cost_usd, input_tokens, "
                   "output_tokens, cache_creation_input_tokens, cache_read_input_tokens, "
-                  "latency_ms, tasks")
+                  "latency_ms, first_calls")
 _CALLS_GROUP = "hour, team, task_type, model, tier"
 
 _ATTEMPTS_SELECT = """
@@ -173,15 +173,59 @@ def _targets(rollup: str) -> tuple[tuple[str, str], ...]:
     return (rollup, "toStartOfHour"), (DAILY[rollup], "toStartOfDay")
 
 
-def create_views(store: Store) -> None:
+def _view_selects(store: Store) -> dict[str, str]:
+    """name -> stored SELECT of the materialized views in the database."""
+    rows = store.query(
+        "SELECT name, as_select FROM system.tables WHERE database = {db:String} "
+        "AND engine = 'MaterializedView'", {"db": store.database})
+    return {str(r["name"]): str(r["as_select"]) for r in rows}
+
+
+def create_views(store: Store) -> bool:
     """The materialized views that feed the hourly and daily rollups from every inserted block
-    of model_calls / attempt_outcomes (idempotent; the tables are in 011_rollups.sql)."""
+    of model_calls / attempt_outcomes (idempotent; the tables are in 011_rollups.sql). A model
+    calls view of a database created before first_calls (013_first_calls.sql) is replaced (at
+    the start, before the sink inserts); returns True when that happened (the caller backfills
+    the flags: backfill_first_calls)."""
+    stored = _view_selects(store)
+    replaced = False
     for rollup, raw, select, _columns, group in _ROLLUPS:
         for table, bucket in _targets(rollup):
+            name = table + "_mv"
+            if rollup == CALLS_ROLLUP and name in stored and "first_call" not in stored[name]:
+                log.info("replacing a rollup view that predates first_calls", view=name)
+                store.command(f"DROP VIEW IF EXISTS {store.table(name)}")
+                replaced = True
             store.command(
-                f"CREATE MATERIALIZED VIEW IF NOT EXISTS {store.table(table + '_mv')} "
+                f"CREATE MATERIALIZED VIEW IF NOT EXISTS {store.table(name)} "
                 f"TO {store.table(table)} AS SELECT {select.replace('{bucket}', bucket)} "
                 f"FROM {store.table(raw)} GROUP BY {group}")
+    return replaced
+
+
+#: model_calls rows that are their task's first model call (lowest attempt, then call_index;
+#: event_id breaks a tie), computed from the rows alone: the reference for the sink's flag
+FIRST_CALL_WINDOW = ("row_number() OVER (PARTITION BY task_id ORDER BY attempt, call_index, "
+                     "event_id) = 1")
+
+
+def backfill_first_calls(store: Store, rollups_too: bool = True) -> None:
+    """Set model_calls.first_call on stored rows (a database that predates the flag), and add
+    their counts to the rollups' first_calls (sums: the other columns are left as they are).
+    Hours whose raw rows expired keep first_calls 0."""
+    t = store.table
+    store.command(
+        f"ALTER TABLE {t('model_calls')} UPDATE first_call = 1 WHERE event_id IN ("
+        f"SELECT event_id FROM (SELECT event_id, {FIRST_CALL_WINDOW} AS first "
+        f"FROM {t('model_calls')} FINAL) WHERE first) SETTINGS mutations_sync = 2")
+    if not rollups_too:
+        return
+    for table, bucket in _targets(CALLS_ROLLUP):
+        store.command(
+            f"INSERT INTO {t(table)} (hour, team, task_type, model, tier, first_calls) "
+            f"SELECT {bucket}(toDateTime(occurred_at, 'UTC')) AS hour, team, task_type, model, "
+            f"tier, toUInt64(count()) FROM {t('model_calls')} FINAL WHERE first_call = 1 "
+            f"GROUP BY hour, team, task_type, model, tier")
 
 
 def rebuild(store: Store) -> None:
@@ -239,5 +283,7 @@ def migrate(store: Store) -> bool:
         return False
     log.info("backfilling the hourly rollups from raw rows", rows=raw)
     _update_attempt_columns(store)
+    if not int(store.command(f"SELECT count() FROM {t('model_calls')} WHERE first_call = 1")):
+        backfill_first_calls(store, rollups_too=False)
     rebuild(store)
     return True

@@ -34,10 +34,13 @@ MODEL_CALLS_COLUMNS: tuple[str, ...] = (
     "task_id", "team", "attempt", "call_index", "model", "provider", "tier", "input_tokens",
     "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens", "cost_usd",
     "latency_ms", "outcome", "error", "stop_reason", "occurred_at", "event_id", "task_type",
+    "first_call",
 )
 # model_calls.task_type is filled in by the sink (ClickHouseSink resolves it from the task's
-# lifecycle rows); rows_for leaves it empty.
+# lifecycle rows); rows_for leaves it empty. first_call (1 on the task's first model call) is set
+# by the sink too; rows_for leaves it 0.
 MODEL_CALL_TASK_TYPE = MODEL_CALLS_COLUMNS.index("task_type")
+MODEL_CALL_FIRST = MODEL_CALLS_COLUMNS.index("first_call")
 TASK_TRANSITIONS_COLUMNS: tuple[str, ...] = (
     "task_id", "team", "event_id", "event_type", "state", "terminal", "state_rank", "occurred_at",
     "attempt", "task_type", "model", "tier", "cost_usd", "reason",
@@ -148,7 +151,7 @@ def model_call_row(event: ev.ModelCall) -> Row:
         event.task_id, event.team, event.attempt, event.call_index, event.model, event.provider,
         event.tier, event.input_tokens, event.output_tokens, event.cache_creation_input_tokens,
         event.cache_read_input_tokens, event.cost_usd, event.latency_ms, event.outcome,
-        event.error or "", event.stop_reason or "", event.occurred_at, event.event_id, "",
+        event.error or "", event.stop_reason or "", event.occurred_at, event.event_id, "", 0,
     )
 
 

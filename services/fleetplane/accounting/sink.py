@@ -31,6 +31,8 @@ Before inserting the sink also fills what the events do not carry: model_calls.t
 attempt_outcomes.task_type (tasktypes.py), and attempt_outcomes.call_model / tier: the model and
 tier of the attempt's last model call (by call_index), from the calls seen by this process or
 else from ClickHouse. An attempt that made no model call keeps an empty call_model.
+model_calls.first_call marks each task's first model call (tasktypes.FirstCalls): the rollups
+count tasks by summing it.
 
 Inserts are columnar (one list per column, built with zip in C).
 """
@@ -50,6 +52,7 @@ from fleetplane.accounting.rows import (
     COLUMNS,
     EVENTS,
     EVENTS_COLUMNS,
+    MODEL_CALL_FIRST,
     MODEL_CALL_TASK_TYPE,
     MODEL_CALLS,
     OUTCOME_TASK_TYPE,
@@ -59,7 +62,7 @@ from fleetplane.accounting.rows import (
     Row,
 )
 from fleetplane.accounting.store import Store
-from fleetplane.accounting.tasktypes import AttemptModels, TaskTypes
+from fleetplane.accounting.tasktypes import AttemptModels, FirstCalls, TaskTypes
 from fleetplane.core.errors import Fatal, RetryPolicy
 from fleetplane.core.logging import get_logger
 
@@ -138,6 +141,7 @@ class ClickHouseSink:
         self._lock = threading.RLock()
         self.task_types = TaskTypes(store)
         self.attempt_models = AttemptModels(store)
+        self.first_calls = FirstCalls(store)
         self.recent = RecentIds(recent_ids)
         #: (topic, partition) -> highest offset an earlier process of the group may have
         #: stored (sink_progress); None until read after an assignment
@@ -225,6 +229,7 @@ class ClickHouseSink:
             self._fill_task_types()
             self._fill_attempt_models()
             self._drop_known()
+            self._flag_first_calls()
             self._mark_progress()
             stored: list[str] = []
             for table, buffer in self._buffers.items():
@@ -308,6 +313,18 @@ class ClickHouseSink:
         return {str(r[0]) for r in rows}
 
     # -- columns the events do not carry ---------------------------------------------------
+    def _flag_first_calls(self) -> None:
+        """Set model_calls.first_call on each task's first model call (after deduplication:
+        a redelivered first call was stored with its flag and is not inserted again)."""
+        rows = self._buffers.get(MODEL_CALLS)
+        if not rows:
+            return
+        col = MODEL_CALL_FIRST
+        for i in self._retrying("looking up tasks' earlier model calls",
+                                lambda: self.first_calls.first_rows(rows)):
+            row = rows[i]
+            rows[i] = (*row[:col], 1, *row[col + 1:])
+
     def _fill_task_types(self) -> None:
         """Set model_calls.task_type and attempt_outcomes.task_type from the tasks' lifecycle rows
         (see tasktypes.py)."""

@@ -313,9 +313,10 @@ def apply_ddl(store: Store, ttl_days: int = 0, ddl_dir: Path = DDL_DIR,
     if ddl_dir == DDL_DIR:
         from fleetplane.accounting import rollups
 
-        rollups.create_views(store)
+        replaced = rollups.create_views(store)
         apply_ttl(store, ttl_days, audit_ttl_days)
-        rollups.migrate(store)
+        if not rollups.migrate(store) and replaced:
+            rollups.backfill_first_calls(store)
     log.info("clickhouse schema applied", statements=len(statements), database=store.database)
     return len(statements)
 

@@ -1,4 +1,5 @@
-"""Which task type a task has, for rows whose event does not carry it (model calls).
+"""Per-task facts the sink fills in: which task type a task has, for rows whose event does not
+carry it (model calls); each attempt's call model; which model call is a task's first.
 
 The type is on the task's lifecycle rows (TaskSubmitted/Accepted/Routed/... carry the spec). The
 sink remembers the types of the transition rows it sees (a bounded LRU) and asks ClickHouse once
@@ -15,8 +16,8 @@ from typing import Any
 from fleetplane.accounting.rows import MODEL_CALLS_COLUMNS
 from fleetplane.accounting.store import Store
 
-_TASK, _ATTEMPT, _INDEX, _MODEL, _TIER = (MODEL_CALLS_COLUMNS.index(c) for c in (
-    "task_id", "attempt", "call_index", "model", "tier"))
+_TASK, _TEAM, _ATTEMPT, _INDEX, _MODEL, _TIER = (MODEL_CALLS_COLUMNS.index(c) for c in (
+    "task_id", "team", "attempt", "call_index", "model", "tier"))
 
 
 class TaskTypes:
@@ -90,3 +91,54 @@ class AttemptModels:
                 if key in missing:
                     found[key] = (str(row["model"]), str(row["tier"]))
         return found
+
+
+class FirstCalls:
+    """Which model call is its task's first (lowest attempt, then call_index), for the rollups'
+    task counts (model_calls.first_call; docs/accounting.md, "Counting tasks").
+
+    Tasks with a stored model call are remembered in two generations of sets (bounded memory).
+    A call of a task not remembered is its task's first when it is the lowest call of its task
+    in the flush and either attempt <= 1 with call_index 0 (nothing can come before it) or no
+    model call of the task is stored in ClickHouse (one lookup per flush, only for such tasks:
+    after a restart, a retry whose earlier attempt made no call, a task forgotten by the sets)."""
+
+    def __init__(self, store: Store, capacity: int = 400_000) -> None:
+        self.store = store
+        self.half = max(1, capacity // 2)
+        self._new: set[str] = set()
+        self._old: set[str] = set()
+        self.lookups = 0
+
+    def _seen(self, task_id: str) -> bool:
+        return task_id in self._new or task_id in self._old
+
+    def _remember(self, task_ids: Iterable[str]) -> None:
+        self._new.update(task_ids)
+        if len(self._new) >= self.half:
+            self._old, self._new = self._new, set()
+
+    def first_rows(self, rows: list[tuple[Any, ...]]) -> list[int]:
+        """Indexes of the rows (model_calls rows of one flush, deduplicated) that are their
+        task's first model call; every task of the rows is remembered as having a call."""
+        lowest: dict[str, tuple[int, int, int]] = {}
+        for i, row in enumerate(rows):
+            task = row[_TASK]
+            if self._seen(task):
+                continue
+            key = (int(row[_ATTEMPT]), int(row[_INDEX]))
+            best = lowest.get(task)
+            if best is None or key < best[:2]:
+                lowest[task] = (*key, i)
+        unsure = {task for task, (attempt, index, _) in lowest.items()
+                  if not (attempt <= 1 and index == 0)}
+        stored: set[str] = set()
+        if unsure:
+            self.lookups += 1
+            teams = sorted({str(rows[lowest[t][2]][_TEAM]) for t in unsure})
+            stored = {str(r[0]) for r in self.store.query_rows(
+                f"SELECT DISTINCT task_id FROM {self.store.table('model_calls')} "
+                "WHERE team IN {teams:Array(String)} AND task_id IN {ids:Array(String)}",
+                {"teams": teams, "ids": sorted(unsure)})}
+        self._remember(lowest)
+        return sorted(i for task, (_, _, i) in lowest.items() if task not in stored)

@@ -81,7 +81,7 @@ def _typed_calls(store: Store) -> str:
             f"m.input_tokens AS input_tokens, m.output_tokens AS output_tokens, "
             f"m.cache_creation_input_tokens AS cache_creation_input_tokens, "
             f"m.cache_read_input_tokens AS cache_read_input_tokens, "
-            f"m.task_type AS type "
+            f"m.task_type AS type, {rollups.FIRST_CALL_WINDOW} AS first "
             f"FROM {store.table('model_calls')} AS m FINAL)")
 
 
@@ -103,7 +103,7 @@ def _selected_calls(store: Store, sel: Selection, source: str = "rollup"
         return store.query(
             f"""
             SELECT toString(task_type) AS task_type, toString(model) AS model,
-                   sum(cost_usd) AS cost_usd, sum(calls) AS calls, uniqMerge(tasks) AS tasks,
+                   sum(cost_usd) AS cost_usd, sum(calls) AS calls, sum(first_calls) AS tasks,
                    sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
                    sum(cache_creation_input_tokens) AS cache_write_tokens,
                    sum(cache_read_input_tokens) AS cache_read_tokens
@@ -114,7 +114,7 @@ def _selected_calls(store: Store, sel: Selection, source: str = "rollup"
     return store.query(
         f"""
         SELECT type AS task_type, model, sum(cost_usd) AS cost_usd, count() AS calls,
-               uniqExact(task_id) AS tasks, sum(input_tokens) AS input_tokens,
+               toUInt64(countIf(first)) AS tasks, sum(input_tokens) AS input_tokens,
                sum(output_tokens) AS output_tokens,
                sum(cache_creation_input_tokens) AS cache_write_tokens,
                sum(cache_read_input_tokens) AS cache_read_tokens
