@@ -42,8 +42,10 @@ test: install
 test-long: install
 	@$(call PYTEST,-m "long and not quarantine")
 
+## test-quarantine: the tests known to fail (none when docs/testing.md's table is empty)
 test-quarantine: install
-	@$(call PYTEST,-m quarantine)
+	@rc=0; $(PY) -m pytest -q -m quarantine $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "nothing is quarantined"; exit 0; fi; exit $$rc
 
 test-unit: install
 	$(PY) -m pytest -q tests/unit
