@@ -57,3 +57,28 @@ def test_a_finished_attempt_is_answered_with_its_outcome_and_audit_events(
     assert previous is not None
     out = _answer_redelivery(Runtime(Settings(), "e1"), d, previous)
     assert out == [*calls, done]
+
+
+def test_a_finished_attempt_whose_lease_ran_out_is_answered_as_lost_not_completed(
+        tmp_path: Path) -> None:
+    """Lease semantics for a redelivered, finished attempt: with most of its lease left the
+    journal's TaskCompleted is published; with the lease expired (or nearly) the coordinator may
+    already have declared the attempt lost and retried it, so the answer is a non-final
+    lost_executor carrying the same cost and audit chain (one terminal record per task)."""
+    d = _dispatch()
+    calls, chain = _calls(d, 2)
+    done = d.derive(ev.TaskCompleted, event_id=f"{d.event_id}-done", attempt=1, model="m",
+                    output="ok", cost_usd=0.002, duration_ms=10, audit_head=chain.head,
+                    audit_count=chain.count)
+    previous = {"dispatch": d.event_id, "state": "done", "audit": Journal.encode(list(calls)),
+                "outcome": Journal.encode([done])}
+    rt = Runtime(Settings(), "e1")
+    assert _answer_redelivery(rt, d, previous, lease_left_ms=rt.lease_ms - 1000) == [*calls, done]
+    for left in (rt.lease_ms // 10, -1):
+        out = _answer_redelivery(rt, d, previous, lease_left_ms=left)
+        assert out[:-1] == calls
+        lost = out[-1]
+        assert isinstance(lost, ev.TaskFailed) and not lost.final
+        assert lost.failure_class == "lost_executor"
+        assert (lost.cost_usd, lost.audit_head, lost.audit_count) == (0.002, chain.head, 2)
+        assert not any(isinstance(e, ev.TaskCompleted) for e in out)

@@ -8,6 +8,7 @@ runtime.py and docs/executor.md for the reasoning)."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from functools import lru_cache
@@ -92,7 +93,9 @@ def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
                  attempt=event.attempt, holder=lease.executor_id)
         return []
     if previous is not None:
-        return _answer_redelivery(rt, event, previous)
+        left = None if leases is None else (
+            lease.expires_ms - int(time.time() * 1000) if lease is not None else -1)
+        return _answer_redelivery(rt, event, previous, lease_left_ms=left)
     if lease is not None:
         if lease.live() and lease.executor_id != executor_id:
             log.warning("dispatch not run: the attempt's lease is live on another executor",
@@ -141,7 +144,16 @@ def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
     return result
 
 
-def _superseded(event: TaskDispatched, outcome: list[Event]) -> list[Event]:
+#: a redelivered attempt's journal outcome is published as finished only if the attempt's
+#: lease has at least this share of a lease left (else the coordinator may declare it lost
+#: before the answer commits: two terminal records)
+LEASE_MARGIN = 1 / 3
+
+
+def _superseded(event: TaskDispatched, outcome: list[Event],
+                reason: str = "the attempt completed after the coordinator had declared it "
+                              "lost; the coordinator's decision stands (output discarded)"
+                ) -> list[Event]:
     """The attempt finished, but its attempt already has a committed outcome that this process
     did not publish: the coordinator declared it lost (its heartbeats stopped for longer than
     the lease: the process was frozen, or cut off from the broker) and has retried it or ended
@@ -151,14 +163,12 @@ def _superseded(event: TaskDispatched, outcome: list[Event]) -> list[Event]:
     done = next((e for e in outcome if isinstance(e, TaskCompleted)), None)
     if done is None:
         return outcome  # a TaskFailed is never final from the executor: the coordinator decides
-    log.warning("attempt finished after the coordinator declared it lost; its outcome is "
-                "reported as lost_executor, not completed", attempt=event.attempt)
+    log.warning("attempt's outcome reported as lost_executor, not completed", reason=reason,
+                attempt=event.attempt)
     return [event.derive(TaskFailed, event_id=derived_id(event.event_id, "superseded"),
                          attempt=event.attempt, failure_class=failures.LOST_EXECUTOR,
                          final=False, cost_usd=done.cost_usd, audit_head=done.audit_head,
-                         audit_count=done.audit_count,
-                         reason="the attempt completed after the coordinator had declared it "
-                                "lost; the coordinator's decision stands (output discarded)")]
+                         audit_count=done.audit_count, reason=reason)]
 
 
 def _audit_ids(agent: Agent) -> set[str]:
@@ -168,11 +178,19 @@ def _audit_ids(agent: Agent) -> set[str]:
     return ids
 
 
-def _answer_redelivery(rt: Runtime, event: TaskDispatched, previous: dict[str, object]) -> \
-        list[Event]:
+def _answer_redelivery(rt: Runtime, event: TaskDispatched, previous: dict[str, object],
+                       lease_left_ms: int | None = None) -> list[Event]:
     """The dispatch came back after this executor stopped (its transaction was not committed).
     A finished attempt is answered with the same outcome; an interrupted one is reported as
-    lost (its worktree was cleaned at start-up), never run a second time."""
+    lost (its worktree was cleaned at start-up), never run a second time.
+
+    A lease works like one: a finished attempt whose claim has expired, or is about to
+    (`lease_left_ms` under LEASE_MARGIN of a lease; negative when the lease table knows no
+    claim), is answered as a non-final lost_executor with its cost and audit chain, not as
+    completed: the coordinator may have declared it lost and retried it already, or does so
+    before this answer commits (the 2,000-task chaos run: 24 tasks completed twice, the
+    restarted executor's answer landing a second after the declaration). None: no lease
+    table, answered as finished."""
     # the attempt's audit events as well: live ones may not have reached the log (the process
     # was killed before the broker acknowledged them, or the broker lost them); consumers
     # deduplicate by event id
@@ -180,7 +198,13 @@ def _answer_redelivery(rt: Runtime, event: TaskDispatched, previous: dict[str, o
     audited = Journal.decode(audit) if isinstance(audit, list) else []
     if previous.get("state") == "done":
         raw = previous.get("outcome")
-        return [*audited, *Journal.decode(raw)] if isinstance(raw, list) else []
+        outcome = Journal.decode(raw) if isinstance(raw, list) else []
+        if lease_left_ms is not None and lease_left_ms < rt.lease_ms * LEASE_MARGIN:
+            outcome = _superseded(event, outcome, reason=(
+                "the executor stopped before this attempt's outcome was committed, and the "
+                "attempt's lease had expired or was about to when it came back; reported as "
+                "lost (output discarded) so the coordinator's decision is the only one"))
+        return [*audited, *outcome] if outcome else []
     if event.spec.repository:
         try:
             rt.workspaces.rollback(event.spec.repository, event.task_id, event.attempt,
