@@ -354,6 +354,12 @@ def apply_ttl(store: Store, ttl_days: int, audit_ttl_days: int = 0) -> None:
 
 
 def apply_settings_ddl(store: Store, settings: Settings) -> int:
-    """apply_ddl with the retention and partitioning of `settings` (the service's start)."""
-    return apply_ddl(store, settings.clickhouse_ttl_days, partition=settings.clickhouse_partition,
-                     audit_ttl_days=settings.clickhouse_audit_ttl_days)
+    """apply_ddl with the retention and partitioning of `settings` (the service's start), then
+    the recent rollup buckets recounted from raw rows (rollups.repair_recent: what a crash
+    during an insert left out of the materialized views)."""
+    n = apply_ddl(store, settings.clickhouse_ttl_days, partition=settings.clickhouse_partition,
+                  audit_ttl_days=settings.clickhouse_audit_ttl_days)
+    from fleetplane.accounting import rollups
+
+    rollups.repair_recent(store, settings.accounting_repair_hours)
+    return n

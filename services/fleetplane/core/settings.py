@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     # Accounting (issue 6): partitioning, budget and anomaly publishing, analyst SQL limits
     clickhouse_partition: str = Field(
         default="month", description="Partition granularity of new fact tables: month, week, day.")
+    accounting_repair_hours: float = Field(
+        default=2.0, ge=0, description="At accounting's start, recount the rollup buckets of "
+        "the last this many hours from the raw rows (a crash during an insert can leave rows "
+        "out of the materialized views); 0: off.")
     accounting_check_interval_s: float = Field(
         default=5.0, description="How often accounting recomputes budgets and anomalies.")
     budget_republish_s: float = Field(
