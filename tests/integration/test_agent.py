@@ -164,6 +164,24 @@ def test_restart_cleans_orphaned_worktrees_and_a_redelivered_dispatch_is_not_rer
         e.event_id for e in first if isinstance(e, ev.ModelCall | ev.TaskCompleted)]
 
 
+def test_a_dispatch_read_again_by_the_same_process_is_answered_not_dropped(
+        tmp_path: Path, fake: FakeProvider, sandbox: Sandbox) -> None:
+    """A transaction aborted after a broker outage is read again by the same process: the
+    attempt ran (journal: done), its outputs were never committed. The copy is answered from
+    the journal (same event ids, no second model call); dropping it as a duplicate left the
+    dispatch without any answer (the 2,000-task chaos run's two stuck tasks)."""
+    rt = runtime(tmp_path, {}, sandbox)
+    rt.journal = Journal(tmp_path / "journal")
+    fake.set_script({"replies": [{"text": "fine"}]})
+    event = dispatched("t-again", "plain", repository=None)
+    seen = SeenDispatches()
+    first = list(execute(CATALOG, clients(fake), "test-executor", seen, event, runtime=rt))
+    again = list(execute(CATALOG, clients(fake), "test-executor", seen, event, runtime=rt))
+    assert len(fake.calls) == 1
+    assert of(again, ev.TaskCompleted) and [e.event_id for e in again] == [
+        e.event_id for e in first if isinstance(e, ev.ModelCall | ev.TaskCompleted)]
+
+
 def test_dollar_limit_stops_before_the_call_that_would_exceed_it(
         tmp_path: Path, fake: FakeProvider, sandbox: Sandbox) -> None:
     repo = sample_repo(tmp_path)

@@ -37,13 +37,21 @@ log = get_logger(__name__)
 
 
 class SeenDispatches:
-    """Dispatch event ids this process already ran (bounded, thread-safe).
+    """Dispatch event ids this process already took (bounded, thread-safe), and which of them
+    are still being handled.
 
     The coordinator is at-least-once: after a crash it may re-publish the dispatches of its last
-    batch with the same event ids. Running one again would call the model twice."""
+    batch with the same event ids. Running one again would call the model twice. A copy that
+    arrives while the first is still being handled here is dropped (the first one answers). A
+    copy that arrives after it was handled is answered from the journal and the leases like any
+    redelivery (without a journal it is dropped): its outputs may never have been committed,
+    since a transaction aborted after a broker outage is read again by this same process.
+    Dropping that copy left the dispatch without any answer (the 2,000-task chaos run's two
+    stuck tasks)."""
 
     def __init__(self, capacity: int = 200_000) -> None:
         self._ids: OrderedDict[str, None] = OrderedDict()
+        self._active: set[str] = set()
         self._capacity = capacity
         self._lock = threading.Lock()
 
@@ -52,9 +60,19 @@ class SeenDispatches:
             if event_id in self._ids:
                 return False
             self._ids[event_id] = None
+            self._active.add(event_id)
             if len(self._ids) > self._capacity:
                 self._ids.popitem(last=False)
             return True
+
+    def active(self, event_id: str) -> bool:
+        """Whether the dispatch is being handled here right now."""
+        with self._lock:
+            return event_id in self._active
+
+    def handled(self, event_id: str) -> None:
+        with self._lock:
+            self._active.discard(event_id)
 
 
 @lru_cache(maxsize=1)
@@ -72,8 +90,21 @@ def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
     if not isinstance(event, TaskDispatched):
         return []
     if not seen.first_time(event.event_id):
-        log.warning("duplicate dispatch ignored", attempt=event.attempt)
-        return []
+        if seen.active(event.event_id) or (runtime or _default_runtime()).journal is None:
+            log.warning("duplicate dispatch ignored", attempt=event.attempt)
+            return []
+        log.warning("dispatch handled here before came back (its outputs were not "
+                    "committed, or were): answered as a redelivery", attempt=event.attempt)
+        return _handle(catalog, clients, executor_id, event, record, runtime, leases)
+    try:
+        return _handle(catalog, clients, executor_id, event, record, runtime, leases)
+    finally:
+        seen.handled(event.event_id)
+
+
+def _handle(catalog: Catalog, clients: ModelClients, executor_id: str, event: TaskDispatched,
+            record: Record | None, runtime: Runtime | None, leases: LeaseTable | None
+            ) -> list[Event]:
     rt = runtime or _default_runtime()
     if event.action == "rollback":
         return rollback(rt, event)
