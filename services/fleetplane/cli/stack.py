@@ -72,6 +72,11 @@ class Stack:
     coordinator_web_port: int = 0
     reconciler_port: int = 0
     coordinator_standby: bool = True  # a second coordinator process (standby)
+    #: the takeover wait of the first coordinator's first start on a broker this stack started
+    #: itself: nothing else can hold the active role there, so waiting the full
+    #: coordinator_takeover_s (5 s) for an active that does not exist only delays `up`; its
+    #: restarts wait the full time (docs/testing.md, "Start-up")
+    first_takeover_s: float = 1.0
     #: process name -> metrics port (METRICS_PORT_SETTINGS; free ports for those not given)
     metrics_ports: dict[str, int] = field(default_factory=dict)
     broker: EmbeddedBroker | None = None
@@ -158,9 +163,14 @@ class Stack:
             self._spawn("fake-provider", [sys.executable, "-m", "fleetplane.fakeprovider.server",
                                           "--port", str(self.provider_port),
                                           *self.fake_provider_args])
+        first_start = ({"FLEETPLANE_COORDINATOR_TAKEOVER_S": str(self.first_takeover_s)}
+                       if not self.external_bootstrap
+                       and "FLEETPLANE_COORDINATOR_TAKEOVER_S" not in self.extra_env else {})
         for name in self.services:
+            coordinator = name == "coordinator"
             self._spawn(name, [sys.executable, "-m", f"fleetplane.{name}.main"],
-                        {"FLEETPLANE_INSTANCE_ID": "a"} if name == "coordinator" else None)
+                        {"FLEETPLANE_INSTANCE_ID": "a"} if coordinator else None,
+                        once=first_start if coordinator else None)
         self.wait_ready(timeout_s)
         if "coordinator" in self.services and self.coordinator_standby:
             # started once the first one is active, so that one is the active one
@@ -188,13 +198,16 @@ class Stack:
             time.sleep(0.25)  # each miss counts against the failed-token limit (30/min)
         raise RuntimeError(f"ingest did not learn the token within {timeout_s}s")
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+               once: dict[str, str] | None = None) -> Child:
+        """Start `name`; `env` stays with the child (its restarts get it too), `once` is for
+        this start only."""
         child = self.children.get(name) or Child(name, argv, self.log_dir / f"{name}.log",
                                                  env=env or {})
         with open(child.log_path, "ab") as log:
             child.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL,
-                                          env={**self.env(), **child.env},
+                                          env={**self.env(), **child.env, **(once or {})},
                                           start_new_session=True)
         child.started_at = time.monotonic()
         self.children[name] = child
