@@ -72,11 +72,14 @@ class Stack:
     coordinator_web_port: int = 0
     reconciler_port: int = 0
     coordinator_standby: bool = True  # a second coordinator process (standby)
-    #: the takeover wait of the first coordinator's first start on a broker this stack started
-    #: itself: nothing else can hold the active role there, so waiting the full
+    #: the takeover wait of the first coordinator's first start on a broker no other deployment
+    #: uses: nothing else can hold the active role there, so waiting the full
     #: coordinator_takeover_s (5 s) for an active that does not exist only delays `up`; its
     #: restarts wait the full time (docs/testing.md, "Start-up")
     first_takeover_s: float = 1.0
+    #: the broker is this stack's alone (None: when the stack starts the embedded one itself;
+    #: a caller that started a broker of its own for the stack, as the tansu test does, says so)
+    private_broker: bool | None = None
     #: process name -> metrics port (METRICS_PORT_SETTINGS; free ports for those not given)
     metrics_ports: dict[str, int] = field(default_factory=dict)
     broker: EmbeddedBroker | None = None
@@ -164,7 +167,8 @@ class Stack:
                                           "--port", str(self.provider_port),
                                           *self.fake_provider_args])
         first_start = ({"FLEETPLANE_COORDINATOR_TAKEOVER_S": str(self.first_takeover_s)}
-                       if not self.external_bootstrap
+                       if (self.private_broker if self.private_broker is not None
+                           else not self.external_bootstrap)
                        and "FLEETPLANE_COORDINATOR_TAKEOVER_S" not in self.extra_env else {})
         for name in self.services:
             coordinator = name == "coordinator"
