@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import httpx
 from fleetplane.core.localstack import ADMIN_TOKEN_FILE
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import ensure_topics, load_topics
-from fleetplane.infra.broker import EmbeddedBroker, free_port, stop_group, stop_groups
+from fleetplane.infra.broker import EmbeddedBroker, free_port, stop_group
 from fleetplane.ingest.tokens import ensure_local_admin, issue
 
 SERVICES = ("ingest", "router", "coordinator", "executor", "accounting", "reconciler")
@@ -278,10 +279,7 @@ class Stack:
         return None
 
     def stop_child(self, name: str, timeout_s: float = 20.0) -> None:
-        child = self.children[name]
-        if child.proc is not None and child.proc.poll() is None:
-            stop_group(child.proc.pid, timeout_s=timeout_s)
-            child.proc.wait(10)
+        self.stop_children([name], timeout_s)
 
     def supervise_once(self, backoff_s: float = 1.0) -> list[str]:
         """Restart the broker (embedded) and children that exited; returns their names.
@@ -332,15 +330,34 @@ class Stack:
         # the services together (one SIGTERM each, then one wait: not 5-20 s per service)
         if COORDINATOR_STANDBY in self.children:
             self.stop_child(COORDINATOR_STANDBY)
-        self._stop_together([n for n in SERVICES if n in self.children])
-        self._stop_together(list(self.children))
+        self.stop_children([n for n in SERVICES if n in self.children])
+        self.stop_children(list(self.children))
         if self.broker is not None:
             self.broker.stop()
 
-    def _stop_together(self, names: list[str], timeout_s: float = 20.0) -> None:
-        procs = [self.children[n].proc for n in names]
-        running = [p for p in procs if p is not None and p.poll() is None]
-        stop_groups([p.pid for p in running], timeout_s=timeout_s)
+    def stop_children(self, names: list[str], timeout_s: float = 20.0) -> None:
+        """SIGTERM to the process group of each of `names` at once, then one wait for all (not
+        5-20 s per service), SIGKILL to what is left after `timeout_s`. Each child is reaped
+        through its Popen, so `child.proc.returncode` is its real exit status (infra.broker's
+        stop_groups reaps by pid, which left Popen to report 0 for any exit)."""
+        running: dict[subprocess.Popen[bytes], int] = {}
+        for name in names:
+            proc = self.children[name].proc
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    running[proc] = os.getpgid(proc.pid)
+        for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+            for pgid in running.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, sig)
+            deadline = time.monotonic() + wait
+            while running and time.monotonic() < deadline:
+                for proc, pgid in list(running.items()):
+                    if proc.poll() is not None and not _group_alive(pgid):
+                        del running[proc]
+                time.sleep(0.05)
+            if not running:
+                return
         for proc in running:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(10)
@@ -373,3 +390,11 @@ class Stack:
             "broker": ({"pid": self.broker.pid, "restarts": self.broker.restarts,
                         "log": str(self.broker.log_file)} if self.broker is not None else None),
         }
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
