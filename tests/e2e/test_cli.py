@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fleetplane.infra.broker import free_port, port_open
@@ -87,6 +88,13 @@ def test_up_submit_demo_get_cost_down(cli_env: dict[str, str]) -> None:
         time.sleep(0.5)
     status = run(cli_env, "status")
     assert re.search(r"broker\W+\d+\W+1\W", status.stdout), status.stdout
+    # the supervisor restarts the services after a broker crash (Stack.supervise_once): ingest
+    # answers again once it is back (the CLI's 3 retries over 2.8 s lost that race at load 24)
+    ingest = json.loads(state_file.read_text())["ingest_url"]
+    deadline = time.monotonic() + 90
+    while not answers(f"{ingest}/healthz"):
+        assert time.monotonic() < deadline, "ingest did not come back after the broker restart"
+        time.sleep(0.5)
     after = run(cli_env, "submit", "-f", str(ROOT / "examples" / "task.yaml"), timeout=120)
     assert after.returncode == 0, after.stdout + after.stderr
 
@@ -102,6 +110,15 @@ def test_up_submit_demo_get_cost_down(cli_env: dict[str, str]) -> None:
     assert not port_open("127.0.0.1", int(cli_env["FLEETPLANE_INGEST_PORT"]))
     assert not port_open("127.0.0.1", int(cli_env["FLEETPLANE_FAKE_PROVIDER_PORT"]))
     assert run(cli_env, "status").returncode == 1
+
+
+def answers(url: str) -> bool:
+    """Ingest's /healthz answers, with the tokens loaded (the admin token among them)."""
+    try:
+        resp = httpx.get(url, timeout=2.0)
+        return resp.status_code == 200 and resp.json().get("tokens", 0) > 0
+    except (httpx.HTTPError, ValueError):
+        return False
 
 
 def alive(pid: int) -> bool:
