@@ -19,6 +19,22 @@ from fleetplane.core.settings import Settings
 from fleetplane.core.states import TERMINAL_STATES
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The e2e tests that start a stack of their own (test_cli, the tansu smoke test; chaos and
+    the reconciler in make test-long) run before the first test that uses the package's
+    `stack`, not while it idles beside them: an idle stack is eight processes polling the broker
+    (measured 0.49 cores of the 2), each in a session of its own, so under the kernel's
+    autogroup scheduling they outweighed the test's own CLI calls and services
+    (docs/testing.md). The order within each kind stays as collected."""
+    here = Path(__file__).parent
+    slots = [i for i, item in enumerate(items) if here in item.path.parents]
+    e2e = [items[i] for i in slots]
+    own = [item for item in e2e if "stack" not in getattr(item, "fixturenames", ())]
+    shared = [item for item in e2e if "stack" in getattr(item, "fixturenames", ())]
+    for i, item in zip(slots, own + shared, strict=True):
+        items[i] = item
+
+
 @pytest.fixture(scope="package")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One stack for the e2e tests, on a broker of its own (unless FLEETPLANE_KAFKA_BOOTSTRAP

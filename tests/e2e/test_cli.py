@@ -11,9 +11,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 from fleetplane.infra.broker import free_port, port_open
@@ -66,38 +68,14 @@ def test_up_submit_demo_get_cost_down(cli_env: dict[str, str]) -> None:
     task_id = re.search(r"submitted: ([0-9a-f]{32})", sub.stdout)
     assert task_id, sub.stdout
 
-    demo = run(cli_env, "demo", "--per-team", "2")
-    assert demo.returncode == 0, demo.stdout + demo.stderr
-    assert "submitted 6 tasks from 3 teams" in demo.stdout
-    for team in ("payments", "search", "platform"):
-        assert re.search(rf"{team}\s+.*\b(\d+)\s+.*0\.\d+", demo.stdout), demo.stdout
-    assert demo.stdout.count("completed") >= 6
-    # the demo's task on the registered sample repository committed its edit
-    assert re.search(r"payments-core: task \w+ completed; src/iban/checksum.py committed",
-                     demo.stdout), demo.stdout
-
-    repositories_and_admin(cli_env)
-
-    tasks = run(cli_env, "get", "tasks", "-o", "json")
-    assert tasks.returncode == 0, tasks.stderr
-    assert task_id.group(1) in tasks.stdout
-
-    cost = run(cli_env, "cost", "--by", "team")
-    assert cost.returncode == 0 and "payments" in cost.stdout, cost.stdout + cost.stderr
-
-    bad = ROOT / "examples" / "task.yaml"
-    broken = Path(cli_env["FLEETPLANE_DATA_DIR"]).parent / "bad.yaml"
-    broken.write_text(bad.read_text().replace("taskType: codegen", "taskType: codegen\n  oops: 1"))
-    rejected = run(cli_env, "submit", "-f", str(broken))
-    assert rejected.returncode == 1 and "spec.oops" in rejected.stderr
-    # several documents go as one batch: each answered, the valid ones submitted, exit 1
-    several = broken.parent / "several.yaml"
-    several.write_text("---\n".join([bad.read_text(), broken.read_text(), bad.read_text()]))
-    batch = run(cli_env, "submit", "-f", str(several))
-    assert batch.returncode == 1, batch.stdout + batch.stderr
-    assert len(re.findall(r"submitted: [0-9a-f]{32}", batch.stdout)) == 2, batch.stdout
-    assert "2 of 3 submitted" in batch.stdout
-    assert "document 2" in batch.stderr and "spec.oops" in batch.stderr
+    # The commands below are independent of each other: they run as several users would run
+    # them, side by side (each CLI start costs seconds of imports on a loaded machine; one after
+    # the other they made this test take 3-4 minutes). The admin group pauses a team and turns
+    # the kill switch on, which would hold the demo's tasks: it runs after the demo.
+    extra_repository(cli_env)
+    together(lambda: demo_and_cost(cli_env), lambda: repositories(cli_env),
+             lambda: team_token_is_refused_admin(cli_env), lambda: submit_refusals(cli_env))
+    together(lambda: admin_commands(cli_env), lambda: listed_task(cli_env, task_id.group(1)))
 
     # the broker dies hard (SIGKILL, as the OOM killer would): the supervisor restarts it, the
     # services reconnect, and work flows again without anyone stepping in
@@ -110,6 +88,13 @@ def test_up_submit_demo_get_cost_down(cli_env: dict[str, str]) -> None:
         time.sleep(0.5)
     status = run(cli_env, "status")
     assert re.search(r"broker\W+\d+\W+1\W", status.stdout), status.stdout
+    # the supervisor restarts the services after a broker crash (Stack.supervise_once): ingest
+    # answers again once it is back (the CLI's 3 retries over 2.8 s lost that race at load 24)
+    ingest = json.loads(state_file.read_text())["ingest_url"]
+    deadline = time.monotonic() + 90
+    while not answers(f"{ingest}/healthz"):
+        assert time.monotonic() < deadline, "ingest did not come back after the broker restart"
+        time.sleep(0.5)
     after = run(cli_env, "submit", "-f", str(ROOT / "examples" / "task.yaml"), timeout=120)
     assert after.returncode == 0, after.stdout + after.stderr
 
@@ -127,6 +112,15 @@ def test_up_submit_demo_get_cost_down(cli_env: dict[str, str]) -> None:
     assert run(cli_env, "status").returncode == 1
 
 
+def answers(url: str) -> bool:
+    """Ingest's /healthz answers, with the tokens loaded (the admin token among them)."""
+    try:
+        resp = httpx.get(url, timeout=2.0)
+        return resp.status_code == 200 and resp.json().get("tokens", 0) > 0
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -136,11 +130,52 @@ def alive(pid: int) -> bool:
         return f.read().split(") ", 1)[1][0] != "Z"
 
 
-def repositories_and_admin(env: dict[str, str]) -> None:
-    """`fleetplane repo add|list|remove` and `fleetplane admin ...` on the running stack, with
-    the local admin token and then with a team token (403, as from the API)."""
-    extra = Path(env["FLEETPLANE_DATA_DIR"]).parent / "extra-repo"
-    subprocess.run(["git", "init", "-q", str(extra)], check=True)
+def together(*groups: Callable[[], None]) -> None:
+    """Run each group of commands in a thread of its own; the first failure is raised."""
+    with ThreadPoolExecutor(len(groups)) as pool:
+        for future in [pool.submit(g) for g in groups]:
+            future.result()
+
+
+def demo_and_cost(env: dict[str, str]) -> None:
+    demo = run(env, "demo", "--per-team", "2")
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert "submitted 6 tasks from 3 teams" in demo.stdout
+    for team in ("payments", "search", "platform"):
+        assert re.search(rf"{team}\s+.*\b(\d+)\s+.*0\.\d+", demo.stdout), demo.stdout
+    assert demo.stdout.count("completed") >= 6
+    # the demo's task on the registered sample repository committed its edit
+    assert re.search(r"payments-core: task \w+ completed; src/iban/checksum.py committed",
+                     demo.stdout), demo.stdout
+    cost = run(env, "cost", "--by", "team")
+    assert cost.returncode == 0 and "payments" in cost.stdout, cost.stdout + cost.stderr
+
+
+def listed_task(env: dict[str, str], task_id: str) -> None:
+    tasks = run(env, "get", "tasks", "-o", "json")
+    assert tasks.returncode == 0, tasks.stderr
+    assert task_id in tasks.stdout
+
+
+def submit_refusals(env: dict[str, str]) -> None:
+    bad = ROOT / "examples" / "task.yaml"
+    broken = Path(env["FLEETPLANE_DATA_DIR"]).parent / "bad.yaml"
+    broken.write_text(bad.read_text().replace("taskType: codegen", "taskType: codegen\n  oops: 1"))
+    rejected = run(env, "submit", "-f", str(broken))
+    assert rejected.returncode == 1 and "spec.oops" in rejected.stderr
+    # several documents go as one batch: each answered, the valid ones submitted, exit 1
+    several = broken.parent / "several.yaml"
+    several.write_text("---\n".join([bad.read_text(), broken.read_text(), bad.read_text()]))
+    batch = run(env, "submit", "-f", str(several))
+    assert batch.returncode == 1, batch.stdout + batch.stderr
+    assert len(re.findall(r"submitted: [0-9a-f]{32}", batch.stdout)) == 2, batch.stdout
+    assert "2 of 3 submitted" in batch.stdout
+    assert "document 2" in batch.stderr and "spec.oops" in batch.stderr
+
+
+def repositories(env: dict[str, str]) -> None:
+    """`fleetplane repo add|list|remove` on the running stack, with the local admin token."""
+    extra = extra_repository(env)
     added = run(env, "repo", "add", "extra-repo", str(extra), "--description", "e2e")
     assert added.returncode == 0 and "repository/extra-repo registered" in added.stdout, \
         added.stdout + added.stderr
@@ -160,6 +195,17 @@ def repositories_and_admin(env: dict[str, str]) -> None:
     assert refused.returncode == 1 and "spec.workspace.repository" in refused.stderr, \
         refused.stderr
 
+
+def extra_repository(env: dict[str, str]) -> Path:
+    """A git repository beside the data directory (created once, before the threads)."""
+    extra = Path(env["FLEETPLANE_DATA_DIR"]).parent / "extra-repo"
+    if not extra.exists():
+        subprocess.run(["git", "init", "-q", str(extra)], check=True)
+    return extra
+
+
+def admin_commands(env: dict[str, str]) -> None:
+    """`fleetplane admin ...` with the local admin token."""
     for args, expect in ((("admin", "pause", "payments", "--reason", "e2e"),
                           "pause sent for team payments"),
                          (("admin", "resume", "payments"), "resume sent for team payments"),
@@ -172,10 +218,14 @@ def repositories_and_admin(env: dict[str, str]) -> None:
     assert "sha256" not in tokens.stdout
     assert run(env, "admin", "kill-switch", "maybe").returncode == 2
 
+
+def team_token_is_refused_admin(env: dict[str, str]) -> None:
+    """A team token gets 403 from the admin commands, as from the API."""
     created = run(env, "token", "create", "--team", "payments", "-q")
     assert created.returncode == 0, created.stderr
     team_env = {**env, "FLEETPLANE_TOKEN": created.stdout.strip()}
-    for args in (("admin", "kill-switch", "on"), ("repo", "add", "mine", str(extra)),
+    extra = str(extra_repository(env))
+    for args in (("admin", "kill-switch", "on"), ("repo", "add", "mine", extra),
                  ("repo", "remove", "payments-core")):
         out = run(team_env, *args)
         assert out.returncode == 1 and "403" in out.stderr and "admin token" in out.stderr, \

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -286,31 +287,38 @@ def test_cli_tokens_get_describe_cancel_as_a_team(stack: Stack) -> None:
     token = re.search(r"^(fpt_[0-9a-f]{12}_\S+)$", created.stdout, re.M)
     assert token, created.stdout
     token_id = token.group(1).split("_")[1]
-    listed = cli("token", "list", "--team", team)
-    assert token_id in listed.stdout and token.group(1) not in listed.stdout
-    stack.wait_token(token.group(1))
+    # independent commands run side by side, as several users would (each CLI start costs
+    # seconds of imports on a loaded machine)
+    with ThreadPoolExecutor(4) as pool:
+        listed = pool.submit(cli, "token", "list", "--team", team)
+        stranger_token = pool.submit(stack.issue_token, "strangers")
+        stack.wait_token(token.group(1))
 
-    m = stack.data_dir / f"{team}.yaml"
-    m.write_text(f"apiVersion: fleetplane/v1\nkind: AgentTask\nmetadata: {{name: cli-task}}\n"
-                 f"spec: {{taskType: codegen, prompt: 'cli {team}'}}\n")
-    sub = cli("submit", "-f", str(m), token=token.group(1))
-    assert sub.returncode == 0, sub.stderr
-    task_id = re.search(r"submitted: ([0-9a-f]{32}) \(team (\S+)\)", sub.stdout)
-    assert task_id and task_id.group(2) == team, sub.stdout
-    with httpx.Client(timeout=30) as http:
-        wait_terminal(http, stack, {task_id.group(1)})
-    got = cli("get", "tasks", "--type", "codegen", token=token.group(1))
-    assert got.returncode == 0 and task_id.group(1) in got.stdout and "completed" in got.stdout
-    described = cli("describe", "task", task_id.group(1), token=token.group(1))
-    assert described.returncode == 0, described.stderr
+        m = stack.data_dir / f"{team}.yaml"
+        m.write_text(f"apiVersion: fleetplane/v1\nkind: AgentTask\nmetadata: {{name: cli-task}}\n"
+                     f"spec: {{taskType: codegen, prompt: 'cli {team}'}}\n")
+        sub = cli("submit", "-f", str(m), token=token.group(1))
+        assert sub.returncode == 0, sub.stderr
+        task_id = re.search(r"submitted: ([0-9a-f]{32}) \(team (\S+)\)", sub.stdout)
+        assert task_id and task_id.group(2) == team, sub.stdout
+        assert token_id in listed.result().stdout and token.group(1) not in listed.result().stdout
+        with httpx.Client(timeout=30) as http:
+            wait_terminal(http, stack, {task_id.group(1)})
+        stack.wait_token(stranger_token.result())
+        got, described, finished, stranger = (pool.submit(cli, *args, token=t) for args, t in (
+            (("get", "tasks", "--type", "codegen"), token.group(1)),
+            (("describe", "task", task_id.group(1)), token.group(1)),
+            (("cancel", task_id.group(1)), token.group(1)),
+            (("describe", "task", task_id.group(1)), stranger_token.result())))
+        got_r, described_r, finished_r, stranger_r = (
+            f.result() for f in (got, described, finished, stranger))
+    assert got_r.returncode == 0 and task_id.group(1) in got_r.stdout \
+        and "completed" in got_r.stdout
+    assert described_r.returncode == 0, described_r.stderr
     for needle in ("TaskSubmitted", "TaskAccepted", "TaskRouted", "TaskCompleted", team):
-        assert needle in described.stdout, described.stdout
-    finished = cli("cancel", task_id.group(1), token=token.group(1))
-    assert finished.returncode == 1 and "already completed" in finished.stderr
-    stranger_token = stack.issue_token("strangers")
-    stack.wait_token(stranger_token)
-    stranger = cli("describe", "task", task_id.group(1), token=stranger_token)
-    assert stranger.returncode == 1 and f"no task {task_id.group(1)}" in stranger.stderr
+        assert needle in described_r.stdout, described_r.stdout
+    assert finished_r.returncode == 1 and "already completed" in finished_r.stderr
+    assert stranger_r.returncode == 1 and f"no task {task_id.group(1)}" in stranger_r.stderr
     assert cli("token", "revoke", token_id).returncode == 0
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and httpx.get(

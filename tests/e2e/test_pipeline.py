@@ -93,10 +93,12 @@ def test_bad_http_and_raw_kafka_input_is_rejected_and_the_flow_goes_on(stack: St
 
 
 def test_services_stop_cleanly_on_sigterm(stack: Stack) -> None:
-    """SIGTERM: each service finishes its batch, checkpoints, closes and exits 0."""
-    for name in ("ingest", "router", "executor", "accounting", "coordinator"):
+    """SIGTERM: each service finishes its batch, checkpoints, closes and exits 0 (all at once,
+    as `fleetplane down` stops them)."""
+    names = ["ingest", "router", "executor", "accounting", "coordinator"]
+    stack.stop_children(names)
+    for name in names:
         child = stack.children[name]
-        stack.stop_child(name)
         assert child.proc is not None and child.proc.returncode == 0, (
             f"{name} exited with {child.proc.returncode if child.proc else None}; "
             f"see {child.log_path}")

@@ -31,7 +31,7 @@ def tansu_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir: Path = tmp_path_factory.mktemp("tansu-stack")
     broker = TansuBroker(log_path=data_dir / "tansu.log")
     bootstrap = broker.start()
-    stack = Stack(data_dir=data_dir, external_bootstrap=bootstrap, extra_env={
+    stack = Stack(data_dir=data_dir, external_bootstrap=bootstrap, private_broker=True, extra_env={
         "FLEETPLANE_TRANSACTIONAL": "false",
         "FLEETPLANE_SESSION_TIMEOUT_MS": "3000",
         "FLEETPLANE_KAFKA_CONFIG": json.dumps(TANSU_CLIENT_OVERRIDES),

@@ -48,7 +48,10 @@ class CoordinatorProcess:
             "FLEETPLANE_COORDINATOR_MAX_RUNNING": "1000000",
             "FLEETPLANE_TEAMS_FILE": str(teams),
             "FLEETPLANE_COORDINATOR_BACKOFF_BASE_MS": "200",
-            "FLEETPLANE_COORDINATOR_TAKEOVER_S": "3",  # each start waits this long as a standby
+            # each start waits this long as a standby for an active to show progress; no other
+            # coordinator is alive when these start (the failover test, which starts a standby
+            # beside a live active, sets 3 s itself)
+            "FLEETPLANE_COORDINATOR_TAKEOVER_S": "1",
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None

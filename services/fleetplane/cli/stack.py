@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import httpx
 from fleetplane.core.localstack import ADMIN_TOKEN_FILE
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import ensure_topics, load_topics
-from fleetplane.infra.broker import EmbeddedBroker, free_port, stop_group, stop_groups
+from fleetplane.infra.broker import EmbeddedBroker, free_port, stop_group
 from fleetplane.ingest.tokens import ensure_local_admin, issue
 
 SERVICES = ("ingest", "router", "coordinator", "executor", "accounting", "reconciler")
@@ -72,6 +73,14 @@ class Stack:
     coordinator_web_port: int = 0
     reconciler_port: int = 0
     coordinator_standby: bool = True  # a second coordinator process (standby)
+    #: the takeover wait of the first coordinator's first start on a broker no other deployment
+    #: uses: nothing else can hold the active role there, so waiting the full
+    #: coordinator_takeover_s (5 s) for an active that does not exist only delays `up`; its
+    #: restarts wait the full time (docs/testing.md, "Start-up")
+    first_takeover_s: float = 1.0
+    #: the broker is this stack's alone (None: when the stack starts the embedded one itself;
+    #: a caller that started a broker of its own for the stack, as the tansu test does, says so)
+    private_broker: bool | None = None
     #: process name -> metrics port (METRICS_PORT_SETTINGS; free ports for those not given)
     metrics_ports: dict[str, int] = field(default_factory=dict)
     broker: EmbeddedBroker | None = None
@@ -158,9 +167,15 @@ class Stack:
             self._spawn("fake-provider", [sys.executable, "-m", "fleetplane.fakeprovider.server",
                                           "--port", str(self.provider_port),
                                           *self.fake_provider_args])
+        first_start = ({"FLEETPLANE_COORDINATOR_TAKEOVER_S": str(self.first_takeover_s)}
+                       if (self.private_broker if self.private_broker is not None
+                           else not self.external_bootstrap)
+                       and "FLEETPLANE_COORDINATOR_TAKEOVER_S" not in self.extra_env else {})
         for name in self.services:
+            coordinator = name == "coordinator"
             self._spawn(name, [sys.executable, "-m", f"fleetplane.{name}.main"],
-                        {"FLEETPLANE_INSTANCE_ID": "a"} if name == "coordinator" else None)
+                        {"FLEETPLANE_INSTANCE_ID": "a"} if coordinator else None,
+                        once=first_start if coordinator else None)
         self.wait_ready(timeout_s)
         if "coordinator" in self.services and self.coordinator_standby:
             # started once the first one is active, so that one is the active one
@@ -188,13 +203,16 @@ class Stack:
             time.sleep(0.25)  # each miss counts against the failed-token limit (30/min)
         raise RuntimeError(f"ingest did not learn the token within {timeout_s}s")
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None,
+               once: dict[str, str] | None = None) -> Child:
+        """Start `name`; `env` stays with the child (its restarts get it too), `once` is for
+        this start only."""
         child = self.children.get(name) or Child(name, argv, self.log_dir / f"{name}.log",
                                                  env=env or {})
         with open(child.log_path, "ab") as log:
             child.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL,
-                                          env={**self.env(), **child.env},
+                                          env={**self.env(), **child.env, **(once or {})},
                                           start_new_session=True)
         child.started_at = time.monotonic()
         self.children[name] = child
@@ -261,10 +279,7 @@ class Stack:
         return None
 
     def stop_child(self, name: str, timeout_s: float = 20.0) -> None:
-        child = self.children[name]
-        if child.proc is not None and child.proc.poll() is None:
-            stop_group(child.proc.pid, timeout_s=timeout_s)
-            child.proc.wait(10)
+        self.stop_children([name], timeout_s)
 
     def supervise_once(self, backoff_s: float = 1.0) -> list[str]:
         """Restart the broker (embedded) and children that exited; returns their names.
@@ -315,15 +330,34 @@ class Stack:
         # the services together (one SIGTERM each, then one wait: not 5-20 s per service)
         if COORDINATOR_STANDBY in self.children:
             self.stop_child(COORDINATOR_STANDBY)
-        self._stop_together([n for n in SERVICES if n in self.children])
-        self._stop_together(list(self.children))
+        self.stop_children([n for n in SERVICES if n in self.children])
+        self.stop_children(list(self.children))
         if self.broker is not None:
             self.broker.stop()
 
-    def _stop_together(self, names: list[str], timeout_s: float = 20.0) -> None:
-        procs = [self.children[n].proc for n in names]
-        running = [p for p in procs if p is not None and p.poll() is None]
-        stop_groups([p.pid for p in running], timeout_s=timeout_s)
+    def stop_children(self, names: list[str], timeout_s: float = 20.0) -> None:
+        """SIGTERM to the process group of each of `names` at once, then one wait for all (not
+        5-20 s per service), SIGKILL to what is left after `timeout_s`. Each child is reaped
+        through its Popen, so `child.proc.returncode` is its real exit status (infra.broker's
+        stop_groups reaps by pid, which left Popen to report 0 for any exit)."""
+        running: dict[subprocess.Popen[bytes], int] = {}
+        for name in names:
+            proc = self.children[name].proc
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    running[proc] = os.getpgid(proc.pid)
+        for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+            for pgid in running.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, sig)
+            deadline = time.monotonic() + wait
+            while running and time.monotonic() < deadline:
+                for proc, pgid in list(running.items()):
+                    if proc.poll() is not None and not _group_alive(pgid):
+                        del running[proc]
+                time.sleep(0.05)
+            if not running:
+                return
         for proc in running:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(10)
@@ -356,3 +390,11 @@ class Stack:
             "broker": ({"pid": self.broker.pid, "restarts": self.broker.restarts,
                         "log": str(self.broker.log_file)} if self.broker is not None else None),
         }
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
