@@ -156,6 +156,16 @@ class Stack:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self, timeout_s: float = 120.0) -> None:
+        """Start the broker (unless external), the provider and the services, and wait until
+        they answer. A start that fails stops what it had started (no orphan broker or service
+        holding ports or the data directory) and raises."""
+        try:
+            self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, timeout_s: float) -> None:
         if not self.external_bootstrap:
             self.broker = EmbeddedBroker(self.data_dir / "broker", port=self.broker_port,
                                          log_file=self.log_dir / "broker.log")
@@ -325,7 +335,6 @@ class Stack:
 
     def stop(self) -> None:
         # services first (they checkpoint on SIGTERM), then the provider, then the broker; the
-        # coordinator standby before the coordinators' active (it would take over otherwise)
         # coordinator standby before the coordinators' active (it would take over otherwise);
         # the services together (one SIGTERM each, then one wait: not 5-20 s per service)
         if COORDINATOR_STANDBY in self.children:
