@@ -11,6 +11,7 @@ import pytest
 
 from fleetplane.core import events as ev
 from fleetplane.core.catalog import catalog_for
+from fleetplane.core.loop import Record
 from fleetplane.core.settings import Settings
 from fleetplane.core.teams import parse_teams
 from fleetplane.executor.handlers import SeenDispatches, execute
@@ -175,8 +176,19 @@ def test_a_dispatch_read_again_by_the_same_process_is_answered_not_dropped(
     fake.set_script({"replies": [{"text": "fine"}]})
     event = dispatched("t-again", "plain", repository=None)
     seen = SeenDispatches()
-    first = list(execute(CATALOG, clients(fake), "test-executor", seen, event, runtime=rt))
-    again = list(execute(CATALOG, clients(fake), "test-executor", seen, event, runtime=rt))
+
+    def at(offset: int) -> Record:
+        return Record(topic="tasks.dispatch", partition=0, offset=offset, key=b"t-again",
+                      value=b"")
+
+    first = list(execute(CATALOG, clients(fake), "test-executor", seen, event, at(7),
+                         runtime=rt))
+    # the coordinator's re-published copy (another record): dropped, the first one answered
+    assert list(execute(CATALOG, clients(fake), "test-executor", seen, event, at(9),
+                        runtime=rt)) == []
+    # the same record read again after a rewind: answered from the journal
+    again = list(execute(CATALOG, clients(fake), "test-executor", seen, event, at(7),
+                         runtime=rt))
     assert len(fake.calls) == 1
     assert of(again, ev.TaskCompleted) and [e.event_id for e in again] == [
         e.event_id for e in first if isinstance(e, ev.ModelCall | ev.TaskCompleted)]

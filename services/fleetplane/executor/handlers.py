@@ -41,34 +41,37 @@ class SeenDispatches:
     are still being handled.
 
     The coordinator is at-least-once: after a crash it may re-publish the dispatches of its last
-    batch with the same event ids. Running one again would call the model twice. A copy that
-    arrives while the first is still being handled here is dropped (the first one answers). A
-    copy that arrives after it was handled is answered from the journal and the leases like any
-    redelivery (without a journal it is dropped): its outputs may never have been committed,
-    since a transaction aborted after a broker outage is read again by this same process.
-    Dropping that copy left the dispatch without any answer (the 2,000-task chaos run's two
-    stuck tasks)."""
+    batch with the same event ids. Running one again would call the model twice: such a copy
+    (another record) is dropped; the first one answers. The *same record* read again once its
+    handling ended is different: the loop rewound to the committed offsets after a transaction
+    aborted (a broker outage), so the outputs of that handling were never committed. It is
+    answered from the journal and the leases like any redelivery (without a journal it is
+    dropped). Dropping it too left the dispatch without any answer (the 2,000-task chaos run's
+    two stuck tasks)."""
 
     def __init__(self, capacity: int = 200_000) -> None:
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        #: event id -> where its record was read (topic, partition, offset), if known
+        self._ids: OrderedDict[str, tuple[str, int, int] | None] = OrderedDict()
         self._active: set[str] = set()
         self._capacity = capacity
         self._lock = threading.Lock()
 
-    def first_time(self, event_id: str) -> bool:
+    def first_time(self, event_id: str, where: tuple[str, int, int] | None = None) -> bool:
         with self._lock:
             if event_id in self._ids:
                 return False
-            self._ids[event_id] = None
+            self._ids[event_id] = where
             self._active.add(event_id)
             if len(self._ids) > self._capacity:
                 self._ids.popitem(last=False)
             return True
 
-    def active(self, event_id: str) -> bool:
-        """Whether the dispatch is being handled here right now."""
+    def read_again(self, event_id: str, where: tuple[str, int, int] | None) -> bool:
+        """Whether this is the same record as the first one, read again after its handling
+        ended (a rewind), rather than a copy or a record still being handled."""
         with self._lock:
-            return event_id in self._active
+            return (where is not None and self._ids.get(event_id) == where
+                    and event_id not in self._active)
 
     def handled(self, event_id: str) -> None:
         with self._lock:
@@ -89,12 +92,14 @@ def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
     With `leases`, an attempt already claimed in the fleet is not run again (leases.py)."""
     if not isinstance(event, TaskDispatched):
         return []
-    if not seen.first_time(event.event_id):
-        if seen.active(event.event_id) or (runtime or _default_runtime()).journal is None:
+    where = (record.topic, record.partition, record.offset) if record is not None else None
+    if not seen.first_time(event.event_id, where):
+        if not seen.read_again(event.event_id, where) or \
+                (runtime or _default_runtime()).journal is None:
             log.warning("duplicate dispatch ignored", attempt=event.attempt)
             return []
-        log.warning("dispatch handled here before came back (its outputs were not "
-                    "committed, or were): answered as a redelivery", attempt=event.attempt)
+        log.warning("dispatch read again after a rewind (its outputs were not committed): "
+                    "answered as a redelivery", attempt=event.attempt)
         return _handle(catalog, clients, executor_id, event, record, runtime, leases)
     try:
         return _handle(catalog, clients, executor_id, event, record, runtime, leases)
