@@ -370,6 +370,36 @@ def waiting_at(log: Log, stuck: list[str]) -> dict[str, int]:
     return dict(Counter(last.get(t, "nothing") for t in stuck))
 
 
+def explain_broker_loss(result: ChaosResult, settings: Settings, topic_ids: set[str],
+                        topic_cost: dict[str, float]) -> None:
+    """After a broker SIGKILL: ClickHouse may hold model calls the broker lost after
+    accounting had stored them (the embedded broker loses its last acknowledged writes). Those
+    calls happened and were billed; the log no longer has them. Read from the raw rows (the
+    stack is stopped: chdb is free), they explain a cost difference only if ClickHouse minus
+    them equals the topic exactly, per team; what they do not explain stays a mismatch. They
+    are reported on their own (`kept_after_broker_loss`): each is also a model call whose
+    attempt may have run twice (invariant 2 on a broker that loses acknowledged writes)."""
+    from fleetplane.accounting.store import connect
+
+    ch = result.clickhouse
+    store = connect(settings)
+    try:
+        rows = store.query(f"SELECT event_id, team, cost_usd FROM {store.table('model_calls')} "
+                           "FINAL")
+    finally:
+        store.close()
+    kept = [r for r in rows if r["event_id"] not in topic_ids]
+    extra: dict[str, float] = {}
+    for r in kept:
+        extra[r["team"]] = extra.get(r["team"], 0.0) + float(r["cost_usd"])
+    ch["kept_after_broker_loss"] = {"calls": len(kept), "cost_usd": round(sum(extra.values()), 9),
+                                    "examples": sorted(r["event_id"] for r in kept)[:5]}
+    raw = {t: extra.get(t, 0.0) + topic_cost.get(t, 0.0) for t in ch["cost_by_team"]}
+    unexplained = {t for t, c in ch["cost_by_team"].items() if abs(c - round(raw[t], 9)) > 2e-9}
+    for key in ("cost_mismatches", "daily_cost_mismatches"):
+        ch[key] = [m for m in ch[key] if m.split(":", 1)[0] in unexplained]
+
+
 def diagnose(settings: Settings) -> dict[str, Any]:
     """Where the pipeline stands still: partitions whose transaction stays open (sampled twice,
     5 s apart: an open transaction seen both times is not a commit in flight) and the consumer
@@ -511,6 +541,9 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
             result.diagnosis = diagnose(settings)
     finally:
         stack.stop()
+    if cfg.kill_broker and (result.clickhouse.get("cost_mismatches")
+                            or result.clickhouse.get("daily_cost_mismatches")):
+        explain_broker_loss(result, stack.settings(), seen_calls, topic_cost)
     result.elapsed_s = round(time.monotonic() - started, 1)
     result.load_average = [round(x, 1) for x in os.getloadavg()]
     return result
@@ -545,6 +578,10 @@ def print_result(result: ChaosResult, console: Console) -> None:
     table.add_row("clickhouse: missing / state mismatches / cost mismatches (calls, daily)",
                   f"{len(ch['missing'])} / {len(ch['state_mismatches'])} / "
                   f"{len(ch['cost_mismatches'])}, {len(ch['daily_cost_mismatches'])}")
+    kept = ch.get("kept_after_broker_loss")
+    if kept:
+        table.add_row("model calls in ClickHouse that the broker lost after accounting stored "
+                      "them (calls, cost)", f"{kept['calls']}, ${kept['cost_usd']}")
     g = result.git
     table.add_row("git: commits / double commits / completed without commit",
                   f"{g['commits']} / {len(g['double_commits'])} / "

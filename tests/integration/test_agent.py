@@ -192,6 +192,13 @@ def test_a_dispatch_read_again_by_the_same_process_is_answered_not_dropped(
     assert len(fake.calls) == 1
     assert of(again, ev.TaskCompleted) and [e.event_id for e in again] == [
         e.event_id for e in first if isinstance(e, ev.ModelCall | ev.TaskCompleted)]
+    # the same attempt dispatched again under another event id (a coordinator that lost its
+    # record of the first dispatch) in a new process: answered from the journal, not run again
+    redispatched = event.model_copy(update={"event_id": "another-dispatch-id"})
+    other = list(execute(CATALOG, clients(fake), "test-executor", SeenDispatches(),
+                         redispatched, at(12), runtime=rt))
+    assert len(fake.calls) == 1
+    assert [e.event_id for e in other] == [e.event_id for e in again]
 
 
 def test_dollar_limit_stops_before_the_call_that_would_exceed_it(

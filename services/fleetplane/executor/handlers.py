@@ -116,7 +116,12 @@ def _handle(catalog: Catalog, clients: ModelClients, executor_id: str, event: Ta
     journal = rt.journal
     previous = journal.read(event.task_id, event.attempt) if journal is not None else None
     if previous is not None and previous.get("dispatch") != event.event_id:
-        previous = None
+        # the same attempt dispatched again under another event id: the coordinator decided it
+        # again after losing its record of the first dispatch (a broker that lost committed
+        # writes: make chaos's SIGKILL). The attempt ran here already: answered from the
+        # journal, never run (and billed) a second time
+        log.warning("attempt dispatched again under another event id: answered from the "
+                    "journal", attempt=event.attempt, first=previous.get("dispatch"))
     lease = leases.get(event.task_id, event.attempt) if leases is not None else None
     if leases is not None and (previous is not None or lease is not None):
         # a redelivered attempt: read the committed outcomes to their end first (once per
