@@ -17,6 +17,8 @@ from fleetplane.core.serde import Serde, default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import key_for, topic_for
 
+log = get_logger(__name__)
+
 #: Called for every event a process publishes, with the headers it adds (tracing's traceparent;
 #: metrics that count what a service publishes return none). Installed by a service's
 #: composition root (fleetplane.metrics.setup); none by default.
@@ -47,9 +49,6 @@ def event_headers(event: Event) -> list[tuple[str, str | bytes | None]]:
     for hook in _publish_hooks:
         headers.extend(hook(event))
     return headers
-
-
-log = get_logger(__name__)
 
 
 def _fatal(exc: KafkaException) -> bool:
@@ -121,22 +120,17 @@ class RenewingProducer:
             self._producer.produce(*args, **kwargs)
 
     def poll(self, timeout_s: float = 0.0) -> int:
-        producer = self._producer
-        try:
-            served = producer.poll(timeout_s)
-        except KafkaException as exc:
-            if not _fatal(exc):
-                raise
-            self._renew(producer, str(exc))
-            return 0
-        if self._failed is producer:
-            self._renew(producer, "fatal error reported")
-        return int(served)
+        return self._serve(lambda p: p.poll(timeout_s))
 
     def flush(self, timeout_s: float = 10.0) -> int:
+        return self._serve(lambda p: p.flush(timeout_s))
+
+    def _serve(self, call: Callable[[Producer], int]) -> int:
+        """poll or flush: a fatal error raised or reported while serving replaces the client
+        (0: the old one's records were purged to their callbacks)."""
         producer = self._producer
         try:
-            left = producer.flush(timeout_s)
+            result = call(producer)
         except KafkaException as exc:
             if not _fatal(exc):
                 raise
@@ -144,7 +138,7 @@ class RenewingProducer:
             return 0
         if self._failed is producer:
             self._renew(producer, "fatal error reported")
-        return int(left)
+        return int(result)
 
 
 class EventProducer:
