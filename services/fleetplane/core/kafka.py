@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -49,6 +50,10 @@ def event_headers(event: Event) -> list[tuple[str, str | bytes | None]]:
     for hook in _publish_hooks:
         headers.extend(hook(event))
     return headers
+
+
+#: how long a replaced client gets to report its purged records to their callbacks
+PURGE_SERVE_S = 10.0
 
 
 def _fatal(exc: KafkaException) -> bool:
@@ -103,11 +108,17 @@ class RenewingProducer:
             self._failed = None
             self.renewals += 1
         log.warning("producer replaced after a fatal error", error=why, renewals=self.renewals)
-        try:
+        with contextlib.suppress(KafkaException):
             failed.purge(in_queue=True, in_flight=True, blocking=False)
-            failed.poll(0)  # the purged records' delivery callbacks: not delivered
-        except KafkaException:
-            pass
+        # serve the purged records' delivery callbacks (not delivered): a fatal client's poll
+        # raises its fatal error before it serves them, so poll until its queue is empty
+        deadline = time.monotonic() + PURGE_SERVE_S
+        while len(failed) and time.monotonic() < deadline:
+            with contextlib.suppress(KafkaException):
+                failed.poll(0.05)
+        if len(failed):
+            log.error("records of the replaced producer left without a delivery callback",
+                      records=len(failed))
 
     def produce(self, *args: Any, **kwargs: Any) -> None:
         producer = self._producer
