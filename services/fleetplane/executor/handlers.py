@@ -136,7 +136,10 @@ def _handle(catalog: Catalog, clients: ModelClients, executor_id: str, event: Ta
     if previous is not None:
         left = None if leases is None else (
             lease.expires_ms - int(time.time() * 1000) if lease is not None else -1)
-        return _answer_redelivery(rt, event, previous, lease_left_ms=left)
+        answer = _answer_redelivery(rt, event, previous, lease_left_ms=left)
+        if any(isinstance(e, TaskCompleted) for e in answer):
+            rt.hold_answer_until_committed(record, event.task_id, event.team, event.attempt)
+        return answer
     if lease is not None:
         if lease.live() and lease.executor_id != executor_id:
             log.warning("dispatch not run: the attempt's lease is live on another executor",

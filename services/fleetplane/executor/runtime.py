@@ -409,6 +409,19 @@ class Runtime:
         with self._lock:
             self._uncommitted[id(record)] = (record, run)
 
+    def hold_answer_until_committed(self, record: object | None, task_id: str, team: str,
+                                    attempt: int) -> None:
+        """A redelivered attempt answered from the journal as finished: its lease is renewed
+        from this process until the transaction holding the answer commits, as for an attempt
+        that finished here (a restarted executor's first commit can take tens of seconds; the
+        coordinator then declared the answered attempt lost and retried it: make chaos, two
+        completions per such task)."""
+        if record is None or not self.track_commits or self.live is None:
+            return
+        with self._lock:
+            self._uncommitted[id(record)] = (record, Running(task_id, team, attempt,
+                                                             self.slots.slots[0]))
+
     def committed(self, records: list[Any]) -> None:
         """The loop committed the outputs of `records`: their attempts stop heartbeating."""
         with self._lock:
