@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -409,6 +410,39 @@ def explain_broker_loss(result: ChaosResult, settings: Settings, topic_ids: set[
         ch[key] = [m for m in ch[key] if m.split(":", 1)[0] in unexplained]
 
 
+AUDIT_SHORT = re.compile(r"^(?P<task>[0-9a-f]+)/a(?P<attempt>\d+): (?P<log>\d+) audit events, "
+                         r"the outcome recorded (?P<claimed>\d+)")
+
+
+def explain_audit_loss(result: ChaosResult, settings: Settings, breaks: list[str]) -> None:
+    """After a broker SIGKILL: an attempt's outcome may claim audit events the log no longer
+    holds because the broker lost them after acknowledging them (and after accounting stored
+    them). A break where the log holds fewer events than the outcome claims, and ClickHouse's
+    raw rows hold exactly the claimed number for that attempt, is reported on its own
+    (`audit_kept_after_broker_loss`), not as a break: the audit trail is whole in ClickHouse,
+    the log lost part of it. Every other break stays one."""
+    from fleetplane.accounting.store import connect
+
+    store = connect(settings)
+    explained: list[str] = []
+    try:
+        for line in breaks:
+            m = AUDIT_SHORT.match(line)
+            if m is None or int(m["log"]) >= int(m["claimed"]):
+                continue
+            stored = sum(int(store.command(
+                f"SELECT count() FROM {store.table(t)} FINAL WHERE task_id = {{t:String}} "
+                "AND attempt = {a:UInt32}", {"t": m["task"], "a": int(m["attempt"])}))
+                for t in ("model_calls", "tool_calls", "workspace_changes"))
+            if stored == int(m["claimed"]):
+                explained.append(line)
+    finally:
+        store.close()
+    if explained:
+        result.verdict["audit_kept_after_broker_loss"] = explained
+        result.counts["audit_breaks"] -= len(explained)
+
+
 def diagnose(settings: Settings) -> dict[str, Any]:
     """Where the pipeline stands still: partitions whose transaction stays open (sampled twice,
     5 s apart: an open transaction seen both times is not a commit in flight) and the consumer
@@ -553,6 +587,8 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
     if cfg.kill_broker and (result.clickhouse.get("cost_mismatches")
                             or result.clickhouse.get("daily_cost_mismatches")):
         explain_broker_loss(result, stack.settings(), seen_calls, topic_cost)
+    if cfg.kill_broker and result.counts.get("audit_breaks"):
+        explain_audit_loss(result, stack.settings(), verdict.audit_breaks)
     result.elapsed_s = round(time.monotonic() - started, 1)
     result.load_average = [round(x, 1) for x in os.getloadavg()]
     return result
@@ -587,6 +623,9 @@ def print_result(result: ChaosResult, console: Console) -> None:
     table.add_row("clickhouse: missing / state mismatches / cost mismatches (calls, daily)",
                   f"{len(ch['missing'])} / {len(ch['state_mismatches'])} / "
                   f"{len(ch['cost_mismatches'])}, {len(ch['daily_cost_mismatches'])}")
+    if v.get("audit_kept_after_broker_loss"):
+        table.add_row("audit chains whose events the broker lost after accounting stored them "
+                      "(whole in ClickHouse)", str(len(v["audit_kept_after_broker_loss"])))
     kept = ch.get("kept_after_broker_loss")
     if kept:
         table.add_row("model calls in ClickHouse that the broker lost after accounting stored "
