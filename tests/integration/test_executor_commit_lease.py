@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer
 
 from fleetplane.coordinator.scheduler import TICK
 from fleetplane.coordinator.state import Status
@@ -37,6 +37,7 @@ from fleetplane.executor.leases import LeaseTable
 from fleetplane.executor.models import ModelClients
 from fleetplane.executor.runtime import Journal, LiveEmitter, Runtime
 from fleetplane.fakeprovider import FakeProvider
+from tests.integration.test_executor_process import start_group_at_end
 from tests.unit.test_coordinator_scheduler import Harness
 
 LEASE_S = 1.5
@@ -56,18 +57,6 @@ class StalledSink:
         if self.stalls == 0:
             self.stalls += 1
             time.sleep(self.stall_s)
-
-
-def start_group_at_end(settings: Settings, group: str) -> None:
-    """The session broker holds earlier tests' dispatches: the test's group starts after them."""
-    c = Consumer({**settings.consumer_config(group), "enable.auto.commit": False})
-    try:
-        parts = c.list_topics(DISPATCH, timeout=30).topics[DISPATCH].partitions
-        ends = [TopicPartition(DISPATCH, p, c.get_watermark_offsets(
-            TopicPartition(DISPATCH, p), timeout=30)[1]) for p in sorted(parts)]
-        c.commit(offsets=ends, asynchronous=False)
-    finally:
-        c.close()
 
 
 def read_task(settings: Settings, topic: str, task_id: str, until: float,

@@ -61,6 +61,19 @@ class Reader:
         self.consumer.close()
 
 
+def start_group_at_end(settings: Settings, group: str) -> None:
+    """Commit `group`'s offsets at the end of tasks.dispatch: the session broker holds every
+    earlier test's dispatches, which a new group would otherwise work through first."""
+    c = Consumer({**settings.consumer_config(group), "enable.auto.commit": False})
+    try:
+        parts = c.list_topics(DISPATCH, timeout=30).topics[DISPATCH].partitions
+        ends = [TopicPartition(DISPATCH, p, c.get_watermark_offsets(
+            TopicPartition(DISPATCH, p), timeout=30)[1]) for p in sorted(parts)]
+        c.commit(offsets=ends, asynchronous=False)
+    finally:
+        c.close()
+
+
 class ExecutorProcess:
     def __init__(self, settings: Settings, tmp: Path, repo: Path, fake: FakeProvider,
                  unique: str) -> None:
@@ -87,15 +100,7 @@ class ExecutorProcess:
         """Start the test's executor group at the end of tasks.dispatch: the session broker
         holds every earlier test's dispatches (thousands, from the coordinator burst tests),
         which a new group would otherwise work through first, with two slots."""
-        group = self.env["FLEETPLANE_EXECUTOR_GROUP_ID"]
-        c = Consumer({**self.settings.consumer_config(group), "enable.auto.commit": False})
-        try:
-            parts = c.list_topics(DISPATCH, timeout=30).topics[DISPATCH].partitions
-            ends = [TopicPartition(DISPATCH, p, c.get_watermark_offsets(
-                TopicPartition(DISPATCH, p), timeout=30)[1]) for p in sorted(parts)]
-            c.commit(offsets=ends, asynchronous=False)
-        finally:
-            c.close()
+        start_group_at_end(self.settings, self.env["FLEETPLANE_EXECUTOR_GROUP_ID"])
 
     @property
     def log_path(self) -> Path:
