@@ -416,11 +416,8 @@ class Runtime:
         that finished here (a restarted executor's first commit can take tens of seconds; the
         coordinator then declared the answered attempt lost and retried it: make chaos, two
         completions per such task)."""
-        if record is None or not self.track_commits or self.live is None:
-            return
-        with self._lock:
-            self._uncommitted[id(record)] = (record, Running(task_id, team, attempt,
-                                                             self.slots.slots[0]))
+        # the heartbeats read only the attempt's ids: no slot of its own (it holds none)
+        self.hold_until_committed(record, Running(task_id, team, attempt, self.slots.slots[0]))
 
     def committed(self, records: list[Any]) -> None:
         """The loop committed the outputs of `records`: their attempts stop heartbeating."""
