@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -48,6 +48,11 @@ log = get_logger(__name__)
 
 #: acknowledged audit events kept for their attempts' settle() (about 1 KiB each)
 KEPT_MAX = 200_000
+#: after a broker outage, audit events acknowledged this long before it are published again (the
+#: embedded broker loses about the last second of acknowledged writes on SIGKILL; an outcome
+#: settled before the outage was noticed, or committed before the crash, would otherwise claim
+#: an audit event the log no longer has)
+RESEND_WINDOW_S = 30.0
 
 
 class Emitter(Protocol):
@@ -88,6 +93,16 @@ class LiveEmitter:
         self._keep: set[str] = set()
         #: times the producer lost every broker connection (each could have cost acked writes)
         self._down = 0
+        #: kept events acknowledged in the last RESEND_WINDOW_S: (monotonic ack time, event)
+        self._recent: deque[tuple[float, Event]] = deque()
+        #: outages already answered by re-publishing `_recent`, and when the count last moved
+        #: (one outage can count several times while the client retries: answer it once, 1 s
+        #: after it last moved)
+        self._outages_answered = 0
+        self._outages_seen = (0, 0.0)
+        #: events re-published after an outage whose delivery failed: sent again on the next poll
+        self._resend: list[Event] = []
+        self.resent = 0
         #: settle() waiters per event id: [ids still unacknowledged, wake-up]
         self._waiters: dict[str, list[list[Any]]] = {}
         self._closed = threading.Event()
@@ -110,6 +125,41 @@ class LiveEmitter:
     def _poll(self) -> None:
         while not self._closed.is_set():
             self._producer.poll(0.05)
+            self._after_outage()
+
+    def _after_outage(self) -> None:
+        """Publish again (same event ids: consumers deduplicate) the audit events acknowledged
+        shortly before an outage, whatever became of their attempts: the outcome may already be
+        committed, or settled before the outage was noticed, while the broker lost the event."""
+        now = time.monotonic()
+        with self._lock:
+            while self._recent and self._recent[0][0] < now - RESEND_WINDOW_S:
+                self._recent.popleft()
+            outages = self.outages
+            if outages != self._outages_seen[0]:
+                self._outages_seen = (outages, now)
+            if outages > self._outages_answered and now - self._outages_seen[1] >= 1.0:
+                self._outages_answered = outages
+                again = {e.event_id: e for _, e in self._recent}
+                again.update((e.event_id, e) for e in self._resend)
+                self._resend = []
+            elif self._resend:
+                again = {e.event_id: e for e in self._resend}
+                self._resend = []
+            else:
+                return
+        if again:
+            log.warning("live channel: publishing again the audit events acknowledged shortly "
+                        "before a broker outage", events=len(again))
+        for event in again.values():
+            self.resent += 1
+
+            def delivered(err: KafkaError | None, _msg: Message, event: Event = event) -> None:
+                if err is not None:
+                    with self._lock:
+                        self._resend.append(event)
+
+            self._send(event, delivered)
 
     def emit(self, event: Event, keep: bool = False) -> None:
         if not keep:
@@ -128,6 +178,7 @@ class LiveEmitter:
                         self._failed[eid] = ev
                     elif eid in self._keep:
                         self._acked[eid] = (ev, self.outages)
+                        self._recent.append((time.monotonic(), ev))
                         if len(self._acked) > KEPT_MAX:  # attempts that ended by an exception
                             oldest = next(iter(self._acked))
                             self._acked.pop(oldest)
