@@ -100,7 +100,8 @@ def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
             return []
         log.warning("dispatch read again after a rewind (its outputs were not committed): "
                     "answered as a redelivery", attempt=event.attempt)
-        return _handle(catalog, clients, executor_id, event, record, runtime, leases)
+        return _handle(catalog, clients, executor_id, event, record, runtime, leases,
+                       rewound=True)
     try:
         return _handle(catalog, clients, executor_id, event, record, runtime, leases)
     finally:
@@ -108,8 +109,8 @@ def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
 
 
 def _handle(catalog: Catalog, clients: ModelClients, executor_id: str, event: TaskDispatched,
-            record: Record | None, runtime: Runtime | None, leases: LeaseTable | None
-            ) -> list[Event]:
+            record: Record | None, runtime: Runtime | None, leases: LeaseTable | None,
+            rewound: bool = False) -> list[Event]:
     rt = runtime or _default_runtime()
     if event.action == "rollback":
         return rollback(rt, event)
@@ -125,8 +126,9 @@ def _handle(catalog: Catalog, clients: ModelClients, executor_id: str, event: Ta
     lease = leases.get(event.task_id, event.attempt) if leases is not None else None
     if leases is not None and (previous is not None or lease is not None):
         # a redelivered attempt: read the committed outcomes to their end first (once per
-        # process), so one the previous incarnation committed is known (leases.sync)
-        leases.sync()
+        # process), so one the previous incarnation committed is known (leases.sync); after a
+        # rewind again: the failed transaction's commit may have gone through on the broker
+        leases.sync(fresh=rewound)
         lease = leases.get(event.task_id, event.attempt)
     if lease is not None and lease.done:
         # a committed outcome exists: publishing the journal's again would be a second one

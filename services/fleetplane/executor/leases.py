@@ -92,6 +92,7 @@ class LeaseTable:
         self.outcomes_ready = threading.Event()
         self._outcomes: Follower | None = None
         self._synced = False
+        self._synced_at = 0.0  # monotonic time the last sync asked for the ends
         self._sync_lock = threading.Lock()
 
     def get(self, task_id: str, attempt: int) -> Lease | None:
@@ -130,20 +131,29 @@ class LeaseTable:
         self.outcomes_ready = done.ready
         self._outcomes = outcomes
 
-    def sync(self, timeout_s: float = 10.0) -> None:
+    def sync(self, timeout_s: float = 10.0, fresh: bool = False) -> None:
         """Once per process (the first caller waits, the others wait for it): read the committed
         outcomes up to the ends the topics have now. Called by the handler, i.e. after the
         loop's init_transactions fenced this executor's predecessor (same transactional id) and
-        aborted its open transaction, whose end then moves."""
-        if self._synced or self._outcomes is None:
+        aborted its open transaction, whose end then moves.
+
+        `fresh`: again, to the ends the topics have from this call on (callers that asked
+        while a sync ran wait for the next one). After the loop rewound (a transaction that
+        failed during a broker restart: its commit may have gone through on the broker all the
+        same, and the new producer's init_transactions completes it), the dispatches read again
+        are judged against the outcomes committed by then, not against what was read before
+        the rewind (make chaos: 13 outcomes published twice, same event id)."""
+        if self._outcomes is None or (self._synced and not fresh):
             return
+        asked = time.monotonic()
         with self._sync_lock:
-            if self._synced:
+            if self._synced and (not fresh or self._synced_at >= asked):
                 return
+            started = time.monotonic()
             if not self._outcomes.caught_up(timeout_s):
                 log.warning("committed outcomes not read to their end; judging by what was read",
                             timeout_s=timeout_s)
-            self._synced = True
+            self._synced, self._synced_at = True, started
 
     def on_claim(self, msg: Message) -> None:
         etype = dict(msg.headers() or []).get("event_type") or b""

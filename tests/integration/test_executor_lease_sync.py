@@ -1,0 +1,54 @@
+"""After the executor's loop rewinds (a transaction that failed during a broker restart), the
+dispatches read again are judged against the outcomes committed by then (executor/leases.py,
+`LeaseTable.sync(fresh=True)`). The make chaos run published 13 outcomes twice (same event id):
+the redelivered dispatches were answered from the journal while the read_committed outcome
+follower, paced and just reconnected, had not read the outcomes committed before the rewind.
+Real broker, real followers; the follower's pace is long here so that what it has read by
+itself is known."""
+
+from __future__ import annotations
+
+import time
+
+from fleetplane.core import events as ev
+from fleetplane.core.follower import Follower
+from fleetplane.core.kafka import EventProducer
+from fleetplane.core.settings import Settings
+from fleetplane.executor.leases import LeaseTable
+
+PACE_S = 3.0
+
+
+def _completed(task_id: str) -> ev.TaskCompleted:
+    return ev.TaskCompleted(task_id=task_id, team="a", attempt=1, model="m", output="ok",
+                            cost_usd=0.001, duration_ms=5)
+
+
+def test_an_outcome_committed_before_a_rewind_is_known_to_the_dispatches_read_again(
+        base_settings: Settings, unique: str) -> None:
+    settings = Settings(kafka_bootstrap=base_settings.kafka_bootstrap)
+    claims = Follower(settings, f"claims-{unique}", pace_s=PACE_S)
+    outcomes = Follower(settings, f"outcomes-{unique}", "read_committed", pace_s=PACE_S)
+    leases = LeaseTable(settings, f"exec-{unique}", lookback_s=60)
+    leases.follow(claims, outcomes)
+    claims.start()
+    outcomes.start()
+    producer = EventProducer(settings)
+    try:
+        assert outcomes.assigned.wait(60), "the outcome follower was not assigned"
+        leases.sync()  # the first redelivery after start-up: once per process
+        before = f"{unique}-before"
+        producer.send([_completed(before)])
+        leases.sync()  # a later redelivery, no rewind: no second wait
+        again = f"{unique}-after-rewind"
+        producer.send([_completed(again)])
+        started = time.monotonic()
+        leases.sync(fresh=True)  # a dispatch read again after a rewind
+        lease = leases.get(again, 1)
+        assert lease is not None and lease.done, (
+            "an outcome committed before the rewind is not known after a fresh sync "
+            f"({time.monotonic() - started:.2f} s)")
+    finally:
+        producer.close()
+        claims.close()
+        outcomes.close()
