@@ -9,8 +9,11 @@ from pathlib import Path
 
 from fleetplane.core import auditchain
 from fleetplane.core import events as ev
+from fleetplane.core.catalog import load_catalog
 from fleetplane.core.settings import Settings
-from fleetplane.executor.handlers import _answer_redelivery
+from fleetplane.executor.handlers import SeenDispatches, _answer_redelivery, execute
+from fleetplane.executor.leases import LeaseTable
+from fleetplane.executor.models import ModelClients
 from fleetplane.executor.runtime import Journal, Runtime
 
 
@@ -82,3 +85,64 @@ def test_a_finished_attempt_whose_lease_ran_out_is_answered_as_lost_not_complete
         assert lost.failure_class == "lost_executor"
         assert (lost.cost_usd, lost.audit_head, lost.audit_count) == (0.002, chain.head, 2)
         assert not any(isinstance(e, ev.TaskCompleted) for e in out)
+
+
+def _declared_lost(d: ev.TaskDispatched, claimed: int) -> LeaseTable:
+    """The lease table after the coordinator's (or an executor's) outcome of the attempt."""
+    leases = LeaseTable(Settings(), "e2")
+    leases.finished(d.task_id, 1, at_ms=1, audit_count=claimed)
+    return leases
+
+
+def _redeliver(tmp_path: Path, d: ev.TaskDispatched, state: dict[str, object],
+               leases: LeaseTable) -> list[ev.Event]:
+    journal = Journal(tmp_path / "journal")
+    journal.write(d.task_id, 1, state)
+    rt = Runtime(Settings(), "e2", journal=journal)
+    settings = Settings()
+    return list(execute(load_catalog(settings.catalog_file), ModelClients(settings), "e2",
+                        SeenDispatches(), d, runtime=rt, leases=leases))
+
+
+def test_an_attempt_declared_lost_while_its_executor_was_down_reports_its_audit_chain(
+        tmp_path: Path) -> None:
+    """The 2,000-task chaos run: an executor made a model call, was down for longer than the
+    lease, and the coordinator declared the attempt lost (claiming no audit events). The
+    restarted executor read the dispatch again and, seeing the attempt finished, said nothing:
+    no outcome vouched for the model call on the log. It now reports the journal's chain as a
+    non-final lost_executor (the coordinator ignores it: the attempt was retried)."""
+    d = _dispatch()
+    calls, chain = _calls(d, 1)
+    running = {"dispatch": d.event_id, "state": "running", "head": chain.head,
+               "count": chain.count, "cost": 0.001, "audit": Journal.encode(list(calls))}
+    out = _redeliver(tmp_path, d, running, _declared_lost(d, claimed=0))
+    failed = out[-1]
+    assert isinstance(failed, ev.TaskFailed) and not failed.final
+    assert failed.failure_class == "lost_executor"
+    assert out[:-1] == calls
+    assert auditchain.verify(calls, failed.audit_head, failed.audit_count).ok
+
+
+def test_a_finished_attempt_declared_lost_first_is_reported_as_superseded_not_completed(
+        tmp_path: Path) -> None:
+    d = _dispatch()
+    calls, chain = _calls(d, 2)
+    done = d.derive(ev.TaskCompleted, event_id=f"{d.event_id}-done", attempt=1, model="m",
+                    output="ok", cost_usd=0.002, duration_ms=10, audit_head=chain.head,
+                    audit_count=chain.count)
+    state = {"dispatch": d.event_id, "state": "done", "audit": Journal.encode(list(calls)),
+             "outcome": Journal.encode([done])}
+    out = _redeliver(tmp_path, d, state, _declared_lost(d, claimed=0))
+    assert not any(isinstance(e, ev.TaskCompleted) for e in out)
+    failed = out[-1]
+    assert isinstance(failed, ev.TaskFailed) and not failed.final
+    assert auditchain.verify(calls, failed.audit_head, failed.audit_count).ok
+
+
+def test_an_attempt_whose_outcome_already_vouches_for_its_chain_is_not_reported_again(
+        tmp_path: Path) -> None:
+    d = _dispatch()
+    calls, chain = _calls(d, 2)
+    state = {"dispatch": d.event_id, "state": "running", "head": chain.head,
+             "count": chain.count, "cost": 0.002, "audit": Journal.encode(list(calls))}
+    assert _redeliver(tmp_path, d, state, _declared_lost(d, claimed=2)) == []

@@ -64,6 +64,9 @@ class Lease:
     executor_id: str
     expires_ms: int
     done: bool = False  # the attempt has an outcome (completed, failed, rolled back)
+    #: of a done attempt: the most audit events an outcome of it claims (the coordinator's
+    #: lost_executor declaration claims none: the attempt's chain is then not reported yet)
+    audit_count: int = 0
 
     def live(self, now_ms: int | None = None) -> bool:
         return self.expires_ms > (now_ms if now_ms is not None else int(time.time() * 1000))
@@ -112,11 +115,14 @@ class LeaseTable:
             if old is None or expires_ms >= old.expires_ms or old.executor_id != executor_id:
                 self._leases[key] = Lease(executor_id, expires_ms)
 
-    def finished(self, task_id: str, attempt: int, at_ms: int) -> None:
+    def finished(self, task_id: str, attempt: int, at_ms: int, audit_count: int = 0) -> None:
         key = (task_id, attempt)
         with self._lock:
             old = self._leases.get(key)
-            self._leases[key] = Lease(old.executor_id if old else "", at_ms, done=True)
+            if old is not None and old.done:
+                audit_count = max(audit_count, old.audit_count)
+            self._leases[key] = Lease(old.executor_id if old else "", at_ms, done=True,
+                                      audit_count=audit_count)
 
     def follow(self, follower: Follower, outcomes: Follower) -> None:
         """Register the claims on the process's follower (read_uncommitted) and the outcomes on
@@ -180,7 +186,8 @@ class LeaseTable:
         if isinstance(event, TaskStarted | TaskHeartbeat) and event.lease_ms > 0:
             self.note(event.task_id, event.attempt, event.executor_id, at + event.lease_ms)
         elif isinstance(event, TaskCompleted | TaskFailed | TaskRolledBack):
-            self.finished(event.task_id, event.attempt, at)
+            self.finished(event.task_id, event.attempt, at,
+                          getattr(event, "audit_count", 0) or 0)
         if time.monotonic() - self._last_prune > 60:
             self._last_prune = time.monotonic()  # before: _prune applies the heartbeats
             self._prune()
