@@ -443,6 +443,21 @@ def explain_audit_loss(result: ChaosResult, settings: Settings, breaks: list[str
         result.counts["audit_breaks"] -= len(explained)
 
 
+def read_log_steadily(settings: Settings, wanted: Callable[[str], bool],
+                      within_s: float = 180.0) -> Log:
+    """`read_log`, again while the broker is down: the run reads the log every 10 s while its
+    faults go on, and a read that meets the broker's SIGKILL (or its restart, at load 40)
+    failed with a transport error and ended the run without a verdict."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return read_log(settings, wanted)
+        except (KafkaException, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(5)
+
+
 def diagnose(settings: Settings) -> dict[str, Any]:
     """Where the pipeline stands still: partitions whose transaction stays open (sampled twice,
     5 s apart: an open transaction seen both times is not a commit in flight) and the consumer
@@ -502,7 +517,7 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
         settings = stack.settings()
         # wait for every acknowledged task to end (faults keep running until the plan is done)
         deadline = time.monotonic() + cfg.settle_s
-        log = read_log(settings, ids.__contains__)
+        log = read_log_steadily(settings, ids.__contains__)
         shown = time.monotonic()
         while time.monotonic() < deadline:
             v = check(log, submitter.acknowledged, lambda t: 10**6)
@@ -513,7 +528,7 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
                 console.print(f"  settle: {sum(v.terminal.values())} terminal, stuck "
                               f"{len(v.stuck)}: {waiting_at(log, v.stuck)}")
             time.sleep(10)
-            log = read_log(settings, ids.__contains__)
+            log = read_log_steadily(settings, ids.__contains__)
         # submissions acknowledged, then lost by the broker: a client with idempotency keys
         # sends them again until they are accepted
         by_id = {task_id_for(team_of(i, teams), f"{run}-{i}"): i for i in range(cfg.tasks)}
@@ -528,7 +543,7 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
             until = time.monotonic() + max(60.0, cfg.reconciler_deadline_s * 3)
             while time.monotonic() < until:
                 time.sleep(5)
-                log = read_log(settings, ids.__contains__)
+                log = read_log_steadily(settings, ids.__contains__)
                 v = check(log, submitter.acknowledged, lambda t: 10**6)
                 if not v.stuck and not set(v.lost) & {t for t in by_id if by_id[t] in lost_now}:
                     break
@@ -539,7 +554,7 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
         faults.stop()
         result.phases_s["settled"] = round(time.monotonic() - started, 1)
         time.sleep(2)
-        log = read_log(settings, ids.__contains__)
+        log = read_log_steadily(settings, ids.__contains__)
         try:
             result.reconciler = httpx.get(f"{stack.reconciler_url}/reconciler/stats",
                                           timeout=10).json()
