@@ -498,6 +498,7 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
     console.print(f"chaos: starting the stack in {data_dir} ...")
     stack.start(timeout_s=240)
     result.phases_s["start"] = round(time.monotonic() - started, 1)
+    faults: Faults | None = None
     try:
         httpx.post(f"{stack.provider_url}/_fake/script", json=provider_script(cfg),
                    timeout=10).raise_for_status()
@@ -598,6 +599,8 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
         if result.problems:
             result.diagnosis = diagnose(settings)
     finally:
+        if faults is not None:  # its supervision would restart what the stop ends
+            faults.stop()
         stack.stop()
     if cfg.kill_broker and (result.clickhouse.get("cost_mismatches")
                             or result.clickhouse.get("daily_cost_mismatches")):
