@@ -417,7 +417,10 @@ AUDIT_SHORT = re.compile(r"^(?P<task>[0-9a-f]+)/a(?P<attempt>\d+): (?P<log>\d+) 
 def explain_audit_loss(result: ChaosResult, settings: Settings, breaks: list[str]) -> None:
     """After a broker SIGKILL: an attempt's outcome may claim audit events the log no longer
     holds because the broker lost them after acknowledging them (and after accounting stored
-    them). A break where the log holds fewer events than the outcome claims, and ClickHouse's
+    them); or the log may have lost the executor's report itself, leaving the coordinator's
+    declaration (which claims none) as the attempt's only outcome: a break where ClickHouse's
+    raw events hold the executor's report with exactly the log's count is reported on its own
+    too. A break where the log holds fewer events than the outcome claims, and ClickHouse's
     raw rows hold exactly the claimed number for that attempt, is reported on its own
     (`audit_kept_after_broker_loss`), not as a break: the audit trail is whole in ClickHouse,
     the log lost part of it. Every other break stays one."""
@@ -428,6 +431,17 @@ def explain_audit_loss(result: ChaosResult, settings: Settings, breaks: list[str
     try:
         for line in breaks:
             m = AUDIT_SHORT.match(line)
+            if m is not None and int(m["log"]) > int(m["claimed"]) and int(store.command(
+                    f"SELECT count() FROM {store.table('events')} WHERE task_id = {{t:String}} "
+                    "AND event_type IN ('TaskCompleted', 'TaskFailed') "
+                    "AND JSONExtractInt(payload, 'attempt') = {a:Int64} "
+                    "AND JSONExtractInt(payload, 'audit_count') = {n:Int64}",
+                    {"t": m["task"], "a": int(m["attempt"]), "n": int(m["log"])})):
+                # the log lost the executor's report (the coordinator then declared the
+                # attempt lost, claiming none); ClickHouse stored the report, whose count is
+                # exactly the events on the log: the chain is whole there
+                explained.append(line)
+                continue
             if m is None or int(m["log"]) >= int(m["claimed"]):
                 continue
             stored = sum(int(store.command(

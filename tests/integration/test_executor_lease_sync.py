@@ -52,3 +52,34 @@ def test_an_outcome_committed_before_a_rewind_is_known_to_the_dispatches_read_ag
         producer.close()
         claims.close()
         outcomes.close()
+
+
+def test_a_failed_commit_is_tried_again_without_the_outcomes_already_on_the_log(
+        base_settings: Settings, unique: str) -> None:
+    """The make chaos run's last duplicate: a commit that failed during the broker restart had
+    gone through on the broker, and the loop committed the same TaskCompleted again. Before a
+    retry the loop asks the lease table (`before_retry`): outcomes the read_committed follower
+    finds on the log are dropped; the others, and audit events, are committed again."""
+    settings = Settings(kafka_bootstrap=base_settings.kafka_bootstrap)
+    claims = Follower(settings, f"claims-{unique}", pace_s=PACE_S)
+    outcomes = Follower(settings, f"outcomes-{unique}", "read_committed", pace_s=PACE_S)
+    leases = LeaseTable(settings, f"exec-{unique}", lookback_s=60)
+    leases.follow(claims, outcomes)
+    claims.start()
+    outcomes.start()
+    producer = EventProducer(settings)
+    try:
+        assert outcomes.assigned.wait(60), "the outcome follower was not assigned"
+        leases.sync()
+        committed = _completed(f"{unique}-committed")
+        producer.send([committed])  # the failed commit that went through all the same
+        pending = _completed(f"{unique}-pending")
+        call = ev.ModelCall(task_id=committed.task_id, team="a", attempt=1, call_index=0,
+                            model="m", provider="anthropic", tier="small", input_tokens=1,
+                            output_tokens=1, cost_usd=0.0, latency_ms=1.0, outcome="ok")
+        kept = leases.drop_committed([call, committed, pending])
+        assert kept == [call, pending]
+    finally:
+        producer.close()
+        claims.close()
+        outcomes.close()

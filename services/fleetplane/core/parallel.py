@@ -102,11 +102,17 @@ class ParallelProcessor(Processor):
                  settings: Settings, *, slots: int, prefetch: int | None = None,
                  drain_timeout_s: float = 10.0,
                  on_committed: Callable[[list[Record]], None] | None = None,
+                 before_retry: Callable[[list[Output]], list[Output]] | None = None,
                  **kwargs: Any) -> None:
         kwargs.setdefault("commit_interval_s", 0.05)
         #: called after each successful commit with the records whose outputs it committed
         #: (the executor renews a finished attempt's lease until then: docs/executor.md)
         self.on_committed = on_committed
+        #: called with each record's outputs before a failed commit is tried again: a commit
+        #: that failed during a broker restart may have gone through on the broker all the same
+        #: (make chaos: the same TaskCompleted twice); the executor drops the outcomes its
+        #: read_committed follower finds committed
+        self.before_retry = before_retry
         super().__init__(service, topics, handler, settings, concurrency=1, **kwargs)
         self.slots = max(1, slots)
         self.prefetch = max(1, min(self.slots, settings.batch_size)
@@ -355,6 +361,12 @@ class ParallelProcessor(Processor):
                         tries=self._commit_failures)
             if self.transactional and isinstance(err, KafkaError) and err.txn_requires_abort():
                 self._abort()
+            if self.before_retry is not None:
+                for f in batch:
+                    try:
+                        f.outputs = self.before_retry(f.outputs)
+                    except Exception:  # keep the outputs: a duplicate beats a lost outcome
+                        log.exception("before_retry hook failed")
             with self._lock:
                 self._done[:0] = batch
             time.sleep(min(2.0, 0.05 * 2 ** self._commit_failures))

@@ -48,6 +48,7 @@ from fleetplane.core.events import (
 )
 from fleetplane.core.follower import Follower
 from fleetplane.core.logging import get_logger
+from fleetplane.core.loop import Output
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import LIFECYCLE, OUTCOMES
@@ -94,6 +95,8 @@ class LeaseTable:
         #: set once the committed outcomes of the lookback window are read (see follow())
         self.outcomes_ready = threading.Event()
         self._outcomes: Follower | None = None
+        #: committed outcomes' event ids (read_committed) -> when they occurred (ms)
+        self._outcome_ids: dict[str, int] = {}
         self._synced = False
         self._synced_at = 0.0  # monotonic time the last sync asked for the ends
         self._sync_lock = threading.Lock()
@@ -161,6 +164,23 @@ class LeaseTable:
                             timeout_s=timeout_s)
             self._synced, self._synced_at = True, started
 
+    def drop_committed(self, outputs: list[Output]) -> list[Output]:
+        """The loop's `before_retry`: a commit failed and is tried again; outcomes that are on
+        the log all the same (the broker committed the transaction before the client saw the
+        failure) are dropped, after a fresh read of the committed outcomes. Audit events stay
+        (consumers deduplicate them by event id)."""
+        if not any(isinstance(o, TaskCompleted | TaskFailed | TaskRolledBack) for o in outputs):
+            return outputs
+        self.sync(fresh=True)
+        with self._lock:
+            kept = [o for o in outputs if not (
+                isinstance(o, TaskCompleted | TaskFailed | TaskRolledBack)
+                and o.event_id in self._outcome_ids)]
+        if len(kept) < len(outputs):
+            log.warning("a failed commit's outcomes are on the log all the same: not "
+                        "published again", dropped=len(outputs) - len(kept))
+        return kept
+
     def on_claim(self, msg: Message) -> None:
         etype = dict(msg.headers() or []).get("event_type") or b""
         if etype not in _CLAIMS:
@@ -186,6 +206,8 @@ class LeaseTable:
         if isinstance(event, TaskStarted | TaskHeartbeat) and event.lease_ms > 0:
             self.note(event.task_id, event.attempt, event.executor_id, at + event.lease_ms)
         elif isinstance(event, TaskCompleted | TaskFailed | TaskRolledBack):
+            with self._lock:
+                self._outcome_ids[event.event_id] = at
             self.finished(event.task_id, event.attempt, at,
                           getattr(event, "audit_count", 0) or 0)
         if time.monotonic() - self._last_prune > 60:
@@ -204,3 +226,5 @@ class LeaseTable:
         with self._lock:
             for key in [k for k, v in self._leases.items() if v.expires_ms < cutoff]:
                 del self._leases[key]
+            for eid in [e for e, at in self._outcome_ids.items() if at < cutoff]:
+                del self._outcome_ids[eid]

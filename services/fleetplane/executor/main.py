@@ -95,7 +95,8 @@ def main() -> None:
     processor = ParallelProcessor("executor", [DISPATCH], handler, settings,
                                   group_id=settings.executor_group_id,
                                   slots=settings.executor_slots,
-                                  on_committed=runtime.committed)
+                                  on_committed=runtime.committed,
+                                  before_retry=leases.drop_committed if leases else None)
     runtime.track_commits = True  # finished attempts heartbeat until their outcome commits
     obs.registry.register(Slots(processor.slots, processor.running_count,
                                 lambda: len(runtime.running())))
