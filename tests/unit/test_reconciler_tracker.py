@@ -115,3 +115,27 @@ def test_a_record_the_service_dead_lettered_is_answered_not_re_driven() -> None:
                topic="fleet.dlq", partition=0, offset=0, key=b"t1", value=b"d", headers=(),
                now=1)
     assert tr.due({(SUBMITTED, 0): 4}, 1000, deadline_s=30, max_redrives=3) == []
+
+
+def test_a_group_whose_committed_offset_stands_still_is_stalled_and_its_records_re_driven(
+        ) -> None:
+    """make chaos: after the broker's SIGKILL the router's read_committed fetch from its
+    committed offset was answered with the partition's end; it never read 90 accepted tasks
+    and never committed past them. A backlog moves the committed offset; a stall does not."""
+    tr = Tracker()
+    see(tr, accepted("t1"), ACCEPTED, 7, now=0)
+    see(tr, accepted("t2"), ACCEPTED, 9, now=0)
+    stuck = {(ACCEPTED, 0): 7}
+    assert tr.due(stuck, 10, deadline_s=10, max_redrives=3) == []
+    assert tr.due(stuck, 40, deadline_s=10, max_redrives=3) == []  # 30 s: not yet 4 deadlines
+    actions = tr.due(stuck, 51, deadline_s=10, max_redrives=3)
+    assert {(a.hop, a.task_id) for a in actions if isinstance(a, Redrive)} == {
+        ("router", "t1"), ("router", "t2")}
+    assert all("has not moved" in a.reason for a in actions)
+
+
+def test_a_backlog_whose_committed_offset_moves_is_slow_not_stalled() -> None:
+    tr = Tracker()
+    see(tr, accepted("t1"), ACCEPTED, 900, now=0)
+    for i, now in enumerate(range(10, 300, 10)):
+        assert tr.due({(ACCEPTED, 0): 10 + i}, now, deadline_s=10, max_redrives=3) == []

@@ -20,7 +20,11 @@ derives its output event ids from its input's event id (``events.derived_id``): 
 TaskRouted for a re-published TaskAccepted has the id of the one that was lost, the coordinator
 ignores an input whose event id it has applied (``TaskRow.seen``) and ClickHouse deduplicates by
 event id. A group that has not read the record yet (a backlog, a service down) is not overdue:
-that is a slow task, not a lost one.
+that is a slow task, not a lost one, unless the group's committed offset has not moved for
+``STALL_FACTOR`` deadlines while the record waits: a stalled consumer (make chaos: after the
+broker's SIGKILL, the embedded broker answered the router's read_committed fetch from its
+committed offset with the partition's end, so the router never read 90 accepted tasks and never
+committed past them). Those records are re-driven as well.
 
 After the coordinator has recorded a task, its own timers own it (an attempt dispatched but
 never started, a running attempt whose lease expired: docs/coordinator.md); the reconciler does
@@ -123,6 +127,14 @@ _INPUT_OF: dict[type[ev.Event], tuple[str, str]] = {
 }
 
 
+#: a hop's group whose committed offset has not moved for STALL_FACTOR x the deadline (at least
+#: STALL_MIN_S) while a record waits before it is stalled, not slow: its waiting records are
+#: re-driven too (re-published at the partition's end, where a consumer stuck on a range the
+#: broker will not serve reads them; idempotent downstream)
+STALL_FACTOR = 4.0
+STALL_MIN_S = 30.0
+
+
 class Tracker:
     """Per non-terminal task: its facts and answers. Terminal tasks are forgotten (their ids
     kept, so a late record does not bring them back)."""
@@ -131,6 +143,9 @@ class Tracker:
         self.tracks: dict[str, Track] = {}
         self.finished: set[str] = set()
         self.recorded: set[str] = set()  # task ids with a row in the coordinator's table
+        #: per (topic, partition) of a hop's input: the group's committed offset as last
+        #: sampled, and since when it has not moved
+        self.group_at: dict[tuple[str, int], tuple[int, float]] = {}
 
     def __len__(self) -> int:
         return len(self.tracks)
@@ -226,8 +241,16 @@ class Tracker:
             if hop == "coordinator" and track.task_id in self.recorded:
                 continue
             fact = track.facts[hop]
-            read_up_to = committed.get((fact.topic, fact.partition), -1)
-            if read_up_to <= fact.offset:
+            where = (fact.topic, fact.partition)
+            read_up_to = committed.get(where, -1)
+            stalled = False
+            if where in committed:  # sampled (not a coordinator known to be behind)
+                if self.group_at.get(where, (None, 0.0))[0] != read_up_to:
+                    self.group_at[where] = (read_up_to, now)
+                stall_s = max(STALL_FACTOR * deadline_s, STALL_MIN_S)
+                stalled = now - self.group_at[where][1] >= stall_s \
+                    and now - fact.seen_at >= stall_s
+            if read_up_to <= fact.offset and not stalled:
                 continue  # the hop's service has not read it yet: slow, not lost
             waited = now - fact.seen_at
             n = track.redrives.get(hop, 0)
@@ -242,11 +265,16 @@ class Tracker:
                     f"(re-driven again every {BACKOFF_CAP_S:.0f}s at most)")))
             track.redrives[hop] = n + 1
             fact.seen_at = now  # the next deadline counts from the re-drive
+            why = (f"which its group read (committed offset {read_up_to})"
+                   if read_up_to > fact.offset else
+                   f"which its group has not read: its committed offset {read_up_to} has not "
+                   f"moved for {now - self.group_at[where][1]:.0f}s (a stalled consumer: "
+                   "the embedded broker, after a SIGKILL, answered a read_committed fetch "
+                   "from that offset with the partition's end)")
             out.append(Redrive(hop, fact, track.task_id, track.team, n + 1, (
                 f"no answer from the {hop} {waited:.0f}s after {_kind(hop)} "
-                f"{fact.event_id} ({fact.topic}[{fact.partition}]@{fact.offset}), which its "
-                f"group read (committed offset {read_up_to}): re-published it "
-                f"(re-drive {n + 1})")))
+                f"{fact.event_id} ({fact.topic}[{fact.partition}]@{fact.offset}), {why}: "
+                f"re-published it (re-drive {n + 1})")))
         return out
 
 
