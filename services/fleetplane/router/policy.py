@@ -31,6 +31,7 @@ CHARS_PER_TOKEN = 4
 QUALITY_LABEL = "fleetplane/quality-share"
 BORROW = 0.2  # weight of one outcome of another task type in a type's prior
 QUALITY_SCOPES = ("type", "pooled")  # where q x best is kept (PolicyConfig.quality_scope)
+POOLED_EVERY = 20  # outcomes between two solutions of the pooled program
 RECENT_PROMPTS = 200  # a task type's recent prompts whose predictions rank a new one
 BORROW_CAP = 5.0  # at most this many pseudo-outcomes borrowed from other task types
 
@@ -317,12 +318,17 @@ def _prompt_rank(mix: Mixture, prompt: PromptView | None, est: dict[str, Estimat
 
 
 def _pooled(stats: OutcomeStats, q: float, cfg: PolicyConfig) -> dict[str, TypeTarget]:
-    key = ("pooled", stats.version, q, cfg.repay_horizon, cfg.pooled_floor)
+    """The pooled program's targets, solved again after every POOLED_EVERY outcomes (its cost
+    grows with task types x models; one outcome barely moves it)."""
+    key = ("pooled", q, cfg.repay_horizon, cfg.pooled_floor)
     got = stats.memo.get(key)
-    if got is None:
-        stats.memo.clear()
-        got = stats.memo[key] = pooled_targets(stats, q, cfg.repay_horizon, cfg.pooled_floor)
-    return got  # type: ignore[return-value]
+    if got is not None:
+        version, targets = got  # type: ignore[misc]
+        if stats.version - version < POOLED_EVERY:
+            return targets  # type: ignore[no-any-return]
+    targets = pooled_targets(stats, q, cfg.repay_horizon, cfg.pooled_floor)
+    stats.memo[key] = (stats.version, targets)
+    return targets
 
 
 def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,

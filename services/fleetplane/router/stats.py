@@ -122,7 +122,7 @@ class OutcomeStats:
         self._unfitted = 0  # outcomes recorded since the prior was last fitted
         self._models_of: dict[str, set[str]] = {}  # task type -> models with outcomes
         self.version = 0  # counts changes: what is derived from the statistics is cached by it
-        self.memo: dict[object, object] = {}  # (version, ...) -> a derived value
+        self.memo: dict[object, object] = {}  # key -> (version, a value derived from the stats)
 
     def get(self, task_type: str, model: str) -> ModelStats:
         return self._by_key.get((task_type, model)) or ModelStats()
