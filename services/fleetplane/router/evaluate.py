@@ -228,8 +228,7 @@ def replay_router(tasks: list[EvalTask], catalog: Catalog, rc: RouterConfig,
         x = (features.vector(task.task_id, task.prompt)
              if rc.prompt_signal and features is not None and task.prompt else None)
         seen = recent.setdefault(task.task_type, deque(maxlen=RECENT_PROMPTS))
-        view = (PromptView(signal.predict_many(sorted(cat.models), task.task_type, x),
-                           tuple(seen))
+        view = (PromptView(signal.predict_many(sorted(cat.models), task.task_type, x), seen)
                 if x is not None else None)
         if view is not None:
             seen.append(view.predictions)

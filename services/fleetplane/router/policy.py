@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fleetplane.core.catalog import Catalog, Model
@@ -75,7 +76,7 @@ class PromptView:
     mixture of two models sends the dear one the prompts where it is predicted to gain most."""
 
     predictions: dict[str, float]
-    recent: tuple[dict[str, float], ...] = ()
+    recent: Sequence[dict[str, float]] = ()  # not copied: the caller's deque, this one included
 
 
 @dataclass(frozen=True)

@@ -122,14 +122,14 @@ class RouterState:
 
     def prompt_view(self, task_id: str, spec: ev.TaskSpec) -> PromptView | None:
         """The prompt's success predictions by model, with those of the task type's recent
-        prompts; this prompt's join the recent ones."""
+        prompts (this one's included)."""
         x = self.prompt_vector(task_id, spec)
         if x is None:
             return None
         seen = self.recent_predictions.setdefault(spec.task_type, deque(maxlen=RECENT_PROMPTS))
         view = PromptView(self.signal.predict_many(sorted(self.catalog.models), spec.task_type,
-                                                   x), tuple(seen))
-        seen.append(view.predictions)
+                                                   x), seen)
+        seen.append(view.predictions)  # ranks among the recent ones including itself
         return view
 
     # -- the fold --------------------------------------------------------------------------------
