@@ -4,6 +4,7 @@ types together, the successes a target needs bought where they are cheapest."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -74,3 +75,38 @@ def test_pooled_scope_meets_the_pooled_target_for_less_than_per_type_targets() -
     assert costly[2] < 0.7 * costly_type[2]  # the dear model's work left the costly type
     cheapish, cheapish_type = pooled.by_type["cheapish"], per_type.by_type["cheapish"]
     assert cheapish[1] > cheapish_type[1]  # ... for the type where its successes are cheap
+
+
+def test_a_bad_quality_scope_is_a_usage_error(tmp_path: Path) -> None:
+    from fleetplane.router.evaluate import main, run
+
+    path = tmp_path / "eval.jsonl"
+    path.write_text('{"task_id": "a", "task_type": "qa", "candidates": '
+                    '{"small": {"success": true, "cost_usd": 0.001, "tier": "small"}}}\n')
+    assert run(path, quality_scope="team-ish", with_curve=False, prompt_signal=False) == 2
+    with pytest.raises(SystemExit) as exc:
+        main([str(path), "--quality-scope", "team-ish"])
+    assert exc.value.code == 2
+    assert main([str(path), "--quality-scope", "pooled", "--no-curve", "--no-prompt-signal",
+                 "--no-semantic"]) == 0
+
+
+def test_the_router_keeps_each_task_types_recent_prompt_predictions_bounded() -> None:
+    """RouterState.prompt_view: the predictions the mixture's prompt ranking compares with are
+    the task type's own recent prompts, at most RECENT_PROMPTS of them."""
+    from fleetplane.core.catalog import catalog_for
+    from fleetplane.core.events import TaskSpec
+    from fleetplane.router.features import FeatureCache, HashingEmbedder
+    from fleetplane.router.policy import RECENT_PROMPTS
+    from fleetplane.router.state import RouterState
+
+    cat = catalog_for(Settings().catalog_file)
+    state = RouterState(cat, 60.0, features=FeatureCache(HashingEmbedder()))
+    for i in range(RECENT_PROMPTS + 30):
+        view = state.prompt_view(f"t{i}", TaskSpec(name="n", task_type="codegen",
+                                                   prompt=f"write parser number {i}"))
+        assert view is not None and set(view.predictions) == set(cat.models)
+    other = state.prompt_view("o", TaskSpec(name="n", task_type="summarize", prompt="sum up"))
+    assert other is not None and len(other.recent) == 1  # its own type's only
+    assert len(state.recent_predictions["codegen"]) == RECENT_PROMPTS
+    assert state.prompt_view("e", TaskSpec(name="n", task_type="codegen", prompt="")) is None
