@@ -20,6 +20,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from fleetplane.core.catalog import Catalog, Model
 from fleetplane.core.events import TaskSpec
@@ -324,9 +325,9 @@ def _pooled(stats: OutcomeStats, q: float, cfg: PolicyConfig) -> dict[str, TypeT
     key = ("pooled", q, cfg.repay_horizon, cfg.pooled_floor)
     got = stats.memo.get(key)
     if got is not None:
-        version, targets = got  # type: ignore[misc]
+        version, cached = cast(tuple[int, dict[str, TypeTarget]], got)
         if stats.version - version < POOLED_EVERY:
-            return targets  # type: ignore[no-any-return]
+            return cached
     targets = pooled_targets(stats, q, cfg.repay_horizon, cfg.pooled_floor)
     stats.memo[key] = (stats.version, targets)
     return targets
