@@ -22,7 +22,6 @@ import argparse
 import json
 import random
 import sys
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
@@ -47,7 +46,7 @@ from fleetplane.router.policy import (
     choose,
 )
 from fleetplane.router.semantic_eval import KindResult, semantic_pairs
-from fleetplane.router.signal import PromptSignal
+from fleetplane.router.signal import PromptSignal, RecentPredictions
 from fleetplane.router.stats import OutcomeStats
 
 
@@ -220,18 +219,20 @@ def replay_router(tasks: list[EvalTask], catalog: Catalog, rc: RouterConfig,
                        quality_scope=rc.quality_scope)
     stats = OutcomeStats()
     signal = PromptSignal()
-    recent: dict[str, deque[dict[str, float]]] = {}  # task type -> recent prompts' predictions
+    recent: dict[str, RecentPredictions] = {}  # task type -> recent prompts' predictions
     res = Result("router")
     for task in tasks:
         cat = task_catalog(catalog, task)
         spec = task_spec(task)
         x = (features.vector(task.task_id, task.prompt)
              if rc.prompt_signal and features is not None and task.prompt else None)
-        seen = recent.setdefault(task.task_type, deque(maxlen=RECENT_PROMPTS))
+        seen = recent.get(task.task_type)
+        if seen is None:
+            seen = recent[task.task_type] = RecentPredictions(RECENT_PROMPTS)
         view = (PromptView(signal.predict_many(sorted(cat.models), task.task_type, x), seen)
                 if x is not None else None)
         if view is not None:
-            seen.append(view.predictions)
+            seen.add(view.predictions)
         try:
             picked = choose(cat, spec, stats, key=f"{task.task_id}/1", cfg=cfg, q=rc.q,
                             prompt=view).model.name

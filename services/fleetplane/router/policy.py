@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -26,6 +25,7 @@ from fleetplane.core.catalog import Catalog, Model
 from fleetplane.core.events import TaskSpec
 from fleetplane.router.objective import DEFAULT_QUALITY_SHARE, Mixture, Option, solve
 from fleetplane.router.pooled import TypeTarget, pooled_targets
+from fleetplane.router.signal import RecentPredictions
 from fleetplane.router.stats import RECENT, OutcomeStats
 
 EXPECTED_OUTPUT_TOKENS = 500
@@ -77,7 +77,7 @@ class PromptView:
     mixture of two models sends the dear one the prompts where it is predicted to gain most."""
 
     predictions: dict[str, float]
-    recent: Sequence[dict[str, float]] = ()  # not copied: the caller's deque, this one included
+    recent: RecentPredictions | None = None  # the type's recent prompts, this one included
 
 
 @dataclass(frozen=True)
@@ -293,7 +293,7 @@ def _prompt_rank(mix: Mixture, prompt: PromptView | None, est: dict[str, Estimat
     ranked in the top `upper_share`: the same share of the type's work as the mixture's draw,
     spent where the prompt model expects it to make the difference (a Lagrangian pick with
     the type's price of a success, keeping the mixture's proportion)."""
-    if (not cfg.prompt_rank or prompt is None or mix.lower is None
+    if (not cfg.prompt_rank or prompt is None or prompt.recent is None or mix.lower is None
             or len(prompt.recent) < cfg.prompt_rank_min):
         return None
     hi, lo = mix.upper.name, mix.lower.name
@@ -302,21 +302,13 @@ def _prompt_rank(mix: Mixture, prompt: PromptView | None, est: dict[str, Estimat
     p_hi, p_lo = prompt.predictions.get(hi), prompt.predictions.get(lo)
     if p_hi is None or p_lo is None:
         return None
-    gain = p_hi - p_lo
-    above = ties = n = 0
-    for r in prompt.recent:
-        a, b = r.get(hi), r.get(lo)
-        if a is None or b is None:
-            continue
-        n += 1
-        g = a - b
-        if g > gain + 1e-6:
-            above += 1
-        elif g >= gain - 1e-6:
-            ties += 1
-    if n < cfg.prompt_rank_min:
+    gains = prompt.recent.gains(hi, lo)
+    if len(gains) < cfg.prompt_rank_min:
         return None
-    return (above + u * ties) / n
+    gain = p_hi - p_lo
+    above = int((gains > gain + 1e-6).sum())
+    ties = int((abs(gains - gain) <= 1e-6).sum())
+    return (above + u * ties) / len(gains)
 
 
 def _pooled(stats: OutcomeStats, q: float, cfg: PolicyConfig) -> dict[str, TypeTarget]:

@@ -8,7 +8,7 @@ router rebuilt at start-up from the topics (fleetplane.router.rebuild) hold the 
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -18,7 +18,7 @@ from fleetplane.router.cache import CACHE_MODEL, CacheEntry, ResponseCache, cach
 from fleetplane.router.features import EMBED_DIM, FeatureCache, Vector
 from fleetplane.router.policy import RECENT_PROMPTS, PromptView
 from fleetplane.router.semantic import Match, SemanticCache, scope_key, wording
-from fleetplane.router.signal import PromptSignal
+from fleetplane.router.signal import PromptSignal, RecentPredictions
 from fleetplane.router.stats import NEUTRAL_FAILURES, OutcomeStats
 
 BUDGET_HOLD = "budget"
@@ -61,7 +61,7 @@ class RouterState:
         # task type -> the per-prompt predictions of its recent decisions (policy._prompt_rank);
         # kept in memory only: after a restart the ranks wait for PolicyConfig.prompt_rank_min
         # new prompts of the type
-        self.recent_predictions: dict[str, deque[dict[str, float]]] = {}
+        self.recent_predictions: dict[str, RecentPredictions] = {}
         self.cache_scope = cache_scope
         self.tasks: dict[str, TaskRecord] = {}
         self.done: OrderedDict[str, None] = OrderedDict()
@@ -126,10 +126,12 @@ class RouterState:
         x = self.prompt_vector(task_id, spec)
         if x is None:
             return None
-        seen = self.recent_predictions.setdefault(spec.task_type, deque(maxlen=RECENT_PROMPTS))
+        seen = self.recent_predictions.get(spec.task_type)
+        if seen is None:
+            seen = self.recent_predictions[spec.task_type] = RecentPredictions(RECENT_PROMPTS)
         view = PromptView(self.signal.predict_many(sorted(self.catalog.models), spec.task_type,
                                                    x), seen)
-        seen.append(view.predictions)  # ranks among the recent ones including itself
+        seen.add(view.predictions)  # ranks among the recent ones including itself
         return view
 
     # -- the fold --------------------------------------------------------------------------------
