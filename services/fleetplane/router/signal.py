@@ -101,4 +101,5 @@ class RecentPredictions:
         if i is None or j is None:
             return np.zeros(0, dtype=np.float32)
         g = self.rows[:self.n, i] - self.rows[:self.n, j]
-        return g[~np.isnan(g)]
+        out: Vector = g[~np.isnan(g)]
+        return out
