@@ -99,12 +99,6 @@ def test_malformed_lines_are_rejected_with_line_and_field(tmp_path: Path) -> Non
     assert main([str(tmp_path / "missing.jsonl")]) == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known gap (docs/routing.md, fourth round): measured 76% success, 71% of picks on the cheap "
-    "model; the prompt model does separate the kinds (cheap predicted 0.03-0.2 on mountains, "
-    "0.95+ on rivers), but the per-decision linear program holds q x best per decision and "
-    "still mixes the cheap model into a third of the mountain prompts; an error-weighted blend "
-    "(80%) does not close it; a pick comparing prompts with each other is not built"))
 def test_prompts_feed_the_router_and_hindsight_and_single_model_baselines(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Generated file with prompts: the cheap model answers questions about rivers, only the

@@ -28,6 +28,8 @@ def eval_(
         help="Measure the semantic cache's false-hit rate on near-miss pairs.")] = True,
     semantic_threshold: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.97,
     semantic_max_edits: Annotated[int, typer.Option(min=0)] = 0,
+    quality_scope: Annotated[str, typer.Option(
+        help="type: q x best per task type; pooled: over all task types.")] = "type",
 ) -> None:
     """Replay FILE through the router and compare cost and success with baselines."""
     from fleetplane.router.evaluate import run
@@ -36,4 +38,5 @@ def eval_(
                               as_json=json_out, q=q, with_curve=curve,
                               prompt_signal=prompt_signal, embedding=embedding,
                               with_semantic=semantic, semantic_threshold=semantic_threshold,
-                              semantic_max_edits=semantic_max_edits))
+                              semantic_max_edits=semantic_max_edits,
+                              quality_scope=quality_scope))

@@ -186,6 +186,10 @@ class Settings(BaseSettings):
         default="wordllama", pattern="^(wordllama|hashing)$",
         description="Prompt embedding: wordllama (bundled weights) or hashing.")
     router_min_cost_observations: int = 3
+    router_quality_scope: str = Field(
+        default="type", pattern="^(type|pooled)$",
+        description="Where q x the best model's success is kept: per task type, or pooled over "
+        "all task types (the cheapest successes bought first). docs/routing.md")
     router_semantic_cache_types: str = Field(
         default="", description="Comma-separated task types whose near-duplicate prompts may "
         "be answered from the semantic cache (opt-in; empty: off). docs/routing.md")

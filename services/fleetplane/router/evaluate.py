@@ -36,9 +36,17 @@ from fleetplane.core.events import TaskSpec
 from fleetplane.core.settings import Settings
 from fleetplane.router.features import FeatureCache, load_embedder
 from fleetplane.router.objective import DEFAULT_QUALITY_SHARE
-from fleetplane.router.policy import CHARS_PER_TOKEN, PolicyConfig, PromptView, Unroutable, choose
+from fleetplane.router.policy import (
+    CHARS_PER_TOKEN,
+    QUALITY_SCOPES,
+    RECENT_PROMPTS,
+    PolicyConfig,
+    PromptView,
+    Unroutable,
+    choose,
+)
 from fleetplane.router.semantic_eval import KindResult, semantic_pairs
-from fleetplane.router.signal import PromptSignal
+from fleetplane.router.signal import PromptSignal, RecentPredictions
 from fleetplane.router.stats import OutcomeStats
 
 
@@ -185,6 +193,7 @@ class RouterConfig:
     sampled_per_decision: int = PolicyConfig.sampled_per_decision
     play_contender: bool = PolicyConfig.play_contender
     ledger: bool = PolicyConfig.ledger
+    quality_scope: str = PolicyConfig.quality_scope
 
 
 def prompt_vectors(tasks: list[EvalTask], embedding: str) -> FeatureCache | None:
@@ -206,17 +215,24 @@ def replay_router(tasks: list[EvalTask], catalog: Catalog, rc: RouterConfig,
                        best_from_samples=rc.best_from_samples,
                        shortfall_recent=rc.shortfall_recent, prior_strength=rc.prior_strength,
                        sampled_per_decision=rc.sampled_per_decision,
-                       play_contender=rc.play_contender, ledger=rc.ledger)
+                       play_contender=rc.play_contender, ledger=rc.ledger,
+                       quality_scope=rc.quality_scope)
     stats = OutcomeStats()
     signal = PromptSignal()
+    recent: dict[str, RecentPredictions] = {}  # task type -> recent prompts' predictions
     res = Result("router")
     for task in tasks:
         cat = task_catalog(catalog, task)
         spec = task_spec(task)
         x = (features.vector(task.task_id, task.prompt)
              if rc.prompt_signal and features is not None and task.prompt else None)
-        view = (PromptView(signal.predict_many(sorted(cat.models), task.task_type, x))
+        seen = recent.get(task.task_type)
+        if seen is None:
+            seen = recent[task.task_type] = RecentPredictions(RECENT_PROMPTS)
+        view = (PromptView(signal.predict_many(sorted(cat.models), task.task_type, x), seen)
                 if x is not None else None)
+        if view is not None:
+            seen.add(view.predictions)
         try:
             picked = choose(cat, spec, stats, key=f"{task.task_id}/1", cfg=cfg, q=rc.q,
                             prompt=view).model.name
@@ -257,10 +273,11 @@ def hindsight_static(tasks: list[EvalTask], q: float) -> dict[str, str]:
 def evaluate(tasks: list[EvalTask], catalog: Catalog, *, seed: int = 0,
              exploration_share: float = 1.0, q: float = DEFAULT_QUALITY_SHARE,
              prompt_signal: bool = True, embedding: str = "wordllama",
-             features: FeatureCache | None = None) -> list[Result]:
+             features: FeatureCache | None = None,
+             quality_scope: str = PolicyConfig.quality_scope) -> list[Result]:
     rng = random.Random(seed)
     rc = RouterConfig(q=q, exploration_share=exploration_share, prompt_signal=prompt_signal,
-                      embedding=embedding)
+                      embedding=embedding, quality_scope=quality_scope)
     if features is None and prompt_signal:
         features = prompt_vectors(tasks, embedding)
     results = {"router": replay_router(tasks, catalog, rc, features)}
@@ -351,13 +368,14 @@ class Curve:
 
 def curve(tasks: list[EvalTask], catalog: Catalog, *, qs: Iterable[float] = QS,
           exploration_share: float = 1.0, prompt_signal: bool = True,
-          embedding: str = "wordllama", features: FeatureCache | None = None) -> Curve:
+          embedding: str = "wordllama", features: FeatureCache | None = None,
+          quality_scope: str = PolicyConfig.quality_scope) -> Curve:
     if features is None and prompt_signal:
         features = prompt_vectors(tasks, embedding)
     points = []
     for q in qs:
         rc = RouterConfig(q=q, exploration_share=exploration_share, prompt_signal=prompt_signal,
-                          embedding=embedding)
+                          embedding=embedding, quality_scope=quality_scope)
         r = replay_router(tasks, catalog, rc, features)
         points.append(CurvePoint(q, r.success_rate, r.cost_usd))
     frontier = Result("all-frontier")
@@ -437,11 +455,16 @@ def run(path: Path, *, seed: int = 0, exploration_share: float = 1.0, as_json: b
         catalog_file: Path | None = None, console: Console | None = None,
         q: float = DEFAULT_QUALITY_SHARE, with_curve: bool = True, prompt_signal: bool = True,
         embedding: str = "wordllama", with_semantic: bool = True,
-        semantic_threshold: float = 0.97, semantic_max_edits: int = 0) -> int:
+        semantic_threshold: float = 0.97, semantic_max_edits: int = 0,
+        quality_scope: str = PolicyConfig.quality_scope) -> int:
     console = console or Console(width=None if sys.stdout.isatty() else 160)
     if embedding not in ("wordllama", "hashing"):
         Console(stderr=True).print(f"error: --embedding: {embedding!r} is not wordllama or "
                                    f"hashing", highlight=False)
+        return 2
+    if quality_scope not in QUALITY_SCOPES:
+        Console(stderr=True).print(f"error: --quality-scope: {quality_scope!r} is not one of "
+                                   f"{', '.join(QUALITY_SCOPES)}", highlight=False)
         return 2
     catalog = load_catalog(catalog_file or Settings().catalog_file)
     try:
@@ -451,9 +474,11 @@ def run(path: Path, *, seed: int = 0, exploration_share: float = 1.0, as_json: b
         return 2
     features = prompt_vectors(tasks, embedding) if prompt_signal else None
     results = evaluate(tasks, catalog, seed=seed, exploration_share=exploration_share, q=q,
-                       prompt_signal=prompt_signal, embedding=embedding, features=features)
+                       prompt_signal=prompt_signal, embedding=embedding, features=features,
+                       quality_scope=quality_scope)
     c = (curve(tasks, catalog, exploration_share=exploration_share, prompt_signal=prompt_signal,
-               embedding=embedding, features=features) if with_curve else None)
+               embedding=embedding, features=features, quality_scope=quality_scope)
+         if with_curve else None)
     semantic = None
     if with_semantic:
         with_prompts = [(t.task_type, t.prompt) for t in tasks if t.prompt]
@@ -529,6 +554,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the semantic cache's near-miss measurement")
     p.add_argument("--semantic-threshold", type=float, default=0.97)
     p.add_argument("--semantic-max-edits", type=int, default=0)
+    p.add_argument("--quality-scope", choices=QUALITY_SCOPES, default=PolicyConfig.quality_scope,
+                   help="type: q x best per task type; pooled: over all task types together "
+                        "(docs/routing.md, 'Pooled accounting')")
     args = p.parse_args(argv)
     if not 0.0 <= args.q <= 1.0:
         p.error("--q must be in [0, 1]")
@@ -536,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
                as_json=args.json, q=args.q, with_curve=not args.no_curve,
                prompt_signal=not args.no_prompt_signal, embedding=args.embedding,
                with_semantic=not args.no_semantic, semantic_threshold=args.semantic_threshold,
-               semantic_max_edits=args.semantic_max_edits)
+               semantic_max_edits=args.semantic_max_edits, quality_scope=args.quality_scope)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from fleetplane.router.cache import CACHE_MODEL, not_cacheable
 from fleetplane.router.policy import (
     BudgetView,
     PolicyConfig,
-    PromptView,
     Unroutable,
     choose,
     quality_share,
@@ -153,9 +152,7 @@ class Router:
         try:
             q, q_source = quality_share(self.catalog, spec, team.quality_shares,
                                         team.quality_share)
-            x = self.state.prompt_vector(cause.task_id, spec)
-            view = None if x is None else PromptView(self.state.signal.predict_many(
-                sorted(self.catalog.models), spec.task_type, x))
+            view = self.state.prompt_view(cause.task_id, spec)
             decision = choose(self.catalog, spec, self.state.stats, key=key, cfg=self.cfg,
                               budget=check.view, escalate_to=escalate_to, q=q,
                               q_source=q_source, prompt=view)

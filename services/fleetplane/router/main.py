@@ -42,7 +42,8 @@ def build_router(settings: Settings) -> Router:
                        min_cost_observations=settings.router_min_cost_observations,
                        confidence_z=settings.router_confidence_z,
                        shortfall_gain=settings.router_shortfall_gain,
-                       low_budget_quality_share=settings.router_low_budget_quality_share)
+                       low_budget_quality_share=settings.router_low_budget_quality_share,
+                       quality_scope=settings.router_quality_scope)
     replica = settings.instance_id if settings.router_shared_state else None
     return Router(catalog, load_teams(settings.teams_file), state, cfg, replica=replica)
 

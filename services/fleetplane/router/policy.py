@@ -19,16 +19,22 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass
+from typing import cast
 
 from fleetplane.core.catalog import Catalog, Model
 from fleetplane.core.events import TaskSpec
-from fleetplane.router.objective import DEFAULT_QUALITY_SHARE, Option, solve
+from fleetplane.router.objective import DEFAULT_QUALITY_SHARE, Mixture, Option, solve
+from fleetplane.router.pooled import TypeTarget, pooled_targets
+from fleetplane.router.signal import RecentPredictions
 from fleetplane.router.stats import RECENT, OutcomeStats
 
 EXPECTED_OUTPUT_TOKENS = 500
 CHARS_PER_TOKEN = 4
 QUALITY_LABEL = "fleetplane/quality-share"
 BORROW = 0.2  # weight of one outcome of another task type in a type's prior
+QUALITY_SCOPES = ("type", "pooled")  # where q x best is kept (PolicyConfig.quality_scope)
+POOLED_EVERY = 20  # outcomes between two solutions of the pooled program
+RECENT_PROMPTS = 200  # a task type's recent prompts whose predictions rank a new one
 BORROW_CAP = 5.0  # at most this many pseudo-outcomes borrowed from other task types
 
 
@@ -54,13 +60,24 @@ class PolicyConfig:
     repay_horizon: float = 100.0  # ledger: decisions over which a deficit (or surplus) is repaid
     ledger_spend: bool = False  # ledger: a surplus lowers the target (else only deficits count)
     ledger_band: float = 0.0  # ledger: deficits within this many standard errors are ignored
+    # "type": q x best is kept per task type; "pooled": over all task types together, each
+    # type at least `pooled_floor` x its best (fleetplane.router.pooled)
+    quality_scope: str = "type"
+    # a mixture's dear model gets the prompts whose predicted gain over the cheap one ranks in
+    # the top `upper_share` of the type's recent prompts (else: a uniform draw)
+    prompt_rank: bool = True
+    prompt_rank_min: int = 20  # recent prompts of the type before their ranks are used
+    pooled_floor: float = 0.85
 
 
 @dataclass(frozen=True)
 class PromptView:
-    """Per-prompt success predictions by model (fleetplane.router.signal)."""
+    """Per-prompt success predictions by model (fleetplane.router.signal), and the predictions
+    of the task type's recent prompts (the caller keeps them, most recent last): with them, a
+    mixture of two models sends the dear one the prompts where it is predicted to gain most."""
 
     predictions: dict[str, float]
+    recent: RecentPredictions | None = None  # the type's recent prompts, this one included
 
 
 @dataclass(frozen=True)
@@ -267,6 +284,47 @@ def _estimates(pool: list[Model], spec: TaskSpec, stats: OutcomeStats, rng: rand
     return out
 
 
+def _prompt_rank(mix: Mixture, prompt: PromptView | None, est: dict[str, Estimate], u: float,
+                 cfg: PolicyConfig) -> float | None:
+    """Where this prompt's predicted gain of the mixture's dear model over its cheap one ranks
+    among the task type's recent prompts (0: the largest gain; ties broken by `u`, so prompts
+    the predictions do not tell apart get the plain mixture draw), or None when the mixture is
+    a single model or the predictions are not usable. The dear model then goes to the prompts
+    ranked in the top `upper_share`: the same share of the type's work as the mixture's draw,
+    spent where the prompt model expects it to make the difference (a Lagrangian pick with
+    the type's price of a success, keeping the mixture's proportion)."""
+    if (not cfg.prompt_rank or prompt is None or prompt.recent is None or mix.lower is None
+            or len(prompt.recent) < cfg.prompt_rank_min):
+        return None
+    hi, lo = mix.upper.name, mix.lower.name
+    if "prompt" not in est[hi].source or "prompt" not in est[lo].source:
+        return None  # the per-prompt model has too few outcomes of one of them
+    p_hi, p_lo = prompt.predictions.get(hi), prompt.predictions.get(lo)
+    if p_hi is None or p_lo is None:
+        return None
+    gains = prompt.recent.gains(hi, lo)
+    if len(gains) < cfg.prompt_rank_min:
+        return None
+    gain = p_hi - p_lo
+    above = int((gains > gain + 1e-6).sum())
+    ties = int((abs(gains - gain) <= 1e-6).sum())
+    return (above + u * ties) / len(gains)
+
+
+def _pooled(stats: OutcomeStats, q: float, cfg: PolicyConfig) -> dict[str, TypeTarget]:
+    """The pooled program's targets, solved again after every POOLED_EVERY outcomes (its cost
+    grows with task types x models; one outcome barely moves it)."""
+    key = ("pooled", q, cfg.repay_horizon, cfg.pooled_floor)
+    got = stats.memo.get(key)
+    if got is not None:
+        version, cached = cast(tuple[int, dict[str, TypeTarget]], got)
+        if stats.version - version < POOLED_EVERY:
+            return cached
+    targets = pooled_targets(stats, q, cfg.repay_horizon, cfg.pooled_floor)
+    stats.memo[key] = (stats.version, targets)
+    return targets
+
+
 def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,
            cfg: PolicyConfig | None = None, budget: BudgetView | None = None,
            escalate_to: str | None = None, q: float = DEFAULT_QUALITY_SHARE,
@@ -386,12 +444,18 @@ def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,
         shortfall = max(0.0, target - rate - math.sqrt(target * (1 - target) / n))
     raised = (target + shortfall if cfg.ledger else target + cfg.shortfall_gain * shortfall)
     eff_q = min(1.0, max(0.0, raised / best.success)) if best.success else q
+    pooled = _pooled(stats, q, cfg).get(spec.task_type) if cfg.quality_scope == "pooled" else None
+    if pooled is not None:
+        eff_q = min(1.0, max(0.0, pooled.rate / pooled.best))
     shifted = [Option(o.name, o.success if o.name == best.name
                       else min(1.0, max(0.0, o.success - judged[o.name].margin)), o.cost)
                for o in options]
     mix = solve(shifted, eff_q)
     u = _seed(key, "mixture") / 2**64
     picked = mix.pick(u)
+    ranked = _prompt_rank(mix, prompt, est, u, cfg)
+    if ranked is not None:
+        picked = mix.upper if ranked < mix.upper_share else mix.lower or mix.upper
     contender = None
     if (cfg.play_contender and explored and est[top_draw.name].sampled
             and top_draw.name != leader.name
@@ -411,7 +475,11 @@ def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,
               f">= q {q:.2f} ({q_source}) x best; best {mix.best.name} {how} "
               f"{mix.best.success:.2f} ({b.attempts} outcomes, {b.source}) -> target "
               f"{mix.target:.2f}")
-    if cfg.ledger and abs(shortfall) >= 0.005:
+    if pooled is not None:
+        reason += (f" (pooled over all task types: {spec.task_type} is asked for success "
+                   f"{pooled.rate:.2f} of its best {pooled.best:.2f} at the fleet's price of "
+                   f"${pooled.price:.6f} per success)")
+    elif cfg.ledger and abs(shortfall) >= 0.005:
         owed = shortfall * cfg.repay_horizon
         reason += (f" ({'raised' if owed > 0 else 'lowered'}: {spec.task_type}'s success "
                    f"ledger is {abs(owed):.1f} successes {'short of' if owed > 0 else 'ahead of'}"

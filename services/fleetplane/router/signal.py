@@ -65,3 +65,41 @@ class PromptSignal:
         tb[1] += g * g
         tb[0] -= LEARNING_RATE / math.sqrt(tb[1]) * g
         m.updates += 1
+
+
+class RecentPredictions:
+    """A task type's last `size` per-prompt predictions, a column per model (a numpy ring), so
+    that a prompt's predicted gain of one model over another is ranked with a vector compare."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.cols: dict[str, int] = {}
+        self.rows = np.full((size, 0), np.nan, dtype=np.float32)
+        self.n = 0
+        self.pos = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def add(self, predictions: dict[str, float]) -> None:
+        new = [m for m in predictions if m not in self.cols]
+        if new:
+            for m in new:
+                self.cols[m] = len(self.cols)
+            pad = np.full((self.size, len(new)), np.nan, dtype=np.float32)
+            self.rows = np.hstack([self.rows, pad])
+        row = np.full(len(self.cols), np.nan, dtype=np.float32)
+        for m, p in predictions.items():
+            row[self.cols[m]] = p
+        self.rows[self.pos] = row
+        self.pos = (self.pos + 1) % self.size
+        self.n = min(self.n + 1, self.size)
+
+    def gains(self, upper: str, lower: str) -> Vector:
+        """upper's predicted success minus lower's, over the recent prompts that have both."""
+        i, j = self.cols.get(upper), self.cols.get(lower)
+        if i is None or j is None:
+            return np.zeros(0, dtype=np.float32)
+        g = self.rows[:self.n, i] - self.rows[:self.n, j]
+        out: Vector = g[~np.isnan(g)]
+        return out

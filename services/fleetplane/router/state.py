@@ -16,8 +16,9 @@ from fleetplane.core import events as ev
 from fleetplane.core.catalog import Catalog
 from fleetplane.router.cache import CACHE_MODEL, CacheEntry, ResponseCache, cache_key, not_cacheable
 from fleetplane.router.features import EMBED_DIM, FeatureCache, Vector
+from fleetplane.router.policy import RECENT_PROMPTS, PromptView
 from fleetplane.router.semantic import Match, SemanticCache, scope_key, wording
-from fleetplane.router.signal import PromptSignal
+from fleetplane.router.signal import PromptSignal, RecentPredictions
 from fleetplane.router.stats import NEUTRAL_FAILURES, OutcomeStats
 
 BUDGET_HOLD = "budget"
@@ -57,6 +58,10 @@ class RouterState:
         self.semantic_features = semantic_features or features
         self.features = features  # None: no per-prompt signal (per task type statistics only)
         self.signal = PromptSignal()
+        # task type -> the per-prompt predictions of its recent decisions (policy._prompt_rank);
+        # kept in memory only: after a restart the ranks wait for PolicyConfig.prompt_rank_min
+        # new prompts of the type
+        self.recent_predictions: dict[str, RecentPredictions] = {}
         self.cache_scope = cache_scope
         self.tasks: dict[str, TaskRecord] = {}
         self.done: OrderedDict[str, None] = OrderedDict()
@@ -114,6 +119,20 @@ class RouterState:
         if self.features is None or not spec.prompt:
             return None
         return self.features.vector(task_id, spec.prompt)
+
+    def prompt_view(self, task_id: str, spec: ev.TaskSpec) -> PromptView | None:
+        """The prompt's success predictions by model, with those of the task type's recent
+        prompts (this one's included)."""
+        x = self.prompt_vector(task_id, spec)
+        if x is None:
+            return None
+        seen = self.recent_predictions.get(spec.task_type)
+        if seen is None:
+            seen = self.recent_predictions[spec.task_type] = RecentPredictions(RECENT_PROMPTS)
+        view = PromptView(self.signal.predict_many(sorted(self.catalog.models), spec.task_type,
+                                                   x), seen)
+        seen.add(view.predictions)  # ranks among the recent ones including itself
+        return view
 
     # -- the fold --------------------------------------------------------------------------------
     def apply(self, event: ev.Event) -> None:

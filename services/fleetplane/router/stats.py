@@ -18,6 +18,7 @@ from fleetplane.router.prior import TwoWayPrior
 PRIOR_A = 1.0
 PRIOR_B = 1.0
 RECENT = 300  # outcomes in the task type's recent success rate (moving average)
+REFERENCE_MIN_EVIDENCE = 5  # outcomes before a model can be a type's reference
 WINDOW = 500  # outcomes a (task type, model) posterior weighs, about (older ones discounted)
 
 #: Failure classes that say nothing about the model's quality (the attempt is not counted).
@@ -119,6 +120,9 @@ class OutcomeStats:
         self.dirty: set[tuple[str, str]] = set()  # own cells changed since last published
         self._peers: dict[tuple[str, str, str], Cell] = {}  # (replica, type, model) -> cell
         self._unfitted = 0  # outcomes recorded since the prior was last fitted
+        self._models_of: dict[str, set[str]] = {}  # task type -> models with outcomes
+        self.version = 0  # counts changes: what is derived from the statistics is cached by it
+        self.memo: dict[object, object] = {}  # key -> (version, a value derived from the stats)
 
     def get(self, task_type: str, model: str) -> ModelStats:
         return self._by_key.get((task_type, model)) or ModelStats()
@@ -129,10 +133,12 @@ class OutcomeStats:
         self._by_key.setdefault((task_type, model), ModelStats()).record(success, cost_usd)
         self._by_model.setdefault(model, ModelStats()).record(success, cost_usd)
         self._by_type.setdefault(task_type, ModelStats()).record(success, cost_usd)
+        self._models_of.setdefault(task_type, set()).add(model)
         n = self._by_type[task_type].attempts
         ema = self._recent.get(task_type, 0.0)
         self._recent[task_type] = ema + ((1.0 if success else 0.0) - ema) / min(n, RECENT)
         self._unfitted += 1
+        self.version += 1
 
     def set_peer(self, replica: str, task_type: str, model: str, cell: Cell) -> None:
         """Another replica's latest contribution to a cell (its absolute counts; idempotent,
@@ -161,6 +167,7 @@ class OutcomeStats:
                       self._by_model.setdefault(model, ModelStats()),
                       self._by_type.setdefault(task_type, ModelStats())):
             stats.add(*delta)
+        self._models_of.setdefault(task_type, set()).add(model)
         n = delta[0] + delta[1]
         if n > 0:  # the type's recent rate moves towards the new outcomes' rate
             ema = self._recent.get(task_type, 0.0)
@@ -168,6 +175,24 @@ class OutcomeStats:
             self._recent[task_type] = ema + (delta[0] / n - ema) * min(1.0, n / min(total,
                                                                                       RECENT))
         self._unfitted += max(1, n)
+        self.version += 1
+
+    def reference(self, task_type: str) -> float | None:
+        """The task type's best model's success as the statistics say now: the posterior mean
+        (Beta(1, 1) plus the recent outcomes) of the model with the largest lower bound (mean
+        less one standard deviation) among those with at least REFERENCE_MIN_EVIDENCE outcomes."""
+        best: tuple[float, float] | None = None
+        for model in self._models_of.get(task_type, ()):
+            s = self._by_key[(task_type, model)]
+            if s.recent_successes + s.recent_failures < REFERENCE_MIN_EVIDENCE:
+                continue
+            key = (s.mean - s.std, s.mean)
+            if best is None or key > best:
+                best = key
+        return None if best is None else best[1]
+
+    def models_of(self, task_type: str) -> list[str]:
+        return sorted(self._models_of.get(task_type, ()))
 
     def replicas(self) -> set[str]:
         return {r for r, _, _ in self._peers}
