@@ -204,3 +204,17 @@ def test_a_database_from_before_the_live_tables_is_backfilled_at_start(store: St
     since = live.window_start(NOW)
     assert approx(analytics.utilization(store, bucket_s=60, since=since, recent=True)) == \
         analytics.utilization(store, bucket_s=60, since=since)
+
+
+def test_the_state_codes_of_the_ddl_are_the_state_vocabulary() -> None:
+    """recent_task_states.latest encodes a state by its position in a list written in the DDL;
+    live.py decodes it with core.states.STATES: both lists must be the same."""
+    import re
+
+    from fleetplane.accounting.store import DDL_DIR
+    from fleetplane.core.states import STATES
+
+    ddl = (DDL_DIR / "014_live_state.sql").read_text()
+    listed = re.search(r"indexOf\(\[(.*?)\]", ddl, re.S)
+    assert listed is not None
+    assert tuple(re.findall(r"'(\w+)'", listed.group(1))) == STATES == live.STATE_CODES

@@ -1,6 +1,6 @@
 """The dashboard's live sections over a bounded recent window (LIVE_WINDOW, whole UTC minutes),
 read from recent_task_states (infra/clickhouse/014_live_state.sql): one pre-aggregated row per
-minute and task (latest state as an argMax state, first/last transition, first submission and
+minute and task (latest state encoded in one UInt64 whose max is the argMax, first/last transition, first submission and
 dispatch, hold-ending transition times, holds), fed by materialized views on task_transitions
 and holds. A refresh reads the window's rows through the primary key (minute, task_id) and
 merges them per task: what it reads depends on the tasks active in the window, never on the
@@ -19,6 +19,7 @@ from typing import Any
 
 from fleetplane.accounting.analytics import overview_of
 from fleetplane.accounting.store import Store
+from fleetplane.core.states import STATES
 
 LIVE_WINDOW = timedelta(hours=1)
 TABLE = "recent_task_states"
@@ -30,17 +31,22 @@ BACKFILL = timedelta(hours=2)
 #: what recent_task_states stores as submitted_at / dispatched_at of a minute without one
 NEVER = "toDateTime64('2200-01-01 00:00:00', 3, 'UTC')"
 
+#: the state list whose positions recent_task_states.latest encodes (014_live_state.sql)
+STATE_CODES = STATES
+_DECODE = ("arrayElement([" + ", ".join(f"'{s}'" for s in STATE_CODES)
+           + "], toUInt8(bitAnd(max(latest), 31)))")
+
 #: per-task merge of the window's rows: column -> aggregate
 _MERGED = {
     "team": "any(team)",
     "task_type": "max(task_type)",
-    "state": "argMaxMerge(state)",
+    "state": _DECODE,
     "first_seen": "min(first_at)",
     "updated_at": "max(updated_at)",
     "submitted_at": "min(submitted_at)",
     "dispatched_at": "min(dispatched_at)",
-    "ends": "groupUniqArrayMerge(ends)",
-    "holds": "groupUniqArrayMerge(holds)",
+    "ends": "groupUniqArrayArray(ends)",
+    "holds": "groupUniqArrayArray(holds)",
 }
 
 
@@ -54,11 +60,19 @@ def _params(at: datetime, window: timedelta, **more: Any) -> dict[str, Any]:
     return {"since": window_start(at, window).strftime("%Y-%m-%d %H:%M:%S"), **more}
 
 
-def _tasks(store: Store, *columns: str, having: str = "") -> str:
-    """Subquery: each task with a row in the window, its `columns` merged over the window."""
+_WINDOW = "minute >= toDateTime({since:String}, 'UTC')"
+
+
+def _tasks(store: Store, *columns: str, having: str = "", held: bool = False) -> str:
+    """Subquery: each task with a row in the window, its `columns` merged over the window;
+    held=True: only the tasks with a hold in the window (found first from the holds column
+    alone, so the others are not merged)."""
     select = ", ".join(f"{_MERGED[c]} AS {c}" for c in columns)
-    return (f"(SELECT task_id, {select} FROM {store.table(TABLE)} "
-            "WHERE minute >= toDateTime({since:String}, 'UTC') GROUP BY task_id"
+    where = _WINDOW
+    if held:
+        where += (f" AND task_id IN (SELECT task_id FROM {store.table(TABLE)} "
+                  f"WHERE {_WINDOW} AND notEmpty(holds))")
+    return (f"(SELECT task_id, {select} FROM {store.table(TABLE)} WHERE {where} GROUP BY task_id"
             + (f" HAVING {having}" if having else "") + ")")
 
 
@@ -74,7 +88,7 @@ def overview(store: Store, now: datetime, window: timedelta = LIVE_WINDOW) -> di
                h.1 AS since
         FROM (SELECT task_id, team, task_type, arrayElement(arraySort(holds), -1) AS h
               FROM {_tasks(store, 'team', 'task_type', 'state', 'holds',
-                           having="state = 'held' AND notEmpty(holds)")})
+                           having="state = 'held' AND notEmpty(holds)", held=True)})
         ORDER BY since LIMIT 500
         """, params)
     return {**overview_of(counts, held), "window_s": window.total_seconds()}
@@ -115,7 +129,7 @@ def held_time(store: Store, now: datetime, window: timedelta = LIVE_WINDOW
                    (toUnixTimestamp64Milli(if(open, parseDateTime64BestEffort({{now:String}}, 3,
                         'UTC'), arrayMin(later)))
                     - toUnixTimestamp64Milli(h.1)) / 1000.0 AS held_s
-            FROM {_tasks(store, 'ends', 'holds', having='notEmpty(holds)')}
+            FROM {_tasks(store, 'ends', 'holds', having='notEmpty(holds)', held=True)}
             ARRAY JOIN holds AS h
             WHERE h.1 >= toDateTime64({{since:String}}, 3, 'UTC')
         )
@@ -128,12 +142,20 @@ def recent_tasks(store: Store, now: datetime, limit: int = 25,
     """The most recently updated tasks within the window with model, cost and calls (task_list's
     shape); model, attempts, reason, cost and calls read only those tasks' rows (by task id)."""
     params = _params(now, window, limit=max(1, min(limit, 1000)))
+    # the latest `limit` tasks first (a task's rows in updated_at order: its first row holds
+    # its last transition), then the merged columns of those tasks only
+    latest = (f"SELECT task_id FROM {store.table(TABLE)} WHERE {_WINDOW} "
+              "ORDER BY updated_at DESC, task_id LIMIT 1 BY task_id LIMIT {limit:UInt32}")
     tasks = store.query(
         f"""
         SELECT task_id, team, task_type, state, first_seen AS submitted_at, updated_at
-        FROM {_tasks(store, 'team', 'task_type', 'state', 'first_seen', 'updated_at',
-                     having="state != ''")}
-        ORDER BY updated_at DESC, task_id LIMIT {{limit:UInt32}}
+        FROM (SELECT task_id, any(team) AS team, max(task_type) AS task_type,
+                     {_DECODE} AS state, min(first_at) AS first_seen,
+                     max(updated_at) AS updated_at
+              FROM {store.table(TABLE)}
+              WHERE {_WINDOW} AND task_id IN ({latest})
+              GROUP BY task_id)
+        ORDER BY updated_at DESC, task_id
         """, params)
     if not tasks:
         return []
