@@ -1,7 +1,8 @@
 """The dashboard's live sections over a bounded recent window (LIVE_WINDOW, whole UTC minutes),
 read from recent_task_states (infra/clickhouse/014_live_state.sql): one pre-aggregated row per
-minute and task (latest state encoded in one UInt64 whose max is the argMax, first/last transition, first submission and
-dispatch, hold-ending transition times, holds), fed by materialized views on task_transitions
+minute and task (the latest state encoded in one UInt64 whose max is the argMax, first and last
+transition, first submission and dispatch, hold-ending transition times, holds), fed by
+materialized views on task_transitions
 and holds. A refresh reads the window's rows through the primary key (minute, task_id) and
 merges them per task: what it reads depends on the tasks active in the window, never on the
 history, and is one row per task and minute instead of every lifecycle row.
