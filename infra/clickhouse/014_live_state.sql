@@ -80,3 +80,9 @@ SELECT toStartOfMinute(window_start) AS minute, executor_id, uniqExactState(slot
        max(window_start) AS last_report
 FROM {database}.utilization
 GROUP BY minute, executor_id;
+-- The time-ordered copies of every lifecycle row and utilization window that the live
+-- sections read before (011_rollups.sql created them): no longer read, so no longer fed.
+DROP VIEW IF EXISTS {database}.recent_transitions_mv;
+DROP TABLE IF EXISTS {database}.recent_transitions;
+DROP VIEW IF EXISTS {database}.recent_utilization_mv;
+DROP TABLE IF EXISTS {database}.recent_utilization;
