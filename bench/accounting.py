@@ -65,12 +65,16 @@ def cpu_seconds() -> float:
 
 
 def timed(fn: Callable[[], Any], repeat: int = 3) -> dict[str, float]:
-    times = []
+    """Wall seconds (first run, median) and the process's CPU seconds (median: chdb runs
+    in-process, so this is the query work, less dependent on the machine's load than wall)."""
+    times, cpu = [], []
     for _ in range(repeat):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), cpu_seconds()
         fn()
         times.append(time.perf_counter() - started)
-    return {"first_s": times[0], "median_s": statistics.median(times)}
+        cpu.append(cpu_seconds() - cpu_started)
+    return {"first_s": times[0], "median_s": statistics.median(times),
+            "cpu_median_s": statistics.median(cpu), "load_avg": os.getloadavg()[0]}
 
 
 def settle(store: Any, timeout_s: float = 180.0) -> float:
@@ -132,7 +136,10 @@ def scale_run(dsn_dir: Path, rows: int, raw_limit: int = RAW_LIMIT) -> dict[str,
                 lambda: analytics.cost_to_value(store, "task_type")),
             "whatif_frontier_to_small": timed(lambda: what_if(store, catalog, frontier_shift)),
             "whatif_task_type_to_model": timed(lambda: what_if(store, catalog, type_shift)),
-            "dashboard": timed(lambda: dashboard_data(store, settings)),
+            "dashboard": timed(lambda: dashboard_data(store, settings), repeat=5),
+            "live_tasks_in_window": int(store.command(
+                f"SELECT uniqExact(task_id) FROM {store.table('recent_task_states')} "
+                "WHERE minute >= now() - INTERVAL 1 HOUR")),
         }
         if rows <= raw_limit:   # the pre-issue-18 path, for comparison
             result["cost_by_team_raw"] = timed(lambda: queries.cost_by_raw(store, "team"),
@@ -277,6 +284,11 @@ def main() -> None:
                       cell("dashboard"),
                       cell("cost_by_team_raw") if "cost_by_team_raw" in r else "-")
     console.print(table)
+    for r in out["scale"]:
+        d = r["dashboard"]
+        console.print(f"dashboard at {r['model_calls']:,} calls: {d['cpu_median_s'] * 1000:.0f} ms "
+                      f"CPU per refresh (median of 5), {r['live_tasks_in_window']:,} tasks in the "
+                      f"live window, load {d['load_avg']:.1f}")
     console.print(f"load average during the run: {os.getloadavg()} on {os.cpu_count()} CPUs")
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"accounting-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -54,48 +54,8 @@ CREATE TABLE IF NOT EXISTS {database}.attempts_hourly
 ENGINE = AggregatingMergeTree
 PARTITION BY toYYYYMM(hour)
 ORDER BY (hour, team, task_type, model, tier, cached);
--- Recent lifecycle rows in time order (kept 8 days): the dashboard's live sections read a
--- bounded time range of this table through its primary key, not the task-ordered history.
-CREATE TABLE IF NOT EXISTS {database}.recent_transitions
-(
-    occurred_at DateTime64(3, 'UTC'),
-    task_id     String,
-    team        LowCardinality(String),
-    event_id    String,
-    state       LowCardinality(String),
-    terminal    UInt8,
-    state_rank  UInt8,
-    task_type   LowCardinality(String)
-)
-ENGINE = MergeTree
-PARTITION BY toYYYYMMDD(occurred_at)
-ORDER BY (occurred_at, task_id)
-TTL toDateTime(occurred_at) + INTERVAL 8 DAY;
-CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.recent_transitions_mv TO {database}.recent_transitions AS
-SELECT occurred_at, task_id, team, event_id, state, terminal, state_rank, task_type
-FROM {database}.task_transitions;
--- Recent executor utilization windows in time order (kept 8 days), for the dashboard. The sink
--- deduplicates utilization rows by event_id, so this copy holds each window once.
-CREATE TABLE IF NOT EXISTS {database}.recent_utilization
-(
-    window_start DateTime64(3, 'UTC'),
-    executor_id  LowCardinality(String),
-    slot         UInt32,
-    window_s     Float64,
-    model_s      Float64,
-    tool_s       Float64,
-    busy_s       Float64,
-    idle_s       Float64,
-    attempts     UInt32,
-    event_id     String
-)
-ENGINE = MergeTree
-PARTITION BY toYYYYMMDD(window_start)
-ORDER BY (window_start, executor_id, slot)
-TTL toDateTime(window_start) + INTERVAL 8 DAY;
-CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.recent_utilization_mv TO {database}.recent_utilization AS
-SELECT window_start, executor_id, slot, window_s, model_s, tool_s, busy_s, idle_s, attempts, event_id
-FROM {database}.utilization;
+-- (The time-ordered copies recent_transitions and recent_utilization that stood here were
+-- replaced by the per-minute live tables of 014_live_state.sql, which drops them.)
 ALTER TABLE {database}.utilization ADD INDEX IF NOT EXISTS event_id_bf event_id TYPE bloom_filter(0.01) GRANULARITY 1;
 -- The same two rollups per UTC day: questions over days, weeks and months (and the dashboard's
 -- all-time figures) read ~24x fewer rows. A window reads whole days from these, whole hours

@@ -139,7 +139,7 @@ def test_dead_letter_payload_is_json_with_base64_bytes() -> None:
 
 def test_ddl_renders_every_statement_with_database_and_ttl() -> None:
     statements = ddl_statements("acct", ttl_days=30)
-    assert len(statements) == 37   # the rollups' views are created by rollups.create_views
+    assert len(statements) == 42   # the rollups' views are created by rollups.create_views
     assert statements[0] == "CREATE DATABASE IF NOT EXISTS acct"
     assert not any("{" in s or s.rstrip().endswith(";") for s in statements)
     fact_tables = [s for s in statements if "ReplacingMergeTree\n" in s]
@@ -153,9 +153,12 @@ def test_ddl_renders_every_statement_with_database_and_ttl() -> None:
     with pytest.raises(ValueError, match="partition"):
         ddl_statements("acct", partition="hour")
     # raw rows kept forever with ttl_days=0; the rollups never expire; only the dashboard's
-    # time-ordered recent copies have their own fixed TTL
+    # per-minute live tables (recent_*) have their own fixed TTL
     assert all("TTL" not in s for s in ddl_statements("acct", ttl_days=0)
-               if "ReplacingMergeTree" in s or "AggregatingMergeTree" in s)
+               if ("ReplacingMergeTree" in s or "AggregatingMergeTree" in s)
+               and "acct.recent_" not in s)
+    assert sum("acct.recent_" in s and "TTL minute + INTERVAL" in s
+               for s in ddl_statements("acct", ttl_days=0)) == 2
     assert ttl_clause(-1) == ""
 
 

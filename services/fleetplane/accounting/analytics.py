@@ -204,37 +204,79 @@ def cost_to_value(store: Store, by: ValueDimension, *, team: str | None = None,
 
 
 # -- utilization and waiting -----------------------------------------------------------------
+_UTIL_SUMS = ("sum(busy_s) AS busy_s, sum(idle_s) AS idle_s, sum(model_s) AS model_s, "
+              "sum(tool_s) AS tool_s, sum(attempts) AS attempts")
+
+
+def _whole_minutes(bucket_s: int, *bounds: datetime | None) -> bool:
+    """Whether a utilization question can be answered from the per-minute rollup."""
+    return bucket_s % 60 == 0 and all(
+        b is None or (b.second == 0 and b.microsecond == 0) for b in bounds)
+
+
+def _utilization_windows(store: Store, since: datetime | None, until: datetime | None,
+                         params: dict[str, Any]) -> tuple[list[dict[str, Any]],
+                                                          list[dict[str, Any]]]:
+    """(series, executors) from the reported windows (FINAL: rows stored before the sink
+    deduplicated utilization)."""
+    clauses = _window("window_start", since, until, params)
+    source = f"{store.table('utilization')} FINAL {where_clause(clauses)}"
+    series = store.query(
+        f"""
+        SELECT toStartOfInterval(window_start, toIntervalSecond({{bucket:UInt32}})) AS t,
+               uniqExact(executor_id, slot) AS slots, {_UTIL_SUMS}
+        FROM {source} GROUP BY t ORDER BY t
+        """, params)
+    executors = store.query(
+        f"""
+        SELECT executor_id, uniqExact(slot) AS slots, {_UTIL_SUMS},
+               max(window_start) AS last_report
+        FROM {source} GROUP BY executor_id ORDER BY executor_id
+        """, params)
+    return series, executors
+
+
+def _utilization_minutes(store: Store, since: datetime | None, until: datetime | None,
+                         params: dict[str, Any]) -> tuple[list[dict[str, Any]],
+                                                          list[dict[str, Any]]]:
+    """The same from recent_utilization_minutes (per minute and executor process, last 8 days;
+    014_live_state.sql), read by its primary key: a refresh reads minutes x executors rows, not
+    every slot's 10-second window. Bounds and buckets are whole minutes."""
+    clauses = _window("minute", since, until, params)
+    source = f"{store.table('recent_utilization_minutes')} {where_clause(clauses)}"
+    series = store.query(
+        f"""
+        SELECT t, sum(slots) AS slots, {_UTIL_SUMS}
+        FROM (SELECT toDateTime64(toStartOfInterval(minute, toIntervalSecond({{bucket:UInt32}})),
+                                  3, 'UTC') AS t, executor_id,
+                     uniqExactMerge(slots) AS slots, {_UTIL_SUMS}
+              FROM {source} GROUP BY t, executor_id)
+        GROUP BY t ORDER BY t
+        """, params)
+    executors = store.query(
+        f"""
+        SELECT executor_id, uniqExactMerge(slots) AS slots, {_UTIL_SUMS},
+               max(last_report) AS last_report
+        FROM {source} GROUP BY executor_id ORDER BY executor_id
+        """, params)
+    return series, executors
+
+
 def utilization(store: Store, *, bucket_s: int = 60, since: datetime | None = None,
                 until: datetime | None = None, recent: bool = False) -> dict[str, Any]:
     """Executor slots busy vs idle per time bucket (from ExecutorUtilization windows), and
     within busy time the seconds waiting on models, running tools and the rest (agent loop,
     queueing inside the executor). Beside the series: the same per executor process
-    (`executors`: slots reported, shares, last report) and for the whole fleet (`total`)."""
+    (`executors`: slots reported, shares, last report) and for the whole fleet (`total`).
+    recent=True (the dashboard) reads the per-minute rollup of the last 8 days when the bucket
+    and the bounds are whole minutes; otherwise every reported window."""
     params: dict[str, Any] = {"bucket": max(1, int(bucket_s))}
-    clauses = _window("window_start", since, until, params)
-    # recent=True: the time-ordered copy (last 8 days; the dashboard), read by its primary key.
-    # The full table keeps FINAL for rows stored before the sink deduplicated utilization.
-    source = (store.table("recent_utilization") if recent
-              else f"{store.table('utilization')} FINAL")
-    series = store.query(
-        f"""
-        SELECT toStartOfInterval(window_start, toIntervalSecond({{bucket:UInt32}})) AS t,
-               uniqExact(executor_id, slot) AS slots,
-               sum(busy_s) AS busy_s, sum(idle_s) AS idle_s, sum(model_s) AS model_s,
-               sum(tool_s) AS tool_s, sum(attempts) AS attempts
-        FROM {source} {where_clause(clauses)}
-        GROUP BY t ORDER BY t
-        """, params)
+    if recent and _whole_minutes(params["bucket"], since, until):
+        series, executors = _utilization_minutes(store, since, until, params)
+    else:
+        series, executors = _utilization_windows(store, since, until, params)
     total = {k: sum(float(r[k]) for r in series) for k in ("busy_s", "idle_s", "model_s",
                                                            "tool_s")}
-    executors = store.query(
-        f"""
-        SELECT executor_id, uniqExact(slot) AS slots, sum(busy_s) AS busy_s,
-               sum(idle_s) AS idle_s, sum(model_s) AS model_s, sum(tool_s) AS tool_s,
-               sum(attempts) AS attempts, max(window_start) AS last_report
-        FROM {source} {where_clause(clauses)}
-        GROUP BY executor_id ORDER BY executor_id
-        """, params)
     total["slots"] = sum(int(r["slots"]) for r in executors)
     for r in [*series, *executors, total]:
         busy, idle = float(r["busy_s"]), float(r["idle_s"])

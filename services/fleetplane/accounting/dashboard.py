@@ -202,7 +202,7 @@ def dashboard_data(store: Store, settings: Settings) -> dict[str, Any]:
         "overview": lambda s: live.overview(s, now),
         "budgets": lambda s: budgets(s, settings),
         "utilization": lambda s: analytics.utilization(s, bucket_s=60,
-                                                       since=now - live.LIVE_WINDOW,
+                                                       since=live.window_start(now),
                                                        recent=True),
         "queue_wait": lambda s: live.queue_wait(s, now),
         "held_time": lambda s: live.held_time(s, now),

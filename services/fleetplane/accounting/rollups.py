@@ -291,11 +291,12 @@ def migrate(store: Store) -> bool:
 
 # -- repair at start ---------------------------------------------------------------------------
 #: the materialized views fed by the sink's raw tables, with their target's bucket column
-_REPAIRED_SOURCES = ("model_calls", "attempt_outcomes")
+_REPAIRED_SOURCES = ("model_calls", "attempt_outcomes", "utilization")
 
 
 def repair_recent(store: Store, hours: float, now: datetime | None = None) -> int:
-    """Recount the recent buckets of every rollup fed by model_calls / attempt_outcomes from the
+    """Recount the recent buckets of every rollup fed by model_calls / attempt_outcomes /
+    utilization (recent_utilization_minutes: its minutes from window_start) from the
     raw rows (FINAL), at the service's start, before the sink inserts.
 
     A materialized view is not atomic with the insert that feeds it: a process killed during an
@@ -324,7 +325,7 @@ def repair_recent(store: Store, hours: float, now: datetime | None = None) -> in
         columns = [str(c["name"]) for c in store.query(
             "SELECT name FROM system.columns WHERE database = {db:String} AND table = {t:String} "
             "ORDER BY position", {"db": store.database, "t": target.split(".")[-1]})]
-        key = "hour" if "hour" in columns else "day" if "day" in columns else None
+        key = next((k for k in ("hour", "day", "minute") if k in columns), None)
         if key is None:
             continue
         lo = _floor_hour(now - timedelta(hours=hours))
@@ -337,7 +338,7 @@ def repair_recent(store: Store, hours: float, now: datetime | None = None) -> in
         store.command(f"ALTER TABLE {target} DELETE WHERE {key} >= {bound} "
                       "SETTINGS mutations_sync = 2")
         store.command(f"INSERT INTO {target} ({', '.join(columns)}) "
-                      f"SELECT {', '.join(columns)} FROM ({recount})")
+                      f"SELECT {', '.join(columns)} FROM ({recount}) WHERE {key} >= {bound}")
         repaired += 1
     if repaired:
         log.info("recent rollup buckets recounted from raw rows", views=repaired,

@@ -311,9 +311,10 @@ def apply_ddl(store: Store, ttl_days: int = 0, ddl_dir: Path = DDL_DIR,
     for statement in statements:
         store.command(statement)
     if ddl_dir == DDL_DIR:
-        from fleetplane.accounting import rollups
+        from fleetplane.accounting import live, rollups
 
         replaced = rollups.create_views(store)
+        live.backfill(store)
         apply_ttl(store, ttl_days, audit_ttl_days)
         if not rollups.migrate(store) and replaced:
             rollups.backfill_first_calls(store)
