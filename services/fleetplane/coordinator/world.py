@@ -138,6 +138,9 @@ class World:
         self.queues: dict[str, list[Rank]] = {}
         self.groups: dict[str, dict[HoldKey, set[str]]] = {}
         self._queued: dict[str, tuple[str, Rank, HoldKey | None]] = {}  # tid -> team, rank, group
+        # team -> candidates in a group whose kind is not "quota": none, and a quota hold of
+        # the team changes nobody (Scheduler._changing skips it without looking at a group)
+        self.unquota: Counter[str] = Counter()
         self.backoffs: list[tuple[float, str]] = []
         self.reservers: dict[str, list[tuple[int, str]]] = {}  # repository -> (seq, task id)
         self._bulk = False  # World.load: queues sorted and the heap built once, at the end
@@ -312,6 +315,8 @@ class World:
             insort(self.queues.setdefault(state.team, []), key)
         if group is not None:
             self.groups.setdefault(state.team, {}).setdefault(group, set()).add(tid)
+            if group[0] != "quota":
+                self.unquota[state.team] += 1
         self._queued[tid] = (state.team, key, group)
 
     def _unqueue(self, tid: str) -> None:
@@ -326,6 +331,8 @@ class World:
             members.discard(tid)
             if not members:
                 del self.groups[team][group]
+            if group[0] != "quota":
+                self.unquota[team] -= 1
 
     def queued_rank(self, tid: str) -> Rank | None:
         entry = self._queued.get(tid)
