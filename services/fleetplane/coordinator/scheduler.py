@@ -555,8 +555,9 @@ class Scheduler:
         for s in recheck:
             if s.task_id not in skip and s.ready and s.spec is not None:
                 recheck_of.setdefault(s.team, []).append(s)
+        capacity = self.policy.max_running - len(active)
         open_teams: list[str] = []
-        for team in sorted(world.queues):
+        for team in self._teams_to_look_at(capacity, recheck_of):
             if not world.queues[team]:
                 continue
             block = self._team_block(team, running[team])
@@ -566,7 +567,6 @@ class Scheduler:
             for s in self._changing(team, block[0], (block[0], block[1], None), None,
                                     recheck_of):
                 self._hold_blocked(s, *block)
-        capacity = self.policy.max_running - len(active)
         cursor: dict[str, Rank | None] = dict.fromkeys(open_teams)  # last examined rank
         heads = set(open_teams)
         while capacity > 0 and heads:
@@ -609,6 +609,29 @@ class Scheduler:
                 for s in self._changing(team, "quota", None, cursor[team], recheck_of):
                     self._hold_blocked(s, "quota", reason)
         return None
+
+    def _teams_to_look_at(self, capacity: int,
+                          recheck_of: dict[str, list[TaskRow]]) -> list[str]:
+        """The teams an admission pass looks at, in order. With a free slot, every team with
+        a queue (one of them gets it: fair share compares them all). With none, the pass only
+        reports holds, and only a team with a task whose hold can change needs a look: one
+        with candidates not held for a quota (``World.unquota``), with conflicts to look at
+        again, or blocked by a pause or a budget (their hold is not a quota's). A team outside
+        these holds nothing but quota holds, which a full pass would leave as they are (the
+        first quota reason stays: ``_hold``). With a backlog the fleet is mostly full, so most
+        passes look at one team instead of all of them."""
+        queues = self.world.queues
+        if capacity > 0:
+            return sorted(queues)
+        fleet = self.world.fleet
+        teams = {t for t, n in self.world.unquota.items() if n}
+        teams.update(recheck_of)
+        teams.update(fleet.paused)
+        teams.update(fleet.budget_exhausted)
+        policies, default = self._team_policies, self._default_policy
+        teams.update(t for t, spend in fleet.spend.items()
+                     if spend.usd >= policies.get(t, default).budget_usd)
+        return sorted(t for t in teams if t in queues)
 
     def _head(self, team: str, after: Rank | None, skip: set[str]) -> TaskRow | None:
         """The first task of the team's queue ranked after ``after``."""
