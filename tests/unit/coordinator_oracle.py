@@ -5,13 +5,20 @@ waiting task on each event), kept only as the oracle of the replay-equivalence t
 from __future__ import annotations
 
 from collections import Counter
+from datetime import datetime
 
-from fleetplane.coordinator.scheduler import Scheduler, _quota_reason
+from fleetplane.coordinator.scheduler import Scheduler, _quota_reason, _why_expired
 from fleetplane.coordinator.state import TaskRow
 from fleetplane.coordinator.world import rank as _rank
 
 
 class FullPassScheduler(Scheduler):
+    def _expired(self, at: datetime) -> list[tuple[str, TaskRow, str]]:
+        """Every active attempt classified at every tick (no deadline kept per row)."""
+        timeouts = self._timeouts()
+        found = ((t, s, _why_expired(s, at, *timeouts)) for t, s in self.world.active.items())
+        return [(t, s, why) for t, s, why in found if why is not None]
+
     def _release_backoffs(self) -> None:
         for state in sorted(self.world.waiting.values(), key=lambda s: s.task_id):
             if state.hold_kind == "backoff" and (state.not_before is None

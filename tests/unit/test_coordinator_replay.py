@@ -61,6 +61,10 @@ def test_incremental_admission_decides_as_the_full_pass(name: str) -> None:
         got = new.apply(new_world, event)
         assert canon(got) == canon(want), f"event {i} ({type(event).__name__} " \
             f"{event.task_id}) decided differently"
+        if i % 25 == 0:  # the queues hold exactly the queued tasks' ranks (World._index
+            # re-uses a re-indexed task's entry in place)
+            for team, queue in new_world.queues.items():
+                assert queue == sorted(k for t, k, _ in new_world._queued.values() if t == team)
         kinds |= {e.kind for e in want if isinstance(e, ev.TaskHeld)}
         outcomes |= {type(e).__name__ for e in want}
     assert {t: r.model_dump() for t, r in new_world.tasks.items()} == \

@@ -4,12 +4,16 @@ durable lease (TaskStarted/TaskHeartbeat ``lease_ms``) expiring without a heartb
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
-from fleetplane.coordinator.scheduler import INPUTS_READ_UNTIL, TICK
-from fleetplane.coordinator.state import Status
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fleetplane.coordinator.scheduler import INPUTS_READ_UNTIL, TICK, AdmissionPolicy, Scheduler
+from fleetplane.coordinator.state import Status, TaskRow
 from fleetplane.coordinator.world import World
 from fleetplane.core import events as ev
+from tests.unit.coordinator_oracle import FullPassScheduler
 from tests.unit.test_coordinator_scheduler import Harness, dispatched, held, kinds
 
 
@@ -242,3 +246,35 @@ def test_an_older_or_repeated_heartbeat_does_not_move_the_lease_back() -> None:
     row = h.world.tasks["t1"]
     assert row.last_heartbeat_at == late.occurred_at
     assert row.lease_until == late.occurred_at + timedelta(seconds=30)
+
+
+_T = datetime(2026, 3, 1, tzinfo=UTC)
+_OFFSET = st.one_of(st.none(),
+                    st.integers(0, 120_000).map(lambda ms: _T + timedelta(milliseconds=ms)))
+_ROW = st.fixed_dictionaries({
+    "status": st.sampled_from([Status.DISPATCHED, Status.RUNNING, Status.ROLLING_BACK]),
+    "dispatched_at": _OFFSET, "last_heartbeat_at": _OFFSET, "lease_until": _OFFSET,
+    "conflict_hold": st.booleans(), "conflict_held_at": _OFFSET})
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(timeouts=st.tuples(st.integers(1, 60_000), st.integers(0, 60_000), st.integers(0, 60_000)),
+       data=st.data())
+def test_the_deadline_kept_per_row_finds_what_classifying_every_row_finds(
+        timeouts: tuple[int, int, int], data: st.DataObject) -> None:
+    """Scheduler._expired compares one deadline per active attempt, kept with the row it was
+    computed from; it must name the attempts (and why) that classifying every row names, at
+    every tick, also when rows change between ticks (heartbeats) and ticks go back in time
+    (a tick's horizon can be behind the previous one's)."""
+    heartbeat, start, hold = timeouts
+    scheduler = Scheduler(AdmissionPolicy(heartbeat_timeout_ms=heartbeat, start_timeout_ms=start,
+                                          conflict_hold_timeout_ms=hold))
+    oracle = FullPassScheduler(scheduler.policy)
+    world = World()
+    scheduler.world = oracle.world = world
+    n = data.draw(st.integers(1, 8))
+    for _ in range(data.draw(st.integers(1, 12))):
+        for i in data.draw(st.lists(st.integers(0, n - 1), max_size=n)):  # rows (re)written
+            world.put(TaskRow(task_id=f"t{i}", team="a", updated_at=_T, **data.draw(_ROW)))
+        at = _T + timedelta(milliseconds=data.draw(st.integers(0, 200_000)))
+        assert scheduler._expired(at) == oracle._expired(at)

@@ -138,6 +138,10 @@ class World:
         self.queues: dict[str, list[Rank]] = {}
         self.groups: dict[str, dict[HoldKey, set[str]]] = {}
         self._queued: dict[str, tuple[str, Rank, HoldKey | None]] = {}  # tid -> team, rank, group
+        # team -> candidates in a group whose kind is not "quota": none, and a quota hold of
+        # the team changes nobody (Scheduler._changing skips it without looking at a group)
+        self.unquota: Counter[str] = Counter()
+        self._kept: tuple[str, str, Rank] | None = None  # see _index
         self.backoffs: list[tuple[float, str]] = []
         self.reservers: dict[str, list[tuple[int, str]]] = {}  # repository -> (seq, task id)
         self._bulk = False  # World.load: queues sorted and the heap built once, at the end
@@ -226,7 +230,10 @@ class World:
             self.conflict_waiters.get(old.held_by, set()).discard(tid)
         self.candidates.pop(tid, None)
         self.recheck.discard(tid)
-        self._unqueue(tid)
+        # its queue entry stays in the sorted list until we know whether it is queued again
+        # at the same rank (a hold that changes: most puts of a queued task), which then
+        # costs no list removal and insertion (``_enqueue``)
+        self._kept = self._ungroup(tid)
         gone = self.active.pop(tid, None)
         if gone is not None:
             self.running[gone.team] -= 1
@@ -275,6 +282,9 @@ class World:
             if state.hold_kind == "dependency" and state.spec is not None:
                 for dep in state.spec.depends_on:
                     self.dependents.setdefault(dep, set()).add(tid)
+        kept, self._kept = self._kept, None
+        if kept is not None and kept[0] == tid:  # not queued again: out of the list
+            self._unlist(kept[1], kept[2])
 
     def _release_waiters(self, tid: str) -> None:
         for waiter in self.conflict_waiters.pop(tid, set()):
@@ -304,28 +314,52 @@ class World:
         """Into its team's admission queue; ``group``: its hold, for a candidate (None for a
         task to recheck: a conflict whose holder ended)."""
         tid = state.task_id
-        self._unqueue(tid)
         key = rank(state)
-        if self._bulk:
-            self.queues.setdefault(state.team, []).append(key)
+        kept = self._kept
+        if kept is not None and kept[0] == tid:  # re-indexed: its list entry is still there
+            self._kept = None
+            if kept[1:] != (state.team, key):
+                self._unlist(kept[1], kept[2])
+                self._list(state.team, key)
         else:
-            insort(self.queues.setdefault(state.team, []), key)
+            self._unqueue(tid)
+            self._list(state.team, key)
         if group is not None:
             self.groups.setdefault(state.team, {}).setdefault(group, set()).add(tid)
+            if group[0] != "quota":
+                self.unquota[state.team] += 1
         self._queued[tid] = (state.team, key, group)
 
-    def _unqueue(self, tid: str) -> None:
-        entry = self._queued.pop(tid, None)
-        if entry is None:
-            return
-        team, key, group = entry
+    def _list(self, team: str, key: Rank) -> None:
+        if self._bulk:
+            self.queues.setdefault(team, []).append(key)
+        else:
+            insort(self.queues.setdefault(team, []), key)
+
+    def _unlist(self, team: str, key: Rank) -> None:
         queue = self.queues[team]
         del queue[bisect_left(queue, key)]
+
+    def _unqueue(self, tid: str) -> None:
+        kept = self._ungroup(tid)
+        if kept is not None:
+            self._unlist(kept[1], kept[2])
+
+    def _ungroup(self, tid: str) -> tuple[str, str, Rank] | None:
+        """Out of the queue's index and its hold group; (tid, team, rank) of the entry left in
+        the team's sorted list (for the caller to remove or re-use), or None if not queued."""
+        entry = self._queued.pop(tid, None)
+        if entry is None:
+            return None
+        team, key, group = entry
         if group is not None:
             members = self.groups[team][group]
             members.discard(tid)
             if not members:
                 del self.groups[team][group]
+            if group[0] != "quota":
+                self.unquota[team] -= 1
+        return tid, team, key
 
     def queued_rank(self, tid: str) -> Rank | None:
         entry = self._queued.get(tid)
