@@ -411,6 +411,13 @@ class ParallelProcessor(Processor):
             self.consumer.store_offsets(offsets=offsets)
 
     # -- rebalances ------------------------------------------------------------------------
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        super()._on_assign(consumer, partitions)
+        # "parallel processor started" comes before the group join: this line says when the
+        # loop can take records (what a test or an operator waits for after a start)
+        log.info("partitions assigned", group=self.group_id,
+                 partitions=sorted((tp.topic, tp.partition) for tp in partitions))
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._partitions = self._partitions - {(tp.topic, tp.partition) for tp in partitions}
         # closing (_drain committed what finished): parked partitions stay unassigned and the
