@@ -264,7 +264,6 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
         else:
             proc = ParallelProcessor("executor", [DISPATCH], handler, settings, group_id=group,
                                      slots=slots)
-            rt.calls.hold = proc.starts_pending  # as executor/main.py wires it
         runner = threading.Thread(target=proc.run, daemon=True)
         runner.start()
         serde = default_serde()

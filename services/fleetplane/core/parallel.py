@@ -520,12 +520,6 @@ class ParallelProcessor(Processor):
             log.info("partitions revoked", partitions=sorted(revoked), not_started_dropped=dropped,
                      running=running)
 
-    def starts_pending(self) -> bool:
-        """Whether records wait for a slot thread while a slot is free (a burst being started:
-        the executor's model calls wait for them, executor/models.py AsyncCalls). Read
-        without the lock: a hint, polled."""
-        return bool(self._queue) and self._active < self.slots and not self._draining
-
     def running_count(self) -> int:
         with self._lock:
             return self._active

@@ -101,7 +101,6 @@ def main() -> None:
                                   urgent=lambda rec: rec.key is not None
                                   and runtime.cancelled(rec.key.decode(errors="replace")))
     runtime.on_cancel = lambda task_id: processor.promote(task_id.encode())
-    runtime.calls.hold = processor.starts_pending  # a burst is started before its calls go out
     runtime.track_commits = True  # finished attempts heartbeat until their outcome commits
     obs.registry.register(Slots(processor.slots, processor.running_count,
                                 lambda: len(runtime.running())))

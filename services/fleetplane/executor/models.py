@@ -10,7 +10,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -340,11 +340,6 @@ class ModelClients:
                          (time.perf_counter() - start) * 1000, model.name, blocks)
 
 
-#: a new model call waits at most this long for attempts waiting to start (AsyncCalls._held)
-HOLD_MAX_S = 0.25
-HOLD_POLL_S = 0.002
-
-
 class AsyncCalls:
     """The process's asyncio loop for model calls (a thread of its own). `submit(coro)` returns
     a concurrent Future the attempt's slot thread waits on (Running.wait); cancelling it cancels
@@ -356,12 +351,6 @@ class AsyncCalls:
         self._thread.start()
         self.in_flight = 0
         self.peak_in_flight = 0
-        #: True while attempts wait to start on free slots (the composition root gives the
-        #: loop's `starts_pending`): a new call waits for them, at most HOLD_MAX_S (see _held)
-        self.hold: Callable[[], bool] | None = None
-        #: calls that waited for starts, and for how long in all (seconds)
-        self.held = 0
-        self.held_s = 0.0
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
@@ -370,28 +359,9 @@ class AsyncCalls:
     def submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
-        fut = asyncio.run_coroutine_threadsafe(self._held(coro), self.loop)
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
         fut.add_done_callback(self._done)
         return fut
-
-    async def _held(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Starts before calls. Building and sending a request is the costliest step of an
-        attempt's start in this process (about 2 ms of Python on this loop's thread: the SDK's
-        request, a connection); the slot threads that would start the next attempts (a few
-        tenths of a millisecond each) wait for the GIL behind it. Measured on the first fill of
-        500 empty slots: taken -> slot thread running p99 0.7-3.6 s, of which the slot thread's
-        own work was 1 ms. So while attempts wait to start on free slots, a new call waits for
-        them (polled every HOLD_POLL_S, at most HOLD_MAX_S): the burst is claimed first, its
-        requests go out right after, at the same CPU cost. A call of a steady stream, or with
-        every slot busy, never waits (nothing is pending with a free slot)."""
-        hold = self.hold
-        if hold is not None and hold():
-            began = self.loop.time()
-            while hold() and self.loop.time() - began < HOLD_MAX_S:
-                await asyncio.sleep(HOLD_POLL_S)
-            self.held += 1
-            self.held_s += self.loop.time() - began
-        return await coro
 
     def _done(self, _fut: Future[Any]) -> None:
         self.in_flight -= 1
