@@ -337,6 +337,45 @@ def _log_times(path: Path, event: str) -> dict[str, float]:
     return out
 
 
+def _log_time(path: Path, event: str) -> float | None:
+    """Monotonic time of the first JSON log line `event` of the executor (see `_log_times`)."""
+    from datetime import datetime
+
+    shift = time.monotonic() - time.time()
+    for line in path.read_text(errors="replace").splitlines():
+        if event not in line:
+            continue
+        try:
+            rec = json.loads(line)
+            ts = datetime.fromisoformat(str(rec["timestamp"]).replace("Z", "+00:00"))
+        except (ValueError, KeyError):
+            continue
+        if rec.get("event") == event:
+            return ts.timestamp() + shift
+    return None
+
+
+def start_cancel_stages(log: Path, ready: float, sent: dict[str, float],
+                        outcome: dict[str, tuple[float, str]]) -> dict[str, Any]:
+    """Where a cancel that arrived while the executor started spends its time after "parallel
+    processor started": -> the group gave the loop its partitions ("partitions assigned"),
+    -> the attempt refused ("attempt failed", p50 / p99 ms after the later of the assignment
+    and the cancel), -> its TaskFailed committed and read."""
+    assigned = _log_time(log, "partitions assigned")
+    failed = _log_times(log, "attempt failed")
+    out: dict[str, Any] = {"assigned_ms": None if assigned is None
+                           else round((assigned - ready) * 1000)}
+    base = assigned if assigned is not None else ready
+    handled = [(failed[t] - max(base, at)) * 1000 for t, at in sent.items() if t in failed]
+    committed = [(outcome[t][0] - failed[t]) * 1000 for t in sent
+                 if t in failed and t in outcome]
+    if handled:
+        out["handled"] = [round(pct(handled, 50)), round(pct(handled, 99))]
+    if committed:
+        out["committed"] = [round(pct(committed, 50)), round(pct(committed, 99))]
+    return out
+
+
 def cancel_stages(log: Path, sent: dict[str, float],
                   outcome: dict[str, tuple[float, str]]) -> dict[str, Any]:
     """Where a cancel's time goes, p50 / p99 ms: published -> the executor's cancellation reader
@@ -392,6 +431,9 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
             # 2. hold: every attempt waits on its model call
             hold = {f"hold-{i}" for i in range(attempts)}
             spy = _spy(proc.pid, profile / "ramp.txt") if profile else None
+            # the slot threads are spawned in the background from the loop's start: how many
+            # exist when the burst comes (a burst right after a start waits for the rest)
+            out["threads_at_burst"] = proc.num_threads()
             t0 = time.monotonic()
             producer.send([dispatch(t, f"HOLD {t}", None, 2) for t in sorted(hold)],
                           timeout_s=120)
@@ -499,7 +541,9 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
                                                == "cancelled"),
                 "p50_ms": round(pct(lat, 50)), "p99_ms": round(pct(lat, 99)),
                 "after_ready_p99_ms": round(pct([(watch.outcome[t][0] - ready) * 1000
-                                                 for t in late if t in watch.outcome], 99))}
+                                                 for t in late if t in watch.outcome], 99)),
+                "stages": start_cancel_stages(executor.log_path, ready, late_sent,
+                                              watch.outcome)}
             outcomes = Counter(watch.outcome[t][1] for t in hold if t in watch.outcome)
             out["recovery"] = {"recover_s": round(done_at - killed, 2),
                                "without_outcome": len(missing), "missing": missing[:10],
@@ -602,8 +646,8 @@ def hold_rows(t: Table, h: dict[str, Any]) -> None:
     t.add_row("start-up (spawn -> taking dispatches) / restart", f"{h.get('startup_s')} s / "
               f"{h.get('restart_startup_s')} s", "")
     t.add_row(f"peak running of {h['attempts']} ({h['latency_s']:g} s calls)",
-              f"{h.get('peak_running')} (all started after {h.get('all_started_s')} s)",
-              ">= 2,000")
+              f"{h.get('peak_running')} (all started after {h.get('all_started_s')} s; "
+              f"{h.get('threads_at_burst')} threads when they came)", ">= 2,000")
     t.add_row("model calls the provider received by then",
               f"{h.get('provider_calls_while_waiting')}", "= running")
     t.add_row("executor CPU while they wait", f"{h.get('cpu_cores_waiting')} cores "
@@ -626,6 +670,9 @@ def hold_rows(t: Table, h: dict[str, Any]) -> None:
         t.add_row(f"cancel while starting ({c['n']}): stopped, p50 / p99 (start-up included)",
                   f"{c['stopped']}, {c['p50_ms']} / {c['p99_ms']} ms (p99 after ready "
                   f"{c['after_ready_p99_ms']} ms)", "p99 <= 2 s")
+        if c.get("stages"):
+            t.add_row("  after ready: partitions assigned / refused p50, p99 / committed+read "
+                      "p50, p99", str(c["stages"]), "")
     if "recovery" in h:
         r, b = h["recovery"], h["billing"]
         t.add_row(f"SIGKILL with {h['killed_in_flight']} in flight: every attempt an outcome "

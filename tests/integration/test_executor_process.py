@@ -16,7 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer, event_headers
@@ -29,12 +29,18 @@ from .agentkit import dispatched, git, sample_repo
 
 
 class Reader:
-    """Reads a topic from the start, keeping what matches."""
+    """Reads a topic from the start, keeping what matches.
+
+    Every partition is assigned explicitly from its beginning: no consumer group. (It used to
+    subscribe as a new group: its partitions came only after a group join, which starts at the
+    first poll, i.e. when the test first waits, and which a loaded machine can stretch; a
+    reader created early and polled late is now reading at once.)"""
 
     def __init__(self, settings: Settings, topic: str) -> None:
         self.consumer = Consumer({**settings.consumer_config(f"t-{time.monotonic_ns()}"),
                                   "enable.auto.commit": False})
-        self.consumer.subscribe([topic])
+        parts = self.consumer.list_topics(topic, timeout=30).topics[topic].partitions
+        self.consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(parts)])
         self.serde = default_serde()
         self.seen: list[ev.Event] = []
 
@@ -191,7 +197,12 @@ def test_live_events_cancellation_utilization_and_sigkill_mid_attempt(
     early = f"t-early-{unique}"
     producer.send([ev.TaskCancelled(task_id=early, team="payments", reason="test")])
     executor.start()
-    executor.wait_log("watching cancellations")
+    # the start-up (imports, the cancellation and lease windows, the group join) is the
+    # executor's to take, up to wait_log's 240 s; what follows is timed from when it holds its
+    # partitions (before, the 30 s below began at "watching cancellations" and counted the rest
+    # of the start-up: on a loaded machine the first dispatch's outcome came after it)
+    executor.wait_log("partitions assigned")
+    assert "watching cancellations" in executor.log_path.read_text()
     lifecycle = Reader(base_settings, LIFECYCLE)
     utilization = Reader(base_settings, UTILIZATION)
     tools = Reader(base_settings, TOOL_CALLS)
@@ -308,7 +319,7 @@ def test_short_tasks_run_while_long_ones_do_and_unfinished_survive_sigkill(
         {"match": "SHORT", "text": "quick answer", "latency_ms": 200, "times": None}]})
     executor.env["FLEETPLANE_EXECUTOR_SLOTS"] = "3"
     executor.start()
-    executor.wait_log("watching cancellations")
+    executor.wait_log("partitions assigned")
     lifecycle = Reader(base_settings, LIFECYCLE)
     outcomes = Reader(base_settings, OUTCOMES)
     longs = [f"t-long{i}-{unique}" for i in range(2)]
@@ -332,7 +343,7 @@ def test_short_tasks_run_while_long_ones_do_and_unfinished_survive_sigkill(
         time.sleep(0.5)  # the short outcomes' offsets: committed up to the first long dispatch
         executor.kill()
         executor.start()
-        executor.wait_log("parallel processor started")  # start-up: seconds, more under load
+        executor.wait_log("partitions assigned")  # start-up: seconds, more under load
         seen = lifecycle.until(lambda s: {e.task_id for e in s if isinstance(e, ev.TaskFailed)}
                                >= set(longs), timeout_s=30)
         lost = [e for e in seen if isinstance(e, ev.TaskFailed) and e.task_id in longs]
@@ -368,7 +379,7 @@ def test_lease_a_redelivered_dispatch_is_not_run_again_elsewhere(
     # longer than B's start-up on a loaded machine (30 s measured at load average 40)
     executor.env["FLEETPLANE_EXECUTOR_LEASE_S"] = "120"
     executor.start()
-    executor.wait_log("parallel processor started")
+    executor.wait_log("partitions assigned")
     lifecycle = Reader(base_settings, LIFECYCLE)
     task, gone = f"t-lease-{unique}", f"t-gone-{unique}"
     try:
@@ -394,7 +405,7 @@ def test_lease_a_redelivered_dispatch_is_not_run_again_elsewhere(
         executor.env["FLEETPLANE_EXECUTOR_ID"] = f"exec-b-{unique}"
         executor.env["FLEETPLANE_DATA_DIR"] = str(executor.tmp / "data-b")
         executor.start()
-        executor.wait_log("parallel processor started")
+        executor.wait_log("partitions assigned")
         deadline = time.monotonic() + 30
         while not any("lease is live on another executor" in line and task in line
                       for line in executor.log_path.read_text().splitlines()):

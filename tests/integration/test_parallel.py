@@ -207,3 +207,41 @@ def test_revocation_running_attempts_finish_and_nothing_is_lost(
         reader.close()
     assert keys == set(ids)  # every record's output, committed
     assert set(handled) == set(ids)
+
+
+def test_express_lane_answers_flagged_records_while_every_slot_is_busy(
+        base_settings: Settings, unique: str,
+        started: list[tuple[ParallelProcessor, threading.Thread]]) -> None:
+    """Records flagged `urgent` (the executor: a dispatch whose task was cancelled before it
+    started) are handled outside the slots, ahead of the queue; `promote` moves a waiting one
+    there later (a cancel read after the dispatch was taken). Before, both waited behind the
+    busy slot's record. Offsets stay committed only up to the unfinished record."""
+    release = threading.Event()
+
+    def handler(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        if not event.task_id.startswith(unique):
+            return []
+        if event.task_id.endswith("-busy"):
+            release.wait(60)
+        return [ev.TaskHeld(task_id=event.task_id, team="a", reason="done")]
+
+    busy, waiting, urgent = f"{unique}-busy", f"{unique}-waiting", f"{unique}-urgent"
+    send_to_partition(base_settings, [busy, waiting, urgent])
+    group = f"par-{unique}"
+    p = ParallelProcessor(f"par-{unique}", [SUBMITTED], handler, base_settings, group_id=group,
+                          slots=1, prefetch=4, drain_timeout_s=0,
+                          urgent=lambda rec: rec.key == urgent.encode())
+    start(p, started)
+    try:
+        assert read_all(base_settings, "tasks.lifecycle", 1, timeout_s=40, match=urgent)
+        assert not read_all(base_settings, "tasks.lifecycle", 1, timeout_s=1, match=waiting)
+        deadline = time.monotonic() + 30
+        while not p.promote(waiting.encode()):  # once the loop has taken it
+            assert time.monotonic() < deadline, "the waiting record was never taken"
+            time.sleep(0.05)
+        assert read_all(base_settings, "tasks.lifecycle", 1, timeout_s=40, match=waiting)
+        assert p.stats.express == 2 and p.running_count() == 1  # the busy one still runs
+        assert committed(base_settings, group) == offset_of(base_settings, busy)
+    finally:
+        release.set()
+    assert read_all(base_settings, "tasks.lifecycle", 1, timeout_s=40, match=busy)

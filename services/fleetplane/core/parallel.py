@@ -25,6 +25,11 @@ for seconds to hours. `ParallelProcessor` is the pattern of Confluent's parallel
   outputs are still published, in a later transaction, without an input offset (the new owner's
   offset is its own). The new owner may then see the record again: the handler must be
   idempotent (the executor's is, by event id and its journal; see docs/executor.md);
+* an express lane (``urgent``): records the owner flags as answered without long work (the
+  executor: a dispatch whose task was cancelled before it started) are handled by one thread
+  of their own, ahead of the queue and outside the slots, so they do not wait behind a burst
+  or for a slot to free; `promote` moves a waiting record there later (a cancel read after
+  the record was taken);
 * on stop (SIGTERM) the loop stops taking records, waits up to ``drain_timeout_s`` for the
   running ones while it keeps committing, and closes. Records still running then are not
   committed: they are redelivered to the next owner.
@@ -90,6 +95,8 @@ class Stats:
     pauses: int = 0
     commits: int = 0
     dropped_on_revoke: int = 0
+    #: records handled in the express lane (outside the slots)
+    express: int = 0
     #: seconds from taking a record to starting it, for records taken while a slot was free
     #: (the latest 10,000)
     start_delays: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
@@ -103,6 +110,7 @@ class ParallelProcessor(Processor):
                  drain_timeout_s: float = 10.0,
                  on_committed: Callable[[list[Record]], None] | None = None,
                  before_retry: Callable[[list[Output]], list[Output]] | None = None,
+                 urgent: Callable[[Record], bool] | None = None,
                  **kwargs: Any) -> None:
         kwargs.setdefault("commit_interval_s", 0.05)
         #: called after each successful commit with the records whose outputs it committed
@@ -113,6 +121,8 @@ class ParallelProcessor(Processor):
         #: (make chaos: the same TaskCompleted twice); the executor drops the outcomes its
         #: read_committed follower finds committed
         self.before_retry = before_retry
+        #: records answered without long work, handled in the express lane (see the module)
+        self.urgent = urgent
         super().__init__(service, topics, handler, settings, concurrency=1, **kwargs)
         self.slots = max(1, slots)
         self.prefetch = max(1, min(self.slots, settings.batch_size)
@@ -122,6 +132,7 @@ class ParallelProcessor(Processor):
         self.stats = Stats()
         self._lock = threading.Lock()
         self._queue: deque[Item] = deque()
+        self._express: deque[Item] = deque()
         self._active = 0
         self._unfinished: dict[TP, set[int]] = {}
         self._next: dict[TP, int] = {}  # per owned partition: last taken offset + 1
@@ -134,6 +145,7 @@ class ParallelProcessor(Processor):
         self._commit_failures = 0
         #: the slot threads (started by `_spawner`, never by the poll loop) wait on `_wake`
         self._wake = threading.Condition(self._lock)
+        self._wake_express = threading.Condition(self._lock)
         self._threads: list[threading.Thread] = []
         self._closing = False
 
@@ -143,6 +155,8 @@ class ParallelProcessor(Processor):
         assert self.consumer is not None and self.producer is not None
         self._running = True
         threading.Thread(target=self._spawner, name=f"{self.service}-spawner",
+                         daemon=True).start()
+        threading.Thread(target=self._express_work, name=f"{self.service}-express",
                          daemon=True).start()
         last_commit = 0.0
         log.info("parallel processor started", topics=self.topics, group=self.group_id,
@@ -170,6 +184,7 @@ class ParallelProcessor(Processor):
             with self._lock:
                 self._closing = True
                 self._wake.notify_all()
+                self._wake_express.notify_all()
             self._close()
 
     def _drain(self) -> None:
@@ -177,8 +192,9 @@ class ParallelProcessor(Processor):
         assert self.consumer is not None
         with self._lock:
             self._draining = True
-            dropped = len(self._queue)
+            dropped = len(self._queue) + len(self._express)
             self._queue.clear()
+            self._express.clear()
         deadline = time.monotonic() + self.drain_timeout_s
         self._pause(True)
         while self._active and time.monotonic() < deadline:
@@ -198,7 +214,8 @@ class ParallelProcessor(Processor):
 
     def _room(self) -> int:
         with self._lock:
-            return self.slots + self.prefetch - self._active - len(self._queue)
+            return (self.slots + self.prefetch - self._active - len(self._queue)
+                    - len(self._express))
 
     def _held(self) -> set[TP]:
         return set(self._paused)
@@ -245,13 +262,54 @@ class ParallelProcessor(Processor):
                 items.append(Item(rec, self._epoch.get(tp, 0)))
         if not items:
             return
+        express: list[Item] = []
+        if self.urgent is not None:
+            flags = [self.urgent(it.record) for it in items]
+            express = [it for it, f in zip(items, flags, strict=True) if f]
+            items = [it for it, f in zip(items, flags, strict=True) if not f]
         with self._lock:
             free = self._active + len(self._queue) < self.slots
             for it in items:
                 it.started_at = -1.0 if free else 0.0  # -1: a slot was free when taken
             self._queue.extend(items)
-            self.stats.taken += len(items)
+            self._express.extend(express)
+            self.stats.taken += len(items) + len(express)
+            if express:
+                self._wake_express.notify()
         self._fill()
+
+    def promote(self, key: bytes) -> int:
+        """Move the waiting records with this key to the express lane (their owner learnt
+        they are answered without long work: the executor, a cancel read after the dispatch
+        was taken). Returns how many moved. Safe from any thread."""
+        with self._lock:
+            moved = [it for it in self._queue if it.record.key == key]
+            if not moved:
+                return 0
+            self._queue = deque(it for it in self._queue if it.record.key != key)
+            self._express.extend(moved)
+            self._wake_express.notify()
+        return len(moved)
+
+    def _express_work(self) -> None:
+        """The express lane's thread: handles flagged records outside the slots, in order."""
+        while True:
+            with self._lock:
+                while not self._closing and not self._express:
+                    self._wake_express.wait()
+                if self._closing:
+                    return
+                item = self._express.popleft()
+            item.started_at = time.monotonic()
+            try:
+                outputs = self._handle_one(item.record)
+            except BaseException as exc:  # Fatal (the rest is dead-lettered by _handle_one)
+                self._fatal = exc
+                return
+            with self._lock:
+                self._done.append(Finished(item, outputs))
+                self.stats.finished += 1
+                self.stats.express += 1
 
     def _fill(self) -> None:
         """Wake idle slot threads for the records waiting on free slots (from the poll loop:
@@ -423,6 +481,13 @@ class ParallelProcessor(Processor):
             self.consumer.store_offsets(offsets=offsets)
 
     # -- rebalances ------------------------------------------------------------------------
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        super()._on_assign(consumer, partitions)
+        # "parallel processor started" comes before the group join: this line says when the
+        # loop can take records (what a test or an operator waits for after a start)
+        log.info("partitions assigned", group=self.group_id,
+                 partitions=sorted((tp.topic, tp.partition) for tp in partitions))
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._partitions = self._partitions - {(tp.topic, tp.partition) for tp in partitions}
         # closing (_drain committed what finished): parked partitions stay unassigned and the
@@ -454,8 +519,10 @@ class ParallelProcessor(Processor):
                 self._committed.pop(tp, None)
             kept = deque(it for it in self._queue
                          if (it.record.topic, it.record.partition) not in revoked)
-            dropped = len(self._queue) - len(kept)
-            self._queue = kept
+            fast = deque(it for it in self._express
+                         if (it.record.topic, it.record.partition) not in revoked)
+            dropped = len(self._queue) - len(kept) + len(self._express) - len(fast)
+            self._queue, self._express = kept, fast
             self.stats.dropped_on_revoke += dropped
             self._paused -= revoked
         if parked:

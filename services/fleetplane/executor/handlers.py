@@ -158,6 +158,15 @@ def _handle(catalog: Catalog, clients: ModelClients, executor_id: str, event: Ta
         log.warning("dispatch not run: the attempt was claimed before and interrupted",
                     attempt=event.attempt, holder=lease.executor_id, live=lease.live())
         return _answer_redelivery(rt, event, {"state": "running"})
+    if rt.cancelled(event.task_id):
+        # cancelled before it started (the cancel came while the executor was starting, or
+        # while the dispatch waited): refused without a slot, a journal entry, a claim or a
+        # model call; nothing ran, so there is nothing to audit or to renew
+        log.warning("attempt failed", failure_class=failures.CANCELLED,
+                    reason="cancelled before it started", attempt=event.attempt)
+        return [event.derive(TaskFailed, event_id=derived_id(event.event_id, "failed"),
+                             attempt=event.attempt, failure_class=failures.CANCELLED,
+                             reason="cancelled before it started", final=False)]
     emitter: Emitter = rt.live if rt.live is not None else Collect()
     run = rt.begin(event.task_id, event.team, event.attempt)
     base = {"dispatch": event.event_id, "state": "running"}

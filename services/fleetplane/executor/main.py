@@ -96,7 +96,12 @@ def main() -> None:
                                   group_id=settings.executor_group_id,
                                   slots=settings.executor_slots,
                                   on_committed=runtime.committed,
-                                  before_retry=leases.drop_committed if leases else None)
+                                  before_retry=leases.drop_committed if leases else None,
+                                  # a dispatch whose task was cancelled before it started is
+                                  # refused at once, not after the dispatches ahead of it
+                                  urgent=lambda rec: rec.key is not None
+                                  and runtime.cancelled(rec.key.decode(errors="replace")))
+    runtime.on_cancel = lambda task_id: processor.promote(task_id.encode())
     runtime.track_commits = True  # finished attempts heartbeat until their outcome commits
     obs.registry.register(Slots(processor.slots, processor.running_count,
                                 lambda: len(runtime.running())))

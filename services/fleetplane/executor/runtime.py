@@ -430,6 +430,9 @@ class Runtime:
         self._serde = default_serde()
         #: the attempt lease each TaskStarted claims and each heartbeat renews (leases.py)
         self.lease_ms = int(settings.executor_lease_s * 1000)
+        #: called with the task id of a cancel whose attempt is not running here (the
+        #: composition root moves a dispatch still waiting for a slot to the express lane)
+        self.on_cancel: Callable[[str], object] | None = None
 
     # -- attempts ------------------------------------------------------------------------------
     def begin(self, task_id: str, team: str, attempt: int) -> Running:
@@ -492,7 +495,14 @@ class Runtime:
             run.request_cancel()
             log.info("cancelling running attempt", task_id=task_id, attempt=run.attempt)
             return True
+        if self.on_cancel is not None:
+            self.on_cancel(task_id)
         return False
+
+    def cancelled(self, task_id: str) -> bool:
+        """Whether a cancel for the task was read (it must not start)."""
+        with self._lock:
+            return task_id in self._cancelled
 
     def running(self) -> list[Running]:
         with self._lock:
