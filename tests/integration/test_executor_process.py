@@ -67,14 +67,14 @@ class Reader:
         self.consumer.close()
 
 
-def start_group_at_end(settings: Settings, group: str) -> None:
-    """Commit `group`'s offsets at the end of tasks.dispatch: the session broker holds every
-    earlier test's dispatches, which a new group would otherwise work through first."""
+def start_group_at_end(settings: Settings, group: str, topic: str = DISPATCH) -> None:
+    """Commit `group`'s offsets at the end of `topic` (tasks.dispatch): the session broker
+    holds every earlier test's records, which a new group would otherwise work through first."""
     c = Consumer({**settings.consumer_config(group), "enable.auto.commit": False})
     try:
-        parts = c.list_topics(DISPATCH, timeout=30).topics[DISPATCH].partitions
-        ends = [TopicPartition(DISPATCH, p, c.get_watermark_offsets(
-            TopicPartition(DISPATCH, p), timeout=30)[1]) for p in sorted(parts)]
+        parts = c.list_topics(topic, timeout=30).topics[topic].partitions
+        ends = [TopicPartition(topic, p, c.get_watermark_offsets(
+            TopicPartition(topic, p), timeout=30)[1]) for p in sorted(parts)]
         c.commit(offsets=ends, asynchronous=False)
     finally:
         c.close()

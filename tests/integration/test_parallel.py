@@ -19,6 +19,7 @@ from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import SUBMITTED
 
+from .test_executor_process import start_group_at_end
 from .test_loop import read_all
 
 
@@ -226,8 +227,11 @@ def test_express_lane_answers_flagged_records_while_every_slot_is_busy(
         return [ev.TaskHeld(task_id=event.task_id, team="a", reason="done")]
 
     busy, waiting, urgent = f"{unique}-busy", f"{unique}-waiting", f"{unique}-urgent"
-    send_to_partition(base_settings, [busy, waiting, urgent])
     group = f"par-{unique}"
+    # the session broker holds every earlier test's submissions: with one slot, a new group
+    # would work through them first (the fresh-clone CI run: 40 s were not enough)
+    start_group_at_end(base_settings, group, SUBMITTED)
+    send_to_partition(base_settings, [busy, waiting, urgent])
     p = ParallelProcessor(f"par-{unique}", [SUBMITTED], handler, base_settings, group_id=group,
                           slots=1, prefetch=4, drain_timeout_s=0,
                           urgent=lambda rec: rec.key == urgent.encode())
