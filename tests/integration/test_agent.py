@@ -371,3 +371,39 @@ def test_unregistered_repository_fails_the_attempt_clearly(
     bad_ref = run(with_repo, fake, dispatched("t-noref", "fix", ref="no-such-branch"))
     failed = of(bad_ref, ev.TaskFailed)[0]
     assert failed.failure_class == "configuration" and "no-such-branch" in failed.reason
+
+
+class JournalFirst:
+    """A live channel that notes, for every audit event it is handed, whether the attempt's
+    journal already holds it (a process killed right after the broker took the event must
+    leave it in the journal, or no outcome will ever claim it)."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.seen: dict[str, bool] = {}
+
+    def emit(self, event: ev.Event, keep: bool = False) -> None:
+        if isinstance(event, ev.ModelCall | ev.ToolCall | ev.WorkspaceChange):
+            state = self.journal.read(event.task_id, event.attempt) or {}
+            held = {Journal.decode([a])[0].event_id for a in state.get("audit", [])}
+            self.seen[event.event_id] = event.event_id in held
+
+    def settle(self, ids: set[str], timeout_s: float = 15.0) -> list[ev.Event]:
+        return []
+
+
+def test_an_audit_event_is_in_the_journal_before_it_is_published(
+        tmp_path: Path, fake: FakeProvider, sandbox: Sandbox) -> None:
+    """The CI chaos run: the executor was SIGKILLed after its ModelCall reached the broker and
+    while the journal's write was in flight; the redelivery answer, from the journal, claimed
+    no audit events, and the ModelCall on the log had no outcome vouching for it."""
+    repo = sample_repo(tmp_path)
+    rt = runtime(tmp_path, {"sample": repo}, sandbox)
+    rt.journal = Journal(tmp_path / "journal")
+    live = JournalFirst(rt.journal)
+    rt.live = live  # type: ignore[assignment]
+    fake.set_script({"replies": [tool_turn(("read_file", {"path": "calc.py"})),
+                                 {"text": "read it"}]})
+    out = run(rt, fake, dispatched("t-journal-first", "read the calculator"))
+    assert any(isinstance(e, ev.TaskCompleted) for e in out)
+    assert len(live.seen) >= 3 and all(live.seen.values()), live.seen

@@ -104,14 +104,18 @@ class Agent:
     # -- audit ---------------------------------------------------------------------------------
     def _audit(self, event: A) -> A:
         linked = self.chain.link(event)
-        self.emitter.emit(linked, keep=True)
         if self.rt.journal is not None and self.journal_base is not None:
             # the events themselves too: a live one the broker never got (the process was
-            # killed before its acknowledgement) is re-published with the interrupted outcome
+            # killed before its acknowledgement) is re-published with the interrupted outcome.
+            # Journal first, then the live channel: killed in between, the journal holds an
+            # event the log does not (the redelivery answer publishes it); the other order left
+            # a ModelCall on the log that no outcome claimed (the CI chaos run: killed while
+            # the journal's write was in flight, the answer claimed 0 audit events)
             self.audited.extend(Journal.encode([linked]))
             self.rt.journal.write(self.event.task_id, self.event.attempt, {
                 **self.journal_base, "head": self.chain.head, "count": self.chain.count,
                 "cost": self.budget.spent, "audit": self.audited})
+        self.emitter.emit(linked, keep=True)
         return linked
 
     def _id(self, tag: str) -> str:
