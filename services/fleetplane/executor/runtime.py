@@ -205,8 +205,11 @@ class LiveEmitter:
                     self._producer.produce(topic_for(event), key=key_for(event), value=value,
                                            headers=headers, on_delivery=on_delivery)
                 return
-            except BufferError:
-                time.sleep(0.01)
+            except BufferError:  # the local queue is full: it drains as deliveries are served
+                if threading.current_thread() is self._poller:
+                    self._producer.poll(0.01)  # the re-send after an outage: serve them here
+                else:
+                    time.sleep(0.01)
 
     def settle(self, ids: set[str], timeout_s: float = 15.0) -> list[Event]:
         """Wait (one wake-up, from the delivery callback the poller thread serves) until the
