@@ -9,6 +9,9 @@ itself is known."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+
+import pytest
 
 from fleetplane.core import events as ev
 from fleetplane.core.follower import Follower
@@ -24,8 +27,10 @@ def _completed(task_id: str) -> ev.TaskCompleted:
                             cost_usd=0.001, duration_ms=5)
 
 
-def test_an_outcome_committed_before_a_rewind_is_known_to_the_dispatches_read_again(
-        base_settings: Settings, unique: str) -> None:
+@pytest.fixture
+def followed(base_settings: Settings, unique: str
+             ) -> Iterator[tuple[LeaseTable, EventProducer]]:
+    """A lease table on real followers, assigned, and a producer of outcomes."""
     settings = Settings(kafka_bootstrap=base_settings.kafka_bootstrap)
     claims = Follower(settings, f"claims-{unique}", pace_s=PACE_S)
     outcomes = Follower(settings, f"outcomes-{unique}", "read_committed", pace_s=PACE_S)
@@ -36,50 +41,43 @@ def test_an_outcome_committed_before_a_rewind_is_known_to_the_dispatches_read_ag
     producer = EventProducer(settings)
     try:
         assert outcomes.assigned.wait(60), "the outcome follower was not assigned"
-        leases.sync()  # the first redelivery after start-up: once per process
-        before = f"{unique}-before"
-        producer.send([_completed(before)])
-        leases.sync()  # a later redelivery, no rewind: no second wait
-        again = f"{unique}-after-rewind"
-        producer.send([_completed(again)])
-        started = time.monotonic()
-        leases.sync(fresh=True)  # a dispatch read again after a rewind
-        lease = leases.get(again, 1)
-        assert lease is not None and lease.done, (
-            "an outcome committed before the rewind is not known after a fresh sync "
-            f"({time.monotonic() - started:.2f} s)")
+        yield leases, producer
     finally:
         producer.close()
         claims.close()
         outcomes.close()
 
 
+def test_an_outcome_committed_before_a_rewind_is_known_to_the_dispatches_read_again(
+        followed: tuple[LeaseTable, EventProducer], unique: str) -> None:
+    leases, producer = followed
+    leases.sync()  # the first redelivery after start-up: once per process
+    before = f"{unique}-before"
+    producer.send([_completed(before)])
+    leases.sync()  # a later redelivery, no rewind: no second wait
+    again = f"{unique}-after-rewind"
+    producer.send([_completed(again)])
+    started = time.monotonic()
+    leases.sync(fresh=True)  # a dispatch read again after a rewind
+    lease = leases.get(again, 1)
+    assert lease is not None and lease.done, (
+        "an outcome committed before the rewind is not known after a fresh sync "
+        f"({time.monotonic() - started:.2f} s)")
+
+
 def test_a_failed_commit_is_tried_again_without_the_outcomes_already_on_the_log(
-        base_settings: Settings, unique: str) -> None:
+        followed: tuple[LeaseTable, EventProducer], unique: str) -> None:
     """The make chaos run's last duplicate: a commit that failed during the broker restart had
     gone through on the broker, and the loop committed the same TaskCompleted again. Before a
     retry the loop asks the lease table (`before_retry`): outcomes the read_committed follower
     finds on the log are dropped; the others, and audit events, are committed again."""
-    settings = Settings(kafka_bootstrap=base_settings.kafka_bootstrap)
-    claims = Follower(settings, f"claims-{unique}", pace_s=PACE_S)
-    outcomes = Follower(settings, f"outcomes-{unique}", "read_committed", pace_s=PACE_S)
-    leases = LeaseTable(settings, f"exec-{unique}", lookback_s=60)
-    leases.follow(claims, outcomes)
-    claims.start()
-    outcomes.start()
-    producer = EventProducer(settings)
-    try:
-        assert outcomes.assigned.wait(60), "the outcome follower was not assigned"
-        leases.sync()
-        committed = _completed(f"{unique}-committed")
-        producer.send([committed])  # the failed commit that went through all the same
-        pending = _completed(f"{unique}-pending")
-        call = ev.ModelCall(task_id=committed.task_id, team="a", attempt=1, call_index=0,
-                            model="m", provider="anthropic", tier="small", input_tokens=1,
-                            output_tokens=1, cost_usd=0.0, latency_ms=1.0, outcome="ok")
-        kept = leases.drop_committed([call, committed, pending])
-        assert kept == [call, pending]
-    finally:
-        producer.close()
-        claims.close()
-        outcomes.close()
+    leases, producer = followed
+    leases.sync()
+    committed = _completed(f"{unique}-committed")
+    producer.send([committed])  # the failed commit that went through all the same
+    pending = _completed(f"{unique}-pending")
+    call = ev.ModelCall(task_id=committed.task_id, team="a", attempt=1, call_index=0,
+                        model="m", provider="anthropic", tier="small", input_tokens=1,
+                        output_tokens=1, cost_usd=0.0, latency_ms=1.0, outcome="ok")
+    kept = leases.drop_committed([call, committed, pending])
+    assert kept == [call, pending]
