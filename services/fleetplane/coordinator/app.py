@@ -76,6 +76,7 @@ from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.table import ChangelogTable
 from fleetplane.core.teams import load_teams
+from fleetplane.core.txn_ids import TxnIds
 
 SERVICE = "coordinator"
 APP_ID = "fleetplane-coordinator"  # the repartition's consumer group
@@ -356,10 +357,10 @@ class Coordinator:
         if not self.previous_epoch or self.previous_epoch == self.epoch:
             return
         started = time.monotonic()
+        ids = TxnIds(self.settings)
         for role in (REPARTITION_ROLE, SCHEDULE_ROLE):
-            producer = Producer(self.settings.producer_config(f"{role}-{self.previous_epoch}"))
-            producer.init_transactions(60)
-            producer.flush(5)
+            stable = f"{role}-{self.previous_epoch}"  # its loops wrote as generations of it
+            ids.fence(stable, ids.latest(stable))
         log.info("fenced the previous active", epoch=self.previous_epoch,
                  seconds=round(time.monotonic() - started, 3))
 

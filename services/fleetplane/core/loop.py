@@ -38,6 +38,7 @@ from fleetplane.core.offsets import truncation_guard
 from fleetplane.core.serde import Serde, default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import key_for, topic_for
+from fleetplane.core.txn_ids import TxnIds, fence_id
 
 #: Timeout of each transactional call (seconds).
 TXN_CALL_TIMEOUT_S = 30.0
@@ -417,6 +418,9 @@ class Processor:
         self._delivery_errors: list[KafkaError] = []
         self._in_txn = False
         self._outage = False  # the broker went away (see _on_producer_error)
+        self._retired = False  # the producer aborted a transaction: replace it (_renew_producer)
+        self._txn_ids = TxnIds(settings)
+        self._tx_id: str | None = None
         self.processed = 0
         self.exit_on_hang = False
         # past its own timeout plus a margin for a loaded machine, the call will not return:
@@ -529,8 +533,11 @@ class Processor:
                                 on_revoke=self._on_revoke)
 
     def _new_producer(self) -> Producer:
-        tx_id = self.instance_id if self.transactional else None
-        return Producer({**self.settings.producer_config(tx_id),
+        """A producer; a transactional one under a new generation of the instance's
+        transactional id (core.txn_ids: a producer id that never had an aborted transaction;
+        the first one of the process fences what its predecessor left open)."""
+        self._tx_id = self._txn_ids.next_id(self.instance_id) if self.transactional else None
+        return Producer({**self.settings.producer_config(self._tx_id),
                          "error_cb": self._on_producer_error})
 
     def _on_producer_error(self, err: KafkaError) -> None:
@@ -554,37 +561,48 @@ class Processor:
             except KafkaException:
                 log.warning("purge after the broker went away failed", exc_info=True)
 
-    def _renew_producer_after_outage(self) -> bool:
-        """After a broker outage (see _on_producer_error), a new producer with the same
-        transactional.id; whether there was one. Also with no transaction open: the old
-        producer's view of the transaction coordinator is what librdkafka#5456 hangs on (its
-        send_offsets_to_transaction blocked past every timeout after a broker restart, and the
-        supervisor's restart of every service after a broker crash worked because it made
-        new producers)."""
+    def _renew_producer(self) -> bool:
+        """Before a transaction begins: a new producer, under a new transactional id, if the
+        broker went away (see _on_producer_error) or the last transaction was aborted; whether
+        there was one.
+
+        After an outage the old producer's open transaction is aborted by fencing its id (its
+        view of the transaction coordinator is also what librdkafka#5456 hangs on: its
+        send_offsets_to_transaction blocked past every timeout after a broker restart). After
+        an abort its producer id must not write again: the embedded broker would have every
+        later record of that id on the aborted transaction's partitions skipped by consumers
+        (core.txn_ids)."""
         if self.producer is not None:
             self.producer.poll(0)  # serves the error callback
-        if not (self._outage and self.transactional):
+        if not (self.transactional and (self._outage or self._retired)):
             return False
-        self._outage = False
-        old, self.producer = self.producer, None
+        outage, self._outage, self._retired = self._outage, False, False
+        old, old_id, self.producer = self.producer, self._tx_id, None
         if old is not None:
             with suppress(KafkaException):
                 old.purge(in_queue=True, in_flight=True, blocking=False)
+        if outage and old_id is not None:
+            with self._guard("init_transactions"):
+                fence_id(self.settings, old_id)
         self.producer = self._new_producer()
         with self._guard("init_transactions"):
             self.producer.init_transactions(TXN_CALL_TIMEOUT_S)
-        log.warning("the broker went away: a new producer fences the old one's transaction")
+        if outage:
+            log.warning("the broker went away: the old producer's transaction is fenced, a "
+                        "new producer takes over", transactional_id=self._tx_id)
         return True
 
     def _abort_after_outage(self) -> bool:
         """If the broker went away during the open transaction: a new producer fences it (the
         broker aborts it; measured, abort_transaction after the restart still left the last
         stable offset stuck) and its inputs are read again; whether it did."""
-        in_txn = self.transactional and self._in_txn
-        if not in_txn:
+        if not (self.transactional and self._in_txn):
             return False
-        if not self._renew_producer_after_outage():
+        if self.producer is not None:
+            self.producer.poll(0)  # serves the error callback
+        if not self._outage:
             return False
+        self._renew_producer()
         log.warning("its open transaction is dropped; its inputs are read again")
         self.instruments.aborted()
         self._in_txn = False
@@ -673,7 +691,7 @@ class Processor:
             return
         self.instruments.consumed(records)
         if self.transactional and not self._in_txn:
-            self._renew_producer_after_outage()
+            self._renew_producer()
             assert self.producer is not None
             self.producer.begin_transaction()
             self._in_txn = True
@@ -885,7 +903,9 @@ class Processor:
                     self.producer.abort_transaction(TXN_CALL_TIMEOUT_S)
             except KafkaException:
                 log.warning("abort failed", exc_info=True)
+                self._outage = True  # the renewal fences the id: the broker aborts it
             self._in_txn = False
+            self._retired = True  # its producer id does not write again (core.txn_ids)
         self._pending.clear()
 
     def _rewind(self) -> None:

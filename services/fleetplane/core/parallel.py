@@ -450,7 +450,7 @@ class ParallelProcessor(Processor):
         assert self.consumer is not None and self.producer is not None
         if self.sink is not None:
             self.sink.flush()
-        self._renew_producer_after_outage()  # core.loop: a producer the broker outage left
+        self._renew_producer()  # core.loop: a producer the broker outage left
         assert self.producer is not None
         self.producer.begin_transaction()
         self._in_txn = True
