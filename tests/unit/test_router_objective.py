@@ -270,3 +270,34 @@ def test_the_success_ledger_holds_q_on_realised_outcomes_from_a_cold_start() -> 
         rates.append(r.success_rate)
         assert r.picks.get("best", 0) < 0.75 * len(tasks), r.picks  # not all-frontier
     assert sum(rates) / len(rates) >= 0.95 * 0.9 - 0.01, rates
+
+
+def test_the_two_way_prior_weighs_as_much_as_the_table_says_it_predicts() -> None:
+    """Empirical Bayes: where every pair's success rate is what the two-way model predicts
+    (up to binomial noise), the prior is worth many outcomes; where models are good at some
+    task types and poor at others, it is worth few."""
+    from fleetplane.router.prior import TwoWayPrior
+
+    rng = random.Random(4)
+    types = [f"t{i}" for i in range(20)]
+    ease = {t: rng.uniform(-1.0, 2.0) for t in types}
+
+    def cells(interaction: float) -> list[tuple[str, str, float, float]]:
+        out = []
+        for t in types:
+            for m, skill in (("cheap", -0.3), ("dear", 0.3)):
+                z = ease[t] + skill + rng.gauss(0.0, interaction)
+                p = 1 / (1 + 2.718281828 ** -z)
+                n = 200
+                out.append((t, m, float(sum(rng.random() < p for _ in range(n))), float(n)))
+        return out
+
+    additive, mixed = TwoWayPrior(), TwoWayPrior()
+    additive_cells, mixed_cells = cells(0.0), cells(1.5)
+    for _ in range(6):
+        additive.fit(additive_cells)
+        mixed.fit(mixed_cells)
+    assert additive.strength is not None and mixed.strength is not None
+    assert additive.strength >= 50, (additive.strength, mixed.strength)
+    assert mixed.strength <= 10, mixed.strength
+    assert TwoWayPrior().strength is None  # nothing fitted: the configured strength applies

@@ -34,9 +34,8 @@ class TwoWayPrior:
     def __init__(self) -> None:
         self.type_effect: dict[str, float] = {}
         self.model_effect: dict[str, float] = {}
-        # empirical Bayes: the pseudo-outcomes the prior is worth, from how far the pairs'
-        # success rates lie from it beyond their binomial noise (None: too few pairs yet)
-        self.strength: float | None = None
+        self._rows: list[tuple[str, str, float, float]] = []  # the cells of the last fit
+        self._strength: tuple[float | None] | None = None  # computed on demand, per fit
 
     def fit(self, cells: Iterable[tuple[str, str, float, float]], rounds: int = ROUNDS) -> None:
         """`cells`: (task type, model, successes, attempts), attempts > 0."""
@@ -58,9 +57,18 @@ class TwoWayPrior:
                 for k in effects:
                     step = (grad[k] - RIDGE * effects[k]) / info[k]
                     effects[k] += max(-2.0, min(2.0, step))
-        self.strength = self._strength(rows)
+        self._rows, self._strength = rows, None
 
-    def _strength(self, rows: list[tuple[str, str, float, float]]) -> float | None:
+    @property
+    def strength(self) -> float | None:
+        """Empirical Bayes: the pseudo-outcomes the prior is worth, from how far the pairs'
+        success rates lie from it beyond their binomial noise (None: too few pairs yet).
+        Computed once per fit, when asked."""
+        if self._strength is None:
+            self._strength = (self._estimate_strength(self._rows),)
+        return self._strength[0]
+
+    def _estimate_strength(self, rows: list[tuple[str, str, float, float]]) -> float | None:
         """Method of moments: the pairs' squared deviations from the prior (per residual
         degree of freedom: the fit spent one per task type and model) less their binomial
         noise are the interaction's variance tau^2; a Beta prior of that variance around a
