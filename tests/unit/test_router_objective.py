@@ -270,3 +270,87 @@ def test_the_success_ledger_holds_q_on_realised_outcomes_from_a_cold_start() -> 
         rates.append(r.success_rate)
         assert r.picks.get("best", 0) < 0.75 * len(tasks), r.picks  # not all-frontier
     assert sum(rates) / len(rates) >= 0.95 * 0.9 - 0.01, rates
+
+
+def test_the_two_way_prior_weighs_as_much_as_the_table_says_it_predicts() -> None:
+    """Empirical Bayes: where every pair's success rate is what the two-way model predicts
+    (up to binomial noise), the prior is worth many outcomes; where models are good at some
+    task types and poor at others, it is worth few."""
+    from fleetplane.router.prior import TwoWayPrior
+
+    rng = random.Random(4)
+    types = [f"t{i}" for i in range(20)]
+    ease = {t: rng.uniform(-1.0, 2.0) for t in types}
+
+    def cells(interaction: float) -> list[tuple[str, str, float, float]]:
+        out = []
+        for t in types:
+            for m, skill in (("cheap", -0.3), ("dear", 0.3)):
+                z = ease[t] + skill + rng.gauss(0.0, interaction)
+                p = 1 / (1 + 2.718281828 ** -z)
+                n = 200
+                out.append((t, m, float(sum(rng.random() < p for _ in range(n))), float(n)))
+        return out
+
+    additive, mixed = TwoWayPrior(), TwoWayPrior()
+    additive_cells, mixed_cells = cells(0.0), cells(1.5)
+    for _ in range(6):
+        additive.fit(additive_cells)
+        mixed.fit(mixed_cells)
+    assert additive.strength is not None and mixed.strength is not None
+    assert additive.strength >= 50, (additive.strength, mixed.strength)
+    assert mixed.strength <= 10, mixed.strength
+    assert TwoWayPrior().strength is None  # nothing fitted: the configured strength applies
+
+
+def _two_model_replay(p_cheap: float, p_dear: float, seed: int, cfg: PolicyConfig,
+                      n: int = 600) -> tuple[Counter[str], list[str], int]:
+    """n tasks of one type, a cheap and a dear model with independent outcomes: the picks,
+    each decision's rule and how many decisions tried a contender, through the real policy
+    with bandit feedback."""
+    from fleetplane.router import evaluate as ev_
+
+    rng = random.Random(seed)
+    cat = catalog()
+    stats = OutcomeStats()
+    picks: Counter[str] = Counter()
+    rules = []
+    contenders = 0
+    for i in range(n):
+        cands = {"cheap": ev_.Observation(success=rng.random() < p_cheap, cost_usd=0.0006,
+                                          tier="standard"),
+                 "dear": ev_.Observation(success=rng.random() < p_dear, cost_usd=0.01,
+                                         tier="frontier")}
+        task = ev_.EvalTask(task_id=f"p{seed}-{i}", task_type="qa", candidates=cands)
+        d = choose(ev_.task_catalog(cat, task), ev_.task_spec(task), stats,
+                   key=f"{task.task_id}/1", cfg=cfg)
+        picks[d.model.name] += 1
+        rules.append(d.rule)
+        contenders += "; trying " in d.reason
+        obs = cands[d.model.name]
+        stats.record("qa", d.model.name, obs.success, obs.cost_usd)
+    return picks, rules, contenders
+
+
+def test_a_contender_judged_against_the_leaders_draw_is_tried_less_where_it_does_not_matter(
+) -> None:
+    """Two models equally good: the default tries the dear one whenever its draw beats the
+    cheap leader (about half of the exploring decisions); `contender_vs_draw` only when q x
+    its draw would make the leader's own draw miss the target."""
+    plain = [_two_model_replay(0.8, 0.8, s, PolicyConfig()) for s in range(3)]
+    vs_draw = [_two_model_replay(0.8, 0.8, s, PolicyConfig(contender_vs_draw=True))
+               for s in range(3)]
+    tried = sum(r[2] for r in plain), sum(r[2] for r in vs_draw)
+    dear = sum(r[0]["dear"] for r in plain), sum(r[0]["dear"] for r in vs_draw)
+    assert tried[1] < 0.6 * tried[0], tried
+    assert dear[1] < dear[0], dear
+
+
+def test_exploration_ends_once_the_cheap_model_is_clearly_above_the_bar() -> None:
+    """With `settle_z`, a type whose cheap model clearly meets q x the dear one's success stops
+    exploring (decisions by the estimates, rule 'learned'); by default every decision explores."""
+    picks, rules, _ = _two_model_replay(0.9, 0.6, 1, PolicyConfig(settle_z=2.0))
+    assert rules[-100:].count("learned") == 100, Counter(rules[-100:])
+    assert picks["cheap"] >= 0.9 * sum(picks.values()), picks
+    _, rules, _ = _two_model_replay(0.9, 0.6, 1, PolicyConfig())
+    assert rules[-100:].count("explore") == 100

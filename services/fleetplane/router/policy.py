@@ -54,8 +54,14 @@ class PolicyConfig:
     play_contender: bool = True  # a sampled model whose draw beats the leader is tried
     # a contender is tried only when its draw would make the leader miss the target
     contender_must_matter: bool = False
+    # a contender is tried only when its draw would make the leader's own draw miss the
+    # target (Thompson sampling on the constraint, not on which model is best)
+    contender_vs_draw: bool = False
     sample_by_spread: bool = False  # exploring: the drawn models are picked by posterior spread
     prior_strength: float = 4.0  # pseudo-outcomes of the two-way prior (0: the pooled borrow)
+    # the two-way prior's strength estimated from the table (empirical Bayes, prior.py), once
+    # there are enough pairs; `prior_strength` until then
+    prior_strength_eb: bool = False
     ledger: bool = True  # the target repays the type's success ledger (docs/routing.md)
     repay_horizon: float = 100.0  # ledger: decisions over which a deficit (or surplus) is repaid
     ledger_spend: bool = False  # ledger: a surplus lowers the target (else only deficits count)
@@ -68,6 +74,10 @@ class PolicyConfig:
     prompt_rank: bool = True
     prompt_rank_min: int = 20  # recent prompts of the type before their ranks are used
     pooled_floor: float = 0.85
+    # exploration ends for a task type once its decision is settled: the cheapest model that
+    # clearly meets q x every model's success (by `settle_z` standard errors of the
+    # difference), every cheaper one clearly below q x the best (0: never settled)
+    settle_z: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -238,6 +248,8 @@ def _estimates(pool: list[Model], spec: TaskSpec, stats: OutcomeStats, rng: rand
         pi = stats.prior(spec.task_type, m.name) if cfg.prior_strength > 0 else None
         if pi is not None:  # the two-way prior: how the model and the task type do elsewhere
             strength = cfg.prior_strength
+            if cfg.prior_strength_eb:
+                strength = stats.prior_strength() or strength
             # evidence it lends: as many pseudo-outcomes as the pooled borrow would
             w = min(BORROW * other_n, BORROW_CAP) / other_n if other_n else 0.0
             alpha = strength * pi + s.recent_successes + 0.5
@@ -282,6 +294,31 @@ def _estimates(pool: list[Model], spec: TaskSpec, stats: OutcomeStats, rng: rand
         out[m.name] = Estimate(centre, judged, margin, attempts, attempts + lent,
                                source, explored and m.name in sampled, sd, m.name)
     return out
+
+
+def _settled(est: dict[str, Estimate], costs: dict[str, float], q: float,
+             cfg: PolicyConfig) -> str | None:
+    """The model the type's decision has settled on, or None while exploring may change it:
+    the cheapest model whose success clearly meets q x every model's (each difference at least
+    `settle_z` standard deviations of the two posteriors), with every cheaper model clearly
+    below q x some model's success. Only models with `min_evidence` outcomes count; an
+    untried model keeps the type exploring."""
+    if any(e.attempts < cfg.min_evidence for e in est.values()):
+        return None
+    z = cfg.settle_z
+
+    def clearly_above(a: Estimate, b: Estimate) -> bool:  # a meets q x b's success
+        return a.name == b.name or (a.success - q * b.success
+                                    >= z * math.hypot(a.spread, q * b.spread))
+
+    by_cost = sorted(est.values(), key=lambda e: (costs[e.name], e.name))
+    for e in by_cost:
+        if all(clearly_above(e, b) for b in est.values()):
+            return e.name
+        if not any(q * b.success - e.success >= z * math.hypot(e.spread, q * b.spread)
+                   for b in est.values() if b.name != e.name):
+            return None  # neither clearly above nor clearly below: keep exploring
+    return None
 
 
 def _prompt_rank(mix: Mixture, prompt: PromptView | None, est: dict[str, Estimate], u: float,
@@ -387,6 +424,10 @@ def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,
         q = min(q, cfg.low_budget_quality_share)
     rng = random.Random(_seed(key, "thompson"))
     est = _estimates(pool, spec, stats, rng, explored, prompt, cfg)
+    settled = _settled(est, costs, q, cfg) if explored and cfg.settle_z > 0 else None
+    if settled is not None:  # the bar is clear: judge by the estimates, no draws
+        explored = False
+        est = _estimates(pool, spec, stats, rng, explored, prompt, cfg)
     # Without exploring, only models with evidence are judged (an untried model's 0.5 prior
     # is not a reason to send it work); exploring, every capable model competes by its sample.
     judged = {name: e for name, e in est.items()
@@ -460,7 +501,9 @@ def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,
     if (cfg.play_contender and explored and est[top_draw.name].sampled
             and top_draw.name != leader.name
             and (not cfg.contender_must_matter
-                 or q * top_draw.success > est[leader.name].success)):
+                 or q * top_draw.success > est[leader.name].success)
+            and (not cfg.contender_vs_draw
+                 or q * top_draw.success > est[leader.name].judged)):
         # a draw says another model may be the best: try it, or the target stays anchored to
         # an incumbent that merely had luckier first outcomes
         picked = contender = top_draw

@@ -21,6 +21,9 @@ from collections.abc import Iterable
 
 RIDGE = 1.0  # pull of each coefficient towards 0, in units of Fisher information (outcomes)
 ROUNDS = 3  # Newton rounds per refit (warm-started: a few are enough)
+EB_MIN_OUTCOMES = 10  # a pair's outcomes before its residual counts for the prior's strength
+EB_MIN_PAIRS = 6  # pairs (over at least two task types) before the strength is estimated
+EB_STRENGTH = (2.0, 200.0)  # the estimated strength is clamped to this range
 
 
 def _sigmoid(z: float) -> float:
@@ -31,6 +34,8 @@ class TwoWayPrior:
     def __init__(self) -> None:
         self.type_effect: dict[str, float] = {}
         self.model_effect: dict[str, float] = {}
+        self._rows: list[tuple[str, str, float, float]] = []  # the cells of the last fit
+        self._strength: tuple[float | None] | None = None  # computed on demand, per fit
 
     def fit(self, cells: Iterable[tuple[str, str, float, float]], rounds: int = ROUNDS) -> None:
         """`cells`: (task type, model, successes, attempts), attempts > 0."""
@@ -52,6 +57,43 @@ class TwoWayPrior:
                 for k in effects:
                     step = (grad[k] - RIDGE * effects[k]) / info[k]
                     effects[k] += max(-2.0, min(2.0, step))
+        self._rows, self._strength = rows, None
+
+    @property
+    def strength(self) -> float | None:
+        """Empirical Bayes: the pseudo-outcomes the prior is worth, from how far the pairs'
+        success rates lie from it beyond their binomial noise (None: too few pairs yet).
+        Computed once per fit, when asked."""
+        if self._strength is None:
+            self._strength = (self._estimate_strength(self._rows),)
+        return self._strength[0]
+
+    def _estimate_strength(self, rows: list[tuple[str, str, float, float]]) -> float | None:
+        """Method of moments: the pairs' squared deviations from the prior (per residual
+        degree of freedom: the fit spent one per task type and model) less their binomial
+        noise are the interaction's variance tau^2; a Beta prior of that variance around a
+        mean pi is worth pi (1 - pi) / tau^2 - 1 pseudo-outcomes."""
+        squares = noise = spread = 0.0
+        types: set[str] = set()
+        models: set[str] = set()
+        pairs = 0
+        for t, m, s, n in rows:
+            if n < EB_MIN_OUTCOMES:
+                continue
+            pi = _sigmoid(self.type_effect[t] + self.model_effect[m])
+            v = pi * (1 - pi)
+            squares += (s / n - pi) ** 2
+            noise += v / n
+            spread += v
+            pairs += 1
+            types.add(t)
+            models.add(m)
+        dof = pairs - (len(types) + len(models) - 1)
+        if dof < EB_MIN_PAIRS or len(types) < 2:
+            return None
+        tau2 = max(squares / dof - noise / pairs, 1e-6)
+        lo, hi = EB_STRENGTH
+        return max(lo, min(hi, (spread / pairs) / tau2 - 1))
 
     def predict(self, task_type: str, model: str) -> float | None:
         """The prior mean of P(success), or None when the model has no outcomes at all."""

@@ -206,6 +206,11 @@ class OutcomeStats:
             self._unfitted = 0
         return self._prior.predict(task_type, model)
 
+    def prior_strength(self) -> float | None:
+        """The two-way prior's worth in pseudo-outcomes, estimated from the table (empirical
+        Bayes; fleetplane.router.prior), or None while too few pairs have outcomes."""
+        return self._prior.strength
+
     def overall(self, model: str) -> ModelStats:
         """The model's outcomes over every task type (for a type it has not run yet)."""
         return self._by_model.get(model) or ModelStats()
