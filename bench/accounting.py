@@ -7,6 +7,11 @@
    calls) mapped to rows and inserted through ClickHouseSink, as the accounting loop does.
 2. Sink through Kafka: the same lifecycles produced to a real broker first, then consumed by the
    accounting processor as the service runs it (decode, map, dedupe lookups, columnar inserts).
+   The CPU of that window is also given per thread name (the loop, librdkafka's fetchers,
+   chdb's pools; from /proc).
+2b. `--sink-processes K`: the same through K accounting processes in one consumer group (the
+   partitions split between them), each with its own chdb directory (chdb serves one process
+   per directory: a stand-in for one shared ClickHouse server).
 3. Scale: for each size N, N model-call rows (and the matching tasks: N/5 tasks with submission,
    dispatch and outcome rows) over 30 days are generated inside ClickHouse with INSERT ...
    SELECT FROM numbers(N) (generate_history; the rollups' materialized views see them), then
@@ -27,7 +32,10 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -62,6 +70,34 @@ def cpu_seconds() -> float:
     """CPU time of this process (every thread: the loop, librdkafka's and chdb's)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def thread_cpu() -> dict[tuple[str, str], float]:
+    """CPU seconds of each live thread of this process by (thread id, name), from /proc (empty
+    where there is none): which of the loop, librdkafka's and chdb's threads spend the time."""
+    out: dict[tuple[str, str], float] = {}
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return out
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(tasks):
+        try:
+            name = (tasks / tid / "comm").read_text().strip()
+            stat = (tasks / tid / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:   # the thread ended meanwhile
+            continue
+        out[(tid, name)] = (int(stat[11]) + int(stat[12])) / tick
+    return out
+
+
+def cpu_by_thread_name(before: dict[tuple[str, str], float],
+                       after: dict[tuple[str, str], float]) -> dict[str, float]:
+    """CPU seconds between two thread_cpu() snapshots, summed by thread name (digits cut)."""
+    by: dict[str, float] = {}
+    for key, value in after.items():
+        name = key[1].rstrip("0123456789-") or "?"
+        by[name] = by.get(name, 0.0) + value - before.get(key, 0.0)
+    return dict(sorted(by.items(), key=lambda kv: -kv[1]))
 
 
 def timed(fn: Callable[[], Any], repeat: int = 3) -> dict[str, float]:
@@ -190,6 +226,7 @@ def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
             processor, acct_sink = build_processor(settings, store,
                                                    group_id=f"bench-acct-{time.monotonic_ns()}")
             thread = threading.Thread(target=processor.run, daemon=True)
+            threads_started = thread_cpu()
             cpu_started = cpu_seconds()
             started = time.perf_counter()
             thread.start()
@@ -201,6 +238,7 @@ def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
                 time.sleep(0.01)
             done = time.perf_counter()
             cpu_s = cpu_seconds() - cpu_started
+            by_thread = cpu_by_thread_name(threads_started, thread_cpu())
             elapsed = done - (first or started)
             processor.stop()
             thread.join(60)
@@ -215,10 +253,94 @@ def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
             "lookups": acct_sink.stats.lookups,
             "rows_per_s": acct_sink.stats.rows / elapsed,
             "events_per_s": len(events) / elapsed,
-            "cpu_s": cpu_s, "rows_per_cpu_s": acct_sink.stats.rows / cpu_s if cpu_s else 0.0,
+            "cpu_s": cpu_s, "cpu_s_by_thread": by_thread,
+            "us_cpu_per_row": 1e6 * cpu_s / acct_sink.stats.rows if acct_sink.stats.rows else 0.0,
+            "rows_per_cpu_s": acct_sink.stats.rows / cpu_s if cpu_s else 0.0,
             "load_avg": os.getloadavg(),
             "insert_rows_per_s": acct_sink.stats.rows_per_second(), "produce_s": produce_s,
             "flush_rows": flush_rows}
+
+
+def group_worker(bootstrap: str, group: str, base: str, out: str, go: str) -> None:
+    """One accounting processor of `group` with its own chdb directory (`--group-worker`): waits
+    for the file `go`, then writes its rows, CPU seconds and first-record time to `out` every
+    50 ms until the file `go`.stop appears."""
+    settings = Settings(kafka_bootstrap=bootstrap, clickhouse_dsn=f"chdb://{base}",
+                        clickhouse_database="bench_group", sink_flush_rows=20_000)
+    store = connect(settings)
+    apply_ddl(store)
+    processor, acct_sink = build_processor(settings, store, group_id=group)
+    while not os.path.exists(go):
+        time.sleep(0.05)
+    cpu_started = cpu_seconds()
+    thread = threading.Thread(target=processor.run, daemon=True)
+    thread.start()
+    first = 0.0
+    while not os.path.exists(go + ".stop"):
+        if not first and processor.processed:
+            first = time.time()
+        Path(out + ".tmp").write_text(json.dumps({"rows": acct_sink.stats.rows, "first": first,
+                                                  "cpu_s": cpu_seconds() - cpu_started}))
+        os.replace(out + ".tmp", out)
+        time.sleep(0.05)
+    processor.stop()
+    thread.join(60)
+    store.close()
+
+
+def sink_group(base: Path, processes: int, sink_tasks: int, timeout_s: float = 600.0
+               ) -> dict[str, Any]:
+    """Several accounting processes in one consumer group (the topics' partitions split between
+    them), the events produced first as in sink_kafka. chdb serves one process per directory,
+    so each process writes its own chdb directory here: a stand-in for one ClickHouse server
+    they would share. Timed from the first record any of them handled until all rows are in."""
+    broker = EmbeddedBroker(base / "broker-group")
+    broker.start()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        settings = Settings(kafka_bootstrap=broker.bootstrap)
+        ensure_topics(settings.client_config(), load_topics(settings.topics_file))
+        events = list(synthetic_events(sink_tasks, prefix=f"grp-{time.monotonic_ns()}"))
+        expected = sum(len(v) for e in events
+                       for v in rows_for(e, Record(topic_for(e), 0, 0, None, b"")).values())
+        producer = EventProducer(settings)
+        producer.send(events, timeout_s=timeout_s)
+        producer.close()
+        go = str(base / "group-go")
+        outs = [str(base / f"group-{i}.json") for i in range(processes)]
+        for i, out in enumerate(outs):
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "bench.accounting", "--group-worker", broker.bootstrap,
+                 "bench-group", str(base / f"group-ch{i}"), out, go],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        time.sleep(8.0)   # each has applied the schema and imported pandas
+        go_at = time.time()
+        Path(go).touch()
+        stats: list[dict[str, Any]] = []
+        while time.time() - go_at < timeout_s:
+            stats = [json.loads(Path(o).read_text()) if os.path.exists(o)
+                     else {"rows": 0, "first": 0.0, "cpu_s": 0.0} for o in outs]
+            if sum(st["rows"] for st in stats) >= expected:
+                break
+            time.sleep(0.05)
+        done = time.time()
+        Path(go + ".stop").touch()
+        for proc in procs:
+            proc.wait(90)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        broker.stop()
+    firsts = [st["first"] for st in stats if st["first"]]
+    start = min(firsts) if firsts else go_at
+    rows = sum(st["rows"] for st in stats)
+    cpu_s = sum(st["cpu_s"] for st in stats)
+    return {"processes": processes, "expected_rows": expected, "rows": rows,
+            "rows_per_process": [st["rows"] for st in stats], "join_s": start - go_at,
+            "seconds": done - start, "rows_per_s": rows / (done - start),
+            "cpu_s": cpu_s, "us_cpu_per_row": 1e6 * cpu_s / rows if rows else 0.0,
+            "load_avg": os.getloadavg()}
 
 
 def measure(sink_tasks: int, flush_rows: int, sizes: list[int],
@@ -245,15 +367,30 @@ def main() -> None:
     parser.add_argument("--no-kafka", action="store_true",
                         help="skip the end-to-end sink run through the broker")
     parser.add_argument("--no-sink", action="store_true", help="skip both sink runs")
+    parser.add_argument("--sink-processes", type=int, default=0,
+                        help="also run the sink through Kafka with this many processes in one "
+                             "consumer group (each its own chdb directory)")
+    parser.add_argument("--group-worker", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--raw-limit", type=int, default=RAW_LIMIT,
                         help="sizes above this keep raw rows of the last 6 h only (see above)")
     args = parser.parse_args()
+    if args.group_worker:
+        group_worker(*args.group_worker)
+        return
     console = Console()
     sizes = [int(x) for x in args.rows.split(",") if x.strip()]
     out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                        "load_avg": os.getloadavg()}}
     out.update(measure(0 if args.no_sink else args.sink_tasks, args.flush_rows, sizes,
                        args.dsn_dir, kafka=not args.no_kafka, raw_limit=args.raw_limit))
+    if args.sink_processes > 0 and not args.no_sink:
+        out["sink_group"] = sink_group(Path(args.dsn_dir or tempfile.mkdtemp(
+            prefix="fleetplane-bench-group-")), args.sink_processes, args.sink_tasks)
+        g = out["sink_group"]
+        console.print(f"sink through Kafka, {g['processes']} processes in one group: "
+                      f"{g['rows']:,} rows ({g['rows_per_process']}) in {g['seconds']:.1f}s: "
+                      f"{g['rows_per_s']:,.0f} rows/s, {g['us_cpu_per_row']:.1f} us CPU per row "
+                      f"(all processes), load {g['load_avg'][0]:.1f}")
     if "sink" in out:
         r = out["sink"]
         console.print(f"sink: {r['events']:,} events, {r['rows']:,} rows in {r['seconds']:.1f}s: "
@@ -268,6 +405,10 @@ def main() -> None:
                       f"rows/s inserting, {r['lookups']} duplicate lookups; "
                       f"{r['rows_per_cpu_s']:,.0f} rows per CPU-second ({r['cpu_s']:.1f} CPU-s "
                       f"over the run, load {r['load_avg'][0]:.1f})")
+        rows = r["rows"] or 1
+        console.print("  CPU per row by thread: " + ", ".join(
+            f"{name} {1e6 * s / rows:.1f} us" for name, s in list(r["cpu_s_by_thread"].items())[:4]
+            if s > 0))
     table = Table(title="analytics latency on chdb (first run / median of 3, seconds)")
     for c in ("model calls", "generate", "cost by team", "cost/day", "cost-to-value",
               "what-if tier", "what-if type", "dashboard", "cost by team (raw)"):

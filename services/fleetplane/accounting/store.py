@@ -18,6 +18,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
+from itertools import repeat
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +28,7 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.insert import InsertContext
 
+from fleetplane.accounting.wire import tick_of, ticks, wire_type
 from fleetplane.core.logging import get_logger
 from fleetplane.core.settings import REPO_ROOT, Settings
 
@@ -76,7 +80,8 @@ class Store:
         self.database = check_identifier(database)
         self.dsn = dsn
         self.lock = lock or threading.RLock()
-        self._insert_contexts: dict[tuple[str, tuple[str, ...]], InsertContext] = {}
+        self._insert_contexts: dict[tuple[str, tuple[str, ...]],
+                                    tuple[InsertContext, list[timedelta | None]]] = {}
         #: opens another client on the same target (the read pool); None: no pool
         self.open_client = open_client
         self._readers: list[Store] = []
@@ -193,21 +198,34 @@ class Store:
             return
         key = (table, tuple(column_names))
         with self.lock:
-            # A cached insert context spares a DESCRIBE TABLE round trip per insert.
-            context = self._insert_contexts.get(key)
-            if context is None:
-                context = self.client.create_insert_context(self.table(table),
-                                                            column_names=list(column_names),
-                                                            column_oriented=True)
-                self._insert_contexts[key] = context
+            # A cached insert context spares a DESCRIBE TABLE round trip per insert; its
+            # column types are the wire types (wire.py), with the DateTime64 ticks.
+            cached = self._insert_contexts.get(key)
+            if cached is None:
+                cached = self._insert_context(table, column_names)
+                self._insert_contexts[key] = cached
+            context, tick = cached
+            if len(rows[0]) != len(tick):
+                raise ValueError(f"{table}: rows of {len(rows[0])} values for {len(tick)} columns")
             try:
-                # Columnar: one list per column (zip runs in C); the driver then serializes
-                # each column without visiting rows.
-                columns = [list(c) for c in zip(*rows, strict=True)]
+                # Columnar: one list per column (itemgetter over the rows, in C); the driver
+                # then serializes each column without visiting rows.
+                columns = [ticks(c, t) if t is not None else c for c, t in
+                           zip(map(_column, range(len(tick)), repeat(rows)), tick, strict=True)]
                 self.client.insert(data=columns, context=context)
             except Exception:
                 self._insert_contexts.pop(key, None)
                 raise
+
+    def _insert_context(self, table: str, column_names: Sequence[str]
+                        ) -> tuple[InsertContext, list[timedelta | None]]:
+        described = self.client.create_insert_context(self.table(table),
+                                                      column_names=list(column_names))
+        names = [t.name for t in described.column_types]
+        context = self.client.create_insert_context(
+            self.table(table), column_names=list(column_names),
+            column_type_names=[wire_type(n) for n in names], column_oriented=True)
+        return context, [tick_of(n) for n in names]
 
     def ping(self) -> bool:
         try:
@@ -224,6 +242,10 @@ class Store:
             reader.close()
         with self.lock:
             self.client.close()
+
+
+def _column(index: int, rows: Sequence[Sequence[Any]]) -> list[Any]:
+    return list(map(itemgetter(index), rows))
 
 
 def connect(settings: Settings) -> Store:
