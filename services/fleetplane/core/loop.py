@@ -692,9 +692,7 @@ class Processor:
         self.instruments.consumed(records)
         if self.transactional and not self._in_txn:
             self._renew_producer()
-            assert self.producer is not None
-            self.producer.begin_transaction()
-            self._in_txn = True
+            self._begin_transaction()
         if self._pool is not None:
             results: Iterable[list[Output]] = self._pool.map(self._handle_one, records)
         else:
@@ -845,8 +843,35 @@ class Processor:
         self.instruments.committed(time.perf_counter() - started)
         self._pending.clear()
 
+    def _begin_transaction(self) -> None:
+        assert self.producer is not None
+        self._delivery_errors.clear()
+        self.producer.begin_transaction()
+        self._in_txn = True
+
+    def _outputs_delivered(self) -> bool:
+        """Before a commit: every output of the open transaction acknowledged. A broker outage
+        purges what the producer holds (_on_producer_error), and a commit after a purge would
+        commit the input offsets without the outputs (the chaos run: a coordinator's scheduler
+        step committed its offsets past a completion and wrote none of its decisions)."""
+        assert self.producer is not None
+        with self._guard("flush"):
+            remaining = self.producer.flush(TXN_CALL_TIMEOUT_S)
+        if remaining or self._delivery_errors or self._outage:
+            log.warning("outputs of the transaction not delivered: aborting it",
+                        remaining=remaining, outage=self._outage,
+                        errors=[str(e) for e in self._delivery_errors[:3]])
+            return False
+        return True
+
     def _commit_transaction(self, offsets: list[TopicPartition], tries: int = 1) -> None:
         assert self.consumer is not None and self.producer is not None
+        if not self._outputs_delivered():
+            self._abort()
+            if self.on_abort is not None:
+                self.on_abort()
+            self._rewind()
+            return
         try:
             if self.sink is not None:
                 self.sink.flush()
@@ -898,12 +923,13 @@ class Processor:
     def _abort(self) -> None:
         if self.transactional and self._in_txn and self.producer is not None:
             self.instruments.aborted()
-            try:
-                with self._guard("abort_transaction"):
-                    self.producer.abort_transaction(TXN_CALL_TIMEOUT_S)
-            except KafkaException:
-                log.warning("abort failed", exc_info=True)
-                self._outage = True  # the renewal fences the id: the broker aborts it
+            if not self._outage:  # after an outage the renewal fences the id instead
+                try:
+                    with self._guard("abort_transaction"):
+                        self.producer.abort_transaction(TXN_CALL_TIMEOUT_S)
+                except KafkaException:
+                    log.warning("abort failed", exc_info=True)
+                    self._outage = True  # the renewal fences the id: the broker aborts it
             self._in_txn = False
             self._retired = True  # its producer id does not write again (core.txn_ids)
         self._pending.clear()

@@ -451,12 +451,14 @@ class ParallelProcessor(Processor):
         if self.sink is not None:
             self.sink.flush()
         self._renew_producer()  # core.loop: a producer the broker outage left
-        assert self.producer is not None
-        self.producer.begin_transaction()
-        self._in_txn = True
+        self._begin_transaction()
         for f in batch:
             for out in f.outputs:
                 self._produce(out)
+        if not self._outputs_delivered():  # core.loop: never commit offsets without outputs
+            raise KafkaException(KafkaError(KafkaError._PURGE_QUEUE,
+                                            "outputs of the transaction not delivered",
+                                            txn_requires_abort=True))
         if offsets:
             with self._guard("send_offsets_to_transaction"):
                 self.producer.send_offsets_to_transaction(
