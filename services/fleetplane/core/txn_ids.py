@@ -67,12 +67,12 @@ class TxnIds:
         return generation_id(stable, generation)
 
     def fence(self, stable: str, latest: int | None = None) -> None:
-        """Abort whatever transaction `stable` (the id before generations) or one of its
-        generations up to `latest` + FENCE_AHEAD left open, and fence their producers."""
-        ids = [stable]
-        if latest is not None:
-            ids += [generation_id(stable, g)
-                    for g in range(max(0, latest - 1), latest + FENCE_AHEAD + 1)]
+        """Abort whatever transaction the generations `latest` .. `latest` + FENCE_AHEAD of
+        `stable` left open, and fence their producers; with nothing registered, `stable`
+        itself (the id a loop wrote under before generations). An earlier generation has
+        nothing open: a process fences its own generation before it registers the next."""
+        ids = [stable] if latest is None else [
+            generation_id(stable, g) for g in range(latest, latest + FENCE_AHEAD + 1)]
         started = time.monotonic()
         for tx_id in ids:
             fence_id(self.settings, tx_id)
