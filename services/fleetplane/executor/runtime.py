@@ -419,6 +419,8 @@ class Runtime:
         #: model calls: coroutines on one asyncio loop (no thread per call in flight)
         self.calls = AsyncCalls()
         self._running: dict[str, Running] = {}
+        #: claims made by the loop's start hook, by dispatch record, until a slot runs them
+        self._begun: dict[tuple[str, int, int], object] = {}
         #: finished attempts whose outcome is not committed yet, by their dispatch record's
         #: id(): they keep heartbeating (see `hold_until_committed`); the record is kept in
         #: the value, so its id() is not reused while it is here
@@ -438,6 +440,15 @@ class Runtime:
         self.on_cancel: Callable[[str], object] | None = None
 
     # -- attempts ------------------------------------------------------------------------------
+    def put_begun(self, where: tuple[str, int, int], begun: object) -> None:
+        """An attempt the loop's start hook claimed (handlers.Starter), for its slot thread."""
+        with self._lock:
+            self._begun[where] = begun
+
+    def take_begun(self, where: tuple[str, int, int]) -> Any:
+        with self._lock:
+            return self._begun.pop(where, None)
+
     def begin(self, task_id: str, team: str, attempt: int) -> Running:
         slot = self.slots.acquire()
         run = Running(task_id, team, attempt, slot)
