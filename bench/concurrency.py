@@ -76,8 +76,11 @@ class Watch:
     """Follows tasks.lifecycle and tasks.outcomes from their ends, read_committed (what a user
     sees): when each task started and got its first outcome (and which)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, poll_s: float = 0.05) -> None:
         from confluent_kafka import Consumer, TopicPartition
+
+        #: librdkafka's consume(n, t) waits all of t unless n records came: a read's latency
+        self.poll_s = poll_s
 
         self.started: dict[str, float] = {}
         self.outcome: dict[str, tuple[float, str]] = {}  # task -> (time, type or failure class)
@@ -99,7 +102,7 @@ class Watch:
 
     def _run(self, consumer: Any) -> None:
         while not self._stop.is_set():
-            for m in consumer.consume(1000, 0.05):
+            for m in consumer.consume(1000, self.poll_s):
                 if m.error() is not None:
                     continue
                 kind = dict(m.headers() or []).get("event_type", b"").decode()
@@ -574,6 +577,70 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
     return out
 
 
+def serial(tmp: Path, tasks: int, latency_s: float,
+           profile: Path | None = None) -> dict[str, Any]:
+    """One task at a time through the executor process (an idle stack, the fake provider
+    answering after `latency_s`): dispatch published -> its TaskCompleted committed and read
+    (read_committed, as a user reads it), minus the model time; and dispatched -> TaskStarted
+    read. The executor's per-call overhead: the claim, the journal, the audit events, the
+    outcome's transaction and the reads."""
+    out: dict[str, Any] = {"tasks": tasks, "latency_s": latency_s}
+    broker = EmbeddedBroker(tmp / "broker")
+    broker.start()
+    watch: Watch | None = None
+    executor: ExecutorProc | None = None
+    try:
+        settings = Settings(kafka_bootstrap=broker.bootstrap)
+        ensure_topics(settings.client_config(), load_topics(settings.topics_file))
+        with _provider(latency_s) as port:
+            env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "services"),
+                   "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                   "FLEETPLANE_KAFKA_BOOTSTRAP": broker.bootstrap,
+                   "FLEETPLANE_DATA_DIR": str(tmp / "data"),
+                   "FLEETPLANE_ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}",
+                   "FLEETPLANE_EXECUTOR_SLOTS": "4", "FLEETPLANE_EXECUTOR_ID": "bench-serial",
+                   "FLEETPLANE_INSTANCE_ID": "bench-serial", "FLEETPLANE_MODEL_MAX_RETRIES": "0",
+                   "FLEETPLANE_LOG_LEVEL": "WARNING", "FLEETPLANE_LOG_JSON": "true"}
+            watch = Watch(settings, poll_s=0.002)
+            producer = EventProducer(settings)
+            executor = ExecutorProc(env, tmp)
+            executor.start()
+            executor.wait_log("parallel processor started")
+            for i in range(3):  # warm-up: group join, SDK client, connections
+                producer.send([dispatch(f"warm-{i}", f"WARM {i}", None, 2)])
+                if not _wait(lambda i=i: f"warm-{i}" in watch.outcome, 300):  # type: ignore
+                    raise RuntimeError("the warm-up attempt got no outcome in 300 s")
+            spy = _spy(executor.proc.pid, profile / "serial.txt") if profile else None  # type: ignore[union-attr]
+            extra, started = [], []
+            for i in range(tasks):
+                task = f"serial-{i}"
+                t0 = time.monotonic()
+                producer.send([dispatch(task, f"SERIAL {task}", None, 2)])
+                if not _wait(lambda task=task: task in watch.outcome, 120, 0.002):  # type: ignore
+                    raise RuntimeError(f"{task}: no outcome in 120 s")
+                with watch._lock:
+                    done, _ = watch.outcome[task]
+                    st = watch.started.get(task)
+                extra.append((done - t0 - latency_s) * 1000)
+                if st is not None:
+                    started.append((st - t0) * 1000)
+            _stop_spy(spy)
+            if profile:
+                out["profile"] = top_frames(profile / "serial.txt")
+        out.update({"overhead_p50_ms": pct(extra, 50), "overhead_p90_ms": pct(extra, 90),
+                    "ratio_p50": (latency_s * 1000 + pct(extra, 50)) / (latency_s * 1000),
+                    "dispatched_to_started_p50_ms": pct(started, 50),
+                    "dispatched_to_started_p90_ms": pct(started, 90)})
+    finally:
+        if executor is not None:
+            executor.kill()
+        if watch is not None:
+            watch.close()
+        broker.stop()
+    out["loadavg"] = [round(x, 1) for x in os.getloadavg()]
+    return out
+
+
 def mixed(tasks: int, slots: int, durations: list[float]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, FakeProvider() as fake:
         r = mixed_loop(fake, Path(tmp), tasks, slots, durations, 50, "parallel")
@@ -599,6 +666,16 @@ def scenario(console: Console, quick: bool = False, **overrides: Any) -> dict[st
             result["hold"] = hold_cancel_kill(Path(tmp), int(size["attempts"]), latency_s,
                                               int(size["cancels"]), int(size["start_cancels"]),
                                               float(size.get("measure_s") or 10.0), profile)
+    if size.get("serial"):
+        console.print(f"concurrency: {size['serial']} tasks one at a time, "
+                      f"{size.get('serial_latency_s') or 0.2:g} s calls ...")
+        with tempfile.TemporaryDirectory() as tmp:
+            profile = Path(size["profile"]) if size.get("profile") else None
+            if profile:
+                profile.mkdir(parents=True, exist_ok=True)
+            result["serial"] = serial(Path(tmp), int(size["serial"]),
+                                      float(size.get("serial_latency_s") or 0.2), profile)
+        console.print(result["serial"])
     if not size.get("skip_mixed"):
         durations = [float(x) for x in str(size["mixed_durations"]).split(",")]
         console.print(f"concurrency: mixed, {size['mixed_tasks']} tasks of {durations} s "
@@ -695,6 +772,9 @@ def main() -> None:
     ap.add_argument("--mixed-slots", type=int)
     ap.add_argument("--mixed-durations")
     ap.add_argument("--skip-mixed", action="store_true")
+    ap.add_argument("--serial", type=int, help="also N tasks one at a time: the executor's "
+                    "per-call overhead (dispatched -> completed minus the model time)")
+    ap.add_argument("--serial-latency-s", type=float)
     ap.add_argument("--skip-hold", action="store_true", help="the mixed part only")
     ap.add_argument("--profile", help="directory: py-spy profiles of the executor (ramp, "
                     "waiting), collapsed stacks")
