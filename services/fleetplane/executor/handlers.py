@@ -255,8 +255,6 @@ def _claim(catalog: Catalog, clients: ModelClients, executor_id: str, event: Tas
     run = rt.begin(event.task_id, event.team, event.attempt)
     base = {"dispatch": event.event_id, "state": "running"}
     try:
-        if journal is not None:
-            journal.write(event.task_id, event.attempt, base)
         started = event.derive(TaskStarted, attempt=event.attempt, executor_id=executor_id,
                                slot=run.slot.index, event_id=derived_id(event.event_id,
                                                                        "started"),
@@ -275,6 +273,13 @@ def _finish(b: Begun, leases: LeaseTable | None) -> list[Event]:
     rt, run, emitter, started, base = b.rt, b.run, b.emitter, b.started, b.base
     journal = rt.journal
     try:
+        # the journal's entry is written here, in the slot thread, not with the claim (a file
+        # create per attempt in the poll loop was a fifth of a burst's claim): before the
+        # model is called, which is what it guards. Killed between the claim and this line,
+        # the redelivery finds no journal but the claim (TaskStarted, this executor's id) and
+        # reports the attempt lost; if the broker never took the claim, nothing ran
+        if journal is not None:
+            journal.write(event.task_id, event.attempt, base)
         if rt.live is not None and rt.lease_ms > 0 and rt.live.settle({started.event_id}):
             # the claim is not durable: do not call the model (a redelivery could run it twice)
             log.error("attempt not claimed: TaskStarted not acknowledged", attempt=event.attempt)
