@@ -667,7 +667,8 @@ def serial(tmp: Path, tasks: int, latency_s: float,
 
 def mixed(tasks: int, slots: int, durations: list[float]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, FakeProvider() as fake:
-        r = mixed_loop(fake, Path(tmp), tasks, slots, durations, 50, "parallel")
+        r = mixed_loop(fake, Path(tmp), tasks, slots, durations, 50, "parallel",
+                       begin=Settings().executor_claim_in_loop)
     r["loadavg"] = [round(x, 1) for x in os.getloadavg()]
     r.pop("timeline", None)
     return r

@@ -99,7 +99,8 @@ def main() -> None:
                                   group_id=settings.executor_group_id,
                                   slots=settings.executor_slots,
                                   on_committed=runtime.committed,
-                                  begin=starter.begin,
+                                  begin=starter.begin if settings.executor_claim_in_loop
+                                  else None,
                                   before_retry=leases.drop_committed if leases else None,
                                   # a dispatch whose task was cancelled before it started is
                                   # refused at once, not after the dispatches ahead of it
