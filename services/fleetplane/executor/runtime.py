@@ -396,6 +396,8 @@ class Journal:
             return None
         state: dict[str, Any] = {}
         for line in lines:
+            if not line:
+                continue
             try:
                 part = json.loads(line)
             except ValueError:
@@ -418,7 +420,9 @@ class Journal:
         self._append(task_id, attempt, {**state, "audit+": [event]})
 
     def _append(self, task_id: str, attempt: int, data: dict[str, Any]) -> None:
-        line = (json.dumps(data, separators=(",", ":")) + "\n").encode()
+        # the newline first: a line torn by a crash of the machine is ended by the next write
+        # instead of swallowing it
+        line = ("\n" + json.dumps(data, separators=(",", ":"))).encode()
         fd = os.open(self._path(task_id, attempt), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, line)
