@@ -62,7 +62,7 @@ from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.serde import DecodeError, default_serde
 from fleetplane.core.settings import REPO_ROOT, Settings
-from fleetplane.core.topics import LIFECYCLE, OUTCOMES, ensure_topics, load_topics
+from fleetplane.core.topics import DISPATCH, LIFECYCLE, OUTCOMES, ensure_topics, load_topics
 from fleetplane.fakeprovider import FakeProvider
 from fleetplane.infra.broker import EmbeddedBroker, free_port
 
@@ -76,16 +76,24 @@ class Watch:
     """Follows tasks.lifecycle and tasks.outcomes from their ends, read_committed (what a user
     sees): when each task started and got its first outcome (and which)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, poll_s: float = 0.05) -> None:
         from confluent_kafka import Consumer, TopicPartition
 
+        #: librdkafka's consume(n, t) waits all of t unless n records came: a read's latency
+        self.poll_s = poll_s
+
         self.started: dict[str, float] = {}
+        #: the first fill, as the executor recorded it: TaskStarted.occurred_at (the claim) and
+        #: the dispatch record's CreateTime (its produce call), both epoch ms
+        self.claimed_ms: dict[str, int] = {}
+        self.dispatched_ms: dict[str, int] = {}
         self.outcome: dict[str, tuple[float, str]] = {}  # task -> (time, type or failure class)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._serde = default_serde()
         self._consumers = []
-        for topic, isolation in ((LIFECYCLE, "read_committed"), (OUTCOMES, "read_committed")):
+        for topic, isolation in ((LIFECYCLE, "read_committed"), (OUTCOMES, "read_committed"),
+                                 (DISPATCH, "read_committed")):
             c = Consumer({**settings.consumer_config(f"watch-{topic}-{time.monotonic_ns()}"),
                           "enable.auto.commit": False, "isolation.level": isolation})
             parts = c.list_topics(topic, timeout=30).topics[topic].partitions
@@ -99,15 +107,24 @@ class Watch:
 
     def _run(self, consumer: Any) -> None:
         while not self._stop.is_set():
-            for m in consumer.consume(1000, 0.05):
+            for m in consumer.consume(1000, self.poll_s):
                 if m.error() is not None:
                     continue
                 kind = dict(m.headers() or []).get("event_type", b"").decode()
                 task = (m.key() or b"").decode()
                 now = time.monotonic()
-                if kind == "TaskStarted":
+                if kind == "TaskDispatched":
+                    with self._lock:
+                        self.dispatched_ms.setdefault(task, m.timestamp()[1])
+                elif kind == "TaskStarted":
                     with self._lock:
                         self.started.setdefault(task, now)
+                    try:
+                        at = self._serde.decode(m.value() or b"").occurred_at
+                        with self._lock:
+                            self.claimed_ms.setdefault(task, int(at.timestamp() * 1000))
+                    except DecodeError:
+                        pass
                 elif kind in ("TaskCompleted", "TaskFailed"):  # TaskFailed(final=false):
                     # tasks.lifecycle
                     label = kind
@@ -123,6 +140,12 @@ class Watch:
     def running(self, tasks: set[str]) -> int:
         with self._lock:
             return sum(1 for t in tasks if t in self.started and t not in self.outcome)
+
+    def fill_ms(self, tasks: set[str]) -> list[float]:
+        """Dispatch produced -> attempt claimed (TaskStarted.occurred_at), per task."""
+        with self._lock:
+            return [float(self.claimed_ms[t] - self.dispatched_ms[t]) for t in tasks
+                    if t in self.claimed_ms and t in self.dispatched_ms]
 
     def counts(self, tasks: set[str]) -> tuple[int, int]:
         with self._lock:
@@ -448,6 +471,10 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
             out["all_started_s"] = round(time.monotonic() - t0, 2) if started >= attempts \
                 else None
             out["started_within_window"] = started
+            fill = watch.fill_ms(hold)
+            # the first fill onto empty slots: dispatch produced -> claimed (TaskStarted)
+            out["first_fill_ms"] = {"n": len(fill), "p50": pct(fill, 50), "p99": pct(fill, 99),
+                                    "max": max(fill, default=float("nan"))}
             _stop_spy(spy)
             # waiting means every request is out: a claimed attempt (TaskStarted) may still
             # wait for the asyncio loop to send its request; measuring from "all started"
@@ -574,9 +601,74 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
     return out
 
 
+def serial(tmp: Path, tasks: int, latency_s: float,
+           profile: Path | None = None) -> dict[str, Any]:
+    """One task at a time through the executor process (an idle stack, the fake provider
+    answering after `latency_s`): dispatch published -> its TaskCompleted committed and read
+    (read_committed, as a user reads it), minus the model time; and dispatched -> TaskStarted
+    read. The executor's per-call overhead: the claim, the journal, the audit events, the
+    outcome's transaction and the reads."""
+    out: dict[str, Any] = {"tasks": tasks, "latency_s": latency_s}
+    broker = EmbeddedBroker(tmp / "broker")
+    broker.start()
+    watch: Watch | None = None
+    executor: ExecutorProc | None = None
+    try:
+        settings = Settings(kafka_bootstrap=broker.bootstrap)
+        ensure_topics(settings.client_config(), load_topics(settings.topics_file))
+        with _provider(latency_s) as port:
+            env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "services"),
+                   "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+                   "FLEETPLANE_KAFKA_BOOTSTRAP": broker.bootstrap,
+                   "FLEETPLANE_DATA_DIR": str(tmp / "data"),
+                   "FLEETPLANE_ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}",
+                   "FLEETPLANE_EXECUTOR_SLOTS": "4", "FLEETPLANE_EXECUTOR_ID": "bench-serial",
+                   "FLEETPLANE_INSTANCE_ID": "bench-serial", "FLEETPLANE_MODEL_MAX_RETRIES": "0",
+                   "FLEETPLANE_LOG_LEVEL": "INFO", "FLEETPLANE_LOG_JSON": "true"}
+            watch = Watch(settings, poll_s=0.005)
+            producer = EventProducer(settings)
+            executor = ExecutorProc(env, tmp)
+            executor.start()
+            executor.wait_log("parallel processor started", 240)
+            for i in range(3):  # warm-up: group join, SDK client, connections
+                producer.send([dispatch(f"warm-{i}", f"WARM {i}", None, 2)])
+                if not _wait(lambda i=i: f"warm-{i}" in watch.outcome, 300):  # type: ignore
+                    raise RuntimeError("the warm-up attempt got no outcome in 300 s")
+            spy = _spy(executor.proc.pid, profile / "serial.txt") if profile else None  # type: ignore[union-attr]
+            extra, started = [], []
+            for i in range(tasks):
+                task = f"serial-{i}"
+                t0 = time.monotonic()
+                producer.send([dispatch(task, f"SERIAL {task}", None, 2)])
+                if not _wait(lambda task=task: task in watch.outcome, 120, 0.002):  # type: ignore
+                    raise RuntimeError(f"{task}: no outcome in 120 s")
+                with watch._lock:
+                    done, _ = watch.outcome[task]
+                    st = watch.started.get(task)
+                extra.append((done - t0 - latency_s) * 1000)
+                if st is not None:
+                    started.append((st - t0) * 1000)
+            _stop_spy(spy)
+            if profile:
+                out["profile"] = top_frames(profile / "serial.txt")
+        out.update({"overhead_p50_ms": pct(extra, 50), "overhead_p90_ms": pct(extra, 90),
+                    "ratio_p50": (latency_s * 1000 + pct(extra, 50)) / (latency_s * 1000),
+                    "dispatched_to_started_p50_ms": pct(started, 50),
+                    "dispatched_to_started_p90_ms": pct(started, 90)})
+    finally:
+        if executor is not None:
+            executor.kill()
+        if watch is not None:
+            watch.close()
+        broker.stop()
+    out["loadavg"] = [round(x, 1) for x in os.getloadavg()]
+    return out
+
+
 def mixed(tasks: int, slots: int, durations: list[float]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, FakeProvider() as fake:
-        r = mixed_loop(fake, Path(tmp), tasks, slots, durations, 50, "parallel")
+        r = mixed_loop(fake, Path(tmp), tasks, slots, durations, 50, "parallel",
+                       begin=Settings().executor_claim_in_loop)
     r["loadavg"] = [round(x, 1) for x in os.getloadavg()]
     r.pop("timeline", None)
     return r
@@ -599,6 +691,16 @@ def scenario(console: Console, quick: bool = False, **overrides: Any) -> dict[st
             result["hold"] = hold_cancel_kill(Path(tmp), int(size["attempts"]), latency_s,
                                               int(size["cancels"]), int(size["start_cancels"]),
                                               float(size.get("measure_s") or 10.0), profile)
+    if size.get("serial"):
+        console.print(f"concurrency: {size['serial']} tasks one at a time, "
+                      f"{size.get('serial_latency_s') or 0.2:g} s calls ...")
+        with tempfile.TemporaryDirectory() as tmp:
+            profile = Path(size["profile"]) if size.get("profile") else None
+            if profile:
+                profile.mkdir(parents=True, exist_ok=True)
+            result["serial"] = serial(Path(tmp), int(size["serial"]),
+                                      float(size.get("serial_latency_s") or 0.2), profile)
+        console.print(result["serial"])
     if not size.get("skip_mixed"):
         durations = [float(x) for x in str(size["mixed_durations"]).split(",")]
         console.print(f"concurrency: mixed, {size['mixed_tasks']} tasks of {durations} s "
@@ -648,6 +750,10 @@ def hold_rows(t: Table, h: dict[str, Any]) -> None:
     t.add_row(f"peak running of {h['attempts']} ({h['latency_s']:g} s calls)",
               f"{h.get('peak_running')} (all started after {h.get('all_started_s')} s; "
               f"{h.get('threads_at_burst')} threads when they came)", ">= 2,000")
+    ff = h.get("first_fill_ms") or {}
+    t.add_row("first fill: dispatch produced -> claimed (TaskStarted.occurred_at) p50 / p99",
+              f"{ff.get('p50', float('nan')):.0f} / {ff.get('p99', float('nan')):.0f} ms "
+              f"(n={ff.get('n')})", "p99 <= 100 ms")
     t.add_row("model calls the provider received by then",
               f"{h.get('provider_calls_while_waiting')}", "= running")
     t.add_row("executor CPU while they wait", f"{h.get('cpu_cores_waiting')} cores "
@@ -695,6 +801,9 @@ def main() -> None:
     ap.add_argument("--mixed-slots", type=int)
     ap.add_argument("--mixed-durations")
     ap.add_argument("--skip-mixed", action="store_true")
+    ap.add_argument("--serial", type=int, help="also N tasks one at a time: the executor's "
+                    "per-call overhead (dispatched -> completed minus the model time)")
+    ap.add_argument("--serial-latency-s", type=float)
     ap.add_argument("--skip-hold", action="store_true", help="the mixed part only")
     ap.add_argument("--profile", help="directory: py-spy profiles of the executor (ramp, "
                     "waiting), collapsed stacks")

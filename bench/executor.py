@@ -49,7 +49,7 @@ from fleetplane.core.parallel import ParallelProcessor
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import DISPATCH, ensure_topics, load_topics
-from fleetplane.executor.handlers import SeenDispatches, execute
+from fleetplane.executor.handlers import SeenDispatches, Starter, execute
 from fleetplane.executor.models import ModelClients, ModelTurn
 from fleetplane.executor.runtime import Runtime
 from fleetplane.executor.sandbox import Sandbox
@@ -218,7 +218,7 @@ def sandbox_cost(n: int = 30) -> dict[str, float]:
 
 def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
                 durations_s: list[float], trickle: int, loop: str,
-                rate: float = 0.0) -> dict[str, Any]:
+                rate: float = 0.0, begin: bool = True) -> dict[str, Any]:
     """The executor loop under a burst of mixed-duration attempts, then a trickle."""
     from confluent_kafka import Producer
 
@@ -245,11 +245,24 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
         produced = [0]
         started_at: dict[str, float] = {}
 
-        def handler(event: ev.Event, rec: Record) -> list[ev.Event]:
+        starter = Starter(CATALOG, clients, "bench", seen, rt) if begin else None
+
+        def mark_started(task_id: str) -> None:
             t = time.monotonic()
             with lock:
-                starts.append(t)
-                started_at[event.task_id] = t
+                if task_id not in started_at:
+                    starts.append(t)
+                    started_at[task_id] = t
+
+        def begin_hook(rec: Record) -> None:
+            # started = claimed: a slot reserved, the journal entry, TaskStarted emitted
+            assert starter is not None
+            starter.begin(rec)
+            if rec.key is not None:
+                mark_started(rec.key.decode())
+
+        def handler(event: ev.Event, rec: Record) -> list[ev.Event]:
+            mark_started(event.task_id)
             try:
                 return list(execute(CATALOG, clients, "bench", seen, event, rec, runtime=rt))
             finally:
@@ -263,16 +276,20 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
                              concurrency=slots)
         else:
             proc = ParallelProcessor("executor", [DISPATCH], handler, settings, group_id=group,
-                                     slots=slots)
+                                     slots=slots, begin=begin_hook if begin else None)
         runner = threading.Thread(target=proc.run, daemon=True)
         runner.start()
         serde = default_serde()
         producer = Producer(settings.producer_config())
 
-        def send(task_id: str, prompt: str) -> None:
+        def encode(task_id: str, prompt: str) -> tuple[bytes, bytes, Any]:
             e = dispatch(task_id, prompt, None, 2)
-            producer.produce(DISPATCH, key=task_id.encode(), value=serde.encode(e),
-                             headers=event_headers(e))
+            return task_id.encode(), serde.encode(e), event_headers(e)
+
+        def send(task_id: str, prompt: str,
+                 encoded: tuple[bytes, bytes, Any] | None = None) -> None:
+            key, value, headers = encoded or encode(task_id, prompt)
+            producer.produce(DISPATCH, key=key, value=value, headers=headers)
             produced_at[task_id] = time.monotonic()
             produced[0] += 1
 
@@ -297,10 +314,13 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
+        # encoded beforehand: the publisher shares this process (and its GIL) with the loop
+        burst = [(f"burst-{i}", f"dur={durations_s[i % len(durations_s)]:g}s burst {i}")
+                 for i in range(tasks)]
+        encoded = [encode(t, p) for t, p in burst]
         t0 = time.monotonic()
-        for i in range(tasks):
-            d = durations_s[i % len(durations_s)]
-            send(f"burst-{i}", f"dur={d:g}s burst {i}")
+        for i, (task_id, prompt) in enumerate(burst):
+            send(task_id, prompt, encoded[i])
             if rate > 0:
                 producer.poll(0)
                 time.sleep(max(0.0, t0 + (i + 1) / rate - time.monotonic()))
@@ -333,10 +353,10 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
     # free slot -> filled: the k-th start (in time order) takes the k-th slot to become free
     # (the slots at t0, then each end); its wait is counted from when both the slot was free and
     # its dispatch was published (0 when it started at once)
-    burst = sorted((started_at[t], produced_at[t]) for t in produced_at
+    fills = sorted((started_at[t], produced_at[t]) for t in produced_at
                    if t.startswith("burst-") and t in started_at)
     free = sorted([t0] * slots + burst_ends)
-    fill = [max(0.0, st - max(free[k], pub)) * 1000 for k, (st, pub) in enumerate(burst)
+    fill = [max(0.0, st - max(free[k], pub)) * 1000 for k, (st, pub) in enumerate(fills)
             if k < len(free)]
     queued = [(r, q) for _, r, q in samples if q > 0]
     full_at = next((t for t, r, _ in samples if r >= min(slots, tasks)), None)
@@ -364,6 +384,12 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
             "dispatched_to_started_p50_ms": pct(d2s, 50),
             "dispatched_to_started_p99_ms": pct(d2s, 99), "trickle": len(d2s),
             "pauses": stats.pauses if stats is not None else None,
+            # where a fill's time goes: the loop took the record (publish -> taken is the
+            # fetch) -> a slot thread began it (records taken while a slot was free)
+            "taken_to_slot_p50_ms": pct([d * 1000 for d in stats.start_delays], 50)
+            if stats is not None and stats.start_delays else None,
+            "taken_to_slot_p99_ms": pct([d * 1000 for d in stats.start_delays], 99)
+            if stats is not None and stats.start_delays else None,
             "timeline": [(round(t - t0, 2), r, q) for t, r, q in samples[::25]]}
 
 

@@ -23,6 +23,7 @@ from fleetplane.core.kafka import EventProducer, event_headers
 from fleetplane.core.serde import DecodeError, default_serde
 from fleetplane.core.settings import REPO_ROOT, Settings
 from fleetplane.core.topics import DISPATCH, LIFECYCLE, OUTCOMES, TOOL_CALLS, UTILIZATION
+from fleetplane.executor.runtime import Journal
 from fleetplane.fakeprovider import FakeProvider
 
 from .agentkit import dispatched, git, sample_repo
@@ -264,8 +265,9 @@ def test_live_events_cancellation_utilization_and_sigkill_mid_attempt(
         assert failed.failure_class == "lost_executor" and failed.audit_count >= 2
         assert len(fake.calls) == calls_before  # not run a second time
         # the journal kept the audit events the answer re-published (live copies may be lost)
-        kept = json.loads((executor.tmp / "data" / "executor-runs" / f"{task}-a1.json")
-                          .read_text())["audit"]
+        state = Journal(executor.tmp / "data" / "executor-runs").read(task, 1)
+        assert state is not None
+        kept = state["audit"]
         assert len(kept) == failed.audit_count
         assert not any(worktrees.iterdir())
         assert git(repo, "worktree", "list").count("\n") == 1

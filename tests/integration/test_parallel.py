@@ -249,3 +249,58 @@ def test_express_lane_answers_flagged_records_while_every_slot_is_busy(
     finally:
         release.set()
     assert read_all(base_settings, "tasks.lifecycle", 1, timeout_s=40, match=busy)
+
+
+def test_a_burst_onto_free_slots_is_begun_by_the_poll_loop_then_each_record_handled_once(
+        base_settings: Settings, unique: str,
+        started: list[tuple[ParallelProcessor, threading.Thread]]) -> None:
+    """The start hook (`begin`): records taken while slots are free are begun by the poll loop,
+    before their slot threads handle them; a record a freed slot takes later is begun by that
+    slot thread. Every record is begun once and handled once, begun first."""
+    lock = threading.Lock()
+    begun: dict[int, str] = {}  # offset -> the thread that began it
+    order: list[tuple[str, int]] = []
+    release = threading.Event()
+
+    def begin(rec: Record) -> None:
+        with lock:
+            assert rec.offset not in begun, "begun twice"
+            begun[rec.offset] = threading.current_thread().name
+            order.append(("begin", rec.offset))
+
+    def handler(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        with lock:
+            order.append(("handle", rec.offset))
+        release.wait(30)
+        return [ev.TaskHeld(task_id=event.task_id, team="a", reason="done")]
+
+    group = f"par-{unique}"
+    start_group_at_end(base_settings, group, SUBMITTED)
+    first = [f"{unique}-a{i}" for i in range(6)]
+    later = [f"{unique}-b{i}" for i in range(4)]
+    send_to_partition(base_settings, first)
+    p = ParallelProcessor(f"par-{unique}", [SUBMITTED], handler, base_settings, group_id=group,
+                          slots=6, prefetch=6, drain_timeout_s=0, begin=begin)
+    start(p, started)
+    deadline = time.monotonic() + 40
+    while len([o for o in order if o[0] == "handle"]) < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with lock:
+        assert len(begun) == 6
+        # every slot was free: the poll loop began them all (no slot thread did)
+        assert not [t for t in begun.values() if "slot" in t], begun
+    # every slot busy: these wait, and are begun by the slot threads that take them
+    send_to_partition(base_settings, later)
+    time.sleep(1.0)
+    with lock:
+        assert len(begun) == 6  # waiting records are not begun (they hold no slot yet)
+    release.set()
+    out = read_all(base_settings, "tasks.lifecycle", 10, timeout_s=40, match=unique)
+    assert len(out) == 10
+    with lock:
+        assert len(begun) == 10
+        assert [t for o, t in begun.items() if o >= max(begun) - 3 and "slot" in t]
+        handles = [o for kind, o in order if kind == "handle"]
+        assert sorted(handles) == sorted(begun)  # each handled once
+        for off in begun:
+            assert order.index(("begin", off)) < order.index(("handle", off))

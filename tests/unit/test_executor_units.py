@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from fleetplane.executor.models import classify, retry_after, to_openai
-from fleetplane.executor.runtime import Slot
+from fleetplane.executor.runtime import Journal, Slot
 from fleetplane.executor.sandbox import Sandbox
 from fleetplane.executor.tools import ToolBox, ToolDenied, ToolPolicy
 from fleetplane.executor.workspace import _numstat, branch_name
@@ -97,3 +97,27 @@ def test_slot_windows_add_up() -> None:
     assert figures["attempts"] == 1 and figures["model_s"] == pytest.approx(0.01)
     assert figures["busy_s"] + figures["idle_s"] == pytest.approx(figures["window_s"])
     assert slot.roll()["attempts"] == 0
+
+
+def test_the_journal_appends_each_audit_event_and_reads_the_attempt_back(tmp_path: Path) -> None:
+    """The journal is appended, not rewritten: the state a redelivery reads is the fold of its
+    lines (keys replaced, audit events accumulated); a line torn by a crash is skipped, and the
+    file holds one line per write (no rewrite of earlier events)."""
+    j = Journal(tmp_path)
+    j.write("t/1", 2, {"dispatch": "d1", "state": "running"})
+    for i in range(3):
+        j.append_audit("t/1", 2, {"type": "ModelCall", "json": f"{{\"i\": {i}}}"},
+                       head=f"h{i}", count=i + 1, cost=0.1 * (i + 1))
+    path = next(tmp_path.iterdir())
+    assert len([x for x in path.read_text().splitlines() if x]) == 4
+    with path.open("a") as f:
+        f.write('\n{"state": "do')  # the machine crashed in the middle of a write
+    state = j.read("t/1", 2)
+    assert state is not None
+    assert state["dispatch"] == "d1" and state["state"] == "running"
+    assert state["head"] == "h2" and state["count"] == 3
+    assert [a["json"] for a in state["audit"]] == ['{"i": 0}', '{"i": 1}', '{"i": 2}']
+    j.write("t/1", 2, {"state": "done", "outcome": []})
+    state = j.read("t/1", 2)
+    assert state is not None and state["state"] == "done" and len(state["audit"]) == 3
+    assert j.read("t/1", 3) is None

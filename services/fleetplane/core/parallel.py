@@ -30,6 +30,11 @@ for seconds to hours. `ParallelProcessor` is the pattern of Confluent's parallel
   of their own, ahead of the queue and outside the slots, so they do not wait behind a burst
   or for a slot to free; `promote` moves a waiting record there later (a cancel read after
   the record was taken);
+* a start hook (``begin``): the owner's cheap first step of a record (the executor: the
+  attempt's claim), run by the poll loop for the records it takes while slots are free, all of
+  them before any slot thread is woken, so a burst onto empty slots is started in one thread
+  instead of one GIL hand-off per slot thread (the first fill, docs/executor.md); a record a
+  slot thread takes itself (a freed slot refilled) is begun by that thread;
 * on stop (SIGTERM) the loop stops taking records, waits up to ``drain_timeout_s`` for the
   running ones while it keeps committing, and closes. Records still running then are not
   committed: they are redelivered to the next owner.
@@ -75,6 +80,7 @@ class Item:
     epoch: int  # the partition's assignment epoch when the record was taken
     taken_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0
+    begun: bool = False  # the begin hook ran (by the poll loop, when a slot was free)
 
 
 @dataclass
@@ -111,6 +117,7 @@ class ParallelProcessor(Processor):
                  on_committed: Callable[[list[Record]], None] | None = None,
                  before_retry: Callable[[list[Output]], list[Output]] | None = None,
                  urgent: Callable[[Record], bool] | None = None,
+                 begin: Callable[[Record], None] | None = None,
                  **kwargs: Any) -> None:
         kwargs.setdefault("commit_interval_s", 0.05)
         #: called after each successful commit with the records whose outputs it committed
@@ -123,6 +130,8 @@ class ParallelProcessor(Processor):
         self.before_retry = before_retry
         #: records answered without long work, handled in the express lane (see the module)
         self.urgent = urgent
+        #: a record's cheap first step, run before its slot thread handles it (see the module)
+        self.begin = begin
         super().__init__(service, topics, handler, settings, concurrency=1, **kwargs)
         self.slots = max(1, slots)
         self.prefetch = max(1, min(self.slots, settings.batch_size)
@@ -133,6 +142,8 @@ class ParallelProcessor(Processor):
         self._lock = threading.Lock()
         self._queue: deque[Item] = deque()
         self._express: deque[Item] = deque()
+        #: records given a slot (counted in _active) and begun by the poll loop, for the slots
+        self._ready: deque[Item] = deque()
         self._active = 0
         self._unfinished: dict[TP, set[int]] = {}
         self._next: dict[TP, int] = {}  # per owned partition: last taken offset + 1
@@ -276,7 +287,32 @@ class ParallelProcessor(Processor):
             self.stats.taken += len(items) + len(express)
             if express:
                 self._wake_express.notify()
+        if self.begin is not None:
+            self._begin_free()
         self._fill()
+
+    def _begin_free(self) -> None:
+        """Give the waiting records the free slots and begin them all here, before any slot
+        thread is woken for them: a burst is begun in this one thread (no GIL hand-off per
+        record, no competition from the attempts it starts), then handed to the slots."""
+        assert self.begin is not None
+        with self._lock:
+            batch = []
+            while (item := self._next_item()) is not None:
+                batch.append(item)
+        for item in batch:
+            self._begin(item)
+        with self._lock:
+            self._ready.extend(batch)
+
+    def _begin(self, item: Item) -> None:
+        assert self.begin is not None
+        item.begun = True
+        try:
+            self.begin(item.record)
+        except Exception:  # the handler then does the whole work (the hook is an optimisation)
+            log.exception("begin hook failed", topic=item.record.topic,
+                          offset=item.record.offset)
 
     def promote(self, key: bytes) -> int:
         """Move the waiting records with this key to the express lane (their owner learnt
@@ -315,7 +351,7 @@ class ParallelProcessor(Processor):
         """Wake idle slot threads for the records waiting on free slots (from the poll loop:
         a notify, never a thread start, see `_spawner`)."""
         with self._lock:
-            n = min(len(self._queue), self.slots - self._active)
+            n = len(self._ready) + min(len(self._queue), self.slots - self._active)
             if n > 0:
                 self._wake.notify(n)
 
@@ -351,20 +387,29 @@ class ParallelProcessor(Processor):
         item.started_at = now
         return item
 
+    def _next_ready(self) -> Item | None:
+        """A record the poll loop gave a slot and began, else the next waiting one. Called with
+        the lock held. Begun records run even while draining (they hold a slot and a claim)."""
+        if self._ready:
+            return self._ready.popleft()
+        return self._next_item()
+
     def _work(self) -> None:
         """One slot thread: takes the next waiting record when a slot is free, runs it, and
         takes the next one in the same critical section as it reports the finished one (a
         freed slot is refilled at once, no hand-off)."""
         with self._lock:
-            item = self._next_item()
+            item = self._next_ready()
         while True:
             if item is None:
                 with self._lock:
-                    while not self._closing and (item := self._next_item()) is None:
+                    while not self._closing and (item := self._next_ready()) is None:
                         self._wake.wait()
                 if item is None:
                     return
             try:
+                if self.begin is not None and not item.begun:
+                    self._begin(item)
                 outputs = self._handle_one(item.record)
             except BaseException as exc:  # Fatal (the rest is dead-lettered by _handle_one)
                 self._fatal = exc
@@ -375,7 +420,7 @@ class ParallelProcessor(Processor):
                 self._done.append(Finished(item, outputs))
                 self.stats.finished += 1
                 self._active -= 1
-                item = self._next_item()
+                item = self._next_ready()
 
     # -- commits ---------------------------------------------------------------------------
     def _offsets(self) -> list[TopicPartition]:

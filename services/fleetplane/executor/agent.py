@@ -111,10 +111,11 @@ class Agent:
             # event the log does not (the redelivery answer publishes it); the other order left
             # a ModelCall on the log that no outcome claimed (the CI chaos run: killed while
             # the journal's write was in flight, the answer claimed 0 audit events)
-            self.audited.extend(Journal.encode([linked]))
-            self.rt.journal.write(self.event.task_id, self.event.attempt, {
-                **self.journal_base, "head": self.chain.head, "count": self.chain.count,
-                "cost": self.budget.spent, "audit": self.audited})
+            entry = Journal.encode([linked])[0]
+            self.audited.append(entry)
+            self.rt.journal.append_audit(self.event.task_id, self.event.attempt, entry,
+                                         head=self.chain.head, count=self.chain.count,
+                                         cost=self.budget.spent)
         self.emitter.emit(linked, keep=True)
         return linked
 

@@ -11,6 +11,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import lru_cache
 
 from fleetplane.core import failures
@@ -24,13 +25,14 @@ from fleetplane.core.events import (
     TaskStarted,
     derived_id,
 )
-from fleetplane.core.logging import get_logger
+from fleetplane.core.logging import get_logger, task_context
 from fleetplane.core.loop import Record
+from fleetplane.core.serde import Serde, default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.executor.agent import Agent
 from fleetplane.executor.leases import LeaseTable
 from fleetplane.executor.models import ModelClients
-from fleetplane.executor.runtime import Collect, Emitter, Journal, Runtime
+from fleetplane.executor.runtime import Collect, Emitter, Journal, Running, Runtime
 from fleetplane.executor.workspace import WorkspaceError, branch_name
 
 log = get_logger(__name__)
@@ -89,28 +91,110 @@ def execute(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
             runtime: Runtime | None = None, leases: LeaseTable | None = None) -> Iterable[Event]:
     """Run one dispatched attempt (or rollback). Output event ids derive from the dispatch's, so
     a repeat of the same dispatch yields the same events, which every consumer deduplicates.
-    With `leases`, an attempt already claimed in the fleet is not run again (leases.py)."""
+    With `leases`, an attempt already claimed in the fleet is not run again (leases.py).
+    An attempt `Starter.begin` claimed already (the loop's start hook) goes on from there."""
     if not isinstance(event, TaskDispatched):
         return []
+    where = (record.topic, record.partition, record.offset) if record is not None else None
+    rt = runtime or _default_runtime()
+    if where is not None and (taken := rt.take_begun(where)) is not None:
+        begun, owns = taken
+        try:
+            if isinstance(begun, BaseException):
+                raise begun
+            return begun if isinstance(begun, list) else _finish(begun, leases)
+        finally:
+            if owns:  # the first record of this dispatch id: its handling ends here
+                seen.handled(event.event_id)
+    result, _ = _start(catalog, clients, executor_id, seen, event, record, runtime, leases,
+                       finish=True)
+    assert isinstance(result, list)
+    return result
+
+
+class Starter:
+    """The loop's start hook (`ParallelProcessor(begin=...)`): claims an attempt (slot, journal
+    entry, TaskStarted) in the poll loop, for a burst all at once; `execute` then runs it in
+    its slot thread. What the claim found to answer without running (a redelivery, a refusal)
+    is answered there too."""
+
+    def __init__(self, catalog: Catalog, clients: ModelClients, executor_id: str,
+                 seen: SeenDispatches, runtime: Runtime, leases: LeaseTable | None = None,
+                 serde: Serde | None = None) -> None:
+        self.catalog, self.clients, self.executor_id = catalog, clients, executor_id
+        self.seen, self.runtime, self.leases = seen, runtime, leases
+        self.serde = serde or default_serde()
+
+    def begin(self, record: Record) -> None:
+        try:
+            event = self.serde.decode(record.value)
+        except Exception:  # the slot thread's decode dead-letters it
+            return
+        if not isinstance(event, TaskDispatched) or event.action == "rollback":
+            return  # a rollback runs git: all of it in its slot thread
+        where = (record.topic, record.partition, record.offset)
+        with task_context(event.task_id, event_type="TaskDispatched"):
+            owns = True
+            begun: Begun | list[Event] | BaseException
+            try:
+                begun, owns = _start(self.catalog, self.clients, self.executor_id, self.seen,
+                                     event, record, self.runtime, self.leases, finish=False)
+            except Exception as exc:  # raised again in the slot thread
+                begun = exc
+        self.runtime.put_begun(where, (begun, owns))
+
+
+def _start(catalog: Catalog, clients: ModelClients, executor_id: str, seen: SeenDispatches,
+           event: TaskDispatched, record: Record | None, runtime: Runtime | None,
+           leases: LeaseTable | None, finish: bool) -> tuple[Begun | list[Event], bool]:
+    """The dispatch checks and the claim; with `finish`, the attempt too (one thread). Also
+    says whether this record is the dispatch's first (its handling's end must be noted)."""
     where = (record.topic, record.partition, record.offset) if record is not None else None
     if not seen.first_time(event.event_id, where):
         if not seen.read_again(event.event_id, where) or \
                 (runtime or _default_runtime()).journal is None:
             log.warning("duplicate dispatch ignored", attempt=event.attempt)
-            return []
+            return [], False
         log.warning("dispatch read again after a rewind (its outputs were not committed): "
                     "answered as a redelivery", attempt=event.attempt)
-        return _handle(catalog, clients, executor_id, event, record, runtime, leases,
-                       rewound=True)
+        return _handle(catalog, clients, executor_id, seen, event, record, runtime, leases,
+                       rewound=True, finish=finish), False
+    return _handle(catalog, clients, executor_id, seen, event, record, runtime, leases,
+                   finish=finish), True
+
+
+@dataclass
+class Begun:
+    """An attempt claimed (slot, journal entry, TaskStarted emitted), not run yet."""
+
+    catalog: Catalog
+    clients: ModelClients
+    executor_id: str
+    event: TaskDispatched
+    record: Record | None
+    rt: Runtime
+    run: Running
+    emitter: Emitter
+    started: TaskStarted
+    base: dict[str, str]
+
+
+def _handle(catalog: Catalog, clients: ModelClients, executor_id: str, seen: SeenDispatches,
+            event: TaskDispatched, record: Record | None, runtime: Runtime | None,
+            leases: LeaseTable | None, rewound: bool = False,
+            finish: bool = True) -> Begun | list[Event]:
+    if not finish:
+        return _claim(catalog, clients, executor_id, event, record, runtime, leases, rewound)
     try:
-        return _handle(catalog, clients, executor_id, event, record, runtime, leases)
+        begun = _claim(catalog, clients, executor_id, event, record, runtime, leases, rewound)
+        return begun if isinstance(begun, list) else _finish(begun, leases)
     finally:
         seen.handled(event.event_id)
 
 
-def _handle(catalog: Catalog, clients: ModelClients, executor_id: str, event: TaskDispatched,
-            record: Record | None, runtime: Runtime | None, leases: LeaseTable | None,
-            rewound: bool = False) -> list[Event]:
+def _claim(catalog: Catalog, clients: ModelClients, executor_id: str, event: TaskDispatched,
+           record: Record | None, runtime: Runtime | None, leases: LeaseTable | None,
+           rewound: bool) -> Begun | list[Event]:
     rt = runtime or _default_runtime()
     if event.action == "rollback":
         return rollback(rt, event)
@@ -171,13 +255,31 @@ def _handle(catalog: Catalog, clients: ModelClients, executor_id: str, event: Ta
     run = rt.begin(event.task_id, event.team, event.attempt)
     base = {"dispatch": event.event_id, "state": "running"}
     try:
-        if journal is not None:
-            journal.write(event.task_id, event.attempt, base)
         started = event.derive(TaskStarted, attempt=event.attempt, executor_id=executor_id,
                                slot=run.slot.index, event_id=derived_id(event.event_id,
                                                                        "started"),
                                lease_ms=rt.lease_ms if rt.live is not None else 0)
         emitter.emit(started, keep=True)
+    except BaseException:
+        rt.end(run)
+        raise
+    return Begun(catalog, clients, executor_id, event, record, rt, run, emitter, started, base)
+
+
+def _finish(b: Begun, leases: LeaseTable | None) -> list[Event]:
+    """The claimed attempt: the claim's acknowledgement, the agent, the outcome."""
+    catalog, clients, executor_id, event, record = (b.catalog, b.clients, b.executor_id,
+                                                    b.event, b.record)
+    rt, run, emitter, started, base = b.rt, b.run, b.emitter, b.started, b.base
+    journal = rt.journal
+    try:
+        # the journal's entry is written here, in the slot thread, not with the claim (a file
+        # create per attempt in the poll loop was a fifth of a burst's claim): before the
+        # model is called, which is what it guards. Killed between the claim and this line,
+        # the redelivery finds no journal but the claim (TaskStarted, this executor's id) and
+        # reports the attempt lost; if the broker never took the claim, nothing ran
+        if journal is not None:
+            journal.write(event.task_id, event.attempt, base)
         if rt.live is not None and rt.lease_ms > 0 and rt.live.settle({started.event_id}):
             # the claim is not durable: do not call the model (a redelivery could run it twice)
             log.error("attempt not claimed: TaskStarted not acknowledged", attempt=event.attempt)

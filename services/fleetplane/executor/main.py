@@ -12,7 +12,7 @@ from fleetplane.core.logging import get_logger
 from fleetplane.core.parallel import ParallelProcessor
 from fleetplane.core.service import bootstrap
 from fleetplane.core.topics import DISPATCH, OUTCOMES
-from fleetplane.executor.handlers import SeenDispatches, execute
+from fleetplane.executor.handlers import SeenDispatches, Starter, execute
 from fleetplane.executor.leases import LeaseTable
 from fleetplane.executor.models import ModelClients
 from fleetplane.executor.position import position_new_group
@@ -86,8 +86,11 @@ def main() -> None:
                  lookback_s=settings.executor_cancel_lookback_s)
     if leases is not None and not (leases.ready.wait(120) and leases.outcomes_ready.wait(120)):
         log.warning("attempt leases not read within 120 s; starting anyway")
-    handler = partial(execute, catalog, ModelClients(settings), executor_id, SeenDispatches(),
-                      runtime=runtime, leases=leases)
+    clients, seen = ModelClients(settings), SeenDispatches()
+    handler = partial(execute, catalog, clients, executor_id, seen, runtime=runtime,
+                      leases=leases)
+    # the claims of a burst are made by the poll loop, all before the slots run (the first fill)
+    starter = Starter(catalog, clients, executor_id, seen, runtime, leases)
     # a brand-new group starts at the recent dispatches, not the whole history (position.py)
     position_new_group(settings, settings.executor_group_id)
     # Continuous dispatch (core/parallel.py): an attempt starts as soon as a slot frees, the
@@ -96,6 +99,8 @@ def main() -> None:
                                   group_id=settings.executor_group_id,
                                   slots=settings.executor_slots,
                                   on_committed=runtime.committed,
+                                  begin=starter.begin if settings.executor_claim_in_loop
+                                  else None,
                                   before_retry=leases.drop_committed if leases else None,
                                   # a dispatch whose task was cancelled before it started is
                                   # refused at once, not after the dispatches ahead of it

@@ -13,6 +13,7 @@ running it a second time.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -352,12 +353,24 @@ class Running:
 
 
 class Journal:
-    """One small JSON file per attempt: started, audit head, outcome. A dispatch redelivered
-    after a crash finds it and is answered from it instead of being run again."""
+    """One small file per attempt (`<task>-a<n>.json`): started, audit head, outcome. A
+    dispatch redelivered after a crash finds it and is answered from it instead of being run
+    again.
+
+    Appended, never rewritten: each write is one JSON line added with a single `write(2)` on
+    an O_APPEND descriptor (an audit event adds itself and the chain's head, count and cost:
+    `append_audit`), and `read` folds the lines in order. Before (stop 16) every audit event
+    rewrote the whole state (every audit event so far) to a temporary file and renamed it:
+    a file create, a rename and a JSON dump growing with the attempt, per model call.
+    Durability is the same as before: once `write(2)` returns the line is in the kernel's page
+    cache and survives the process (SIGKILL, OOM kill), which is what the journal-before-publish
+    order needs (`Agent._audit`); not a power loss of the machine (no fsync, neither before nor
+    now: docs/executor.md). A line torn by a crash of the machine is ignored when read."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        self._prefix = os.path.join(str(root), "")
 
     def prune(self, older_than_s: float = 7 * 86_400) -> int:
         """Forget attempts older than a week (a redelivery comes within minutes)."""
@@ -372,21 +385,49 @@ class Journal:
                 pass
         return removed
 
-    def _path(self, task_id: str, attempt: int) -> Path:
-        return self.root / f"{safe_name(task_id)}-a{attempt}.json"
+    def _path(self, task_id: str, attempt: int) -> str:
+        return f"{self._prefix}{safe_name(task_id)}-a{attempt}.json"
 
     def read(self, task_id: str, attempt: int) -> dict[str, Any] | None:
         try:
-            data: dict[str, Any] = json.loads(self._path(task_id, attempt).read_text())
-            return data
-        except (OSError, ValueError):
+            with open(self._path(task_id, attempt), encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError:
             return None
+        state: dict[str, Any] = {}
+        for line in lines:
+            if not line:
+                continue
+            try:
+                part = json.loads(line)
+            except ValueError:
+                continue  # a torn last line (the machine crashed mid-write)
+            if not isinstance(part, dict):
+                continue
+            added = part.pop("audit+", None)
+            state.update(part)
+            if isinstance(added, list):
+                state["audit"] = [*state.get("audit", []), *added]
+        return state or None
 
     def write(self, task_id: str, attempt: int, data: dict[str, Any]) -> None:
-        path = self._path(task_id, attempt)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(path)
+        """Set these keys of the attempt's state (a key given replaces its value)."""
+        self._append(task_id, attempt, data)
+
+    def append_audit(self, task_id: str, attempt: int, event: dict[str, str],
+                     **state: Any) -> None:
+        """One audit event more (and the chain's new head, count, cost)."""
+        self._append(task_id, attempt, {**state, "audit+": [event]})
+
+    def _append(self, task_id: str, attempt: int, data: dict[str, Any]) -> None:
+        # the newline first: a line torn by a crash of the machine is ended by the next write
+        # instead of swallowing it
+        line = ("\n" + json.dumps(data, separators=(",", ":"))).encode()
+        fd = os.open(self._path(task_id, attempt), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
     @staticmethod
     def encode(events: list[Event]) -> list[dict[str, str]]:
@@ -419,6 +460,8 @@ class Runtime:
         #: model calls: coroutines on one asyncio loop (no thread per call in flight)
         self.calls = AsyncCalls()
         self._running: dict[str, Running] = {}
+        #: claims made by the loop's start hook, by dispatch record, until a slot runs them
+        self._begun: dict[tuple[str, int, int], object] = {}
         #: finished attempts whose outcome is not committed yet, by their dispatch record's
         #: id(): they keep heartbeating (see `hold_until_committed`); the record is kept in
         #: the value, so its id() is not reused while it is here
@@ -438,6 +481,15 @@ class Runtime:
         self.on_cancel: Callable[[str], object] | None = None
 
     # -- attempts ------------------------------------------------------------------------------
+    def put_begun(self, where: tuple[str, int, int], begun: object) -> None:
+        """An attempt the loop's start hook claimed (handlers.Starter), for its slot thread."""
+        with self._lock:
+            self._begun[where] = begun
+
+    def take_begun(self, where: tuple[str, int, int]) -> Any:
+        with self._lock:
+            return self._begun.pop(where, None)
+
     def begin(self, task_id: str, team: str, attempt: int) -> Running:
         slot = self.slots.acquire()
         run = Running(task_id, team, attempt, slot)
