@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from fleetplane.core import doorbell
 from fleetplane.core.errors import Fatal, NotRetriable, Retriable, RetryPolicy
 from fleetplane.core.events import DeadLetter, Event
 from fleetplane.core.kafka import event_headers
@@ -214,11 +215,17 @@ class IdleBackoff:
     Parked only when every partition's position is known (from a returned record or an
     end-of-partition event) and the owner paused none (`held`). The owner wakes it before
     anything that needs the assignment (storing offsets, a seek) and clears it on a rebalance.
-    `after_s <= 0` turns it off (Apache Kafka holds empty fetches itself)."""
+    `after_s <= 0` turns it off (Apache Kafka holds empty fetches itself).
+
+    With a doorbell (`bell`, core.doorbell) a parked consumer waits on it instead of sleeping
+    out the probe interval: a loop on this host that committed records to one of its topics
+    rings it, and it probes at once (the hand-off no longer waits up to `probe_s`)."""
 
     def __init__(self, consumer: Consumer, after_s: float, probe_s: float,
-                 probe_window_s: float = 0.1) -> None:
+                 probe_window_s: float = 0.1, bell: doorbell.Listener | None = None) -> None:
         self.consumer = consumer
+        self.bell = bell
+        self.rung = 0  # probes a doorbell started early
         self.after_s = after_s
         self.probe_s = probe_s
         self.probe_window_s = probe_window_s
@@ -277,8 +284,14 @@ class IdleBackoff:
                 self._unparkable = not self._park()
             return msg
         # parked: wait out the probe interval (the consumer still serves its callbacks, e.g. a
-        # rebalance, which clears the parking), then fetch once
-        msg = self.consumer.poll(min(timeout_s, self.probe_s))
+        # rebalance, which clears the parking), then fetch once; a doorbell rung by the
+        # upstream's commit ends the wait early
+        if self.bell is not None:
+            if self.bell.wait(min(timeout_s, self.probe_s)):
+                self.rung += 1
+            msg = self.consumer.poll(0)
+        else:
+            msg = self.consumer.poll(min(timeout_s, self.probe_s))
         if msg is not None:
             self.saw(msg)
             return msg
@@ -425,6 +438,9 @@ class Processor:
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         self._idle: IdleBackoff | None = None
+        self._bell: doorbell.Listener | None = None
+        #: topics this checkpoint's outputs went to: their parked consumers are rung after it
+        self._produced: set[str] = set()
         self._read_until_ms = 0  # see inputs_read_until_ms
         self._partitions: frozenset[tuple[str, int]] = frozenset()
         self._read_until_noted = 0.0
@@ -521,8 +537,10 @@ class Processor:
         if self.settings.idle_backoff_s > 0:
             cfg.setdefault("enable.partition.eof", True)  # ends an idle probe (IdleBackoff)
         self.consumer = Consumer(cfg)
+        if self.settings.handoff_doorbell and self.settings.idle_backoff_s > 0:
+            self._bell = doorbell.listener(self.settings.kafka_bootstrap, self.topics)
         self._idle = IdleBackoff(self.consumer, self.settings.idle_backoff_s,
-                                 self.settings.idle_probe_s)
+                                 self.settings.idle_probe_s, bell=self._bell)
         if self.transactional:
             self.producer.init_transactions(TXN_CALL_TIMEOUT_S)
         self.consumer.subscribe(self.topics, on_assign=truncation_guard(self._on_assign),
@@ -589,6 +607,7 @@ class Processor:
         self.instruments.aborted()
         self._in_txn = False
         self._pending.clear()
+        self._produced = set()
         if self.on_abort is not None:
             self.on_abort()
         self._rewind()
@@ -663,6 +682,9 @@ class Processor:
             self.producer.flush(5)
             self.producer = None  # releases librdkafka's threads and connections
         self.consumer = None
+        if self._bell is not None:
+            self._bell.close()
+            self._bell = None
         log.info("processor stopped", processed=self.processed)
 
     # -- processing ------------------------------------------------------------------------
@@ -742,9 +764,11 @@ class Processor:
             self._produce_raw(event)
             return
         value = self.serde.encode(event)
+        topic = topic_for(event)
+        self._produced.add(topic)
         while True:
             try:
-                self.producer.produce(topic_for(event), key=key_for(event), value=value,
+                self.producer.produce(topic, key=key_for(event), value=value,
                                       headers=event_headers(event),
                                       on_delivery=self._on_delivery)
                 return
@@ -754,6 +778,7 @@ class Processor:
     def _produce_raw(self, raw: RawRecord) -> None:
         assert self.producer is not None
         kwargs: dict[str, Any] = {} if raw.partition is None else {"partition": raw.partition}
+        self._produced.add(raw.topic)
         while True:
             try:
                 self.producer.produce(raw.topic, key=raw.key, value=raw.value,
@@ -826,6 +851,14 @@ class Processor:
             self.consumer.store_offsets(offsets=offsets)
         self.instruments.committed(time.perf_counter() - started)
         self._pending.clear()
+        self._ring()
+
+    def _ring(self) -> None:
+        """After a commit: wake the parked consumers of the topics it wrote (core.doorbell)."""
+        if self._produced:
+            if self.settings.handoff_doorbell:
+                doorbell.ring(self.settings.kafka_bootstrap, self._produced)
+            self._produced = set()
 
     def _commit_transaction(self, offsets: list[TopicPartition], tries: int = 1) -> None:
         assert self.consumer is not None and self.producer is not None
@@ -887,6 +920,7 @@ class Processor:
                 log.warning("abort failed", exc_info=True)
             self._in_txn = False
         self._pending.clear()
+        self._produced = set()
 
     def _rewind(self) -> None:
         assert self.consumer is not None
