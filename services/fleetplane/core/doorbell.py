@@ -107,6 +107,12 @@ class Listener:
                 pass
         return True
 
+    def wake(self) -> None:
+        """Ring this listener itself (its owner stops: no wait for the probe interval)."""
+        with contextlib.suppress(OSError):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(b"1", str(self.path))
+
     def close(self) -> None:
         for link in self.links:
             with contextlib.suppress(OSError):

@@ -268,6 +268,13 @@ class IdleBackoff:
         such as end-of-partition or an error), or None."""
         if not self.enabled:
             return self.consumer.poll(timeout_s)
+        if not self.parked and self._unparkable and not held \
+                and time.monotonic() - self.last_data >= self.after_s:
+            # the positions missing at the last attempt may have come since, in a consume()
+            # batch (saw): park now rather than after a whole timeout assigned
+            self._unparkable = not self._park()
+            if self.parked:
+                return None
         if not self.parked:
             # waiting assigned is what spins (fetches back to back): wait at most until
             # `after_s` since the last record, then park
@@ -451,6 +458,9 @@ class Processor:
     # -- lifecycle -------------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
         self._stopping = True
+        bell = self._bell
+        if bell is not None:
+            bell.wake()  # a parked loop stops now, not after the probe interval
 
     def inputs_read_until_ms(self) -> int | None:
         """How far this loop has read its inputs, as a time (epoch ms): when it last saw every

@@ -431,6 +431,7 @@ class ParallelProcessor(Processor):
             return
         self._commit_failures = 0
         self.instruments.committed(time.perf_counter() - started)
+        self._ring()  # core.loop: wakes the parked consumers of the topics just written
         with self._lock:
             for part in offsets:
                 key = (part.topic, part.partition)
