@@ -547,7 +547,10 @@ class Processor:
         if self.settings.idle_backoff_s > 0:
             cfg.setdefault("enable.partition.eof", True)  # ends an idle probe (IdleBackoff)
         self.consumer = Consumer(cfg)
-        if self.settings.handoff_doorbell and self.settings.idle_backoff_s > 0:
+        # a hop that forwards as soon as its input is drained listens; a sink that prefers
+        # larger batches (accounting) keeps probing at the interval
+        if self.settings.handoff_doorbell and self.settings.idle_backoff_s > 0 \
+                and self.commit_when_drained:
             self._bell = doorbell.listener(self.settings.kafka_bootstrap, self.topics)
         self._idle = IdleBackoff(self.consumer, self.settings.idle_backoff_s,
                                  self.settings.idle_probe_s, bell=self._bell)
