@@ -108,10 +108,9 @@ class Listener:
         return True
 
     def wake(self) -> None:
-        """Ring this listener itself (its owner stops: no wait for the probe interval)."""
-        with contextlib.suppress(OSError):
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-                sock.sendto(b"1", str(self.path))
+        """Ring this listener itself (its owner stops, or has work to commit)."""
+        with contextlib.suppress(OSError):  # closed meanwhile, or already rung (buffer full)
+            self.sock.sendto(b"1", str(self.path))
 
     def close(self) -> None:
         for link in self.links:

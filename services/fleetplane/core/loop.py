@@ -462,6 +462,13 @@ class Processor:
         if bell is not None:
             bell.wake()  # a parked loop stops now, not after the probe interval
 
+    def wake_parked(self) -> None:
+        """From another thread: a loop parked by the idle backoff returns from its wait now
+        (e.g. work finished elsewhere is to be committed; nothing happens without a doorbell)."""
+        bell, idle = self._bell, self._idle
+        if bell is not None and idle is not None and idle.idle:
+            bell.wake()
+
     def inputs_read_until_ms(self) -> int | None:
         """How far this loop has read its inputs, as a time (epoch ms): when it last saw every
         assigned partition read to its end as of the last fetch (now, for a loop that keeps

@@ -310,6 +310,7 @@ class ParallelProcessor(Processor):
                 self._done.append(Finished(item, outputs))
                 self.stats.finished += 1
                 self.stats.express += 1
+            self.wake_parked()  # core.loop: the loop commits the outcome now
 
     def _fill(self) -> None:
         """Wake idle slot threads for the records waiting on free slots (from the poll loop:
@@ -376,6 +377,7 @@ class ParallelProcessor(Processor):
                 self.stats.finished += 1
                 self._active -= 1
                 item = self._next_item()
+            self.wake_parked()  # core.loop: the loop commits the outcome now
 
     # -- commits ---------------------------------------------------------------------------
     def _offsets(self) -> list[TopicPartition]:
