@@ -83,7 +83,7 @@ class Intake:
     auth_failures_per_minute: float = 30.0
     auth_failure_burst: int = 20
     # called once accepted tasks are acknowledged: wakes the ingest loop (core.doorbell)
-    on_published: Callable[[], None] | None = None
+    on_published: Callable[[], object] | None = None
 
     def __post_init__(self) -> None:
         def team_limits(team: str) -> tuple[float, float]:
