@@ -79,20 +79,36 @@ class Listener:
     """One consumer's doorbell for its input topics."""
 
     def __init__(self, bootstrap: str, topics: Iterable[str]) -> None:
-        root = bell_dir(bootstrap)
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root = root = bell_dir(bootstrap)
         ident = uuid.uuid4().hex[:12]
         self.path = root / f"{ident}.sock"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(self.path))
-        self.sock.setblocking(False)
         self.links: list[Path] = []
-        for topic in set(topics):
-            folder = root / _short(topic)
-            folder.mkdir(mode=0o700, exist_ok=True)
-            link = folder / ident
-            link.symlink_to(self.path)
-            self.links.append(link)
+        try:
+            for attempt in (1, 2):  # a listener closing meanwhile may remove an empty folder
+                try:
+                    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+                    self.sock.bind(str(self.path))
+                    break
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
+            self.sock.setblocking(False)
+            for topic in set(topics):
+                folder = root / _short(topic)
+                link = folder / ident
+                for attempt in (1, 2):
+                    try:
+                        folder.mkdir(mode=0o700, exist_ok=True)
+                        link.symlink_to(self.path)
+                        break
+                    except FileNotFoundError:
+                        if attempt == 2:
+                            raise
+                self.links.append(link)
+        except OSError:
+            self.close()
+            raise
 
     def wait(self, timeout_s: float) -> bool:
         """Until rung (True, the rings so far drained) or `timeout_s` passed (False)."""
@@ -116,8 +132,12 @@ class Listener:
         for link in self.links:
             with contextlib.suppress(OSError):
                 link.unlink()
+            with contextlib.suppress(OSError):
+                link.parent.rmdir()  # the last listener of the topic on this host
         with contextlib.suppress(OSError):
             self.path.unlink()
+        with contextlib.suppress(OSError):
+            self.root.rmdir()  # the last listener of the cluster: no litter in <tmp>
         self.sock.close()
 
 
