@@ -487,6 +487,9 @@ def main() -> None:
             if profiler is not None:
                 profiler.stop()
         recorder.stop()
+        if args.latency_ms > 0:  # per task: submit->completed over the task's model time
+            from bench.overhead import ratios  # (bench.overhead imports this module)
+            r["over_model"] = ratios(recorder, r)
         memory = peak_memory(stack)
         counts = topic_counts(stack)
     finally:
@@ -509,6 +512,12 @@ def main() -> None:
     table.add_row("throughput", f"{r['tasks_per_s']} tasks/s")
     for name, d in lat.items():
         table.add_row(f"{name.replace('_', ' ')} p50 / p99", f"{d['p50']} / {d['p99']} ms")
+    if "over_model" in r:
+        om = r["over_model"]
+        table.add_row("model time per task p50 / p99",
+                      f"{om['model_ms_per_task']['p50']} / {om['model_ms_per_task']['p99']} ms")
+        table.add_row("submit→completed / model time p50 / p99",
+                      f"{om['e2e_over_model']['p50']} / {om['e2e_over_model']['p99']}")
     for stage, st in r["stages"].items():
         table.add_row(f"→ {stage}: since previous p50 / p99, last at",
                       f"{st['p50_ms']} / {st['p99_ms']} ms, {st['last_at_s']} s")

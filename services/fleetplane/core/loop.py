@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
+from fleetplane.core import doorbell
 from fleetplane.core.errors import Fatal, NotRetriable, Retriable, RetryPolicy
 from fleetplane.core.events import DeadLetter, Event
 from fleetplane.core.kafka import event_headers
@@ -215,11 +216,17 @@ class IdleBackoff:
     Parked only when every partition's position is known (from a returned record or an
     end-of-partition event) and the owner paused none (`held`). The owner wakes it before
     anything that needs the assignment (storing offsets, a seek) and clears it on a rebalance.
-    `after_s <= 0` turns it off (Apache Kafka holds empty fetches itself)."""
+    `after_s <= 0` turns it off (Apache Kafka holds empty fetches itself).
+
+    With a doorbell (`bell`, core.doorbell) a parked consumer waits on it instead of sleeping
+    out the probe interval: a loop on this host that committed records to one of its topics
+    rings it, and it probes at once (the hand-off no longer waits up to `probe_s`)."""
 
     def __init__(self, consumer: Consumer, after_s: float, probe_s: float,
-                 probe_window_s: float = 0.1) -> None:
+                 probe_window_s: float = 0.1, bell: doorbell.Listener | None = None) -> None:
         self.consumer = consumer
+        self.bell = bell
+        self.rung = 0  # probes a doorbell started early
         self.after_s = after_s
         self.probe_s = probe_s
         self.probe_window_s = probe_window_s
@@ -262,6 +269,13 @@ class IdleBackoff:
         such as end-of-partition or an error), or None."""
         if not self.enabled:
             return self.consumer.poll(timeout_s)
+        if not self.parked and self._unparkable and not held \
+                and time.monotonic() - self.last_data >= self.after_s:
+            # the positions missing at the last attempt may have come since, in a consume()
+            # batch (saw): park now rather than after a whole timeout assigned
+            self._unparkable = not self._park()
+            if self.parked:
+                return None
         if not self.parked:
             # waiting assigned is what spins (fetches back to back): wait at most until
             # `after_s` since the last record, then park
@@ -278,8 +292,14 @@ class IdleBackoff:
                 self._unparkable = not self._park()
             return msg
         # parked: wait out the probe interval (the consumer still serves its callbacks, e.g. a
-        # rebalance, which clears the parking), then fetch once
-        msg = self.consumer.poll(min(timeout_s, self.probe_s))
+        # rebalance, which clears the parking), then fetch once; a doorbell rung by the
+        # upstream's commit ends the wait early
+        if self.bell is not None:
+            if self.bell.wait(min(timeout_s, self.probe_s)):
+                self.rung += 1
+            msg = self.consumer.poll(0)
+        else:
+            msg = self.consumer.poll(min(timeout_s, self.probe_s))
         if msg is not None:
             self.saw(msg)
             return msg
@@ -429,6 +449,9 @@ class Processor:
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         self._idle: IdleBackoff | None = None
+        self._bell: doorbell.Listener | None = None
+        #: topics this checkpoint's outputs went to: their parked consumers are rung after it
+        self._produced: set[str] = set()
         self._read_until_ms = 0  # see inputs_read_until_ms
         self._partitions: frozenset[tuple[str, int]] = frozenset()
         self._read_until_noted = 0.0
@@ -439,6 +462,16 @@ class Processor:
     # -- lifecycle -------------------------------------------------------------------------
     def stop(self, *_: Any) -> None:
         self._stopping = True
+        bell = self._bell
+        if bell is not None:
+            bell.wake()  # a parked loop stops now, not after the probe interval
+
+    def wake_parked(self) -> None:
+        """From another thread: a loop parked by the idle backoff returns from its wait now
+        (e.g. work finished elsewhere is to be committed; nothing happens without a doorbell)."""
+        bell, idle = self._bell, self._idle
+        if bell is not None and idle is not None and idle.idle:
+            bell.wake()
 
     def inputs_read_until_ms(self) -> int | None:
         """How far this loop has read its inputs, as a time (epoch ms): when it last saw every
@@ -525,8 +558,13 @@ class Processor:
         if self.settings.idle_backoff_s > 0:
             cfg.setdefault("enable.partition.eof", True)  # ends an idle probe (IdleBackoff)
         self.consumer = Consumer(cfg)
+        # a hop that forwards as soon as its input is drained listens; a sink that prefers
+        # larger batches (accounting) keeps probing at the interval
+        if self.settings.handoff_doorbell and self.settings.idle_backoff_s > 0 \
+                and self.commit_when_drained:
+            self._bell = doorbell.listener(self.settings.kafka_bootstrap, self.topics)
         self._idle = IdleBackoff(self.consumer, self.settings.idle_backoff_s,
-                                 self.settings.idle_probe_s)
+                                 self.settings.idle_probe_s, bell=self._bell)
         if self.transactional:
             self.producer.init_transactions(TXN_CALL_TIMEOUT_S)
         self.consumer.subscribe(self.topics, on_assign=truncation_guard(self._on_assign),
@@ -607,6 +645,7 @@ class Processor:
         self.instruments.aborted()
         self._in_txn = False
         self._pending.clear()
+        self._produced = set()
         if self.on_abort is not None:
             self.on_abort()
         self._rewind()
@@ -681,6 +720,9 @@ class Processor:
             self.producer.flush(5)
             self.producer = None  # releases librdkafka's threads and connections
         self.consumer = None
+        if self._bell is not None:
+            self._bell.close()
+            self._bell = None
         log.info("processor stopped", processed=self.processed)
 
     # -- processing ------------------------------------------------------------------------
@@ -758,9 +800,11 @@ class Processor:
             self._produce_raw(event)
             return
         value = self.serde.encode(event)
+        topic = topic_for(event)
+        self._produced.add(topic)
         while True:
             try:
-                self.producer.produce(topic_for(event), key=key_for(event), value=value,
+                self.producer.produce(topic, key=key_for(event), value=value,
                                       headers=event_headers(event),
                                       on_delivery=self._on_delivery)
                 return
@@ -770,6 +814,7 @@ class Processor:
     def _produce_raw(self, raw: RawRecord) -> None:
         assert self.producer is not None
         kwargs: dict[str, Any] = {} if raw.partition is None else {"partition": raw.partition}
+        self._produced.add(raw.topic)
         while True:
             try:
                 self.producer.produce(raw.topic, key=raw.key, value=raw.value,
@@ -842,6 +887,14 @@ class Processor:
             self.consumer.store_offsets(offsets=offsets)
         self.instruments.committed(time.perf_counter() - started)
         self._pending.clear()
+        self._ring()
+
+    def _ring(self) -> None:
+        """After a commit: wake the parked consumers of the topics it wrote (core.doorbell)."""
+        if self._produced:
+            if self.settings.handoff_doorbell:
+                doorbell.ring(self.settings.kafka_bootstrap, self._produced)
+            self._produced = set()
 
     def _begin_transaction(self) -> None:
         assert self.producer is not None
@@ -933,6 +986,7 @@ class Processor:
             self._in_txn = False
             self._retired = True  # its producer id does not write again (core.txn_ids)
         self._pending.clear()
+        self._produced = set()
 
     def _rewind(self) -> None:
         assert self.consumer is not None

@@ -346,6 +346,7 @@ class ParallelProcessor(Processor):
                 self._done.append(Finished(item, outputs))
                 self.stats.finished += 1
                 self.stats.express += 1
+            self.wake_parked()  # core.loop: the loop commits the outcome now
 
     def _fill(self) -> None:
         """Wake idle slot threads for the records waiting on free slots (from the poll loop:
@@ -421,6 +422,7 @@ class ParallelProcessor(Processor):
                 self.stats.finished += 1
                 self._active -= 1
                 item = self._next_ready()
+            self.wake_parked()  # core.loop: the loop commits the outcome now
 
     # -- commits ---------------------------------------------------------------------------
     def _offsets(self) -> list[TopicPartition]:
@@ -476,6 +478,7 @@ class ParallelProcessor(Processor):
             return
         self._commit_failures = 0
         self.instruments.committed(time.perf_counter() - started)
+        self._ring()  # core.loop: wakes the parked consumers of the topics just written
         with self._lock:
             for part in offsets:
                 key = (part.topic, part.partition)

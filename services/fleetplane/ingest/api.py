@@ -82,6 +82,8 @@ class Intake:
     delivery_timeout_s: float = 10.0
     auth_failures_per_minute: float = 30.0
     auth_failure_burst: int = 20
+    # called once accepted tasks are acknowledged: wakes the ingest loop (core.doorbell)
+    on_published: Callable[[], object] | None = None
 
     def __post_init__(self) -> None:
         def team_limits(team: str) -> tuple[float, float]:
@@ -377,6 +379,8 @@ def create_app(intake: Intake) -> FastAPI:
             raise ApiError(503, f"the broker did not acknowledge the task: {failed}",
                            headers={"Retry-After": "1"})
         accepted(prepared)
+        if intake.on_published is not None:
+            intake.on_published()
         return JSONResponse(status_code=202, content=prepared.answer)
 
     @app.post("/v1/tasks:batch")
@@ -411,6 +415,8 @@ def create_app(intake: Intake) -> FastAPI:
                 results[index] = {"index": index, "status": 503,
                                   "task_id": prepared.answer["task_id"],
                                   "error": f"the broker did not acknowledge the task: {failed}"}
+        if intake.on_published is not None and any(f is None for f in outcomes):
+            intake.on_published()
         counts: dict[str, int] = {}
         for r in results:
             counts[str(r["status"])] = counts.get(str(r["status"]), 0) + 1

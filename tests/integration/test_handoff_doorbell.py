@@ -1,0 +1,117 @@
+"""Hand-off doorbells (core.doorbell): a commit wakes the parked consumers of its topics."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+import pytest
+
+from fleetplane.core import doorbell
+from fleetplane.core import events as ev
+from fleetplane.core.kafka import EventProducer
+from fleetplane.core.loop import Processor, Record
+from fleetplane.core.settings import Settings
+from fleetplane.core.topics import LIFECYCLE, SUBMITTED
+
+#: far longer than a hand-off takes: without a doorbell a parked loop reads a new record only
+#: after this long
+PROBE_S = 20.0
+
+
+def test_a_ring_reaches_the_listeners_of_its_topic_only(unique: str) -> None:
+    cluster = f"bell-{unique}:9092"
+    routed = doorbell.Listener(cluster, ["tasks.routed"])
+    other = doorbell.Listener(cluster, ["tasks.accepted"])
+    try:
+        assert doorbell.ring(cluster, ["tasks.routed"]) == 1
+        assert routed.wait(5.0)
+        assert not other.wait(0.05)
+        assert not routed.wait(0.05)  # the ring was taken
+        assert doorbell.ring(f"another-{unique}:9092", ["tasks.routed"]) == 0
+    finally:
+        routed.close()
+        other.close()
+
+
+def test_a_ring_removes_the_entry_of_a_killed_listener(unique: str) -> None:
+    cluster = f"bell-{unique}:9092"
+    dead = doorbell.Listener(cluster, ["tasks.routed"])
+    dead.sock.close()  # as a SIGKILL leaves it: the socket file and its link stay behind
+    alive = doorbell.Listener(cluster, ["tasks.routed"])
+    try:
+        assert doorbell.ring(cluster, ["tasks.routed"]) == 1
+        assert not dead.path.exists()
+        assert all(not link.exists() for link in dead.links)
+        assert alive.wait(5.0)
+    finally:
+        alive.close()
+
+
+@pytest.fixture
+def run_processor() -> Iterator[Callable[[Processor], Processor]]:
+    started: list[tuple[Processor, threading.Thread]] = []
+
+    def start(p: Processor) -> Processor:
+        t = threading.Thread(target=p.run, daemon=True)
+        t.start()
+        started.append((p, t))
+        return p
+
+    yield start
+    for p, _ in started:
+        p.stop()  # rings the loop's own doorbell: a parked loop stops at once
+    for p, t in started:
+        t.join(PROBE_S + 15)
+        assert not t.is_alive(), f"{p.service} did not stop"
+
+
+def wait_parked(*loops: Processor, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(p._idle is not None and p._idle.idle for p in loops):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the loops never parked")
+
+
+def test_a_commit_wakes_the_parked_next_hop(
+    base_settings: Settings, unique: str, producer: EventProducer,
+    run_processor: Callable[[Processor], Processor],
+) -> None:
+    """Two parked hops, probing only every 20 s: a submission goes through both at once,
+    because each commit rings the next hop's doorbell."""
+    settings = base_settings.model_copy(update={
+        "idle_probe_s": PROBE_S, "poll_timeout_s": PROBE_S, "handoff_doorbell": True})
+    seen: dict[str, float] = {}
+    done = threading.Event()
+
+    def first(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        if event.task_id.startswith(unique) and isinstance(event, ev.TaskSubmitted):
+            yield event.derive(ev.TaskHeld, reason=f"held-{unique}")
+
+    def second(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        if event.task_id.startswith(unique) and isinstance(event, ev.TaskHeld):
+            seen[event.task_id] = time.monotonic()
+            done.set()
+        return ()
+
+    hop1 = run_processor(Processor(f"bell1-{unique}", [SUBMITTED], first, settings,
+                                   group_id=f"bell1-{unique}"))
+    hop2 = run_processor(Processor(f"bell2-{unique}", [LIFECYCLE], second, settings,
+                                   group_id=f"bell2-{unique}"))
+    wait_parked(hop1, hop2)
+    assert hop1._idle is not None and hop2._idle is not None
+    probes = (hop1._idle.probes, hop2._idle.probes)
+
+    sent = time.monotonic()
+    producer.send([ev.TaskSubmitted(task_id=f"{unique}-1", team="a",
+                                    spec=ev.TaskSpec(name="n", task_type="t", prompt="p"))])
+    doorbell.ring(settings.kafka_bootstrap, [SUBMITTED])  # as the ingest API does
+
+    # well inside the probe interval: only the doorbells can have woken the parked hops
+    assert done.wait(PROBE_S / 2), "the hand-off waited for the probe interval"
+    assert seen[f"{unique}-1"] - sent < PROBE_S / 2
+    assert hop1._idle.rung >= 1 and hop2._idle.rung >= 1
+    assert hop1._idle.probes > probes[0] and hop2._idle.probes > probes[1]
