@@ -192,6 +192,12 @@ def test_a_dispatch_read_again_by_the_same_process_is_answered_not_dropped(
     assert len(fake.calls) == 1
     assert of(again, ev.TaskCompleted) and [e.event_id for e in again] == [
         e.event_id for e in first if isinstance(e, ev.ModelCall | ev.TaskCompleted)]
+    # once the loop committed the answer, the same record read again (the parallel loop
+    # commits offsets only up to its lowest unfinished record, so a rebalance or an outage
+    # re-reads finished ones) is not answered a third time: the outcome is on the log
+    seen.committed([at(7)])
+    assert list(execute(CATALOG, clients(fake), "test-executor", seen, event, at(7),
+                        runtime=rt)) == []
     # the same attempt dispatched again under another event id (a coordinator that lost its
     # record of the first dispatch) in a new process: answered from the journal, not run again
     redispatched = event.model_copy(update={"event_id": "another-dispatch-id"})

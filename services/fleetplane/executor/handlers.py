@@ -55,6 +55,8 @@ class SeenDispatches:
         #: event id -> where its record was read (topic, partition, offset), if known
         self._ids: OrderedDict[str, tuple[str, int, int] | None] = OrderedDict()
         self._active: set[str] = set()
+        #: records whose answers the loop committed (bounded like _ids)
+        self._committed: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self._capacity = capacity
         self._lock = threading.Lock()
 
@@ -73,7 +75,20 @@ class SeenDispatches:
         ended (a rewind), rather than a copy or a record still being handled."""
         with self._lock:
             return (where is not None and self._ids.get(event_id) == where
-                    and event_id not in self._active)
+                    and event_id not in self._active and where not in self._committed)
+
+    def committed(self, records: list[Record]) -> None:
+        """The loop committed the answers of `records`: read again (the parallel loop commits
+        offsets only up to its lowest unfinished record, so a rebalance or an outage re-reads
+        finished ones), they are copies, not answered again. The chaos run: 11 outcomes
+        published twice, same event id, 0.7 s apart, the lease table's read of the committed
+        outcomes notwithstanding."""
+        with self._lock:
+            for rec in records:
+                if isinstance(rec, Record):
+                    self._committed[(rec.topic, rec.partition, rec.offset)] = None
+            while len(self._committed) > self._capacity:
+                self._committed.popitem(last=False)
 
     def handled(self, event_id: str) -> None:
         with self._lock:

@@ -9,6 +9,7 @@ from functools import partial
 from fleetplane.core.catalog import load_catalog
 from fleetplane.core.follower import Follower, apply_json
 from fleetplane.core.logging import get_logger
+from fleetplane.core.loop import Record
 from fleetplane.core.parallel import ParallelProcessor
 from fleetplane.core.service import bootstrap
 from fleetplane.core.topics import DISPATCH, OUTCOMES
@@ -91,6 +92,11 @@ def main() -> None:
                       leases=leases)
     # the claims of a burst are made by the poll loop, all before the slots run (the first fill)
     starter = Starter(catalog, clients, executor_id, seen, runtime, leases)
+
+    def answers_committed(records: list[Record]) -> None:
+        runtime.committed(records)  # their attempts stop heartbeating
+        seen.committed(records)  # read again, they are not answered again
+
     # a brand-new group starts at the recent dispatches, not the whole history (position.py)
     position_new_group(settings, settings.executor_group_id)
     # Continuous dispatch (core/parallel.py): an attempt starts as soon as a slot frees, the
@@ -98,7 +104,7 @@ def main() -> None:
     processor = ParallelProcessor("executor", [DISPATCH], handler, settings,
                                   group_id=settings.executor_group_id,
                                   slots=settings.executor_slots,
-                                  on_committed=runtime.committed,
+                                  on_committed=answers_committed,
                                   begin=starter.begin if settings.executor_claim_in_loop
                                   else None,
                                   before_retry=leases.drop_committed if leases else None,
