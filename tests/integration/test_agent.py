@@ -165,44 +165,51 @@ def test_restart_cleans_orphaned_worktrees_and_a_redelivered_dispatch_is_not_rer
         e.event_id for e in first if isinstance(e, ev.ModelCall | ev.TaskCompleted)]
 
 
-def test_a_dispatch_read_again_by_the_same_process_is_answered_not_dropped(
+def test_a_dispatch_read_again_by_the_same_process_is_answered_once(
         tmp_path: Path, fake: FakeProvider, sandbox: Sandbox) -> None:
-    """A transaction aborted after a broker outage is read again by the same process: the
-    attempt ran (journal: done), its outputs were never committed. The copy is answered from
-    the journal (same event ids, no second model call); dropping it as a duplicate left the
-    dispatch without any answer (the 2,000-task chaos run's two stuck tasks)."""
+    """The same dispatch record read again by the same process: a copy while its answer is
+    pending commit or committed (the parallel loop re-reads finished records after a rebalance
+    or a broker outage; answering them again published the outcome twice in the quiet chaos
+    runs); answered from the journal only when the loop dropped its answer (a loop that
+    rewinds after an aborted transaction; dropping it too left the dispatch without any
+    answer: the 2,000-task chaos run's two stuck tasks)."""
     rt = runtime(tmp_path, {}, sandbox)
     rt.journal = Journal(tmp_path / "journal")
     fake.set_script({"replies": [{"text": "fine"}]})
     event = dispatched("t-again", "plain", repository=None)
-    seen = SeenDispatches()
 
     def at(offset: int) -> Record:
         return Record(topic="tasks.dispatch", partition=0, offset=offset, key=b"t-again",
                       value=b"")
 
-    first = list(execute(CATALOG, clients(fake), "test-executor", seen, event, at(7),
-                         runtime=rt))
-    # the coordinator's re-published copy (another record): dropped, the first one answered
-    assert list(execute(CATALOG, clients(fake), "test-executor", seen, event, at(9),
-                        runtime=rt)) == []
-    # the same record read again after a rewind: answered from the journal
-    again = list(execute(CATALOG, clients(fake), "test-executor", seen, event, at(7),
-                         runtime=rt))
+    def handle(seen: SeenDispatches, e: ev.Event, offset: int) -> list[ev.Event]:
+        return list(execute(CATALOG, clients(fake), "test-executor", seen, e, at(offset),
+                            runtime=rt))
+
+    seen = SeenDispatches()
+    first = handle(seen, event, 7)
+    assert of(first, ev.TaskCompleted)
+    # the coordinator's re-published copy (another record): dropped, the first one answers
+    assert handle(seen, event, 9) == []
+    # the same record read again while its answer waits for the loop's commit: a copy
+    assert handle(seen, event, 7) == []
+    # ... and after the commit
+    seen.committed([at(7)])
+    assert handle(seen, event, 7) == []
+    assert len(fake.calls) == 1
+    # a loop that dropped the answer (rewound after an aborted transaction, nothing
+    # committed): the record read again is answered from the journal, not run again
+    rewound = SeenDispatches()
+    rewound.first_time(event.event_id, ("tasks.dispatch", 0, 7))
+    rewound._active.discard(event.event_id)  # its handling ended; the answer was dropped
+    again = handle(rewound, event, 7)
     assert len(fake.calls) == 1
     assert of(again, ev.TaskCompleted) and [e.event_id for e in again] == [
         e.event_id for e in first if isinstance(e, ev.ModelCall | ev.TaskCompleted)]
-    # once the loop committed the answer, the same record read again (the parallel loop
-    # commits offsets only up to its lowest unfinished record, so a rebalance or an outage
-    # re-reads finished ones) is not answered a third time: the outcome is on the log
-    seen.committed([at(7)])
-    assert list(execute(CATALOG, clients(fake), "test-executor", seen, event, at(7),
-                        runtime=rt)) == []
     # the same attempt dispatched again under another event id (a coordinator that lost its
     # record of the first dispatch) in a new process: answered from the journal, not run again
     redispatched = event.model_copy(update={"event_id": "another-dispatch-id"})
-    other = list(execute(CATALOG, clients(fake), "test-executor", SeenDispatches(),
-                         redispatched, at(12), runtime=rt))
+    other = handle(SeenDispatches(), redispatched, 12)
     assert len(fake.calls) == 1
     assert [e.event_id for e in other] == [e.event_id for e in again]
 

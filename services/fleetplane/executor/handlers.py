@@ -45,17 +45,19 @@ class SeenDispatches:
     The coordinator is at-least-once: after a crash it may re-publish the dispatches of its last
     batch with the same event ids. Running one again would call the model twice: such a copy
     (another record) is dropped; the first one answers. The *same record* read again once its
-    handling ended is different: the loop rewound to the committed offsets after a transaction
-    aborted (a broker outage), so the outputs of that handling were never committed. It is
-    answered from the journal and the leases like any redelivery (without a journal it is
-    dropped). Dropping it too left the dispatch without any answer (the 2,000-task chaos run's
-    two stuck tasks)."""
+    handling ended is a copy too while its answer is pending commit or committed (the parallel
+    loop commits offsets only up to its lowest unfinished record and never drops a finished
+    record's outputs, so a rebalance or a broker outage re-reads finished records). Only a
+    record whose answer the loop dropped (a loop that rewinds after an aborted transaction)
+    is answered again, from the journal and the leases like any redelivery; dropping that one
+    left the dispatch without any answer (the 2,000-task chaos run's two stuck tasks)."""
 
     def __init__(self, capacity: int = 200_000) -> None:
         #: event id -> where its record was read (topic, partition, offset), if known
         self._ids: OrderedDict[str, tuple[str, int, int] | None] = OrderedDict()
         self._active: set[str] = set()
-        #: records whose answers the loop committed (bounded like _ids)
+        #: records whose handling ended: answer not committed yet / committed (bounded)
+        self._pending: dict[tuple[str, int, int], None] = {}
         self._committed: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self._capacity = capacity
         self._lock = threading.Lock()
@@ -75,7 +77,8 @@ class SeenDispatches:
         ended (a rewind), rather than a copy or a record still being handled."""
         with self._lock:
             return (where is not None and self._ids.get(event_id) == where
-                    and event_id not in self._active and where not in self._committed)
+                    and event_id not in self._active and where not in self._pending
+                    and where not in self._committed)
 
     def committed(self, records: list[Record]) -> None:
         """The loop committed the answers of `records`: read again (the parallel loop commits
@@ -86,13 +89,23 @@ class SeenDispatches:
         with self._lock:
             for rec in records:
                 if isinstance(rec, Record):
-                    self._committed[(rec.topic, rec.partition, rec.offset)] = None
+                    where = (rec.topic, rec.partition, rec.offset)
+                    self._pending.pop(where, None)
+                    self._committed[where] = None
             while len(self._committed) > self._capacity:
                 self._committed.popitem(last=False)
 
     def handled(self, event_id: str) -> None:
+        """The handling of the dispatch's first record ended: its answer is with the loop,
+        which commits it or, when a commit fails, tries the same outputs again (the parallel
+        loop never drops a finished record's outputs). Read again meanwhile, the record is a
+        copy (quiet chaos run 4: an answer pending commit across a broker restart was
+        answered again from the journal and both were committed)."""
         with self._lock:
             self._active.discard(event_id)
+            where = self._ids.get(event_id)
+            if where is not None and where not in self._committed:
+                self._pending[where] = None
 
 
 @lru_cache(maxsize=1)
