@@ -415,6 +415,19 @@ def cancel_stages(log: Path, sent: dict[str, float],
     return {k: [round(pct(v, 50)), round(pct(v, 99))] for k, v in stages.items() if v}
 
 
+def _executor_env(broker: EmbeddedBroker, tmp: Path, port: int, name: str, slots: int,
+                  **extra: str) -> dict[str, str]:
+    """The environment of a bench's executor process on its own broker and fake provider."""
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT / "services"),
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            "FLEETPLANE_KAFKA_BOOTSTRAP": broker.bootstrap,
+            "FLEETPLANE_DATA_DIR": str(tmp / "data"),
+            "FLEETPLANE_ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}",
+            "FLEETPLANE_EXECUTOR_SLOTS": str(slots), "FLEETPLANE_EXECUTOR_ID": name,
+            "FLEETPLANE_INSTANCE_ID": name, "FLEETPLANE_MODEL_MAX_RETRIES": "0",
+            "FLEETPLANE_LOG_LEVEL": "INFO", "FLEETPLANE_LOG_JSON": "true", **extra}
+
+
 def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
                      start_cancels: int, measure_s: float,
                      profile: Path | None = None) -> dict[str, Any]:
@@ -429,16 +442,8 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
         settings = Settings(kafka_bootstrap=broker.bootstrap)
         ensure_topics(settings.client_config(), load_topics(settings.topics_file))
         with _provider(latency_s) as port:
-            env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "services"),
-                   "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-                   "FLEETPLANE_KAFKA_BOOTSTRAP": broker.bootstrap,
-                   "FLEETPLANE_DATA_DIR": str(tmp / "data"),
-                   "FLEETPLANE_ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}",
-                   "FLEETPLANE_EXECUTOR_SLOTS": str(attempts),
-                   "FLEETPLANE_EXECUTOR_ID": "bench-exec", "FLEETPLANE_INSTANCE_ID": "bench-exec",
-                   "FLEETPLANE_MODEL_TIMEOUT_S": str(max(60.0, latency_s * 4)),
-                   "FLEETPLANE_MODEL_MAX_RETRIES": "0", "FLEETPLANE_LOG_LEVEL": "INFO",
-                   "FLEETPLANE_LOG_JSON": "true"}
+            env = _executor_env(broker, tmp, port, "bench-exec", attempts,
+                                FLEETPLANE_MODEL_TIMEOUT_S=str(max(60.0, latency_s * 4)))
             watch = Watch(settings)
             producer = EventProducer(settings)
             executor = ExecutorProc(env, tmp)
@@ -617,14 +622,7 @@ def serial(tmp: Path, tasks: int, latency_s: float,
         settings = Settings(kafka_bootstrap=broker.bootstrap)
         ensure_topics(settings.client_config(), load_topics(settings.topics_file))
         with _provider(latency_s) as port:
-            env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "services"),
-                   "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-                   "FLEETPLANE_KAFKA_BOOTSTRAP": broker.bootstrap,
-                   "FLEETPLANE_DATA_DIR": str(tmp / "data"),
-                   "FLEETPLANE_ANTHROPIC_BASE_URL": f"http://127.0.0.1:{port}",
-                   "FLEETPLANE_EXECUTOR_SLOTS": "4", "FLEETPLANE_EXECUTOR_ID": "bench-serial",
-                   "FLEETPLANE_INSTANCE_ID": "bench-serial", "FLEETPLANE_MODEL_MAX_RETRIES": "0",
-                   "FLEETPLANE_LOG_LEVEL": "INFO", "FLEETPLANE_LOG_JSON": "true"}
+            env = _executor_env(broker, tmp, port, "bench-serial", 4)
             watch = Watch(settings, poll_s=0.005)
             producer = EventProducer(settings)
             executor = ExecutorProc(env, tmp)
