@@ -15,7 +15,7 @@ import json
 import math
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -33,6 +33,7 @@ from fleetplane.core.states import STATES, TERMINAL_STATES
 from fleetplane.core.teams import TeamsConfig
 from fleetplane.ingest.idempotency import (
     Marks,
+    PublishedKeys,
     lost_task,
     resubmission,
     spec_digest,
@@ -84,6 +85,8 @@ class Intake:
     auth_failure_burst: int = 20
     # called once accepted tasks are acknowledged: wakes the ingest loop (core.doorbell)
     on_published: Callable[[], object] | None = None
+    # keyed submissions this replica published, replays until the loop's mark arrives
+    published: PublishedKeys = field(default_factory=PublishedKeys)
 
     def __post_init__(self) -> None:
         def team_limits(team: str) -> tuple[float, float]:
@@ -329,7 +332,7 @@ def create_app(intake: Intake) -> FastAPI:
             digest = spec_digest(spec)
             mark = intake.marks.get(team, key)
             earlier = (mark.task_id, mark.spec_sha256) if mark is not None else \
-                (batch_keys or {}).get((team, key))
+                (batch_keys or {}).get((team, key)) or intake.published.get(team, key)
             if earlier is not None:
                 if earlier[1] != digest:
                     raise ApiError(409, "idempotency key already used with another manifest",
@@ -361,6 +364,9 @@ def create_app(intake: Intake) -> FastAPI:
         event = prepared.event
         assert event is not None
         intake.view.remember(event.task_id, event.team, event.spec.name, event.spec.task_type)
+        if event.idempotency_key:
+            intake.published.add(event.team, event.idempotency_key, event.task_id,
+                                 spec_digest(event.spec))
         if intake.names is not None:
             intake.names.add(event.team, event.spec.name, event.task_id)
 

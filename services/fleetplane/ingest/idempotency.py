@@ -26,6 +26,7 @@ import json
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +124,38 @@ class Marks:
     def __len__(self) -> int:
         with self._lock:
             return len(self._marks)
+
+
+class PublishedKeys:
+    """Idempotency keys this API replica published and the broker acknowledged, answered as
+    replays until the ingest loop's mark for them arrives (a client retrying at once otherwise
+    got a second 202: the mark is written when the loop accepts the task, a few milliseconds
+    to seconds later). Kept apart from `Marks`, which the loop itself deduplicates by: a key
+    here has not been accepted yet. Bounded, and short-lived on purpose: after the window a
+    retry goes the usual way (the loop's mark, or a new publication of the same task id), so a
+    submission the broker lost after acknowledging it (a hard crash) is still recreated by a
+    client's later retry."""
+
+    def __init__(self, window_s: float = 5.0, capacity: int = 100_000) -> None:
+        self.window_s = window_s
+        self.capacity = capacity
+        self._keys: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, team: str, key: str, task_id: str, spec_sha256: str) -> None:
+        with self._lock:
+            self._keys[mark_key(team, key)] = (task_id, spec_sha256, time.time())
+            self._keys.move_to_end(mark_key(team, key))
+            while len(self._keys) > self.capacity:
+                self._keys.popitem(last=False)
+
+    def get(self, team: str, key: str) -> tuple[str, str] | None:
+        """(task id, spec digest) of a recent publication of `key`, or None."""
+        with self._lock:
+            found = self._keys.get(mark_key(team, key))
+        if found is None or time.time() - found[2] > self.window_s:
+            return None
+        return found[0], found[1]
 
 
 class MarkingHandler:
