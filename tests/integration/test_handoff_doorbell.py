@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-
-import pytest
+from collections.abc import Callable, Iterable
 
 from fleetplane.core import doorbell
 from fleetplane.core import events as ev
@@ -14,6 +12,7 @@ from fleetplane.core.kafka import EventProducer
 from fleetplane.core.loop import Processor, Record
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import LIFECYCLE, SUBMITTED
+from tests.integration.test_loop import run_processor  # noqa: F401  (the fixture)
 
 #: far longer than a hand-off takes: without a doorbell a parked loop reads a new record only
 #: after this long
@@ -49,24 +48,6 @@ def test_a_ring_removes_the_entry_of_a_killed_listener(unique: str) -> None:
         alive.close()
 
 
-@pytest.fixture
-def run_processor() -> Iterator[Callable[[Processor], Processor]]:
-    started: list[tuple[Processor, threading.Thread]] = []
-
-    def start(p: Processor) -> Processor:
-        t = threading.Thread(target=p.run, daemon=True)
-        t.start()
-        started.append((p, t))
-        return p
-
-    yield start
-    for p, _ in started:
-        p.stop()  # rings the loop's own doorbell: a parked loop stops at once
-    for p, t in started:
-        t.join(PROBE_S + 15)
-        assert not t.is_alive(), f"{p.service} did not stop"
-
-
 def wait_parked(*loops: Processor, timeout_s: float = 90.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -78,7 +59,7 @@ def wait_parked(*loops: Processor, timeout_s: float = 90.0) -> None:
 
 def test_a_commit_wakes_the_parked_next_hop(
     base_settings: Settings, unique: str, producer: EventProducer,
-    run_processor: Callable[[Processor], Processor],
+    run_processor: Callable[[Processor], Processor],  # noqa: F811 (fixture from test_loop)
 ) -> None:
     """Two parked hops, probing only every 20 s: a submission goes through both at once,
     because each commit rings the next hop's doorbell."""

@@ -53,8 +53,9 @@ def run_processor() -> Iterator[Callable[[Processor], Processor]]:
         return p
 
     yield start
-    for p, t in started:
-        p.stop()
+    for p, _ in started:
+        p.stop()  # rings the loop's own doorbell: a parked loop stops at once
+    for _, t in started:
         t.join(15)
 
 
