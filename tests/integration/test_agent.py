@@ -193,9 +193,14 @@ def test_a_dispatch_read_again_by_the_same_process_is_answered_once(
     assert handle(seen, event, 9) == []
     # the same record read again while its answer waits for the loop's commit: a copy
     assert handle(seen, event, 7) == []
+    # the same attempt dispatched again under another event id while this process's answer
+    # to the first waits for its commit: the first answers, the journal is not published twice
+    redispatched = event.model_copy(update={"event_id": "another-dispatch-id"})
+    assert handle(seen, redispatched, 8) == []
     # ... and after the commit
     seen.committed([at(7)])
     assert handle(seen, event, 7) == []
+    assert handle(seen, redispatched.model_copy(update={"event_id": "a-third-id"}), 10) == []
     assert len(fake.calls) == 1
     # a loop that dropped the answer (rewound after an aborted transaction, nothing
     # committed): the record read again is answered from the journal, not run again
@@ -208,7 +213,6 @@ def test_a_dispatch_read_again_by_the_same_process_is_answered_once(
         e.event_id for e in first if isinstance(e, ev.ModelCall | ev.TaskCompleted)]
     # the same attempt dispatched again under another event id (a coordinator that lost its
     # record of the first dispatch) in a new process: answered from the journal, not run again
-    redispatched = event.model_copy(update={"event_id": "another-dispatch-id"})
     other = handle(SeenDispatches(), redispatched, 12)
     assert len(fake.calls) == 1
     assert [e.event_id for e in other] == [e.event_id for e in again]

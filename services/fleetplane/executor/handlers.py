@@ -95,6 +95,17 @@ class SeenDispatches:
             while len(self._committed) > self._capacity:
                 self._committed.popitem(last=False)
 
+    def answering(self, event_id: str) -> bool:
+        """Whether this process took the dispatch `event_id` and its answer is being handled,
+        pending commit or committed (not dropped by a rewind: that record is read again and
+        answered then)."""
+        with self._lock:
+            if event_id not in self._ids:
+                return False
+            where = self._ids[event_id]
+            return (where is None or event_id in self._active or where in self._pending
+                    or where in self._committed)
+
     def handled(self, event_id: str) -> None:
         """The handling of the dispatch's first record ended: its answer is with the loop,
         which commits it or, when a commit fails, tries the same outputs again (the parallel
@@ -212,17 +223,19 @@ def _handle(catalog: Catalog, clients: ModelClients, executor_id: str, seen: See
             leases: LeaseTable | None, rewound: bool = False,
             finish: bool = True) -> Begun | list[Event]:
     if not finish:
-        return _claim(catalog, clients, executor_id, event, record, runtime, leases, rewound)
+        return _claim(catalog, clients, executor_id, seen, event, record, runtime, leases,
+                      rewound)
     try:
-        begun = _claim(catalog, clients, executor_id, event, record, runtime, leases, rewound)
+        begun = _claim(catalog, clients, executor_id, seen, event, record, runtime, leases,
+                       rewound)
         return begun if isinstance(begun, list) else _finish(begun, leases)
     finally:
         seen.handled(event.event_id)
 
 
-def _claim(catalog: Catalog, clients: ModelClients, executor_id: str, event: TaskDispatched,
-           record: Record | None, runtime: Runtime | None, leases: LeaseTable | None,
-           rewound: bool) -> Begun | list[Event]:
+def _claim(catalog: Catalog, clients: ModelClients, executor_id: str, seen: SeenDispatches,
+           event: TaskDispatched, record: Record | None, runtime: Runtime | None,
+           leases: LeaseTable | None, rewound: bool) -> Begun | list[Event]:
     rt = runtime or _default_runtime()
     if event.action == "rollback":
         return rollback(rt, event)
@@ -231,10 +244,19 @@ def _claim(catalog: Catalog, clients: ModelClients, executor_id: str, event: Tas
     if previous is not None and previous.get("dispatch") != event.event_id:
         # the same attempt dispatched again under another event id: the coordinator decided it
         # again after losing its record of the first dispatch (a broker that lost committed
-        # writes: make chaos's SIGKILL). The attempt ran here already: answered from the
-        # journal, never run (and billed) a second time
+        # writes: make chaos's SIGKILL), or after a transaction it took for aborted went
+        # through. The attempt ran here already: never run (and billed) a second time
+        first = str(previous.get("dispatch"))
+        if seen.answering(first):
+            # this process answers the first dispatch (pending commit or committed): the
+            # journal's answer, published again, would be a second record of the outcome
+            # (quiet chaos run Q7 of stop 17: 3 tasks completed twice, 1.2 s apart)
+            log.warning("attempt dispatched again under another event id: not answered, "
+                        "this process answers its first dispatch", attempt=event.attempt,
+                        first=first)
+            return []
         log.warning("attempt dispatched again under another event id: answered from the "
-                    "journal", attempt=event.attempt, first=previous.get("dispatch"))
+                    "journal", attempt=event.attempt, first=first)
     lease = leases.get(event.task_id, event.attempt) if leases is not None else None
     if leases is not None and (previous is not None or lease is not None):
         # a redelivered attempt: read the committed outcomes to their end first (once per
