@@ -5,12 +5,14 @@ them in a crash)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from fleetplane.core import auditchain
 from fleetplane.core import events as ev
 from fleetplane.core.catalog import load_catalog
 from fleetplane.core.settings import Settings
+from fleetplane.executor.chains import UnreportedChains
 from fleetplane.executor.handlers import SeenDispatches, _answer_redelivery, execute
 from fleetplane.executor.leases import LeaseTable
 from fleetplane.executor.models import ModelClients
@@ -146,3 +148,63 @@ def test_an_attempt_whose_outcome_already_vouches_for_its_chain_is_not_reported_
     state = {"dispatch": d.event_id, "state": "running", "head": chain.head,
              "count": chain.count, "cost": 0.002, "audit": Journal.encode(list(calls))}
     assert _redeliver(tmp_path, d, state, _declared_lost(d, claimed=2)) == []
+
+
+def _sweeper(tmp_path: Path, d: ev.TaskDispatched, state: dict[str, object],
+             leases: LeaseTable) -> tuple[UnreportedChains, list[ev.Event], Runtime]:
+    journal = Journal(tmp_path / "journal")
+    journal.write(d.task_id, 1, state)
+    rt = Runtime(Settings(), "e1", journal=journal)
+    published: list[ev.Event] = []
+    return UnreportedChains(rt, leases, published.append, grace_s=30), published, rt
+
+
+def test_the_journal_sweep_reports_a_chain_whose_dispatch_never_came_back(
+        tmp_path: Path) -> None:
+    """Chaos runs Q4 and Q6 of stop 17: the executor was restarted mid-attempt after the
+    broker's SIGKILL, the coordinator declared the attempt lost (claiming no audit events), and
+    the dispatch never came back to this executor: the model call on the log stayed without an
+    outcome vouching for it. The sweep compares the journal with the committed outcomes and
+    reports the chain itself, once, after the grace period, as the redelivery answer would."""
+    d = _dispatch()
+    calls, chain = _calls(d, 2)
+    running = {"dispatch": d.event_id, "state": "running", "head": chain.head,
+               "count": chain.count, "cost": 0.002, "audit": Journal.encode(list(calls))}
+    now = time.time()
+    leases = LeaseTable(Settings(), "e1")
+    sweeper, published, rt = _sweeper(tmp_path, d, running, leases)
+    assert sweeper.sweep(now + 60) == 0 and published == []  # no outcome yet: not its call
+    leases.finished(d.task_id, 1, at_ms=int(now * 1000), audit_count=0)  # declared lost
+    assert sweeper.sweep(now + 10) == 0  # a fresh outcome: the executor's report may follow
+    assert sweeper.sweep(now + 60) == 1
+    failed = published[-1]
+    assert isinstance(failed, ev.TaskFailed) and not failed.final
+    assert failed.failure_class == "lost_executor" and failed.cost_usd == 0.002
+    assert published[:-1] == calls
+    assert auditchain.verify(calls, failed.audit_head, failed.audit_count).ok
+    # the same event id as the redelivery answer's: both reports are one for every consumer
+    answer = _answer_redelivery(rt, d, running)
+    assert failed.event_id == answer[-1].event_id
+    assert sweeper.sweep(now + 90) == 0  # reported once (again only after 5 minutes)
+    # once the log holds a report claiming the chain, the attempt is settled
+    leases.finished(d.task_id, 1, at_ms=int(now * 1000), audit_count=2)
+    assert sweeper.sweep(now + 400) == 0 and len(published) == 3
+
+
+def test_the_journal_sweep_leaves_alone_what_this_process_still_answers(
+        tmp_path: Path) -> None:
+    """An attempt running here, or finished here with its outcome waiting for the commit, is
+    reported by that outcome (superseded if the coordinator declared it lost first): the sweep
+    does not speak for it. Neither for an attempt whose outcome already claims the chain."""
+    d = _dispatch()
+    calls, chain = _calls(d, 1)
+    state = {"dispatch": d.event_id, "state": "running", "head": chain.head,
+             "count": chain.count, "cost": 0.001, "audit": Journal.encode(list(calls))}
+    now = time.time()
+    sweeper, published, rt = _sweeper(tmp_path, d, state, _declared_lost(d, claimed=0))
+    run = rt.begin(d.task_id, d.team, 1)
+    assert sweeper.sweep(now + 60) == 0
+    rt.end(run)
+    assert sweeper.sweep(now + 60) == 1 and published
+    vouched, nothing, _ = _sweeper(tmp_path / "b", d, state, _declared_lost(d, claimed=1))
+    assert vouched.sweep(now + 60) == 0 and nothing == []

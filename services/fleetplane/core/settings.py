@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     executor_lease_lookback_s: float = Field(
         default=600.0, description="How far back in tasks.lifecycle an executor reads the "
         "fleet's claims at start-up.")
+    executor_chain_sweep_s: float = Field(
+        default=15.0, description="How often the executor compares its journal with the "
+        "fleet's committed outcomes and reports an audit chain no outcome claims "
+        "(executor/chains.py; 0: never).")
     executor_utilization_window_s: float = 10.0
     executor_max_output_tokens: int = 1024
     executor_max_tokens_per_task: int = 400_000

@@ -30,6 +30,7 @@ from fleetplane.core.loop import Record
 from fleetplane.core.serde import Serde, default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.executor.agent import Agent
+from fleetplane.executor.chains import lost_report
 from fleetplane.executor.leases import LeaseTable
 from fleetplane.executor.models import ModelClients
 from fleetplane.executor.runtime import Collect, Emitter, Journal, Running, Runtime
@@ -380,10 +381,8 @@ def _superseded(event: TaskDispatched, outcome: list[Event],
         return outcome  # a TaskFailed is never final from the executor: the coordinator decides
     log.warning("attempt's outcome reported as lost_executor, not completed", reason=reason,
                 attempt=event.attempt)
-    return [event.derive(TaskFailed, event_id=derived_id(event.event_id, "superseded"),
-                         attempt=event.attempt, failure_class=failures.LOST_EXECUTOR,
-                         final=False, cost_usd=done.cost_usd, audit_head=done.audit_head,
-                         audit_count=done.audit_count, reason=reason)]
+    return [lost_report(event.task_id, event.team, event.event_id, event.attempt, "superseded",
+                        done.cost_usd, done.audit_head, done.audit_count, reason)]
 
 
 def _journal_audit_count(previous: dict[str, object]) -> int:
@@ -434,10 +433,9 @@ def _answer_redelivery(rt: Runtime, event: TaskDispatched, previous: dict[str, o
     head = str(previous.get("head") or "")
     count = int(str(previous.get("count") or 0))
     cost = float(str(previous.get("cost") or 0.0))
-    return [*audited, event.derive(TaskFailed, event_id=derived_id(event.event_id, "failed"),
-                         attempt=event.attempt, failure_class=failures.LOST_EXECUTOR,
-                         reason="the executor stopped during this attempt; it was not re-run",
-                         final=False, cost_usd=cost, audit_head=head, audit_count=count)]
+    return [*audited, lost_report(event.task_id, event.team, event.event_id, event.attempt,
+                                  "failed", cost, head, count, reason="the executor stopped "
+                                  "during this attempt; it was not re-run")]
 
 
 def rollback(rt: Runtime, event: TaskDispatched) -> list[Event]:

@@ -13,6 +13,7 @@ from fleetplane.core.loop import Record
 from fleetplane.core.parallel import ParallelProcessor
 from fleetplane.core.service import bootstrap
 from fleetplane.core.topics import DISPATCH, OUTCOMES
+from fleetplane.executor.chains import UnreportedChains
 from fleetplane.executor.handlers import SeenDispatches, Starter, execute
 from fleetplane.executor.leases import LeaseTable
 from fleetplane.executor.models import ModelClients
@@ -87,6 +88,14 @@ def main() -> None:
                  lookback_s=settings.executor_cancel_lookback_s)
     if leases is not None and not (leases.ready.wait(120) and leases.outcomes_ready.wait(120)):
         log.warning("attempt leases not read within 120 s; starting anyway")
+    chains = None
+    if leases is not None and runtime.journal is not None and runtime.live is not None \
+            and settings.executor_chain_sweep_s > 0:
+        # level-triggered: audit chains of the journal that no committed outcome claims
+        chains = UnreportedChains(runtime, leases, runtime.live.emit,
+                                  interval_s=settings.executor_chain_sweep_s,
+                                  grace_s=max(30.0, settings.executor_lease_s))
+        chains.start()
     clients, seen = ModelClients(settings), SeenDispatches()
     handler = partial(execute, catalog, clients, executor_id, seen, runtime=runtime,
                       leases=leases)
@@ -120,6 +129,8 @@ def main() -> None:
     try:
         processor.run()
     finally:
+        if chains is not None:
+            chains.close()
         runtime.close()
         follower.close()
         if committed is not None:

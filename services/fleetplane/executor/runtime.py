@@ -389,8 +389,13 @@ class Journal:
         return f"{self._prefix}{safe_name(task_id)}-a{attempt}.json"
 
     def read(self, task_id: str, attempt: int) -> dict[str, Any] | None:
+        return self.read_path(self._path(task_id, attempt))
+
+    @staticmethod
+    def read_path(path: str) -> dict[str, Any] | None:
+        """The state of the attempt whose file is `path`, its lines folded in order."""
         try:
-            with open(self._path(task_id, attempt), encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 lines = f.read().splitlines()
         except OSError:
             return None
