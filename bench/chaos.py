@@ -81,6 +81,10 @@ class ChaosConfig:
     kill_broker: bool = True         # then SIGKILL of the broker; the supervisor restarts it
     reconciler_deadline_s: float = 20.0
     client_retry_rounds: int = 3     # re-submissions of broker-lost tasks, same keys
+    # audit chains are reported level-triggered too (executor/chains.py: an attempt declared
+    # lost whose dispatch never came back is reported from the journal ~30-45 s after the
+    # declaration): once every task ended, the audit check waits up to this long for them
+    audit_settle_s: float = 120.0
 
 
 @dataclass
@@ -570,6 +574,12 @@ def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
         result.phases_s["settled"] = round(time.monotonic() - started, 1)
         time.sleep(2)
         log = read_log_steadily(settings, ids.__contains__)
+        audit_until = time.monotonic() + cfg.audit_settle_s
+        while check(log, submitter.acknowledged, lambda t: 10**6).audit_breaks \
+                and time.monotonic() < audit_until:
+            time.sleep(10)
+            log = read_log_steadily(settings, ids.__contains__)
+        result.phases_s["audit_settled"] = round(time.monotonic() - started, 1)
         try:
             result.reconciler = httpx.get(f"{stack.reconciler_url}/reconciler/stats",
                                           timeout=10).json()
@@ -666,7 +676,7 @@ def print_result(result: ChaosResult, console: Console) -> None:
     table.add_row("git: commits / double commits / completed without commit",
                   f"{g['commits']} / {len(g['double_commits'])} / "
                   f"{len(g['completed_without_commit'])}")
-    table.add_row("elapsed (started, submitted, settled at)",
+    table.add_row("elapsed (started, submitted, settled, audit settled at)",
                   f"{result.elapsed_s} s ({', '.join(f'{v} s' for v in result.phases_s.values())})")
     table.add_row("load average (1, 5, 15 min) at the end", str(result.load_average))
     console.print(table)
