@@ -774,9 +774,13 @@ class Scheduler:
         spec, r, n = state.spec, state.routing, state.next_attempt
         inputs = {d: (self.world.tasks[d].output or "") for d in spec.depends_on
                   if d in self.world.tasks}
-        self._emit(ev.TaskDispatched, state, tag=str(n), spec=spec, attempt=n, model=r.model,
-                   provider=r.provider, tier=r.tier, leased_paths=list(spec.write_scope),
-                   inputs=inputs)
+        # the dispatch of attempt n has one id whatever decided it: a decision taken again
+        # (a transaction the broker kept in part across its restart, the state restored without
+        # it: quiet chaos run Q7 of stop 17 dispatched one attempt twice under two ids) is a
+        # copy every consumer recognises, not a second attempt run under the same number
+        self._emit(ev.TaskDispatched, state, tag=str(n), of_task=True, spec=spec, attempt=n,
+                   model=r.model, provider=r.provider, tier=r.tier,
+                   leased_paths=list(spec.write_scope), inputs=inputs)
         self._put(state, status=Status.DISPATCHED, attempt=n, leased_paths=list(spec.write_scope),
                   dispatched_at=self.at, executor_id=None, last_heartbeat_at=None,
                   hold_kind=None, held_by=None, hold_reason="", held_paths=[],
@@ -855,10 +859,13 @@ class Scheduler:
         self.world.put(new)
         return new
 
-    def _emit(self, cls: type[E], state: TaskRow, tag: str = "", **fields: Any) -> E:
+    def _emit(self, cls: type[E], state: TaskRow, tag: str = "", of_task: bool = False,
+              **fields: Any) -> E:
+        """An output event, its id derived from the cause's; with `of_task`, from the task
+        alone (one such event per task and tag, whatever decided it)."""
+        cause = f"task/{state.task_id}" if of_task else self.cause.event_id
         event = cls(task_id=state.task_id, team=state.team, causation_id=self.cause.event_id,
-                    event_id=derived_event_id(self.cause.event_id,
-                                              f"{cls.__name__}/{state.task_id}/{tag}"),
+                    event_id=derived_event_id(cause, f"{cls.__name__}/{state.task_id}/{tag}"),
                     occurred_at=self.stamp, **fields)
         self.out.append(event)
         return event
