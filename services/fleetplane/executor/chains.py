@@ -25,6 +25,7 @@ answer would give it (handlers), so both reports are one for every consumer."""
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +53,21 @@ def lost_report(task_id: str, team: str, dispatch_id: str, attempt: int, tag: st
 
 
 SETTLED, LATER, REPORTED = "settled", "later", "reported"
+_NAME = re.compile(r"^(?P<task>.+)-a(?P<attempt>\d+)\.json$")
+
+
+def _attempt_of(name: str) -> tuple[str, int] | None:
+    """(task id, attempt) from a journal file's name (`<task>-a<n>.json`: the file is read only
+    once the lease table knows an outcome of that attempt). Ingest's task ids are hex, their own
+    file names; an id with characters a file name cannot hold (workspace.safe_name changes it)
+    is not found in the lease table under its file name, and is not swept."""
+    m = _NAME.match(name)
+    return (m["task"], int(m["attempt"])) if m else None
+
+
+def _done(leases: LeaseTable, key: tuple[str, int]) -> bool:
+    lease = leases.get(*key)
+    return lease is not None and lease.done
 
 
 class UnreportedChains:
@@ -105,6 +121,9 @@ class UnreportedChains:
             if now - mtime > window or now - mtime < self.grace_s \
                     or self._seen.get(entry.path) == mtime:
                 continue
+            key = _attempt_of(entry.name)
+            if key is not None and (key in busy or not _done(self.leases, key)):
+                continue  # not read: running or answered here, or no outcome yet (LATER)
             try:
                 verdict = self._check(entry.path, busy, now)
             except Exception:  # an unreadable entry is not read again while unchanged
