@@ -193,7 +193,7 @@ class Settings(BaseSettings):
         description="Prompt embedding: wordllama (bundled weights) or hashing.")
     router_min_cost_observations: int = 3
     router_quality_scope: str = Field(
-        default="type", pattern="^(type|pooled)$",
+        default="type", pattern="^(type|pooled|price)$",
         description="Where q x the best model's success is kept: per task type, or pooled over "
         "all task types (the cheapest successes bought first). docs/routing.md")
     router_semantic_cache_types: str = Field(
