@@ -9,12 +9,7 @@ from fleetplane.router.evalgen import generate_subjects
 from fleetplane.router.evaluate import EvalTask, evaluate
 from fleetplane.router.price import START_GAIN, success_price
 from fleetplane.router.stats import OutcomeStats
-
-
-def _record(stats: OutcomeStats, task_type: str, model: str, ok: int, n: int,
-            cost: float) -> None:
-    for i in range(n):
-        stats.record(task_type, model, i < ok, cost)
+from tests.unit.test_router_pooled import _record
 
 
 def test_the_price_falls_with_a_surplus_and_rises_with_a_deficit() -> None:
