@@ -50,3 +50,27 @@ def test_the_price_scope_keeps_q_over_all_types_for_far_less_than_per_type_targe
                                                           per_type.cost_usd)
         # q over all types, from a cold start: within a point of 0.95 x all-frontier
         assert price.success_rate >= 0.94 * frontier.success_rate, (seed, price.success_rate)
+
+
+def test_the_router_process_routes_by_price_when_the_setting_says_so() -> None:
+    """FLEETPLANE_ROUTER_QUALITY_SCOPE=price: the router built from settings decides by the
+    price of a success, and the decision's reason says so."""
+    from fleetplane.core import events as ev
+    from fleetplane.router.main import build_router
+
+    router = build_router(Settings(router_quality_scope="price", router_shared_state=False,
+                                   router_prompt_signal=False))
+    models = sorted(router.catalog.models)
+    for i in range(60):  # outcomes of pinned tasks: every model has evidence
+        model = models[i % len(models)]
+        spec = ev.TaskSpec(name="w", task_type="summarize", prompt=f"warm {i}",
+                           model_preference="pinned", model=model)
+        router.handle(ev.TaskAccepted(task_id=f"w{i}", team="payments", spec=spec))
+        router.handle(ev.TaskCompleted(task_id=f"w{i}", team="payments", attempt=1,
+                                       model=model, output="ok", cost_usd=0.001,
+                                       duration_ms=1))
+    spec = ev.TaskSpec(name="b", task_type="summarize", prompt="sum up the report")
+    (out,) = router.handle(ev.TaskAccepted(task_id="b1", team="payments", spec=spec))
+    assert isinstance(out, ev.TaskRouted)
+    assert out.model in models
+    assert "per success, which keeps success >= q 0.95" in out.reason
