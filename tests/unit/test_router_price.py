@@ -74,3 +74,30 @@ def test_the_router_process_routes_by_price_when_the_setting_says_so() -> None:
     assert isinstance(out, ev.TaskRouted)
     assert out.model in models
     assert "per success, which keeps success >= q 0.95" in out.reason
+
+
+def test_the_price_scope_converges_to_the_cheap_model_and_moves_when_it_degrades() -> None:
+    """One task type, five models (the per-type scope's world in test_router_objective): the
+    price settles on the cheapest model meeting q x best, and when that model degrades the
+    ledger's deficit raises the price until the next one takes over."""
+    import random
+    from collections import Counter
+
+    from fleetplane.router.policy import PolicyConfig
+    from tests.unit.test_router_objective import run_world
+
+    cfg = PolicyConfig(quality_scope="price")
+    world = {"fleet-local-coder": 0.3, "gpt-4o-mini": 0.92, "claude-haiku-4-5": 0.93,
+             "claude-sonnet-4-6": 0.94, "claude-opus-4-7": 0.95}
+    rng = random.Random(3)
+    stats = OutcomeStats()
+    tail = run_world(stats, world, 1500, "a", rng, q=0.9, cfg=cfg)[-500:]
+    picks = Counter(m for m, _ in tail)
+    assert picks["gpt-4o-mini"] >= 0.8 * len(tail), picks  # measured 435 of 500
+    assert sum(ok for _, ok in tail) / len(tail) >= 0.855 - 0.03
+    world["gpt-4o-mini"] = 0.5
+    picks = Counter(m for m, _ in run_world(stats, world, 1500, "b", rng, q=0.9,
+                                            cfg=cfg)[-300:])
+    assert picks["claude-haiku-4-5"] >= 0.6 * 300, picks  # measured 214 of 300
+    assert picks["gpt-4o-mini"] < 0.3 * 300, picks
+    assert sum(world[m] * n for m, n in picks.items()) / 300 >= 0.855 - 0.03
