@@ -40,13 +40,14 @@ def spec(**fields: Any) -> TaskSpec:
 
 
 def run_world(stats: OutcomeStats, world: dict[str, float], n: int, prefix: str,
-              rng: random.Random, q: float = 0.95) -> list[tuple[str, bool]]:
+              rng: random.Random, q: float = 0.95,
+              cfg: PolicyConfig | None = None) -> list[tuple[str, bool]]:
     """n decisions in a world where model m succeeds with probability world[m]."""
     cat = catalog()
     out = []
     for i in range(n):
         s = spec()
-        d = choose(cat, s, stats, key=f"{prefix}-{i}/1", q=q)
+        d = choose(cat, s, stats, key=f"{prefix}-{i}/1", q=q, cfg=cfg)
         ok = rng.random() < world[d.model.name]
         stats.record("codegen", d.model.name, ok, estimate_cost(d.model, s))
         out.append((d.model.name, ok))

@@ -197,9 +197,10 @@ class Settings(BaseSettings):
         description="Prompt embedding: wordllama (bundled weights) or hashing.")
     router_min_cost_observations: int = 3
     router_quality_scope: str = Field(
-        default="type", pattern="^(type|pooled)$",
+        default="type", pattern="^(type|pooled|price)$",
         description="Where q x the best model's success is kept: per task type, or pooled over "
-        "all task types (the cheapest successes bought first). docs/routing.md")
+        "all task types (the cheapest successes bought first), or over all task types by one "
+        "price of a success held by the ledger (price). docs/routing.md")
     router_semantic_cache_types: str = Field(
         default="", description="Comma-separated task types whose near-duplicate prompts may "
         "be answered from the semantic cache (opt-in; empty: off). docs/routing.md")

@@ -556,7 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--semantic-max-edits", type=int, default=0)
     p.add_argument("--quality-scope", choices=QUALITY_SCOPES, default=PolicyConfig.quality_scope,
                    help="type: q x best per task type; pooled: over all task types together "
-                        "(docs/routing.md, 'Pooled accounting')")
+                        "(docs/routing.md, 'Pooled accounting'); price: over all task types, "
+                        "held by one price of a success ('Price of a success')")
     args = p.parse_args(argv)
     if not 0.0 <= args.q <= 1.0:
         p.error("--q must be in [0, 1]")

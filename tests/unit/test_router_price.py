@@ -1,0 +1,103 @@
+"""The price scope (fleetplane.router.price): one price of a success over all task types, held by
+the success ledger; each decision takes the model with the largest price x success - cost."""
+
+from __future__ import annotations
+
+from fleetplane.core.catalog import load_catalog
+from fleetplane.core.settings import Settings
+from fleetplane.router.evalgen import generate_subjects
+from fleetplane.router.evaluate import EvalTask, evaluate
+from fleetplane.router.price import START_GAIN, success_price
+from fleetplane.router.stats import OutcomeStats
+from tests.unit.test_router_pooled import _record
+
+
+def test_the_price_falls_with_a_surplus_and_rises_with_a_deficit() -> None:
+    stats = OutcomeStats()
+    _record(stats, "qa", "big", 90, 100, 1.0)  # the best model's own work: 0.9 > q x 0.9
+    start = 1.0 / START_GAIN  # the dearest model's mean cost / START_GAIN
+    ahead = success_price(stats, 0.95, 0.0)
+    assert ahead.owed < 0 and ahead.price < start
+    _record(stats, "qa", "small", 20, 100, 0.1)  # the cheap model misses 80 of 100
+    short = success_price(stats, 0.95, 0.0)
+    assert short.owed > 0 and short.price > start
+    # the deficit is q x best over the recent volume minus the successes delivered
+    assert abs(short.owed - (0.95 * stats.get("qa", "big").mean * 200 - 110)) < 1.0
+
+
+def _subjects(n: int, seed: int) -> list[EvalTask]:
+    rows = generate_subjects(n, seed, types=12, gaps=(0.0, 0.0, 0.0, 0.02, 0.04, 0.1, 0.2),
+                             nested=False)
+    return [EvalTask.model_validate(r) for r in rows]
+
+
+def test_the_price_scope_keeps_q_over_all_types_for_far_less_than_per_type_targets() -> None:
+    """Two models, 12 task types (the held-out set's shape, smaller): per task type the router
+    holds q on every type, so the types where the cheap model is as good deliver more than q
+    and the whole pays for it; with one price of a success the dear model goes where a
+    success is cheapest, and the aggregate promise is held for less (success / cost as % of
+    all-frontier's, per type -> price: seed 5 96.3 / 34.1 -> 95.0 / 17.6, seed 3 96.9 / 53.6
+    -> 95.3 / 29.1; seed 8 97.8 / 51.6 -> 96.0 / 42.0)."""
+    catalog = load_catalog(Settings().catalog_file)
+    for seed in (5, 3):
+        tasks = _subjects(3000, seed)
+        res = {scope: {r.name: r for r in evaluate(tasks, catalog, q=0.95, prompt_signal=False,
+                                                   quality_scope=scope)}
+               for scope in ("type", "price")}
+        per_type, price = res["type"]["router"], res["price"]["router"]
+        frontier = res["type"]["all-frontier"]
+        assert price.cost_usd < 0.65 * per_type.cost_usd, (seed, price.cost_usd,
+                                                          per_type.cost_usd)
+        # q over all types, from a cold start: within a point of 0.95 x all-frontier
+        assert price.success_rate >= 0.94 * frontier.success_rate, (seed, price.success_rate)
+
+
+def test_the_router_process_routes_by_price_when_the_setting_says_so() -> None:
+    """FLEETPLANE_ROUTER_QUALITY_SCOPE=price: the router built from settings decides by the
+    price of a success, and the decision's reason says so."""
+    from fleetplane.core import events as ev
+    from fleetplane.router.main import build_router
+
+    router = build_router(Settings(router_quality_scope="price", router_shared_state=False,
+                                   router_prompt_signal=False))
+    models = sorted(router.catalog.models)
+    for i in range(60):  # outcomes of pinned tasks: every model has evidence
+        model = models[i % len(models)]
+        spec = ev.TaskSpec(name="w", task_type="summarize", prompt=f"warm {i}",
+                           model_preference="pinned", model=model)
+        router.handle(ev.TaskAccepted(task_id=f"w{i}", team="payments", spec=spec))
+        router.handle(ev.TaskCompleted(task_id=f"w{i}", team="payments", attempt=1,
+                                       model=model, output="ok", cost_usd=0.001,
+                                       duration_ms=1))
+    spec = ev.TaskSpec(name="b", task_type="summarize", prompt="sum up the report")
+    (out,) = router.handle(ev.TaskAccepted(task_id="b1", team="payments", spec=spec))
+    assert isinstance(out, ev.TaskRouted)
+    assert out.model in models
+    assert "per success, which keeps success >= q 0.95" in out.reason
+
+
+def test_the_price_scope_converges_to_the_cheap_model_and_moves_when_it_degrades() -> None:
+    """One task type, five models (the per-type scope's world in test_router_objective): the
+    price settles on the cheapest model meeting q x best, and when that model degrades the
+    ledger's deficit raises the price until the next one takes over."""
+    import random
+    from collections import Counter
+
+    from fleetplane.router.policy import PolicyConfig
+    from tests.unit.test_router_objective import run_world
+
+    cfg = PolicyConfig(quality_scope="price")
+    world = {"fleet-local-coder": 0.3, "gpt-4o-mini": 0.92, "claude-haiku-4-5": 0.93,
+             "claude-sonnet-4-6": 0.94, "claude-opus-4-7": 0.95}
+    rng = random.Random(3)
+    stats = OutcomeStats()
+    tail = run_world(stats, world, 1500, "a", rng, q=0.9, cfg=cfg)[-500:]
+    picks = Counter(m for m, _ in tail)
+    assert picks["gpt-4o-mini"] >= 0.8 * len(tail), picks  # measured 435 of 500
+    assert sum(ok for _, ok in tail) / len(tail) >= 0.855 - 0.03
+    world["gpt-4o-mini"] = 0.5
+    picks = Counter(m for m, _ in run_world(stats, world, 1500, "b", rng, q=0.9,
+                                            cfg=cfg)[-300:])
+    assert picks["claude-haiku-4-5"] >= 0.6 * 300, picks  # measured 214 of 300
+    assert picks["gpt-4o-mini"] < 0.3 * 300, picks
+    assert sum(world[m] * n for m, n in picks.items()) / 300 >= 0.855 - 0.03
