@@ -46,11 +46,25 @@ SERVICE = "accounting"
 GROUP_ID = "fleetplane-accounting"
 COMMIT_INTERVAL_S = 0.5
 MIN_BATCH_SIZE = 20_000
+#: librdkafka's prefetch, per partition (docs/accounting.md, "Sink, seventh round"): stop
+#: fetching a partition once this many of its records wait locally (the default, 100,000,
+#: keeps fetching; the embedded broker answers at once, so the fetchers spun on half a core
+#: while the loop worked through what they had fetched), and look again after a short backoff
+#: (librdkafka's default, 1 s, would stall a partition the loop has drained).
+CONSUMER_TUNING: dict[str, str] = {"queued.min.messages": "2000",
+                                   "fetch.queue.backoff.ms": "50"}
 
 
 def all_topics(settings: Settings) -> list[str]:
     """Every event topic of infra/topics.yaml (internal changelog topics excluded)."""
     return event_topics(load_topics(settings.topics_file))
+
+
+def consumer_tuning(settings: Settings) -> dict[str, str]:
+    """The consumer settings of `settings` with CONSUMER_TUNING where the operator set none."""
+    given = {**settings.kafka_config, **settings.kafka_consumer_config}
+    return {**{k: v for k, v in CONSUMER_TUNING.items() if k not in given},
+            **settings.kafka_consumer_config}
 
 
 def default_instance_id(settings: Settings, group_id: str) -> str:
@@ -71,7 +85,8 @@ def build_processor(settings: Settings, store: Store, *, group_id: str = GROUP_I
     # clickhouse-connect imports pandas at the first insert (about 1 s): do it before the loop
     with contextlib.suppress(ImportError):
         importlib.import_module("pandas")
-    tuned = settings.model_copy(update={"batch_size": max(settings.batch_size, MIN_BATCH_SIZE)})
+    tuned = settings.model_copy(update={"batch_size": max(settings.batch_size, MIN_BATCH_SIZE),
+                                        "kafka_consumer_config": consumer_tuning(settings)})
     processor = BatchProcessor(SERVICE, all_topics(settings), make_handler(sink, observe), tuned,
                                group_id=group_id, sink=sink,
                                commit_interval_s=commit_interval_s, commit_when_drained=False,

@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     kafka_config: dict[str, str] = Field(
         default_factory=dict, description="Extra librdkafka settings for every client."
     )
+    kafka_consumer_config: dict[str, str] = Field(
+        default_factory=dict, description="Extra librdkafka settings for consumers only, after "
+        "kafka_config (consumer properties given to a producer only draw warnings).")
     transactional: bool = Field(
         default=True,
         description="Exactly-once consume-transform-produce with Kafka transactions "
@@ -297,6 +300,7 @@ class Settings(BaseSettings):
             "session.timeout.ms": self.session_timeout_ms,
             "heartbeat.interval.ms": max(1000, self.session_timeout_ms // 4),
             **self.kafka_config,
+            **self.kafka_consumer_config,
         }
 
     def producer_config(self, transactional_id: str | None = None) -> dict[str, Any]:
