@@ -463,7 +463,10 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
 
             # 2. hold: every attempt waits on its model call
             hold = {f"hold-{i}" for i in range(attempts)}
-            spy = _spy(proc.pid, profile / "ramp.txt") if profile else None
+            spy = None
+            if profile:  # the thread holding the GIL, attached before the burst
+                spy = _spy(proc.pid, profile / "ramp.txt", gil=True, rate=1000)
+                time.sleep(2.0)
             # the slot threads are spawned in the background from the loop's start: how many
             # exist when the burst comes (a burst right after a start waits for the rest)
             out["threads_at_burst"] = proc.num_threads()
