@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,7 +64,6 @@ from fleetplane.core.kafka import EventProducer
 from fleetplane.core.serde import DecodeError, default_serde
 from fleetplane.core.settings import REPO_ROOT, Settings
 from fleetplane.core.topics import DISPATCH, LIFECYCLE, OUTCOMES, ensure_topics, load_topics
-from fleetplane.fakeprovider import FakeProvider
 from fleetplane.infra.broker import EmbeddedBroker, free_port
 
 QUICK = {"attempts": 500, "cancels": 100, "start_cancels": 20, "mixed_tasks": 600,
@@ -234,14 +234,19 @@ def _provider(latency_s: float) -> Iterator[int]:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _spy(pid: int, path: Path, seconds: float | None = None) -> subprocess.Popen[bytes] | None:
+def _spy(pid: int, path: Path, seconds: float | None = None,
+         gil: bool = False, rate: int = 50) -> subprocess.Popen[bytes] | None:
     """py-spy recording `pid` (collapsed stacks, --nonblocking: the target is not paused), for
-    `seconds` or until SIGINT; None without py-spy."""
+    `seconds` or until SIGINT; None without py-spy (beside the interpreter, or on PATH).
+    `gil`: only the thread holding the GIL (where a GIL-bound process's time goes)."""
     spy = Path(sys.executable).parent / "py-spy"
     if not spy.exists():
-        return None
-    cmd = [str(spy), "record", "-p", str(pid), "-r", "50", "--nonblocking", "-f", "raw",
-           "-o", str(path), "--threads"]
+        found = shutil.which("py-spy")
+        if found is None:
+            return None
+        spy = Path(found)
+    cmd = [str(spy), "record", "-p", str(pid), "-r", str(rate), "--nonblocking", "-f", "raw",
+           "-o", str(path), "--threads", *(["--gil"] if gil else [])]
     if seconds is not None:
         cmd += ["-d", str(max(1, round(seconds)))]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -458,7 +463,10 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
 
             # 2. hold: every attempt waits on its model call
             hold = {f"hold-{i}" for i in range(attempts)}
-            spy = _spy(proc.pid, profile / "ramp.txt") if profile else None
+            spy = None
+            if profile:  # the thread holding the GIL, attached before the burst
+                spy = _spy(proc.pid, profile / "ramp.txt", gil=True, rate=1000)
+                time.sleep(2.0)
             # the slot threads are spawned in the background from the loop's start: how many
             # exist when the burst comes (a burst right after a start waits for the rest)
             out["threads_at_burst"] = proc.num_threads()
@@ -663,10 +671,40 @@ def serial(tmp: Path, tasks: int, latency_s: float,
     return out
 
 
-def mixed(tasks: int, slots: int, durations: list[float]) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp, FakeProvider() as fake:
-        r = mixed_loop(fake, Path(tmp), tasks, slots, durations, 50, "parallel",
-                       begin=Settings().executor_claim_in_loop)
+class RemoteFake:
+    """The fake provider of `_provider` (a process of its own) as bench.executor uses one: its
+    HTTP server does not share the GIL with the loop it answers, as a real provider would not."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+
+    def set_script(self, script: dict[str, Any]) -> None:
+        _set_script(self.port, script)
+
+
+def mixed(tasks: int, slots: int, durations: list[float], claim_in_loop: bool | None = None,
+          profile: Path | None = None) -> dict[str, Any]:
+    """The mixed part. `claim_in_loop` None: the setting's default; `profile`: py-spy (only the
+    thread holding the GIL) from the burst until every slot has been filled once."""
+    begin = Settings().executor_claim_in_loop if claim_in_loop is None else claim_in_loop
+
+    def spy() -> Any:
+        assert profile is not None
+        path = profile / f"first-fill-{'loop' if begin else 'slots'}-{time.time():.0f}.txt"
+        proc = _spy(os.getpid(), path, gil=True, rate=1000)
+        time.sleep(0.5)  # py-spy attached before the burst
+
+        def stop() -> None:
+            _stop_spy(proc)
+            summary["profile"] = top_frames(path, 25)
+        return stop
+
+    summary: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp, _provider(1.0) as port:
+        r = mixed_loop(RemoteFake(port), Path(tmp), tasks, slots, durations, 50, "parallel",
+                       begin=begin, at_burst=spy if profile is not None else None)
+    r.update(summary, claim_in_loop=begin)
     r["loadavg"] = [round(x, 1) for x in os.getloadavg()]
     r.pop("timeline", None)
     return r
@@ -703,9 +741,17 @@ def scenario(console: Console, quick: bool = False, **overrides: Any) -> dict[st
         durations = [float(x) for x in str(size["mixed_durations"]).split(",")]
         console.print(f"concurrency: mixed, {size['mixed_tasks']} tasks of {durations} s "
                       f"through {size['mixed_slots']} slots ...")
-        result["mixed"] = mixed(int(size["mixed_tasks"]), int(size["mixed_slots"]), durations)
+        profile = Path(size["profile"]) if size.get("profile") else None
+        if profile:
+            profile.mkdir(parents=True, exist_ok=True)
+        claim = size.get("claim_in_loop")
+        result["mixed"] = mixed(int(size["mixed_tasks"]), int(size["mixed_slots"]), durations,
+                                None if claim is None else claim == "on", profile)
     console.print(table(result))
-    for phase, prof in result["hold"].get("profile", {}).items():
+    profiles = dict(result["hold"].get("profile", {}))
+    if result.get("mixed", {}).get("profile"):
+        profiles["mixed first fill (GIL holder)"] = result["mixed"]["profile"]
+    for phase, prof in profiles.items():
         for kind in ("threads", "own", "inclusive"):
             console.print(f"py-spy {phase} ({prof.get('samples')} samples), {kind}: "
                           + "; ".join(f"{f} {v:.0%}" for f, v in prof.get(kind, [])[:8]))
@@ -799,6 +845,8 @@ def main() -> None:
     ap.add_argument("--mixed-slots", type=int)
     ap.add_argument("--mixed-durations")
     ap.add_argument("--skip-mixed", action="store_true")
+    ap.add_argument("--claim-in-loop", choices=["on", "off"], help="mixed part: claims in the "
+                    "poll loop or in the slot threads (default: FLEETPLANE_EXECUTOR_CLAIM_IN_LOOP)")
     ap.add_argument("--serial", type=int, help="also N tasks one at a time: the executor's "
                     "per-call overhead (dispatched -> completed minus the model time)")
     ap.add_argument("--serial-latency-s", type=float)

@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
@@ -218,8 +219,11 @@ def sandbox_cost(n: int = 30) -> dict[str, float]:
 
 def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
                 durations_s: list[float], trickle: int, loop: str,
-                rate: float = 0.0, begin: bool = True) -> dict[str, Any]:
-    """The executor loop under a burst of mixed-duration attempts, then a trickle."""
+                rate: float = 0.0, begin: bool = True,
+                at_burst: Callable[[], Callable[[], None]] | None = None) -> dict[str, Any]:
+    """The executor loop under a burst of mixed-duration attempts, then a trickle.
+    `at_burst` is called when the burst begins; what it returns when every slot has been
+    filled once (bench.concurrency: py-spy over the first fill)."""
     from confluent_kafka import Producer
 
     from fleetplane.core.kafka import event_headers
@@ -318,6 +322,7 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
         burst = [(f"burst-{i}", f"dur={durations_s[i % len(durations_s)]:g}s burst {i}")
                  for i in range(tasks)]
         encoded = [encode(t, p) for t, p in burst]
+        stop_probe = at_burst() if at_burst is not None else None
         t0 = time.monotonic()
         for i, (task_id, prompt) in enumerate(burst):
             send(task_id, prompt, encoded[i])
@@ -326,11 +331,16 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
                 time.sleep(max(0.0, t0 + (i + 1) / rate - time.monotonic()))
         producer.flush(30)
         deadline = time.monotonic() + 600
+        if stop_probe is not None:
+            while len(starts) < min(slots, tasks) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            stop_probe()
         while len(ends) < tasks and time.monotonic() < deadline:
             time.sleep(0.05)
         burst_s = time.monotonic() - t0
         with lock:
             burst_ends = sorted(ends)
+        trickle_t0 = time.monotonic()
         # the trickle: short tasks, one every 50 ms, slots free
         short = min(durations_s)
         for i in range(trickle):
@@ -358,9 +368,13 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
     free = sorted([t0] * slots + burst_ends)
     fill = [max(0.0, st - max(free[k], pub)) * 1000 for k, (st, pub) in enumerate(fills)
             if k < len(free)]
-    queued = [(r, q) for _, r, q in samples if q > 0]
-    full_at = next((t for t, r, _ in samples if r >= min(slots, tasks)), None)
-    after_ramp = [(r, q) for t, r, q in samples if q > 0 and full_at is not None and t >= full_at]
+    # utilization while the burst's work is queued: not the trickle's samples (a trickle task
+    # between its publish and its start counted as queued work with 490 free slots: -4 to -9
+    # points at 1,000 tasks)
+    burst = [(t, r, q) for t, r, q in samples if t < trickle_t0]
+    queued = [(r, q) for _, r, q in burst if q > 0]
+    full_at = next((t for t, r, _ in burst if r >= min(slots, tasks)), None)
+    after_ramp = [(r, q) for t, r, q in burst if q > 0 and full_at is not None and t >= full_at]
     arriving = [(r, q) for t, r, q in samples if t - t0 < tasks / rate] if rate > 0 else []
     d2s = [(started_at[t] - produced_at[t]) * 1000 for t in produced_at
            if t.startswith("trickle-") and t in started_at]

@@ -115,8 +115,9 @@ class Settings(BaseSettings):
         default=None, description="Attempt journal (default <data_dir>/executor-runs; '' off).")
     executor_heartbeat_s: float = 2.0
     executor_claim_in_loop: bool = Field(
-        default=False, description="Claim a burst of attempts in the poll loop before waking "
-        "the slot threads (docs/executor.md, the first fill); off: each slot thread claims.")
+        default=True, description="Claim a burst of attempts in the poll loop before waking "
+        "the slot threads (docs/executor.md, the first fill: the A/B of 2026-12-06); off: "
+        "each slot thread claims its own.")
     executor_lease_s: float = Field(
         default=30.0, description="Attempt lease: claimed by TaskStarted before the first model "
         "call, renewed by each heartbeat; a redelivered dispatch whose lease is live on another "

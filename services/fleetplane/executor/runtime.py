@@ -232,11 +232,12 @@ class LiveEmitter:
                     if not boxes:
                         self._waiters.pop(eid, None)
         with self._lock:
-            undelivered = [e for i, e in list(self._pending.items()) + list(self._failed.items())
-                           if i in ids]
-            for e in undelivered:
-                self._pending.pop(e.event_id, None)
-                self._failed.pop(e.event_id, None)
+            # looked up by id, not by a scan: every attempt settles its claim while the others
+            # of a burst are pending (a copy of all of them per settle was O(N^2) in the lock)
+            undelivered = [e for eid in ids if (e := self._pending.pop(eid, None)
+                                                if eid in self._pending
+                                                else self._failed.pop(eid, None)) is not None]
+            undelivered.sort(key=lambda e: e.occurred_at)  # published in the order they happened
             for eid in ids:
                 kept = self._acked.pop(eid, None)
                 if kept is not None and kept[1] < self.outages:
