@@ -73,9 +73,6 @@ TP = tuple[str, int]
 #: Consecutive failed commits before the loop gives up (Fatal).
 MAX_COMMIT_TRIES = 10
 
-#: a burst's next fetch is waited for this long before the begun records' slots are woken
-BURST_POLL_S = 0.005
-
 
 @dataclass
 class Item:
@@ -121,7 +118,6 @@ class ParallelProcessor(Processor):
                  before_retry: Callable[[list[Output]], list[Output]] | None = None,
                  urgent: Callable[[Record], bool] | None = None,
                  begin: Callable[[Record], None] | None = None,
-                 burst_window_s: float = 0.1,
                  **kwargs: Any) -> None:
         kwargs.setdefault("commit_interval_s", 0.05)
         #: called after each successful commit with the records whose outputs it committed
@@ -141,8 +137,6 @@ class ParallelProcessor(Processor):
         self.prefetch = max(1, min(self.slots, settings.batch_size)
                             if prefetch is None else prefetch)
         self.drain_timeout_s = drain_timeout_s
-        #: how long the poll loop keeps taking and beginning a burst before it wakes the slots
-        self.burst_window_s = burst_window_s
         self.poll_timeout_s = min(settings.poll_timeout_s, 0.05)
         self.stats = Stats()
         self._lock = threading.Lock()
@@ -186,9 +180,7 @@ class ParallelProcessor(Processor):
                 msgs = self._fetch(max(1, min(room, self.settings.batch_size)),
                                    self.poll_timeout_s)
                 if msgs:
-                    self._take(msgs, wake=self.begin is None)
-                    if self.begin is not None:
-                        self._take_burst()
+                    self._take(msgs)
                 now = time.monotonic()
                 if self._done and now - last_commit >= self.commit_interval_s:
                     self._commit()
@@ -266,7 +258,7 @@ class ParallelProcessor(Processor):
             except KafkaException as exc:  # only latency is at stake
                 log.warning("seek after resume failed", error=str(exc))
 
-    def _take(self, msgs: list[Any], wake: bool = True) -> None:
+    def _take(self, msgs: list[Any]) -> None:
         items: list[Item] = []
         records = records_of(msgs)
         if records:
@@ -297,30 +289,7 @@ class ParallelProcessor(Processor):
                 self._wake_express.notify()
         if self.begin is not None:
             self._begin_free()
-        if wake:
-            self._fill()
-
-    def _take_burst(self) -> None:
-        """With a start hook: what else of a burst arrives at once for the free slots is taken
-        and begun too, for up to ``burst_window_s``, before any slot thread is woken; then they
-        all are. A burst reaches the consumer in several fetches (the producer's batches): woken
-        after the first, its slot threads (journal, claim settlement, request building) took
-        the GIL from the claims of the next ones (the executor process: first fill p50 ~0.8 s,
-        docs/executor.md stop 18). The bound keeps the first records' model calls from waiting
-        behind a long burst."""
-        deadline = time.monotonic() + self.burst_window_s
-        try:
-            while not self._stopping and time.monotonic() < deadline:
-                with self._lock:
-                    free = self.slots - self._active - len(self._queue)
-                if free <= 0:
-                    return
-                more = self._fetch(min(free, self.settings.batch_size), BURST_POLL_S)
-                if not more:
-                    return
-                self._take(more, wake=False)
-        finally:
-            self._fill()
+        self._fill()
 
     def _begin_free(self) -> None:
         """Give the waiting records the free slots and begin them all here, before any slot
