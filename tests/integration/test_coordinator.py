@@ -18,13 +18,15 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from fleetplane.coordinator.app import BATCH_MAX
+from fleetplane.coordinator.app import BATCH_MAX, SCHEDULER_TOPIC
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import REPO_ROOT, Settings
 from fleetplane.core.topics import CONTROL, DISPATCH, DLQ, LIFECYCLE, OUTCOMES, ROUTED
 from fleetplane.infra.broker import free_port
+
+from .test_executor_process import end_open_transaction, leave_open_transaction
 
 
 class CoordinatorProcess:
@@ -309,6 +311,28 @@ def test_bad_records_go_to_the_dead_letter_topic(
     assert "is not the task id" in dead[f"{unique}-wrong-key"][0].reason
     assert [d.task_id for d in dispatch.wait_for(unique, 1, ev.TaskDispatched)] == [
         f"{unique}-after"]
+
+
+def test_a_dead_producers_open_transaction_on_the_scheduler_topic_holds_nothing_back(
+    coordinator: CoordinatorProcess, base_settings: Settings, producer: EventProducer,
+    tail: Callable[[str], Tail], unique: str,
+) -> None:
+    """A producer that died with a transaction open on the scheduler topic (a repartition step
+    whose transactional id no takeover fenced; the embedded broker never times a transaction
+    out) must not stop the schedule step: its input is the repartition step's copies of
+    committed events, read uncommitted and deduplicated by event id (coordinator/app.py,
+    SCHEDULER_ISOLATION). Read committed, nothing after the open transaction was ever applied."""
+    dispatch = tail(DISPATCH)
+    dead = f"dead-repartition-{unique}"
+    leave_open_transaction(base_settings, SCHEDULER_TOPIC, f"{unique}-dead", dead)
+    try:
+        tasks = [routed(f"{unique}-{i}") for i in range(5)]
+        producer.send(tasks)
+        got = per_task(dispatch.wait_for(unique, 5, ev.TaskDispatched, timeout_s=60))
+        assert sorted(got) == sorted(t.task_id for t in tasks)
+        assert all(len(v) == 1 for v in got.values()), "a task was dispatched twice"
+    finally:
+        end_open_transaction(base_settings, dead)
 
 
 def test_sigkill_restart_recovers_the_table_and_dispatches_nothing_twice(

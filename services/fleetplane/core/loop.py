@@ -407,6 +407,7 @@ class Processor:
         on_assign: AssignHook | None = None,
         on_abort: Callable[[], None] | None = None,
         before_commit: Callable[[], Iterable[Output]] | None = None,
+        isolation: str | None = None,
     ) -> None:
         self.service = service
         self.topics = list(topics)
@@ -431,6 +432,9 @@ class Processor:
         # router's statistics): produced at each checkpoint, in its transaction, before the
         # input offsets are committed
         self.before_commit = before_commit
+        #: the consumer's isolation.level (None: the settings', read_committed); only for an
+        #: input whose transactional records are copies of committed events (coordinator app)
+        self.isolation = isolation
         self._pool = ThreadPoolExecutor(concurrency) if concurrency > 1 else None
         self._running = False
         self._stopping = False
@@ -550,6 +554,8 @@ class Processor:
         # at once instead of waiting for the broker to expire the dead member (the embedded broker
         # never does; see docs/operations.md).
         cfg.setdefault("group.instance.id", self.group_instance_id)
+        if self.isolation is not None:
+            cfg["isolation.level"] = self.isolation
         # transactional: offsets go in the transaction; at-least-once: the client commits the
         # offsets stored after each checkpoint (settings.consumer_config follows the global
         # FLEETPLANE_TRANSACTIONAL, not this loop's: accounting, always at-least-once, never
