@@ -43,6 +43,9 @@ from fleetplane.core.txn_ids import TxnIds, fence_id
 
 #: Timeout of each transactional call (seconds).
 TXN_CALL_TIMEOUT_S = 30.0
+#: transaction markers in a row an input read uncommitted may show between two records (one
+#: per transaction that ended there; a larger gap is records the fetch skipped)
+MAX_MARKER_GAP = 32
 
 log = get_logger(__name__)
 
@@ -435,6 +438,9 @@ class Processor:
         #: the consumer's isolation.level (None: the settings', read_committed); only for an
         #: input whose transactional records are copies of committed events (coordinator app)
         self.isolation = isolation
+        #: read uncommitted, an input's offsets have no gaps but transaction markers: the next
+        #: offset expected per partition, to catch records a fetch skipped (`_skipped`)
+        self._next: dict[tuple[str, int], int] = {}
         self._pool = ThreadPoolExecutor(concurrency) if concurrency > 1 else None
         self._running = False
         self._stopping = False
@@ -735,7 +741,7 @@ class Processor:
     def _process(self, msgs: list[Message]) -> None:
         assert self.producer is not None
         records = records_of(msgs)
-        if not records:
+        if not records or self._skipped(records):
             return
         self.instruments.consumed(records)
         if self.transactional and not self._in_txn:
@@ -752,8 +758,46 @@ class Processor:
             for out in outputs:
                 self._produce(out)
             self._pending[(rec.topic, rec.partition)] = rec.offset + 1
+            if self.isolation == "read_uncommitted":
+                self._next[(rec.topic, rec.partition)] = rec.offset + 1
             self.processed += 1
         self.producer.poll(0)
+
+    def _skipped(self, records: list[Record]) -> bool:
+        """Whether the batch starts past records of its partitions never read (an input read
+        uncommitted has no gaps but transaction markers, at most MAX_MARKER_GAP in a row); if
+        so, they are read again from the first one missing and the batch is not processed.
+        Quiet chaos run Q3 of stop 18: the coordinator's schedule step, after a takeover and a
+        broker restart, never applied 405 forwarded records (60 completions) and went on from
+        the next ones; the cause was not found."""
+        if self.isolation != "read_uncommitted" or not self._next:
+            return False
+        first: dict[tuple[str, int], int] = {}
+        last: dict[tuple[str, int], int] = {}
+        gaps: dict[tuple[str, int], int] = {}  # partition -> where to read again
+        for rec in records:
+            tp = (rec.topic, rec.partition)
+            expected = last[tp] + 1 if tp in last else self._next.get(tp)
+            if expected is not None and rec.offset > expected + MAX_MARKER_GAP \
+                    and tp not in gaps:
+                # before the batch: from the first record missing; inside it: from the
+                # batch's first record of the partition (the batch is not processed)
+                gaps[tp] = expected if tp not in last else first[tp]
+            first.setdefault(tp, rec.offset)
+            last[tp] = rec.offset
+        if not gaps:
+            return False
+        assert self.consumer is not None
+        for (topic, partition), again in gaps.items():
+            log.error("records of the input were skipped: reading them again", topic=topic,
+                      partition=partition, read_again_from=again)
+        if self._idle is not None:
+            self._idle.wake()  # parked partitions are unassigned: a seek needs them
+        for (topic, partition), offset in first.items():
+            self.consumer.seek(TopicPartition(topic, partition,
+                                              gaps.get((topic, partition), offset)))
+        self.instruments.error(RuntimeError("input records skipped"), "skipped")
+        return True
 
     def _handle_one(self, rec: Record) -> list[Output]:
         try:
@@ -843,6 +887,8 @@ class Processor:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._partitions = self._partitions | {(tp.topic, tp.partition) for tp in partitions}
+        for tp in partitions:
+            self._next.pop((tp.topic, tp.partition), None)
         if self._idle is not None:
             self._idle.reset()
         if self.on_assign is not None:
@@ -996,6 +1042,7 @@ class Processor:
 
     def _rewind(self) -> None:
         assert self.consumer is not None
+        self._next.clear()  # known again from the records read after the seek
         if self._idle is not None:
             self._idle.wake()
             self._idle.reset()  # the positions move back to the committed offsets
