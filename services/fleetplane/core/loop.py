@@ -46,6 +46,8 @@ TXN_CALL_TIMEOUT_S = 30.0
 #: transaction markers in a row an input read uncommitted may show between two records (one
 #: per transaction that ended there; a larger gap is records the fetch skipped)
 MAX_MARKER_GAP = 32
+#: reads of one gap before the loop goes on past it (records deleted by retention stay gone)
+MAX_GAP_TRIES = 3
 
 log = get_logger(__name__)
 
@@ -441,6 +443,7 @@ class Processor:
         #: read uncommitted, an input's offsets have no gaps but transaction markers: the next
         #: offset expected per partition, to catch records a fetch skipped (`_skipped`)
         self._next: dict[tuple[str, int], int] = {}
+        self._gap_tries: dict[tuple[tuple[str, int], int], int] = {}
         self._pool = ThreadPoolExecutor(concurrency) if concurrency > 1 else None
         self._running = False
         self._stopping = False
@@ -785,6 +788,13 @@ class Processor:
                 gaps[tp] = expected if tp not in last else first[tp]
             first.setdefault(tp, rec.offset)
             last[tp] = rec.offset
+        for tp, again in list(gaps.items()):
+            tries = self._gap_tries.get((tp, again), 0) + 1
+            self._gap_tries[(tp, again)] = tries
+            if tries > MAX_GAP_TRIES:  # the records are gone (retention): the gap stands
+                log.error("records of the input are gone: going on past them", topic=tp[0],
+                          partition=tp[1], missing_from=again)
+                del gaps[tp]
         if not gaps:
             return False
         assert self.consumer is not None
