@@ -20,12 +20,15 @@ remaining audit breaks (an executor restarted after the broker's SIGKILL, mid-at
 is reported now: its audit events again (consumers deduplicate them by event id) and a non-final
 ``lost_executor`` TaskFailed with the chain's head, count and cost, which the coordinator does
 not act on (the attempt is no longer its current one). Its event id is the one the redelivery
-answer would give it (handlers), so both reports are one for every consumer."""
+answer would give it (handlers), so both reports are one for every consumer.
+
+An attempt is found by its journal file's name (`Journal.attempt_of`), and the file is read only
+once the lease table knows an outcome of that attempt; a task id a file name cannot hold
+(workspace.safe_name changes it) is not found under its file name and is not swept."""
 
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -34,7 +37,7 @@ from typing import Any
 from fleetplane.core import failures
 from fleetplane.core.events import Event, TaskCompleted, TaskFailed, derived_id
 from fleetplane.core.logging import get_logger, task_context
-from fleetplane.executor.leases import LeaseTable
+from fleetplane.executor.leases import Lease, LeaseTable
 from fleetplane.executor.runtime import Journal, Runtime
 
 log = get_logger(__name__)
@@ -53,21 +56,6 @@ def lost_report(task_id: str, team: str, dispatch_id: str, attempt: int, tag: st
 
 
 SETTLED, LATER, REPORTED = "settled", "later", "reported"
-_NAME = re.compile(r"^(?P<task>.+)-a(?P<attempt>\d+)\.json$")
-
-
-def _attempt_of(name: str) -> tuple[str, int] | None:
-    """(task id, attempt) from a journal file's name (`<task>-a<n>.json`: the file is read only
-    once the lease table knows an outcome of that attempt). Ingest's task ids are hex, their own
-    file names; an id with characters a file name cannot hold (workspace.safe_name changes it)
-    is not found in the lease table under its file name, and is not swept."""
-    m = _NAME.match(name)
-    return (m["task"], int(m["attempt"])) if m else None
-
-
-def _done(leases: LeaseTable, key: tuple[str, int]) -> bool:
-    lease = leases.get(*key)
-    return lease is not None and lease.done
 
 
 class UnreportedChains:
@@ -85,7 +73,6 @@ class UnreportedChains:
         self._seen: dict[str, float] = {}
         #: reported attempts -> when (reported again only if still unclaimed after 5 minutes)
         self._reported: dict[tuple[str, int], float] = {}
-        self.reports = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -121,11 +108,12 @@ class UnreportedChains:
             if now - mtime > window or now - mtime < self.grace_s \
                     or self._seen.get(entry.path) == mtime:
                 continue
-            key = _attempt_of(entry.name)
-            if key is not None and (key in busy or not _done(self.leases, key)):
+            key = Journal.attempt_of(entry.name)
+            lease = self.leases.get(*key) if key is not None and key not in busy else None
+            if key is None or lease is None or not lease.done:
                 continue  # not read: running or answered here, or no outcome yet (LATER)
             try:
-                verdict = self._check(entry.path, busy, now)
+                verdict = self._check(entry.path, key, lease, now)
             except Exception:  # an unreadable entry is not read again while unchanged
                 log.exception("journal entry not understood", path=entry.path)
                 verdict = SETTLED
@@ -136,30 +124,21 @@ class UnreportedChains:
             del self._seen[path]
         for key in [k for k, at in self._reported.items() if now - at > window]:
             del self._reported[key]
-        self.reports += made
         return made
 
-    def _check(self, path: str, busy: set[tuple[str, int]], now: float) -> str:
-        """SETTLED (nothing to do while the file is unchanged), LATER or REPORTED."""
+    def _check(self, path: str, key: tuple[str, int], lease: Lease, now: float) -> str:
+        """SETTLED (nothing to do while the file is unchanged), LATER or REPORTED, for the
+        journal file of attempt `key`, whose outcome `lease` is on the log."""
         state = self.journal.read_path(path)
         raw = state.get("audit") if state else None
         audited = Journal.decode(raw) if isinstance(raw, list) else []
-        if not state or not audited:
-            return SETTLED
-        first = audited[0]
-        key = (first.task_id, int(getattr(first, "attempt", 0)))
-        if key in busy:
-            return LATER
-        lease = self.leases.get(*key)
-        if lease is None or not lease.done:
-            return LATER  # no outcome yet: the dispatch's answer, or the coordinator's decision
-        if lease.audit_count >= len(audited):
+        if not state or not audited or lease.audit_count >= len(audited):
             return SETTLED
         if lease.expires_ms > (now - self.grace_s) * 1000 or \
                 now - self._reported.get(key, -1e18) < 300:
             return LATER  # a recent outcome (the executor's own report may follow it)
-        with task_context(first.task_id, event_type="TaskFailed"):
-            self._report(key, first.team, state, audited, lease.audit_count)
+        with task_context(key[0], event_type="TaskFailed"):
+            self._report(key, audited[0].team, state, audited, lease.audit_count)
         self._reported[key] = now
         return REPORTED
 

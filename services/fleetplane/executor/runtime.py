@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from collections import OrderedDict, deque
@@ -353,6 +354,10 @@ class Running:
                 self._waiters.discard(wake)
 
 
+#: a journal file's name: `<task>-a<attempt>.json` (Journal._path)
+_JOURNAL_NAME = re.compile(r"^(?P<task>.+)-a(?P<attempt>\d+)\.json$")
+
+
 class Journal:
     """One small file per attempt (`<task>-a<n>.json`): started, audit head, outcome. A
     dispatch redelivered after a crash finds it and is answered from it instead of being run
@@ -388,6 +393,14 @@ class Journal:
 
     def _path(self, task_id: str, attempt: int) -> str:
         return f"{self._prefix}{safe_name(task_id)}-a{attempt}.json"
+
+    @staticmethod
+    def attempt_of(name: str) -> tuple[str, int] | None:
+        """(task id, attempt) from a journal file's name (`_path`). Ingest's task ids are hex,
+        their own file names; an id with characters a file name cannot hold
+        (workspace.safe_name changes it) comes back changed."""
+        m = _JOURNAL_NAME.match(name)
+        return (m["task"], int(m["attempt"])) if m else None
 
     def read(self, task_id: str, attempt: int) -> dict[str, Any] | None:
         return self.read_path(self._path(task_id, attempt))
