@@ -193,7 +193,7 @@ class Profiler:
     """py-spy record on every service process while a batch runs (raw collapsed stacks, one
     file per service in `directory`; the top functions per service in `summary()`)."""
 
-    def __init__(self, stack: Stack, directory: Path) -> None:
+    def __init__(self, stack: Stack, directory: Path, rate: int = 50) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -202,7 +202,7 @@ class Profiler:
                 continue
             self.procs[name] = subprocess.Popen(
                 [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid),
-                 "-r", "50", "--nonblocking", "-f", "raw", "-o", str(directory / f"{name}.txt")],
+                 "-r", str(rate), "--gil", "--nonblocking", "-f", "raw", "-o", str(directory / f"{name}.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
@@ -469,7 +469,9 @@ def main() -> None:
     parser.add_argument("--env", action="append", type=lambda kv: tuple(kv.split("=", 1)),
                         help="FLEETPLANE_X=value for every service (repeatable)")
     parser.add_argument("--profile", type=Path, default=None,
-                        help="py-spy every service during the batch, raw stacks to this folder")
+                        help="py-spy every service during the batch (only the thread holding "
+                        "the GIL: where the Python CPU goes), raw stacks to this folder")
+    parser.add_argument("--profile-rate", type=int, default=50, help="py-spy samples per second")
     args = parser.parse_args()
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     console = Console()
@@ -479,7 +481,8 @@ def main() -> None:
         recorder.start()
         warm_up(stack, recorder)
         console.print(f"submitting {args.tasks} tasks over {args.submit} ...")
-        profiler = Profiler(stack, args.profile) if args.profile else None
+        profiler = (Profiler(stack, args.profile, args.profile_rate) if args.profile
+                    else None)
         try:
             r = run_batch(stack, recorder, args.tasks, args.submit, args.rate, args.workers,
                           args.timeout)

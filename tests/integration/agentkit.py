@@ -59,11 +59,13 @@ def dispatched(task_id: str, prompt: str, *, repository: str | None = "sample",
                              inputs=inputs or {})
 
 
-def clients(fake: FakeProvider, retries: int = 0, timeout_s: float = 10.0) -> ModelClients:
+def clients(fake: FakeProvider, retries: int = 0, timeout_s: float = 10.0,
+            openai_via_litellm: bool = False) -> ModelClients:
     return ModelClients(Settings(anthropic_base_url=fake.base_url,
                                  openai_base_url=fake.openai_base_url,
                                  model_max_retries=retries, model_timeout_s=timeout_s,
-                                 executor_retry_backoff_s=0.01))
+                                 executor_retry_backoff_s=0.01,
+                                 openai_via_litellm=openai_via_litellm))
 
 
 def runtime(tmp: Path, repos: dict[str, Path], sandbox: Sandbox,

@@ -53,9 +53,10 @@ def _clean(fake: FakeProvider) -> None:
 
 
 def run(rt: object, fake: FakeProvider, event: ev.TaskDispatched, retries: int = 0,
-        timeout_s: float = 10.0) -> list[ev.Event]:
-    return list(execute(CATALOG, clients(fake, retries, timeout_s), "test-executor",
-                        SeenDispatches(), event, runtime=rt))  # type: ignore[arg-type]
+        timeout_s: float = 10.0, openai_via_litellm: bool = False) -> list[ev.Event]:
+    return list(execute(CATALOG, clients(fake, retries, timeout_s, openai_via_litellm),
+                        "test-executor", SeenDispatches(), event,
+                        runtime=rt))  # type: ignore[arg-type]
 
 
 def test_agent_reads_edits_tests_and_commits_on_its_branch(
@@ -268,6 +269,28 @@ def test_retriable_provider_errors_are_retried_inside_the_attempt(
     assert_audit_chain(out)
 
 
+@pytest.mark.parametrize("via_litellm", [False, True], ids=["openai-sdk", "litellm"])
+def test_openai_model_errors_keep_their_class_on_either_client(
+        tmp_path: Path, fake: FakeProvider, sandbox: Sandbox, via_litellm: bool) -> None:
+    """gpt-4o-mini through the openai SDK (the default) or litellm: the same outcome per status,
+    retried or not as the class says."""
+    rt = runtime(tmp_path, {}, sandbox)
+    kinds = {429: "rate_limited", 529: "overloaded", 500: "server_error"}
+    for status, kind in kinds.items():
+        fake.set_script({"replies": [{"error": {"status": status, "retry_after_s": 0}},
+                                     {"text": "second time lucky"}]})
+        out = run(rt, fake, dispatched(f"t-oa-{status}", "hello", repository=None,
+                                       model="gpt-4o-mini", provider="openai"),
+                  retries=1, openai_via_litellm=via_litellm)
+        assert [c.outcome for c in of(out, ev.ModelCall)] == [kind, "ok"], status
+        assert of(out, ev.TaskCompleted)[0].output == "second time lucky"
+    fake.set_script({"replies": [{"error": {"status": 400, "message": "bad field"}}]})
+    out = run(rt, fake, dispatched("t-oa-400", "hello", repository=None, model="gpt-4o-mini",
+                                   provider="openai"), retries=3, openai_via_litellm=via_litellm)
+    assert [c.outcome for c in of(out, ev.ModelCall)] == ["bad_request"]
+    assert [c.api for c in fake.calls].count("openai") == 7
+
+
 def test_timeouts_retry_and_exhausted_retries_fail_over_to_the_fallback(
         tmp_path: Path, fake: FakeProvider, sandbox: Sandbox) -> None:
     rt = runtime(tmp_path, {}, sandbox)
@@ -302,15 +325,16 @@ def test_timeouts_retry_and_exhausted_retries_fail_over_to_the_fallback(
     assert of(out, ev.TaskFailed)[0].failure_class == "model_error"
 
 
-def test_litellm_models_use_tools_in_openai_form(
-        tmp_path: Path, fake: FakeProvider, sandbox: Sandbox) -> None:
+@pytest.mark.parametrize("via_litellm", [False, True], ids=["openai-sdk", "litellm"])
+def test_openai_models_use_tools_in_openai_form(
+        tmp_path: Path, fake: FakeProvider, sandbox: Sandbox, via_litellm: bool) -> None:
     repo = sample_repo(tmp_path)
     rt = runtime(tmp_path, {"sample": repo}, sandbox)
     fake.set_script({"replies": [
         tool_turn(("write_file", {"path": "hello.txt", "content": "hi\n"})),
         {"text": "wrote it"}]})
     out = run(rt, fake, dispatched("t-openai", "write hello", model="gpt-4o-mini",
-                                   provider="openai"))
+                                   provider="openai"), openai_via_litellm=via_litellm)
     assert of(out, ev.TaskCompleted)[0].output == "wrote it"
     assert [c.api for c in fake.calls] == ["openai", "openai"]
     assert "write_file" in fake.calls[0].tool_names

@@ -21,10 +21,11 @@ def provider() -> Iterator[FakeProvider]:
         yield fake
 
 
-def clients(provider: FakeProvider) -> ModelClients:
+def clients(provider: FakeProvider, openai_via_litellm: bool = False) -> ModelClients:
     return ModelClients(Settings(anthropic_base_url=provider.base_url,
                                  openai_base_url=provider.openai_base_url,
-                                 model_max_retries=0, model_timeout_s=5))
+                                 model_max_retries=0, model_timeout_s=5,
+                                 openai_via_litellm=openai_via_litellm))
 
 
 def dispatched(model: str = "claude-haiku-4-5", provider_name: str = "anthropic",
@@ -56,10 +57,11 @@ def test_completes_with_cost_from_reported_usage(provider: FakeProvider) -> None
     assert all(e.causation_id == event.event_id for e in out)
 
 
-def test_litellm_path_for_openai_models(provider: FakeProvider) -> None:
+@pytest.mark.parametrize("via_litellm", [False, True], ids=["openai-sdk", "litellm"])
+def test_openai_models_are_called_and_priced(provider: FakeProvider, via_litellm: bool) -> None:
     provider.set_script(None)
     catalog = catalog_for(Settings().catalog_file)
-    out = list(execute(catalog, clients(provider), "x1", SeenDispatches(),
+    out = list(execute(catalog, clients(provider, via_litellm), "x1", SeenDispatches(),
                        dispatched(model="gpt-4o-mini", provider_name="openai")))
     call = next(e for e in out if isinstance(e, ev.ModelCall))
     assert call.outcome == "ok" and call.input_tokens > 0 and call.cost_usd > 0

@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     openai_api_key: str = "fleetplane-local"
     model_timeout_s: float = 60.0
     model_max_retries: int = 2
+    openai_via_litellm: bool = Field(
+        default=False, description="Call `provider: openai` models through litellm like the "
+        "other non-Anthropic providers; default: the openai SDK directly (litellm wraps the same "
+        "SDK and adds ~2 ms of CPU per call: docs/executor.md, 'Model calls: CPU per call').")
 
     # Executor (issue 5: agent runtime, workspaces, sandbox; see docs/executor.md)
     executor_slots: int = 32

@@ -1,5 +1,8 @@
 """Model calls through the providers' SDKs; the usage they report is what gets priced.
 
+Anthropic models go through the anthropic SDK, OpenAI models through the openai SDK, every other
+provider through litellm (`openai_via_litellm` sends OpenAI's there too).
+
 The SDKs' own retries are off (max_retries=0 / num_retries=0): the agent loop retries retriable
 errors itself so that every call, failed or not, is audited (docs/executor.md)."""
 
@@ -17,20 +20,13 @@ from typing import Any, TypeVar
 
 import anthropic
 import httpx2
+import openai
 
 from fleetplane.core.catalog import Model, Usage
 from fleetplane.core.settings import Settings
 from fleetplane.tracing import trace_headers
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ModelResult:
-    text: str
-    usage: Usage
-    stop_reason: str | None
-    latency_ms: float
 
 
 @dataclass(frozen=True)
@@ -130,16 +126,12 @@ class ModelClients:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.anthropic = anthropic.Anthropic(
-            base_url=settings.anthropic_base_url,
-            api_key=settings.anthropic_api_key,
-            max_retries=0,
-            timeout=settings.model_timeout_s,
-        )
         # the agent loop's calls (achat) run on the process's asyncio loop (AsyncCalls): clients
         # created on that loop at the first call (an httpx.AsyncClient is bound to it)
         self._async_clients: list[anthropic.AsyncAnthropic] = []
         self._next_client = 0
+        self._async_openai: list[openai.AsyncOpenAI] = []
+        self._next_openai = 0
 
     @property
     def async_anthropic(self) -> anthropic.AsyncAnthropic:
@@ -165,63 +157,25 @@ class ModelClients:
         self._next_client = (self._next_client + 1) % len(self._async_clients)
         return self._async_clients[self._next_client]
 
-    def call(self, model: Model, prompt: str, system: str | None, max_tokens: int,
-             temperature: float) -> ModelResult:
-        start = time.perf_counter()
-        try:
-            if model.provider == "anthropic":
-                return self._anthropic(model, prompt, system, max_tokens, temperature, start)
-            return self._litellm(model, prompt, system, max_tokens, temperature, start)
-        except Exception as exc:
-            kind, retriable = classify(exc)
-            raise ModelCallError(kind, str(exc)[:500], retriable,
-                                 (time.perf_counter() - start) * 1000) from exc
+    @property
+    def async_openai(self) -> openai.AsyncOpenAI:
+        """As `async_anthropic`, for `provider: openai` models (the openai SDK's pools are
+        httpx pools too)."""
+        if not self._async_openai:
+            n = max(1, -(-self.settings.executor_slots // CALLS_PER_CLIENT))
+            limits = httpx2.Limits(max_connections=None,
+                                   max_keepalive_connections=CALLS_PER_CLIENT)
+            self._async_openai = [self._openai_client(
+                self.settings.model_timeout_s, openai.DefaultAsyncHttpxClient(limits=limits))
+                for _ in range(n)]
+        self._next_openai = (self._next_openai + 1) % len(self._async_openai)
+        return self._async_openai[self._next_openai]
 
-    def _anthropic(self, model: Model, prompt: str, system: str | None, max_tokens: int,
-                   temperature: float, start: float) -> ModelResult:
-        kwargs: dict[str, Any] = {}
-        if system:
-            kwargs["system"] = system
-        # The anthropic SDK (2.x) no longer takes sampling temperature: current Claude models
-        # choose their own; `temperature` still keys the response cache (docs/routing.md).
-        msg = self.anthropic.messages.create(
-            model=model.name, max_tokens=max_tokens,
-            messages=[{"role": "user", "content": prompt}], **kwargs,
-        )
-        text = "".join(getattr(b, "text", "") for b in msg.content)
-        u = msg.usage
-        usage = Usage(
-            input_tokens=u.input_tokens,
-            output_tokens=u.output_tokens,
-            cache_creation_input_tokens=u.cache_creation_input_tokens or 0,
-            cache_read_input_tokens=u.cache_read_input_tokens or 0,
-        )
-        return ModelResult(text, usage, msg.stop_reason, (time.perf_counter() - start) * 1000)
-
-    def _litellm(self, model: Model, prompt: str, system: str | None, max_tokens: int,
-                 temperature: float, start: float) -> ModelResult:
-        os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
-        import litellm
-
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": prompt}]
-        resp: Any = litellm.completion(
-            model=f"{model.provider}/{model.name}", messages=messages, max_tokens=max_tokens,
-            temperature=temperature, api_base=self.settings.openai_base_url,
-            api_key=self.settings.openai_api_key, num_retries=0, max_retries=0,
-            timeout=self.settings.model_timeout_s,
-        )
-        usage_raw = resp.usage
-        details = getattr(usage_raw, "prompt_tokens_details", None)
-        cached = int(getattr(details, "cached_tokens", 0) or 0)
-        usage = Usage(
-            input_tokens=int(usage_raw.prompt_tokens) - cached,
-            output_tokens=int(usage_raw.completion_tokens),
-            cache_read_input_tokens=cached,
-        )
-        choice = resp.choices[0]
-        return ModelResult(choice.message.content or "", usage, choice.finish_reason,
-                           (time.perf_counter() - start) * 1000)
+    def _openai_client(self, timeout_s: float,
+                       http_client: httpx2.AsyncClient | None = None) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.settings.openai_base_url,
+                                  api_key=self.settings.openai_api_key, max_retries=0,
+                                  timeout=timeout_s, http_client=http_client)
 
     # -- the tool-use loop's call ------------------------------------------------------------
     def chat(self, model: Model, system: str | None, messages: list[dict[str, Any]],
@@ -243,6 +197,9 @@ class ModelClients:
             if model.provider == "anthropic":
                 return await self._anthropic_chat(model, system, messages, tools, max_tokens,
                                                   timeout_s, start, shared)
+            if model.provider == "openai" and not self.settings.openai_via_litellm:
+                return await self._openai_chat(model, system, messages, tools, max_tokens,
+                                               temperature, timeout_s, start, shared)
             return await self._litellm_chat(model, system, messages, tools, max_tokens,
                                             temperature, timeout_s, start)
         except asyncio.CancelledError:
@@ -316,28 +273,56 @@ class ModelClients:
             max_tokens=max_tokens, temperature=temperature, api_base=self.settings.openai_base_url,
             api_key=self.settings.openai_api_key, num_retries=0, max_retries=0,
             timeout=timeout_s, **kwargs)
-        usage_raw = resp.usage
-        details = getattr(usage_raw, "prompt_tokens_details", None)
-        cached = int(getattr(details, "cached_tokens", 0) or 0)
-        usage = Usage(input_tokens=int(usage_raw.prompt_tokens) - cached,
-                      output_tokens=int(usage_raw.completion_tokens),
-                      cache_read_input_tokens=cached)
-        message = resp.choices[0].message
-        text = message.content or ""
-        blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
-        uses: list[ToolUseRequest] = []
-        for tc in message.tool_calls or []:
-            try:
-                args = json.loads(tc.function.arguments or "{}")
-            except json.JSONDecodeError:
-                args = {"_unparsed": tc.function.arguments}
-            if not isinstance(args, dict):
-                args = {"_value": args}
-            uses.append(ToolUseRequest(tc.id, tc.function.name, args))
-            blocks.append({"type": "tool_use", "id": tc.id, "name": tc.function.name,
-                           "input": args})
-        return ModelTurn(text, uses, usage, resp.choices[0].finish_reason,
-                         (time.perf_counter() - start) * 1000, model.name, blocks)
+        return _openai_turn(resp, model, start)
+
+    async def _openai_chat(self, model: Model, system: str | None,
+                           messages: list[dict[str, Any]], tools: list[str], max_tokens: int,
+                           temperature: float, timeout_s: float, start: float,
+                           shared: bool) -> ModelTurn:
+        """An OpenAI model through the openai SDK: the request and the response litellm would
+        send and read, without its per-call cost map lookups and logging payloads."""
+        from fleetplane.executor.tools import openai_tools
+
+        kwargs: dict[str, Any] = {}
+        if tools:
+            kwargs["tools"] = openai_tools(tools)
+        if headers := trace_headers():
+            kwargs["extra_headers"] = headers
+        client = self.async_openai if shared else self._openai_client(timeout_s)
+        try:
+            resp = await client.chat.completions.create(
+                model=model.name, messages=to_openai(system, messages),  # type: ignore[arg-type]
+                max_tokens=max_tokens, temperature=temperature, timeout=timeout_s, **kwargs)
+        finally:
+            if not shared:
+                await client.close()
+        return _openai_turn(resp, model, start)
+
+
+def _openai_turn(resp: Any, model: Model, start: float) -> ModelTurn:
+    """A chat completion (the openai SDK's or litellm's, the same shape) as one turn."""
+    usage_raw = resp.usage
+    details = getattr(usage_raw, "prompt_tokens_details", None)
+    cached = int(getattr(details, "cached_tokens", 0) or 0)
+    usage = Usage(input_tokens=int(usage_raw.prompt_tokens) - cached,
+                  output_tokens=int(usage_raw.completion_tokens),
+                  cache_read_input_tokens=cached)
+    message = resp.choices[0].message
+    text = message.content or ""
+    blocks: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+    uses: list[ToolUseRequest] = []
+    for tc in message.tool_calls or []:
+        try:
+            args = json.loads(tc.function.arguments or "{}")
+        except json.JSONDecodeError:
+            args = {"_unparsed": tc.function.arguments}
+        if not isinstance(args, dict):
+            args = {"_value": args}
+        uses.append(ToolUseRequest(tc.id, tc.function.name, args))
+        blocks.append({"type": "tool_use", "id": tc.id, "name": tc.function.name,
+                       "input": args})
+    return ModelTurn(text, uses, usage, resp.choices[0].finish_reason,
+                     (time.perf_counter() - start) * 1000, model.name, blocks)
 
 
 class AsyncCalls:
