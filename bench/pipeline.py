@@ -72,30 +72,44 @@ and the executor's slots (32) are left as shipped."""
 
 
 def bench_teams_file(data_dir: Path, *, lift_budgets: bool = True,
-                     name: str = "teams-bench.yaml") -> Path:
+                     name: str = "teams-bench.yaml", max_running: int | None = None) -> Path:
     """infra/teams.yaml with the intake rate limit and (unless lift_budgets is False) the
-    budgets lifted (BENCH_LIFTED), written to data_dir / name."""
+    budgets lifted (BENCH_LIFTED), and every team's concurrency quota set to `max_running` when
+    given (`lift_concurrency`), written to data_dir / name."""
     raw = yaml.safe_load((REPO_ROOT / "infra" / "teams.yaml").read_text())
     defaults = raw.setdefault("defaults", {})
     defaults["rate_limit"] = {"per_second": 1e6, "burst": 1_000_000}
     if lift_budgets:
         defaults["budget_usd"] = 1e9
+    if max_running is not None:
+        defaults["max_running"] = max_running
     for team in (raw.get("teams") or {}).values():
         if isinstance(team, dict):
             team.pop("rate_limit", None)
             if lift_budgets:
                 team.pop("budget_usd", None)
+            if max_running is not None:
+                team.pop("max_running", None)
     path = data_dir / name
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
+def lift_concurrency(n: int) -> dict[str, str]:
+    """The settings that, with `bench_teams_file(max_running=n)`, let n tasks run at once: the
+    fleet cap and the executor's slots (the CPU-bound ceiling, not the shipped configuration)."""
+    return {"FLEETPLANE_COORDINATOR_MAX_RUNNING": str(n), "FLEETPLANE_EXECUTOR_SLOTS": str(n)}
+
+
 def start_stack(console: Console, latency_ms: float = 0.0,
-                env: dict[str, str] | None = None) -> Stack:
+                env: dict[str, str] | None = None, max_running: int | None = None) -> Stack:
+    """`max_running`: lift the team quotas, the fleet cap and the slots to it."""
     data_dir = Path(tempfile.mkdtemp(prefix="fleetplane-bench-"))
+    teams = bench_teams_file(data_dir, max_running=max_running)
+    lifted = lift_concurrency(max_running) if max_running is not None else {}
     stack = Stack(data_dir=data_dir, fake_provider_args=["--latency-ms", str(latency_ms)],
                   extra_env={"FLEETPLANE_LOG_LEVEL": "WARNING",
-                             "FLEETPLANE_TEAMS_FILE": str(bench_teams_file(data_dir)),
+                             "FLEETPLANE_TEAMS_FILE": str(teams), **lifted,
                              **(env or {})})
     console.print(f"starting the stack in {data_dir} ...")
     stack.start(timeout_s=180)
@@ -202,7 +216,8 @@ class Profiler:
                 continue
             self.procs[name] = subprocess.Popen(
                 [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid),
-                 "-r", str(rate), "--gil", "--nonblocking", "-f", "raw", "-o", str(directory / f"{name}.txt")],
+                 "-r", str(rate), "--gil", "--nonblocking", "-f", "raw",
+                 "-o", str(directory / f"{name}.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> None:
@@ -471,11 +486,14 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None,
                         help="py-spy every service during the batch (only the thread holding "
                         "the GIL: where the Python CPU goes), raw stacks to this folder")
+    parser.add_argument("--lift-concurrency", type=int, default=None, metavar="N",
+                        help="team quotas, fleet cap and executor slots all set to N (the "
+                        "CPU-bound ceiling instead of the shipped quotas)")
     parser.add_argument("--profile-rate", type=int, default=50, help="py-spy samples per second")
     args = parser.parse_args()
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     console = Console()
-    stack = start_stack(console, args.latency_ms, dict(args.env or []))
+    stack = start_stack(console, args.latency_ms, dict(args.env or []), args.lift_concurrency)
     try:
         recorder = StageRecorder(stack)
         recorder.start()
@@ -498,7 +516,9 @@ def main() -> None:
     finally:
         stack.stop()
     r = strip_private(r)
-    result = {"machine": machine(), "lifted": BENCH_LIFTED, "provider_latency_ms": args.latency_ms,
+    result = {"machine": machine(), "lifted": BENCH_LIFTED,
+              "concurrency_lifted_to": args.lift_concurrency,
+              "provider_latency_ms": args.latency_ms,
               "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "pipeline": r, "peak_rss_mib": memory, "topics": counts,
               "profile": profiler.summary() if profiler is not None else None}
