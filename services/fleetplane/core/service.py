@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from typing import Any
 
@@ -24,15 +25,26 @@ def bootstrap(service: str, settings: Settings | None = None) -> Settings:
 
 
 def serve_http_in_thread(app: Any, host: str, port: int,
-                         trusted_proxies: str = "") -> uvicorn.Server:
+                         trusted_proxies: str = "", reuse_port: bool = False) -> uvicorn.Server:
     """Run a FastAPI app beside a processor loop (uvicorn in a daemon thread).
 
     X-Forwarded-For is believed only from `trusted_proxies` (uvicorn's default would trust any
-    local peer, which would let a local client pick its address for per-address limits)."""
+    local peer, which would let a local client pick its address for per-address limits).
+    `reuse_port`: bind with SO_REUSEPORT, so that several processes serve one port (the kernel
+    spreads the connections; fleetplane.ingest.workers)."""
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             lifespan="on", proxy_headers=bool(trusted_proxies),
                             forwarded_allow_ips=trusted_proxies or None)
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="http", daemon=True)
+    kwargs: dict[str, Any] = {}
+    if reuse_port:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        kwargs["sockets"] = [sock]
+    thread = threading.Thread(target=server.run, kwargs=kwargs, name="http", daemon=True)
     thread.start()
     return server

@@ -88,6 +88,13 @@ class Settings(BaseSettings):
     # HTTP services (all bind to 127.0.0.1 by default)
     bind_host: str = "127.0.0.1"
     ingest_port: int = 8470
+    ingest_workers: int = Field(
+        default=1, ge=1, le=64, description="Ingest processes sharing the HTTP port "
+        "(SO_REUSEPORT) and the validator's consumer group; each enforces 1/N of every rate "
+        "limit (fleetplane.ingest.workers). More than one pays only with cores to spare.")
+    ingest_worker_index: int = Field(
+        default=0, ge=0, description="Set by worker 0 for the workers it starts; not an "
+        "operator setting.")
     accounting_port: int = 8471
     coordinator_web_port: int = 8472
     fake_provider_port: int = 8479

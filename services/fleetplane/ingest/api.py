@@ -87,15 +87,20 @@ class Intake:
     on_published: Callable[[], object] | None = None
     # keyed submissions this replica published, replays until the loop's mark arrives
     published: PublishedKeys = field(default_factory=PublishedKeys)
+    # the share of every rate limit this process enforces (1/N of N workers on one port)
+    rate_share: float = 1.0
 
     def __post_init__(self) -> None:
+        share = self.rate_share
+
         def team_limits(team: str) -> tuple[float, float]:
             rl = self.teams.policy(team).rate_limit
-            return rl.per_second, float(rl.burst)
+            return rl.per_second * share, max(1.0, rl.burst * share)
 
         self.rate = Limiter(team_limits)
-        per_s = self.auth_failures_per_minute / 60.0
-        self.auth_failures = Limiter(lambda _addr: (per_s, float(self.auth_failure_burst)))
+        per_s = self.auth_failures_per_minute / 60.0 * share
+        burst = max(1.0, self.auth_failure_burst * share)
+        self.auth_failures = Limiter(lambda _addr: (per_s, burst))
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,15 @@ from fleetplane.ingest.names import NAMES_TOPIC, NameIndex
 from fleetplane.ingest.repositories import REPOSITORIES_TOPIC, RepositoryRegistry
 from fleetplane.ingest.taskview import TaskView
 from fleetplane.ingest.tokens import TOKENS_TOPIC, TokenStore
+from fleetplane.ingest.workers import Workers, rate_share
 from fleetplane.metrics.setup import instrument
 from fleetplane.tracing.http import instrument_app
 
 
 def main() -> None:
     settings = bootstrap("ingest")
+    # worker 0 starts the others (FLEETPLANE_INGEST_WORKERS), each a replica on the same port
+    workers = Workers(settings) if settings.ingest_worker_index == 0 else None
     # loop metrics on /metrics; traces start here (an incoming traceparent is honoured)
     obs = instrument(settings, "ingest", entry=True)
     tokens = TokenStore()
@@ -50,13 +53,17 @@ def main() -> None:
                     max_request_bytes=settings.max_request_bytes,
                     auth_failures_per_minute=settings.auth_failures_per_minute,
                     auth_failure_burst=settings.auth_failure_burst,
+                    rate_share=rate_share(settings),
                     on_published=(partial(doorbell.ring, settings.kafka_bootstrap, [SUBMITTED])
                                   if settings.handoff_doorbell else None))
     app = create_app(intake)
     if obs.tracing is not None:
         instrument_app(app, obs.tracing)
     server = serve_http_in_thread(app, settings.bind_host, settings.ingest_port,
-                                  trusted_proxies=settings.trusted_proxies)
+                                  trusted_proxies=settings.trusted_proxies,
+                                  reuse_port=settings.ingest_workers > 1)
+    if workers is not None:
+        workers.start()
     processor = Processor("ingest", [SUBMITTED], MarkingHandler(
         partial(accept, known_repository=repositories.known, names=names), marks, names),
         settings)
@@ -64,6 +71,8 @@ def main() -> None:
     try:
         processor.run()
     finally:
+        if workers is not None:
+            workers.stop()
         server.should_exit = True
         tables.stop()
         writer.close()
