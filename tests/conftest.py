@@ -11,6 +11,7 @@ to pull from must not turn red (docs/testing.md).
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from hypothesis import settings as hypothesis_settings
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
+from fleetplane.core.doorbell import bell_dir
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import ensure_topics, load_topics
@@ -91,6 +93,9 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield broker.bootstrap
     finally:
         broker.stop()
+        # the session's doorbells (core.doorbell): killed processes leave their sockets, and
+        # no later session uses this broker's port-named folder
+        shutil.rmtree(bell_dir(broker.bootstrap), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
