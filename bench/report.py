@@ -161,8 +161,10 @@ def render(result: dict[str, Any]) -> Table:
                 table.add_row("", f"{n}: {label} (first / median of 3)",
                               f"{t['first_s'] * 1000:,.0f} / {t['median_s'] * 1000:,.0f} ms")
     if stack:
-        table.add_row("settings", "executor slots; coordinator max running",
-                      f"{stack['executor_slots']}; {stack['coordinator_max_running']}")
+        teams = stack.get("team_max_running")
+        table.add_row("settings", "executor slots; coordinator max running; team quotas",
+                      f"{stack['executor_slots']}; {stack['coordinator_max_running']}; "
+                      f"{'as shipped' if teams is None else f'{teams} each (lifted)'}")
     return table
 
 

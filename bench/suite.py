@@ -41,6 +41,7 @@ from bench import accounting, burst, concurrency, overhead
 from bench.measure import RESULTS, machine
 from bench.pipeline import (
     BENCH_LIFTED,
+    lift_concurrency,
     peak_memory,
     run_batch,
     set_provider,
@@ -87,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds to wait for a batch's tasks (default max(300, tasks/10))")
     p.add_argument("--keep-data", action="store_true",
                    help="keep the stack's and chdb's temporary directories (logs, broker data)")
+    p.add_argument("--lift-concurrency", type=int, default=None, metavar="N",
+                   help="team quotas, fleet cap and executor slots all N: the pipeline "
+                   "scenarios measure the CPU-bound ceiling instead of the shipped quotas")
     p.add_argument("--env", action="append", type=lambda kv: tuple(kv.split("=", 1)),
                    help="FLEETPLANE_X=value for every service (repeatable)")
     args = p.parse_args(argv)
@@ -130,11 +134,12 @@ def pipeline_scenarios(args: argparse.Namespace, console: Console, out: dict[str
                        save: Callable[[], None]) -> None:
     """Every pipeline scenario on one stack, into `out`; `save` after each (a run cut short
     keeps what it measured). The largest throughput batch runs last."""
-    env = dict(args.env or [])
+    lifted = lift_concurrency(args.lift_concurrency) if args.lift_concurrency else {}
+    env = {**lifted, **dict(args.env or [])}
     out["memory_after"] = {}
-    stack = start_stack(console, 0.0, env)
+    stack = start_stack(console, 0.0, env, args.lift_concurrency)
     settings = Settings()
-    out["stack"] = {"executor_slots": int(env.get("FLEETPLANE_EXECUTOR_SLOTS",
+    out["stack"] = {"team_max_running": args.lift_concurrency,"executor_slots": int(env.get("FLEETPLANE_EXECUTOR_SLOTS",
                                                   settings.executor_slots)),
                     "coordinator_max_running": int(env.get("FLEETPLANE_COORDINATOR_MAX_RUNNING",
                                                            settings.coordinator_max_running)),
