@@ -139,7 +139,8 @@ def pipeline_scenarios(args: argparse.Namespace, console: Console, out: dict[str
     out["memory_after"] = {}
     stack = start_stack(console, 0.0, env, args.lift_concurrency)
     settings = Settings()
-    out["stack"] = {"team_max_running": args.lift_concurrency,"executor_slots": int(env.get("FLEETPLANE_EXECUTOR_SLOTS",
+    out["stack"] = {"team_max_running": args.lift_concurrency,
+                    "executor_slots": int(env.get("FLEETPLANE_EXECUTOR_SLOTS",
                                                   settings.executor_slots)),
                     "coordinator_max_running": int(env.get("FLEETPLANE_COORDINATOR_MAX_RUNNING",
                                                            settings.coordinator_max_running)),
