@@ -111,7 +111,8 @@ class Settings(BaseSettings):
     openai_via_litellm: bool = Field(
         default=False, description="Call `provider: openai` models through litellm like the "
         "other non-Anthropic providers; default: the openai SDK directly (litellm wraps the same "
-        "SDK and adds ~2 ms of CPU per call: docs/executor.md, 'Model calls: CPU per call').")
+        "SDK and adds ~2 ms of CPU per call: docs/executor.md, 'Which client calls which "
+        "provider').")
 
     # Executor (issue 5: agent runtime, workspaces, sandbox; see docs/executor.md)
     executor_slots: int = 32
