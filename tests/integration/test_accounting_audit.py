@@ -186,6 +186,10 @@ def test_budgets_and_anomaly_alerts_are_published_and_stored(
     stories = [TaskStory(f"{team}-{i}", team, "classify", "claude-haiku-4-5",
                          calls=[Call(1000 + 10 * (i % 4), 100, 0.010 + 0.0002 * (i % 4))])
                for i in range(24)]
+    # the router also sent classify to a frontier model, at 20x the cost: not an anomaly
+    stories += [TaskStory(f"{team}-big-{i}", team, "classify", "claude-sonnet-4-6",
+                          calls=[Call(1000 + 10 * (i % 4), 100, 0.2 + 0.004 * (i % 4))])
+                for i in range(22)]
     stories.append(TaskStory(f"{team}-outlier", team, "classify", "claude-haiku-4-5",
                              calls=[Call(1000, 100, 0.9)]))
     events = [e for s in stories for e in s.events()]

@@ -14,9 +14,11 @@ from fleetplane.core.teams import TeamPolicy, parse_teams
 
 
 def attempt(i: int, cost: float, task_type: str = "classify", success: int = 1,
-            tokens: int = 1000, duration: float = 2000.0) -> dict[str, object]:
+            tokens: int = 1000, duration: float = 2000.0,
+            model: str = "claude-haiku-4-5") -> dict[str, object]:
     return {"task_id": f"t{i}", "team": "a", "attempt": 1, "task_type": task_type,
-            "cost_usd": cost, "tokens": tokens, "duration_ms": duration, "success": success,
+            "model": model, "cost_usd": cost, "tokens": tokens, "duration_ms": duration,
+            "success": success,
             "occurred_at": datetime(2026, 1, 1, tzinfo=UTC) + timedelta(minutes=i)}
 
 
@@ -41,6 +43,32 @@ def test_only_new_attempts_over_the_threshold_alert() -> None:
     # too few samples: no verdict
     assert attempt_anomalies([*rows[:10], rows[30]], new_ids=new, min_samples=20,
                              threshold=3.5) == []
+
+
+def test_a_task_type_routed_to_two_models_is_judged_per_model() -> None:
+    """The router sends classify to a small and a frontier model: the frontier model's normal
+    cost (30x) is no anomaly; an overrun on either model is."""
+    small = [attempt(i, 0.010 + 0.0001 * (i % 5)) for i in range(30)]
+    big = [attempt(100 + i, 0.30 + 0.003 * (i % 5), model="claude-opus-4-5") for i in range(25)]
+    overrun = attempt(200, 1.5, model="claude-opus-4-5")
+    rows = [*small, *big, overrun]
+    new = {(r["task_id"], 1) for r in rows}  # type: ignore[misc]
+    found = attempt_anomalies(rows, new_ids=new, min_samples=20, threshold=3.5)
+    assert [(a.task_id, a.metric, a.model) for a in found] == [
+        ("t200", "cost_usd", "claude-opus-4-5")]
+    assert found[0].baseline == pytest.approx(0.306)
+
+
+def test_an_overrun_under_twice_the_median_does_not_alert() -> None:
+    """A tight baseline (durations within 1%) scores a 30% longer attempt far above the
+    threshold; it is not an overrun anyone acts on. Three times the median is."""
+    rows = [attempt(i, 0.01, duration=2000.0 + (i % 5)) for i in range(30)]
+    rows += [attempt(50, 0.01, duration=2600.0), attempt(51, 0.01, duration=6000.0)]
+    new = {("t50", 1), ("t51", 1)}
+    found = attempt_anomalies(rows, new_ids=new, min_samples=20, threshold=3.5)
+    assert [(a.task_id, a.metric) for a in found] == [("t51", "duration_ms")]
+    assert attempt_anomalies(rows, new_ids=new, min_samples=20, threshold=3.5,
+                             min_ratio=1.0)[0].task_id == "t50"
 
 
 def test_failure_rate_of_the_newest_window_against_earlier_windows() -> None:

@@ -418,15 +418,15 @@ def spend_since(store: Store, start: datetime) -> dict[str, float]:
 
 
 def recent_attempts(store: Store, *, window: int, since: datetime) -> list[dict[str, Any]]:
-    """The last `window` finished attempts per task type (non-cached) that ended at or after
-    `since`, newest first, with cost and tokens from their model calls and duration: the
-    anomaly baselines. Only those attempts' tasks are read from the other tables."""
+    """The last `window` finished attempts per task type and model (non-cached) that ended at
+    or after `since`, newest first, with cost and tokens from their model calls and duration:
+    the anomaly baselines. Only those attempts' tasks are read from the other tables."""
     params: dict[str, Any] = {"window": max(1, window), "since": since.isoformat()}
     recent = (f"(SELECT task_id FROM {store.table('attempt_outcomes')} "
               "WHERE occurred_at >= " + _TIME % "since" + ")")
     return store.query(
         f"""
-        SELECT o.task_id AS task_id, o.team AS team, o.attempt AS attempt,
+        SELECT o.task_id AS task_id, o.team AS team, o.attempt AS attempt, o.model AS model,
                ti.task_type AS task_type, o.success AS success, o.occurred_at AS occurred_at,
                o.duration_ms AS duration_ms, c.cost_usd AS cost_usd, c.tokens AS tokens
         FROM {store.table('attempt_outcomes')} AS o FINAL
@@ -442,7 +442,7 @@ def recent_attempts(store: Store, *, window: int, since: datetime) -> list[dict[
             ON o.task_id = c.task_id AND o.attempt = c.attempt
         WHERE o.cached = 0 AND ti.task_type != '' AND o.occurred_at >= {_TIME % 'since'}
         ORDER BY o.occurred_at DESC, o.task_id
-        LIMIT {{window:UInt32}} BY ti.task_type
+        LIMIT {{window:UInt32}} BY ti.task_type, o.model
         """, params)
 
 

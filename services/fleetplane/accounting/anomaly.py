@@ -1,8 +1,12 @@
 """Anomalies against per-task-type baselines with a robust score (median and MAD).
 
-For each task type the baseline is its last N finished attempts (a rolling window). An attempt's
-cost, tokens or duration is anomalous when its robust z-score ``0.6745 * (x - median) / MAD``
-exceeds the threshold (3.5 by default, Iglewicz and Hoaglin). The failure rate of the type's most
+For each task type and model the baseline is its last N finished attempts (a rolling window):
+the router sends one task type to several models on purpose, and an attempt on a frontier model
+costing 40 times the small model's is the router's choice, not an overrun. An attempt's cost,
+tokens or duration is anomalous when its robust z-score ``0.6745 * (x - median) / MAD``
+exceeds the threshold (3.5 by default, Iglewicz and Hoaglin) and the value is at least
+`min_ratio` times the median (2 by default: a tight baseline makes a 10% difference score high,
+and nobody acts on a 10% overrun). The failure rate of the type's most
 recent attempts (the newest `recent` ones) is compared with the failure rates of the earlier
 windows of the same length, scored the same way. With MAD = 0 (identical values) a value that
 differs from the median by more than 50% of it counts as infinitely far.
@@ -30,6 +34,7 @@ class Anomaly:
     task_id: str = ""
     team: str = ""
     attempt: int = 0
+    model: str = ""
 
     @property
     def key(self) -> str:
@@ -48,14 +53,17 @@ def robust_z(value: float, sample: Sequence[float]) -> tuple[float, float]:
 
 
 def attempt_anomalies(rows: Sequence[dict[str, Any]], *, new_ids: set[tuple[str, int]],
-                      min_samples: int, threshold: float) -> list[Anomaly]:
-    """Score each new attempt (task_id, attempt) against the other attempts of its type in
-    `rows` (the rolling window, any order). Only high values alert (cost and time overruns)."""
-    by_type: dict[str, list[dict[str, Any]]] = {}
+                      min_samples: int, threshold: float,
+                      min_ratio: float = 2.0) -> list[Anomaly]:
+    """Score each new attempt (task_id, attempt) against the other attempts of its task type
+    and model in `rows` (the rolling window, any order; a row without "model" groups by type
+    alone). Only high values alert (cost and time overruns), and only at `min_ratio` times the
+    median or more."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        by_type.setdefault(r["task_type"], []).append(r)
+        groups.setdefault((r["task_type"], r.get("model") or ""), []).append(r)
     out = []
-    for task_type, items in by_type.items():
+    for (task_type, model), items in groups.items():
         for r in items:
             if (r["task_id"], int(r["attempt"])) not in new_ids:
                 continue
@@ -66,9 +74,9 @@ def attempt_anomalies(rows: Sequence[dict[str, Any]], *, new_ids: set[tuple[str,
                 sample = [float(o[metric] or 0) for o in others]
                 value = float(r[metric] or 0)
                 score, median = robust_z(value, sample)
-                if score > threshold:
+                if score > threshold and value >= min_ratio * median:
                     out.append(Anomaly(task_type, metric, value, median, score,
-                                       r["task_id"], r["team"], int(r["attempt"])))
+                                       r["task_id"], r["team"], int(r["attempt"]), model))
     return out
 
 

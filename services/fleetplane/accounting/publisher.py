@@ -39,7 +39,8 @@ def alert_for(a: Anomaly, threshold: float, now: datetime) -> Alert:
         message = (f"{a.task_type}: failure rate {a.value:.0%} over the last {FAILURE_WINDOW} "
                    f"attempts, baseline {a.baseline:.0%}")
     else:
-        message = (f"{a.task_type}: {a.metric} {a.value:.6g} on task {a.task_id} attempt "
+        on = f" on {a.model}" if a.model else ""
+        message = (f"{a.task_type}{on}: {a.metric} {a.value:.6g} on task {a.task_id} attempt "
                    f"{a.attempt}, baseline median {a.baseline:.6g} (robust z {a.score:.1f})")
     return Alert(event_id=derived_id("anomaly", a.key), task_id=a.task_id, team=a.team,
                  occurred_at=now, severity=severity, kind=f"anomaly.{a.metric}",
@@ -112,7 +113,7 @@ class Publisher:
         self.last_scored_at = started
         new_ids = {(r["task_id"], int(r["attempt"])) for r in rows} - self.scored
         found = attempt_anomalies(rows, new_ids=new_ids, min_samples=s.anomaly_min_samples,
-                                  threshold=s.anomaly_threshold)
+                                  threshold=s.anomaly_threshold, min_ratio=s.anomaly_min_ratio)
         found += failure_rate_anomalies(rows, recent=FAILURE_WINDOW, min_windows=3,
                                         threshold=s.anomaly_threshold)
         self.scored |= new_ids

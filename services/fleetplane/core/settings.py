@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     anomaly_window: int = Field(default=200, description="Baseline: last N attempts per type.")
     anomaly_min_samples: int = Field(default=20, description="No score below this many.")
     anomaly_threshold: float = Field(default=3.5, description="Alert when |robust z| exceeds.")
+    anomaly_min_ratio: float = Field(
+        default=2.0, description="...and the value is at least this many times the baseline "
+        "median (cost, tokens and duration overruns per task type and model).")
     sql_max_execution_time_s: int = 10
     sql_max_result_rows: int = 10_000
 
