@@ -60,15 +60,28 @@ def test_a_task_type_routed_to_two_models_is_judged_per_model() -> None:
 
 
 def test_an_overrun_under_twice_the_median_does_not_alert() -> None:
-    """A tight baseline (durations within 1%) scores a 30% longer attempt far above the
-    threshold; it is not an overrun anyone acts on. Three times the median is."""
-    rows = [attempt(i, 0.01, duration=2000.0 + (i % 5)) for i in range(30)]
-    rows += [attempt(50, 0.01, duration=2600.0), attempt(51, 0.01, duration=6000.0)]
+    """A tight baseline (within 1%) scores a 30% higher cost far above the threshold; it is not
+    an overrun anyone acts on. Three times the median is."""
+    rows = [attempt(i, 0.0100 + 0.00001 * (i % 5)) for i in range(30)]
+    rows += [attempt(50, 0.013), attempt(51, 0.03)]
     new = {("t50", 1), ("t51", 1)}
     found = attempt_anomalies(rows, new_ids=new, min_samples=20, threshold=3.5)
-    assert [(a.task_id, a.metric) for a in found] == [("t51", "duration_ms")]
+    assert [(a.task_id, a.metric) for a in found] == [("t51", "cost_usd")]
     assert attempt_anomalies(rows, new_ids=new, min_samples=20, threshold=3.5,
                              min_ratio=1.0)[0].task_id == "t50"
+
+
+def test_a_duration_overrun_must_also_be_long_in_seconds() -> None:
+    """Sub-second attempts that took 5x their median under load are not anomalies; an agent
+    task that ran 60 s against a 20 s median is."""
+    short = [attempt(i, 0.01, duration=100.0 + (i % 5)) for i in range(30)]
+    short.append(attempt(50, 0.01, duration=500.0))
+    long = [attempt(100 + i, 0.01, task_type="refactor", duration=20_000.0 + 10 * (i % 5))
+            for i in range(30)]
+    long.append(attempt(150, 0.01, task_type="refactor", duration=60_000.0))
+    found = attempt_anomalies([*short, *long], new_ids={("t50", 1), ("t150", 1)},
+                              min_samples=20, threshold=3.5)
+    assert [(a.task_id, a.metric) for a in found] == [("t150", "duration_ms")]
 
 
 def test_failure_rate_of_the_newest_window_against_earlier_windows() -> None:

@@ -6,10 +6,12 @@ costing 40 times the small model's is the router's choice, not an overrun. An at
 tokens or duration is anomalous when its robust z-score ``0.6745 * (x - median) / MAD``
 exceeds the threshold (3.5 by default, Iglewicz and Hoaglin) and the value is at least
 `min_ratio` times the median (2 by default: a tight baseline makes a 10% difference score high,
-and nobody acts on a 10% overrun). The failure rate of the type's most
-recent attempts (the newest `recent` ones) is compared with the failure rates of the earlier
-windows of the same length, scored the same way. With MAD = 0 (identical values) a value that
-differs from the median by more than 50% of it counts as infinitely far.
+and nobody acts on a 10% overrun); a duration must also exceed the median by
+`min_duration_excess_ms` (10 s by default: sub-second attempts double under load alone).
+The failure rate of the type's most recent attempts (the newest `recent` ones) is compared
+with the failure rates of the earlier windows of the same length, scored the same way. With
+MAD = 0 (identical values) a value that differs from the median by more than 50% of it counts
+as infinitely far.
 Pure functions: the publisher feeds them ClickHouse rows and turns anomalies into Alert events.
 """
 
@@ -53,8 +55,8 @@ def robust_z(value: float, sample: Sequence[float]) -> tuple[float, float]:
 
 
 def attempt_anomalies(rows: Sequence[dict[str, Any]], *, new_ids: set[tuple[str, int]],
-                      min_samples: int, threshold: float,
-                      min_ratio: float = 2.0) -> list[Anomaly]:
+                      min_samples: int, threshold: float, min_ratio: float = 2.0,
+                      min_duration_excess_ms: float = 10_000.0) -> list[Anomaly]:
     """Score each new attempt (task_id, attempt) against the other attempts of its task type
     and model in `rows` (the rolling window, any order; a row without "model" groups by type
     alone). Only high values alert (cost and time overruns), and only at `min_ratio` times the
@@ -74,6 +76,8 @@ def attempt_anomalies(rows: Sequence[dict[str, Any]], *, new_ids: set[tuple[str,
                 sample = [float(o[metric] or 0) for o in others]
                 value = float(r[metric] or 0)
                 score, median = robust_z(value, sample)
+                if metric == "duration_ms" and value - median < min_duration_excess_ms:
+                    continue
                 if score > threshold and value >= min_ratio * median:
                     out.append(Anomaly(task_type, metric, value, median, score,
                                        r["task_id"], r["team"], int(r["attempt"]), model))

@@ -113,7 +113,8 @@ class Publisher:
         self.last_scored_at = started
         new_ids = {(r["task_id"], int(r["attempt"])) for r in rows} - self.scored
         found = attempt_anomalies(rows, new_ids=new_ids, min_samples=s.anomaly_min_samples,
-                                  threshold=s.anomaly_threshold, min_ratio=s.anomaly_min_ratio)
+                                  threshold=s.anomaly_threshold, min_ratio=s.anomaly_min_ratio,
+                                  min_duration_excess_ms=s.anomaly_min_duration_excess_ms)
         found += failure_rate_anomalies(rows, recent=FAILURE_WINDOW, min_windows=3,
                                         threshold=s.anomaly_threshold)
         self.scored |= new_ids

@@ -85,6 +85,8 @@ class Settings(BaseSettings):
     anomaly_min_ratio: float = Field(
         default=2.0, description="...and the value is at least this many times the baseline "
         "median (cost, tokens and duration overruns per task type and model).")
+    anomaly_min_duration_excess_ms: float = Field(
+        default=10_000.0, description="...and a duration at least this much over the median.")
     sql_max_execution_time_s: int = 10
     sql_max_result_rows: int = 10_000
 
