@@ -7,7 +7,7 @@ from fleetplane.core.catalog import load_catalog
 from fleetplane.core.settings import Settings
 from fleetplane.router.evalgen import generate_subjects
 from fleetplane.router.evaluate import EvalTask, evaluate
-from fleetplane.router.price import START_GAIN, success_price
+from fleetplane.router.price import START_GAIN, best_success, success_price
 from fleetplane.router.stats import OutcomeStats
 from tests.unit.test_router_pooled import _record
 
@@ -25,6 +25,30 @@ def test_the_price_falls_with_a_surplus_and_rises_with_a_deficit() -> None:
     assert abs(short.owed - (0.95 * stats.get("qa", "big").mean * 200 - 110)) < 1.0
 
 
+def test_the_reference_of_a_type_with_few_outcomes_of_its_best_model_is_not_pulled_to_half(
+) -> None:
+    """The promise is q x each type's best model's success. On a new type whose best model
+    ran 6 times (6 successes) while it succeeds 95% on 8 other types, its success is judged
+    with the policy's posterior (the two-way prior's 4 pseudo-outcomes), not Beta(1, 1): the
+    latter says 7/8 = 0.875, so the ledger promised less than q x best (on the calibrated
+    two-model world of seed 5 the aggregate landed at 94.5% of all-frontier's, 5 orders)."""
+    stats = OutcomeStats()
+    for t in range(8):
+        _record(stats, f"t{t}", "big", 57, 60, 0.01)  # 0.95
+        _record(stats, f"t{t}", "small", 36, 60, 0.001)  # 0.6
+    _record(stats, "new", "big", 6, 6, 0.01)
+    _record(stats, "new", "small", 4, 6, 0.001)
+    assert best_success(stats, "new") < 0.88  # Beta(1, 1)
+    assert best_success(stats, "new", 4.0) > 0.91  # measured 0.93
+    # the ledger owes q x the larger references over the same outcomes
+    flat, shared = success_price(stats, 0.95, 0.0), success_price(stats, 0.95, 0.0, 4.0)
+    more = sum((best_success(stats, t, 4.0) or 0) - (best_success(stats, t) or 0)
+               for t in stats.task_types() if t != "new") * 120
+    more += (best_success(stats, "new", 4.0) or 0) * 12 - (best_success(stats, "new") or 0) * 12
+    assert shared.owed > flat.owed
+    assert abs(shared.owed - flat.owed - 0.95 * more) < 1e-6
+
+
 def _subjects(n: int, seed: int) -> list[EvalTask]:
     rows = generate_subjects(n, seed, types=12, gaps=(0.0, 0.0, 0.0, 0.02, 0.04, 0.1, 0.2),
                              nested=False)
@@ -36,8 +60,9 @@ def test_the_price_scope_keeps_q_over_all_types_for_far_less_than_per_type_targe
     holds q on every type, so the types where the cheap model is as good deliver more than q
     and the whole pays for it; with one price of a success the dear model goes where a
     success is cheapest, and the aggregate promise is held for less (success / cost as % of
-    all-frontier's, per type -> price: seed 5 96.3 / 34.1 -> 95.0 / 17.6, seed 3 96.9 / 53.6
-    -> 95.3 / 29.1; seed 8 97.8 / 51.6 -> 96.0 / 42.0)."""
+    all-frontier's, per type -> price: seed 5 96.3 / 34.1 -> 95.4 / 23.0, seed 3 96.9 / 53.6
+    -> 95.9 / 30.2; seed 8 97.8 / 51.6 -> 96.8 / 46.4; before the ledger's reference used the
+    two-way prior, 95.0 / 17.6 and 95.3 / 29.1, nearer the promise's edge)."""
     catalog = load_catalog(Settings().catalog_file)
     for seed in (5, 3):
         tasks = _subjects(3000, seed)
@@ -46,10 +71,10 @@ def test_the_price_scope_keeps_q_over_all_types_for_far_less_than_per_type_targe
                for scope in ("type", "price")}
         per_type, price = res["type"]["router"], res["price"]["router"]
         frontier = res["type"]["all-frontier"]
-        assert price.cost_usd < 0.65 * per_type.cost_usd, (seed, price.cost_usd,
+        assert price.cost_usd < 0.75 * per_type.cost_usd, (seed, price.cost_usd,
                                                           per_type.cost_usd)
-        # q over all types, from a cold start: within a point of 0.95 x all-frontier
-        assert price.success_rate >= 0.94 * frontier.success_rate, (seed, price.success_rate)
+        # q over all types, from a cold start: within half a point of 0.95 x all-frontier
+        assert price.success_rate >= 0.945 * frontier.success_rate, (seed, price.success_rate)
 
 
 def test_the_router_process_routes_by_price_when_the_setting_says_so() -> None:

@@ -52,6 +52,9 @@ class PolicyConfig:
     signal_min_outcomes: int = 30  # a model's outcomes before its per-prompt prediction counts
     signal_weight: float = 0.5  # weight of the per-prompt prediction against the type's mean
     sampled_per_decision: int = 3  # exploring: models judged by their sample (0: all)
+    # ... in the price scope: with 11 models (development set), 2 drawn models lose fewer
+    # successes to lucky draws of mediocre ones (docs/routing.md, eighth round)
+    price_sampled_per_decision: int = 2
     play_contender: bool = True  # a sampled model whose draw beats the leader is tried
     # a contender is tried only when its draw would make the leader miss the target
     contender_must_matter: bool = False
@@ -262,7 +265,8 @@ def _estimates(pool: list[Model], spec: TaskSpec, stats: OutcomeStats, rng: rand
         source = "task type" if s.attempts else ("other task types" if other_n else "prior")
         posts.append((m, alpha, beta, w * other_n, source, float(o.attempts), s.attempts))
     names = [p[0].name for p in posts]
-    n_sampled = cfg.sampled_per_decision
+    n_sampled = (cfg.price_sampled_per_decision if cfg.quality_scope == "price"
+                 else cfg.sampled_per_decision)
     if not 0 < n_sampled < len(names):
         sampled = set(names)
     elif cfg.sample_by_spread:
@@ -578,7 +582,7 @@ def _by_price(est: dict[str, Estimate], judged: dict[str, Estimate], costs: dict
     standard deviation, tried or not), and a sampled model whose draw beats the leader is tried
     (the contender rule, as in the other scopes)."""
     dearest = max(costs[name] for name in est)
-    pr = success_price(stats, q, dearest)
+    pr = success_price(stats, q, dearest, cfg.prior_strength)
     head = (f"{'exploring' if explored else 'objective'}: lowest expected cost at the price "
             f"${pr.price:.6f} per success, which keeps success >= q {q:.2f} ({q_source}) x "
             f"best over all task types (ledger {abs(pr.owed):.1f} successes "

@@ -42,28 +42,38 @@ class Ledger:
     dearest: float  # the largest mean observed cost of a model (USD), 0 before any
 
 
-def best_success(stats: OutcomeStats, task_type: str) -> float | None:
+def best_success(stats: OutcomeStats, task_type: str, strength: float = 0.0) -> float | None:
     """The type's best model's success: the largest posterior mean among the models with
     REFERENCE_MIN_EVIDENCE recent outcomes (the largest of noisy means is biased up, which
-    errs on the side of the promise)."""
+    errs on the side of the promise). With `strength` > 0 the posterior is the policy's:
+    `strength` pseudo-outcomes at the two-way prior's mean (fleetplane.router.prior), not
+    Beta(1, 1), whose pull towards 0.5 put the reference of a type with few outcomes of its
+    best model below that model's success (a type at 0.9 with 5 outcomes: 0.86), so the
+    promise fell short of q x best (docs/routing.md, "Price of a success")."""
     out = None
     for model in stats.models_of(task_type):
         s = stats.get(task_type, model)
-        if s.recent_successes + s.recent_failures >= REFERENCE_MIN_EVIDENCE:
-            out = s.mean if out is None else max(out, s.mean)
+        n = s.recent_successes + s.recent_failures
+        if n < REFERENCE_MIN_EVIDENCE:
+            continue
+        pi = stats.prior(task_type, model) if strength > 0 else None
+        mean = s.mean if pi is None else (strength * pi + s.recent_successes + 0.5) / (
+            strength + n + 1.0)
+        out = mean if out is None else max(out, mean)
     return out
 
 
-def ledger(stats: OutcomeStats) -> Ledger:
+def ledger(stats: OutcomeStats, strength: float = 0.0) -> Ledger:
     """The ledger's sums, cached by the statistics' version (one pass over types x models)."""
-    got = stats.memo.get("price-ledger")
+    key = ("price-ledger", strength)
+    got = stats.memo.get(key)
     if got is not None:
         version, cached = cast(tuple[int, Ledger], got)
         if version == stats.version:
             return cached
     best = succ = vol = 0.0
     for task_type in stats.task_types():
-        ref = best_success(stats, task_type)
+        ref = best_success(stats, task_type, strength)
         t = stats.of_type(task_type)
         n = t.recent_successes + t.recent_failures
         if ref is None or n <= 0:
@@ -73,7 +83,7 @@ def ledger(stats: OutcomeStats) -> Ledger:
         vol += n
     dearest = max((s.mean_cost_usd or 0.0 for _, s in stats.items()), default=0.0)
     out = Ledger(best, succ, vol, dearest)
-    stats.memo["price-ledger"] = (stats.version, out)
+    stats.memo[key] = (stats.version, out)
     return out
 
 
@@ -83,10 +93,12 @@ class Price:
     owed: float  # successes short of q x best over the recent outcomes (negative: ahead)
 
 
-def success_price(stats: OutcomeStats, q: float, dearest_now: float) -> Price:
+def success_price(stats: OutcomeStats, q: float, dearest_now: float,
+                  strength: float = 0.0) -> Price:
     """The price of a success for a decision at quality share q. `dearest_now`: the dearest
-    capable model's estimated cost for this task (the start, before any cost is observed)."""
-    led = ledger(stats)
+    capable model's estimated cost for this task (the start, before any cost is observed);
+    `strength`: the two-way prior's pseudo-outcomes in the references (see best_success)."""
+    led = ledger(stats, strength)
     start = max(led.dearest, dearest_now, 1e-9) / START_GAIN
     owed = q * led.best_volume - led.successes
     scale = max(H_MIN, H_SCALE * math.sqrt(led.volume))
