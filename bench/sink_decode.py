@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -254,6 +255,7 @@ def main() -> None:
                   f"{out['rows_per_s']:9,.0f} rows/s, {rows:,} rows, load "
                   f"{out['load_avg']:.1f}, fingerprint {out['fingerprint']}", flush=True)
     store.close()
+    shutil.rmtree(spool, ignore_errors=True)
     for mode, runs in results.items():
         print(f"{mode}: median {statistics.median(x['us_cpu_per_row'] for x in runs):.2f} us "
               f"CPU per row, {statistics.median(x['rows_per_s'] for x in runs):,.0f} rows/s")
