@@ -4,7 +4,7 @@
 
 Not the service's path (see docs/accounting.md, "Sink, eighth round"): it measures what the
 step would save before it is built. Both variants store the same ModelCall and ToolCall records
-(the two highest-volume event types: 10 of a synthetic lifecycle's 15 events) into `events`,
+(the two highest-volume event types: 10 of a synthetic lifecycle's 16 events) into `events`,
 `model_calls` and `tool_calls`, in 20,000-record flushes, alternating:
 
 * `python`: today's fast path (columnar.rows_of: fastavro decode, row tuples, the JSON payload
