@@ -148,7 +148,11 @@ def render(result: dict[str, Any]) -> Table:
                               "insert only)",
                           f"{kf['rows_per_s']:,.0f} / {kf['insert_rows_per_s']:,.0f}")
         for sc in a.get("scale", []):
-            n = f"{sc['model_call_rows']:,} calls"
+            # the rollups' total (sc['model_calls']); above the bench's raw limit only the
+            # last 6 h are raw rows: say so, not the raw count alone
+            n = f"{sc.get('model_calls', sc['model_call_rows']):,} calls"
+            if not sc.get("raw", True):
+                n += f" ({sc['model_call_rows']:,} raw)"
             for key, label in (("cost_by_team", "cost by team"),
                                ("cost_daily_by_team", "cost per day by team"),
                                ("cost_to_value_by_task_type", "cost-to-value by task type"),
@@ -158,8 +162,11 @@ def render(result: dict[str, Any]) -> Table:
                 t = sc.get(key)
                 if t is None:
                     continue
-                table.add_row("", f"{n}: {label} (first / median of 3)",
-                              f"{t['first_s'] * 1000:,.0f} / {t['median_s'] * 1000:,.0f} ms")
+                runs = 5 if key == "dashboard" else 3
+                cpu = (f" ({t['cpu_median_s'] * 1000:,.0f} CPU, load {t['load_avg']:.0f})"
+                       if "cpu_median_s" in t else "")
+                table.add_row("", f"{n}: {label} (first / median of {runs})",
+                              f"{t['first_s'] * 1000:,.0f} / {t['median_s'] * 1000:,.0f} ms{cpu}")
     if stack:
         teams = stack.get("team_max_running")
         table.add_row("settings", "executor slots; coordinator max running; team quotas",

@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from fleetplane.accounting.rows import rows_for
 from fleetplane.accounting.sink import ClickHouseSink
@@ -79,7 +80,8 @@ def _array(values: tuple[str, ...]) -> str:
 
 def generate_history(store: Store, rows: int, *, teams: int = 20, types: int = 11,
                      days: int = 30, min_age_s: int = 0, prefix: str = "bt",
-                     span_s: int | None = None, raw: bool = True) -> float:
+                     span_s: int | None = None, raw: bool = True,
+                     now: datetime | None = None) -> float:
     """`rows` model calls over rows/5 tasks (5 calls each, one attempt; 90% succeed) spread over
     `days` days (or `span_s` seconds) ending `min_age_s` seconds ago, written inside ClickHouse
     (INSERT ... SELECT FROM numbers) as the sink would store them: model calls with their task
@@ -89,11 +91,15 @@ def generate_history(store: Store, rows: int, *, teams: int = 20, types: int = 1
     raw=False stores no raw rows: each materialized view's own SELECT (read from
     system.tables) is run over the generated rows and inserted into its target, which is what
     the views would have stored (the recent_* copies, kept 8 days, are left out). That is how
-    the bench builds 100M calls of history on a small machine. Returns seconds."""
+    the bench builds 100M calls of history on a small machine (a test checks that it stores
+    the same rollups as the raw path). `now` (default: the server's clock) ends the span.
+    Returns seconds."""
     tasks = max(1, rows // 5)
     span = max(1, span_s if span_s is not None else days * 86_400)
     models, tiers, kinds = _array(MODELS), _array(TIERS), _array(TYPES[:types])
     # task t starts t/tasks of the way through the span (newest first): a steady fleet
+    clock = ("now64(3)" if now is None else
+             f"toDateTime64('{now.astimezone(UTC):%Y-%m-%d %H:%M:%S.%f}', 3, 'UTC')")
     age = f"toIntervalSecond({int(min_age_s)} + intDiv(toUInt64(%s) * {span}, {tasks}))"
     calls = f"""
         SELECT concat('{prefix}-', toString(t)) AS task_id,
@@ -111,7 +117,7 @@ def generate_history(store: Store, rows: int, *, teams: int = 20, types: int = 1
                toFloat64(300 + number % 2000) AS latency_ms,
                toLowCardinality('ok') AS outcome, '' AS error,
                toLowCardinality('end_turn') AS stop_reason,
-               now64(3) - {age % 't'} + toIntervalMillisecond(600 + (number % 5) * 100)
+               {clock} - {age % 't'} + toIntervalMillisecond(600 + (number % 5) * 100)
                    AS occurred_at,
                hex(cityHash64(number, '{prefix}', 'call')) AS event_id,
                toUInt8(number % 5 = 0) AS first_call
@@ -125,7 +131,7 @@ def generate_history(store: Store, rows: int, *, teams: int = 20, types: int = 1
                toLowCardinality(arrayElement(['submitted', 'dispatched', 'completed', 'failed'],
                    k + 1 + (k = 2 AND t % 10 = 0 ? 1 : 0))) AS state,
                toUInt8(k = 2) AS terminal, toUInt8(k = 2 ? 9 : k * 4 + 1) AS state_rank,
-               now64(3) - {age % 't'} + toIntervalMillisecond(k * 500 + (k = 2 ? 1000 : 0))
+               {clock} - {age % 't'} + toIntervalMillisecond(k * 500 + (k = 2 ? 1000 : 0))
                    AS occurred_at,
                toUInt32(k > 0) AS attempt,
                toLowCardinality(arrayElement({kinds}, 1 + intDiv(t, 3) % {types})) AS task_type,
@@ -144,7 +150,7 @@ def generate_history(store: Store, rows: int, *, teams: int = 20, types: int = 1
                toLowCardinality(number % 10 = 0 ? 'model_error' : '') AS failure_class,
                toFloat64(0) AS cost_usd, toFloat64(1000 + number % 5000) AS duration_ms,
                '' AS audit_head, toUInt32(0) AS audit_count,
-               now64(3) - {age % 'number'} + toIntervalMillisecond(2000) AS occurred_at,
+               {clock} - {age % 'number'} + toIntervalMillisecond(2000) AS occurred_at,
                hex(cityHash64(number, '{prefix}', 'outcome')) AS event_id,
                toLowCardinality(arrayElement({kinds}, 1 + intDiv(number, 3) % {types}))
                    AS task_type,
