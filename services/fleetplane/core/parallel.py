@@ -181,11 +181,14 @@ class ParallelProcessor(Processor):
                 msgs = self._fetch(max(1, min(room, self.settings.batch_size)),
                                    self.poll_timeout_s)
                 if msgs:
+                    taken = self.stats.taken
                     self._take(msgs)
                     if self.begin is not None:
                         # the rest of a burst, fetched meanwhile: begun before a slot runs
                         self._take_fetched()
                     self._fill()
+                    if self.stats.taken > taken and self._idle is not None:
+                        self._idle.busy()  # the time spent taking was not idle time
                 now = time.monotonic()
                 if self._done and now - last_commit >= self.commit_interval_s:
                     self._commit()
