@@ -304,3 +304,38 @@ def test_a_burst_onto_free_slots_is_begun_by_the_poll_loop_then_each_record_hand
         assert sorted(handles) == sorted(begun)  # each handled once
         for off in begun:
             assert order.index(("begin", off)) < order.index(("handle", off))
+
+
+def test_a_burst_the_client_fetched_ahead_is_all_begun_before_a_slot_thread_runs(
+        base_settings: Settings, unique: str,
+        started: list[tuple[ParallelProcessor, threading.Thread]]) -> None:
+    """A burst onto free slots larger than one take (here: batch_size 3, six records the client
+    fetched at once) is begun whole by the poll loop before any slot thread handles a record of
+    it: the loop takes again what the client already holds before it wakes the slots. Before,
+    the slot threads woken after the first take held the GIL while the rest of the burst sat
+    fetched in the client (docs/executor.md, stop 19)."""
+    lock = threading.Lock()
+    order: list[tuple[str, int]] = []
+
+    def begin(rec: Record) -> None:
+        time.sleep(0.01)  # a claim's work: long enough for a woken slot thread to run
+        with lock:
+            order.append(("begin", rec.offset))
+
+    def handler(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        with lock:
+            order.append(("handle", rec.offset))
+        return [ev.TaskHeld(task_id=event.task_id, team="a", reason="done")]
+
+    group = f"par-{unique}"
+    start_group_at_end(base_settings, group, SUBMITTED)
+    send_to_partition(base_settings, [f"{unique}-a{i}" for i in range(6)])
+    settings = base_settings.model_copy(update={"batch_size": 3})
+    p = ParallelProcessor(f"par-{unique}", [SUBMITTED], handler, settings, group_id=group,
+                          slots=6, prefetch=6, drain_timeout_s=0, begin=begin)
+    start(p, started)
+    out = read_all(base_settings, "tasks.lifecycle", 6, timeout_s=40, match=unique)
+    assert len(out) == 6
+    with lock:
+        kinds = [kind for kind, _ in order]
+    assert kinds == ["begin"] * 6 + ["handle"] * 6, order
