@@ -119,13 +119,28 @@ def test_prompts_feed_the_router_and_hindsight_and_single_model_baselines(
     assert tasks[0].prompt and tasks[0].prompt.startswith("Tell me about the")
     # q 0.7: the cheap model's type-level success (50%) misses it, its success on river
     # prompts (100%) does: only the per-prompt signal lets the router use it where it works
-    res = {r.name: r for r in evaluate(tasks, catalog(), embedding="hashing", q=0.7)}
+    # q kept per task type: the type's mixture share of the dear model goes to the prompts
+    # ranked by the predicted gain, so the dear model gets the mountains
+    res = {r.name: r for r in evaluate(tasks, catalog(), embedding="hashing", q=0.7,
+                                       quality_scope="type")}
     assert res["hindsight per-type (q 0.70)"].picks == {"dear": 600}  # cheap: 50% < 70%
     assert res["oracle"].success_rate == 1.0
     single = next(r for name, r in res.items() if name.startswith("best single <= cost"))
     assert single.cost_usd <= res["router"].cost_usd
     assert res["router"].success_rate >= 0.9
     assert res["router"].cost_usd < 0.8 * res["all-frontier"].cost_usd  # prompts tell them apart
+    # the default (price) scope keeps q 0.7 x all-frontier's success at the lowest cost: the
+    # cheap model's predicted success on river prompts (its prompt model has measured skill)
+    # sends them to it, so the same promise costs much less than without the prompts
+    res = {r.name: r for r in evaluate(tasks, catalog(), embedding="hashing", q=0.7)}
+    blind = {r.name: r for r in evaluate(tasks, catalog(), embedding="hashing", q=0.7,
+                                         prompt_signal=False)}
+    for r in (res, blind):
+        assert r["router"].success_rate >= 0.7 * r["all-frontier"].success_rate - 0.02
+    assert res["router"].cost_usd < 0.75 * blind["router"].cost_usd  # prompts tell them apart
+    assert res["router"].cost_usd < 0.4 * res["all-frontier"].cost_usd
+    single = next(r for name, r in res.items() if name.startswith("best single <= cost"))
+    assert single.success_rate < res["router"].success_rate
     with pytest.raises(SystemExit) as exc:  # argparse: usage error, exit code 2
         main([str(write(tmp_path, rows[:5])), "--embedding", "nope"])
     assert exc.value.code == 2

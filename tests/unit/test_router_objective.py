@@ -115,12 +115,25 @@ def test_every_decision_says_why_with_q_best_and_target() -> None:
     for i in range(40):
         stats.record("codegen", "gpt-4o-mini", i % 10 != 0, 0.001)
         stats.record("codegen", "claude-opus-4-7", True, 0.05)
-    d = choose(catalog(), spec(), stats, key="why/1", cfg=PolicyConfig(exploration_share=0.0))
+    # q kept per task type: the reason names q, the best model and the target
+    typed = PolicyConfig(exploration_share=0.0, quality_scope="type")
+    d = choose(catalog(), spec(), stats, key="why/1", cfg=typed)
     assert d.reason.startswith("objective: lowest expected cost with success >= q 0.95")
     assert "best claude-opus-4-7" in d.reason and "target" in d.reason
     assert "maps to tier standard" in d.reason
-    e = choose(catalog(), spec(), stats, key="why/1", cfg=PolicyConfig(exploration_share=1.0))
+    typed_x = PolicyConfig(exploration_share=1.0, quality_scope="type")
+    e = choose(catalog(), spec(), stats, key="why/1", cfg=typed_x)
     assert e.explored and e.reason.startswith("exploring:") and "Thompson sample" in e.reason
+    assert choose(catalog(), spec(), stats, key="why/1",
+                  cfg=typed_x).reason == e.reason  # deterministic
+    # the default (price) scope: q, the price of a success, the ledger and the pick's value
+    d = choose(catalog(), spec(), stats, key="why/1", cfg=PolicyConfig(exploration_share=0.0))
+    assert d.reason.startswith("objective: lowest expected cost at the price $")
+    assert "q 0.95 (default) x best" in d.reason and "ledger" in d.reason
+    assert f"{d.model.name} has the largest value" in d.reason
+    assert "maps to tier standard" in d.reason
+    e = choose(catalog(), spec(), stats, key="why/1", cfg=PolicyConfig(exploration_share=1.0))
+    assert e.explored and e.reason.startswith("exploring:")
     assert choose(catalog(), spec(), stats, key="why/1",
                   cfg=PolicyConfig(exploration_share=1.0)).reason == e.reason  # deterministic
 
@@ -338,8 +351,11 @@ def test_a_contender_judged_against_the_leaders_draw_is_tried_less_where_it_does
     """Two models equally good: the default tries the dear one whenever its draw beats the
     cheap leader (about half of the exploring decisions); `contender_vs_draw` only when q x
     its draw would make the leader's own draw miss the target."""
-    plain = [_two_model_replay(0.8, 0.8, s, PolicyConfig()) for s in range(3)]
-    vs_draw = [_two_model_replay(0.8, 0.8, s, PolicyConfig(contender_vs_draw=True))
+    # a knob of the per-type scope (the price scope does not apply it: docs/routing.md)
+    plain = [_two_model_replay(0.8, 0.8, s, PolicyConfig(quality_scope="type"))
+             for s in range(3)]
+    vs_draw = [_two_model_replay(0.8, 0.8, s, PolicyConfig(contender_vs_draw=True,
+                                                           quality_scope="type"))
                for s in range(3)]
     tried = sum(r[2] for r in plain), sum(r[2] for r in vs_draw)
     dear = sum(r[0]["dear"] for r in plain), sum(r[0]["dear"] for r in vs_draw)

@@ -126,3 +126,92 @@ def test_the_price_scope_converges_to_the_cheap_model_and_moves_when_it_degrades
     assert picks["claude-haiku-4-5"] >= 0.6 * 300, picks  # measured 214 of 300
     assert picks["gpt-4o-mini"] < 0.3 * 300, picks
     assert sum(world[m] * n for m, n in picks.items()) / 300 >= 0.855 - 0.03
+
+
+def test_a_deficit_caps_the_price() -> None:
+    """A deficit of hundreds of successes (every outcome a failure) raises the price to at most
+    PRICE_CAP x the start (was e^50 x: $1.3e13 per success), so the pick still weighs costs."""
+    from fleetplane.router.price import PRICE_CAP
+
+    stats = OutcomeStats()
+    _record(stats, "qa", "big", 90, 100, 1.0)
+    _record(stats, "qa", "small", 0, 400, 0.1)
+    pr = success_price(stats, 0.95, 0.0)
+    assert pr.owed > 300
+    assert pr.price <= PRICE_CAP * 1.0 / START_GAIN * (1 + 1e-9)
+
+
+def test_the_prompt_models_skill_tells_predictive_prompts_from_noise() -> None:
+    """PromptSignal.skill: the prompt model's squared error against the pair's success rate,
+    each prediction made before its outcome was learned. Where the prompt decides the outcome
+    (river prompts succeed, mountain prompts fail) it is far above the price scope's bar; where
+    outcomes are coin flips whatever the prompt, below it; with too few outcomes, None."""
+    import random
+
+    from fleetplane.router.features import FeatureCache, HashingEmbedder
+    from fleetplane.router.policy import PolicyConfig
+    from fleetplane.router.signal import PromptSignal
+
+    features = FeatureCache(HashingEmbedder())
+    signal = PromptSignal()
+    rng = random.Random(3)
+    for i in range(400):
+        topic = rng.choice(["river", "mountain"])
+        x = features.vector(f"s{i}", f"Tell me about the {topic} number {rng.randint(1, 50)}")
+        signal.update("m", "topic", x, topic == "river")
+        signal.update("m", "coin", x, rng.random() < 0.5)
+        if i == 10:
+            assert signal.skill("m", "topic") is None  # too few outcomes to tell
+    bar = PolicyConfig().price_prompt_skill
+    topic_skill, coin_skill = signal.skill("m", "topic"), signal.skill("m", "coin")
+    assert topic_skill is not None and topic_skill > 2 * bar
+    assert coin_skill is not None and coin_skill < bar
+    assert signal.skill("m", "never-seen") is not None  # judged over all task types
+
+
+def test_an_unseen_task_type_borrows_from_similar_prompts_through_the_skill() -> None:
+    """The router's own path (the prompt view carries PromptSignal.skill): on a task type no
+    model has run, a model's prediction counts when the prompt features alone (no task type's
+    bias) predicted its outcomes better than its success rate over all types. gpt-4o-mini does
+    translations and fails arithmetic, the local coder the other way round: a new translation
+    type goes to the first, an arithmetic prompt of the same new type to the second."""
+    import random
+
+    from fleetplane.core.catalog import Catalog
+    from fleetplane.core.events import TaskSpec
+    from fleetplane.router.features import FeatureCache, HashingEmbedder
+    from fleetplane.router.policy import PolicyConfig, PromptView, choose
+    from fleetplane.router.signal import PromptSignal
+
+    features = FeatureCache(HashingEmbedder())
+    signal = PromptSignal()
+    stats = OutcomeStats()
+    rng = random.Random(1)
+    words = ["house", "river", "friend", "window", "garden", "letter", "music", "winter"]
+    names = ["gpt-4o-mini", "fleet-local-coder"]
+    for i in range(300):
+        if i % 2:
+            task_type, good = "translate-fr", "gpt-4o-mini"
+            prompt = f"Translate to French: the {rng.choice(words)} and the {rng.choice(words)}"
+        else:
+            task_type, good = "arithmetic", "fleet-local-coder"
+            prompt = f"Compute {rng.randint(10, 99)} * {rng.randint(10, 99)} + {rng.randint(1, 9)}"
+        x = features.vector(f"train-{i}", prompt)
+        for model in names:
+            signal.update(model, task_type, x, model == good)
+            stats.record(task_type, model, model == good, 0.001)
+    cat = load_catalog(Settings().catalog_file)
+    small = Catalog(tiers=cat.tiers, default_tier="small", task_types={},
+                    models={n: cat.models[n] for n in names})
+    picked = {}
+    for key, prompt in (("de", "Translate to German: the river and the garden"),
+                        ("calc", "Compute 12 * 40 + 3")):
+        x = features.vector(key, prompt)
+        view = PromptView(signal.predict_many(names, "translate-de", x), None,
+                          {m: signal.skill(m, "translate-de") for m in names})
+        assert view.skill is not None
+        assert all((k or 0.0) >= PolicyConfig().price_prompt_skill for k in view.skill.values())
+        picked[key] = choose(small, TaskSpec(name="n", task_type="translate-de", prompt=prompt),
+                             stats, key=f"{key}/1", cfg=PolicyConfig(exploration_share=0.0),
+                             prompt=view).model.name
+    assert picked == {"de": "gpt-4o-mini", "calc": "fleet-local-coder"}

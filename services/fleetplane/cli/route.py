@@ -30,7 +30,7 @@ def eval_(
     semantic_max_edits: Annotated[int, typer.Option(min=0)] = 0,
     quality_scope: Annotated[str, typer.Option(
         help="type: q x best per task type; pooled: over all task types; price: over all task "
-        "types, held by one price of a success.")] = "type",
+        "types, held by one price of a success.")] = "price",
 ) -> None:
     """Replay FILE through the router and compare cost and success with baselines."""
     from fleetplane.router.evaluate import run

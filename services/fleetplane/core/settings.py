@@ -218,7 +218,7 @@ class Settings(BaseSettings):
         description="Prompt embedding: wordllama (bundled weights) or hashing.")
     router_min_cost_observations: int = 3
     router_quality_scope: str = Field(
-        default="type", pattern="^(type|pooled|price)$",
+        default="price", pattern="^(type|pooled|price)$",
         description="Where q x the best model's success is kept: per task type, or pooled over "
         "all task types (the cheapest successes bought first), or over all task types by one "
         "price of a success held by the ledger (price). docs/routing.md")

@@ -229,7 +229,8 @@ def replay_router(tasks: list[EvalTask], catalog: Catalog, rc: RouterConfig,
         seen = recent.get(task.task_type)
         if seen is None:
             seen = recent[task.task_type] = RecentPredictions(RECENT_PROMPTS)
-        view = (PromptView(signal.predict_many(sorted(cat.models), task.task_type, x), seen)
+        view = (PromptView(signal.predict_many(sorted(cat.models), task.task_type, x), seen,
+                           {m: signal.skill(m, task.task_type) for m in cat.models})
                 if x is not None else None)
         if view is not None:
             seen.add(view.predictions)

@@ -72,7 +72,7 @@ class PolicyConfig:
     ledger_band: float = 0.0  # ledger: deficits within this many standard errors are ignored
     # "type": q x best is kept per task type; "pooled": over all task types together, each
     # type at least `pooled_floor` x its best (fleetplane.router.pooled)
-    quality_scope: str = "type"
+    quality_scope: str = "price"
     # a mixture's dear model gets the prompts whose predicted gain over the cheap one ranks in
     # the top `upper_share` of the type's recent prompts (else: a uniform draw)
     prompt_rank: bool = True
@@ -82,6 +82,10 @@ class PolicyConfig:
     # clearly meets q x every model's success (by `settle_z` standard errors of the
     # difference), every cheaper one clearly below q x the best (0: never settled)
     settle_z: float = 0.0
+    # the price scope judges a model by its per-prompt prediction only where the prompt model
+    # has predicted that model's outcomes on the task type (or, on a type it has not run, on
+    # all types) this much better than the type's success rate (a Brier skill score)
+    price_prompt_skill: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,9 @@ class PromptView:
 
     predictions: dict[str, float]
     recent: RecentPredictions | None = None  # the type's recent prompts, this one included
+    # by model, the prompt model's measured skill on the task type (PromptSignal.skill; None:
+    # too few outcomes); without it (None) every prediction is taken at its word
+    skill: dict[str, float | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -301,6 +308,16 @@ def _estimates(pool: list[Model], spec: TaskSpec, stats: OutcomeStats, rng: rand
     return out
 
 
+def _skilled(prompt: PromptView | None, threshold: float) -> PromptView | None:
+    """The price scope's prompt view: the predictions of the models whose prompt model has a
+    skill of at least `threshold` (all of them when the view carries no skill figures)."""
+    if prompt is None or prompt.skill is None:
+        return prompt
+    kept = {m: p for m, p in prompt.predictions.items()
+            if (k := prompt.skill.get(m)) is not None and k >= threshold}
+    return PromptView(kept, prompt.recent, prompt.skill) if kept else None
+
+
 def _settled(est: dict[str, Estimate], costs: dict[str, float], q: float,
              cfg: PolicyConfig) -> str | None:
     """The model the type's decision has settled on, or None while exploring may change it:
@@ -430,8 +447,9 @@ def choose(catalog: Catalog, spec: TaskSpec, stats: OutcomeStats, *, key: str,
     rng = random.Random(_seed(key, "thompson"))
     if cfg.quality_scope == "price":
         # a per-prompt Lagrangian pick turns the prompt model's noise into dear picks (on the
-        # development set, where it is near chance: 96.6% / 74% against 94.7% / 53%)
-        prompt = None
+        # development set, where it is near chance: 96.6% / 74% against 94.7% / 53%), so only
+        # the predictions with measured skill count
+        prompt = _skilled(prompt, cfg.price_prompt_skill)
     est = _estimates(pool, spec, stats, rng, explored, prompt, cfg)
     settled = _settled(est, costs, q, cfg) if explored and cfg.settle_z > 0 else None
     if settled is not None:  # the bar is clear: judge by the estimates, no draws

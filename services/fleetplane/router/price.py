@@ -31,6 +31,9 @@ from fleetplane.router.stats import REFERENCE_MIN_EVIDENCE, OutcomeStats
 START_GAIN = 0.2  # the start price pays the dearest model's cost for this gain in success
 H_MIN = 3.0  # successes of deficit per e-fold of the price, at least
 H_SCALE = 0.3  # ... and this x sqrt(the window's volume)
+PRICE_CAP = 100.0  # the price is at most this x the start
+ANCHOR_CAP = 10.0  # the anchor raises the price by at most this factor
+INTEGRAL_GAIN = 0.01  # per outcome, the anchor moves by this x the ledger's level (0: off)
 REFERENCE_SHARE = 0.05  # decisions that go to the model most plausibly best (its estimate)
 
 
@@ -102,4 +105,21 @@ def success_price(stats: OutcomeStats, q: float, dearest_now: float,
     start = max(led.dearest, dearest_now, 1e-9) / START_GAIN
     owed = q * led.best_volume - led.successes
     scale = max(H_MIN, H_SCALE * math.sqrt(led.volume))
-    return Price(start * math.exp(min(50.0, owed / scale)), owed)
+    level = owed / scale
+    if INTEGRAL_GAIN > 0:
+        # the anchor: the integral of the ledger's level over the outcomes, so the ledger
+        # settles at 0 rather than where start x exp(level) happens to be the price the models
+        # need (H x log(needed / start) successes short when the start is below it)
+        key = ("price-anchor", q, strength)
+        got = stats.memo.get(key)
+        version, anchor = cast(tuple[int, float], got) if got is not None else (0, 0.0)
+        if stats.version > version:
+            if abs(level) < 1.0:  # near the ledger's balance only: a cold start's deficit
+                # (tens of successes) must not wind the anchor up
+                anchor = min(math.log(ANCHOR_CAP), max(0.0, anchor + INTEGRAL_GAIN * level
+                                                       * (stats.version - version)))
+            stats.memo[key] = (stats.version, anchor)
+        level += anchor
+    # capped: at PRICE_CAP x the start, the dearest model is worth paying for a gain in
+    # success of START_GAIN / PRICE_CAP (0.2 points): any larger deficit changes nothing more
+    return Price(start * math.exp(min(math.log(PRICE_CAP), level)), owed)

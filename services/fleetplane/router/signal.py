@@ -22,6 +22,7 @@ from fleetplane.router.features import DIM, Vector
 
 LEARNING_RATE = 0.3
 L2 = 1e-4
+SKILL_DECAY = 0.995  # the skill's sums weigh about the last 200 outcomes of a (model, type)
 
 
 def _sigmoid(z: float) -> float:
@@ -41,6 +42,29 @@ class ModelWeights:
 class PromptSignal:
     def __init__(self) -> None:
         self.models: dict[str, ModelWeights] = {}
+        # (model, task type) -> discounted [outcomes, successes, squared error of the prompt
+        # model's prediction, squared error of the pair's running success rate], each
+        # prediction made before its outcome was learned (prequential)
+        self.scores: dict[tuple[str, str], list[float]] = {}
+        # model -> the same sums for the prediction without the task type's bias against the
+        # model's running success rate over all types (what an unseen type is judged by)
+        self.model_scores: dict[str, list[float]] = {}
+
+    def skill(self, model: str, task_type: str, min_outcomes: float = 50.0) -> float | None:
+        """How much better the prompt model predicted the outcomes of (model, task type) than
+        the pair's running success rate: 1 - its squared error / the rate's (a Brier skill
+        score; 0: no better than the type's rate, negative: worse). A task type the model has
+        fewer than `min_outcomes` outcomes of is judged by what such a type gets: the
+        prediction without a task type's bias (the prompt's features alone) against the
+        model's running success rate over all types, on all its outcomes; so an unseen task
+        type borrows from similar prompts only where the prompts have predicted something.
+        None: too few outcomes to tell."""
+        own = self.scores.get((model, task_type))
+        if own is None or own[0] < min_outcomes:
+            own = self.model_scores.get(model)
+        if own is None or own[0] < min_outcomes or own[3] <= 1e-9:
+            return None
+        return 1.0 - own[2] / own[3]
 
     def predict(self, model: str, task_type: str, x: Vector) -> float:
         m = self.models.get(model)
@@ -56,7 +80,16 @@ class PromptSignal:
         m = self.models.setdefault(model, ModelWeights())
         tb = m.by_type.setdefault(task_type, [0.0, 1e-6])
         p = _sigmoid(m.bias + tb[0] + float(m.w @ x))
-        g = p - (1.0 if success else 0.0)
+        y = 1.0 if success else 0.0
+        untyped = _sigmoid(m.bias + float(m.w @ x))
+        for sc, pred in ((self.scores.setdefault((model, task_type), [0.0, 0.0, 0.0, 0.0]), p),
+                         (self.model_scores.setdefault(model, [0.0, 0.0, 0.0, 0.0]), untyped)):
+            rate = (sc[1] + 0.5) / (sc[0] + 1.0)
+            sc[0] = SKILL_DECAY * sc[0] + 1.0
+            sc[1] = SKILL_DECAY * sc[1] + y
+            sc[2] = SKILL_DECAY * sc[2] + (y - pred) ** 2
+            sc[3] = SKILL_DECAY * sc[3] + (y - rate) ** 2
+        g = p - y
         grad = g * x + L2 * m.w
         m.g2 += grad * grad
         m.w -= (LEARNING_RATE / np.sqrt(m.g2)) * grad

@@ -130,7 +130,8 @@ class RouterState:
         if seen is None:
             seen = self.recent_predictions[spec.task_type] = RecentPredictions(RECENT_PROMPTS)
         view = PromptView(self.signal.predict_many(sorted(self.catalog.models), spec.task_type,
-                                                   x), seen)
+                                                   x), seen,
+                          {m: self.signal.skill(m, spec.task_type) for m in self.catalog.models})
         seen.add(view.predictions)  # ranks among the recent ones including itself
         return view
 
