@@ -22,7 +22,7 @@ from fleetplane.ingest.names import NAMES_TOPIC, NameIndex
 from fleetplane.ingest.repositories import REPOSITORIES_TOPIC, RepositoryRegistry
 from fleetplane.ingest.taskview import TaskView
 from fleetplane.ingest.tokens import TOKENS_TOPIC, TokenStore
-from fleetplane.ingest.workers import Workers, rate_share
+from fleetplane.ingest.workers import Workers, die_with_parent, rate_share
 from fleetplane.metrics.setup import instrument
 from fleetplane.tracing.http import instrument_app
 
@@ -31,6 +31,8 @@ def main() -> None:
     settings = bootstrap("ingest")
     # worker 0 starts the others (FLEETPLANE_INGEST_WORKERS), each a replica on the same port
     workers = Workers(settings) if settings.ingest_worker_index == 0 else None
+    if workers is None:
+        die_with_parent()
     # loop metrics on /metrics; traces start here (an incoming traceparent is honoured)
     obs = instrument(settings, "ingest", entry=True)
     tokens = TokenStore()

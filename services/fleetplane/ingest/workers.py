@@ -33,12 +33,19 @@ log = get_logger(__name__)
 RESTART_AFTER_S = 1.0
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+def die_with_parent() -> None:
+    """In a worker (index > 0), at start: SIGTERM when worker 0 dies, however it dies (Linux's
+    PR_SET_PDEATHSIG; set by the worker itself, not in a pre-exec hook, which is unsafe in a
+    process with threads). A worker whose parent is already gone stops at once."""
+    if sys.platform != "linux":
+        return
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
-        pass
+        return
+    if os.getppid() == 1:  # worker 0 died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Workers:
@@ -57,8 +64,7 @@ class Workers:
 
     def _spawn(self, index: int) -> None:
         self.procs[index] = subprocess.Popen(
-            [sys.executable, "-m", "fleetplane.ingest.main"], env=self.env(index),
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            [sys.executable, "-m", "fleetplane.ingest.main"], env=self.env(index))
         log.info("ingest worker started", worker=index, pid=self.procs[index].pid)
 
     def start(self) -> None:
