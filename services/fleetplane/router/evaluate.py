@@ -41,9 +41,9 @@ from fleetplane.router.policy import (
     QUALITY_SCOPES,
     RECENT_PROMPTS,
     PolicyConfig,
-    PromptView,
     Unroutable,
     choose,
+    prompt_view,
 )
 from fleetplane.router.semantic_eval import KindResult, semantic_pairs
 from fleetplane.router.signal import PromptSignal, RecentPredictions
@@ -229,11 +229,8 @@ def replay_router(tasks: list[EvalTask], catalog: Catalog, rc: RouterConfig,
         seen = recent.get(task.task_type)
         if seen is None:
             seen = recent[task.task_type] = RecentPredictions(RECENT_PROMPTS)
-        view = (PromptView(signal.predict_many(sorted(cat.models), task.task_type, x), seen,
-                           {m: signal.skill(m, task.task_type) for m in cat.models})
+        view = (prompt_view(signal, cat.models, task.task_type, x, seen)
                 if x is not None else None)
-        if view is not None:
-            seen.add(view.predictions)
         try:
             picked = choose(cat, spec, stats, key=f"{task.task_id}/1", cfg=cfg, q=rc.q,
                             prompt=view).model.name

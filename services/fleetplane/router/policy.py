@@ -18,15 +18,17 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import cast
 
 from fleetplane.core.catalog import Catalog, Model
 from fleetplane.core.events import TaskSpec
+from fleetplane.router.features import Vector
 from fleetplane.router.objective import DEFAULT_QUALITY_SHARE, Mixture, Option, solve
 from fleetplane.router.pooled import TypeTarget, pooled_targets
 from fleetplane.router.price import REFERENCE_SHARE, success_price
-from fleetplane.router.signal import RecentPredictions
+from fleetplane.router.signal import PromptSignal, RecentPredictions
 from fleetplane.router.stats import RECENT, OutcomeStats
 
 EXPECTED_OUTPUT_TOKENS = 500
@@ -99,6 +101,17 @@ class PromptView:
     # by model, the prompt model's measured skill on the task type (PromptSignal.skill; None:
     # too few outcomes); without it (None) every prediction is taken at its word
     skill: dict[str, float | None] | None = None
+
+
+def prompt_view(signal: PromptSignal, models: Iterable[str], task_type: str, x: Vector,
+                recent: RecentPredictions) -> PromptView:
+    """The prompt's predictions and the prompt model's skill by model, ranked among the task
+    type's `recent` prompts (this one is added to them): what `choose` takes as `prompt`."""
+    names = sorted(models)
+    view = PromptView(signal.predict_many(names, task_type, x), recent,
+                      {m: signal.skill(m, task_type) for m in names})
+    recent.add(view.predictions)
+    return view
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from fleetplane.core import events as ev
 from fleetplane.core.catalog import Catalog
 from fleetplane.router.cache import CACHE_MODEL, CacheEntry, ResponseCache, cache_key, not_cacheable
 from fleetplane.router.features import EMBED_DIM, FeatureCache, Vector
-from fleetplane.router.policy import RECENT_PROMPTS, PromptView
+from fleetplane.router.policy import RECENT_PROMPTS, PromptView, prompt_view
 from fleetplane.router.semantic import Match, SemanticCache, scope_key, wording
 from fleetplane.router.signal import PromptSignal, RecentPredictions
 from fleetplane.router.stats import NEUTRAL_FAILURES, OutcomeStats
@@ -129,11 +129,7 @@ class RouterState:
         seen = self.recent_predictions.get(spec.task_type)
         if seen is None:
             seen = self.recent_predictions[spec.task_type] = RecentPredictions(RECENT_PROMPTS)
-        view = PromptView(self.signal.predict_many(sorted(self.catalog.models), spec.task_type,
-                                                   x), seen,
-                          {m: self.signal.skill(m, spec.task_type) for m in self.catalog.models})
-        seen.add(view.predictions)  # ranks among the recent ones including itself
-        return view
+        return prompt_view(self.signal, self.catalog.models, spec.task_type, x, seen)
 
     # -- the fold --------------------------------------------------------------------------------
     def apply(self, event: ev.Event) -> None:
