@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -57,7 +56,7 @@ from rich.table import Table
 
 from bench.executor import concurrency as mixed_loop
 from bench.executor import dispatch, pct
-from bench.measure import machine
+from bench.measure import machine, py_spy
 from bench.report import write_result
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
@@ -239,12 +238,9 @@ def _spy(pid: int, path: Path, seconds: float | None = None,
     """py-spy recording `pid` (collapsed stacks, --nonblocking: the target is not paused), for
     `seconds` or until SIGINT; None without py-spy (beside the interpreter, or on PATH).
     `gil`: only the thread holding the GIL (where a GIL-bound process's time goes)."""
-    spy = Path(sys.executable).parent / "py-spy"
-    if not spy.exists():
-        found = shutil.which("py-spy")
-        if found is None:
-            return None
-        spy = Path(found)
+    spy = py_spy()
+    if spy is None:
+        return None
     cmd = [str(spy), "record", "-p", str(pid), "-r", str(rate), "--nonblocking", "-f", "raw",
            "-o", str(path), "--threads", *(["--gil"] if gil else [])]
     if seconds is not None:
@@ -307,8 +303,8 @@ def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
 def python_thread_names(pid: int) -> dict[int, str]:
     """Thread id -> Python thread name (py-spy dump; {} without py-spy). Python 3.11 does not
     name OS threads, so /proc shows them all as "python"."""
-    spy = Path(sys.executable).parent / "py-spy"
-    if not spy.exists():
+    spy = py_spy()
+    if spy is None:
         return {}
     try:
         text = subprocess.run([str(spy), "dump", "--pid", str(pid), "--nonblocking"],

@@ -33,8 +33,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from bench.measure import group_pids
-from bench.pipeline import RESULTS, cpu_seconds, machine, percentile
+from bench.measure import group_cpu_seconds
+from bench.pipeline import RESULTS, machine, percentile
 from fleetplane.cli.stack import Stack
 
 
@@ -74,12 +74,12 @@ def phase(url: str, token: str, docs: list[dict[str, Any]], workers: int,
             latencies.append(dt)
             codes[resp.status_code] = codes.get(resp.status_code, 0) + 1
 
-    cpu0 = group_cpu(pid)
+    cpu0 = group_cpu_seconds(pid) or 0.0  # every worker of ingest's group
     start = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(one, docs))
     elapsed = time.perf_counter() - start
-    cpu_ms = (group_cpu(pid) - cpu0) * 1000 / len(docs)
+    cpu_ms = ((group_cpu_seconds(pid) or 0.0) - cpu0) * 1000 / len(docs)
     return {"requests": len(docs), "codes": codes, "elapsed_s": round(elapsed, 3),
             "requests_per_s": round(len(docs) / elapsed, 1),
             "p50_ms": round(percentile(latencies, 50), 2),
@@ -113,25 +113,18 @@ def batch_phase(url: str, token: str, docs: list[dict[str, Any]], workers: int, 
                 codes[item["status"]] = codes.get(item["status"], 0) + 1
 
     chunks = [docs[i:i + size] for i in range(0, len(docs), size)]
-    cpu0 = group_cpu(pid)
+    cpu0 = group_cpu_seconds(pid) or 0.0  # every worker of ingest's group
     start = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(one, chunks))
     elapsed = time.perf_counter() - start
-    cpu_ms = (group_cpu(pid) - cpu0) * 1000 / len(docs)
+    cpu_ms = ((group_cpu_seconds(pid) or 0.0) - cpu0) * 1000 / len(docs)
     return {"requests": len(docs), "codes": codes, "elapsed_s": round(elapsed, 3),
             "requests_per_s": round(len(docs) / elapsed, 1),
             "p50_ms": round(percentile(latencies, 50), 2),
             "p99_ms": round(percentile(latencies, 99), 2),
             "max_ms": round(max(latencies), 2),
             "ingest_cpu_ms_per_request": round(cpu_ms, 2)}
-
-
-def group_cpu(pid: int | None) -> float:
-    """CPU seconds of ingest's process group: every worker (FLEETPLANE_INGEST_WORKERS)."""
-    if not pid:
-        return 0.0
-    return sum(cpu_seconds(p) or 0.0 for p in group_pids(pid))
 
 
 def main() -> None:

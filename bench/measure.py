@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -129,3 +131,13 @@ def self_cpu_seconds() -> float:
     """CPU time of this (the bench client) process."""
     t = os.times()
     return round(t.user + t.system, 2)
+
+
+def py_spy() -> Path | None:
+    """The py-spy binary: beside the interpreter, else on PATH (it is not a project dependency:
+    `pip install --target DIR py-spy`, then DIR/bin on PATH); None without one."""
+    spy = Path(sys.executable).parent / "py-spy"
+    if spy.exists():
+        return spy
+    found = shutil.which("py-spy")
+    return Path(found) if found is not None else None

@@ -22,7 +22,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -45,6 +44,7 @@ from bench.measure import (
     machine,
     machine_jiffies,
     percentile,
+    py_spy,
     self_cpu_seconds,
 )
 from bench.recorder import STAGES, StageRecorder
@@ -208,6 +208,9 @@ class Profiler:
     file per service in `directory`; the top functions per service in `summary()`)."""
 
     def __init__(self, stack: Stack, directory: Path, rate: int = 50) -> None:
+        spy = py_spy()
+        if spy is None:
+            raise SystemExit("--profile needs py-spy (beside the interpreter or on PATH)")
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -215,7 +218,7 @@ class Profiler:
             if name in ("broker", "fake-provider"):
                 continue
             self.procs[name] = subprocess.Popen(
-                [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid),
+                [str(spy), "record", "-p", str(pid),
                  "-r", str(rate), "--gil", "--nonblocking", "-f", "raw",
                  "-o", str(directory / f"{name}.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
