@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -25,7 +26,33 @@ from pathlib import Path
 PINNED = "noida-db==0.2.3"
 
 
+#: ports below the kernel's ephemeral range are never handed to outgoing connections
+LOW_PORTS = (10_000, 32_767)
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return LOW_PORTS[1] + 1
+
+
 def free_port() -> int:
+    """A port free to listen on, below the ephemeral range where the kernel has one: a port
+    the kernel picked (bind to 0) is from that range, and an outgoing connection (a Kafka
+    client's, of which a chaos run opens hundreds) could take it before the service that was
+    given it binds it (seen once: the accounting API failed to start with "address already in
+    use"). Falls back to a kernel-picked port."""
+    top = min(LOW_PORTS[1], _ephemeral_start() - 1)
+    rng = random.SystemRandom()
+    for _ in range(50):
+        port = rng.randint(LOW_PORTS[0], top)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
