@@ -18,7 +18,13 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from fleetplane.coordinator.app import BATCH_MAX, SCHEDULER_TOPIC
+from fleetplane.coordinator.app import (
+    APP_ID,
+    BATCH_MAX,
+    INPUTS,
+    REPARTITION_ROLE,
+    SCHEDULER_TOPIC,
+)
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.serde import default_serde
@@ -397,6 +403,58 @@ def test_sigkill_mid_stream_loses_nothing(
     print(f"\nSIGKILL mid-stream: 1500 tasks, {duplicates} re-published dispatch record(s) "
           f"with the same event id")
     assert duplicates <= BATCH_MAX, "at most the one batch in flight is re-published"
+
+
+def test_a_completion_the_broker_lost_downstream_is_applied_after_a_restart(
+    coordinator: CoordinatorProcess, producer: EventProducer, base_settings: Settings,
+    tail: Callable[[str], Tail], unique: str,
+) -> None:
+    """The state a hard broker crash leaves (chaos runs, docs/reliability.md "Stop 20"): the
+    coordinator's committed input offsets are past a completion whose forwarded copy (or the
+    table change made from it) is gone. After a restart the coordinator reads its recent input
+    again: the completion frees the files it held (the next task on them starts) and the
+    attempt is not declared lost and run twice."""
+    dispatch = tail(DISPATCH)
+    scope = spec(write_scope=["src/**"], repository=f"repo-{unique}")
+    first, second = routed(f"{unique}-first", spec=scope), routed(f"{unique}-second", spec=scope)
+    producer.send([first])
+    dispatch.wait_for(first.task_id, 1, ev.TaskDispatched, linger_s=0)
+    before = coordinator.stats()
+    assert before is not None
+    producer.send([ev.TaskStarted(task_id=first.task_id, team="team-c", attempt=1,
+                                  executor_id="ex-1", lease_ms=600_000), second])
+    coordinator.wait_processed(before["processed"] + 2)
+    dispatch.poll(0.5)
+    assert dispatch.events(second.task_id) == []  # waits for the files the first one holds
+    time.sleep(1.0)  # an offset commit (every 0.5 s) passes
+    coordinator.kill()
+
+    producer.send([ev.TaskCompleted(task_id=first.task_id, team="team-c", attempt=1, model="m",
+                                    output="ok", cost_usd=0.1, duration_ms=10)])
+    # the broker kept the input offsets and lost what the coordinator wrote with them: the
+    # offsets are committed past the completion as the active role's member (static: it
+    # replaces the killed one, and the restarted coordinator replaces it in turn)
+    group = Consumer({**base_settings.consumer_config(APP_ID), "enable.auto.commit": False,
+                      "group.instance.id": REPARTITION_ROLE})
+    group.subscribe(list(INPUTS))
+    deadline = time.monotonic() + 30
+    while not group.assignment():
+        assert time.monotonic() < deadline, "the test never joined the coordinator's group"
+        group.poll(0.2)
+    ends = []
+    for tp in group.assignment():
+        _, high = group.get_watermark_offsets(tp, timeout=10)
+        ends.append(TopicPartition(tp.topic, tp.partition, high))
+    group.commit(offsets=ends, asynchronous=False)
+    group.close()
+
+    coordinator.start()
+    ready = coordinator.wait_ready()
+    got = per_task(dispatch.wait_for(unique, 2, ev.TaskDispatched, timeout_s=40, linger_s=2.0))
+    assert second.task_id in got, "the completion was never applied: the files stay held"
+    assert [d.attempt for d in got[first.task_id]] == [1], "the first task ran twice"
+    stats = coordinator.stats()
+    assert stats is not None and stats["replayed"] > 0, ready
 
 
 def test_sigterm_stops_cleanly(coordinator: CoordinatorProcess) -> None:

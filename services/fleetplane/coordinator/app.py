@@ -72,6 +72,7 @@ from fleetplane.core.loop import (
     dead_letter,
     headers_dict,
 )
+from fleetplane.core.offsets import replay_recent
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.table import ChangelogTable
@@ -119,6 +120,7 @@ class Stats:
     instance: str = ""
     role: str = "standby"  # standby -> active
     forwarded: int = 0  # input records repartitioned onto the scheduler topic
+    replayed: int = 0  # input records read again on assignment (Coordinator._replay_inputs)
     processed: int = 0  # scheduler records decided
     decided_s: float = 0.0  # time spent in Scheduler.apply
     published: int = 0  # events decided and published
@@ -210,7 +212,8 @@ class Coordinator:
         self.previous_epoch: str | None = None  # read from the latest ticks on takeover
         self.repartitioner = Processor(
             SERVICE, INPUTS, repartition, settings, group_id=APP_ID, transactional=True,
-            instance_id=f"{REPARTITION_ROLE}-{self.epoch}", group_instance_id=REPARTITION_ROLE)
+            instance_id=f"{REPARTITION_ROLE}-{self.epoch}", group_instance_id=REPARTITION_ROLE,
+            on_assign=self._replay_inputs)
         self.schedule = Processor(
             SERVICE, [SCHEDULER_TOPIC], self.decide, settings, group_id=SCHEDULER_GROUP,
             transactional=True, instance_id=f"{SCHEDULE_ROLE}-{self.epoch}",
@@ -271,6 +274,17 @@ class Coordinator:
             self.stats.role = "active"  # the group gave this process the partition
         if partitions and self.table.restored is None:
             self.restore()
+
+    def _replay_inputs(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """The repartition step's inputs, on assignment (a takeover, a restart): read again from
+        ``coordinator_replay_s`` back. Chaos runs found completions committed on
+        tasks.outcomes, and forwarded, that the scheduler's restored table never had after a
+        broker crash (its SIGKILL keeps offsets and loses the last writes): those attempts were
+        declared lost and ran twice. Forwarded again, they are applied now; the copies already
+        applied are ignored by event id (TaskRow.seen), and the ticks' read-until mark holds
+        the lost-attempt check back until the step has caught up (`tick_reason`)."""
+        self.stats.replayed += replay_recent(consumer, partitions,
+                                             self.settings.coordinator_replay_s)
 
     def _on_abort(self) -> None:
         """An aborted transaction: the in-memory rows may hold uncommitted changes."""

@@ -187,6 +187,9 @@ class Scheduler:
                     "last_heartbeat_at": e.occurred_at, "lease_until": lease,
                     "updated_at": self.at}))
             return
+        if state.status is Status.RUNNING and state.last_heartbeat_at is not None \
+                and e.occurred_at <= state.last_heartbeat_at:
+            return  # read again (the takeover's replay): it must not move the heartbeat back
         self._put(state, status=Status.RUNNING, executor_id=e.executor_id,
                   last_heartbeat_at=e.occurred_at, lease_until=lease)
 

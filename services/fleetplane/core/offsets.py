@@ -13,6 +13,7 @@ the lost range are the reconciler's to catch (docs/operations.md).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -85,3 +86,51 @@ def truncation_guard(inner: AssignHook | None = None) -> AssignHook:
             inner(consumer, partitions)
 
     return on_assign
+
+
+def replay_recent(consumer: Consumer, partitions: list[TopicPartition], seconds: float,
+                  timeout_s: float = 30.0) -> int:
+    """Assign `partitions` to start `seconds` before now where the group's committed offset is
+    later than that (never later than the committed offset, nor past the log end); returns how
+    many records are read again. For a step whose consumer tolerates a record read twice: after
+    a hard crash the broker can keep a group's offsets yet lose the records a transaction wrote
+    with them downstream (docs/reliability.md, "Stop 20"), and reading the recent input again is
+    how the step writes them again. Nothing is assigned when nothing is read again."""
+    if not partitions or seconds <= 0:
+        return 0
+    since_ms = int((time.time() - seconds) * 1000)
+    try:
+        committed = consumer.committed(
+            [TopicPartition(tp.topic, tp.partition) for tp in partitions], timeout=timeout_s)
+        recent = consumer.offsets_for_times(
+            [TopicPartition(tp.topic, tp.partition, since_ms) for tp in partitions],
+            timeout=timeout_s)
+    except KafkaException as exc:
+        log.warning("recent offsets unavailable: nothing read again", error=str(exc))
+        return 0
+    at_time = {(tp.topic, tp.partition): tp.offset for tp in recent if tp.error is None}
+    start: dict[tuple[str, int], int] = {}
+    again = 0
+    for tp in committed:
+        key = (tp.topic, tp.partition)
+        if tp.error is not None or tp.offset < 0:
+            continue  # no committed position: the offset reset decides
+        try:
+            _, high = consumer.get_watermark_offsets(TopicPartition(*key), timeout=timeout_s,
+                                                     cached=False)
+        except KafkaException:
+            continue
+        position = min(tp.offset, high)  # a truncated log starts at its end (reset_beyond_end)
+        offset = at_time.get(key, -1)
+        first = position if offset < 0 else min(offset, position)  # -1: nothing that recent
+        if first != tp.offset:
+            start[key] = first
+            again += position - first
+    if start:
+        consumer.assign([TopicPartition(tp.topic, tp.partition,
+                                        start.get((tp.topic, tp.partition), OFFSET_INVALID))
+                         for tp in partitions])
+    if again:
+        log.warning("reading the recent input again", seconds=seconds, records=again,
+                    partitions={f"{t}[{p}]": o for (t, p), o in start.items()})
+    return again
