@@ -135,6 +135,12 @@ class Settings(BaseSettings):
         default=True, description="Claim a burst of attempts in the poll loop before waking "
         "the slot threads (docs/executor.md, the first fill: the A/B of 2026-12-06); off: "
         "each slot thread claims its own.")
+    executor_live_linger_ms: float = Field(
+        default=0.0, description="linger.ms of the executor's live channel (TaskStarted, audit "
+        "events): an attempt waits for its claim's acknowledgement before the model call and "
+        "for its audit events' before its outcome, so every millisecond of linger is paid twice "
+        "per task (5 ms, the producers' default: about 11 ms of a one-call task; "
+        "docs/benchmarks.md, stop 20).")
     executor_lease_s: float = Field(
         default=30.0, description="Attempt lease: claimed by TaskStarted before the first model "
         "call, renewed by each heartbeat; a redelivered dispatch whose lease is live on another "

@@ -85,7 +85,9 @@ class LiveEmitter:
     def __init__(self, settings: Settings, serde: Serde | None = None) -> None:
         # a fatal error (a broker restart that lost the last sequence numbers) replaces the
         # client; what it had not delivered comes back from settle() as undelivered
-        self._producer = RenewingProducer(settings.producer_config(), on_error=self._on_error)
+        self._producer = RenewingProducer(
+            {**settings.producer_config(), "linger.ms": settings.executor_live_linger_ms},
+            on_error=self._on_error)
         self._serde = serde or default_serde()
         self._lock = threading.Lock()
         self._pending: dict[str, Event] = {}
