@@ -282,7 +282,10 @@ def test_the_success_ledger_holds_q_on_realised_outcomes_from_a_cold_start() -> 
             tasks.append(ev_.EvalTask(task_id=f"l{seed}-{i}", task_type="qa", candidates=cands))
         r = ev_.replay_router(tasks, catalog(), ev_.RouterConfig(prompt_signal=False))
         rates.append(r.success_rate)
-        assert r.picks.get("best", 0) < 0.75 * len(tasks), r.picks  # not all-frontier
+        # not all-frontier; the bound is near the arithmetic's: q x best needs 55% of picks on
+        # "best" with m2, plus 10 per success lost exploring (~30 allowed; seed 1 loses ~44,
+        # docs/routing.md, tenth round)
+        assert r.picks.get("best", 0) < 0.75 * len(tasks), r.picks
     assert sum(rates) / len(rates) >= 0.95 * 0.9 - 0.01, rates
 
 
