@@ -81,7 +81,9 @@ def build_processor(settings: Settings, store: Store, *, group_id: str = GROUP_I
                     ) -> tuple[BatchProcessor, ClickHouseSink]:
     """The accounting Processor over every topic, at-least-once, with its ClickHouse sink;
     `observe` sees every stored event (fleet metrics)."""
-    sink = ClickHouseSink(store, flush_rows=settings.sink_flush_rows, group=group_id)
+    # inserts on their own thread while the loop decodes the next batch (sink.py)
+    sink = ClickHouseSink(store, flush_rows=settings.sink_flush_rows, group=group_id,
+                          background=True)
     # clickhouse-connect imports pandas at the first insert (about 1 s): do it before the loop
     with contextlib.suppress(ImportError):
         importlib.import_module("pandas")
@@ -163,6 +165,7 @@ def run(settings: Settings) -> int:
             publisher_thread.join(10)
             producer.close()
             lag.close()
+            sink.close()
         log.info("accounting stopped", **status_of(processor, sink))
         return code
     finally:
