@@ -39,6 +39,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.measure import handoff
 from bench.pipeline import machine
 from bench.report import write_result
 from fleetplane.cli.demo import SAMPLES
@@ -48,6 +49,7 @@ from fleetplane.core.logging import configure_logging
 from fleetplane.core.loop import Processor, Record
 from fleetplane.core.parallel import ParallelProcessor
 from fleetplane.core.serde import default_serde
+from fleetplane.core.service import freeze_startup_heap
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import DISPATCH, ensure_topics, load_topics
 from fleetplane.executor.handlers import SeenDispatches, Starter, execute
@@ -281,6 +283,7 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
         else:
             proc = ParallelProcessor("executor", [DISPATCH], handler, settings, group_id=group,
                                      slots=slots, begin=begin_hook if begin else None)
+        freeze_startup_heap()  # as the executor's main does before its loop runs
         runner = threading.Thread(target=proc.run, daemon=True)
         runner.start()
         serde = default_serde()
@@ -366,8 +369,10 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
     fills = sorted((started_at[t], produced_at[t]) for t in produced_at
                    if t.startswith("burst-") and t in started_at)
     free = sorted([t0] * slots + burst_ends)
-    fill = [max(0.0, st - max(free[k], pub)) * 1000 for k, (st, pub) in enumerate(fills)
-            if k < len(free)]
+    could = [(st, max(free[k], pub)) for k, (st, pub) in enumerate(fills) if k < len(free)]
+    fill = [max(0.0, st - ready) * 1000 for st, ready in could]
+    # the same without the wait behind the starts ahead of it (bench.measure.handoff)
+    hand = [d * 1000 for d in handoff(could)]
     # utilization while the burst's work is queued: not the trickle's samples (a trickle task
     # between its publish and its start counted as queued work with 490 free slots: -4 to -9
     # points at 1,000 tasks)
@@ -394,6 +399,12 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
             # the first `slots` starts fill the empty slots of the start (the burst's own
             # publish-fetch-start ramp); the rest refill a slot freed by an attempt's end
             "fill_first_p99_ms": pct(fill[:slots], 99),
+            "handoff_p50_ms": pct(hand, 50), "handoff_p99_ms": pct(hand, 99),
+            "handoff_first_p99_ms": pct(hand[:slots], 99),
+            # the first fill's starts per second: a burst of N onto free slots waits N / this
+            "first_fill_starts_per_s": (min(slots, len(could)) - 1)
+            / max(1e-9, could[min(slots, len(could)) - 1][0] - could[0][0])
+            if len(could) > 1 else None,
             "refill_p50_ms": pct(fill[slots:], 50), "refill_p99_ms": pct(fill[slots:], 99),
             "dispatched_to_started_p50_ms": pct(d2s, 50),
             "dispatched_to_started_p99_ms": pct(d2s, 99), "trickle": len(d2s),

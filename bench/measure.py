@@ -43,6 +43,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
+def handoff(starts: list[tuple[float, float]]) -> list[float]:
+    """The hand-off part of each start's wait, for (started, could start) pairs: could start =
+    its slot was free and its work published. Sorted by start, each waits
+    ``started - max(could start, the previous start)``: the time the executor left a free slot
+    and published work waiting while it was not starting the attempt before (a burst of N onto
+    N free slots otherwise counts, for its k-th attempt, the k-1 starts ahead of it: a
+    throughput, docs/executor.md stop 20). Same units as given; >= 0."""
+    out: list[float] = []
+    prev = float("-inf")
+    for started, could in sorted(starts):
+        out.append(max(0.0, started - max(could, prev)))
+        prev = started
+    return out
+
+
 def _status_kib(pid: int, field: str) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as f:

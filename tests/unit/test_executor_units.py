@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from fleetplane.executor.models import classify, retry_after, to_openai
-from fleetplane.executor.runtime import Journal, Slot
+from fleetplane.executor.runtime import Collect, Journal, Slot
 from fleetplane.executor.sandbox import Sandbox
 from fleetplane.executor.tools import ToolBox, ToolDenied, ToolPolicy
 from fleetplane.executor.workspace import _numstat, branch_name
@@ -121,3 +121,49 @@ def test_the_journal_appends_each_audit_event_and_reads_the_attempt_back(tmp_pat
     state = j.read("t/1", 2)
     assert state is not None and state["state"] == "done" and len(state["audit"]) == 3
     assert j.read("t/1", 3) is None
+
+
+class _Sweep:
+    """The runtime's stop event for one heartbeat sweep: every wait returns at once and is
+    recorded with how many events had been emitted by then; the wait after the sweep stops."""
+
+    def __init__(self, live: Collect, total: int) -> None:
+        self.live, self.total = live, total
+        self.waits: list[tuple[float, int]] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append((round(timeout or 0.0, 3), len(self.live.events)))
+        return len(self.live.events) >= self.total
+
+    def set(self) -> None:
+        pass
+
+
+def test_heartbeats_of_many_attempts_go_out_in_slices_spread_over_half_the_interval(
+        tmp_path: Path) -> None:
+    """120 running attempts: one heartbeat each per sweep, published EMIT_SLICE at a time with a
+    pause between slices (before: all in one go, a burst that held the GIL while a cancel
+    waited to be read: docs/executor.md, stop 20)."""
+    from fleetplane.core.events import TaskHeartbeat
+    from fleetplane.core.settings import Settings
+    from fleetplane.executor.runtime import EMIT_SLICE, Runtime
+
+    live = Collect()  # a live channel that keeps what was emitted
+    settings = Settings(executor_slots=120, executor_heartbeat_s=0.6,
+                        executor_workspaces_dir=tmp_path / "wt", data_dir=tmp_path)
+    rt = Runtime(settings, "ex-1", live=live, sandbox=Sandbox())  # type: ignore[arg-type]
+    try:
+        for i in range(120):
+            rt.begin(f"task-{i}", "platform", 1)
+        sweep = _Sweep(live, 120)
+        rt._stop = sweep  # type: ignore[assignment]
+        rt._heartbeats()
+        beats = [e for e in live.events if isinstance(e, TaskHeartbeat)]
+        assert sorted(e.task_id for e in beats) == sorted(f"task-{i}" for i in range(120))
+        assert EMIT_SLICE == 50
+        # the interval's wait, then one pause after each of the first two slices of 50
+        # (0.3 s, half the interval, over three slices), then the next interval's wait
+        assert [n for _, n in sweep.waits] == [0, 50, 100, 120]
+        assert [t for t, _ in sweep.waits[1:3]] == [0.1, 0.1]
+    finally:
+        rt.calls.close()

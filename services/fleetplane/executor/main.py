@@ -11,7 +11,7 @@ from fleetplane.core.follower import Follower, apply_json
 from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import Record
 from fleetplane.core.parallel import ParallelProcessor
-from fleetplane.core.service import bootstrap
+from fleetplane.core.service import bootstrap, freeze_startup_heap
 from fleetplane.core.topics import DISPATCH, OUTCOMES
 from fleetplane.executor.chains import UnreportedChains
 from fleetplane.executor.handlers import SeenDispatches, Starter, execute
@@ -126,6 +126,8 @@ def main() -> None:
     obs.registry.register(Slots(processor.slots, processor.running_count,
                                 lambda: len(runtime.running())))
     processor.install_signal_handlers()
+    # the start-up heap is not scanned by the collections a burst of claims sets off
+    log.info("start-up heap frozen", objects=freeze_startup_heap())
     try:
         processor.run()
     finally:
