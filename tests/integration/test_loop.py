@@ -402,3 +402,42 @@ def test_records_a_fetch_skipped_are_read_again_when_the_input_is_read_uncommitt
         time.sleep(0.1)
     assert jumped == [7]
     assert sorted(handled) == list(range(100)), sorted(set(range(100)) - handled)
+
+
+@pytest.mark.parametrize("transactional", [False, True], ids=["at-least-once", "exactly-once"])
+def test_a_drained_batch_is_handled_with_the_inputs_parked(
+    base_settings: Settings, unique: str, run_processor: Callable[[Processor], Processor],
+    producer: EventProducer, transactional: bool,
+) -> None:
+    """While it handles a batch that drained what the client had fetched, the loop's consumer
+    holds no assignment (the client does not fetch back to back meanwhile: IdleBackoff.
+    park_for_work); records that arrive during the handling are read after it, once each."""
+    settings = base_settings.model_copy(update={"transactional": transactional})
+    assigned_while_handling: list[int] = []
+    first_handled = threading.Event()
+    holder: list[Processor] = []
+
+    def handler(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        if not event.task_id.startswith(unique):
+            return
+        consumer = holder[0].consumer
+        assert consumer is not None
+        assigned_while_handling.append(len(consumer.assignment()))
+        if not first_handled.is_set():
+            first_handled.set()
+            time.sleep(0.5)  # the second lot arrives while this one is handled
+        yield event.derive(ev.TaskHeld, reason=f"parked-{unique}")
+
+    p = Processor(f"park-{unique}", [SUBMITTED], handler, settings, group_id=f"g-{unique}")
+    holder.append(p)
+    run_processor(p)
+    producer.send([ev.TaskSubmitted(task_id=f"{unique}-a{i}", team="a", spec=spec())
+                   for i in range(5)])
+    assert first_handled.wait(60)
+    producer.send([ev.TaskSubmitted(task_id=f"{unique}-b{i}", team="a", spec=spec())
+                   for i in range(5)])
+    out = read_all(settings, LIFECYCLE, 10, match=f"parked-{unique}")
+    assert sorted(default_serde().decode(v).task_id for _, v, _ in out) == sorted(
+        [f"{unique}-a{i}" for i in range(5)] + [f"{unique}-b{i}" for i in range(5)])
+    assert len(assigned_while_handling) == 10
+    assert set(assigned_while_handling) == {0}
