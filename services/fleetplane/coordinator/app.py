@@ -97,6 +97,7 @@ CHANGELOG = f"{SCHEDULER_TOPIC}-changelog"
 #: cause of the skip is not found).
 SCHEDULER_ISOLATION = "read_uncommitted"
 INPUTS = (t.ROUTED, t.LIFECYCLE, t.OUTCOMES, t.CONTROL, t.WORKSPACE, t.BUDGET)
+REPLAYED = frozenset({t.OUTCOMES})  # the inputs read again on assignment (_replay_inputs)
 # static member ids of the active role (the same in every process); each holder of the role
 # uses the transactional ids <role>-<epoch> (see Coordinator.fence_previous)
 REPARTITION_ROLE = f"{APP_ID}-active"
@@ -276,15 +277,20 @@ class Coordinator:
             self.restore()
 
     def _replay_inputs(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """The repartition step's inputs, on assignment (a takeover, a restart): read again from
-        ``coordinator_replay_s`` back. Chaos runs found completions committed on
+        """The repartition step's outcomes input, on assignment (a takeover, a restart): read
+        again from ``coordinator_replay_s`` back. Chaos runs found completions committed on
         tasks.outcomes, and forwarded, that the scheduler's restored table never had after a
         broker crash (its SIGKILL keeps offsets and loses the last writes): those attempts were
         declared lost and ran twice. Forwarded again, they are applied now; the copies already
-        applied are ignored by event id (TaskRow.seen), and the ticks' read-until mark holds
-        the lost-attempt check back until the step has caught up (`tick_reason`)."""
+        applied are ignored (a terminal row takes nothing more; TaskRow.seen), and the ticks'
+        read-until mark holds the lost-attempt check back until the step has caught up
+        (`tick_reason`). Only the outcomes: an outcome applies the same in any order, while
+        the other inputs read again in another order than the first time could decide
+        otherwise (a chaos run: the replayed workspace changes of two tasks that had run one
+        after the other, applied to a table that had lost their outcomes, rolled both back as
+        overlapping)."""
         self.stats.replayed += replay_recent(consumer, partitions,
-                                             self.settings.coordinator_replay_s)
+                                             self.settings.coordinator_replay_s, REPLAYED)
 
     def _on_abort(self) -> None:
         """An aborted transaction: the in-memory rows may hold uncommitted changes."""

@@ -89,21 +89,23 @@ def truncation_guard(inner: AssignHook | None = None) -> AssignHook:
 
 
 def replay_recent(consumer: Consumer, partitions: list[TopicPartition], seconds: float,
-                  timeout_s: float = 30.0) -> int:
-    """Assign `partitions` to start `seconds` before now where the group's committed offset is
-    later than that (never later than the committed offset, nor past the log end); returns how
+                  topics: frozenset[str] | None = None, timeout_s: float = 30.0) -> int:
+    """Assign `partitions` so that those of `topics` (default: all) start `seconds` before now
+    where the group's committed offset is later than that (never later than the committed
+    offset, nor past the log end; the others start at their committed offsets); returns how
     many records are read again. For a step whose consumer tolerates a record read twice: after
     a hard crash the broker can keep a group's offsets yet lose the records a transaction wrote
     with them downstream (docs/reliability.md, "Stop 20"), and reading the recent input again is
     how the step writes them again. Nothing is assigned when nothing is read again."""
-    if not partitions or seconds <= 0:
+    again_of = [tp for tp in partitions if topics is None or tp.topic in topics]
+    if not again_of or seconds <= 0:
         return 0
     since_ms = int((time.time() - seconds) * 1000)
     try:
         committed = consumer.committed(
-            [TopicPartition(tp.topic, tp.partition) for tp in partitions], timeout=timeout_s)
+            [TopicPartition(tp.topic, tp.partition) for tp in again_of], timeout=timeout_s)
         recent = consumer.offsets_for_times(
-            [TopicPartition(tp.topic, tp.partition, since_ms) for tp in partitions],
+            [TopicPartition(tp.topic, tp.partition, since_ms) for tp in again_of],
             timeout=timeout_s)
     except KafkaException as exc:
         log.warning("recent offsets unavailable: nothing read again", error=str(exc))
