@@ -201,10 +201,11 @@ class Settings(BaseSettings):
         "active made no progress on the broker (ticks, decisions, commits) this long; the "
         "standby lengthens it on a loaded machine (coordinator/liveness.py).")
     coordinator_replay_s: float = Field(
-        default=60.0, description="On taking the active role the coordinator reads its inputs "
-        "again from this many seconds back (applied ones are recognised by event id): a hard "
-        "broker crash can keep the committed input offsets yet lose the forwarded copies or the "
-        "scheduler's changelog tail written with them (docs/reliability.md, stop 20). 0: off.")
+        default=60.0, description="On taking the active role the coordinator reads "
+        "tasks.outcomes again from this many seconds back (an applied outcome changes nothing): "
+        "a hard broker crash can keep the committed input offsets yet lose the forwarded copies "
+        "or the scheduler's changelog tail written with them (docs/reliability.md, stop 20). "
+        "0: off.")
     coordinator_backoff_base_ms: int = 1_000
     coordinator_backoff_cap_ms: int = 60_000
     coordinator_start_timeout_s: float = Field(
