@@ -711,16 +711,18 @@ def serial(tmp: Path, tasks: int, latency_s: float,
     return out
 
 
-def rebalance_cancels(tmp: Path, cancels: int, latency_s: float) -> dict[str, Any]:
-    """Cancel while rebalancing: executor A runs 2 x `cancels` attempts (model calls of
-    `latency_s`, longer than the part), then executor B starts in the same group (A's
-    partitions revoked, shared out again), and from B's spawn `cancels` TaskCancelled for
-    A's running attempts are published, spread evenly over A's own start-up time plus 5 s
-    (the window until B has joined: B's start-up, then the group's rebalance). Cancel ->
+def rebalance_cancels(tmp: Path, cancels: int, latency_s: float,
+                      attempts: int | None = None) -> dict[str, Any]:
+    """Cancel while rebalancing: executor A runs `attempts` (default 2 x `cancels`) attempts
+    (model calls of `latency_s`, longer than the part), then executor B starts in the same
+    group (A's partitions revoked, shared out again), and from B's spawn `cancels`
+    TaskCancelled for A's running attempts are published: half while B starts (spread over
+    A's own start-up time), half 50 ms apart from B's ready (its join, A's revocation). Cancel ->
     TaskFailed(cancelled) read, p50 / p99 / max, its stages in A's log, when each cancel came
     relative to the rebalance, and the billing check (B re-reads the dispatches A has not
     committed - its running attempts - and must not call the model for them)."""
-    out: dict[str, Any] = {"cancels": cancels, "attempts": 2 * cancels, "latency_s": latency_s}
+    attempts = max(cancels, attempts or 2 * cancels)
+    out: dict[str, Any] = {"cancels": cancels, "attempts": attempts, "latency_s": latency_s}
     broker = EmbeddedBroker(tmp / "broker")
     broker.start()
     watch: Watch | None = None
@@ -734,7 +736,7 @@ def rebalance_cancels(tmp: Path, cancels: int, latency_s: float) -> dict[str, An
             for name in ("a", "b"):
                 (tmp / name).mkdir()
                 execs.append(ExecutorProc(_executor_env(
-                    broker, tmp / name, port, f"bench-rebalance-{name}", 4 * cancels,
+                    broker, tmp / name, port, f"bench-rebalance-{name}", attempts,
                     FLEETPLANE_MODEL_TIMEOUT_S=str(latency_s * 2)), tmp / name))
             a, b = execs
             spawned = a.start()
@@ -742,8 +744,9 @@ def rebalance_cancels(tmp: Path, cancels: int, latency_s: float) -> dict[str, An
             producer.send([dispatch("warm", "WARM", None, 2)])
             if not _wait(lambda: "warm" in watch.outcome, 300):
                 raise RuntimeError("the warm-up attempt got no outcome in 300 s")
-            hold = {f"hold-{i}" for i in range(2 * cancels)}
-            producer.send([dispatch(t, f"HOLD {t}", None, 2) for t in sorted(hold)])
+            hold = {f"hold-{i}" for i in range(attempts)}
+            producer.send([dispatch(t, f"HOLD {t}", None, 2) for t in sorted(hold)],
+                          timeout_s=120)
             if not _wait(lambda: len(calls_per_task(port, "HOLD ")) >= len(hold), 120):
                 raise RuntimeError("A's attempts did not all call the model in 120 s")
             targets = random.Random(7).sample(sorted(hold), cancels)
@@ -892,9 +895,9 @@ def scenario(console: Console, quick: bool = False, **overrides: Any) -> dict[st
         console.print(f"concurrency: {size['rebalance_cancels']} cancels while a second "
                       "executor joins ...")
         with tempfile.TemporaryDirectory() as tmp:
-            result["rebalance"] = rebalance_cancels(Path(tmp), int(size["rebalance_cancels"]),
-                                                    float(size.get("rebalance_latency_s")
-                                                          or 120.0))
+            result["rebalance"] = rebalance_cancels(
+                Path(tmp), int(size["rebalance_cancels"]),
+                float(size.get("rebalance_latency_s") or 120.0), size.get("rebalance_attempts"))
     if not size.get("skip_mixed"):
         durations = [float(x) for x in str(size["mixed_durations"]).split(",")]
         console.print(f"concurrency: mixed, {size['mixed_tasks']} tasks of {durations} s "
@@ -1039,6 +1042,7 @@ def main() -> None:
     ap.add_argument("--rebalance-cancels", type=int, help="also N cancels while a second "
                     "executor joins the group (A runs 2N attempts; 0: skip)")
     ap.add_argument("--rebalance-latency-s", type=float)
+    ap.add_argument("--rebalance-attempts", type=int, help="attempts running on A (2N)")
     ap.add_argument("--skip-hold", action="store_true", help="the mixed part only")
     ap.add_argument("--profile", help="directory: py-spy profiles of the executor (ramp, "
                     "waiting), collapsed stacks")
