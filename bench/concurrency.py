@@ -22,14 +22,21 @@ Two parts, figures not assertions (JSON under bench/results/):
   5. recovery: SIGKILL -> every attempt has an outcome (the interrupted ones are reported
      `lost_executor` from the journal, never re-run), and the billing check: the fake
      provider's call log, per attempt (one model call each; two would be billed twice).
+* **rebalance** (`--rebalance-cancels N`, 0 skips it; ~20 s at quick size) - cancel while
+  rebalancing: executor A (its own process) runs 2N attempts (`--rebalance-latency-s`, 120 s
+  calls), a second executor B starts in the same group, and N TaskCancelled for A's attempts
+  are published from B's spawn until after the group has settled (half while B starts, half
+  50 ms apart from B's ready, across its join and A's revocation): cancel ->
+  TaskFailed(cancelled) p50/p99/max and its stages (received / stopped / committed, in A's
+  log), what B did with the dispatches it re-read, and the billing check (call log per task).
 * **mixed** - the executor's loop (core.parallel's ParallelProcessor with `execute`, in this
   process, the fake provider in this process too) with `--mixed-tasks` attempts whose calls take
   `--mixed-durations` seconds round-robin through `--mixed-slots` slots (bench.executor's
   concurrency scenario): slot utilization while work is queued, free slot -> filled p99, and
   dispatched -> started with a free slot (a trickle of short tasks afterwards), p50/p99.
 
-`--quick` (a loaded machine): 500 attempts, 100 cancels, 600 mixed tasks through 100 slots of
-1-20 s calls.
+`--quick` (a loaded machine): 500 attempts, 100 cancels, 30 cancels while rebalancing, 600 mixed
+tasks through 100 slots of 1-20 s calls.
 """
 
 from __future__ import annotations
@@ -65,10 +72,10 @@ from fleetplane.core.settings import REPO_ROOT, Settings
 from fleetplane.core.topics import DISPATCH, LIFECYCLE, OUTCOMES, ensure_topics, load_topics
 from fleetplane.infra.broker import EmbeddedBroker, free_port
 
-QUICK = {"attempts": 500, "cancels": 100, "start_cancels": 20, "mixed_tasks": 600,
-         "mixed_slots": 100, "mixed_durations": "1,2,5,10,20"}
-FULL = {"attempts": 2000, "cancels": 200, "start_cancels": 50, "mixed_tasks": 3000,
-        "mixed_slots": 500, "mixed_durations": "1,2,5,10,20,30,60,90,120"}
+QUICK = {"attempts": 500, "cancels": 100, "start_cancels": 20, "rebalance_cancels": 30,
+         "mixed_tasks": 600, "mixed_slots": 100, "mixed_durations": "1,2,5,10,20"}
+FULL = {"attempts": 2000, "cancels": 200, "start_cancels": 50, "rebalance_cancels": 100,
+        "mixed_tasks": 3000, "mixed_slots": 500, "mixed_durations": "1,2,5,10,20,30,60,90,120"}
 
 
 class Watch:
@@ -329,11 +336,12 @@ def cpu_split(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, 
     """Cores per thread kind over `wall` seconds: librdkafka's threads (rdk:*) by name, the
     Python threads (named by the interpreter after their threading name, cut to 15 chars)
     grouped by their name without a trailing number."""
-    cores: Counter[str] = Counter()
+    cores: dict[str, float] = {}
     for tid, (name, cpu) in after.items():
         kind = name.rstrip("0123456789_-") or name
-        cores[kind] += cpu - before.get(tid, (name, 0.0))[1]
-    return {k: round(v / wall, 3) for k, v in cores.most_common(12) if v > 0}
+        cores[kind] = cores.get(kind, 0.0) + cpu - before.get(tid, (name, 0.0))[1]
+    return {k: round(v / wall, 3)
+            for k, v in sorted(cores.items(), key=lambda kv: -kv[1])[:12] if v > 0}
 
 
 def busiest_threads(pid: int, before: dict[int, tuple[str, float]],
@@ -377,8 +385,9 @@ def _log_times(path: Path, event: str) -> dict[str, float]:
     return out
 
 
-def _log_time(path: Path, event: str) -> float | None:
-    """Monotonic time of the first JSON log line `event` of the executor (see `_log_times`)."""
+def _log_time(path: Path, event: str, after: float | None = None) -> float | None:
+    """Monotonic time of the first JSON log line `event` of the executor (see `_log_times`),
+    the first one at or after `after` if given."""
     from datetime import datetime
 
     shift = time.monotonic() - time.time()
@@ -390,7 +399,7 @@ def _log_time(path: Path, event: str) -> float | None:
             ts = datetime.fromisoformat(str(rec["timestamp"]).replace("Z", "+00:00"))
         except (ValueError, KeyError):
             continue
-        if rec.get("event") == event:
+        if rec.get("event") == event and (after is None or ts.timestamp() + shift >= after):
             return ts.timestamp() + shift
     return None
 
@@ -430,6 +439,27 @@ def cancel_stages(log: Path, sent: dict[str, float],
             stages["stopped"].append((failed[t] - seen[t]) * 1000)
             stages["committed"].append((outcome[t][0] - failed[t]) * 1000)
     return {k: [round(pct(v, 50)), round(pct(v, 99))] for k, v in stages.items() if v}
+
+
+def cancel_figures(sent: dict[str, float], watch: Watch, log: Path) -> dict[str, Any]:
+    """Cancels published at `sent` (task -> monotonic time): how many stopped (TaskFailed
+    cancelled), cancel -> outcome read p50 / p99 / max ms, and the stages in the executor's
+    `log` (`cancel_stages`)."""
+    with watch._lock:
+        outcome = dict(watch.outcome)
+    lat = [(outcome[t][0] - at) * 1000 for t, at in sent.items() if t in outcome]
+    return {"n": len(sent), "stopped": sum(1 for t in sent
+                                          if outcome.get(t, (0, ""))[1] == "cancelled"),
+            "p50_ms": round(pct(lat, 50)), "p99_ms": round(pct(lat, 99)),
+            "max_ms": round(max(lat, default=float("nan"))),
+            "stages": cancel_stages(log, sent, outcome)}
+
+
+def calls_per_task(port: int, prefix: str) -> Counter[str]:
+    """The fake provider's call log: model calls per task whose prompt is `prefix` + task id
+    (one attempt per task: two calls would be billed twice)."""
+    return Counter(c["last_user_text"].split(" ", 1)[1] for c in _calls(port)
+                   if c["last_user_text"].startswith(prefix))
 
 
 def _executor_env(broker: EmbeddedBroker, tmp: Path, port: int, name: str, slots: int,
@@ -552,14 +582,7 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
                 sent[t] = time.monotonic()
                 time.sleep(0.02)
             _wait(lambda: all(t in watch.outcome for t in targets), 60)
-            lat = [(watch.outcome[t][0] - sent[t]) * 1000 for t in targets if t in watch.outcome]
-            out["cancel_busy"] = {
-                "n": len(targets), "stopped": sum(1 for t in targets
-                                                  if watch.outcome.get(t, (0, ""))[1]
-                                                  == "cancelled"),
-                "p50_ms": round(pct(lat, 50)), "p99_ms": round(pct(lat, 99)),
-                "max_ms": round(max(lat, default=float("nan"))),
-                "stages": cancel_stages(executor.log_path, sent, watch.outcome)}
+            out["cancel_busy"] = cancel_figures(sent, watch, executor.log_path)
 
             # 4. SIGKILL with the attempts in flight, then a restart
             with watch._lock:
@@ -602,9 +625,7 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
                                "without_outcome": len(missing), "missing": missing[:10],
                                "outcomes": dict(outcomes)}
             # 5. billing: the provider's call log, per attempt (one attempt per task here)
-            per_task = Counter(c["last_user_text"].split(" ", 1)[1]
-                               for c in _calls(port)
-                               if c["last_user_text"].startswith("HOLD "))
+            per_task = calls_per_task(port, "HOLD ")
             out["billing"] = {"calls": sum(per_task.values()),
                               "attempts_billed_twice": sorted(t for t, n in per_task.items()
                                                               if n > 1)[:10],
@@ -625,6 +646,16 @@ def hold_cancel_kill(tmp: Path, attempts: int, latency_s: float, cancels: int,
         broker.stop()
     out["loadavg"] = [round(x, 1) for x in os.getloadavg()]
     return out
+
+
+def _close(executors: list[ExecutorProc], watch: Watch | None,
+           broker: EmbeddedBroker) -> None:
+    """A part's end: its executors killed, its reader closed, its broker stopped."""
+    for e in executors:
+        e.kill()
+    if watch is not None:
+        watch.close()
+    broker.stop()
 
 
 def serial(tmp: Path, tasks: int, latency_s: float,
@@ -651,7 +682,7 @@ def serial(tmp: Path, tasks: int, latency_s: float,
             executor.wait_log("parallel processor started", 240)
             for i in range(3):  # warm-up: group join, SDK client, connections
                 producer.send([dispatch(f"warm-{i}", f"WARM {i}", None, 2)])
-                if not _wait(lambda i=i: f"warm-{i}" in watch.outcome, 300):  # type: ignore
+                if not _wait(lambda i=i: f"warm-{i}" in watch.outcome, 300):
                     raise RuntimeError("the warm-up attempt got no outcome in 300 s")
             spy = _spy(executor.proc.pid, profile / "serial.txt") if profile else None  # type: ignore[union-attr]
             extra, started = [], []
@@ -659,7 +690,7 @@ def serial(tmp: Path, tasks: int, latency_s: float,
                 task = f"serial-{i}"
                 t0 = time.monotonic()
                 producer.send([dispatch(task, f"SERIAL {task}", None, 2)])
-                if not _wait(lambda task=task: task in watch.outcome, 120, 0.002):  # type: ignore
+                if not _wait(lambda task=task: task in watch.outcome, 120, 0.002):
                     raise RuntimeError(f"{task}: no outcome in 120 s")
                 with watch._lock:
                     done, _ = watch.outcome[task]
@@ -675,11 +706,111 @@ def serial(tmp: Path, tasks: int, latency_s: float,
                     "dispatched_to_started_p50_ms": pct(started, 50),
                     "dispatched_to_started_p90_ms": pct(started, 90)})
     finally:
-        if executor is not None:
-            executor.kill()
-        if watch is not None:
-            watch.close()
-        broker.stop()
+        _close([executor] if executor is not None else [], watch, broker)
+    out["loadavg"] = [round(x, 1) for x in os.getloadavg()]
+    return out
+
+
+def rebalance_cancels(tmp: Path, cancels: int, latency_s: float,
+                      attempts: int | None = None) -> dict[str, Any]:
+    """Cancel while rebalancing: executor A runs `attempts` (default 2 x `cancels`) attempts
+    (model calls of `latency_s`, longer than the part), then executor B starts in the same
+    group (A's partitions revoked, shared out again), and from B's spawn `cancels`
+    TaskCancelled for A's running attempts are published: half while B starts (spread over
+    A's own start-up time), half 50 ms apart from B's ready (its join, A's revocation). Cancel ->
+    TaskFailed(cancelled) read, p50 / p99 / max, its stages in A's log, when each cancel came
+    relative to the rebalance, and the billing check (B re-reads the dispatches A has not
+    committed - its running attempts - and must not call the model for them)."""
+    attempts = max(cancels, attempts or 2 * cancels)
+    out: dict[str, Any] = {"cancels": cancels, "attempts": attempts, "latency_s": latency_s}
+    broker = EmbeddedBroker(tmp / "broker")
+    broker.start()
+    watch: Watch | None = None
+    execs: list[ExecutorProc] = []
+    try:
+        settings = Settings(kafka_bootstrap=broker.bootstrap)
+        ensure_topics(settings.client_config(), load_topics(settings.topics_file))
+        with _provider(latency_s) as port:
+            watch = Watch(settings)
+            producer = EventProducer(settings)
+            for name in ("a", "b"):
+                (tmp / name).mkdir()
+                execs.append(ExecutorProc(_executor_env(
+                    broker, tmp / name, port, f"bench-rebalance-{name}", attempts,
+                    FLEETPLANE_MODEL_TIMEOUT_S=str(latency_s * 2)), tmp / name))
+            a, b = execs
+            spawned = a.start()
+            startup = a.wait_log("parallel processor started") - spawned
+            producer.send([dispatch("warm", "WARM", None, 2)])
+            if not _wait(lambda: "warm" in watch.outcome, 300):
+                raise RuntimeError("the warm-up attempt got no outcome in 300 s")
+            hold = {f"hold-{i}" for i in range(attempts)}
+            producer.send([dispatch(t, f"HOLD {t}", None, 2) for t in sorted(hold)],
+                          timeout_s=120)
+            if not _wait(lambda: len(calls_per_task(port, "HOLD ")) >= len(hold), 120):
+                raise RuntimeError("A's attempts did not all call the model in 120 s")
+            targets = random.Random(7).sample(sorted(hold), cancels)
+            b_spawned = b.start()
+            # half of them while B starts (spread over A's start-up time, until B is ready),
+            # the rest 50 ms apart from B's ready: its join and the rebalance come then
+            half, gap = cancels // 2, startup / max(1, cancels // 2)
+
+            def ready() -> bool:
+                return "parallel processor started" in b.log_path.read_text(errors="replace")
+            sent: dict[str, float] = {}
+            for i, t in enumerate(targets):
+                if i == half:
+                    _wait(ready, 120, 0.01)
+                producer.send([ev.TaskCancelled(task_id=t, team="platform",
+                                                reason="bench: cancel while rebalancing")])
+                sent[t] = time.monotonic()
+                if i < half - 1:
+                    _wait(ready, gap - (time.monotonic() - sent[t]), 0.01)
+                else:
+                    time.sleep(0.05)
+            b.wait_log("partitions assigned", 120)
+            _wait(lambda: all(t in watch.outcome for t in targets), 60)
+            time.sleep(3.0)  # B has handled the dispatches it re-read
+            # the rebalance, from B's spawn: B ready, B assigned; A revoked, A assigned again
+            marks = {"b_ready": _log_time(b.log_path, "parallel processor started"),
+                     "b_assigned": _log_time(b.log_path, "partitions assigned"),
+                     "a_revoked": _log_time(a.log_path, "partitions revoked", b_spawned),
+                     "a_assigned": _log_time(a.log_path, "partitions assigned", b_spawned)}
+            out["rebalance_s"] = {k: None if v is None else round(v - b_spawned, 2)
+                                  for k, v in marks.items()}
+            settled = max((v for k, v in marks.items() if k != "b_ready" and v is not None),
+                          default=b_spawned)
+            revoked = marks["a_revoked"] or settled
+            out["sent_s"] = [round(min(sent.values()) - b_spawned, 2),
+                             round(max(sent.values()) - b_spawned, 2)]
+            out["sent_when"] = dict(Counter(
+                "B starting" if marks["b_ready"] and at < marks["b_ready"] else
+                "B joining" if at < revoked else
+                "revocation -> settled" if at <= settled else "after settled"
+                for at in sent.values()))
+            out["cancel"] = cancel_figures(sent, watch, a.log_path)
+            # the cancels published from 1 s before A's revocation to 1 s after the settling
+            near = {t: at for t, at in sent.items() if revoked - 1.0 <= at <= settled + 1.0}
+            out["cancel_near_revocation"] = cancel_figures(near, watch, a.log_path)
+            # what B did with the dispatches it re-read (A's running attempts, uncommitted)
+            out["b_reread"] = {event: sum(1 for t in _log_times(b.log_path, event) if t in hold)
+                               for event in ("dispatch not run: the attempt's lease is live on "
+                                             "another executor",
+                                             "dispatch not run: the attempt already has an "
+                                             "outcome",
+                                             "dispatch not run: the attempt was claimed before "
+                                             "and interrupted", "attempt failed")}
+            per_task = calls_per_task(port, "HOLD ")
+            with watch._lock:
+                not_started = sum(1 for t in hold if t not in watch.started)
+            out["billing"] = {"calls": sum(per_task.values()),
+                              "billed_twice": sum(1 for n in per_task.values() if n > 1),
+                              "attempts_billed_twice": sorted(
+                                  t for t, n in per_task.items() if n > 1)[:10],
+                              "not_started": not_started}
+            producer.close()
+    finally:
+        _close(execs, watch, broker)
     out["loadavg"] = [round(x, 1) for x in os.getloadavg()]
     return out
 
@@ -725,8 +856,8 @@ def mixed(tasks: int, slots: int, durations: list[float], claim_in_loop: bool | 
 
     summary: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp, _provider(1.0) as port:
-        r = mixed_loop(RemoteFake(port), Path(tmp), tasks, slots, durations, 50, "parallel",
-                       begin=begin, at_burst=at_burst)
+        r = mixed_loop(RemoteFake(port), Path(tmp), tasks, slots,  # type: ignore[arg-type]
+                       durations, 50, "parallel", begin=begin, at_burst=at_burst)
     r.update(summary, claim_in_loop=begin)
     r["loadavg"] = [round(x, 1) for x in os.getloadavg()]
     r.pop("timeline", None)
@@ -760,6 +891,13 @@ def scenario(console: Console, quick: bool = False, **overrides: Any) -> dict[st
             result["serial"] = serial(Path(tmp), int(size["serial"]),
                                       float(size.get("serial_latency_s") or 0.2), profile)
         console.print(result["serial"])
+    if size.get("rebalance_cancels"):
+        console.print(f"concurrency: {size['rebalance_cancels']} cancels while a second "
+                      "executor joins ...")
+        with tempfile.TemporaryDirectory() as tmp:
+            result["rebalance"] = rebalance_cancels(
+                Path(tmp), int(size["rebalance_cancels"]),
+                float(size.get("rebalance_latency_s") or 120.0), size.get("rebalance_attempts"))
     if not size.get("skip_mixed"):
         durations = [float(x) for x in str(size["mixed_durations"]).split(",")]
         console.print(f"concurrency: mixed, {size['mixed_tasks']} tasks of {durations} s "
@@ -815,6 +953,24 @@ def table(result: dict[str, Any]) -> Table:
         t.add_row("mixed: wall / ideal", f"{m['burst_wall_s']:.1f} / {m['ideal_wall_s']:.1f} s",
                   "")
         t.add_row("mixed: load average at the end", f"{m.get('loadavg')}", "")
+    if "rebalance" in result:
+        r = result["rebalance"]
+        c = r["cancel"]
+        t.add_row(f"cancel while rebalancing ({c['n']} of {r['attempts']} on A, B joins): "
+                  "stopped, p50 / p99 / max", f"{c['stopped']}, {c['p50_ms']} / {c['p99_ms']}"
+                  f" / {c['max_ms']} ms", "p99 <= 2 s")
+        t.add_row("  of which: received / stopped / committed+read, p50 / p99",
+                  "; ".join(f"{k} {v[0]} / {v[1]} ms" for k, v in c["stages"].items()), "")
+        n = r["cancel_near_revocation"]
+        t.add_row(f"  of which sent within 1 s of A's revocation ({n['n']}): stopped, p50 / p99"
+                  " / max", f"{n['stopped']}, {n['p50_ms']} / {n['p99_ms']} / {n['max_ms']} ms",
+                  "")
+        t.add_row("  the rebalance (s after B's spawn); cancels sent (s), when",
+                  f"{r['rebalance_s']}; {r['sent_s']}, {r['sent_when']}", "")
+        t.add_row("  billed twice (fake provider call log) / calls; B's re-read dispatches",
+                  f"{r['billing']['billed_twice']} / {r['billing']['calls']}; "
+                  f"{r['b_reread']}", "0")
+        t.add_row("  load average at the end", f"{r['loadavg']}", "")
     if h:
         t.add_row("load average", f"{h.get('loadavg')}", "")
     return t
@@ -883,6 +1039,10 @@ def main() -> None:
     ap.add_argument("--serial", type=int, help="also N tasks one at a time: the executor's "
                     "per-call overhead (dispatched -> completed minus the model time)")
     ap.add_argument("--serial-latency-s", type=float)
+    ap.add_argument("--rebalance-cancels", type=int, help="also N cancels while a second "
+                    "executor joins the group (A runs 2N attempts; 0: skip)")
+    ap.add_argument("--rebalance-latency-s", type=float)
+    ap.add_argument("--rebalance-attempts", type=int, help="attempts running on A (2N)")
     ap.add_argument("--skip-hold", action="store_true", help="the mixed part only")
     ap.add_argument("--profile", help="directory: py-spy profiles of the executor (ramp, "
                     "waiting), collapsed stacks")

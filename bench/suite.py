@@ -19,8 +19,9 @@ Scenarios (docs/benchmarks.md says what each figure means):
    SIGKILLed midway (bench/burst.py): drain time, tasks/s, coordinator CPU-s, failover time,
    invariants.
 7. concurrency: one executor process holding 2,000 waiting attempts (CPU, RSS), cancels while
-   busy and while starting, a SIGKILL with the attempts in flight (recovery, billing per
-   attempt), mixed 1-120 s attempts through 500 slots (bench/concurrency.py).
+   busy, while starting and while a second executor joins (rebalancing), a SIGKILL with the
+   attempts in flight (recovery, billing per attempt), mixed 1-120 s attempts through 500
+   slots (bench/concurrency.py).
 Figures, not assertions.
 """
 
