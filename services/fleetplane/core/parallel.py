@@ -480,12 +480,8 @@ class ParallelProcessor(Processor):
             return
         started = time.perf_counter()
         try:
-            if self._idle is not None and offsets \
-                    and not (self.transactional and self.park_while_handling):
-                # storing offsets needs the partitions assigned; a transaction's offsets do
-                # not: a parked input stays parked (measured: 20 assignments a second, each
-                # fetching back to back until the next park, in a burst; docs/benchmarks.md)
-                self._idle.wake()
+            if offsets:
+                self._assign_for_offsets()
             if self.transactional:
                 self._commit_transaction_once(batch, offsets)
             else:
