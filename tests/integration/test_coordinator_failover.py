@@ -9,6 +9,7 @@ The test plays the executors (tests.integration.test_coordinator_admission.Execu
 from __future__ import annotations
 
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -141,3 +142,86 @@ def test_burst_with_the_active_sigkilled_fails_over_to_the_standby(
         dispatched.setdefault(e.task_id, set()).add(e.event_id)
     assert set(dispatched) == ids
     assert all(len(v) == 1 for v in dispatched.values()), "a task was dispatched twice"
+
+
+def test_two_standbys_taking_the_role_at_once_leave_one_active(
+        base_settings: Settings, tmp_path: Path, unique: str) -> None:
+    """The shape of the chaos runs' quota breaches: the active dies and two standbys take the
+    role at the same moment (there: both restarted with the broker; here: a planned failover
+    asked of both, SIGUSR2). The later claim wins; the other stands down or is fenced before it
+    decides anything. Without the claim both decided for seconds: tasks dispatched twice, the
+    team above its quota."""
+    team, quota, count = f"{unique}-pay", 4, 120
+    teams_file = tmp_path / "teams-claims.yaml"
+    teams_file.write_text("defaults: {max_running: 10, budget_usd: 1000000}\n"
+                          f"teams:\n  {team}: {{max_running: {quota}}}\n")
+    port = free_port()
+    env = {"FLEETPLANE_TEAMS_FILE": str(teams_file),
+           "FLEETPLANE_COORDINATOR_WEB_PORT": str(port),
+           "FLEETPLANE_COORDINATOR_MAX_RUNNING": "1000000",
+           "FLEETPLANE_COORDINATOR_TICK_S": "0.5",
+           "FLEETPLANE_COORDINATOR_TAKEOVER_S": "30"}  # only the failover asked for
+    procs = []
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        proc = CoordinatorProcess(base_settings, tmp_path / name, f"{unique}-{name}", env=env)
+        proc.port = port
+        procs.append(proc)
+    active, b, c = procs
+    active.env["FLEETPLANE_COORDINATOR_TAKEOVER_S"] = "1"  # no active yet: takes the role
+    active.start()
+    active.wait_ready()
+    for standby in (b, c):
+        standby.start()
+    deadline = time.monotonic() + 30
+    while not all("standby: watching" in s.log_tail(100_000) for s in (b, c)):
+        assert time.monotonic() < deadline, b.log_tail() + c.log_tail()
+        time.sleep(0.1)
+
+    def plan(d: ev.TaskDispatched) -> list[tuple[float, ev.Event]]:
+        return [started(d), outcome(d, "ok", 0.3 + random.Random(d.task_id).random() * 0.4)]
+
+    executor = Executor(base_settings, plan)
+    spec = ev.TaskSpec(name="t", task_type="summarize", prompt="p")
+    tasks = [ev.TaskRouted(task_id=f"{unique}-{i}", team=team, spec=spec, attempt=1,
+                           model="m-standard", provider="anthropic", tier="standard",
+                           reason="claims") for i in range(count)]
+    ids = {t.task_id for t in tasks}
+    producer = EventProducer(base_settings)
+    try:
+        producer.send([ev.TaskAccepted(task_id=t.task_id, team=t.team, spec=t.spec)
+                       for t in tasks])
+        producer.send(tasks)
+        t0 = time.monotonic()
+        while len(terminal_of(executor.events())) < 12:
+            assert time.monotonic() - t0 < 120, active.log_tail()
+            time.sleep(0.05)
+        active.kill()
+        for standby in (b, c):  # both at once
+            assert standby.proc is not None
+            standby.proc.send_signal(signal.SIGUSR2)
+        wait_terminal(executor, ids, timeout_s=300)
+        alive = [s for s in (b, c) if s.proc is not None and s.proc.poll() is None]
+        exited = [s for s in (b, c) if s not in alive]
+    finally:
+        executor.close()
+        producer.close()
+        for proc in procs:
+            if proc.proc is not None and proc.proc.poll() is None:
+                proc.terminate()
+
+    log = read_log(base_settings, lambda key: key.startswith(f"{unique}-"))
+    verdict = check(log, ids, quota=lambda _team: quota)
+    assert verdict.terminal == {"TaskCompleted": count}, verdict.terminal
+    assert verdict.max_running[team] <= quota, verdict.quota_breaches
+    assert verdict.ok, verdict.counts()
+    dispatched: dict[str, set[str]] = {}
+    for e in log.of(ev.TaskDispatched):
+        dispatched.setdefault(e.task_id, set()).add(e.event_id)
+    assert all(len(v) == 1 for v in dispatched.values()), "a task was dispatched twice"
+    logs = {s.data_dir.name: s.log_tail(1_000_000) for s in (b, c)}
+    assert all("asked to take over" in text for text in logs.values()), logs
+    # one of the two holds the role, the other exited for a restart (the supervisor would
+    # start it again as a standby)
+    assert len(alive) == 1 and len(exited) == 1, logs
+    assert exited[0].proc is not None and exited[0].proc.returncode == 75

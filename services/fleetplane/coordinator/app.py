@@ -55,6 +55,7 @@ from typing import Any
 import yaml
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from fleetplane.coordinator.claims import ActiveClaim
 from fleetplane.coordinator.liveness import Liveness
 from fleetplane.coordinator.scheduler import INPUTS_READ_UNTIL, TICK, AdmissionPolicy, Scheduler
 from fleetplane.coordinator.world import World, settle_heap
@@ -208,18 +209,21 @@ class Coordinator:
         self.world: World | None = None  # loaded from the table after each restore
         self.lock = threading.Lock()  # the world between the schedule step and the web views
         self._stopping = threading.Event()
+        self._take_over = threading.Event()  # a planned failover (take_over_now)
         # this process's term as the active: its transactional ids are <role>-<epoch>
         self.epoch = f"{settings.instance_id}-{time.time_ns() // 1_000_000}"
         self.previous_epoch: str | None = None  # read from the latest ticks on takeover
+        # two standbys that take the role at once: the later claim wins (coordinator.claims)
+        self.claim = ActiveClaim(settings, self.epoch, self.fence_epoch)
         self.repartitioner = Processor(
             SERVICE, INPUTS, repartition, settings, group_id=APP_ID, transactional=True,
             instance_id=f"{REPARTITION_ROLE}-{self.epoch}", group_instance_id=REPARTITION_ROLE,
-            on_assign=self._replay_inputs)
+            on_assign=self._replay_inputs, on_ready=self.claim.check)
         self.schedule = Processor(
             SERVICE, [SCHEDULER_TOPIC], self.decide, settings, group_id=SCHEDULER_GROUP,
             transactional=True, instance_id=f"{SCHEDULE_ROLE}-{self.epoch}",
             group_instance_id=SCHEDULE_ROLE, on_assign=self._on_assign,
-            on_abort=self._on_abort, isolation=SCHEDULER_ISOLATION)
+            on_abort=self._on_abort, on_ready=self.claim.check, isolation=SCHEDULER_ISOLATION)
         self.web: ThreadingHTTPServer | None = None
 
     # -- the schedule step -----------------------------------------------------------------
@@ -303,6 +307,12 @@ class Coordinator:
         self.repartitioner.stop()
         self.schedule.stop()
 
+    def take_over_now(self, *_: Any) -> None:
+        """A planned failover (SIGUSR2 to a standby): take the active role without waiting
+        for the active to go quiet. The claim (coordinator.claims) fences the active, whose
+        next commit fails: it exits, and its supervisor restarts it as a standby."""
+        self._take_over.set()
+
     def wait_for_silence(self) -> bool:
         """Standby: until the active is gone (True), or stop (False).
 
@@ -327,6 +337,12 @@ class Coordinator:
         tp, changelog = TopicPartition(SCHEDULER_TOPIC, 0), TopicPartition(CHANGELOG, 0)
         try:
             while not self._stopping.wait(WATCH_INTERVAL_S):
+                if self._take_over.is_set():
+                    end = watch.get_watermark_offsets(tp, timeout=5, cached=False)[1]
+                    self.previous_epoch = self.find_owner(watch, end)
+                    log.warning("asked to take over (planned failover)",
+                                previous=self.previous_epoch)
+                    return True
                 asked = time.monotonic()
                 try:
                     marks = (watch.get_watermark_offsets(tp, timeout=5, cached=False)[1],
@@ -389,12 +405,18 @@ class Coordinator:
         if not self.previous_epoch or self.previous_epoch == self.epoch:
             return
         started = time.monotonic()
-        ids = TxnIds(self.settings)
-        for role in (REPARTITION_ROLE, SCHEDULE_ROLE):
-            stable = f"{role}-{self.previous_epoch}"  # its loops wrote as generations of it
-            ids.fence(stable, ids.latest(stable))
+        self.fence_epoch(self.previous_epoch, fresh=False)
         log.info("fenced the previous active", epoch=self.previous_epoch,
                  seconds=round(time.monotonic() - started, 3))
+
+    def fence_epoch(self, epoch: str, fresh: bool = True) -> None:
+        """Fence the transactional ids of both steps of the holder with ``epoch``: the
+        latest generations it registered (read ``fresh`` for a claimant of the last
+        seconds)."""
+        ids = TxnIds(self.settings)
+        for role in (REPARTITION_ROLE, SCHEDULE_ROLE):
+            stable = f"{role}-{epoch}"  # its loops wrote as generations of it
+            ids.fence(stable, ids.latest(stable, fresh=fresh))
 
     def run(self) -> int:
         """The process: standby, then active until stopped. Returns the exit status."""
@@ -407,7 +429,10 @@ class Coordinator:
         self.stats.role = "taking over"  # "active" once the group assigns the partition
         self.stats.standby_s = round(self.active_at - self.started_at, 3)
         log.info("taking the active role", standby_s=self.stats.standby_s, epoch=self.epoch)
+        self.claim.claim()
         self.fence_previous()
+        if self.previous_epoch:
+            self.claim.fenced.add(self.previous_epoch)
         self._serve_web()
         failed: list[BaseException] = []
         threads = [self._thread("repartition", self.repartitioner.run, failed),

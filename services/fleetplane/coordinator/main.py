@@ -41,6 +41,7 @@ def main() -> None:
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack on stderr
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGUSR2, coordinator.take_over_now)  # a planned failover (standby)
     log.info("coordinator starting", instance=settings.instance_id,
              web=f"{settings.bind_host}:{settings.coordinator_web_port}")
     sys.exit(coordinator.run())

@@ -446,6 +446,7 @@ class Processor:
         group_instance_id: str | None = None,
         on_assign: AssignHook | None = None,
         on_abort: Callable[[], None] | None = None,
+        on_ready: Callable[[], None] | None = None,
         before_commit: Callable[[], Iterable[Output]] | None = None,
         isolation: str | None = None,
     ) -> None:
@@ -470,6 +471,9 @@ class Processor:
         self.group_instance_id = group_instance_id or self.instance_id
         self.on_assign = on_assign  # before the assigned partitions' records are read
         self.on_abort = on_abort  # after an aborted transaction, before the rewind
+        # after the producer is initialised (its transactional id registered and fenceable),
+        # before the consumer joins the group (the coordinator's takeover claim)
+        self.on_ready = on_ready
         # outputs that summarise the whole batch (one record per key per checkpoint, e.g. the
         # router's statistics): produced at each checkpoint, in its transaction, before the
         # input offsets are committed
@@ -619,6 +623,8 @@ class Processor:
                                  self.settings.idle_probe_s, bell=self._bell)
         if self.transactional:
             self.producer.init_transactions(TXN_CALL_TIMEOUT_S)
+        if self.on_ready is not None:
+            self.on_ready()
         self.consumer.subscribe(self.topics, on_assign=truncation_guard(self._on_assign),
                                 on_revoke=self._on_revoke)
 

@@ -84,16 +84,17 @@ class TxnIds:
         log.info("fenced the transactional ids of a previous run", stable=stable,
                  ids=len(ids), seconds=round(time.monotonic() - started, 3))
 
-    def latest(self, stable: str) -> int | None:
+    def latest(self, stable: str, fresh: bool = False) -> int | None:
         """The latest generation registered for `stable` (None: never registered).
 
         The registry is read once for all stable ids and the reading is shared by the process
         for SNAPSHOT_S (a coordinator's takeover asked four times, one read each: 0.6 s of its
-        failover); this process's own registrations update it."""
+        failover); this process's own registrations update it. `fresh` reads it again (another
+        process's registration of the last seconds must be seen)."""
         with _snapshot_lock:
             key = self.settings.kafka_bootstrap
             taken = _snapshot.get(key)
-            if taken is None or time.monotonic() - taken[0] > SNAPSHOT_S:
+            if fresh or taken is None or time.monotonic() - taken[0] > SNAPSHOT_S:
                 taken = (time.monotonic(), self._read_registry())
                 _snapshot[key] = taken
             return taken[1].get(stable)

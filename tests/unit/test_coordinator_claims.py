@@ -1,0 +1,23 @@
+"""The takeover claim's rule (coordinator.claims.judge): the latest claim wins; a claimant
+fences the recent earlier ones."""
+
+from __future__ import annotations
+
+from fleetplane.coordinator.claims import Claim, judge
+
+NOW = 1_800_000_000_000
+
+
+def test_the_latest_claim_wins_and_fences_the_recent_earlier_ones() -> None:
+    old = Claim("a-1", 0, NOW - 3_600_000)  # an hour ago: fenced or gone long since
+    b, c = Claim("b-2", 1, NOW - 200), Claim("c-3", 2, NOW - 100)
+    claims = [old, b, c]
+    earlier, winner = judge(claims, c)
+    assert winner is None and earlier == [b]
+    earlier, winner = judge(claims, b)
+    assert winner == c  # b stands down
+
+
+def test_a_duplicate_of_ones_own_claim_is_not_a_rival() -> None:
+    mine, copy = Claim("b-2", 4, NOW), Claim("b-2", 5, NOW)
+    assert judge([mine, copy], mine) == ([], None)
