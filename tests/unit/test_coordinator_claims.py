@@ -21,3 +21,11 @@ def test_the_latest_claim_wins_and_fences_the_recent_earlier_ones() -> None:
 def test_a_duplicate_of_ones_own_claim_is_not_a_rival() -> None:
     mine, copy = Claim("b-2", 4, NOW), Claim("b-2", 5, NOW)
     assert judge([mine, copy], mine) == ([], None)
+
+
+
+def test_the_previous_holder_fenced_on_takeover_is_not_fenced_again() -> None:
+    a, b, c = (Claim(e, i, NOW - 1000 + i) for i, e in enumerate(["a", "b", "c"]))
+    # c took over from b (b's ticks named it): b is fenced on takeover; a may still decide
+    # if b ticked and died before its own check
+    assert judge([a, b, c], c, previous="b") == ([a], None)

@@ -431,8 +431,7 @@ class Coordinator:
         log.info("taking the active role", standby_s=self.stats.standby_s, epoch=self.epoch)
         self.claim.claim()
         self.fence_previous()
-        if self.previous_epoch:
-            self.claim.fenced.add(self.previous_epoch)
+        self.claim.previous = self.previous_epoch
         self._serve_web()
         failed: list[BaseException] = []
         threads = [self._thread("repartition", self.repartitioner.run, failed),

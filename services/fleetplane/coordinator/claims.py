@@ -62,11 +62,15 @@ class Claim:
     at_ms: int
 
 
-def judge(claims: list[Claim], mine: Claim,
+def judge(claims: list[Claim], mine: Claim, previous: str | None = None,
           window_ms: float = RIVAL_WINDOW_S * 1000) -> tuple[list[Claim], Claim | None]:
-    """The earlier claimants to fence and the later claim that wins over ``mine`` (if any)."""
+    """The earlier claimants to fence and the later claim that wins over ``mine`` (if any).
+
+    The ``previous`` holder (named by the ticks) was fenced on takeover. Claimants before its
+    claim are fenced too: one of them may still decide if the previous holder ticked and died
+    before its own check (its clock starts with the takeover)."""
     later = [c for c in claims if c.offset > mine.offset and c.epoch != mine.epoch]
-    earlier = [c for c in claims if c.offset < mine.offset and c.epoch != mine.epoch
+    earlier = [c for c in claims if c.offset < mine.offset and c.epoch not in (mine.epoch, previous)
                and c.at_ms >= mine.at_ms - window_ms]
     return earlier, (later[-1] if later else None)
 
@@ -81,6 +85,7 @@ class ActiveClaim:
         self.fence = fence  # fences every transactional id of an epoch
         self.mine: Claim | None = None
         self.fenced: set[str] = set()  # epochs whose ids this process fenced
+        self.previous: str | None = None  # the holder fenced on takeover (its ticks' epoch)
         self._lock = threading.Lock()
 
     def claim(self) -> Claim:
@@ -107,7 +112,7 @@ class ActiveClaim:
         if self.mine is None:
             return
         with self._lock:
-            earlier, winner = judge(self.read(), self.mine)
+            earlier, winner = judge(self.read(), self.mine, self.previous)
             if winner is not None:
                 log.critical("a later coordinator claimed the active role: standing down",
                              epoch=self.epoch, winner=winner.epoch)
