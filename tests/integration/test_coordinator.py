@@ -431,10 +431,23 @@ def test_a_completion_the_broker_lost_downstream_is_applied_after_a_restart(
 
     producer.send([ev.TaskCompleted(task_id=first.task_id, team="team-c", attempt=1, model="m",
                                     output="ok", cost_usd=0.1, duration_ms=10)])
-    # the broker kept the input offsets and lost what the coordinator wrote with them: the
-    # offsets are committed past the completion as the active role's member (static: it
-    # replaces the killed one, and the restarted coordinator replaces it in turn)
-    group = Consumer({**base_settings.consumer_config(APP_ID), "enable.auto.commit": False,
+    # the broker kept the input offsets and lost what the coordinator wrote with them
+    commit_inputs_to_their_ends(base_settings)
+
+    coordinator.start()
+    ready = coordinator.wait_ready()
+    got = per_task(dispatch.wait_for(unique, 2, ev.TaskDispatched, timeout_s=40, linger_s=2.0))
+    assert second.task_id in got, "the completion was never applied: the files stay held"
+    assert [d.attempt for d in got[first.task_id]] == [1], "the first task ran twice"
+    stats = coordinator.stats()
+    assert stats is not None and stats["replayed"] > 0, ready
+
+
+def commit_inputs_to_their_ends(settings: Settings) -> None:
+    """What a hard broker crash can leave: the coordinator's input offsets committed past
+    records whose forwarded copies are gone. Committed as the active role's static member (it
+    replaces the killed one, and the restarted coordinator replaces it in turn)."""
+    group = Consumer({**settings.consumer_config(APP_ID), "enable.auto.commit": False,
                       "group.instance.id": REPARTITION_ROLE})
     group.subscribe(list(INPUTS))
     deadline = time.monotonic() + 30
@@ -448,13 +461,32 @@ def test_a_completion_the_broker_lost_downstream_is_applied_after_a_restart(
     group.commit(offsets=ends, asynchronous=False)
     group.close()
 
+
+def test_a_start_the_broker_lost_downstream_gives_the_attempt_its_lease_after_a_restart(
+    coordinator: CoordinatorProcess, producer: EventProducer, tail: Callable[[str], Tail],
+    base_settings: Settings, unique: str,
+) -> None:
+    """A chaos run's stuck tasks (docs/reliability.md, "Stop 21"): an attempt's TaskStarted
+    reached the log but not the coordinator's table before the broker's SIGKILL, and its
+    executor died with the broker. Read again after the restart, the start gives the attempt
+    its lease, whose expiry retries the task at once; before, the table kept the attempt
+    dispatched and never started until the 5-minute start timeout."""
+    dispatch, lifecycle = tail(DISPATCH), tail(LIFECYCLE)
+    task = routed(f"{unique}-started")
+    producer.send([task])
+    dispatch.wait_for(task.task_id, 1, ev.TaskDispatched, linger_s=0)
+    time.sleep(1.0)  # an offset commit (every 0.5 s) passes
+    coordinator.kill()
+    producer.send([ev.TaskStarted(task_id=task.task_id, team="team-c", attempt=1,
+                                  executor_id="ex-gone", lease_ms=3_000)])
+    commit_inputs_to_their_ends(base_settings)
     coordinator.start()
-    ready = coordinator.wait_ready()
-    got = per_task(dispatch.wait_for(unique, 2, ev.TaskDispatched, timeout_s=40, linger_s=2.0))
-    assert second.task_id in got, "the completion was never applied: the files stay held"
-    assert [d.attempt for d in got[first.task_id]] == [1], "the first task ran twice"
-    stats = coordinator.stats()
-    assert stats is not None and stats["replayed"] > 0, ready
+    coordinator.wait_ready()
+    got = dispatch.wait_for(task.task_id, 2, ev.TaskDispatched, timeout_s=60, linger_s=0)
+    assert [d.attempt for d in got] == [1, 2]
+    failed = [e for e in lifecycle.wait_for(task.task_id, 1, ev.TaskFailed, linger_s=0)
+              if isinstance(e, ev.TaskFailed)]
+    assert "lease of executor ex-gone expired" in failed[0].reason, failed[0].reason
 
 
 def test_sigterm_stops_cleanly(coordinator: CoordinatorProcess) -> None:

@@ -98,7 +98,9 @@ CHANGELOG = f"{SCHEDULER_TOPIC}-changelog"
 #: cause of the skip is not found).
 SCHEDULER_ISOLATION = "read_uncommitted"
 INPUTS = (t.ROUTED, t.LIFECYCLE, t.OUTCOMES, t.CONTROL, t.WORKSPACE, t.BUDGET)
-REPLAYED = frozenset({t.OUTCOMES})  # the inputs read again on assignment (_replay_inputs)
+# the inputs read again on assignment (_replay_inputs): every outcome; of the lifecycle, only
+# the starts (`Coordinator.forward`)
+REPLAYED = frozenset({t.OUTCOMES, t.LIFECYCLE})
 # static member ids of the active role (the same in every process); each holder of the role
 # uses the transactional ids <role>-<epoch> (see Coordinator.fence_previous)
 REPARTITION_ROLE = f"{APP_ID}-active"
@@ -213,10 +215,12 @@ class Coordinator:
         # this process's term as the active: its transactional ids are <role>-<epoch>
         self.epoch = f"{settings.instance_id}-{time.time_ns() // 1_000_000}"
         self.previous_epoch: str | None = None  # read from the latest ticks on takeover
+        # per input partition read again on assignment: where the records read again end
+        self.replay_until: dict[tuple[str, int], int] = {}
         # two standbys that take the role at once: the later claim wins (coordinator.claims)
         self.claim = ActiveClaim(settings, self.epoch, self.fence_epoch)
         self.repartitioner = Processor(
-            SERVICE, INPUTS, repartition, settings, group_id=APP_ID, transactional=True,
+            SERVICE, INPUTS, self.forward, settings, group_id=APP_ID, transactional=True,
             instance_id=f"{REPARTITION_ROLE}-{self.epoch}", group_instance_id=REPARTITION_ROLE,
             on_assign=self._replay_inputs, on_ready=self.claim.check)
         self.schedule = Processor(
@@ -281,20 +285,37 @@ class Coordinator:
             self.restore()
 
     def _replay_inputs(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """The repartition step's outcomes input, on assignment (a takeover, a restart): read
-        again from ``coordinator_replay_s`` back. Chaos runs found completions committed on
+        """The repartition step's outcomes and lifecycle inputs, on assignment (a takeover, a
+        restart): read again from ``coordinator_replay_s`` back (of the lifecycle, only the
+        starts are forwarded: `forward`). Chaos runs found completions committed on
         tasks.outcomes, and forwarded, that the scheduler's restored table never had after a
         broker crash (its SIGKILL keeps offsets and loses the last writes): those attempts were
         declared lost and ran twice. Forwarded again, they are applied now; the copies already
         applied are ignored (a terminal row takes nothing more; TaskRow.seen), and the ticks'
         read-until mark holds the lost-attempt check back until the step has caught up
-        (`tick_reason`). Only the outcomes: an outcome applies the same in any order, while
-        the other inputs read again in another order than the first time could decide
-        otherwise (a chaos run: the replayed workspace changes of two tasks that had run one
-        after the other, applied to a table that had lost their outcomes, rolled both back as
+        (`tick_reason`). Only the outcomes and the starts: an outcome applies the same in any
+        order, a start only to its attempt while dispatched or running, while the other
+        inputs read again in another order than the first time could decide otherwise (a
+        chaos run: the replayed workspace changes of two tasks that had run one after the
+        other, applied to a table that had lost their outcomes, rolled both back as
         overlapping)."""
+        self.replay_until.clear()
         self.stats.replayed += replay_recent(consumer, partitions,
-                                             self.settings.coordinator_replay_s, REPLAYED)
+                                             self.settings.coordinator_replay_s, REPLAYED,
+                                             until=self.replay_until)
+
+    def forward(self, event: ev.Event, rec: Record) -> list[Output]:
+        """The repartition step's handler: `repartition`, except that of the lifecycle read
+        again only the starts are forwarded. A chaos run (stop 21) had four attempts whose
+        TaskStarted the broker's SIGKILL lost downstream: the table kept them dispatched and
+        never started until the 300 s start timeout; applied again, the start gives the
+        attempt its lease, which expires 30 s later and retries it at once. Heartbeats and
+        the coordinator's own lifecycle events are not needed again (a newer heartbeat comes
+        on its own; a replayed TaskStarted older than the row's heartbeat changes nothing)."""
+        if rec.topic == t.LIFECYCLE and not isinstance(event, ev.TaskStarted) \
+                and rec.offset < self.replay_until.get((rec.topic, rec.partition), -1):
+            return []
+        return repartition(event, rec)
 
     def _on_abort(self) -> None:
         """An aborted transaction: the in-memory rows may hold uncommitted changes."""

@@ -89,14 +89,17 @@ def truncation_guard(inner: AssignHook | None = None) -> AssignHook:
 
 
 def replay_recent(consumer: Consumer, partitions: list[TopicPartition], seconds: float,
-                  topics: frozenset[str] | None = None, timeout_s: float = 30.0) -> int:
+                  topics: frozenset[str] | None = None, timeout_s: float = 30.0,
+                  until: dict[tuple[str, int], int] | None = None) -> int:
     """Assign `partitions` so that those of `topics` (default: all) start `seconds` before now
     where the group's committed offset is later than that (never later than the committed
     offset, nor past the log end; the others start at their committed offsets); returns how
     many records are read again. For a step whose consumer tolerates a record read twice: after
     a hard crash the broker can keep a group's offsets yet lose the records a transaction wrote
     with them downstream (docs/reliability.md, "Stop 20"), and reading the recent input again is
-    how the step writes them again. Nothing is assigned when nothing is read again."""
+    how the step writes them again. Nothing is assigned when nothing is read again. `until`
+    (if given) gets, per partition read again, the offset where the records read again end
+    (the committed one): a step can tell a record read again from a new one."""
     again_of = [tp for tp in partitions if topics is None or tp.topic in topics]
     if not again_of or seconds <= 0:
         return 0
@@ -128,6 +131,8 @@ def replay_recent(consumer: Consumer, partitions: list[TopicPartition], seconds:
         if first != tp.offset:
             start[key] = first
             again += position - first
+            if until is not None:
+                until[key] = position
     if start:
         consumer.assign([TopicPartition(tp.topic, tp.partition,
                                         start.get((tp.topic, tp.partition), OFFSET_INVALID))
