@@ -24,8 +24,12 @@ def test_a_duplicate_of_ones_own_claim_is_not_a_rival() -> None:
 
 
 
-def test_the_previous_holder_fenced_on_takeover_is_not_fenced_again() -> None:
-    a, b, c = (Claim(e, i, NOW - 1000 + i) for i, e in enumerate(["a", "b", "c"]))
-    # c took over from b (b's ticks named it): b is fenced on takeover; a may still decide
-    # if b ticked and died before its own check
-    assert judge([a, b, c], c, previous="b") == ([a], None)
+
+def test_claimants_before_the_previous_holders_claim_were_settled_by_it() -> None:
+    a, b, c, d = (Claim(e, i, NOW - 1000 + i) for i, e in enumerate(["a", "b", "c", "d"]))
+    # c took over from b (b's ticks named it; b ticked only after its own check settled a)
+    assert judge([a, b, c], c, previous="b") == ([], None)
+    # d claimed after c, with b as the holder it saw: c may have passed its check unseen
+    assert judge([a, b, c, d], d, previous="b") == ([c], None)
+    # no claim of the previous holder in sight: every recent earlier claim
+    assert judge([a, b, c, d], d, previous=None) == ([a, b, c], None)

@@ -494,6 +494,11 @@ class Coordinator:
         config = {**self.settings.producer_config(), "enable.idempotence": False}
         producer = Producer(config)
         serde = default_serde()
+        # a holder ticks only once its claim check fenced the earlier claimants: the ticks
+        # name the holder a later claimant fences, and it fences only the claims after that
+        # holder's (coordinator.claims.judge)
+        while not (self.claim.passed.wait(0.05) or self._stopping.is_set()):
+            pass
         try:
             while not self._stopping.is_set():
                 tick = ev.ControlCommand(task_id="", team="", command=TICK,

@@ -16,10 +16,12 @@ and initialised its transactional id and before it joins the group (``Processor.
 * a claim after its own: a later claimant holds the role: it stands down (``StandDown``, the
   process exits with 75 and the supervisor restarts it as a standby) before it read or decided
   anything;
-* recent claims before its own by other processes: it fences their transactional ids (the
-  generations registered in ``fleet.txn-ids``, read fresh) before its table is restored, so
-  whatever they committed is in the changelog it restores and nothing they decide later
-  commits.
+* claims before its own by other processes, since the claim of the holder its ticks named
+  (fenced on takeover anyway): it fences their transactional ids (the generations registered
+  in ``fleet.txn-ids``, read fresh) before its table is restored, so whatever they committed
+  is in the changelog it restores and nothing they decide later commits. The claims before the
+  named holder's were settled by that holder: a holder ticks only once a check of its own
+  passed.
 
 Why it holds: an earlier claimant E either checks after the later claim L was written, and
 stands down, or checked before it; then E's registration (before its check) precedes L's
@@ -66,11 +68,14 @@ def judge(claims: list[Claim], mine: Claim, previous: str | None = None,
           window_ms: float = RIVAL_WINDOW_S * 1000) -> tuple[list[Claim], Claim | None]:
     """The earlier claimants to fence and the later claim that wins over ``mine`` (if any).
 
-    The ``previous`` holder (named by the ticks) was fenced on takeover. Claimants before its
-    claim are fenced too: one of them may still decide if the previous holder ticked and died
-    before its own check (its clock starts with the takeover)."""
+    The ``previous`` holder (named by the latest tick) was fenced on takeover, and a holder
+    ticks only after its own check, which settled every claimant before it (stood down or
+    fenced): so the earlier claimants to fence are those after the previous holder's claim;
+    without that claim in sight, every one of the window."""
     later = [c for c in claims if c.offset > mine.offset and c.epoch != mine.epoch]
-    earlier = [c for c in claims if c.offset < mine.offset and c.epoch not in (mine.epoch, previous)
+    since = max((c.offset for c in claims if c.epoch == previous and c.offset < mine.offset),
+                default=-1)
+    earlier = [c for c in claims if since < c.offset < mine.offset and c.epoch != mine.epoch
                and c.at_ms >= mine.at_ms - window_ms]
     return earlier, (later[-1] if later else None)
 
@@ -86,6 +91,7 @@ class ActiveClaim:
         self.mine: Claim | None = None
         self.fenced: set[str] = set()  # epochs whose ids this process fenced
         self.previous: str | None = None  # the holder fenced on takeover (its ticks' epoch)
+        self.passed = threading.Event()  # a check passed: the earlier claimants are settled
         self._lock = threading.Lock()
 
     def claim(self) -> Claim:
@@ -110,6 +116,7 @@ class ActiveClaim:
         """Before a step joins the group: stand down if a later claim exists, else fence the
         recent earlier claimants (once each)."""
         if self.mine is None:
+            self.passed.set()
             return
         with self._lock:
             earlier, winner = judge(self.read(), self.mine, self.previous)
@@ -123,6 +130,7 @@ class ActiveClaim:
                     self.fenced.add(rival.epoch)
                     log.warning("fenced an earlier claimant of the active role",
                                 epoch=self.epoch, rival=rival.epoch)
+            self.passed.set()
 
     def read(self) -> list[Claim]:
         """The claims from LOOKBACK before this process's to the partition's end, read fresh."""
