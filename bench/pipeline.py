@@ -51,6 +51,7 @@ from bench.recorder import STAGES, StageRecorder
 from fleetplane.cli.stack import Stack
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
+from fleetplane.core.topics import SUBMITTED
 
 __all__ = ["RESULTS", "cpu_seconds", "machine", "percentile"]  # used by the per-service benches
 
@@ -338,6 +339,7 @@ def submit_http(stack: Stack, n: int, run: str, rate: float = 0.0,
 def submit_kafka(stack: Stack, n: int, run: str, rate: float = 0.0) -> Submission:
     """TaskSubmitted records straight onto tasks.submitted (ingest still validates them)."""
     producer = EventProducer(stack.settings())
+    producer.connect([SUBMITTED])  # else the first second's submissions wait for it
     out = Submission()
     start = time.time()
     batch: list[ev.Event] = []
