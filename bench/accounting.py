@@ -186,22 +186,24 @@ def scale_run(dsn_dir: Path, rows: int, raw_limit: int = RAW_LIMIT) -> dict[str,
         store.close()
 
 
-def sink(base: Path, sink_tasks: int, flush_rows: int) -> dict[str, Any]:
+def sink(base: Path, sink_tasks: int, flush_rows: int, background: bool = True
+         ) -> dict[str, Any]:
     """Synthetic lifecycles mapped to rows and inserted through ClickHouseSink (chdb in `base`)."""
     store = connect(Settings(clickhouse_dsn=f"chdb://{base}", clickhouse_database="bench_sink"))
     try:
         apply_ddl(store)
-        r = run_bench(store, sink_tasks, flush_rows)
+        r = run_bench(store, sink_tasks, flush_rows, background=background)
         store.command(f"DROP DATABASE {store.database}")
     finally:
         store.close()
     return {"events": r.events, "rows": r.rows, "seconds": r.seconds,
             "events_per_s": r.events_per_s, "rows_per_s": r.rows_per_s,
-            "insert_rows_per_s": r.insert_rows_per_s, "flush_rows": flush_rows}
+            "insert_rows_per_s": r.insert_rows_per_s, "flush_rows": flush_rows,
+            "background_inserts": background}
 
 
 def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
-               timeout_s: float = 900.0) -> dict[str, Any]:
+               timeout_s: float = 900.0, background: bool = True) -> dict[str, Any]:
     """End to end: the events are first produced to a real broker (pinned embedded noida-db on
     a free port), then the accounting processor (build_processor, as the service runs it)
     consumes, maps and inserts them; timed from its start until every row is in ClickHouse."""
@@ -224,7 +226,8 @@ def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
         try:
             apply_ddl(store)
             processor, acct_sink = build_processor(settings, store,
-                                                   group_id=f"bench-acct-{time.monotonic_ns()}")
+                                                   group_id=f"bench-acct-{time.monotonic_ns()}",
+                                                   background=background)
             thread = threading.Thread(target=processor.run, daemon=True)
             threads_started = thread_cpu()
             cpu_started = cpu_seconds()
@@ -258,7 +261,7 @@ def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
             "rows_per_cpu_s": acct_sink.stats.rows / cpu_s if cpu_s else 0.0,
             "load_avg": os.getloadavg(),
             "insert_rows_per_s": acct_sink.stats.rows_per_second(), "produce_s": produce_s,
-            "flush_rows": flush_rows}
+            "flush_rows": flush_rows, "background_inserts": background}
 
 
 def group_worker(bootstrap: str, group: str, base: str, out: str, go: str) -> None:
@@ -344,15 +347,15 @@ def sink_group(base: Path, processes: int, sink_tasks: int, timeout_s: float = 6
 
 
 def measure(sink_tasks: int, flush_rows: int, sizes: list[int],
-            dsn_dir: str = "", kafka: bool = True, raw_limit: int = RAW_LIMIT
-            ) -> dict[str, Any]:
+            dsn_dir: str = "", kafka: bool = True, raw_limit: int = RAW_LIMIT,
+            background: bool = True) -> dict[str, Any]:
     """The sink figures and one scale run per size (used by this bench and by `make bench`)."""
     base = Path(dsn_dir or tempfile.mkdtemp(prefix="fleetplane-bench-acct-"))
     out: dict[str, Any] = {}
     if sink_tasks > 0:
-        out["sink"] = sink(base, sink_tasks, flush_rows)
+        out["sink"] = sink(base, sink_tasks, flush_rows, background)
         if kafka:
-            out["sink_kafka"] = sink_kafka(base, sink_tasks, flush_rows)
+            out["sink_kafka"] = sink_kafka(base, sink_tasks, flush_rows, background=background)
     out["scale"] = [scale_run(base, n, raw_limit) for n in sizes]
     return out
 
@@ -370,6 +373,9 @@ def main() -> None:
     parser.add_argument("--sink-processes", type=int, default=0,
                         help="also run the sink through Kafka with this many processes in one "
                              "consumer group (each its own chdb directory)")
+    parser.add_argument("--sync-inserts", action="store_true",
+                        help="the sink inserts on the loop's thread (before issue 18's ninth "
+                             "round) instead of its insert thread: the comparison")
     parser.add_argument("--group-worker", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--raw-limit", type=int, default=RAW_LIMIT,
                         help="sizes above this keep raw rows of the last 6 h only (see above)")
@@ -382,7 +388,8 @@ def main() -> None:
     out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                        "load_avg": os.getloadavg()}}
     out.update(measure(0 if args.no_sink else args.sink_tasks, args.flush_rows, sizes,
-                       args.dsn_dir, kafka=not args.no_kafka, raw_limit=args.raw_limit))
+                       args.dsn_dir, kafka=not args.no_kafka, raw_limit=args.raw_limit,
+                       background=not args.sync_inserts))
     if args.sink_processes > 0 and not args.no_sink:
         out["sink_group"] = sink_group(Path(args.dsn_dir or tempfile.mkdtemp(
             prefix="fleetplane-bench-group-")), args.sink_processes, args.sink_tasks)
