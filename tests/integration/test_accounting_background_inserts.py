@@ -135,7 +135,8 @@ def test_an_insert_failing_on_the_insert_thread_stops_the_loop_before_offsets_ar
         retry=RetryPolicy(initial_interval_s=0.01, maximum_attempts=1))
     thread.join(120)
     assert not thread.is_alive() and raised, "the loop stops on the insert thread's failure"
-    assert calls_of(store, teams) > 0     # the flush's other tables went in before `events`
+    # (the flush's other tables may have gone in before `events`: the restart below must not
+    # count them twice; whether the first flush held model calls depends on the first batch)
     store.command(f"ALTER TABLE {table} DROP CONSTRAINT refuse")
 
     # The same group again: no offset was stored, so everything comes back, once per row.
