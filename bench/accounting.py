@@ -186,24 +186,22 @@ def scale_run(dsn_dir: Path, rows: int, raw_limit: int = RAW_LIMIT) -> dict[str,
         store.close()
 
 
-def sink(base: Path, sink_tasks: int, flush_rows: int, background: bool = True
-         ) -> dict[str, Any]:
+def sink(base: Path, sink_tasks: int, flush_rows: int) -> dict[str, Any]:
     """Synthetic lifecycles mapped to rows and inserted through ClickHouseSink (chdb in `base`)."""
     store = connect(Settings(clickhouse_dsn=f"chdb://{base}", clickhouse_database="bench_sink"))
     try:
         apply_ddl(store)
-        r = run_bench(store, sink_tasks, flush_rows, background=background)
+        r = run_bench(store, sink_tasks, flush_rows)
         store.command(f"DROP DATABASE {store.database}")
     finally:
         store.close()
     return {"events": r.events, "rows": r.rows, "seconds": r.seconds,
             "events_per_s": r.events_per_s, "rows_per_s": r.rows_per_s,
-            "insert_rows_per_s": r.insert_rows_per_s, "flush_rows": flush_rows,
-            "background_inserts": background}
+            "insert_rows_per_s": r.insert_rows_per_s, "flush_rows": flush_rows}
 
 
 def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
-               timeout_s: float = 900.0, background: bool = True) -> dict[str, Any]:
+               timeout_s: float = 900.0) -> dict[str, Any]:
     """End to end: the events are first produced to a real broker (pinned embedded noida-db on
     a free port), then the accounting processor (build_processor, as the service runs it)
     consumes, maps and inserts them; timed from its start until every row is in ClickHouse."""
@@ -226,12 +224,11 @@ def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
         try:
             apply_ddl(store)
             processor, acct_sink = build_processor(settings, store,
-                                                   group_id=f"bench-acct-{time.monotonic_ns()}",
-                                                   background=background)
+                                                   group_id=f"bench-acct-{time.monotonic_ns()}")
             thread = threading.Thread(target=processor.run, daemon=True)
             # `first` below is taken once the first batch is handled, which leaves that batch's
-            # work out (and, with background inserts, not its insert): the time of the
-            # assignment counts every batch in full (the wrapped callback is the on_assign's)
+            # work out (and, were inserts not on the loop's thread, not its insert): the time
+            # of the assignment counts every batch in full (the wrapped callback is on_assign's)
             assigned: list[float] = []
             reassigned = acct_sink.reassigned
 
@@ -274,7 +271,7 @@ def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
             "rows_per_cpu_s": acct_sink.stats.rows / cpu_s if cpu_s else 0.0,
             "load_avg": os.getloadavg(),
             "insert_rows_per_s": acct_sink.stats.rows_per_second(), "produce_s": produce_s,
-            "flush_rows": flush_rows, "background_inserts": background}
+            "flush_rows": flush_rows}
 
 
 def group_worker(bootstrap: str, group: str, base: str, out: str, go: str) -> None:
@@ -360,15 +357,15 @@ def sink_group(base: Path, processes: int, sink_tasks: int, timeout_s: float = 6
 
 
 def measure(sink_tasks: int, flush_rows: int, sizes: list[int],
-            dsn_dir: str = "", kafka: bool = True, raw_limit: int = RAW_LIMIT,
-            background: bool = True) -> dict[str, Any]:
+            dsn_dir: str = "", kafka: bool = True, raw_limit: int = RAW_LIMIT
+            ) -> dict[str, Any]:
     """The sink figures and one scale run per size (used by this bench and by `make bench`)."""
     base = Path(dsn_dir or tempfile.mkdtemp(prefix="fleetplane-bench-acct-"))
     out: dict[str, Any] = {}
     if sink_tasks > 0:
-        out["sink"] = sink(base, sink_tasks, flush_rows, background)
+        out["sink"] = sink(base, sink_tasks, flush_rows)
         if kafka:
-            out["sink_kafka"] = sink_kafka(base, sink_tasks, flush_rows, background=background)
+            out["sink_kafka"] = sink_kafka(base, sink_tasks, flush_rows)
     out["scale"] = [scale_run(base, n, raw_limit) for n in sizes]
     return out
 
@@ -386,9 +383,6 @@ def main() -> None:
     parser.add_argument("--sink-processes", type=int, default=0,
                         help="also run the sink through Kafka with this many processes in one "
                              "consumer group (each its own chdb directory)")
-    parser.add_argument("--sync-inserts", action="store_true",
-                        help="the sink inserts on the loop's thread (before issue 18's ninth "
-                             "round) instead of its insert thread: the comparison")
     parser.add_argument("--group-worker", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--raw-limit", type=int, default=RAW_LIMIT,
                         help="sizes above this keep raw rows of the last 6 h only (see above)")
@@ -401,8 +395,7 @@ def main() -> None:
     out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                        "load_avg": os.getloadavg()}}
     out.update(measure(0 if args.no_sink else args.sink_tasks, args.flush_rows, sizes,
-                       args.dsn_dir, kafka=not args.no_kafka, raw_limit=args.raw_limit,
-                       background=not args.sync_inserts))
+                       args.dsn_dir, kafka=not args.no_kafka, raw_limit=args.raw_limit))
     if args.sink_processes > 0 and not args.no_sink:
         out["sink_group"] = sink_group(Path(args.dsn_dir or tempfile.mkdtemp(
             prefix="fleetplane-bench-group-")), args.sink_processes, args.sink_tasks)

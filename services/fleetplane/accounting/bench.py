@@ -195,18 +195,14 @@ def _views_of(store: Store, table: str) -> list[tuple[str, str]]:
     return out
 
 
-def run_bench(store: Store, tasks: int, flush_rows: int = 5_000, *, background: bool = True
-              ) -> BenchResult:
-    """Rows of synthetic lifecycles through ClickHouseSink (with the service's background
-    inserts unless told otherwise)."""
-    sink = ClickHouseSink(store, flush_rows=flush_rows, background=background)
+def run_bench(store: Store, tasks: int, flush_rows: int = 5_000) -> BenchResult:
+    sink = ClickHouseSink(store, flush_rows=flush_rows)
     events = list(synthetic_events(tasks, prefix=f"bench-{time.monotonic_ns()}"))
     started = time.perf_counter()
     for offset, event in enumerate(events):
         sink.add(rows_for(event, Record("bench", 0, offset, None, b"")))
     sink.flush()
     elapsed = time.perf_counter() - started
-    sink.close()
     return BenchResult(len(events), sink.stats.rows, elapsed, sink.stats.insert_seconds)
 
 

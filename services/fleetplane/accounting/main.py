@@ -77,14 +77,11 @@ def default_instance_id(settings: Settings, group_id: str) -> str:
 def build_processor(settings: Settings, store: Store, *, group_id: str = GROUP_ID,
                     commit_interval_s: float = COMMIT_INTERVAL_S,
                     instance_id: str | None = None,
-                    observe: Callable[[Event], None] | None = None, background: bool = True
+                    observe: Callable[[Event], None] | None = None
                     ) -> tuple[BatchProcessor, ClickHouseSink]:
     """The accounting Processor over every topic, at-least-once, with its ClickHouse sink;
-    `observe` sees every stored event (fleet metrics). The sink inserts on its own thread while
-    the loop decodes the next batch (sink.py) unless `background` is False (the bench's
-    comparison)."""
-    sink = ClickHouseSink(store, flush_rows=settings.sink_flush_rows, group=group_id,
-                          background=background)
+    `observe` sees every stored event (fleet metrics)."""
+    sink = ClickHouseSink(store, flush_rows=settings.sink_flush_rows, group=group_id)
     # clickhouse-connect imports pandas at the first insert (about 1 s): do it before the loop
     with contextlib.suppress(ImportError):
         importlib.import_module("pandas")
@@ -166,7 +163,6 @@ def run(settings: Settings) -> int:
             publisher_thread.join(10)
             producer.close()
             lag.close()
-            sink.close()
         log.info("accounting stopped", **status_of(processor, sink))
         return code
     finally:

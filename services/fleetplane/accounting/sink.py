@@ -34,18 +34,7 @@ else from ClickHouse. An attempt that made no model call keeps an empty call_mod
 model_calls.first_call marks each task's first model call (tasktypes.FirstCalls): the rollups
 count tasks by summing it.
 
-Inserts are columnar (one list per column, built with zip in C) and sent as Native blocks.
-
-Background inserts (`background=True`, the service's sink): a flush the buffer's size asks for
-prepares its rows on the caller's thread (the columns above, deduplication, the progress mark,
-and each table's Native block: the driver's serialization is Python, and on the insert thread
-it contended with the loop for the GIL, issue 18 ninth round) and hands the blocks to one
-insert thread, whose only work is the statements: the loop decodes the next batch while chdb
-inserts (chdb releases the GIL while it runs a statement). At most one flush is in flight: the
-next waits for it first. `flush()` (the loop's checkpoint, before it stores offsets) waits until
-every row is inserted and raises the insert thread's Fatal, so a stored offset still means its
-rows are in ClickHouse. The event ids of rows in flight count as stored for deduplication; if
-their insert fails the loop stops (Fatal) and the records are redelivered to a new process.
+Inserts are columnar (one list per column, built with zip in C).
 """
 
 from __future__ import annotations
@@ -53,7 +42,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from operator import itemgetter
@@ -141,7 +129,7 @@ class ClickHouseSink:
     def __init__(self, store: Store, flush_rows: int = 5_000,
                  retry: RetryPolicy = DEFAULT_INSERT_RETRY,
                  columns: Mapping[str, Sequence[str]] = COLUMNS, *, group: str = "",
-                 recent_ids: int = 2_000_000, background: bool = False) -> None:
+                 recent_ids: int = 2_000_000) -> None:
         self.store = store
         self.flush_rows = max(1, flush_rows)
         self.retry = retry
@@ -164,17 +152,11 @@ class ClickHouseSink:
         self._written: dict[tuple[str, int], int] = {}
         #: buffered rows (of DEDUPLICATED tables) that may already be stored: their event ids
         self._suspects: set[str] = set()
-        #: the insert thread (background inserts, see the module doc) and its flush in flight
-        self._inserter = (ThreadPoolExecutor(1, thread_name_prefix="sink-insert")
-                          if background else None)
-        self._inflight: Future[None] | None = None
-        self._inflight_rows = 0
 
     @property
     def pending(self) -> int:
-        """Rows buffered or in flight, not yet inserted."""
-        inflight = self._inflight
-        return self._pending + (self._inflight_rows if inflight and not inflight.done() else 0)
+        """Rows buffered and not yet inserted."""
+        return self._pending
 
     def reassigned(self) -> None:
         """Partitions were (re)assigned: read the progress marks again before the next rows
@@ -198,7 +180,7 @@ class ClickHouseSink:
             for table, batch in rows.items():
                 self._buffer(table, batch, suspect)
             if self._pending >= self.flush_rows:
-                self._hand_off()
+                self.flush()
 
     def add_batch(self, rows: Mapping[str, list[Row]],
                   offsets: Mapping[tuple[str, int], tuple[int, int]]) -> None:
@@ -217,7 +199,7 @@ class ClickHouseSink:
                 if batch:
                     self._buffer(table, batch, suspect)
             if self._pending >= self.flush_rows:
-                self._hand_off()
+                self.flush()
 
     def _buffer(self, table: str, batch: Sequence[Row], suspect: bool) -> None:
         """One table's rows into its buffer (the lock held): remembered task types and attempt
@@ -240,66 +222,28 @@ class ClickHouseSink:
 
     def flush(self) -> None:
         """Insert every buffered row, table by table in the order of `columns` (rows.COLUMNS puts
-        `events` last), and return once they are all in ClickHouse (with background inserts,
-        the flush in flight too); Fatal when ClickHouse keeps failing."""
+        `events` last); Fatal when ClickHouse keeps failing."""
         with self._lock:
-            self._hand_off()
-            self._wait()
-
-    def close(self) -> None:
-        """Stop the insert thread (after flush(); rows still buffered are not inserted)."""
-        if self._inserter is not None:
-            self._inserter.shutdown(wait=True)
-
-    def _hand_off(self) -> None:
-        """Prepare the buffered rows and insert them: here, or on the insert thread once the
-        flush in flight is done (the lock held)."""
-        if not self._pending:
-            return
-        self._fill_task_types()
-        self._fill_attempt_models()
-        self._drop_known()
-        self._flag_first_calls()
-        self._mark_progress()
-        blocks: list[tuple[str, bytes, int]] = []
-        stored: list[str] = []
-        for table, buffer in self._buffers.items():
-            if buffer:
-                blocks.append((table, self._serialized(table, buffer), len(buffer)))
-                if table in DEDUPLICATED:
-                    stored.extend(map(itemgetter(self.columns[table].index("event_id")),
-                                      buffer))
-                self._buffers[table] = []
-        rows, self._pending = self._pending, 0
-        self.recent.add(stored)
-        self._suspects.clear()
-        self._high.clear()
-        self.stats.flushes += 1
-        if self._inserter is None:
-            self._insert_all(blocks)
-            return
-        self._wait()
-        self._inflight_rows = rows
-        self._inflight = self._inserter.submit(self._insert_all, blocks)
-
-    def _wait(self) -> None:
-        """Wait for the flush in flight; raises its Fatal."""
-        inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            inflight.result()
-
-    def _serialized(self, table: str, rows: list[Row]) -> bytes:
-        """One table's rows as a Native block, on the caller's thread (the driver's
-        serialization is Python: on the insert thread it contended for the GIL)."""
-        started = time.perf_counter()
-        block = self._retrying(f"serializing {table} ({len(rows)} rows)", lambda: (
-            self.store.native_block(table, rows, self.columns[table])))
-        self.stats.insert_seconds += time.perf_counter() - started   # counted as before
-        return block
-
-    def _insert_all(self, blocks: list[tuple[str, bytes, int]]) -> None:
-        for table, block, rows in blocks:
-            self._insert(table, block, rows)
+            if not self._pending:
+                return
+            self._fill_task_types()
+            self._fill_attempt_models()
+            self._drop_known()
+            self._flag_first_calls()
+            self._mark_progress()
+            stored: list[str] = []
+            for table, buffer in self._buffers.items():
+                if buffer:
+                    self._insert(table, buffer)
+                    if table in DEDUPLICATED:
+                        stored.extend(map(itemgetter(self.columns[table].index("event_id")),
+                                          buffer))
+                    self._pending -= len(buffer)
+                    buffer.clear()
+            self.recent.add(stored)
+            self._suspects.clear()
+            self._high.clear()
+            self.stats.flushes += 1
 
     # -- restart safety --------------------------------------------------------------------
     def _load_marks(self) -> dict[tuple[str, int], int]:
@@ -445,10 +389,10 @@ class ClickHouseSink:
                 time.sleep(delay)
                 attempt += 1
 
-    def _insert(self, table: str, block: bytes, rows: int) -> None:
+    def _insert(self, table: str, rows: list[Row]) -> None:
         started = time.perf_counter()
-        self._retrying(f"insert into {table} ({rows} rows)",
-                       lambda: self.store.insert_block(table, self.columns[table], block))
+        self._retrying(f"insert into {table} ({len(rows)} rows)",
+                       lambda: self.store.insert(table, rows, self.columns[table]))
         self.stats.insert_seconds += time.perf_counter() - started
-        self.stats.rows += rows
+        self.stats.rows += len(rows)
         self.stats.inserts += 1
