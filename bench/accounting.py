@@ -228,7 +228,8 @@ def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
             thread = threading.Thread(target=processor.run, daemon=True)
             # `first` below is taken once the first batch is handled, which leaves that batch's
             # work out (and, were inserts not on the loop's thread, not its insert): the time
-            # of the assignment counts every batch in full (the wrapped callback is on_assign's)
+            # of the assignment counts every batch in full, and the wait for the first fetched
+            # records too (the wrapped callback is on_assign's)
             assigned: list[float] = []
             reassigned = acct_sink.reassigned
 
