@@ -376,7 +376,10 @@ def test_records_a_fetch_skipped_are_read_again_when_the_input_is_read_uncommitt
     topic = f"gaps-{unique}"
     ensure_topics(base_settings.client_config(), [TopicSpec(topic, "task_id", 1, 1, -1,
                                                             "delete")])
-    settings = base_settings.model_copy(update={"batch_size": 5})
+    # the handler moves the fetch position (a seek), which needs the partition assigned: not
+    # parked while the batch is handled
+    settings = base_settings.model_copy(update={"batch_size": 5,
+                                                "idle_park_while_handling": False})
     raw = Producer(settings.producer_config())
     serde = default_serde()
     for i in range(100):
@@ -450,3 +453,43 @@ def test_a_drained_batch_is_handled_with_the_inputs_parked(
         [f"{unique}-a{i}" for i in range(5)] + [f"{unique}-b{i}" for i in range(5)])
     assert len(assigned_while_handling) == 10
     assert set(assigned_while_handling) == {0}
+
+
+def test_a_full_batch_is_handled_with_the_inputs_parked(
+    base_settings: Settings, unique: str, run_processor: Callable[[Processor], Processor],
+) -> None:
+    """A batch as large as batch_size (the client may hold more records fetched behind it) is
+    handled with the consumer holding no assignment too: in a burst the router's batches are
+    full, and assigned it fetched back to back for seconds while it routed them (docs/
+    benchmarks.md, stop 21). Every record is still handled once, in order."""
+    topic = f"full-{unique}"
+    ensure_topics(base_settings.client_config(), [TopicSpec(topic, "task_id", 1, 1, -1,
+                                                            "delete")])
+    settings = base_settings.model_copy(update={"batch_size": 3})
+    ready = threading.Event()
+    handled: list[tuple[int, int]] = []  # (offset, partitions assigned while handling it)
+    holder: list[Processor] = []
+
+    def handler(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        consumer = holder[0].consumer
+        assert consumer is not None
+        handled.append((rec.offset, len(consumer.assignment())))
+        return []
+
+    p = Processor(f"full-{unique}", [topic], handler, settings, group_id=f"g-{unique}",
+                  on_assign=lambda _c, _parts: ready.set())
+    holder.append(p)
+    run_processor(p)
+    assert ready.wait(60)
+    time.sleep(1.0)  # the partition's end reported: its position is known, it can be parked
+    raw = Producer(settings.producer_config())
+    serde = default_serde()
+    for i in range(10):  # one fetch brings them all: batches of 3, 3, 3 and 1
+        e = ev.TaskSubmitted(task_id=f"{unique}-{i}", team="a", spec=spec())
+        raw.produce(topic, key=e.task_id.encode(), value=serde.encode(e))
+    assert raw.flush(30) == 0
+    deadline = time.monotonic() + 60
+    while len(handled) < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [offset for offset, _ in handled] == list(range(10))
+    assert {assigned for _, assigned in handled} == {0}, handled

@@ -339,3 +339,54 @@ def test_a_burst_the_client_fetched_ahead_is_all_begun_before_a_slot_thread_runs
     with lock:
         kinds = [kind for kind, _ in order]
     assert kinds == ["begin"] * 6 + ["handle"] * 6, order
+
+
+def test_a_commit_made_right_after_a_take_is_made_with_the_inputs_parked(
+        base_settings: Settings, unique: str,
+        started: list[tuple[ParallelProcessor, threading.Thread]]) -> None:
+    """The poll loop parks its inputs once it has taken and begun what the client fetched: the
+    commit that follows (here: record a's outcome, committed right after b was taken) is made
+    with the consumer holding no assignment. Assigned, the client fetched back to back through
+    each take and commit of a burst (docs/benchmarks.md, stop 21). Both outcomes are
+    committed."""
+    settings = base_settings.model_copy(update={"transactional": True})
+    assigned, a_started, b_taken = threading.Event(), threading.Event(), threading.Event()
+    at_commit: list[int] = []  # partitions assigned at each commit
+    holder: list[ParallelProcessor] = []
+
+    class Sink:
+        def flush(self) -> None:  # by the poll loop, in each commit, before its transaction
+            consumer = holder[0].consumer
+            assert consumer is not None
+            at_commit.append(len(consumer.assignment()))
+
+    def begin(rec: Record) -> None:
+        if rec.key == f"{unique}-b".encode():  # a finishes while b is taken
+            b_taken.set()
+            deadline = time.monotonic() + 30
+            while holder[0].stats.finished < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    def handler(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        if event.task_id == f"{unique}-a":
+            a_started.set()
+            b_taken.wait(60)
+        return [ev.TaskHeld(task_id=event.task_id, team="a", reason="done")]
+
+    group = f"par-{unique}"
+    start_group_at_end(settings, group, SUBMITTED)
+    p = ParallelProcessor(f"par-{unique}", [SUBMITTED], handler, settings, group_id=group,
+                          slots=2, drain_timeout_s=0, begin=begin, sink=Sink(),
+                          on_assign=lambda _c, _parts: assigned.set())
+    holder.append(p)
+    start(p, started)
+    assert assigned.wait(60)
+    time.sleep(1.0)  # every partition's end reported: positions known, the inputs can park
+    send_to_partition(settings, [f"{unique}-a"])
+    assert a_started.wait(60)
+    time.sleep(0.2)  # the loop is idle again before b comes
+    send_to_partition(settings, [f"{unique}-b"])
+    out = read_all(settings, "tasks.lifecycle", 2, timeout_s=40, match=unique)
+    assert sorted(default_serde().decode(v).task_id for _, v, _ in out) == [
+        f"{unique}-a", f"{unique}-b"]
+    assert at_commit and set(at_commit) == {0}, at_commit

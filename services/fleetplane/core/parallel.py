@@ -36,6 +36,10 @@ for seconds to hours. `ParallelProcessor` is the pattern of Confluent's parallel
   any slot thread is woken, so a burst onto empty slots is started in one thread
   instead of one GIL hand-off per slot thread (the first fill, docs/executor.md); a record a
   slot thread takes itself (a freed slot refilled) is begun by that thread;
+* parked while it works: once a take is begun, and before each commit, the loop parks its
+  inputs (core.loop's IdleBackoff.park_for_work) unless it holds them paused; its next poll
+  probes them at once. Assigned, the client fetched back to back through each take and
+  commit of a burst (docs/benchmarks.md, stop 21);
 * on stop (SIGTERM) the loop stops taking records, waits up to ``drain_timeout_s`` for the
   running ones while it keeps committing, and closes. Records still running then are not
   committed: they are redelivered to the next owner.
@@ -186,11 +190,13 @@ class ParallelProcessor(Processor):
                     if self.begin is not None:
                         # the rest of a burst, fetched meanwhile: begun before a slot runs
                         self._take_fetched()
+                    self._park_while_handling()
                     self._fill()
                     if self.stats.taken > taken and self._idle is not None:
                         self._idle.busy()  # the time spent taking was not idle time
                 now = time.monotonic()
                 if self._done and now - last_commit >= self.commit_interval_s:
+                    self._park_while_handling()
                     self._commit()
                     last_commit = now
             self._drain()
@@ -205,6 +211,15 @@ class ParallelProcessor(Processor):
                 self._wake.notify_all()
                 self._wake_express.notify_all()
             self._close()
+
+    def _park_while_handling(self) -> None:
+        """After a take (what the client had fetched is taken and begun, `_take_fetched`) and
+        before a commit: park the inputs until the next poll, which probes at once
+        (IdleBackoff.park_for_work). Assigned, the client fetched back to back through each
+        take, slot wake-up and commit of a burst: about 30,000 fetches per 2,000 tasks
+        (docs/benchmarks.md, stop 21). Not while the loop holds partitions paused (full)."""
+        if self.park_while_handling and not self._paused and self._idle is not None:
+            self._idle.park_for_work()
 
     def _drain(self) -> None:
         """Stop taking records; give the running ones drain_timeout_s; commit what finished."""

@@ -45,9 +45,11 @@ class Settings(BaseSettings):
     #: of fetching back to back while it waits (measured: 39 instead of 72 ms of CPU per task)
     idle_backoff_s: float = 0.005
     idle_probe_s: float = 0.02
-    #: a loop that took all its consumer had fetched parks its partitions while it handles and
-    #: commits the batch, instead of letting the client fetch back to back meanwhile
-    #: (core.loop.IdleBackoff.park_for_work; docs/benchmarks.md, stop 20)
+    #: a loop parks its partitions while it handles and commits a batch (a hop: any batch; a
+    #: sink that prefers large batches: one that drained what its consumer had fetched; the
+    #: parallel loop: after each take and before each commit), instead of letting the client
+    #: fetch back to back meanwhile (core.loop.IdleBackoff.park_for_work; docs/benchmarks.md,
+    #: stops 20 and 21)
     idle_park_while_handling: bool = True
     #: a loop that committed records rings the parked consumers of their topics on this host,
     #: which probe at once instead of after up to idle_probe_s (core.doorbell)
