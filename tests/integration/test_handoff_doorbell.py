@@ -49,9 +49,12 @@ def test_a_ring_removes_the_entry_of_a_killed_listener(unique: str) -> None:
 
 
 def wait_parked(*loops: Processor, timeout_s: float = 90.0) -> None:
+    """Until every loop is parked idle: not parked for the work of a batch (a hop parks while
+    it handles each batch of a backlog, and then probes at once without a doorbell)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if all(p._idle is not None and p._idle.idle for p in loops):
+        if all(p._idle is not None and p._idle.idle and not p._idle._probe_next
+               for p in loops):
             return
         time.sleep(0.05)
     raise AssertionError("the loops never parked")
