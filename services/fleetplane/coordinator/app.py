@@ -435,9 +435,10 @@ class Coordinator:
         latest generations it registered (read ``fresh`` for a claimant of the last
         seconds)."""
         ids = TxnIds(self.settings)
-        for role in (REPARTITION_ROLE, SCHEDULE_ROLE):
+        for i, role in enumerate((REPARTITION_ROLE, SCHEDULE_ROLE)):
             stable = f"{role}-{epoch}"  # its loops wrote as generations of it
-            ids.fence(stable, ids.latest(stable, fresh=fresh))
+            # one fresh reading of the registry serves both roles (it renews the snapshot)
+            ids.fence(stable, ids.latest(stable, fresh=fresh and i == 0))
 
     def run(self) -> int:
         """The process: standby, then active until stopped. Returns the exit status."""
