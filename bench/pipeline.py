@@ -48,7 +48,7 @@ from bench.measure import (
     self_cpu_seconds,
 )
 from bench.recorder import STAGES, StageRecorder
-from fleetplane.cli.stack import Stack
+from fleetplane.cli.stack import BACKGROUND_SERVICES, Stack
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.topics import SUBMITTED
@@ -406,6 +406,23 @@ def warm_up(stack: Stack, recorder: StageRecorder, n: int = WARM_UP_TASKS) -> No
     recorder.wait_done(set(sub.submitted), 120)
 
 
+def background_settled(stack: Stack, window_s: float = 1.0, busy_s: float = 0.05,
+                       timeout_s: float = 120.0) -> float | None:
+    """Wait until the background services (accounting, reconciler: they run nicer than the
+    dispatch path and may trail the tasks) use less than `busy_s` of CPU in a `window_s`: what
+    they spend catching up on a batch is that batch's cost. Seconds waited; None on timeout."""
+    pids = {name: pid for name, pid in processes(stack).items() if name in BACKGROUND_SERVICES}
+    t0 = time.monotonic()
+    last = {name: group_cpu_seconds(pid) or 0.0 for name, pid in pids.items()}
+    while time.monotonic() - t0 < timeout_s:
+        time.sleep(window_s)
+        now = {name: group_cpu_seconds(pid) or 0.0 for name, pid in pids.items()}
+        if all(now[name] - last[name] < busy_s for name in pids):
+            return round(time.monotonic() - t0, 1)
+        last = now
+    return None
+
+
 def run_batch(stack: Stack, recorder: StageRecorder, n: int, submit: str = "kafka",
               rate: float = 0.0, concurrency: int = 16, timeout_s: float = 0.0,
               label: str = "") -> dict[str, Any]:
@@ -414,6 +431,7 @@ def run_batch(stack: Stack, recorder: StageRecorder, n: int, submit: str = "kafk
     submit->completed, per-stage time, CPU per process during the batch."""
     run = f"{label or 'b'}{uuid.uuid4().hex[:6]}"
     pending_before = recorder.pending()
+    background_settled(stack)
     cpu_before = cpu_now(stack)
     threads_before = threads_now(stack)
     client_cpu_before = self_cpu_seconds()
@@ -429,6 +447,7 @@ def run_batch(stack: Stack, recorder: StageRecorder, n: int, submit: str = "kafk
     stages = recorder.snapshot(ids)
     done = stages["completed"]
     elapsed = (max(done.values()) - t0) if done else float("nan")
+    settled = background_settled(stack)
     cpu_after = cpu_now(stack)
     threads_after = threads_now(stack)
     machine_busy = busy_share(jiffies_before, machine_jiffies())
@@ -464,6 +483,8 @@ def run_batch(stack: Stack, recorder: StageRecorder, n: int, submit: str = "kafk
         "cpu_threads_s": {name: {k: round(v - threads_before.get(name, {}).get(k, 0.0), 2)
                                  for k, v in kinds.items()}
                           for name, kinds in threads_after.items()},
+        # after the last task: until accounting and the reconciler were idle (CPU counted)
+        "background_settled_s": settled,
         "client_cpu_s": round(self_cpu_seconds() - client_cpu_before, 2),
         "machine_busy": machine_busy,  # share of all cores busy (ours and anyone else's)
         "wall_s": round(wall, 3),
@@ -559,6 +580,8 @@ def main() -> None:
     table.add_row("CPU per task, services (broker)",
                   f"{1000 * total_cpu / max(1, r['finished']):.1f} ms "
                   f"({1000 * r['cpu_s'].get('broker', 0) / max(1, r['finished']):.1f} ms)")
+    table.add_row("background services idle after the last task",
+                  f"{r['background_settled_s']} s (their CPU until then is counted)")
     n_tasks = args.tasks + WARM_UP_TASKS
     for topic, c in counts.items():
         if c["offsets"]:

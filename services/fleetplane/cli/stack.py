@@ -23,6 +23,8 @@ from fleetplane.infra.broker import EmbeddedBroker, free_port, stop_group
 from fleetplane.ingest.tokens import ensure_local_admin, issue
 
 SERVICES = ("ingest", "router", "coordinator", "executor", "accounting", "reconciler")
+#: services no task waits for: they run at Settings.background_nice (docs/operations.md)
+BACKGROUND_SERVICES = ("accounting", "reconciler")
 #: the second coordinator process: a standby that takes the active role when the active one dies
 #: (docs/coordinator.md, "Failover"); after a failover either process may be the active one
 COORDINATOR_STANDBY = "coordinator-b"
@@ -181,10 +183,12 @@ class Stack:
                        if (self.private_broker if self.private_broker is not None
                            else not self.external_bootstrap)
                        and "FLEETPLANE_COORDINATOR_TAKEOVER_S" not in self.extra_env else {})
+        background = {"FLEETPLANE_NICE": str(settings.background_nice)}
         for name in self.services:
             coordinator = name == "coordinator"
             self._spawn(name, [sys.executable, "-m", f"fleetplane.{name}.main"],
-                        {"FLEETPLANE_INSTANCE_ID": "a"} if coordinator else None,
+                        {"FLEETPLANE_INSTANCE_ID": "a"} if coordinator
+                        else background if name in BACKGROUND_SERVICES else None,
                         once=first_start if coordinator else None)
         self.wait_ready(timeout_s)
         if "coordinator" in self.services and self.coordinator_standby:

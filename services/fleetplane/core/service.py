@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import socket
@@ -18,11 +19,29 @@ from fleetplane.core.topics import ensure_topics, load_topics
 def bootstrap(service: str, settings: Settings | None = None) -> Settings:
     """Settings, logging and topics for a service process."""
     settings = settings or get_settings()
+    lower_priority(settings.nice)
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     configure_logging(service, settings.log_level, settings.log_json)
     ensure_topics(settings.client_config(), load_topics(settings.topics_file))
     get_logger(__name__).info("service starting", bootstrap=settings.kafka_bootstrap)
     return settings
+
+
+def lower_priority(nice: int) -> None:
+    """Run every thread of this process at niceness `nice` (at least), threads started later
+    included. Linux keeps the nice value per thread and new threads inherit their creator's,
+    so each thread that exists now (an import may have started one) is set, not only the
+    caller. Never raises the priority: a process already nicer stays so."""
+    if nice <= 0:
+        return
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
 
 
 def freeze_startup_heap() -> int:

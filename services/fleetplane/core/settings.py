@@ -310,6 +310,16 @@ class Settings(BaseSettings):
         default=1.0, ge=0, le=1, description="Share of new traces recorded (an incoming "
         "traceparent's sampled flag is followed).")
 
+    # Scheduling priority (docs/operations.md, "CPU priority")
+    nice: int = Field(
+        default=0, ge=0, le=19, description="This process's niceness, applied to all its "
+        "threads at start (bootstrap); 0 leaves it as started.")
+    background_nice: int = Field(
+        default=10, ge=0, le=19, description="The niceness the local stack (`fleetplane up`, "
+        "the tests' and bench's stacks) gives the services no task waits for (accounting, "
+        "reconciler), so on a shared machine the hops of the dispatch path get the CPU first; "
+        "0: every service at the same priority.")
+
     # Logging
     log_level: str = "INFO"
     log_json: bool = True
