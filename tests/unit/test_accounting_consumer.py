@@ -46,3 +46,12 @@ def test_a_consumer_only_setting_reaches_consumers_and_not_producers() -> None:
     settings = Settings(kafka_consumer_config={"fetch.queue.backoff.ms": "7"})
     assert settings.consumer_config("g")["fetch.queue.backoff.ms"] == "7"
     assert "fetch.queue.backoff.ms" not in settings.producer_config()
+
+
+def test_the_sink_probes_its_idle_inputs_at_its_own_slower_pace(store: Store) -> None:
+    """Nothing waits on accounting's hand-off: between batches it fetches every sink_probe_s,
+    not every idle_probe_s as the hops do (docs/accounting.md, "Consumer group")."""
+    settings = Settings(sink_probe_s=0.4)
+    processor, _ = build_processor(settings, store, group_id="g")
+    assert processor.settings.idle_probe_s == 0.4
+    assert Settings().sink_probe_s > Settings().idle_probe_s

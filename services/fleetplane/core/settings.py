@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     #: of fetching back to back while it waits (measured: 39 instead of 72 ms of CPU per task)
     idle_backoff_s: float = 0.005
     idle_probe_s: float = 0.02
+    #: the analytics sink's (accounting's) idle probe: nothing waits on its hand-off and it
+    #: writes ClickHouse every COMMIT_INTERVAL_S anyway, so between batches it fetches a few
+    #: times a second instead of every idle_probe_s (docs/accounting.md, "Consumer group")
+    sink_probe_s: float = 0.25
     #: a loop parks its partitions while it handles and commits a batch (a hop: any batch; a
     #: sink that prefers large batches: one that drained what its consumer had fetched; the
     #: parallel loop: after each take and before each commit), instead of letting the client
