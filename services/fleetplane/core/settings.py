@@ -258,6 +258,11 @@ class Settings(BaseSettings):
     router_shared_state: bool = Field(
         default=True, description="Publish and follow the learned statistics on the compacted "
         "router.stats topic (replicas learn from all outcomes; a restart reads the snapshot).")
+    router_stats_pace_s: float = Field(
+        default=0.5, ge=0, description="The other replicas' statistics are read from "
+        "router.stats in rounds this far apart (core.follower pacing): a peer's outcome counts "
+        "here up to this much later; 0: the idle backoff's pace, which the topic's record per "
+        "outcome keeps fetching back to back in a steady stream.")
     router_cache_ttl_s: float = Field(default=86_400.0, ge=0,
                                       description="Response cache entry lifetime (0: no cache).")
     router_cache_scope: str = Field(default="team", pattern="^(team|fleet)$",

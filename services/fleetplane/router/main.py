@@ -53,7 +53,8 @@ def start(router: Router, settings: Settings) -> tuple[Processor, Follower | Non
     router.rebuilt = rebuild(router.state, settings, replica=router.replica)
     follower = None
     if router.replica is not None:
-        follower = Follower(settings, name=f"router-stats-{settings.instance_id}")
+        follower = Follower(settings, name=f"router-stats-{settings.instance_id}",
+                            pace_s=settings.router_stats_pace_s)
         follower.follow("router-stats", [STATS_TOPIC], router.follow_peers)
         follower.start()
     router.batch_shared = True  # one stats record per changed cell per transaction
