@@ -792,7 +792,9 @@ class Processor:
         if self._bell is not None:
             self._bell.close()
             self._bell = None
-        log.info("processor stopped", processed=self.processed)
+        idle = self._idle
+        log.info("processor stopped", processed=self.processed,
+                 probes=idle.probes if idle else 0, rung=idle.rung if idle else 0)
 
     # -- processing ------------------------------------------------------------------------
     def _process(self, msgs: list[Message]) -> None:
