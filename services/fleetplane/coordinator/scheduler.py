@@ -935,4 +935,5 @@ def changes_nothing(event: ev.Event) -> bool:
         and not ev.is_terminal(event)
 
 
-__all__ = ["PARKED", "PRIORITY_RANK", "TICK", "AdmissionPolicy", "FleetState", "Scheduler", "World", "changes_nothing"]
+__all__ = ["PARKED", "PRIORITY_RANK", "TICK", "AdmissionPolicy", "FleetState", "Scheduler", "World",
+           "changes_nothing"]
