@@ -135,8 +135,9 @@ def test_the_table_written_once_per_batch_reloads_as_the_world(
     world, scheduler = World(), Scheduler(policy(w))
     table: dict[bytes, bytes] = {}
     rng = random.Random(5)
-    spec_writes, row_writes, routes, i, checked = 0, 0, 0, 0, 0
+    spec_writes, row_writes, routes, i, checked, batches = 0, 0, 0, 0, 0, 0
     while i < len(log) * 2 // 3:
+        batches += 1
         for event in log[i:i + rng.randint(1, 60)]:  # one transaction's records
             scheduler.apply(world, event)
             routes += isinstance(event, ev.TaskRouted)
@@ -148,13 +149,13 @@ def test_the_table_written_once_per_batch_reloads_as_the_world(
                 table.pop(key, None)
             else:
                 table[key] = value
-        if rng.random() < 0.2:
+        if batches % 5 == 0:
             restored = World.load(table.items())
             assert {t: r.model_dump() for t, r in restored.tasks.items()} == \
                 {t: r.model_dump() for t, r in world.tasks.items()}
             assert restored.fleet == world.fleet
             checked += 1
-    assert checked > 10
+    assert checked >= 8
     inline = [k for k, v in table.items() if k.startswith(b"task/") and b'"spec"' in v]
     if apart:  # the spec travels once per task (and again only when a new route changes it)
         assert 0 < spec_writes <= routes and spec_writes < row_writes / 2 and not inline
