@@ -188,3 +188,31 @@ def test_a_row_of_the_former_layout_with_its_spec_inline_still_loads(
     keys = dict(restored.take_rows())
     assert json.loads(keys[b"spec/" + queued.encode()]) == json.loads(
         restored.tasks[queued].spec.model_dump_json(exclude_defaults=True))  # type: ignore[union-attr]
+
+
+def test_the_events_the_repartition_drops_change_nothing() -> None:
+    """The repartition step does not copy the coordinator's own TaskHeld, TaskRetrying,
+    TaskEscalated and TaskConflict (read back from tasks.lifecycle) to the scheduler topic:
+    fed back to the scheduler at any point of a log, each must decide nothing and change no
+    row; the inputs that do decide are still copied."""
+    from fleetplane.coordinator.scheduler import changes_nothing
+
+    w, seed = WORKLOADS["operators"]
+    log = simulate(FullPassScheduler(policy(w)), w, seed)
+    world, scheduler = World(), Scheduler(policy(w))
+    echoes: set[str] = set()
+    for event in log:
+        assert not changes_nothing(event), type(event).__name__  # every input is copied
+        decided = scheduler.apply(world, event)
+        world.take_rows()
+        for out in decided:
+            if not changes_nothing(out):
+                continue
+            echoes.add(type(out).__name__)
+            row, fleet = world.tasks.get(out.task_id), world.fleet
+            assert scheduler.apply(world, out) == []
+            assert world.take_rows() == []
+            assert world.tasks.get(out.task_id) is row and world.fleet is fleet
+    assert {"TaskHeld", "TaskRetrying", "TaskEscalated", "TaskConflict"} <= echoes
+    assert not changes_nothing(ev.TaskFailed(task_id="t", team="a", attempt=1, reason="x",
+                                             failure_class="lost_executor", final=True))
