@@ -168,7 +168,8 @@ def cpu_now(stack: Stack) -> dict[str, float | None]:
 def topic_counts(stack: Stack) -> dict[str, dict[str, int]]:
     """Per topic: `offsets` (end - start over its partitions: records plus the transaction
     markers, one per partition a transaction wrote) and `records` (what a read_committed reader
-    gets). The difference is the markers (and aborted records): every one costs the broker."""
+    gets). The difference is the markers (and aborted records): every one costs the broker.
+    `bytes`: keys and values of those records."""
     settings = stack.settings()
     c = Consumer({**settings.consumer_config(f"bench-count-{uuid.uuid4().hex[:8]}"),
                   "enable.auto.commit": False, "enable.partition.eof": True})
@@ -185,6 +186,7 @@ def topic_counts(stack: Stack) -> dict[str, dict[str, int]]:
                 if high > low:
                     parts.append(TopicPartition(topic, p, low))
             seen: set[tuple[int, int]] = set()
+            size = 0
             if parts:
                 c.assign(parts)
                 left = {tp.partition for tp in parts}
@@ -195,10 +197,11 @@ def topic_counts(stack: Stack) -> dict[str, dict[str, int]]:
                             continue
                         if m.error():
                             left.discard(m.partition() or 0)  # enable.partition.eof
-                        else:
+                        elif (m.partition() or 0, m.offset() or 0) not in seen:
                             seen.add((m.partition() or 0, m.offset() or 0))
+                            size += len(m.key() or b"") + len(m.value() or b"")
                 c.unassign()
-            out[topic] = {"offsets": offsets, "records": len(seen)}
+            out[topic] = {"offsets": offsets, "records": len(seen), "bytes": size}
     finally:
         c.close()
     return out
@@ -585,8 +588,9 @@ def main() -> None:
     n_tasks = args.tasks + WARM_UP_TASKS
     for topic, c in counts.items():
         if c["offsets"]:
-            table.add_row(f"{topic}: records (offsets) per task",
-                          f"{c['records'] / n_tasks:.2f} ({c['offsets'] / n_tasks:.2f})")
+            table.add_row(f"{topic}: records (offsets), bytes per task",
+                          f"{c['records'] / n_tasks:.2f} ({c['offsets'] / n_tasks:.2f}), "
+                          f"{c.get('bytes', 0) / n_tasks:,.0f} B")
     console.print(table)
     if profiler is not None:
         for name, rows in result["profile"].items():

@@ -10,7 +10,6 @@ from collections import defaultdict
 import pytest
 
 from fleetplane.coordinator.scheduler import AdmissionPolicy, Scheduler
-from fleetplane.coordinator.state import TaskRow
 from fleetplane.coordinator.world import World
 from fleetplane.core import events as ev
 from fleetplane.core.catalog import Catalog
@@ -119,19 +118,101 @@ def test_the_clear_verdict_memo_changes_no_decision(name: str) -> None:
     assert memo._clear, "the memo was never used"
 
 
-def test_rows_written_with_the_kept_spec_json_read_back_as_the_rows() -> None:
-    """World.take_rows splices the spec's JSON kept from the row's previous write: what it
-    writes must read back as the very row (and be what to_bytes means)."""
+@pytest.mark.parametrize("apart", [True, False], ids=["spec-apart", "spec-inline"])
+def test_the_table_written_once_per_batch_reloads_as_the_world(
+        apart: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator writes the rows a transaction changed once, at its commit (last value
+    per key); a large spec goes into a ``spec/`` record written once (dropped with the spec
+    when the task ends), its rows written without it. A world loaded from that table (a
+    failover's restore) must be the live world, row for row, at every commit, and decide the
+    rest of the log as the live one does."""
+    import random
+
+    from fleetplane.coordinator import world as world_module
+    monkeypatch.setattr(world_module, "SPEC_APART_BYTES", 0 if apart else 10**9)
     w, seed = WORKLOADS["operators"]
     log = simulate(FullPassScheduler(policy(w)), w, seed)
     world, scheduler = World(), Scheduler(policy(w))
-    written = 0
+    table: dict[bytes, bytes] = {}
+    rng = random.Random(5)
+    spec_writes, row_writes, routes, i, checked, batches = 0, 0, 0, 0, 0, 0
+    while i < len(log) * 2 // 3:
+        batches += 1
+        for event in log[i:i + rng.randint(1, 60)]:  # one transaction's records
+            scheduler.apply(world, event)
+            routes += isinstance(event, ev.TaskRouted)
+            i += 1
+        for key, value in world.take_rows():
+            spec_writes += key.startswith(b"spec/") and value is not None
+            row_writes += key.startswith(b"task/")
+            if value is None:
+                table.pop(key, None)
+            else:
+                table[key] = value
+        if batches % 5 == 0:
+            restored = World.load(table.items())
+            assert {t: r.model_dump() for t, r in restored.tasks.items()} == \
+                {t: r.model_dump() for t, r in world.tasks.items()}
+            assert restored.fleet == world.fleet
+            checked += 1
+    assert checked >= 8
+    inline = [k for k, v in table.items() if k.startswith(b"task/") and b'"spec"' in v]
+    if apart:  # the spec travels once per task (and again only when a new route changes it)
+        assert 0 < spec_writes <= routes and spec_writes < row_writes / 2 and not inline
+        ended = [t for t, r in world.tasks.items() if r.terminal]
+        assert ended and not any(f"spec/{t}".encode() in table for t in ended)
+    else:
+        assert spec_writes == 0 and inline
+    restored, other = World.load(table.items()), Scheduler(policy(w))
+    for event in log[i:]:
+        assert canon(other.apply(restored, event)) == canon(scheduler.apply(world, event))
+
+
+def test_a_row_of_the_former_layout_with_its_spec_inline_still_loads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables written before the spec/ records hold every spec inside the task/ row."""
+    from fleetplane.coordinator import world as world_module
+    w, seed = WORKLOADS["operators"]
+    log = simulate(FullPassScheduler(policy(w)), w, seed)
+    world, scheduler = World(), Scheduler(policy(w))
     for event in log[: len(log) // 2]:
         scheduler.apply(world, event)
-        for key, value in world.take_rows():
-            if key.startswith(b"task/") and value is not None:
-                row = world.tasks[key[5:].decode()]
-                assert TaskRow.from_bytes(value) == row
-                assert json.loads(value) == json.loads(row.to_bytes())
-                written += 1
-    assert written > 1000
+    former = [(b"task/" + t.encode(), r.to_bytes()) for t, r in world.tasks.items()]
+    restored = World.load([*former, (b"fleet", world.fleet.to_bytes())])
+    assert {t: r.model_dump() for t, r in restored.tasks.items()} == \
+        {t: r.model_dump() for t, r in world.tasks.items()}
+    # the next write of such a task moves a large spec into a spec/ record
+    monkeypatch.setattr(world_module, "SPEC_APART_BYTES", 0)
+    queued = next(t for t, r in restored.tasks.items() if r.spec is not None)
+    restored.put(restored.tasks[queued])
+    keys = dict(restored.take_rows())
+    assert json.loads(keys[b"spec/" + queued.encode()]) == json.loads(
+        restored.tasks[queued].spec.model_dump_json(exclude_defaults=True))  # type: ignore[union-attr]
+
+
+def test_the_events_the_repartition_drops_change_nothing() -> None:
+    """The repartition step does not copy the coordinator's own TaskHeld, TaskRetrying,
+    TaskEscalated and TaskConflict (read back from tasks.lifecycle) to the scheduler topic:
+    fed back to the scheduler at any point of a log, each must decide nothing and change no
+    row; the inputs that do decide are still copied."""
+    from fleetplane.coordinator.scheduler import changes_nothing
+
+    w, seed = WORKLOADS["operators"]
+    log = simulate(FullPassScheduler(policy(w)), w, seed)
+    world, scheduler = World(), Scheduler(policy(w))
+    echoes: set[str] = set()
+    for event in log:
+        assert not changes_nothing(event), type(event).__name__  # every input is copied
+        decided = scheduler.apply(world, event)
+        world.take_rows()
+        for out in decided:
+            if not changes_nothing(out):
+                continue
+            echoes.add(type(out).__name__)
+            row, fleet = world.tasks.get(out.task_id), world.fleet
+            assert scheduler.apply(world, out) == []
+            assert world.take_rows() == []
+            assert world.tasks.get(out.task_id) is row and world.fleet is fleet
+    assert {"TaskHeld", "TaskRetrying", "TaskEscalated", "TaskConflict"} <= echoes
+    assert not changes_nothing(ev.TaskFailed(task_id="t", team="a", attempt=1, reason="x",
+                                             failure_class="lost_executor", final=True))

@@ -57,7 +57,13 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from fleetplane.coordinator.claims import ActiveClaim
 from fleetplane.coordinator.liveness import Liveness
-from fleetplane.coordinator.scheduler import INPUTS_READ_UNTIL, TICK, AdmissionPolicy, Scheduler
+from fleetplane.coordinator.scheduler import (
+    INPUTS_READ_UNTIL,
+    TICK,
+    AdmissionPolicy,
+    Scheduler,
+    changes_nothing,
+)
 from fleetplane.coordinator.world import World, settle_heap
 from fleetplane.core import events as ev
 from fleetplane.core import topics as t
@@ -227,13 +233,14 @@ class Coordinator:
             SERVICE, [SCHEDULER_TOPIC], self.decide, settings, group_id=SCHEDULER_GROUP,
             transactional=True, instance_id=f"{SCHEDULE_ROLE}-{self.epoch}",
             group_instance_id=SCHEDULE_ROLE, on_assign=self._on_assign,
-            on_abort=self._on_abort, on_ready=self.claim.check, isolation=SCHEDULER_ISOLATION)
+            on_abort=self._on_abort, on_ready=self.claim.check, isolation=SCHEDULER_ISOLATION,
+            before_commit=self.changelog)
         self.web: ThreadingHTTPServer | None = None
 
     # -- the schedule step -----------------------------------------------------------------
     def decide(self, event: ev.Event, rec: Record) -> list[Output]:
-        """Decide one scheduler record: the events to publish and the changed rows, which the
-        Processor commits with the record's offset in one transaction."""
+        """Decide one scheduler record: the events to publish. The rows it changed are written
+        once per transaction (`changelog`), with the events and the batch's offsets."""
         with self.lock:
             world = self.world
             if world is None:  # the on_assign hook restores before any record is read
@@ -250,10 +257,21 @@ class Coordinator:
             finally:
                 self.stats.decided_s += time.perf_counter() - started
             self.stats.published += len(outputs)
+            return outputs
+
+    def changelog(self) -> list[Output]:
+        """Before each commit of the schedule step: the rows the transaction's records changed,
+        each key once with its last value (the record cache of Kafka Streams). A task routed,
+        held and dispatched in one batch is one changelog record, not three; a row is
+        serialised once per transaction. A restore reads the same rows: only committed
+        transactions are read, and within one only the last value of a key counts."""
+        with self.lock:
+            world = self.world
+            if world is None:
+                return []
             for key, value in world.take_rows():
                 self.table.put(key, value)
-            outputs.extend(self.table.changes())
-            return outputs
+            return list(self.table.changes())
 
     def restore(self) -> None:
         """Read the table from its changelog and rebuild the world from it."""
@@ -311,11 +329,15 @@ class Coordinator:
         never started until the 300 s start timeout; applied again, the start gives the
         attempt its lease, which expires 30 s later and retries it at once. Heartbeats and
         the coordinator's own lifecycle events are not needed again (a newer heartbeat comes
-        on its own; a replayed TaskStarted older than the row's heartbeat changes nothing)."""
+        on its own; a replayed TaskStarted older than the row's heartbeat changes nothing).
+        Events the scheduler decides nothing on (`changes_nothing`) are not forwarded."""
+        copy = repartition(event, rec)  # a key that is not the task id: a dead letter
+        if changes_nothing(event):  # the coordinator's own holds etc., read back
+            return []
         if rec.topic == t.LIFECYCLE and not isinstance(event, ev.TaskStarted) \
                 and rec.offset < self.replay_until.get((rec.topic, rec.partition), -1):
             return []
-        return repartition(event, rec)
+        return copy
 
     def _on_abort(self) -> None:
         """An aborted transaction: the in-memory rows may hold uncommitted changes."""

@@ -924,4 +924,16 @@ _HANDLERS = {
     ev.TaskRejected: Scheduler._on_rejected,
 }
 
-__all__ = ["PARKED", "PRIORITY_RANK", "TICK", "AdmissionPolicy", "FleetState", "Scheduler", "World"]
+
+
+def changes_nothing(event: ev.Event) -> bool:
+    """Whether ``Scheduler.apply`` can change nothing for the event, whatever the world: a task
+    event of a type it has no handler for and that ends no task (the coordinator's own
+    TaskHeld, TaskRetrying, TaskEscalated and TaskConflict, read back from tasks.lifecycle).
+    The repartition step does not forward these (a quarter of its copies in a burst)."""
+    return type(event) not in _HANDLERS and not isinstance(event, ev.BudgetStatus) \
+        and not ev.is_terminal(event)
+
+
+__all__ = ["PARKED", "PRIORITY_RANK", "TICK", "AdmissionPolicy", "FleetState", "Scheduler", "World",
+           "changes_nothing"]

@@ -26,6 +26,11 @@ PRIORITY_RANK = {"critical": 0, "high": 1, "normal": 2, "low": 3}
 
 TASK_PREFIX = b"task/"
 BEAT_PREFIX = b"beat/"  # a running task's latest heartbeat, newer than its task/ row
+SPEC_PREFIX = b"spec/"  # a large spec, written once: its task/ rows are written without it
+#: a spec whose JSON is longer than this goes into a spec/ record of its own (written once,
+#: deleted when the task ends: two records) instead of into each of the task's rows (about
+#: four whole-row writes per task after coalescing; smaller specs cost less inline)
+SPEC_APART_BYTES = 400
 FLEET_KEY = b"fleet"
 
 def settle_heap() -> None:
@@ -44,6 +49,20 @@ def task_key(task_id: str) -> bytes:
 
 def beat_key(task_id: str) -> bytes:
     return BEAT_PREFIX + task_id.encode()
+
+
+def spec_key(task_id: str) -> bytes:
+    return SPEC_PREFIX + task_id.encode()
+
+
+def with_spec(data: bytes, spec: bytes) -> bytes:
+    """A row's JSON without its spec, with the spec's JSON put in: what ``TaskRow.to_bytes``
+    writes (a row has fields: never ``{}``)."""
+    return data[:-1] + b',"spec":' + spec + b"}"
+
+
+#: task id -> (the spec, its JSON, whether it is in a spec/ record): what the table holds
+SpecsWritten = dict[str, tuple[TaskSpec, bytes, bool]]
 
 
 def _iso(at: datetime | None) -> str | None:
@@ -147,7 +166,7 @@ class World:
         self._bulk = False  # World.load: queues sorted and the heap built once, at the end
         self._dirty: set[str] = set()
         self._beats: set[str] = set()  # rows whose heartbeat changed (and nothing else)
-        self._spec_json: dict[str, tuple[TaskSpec, bytes]] = {}  # task id -> spec, its JSON
+        self._specs: SpecsWritten = {}  # see take_rows
         self._beat_keys: set[str] = set()  # tasks with a beat/ record in the table
         self._fleet_dirty = False
         self._undo: dict[str, TaskRow | None] | None = None
@@ -163,19 +182,26 @@ class World:
         enabled = gc.isenabled()
         gc.disable()
         try:
-            tasks: list[bytes] = []
+            tasks: list[tuple[str, bytes]] = []
             beats: dict[str, bytes] = {}
+            specs: dict[str, bytes] = {}
             for key, value in rows:
                 if value is None:
                     continue
                 if key == FLEET_KEY:
                     world.fleet = FleetState.from_bytes(value)
                 elif key.startswith(TASK_PREFIX):
-                    tasks.append(value)
+                    tasks.append((key[len(TASK_PREFIX):].decode(), value))
                 elif key.startswith(BEAT_PREFIX):
                     beats[key[len(BEAT_PREFIX):].decode()] = value
-            for value in tasks:
-                row = TaskRow.from_bytes(value)
+                elif key.startswith(SPEC_PREFIX):
+                    specs[key[len(SPEC_PREFIX):].decode()] = value
+            for tid, value in tasks:
+                spec = specs.get(tid)
+                # a row of the former layout has its spec inline (and no spec/ record)
+                row = TaskRow.from_bytes(value if spec is None else with_spec(value, spec))
+                if spec is not None and row.spec is not None:
+                    world._specs[tid] = (row.spec, spec, True)
                 beat = beats.get(row.task_id)
                 if beat is not None:
                     row = with_beat(row, beat)
@@ -433,15 +459,20 @@ class World:
     # -- persistence -----------------------------------------------------------------------
     def take_rows(self) -> list[tuple[bytes, bytes | None]]:
         """The rows changed since the last call, as (key, value) for the table (a ``None``
-        value deletes the key): the whole row of each changed task, a ``beat/`` record for a
-        task whose heartbeat alone changed (deleted again when its whole row is written)."""
+        value deletes the key): the whole row of each changed task, with its spec inline or,
+        when the spec is large (``SPEC_APART_BYTES``), without it and the spec in a ``spec/``
+        record written when new or changed (deleted when the row drops it: a terminal task);
+        a ``beat/`` record for a task whose heartbeat alone changed (deleted again when its
+        whole row is written)."""
         rows: list[tuple[bytes, bytes | None]] = []
         dirty, tasks = self._dirty, self.tasks
         for tid in sorted(dirty):
             row = tasks.get(tid)
             if row is None:
                 continue
-            rows.append((task_key(tid), self._row_bytes(row)))
+            head = row.model_dump_json(exclude_defaults=True, exclude={"spec"}).encode()
+            spec = self._spec_json(row, rows)
+            rows.append((task_key(tid), head if spec is None else with_spec(head, spec)))
             if tid in self._beat_keys:
                 self._beat_keys.discard(tid)
                 rows.append((beat_key(tid), None))
@@ -458,20 +489,28 @@ class World:
         self._fleet_dirty = False
         return rows
 
-    def _row_bytes(self, row: TaskRow) -> bytes:
-        """``row.to_bytes()``, with the spec's JSON kept from the row's previous write: a
-        spec does not change while the task is queued and runs (its rows are new copies that
-        share it), and serialising it was a third of each row write."""
-        spec = row.spec
+    def _spec_json(self, row: TaskRow, rows: list[tuple[bytes, bytes | None]]) -> bytes | None:
+        """The spec's JSON to write inline in the row (None: no spec, or in its spec/ record);
+        the spec/ record's write or deletion appended to ``rows`` when it changes. The JSON is
+        kept from the previous write: a spec does not change while the task waits and runs
+        (its rows are new copies that share it)."""
+        tid, spec, specs = row.task_id, row.spec, self._specs
+        kept = specs.get(tid)
         if spec is None:
-            self._spec_json.pop(row.task_id, None)
-            return row.to_bytes()
-        cached = self._spec_json.get(row.task_id)
-        if cached is None or cached[0] is not spec:
-            cached = self._spec_json[row.task_id] = (
-                spec, spec.model_dump_json(exclude_defaults=True).encode())
-        head = row.model_dump_json(exclude_defaults=True, exclude={"spec"}).encode()
-        return head[:-1] + b',"spec":' + cached[1] + b"}"
+            if kept is not None:
+                del specs[tid]
+                if kept[2]:
+                    rows.append((spec_key(tid), None))
+            return None
+        if kept is None or kept[0] is not spec:
+            data = spec.model_dump_json(exclude_defaults=True).encode()
+            apart = len(data) > SPEC_APART_BYTES
+            if apart and (kept is None or not kept[2] or kept[1] != data):
+                rows.append((spec_key(tid), data))
+            elif not apart and kept is not None and kept[2]:
+                rows.append((spec_key(tid), None))
+            kept = specs[tid] = (spec, data, apart)
+        return None if kept[2] else kept[1]
 
     def held(self) -> list[TaskRow]:
         """Waiting tasks with the reason they wait (oldest first)."""
