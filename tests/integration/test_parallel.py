@@ -306,6 +306,49 @@ def test_a_burst_onto_free_slots_is_begun_by_the_poll_loop_then_each_record_hand
             assert order.index(("begin", off)) < order.index(("handle", off))
 
 
+def test_the_event_the_start_hook_decoded_is_handed_to_the_handler(
+        base_settings: Settings, unique: str,
+        started: list[tuple[ParallelProcessor, threading.Thread]]) -> None:
+    """A record the start hook decoded is not decoded a second time for its handler: the
+    handler gets the hook's event (the executor decoded each dispatch twice, once to claim the
+    attempt and once to run it). A hook that returns None leaves the decoding to the loop."""
+    serde = default_serde()
+    lock = threading.Lock()
+    decoded: dict[int, ev.Event] = {}
+    handled: dict[int, ev.Event] = {}
+
+    def begin(rec: Record) -> ev.Event | None:
+        if rec.offset % 2:
+            return None  # the loop decodes this one itself
+        event = serde.decode(rec.value)
+        with lock:
+            decoded[rec.offset] = event
+        return event
+
+    def handler(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        with lock:
+            handled[rec.offset] = event
+        return [ev.TaskHeld(task_id=event.task_id, team="a", reason="done")]
+
+    group = f"par-{unique}"
+    start_group_at_end(base_settings, group, SUBMITTED)
+    ids = [f"{unique}-d{i}" for i in range(6)]
+    send_to_partition(base_settings, ids)
+    p = ParallelProcessor(f"par-{unique}", [SUBMITTED], handler, base_settings, group_id=group,
+                          slots=6, prefetch=6, drain_timeout_s=0, begin=begin)
+    start(p, started)
+    out = read_all(base_settings, "tasks.lifecycle", 6, timeout_s=40, match=unique)
+    assert len(out) == 6
+    with lock:
+        assert sorted(e.task_id for e in handled.values()) == sorted(ids)
+        assert len(decoded) == 3
+        for off, event in handled.items():
+            if off in decoded:
+                assert event is decoded[off]  # the hook's object, not a second decode
+            else:
+                assert event.task_id in ids  # decoded by the loop
+
+
 def test_a_burst_the_client_fetched_ahead_is_all_begun_before_a_slot_thread_runs(
         base_settings: Settings, unique: str,
         started: list[tuple[ParallelProcessor, threading.Thread]]) -> None:

@@ -10,6 +10,7 @@ errors itself so that every call, failed or not, is audited (docs/executor.md)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
@@ -134,6 +135,12 @@ class ModelClients:
         self.settings = settings
         self.http = ProviderHTTP(settings.anthropic_base_url, settings.anthropic_api_key,
                                  settings.openai_base_url, settings.openai_api_key)
+
+    def close(self, calls: AsyncCalls) -> None:
+        """Close the HTTP session on the calls' loop (its connections), if that loop runs."""
+        if calls.loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.http.close(), calls.loop).result(2)
 
     async def achat(self, model: Model, system: str | None, messages: list[dict[str, Any]],
                     tools: list[str], max_tokens: int, temperature: float,

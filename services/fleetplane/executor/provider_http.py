@@ -55,6 +55,7 @@ class ProviderHTTP:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+                cookie_jar=aiohttp.DummyCookieJar(),  # no state carried from call to call
                 skip_auto_headers=("User-Agent",))
         return self._session
 
