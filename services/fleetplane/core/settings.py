@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -121,8 +121,15 @@ class Settings(BaseSettings):
     model_max_retries: int = 2
     openai_via_litellm: bool = Field(
         default=False, description="Call `provider: openai` models through litellm like the "
-        "other non-Anthropic providers; default: straight over HTTP (litellm adds ~2 ms of CPU "
-        "per call: docs/executor.md, 'Which client calls which provider').")
+        "other non-Anthropic providers; default: the openai SDK directly (litellm wraps the same "
+        "SDK and adds ~2 ms of CPU per call: docs/executor.md, 'Which client calls which "
+        "provider').")
+
+    model_http_transport: Literal["aiohttp", "httpx"] = Field(
+        default="aiohttp", description="The HTTP transport under the anthropic and openai SDKs' "
+        "async clients: the SDKs' own aiohttp client (DefaultAioHttpClient) or their default "
+        "httpx one; aiohttp cost about half the CPU per call (docs/executor.md, 'Which client "
+        "calls which provider').")
 
     # Executor (issue 5: agent runtime, workspaces, sandbox; see docs/executor.md)
     executor_slots: int = 32

@@ -133,7 +133,6 @@ def main() -> None:
     finally:
         if chains is not None:
             chains.close()
-        clients.close(runtime.calls)
         runtime.close()
         follower.close()
         if committed is not None:

@@ -1,16 +1,14 @@
-"""Model calls; the usage the provider reports is what gets priced.
+"""Model calls through the providers' SDKs; the usage they report is what gets priced.
 
-Anthropic and OpenAI models go straight over HTTP (`provider_http`: the requests their SDKs
-send, without the SDKs' per-call models), every other provider through litellm
-(`openai_via_litellm` sends OpenAI's there too).
+Anthropic models go through the anthropic SDK, OpenAI models through the openai SDK, every other
+provider through litellm (`openai_via_litellm` sends OpenAI's there too).
 
-Nothing retries inside a call (litellm's num_retries=0): the agent loop retries retriable
+The SDKs' own retries are off (max_retries=0 / num_retries=0): the agent loop retries retriable
 errors itself so that every call, failed or not, is audited (docs/executor.md)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import threading
@@ -20,11 +18,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import aiohttp
+import anthropic
+import httpx2
+import openai
+import orjson
 
 from fleetplane.core.catalog import Model, Usage
 from fleetplane.core.settings import Settings
-from fleetplane.executor.provider_http import ProviderHTTP, ProviderStatusError
 from fleetplane.tracing import trace_headers
 
 T = TypeVar("T")
@@ -63,9 +63,8 @@ class ModelCallError(Exception):
 
 
 def retry_after(exc: Exception) -> float | None:
-    headers = getattr(exc, "headers", None)  # ProviderStatusError
-    if headers is None:
-        headers = getattr(getattr(exc, "response", None), "headers", None)  # an SDK's error
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
     if headers is None:
         return None
     try:
@@ -75,28 +74,21 @@ def retry_after(exc: Exception) -> float | None:
         return None
 
 
-def _status_class(status: int, text: str, other: str) -> tuple[str, bool]:
-    if status == 429:
-        return "rate_limited", True
-    if status == 529:
-        return "overloaded", True
-    if status >= 500:
-        return "server_error", True
-    if "context" in text and ("long" in text or "exceed" in text):
-        return "context_too_long", False
-    if status == 400:
-        return "bad_request", False
-    return other, False
-
-
 def classify(exc: Exception) -> tuple[str, bool]:
-    if isinstance(exc, TimeoutError):  # asyncio's, and aiohttp's connect and read timeouts
+    if isinstance(exc, anthropic.APITimeoutError):
         return "timeout", True
-    if isinstance(exc, ProviderStatusError):  # other 4xx: as the anthropic SDK's / openai's
-        return _status_class(exc.status_code, str(exc).lower(),
-                             "bad_request" if exc.api == "anthropic" else "model_error")
-    if isinstance(exc, aiohttp.ClientError):  # refused, reset, disconnected, a cut answer
+    if isinstance(exc, anthropic.APIConnectionError):
         return "network", True
+    if isinstance(exc, anthropic.RateLimitError):
+        return "rate_limited", True
+    if isinstance(exc, anthropic.APIStatusError):
+        if exc.status_code == 529:
+            return "overloaded", True
+        if exc.status_code >= 500:
+            return "server_error", True
+        if "context" in str(exc).lower() and "long" in str(exc).lower():
+            return "context_too_long", False
+        return "bad_request", False
     name = type(exc).__name__
     text = str(exc).lower()
     status = getattr(exc, "status_code", None)
@@ -126,36 +118,100 @@ def import_litellm() -> Any:
     return litellm
 
 
+#: model calls in flight per HTTP client of the asyncio path (ModelClients.async_anthropic)
+CALLS_PER_CLIENT = 50
+
+
 class ModelClients:
-    """The model calls of the executor's slots: Anthropic and OpenAI models straight over HTTP
-    (`provider_http.ProviderHTTP`, one session on the model-calls loop), every other provider
-    through litellm."""
+    """One SDK client per provider, shared by the executor's slots (they are thread-safe)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.http = ProviderHTTP(settings.anthropic_base_url, settings.anthropic_api_key,
-                                 settings.openai_base_url, settings.openai_api_key)
+        # the agent loop's calls (achat) run on the process's asyncio loop (AsyncCalls): clients
+        # created on that loop at the first call (an httpx.AsyncClient is bound to it)
+        self._async_clients: list[anthropic.AsyncAnthropic] = []
+        self._next_client = 0
+        self._async_openai: list[openai.AsyncOpenAI] = []
+        self._next_openai = 0
 
-    def close(self, calls: AsyncCalls) -> None:
-        """Close the HTTP session on the calls' loop (its connections), if that loop runs."""
-        if calls.loop.is_running():
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self.http.close(), calls.loop).result(2)
+    @property
+    def async_anthropic(self) -> anthropic.AsyncAnthropic:
+        """One of ``ceil(slots / CALLS_PER_CLIENT)`` clients, round-robin (on the calls' loop).
+
+        Why several: httpcore's pool re-examines every connection it holds each time a request
+        enters or leaves it (`_assign_requests_to_connections`), so one pool under N calls in
+        flight costs O(N) per call, O(N^2) to start N: with 2,000 calls this was most of the
+        model-calls thread's time, and the provider saw 51 requests of 1,331 started attempts
+        (docs/executor.md, "What limits one process"). Each pool holds at most about
+        CALLS_PER_CLIENT connections (no pool limit: the SDK's default of 1,000 would queue the
+        1,001st call behind a connection, not a model)."""
+        if not self._async_clients:
+            n = max(1, -(-self.settings.executor_slots // CALLS_PER_CLIENT))
+            self._async_clients = [anthropic.AsyncAnthropic(
+                base_url=self.settings.anthropic_base_url,
+                api_key=self.settings.anthropic_api_key, max_retries=0,
+                timeout=self.settings.model_timeout_s, http_client=self._http_client(anthropic))
+                for _ in range(n)]
+        self._next_client = (self._next_client + 1) % len(self._async_clients)
+        return self._async_clients[self._next_client]
+
+    @property
+    def async_openai(self) -> openai.AsyncOpenAI:
+        """As `async_anthropic`, for `provider: openai` models (the openai SDK's pools are
+        httpx pools too)."""
+        if not self._async_openai:
+            n = max(1, -(-self.settings.executor_slots // CALLS_PER_CLIENT))
+            self._async_openai = [self._openai_client(self.settings.model_timeout_s,
+                                                      self._http_client(openai))
+                                  for _ in range(n)]
+        self._next_openai = (self._next_openai + 1) % len(self._async_openai)
+        return self._async_openai[self._next_openai]
+
+    def _http_client(self, sdk: Any) -> httpx2.AsyncClient:
+        """The HTTP client under one shared SDK client (`sdk`: the anthropic or openai module,
+        whose DefaultAioHttpClient / DefaultAsyncHttpxClient carry the SDK's defaults).
+
+        aiohttp (`model_http_transport`, the default) cost 0.76-0.92 ms of CPU per call against
+        1.68-1.78 through httpx (1,000 calls, 500 in flight, both SDKs; docs/executor.md). No
+        connection limit in either: a call must wait for its model, never for a connection
+        (aiohttp's 0 is unlimited; httpx's None)."""
+        if self.settings.model_http_transport == "aiohttp":
+            client: httpx2.AsyncClient = sdk.DefaultAioHttpClient(limits=httpx2.Limits(
+                max_connections=0, max_keepalive_connections=CALLS_PER_CLIENT))
+            return client
+        client = sdk.DefaultAsyncHttpxClient(limits=httpx2.Limits(
+            max_connections=None, max_keepalive_connections=CALLS_PER_CLIENT))
+        return client
+
+    def _openai_client(self, timeout_s: float,
+                       http_client: httpx2.AsyncClient | None = None) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.settings.openai_base_url,
+                                  api_key=self.settings.openai_api_key, max_retries=0,
+                                  timeout=timeout_s, http_client=http_client)
+
+    # -- the tool-use loop's call ------------------------------------------------------------
+    def chat(self, model: Model, system: str | None, messages: list[dict[str, Any]],
+             tools: list[str], max_tokens: int, temperature: float,
+             timeout_s: float) -> ModelTurn:
+        """One turn, blocking (a loop of its own for this call; the executor's attempts use
+        achat on the shared loop, AsyncCalls)."""
+        return asyncio.run(self.achat(model, system, messages, tools, max_tokens, temperature,
+                                      timeout_s, shared=False))
 
     async def achat(self, model: Model, system: str | None, messages: list[dict[str, Any]],
                     tools: list[str], max_tokens: int, temperature: float,
-                    timeout_s: float) -> ModelTurn:
+                    timeout_s: float, shared: bool = True) -> ModelTurn:
         """One turn: `messages` in Anthropic form (text, tool_use and tool_result blocks);
-        OpenAI and litellm models get them converted to the OpenAI form. Awaits the provider
-        without a thread: thousands of calls in flight cost a socket and a coroutine each."""
+        litellm models get them converted to the OpenAI form. Awaits the provider without a
+        thread: thousands of calls in flight cost a socket and a coroutine each."""
         start = time.perf_counter()
         try:
             if model.provider == "anthropic":
                 return await self._anthropic_chat(model, system, messages, tools, max_tokens,
-                                                  timeout_s, start)
+                                                  timeout_s, start, shared)
             if model.provider == "openai" and not self.settings.openai_via_litellm:
                 return await self._openai_chat(model, system, messages, tools, max_tokens,
-                                               temperature, timeout_s, start)
+                                               temperature, timeout_s, start, shared)
             return await self._litellm_chat(model, system, messages, tools, max_tokens,
                                             temperature, timeout_s, start)
         except asyncio.CancelledError:
@@ -167,16 +223,34 @@ class ModelClients:
 
     async def _anthropic_chat(self, model: Model, system: str | None,
                               messages: list[dict[str, Any]], tools: list[str], max_tokens: int,
-                              timeout_s: float, start: float) -> ModelTurn:
+                              timeout_s: float, start: float, shared: bool) -> ModelTurn:
         from fleetplane.executor.tools import anthropic_tools
 
-        body: dict[str, Any] = {"model": model.name, "max_tokens": max_tokens,
-                                "messages": messages}
+        kwargs: dict[str, Any] = {}
         if system:
-            body["system"] = system
+            kwargs["system"] = system
         if tools:
-            body["tools"] = anthropic_tools(tools)
-        msg = await self.http.anthropic_messages(body, timeout_s, trace_headers())
+            kwargs["tools"] = anthropic_tools(tools)
+        if headers := trace_headers():  # the attempt's trace context to the provider
+            kwargs["extra_headers"] = headers
+        if shared:
+            client = self.async_anthropic
+        else:
+            client = anthropic.AsyncAnthropic(base_url=self.settings.anthropic_base_url,
+                                              api_key=self.settings.anthropic_api_key,
+                                              max_retries=0, timeout=timeout_s)
+        try:
+            # the raw response: the SDK builds and sends the request, authenticates and raises
+            # its own status errors, but builds no pydantic Message (stop 22: the answer's few
+            # fields are read from its JSON)
+            raw = await client.messages.with_raw_response.create(
+                model=model.name, max_tokens=max_tokens,
+                messages=messages,  # type: ignore[arg-type]
+                timeout=timeout_s, **kwargs)
+            msg: dict[str, Any] = orjson.loads(await raw.read())
+        finally:
+            if not shared:
+                await client.close()
         blocks: list[dict[str, Any]] = []
         uses: list[ToolUseRequest] = []
         texts: list[str] = []
@@ -223,16 +297,30 @@ class ModelClients:
 
     async def _openai_chat(self, model: Model, system: str | None,
                            messages: list[dict[str, Any]], tools: list[str], max_tokens: int,
-                           temperature: float, timeout_s: float, start: float) -> ModelTurn:
-        """An OpenAI model: the request and the response litellm would send and read, without
-        its per-call cost map lookups and logging payloads."""
+                           temperature: float, timeout_s: float, start: float,
+                           shared: bool) -> ModelTurn:
+        """An OpenAI model through the openai SDK: the request and the response litellm would
+        send and read, without its per-call cost map lookups and logging payloads."""
         from fleetplane.executor.tools import openai_tools
 
-        body: dict[str, Any] = {"model": model.name, "messages": to_openai(system, messages),
-                                "max_tokens": max_tokens, "temperature": temperature}
+        # the conversation (and tools) as `extra_body`, which the SDK merges over the body it
+        # built: it then does not walk every message through its TypedDict transform (an
+        # identity for this plain JSON; half the SDK's CPU per call, stop 22)
+        body: dict[str, Any] = {"messages": to_openai(system, messages)}
         if tools:
             body["tools"] = openai_tools(tools)
-        resp = await self.http.openai_chat(body, timeout_s, trace_headers())
+        kwargs: dict[str, Any] = {}
+        if headers := trace_headers():
+            kwargs["extra_headers"] = headers
+        client = self.async_openai if shared else self._openai_client(timeout_s)
+        try:
+            raw = await client.chat.completions.with_raw_response.create(  # as anthropic's
+                model=model.name, messages=[], max_tokens=max_tokens, temperature=temperature,
+                timeout=timeout_s, extra_body=body, **kwargs)
+            resp: dict[str, Any] = orjson.loads(raw.content)  # (read: not streamed)
+        finally:
+            if not shared:
+                await client.close()
         return _openai_turn(resp, model, start)
 
 
