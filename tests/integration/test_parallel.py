@@ -306,6 +306,58 @@ def test_a_burst_onto_free_slots_is_begun_by_the_poll_loop_then_each_record_hand
             assert order.index(("begin", off)) < order.index(("handle", off))
 
 
+def burst_of_six(base_settings: Settings, settings: Settings, unique: str, ids: list[str],
+                 handler: Callable[[ev.Event, Record], Iterable[ev.Event]],
+                 begin: Callable[[Record], ev.Event | None],
+                 started: list[tuple[ParallelProcessor, threading.Thread]]) -> None:
+    """Six dispatches `ids` sent at once to a ParallelProcessor with six free slots and the start
+    hook `begin` (`settings`: the processor's); returns once all six outputs are committed."""
+    group = f"par-{unique}"
+    start_group_at_end(base_settings, group, SUBMITTED)
+    send_to_partition(base_settings, ids)
+    p = ParallelProcessor(f"par-{unique}", [SUBMITTED], handler, settings, group_id=group,
+                          slots=6, prefetch=6, drain_timeout_s=0, begin=begin)
+    start(p, started)
+    out = read_all(base_settings, "tasks.lifecycle", 6, timeout_s=40, match=unique)
+    assert len(out) == 6
+
+
+def test_the_event_the_start_hook_decoded_is_handed_to_the_handler(
+        base_settings: Settings, unique: str,
+        started: list[tuple[ParallelProcessor, threading.Thread]]) -> None:
+    """A record the start hook decoded is not decoded a second time for its handler: the
+    handler gets the hook's event (the executor decoded each dispatch twice, once to claim the
+    attempt and once to run it). A hook that returns None leaves the decoding to the loop."""
+    serde = default_serde()
+    lock = threading.Lock()
+    decoded: dict[int, ev.Event] = {}
+    handled: dict[int, ev.Event] = {}
+
+    def begin(rec: Record) -> ev.Event | None:
+        if rec.offset % 2:
+            return None  # the loop decodes this one itself
+        event = serde.decode(rec.value)
+        with lock:
+            decoded[rec.offset] = event
+        return event
+
+    def handler(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        with lock:
+            handled[rec.offset] = event
+        return [ev.TaskHeld(task_id=event.task_id, team="a", reason="done")]
+
+    ids = [f"{unique}-d{i}" for i in range(6)]
+    burst_of_six(base_settings, base_settings, unique, ids, handler, begin, started)
+    with lock:
+        assert sorted(e.task_id for e in handled.values()) == sorted(ids)
+        assert len(decoded) == 3
+        for off, event in handled.items():
+            if off in decoded:
+                assert event is decoded[off]  # the hook's object, not a second decode
+            else:
+                assert event.task_id in ids  # decoded by the loop
+
+
 def test_a_burst_the_client_fetched_ahead_is_all_begun_before_a_slot_thread_runs(
         base_settings: Settings, unique: str,
         started: list[tuple[ParallelProcessor, threading.Thread]]) -> None:
@@ -327,15 +379,8 @@ def test_a_burst_the_client_fetched_ahead_is_all_begun_before_a_slot_thread_runs
             order.append(("handle", rec.offset))
         return [ev.TaskHeld(task_id=event.task_id, team="a", reason="done")]
 
-    group = f"par-{unique}"
-    start_group_at_end(base_settings, group, SUBMITTED)
-    send_to_partition(base_settings, [f"{unique}-a{i}" for i in range(6)])
-    settings = base_settings.model_copy(update={"batch_size": 3})
-    p = ParallelProcessor(f"par-{unique}", [SUBMITTED], handler, settings, group_id=group,
-                          slots=6, prefetch=6, drain_timeout_s=0, begin=begin)
-    start(p, started)
-    out = read_all(base_settings, "tasks.lifecycle", 6, timeout_s=40, match=unique)
-    assert len(out) == 6
+    burst_of_six(base_settings, base_settings.model_copy(update={"batch_size": 3}), unique,
+                 [f"{unique}-a{i}" for i in range(6)], handler, begin, started)
     with lock:
         kinds = [kind for kind, _ in order]
     assert kinds == ["begin"] * 6 + ["handle"] * 6, order

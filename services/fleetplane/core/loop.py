@@ -865,9 +865,12 @@ class Processor:
         self.instruments.error(RuntimeError("input records skipped"), "skipped")
         return True
 
-    def _handle_one(self, rec: Record) -> list[Output]:
+    def _handle_one(self, rec: Record, event: Event | None = None) -> list[Output]:
+        """Handle one record; `event`: the record already decoded (ParallelProcessor's begin
+        hook decoded it), else it is decoded here."""
         try:
-            event = self.serde.decode(rec.value)
+            if event is None:
+                event = self.serde.decode(rec.value)
         except NotRetriable as exc:
             log.warning("undecodable record to DLQ", topic=rec.topic, offset=rec.offset,
                         reason=str(exc))

@@ -35,7 +35,8 @@ for seconds to hours. `ParallelProcessor` is the pattern of Confluent's parallel
   them (and what else of the burst the client has fetched meanwhile, `_take_fetched`) before
   any slot thread is woken, so a burst onto empty slots is started in one thread
   instead of one GIL hand-off per slot thread (the first fill, docs/executor.md); a record a
-  slot thread takes itself (a freed slot refilled) is begun by that thread;
+  slot thread takes itself (a freed slot refilled) is begun by that thread. The event the
+  hook returns (it decoded the record) is handed to the handler, not decoded a second time;
 * parked while it works: once a take is begun, and before each commit, the loop parks its
   inputs (core.loop's IdleBackoff.park_for_work) unless it holds them paused; its next poll
   probes them at once. Assigned, the client fetched back to back through each take and
@@ -60,6 +61,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from fleetplane.core.errors import Fatal
+from fleetplane.core.events import Event
 from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import (
     TXN_CALL_TIMEOUT_S,
@@ -86,6 +88,7 @@ class Item:
     taken_at: float = field(default_factory=time.monotonic)
     started_at: float = 0.0
     begun: bool = False  # the begin hook ran (by the poll loop, when a slot was free)
+    event: Event | None = None  # what the begin hook decoded (the slot thread does not again)
 
 
 @dataclass
@@ -122,7 +125,7 @@ class ParallelProcessor(Processor):
                  on_committed: Callable[[list[Record]], None] | None = None,
                  before_retry: Callable[[list[Output]], list[Output]] | None = None,
                  urgent: Callable[[Record], bool] | None = None,
-                 begin: Callable[[Record], None] | None = None,
+                 begin: Callable[[Record], Event | None] | None = None,
                  **kwargs: Any) -> None:
         kwargs.setdefault("commit_interval_s", 0.05)
         #: called after each successful commit with the records whose outputs it committed
@@ -354,7 +357,7 @@ class ParallelProcessor(Processor):
         assert self.begin is not None
         item.begun = True
         try:
-            self.begin(item.record)
+            item.event = self.begin(item.record)
         except Exception:  # the handler then does the whole work (the hook is an optimisation)
             log.exception("begin hook failed", topic=item.record.topic,
                           offset=item.record.offset)
@@ -383,7 +386,7 @@ class ParallelProcessor(Processor):
                 item = self._express.popleft()
             item.started_at = time.monotonic()
             try:
-                outputs = self._handle_one(item.record)
+                outputs = self._handle_one(item.record, item.event)
             except BaseException as exc:  # Fatal (the rest is dead-lettered by _handle_one)
                 self._fatal = exc
                 return
@@ -456,7 +459,7 @@ class ParallelProcessor(Processor):
             try:
                 if self.begin is not None and not item.begun:
                     self._begin(item)
-                outputs = self._handle_one(item.record)
+                outputs = self._handle_one(item.record, item.event)
             except BaseException as exc:  # Fatal (the rest is dead-lettered by _handle_one)
                 self._fatal = exc
                 with self._lock:

@@ -165,13 +165,15 @@ class Starter:
         self.seen, self.runtime, self.leases = seen, runtime, leases
         self.serde = serde or default_serde()
 
-    def begin(self, record: Record) -> None:
+    def begin(self, record: Record) -> Event | None:
+        """Claim the record's attempt; returns the decoded event (the loop hands it to the
+        slot thread's handler instead of decoding the record again), None if undecodable."""
         try:
             event = self.serde.decode(record.value)
         except Exception:  # the slot thread's decode dead-letters it
-            return
+            return None
         if not isinstance(event, TaskDispatched) or event.action == "rollback":
-            return  # a rollback runs git: all of it in its slot thread
+            return event  # a rollback runs git: all of it in its slot thread
         where = (record.topic, record.partition, record.offset)
         with task_context(event.task_id, event_type="TaskDispatched"):
             owns = True
@@ -182,6 +184,7 @@ class Starter:
             except Exception as exc:  # raised again in the slot thread
                 begun = exc
         self.runtime.put_begun(where, (begun, owns))
+        return event
 
 
 def _start(catalog: Catalog, clients: ModelClients, executor_id: str, seen: SeenDispatches,

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+import orjson
 from confluent_kafka import KafkaError, Message
 
 from fleetplane.core.events import (
@@ -445,7 +446,7 @@ class Journal:
     def _append(self, task_id: str, attempt: int, data: dict[str, Any]) -> None:
         # the newline first: a line torn by a crash of the machine is ended by the next write
         # instead of swallowing it
-        line = ("\n" + json.dumps(data, separators=(",", ":"))).encode()
+        line = b"\n" + orjson.dumps(data)  # (json.dumps: 5x the CPU, stop 22)
         fd = os.open(self._path(task_id, attempt), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, line)
