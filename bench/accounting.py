@@ -57,6 +57,7 @@ from fleetplane.accounting.whatif import Selection, what_if
 from fleetplane.core.catalog import catalog_for
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.loop import Record
+from fleetplane.core.service import freeze_startup_heap
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import ensure_topics, load_topics, topic_for
 from fleetplane.infra.broker import EmbeddedBroker
@@ -232,6 +233,7 @@ def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
             apply_ddl(store)
             processor, acct_sink = build_processor(settings, store,
                                                    group_id=f"bench-acct-{time.monotonic_ns()}")
+            freeze_startup_heap()   # as accounting's main does once started
             thread = threading.Thread(target=processor.run, daemon=True)
             # `first` below is taken once the first batch is handled, which leaves that batch's
             # work out (and, were inserts not on the loop's thread, not its insert): the time
