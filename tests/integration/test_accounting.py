@@ -20,6 +20,7 @@ import pytest
 from confluent_kafka import Producer
 
 from fleetplane.accounting import analytics, queries
+from fleetplane.accounting.batchloop import BatchProcessor
 from fleetplane.accounting.main import build_processor
 from fleetplane.accounting.rows import MODEL_CALLS, model_call_row
 from fleetplane.accounting.sink import ClickHouseSink
@@ -260,19 +261,50 @@ def test_bad_records_and_dead_letters_do_not_stop_the_flow(
     assert (held["state"], held["reason"]) == ("held", "write scope busy")
 
 
+def hourly_processor(base_settings: Settings, ch_store: Store, name: str
+                     ) -> tuple[Store, BatchProcessor, ClickHouseSink]:
+    """An accounting processor (not started) that checkpoints once an hour and never flushes by
+    size, into its own database `name` (the module's processor does not write there) and group."""
+    store = ch_store.with_database(name)
+    apply_ddl(store)
+    settings = base_settings.model_copy(update={"clickhouse_database": store.database,
+                                                "sink_flush_rows": 10_000_000})
+    processor, sink = build_processor(settings, store, group_id=name, commit_interval_s=3600)
+    return store, processor, sink
+
+
+def test_the_last_rows_of_a_backlog_are_stored_without_waiting_for_the_commit_interval(
+    base_settings: Settings, ch_store: Store, producer: EventProducer, unique: str
+) -> None:
+    """A backlog read in full batches: once the input runs dry, the rest is flushed and its
+    offsets stored at once, not at the next commit interval (an hour here)."""
+    team = f"team-{unique}"
+    calls = [model_call(f"task-{unique}-{i // 5}", team, i % 5, 0.01) for i in range(400)]
+    producer.send(calls)   # the backlog, before accounting starts
+    store, processor, sink = hourly_processor(base_settings, ch_store, f"backlog_{unique}")
+    # full batches of 50 records (the service's are 20,000) without producing 20,000 records
+    processor.settings = processor.settings.model_copy(update={"batch_size": 50})
+    thread = threading.Thread(target=processor.run, daemon=True)
+    thread.start()
+    try:
+        def stored() -> list[dict[str, Any]]:
+            rows = queries.cost_by(store, "team", team=team)
+            return rows if sink.pending == 0 and rows and rows[0]["calls"] == len(calls) else []
+
+        [row] = wait_for(stored, what="every call stored, nothing left buffered")
+        assert row["cost_usd"] == pytest.approx(0.01 * len(calls))
+    finally:
+        processor.stop()
+        thread.join(30)
+
+
 def test_stop_flushes_rows_buffered_since_the_last_checkpoint(
     base_settings: Settings, ch_store: Store, producer: EventProducer, unique: str
 ) -> None:
     """SIGTERM path: stop() checkpoints, which flushes the sink before storing offsets."""
     team = f"team-{unique}"
     calls = [model_call(f"task-{unique}", team, i, 0.1) for i in range(20)]
-    # Its own database, so the module's processor does not write these rows first.
-    store = ch_store.with_database(f"stop_{unique}")
-    apply_ddl(store)
-    settings = base_settings.model_copy(update={"clickhouse_database": store.database,
-                                                "sink_flush_rows": 10_000_000})
-    processor, sink = build_processor(settings, store, group_id=f"stop-{unique}",
-                                      commit_interval_s=3600)
+    store, processor, sink = hourly_processor(base_settings, ch_store, f"stop_{unique}")
     thread = threading.Thread(target=processor.run, daemon=True)
     thread.start()
     try:

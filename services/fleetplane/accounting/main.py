@@ -30,7 +30,7 @@ from fleetplane.core.errors import Fatal
 from fleetplane.core.events import Event
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.logging import get_logger
-from fleetplane.core.service import bootstrap, serve_http_in_thread
+from fleetplane.core.service import bootstrap, freeze_startup_heap, serve_http_in_thread
 from fleetplane.core.settings import Settings
 from fleetplane.core.teams import teams_for
 from fleetplane.core.topics import event_topics, load_topics
@@ -131,6 +131,9 @@ def run(settings: Settings) -> int:
         lag = ConsumerLag(settings.client_config(), groups=[GROUP_ID])
         fleet.registry.register(lag)
         processor, sink = build_processor(settings, store, observe=fleet.observe)
+        # the sink's batches set off collections of the oldest generation, each scanning the
+        # whole start-up heap with the GIL held (docs/accounting.md, "Sink, eleventh round")
+        log.info("start-up heap frozen", objects=freeze_startup_heap())
         # each task's trace id (traceparent headers), for `fleetplane describe`
         traces = TraceIds(store, settings.clickhouse_ttl_days)
         processor.handler = traces.wrap(processor.handler)   # records of the usual path

@@ -736,7 +736,7 @@ class Processor:
                         self._idle.park_for_work()
                     self._process(msgs)
                 now = time.monotonic()
-                drained = self.commit_when_drained and len(msgs) < self.settings.batch_size
+                drained = self._drained(msgs)
                 if self._pending and (drained or now - last_checkpoint >= self.commit_interval_s):
                     self._checkpoint()
                     last_checkpoint = now
@@ -750,6 +750,12 @@ class Processor:
         finally:
             self._running = False
             self._close()
+
+    def _drained(self, msgs: list[Message]) -> bool:
+        """After a batch is handled (or a poll found nothing): checkpoint now rather than at
+        the commit interval, because the inputs are drained (commit_when_drained: the next
+        service waits on this commit)."""
+        return self.commit_when_drained and len(msgs) < self.settings.batch_size
 
     def _fetch(self, limit: int | None = None, timeout_s: float | None = None
                ) -> list[Message]:
