@@ -298,6 +298,35 @@ def test_the_last_rows_of_a_backlog_are_stored_without_waiting_for_the_commit_in
         thread.join(30)
 
 
+def test_a_trickle_is_read_a_few_times_a_second_not_per_record(
+    base_settings: Settings, ch_store: Store, producer: EventProducer, unique: str
+) -> None:
+    """A steady trickle (a record every 4 ms or so): the sink looks at its inputs about once
+    per sink_probe_s (1 s here), each look a probe of every partition it reads, instead of
+    probing again right after each small batch, and it still handles every record."""
+    team = f"team-{unique}"
+    _store, processor, sink = hourly_processor(
+        base_settings.model_copy(update={"sink_probe_s": 1.0}), ch_store, f"trickle_{unique}")
+    thread = threading.Thread(target=processor.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: processor._idle is not None and processor._idle.idle,
+                 what="the sink parked on its idle inputs")
+        assert processor._idle is not None
+        probes, started = processor._idle.probes, time.monotonic()
+        calls = [model_call(f"task-{unique}", team, i, 0.01) for i in range(500)]
+        for call in calls:
+            producer.send([call])
+            time.sleep(0.004)
+        # each call: a model_calls row and an events row, buffered in the sink
+        wait_for(lambda: sink.pending >= 2 * len(calls), what="every call handled")
+        looks, seconds = processor._idle.probes - probes, time.monotonic() - started
+        assert looks <= seconds + 3, f"{looks} probes in {seconds:.1f} s of trickle"
+    finally:
+        processor.stop()
+        thread.join(30)
+
+
 def test_stop_flushes_rows_buffered_since_the_last_checkpoint(
     base_settings: Settings, ch_store: Store, producer: EventProducer, unique: str
 ) -> None:

@@ -37,6 +37,8 @@ from fleetplane.core.events import EVENT_TYPES, Event
 from fleetplane.core.loop import NO_INSTRUMENTS, Processor, Record, headers_dict
 
 Note = Callable[[Event, Record], None]
+#: a handled batch smaller than this is a trickle (BatchProcessor._probe_at_once)
+PACE_BELOW = 1_000
 TRACEPARENT = "traceparent"  # fleetplane.tracing.propagation's header (not imported: OTel)
 
 
@@ -87,6 +89,13 @@ class BatchProcessor(Processor):
                 pending[key] = offset
         self.processed += len(messages)
         self.producer.poll(0)
+
+    def _probe_at_once(self, msgs: list[Message]) -> bool:
+        """A batch of fewer than PACE_BELOW records is a trickle: the next look at the inputs
+        waits the sink's probe interval (settings.sink_probe_s), so a steady stream comes in
+        batches of that interval's records instead of a probe of every partition per few
+        records. A larger batch is a backlog being read: look again at once."""
+        return len(msgs) >= PACE_BELOW
 
     def _drained(self, msgs: list[Message]) -> bool:
         """Checkpoint now when the inputs ran dry within a commit interval after a full

@@ -87,6 +87,9 @@ def build_processor(settings: Settings, store: Store, *, group_id: str = GROUP_I
         importlib.import_module("pandas")
     tuned = settings.model_copy(update={"batch_size": max(settings.batch_size, MIN_BATCH_SIZE),
                                         "idle_probe_s": settings.sink_probe_s,
+                                        # a parked poll waits at most this: the probe interval
+                                        "poll_timeout_s": max(settings.poll_timeout_s,
+                                                              settings.sink_probe_s),
                                         "kafka_consumer_config": consumer_tuning(settings)})
     processor = BatchProcessor(SERVICE, all_topics(settings), make_handler(sink, observe), tuned,
                                group_id=group_id, sink=sink,
