@@ -62,9 +62,12 @@ class BatchProcessor(Processor):
         self._topic_records: dict[str, Record] = {}
         #: when the last full batch was handled (time.monotonic; the module doc's checkpoints)
         self._full_at = -1e9
+        #: the batch before was a small one (_probe_at_once)
+        self._small_before = False
 
     def _process(self, msgs: list[Message]) -> None:
         assert self.producer is not None
+        self._small_before = len(msgs) < PACE_BELOW
         messages = messages_of(msgs)
         if not messages:
             return
@@ -91,11 +94,12 @@ class BatchProcessor(Processor):
         self.producer.poll(0)
 
     def _probe_at_once(self, msgs: list[Message]) -> bool:
-        """A batch of fewer than PACE_BELOW records is a trickle: the next look at the inputs
-        waits the sink's probe interval (settings.sink_probe_s), so a steady stream comes in
-        batches of that interval's records instead of a probe of every partition per few
-        records. A larger batch is a backlog being read: look again at once."""
-        return len(msgs) >= PACE_BELOW
+        """Two batches in a row of fewer than PACE_BELOW records are a trickle: the next look
+        at the inputs waits the sink's probe interval (settings.sink_probe_s), so a steady
+        stream comes in batches of that interval's records instead of a probe of every
+        partition per few records. A larger batch, or a first small one (a backlog's first
+        fetches return a few records per partition), says look again at once."""
+        return not (len(msgs) < PACE_BELOW and self._small_before)
 
     def _drained(self, msgs: list[Message]) -> bool:
         """Checkpoint now when the inputs ran dry within a commit interval after a full
