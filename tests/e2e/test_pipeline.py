@@ -3,6 +3,8 @@ the fake provider over HTTP through the anthropic SDK)."""
 
 from __future__ import annotations
 
+import signal
+import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -11,9 +13,10 @@ import httpx
 import pytest
 from confluent_kafka import Producer
 
-from fleetplane.cli.stack import Stack
+from fleetplane.cli.stack import COORDINATOR_STANDBY, Stack
 from fleetplane.core import events as ev
 from fleetplane.core.catalog import Usage, catalog_for
+from fleetplane.core.errors import EXIT_RESTART
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.topics import DLQ, SUBMITTED
 
@@ -105,3 +108,36 @@ def test_services_stop_cleanly_on_sigterm(stack: Stack) -> None:
     for name in ("ingest", "router", "executor", "accounting", "coordinator"):
         stack.restart(name)
     stack.wait_ready()
+
+
+def test_a_coordinator_that_stood_down_is_restarted_and_the_stack_is_ready(stack: Stack) -> None:
+    """A planned failover (SIGUSR2 to the standby): the standby claims the role, the active
+    stands down and exits asking for a restart (EXIT_RESTART). `wait_ready` (as `fleetplane up`
+    and the restarts above use it) starts it again as a standby instead of failing on it; the
+    CI failure of stop 22 was that path taken by a standby that lost the role to a restarted
+    coordinator."""
+    stack.wait_ready()
+    deadline = time.monotonic() + 60
+    while (active := stack.active_coordinator()) is None:
+        assert time.monotonic() < deadline, "no coordinator holds the active role"
+        time.sleep(0.2)
+    standby = COORDINATOR_STANDBY if active == "coordinator" else "coordinator"
+    old, new = stack.children[active], stack.children[standby]
+    restarts = old.restarts
+    assert new.proc is not None and old.proc is not None
+    # SIGUSR2 before the standby installed its handler would end it
+    while "standby: watching" not in new.log_path.read_text().split("coordinator starting")[-1]:
+        assert time.monotonic() < deadline and new.alive(), f"see {new.log_path}"
+        time.sleep(0.2)
+    new.proc.send_signal(signal.SIGUSR2)
+    assert old.proc.wait(90) == EXIT_RESTART, f"see {old.log_path}"
+
+    stack.wait_ready()
+    assert old.restarts == restarts + 1 and old.alive() and new.alive()
+    deadline = time.monotonic() + 60
+    while stack.active_coordinator() != standby:
+        assert time.monotonic() < deadline, f"the role did not move; see {new.log_path}"
+        time.sleep(0.2)
+    with httpx.Client(timeout=30) as http:
+        task = submit(http, stack, manifest("search", "after-failover", "still flowing"))
+        assert wait_terminal(http, stack, {task})[task]["state"] == "completed"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from fleetplane.core.errors import EXIT_RESTART
 from fleetplane.core.localstack import ADMIN_TOKEN_FILE
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import ensure_topics, load_topics
@@ -85,6 +86,9 @@ class Stack:
     private_broker: bool | None = None
     #: process name -> metrics port (METRICS_PORT_SETTINGS; free ports for those not given)
     metrics_ports: dict[str, int] = field(default_factory=dict)
+    #: how many times `wait_ready` restarts a process that exited with EXIT_RESTART before it
+    #: counts as a start-up failure
+    restart_requests: int = 3
     broker: EmbeddedBroker | None = None
     children: dict[str, Child] = field(default_factory=dict)
     admin_token: str = ""
@@ -246,10 +250,21 @@ class Stack:
             urls.append(f"{self.reconciler_url}/healthz")
         deadline = time.monotonic() + timeout_s
         pending = list(urls)
+        asked: dict[str, int] = {}
         while pending and time.monotonic() < deadline:
             for name, child in self.children.items():
-                if not child.alive():
-                    raise RuntimeError(f"{name} exited during start-up; see {child.log_path}")
+                if child.alive():
+                    continue
+                code = child.proc.returncode if child.proc is not None else None
+                if code == EXIT_RESTART and asked.get(name, 0) < self.restart_requests:
+                    # it asked for a restart (a standby that lost the role to a later claimant,
+                    # a transactional call that hung): what the supervisor does, done here
+                    asked[name] = asked.get(name, 0) + 1
+                    child.restarts += 1
+                    self._spawn(name, child.argv)
+                    continue
+                raise RuntimeError(f"{name} exited during start-up (status {code}); "
+                                   f"see {child.log_path}")
             url = pending[0]
             try:
                 if httpx.get(url, timeout=1.0).status_code < 500:

@@ -55,7 +55,7 @@ from typing import Any
 import yaml
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from fleetplane.coordinator.claims import ActiveClaim
+from fleetplane.coordinator.claims import CLAIMS_TOPIC, ActiveClaim
 from fleetplane.coordinator.liveness import Liveness
 from fleetplane.coordinator.scheduler import (
     INPUTS_READ_UNTIL,
@@ -68,7 +68,7 @@ from fleetplane.coordinator.world import World, settle_heap
 from fleetplane.core import events as ev
 from fleetplane.core import topics as t
 from fleetplane.core.catalog import Catalog, _task_type
-from fleetplane.core.errors import Fatal, NotRetriable
+from fleetplane.core.errors import EXIT_RESTART, Fatal, NotRetriable
 from fleetplane.core.kafka import event_headers
 from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import (
@@ -361,11 +361,12 @@ class Coordinator:
 
         The judgement (``Liveness``) rests on progress the active makes on the broker (the end
         of the scheduler topic, the end of the changelog, the scheduler group's committed
-        offset), read with fresh requests: load on either process delays the looks, never
-        fakes silence. Nothing is fetched while watching (three small requests per look): the
-        epoch of the holder to fence is read from the latest ticks once, on takeover
-        (``find_owner``). A standby that fetched the scheduler topic continuously spent more CPU
-        than the router (the embedded broker answers empty fetches at once)."""
+        offset, the end of the claims topic), read with fresh requests: load on either process
+        delays the looks, never fakes silence. Nothing is fetched while watching (four small
+        requests per look): the epoch of the holder to fence is read from the latest ticks
+        once, on takeover (``find_owner``). A standby that fetched the scheduler topic
+        continuously spent more CPU than the router (the embedded broker answers empty fetches
+        at once)."""
         config = self.settings.client_config()
         watch = Consumer({**config, "group.id": f"{APP_ID}-watch",
                           "enable.auto.commit": False, "isolation.level": "read_uncommitted",
@@ -378,6 +379,7 @@ class Coordinator:
         log.info("standby: watching the active coordinator", topic=SCHEDULER_TOPIC,
                  takeover_s=self.settings.coordinator_takeover_s)
         tp, changelog = TopicPartition(SCHEDULER_TOPIC, 0), TopicPartition(CHANGELOG, 0)
+        claims = TopicPartition(CLAIMS_TOPIC, 0)
         try:
             while not self._stopping.wait(WATCH_INTERVAL_S):
                 if self._take_over.is_set():
@@ -388,10 +390,14 @@ class Coordinator:
                     return True
                 asked = time.monotonic()
                 try:
+                    # a claim by another process counts as progress: a standby restarted
+                    # while another one was taking over gives the claimant a full timeout to
+                    # start ticking, instead of claiming after it and making it stand down
                     marks = (watch.get_watermark_offsets(tp, timeout=5, cached=False)[1],
                              watch.get_watermark_offsets(changelog, timeout=5,
                                                          cached=False)[1],
-                             offsets.committed([tp], timeout=5)[0].offset)
+                             offsets.committed([tp], timeout=5)[0].offset,
+                             claims_end(watch, claims))
                 except KafkaException:  # no answer: no evidence either way
                     liveness.reset(time.monotonic())
                     continue
@@ -489,7 +495,8 @@ class Coordinator:
             log.critical("a coordinator step failed: exiting for a restart",
                          error=str(failed[0])[:500])
             self.stop()
-            os._exit(75)  # the steps' transactions are aborted by the next owner's fencing
+            # the steps' transactions are aborted by the next owner's fencing
+            os._exit(EXIT_RESTART)
         for th in threads:
             th.join(30)
         if self.web is not None:
@@ -617,3 +624,12 @@ class Coordinator:
 
         threading.Thread(target=bind, name="web", daemon=True).start()
 
+
+
+def claims_end(watch: Consumer, claims: TopicPartition) -> int:
+    """The end of the claims topic, or -1 where it cannot be read (a deployment whose topics
+    predate it): the other marks then decide alone."""
+    try:
+        return int(watch.get_watermark_offsets(claims, timeout=5, cached=False)[1])
+    except KafkaException:
+        return -1

@@ -13,6 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: the exit status of a service process that asks its supervisor for a restart (EX_TEMPFAIL):
+#: a coordinator that stood down for a later claimant, a transactional call that hung. The
+#: local supervisor and `Stack.wait_ready` restart such a process instead of failing on it.
+EXIT_RESTART = 75
+
 
 class FleetplaneError(Exception):
     retriable: bool = False

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from fleetplane.core import doorbell
-from fleetplane.core.errors import Fatal, NotRetriable, Retriable, RetryPolicy
+from fleetplane.core.errors import EXIT_RESTART, Fatal, NotRetriable, Retriable, RetryPolicy
 from fleetplane.core.events import DeadLetter, Event
 from fleetplane.core.kafka import event_headers
 from fleetplane.core.logging import get_logger, task_context
@@ -1104,7 +1104,7 @@ class Processor:
             log.critical("transactional call hung", call=what, limit_s=self.hang_limit_s,
                          action="exit 75" if self.exit_on_hang else "none (in-process)")
             if self.exit_on_hang:
-                os._exit(75)
+                os._exit(EXIT_RESTART)
 
         timer = threading.Timer(self.hang_limit_s, hung)
         timer.daemon = True
