@@ -6,10 +6,13 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
+from confluent_kafka import Producer as ConfluentProducer
+
 from fleetplane.core import doorbell
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.loop import Processor, Record
+from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import LIFECYCLE, SUBMITTED
 from tests.integration.test_loop import run_processor  # noqa: F401  (the fixture)
@@ -99,3 +102,100 @@ def test_a_commit_wakes_the_parked_next_hop(
     assert seen[f"{unique}-1"] - sent < PROBE_S / 2
     assert hop1._idle.rung >= 1 and hop2._idle.rung >= 1
     assert hop1._idle.probes > probes[0] and hop2._idle.probes > probes[1]
+
+
+def test_a_ring_names_the_partitions_its_commit_wrote(unique: str) -> None:
+    cluster = f"bell-{unique}:9092"
+    bell = doorbell.Listener(cluster, ["tasks.routed", "tasks.lifecycle"])
+    try:
+        doorbell.ring(cluster, {"tasks.routed": [3], "tasks.lifecycle": [0, 5]})
+        assert bell.wait(5.0)
+        bell.drain()  # the second datagram may have come after the wait returned
+        assert bell.take() == {("tasks.routed", 3), ("tasks.lifecycle", 0),
+                               ("tasks.lifecycle", 5)}
+        doorbell.ring(cluster, ["tasks.routed"])  # no partitions: every one
+        assert bell.wait(5.0)
+        assert bell.take() is None
+        bell.wake()
+        assert bell.wait(5.0)
+        assert bell.take() is None
+    finally:
+        bell.close()
+
+
+def test_a_woken_hop_probes_only_the_partitions_the_ring_named(
+    base_settings: Settings, unique: str, producer: EventProducer,
+    run_processor: Callable[[Processor], Processor],  # noqa: F811 (fixture from test_loop)
+) -> None:
+    """The upstream hop's commit names the one partition it wrote: the parked downstream hop
+    assigns that one alone (not its six), and reads the record."""
+    settings = base_settings.model_copy(update={
+        "idle_probe_s": PROBE_S, "idle_full_probe_s": PROBE_S, "poll_timeout_s": PROBE_S})
+    done = threading.Event()
+
+    def first(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        if event.task_id.startswith(unique) and isinstance(event, ev.TaskSubmitted):
+            yield event.derive(ev.TaskHeld, reason=f"held-{unique}")
+
+    def second(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        if event.task_id.startswith(unique) and isinstance(event, ev.TaskHeld):
+            done.set()
+        return ()
+
+    hop1 = run_processor(Processor(f"named1-{unique}", [SUBMITTED], first, settings,
+                                   group_id=f"named1-{unique}"))
+    hop2 = run_processor(Processor(f"named2-{unique}", [LIFECYCLE], second, settings,
+                                   group_id=f"named2-{unique}"))
+    wait_parked(hop1, hop2)
+    assert hop2._idle is not None and len(hop2._idle.parked) == 6
+    probes, probed = hop2._idle.probes, hop2._idle.partitions_probed
+
+    producer.send([ev.TaskSubmitted(task_id=f"{unique}-1", team="a",
+                                    spec=ev.TaskSpec(name="n", task_type="t", prompt="p"))])
+    doorbell.ring(settings.kafka_bootstrap, [SUBMITTED])  # as the ingest API does
+    assert done.wait(PROBE_S / 2), "the hand-off waited for the probe interval"
+    wait_parked(hop2)
+    assert hop2._idle.probes > probes
+    # one partition per probe since the ring (the record's, and again after handling it)
+    assert hop2._idle.partitions_probed - probed == hop2._idle.probes - probes
+
+
+def test_a_record_no_ring_named_is_read_by_the_periodic_probe(
+    base_settings: Settings, unique: str,
+    run_processor: Callable[[Processor], Processor],  # noqa: F811 (fixture from test_loop)
+) -> None:
+    """Rings keep naming one partition (a busy upstream on this host) while a producer that
+    rings nothing (another host, a plain Kafka client) writes to another: its record is read
+    by the probe of every partition that comes idle_full_probe_s after the last one."""
+    settings = base_settings.model_copy(update={
+        "idle_probe_s": 0.05, "idle_full_probe_s": 0.5, "poll_timeout_s": 0.2})
+    seen = threading.Event()
+
+    def handler(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        if event.task_id == f"{unique}-quiet":
+            seen.set()
+        return ()
+
+    hop = run_processor(Processor(f"quiet-{unique}", [LIFECYCLE], handler, settings,
+                                  group_id=f"quiet-{unique}"))
+    wait_parked(hop)
+    stop = threading.Event()
+
+    def busy_upstream() -> None:
+        while not stop.wait(0.01):
+            doorbell.ring(settings.kafka_bootstrap, {LIFECYCLE: [0]})
+
+    ringer = threading.Thread(target=busy_upstream, daemon=True)
+    ringer.start()
+    try:
+        time.sleep(0.3)
+        raw = ConfluentProducer(settings.producer_config())
+        event = ev.TaskHeld(task_id=f"{unique}-quiet", team="a", reason="r")
+        raw.produce(LIFECYCLE, value=default_serde().encode(event), partition=3,
+                    key=event.task_id.encode())
+        raw.flush(10)
+        assert seen.wait(30), "a record on a partition no ring named was never read"
+    finally:
+        stop.set()
+        ringer.join(5)
+    assert hop._idle is not None and hop._idle.rung > 0

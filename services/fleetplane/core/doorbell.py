@@ -8,6 +8,12 @@ topic sends one datagram to each listener of that topic, and a parked consumer w
 socket instead of sleeping, so it probes at once. It is a hint only: a lost, late or missing
 ring costs at most the probe interval (the probe still runs), a spurious one one extra probe.
 
+A ring names the partitions its commit wrote to, when the ringer knows them (a loop learns
+them from its delivery reports): the datagram is ``<topic>\t<p>,<p>,...``. A woken consumer
+then probes only those of its parked partitions (core.loop.IdleBackoff), not every input
+partition (the coordinator's repartition step has 31). A ring without partitions (``1``, as
+ingest's after an HTTP submit, or a listener waking itself) names every partition.
+
 Listeners are Unix datagram sockets, one per consumer, in a directory per Kafka cluster
 (``<tmp>/fleetplane-bell-<hash of the bootstrap servers>``); each topic has a sub-directory of
 symlinks to its listeners' sockets. A ring lists the topic's directory and sends to each entry;
@@ -24,7 +30,7 @@ import select
 import socket
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from fleetplane.core.logging import get_logger
@@ -41,26 +47,54 @@ def bell_dir(bootstrap: str) -> Path:
     return Path(tempfile.gettempdir()) / f"fleetplane-bell-{_short(bootstrap)}"
 
 
-def ring(bootstrap: str, topics: Iterable[str]) -> int:
+#: what a ring names: (topic, partition) pairs, or None for every partition of its topics
+Named = set[tuple[str, int]] | None
+#: the most partitions one datagram names (more: the ring names every partition)
+MAX_NAMED = 256
+
+
+def _message(topic: str, partitions: Iterable[int] | None) -> bytes:
+    parts = sorted(set(partitions or ()))
+    if not parts or len(parts) > MAX_NAMED:
+        return b"1"
+    return f"{topic}\t{','.join(map(str, parts))}".encode()
+
+
+def parse(data: bytes) -> Named:
+    """The partitions a datagram names (None: every one; also for anything unreadable)."""
+    topic, sep, parts = data.decode(errors="replace").partition("\t")
+    if not sep:
+        return None
+    try:
+        return {(topic, int(p)) for p in parts.split(",")}
+    except ValueError:
+        return None
+
+
+def ring(bootstrap: str, topics: Iterable[str] | Mapping[str, Iterable[int]]) -> int:
     """Wake the listeners of `topics` (after their records were committed); how many were
-    rung. Never raises: a doorbell is a hint."""
+    rung. `topics` may map each topic to the partitions written (the listeners then probe only
+    those). Never raises: a doorbell is a hint."""
     root = bell_dir(bootstrap)
     rung = 0
     sock: socket.socket | None = None
+    named: Mapping[str, Iterable[int] | None] = (
+        topics if isinstance(topics, Mapping) else dict.fromkeys(topics))
     try:
-        for topic in set(topics):
+        for topic, partitions in named.items():
             folder = root / _short(topic)
             try:
                 entries = os.listdir(folder)
             except OSError:
                 continue
+            message = _message(topic, partitions)
             for name in entries:
                 if sock is None:
                     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                     sock.setblocking(False)
                 path = folder / name
                 try:
-                    sock.sendto(b"1", str(path))
+                    sock.sendto(message, str(path))
                     rung += 1
                 except (ConnectionRefusedError, FileNotFoundError):
                     with contextlib.suppress(OSError):  # its listener is gone (killed)
@@ -84,6 +118,9 @@ class Listener:
         self.path = root / f"{ident}.sock"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.links: list[Path] = []
+        #: the partitions the rings drained so far named (`take`); `everything`: one named none
+        self.named: set[tuple[str, int]] = set()
+        self.everything = False
         try:
             for attempt in (1, 2):  # a listener closing meanwhile may remove an empty folder
                 try:
@@ -111,17 +148,36 @@ class Listener:
             raise
 
     def wait(self, timeout_s: float) -> bool:
-        """Until rung (True, the rings so far drained) or `timeout_s` passed (False)."""
+        """Until rung (True, the rings so far drained into `named`) or `timeout_s` passed
+        (False)."""
         try:
             ready, _, _ = select.select([self.sock], [], [], max(0.0, timeout_s))
         except (OSError, ValueError):  # closed meanwhile
             return False
         if not ready:
             return False
-        with contextlib.suppress(OSError):
-            while self.sock.recv(64):
-                pass
+        self.drain()
         return True
+
+    def drain(self) -> bool:
+        """Take the rings that came (without waiting) into `named`; whether there were any."""
+        got = False
+        with contextlib.suppress(OSError):  # nothing more to read (or closed meanwhile)
+            while data := self.sock.recv(4096):
+                got = True
+                parts = parse(data)
+                if parts is None:
+                    self.everything = True
+                else:
+                    self.named |= parts
+        return got
+
+    def take(self) -> Named:
+        """What the rings drained since the last take named (None: every partition), and
+        forget it."""
+        named: Named = None if self.everything else self.named
+        self.named, self.everything = set(), False
+        return named
 
     def wake(self) -> None:
         """Ring this listener itself (its owner stops, or has work to commit)."""

@@ -225,19 +225,43 @@ class IdleBackoff:
 
     With a doorbell (`bell`, core.doorbell) a parked consumer waits on it instead of sleeping
     out the probe interval: a loop on this host that committed records to one of its topics
-    rings it, and it probes at once (the hand-off no longer waits up to `probe_s`)."""
+    rings it, and it probes at once (the hand-off no longer waits up to `probe_s`).
+
+    **Only what a ring names** (stop 23). A ring names the partitions its commit wrote; the
+    woken consumer assigns those of its parked partitions alone, not every one (the
+    coordinator's repartition step has 31: each probe was an assignment, a fetch and 31
+    end-of-partition events). A record found there leaves those partitions assigned and the
+    rest parked (`active`); the next park joins them again. After the owner's work, the probe
+    looks at the partitions that returned records (a drained batch) and those rung meanwhile.
+    Every partition is still probed at least every `full_probe_s` while rings come (records
+    whose producer does not ring: other hosts, plain clients), and every `probe_s` on an input
+    that is not rung at all, as before."""
 
     def __init__(self, consumer: Consumer, after_s: float, probe_s: float,
-                 probe_window_s: float = 0.1, bell: doorbell.Listener | None = None) -> None:
+                 probe_window_s: float = 0.1, bell: doorbell.Listener | None = None,
+                 full_probe_s: float = 0.1) -> None:
         self.consumer = consumer
         self.bell = bell
+        #: while rings name partitions, all of them are probed at least this often
+        self.full_probe_s = max(full_probe_s, probe_s)
         self.rung = 0  # probes a doorbell started early
         self.after_s = after_s
         self.probe_s = probe_s
         self.probe_window_s = probe_window_s
         self.last_data = time.monotonic()
+        #: partitions not assigned (parked); the rest of the assignment is `active`
         self.parked: list[TopicPartition] = []
+        #: with some partitions parked: those a targeted probe assigned (it found records
+        #: there), fetched until the next park; empty when all are assigned or all parked
+        self.active: list[TopicPartition] = []
         self.probes = 0
+        self.partitions_probed = 0  # partitions assigned by the probes (a ring names a few)
+        #: when every parked partition was last probed (the periodic probe: records no ring
+        #: announced, e.g. from another host, wait at most full_probe_s)
+        self.full_probe_at = time.monotonic()
+        #: when the doorbell last rang (an input whose producers do not ring is probed whole
+        #: every probe_s)
+        self.rung_at = 0.0
         #: where the fetcher is, per partition: after the last record returned, or where an
         #: end-of-partition was reported
         self.positions: dict[tuple[str, int], int] = {}
@@ -245,8 +269,13 @@ class IdleBackoff:
         self.stamps: dict[tuple[str, int], int] = {}
         #: the last park attempt failed: poll with the whole timeout until a record or a park
         self._unparkable = False
-        #: parked by `park_for_work`: the next poll probes at once
+        #: parked by `park_for_work`: the next poll probes at once (`_probe_after_work`)
         self._probe_next = False
+        #: the partitions assigned when the owner parked for work: the probe after the work
+        #: looks at them again (records fetched behind the batch were dropped)
+        self._worked: set[tuple[str, int]] = set()
+        #: the partitions that returned records since the owner last parked for work
+        self._returned: set[tuple[str, int]] = set()
 
     @property
     def enabled(self) -> bool:
@@ -254,7 +283,13 @@ class IdleBackoff:
 
     @property
     def idle(self) -> bool:
-        return bool(self.parked)
+        """Nothing assigned: every partition parked (a loop waiting on its doorbell)."""
+        return bool(self.parked) and not self.active
+
+    def partitions(self) -> list[TopicPartition] | None:
+        """The whole assignment while some of it is parked (at the parked positions), else
+        None (the consumer's assignment is the whole)."""
+        return [*self.parked, *self.active] if self.parked else None
 
     def saw(self, msg: Message) -> None:
         """Note where a returned message leaves its partition (the owner calls it for every
@@ -267,6 +302,7 @@ class IdleBackoff:
         if err is None:
             self.positions[key] = offset + 1
             self.stamps[key] = msg.timestamp()[1]
+            self._returned.add(key)
         elif err.code() == KafkaError._PARTITION_EOF:
             self.positions[key] = offset
 
@@ -276,14 +312,14 @@ class IdleBackoff:
         such as end-of-partition or an error), or None."""
         if not self.enabled:
             return self.consumer.poll(timeout_s)
-        if not self.parked and self._unparkable and not held \
+        if not self.idle and self._unparkable and not held \
                 and time.monotonic() - self.last_data >= self.after_s:
             # the positions missing at the last attempt may have come since, in a consume()
             # batch (saw): park now rather than after a whole timeout assigned
             self._unparkable = not self._park()
-            if self.parked:
+            if self.idle:
                 return None
-        if not self.parked:
+        if not self.idle:
             # waiting assigned is what spins (fetches back to back): wait at most until
             # `after_s` since the last record, then park
             # (the whole timeout when it cannot park: partitions held, or a position unknown)
@@ -304,40 +340,75 @@ class IdleBackoff:
             if msg is not None:
                 self.saw(msg)
                 return msg
-            return self._probe() if self.parked else None
+            return self._probe(self._after_work()) if self.idle else None
         # parked: wait out the probe interval (the consumer still serves its callbacks, e.g. a
         # rebalance, which clears the parking), then fetch once; a doorbell rung by the
-        # upstream's commit ends the wait early
+        # upstream's commit ends the wait early, and its ring says which partitions to probe
+        named: doorbell.Named = None
         if self.bell is not None:
-            if self.bell.wait(min(timeout_s, self.probe_s)):
+            rung = self.bell.wait(min(timeout_s, self.probe_s))
+            now = time.monotonic()
+            if rung:
                 self.rung += 1
+                self.rung_at = now
+                named = self.bell.take()
+            elif now - self.rung_at < self.full_probe_s:
+                # quiet for probe_s on an input that rings: nothing new was announced; the
+                # periodic probe comes full_probe_s after the last one
+                named = set()
+            if now - self.full_probe_at >= self.full_probe_s:
+                named = None  # the periodic probe: every partition, rung or not
             msg = self.consumer.poll(0)
         else:
             msg = self.consumer.poll(min(timeout_s, self.probe_s))
         if msg is not None:
             self.saw(msg)
             return msg
-        if not self.parked:
+        if not self.idle:
             return None
-        return self._probe()
+        return self._probe(named)
 
-    def park_for_work(self, probe_now: bool = True) -> bool:
+    def _after_work(self) -> doorbell.Named:
+        """What the probe after the owner's work looks at: the partitions it had assigned
+        (what was fetched behind its batch was dropped) and those rung meanwhile; every one
+        without a doorbell, on an input whose producers do not ring, or when the periodic
+        probe is due."""
+        worked, self._worked = self._worked, set()
+        now = time.monotonic()
+        if self.bell is None or now - self.full_probe_at >= self.full_probe_s \
+                or now - self.rung_at >= self.full_probe_s:
+            return None  # no doorbell, the periodic probe is due, or an input not rung
+        self.bell.drain()
+        named = self.bell.take()
+        return None if named is None else named | worked
+
+    def park_for_work(self, probe_now: bool = True, drained: bool = False) -> bool:
         """The owner has taken what it will handle now and is about to handle it (and
         commit): park until its next poll, which probes at once; whether it parked. Records
         the client fetched behind the batch are dropped with the assignment and read again,
         from the positions, by that probe. `probe_now=False` (a sink in a trickle): the next
-        poll waits out the probe interval first, as an idle consumer's does.
+        poll waits out the probe interval first, as an idle consumer's does. `drained`: the
+        owner's batch took everything the client had fetched, so only the partitions that
+        returned records (and those rung meanwhile) are probed after the work; otherwise
+        every partition that was assigned.
 
         Assigned, the client fetches back to back while the owner works, the embedded broker
         answering each empty fetch at once: measured in a 2,000-task burst, 105,000 fetches
         from the coordinator's two consumers in 40 s, up to 10,000 a second, most of its
         librdkafka CPU (docs/benchmarks.md, stop 20). Parked, the batch costs one
-        unassignment, one assignment and a fetch per partition."""
-        if not self.enabled or self.parked:
+        unassignment, one assignment and a fetch per partition probed."""
+        if not self.enabled or self.idle:
             return False
+        returned, self._returned = self._returned, set()
+        worked = {(tp.topic, tp.partition) for tp in self.active} if self.parked else None
         if not self._park():
             return False
         self._probe_next = probe_now
+        if drained:
+            self._worked = returned
+        else:
+            self._worked = worked if worked is not None else {
+                (tp.topic, tp.partition) for tp in self.parked}
         return True
 
     def busy(self) -> None:
@@ -350,9 +421,11 @@ class IdleBackoff:
         self.last_data = time.monotonic()
 
     def wake(self) -> None:
-        """Leave the backoff: the parked partitions are assigned again at their positions."""
+        """Leave the backoff: the parked partitions are assigned again at their positions
+        (with those a targeted probe assigned: the whole assignment)."""
         if self.parked:
-            parts, self.parked = self.parked, []
+            parts, self.parked = [*self.parked, *self.active], []
+            self.active = []
             self._assign(parts)
         self._probe_next = False
         self.last_data = time.monotonic()
@@ -360,12 +433,14 @@ class IdleBackoff:
     def reset(self) -> None:
         """On a rebalance (assignment or revocation): nothing parked, positions unknown."""
         self.parked = []
+        self.active = []
         self._probe_next = False
         self.positions.clear()
         self.last_data = time.monotonic()
 
     def _park(self) -> bool:
-        """Park the assignment; False when it cannot (nothing assigned, a position unknown)."""
+        """Park what is assigned; False when it cannot (nothing assigned, a position
+        unknown)."""
         try:
             assignment = self.consumer.assignment()
         except KafkaException:
@@ -383,7 +458,13 @@ class IdleBackoff:
         except KafkaException as exc:
             log.warning("idle unassign failed", error=str(exc))
             return False
-        self.parked = parts
+        if self.active:  # a targeted probe's partitions join the rest
+            keys = {(tp.topic, tp.partition) for tp in parts}
+            self.parked = [*(tp for tp in self.parked if (tp.topic, tp.partition) not in keys),
+                           *parts]
+            self.active = []
+        else:
+            self.parked = parts
         return True
 
     def _assign(self, parts: list[TopicPartition]) -> bool:
@@ -397,12 +478,24 @@ class IdleBackoff:
             log.warning("idle re-assign failed", error=str(exc))
             return False
 
-    def _probe(self) -> Message | None:
-        parts, self.parked = self.parked, []
+    def _probe(self, named: doorbell.Named = None) -> Message | None:
+        """Assign the parked partitions `named` (None: all) and poll until each answered: a
+        record ends the backoff on them (the others stay parked), end-of-partition on all
+        parks them again."""
+        if named is None:
+            parts, rest = self.parked, []
+            self.full_probe_at = time.monotonic()
+        else:
+            parts = [tp for tp in self.parked if (tp.topic, tp.partition) in named]
+            rest = [tp for tp in self.parked if (tp.topic, tp.partition) not in named]
+            if not parts:  # rung for partitions another member holds
+                return None
         self.probes += 1
+        self.partitions_probed += len(parts)
         if not self._assign(parts):
             self.last_data = time.monotonic()
             return None
+        self.parked, self.active = (rest, parts) if rest else ([], [])
         waiting = {(tp.topic, tp.partition) for tp in parts}
         deadline = time.monotonic() + self.probe_window_s
         while waiting:
@@ -510,6 +603,8 @@ class Processor:
         self._bell: doorbell.Listener | None = None
         #: topics this checkpoint's outputs went to: their parked consumers are rung after it
         self._produced: set[str] = set()
+        #: topic -> partitions the open transaction's records were delivered to (the ring)
+        self._written: dict[str, set[int]] = {}
         self._read_until_ms = 0  # see inputs_read_until_ms
         self._partitions: frozenset[tuple[str, int]] = frozenset()
         self._read_until_noted = 0.0
@@ -570,7 +665,7 @@ class Processor:
         now = int(time.time() * 1000)
         until = now
         try:
-            parts = idle.parked or consumer.assignment()
+            parts = idle.partitions() or consumer.assignment()
             if not parts:
                 until = 0  # nothing assigned yet (or between assignments): cannot tell
             for tp in parts:
@@ -624,7 +719,8 @@ class Processor:
                 and self.commit_when_drained:
             self._bell = doorbell.listener(self.settings.kafka_bootstrap, self.topics)
         self._idle = IdleBackoff(self.consumer, self.settings.idle_backoff_s,
-                                 self.settings.idle_probe_s, bell=self._bell)
+                                 self.settings.idle_probe_s, bell=self._bell,
+                                 full_probe_s=self.settings.idle_full_probe_s)
         if self.transactional:
             self.producer.init_transactions(TXN_CALL_TIMEOUT_S)
         if self.on_ready is not None:
@@ -708,6 +804,7 @@ class Processor:
         self._in_txn = False
         self._pending.clear()
         self._produced = set()
+        self._written = {}
         if self.on_abort is not None:
             self.on_abort()
         self._rewind()
@@ -734,7 +831,8 @@ class Processor:
                         # the client fetched behind it is read again by the next poll's probe),
                         # a sink that prefers large batches only once its input is drained
                         assert self._idle is not None
-                        self._idle.park_for_work(self._probe_at_once(msgs))
+                        self._idle.park_for_work(self._probe_at_once(msgs),
+                                                 drained=len(msgs) < self.settings.batch_size)
                     self._process(msgs)
                 now = time.monotonic()
                 drained = self._drained(msgs)
@@ -806,7 +904,8 @@ class Processor:
             self._bell = None
         idle = self._idle
         log.info("processor stopped", processed=self.processed,
-                 probes=idle.probes if idle else 0, rung=idle.rung if idle else 0)
+                 probes=idle.probes if idle else 0, rung=idle.rung if idle else 0,
+                 partitions_probed=idle.partitions_probed if idle else 0)
 
     # -- processing ------------------------------------------------------------------------
     def _process(self, msgs: list[Message]) -> None:
@@ -955,9 +1054,18 @@ class Processor:
             except BufferError:
                 self.producer.poll(0.1)
 
-    def _on_delivery(self, err: KafkaError | None, _msg: Message) -> None:
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         if err is not None:
             self._delivery_errors.append(err)
+            return
+        partition = msg.partition()
+        if partition is not None:  # where the doorbell's ring says the records are
+            topic = msg.topic() or ""
+            parts = self._written.get(topic)
+            if parts is None:
+                self._written[topic] = {partition}
+            else:
+                parts.add(partition)
 
     # -- checkpoints -----------------------------------------------------------------------
     @property
@@ -984,7 +1092,8 @@ class Processor:
             if self._idle is not None:
                 self._idle.reset()
             return
-        parked = self._idle is not None and self._idle.idle
+        # (anything parked: wake() below assigns inside the callback)
+        parked = self._idle is not None and bool(self._idle.parked)
         if self._idle is not None:
             self._idle.wake()  # parked partitions are unassigned: storing offsets needs them
             self._idle.reset()
@@ -1025,8 +1134,11 @@ class Processor:
         """After a commit: wake the parked consumers of the topics it wrote (core.doorbell)."""
         if self._produced:
             if self.settings.handoff_doorbell:
-                doorbell.ring(self.settings.kafka_bootstrap, self._produced)
+                written = self._written
+                doorbell.ring(self.settings.kafka_bootstrap,
+                              {topic: written.get(topic) or () for topic in self._produced})
             self._produced = set()
+        self._written = {}
 
     def _begin_transaction(self) -> None:
         assert self.producer is not None
@@ -1128,6 +1240,7 @@ class Processor:
             self._retired = True  # its producer id does not write again (core.txn_ids)
         self._pending.clear()
         self._produced = set()
+        self._written = {}
 
     def _rewind(self) -> None:
         assert self.consumer is not None

@@ -590,7 +590,7 @@ class ParallelProcessor(Processor):
         self._partitions = self._partitions - {(tp.topic, tp.partition) for tp in partitions}
         # closing (_drain committed what finished): parked partitions stay unassigned and the
         # client unassigns the rest; waking them inside close() can hang it (see core.loop)
-        parked = self._running and self._idle is not None and self._idle.idle
+        parked = self._running and self._idle is not None and bool(self._idle.parked)
         if self._idle is not None:
             if self._running:
                 self._idle.wake()  # parked partitions are unassigned: commits need them

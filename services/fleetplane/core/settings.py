@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     #: a loop that committed records rings the parked consumers of their topics on this host,
     #: which probe at once instead of after up to idle_probe_s (core.doorbell)
     handoff_doorbell: bool = True
+    #: a ring names the partitions its commit wrote, and a woken consumer probes only those;
+    #: while rings keep coming, every parked partition is still probed at least this often
+    #: (records whose producer rings no doorbell: other hosts, plain Kafka clients). An input
+    #: with no ring within idle_probe_s is probed whole then, as before (docs/benchmarks.md,
+    #: stop 23)
+    idle_full_probe_s: float = 0.1
     session_timeout_ms: int = 10_000
 
     # Files
