@@ -24,9 +24,10 @@ from hypothesis import strategies as st
 from fleetplane import Client
 from fleetplane.cli.stack import Stack
 from fleetplane.client import InvalidManifest, NotFound, PermissionDenied
+from fleetplane.core import doorbell
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
-from fleetplane.core.topics import ACCEPTED, DLQ, LIFECYCLE, SUBMITTED
+from fleetplane.core.topics import ACCEPTED, CONTROL, DLQ, LIFECYCLE, SUBMITTED
 from tests.hostile import as_json, hostile_manifests, hostile_records
 
 from .conftest import auth, manifest, read_topic, settings_for, submit, wait_terminal
@@ -125,7 +126,17 @@ def test_sdk_cancels_a_running_task(stack: Stack, teams: dict[str, str]) -> None
                 with Client(stack.ingest_url, teams[list(teams)[1]]) as other, \
                         pytest.raises(NotFound):
                     other.cancel(sub.task_id)
-                assert sdk.cancel(sub.task_id, "no longer needed")["state"] == "cancelling"
+                # the API rings fleet.control's doorbell once the command is acknowledged, so
+                # the parked coordinator and executors read it at once (a loop's own rings
+                # name partitions; the API's names none)
+                bell = doorbell.Listener(stack.bootstrap, [CONTROL])
+                try:
+                    bell.drain()
+                    bell.take()
+                    assert sdk.cancel(sub.task_id, "no longer needed")["state"] == "cancelling"
+                    assert bell.wait(10) and bell.take() is None
+                finally:
+                    bell.close()
                 final = sdk.wait(sub.task_id, timeout=60)
                 assert final.state == "cancelled"
                 with pytest.raises(PermissionDenied):
