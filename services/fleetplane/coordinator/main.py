@@ -14,7 +14,7 @@ from types import FrameType
 
 from fleetplane.coordinator.app import Coordinator
 from fleetplane.core.logging import get_logger
-from fleetplane.core.service import bootstrap
+from fleetplane.core.service import bootstrap, freeze_startup_heap
 from fleetplane.metrics.coordinator import Decisions, Queue
 from fleetplane.metrics.setup import instrument
 
@@ -44,6 +44,8 @@ def main() -> None:
     signal.signal(signal.SIGUSR2, coordinator.take_over_now)  # a planned failover (standby)
     log.info("coordinator starting", instance=settings.instance_id,
              web=f"{settings.bind_host}:{settings.coordinator_web_port}")
+    # later collections do not scan the start-up heap (core.service.freeze_startup_heap)
+    log.info("start-up heap frozen", objects=freeze_startup_heap())
     sys.exit(coordinator.run())
 
 

@@ -9,8 +9,9 @@ from functools import partial
 
 from fleetplane.core import doorbell
 from fleetplane.core.kafka import EventProducer
+from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import Processor
-from fleetplane.core.service import bootstrap, serve_http_in_thread
+from fleetplane.core.service import bootstrap, freeze_startup_heap, serve_http_in_thread
 from fleetplane.core.teams import teams_for
 from fleetplane.core.topics import CONTROL, SUBMITTED
 from fleetplane.executor.workspace import load_repositories
@@ -25,6 +26,8 @@ from fleetplane.ingest.tokens import TOKENS_TOPIC, TokenStore
 from fleetplane.ingest.workers import Workers, die_with_parent, rate_share
 from fleetplane.metrics.setup import instrument
 from fleetplane.tracing.http import instrument_app
+
+log = get_logger(__name__)
 
 
 def main() -> None:
@@ -72,6 +75,8 @@ def main() -> None:
         partial(accept, known_repository=repositories.known, names=names), marks, names),
         settings)
     processor.install_signal_handlers()
+    # later collections do not scan the start-up heap (core.service.freeze_startup_heap)
+    log.info("start-up heap frozen", objects=freeze_startup_heap())
     try:
         processor.run()
     finally:

@@ -38,7 +38,7 @@ from fleetplane.core import events as ev
 from fleetplane.core.kafka import REDRIVE_HEADER, RenewingProducer, event_headers
 from fleetplane.core.logging import get_logger
 from fleetplane.core.serde import default_serde
-from fleetplane.core.service import bootstrap
+from fleetplane.core.service import bootstrap, freeze_startup_heap
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import ALERTS, DISPATCH, DLQ, LIFECYCLE, OUTCOMES, ROUTED, key_for
 from fleetplane.metrics.reconciler import ReconcilerStats
@@ -334,6 +334,8 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server = serve(reconciler, settings.bind_host, settings.reconciler_port)
+    # later collections do not scan the start-up heap (core.service.freeze_startup_heap)
+    log.info("start-up heap frozen", objects=freeze_startup_heap())
     try:
         reconciler.run()
     finally:

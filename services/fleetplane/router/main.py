@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from fleetplane.core.catalog import load_catalog
 from fleetplane.core.follower import Follower
+from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import Processor
-from fleetplane.core.service import bootstrap
+from fleetplane.core.service import bootstrap, freeze_startup_heap
 from fleetplane.core.settings import Settings
 from fleetplane.core.teams import load_teams
 from fleetplane.core.topics import ACCEPTED, BUDGET, LIFECYCLE, OUTCOMES
@@ -22,6 +23,8 @@ from fleetplane.router.state import RouterState
 #: outcomes (statistics and cache) and budget status. Its own tasks.routed is read at start-up
 #: only (rebuild).
 INPUTS = [ACCEPTED, LIFECYCLE, OUTCOMES, BUDGET]
+
+log = get_logger(__name__)
 
 
 def build_router(settings: Settings) -> Router:
@@ -69,6 +72,8 @@ def main() -> None:
     router = build_router(settings)
     processor, follower = start(router, settings)
     processor.install_signal_handlers()
+    # later collections do not scan the start-up heap (core.service.freeze_startup_heap)
+    log.info("start-up heap frozen", objects=freeze_startup_heap())
     try:
         processor.run()
     finally:
