@@ -57,6 +57,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from fleetplane.coordinator.claims import CLAIMS_TOPIC, ActiveClaim
 from fleetplane.coordinator.liveness import Liveness
+from fleetplane.coordinator.purge import CommittedPurger
 from fleetplane.coordinator.scheduler import (
     INPUTS_READ_UNTIL,
     TICK,
@@ -113,6 +114,8 @@ REPARTITION_ROLE = f"{APP_ID}-active"
 SCHEDULE_ROLE = f"{SCHEDULER_GROUP}-active"
 OWNER_HEADER = "x-coordinator-epoch"  # on every tick: the epoch of the active that sent it
 WATCH_BACKLOG = 2_000  # scheduler records read back per window to find the latest tick
+#: how often the active purges the scheduler topic's committed records (coordinator/purge.py)
+PURGE_EVERY_S = 2.0
 # headers the repartition adds: where the record was read (for dead letters)
 SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET = "x-source-topic", "x-source-partition", \
     "x-source-offset"
@@ -529,8 +532,15 @@ class Coordinator:
         # holder's (coordinator.claims.judge)
         while not (self.claim.passed.wait(0.05) or self._stopping.is_set()):
             pass
+        keep_s = self.settings.coordinator_purge_keep_s
+        purger = (CommittedPurger(self.settings, SCHEDULER_TOPIC, SCHEDULER_GROUP, keep_s)
+                  if keep_s > 0 else None)
+        purged_at = time.monotonic()
         try:
             while not self._stopping.is_set():
+                if purger is not None and time.monotonic() - purged_at >= PURGE_EVERY_S:
+                    purged_at = time.monotonic()
+                    purger.round()
                 tick = ev.ControlCommand(task_id="", team="", command=TICK,
                                          requested_by=SERVICE,
                                          reason=tick_reason(self.repartitioner))
@@ -546,6 +556,8 @@ class Coordinator:
         finally:
             with contextlib.suppress(KafkaException):
                 producer.flush(5)
+            if purger is not None:
+                purger.close()
 
     # -- views (web pages and CLI) ---------------------------------------------------------
     def held_tasks(self) -> list[dict[str, Any]]:

@@ -218,6 +218,11 @@ class Settings(BaseSettings):
         "a hard broker crash can keep the committed input offsets yet lose the forwarded copies "
         "or the scheduler's changelog tail written with them (docs/reliability.md, stop 20). "
         "0: off.")
+    coordinator_purge_keep_s: float = Field(
+        default=10.0, description="The active coordinator deletes the records of its own "
+        "scheduler topic (the repartition's copies and ticks) that its schedule step committed "
+        "more than this long ago (coordinator/purge.py; a takeover reads only the last ticks, "
+        "0.5 s apart); 0: never.")
     coordinator_backoff_base_ms: int = 1_000
     coordinator_backoff_cap_ms: int = 60_000
     coordinator_start_timeout_s: float = Field(
