@@ -8,9 +8,9 @@ and the reconciler only the topic's offsets. Kafka Streams purges its repartitio
 same way (DeleteRecords up to the committed offset).
 
 Why it matters here: the embedded broker (noida-db 0.2.3) writes its whole state, every record
-of every topic, to one JSON file about once a second, and requests wait while it does. In an
-open loop at 100 tasks/s the file grew to 72 MB in 30 s, and the hand-off stalls of 150-235 ms
-that make the p99 ended within tens of milliseconds of a write (docs/benchmarks.md, stop 23).
+of every topic, to one JSON file about once a second, and hand-offs stall around the writes. In an
+open loop at 100 tasks/s the file grew to 72 MB in 30 s, and half of the hand-off stalls of
+150-235 ms that make the p99 ended within 100 ms of a write (docs/benchmarks.md, stop 23).
 The scheduler topic was the largest part of it (5.9 of 22 MB of records).
 
 What is kept: every record committed less than ``keep_s`` ago (the latest ticks a standby
