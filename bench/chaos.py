@@ -26,7 +26,6 @@ import os
 import re
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 import uuid
@@ -43,6 +42,7 @@ from confluent_kafka.admin import AdminClient
 from rich.console import Console
 from rich.table import Table
 
+from bench.measure import bench_dir
 from bench.pipeline import bench_teams_file
 from fleetplane.cli.stack import Stack
 from fleetplane.core import events as ev
@@ -500,7 +500,7 @@ def diagnose(settings: Settings) -> dict[str, Any]:
 def run_chaos(cfg: ChaosConfig, data_dir: Path | None = None,
               console: Console | None = None) -> ChaosResult:
     console = console or Console()
-    data_dir = data_dir or Path(tempfile.mkdtemp(prefix="fleetplane-chaos-"))
+    data_dir = data_dir or bench_dir("fleetplane-chaos-")
     bare = make_repo(data_dir / "repos", cfg.area_count)
     # the intake rate limit lifted (the run paces itself); budgets and quotas as shipped
     teams_path = bench_teams_file(data_dir, lift_budgets=False, name="teams-chaos.yaml")

@@ -22,7 +22,6 @@ import os
 import signal
 import statistics
 import subprocess
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from rich.table import Table
 
 from bench.measure import (
     RESULTS,
+    bench_dir,
     busy_share,
     cpu_seconds,
     group_cpu_seconds,
@@ -105,7 +105,7 @@ def lift_concurrency(n: int) -> dict[str, str]:
 def start_stack(console: Console, latency_ms: float = 0.0,
                 env: dict[str, str] | None = None, max_running: int | None = None) -> Stack:
     """`max_running`: lift the team quotas, the fleet cap and the slots to it."""
-    data_dir = Path(tempfile.mkdtemp(prefix="fleetplane-bench-"))
+    data_dir = bench_dir("fleetplane-bench-")
     teams = bench_teams_file(data_dir, max_running=max_running)
     lifted = lift_concurrency(max_running) if max_running is not None else {}
     stack = Stack(data_dir=data_dir, fake_provider_args=["--latency-ms", str(latency_ms)],
