@@ -199,3 +199,20 @@ def test_a_record_no_ring_named_is_read_by_the_periodic_probe(
         stop.set()
         ringer.join(5)
     assert hop._idle is not None and hop._idle.rung > 0
+
+
+def test_a_listener_whose_queue_filled_up_probes_every_partition(unique: str) -> None:
+    """Rings beyond the socket's queue are dropped by the kernel: what they named is unknown,
+    so a drain that found the queue full names every partition."""
+    cluster = f"bell-{unique}:9092"
+    bell = doorbell.Listener(cluster, ["tasks.routed"])
+    try:
+        for p in range(doorbell.QUEUE_LIMIT + 5):
+            doorbell.ring(cluster, {"tasks.routed": [p]})
+        assert bell.wait(5.0)
+        assert bell.take() is None
+        doorbell.ring(cluster, {"tasks.routed": [1]})
+        assert bell.wait(5.0)
+        assert bell.take() == {("tasks.routed", 1)}
+    finally:
+        bell.close()

@@ -53,6 +53,19 @@ Named = set[tuple[str, int]] | None
 MAX_NAMED = 256
 
 
+def _queue_limit() -> int:
+    """How many datagrams a Unix socket queues before senders are refused (Linux:
+    net.unix.max_dgram_qlen, 10 by default)."""
+    try:
+        return max(1, int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text()))
+    except (OSError, ValueError):
+        return 10
+
+
+#: a drain that read this many datagrams may have missed some (see Listener.drain)
+QUEUE_LIMIT = _queue_limit()
+
+
 def _message(topic: str, partitions: Iterable[int] | None) -> bytes:
     parts = sorted(set(partitions or ()))
     if not parts or len(parts) > MAX_NAMED:
@@ -160,17 +173,22 @@ class Listener:
         return True
 
     def drain(self) -> bool:
-        """Take the rings that came (without waiting) into `named`; whether there were any."""
-        got = False
+        """Take the rings that came (without waiting) into `named`; whether there were any.
+
+        A full queue means rings were dropped (a sender finds it full and gives up: the
+        listener is awake anyway), so what they named is unknown: every partition then."""
+        got = 0
         with contextlib.suppress(OSError):  # nothing more to read (or closed meanwhile)
             while data := self.sock.recv(4096):
-                got = True
+                got += 1
                 parts = parse(data)
                 if parts is None:
                     self.everything = True
                 else:
                     self.named |= parts
-        return got
+        if got >= QUEUE_LIMIT:
+            self.everything = True
+        return got > 0
 
     def take(self) -> Named:
         """What the rings drained since the last take named (None: every partition), and

@@ -269,7 +269,7 @@ class IdleBackoff:
         self.stamps: dict[tuple[str, int], int] = {}
         #: the last park attempt failed: poll with the whole timeout until a record or a park
         self._unparkable = False
-        #: parked by `park_for_work`: the next poll probes at once (`_probe_after_work`)
+        #: parked by `park_for_work`: the next poll probes at once (`_after_work` says what)
         self._probe_next = False
         #: the partitions assigned when the owner parked for work: the probe after the work
         #: looks at them again (records fetched behind the batch were dropped)
