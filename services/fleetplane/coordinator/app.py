@@ -135,6 +135,7 @@ class Stats:
     forwarded: int = 0  # input records repartitioned onto the scheduler topic
     replayed: int = 0  # input records read again on assignment (Coordinator._replay_inputs)
     processed: int = 0  # scheduler records decided
+    task_events: int = 0  # of which task events (not the clock's ticks)
     decided_s: float = 0.0  # time spent in Scheduler.apply
     published: int = 0  # events decided and published
     dead_letters: int = 0
@@ -249,6 +250,8 @@ class Coordinator:
             if world is None:  # the on_assign hook restores before any record is read
                 raise Fatal("scheduler record before the table was restored")
             self.stats.processed += 1
+            if not (isinstance(event, ev.ControlCommand) and event.command == TICK):
+                self.stats.task_events += 1
             started = time.perf_counter()
             try:
                 outputs: list[Output] = list(
