@@ -492,7 +492,8 @@ class Coordinator:
         failed: list[BaseException] = []
         threads = [self._thread("repartition", self.repartitioner.run, failed),
                    self._thread("schedule", self.schedule.run, failed),
-                   self._thread("clock", self._clock, failed)]
+                   self._thread("clock", self._clock, failed),
+                   self._thread("purge", self._purge, failed)]
         for th in threads:
             th.start()
         while not self._stopping.is_set() and not failed:
@@ -535,15 +536,8 @@ class Coordinator:
         # holder's (coordinator.claims.judge)
         while not (self.claim.passed.wait(0.05) or self._stopping.is_set()):
             pass
-        keep_s = self.settings.coordinator_purge_keep_s
-        purger = (CommittedPurger(self.settings, SCHEDULER_TOPIC, SCHEDULER_GROUP, keep_s)
-                  if keep_s > 0 else None)
-        purged_at = time.monotonic()
         try:
             while not self._stopping.is_set():
-                if purger is not None and time.monotonic() - purged_at >= PURGE_EVERY_S:
-                    purged_at = time.monotonic()
-                    purger.round()
                 tick = ev.ControlCommand(task_id="", team="", command=TICK,
                                          requested_by=SERVICE,
                                          reason=tick_reason(self.repartitioner))
@@ -559,8 +553,25 @@ class Coordinator:
         finally:
             with contextlib.suppress(KafkaException):
                 producer.flush(5)
-            if purger is not None:
-                purger.close()
+
+    def _purge(self) -> None:
+        """The scheduler topic's committed records deleted every PURGE_EVERY_S (a thread of
+        its own: a slow broker answer delays no tick). Best effort: nothing here stops the
+        process."""
+        keep_s = self.settings.coordinator_purge_keep_s
+        if keep_s <= 0:
+            return
+        while not (self.claim.passed.wait(0.05) or self._stopping.is_set()):
+            pass
+        purger = CommittedPurger(self.settings, SCHEDULER_TOPIC, SCHEDULER_GROUP, keep_s)
+        try:
+            while not self._stopping.wait(PURGE_EVERY_S):
+                try:
+                    purger.round()
+                except Exception:  # a bug in a purge must not end the active
+                    log.exception("scheduler purge failed")
+        finally:
+            purger.close()
 
     # -- views (web pages and CLI) ---------------------------------------------------------
     def held_tasks(self) -> list[dict[str, Any]]:
