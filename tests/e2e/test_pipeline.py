@@ -100,14 +100,16 @@ def test_services_stop_cleanly_on_sigterm(stack: Stack) -> None:
     as `fleetplane down` stops them)."""
     names = ["ingest", "router", "executor", "accounting", "coordinator"]
     stack.stop_children(names)
-    for name in names:
-        child = stack.children[name]
-        assert child.proc is not None and child.proc.returncode == 0, (
-            f"{name} exited with {child.proc.returncode if child.proc else None}; "
-            f"see {child.log_path}")
-    for name in ("ingest", "router", "executor", "accounting", "coordinator"):
-        stack.restart(name)
-    stack.wait_ready()
+    try:
+        for name in names:
+            child = stack.children[name]
+            assert child.proc is not None and child.proc.returncode == 0, (
+                f"{name} exited with {child.proc.returncode if child.proc else None}; "
+                f"see {child.log_path}")
+    finally:  # the stack is shared by the e2e tests: a failure here must not fail them all
+        for name in names:
+            stack.restart(name)
+        stack.wait_ready()
 
 
 def test_a_coordinator_that_stood_down_is_restarted_and_the_stack_is_ready(stack: Stack) -> None:

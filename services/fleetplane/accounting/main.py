@@ -8,9 +8,11 @@ without an event object per record (batchloop.py, columnar.py). Large consume ba
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import importlib
+import os
 import socket
 import sys
 import threading
@@ -178,7 +180,17 @@ def run(settings: Settings) -> int:
 
 def main() -> None:
     settings = bootstrap(SERVICE)
-    sys.exit(run(settings))
+    code = run(settings)
+    # Everything is committed and the ClickHouse connection closed by now. The exit hooks run
+    # (the tracer's last spans, chdb's own hook), the rest of the interpreter's teardown is
+    # skipped: chdb's static destructors can run while its worker threads are still alive
+    # and end the process with SIGSEGV (chdb-io/chdb-core#177, "residual interpreter-exit
+    # SIGSEGV"; seen once here: `test_services_stop_cleanly_on_sigterm`, accounting exited
+    # with -11 after "accounting stopped", stop 23).
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
