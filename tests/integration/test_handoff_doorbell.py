@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from confluent_kafka import Producer as ConfluentProducer
 
@@ -63,14 +64,18 @@ def wait_parked(*loops: Processor, timeout_s: float = 90.0) -> None:
     raise AssertionError("the loops never parked")
 
 
-def test_a_commit_wakes_the_parked_next_hop(
-    base_settings: Settings, unique: str, producer: EventProducer,
-    run_processor: Callable[[Processor], Processor],  # noqa: F811 (fixture from test_loop)
-) -> None:
-    """Two parked hops, probing only every 20 s: a submission goes through both at once,
-    because each commit rings the next hop's doorbell."""
-    settings = base_settings.model_copy(update={
-        "idle_probe_s": PROBE_S, "poll_timeout_s": PROBE_S, "handoff_doorbell": True})
+@dataclass
+class TwoHops:
+    """Two parked hops: SUBMITTED -> (TaskHeld) -> LIFECYCLE; `seen` when the second got it."""
+
+    first: Processor
+    second: Processor
+    seen: dict[str, float]
+    done: threading.Event
+
+
+def two_hops(name: str, settings: Settings, unique: str,
+             run_processor: Callable[[Processor], Processor]) -> TwoHops:  # noqa: F811
     seen: dict[str, float] = {}
     done = threading.Event()
 
@@ -84,11 +89,24 @@ def test_a_commit_wakes_the_parked_next_hop(
             done.set()
         return ()
 
-    hop1 = run_processor(Processor(f"bell1-{unique}", [SUBMITTED], first, settings,
-                                   group_id=f"bell1-{unique}"))
-    hop2 = run_processor(Processor(f"bell2-{unique}", [LIFECYCLE], second, settings,
-                                   group_id=f"bell2-{unique}"))
+    hop1 = run_processor(Processor(f"{name}1-{unique}", [SUBMITTED], first, settings,
+                                   group_id=f"{name}1-{unique}"))
+    hop2 = run_processor(Processor(f"{name}2-{unique}", [LIFECYCLE], second, settings,
+                                   group_id=f"{name}2-{unique}"))
     wait_parked(hop1, hop2)
+    return TwoHops(hop1, hop2, seen, done)
+
+
+def test_a_commit_wakes_the_parked_next_hop(
+    base_settings: Settings, unique: str, producer: EventProducer,
+    run_processor: Callable[[Processor], Processor],  # noqa: F811 (fixture from test_loop)
+) -> None:
+    """Two parked hops, probing only every 20 s: a submission goes through both at once,
+    because each commit rings the next hop's doorbell."""
+    settings = base_settings.model_copy(update={
+        "idle_probe_s": PROBE_S, "poll_timeout_s": PROBE_S, "handoff_doorbell": True})
+    hops = two_hops("bell", settings, unique, run_processor)
+    hop1, hop2, seen, done = hops.first, hops.second, hops.seen, hops.done
     assert hop1._idle is not None and hop2._idle is not None
     probes = (hop1._idle.probes, hop2._idle.probes)
 
@@ -131,22 +149,8 @@ def test_a_woken_hop_probes_only_the_partitions_the_ring_named(
     assigns that one alone (not its six), and reads the record."""
     settings = base_settings.model_copy(update={
         "idle_probe_s": PROBE_S, "idle_full_probe_s": PROBE_S, "poll_timeout_s": PROBE_S})
-    done = threading.Event()
-
-    def first(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
-        if event.task_id.startswith(unique) and isinstance(event, ev.TaskSubmitted):
-            yield event.derive(ev.TaskHeld, reason=f"held-{unique}")
-
-    def second(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
-        if event.task_id.startswith(unique) and isinstance(event, ev.TaskHeld):
-            done.set()
-        return ()
-
-    hop1 = run_processor(Processor(f"named1-{unique}", [SUBMITTED], first, settings,
-                                   group_id=f"named1-{unique}"))
-    hop2 = run_processor(Processor(f"named2-{unique}", [LIFECYCLE], second, settings,
-                                   group_id=f"named2-{unique}"))
-    wait_parked(hop1, hop2)
+    hops = two_hops("named", settings, unique, run_processor)
+    hop2, done = hops.second, hops.done
     assert hop2._idle is not None and len(hop2._idle.parked) == 6
     probes, probed = hop2._idle.probes, hop2._idle.partitions_probed
 
