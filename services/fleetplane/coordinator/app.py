@@ -534,8 +534,7 @@ class Coordinator:
         # a holder ticks only once its claim check fenced the earlier claimants: the ticks
         # name the holder a later claimant fences, and it fences only the claims after that
         # holder's (coordinator.claims.judge)
-        while not (self.claim.passed.wait(0.05) or self._stopping.is_set()):
-            pass
+        self._wait_for_claim()
         try:
             while not self._stopping.is_set():
                 tick = ev.ControlCommand(task_id="", team="", command=TICK,
@@ -554,15 +553,20 @@ class Coordinator:
             with contextlib.suppress(KafkaException):
                 producer.flush(5)
 
+    def _wait_for_claim(self) -> bool:
+        """Until this holder's claim check passed (True) or the process stops (False)."""
+        while not self.claim.passed.wait(0.05):
+            if self._stopping.is_set():
+                return False
+        return True
+
     def _purge(self) -> None:
         """The scheduler topic's committed records deleted every PURGE_EVERY_S (a thread of
         its own: a slow broker answer delays no tick). Best effort: nothing here stops the
         process."""
         keep_s = self.settings.coordinator_purge_keep_s
-        if keep_s <= 0:
+        if keep_s <= 0 or not self._wait_for_claim():
             return
-        while not (self.claim.passed.wait(0.05) or self._stopping.is_set()):
-            pass
         purger = CommittedPurger(self.settings, SCHEDULER_TOPIC, SCHEDULER_GROUP, keep_s)
         try:
             while not self._stopping.wait(PURGE_EVERY_S):
