@@ -147,11 +147,9 @@ class ModelClients:
         1,001st call behind a connection, not a model)."""
         if not self._async_clients:
             n = max(1, -(-self.settings.executor_slots // CALLS_PER_CLIENT))
-            self._async_clients = [anthropic.AsyncAnthropic(
-                base_url=self.settings.anthropic_base_url,
-                api_key=self.settings.anthropic_api_key, max_retries=0,
-                timeout=self.settings.model_timeout_s, http_client=self._http_client(anthropic))
-                for _ in range(n)]
+            self._async_clients = [self._anthropic_client(self.settings.model_timeout_s,
+                                                          self._http_client(anthropic))
+                                   for _ in range(n)]
         self._next_client = (self._next_client + 1) % len(self._async_clients)
         return self._async_clients[self._next_client]
 
@@ -182,6 +180,12 @@ class ModelClients:
         client = sdk.DefaultAsyncHttpxClient(limits=httpx2.Limits(
             max_connections=None, max_keepalive_connections=CALLS_PER_CLIENT))
         return client
+
+    def _anthropic_client(self, timeout_s: float, http_client: httpx2.AsyncClient | None = None
+                          ) -> anthropic.AsyncAnthropic:
+        return anthropic.AsyncAnthropic(base_url=self.settings.anthropic_base_url,
+                                        api_key=self.settings.anthropic_api_key, max_retries=0,
+                                        timeout=timeout_s, http_client=http_client)
 
     def _openai_client(self, timeout_s: float,
                        http_client: httpx2.AsyncClient | None = None) -> openai.AsyncOpenAI:
@@ -233,12 +237,7 @@ class ModelClients:
             kwargs["tools"] = anthropic_tools(tools)
         if headers := trace_headers():  # the attempt's trace context to the provider
             kwargs["extra_headers"] = headers
-        if shared:
-            client = self.async_anthropic
-        else:
-            client = anthropic.AsyncAnthropic(base_url=self.settings.anthropic_base_url,
-                                              api_key=self.settings.anthropic_api_key,
-                                              max_retries=0, timeout=timeout_s)
+        client = self.async_anthropic if shared else self._anthropic_client(timeout_s)
         try:
             # the raw response: the SDK builds and sends the request, authenticates and raises
             # its own status errors, but builds no pydantic Message (stop 22: the answer's few
