@@ -37,7 +37,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.measure import bench_dir
 from fleetplane.accounting import analytics, queries
 from fleetplane.accounting.bench import generate_history, run_bench, synthetic_events
 from fleetplane.accounting.dashboard import dashboard_data
@@ -370,7 +370,7 @@ def measure(sink_tasks: int, flush_rows: int, sizes: list[int],
             dsn_dir: str = "", kafka: bool = True, raw_limit: int = RAW_LIMIT
             ) -> dict[str, Any]:
     """The sink figures and one scale run per size (used by this bench and by `make bench`)."""
-    base = Path(dsn_dir or tempfile.mkdtemp(prefix="fleetplane-bench-acct-"))
+    base = Path(dsn_dir) if dsn_dir else bench_dir("fleetplane-bench-acct-")
     out: dict[str, Any] = {}
     if sink_tasks > 0:
         out["sink"] = sink(base, sink_tasks, flush_rows)
@@ -407,8 +407,9 @@ def main() -> None:
     out.update(measure(0 if args.no_sink else args.sink_tasks, args.flush_rows, sizes,
                        args.dsn_dir, kafka=not args.no_kafka, raw_limit=args.raw_limit))
     if args.sink_processes > 0 and not args.no_sink:
-        out["sink_group"] = sink_group(Path(args.dsn_dir or tempfile.mkdtemp(
-            prefix="fleetplane-bench-group-")), args.sink_processes, args.sink_tasks)
+        out["sink_group"] = sink_group(
+            Path(args.dsn_dir) if args.dsn_dir else bench_dir("fleetplane-bench-group-"),
+            args.sink_processes, args.sink_tasks)
         g = out["sink_group"]
         console.print(f"sink through Kafka, {g['processes']} processes in one group: "
                       f"{g['rows']:,} rows ({g['rows_per_process']}) in {g['seconds']:.1f}s: "

@@ -23,7 +23,6 @@ import random
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 import uuid
@@ -32,6 +31,7 @@ from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 
+from bench.measure import bench_dir
 from fleetplane.coordinator.scheduler import AdmissionPolicy, Scheduler
 from fleetplane.coordinator.world import World
 from fleetplane.core import events as ev
@@ -160,7 +160,7 @@ def tail(settings: Settings, topics: list[str]) -> Consumer:
 
 
 def on_broker(queued: int, events: int) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="bench-coordinator-"))
+    tmp = bench_dir("bench-coordinator-")
     broker = EmbeddedBroker(tmp / "broker")
     broker.start()
     coordinator = Coordinator(broker.bootstrap, tmp)

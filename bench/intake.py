@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -33,7 +32,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from bench.measure import group_cpu_seconds
+from bench.measure import bench_dir, group_cpu_seconds
 from bench.pipeline import RESULTS, machine, percentile
 from fleetplane.cli.stack import Stack
 
@@ -137,7 +136,7 @@ def main() -> None:
                         help="ingest processes on the port (FLEETPLANE_INGEST_WORKERS)")
     args = parser.parse_args()
     console = Console()
-    data_dir = Path(tempfile.mkdtemp(prefix="fleetplane-intake-bench-"))
+    data_dir = bench_dir("fleetplane-intake-bench-")
     stack = Stack(data_dir=data_dir, services=("ingest",), fake_provider=False,
                   extra_env={"FLEETPLANE_LOG_LEVEL": "WARNING",
                              "FLEETPLANE_INGEST_WORKERS": str(args.ingest_workers),

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.measure import bench_dir
 from fleetplane.accounting.bench import synthetic_events
 from fleetplane.accounting.columnar import rows_of
 from fleetplane.accounting.rows import COLUMNS, EVENTS, MODEL_CALLS, TOOL_CALLS
@@ -226,7 +227,7 @@ def main() -> None:
               if isinstance(e, ev.ModelCall | ev.ToolCall)]
     bodies = list(enumerate(serde.encode(e) for e in events))
     types = {e.task_id: "refactor" for e in events}
-    base = Path(args.dsn_dir or tempfile.mkdtemp(prefix="fleetplane-sink-decode-"))
+    base = Path(args.dsn_dir) if args.dsn_dir else bench_dir("fleetplane-sink-decode-")
     spool = Path(tempfile.mkdtemp(prefix="fleetplane-avro-", dir="/dev/shm"
                                   if os.path.isdir("/dev/shm") else None))
     store = connect(Settings(clickhouse_dsn=f"chdb://{base}", clickhouse_database="sink_decode"))
