@@ -260,8 +260,7 @@ class Stack:
                     # it asked for a restart (a standby that lost the role to a later claimant,
                     # a transactional call that hung): what the supervisor does, done here
                     asked[name] = asked.get(name, 0) + 1
-                    child.restarts += 1
-                    self._spawn(name, child.argv)
+                    self.restart(name)
                     continue
                 raise RuntimeError(f"{name} exited during start-up (status {code}); "
                                    f"see {child.log_path}")
