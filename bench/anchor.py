@@ -137,7 +137,7 @@ def measure(provider_url: str, n: int, concurrency: int, one_by_one: int = 100
         proxy = LiteLLMProxy(provider_url, Path(tmp))
         proxy.start()
         try:
-            out = {
+            out: dict[str, Any] = {
                 "direct_one_by_one": calls(provider_url, one_by_one, 1, "d1"),
                 "proxy_one_by_one": calls(proxy.url, one_by_one, 1, "p1", proxy.key),
                 "direct_burst": calls(provider_url, n, concurrency, "db"),
