@@ -11,7 +11,7 @@ from fleetplane.core import events as ev
 from fleetplane.core.catalog import Usage, catalog_for
 from fleetplane.core.settings import Settings
 from fleetplane.executor.handlers import SeenDispatches, execute
-from fleetplane.executor.models import ModelClients
+from fleetplane.executor.models import AsyncCalls, ModelClients
 from fleetplane.fakeprovider import FakeProvider
 
 
@@ -94,3 +94,33 @@ def test_a_repeated_dispatch_is_not_run_twice_and_ids_are_deterministic(
     # another process (fresh memory) re-running it derives the same event ids
     again = list(execute(catalog, clients(provider), "x2", SeenDispatches(), event))
     assert [e.event_id for e in again] == [e.event_id for e in first]
+
+
+def test_shared_clients_close_their_connections_at_shutdown() -> None:
+    """The executor's shutdown closes the shared SDK clients on the calls' loop: no
+    connection to the provider is left open (a client left open, the control, keeps its
+    keep-alive connection)."""
+    model = catalog_for(Settings().catalog_file).model("claude-haiku-4-5")
+
+    def left_open(closing: bool) -> int:
+        with FakeProvider() as fresh:  # no other test's connections
+            port = int(fresh.base_url.rstrip("/").rsplit(":", 1)[1])
+            mc, calls = clients(fresh), AsyncCalls()
+            turn = calls.submit(mc.achat(model, None, [{"role": "user", "content": "hi"}], [],
+                                         64, 0.0, 5.0)).result(10)
+            assert turn.usage.input_tokens > 0
+            assert established_to(port) >= 1  # the call's keep-alive connection
+            if closing:
+                calls.submit(mc.aclose()).result(5)
+            calls.close()
+            return established_to(port)
+
+    assert left_open(closing=True) == 0
+    assert left_open(closing=False) >= 1
+
+
+def established_to(port: int) -> int:
+    """Established TCP connections to 127.0.0.1:`port` (Linux: /proc/net/tcp)."""
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return sum(1 for r in rows if int(r[2].split(":")[1], 16) == port and r[3] == "01")

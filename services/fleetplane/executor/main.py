@@ -133,6 +133,13 @@ def main() -> None:
     finally:
         if chains is not None:
             chains.close()
+        if not processor.running_count():
+            # an attempt still running keeps its call: stopping the loop freezes it, as
+            # before, where closing its connection would fail it
+            try:
+                runtime.calls.submit(clients.aclose()).result(5)
+            except Exception as exc:  # shutting down: a client that will not close is left
+                log.warning("model clients not closed", error=str(exc)[:200])
         runtime.close()
         follower.close()
         if committed is not None:

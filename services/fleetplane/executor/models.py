@@ -165,6 +165,14 @@ class ModelClients:
         self._next_openai = (self._next_openai + 1) % len(self._async_openai)
         return self._async_openai[self._next_openai]
 
+    async def aclose(self) -> None:
+        """Close the shared clients and their connections (on the calls' loop, which made
+        them): at shutdown, so no session is left for the interpreter to warn about."""
+        shared = [*self._async_clients, *self._async_openai]
+        self._async_clients, self._async_openai = [], []
+        for client in shared:
+            await client.close()
+
     def _http_client(self, sdk: Any) -> httpx2.AsyncClient:
         """The HTTP client under one shared SDK client (`sdk`: the anthropic or openai module,
         whose DefaultAioHttpClient / DefaultAsyncHttpxClient carry the SDK's defaults).
