@@ -168,7 +168,8 @@ class ModelClients:
     async def aclose(self) -> None:
         """Close the shared clients and their connections (on the calls' loop, which made
         them): at shutdown, so no session is left for the interpreter to warn about."""
-        shared = [*self._async_clients, *self._async_openai]
+        shared: list[anthropic.AsyncAnthropic | openai.AsyncOpenAI] = [
+            *self._async_clients, *self._async_openai]
         self._async_clients, self._async_openai = [], []
         for client in shared:
             await client.close()
