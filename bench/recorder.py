@@ -1,6 +1,7 @@
 """A stream consumer that records when each task passed each stage of the pipeline.
 
-One background consumer (its own group, from the end of each topic at start) reads
+One background consumer (every partition assigned at its end at start; parked between reads, as
+the services' consumers are) reads
 tasks.accepted, tasks.routed, tasks.dispatch, tasks.outcomes and audit.model_calls:
 * accepted / routed / dispatched: the record's Kafka timestamp (the producer's create time, i.e.
   when the service produced it; visible to read_committed consumers at commit),
@@ -18,16 +19,21 @@ import time
 import uuid
 from collections import defaultdict
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, Message, TopicPartition
 
 from fleetplane.cli.stack import Stack
+from fleetplane.core import doorbell
 from fleetplane.core import events as ev
+from fleetplane.core.loop import IdleBackoff
 from fleetplane.core.serde import default_serde
 from fleetplane.core.topics import ACCEPTED, DISPATCH, MODEL_CALLS, OUTCOMES, ROUTED
 
 STAGES = (("accepted", ACCEPTED), ("routed", ROUTED), ("dispatched", DISPATCH),
           ("completed", OUTCOMES))
 _STAGE_OF = {topic: stage for stage, topic in STAGES}
+#: how often every recorded partition is probed while outcome rings come (stages other than
+#: "completed" are timestamps read from the records: reading them late changes nothing)
+FULL_PROBE_S = 0.25
 
 
 class StageRecorder:
@@ -45,50 +51,81 @@ class StageRecorder:
         self.tracked: set[str] = set()
         """Every task a batch submitted (so a batch can tell how many earlier ones are left)."""
         self._thread = threading.Thread(target=self._run, name="stage-recorder", daemon=True)
+        #: monotonic time of the last probe of every partition after which all were at their
+        #: end: what was committed before it has been recorded
+        self._synced_at = 0.0
 
     def start(self, timeout_s: float = 60.0) -> None:
         self._thread.start()
         if not self._ready.wait(timeout_s):
             raise RuntimeError("the stage recorder got no partitions assigned")
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._assigned.update(p.topic for p in partitions)
-        if self._assigned >= {*_STAGE_OF, MODEL_CALLS}:
-            self._ready.set()
+    def _assign_at_end(self, c: Consumer) -> None:
+        """Every partition of the recorded topics, from its end now (records from then on)."""
+        topics = [*_STAGE_OF, MODEL_CALLS]
+        meta = c.list_topics(timeout=30)
+        parts = []
+        for topic in topics:
+            for p in meta.topics[topic].partitions:
+                high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
+                parts.append(TopicPartition(topic, p, high))
+        c.assign(parts)
+        self._assigned.update(topics)
 
     def _run(self) -> None:
+        # parked between reads as the services' consumers are (core.loop.IdleBackoff, woken by
+        # the services' doorbell rings): a consumer left assigned fetches back to back on the
+        # embedded broker, which answers empty fetches at once (measured: most of a core
+        # between this process and the broker, taken from the services being measured)
         c = Consumer({**self.settings.consumer_config(f"bench-rec-{uuid.uuid4().hex[:8]}"),
-                      "enable.auto.commit": False, "auto.offset.reset": "latest"})
-        c.subscribe([*_STAGE_OF, MODEL_CALLS], on_assign=self._on_assign)
+                      "enable.auto.commit": False, "enable.partition.eof": True})
+        # rung by the executor's commits only: "completed" is the receipt time of the outcome;
+        # the other stages are the records' timestamps, so their topics are read by the
+        # periodic probe (FULL_PROBE_S) and `_sync` waits for one after what it asks about
+        bell = (doorbell.listener(self.settings.kafka_bootstrap, [OUTCOMES])
+                if self.settings.handoff_doorbell else None)
         try:
+            self._assign_at_end(c)
+            self._ready.set()
+            idle = IdleBackoff(c, self.settings.idle_backoff_s, self.settings.idle_probe_s,
+                               bell=bell, full_probe_s=FULL_PROBE_S)
             while not self._stop.is_set():
                 # the first record with a timeout, then what is fetched already: consume(n, t)
                 # waits the whole timeout unless n records come, which added up to 100 ms to
                 # every "completed" time (the receipt time of the outcome)
-                first = c.poll(0.1)
+                first = idle.poll(0.1)
                 now = time.time()
                 msgs = [] if first is None else [first, *c.consume(1999, 0)]
-                with self._lock:
-                    for m in msgs:
-                        if m.error():
-                            continue
-                        key = (m.key() or b"").decode()
-                        topic = m.topic()
-                        if topic == MODEL_CALLS:
-                            self._model_calls[key].append(m.value() or b"")
-                            continue
-                        stage = _STAGE_OF[topic or ""]
-                        times = self.stages[stage]
-                        if key in times:
-                            continue
-                        if stage == "completed":
-                            times[key] = now
-                            self._outcomes[key] = m.value() or b""
-                        else:
-                            ts_type, ts = m.timestamp()
-                            times[key] = ts / 1000 if ts_type != TIMESTAMP_NOT_AVAILABLE else now
+                for m in msgs[1:]:
+                    idle.saw(m)
+                self._record(msgs, now)
+                if idle.idle:  # every partition read to its end as of the last full probe
+                    self._synced_at = idle.full_probe_at
         finally:
             c.close()
+            if bell is not None:
+                bell.close()
+
+    def _record(self, msgs: list[Message], now: float) -> None:
+        with self._lock:
+            for m in msgs:
+                if m.error():
+                    continue
+                key = (m.key() or b"").decode()
+                topic = m.topic()
+                if topic == MODEL_CALLS:
+                    self._model_calls[key].append(m.value() or b"")
+                    continue
+                stage = _STAGE_OF[topic or ""]
+                times = self.stages[stage]
+                if key in times:
+                    continue
+                if stage == "completed":
+                    times[key] = now
+                    self._outcomes[key] = m.value() or b""
+                else:
+                    ts_type, ts = m.timestamp()
+                    times[key] = ts / 1000 if ts_type != TIMESTAMP_NOT_AVAILABLE else now
 
     def stop(self) -> None:
         self._stop.set()
@@ -96,6 +133,15 @@ class StageRecorder:
             self._thread.join(15)
 
     # -- reading ------------------------------------------------------------------------------
+    def _sync(self, timeout_s: float = 5.0) -> None:
+        """Wait until what was committed before now has been read (the topics no ring wakes
+        the recorder for are read by the periodic probe)."""
+        asked = time.monotonic()
+        deadline = asked + timeout_s
+        while self._synced_at < asked and time.monotonic() < deadline \
+                and self._thread.is_alive():
+            time.sleep(0.02)
+
     def completed(self, task_ids: set[str]) -> int:
         with self._lock:
             done = self.stages["completed"]
@@ -114,6 +160,7 @@ class StageRecorder:
         return self.completed(task_ids) >= len(task_ids)
 
     def snapshot(self, task_ids: set[str]) -> dict[str, dict[str, float]]:
+        self._sync()
         with self._lock:
             return {stage: {t: ts for t, ts in times.items() if t in task_ids}
                     for stage, times in self.stages.items()}
@@ -130,6 +177,7 @@ class StageRecorder:
 
     def model_calls(self, task_ids: set[str]) -> dict[str, list[ev.ModelCall]]:
         serde = default_serde()
+        self._sync()
         with self._lock:
             raw = {t: list(v) for t, v in self._model_calls.items() if t in task_ids}
         out: dict[str, list[ev.ModelCall]] = {}
