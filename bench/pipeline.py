@@ -589,6 +589,10 @@ def main() -> None:
     table.add_row("CPU per task, services (broker)",
                   f"{1000 * total_cpu / max(1, r['finished']):.1f} ms "
                   f"({1000 * r['cpu_s'].get('broker', 0) / max(1, r['finished']):.1f} ms)")
+    busy = r.get("machine_busy")
+    table.add_row("bench process (submitter, recorder): CPU; machine busy",
+                  f"{r['client_cpu_s']} s; " + (f"{100 * busy:.0f}% of all cores"
+                                                if busy is not None and busy == busy else "-"))
     table.add_row("background services idle after the last task",
                   f"{r['background_settled_s']} s (their CPU until then is counted)")
     n_tasks = args.tasks + WARM_UP_TASKS
