@@ -46,7 +46,6 @@ class StageRecorder:
         self._model_calls: dict[str, list[bytes]] = defaultdict(list)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._assigned: set[str] = set()
         self._ready = threading.Event()
         self.tracked: set[str] = set()
         """Every task a batch submitted (so a batch can tell how many earlier ones are left)."""
@@ -58,7 +57,7 @@ class StageRecorder:
     def start(self, timeout_s: float = 60.0) -> None:
         self._thread.start()
         if not self._ready.wait(timeout_s):
-            raise RuntimeError("the stage recorder got no partitions assigned")
+            raise RuntimeError("the stage recorder could not assign its partitions")
 
     def _assign_at_end(self, c: Consumer) -> None:
         """Every partition of the recorded topics, from its end now (records from then on)."""
@@ -70,7 +69,6 @@ class StageRecorder:
                 high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]
                 parts.append(TopicPartition(topic, p, high))
         c.assign(parts)
-        self._assigned.update(topics)
 
     def _run(self) -> None:
         # parked between reads as the services' consumers are (core.loop.IdleBackoff, woken by

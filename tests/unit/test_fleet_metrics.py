@@ -78,3 +78,37 @@ def test_an_outcome_read_before_its_submission_still_gives_the_duration() -> Non
     assert value(m, "fleetplane_task_duration_seconds_count", outcome="completed",
                  team="pay") == 1
     assert value(m, "fleetplane_task_duration_seconds_sum", outcome="completed", team="pay") == 5
+
+
+def test_a_start_read_after_its_outcome_does_not_leave_the_task_running() -> None:
+    """TaskStarted (tasks.lifecycle) and TaskCompleted (tasks.outcomes) have no order between
+    them: read the other way round, the task is not running (seen in the metrics e2e run)."""
+    m = FleetMetrics()
+    m.observe(ev.TaskCompleted(task_id="t3", team="pay", attempt=1, model="m", output="o",
+                               cost_usd=0.1, duration_ms=10, occurred_at=at(3)))
+    m.observe(ev.TaskStarted(task_id="t3", team="pay", attempt=1, executor_id="x",
+                             occurred_at=at(1)))
+    assert value(m, "fleetplane_tasks_running", team="pay") == 0
+    assert value(m, "fleetplane_tasks_finished_total", outcome="completed", team="pay") == 1
+
+
+def test_a_retried_task_is_finished_once_with_its_final_outcome() -> None:
+    """A failed attempt that is retried (TaskFailed final=false) ends the attempt, not the
+    task: the task counts once, as completed, with its duration from submit to the end."""
+    m = FleetMetrics()
+    m.observe(ev.TaskSubmitted(task_id="t4", team="pay", occurred_at=at(0), spec=ev.TaskSpec(
+        name="n", task_type="codegen", prompt="p")))
+    m.observe(ev.TaskStarted(task_id="t4", team="pay", attempt=1, executor_id="x",
+                             occurred_at=at(1)))
+    m.observe(ev.TaskFailed(task_id="t4", team="pay", attempt=1, failure_class="model_error",
+                            reason="overloaded", final=False, occurred_at=at(2)))
+    assert value(m, "fleetplane_tasks_running", team="pay") == 0
+    m.observe(ev.TaskStarted(task_id="t4", team="pay", attempt=2, executor_id="x",
+                             occurred_at=at(3)))
+    assert value(m, "fleetplane_tasks_running", team="pay") == 1
+    m.observe(ev.TaskCompleted(task_id="t4", team="pay", attempt=2, model="m", output="o",
+                               cost_usd=0.1, duration_ms=10, occurred_at=at(6)))
+    assert value(m, "fleetplane_tasks_running", team="pay") == 0
+    assert value(m, "fleetplane_tasks_finished_total", outcome="failed", team="pay") == 0
+    assert value(m, "fleetplane_tasks_finished_total", outcome="completed", team="pay") == 1
+    assert value(m, "fleetplane_task_duration_seconds_sum", outcome="completed", team="pay") == 6

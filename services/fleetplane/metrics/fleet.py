@@ -19,6 +19,10 @@ FINISHED: dict[type[ev.Event], str] = {
 }
 
 
+#: `FleetMetrics._ended` of a task in a terminal state: no attempt of it runs again
+ENDED = float("inf")
+
+
 class FleetMetrics:
     """`observe(event)` for every event the accounting service consumes. Redeliveries are not
     counted twice (recent event ids are remembered). `quota(team)` gives a team's running
@@ -59,6 +63,10 @@ class FleetMetrics:
         # duration is observed when the submission arrives
         self._ended_first: Bounded[str, tuple[str, str, float]] = Bounded(memory)
         self._running: dict[str, set[str]] = {}
+        # per task, the last attempt that ended (ENDED for a terminal task): a TaskStarted
+        # (tasks.lifecycle) read after its attempt's end (tasks.outcomes, no order between the
+        # topics) does not count the task as running again (seen in the metrics e2e run)
+        self._ended: Bounded[str, float] = Bounded(memory)
 
     def observe(self, event: ev.Event) -> None:
         if event.event_id in self._seen:
@@ -74,9 +82,16 @@ class FleetMetrics:
             else:
                 outcome, team, end = ended
                 self.duration.labels(outcome, team).observe(max(0.0, end - at))
-        elif kind is ev.TaskStarted:
-            self._set_running(event.team, event.task_id, True)
+        elif isinstance(event, ev.TaskStarted):
+            if self._ended.get(event.task_id, 0.0) < event.attempt:
+                self._set_running(event.team, event.task_id, True)
+        elif isinstance(event, ev.TaskFailed) and not event.final:
+            # an attempt failed and the task is retried: not finished, no longer running
+            self._ended.put(event.task_id, max(self._ended.get(event.task_id, 0.0),
+                                               float(event.attempt)))
+            self._set_running(event.team, event.task_id, False)
         elif kind in FINISHED:
+            self._ended.put(event.task_id, ENDED)
             self._finish(event, FINISHED[kind], at)
         elif isinstance(event, ev.ModelCall):
             self._model_call(event)
