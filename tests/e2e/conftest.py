@@ -6,7 +6,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -17,6 +17,8 @@ from fleetplane.core.events import Event
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.states import TERMINAL_STATES
+
+T = TypeVar("T")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -71,6 +73,19 @@ def submit(http: httpx.Client, stack: Stack, m: dict[str, Any], token: str | Non
     assert resp.status_code == 202, resp.text
     task_id: str = resp.json()["task_id"]
     return task_id
+
+
+def eventually(read: Callable[[], T], done: Callable[[T], bool], timeout_s: float = 30.0) -> T:
+    """`read()` until `done` holds or `timeout_s` passed; the last value (the caller asserts
+    on it). Accounting's figures are eventually consistent across topics: a task's terminal
+    row and its model calls (or its start) come from different topics, and the sink may store
+    one a batch before the other."""
+    deadline = time.monotonic() + timeout_s
+    value = read()
+    while not done(value) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        value = read()
+    return value
 
 
 def wait_terminal(http: httpx.Client, stack: Stack, ids: set[str],

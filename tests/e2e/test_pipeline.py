@@ -20,7 +20,7 @@ from fleetplane.core.errors import EXIT_RESTART
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.topics import DLQ, SUBMITTED
 
-from .conftest import auth, manifest, read_topic, settings_for, submit, wait_terminal
+from .conftest import auth, eventually, manifest, read_topic, settings_for, submit, wait_terminal
 
 pytestmark = pytest.mark.e2e
 
@@ -56,17 +56,11 @@ def test_fifty_tasks_complete_and_cost_per_team_matches_reported_usage(stack: St
                 input_tokens=u["input_tokens"], output_tokens=u["output_tokens"],
                 cache_creation_input_tokens=u.get("cache_creation_input_tokens", 0),
                 cache_read_input_tokens=u.get("cache_read_input_tokens", 0)))
-        # the analytics are eventually consistent: a task's terminal row and its model calls
-        # come from different topics, so the cost may trail the state by a sink batch
         teams = {m["metadata"]["team"] for m in manifests}
-        deadline = time.monotonic() + 30
-        while True:
-            by_team = {r["team"]: r for r in http.get(f"{stack.accounting_url}/v1/cost",
-                                                       params={"by": "team"}).json()}
-            stored = sum(by_team[t]["calls"] for t in teams if t in by_team)
-            if stored >= len(mine) or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
+        by_team = eventually(  # the cost may trail the states by a sink batch
+            lambda: {r["team"]: r for r in http.get(f"{stack.accounting_url}/v1/cost",
+                                                     params={"by": "team"}).json()},
+            lambda got: sum(got[t]["calls"] for t in teams if t in got) >= len(mine))
         for team in teams:
             assert by_team[team]["cost_usd"] == pytest.approx(expected[team], rel=1e-9)
             assert by_team[team]["calls"] == sum(1 for t in team_of.values() if t == team)

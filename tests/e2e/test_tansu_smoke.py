@@ -21,7 +21,7 @@ from fleetplane.core import events as ev
 from fleetplane.core.topics import OUTCOMES
 from fleetplane.infra.tansu import TANSU_CLIENT_OVERRIDES, TansuBroker
 
-from .conftest import manifest, read_topic, settings_for, submit, wait_terminal
+from .conftest import eventually, manifest, read_topic, settings_for, submit, wait_terminal
 
 pytestmark = [pytest.mark.e2e, pytest.mark.tansu]
 
@@ -52,8 +52,10 @@ def test_tasks_flow_end_to_end_on_tansu(tansu_stack: Stack) -> None:
                for i in range(12)}
         rows = wait_terminal(http, tansu_stack, ids, timeout_s=240)
         assert Counter(r["state"] for r in rows.values()) == {"completed": 12}
-        costs = {r["team"]: r for r in
-                 http.get(f"{tansu_stack.accounting_url}/v1/cost", params={"by": "team"}).json()}
+        costs = eventually(  # the cost may trail the states by a sink batch
+            lambda: {r["team"]: r for r in http.get(f"{tansu_stack.accounting_url}/v1/cost",
+                                                    params={"by": "team"}).json()},
+            lambda got: all(got.get(t, {}).get("calls", 0) >= 4 for t in teams))
         assert all(costs[t]["calls"] == 4 and costs[t]["cost_usd"] > 0 for t in teams)
     settings = settings_for(tansu_stack).model_copy(
         update={"kafka_config": dict(TANSU_CLIENT_OVERRIDES)})
