@@ -25,7 +25,7 @@ from fleetplane.core.topics import TopicSpec, ensure_topics
 from fleetplane.ingest.idempotency import task_id_for
 from fleetplane.router.main import INPUTS, build_router
 from fleetplane.testing.invariants import check, read_log
-from tests.e2e.conftest import manifest, submit, wait_terminal
+from tests.e2e.conftest import eventually, manifest, submit, wait_terminal
 
 pytestmark = [pytest.mark.e2e, pytest.mark.reliability, pytest.mark.long]
 
@@ -107,8 +107,10 @@ def test_a_dropped_task_routed_is_re_driven_and_completes_once(tmp_path: Path) -
             assert side_topic_records(stack) == [first]
             stats = http.get(f"{stack.reconciler_url}/reconciler/stats").json()
             assert stats["counters"].get("redrives.router") == 1, stats
-            timeline = http.get(f"{stack.accounting_url}/v1/tasks/{first}/timeline").json()
-            kinds = [e.get("event_type") for e in timeline]
+            kinds = eventually(  # the alert comes from another topic than the outcome
+                lambda: [e.get("event_type") for e in http.get(
+                    f"{stack.accounting_url}/v1/tasks/{first}/timeline").json()],
+                lambda kinds: "Alert" in kinds)
             assert "Alert" in kinds, kinds
         log = read_log(settings, {first, other}.__contains__)
         verdict = check(log, {first, other}, lambda _t: 100)
