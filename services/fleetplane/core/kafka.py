@@ -205,9 +205,20 @@ class EventProducer:
 
         if not batch:
             return
+        deadline = time.monotonic() + timeout_s
         for event in batch:
-            self.produce(event, on_delivery=delivered)
-        if not done.wait(timeout_s):
+            while True:
+                try:
+                    self.produce(event, on_delivery=delivered)
+                    break
+                except BufferError:
+                    # the local queue is full (queue.buffering.max.messages, default 100,000):
+                    # the poller thread serves deliveries, which drains it
+                    if time.monotonic() >= deadline:
+                        raise Retriable(f"the producer's queue stayed full for {timeout_s}s; "
+                                        f"{pending[0]} events not acknowledged") from None
+                    time.sleep(0.005)
+        if not done.wait(max(0.0, deadline - time.monotonic())):
             raise Retriable(f"{pending[0]} events not acknowledged within {timeout_s}s")
         if errors:
             raise Retriable(f"delivery failed: {errors[0]}")
