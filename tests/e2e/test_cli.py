@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fleetplane.core.doorbell import bell_dir
 from fleetplane.infra.broker import free_port, port_open
 
 pytestmark = pytest.mark.e2e
@@ -102,6 +103,7 @@ def test_up_submit_demo_get_cost_down(cli_env: dict[str, str]) -> None:
     state = json.loads(state_file.read_text())
     os.kill(state["supervisor_pid"], signal.SIGKILL)
     recorded = [s["pid"] for s in state["services"].values()] + [state["broker"]["pid"]]
+    assert bell_dir(cli_env["FLEETPLANE_KAFKA_BOOTSTRAP"]).is_dir()  # the services' doorbells
     down = run(cli_env, "down")
     assert down.returncode == 0 and "stopped" in down.stdout, down.stdout
     assert not [pid for pid in recorded if alive(pid)], down.stdout
@@ -110,6 +112,9 @@ def test_up_submit_demo_get_cost_down(cli_env: dict[str, str]) -> None:
     assert not port_open("127.0.0.1", int(cli_env["FLEETPLANE_INGEST_PORT"]))
     assert not port_open("127.0.0.1", int(cli_env["FLEETPLANE_FAKE_PROVIDER_PORT"]))
     assert run(cli_env, "status").returncode == 1
+    # ... and their doorbell folder (core.doorbell), which the killed supervisor left
+    assert state["broker"]["bootstrap"] == cli_env["FLEETPLANE_KAFKA_BOOTSTRAP"]
+    assert not bell_dir(cli_env["FLEETPLANE_KAFKA_BOOTSTRAP"]).exists()
 
 
 def answers(url: str) -> bool:

@@ -164,6 +164,7 @@ def down(timeout: Annotated[float, typer.Option()] = 60.0) -> None:
         fbroker.stop_groups([p for p in orphans if p != broker], timeout_s=10)
         if broker in orphans:
             fbroker.stop_broker(broker, timeout_s=10)
+        _remove_bells(state or {})
         console.print(f"fleetplane is not running (stopped {len(orphans)} orphaned processes)"
                       if orphans else "fleetplane is not running")
         localstack.state_file(settings).unlink(missing_ok=True)
@@ -177,8 +178,21 @@ def down(timeout: Annotated[float, typer.Option()] = 60.0) -> None:
         fbroker.stop_groups([p for p in left if p != broker], timeout_s=5)
         if broker in left:
             fbroker.stop_broker(broker, timeout_s=10)
+    _remove_bells(state or {})
     localstack.state_file(settings).unlink(missing_ok=True)
     console.print("fleetplane stopped")
+
+
+def _remove_bells(state: dict[str, Any]) -> None:
+    """The stopped stack's doorbell folder (core.doorbell), which its supervisor removes when
+    it stops the stack itself; left behind when the supervisor was killed."""
+    import shutil
+
+    from fleetplane.core.doorbell import bell_dir
+
+    broker = state.get("broker")
+    if isinstance(broker, dict) and broker.get("bootstrap"):
+        shutil.rmtree(bell_dir(str(broker["bootstrap"])), ignore_errors=True)
 
 
 def _recorded_broker(state: dict[str, Any]) -> int | None:

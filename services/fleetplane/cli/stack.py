@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import httpx
 
+from fleetplane.core.doorbell import bell_dir
 from fleetplane.core.errors import EXIT_RESTART
 from fleetplane.core.localstack import ADMIN_TOKEN_FILE
 from fleetplane.core.settings import Settings
@@ -361,6 +363,10 @@ class Stack:
         self.stop_children(list(self.children))
         if self.broker is not None:
             self.broker.stop()
+            # its services' doorbells (core.doorbell; every service is stopped by now): a
+            # killed service leaves its socket, and a test or bench stack's folder is named by
+            # a port no later stack asks for; a stack started again makes new listeners
+            shutil.rmtree(bell_dir(self.broker.bootstrap), ignore_errors=True)
 
     def stop_children(self, names: list[str], timeout_s: float = 20.0) -> None:
         """SIGTERM to the process group of each of `names` at once, then one wait for all (not
@@ -415,7 +421,8 @@ class Stack:
             "services": {n: {"pid": c.pid, "restarts": c.restarts, "log": str(c.log_path)}
                          for n, c in self.children.items()},
             "broker": ({"pid": self.broker.pid, "restarts": self.broker.restarts,
-                        "log": str(self.broker.log_file)} if self.broker is not None else None),
+                        "log": str(self.broker.log_file), "bootstrap": self.broker.bootstrap}
+                       if self.broker is not None else None),
         }
 
 
