@@ -61,6 +61,7 @@ from fleetplane.core.service import freeze_startup_heap
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import ensure_topics, load_topics, topic_for
 from fleetplane.infra.broker import EmbeddedBroker
+from fleetplane.metrics.fleet import FleetMetrics
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RAW_LIMIT = 10_000_000
@@ -231,8 +232,10 @@ def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
         store = connect(settings)
         try:
             apply_ddl(store)
+            # with the fleet metrics, which the service always runs (they see every record)
             processor, acct_sink = build_processor(settings, store,
-                                                   group_id=f"bench-acct-{time.monotonic_ns()}")
+                                                   group_id=f"bench-acct-{time.monotonic_ns()}",
+                                                   fleet=FleetMetrics(quota=lambda _team: 20))
             freeze_startup_heap()   # as accounting's main does once started
             thread = threading.Thread(target=processor.run, daemon=True)
             # `first` below is taken once the first batch is handled, which leaves that batch's
@@ -292,7 +295,8 @@ def group_worker(bootstrap: str, group: str, base: str, out: str, go: str) -> No
                         clickhouse_database="bench_group", sink_flush_rows=20_000)
     store = connect(settings)
     apply_ddl(store)
-    processor, acct_sink = build_processor(settings, store, group_id=group)
+    processor, acct_sink = build_processor(settings, store, group_id=group,
+                                           fleet=FleetMetrics(quota=lambda _team: 20))
     while not os.path.exists(go):
         time.sleep(0.05)
     cpu_started = cpu_seconds()

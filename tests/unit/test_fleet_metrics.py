@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from fleetplane.core import events as ev
 from fleetplane.metrics.fleet import FleetMetrics
 
@@ -112,3 +114,46 @@ def test_a_retried_task_is_finished_once_with_its_final_outcome() -> None:
     assert value(m, "fleetplane_tasks_finished_total", outcome="failed", team="pay") == 0
     assert value(m, "fleetplane_tasks_finished_total", outcome="completed", team="pay") == 1
     assert value(m, "fleetplane_task_duration_seconds_sum", outcome="completed", team="pay") == 6
+
+
+def _samples(m: FleetMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for metric in m.registry.collect() for s in metric.samples
+            if not s.name.endswith("_created")}
+
+
+def test_a_batch_of_decoded_fields_counts_what_one_event_at_a_time_counts() -> None:
+    """The sink hands the metrics each batch as (type, fields) decoded from the records, with
+    no event object (observe_batch); the totals equal observing each event, redeliveries
+    included."""
+    from fleetplane.accounting.bench import synthetic_events
+    from fleetplane.core.serde import default_serde
+
+    serde = default_serde()
+    events = list(synthetic_events(40, prefix="fm"))
+    events += events[:30]  # redelivered
+    one_by_one = FleetMetrics(quota=lambda team: 7)
+    for e in events:
+        one_by_one.observe(e)
+    batched = FleetMetrics(quota=lambda team: 7)
+    decoded = [serde.decode_record(serde.encode(e)) for e in events]
+    batched.observe_batch(decoded[:300])
+    batched.observe_batch(decoded[300:])
+    want, got = _samples(one_by_one), _samples(batched)
+    assert any(k[0] == "fleetplane_model_calls_total" and v > 0 for k, v in want.items())
+    assert any(k[0] == "fleetplane_task_duration_seconds_count" and v > 0
+               for k, v in want.items())
+    assert got.keys() == want.keys()
+    for key, expected in want.items():
+        assert got[key] == pytest.approx(expected, rel=1e-9), key
+
+
+def test_a_record_the_metrics_cannot_read_is_skipped_and_the_batch_counted() -> None:
+    m = FleetMetrics()
+    good = ev.ModelCall(task_id="t9", team="a", attempt=1, call_index=0, model="m",
+                        provider="anthropic", tier="small", input_tokens=3, output_tokens=1,
+                        cost_usd=0.25, latency_ms=10, outcome="ok", occurred_at=at(0))
+    m.observe_batch([("ModelCall", {"event_id": "broken", "team": "a"}),  # no model, no tokens
+                     ("ModelCall", good.__dict__)])
+    assert value(m, "fleetplane_model_calls_total", model="m", team="a", outcome="ok") == 1
+    assert value(m, "fleetplane_model_cost_usd_total", model="m", team="a") == 0.25

@@ -26,7 +26,7 @@ batch opens that window, so a trickle keeps the interval.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from confluent_kafka import Message
@@ -37,6 +37,8 @@ from fleetplane.core.events import EVENT_TYPES, Event
 from fleetplane.core.loop import NO_INSTRUMENTS, Processor, Record, headers_dict
 
 Note = Callable[[Event, Record], None]
+#: a batch's stored records as (event type, fields): metrics.fleet.FleetMetrics.observe_batch
+ObserveBatch = Callable[[list[tuple[str, Mapping[str, Any]]]], None]
 #: a handled batch smaller than this is a trickle (BatchProcessor._probe_at_once)
 PACE_BELOW = 1_000
 TRACEPARENT = "traceparent"  # fleetplane.tracing.propagation's header (not imported: OTel)
@@ -53,10 +55,11 @@ class BatchProcessor(Processor):
     """A Processor whose batch step writes rows straight into `columnar_sink` (module doc)."""
 
     def __init__(self, *args: Any, columnar_sink: ClickHouseSink,
-                 observe: Callable[[Event], None] | None = None, **kwargs: Any) -> None:
+                 observe_batch: ObserveBatch | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.columnar_sink = columnar_sink
-        self.observe = observe
+        #: sees every stored record of a batch as (event type, fields) (the fleet metrics)
+        self.observe_batch = observe_batch
         #: called with each stored event and its record when it carries headers (trace ids)
         self.note: Note | None = None
         self._topic_records: dict[str, Record] = {}
@@ -72,7 +75,7 @@ class BatchProcessor(Processor):
         if not messages:
             return
         traced = self.instruments is not NO_INSTRUMENTS and _any_traced(messages)
-        hooks = self.observe is not None or self.note is not None or traced
+        hooks = self.observe_batch is not None or self.note is not None or traced
         batch = build(messages, self.serde, keep_events=hooks)
         self._count(batch.per_topic)
         self.columnar_sink.add_batch(batch.rows, batch.offsets)
@@ -121,16 +124,18 @@ class BatchProcessor(Processor):
         self.instruments.consumed(records)
 
     def _hooks(self, events: list[tuple[str, dict[str, Any], Message]]) -> None:
+        if self.observe_batch is not None:   # from the fields: no event object per record
+            self.observe_batch([(name, fields) for name, fields, _ in events])
         for name, fields, msg in events:
-            event = EVENT_TYPES[name].model_construct(**fields)
-            if self.observe is not None:
-                self.observe(event)
-            if msg.headers():
+            # every record has headers (event_type, ...); only a trace context needs the event:
+            # the trace-id recorder (`note`) and accounting's span of the task's trace
+            headers = msg.headers()
+            if headers and any(h[0] == TRACEPARENT for h in headers):
+                event = EVENT_TYPES[name].model_construct(**fields)
                 rec = record_of(msg)
                 if self.note is not None:
                     self.note(event, rec)
-                if TRACEPARENT in rec.headers:  # accounting's span of the task's trace
-                    self.instruments.handle(event, rec, list)
+                self.instruments.handle(event, rec, list)
 
 
 def _any_traced(msgs: list[Message]) -> bool:

@@ -17,7 +17,6 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import uvicorn
@@ -29,7 +28,6 @@ from fleetplane.accounting.publisher import Publisher, run_in_thread
 from fleetplane.accounting.sink import ClickHouseSink
 from fleetplane.accounting.store import Store, apply_settings_ddl, connect
 from fleetplane.core.errors import Fatal
-from fleetplane.core.events import Event
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.logging import get_logger
 from fleetplane.core.service import bootstrap, freeze_startup_heap, serve_http_in_thread
@@ -79,10 +77,11 @@ def default_instance_id(settings: Settings, group_id: str) -> str:
 def build_processor(settings: Settings, store: Store, *, group_id: str = GROUP_ID,
                     commit_interval_s: float = COMMIT_INTERVAL_S,
                     instance_id: str | None = None,
-                    observe: Callable[[Event], None] | None = None
+                    fleet: FleetMetrics | None = None
                     ) -> tuple[BatchProcessor, ClickHouseSink]:
     """The accounting Processor over every topic, at-least-once, with its ClickHouse sink;
-    `observe` sees every stored event (fleet metrics)."""
+    `fleet` (the fleet metrics) sees every stored event: a batch's records as their fields
+    (observe_batch), the records of the per-record path as events (observe)."""
     sink = ClickHouseSink(store, flush_rows=settings.sink_flush_rows, group=group_id)
     # clickhouse-connect imports pandas at the first insert (about 1 s): do it before the loop
     with contextlib.suppress(ImportError):
@@ -93,14 +92,16 @@ def build_processor(settings: Settings, store: Store, *, group_id: str = GROUP_I
                                         "poll_timeout_s": max(settings.poll_timeout_s,
                                                               settings.sink_probe_s),
                                         "kafka_consumer_config": consumer_tuning(settings)})
-    processor = BatchProcessor(SERVICE, all_topics(settings), make_handler(sink, observe), tuned,
+    handler = make_handler(sink, fleet.observe if fleet is not None else None)
+    processor = BatchProcessor(SERVICE, all_topics(settings), handler, tuned,
                                group_id=group_id, sink=sink,
                                commit_interval_s=commit_interval_s, commit_when_drained=False,
                                transactional=False,
                                # rows past our offsets may have been stored by an earlier process
                                on_assign=lambda _consumer, _parts: sink.reassigned(),
                                instance_id=instance_id or default_instance_id(settings, group_id),
-                               columnar_sink=sink, observe=observe)
+                               columnar_sink=sink,
+                               observe_batch=fleet.observe_batch if fleet is not None else None)
     return processor, sink
 
 
@@ -135,7 +136,7 @@ def run(settings: Settings) -> int:
         fleet = FleetMetrics(quota=lambda team: teams.policy(team).max_running)
         lag = ConsumerLag(settings.client_config(), groups=[GROUP_ID])
         fleet.registry.register(lag)
-        processor, sink = build_processor(settings, store, observe=fleet.observe)
+        processor, sink = build_processor(settings, store, fleet=fleet)
         # the sink's batches set off collections of the oldest generation, each scanning the
         # whole start-up heap with the GIL held (docs/accounting.md, "Sink, eleventh round")
         log.info("start-up heap frozen", objects=freeze_startup_heap())
