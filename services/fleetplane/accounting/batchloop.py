@@ -126,11 +126,12 @@ class BatchProcessor(Processor):
     def _hooks(self, events: list[tuple[str, dict[str, Any], Message]]) -> None:
         if self.observe_batch is not None:   # from the fields: no event object per record
             self.observe_batch([(name, fields) for name, fields, _ in events])
+        if self.note is None and self.instruments is NO_INSTRUMENTS:
+            return  # nothing below would use a traced record's event
         for name, fields, msg in events:
             # every record has headers (event_type, ...); only a trace context needs the event:
             # the trace-id recorder (`note`) and accounting's span of the task's trace
-            headers = msg.headers()
-            if headers and any(h[0] == TRACEPARENT for h in headers):
+            if _traced(msg):
                 event = EVENT_TYPES[name].model_construct(**fields)
                 rec = record_of(msg)
                 if self.note is not None:
@@ -138,6 +139,11 @@ class BatchProcessor(Processor):
                 self.instruments.handle(event, rec, list)
 
 
+def _traced(msg: Message) -> bool:
+    """Whether the record carries a trace context."""
+    return any(h[0] == TRACEPARENT for h in (msg.headers() or []))
+
+
 def _any_traced(msgs: list[Message]) -> bool:
     """Whether a record carries a trace context (none do when tracing is off at ingest)."""
-    return any(h[0] == TRACEPARENT for m in msgs for h in (m.headers() or []))
+    return any(map(_traced, msgs))

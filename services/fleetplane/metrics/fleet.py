@@ -79,9 +79,7 @@ class FleetMetrics:
         # topics) does not count the task as running again (seen in the metrics e2e run)
         self._ended: Bounded[str, float] = Bounded(memory)
         # label children looked up once (labels() takes a lock and builds a key per call)
-        self._children: dict[tuple[Counter, tuple[str, ...]], Any] = {}
-        self._latency: dict[str, Any] = {}
-        self._gauges: dict[str, tuple[Any, Any]] = {}
+        self._children: dict[tuple[Counter | Gauge | Histogram, tuple[str, ...]], Any] = {}
 
     def observe(self, event: ev.Event) -> None:
         """One event (the accounting's per-record path)."""
@@ -104,12 +102,15 @@ class FleetMetrics:
             except Exception:  # a metric must never stop the sink: the event is stored anyway
                 log.exception("fleet metrics: event not counted", event_type=name,
                               task_id=d.get("task_id"))
-        children = self._children
         for (metric, labels), amount in adds.items():
-            child = children.get((metric, labels))
-            if child is None:
-                child = children[(metric, labels)] = metric.labels(*labels)
-            child.inc(amount)
+            self._child(metric, *labels).inc(amount)
+
+    def _child(self, metric: Counter | Gauge | Histogram, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once."""
+        child = self._children.get((metric, labels))
+        if child is None:
+            child = self._children[(metric, labels)] = metric.labels(*labels)
+        return child
 
     def _one(self, name: str, d: Mapping[str, Any],
              adds: dict[tuple[Counter, tuple[str, ...]], float]) -> None:
@@ -124,7 +125,7 @@ class FleetMetrics:
                 self._submitted.put(d["task_id"], at)
             else:
                 outcome, team_of, end = ended
-                self.duration.labels(outcome, team_of).observe(max(0.0, end - at))
+                self._child(self.duration, outcome, team_of).observe(max(0.0, end - at))
         elif name == "TaskStarted":
             if self._ended.get(d["task_id"], 0.0) < d["attempt"]:
                 self._set_running(team, d["task_id"], True)
@@ -147,7 +148,7 @@ class FleetMetrics:
         adds[(self.finished, (outcome, team))] += 1
         submitted = self._submitted.pop(task_id, None)
         if submitted is not None:
-            self.duration.labels(outcome, team).observe(max(0.0, at - submitted))
+            self._child(self.duration, outcome, team).observe(max(0.0, at - submitted))
         else:
             self._ended_first.put(task_id, (outcome, team, at))
         if name == "TaskCompleted" and d["cached"]:
@@ -160,13 +161,9 @@ class FleetMetrics:
             ids.add(task_id)
         else:
             ids.discard(task_id)
-        gauges = self._gauges.get(team)
-        if gauges is None:
-            gauges = self._gauges[team] = (self.running.labels(team),
-                                           self.quota_gauge.labels(team))
-        gauges[0].set(len(ids))
+        self._child(self.running, team).set(len(ids))
         if self.quota is not None:
-            gauges[1].set(self.quota(team))
+            self._child(self.quota_gauge, team).set(self.quota(team))
 
     def _model_call(self, d: Mapping[str, Any],
                     adds: dict[tuple[Counter, tuple[str, ...]], float]) -> None:
@@ -178,7 +175,4 @@ class FleetMetrics:
                 adds[(self.tokens, (model, team, kind))] += n
         if d["cost_usd"] > 0:
             adds[(self.cost, (model, team))] += d["cost_usd"]
-        latency = self._latency.get(model)
-        if latency is None:
-            latency = self._latency[model] = self.call_seconds.labels(model)
-        latency.observe(max(0.0, d["latency_ms"] / 1000))
+        self._child(self.call_seconds, model).observe(max(0.0, d["latency_ms"] / 1000))
