@@ -18,7 +18,7 @@ from fleetplane.core.topics import LIFECYCLE, OUTCOMES
 from fleetplane.fakeprovider import FakeProvider
 from fleetplane.testing.invariants import check, read_log
 from tests.integration.test_coordinator import CoordinatorProcess
-from tests.integration.test_executor_process import ExecutorProcess, Reader
+from tests.integration.test_executor_process import ExecutorProcess, Reader, wait_group_assigned
 
 from .agentkit import sample_repo
 
@@ -59,6 +59,10 @@ def run(base_settings: Settings, tmp_path: Path, unique: str, fake: FakeProvider
         b.start()
         a.wait_log("parallel processor started")
         b.wait_log("parallel processor started")
+        # both in the group with partitions before any dispatch: the first to join takes every
+        # partition until the second's join splits them, and a late join (a loaded machine)
+        # left the first one running all the tasks while the second never started one
+        wait_group_assigned(base_settings, a.env["FLEETPLANE_EXECUTOR_GROUP_ID"], members=2)
         tasks = []
         for t in ids:
             spec = ev.TaskSpec(name=t, task_type="codegen", prompt=f"FLEET {t}")

@@ -16,7 +16,8 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, ConsumerGroupState, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer, event_headers
@@ -79,6 +80,35 @@ def start_group_at_end(settings: Settings, group: str, topic: str = DISPATCH) ->
         c.commit(offsets=ends, asynchronous=False)
     finally:
         c.close()
+
+
+def wait_group_assigned(settings: Settings, group: str, members: int,
+                        timeout_s: float = 120.0) -> dict[str, set[int]]:
+    """Wait until the broker reports `group` stable with `members` members, each assigned
+    some partitions; returns each member's client id -> its partitions.
+
+    A process logs "partitions assigned" at its own join; a second member joining later
+    revokes and splits that assignment, and until then the first one takes every record. A
+    test that needs work spread over several members waits here (the broker's own view of the
+    group) before producing it."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    deadline = time.monotonic() + timeout_s
+    last = "not described"
+    while time.monotonic() < deadline:
+        try:
+            desc = admin.describe_consumer_groups([group], request_timeout=10)[group].result()
+        except Exception as exc:  # the group may not exist yet: not an answer, ask again
+            last = repr(exc)
+        else:
+            got = {m.client_id + "/" + (m.group_instance_id or m.member_id):
+                   {tp.partition for tp in m.assignment.topic_partitions}
+                   for m in desc.members}
+            last = f"{desc.state} {got}"
+            if (desc.state == ConsumerGroupState.STABLE and len(got) == members
+                    and all(got.values())):
+                return got
+        time.sleep(0.2)
+    raise AssertionError(f"group {group} not stable with {members} assigned members: {last}")
 
 
 class ExecutorProcess:
