@@ -18,9 +18,13 @@ from fleetplane.core.settings import Settings
 from fleetplane.core.topics import LIFECYCLE, SUBMITTED
 from tests.integration.test_loop import run_processor  # noqa: F401  (the fixture)
 
-#: far longer than a hand-off takes: without a doorbell a parked loop reads a new record only
-#: after this long
-PROBE_S = 20.0
+#: the parked hops' probe interval: longer than any test, so no periodic probe can read the
+#: test's record (at 20 s, a hop's periodic probe that came while the record arrived read it
+#: unrung, and the ring count the test checks stayed 0: a flake in a long session); the
+#: loops still stop at once (stop() rings their own doorbell)
+PROBE_S = 600.0
+#: well inside the probe interval: a hand-off later than this was not the doorbell's
+HANDOFF_S = 10.0
 
 
 def test_a_ring_reaches_the_listeners_of_its_topic_only(unique: str) -> None:
@@ -116,8 +120,8 @@ def test_a_commit_wakes_the_parked_next_hop(
     doorbell.ring(settings.kafka_bootstrap, [SUBMITTED])  # as the ingest API does
 
     # well inside the probe interval: only the doorbells can have woken the parked hops
-    assert done.wait(PROBE_S / 2), "the hand-off waited for the probe interval"
-    assert seen[f"{unique}-1"] - sent < PROBE_S / 2
+    assert done.wait(HANDOFF_S), "the hand-off waited for the probe interval"
+    assert seen[f"{unique}-1"] - sent < HANDOFF_S
     assert hop1._idle.rung >= 1 and hop2._idle.rung >= 1
     assert hop1._idle.probes > probes[0] and hop2._idle.probes > probes[1]
 
@@ -157,7 +161,7 @@ def test_a_woken_hop_probes_only_the_partitions_the_ring_named(
     producer.send([ev.TaskSubmitted(task_id=f"{unique}-1", team="a",
                                     spec=ev.TaskSpec(name="n", task_type="t", prompt="p"))])
     doorbell.ring(settings.kafka_bootstrap, [SUBMITTED])  # as the ingest API does
-    assert done.wait(PROBE_S / 2), "the hand-off waited for the probe interval"
+    assert done.wait(HANDOFF_S), "the hand-off waited for the probe interval"
     wait_parked(hop2)
     assert hop2._idle.probes > probes
     # one partition per probe since the ring (the record's, and again after handling it)
