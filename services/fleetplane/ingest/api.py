@@ -16,7 +16,7 @@ import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Path, Query, Request
@@ -29,6 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from fleetplane.core.errors import Retriable
 from fleetplane.core.events import ControlCommand, TaskSpec, TaskSubmitted
 from fleetplane.core.kafka import EventProducer
+from fleetplane.core.periods import period_name
 from fleetplane.core.states import STATES, TERMINAL_STATES
 from fleetplane.core.teams import TeamsConfig
 from fleetplane.ingest.idempotency import (
@@ -570,8 +571,10 @@ def create_app(intake: Intake) -> FastAPI:
         if scope is not None:
             rows = [r for r in rows if r.get("team") == scope]
             if not rows:  # a team with no spend yet: its configured budget, nothing spent
+                # (the period named as accounting names it: 2026-12-06, not "day")
                 policy = intake.teams.policy(scope)
-                rows = [{"team": scope, "period": policy.budget_period,
+                rows = [{"team": scope,
+                         "period": period_name(policy.budget_period, datetime.now(UTC)),
                          "budget_usd": policy.budget_usd, "spent_usd": 0.0,
                          "remaining_usd": policy.budget_usd, "state": "ok",
                          "max_running": policy.max_running}]
