@@ -27,6 +27,7 @@ from fleetplane.router.handlers import Router
 from fleetplane.router.main import build_router, start
 from fleetplane.router.shared import STATS_TOPIC
 
+from .test_executor_process import wait_group_assigned
 from .test_router import Tail
 
 MODELS = ("gpt-4o-mini", "claude-haiku-4-5", "claude-sonnet-4-6")
@@ -87,6 +88,10 @@ def test_two_replicas_converge_and_a_restart_reads_the_snapshot(settings: Settin
     try:
         # (Processor.partitions: an idle loop's parked partitions are not in its consumer's
         # assignment(), and the consumer is the loop thread's)
+        # first the broker's own view of the group (its failure message says what the broker
+        # holds: members, state, assignments), then each loop's (a CI run timed out here with
+        # neither loop assigned and nothing more to go on)
+        wait_group_assigned(settings, a.processor.group_id, members=2, timeout_s=90)
         wait(lambda: all(len(r.processor.partitions) > 0 for r in (a, b)),
              "both replicas hold partitions")
         rng = random.Random(5)

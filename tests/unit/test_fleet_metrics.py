@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from prometheus_client import generate_latest
 
 from fleetplane.core import events as ev
 from fleetplane.metrics.fleet import FleetMetrics
@@ -48,6 +50,10 @@ def test_a_task_moves_the_counters_once_however_often_its_events_arrive() -> Non
                  kind="cache_read") == 50
     assert value(m, "fleetplane_model_cost_usd_total", model="big", team="pay") == 0.5
     assert value(m, "fleetplane_model_call_seconds_count", model="big") == 1
+    # buckets as prometheus_client's histograms write them: cumulative, `le` like "2.0"
+    assert value(m, "fleetplane_model_call_seconds_bucket", model="big", le="1.0") == 0
+    assert value(m, "fleetplane_model_call_seconds_bucket", model="big", le="2.0") == 1
+    assert value(m, "fleetplane_model_call_seconds_bucket", model="big", le="+Inf") == 1
     assert value(m, "fleetplane_events_total", type="ModelCall", team="pay") == 1
 
 
@@ -157,3 +163,40 @@ def test_a_record_the_metrics_cannot_read_is_skipped_and_the_batch_counted() -> 
                      ("ModelCall", good.__dict__)])
     assert value(m, "fleetplane_model_calls_total", model="m", team="a", outcome="ok") == 1
     assert value(m, "fleetplane_model_cost_usd_total", model="m", team="a") == 0.25
+
+
+def test_scrapes_while_the_sink_observes_see_consistent_totals() -> None:
+    """/metrics is served from another thread than the sink's: scrapes taken while batches
+    are observed never fail, and the last one has every event."""
+    from fleetplane.accounting.bench import synthetic_events
+    from fleetplane.core.serde import default_serde
+
+    serde = default_serde()
+    decoded = [serde.decode_record(serde.encode(e))
+               for e in synthetic_events(300, prefix="scrape")]
+    m = FleetMetrics(quota=lambda team: 3)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def scrape() -> None:
+        while not done.is_set():
+            try:
+                generate_latest(m.registry)
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    try:
+        for i in range(0, len(decoded), 50):
+            m.observe_batch(decoded[i:i + 50])
+    finally:
+        done.set()
+        scraper.join(30)
+    assert not errors, errors
+    calls = sum(1 for name, _ in decoded if name == "ModelCall")
+    text = generate_latest(m.registry).decode()
+    got = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("fleetplane_model_calls_total{"))
+    assert calls > 0 and got == calls
