@@ -476,6 +476,31 @@ def read_log_steadily(settings: Settings, wanted: Callable[[str], bool],
             time.sleep(5)
 
 
+#: asked for even when the broker does not list them (a group with no committed offset yet)
+SERVICE_GROUPS = ("fleetplane-router", "fleetplane-coordinator",
+                  "fleetplane-coordinator-scheduler", "fleetplane-executor",
+                  "fleetplane-accounting", "fleetplane-reconciler")
+
+
+def group_states(admin: AdminClient) -> dict[str, str]:
+    """Each consumer group as the broker holds it: state, and per member its client id and
+    how many partitions it is assigned (a group stuck in a rebalance, or a member that holds
+    partitions and reads nothing, shows here)."""
+    listed = admin.list_consumer_groups(request_timeout=10).result()
+    names = sorted({g.group_id for g in listed.valid} | set(SERVICE_GROUPS))
+    out: dict[str, str] = {}
+    for name, future in admin.describe_consumer_groups(names, request_timeout=10).items():
+        try:
+            d = future.result()
+        except KafkaException as exc:
+            out[name] = f"not described: {exc}"
+            continue
+        members = ", ".join(f"{m.group_instance_id or m.client_id}:"
+                            f"{len(m.assignment.topic_partitions)}" for m in d.members)
+        out[name] = f"{d.state.name} [{members}]"
+    return out
+
+
 def diagnose(settings: Settings) -> dict[str, Any]:
     """Where the pipeline stands still: partitions whose transaction stays open (sampled twice,
     5 s apart: an open transaction seen both times is not a commit in flight) and the consumer
@@ -492,6 +517,7 @@ def diagnose(settings: Settings) -> dict[str, Any]:
         lag = ConsumerLag(settings.client_config(), groups=["fleetplane-accounting"])
         out["consumer_lag"] = {f"{g} {t}": n for (g, t), n in sorted(lag.lag().items()) if n}
         lag.close()
+        out["groups"] = group_states(admin)
     except (KafkaException, ValueError, RuntimeError) as exc:
         out["error"] = str(exc)
     return out
