@@ -77,8 +77,9 @@ def run(stack: Stack, recorder: StageRecorder, n: int, kill: bool,
         "tasks_per_s": round(len(done) / drain, 1) if done else 0.0,
         "outcomes": recorder.outcome_kinds(ids),
         # a process killed meanwhile has no figure (its CPU went with it)
-        "coordinator_cpu_s": {c: round(cpu_after[c] - (cpu_before.get(c) or 0), 2)
-                              if cpu_after.get(c) is not None and c != killed.get("name")
+        "coordinator_cpu_s": {c: round(cpu_c - (cpu_before.get(c) or 0), 2)
+                              if (cpu_c := cpu_after.get(c)) is not None
+                              and c != killed.get("name")
                               else None for c in COORDINATORS if c in cpu_before},
         "coordinator_restarts": {c: stack.children[c].restarts - restarts_before[c]
                                  for c in restarts_before},

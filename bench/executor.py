@@ -376,10 +376,11 @@ def concurrency(fake: FakeProvider, tmp: Path, tasks: int, slots: int,
     # utilization while the burst's work is queued: not the trickle's samples (a trickle task
     # between its publish and its start counted as queued work with 490 free slots: -4 to -9
     # points at 1,000 tasks)
-    burst = [(t, r, q) for t, r, q in samples if t < trickle_t0]
-    queued = [(r, q) for _, r, q in burst if q > 0]
-    full_at = next((t for t, r, _ in burst if r >= min(slots, tasks)), None)
-    after_ramp = [(r, q) for t, r, q in burst if q > 0 and full_at is not None and t >= full_at]
+    in_burst = [(t, r, q) for t, r, q in samples if t < trickle_t0]
+    queued = [(r, q) for _, r, q in in_burst if q > 0]
+    full_at = next((t for t, r, _ in in_burst if r >= min(slots, tasks)), None)
+    after_ramp = [(r, q) for t, r, q in in_burst
+                  if q > 0 and full_at is not None and t >= full_at]
     arriving = [(r, q) for t, r, q in samples if t - t0 < tasks / rate] if rate > 0 else []
     d2s = [(started_at[t] - produced_at[t]) * 1000 for t in produced_at
            if t.startswith("trickle-") and t in started_at]

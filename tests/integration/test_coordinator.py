@@ -27,6 +27,7 @@ from fleetplane.coordinator.app import (
 )
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
+from fleetplane.core.loop import headers_dict
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import REPO_ROOT, Settings
 from fleetplane.core.topics import CONTROL, DISPATCH, DLQ, LIFECYCLE, OUTCOMES, ROUTED
@@ -154,7 +155,7 @@ class Tail:
         while time.monotonic() < deadline:
             for m in self.consumer.consume(500, 0.1):
                 if m.error() is None:
-                    headers = {k: v or b"" for k, v in (m.headers() or [])}
+                    headers = headers_dict(m.headers())
                     event = self.serde.decode(m.value() or b"")
                     self.records.append((event, headers))
                     self.partition_of[event.event_id] = m.partition() or 0
