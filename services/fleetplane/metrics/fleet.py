@@ -97,7 +97,7 @@ class RecentIds:
         return True
 
 
-class Histogram:
+class Buckets:
     """One label set's buckets (not cumulative; the last is +Inf) and sum."""
 
     __slots__ = ("counts", "total")
@@ -118,7 +118,7 @@ class FleetMetrics(Collector):
         self.quota = quota
         self._lock = threading.Lock()   # observe (the sink's thread) against collect (HTTP)
         self._counts: dict[str, dict[tuple[str, ...], float]] = {n: {} for n in COUNTERS}
-        self._hists: dict[str, dict[tuple[str, ...], Histogram]] = {n: {} for n in HISTOGRAMS}
+        self._hists: dict[str, dict[tuple[str, ...], Buckets]] = {n: {} for n in HISTOGRAMS}
         self._seen = RecentIds(memory)
         self._submitted: Bounded[str, float] = Bounded(memory)
         # outcomes read before their submission (other topics, no order between them): the
@@ -164,7 +164,7 @@ class FleetMetrics(Collector):
         hists = self._hists[histogram]
         h = hists.get(labels)
         if h is None:
-            h = hists[labels] = Histogram(len(HISTOGRAMS[histogram][2]))
+            h = hists[labels] = Buckets(len(HISTOGRAMS[histogram][2]))
         h.counts[bisect_left(HISTOGRAMS[histogram][2], value)] += 1
         h.total += value
 
