@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from itertools import accumulate
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -213,12 +214,10 @@ class FleetMetrics(Collector):
     def _model_call(self, d: Mapping[str, Any]) -> None:
         model, team = d["model"], d["team"]
         self._add("fleetplane_model_calls", (model, team, d["outcome"]), 1)
-        tokens = self._counts["fleetplane_model_tokens"]
         for kind, field in TOKEN_FIELDS:
             n = d[field]
             if n:
-                key = (model, team, kind)
-                tokens[key] = tokens.get(key, 0) + n
+                self._add("fleetplane_model_tokens", (model, team, kind), n)
         if d["cost_usd"] > 0:
             self._add("fleetplane_model_cost_usd", (model, team), d["cost_usd"])
         self._observe("fleetplane_model_call_seconds", (model,),
@@ -249,11 +248,8 @@ class FleetMetrics(Collector):
             hfamily = HistogramMetricFamily(name, doc, labels=labels)
             bounds = [*map(go_string, buckets), "+Inf"]
             for values, (per_bucket, total) in hists[name].items():
-                cumulative, acc = [], 0
-                for bound, n in zip(bounds, per_bucket, strict=True):
-                    acc += n
-                    cumulative.append((bound, acc))
-                hfamily.add_metric(values, cumulative, total)
+                hfamily.add_metric(values, list(zip(bounds, accumulate(per_bucket),
+                                                    strict=True)), total)
             yield hfamily
         gauge = GaugeMetricFamily(*RUNNING, labels=("team",))
         for team, n in running.items():
