@@ -476,10 +476,11 @@ def read_log_steadily(settings: Settings, wanted: Callable[[str], bool],
             time.sleep(5)
 
 
-#: asked for even when the broker does not list them (a group with no committed offset yet)
+#: asked for even when the broker does not list them (a group with no committed offset yet;
+#: the reconciler's group is never joined: it reads by assignment)
 SERVICE_GROUPS = ("fleetplane-router", "fleetplane-coordinator",
                   "fleetplane-coordinator-scheduler", "fleetplane-executor",
-                  "fleetplane-accounting", "fleetplane-reconciler")
+                  "fleetplane-accounting")
 
 
 def group_states(admin: AdminClient) -> dict[str, str]:
