@@ -1,12 +1,18 @@
-"""Hand-off doorbells (core.doorbell): a commit wakes the parked consumers of its topics."""
+"""Hand-off doorbells (core.doorbell): a commit wakes the parked consumers of its topics.
+
+The hops run on a broker of their own: on the session broker, records that earlier tests left
+flowing into tasks.lifecycle kept the second hop working, so the test's ring came while it
+worked and its probes were not the ones these tests count (docs/testing.md, stop 27)."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+import pytest
 from confluent_kafka import Producer as ConfluentProducer
 
 from fleetplane.core import doorbell
@@ -15,16 +21,37 @@ from fleetplane.core.kafka import EventProducer
 from fleetplane.core.loop import Processor, Record
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
-from fleetplane.core.topics import LIFECYCLE, SUBMITTED
+from fleetplane.core.topics import LIFECYCLE, SUBMITTED, ensure_topics, load_topics
+from fleetplane.infra.broker import EmbeddedBroker
 from tests.integration.test_loop import run_processor  # noqa: F401  (the fixture)
 
 #: the parked hops' probe interval: longer than any test, so no periodic probe can read the
-#: test's record; the loops still stop at once (stop() rings their own doorbell). (Raised
-#: from 20 s in stop 26 for a ring count of 0 in a long session; that did not cure it: the
-#: flake and its suspected cause are in docs/testing.md.)
+#: test's record; the loops still stop at once (stop() rings their own doorbell)
 PROBE_S = 600.0
 #: well inside the probe interval: a hand-off later than this was not the doorbell's
 HANDOFF_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def base_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Settings on this module's own broker (overrides the session's: see the module doc)."""
+    broker = EmbeddedBroker(tmp_path_factory.mktemp("doorbell-broker"))
+    broker.start()
+    try:
+        settings = Settings(kafka_bootstrap=broker.bootstrap)
+        ensure_topics(settings.client_config(), load_topics(settings.topics_file))
+        yield settings
+    finally:
+        broker.stop()
+        shutil.rmtree(doorbell.bell_dir(broker.bootstrap), ignore_errors=True)
+
+
+@pytest.fixture
+def producer(base_settings: Settings) -> Iterator[EventProducer]:
+    """An event producer on this module's broker."""
+    p = EventProducer(base_settings)
+    yield p
+    p.close()
 
 
 def test_a_ring_reaches_the_listeners_of_its_topic_only(unique: str) -> None:
@@ -105,7 +132,7 @@ def test_a_commit_wakes_the_parked_next_hop(
     base_settings: Settings, unique: str, producer: EventProducer,
     run_processor: Callable[[Processor], Processor],  # noqa: F811 (fixture from test_loop)
 ) -> None:
-    """Two parked hops, probing only every 20 s: a submission goes through both at once,
+    """Two parked hops that probe only every PROBE_S: a submission goes through both at once,
     because each commit rings the next hop's doorbell."""
     settings = base_settings.model_copy(update={
         "idle_probe_s": PROBE_S, "poll_timeout_s": PROBE_S, "handoff_doorbell": True})
@@ -224,3 +251,58 @@ def test_a_listener_whose_queue_filled_up_probes_every_partition(unique: str) ->
         assert bell.take() == {("tasks.routed", 1)}
     finally:
         bell.close()
+
+
+def test_a_hop_rung_while_it_works_probes_what_it_worked_and_what_was_rung(
+    base_settings: Settings, unique: str, producer: EventProducer,
+    run_processor: Callable[[Processor], Processor],  # noqa: F811 (fixture from test_loop)
+) -> None:
+    """A busy upstream rings while the hop is handling the last batch: those rings are drained
+    after the work, and they keep the input counted as rung, so the probe after each batch
+    looks at the partition that had records and the one rung (one here), not at all six;
+    every partition is still probed each idle_full_probe_s."""
+    full_probe_s = 1.0
+    settings = base_settings.model_copy(update={
+        "idle_probe_s": full_probe_s, "idle_full_probe_s": full_probe_s,
+        "poll_timeout_s": full_probe_s})
+    handled: list[str] = []
+
+    def slow(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        if event.task_id.startswith(unique):
+            # slower than the records come (every 20 ms): the hop stays behind, and every
+            # ring after the first comes while it works
+            time.sleep(0.022)
+            handled.append(event.task_id)
+        return ()
+
+    hop = run_processor(Processor(f"busy-{unique}", [LIFECYCLE], slow, settings,
+                                  group_id=f"busy-{unique}"))
+    wait_parked(hop)
+    assert hop._idle is not None
+    raw = ConfluentProducer(settings.producer_config())
+    serde = default_serde()
+    probes, probed = hop._idle.probes, hop._idle.partitions_probed
+    started = time.monotonic()
+    sent = 0
+    while time.monotonic() - started < 4.0:  # a record every 20 ms, each rung, partition 2
+        event = ev.TaskHeld(task_id=f"{unique}-{sent}", team="a", reason="r")
+        raw.produce(LIFECYCLE, value=serde.encode(event), partition=2,
+                    key=event.task_id.encode())
+        raw.flush(10)
+        doorbell.ring(settings.kafka_bootstrap, {LIFECYCLE: [2]})
+        sent += 1
+        time.sleep(0.02)
+    deadline = time.monotonic() + 30
+    while len(handled) < sent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    elapsed = time.monotonic() - started
+    assert len(handled) == sent
+    batches = hop._idle.probes - probes
+    assert batches >= 15, "the hop was not kept busy"
+    # one partition per probe, but all six at the periodic probe (at most once per
+    # full_probe_s, one in hand) and at the probe after its batch (a batch that did not take
+    # all the periodic probe fetched looks at every partition again); before stop 27 every
+    # probe after a batch assigned all six once the last ring that found the hop parked was
+    # full_probe_s old
+    full_probes = 2 * (elapsed / full_probe_s + 1)
+    assert hop._idle.partitions_probed - probed <= batches + 5 * full_probes
