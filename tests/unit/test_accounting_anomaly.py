@@ -5,8 +5,15 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from fleetplane.accounting.anomaly import attempt_anomalies, failure_rate_anomalies, robust_z
+from fleetplane.accounting.anomaly import (
+    LeaveOneOut,
+    attempt_anomalies,
+    failure_rate_anomalies,
+    robust_z,
+)
 from fleetplane.accounting.budgets import budget_state, changed, period_name, statuses
 from fleetplane.accounting.sqlguard import SqlRefused, check_ast, normalize
 from fleetplane.accounting.whatif import parse_share, wilson
@@ -139,3 +146,52 @@ def test_sql_guard_text_and_ast_checks() -> None:
     with pytest.raises(SqlRefused, match="url"):
         check_ast(["SelectWithUnionQuery (children 1)", " TableExpression (children 1)",
                    "  Function url (children 1)"])
+
+
+values = st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.0, 2.0, 3.25, 10.0, 1e6])
+                  | st.floats(min_value=0, max_value=1e4, allow_nan=False), min_size=2,
+                  max_size=40)
+
+
+@given(values, st.data())
+def test_a_leave_one_out_score_equals_robust_z_against_the_others(
+        group: list[float], data: st.DataObject) -> None:
+    """The one-sort baseline answers exactly what robust_z answers on the list without the
+    value (duplicates, an even or odd count, MAD 0 included)."""
+    i = data.draw(st.integers(0, len(group) - 1))
+    others = group[:i] + group[i + 1:]
+    assert LeaveOneOut(group).score(group[i]) == robust_z(group[i], others)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["classify", "refactor"]),
+                          st.sampled_from(["m1", "m2"]),
+                          st.floats(0, 1, allow_nan=False), st.integers(0, 5000),
+                          st.floats(0, 90_000, allow_nan=False), st.booleans()),
+                min_size=0, max_size=60),
+       st.integers(0, 8))
+def test_attempt_anomalies_equal_each_attempt_scored_against_a_list_of_the_others(
+        spec: list[tuple[str, str, float, int, float, bool]], min_samples: int) -> None:
+    """What attempt_anomalies finds equals the definition: every new attempt scored with
+    robust_z against the other attempts of its type and model, metric by metric."""
+    rows = [{**attempt(i, cost, task_type=t, tokens=tokens, duration=duration, model=m)}
+            for i, (t, m, cost, tokens, duration, _) in enumerate(spec)]
+    new = {(r["task_id"], 1) for r, s in zip(rows, spec, strict=True) if s[5]}
+    found = attempt_anomalies(rows, new_ids=new, min_samples=min_samples, threshold=3.5,
+                              min_duration_excess_ms=1000.0)
+    expected = []
+    for r in rows:
+        if (r["task_id"], 1) not in new:
+            continue
+        others = [o for o in rows if o is not r and o["task_type"] == r["task_type"]
+                  and o["model"] == r["model"]]
+        if len(others) < max(min_samples, 1):
+            continue
+        for metric in ("cost_usd", "tokens", "duration_ms"):
+            value = float(r[metric])  # type: ignore[arg-type]
+            score, median = robust_z(value, [float(o[metric]) for o in others])  # type: ignore[arg-type]
+            if metric == "duration_ms" and value - median < 1000.0:
+                continue
+            if score > 3.5 and value >= 2.0 * median:
+                expected.append((r["task_id"], metric, value, median, score))
+    assert sorted((a.task_id, a.metric, a.value, a.baseline, a.score) for a in found) == \
+        sorted(expected)
