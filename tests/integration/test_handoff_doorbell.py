@@ -306,3 +306,43 @@ def test_a_hop_rung_while_it_works_probes_what_it_worked_and_what_was_rung(
     # full_probe_s old
     full_probes = 2 * (elapsed / full_probe_s + 1)
     assert hop._idle.partitions_probed - probed <= batches + 5 * full_probes
+
+
+def test_a_quiet_hop_probes_less_and_less_often_and_a_record_still_reaches_it(
+    base_settings: Settings, unique: str,
+    run_processor: Callable[[Processor], Processor],  # noqa: F811 (fixture from test_loop)
+) -> None:
+    """Nothing rings and nothing comes: the wait between probes doubles up to
+    idle_quiet_probe_s instead of probing every idle_probe_s; a record that no ring announced
+    is still read by the next probe, and resets the wait."""
+    settings = base_settings.model_copy(update={
+        "idle_probe_s": 0.02, "idle_full_probe_s": 0.1, "idle_quiet_probe_s": 0.5,
+        "poll_timeout_s": 0.1})
+    seen = threading.Event()
+    waits: list[float] = []
+
+    def handler(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        if event.task_id == f"{unique}-quiet":
+            assert hop._idle is not None
+            waits.append(hop._idle.wait_s)  # as the record was read
+            seen.set()
+        return ()
+
+    hop = run_processor(Processor(f"calm-{unique}", [LIFECYCLE], handler, settings,
+                                  group_id=f"calm-{unique}"))
+    wait_parked(hop)
+    assert hop._idle is not None
+    time.sleep(1.0)  # the wait grows: 20, 40, 80 ... 500 ms
+    probes = hop._idle.probes
+    time.sleep(3.0)
+    # every 500 ms: 6 in 3 s (every 20 ms it was 150); one more for a probe in hand
+    assert hop._idle.probes - probes <= 7
+    assert hop._idle.wait_s == 0.5
+
+    raw = ConfluentProducer(settings.producer_config())
+    event = ev.TaskHeld(task_id=f"{unique}-quiet", team="a", reason="r")
+    raw.produce(LIFECYCLE, value=default_serde().encode(event), partition=4,
+                key=event.task_id.encode())
+    raw.flush(10)
+    assert seen.wait(HANDOFF_S), "a record no ring announced was never read"
+    assert waits == [settings.idle_probe_s]  # the record reset the wait
