@@ -49,7 +49,6 @@ from bench.measure import (
 )
 from bench.recorder import STAGES, StageRecorder
 from fleetplane.cli.stack import BACKGROUND_SERVICES, Stack
-from fleetplane.core import doorbell
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.topics import SUBMITTED
@@ -344,15 +343,6 @@ def submit_kafka(stack: Stack, n: int, run: str, rate: float = 0.0) -> Submissio
     """TaskSubmitted records straight onto tasks.submitted (ingest still validates them)."""
     producer = EventProducer(stack.settings())
     producer.connect([SUBMITTED])  # else the first second's submissions wait for it
-    settings = stack.settings()
-
-    def ring() -> None:
-        """What ingest's API does after its records are written: ring ingest's consumer (a
-        quiet one waits up to idle_quiet_probe_s otherwise). The open loop does not ring:
-        its stream keeps ingest's probes finding records, which keeps them frequent."""
-        if settings.handoff_doorbell:
-            doorbell.ring(settings.kafka_bootstrap, [SUBMITTED])
-
     out = Submission()
     start = time.time()
     batch: list[ev.Event] = []
@@ -378,10 +368,8 @@ def submit_kafka(stack: Stack, n: int, run: str, rate: float = 0.0) -> Submissio
             out.submitted[task_id] = time.time()
             if len(batch) == 500:
                 producer.send(batch)
-                ring()
                 batch = []
         producer.send(batch)
-        ring()
         out.answered_at.append(time.time())
     finally:
         producer.close()

@@ -346,3 +346,20 @@ def test_a_quiet_hop_probes_less_and_less_often_and_a_record_still_reaches_it(
     raw.flush(10)
     assert seen.wait(HANDOFF_S), "a record no ring announced was never read"
     assert waits == [settings.idle_probe_s]  # the record reset the wait
+
+
+def test_an_event_producer_rings_the_partitions_it_wrote(
+        base_settings: Settings, producer: EventProducer) -> None:
+    """send() returns once the broker acknowledged the events, and rings the listeners of the
+    partitions they went to (as a loop's commit does)."""
+    bell = doorbell.Listener(base_settings.kafka_bootstrap, [LIFECYCLE])
+    try:
+        event = ev.TaskHeld(task_id="bell-sent", team="a", reason="r")
+        producer.send([event])
+        assert bell.wait(5.0)
+        named = bell.take()
+        assert named is not None and len(named) == 1
+        ((topic, _partition),) = named
+        assert topic == LIFECYCLE
+    finally:
+        bell.close()

@@ -11,6 +11,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from fleetplane.core import doorbell
 from fleetplane.core.errors import Retriable
 from fleetplane.core.events import Event
 from fleetplane.core.logging import get_logger
@@ -162,10 +163,13 @@ class EventProducer:
     """Publishes events to their topics (idempotent producer, acks=all).
 
     ``send`` returns once the broker acknowledged every event, so an HTTP handler answers only
-    after the event is durable. A background thread serves delivery callbacks."""
+    after the event is durable, and then rings the doorbells of the partitions it wrote
+    (core.doorbell), as a loop does after its commit: the budget publisher's statuses, the
+    CLI's control commands. A background thread serves delivery callbacks."""
 
     def __init__(self, settings: Settings, serde: Serde | None = None) -> None:
         self._producer = RenewingProducer(settings.producer_config())
+        self._bell_cluster = settings.kafka_bootstrap if settings.handoff_doorbell else None
         self._serde = serde or default_serde()
         self._closed = threading.Event()
         self._poller = threading.Thread(target=self._poll, name="producer-poll", daemon=True)
@@ -194,11 +198,14 @@ class EventProducer:
         pending = [len(batch)]
         done = threading.Event()
         lock = threading.Lock()
+        written: dict[str, set[int]] = {}
 
-        def delivered(err: KafkaError | None, _msg: Message) -> None:
+        def delivered(err: KafkaError | None, msg: Message) -> None:
             with lock:
                 if err is not None:
                     errors.append(err)
+                elif (partition := msg.partition()) is not None:
+                    written.setdefault(msg.topic() or "", set()).add(partition)
                 pending[0] -= 1
                 if pending[0] == 0:
                     done.set()
@@ -220,6 +227,8 @@ class EventProducer:
                     time.sleep(0.005)
         if not done.wait(max(0.0, deadline - time.monotonic())):
             raise Retriable(f"{pending[0]} events not acknowledged within {timeout_s}s")
+        if written and self._bell_cluster is not None:
+            doorbell.ring(self._bell_cluster, written)
         if errors:
             raise Retriable(f"delivery failed: {errors[0]}")
 
