@@ -73,9 +73,9 @@ class Settings(BaseSettings):
     #: a consumer with a doorbell whose input stays quiet (no ring, and its probes find
     #: nothing) doubles the wait between its probes from idle_probe_s up to this: an idle
     #: stack's hops used to probe every partition 50 times a second (stop 27: ~0.4 of a core
-    #: for an idle stack). A producer that rings (every loop on this host, the ingest API, EventProducer.send)
-    #: still wakes it at once; a record no ring announces (another host, a plain Kafka
-    #: client) waits up to this after a quiet spell. idle_probe_s or less: off
+    #: for an idle stack). A producer that rings (every loop on this host, the ingest API,
+    #: EventProducer.send) still wakes it at once; a record no ring announces (another host,
+    #: a plain Kafka client) waits up to this after a quiet spell. idle_probe_s or less: off
     idle_quiet_probe_s: float = 0.5
     session_timeout_ms: int = 10_000
 
