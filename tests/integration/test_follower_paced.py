@@ -14,7 +14,13 @@ from confluent_kafka import Message
 
 from fleetplane.core.follower import Follower
 from fleetplane.core.settings import Settings
-from tests.integration.test_idle_follower import Got, produce, topic, wait_for  # noqa: F401
+from tests.integration.test_idle_follower import (  # noqa: F401
+    PARTITIONS,
+    Got,
+    produce,
+    topic,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -54,3 +60,28 @@ def test_a_paced_follower_gets_a_trickle_once_each_in_order(
         assert offsets == sorted(offsets) and len(offsets) == len(set(offsets))
     assert paced.rounds > 1  # it did read in rounds (unassigned and assigned again)
     assert paced.idle is None  # and not with the idle backoff
+
+
+def test_caught_up_right_after_assignment_waits_for_every_partition(
+        base_settings: Settings, topic: str, unique: str) -> None:  # noqa: F811
+    """caught_up() called as soon as the follower is assigned (the executor's first lease
+    sync) returns once every partition was read to its end, with the records already there
+    given to the reader: it used to look only at the partitions read so far, none that early,
+    and returned at once (stop 27's CI failure of test_executor_lease_sync)."""
+    produce(base_settings, topic, [f"early-{i:02d}" for i in range(12)])
+    follower = Follower(base_settings, f"early-{unique}", pace_s=3.0)
+    got = Got()
+
+    def slow(msg: Message) -> None:  # a reader that takes its time (a loaded machine)
+        time.sleep(0.05)
+        got(msg)
+
+    follower.follow("all", [topic], slow)
+    follower.start()
+    try:
+        assert follower.assigned.wait(60)
+        assert follower.caught_up(30)
+        assert {p for _t, p in follower.positions} == set(range(PARTITIONS))
+        assert sorted(got.snapshot()) == [f"early-{i:02d}" for i in range(12)]
+    finally:
+        follower.close()

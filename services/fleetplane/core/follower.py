@@ -96,6 +96,8 @@ class Follower:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.assigned = threading.Event()
+        #: every (topic, partition) the follower reads, known once `assigned` is set
+        self.partitions: list[tuple[str, int]] = []
         self.idle: IdleBackoff | None = None
 
     def follow(self, name: str, topics: Sequence[str], on_record: OnRecord, *,
@@ -171,6 +173,7 @@ class Follower:
             if start is None:
                 return
             consumer.assign(start)
+            self.partitions = sorted((tp.topic, tp.partition) for tp in start)
             self.assigned.set()
             log.info("following", readers=[r.name for r in self.readers],
                      partitions=len(start), pace_s=self.pace_s)
@@ -232,10 +235,13 @@ class Follower:
         deadline = time.monotonic() + timeout_s
         if not self.assigned.wait(timeout_s):
             return False
-        # every partition has a position once the readers are ready (end-of-partition seen).
+        # every assigned partition, read or not: a partition gets a position only once the
+        # follower read a record or its end, and waiting on the positions known so far
+        # returned at once for a follower that had not read yet (stop 27: an outcome sent
+        # right after assignment was not found, a CI failure of test_executor_lease_sync).
         # The ends are asked with a consumer of this call's own: the follower's consumer is
         # its thread's (assignment() from here was seen to block while it polled)
-        parts = sorted(self.positions.copy())  # (copy: atomic; the thread inserts)
+        parts = self.partitions
         targets: dict[tuple[str, int], int] = {}
         probe = self._consumer()
         try:

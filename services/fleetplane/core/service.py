@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import gc
 import os
 import socket
@@ -19,6 +20,10 @@ from fleetplane.core.topics import ensure_topics, load_topics
 def bootstrap(service: str, settings: Settings | None = None) -> Settings:
     """Settings, logging and topics for a service process."""
     settings = settings or get_settings()
+    # a crash in native code (librdkafka, chdb) prints every thread's Python stack to stderr,
+    # i.e. the service's log: stop 27's rehearsal had an ingest exit with SIGSEGV on SIGTERM,
+    # after "processor stopped", and nothing in its log said where
+    faulthandler.enable()
     lower_priority(settings.nice)
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     configure_logging(service, settings.log_level, settings.log_json)
@@ -81,4 +86,19 @@ def serve_http_in_thread(app: Any, host: str, port: int,
         kwargs["sockets"] = [sock]
     thread = threading.Thread(target=server.run, kwargs=kwargs, name="http", daemon=True)
     thread.start()
+    _http_threads[id(server)] = thread
     return server
+
+
+#: serve_http_in_thread's threads, by the id of their server (stop_http joins them)
+_http_threads: dict[int, threading.Thread] = {}
+
+
+def stop_http(server: uvicorn.Server, timeout_s: float = 5.0) -> None:
+    """Ask the server to exit and wait (up to `timeout_s`) until its requests in flight are
+    answered, before the caller closes what they use (the producer, ClickHouse): a request
+    still running while the interpreter shuts down would use a client already closed."""
+    server.should_exit = True
+    thread = _http_threads.pop(id(server), None)
+    if thread is not None:
+        thread.join(timeout_s)
