@@ -366,6 +366,12 @@ class IdleBackoff:
             now = time.monotonic()
             if not rung and now < due:
                 return None  # the owner's timeout came first: no probe yet
+            if not rung:
+                # a due look, whether it probes below or not (an input rung meanwhile has
+                # nothing unannounced): the next is wait_s from now (without this, a look that
+                # did not probe left `due` in the past and the loop polled back to back until
+                # a ring: seen as every hop slower in the open loop)
+                self.probed_at = now
             if rung:
                 self.rung += 1
                 self.rung_at = now
