@@ -377,7 +377,7 @@ class IdleBackoff:
                 self.rung_at = now
                 named = self.bell.take()
             elif now - self.rung_at < self.full_probe_s:
-                # quiet for probe_s on an input that rings: nothing new was announced; the
+                # quiet for wait_s on an input that rings: nothing new was announced; the
                 # periodic probe comes full_probe_s after the last one
                 named = set()
             if now - self.full_probe_at >= self.full_probe_s:
