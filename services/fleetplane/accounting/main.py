@@ -30,12 +30,7 @@ from fleetplane.accounting.store import Store, apply_settings_ddl, connect
 from fleetplane.core.errors import Fatal
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.logging import get_logger
-from fleetplane.core.service import (
-    bootstrap,
-    freeze_startup_heap,
-    serve_http_in_thread,
-    stop_http,
-)
+from fleetplane.core.service import bootstrap, freeze_startup_heap, serve_http_in_thread
 from fleetplane.core.settings import Settings
 from fleetplane.core.teams import teams_for
 from fleetplane.core.topics import event_topics, load_topics
@@ -173,7 +168,7 @@ def run(settings: Settings) -> int:
             log.error("accounting stopped on a fatal error", exc_info=True)
             code = 1
         finally:
-            stop_http(server)
+            server.stop()
             stop_publisher.set()
             publisher_thread.join(10)
             producer.close()

@@ -63,8 +63,24 @@ def freeze_startup_heap() -> int:
     return gc.get_freeze_count()
 
 
+class ThreadedServer(uvicorn.Server):
+    """A uvicorn server that runs in `thread` (serve_http_in_thread)."""
+
+    thread: threading.Thread | None = None
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Ask the server to exit and wait (up to `timeout_s`) until its requests in flight
+        are answered, before the caller closes what they use (the producer, ClickHouse): a
+        request still running while the interpreter shuts down would use a client already
+        closed."""
+        self.should_exit = True
+        if self.thread is not None:
+            self.thread.join(timeout_s)
+
+
 def serve_http_in_thread(app: Any, host: str, port: int,
-                         trusted_proxies: str = "", reuse_port: bool = False) -> uvicorn.Server:
+                         trusted_proxies: str = "", reuse_port: bool = False
+                         ) -> ThreadedServer:
     """Run a FastAPI app beside a processor loop (uvicorn in a daemon thread).
 
     X-Forwarded-For is believed only from `trusted_proxies` (uvicorn's default would trust any
@@ -74,7 +90,6 @@ def serve_http_in_thread(app: Any, host: str, port: int,
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             lifespan="on", proxy_headers=bool(trusted_proxies),
                             forwarded_allow_ips=trusted_proxies or None)
-    server = uvicorn.Server(config)
     kwargs: dict[str, Any] = {}
     if reuse_port:
         family, kind, proto, _, address = socket.getaddrinfo(
@@ -84,21 +99,9 @@ def serve_http_in_thread(app: Any, host: str, port: int,
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
         kwargs["sockets"] = [sock]
-    thread = threading.Thread(target=server.run, kwargs=kwargs, name="http", daemon=True)
-    thread.start()
-    _http_threads[id(server)] = thread
+    server = ThreadedServer(config)
+    server.thread = threading.Thread(target=server.run, kwargs=kwargs, name="http",
+                                     daemon=True)
+    server.thread.start()
     return server
 
-
-#: serve_http_in_thread's threads, by the id of their server (stop_http joins them)
-_http_threads: dict[int, threading.Thread] = {}
-
-
-def stop_http(server: uvicorn.Server, timeout_s: float = 5.0) -> None:
-    """Ask the server to exit and wait (up to `timeout_s`) until its requests in flight are
-    answered, before the caller closes what they use (the producer, ClickHouse): a request
-    still running while the interpreter shuts down would use a client already closed."""
-    server.should_exit = True
-    thread = _http_threads.pop(id(server), None)
-    if thread is not None:
-        thread.join(timeout_s)

@@ -11,12 +11,7 @@ from fleetplane.core import doorbell
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import Processor
-from fleetplane.core.service import (
-    bootstrap,
-    freeze_startup_heap,
-    serve_http_in_thread,
-    stop_http,
-)
+from fleetplane.core.service import bootstrap, freeze_startup_heap, serve_http_in_thread
 from fleetplane.core.teams import teams_for
 from fleetplane.core.topics import CONTROL, SUBMITTED
 from fleetplane.executor.workspace import load_repositories
@@ -87,7 +82,7 @@ def main() -> None:
     finally:
         if workers is not None:
             workers.stop()
-        stop_http(server)
+        server.stop()
         tables.stop()
         writer.close()
         producer.close()
