@@ -7,6 +7,7 @@ log shows no attempt billed twice."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -44,7 +45,10 @@ def run(base_settings: Settings, tmp_path: Path, unique: str, fake: FakeProvider
         proc.env.update({"FLEETPLANE_EXECUTOR_ID": f"exec-{name}-{unique}",
                          "FLEETPLANE_INSTANCE_ID": f"exec-{name}-{unique}",
                          "FLEETPLANE_EXECUTOR_SLOTS": "3",
-                         "FLEETPLANE_EXECUTOR_HEARTBEAT_S": "1"})
+                         "FLEETPLANE_EXECUTOR_HEARTBEAT_S": "1",
+                         # librdkafka's group state machine in the log: a failure to form the
+                         # group says which member is where (wait_group_assigned's message)
+                         "FLEETPLANE_KAFKA_CONSUMER_CONFIG": json.dumps({"debug": "cgrp"})})
         executors.append(proc)
     a, b = executors
     b.skip_history = lambda: None  # type: ignore[method-assign]  # a set the group's start
@@ -62,7 +66,8 @@ def run(base_settings: Settings, tmp_path: Path, unique: str, fake: FakeProvider
         # both in the group with partitions before any dispatch: the first to join takes every
         # partition until the second's join splits them, and a late join (a loaded machine)
         # left the first one running all the tasks while the second never started one
-        wait_group_assigned(base_settings, a.env["FLEETPLANE_EXECUTOR_GROUP_ID"], members=2)
+        wait_group_assigned(base_settings, a.env["FLEETPLANE_EXECUTOR_GROUP_ID"], members=2,
+                            procs=executors)
         tasks = []
         for t in ids:
             spec = ev.TaskSpec(name=t, task_type="codegen", prompt=f"FLEET {t}")

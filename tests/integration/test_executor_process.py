@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -83,18 +83,28 @@ def start_group_at_end(settings: Settings, group: str, topic: str = DISPATCH) ->
 
 
 def wait_group_assigned(settings: Settings, group: str, members: int,
-                        timeout_s: float = 120.0) -> dict[str, set[int]]:
+                        timeout_s: float = 120.0,
+                        procs: Sequence[ExecutorProcess] = ()) -> dict[str, set[int]]:
     """Wait until the broker reports `group` stable with `members` members, each assigned
     some partitions; returns each member's client id -> its partitions.
 
     A process logs "partitions assigned" at its own join; a second member joining later
     revokes and splits that assignment, and until then the first one takes every record. A
     test that needs work spread over several members waits here (the broker's own view of the
-    group) before producing it."""
+    group) before producing it.
+
+    `procs`: the members' processes. One that exits fails the wait at once, and a failure says
+    how each one stands (exit code, its log's last lines): the embedded broker never expires a
+    static member, so a member process that died leaves the group waiting for its rejoin for
+    good (a CI run saw the group PREPARING_REBALANCING for 120 s and could not say why)."""
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
     deadline = time.monotonic() + timeout_s
     last = "not described"
     while time.monotonic() < deadline:
+        dead = [p for p in procs if p.proc is not None and p.proc.poll() is not None]
+        if dead:
+            raise AssertionError(f"group {group}: a member process exited\n"
+                                 + "\n".join(p.describe() for p in procs))
         try:
             desc = admin.describe_consumer_groups([group], request_timeout=10)[group].result()
         except Exception as exc:  # the group may not exist yet: not an answer, ask again
@@ -108,7 +118,8 @@ def wait_group_assigned(settings: Settings, group: str, members: int,
                     and all(got.values())):
                 return got
         time.sleep(0.2)
-    raise AssertionError(f"group {group} not stable with {members} assigned members: {last}")
+    raise AssertionError(f"group {group} not stable with {members} assigned members: {last}\n"
+                         + "\n".join(p.describe() for p in procs))
 
 
 class ExecutorProcess:
@@ -160,6 +171,18 @@ class ExecutorProcess:
                 return
             time.sleep(0.1)
         raise AssertionError(f"{text!r} not logged: {self.log_path.read_text()[-3000:]}")
+
+    def describe(self, lines: int = 25) -> str:
+        """How the process stands, for a failure message: its exit code (None: running) and
+        its log's last lines; with librdkafka's debug output on, its last group join-state
+        changes first."""
+        code = None if self.proc is None else self.proc.poll()
+        text = self.log_path.read_text(errors="replace").splitlines()
+        joins = [ln for ln in text if "CGRPJOINSTATE" in ln or "REBALANCE" in ln
+                 or "heartbeat error" in ln.lower()]
+        rest = [ln for ln in text if not ln.startswith("%7|")]
+        return (f"--- {self.env['FLEETPLANE_EXECUTOR_ID']} exit={code} {self.log_path}\n"
+                + "\n".join([*joins[-8:], "...", *rest[-lines:]]))
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
