@@ -86,9 +86,6 @@ class Intake:
     auth_failure_burst: int = 20
     # called once accepted tasks are acknowledged: wakes the ingest loop (core.doorbell)
     on_published: Callable[[], object] | None = None
-    # called once a control command (cancel, approve, pause...) is acknowledged: wakes the
-    # coordinator and executors parked on fleet.control at once (core.doorbell)
-    on_control: Callable[[], object] | None = None
     # keyed submissions this replica published, replays until the loop's mark arrives
     published: PublishedKeys = field(default_factory=PublishedKeys)
     # the share of every rate limit this process enforces (1/N of N workers on one port)
@@ -508,9 +505,9 @@ def create_app(intake: Intake) -> FastAPI:
         return str(doc.get("reason", ""))[:500]
 
     async def publish(command: ControlCommand) -> None:
+        # once acknowledged, send rings fleet.control's doorbell for the partition it wrote:
+        # the coordinator and executors parked on it read the command at once (core.doorbell)
         await run_in_threadpool(intake.producer.send, [command], 10)
-        if intake.on_control is not None:
-            intake.on_control()
 
     async def task_command(task_id: str, request: Request, who: Principal, command: str,
                            verb: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
+from fleetplane.core import doorbell
 from fleetplane.core.errors import Retriable
 from fleetplane.core.kafka import RenewingProducer
 from fleetplane.core.logging import get_logger
@@ -44,6 +45,14 @@ class TopicTable:
                                         daemon=True)
         self.records = 0
         self.errors = 0
+        #: the tables' doorbell (core.doorbell): the loops that write marks and names, and
+        #: TopicWriter (tokens, repositories), ring it once their records are acknowledged; a
+        #: quiet table is then probed less and less often (IdleBackoff) instead of every
+        #: idle_probe_s, and a ring still reads a new record at once
+        self._bell = (doorbell.listener(settings.kafka_bootstrap, self.appliers)
+                      if settings.handoff_doorbell and settings.idle_backoff_s > 0 else None)
+        #: the reader's backoff once it runs (its probe and ring counts)
+        self.idle: IdleBackoff | None = None
 
     def _consumer(self) -> Consumer:
         cfg = self.settings.consumer_config(f"fleetplane-table-{uuid.uuid4().hex[:12]}")
@@ -69,6 +78,8 @@ class TopicTable:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._bell is not None:
+            self._bell.wake()  # a parked reader waits on its doorbell: it stops at once
         self._thread.join(5)
 
     def _run(self) -> None:
@@ -90,8 +101,10 @@ class TopicTable:
             # the tables are idle most of the time: on the embedded broker a consumer that
             # keeps fetching costs CPU in librdkafka and the broker (docs/benchmarks.md,
             # "Profiles"); parked between probes like the loops' inputs
-            idle = IdleBackoff(consumer, self.settings.idle_backoff_s,
-                               self.settings.idle_probe_s)
+            self.idle = idle = IdleBackoff(consumer, self.settings.idle_backoff_s,
+                                           self.settings.idle_probe_s, bell=self._bell,
+                                           full_probe_s=self.settings.idle_full_probe_s,
+                                           quiet_probe_s=self.settings.idle_quiet_probe_s)
             while not self._stop.is_set():
                 first = idle.poll(0.1)
                 msgs = [] if first is None else [first, *consumer.consume(499, 0)]
@@ -115,6 +128,8 @@ class TopicTable:
             log.exception("table reader failed", topic=self.topic)
         finally:
             consumer.close()
+            if self._bell is not None:
+                self._bell.close()
 
     def _apply(self, topic: str, key: bytes | None, value: bytes | None) -> None:
         apply = self.appliers.get(topic)
@@ -147,19 +162,27 @@ class TopicWriter:
 
     def __init__(self, settings: Settings) -> None:
         self._producer = RenewingProducer(settings.producer_config())
+        self._bell_cluster = settings.kafka_bootstrap if settings.handoff_doorbell else None
 
     def put(self, topic: str, key: str, value: dict[str, Any] | None,
             timeout_s: float = 10.0) -> None:
+        """Publish and wait for the acknowledgement; then ring the tables' doorbell for the
+        partition written (every TopicTable on this host reads the record at once)."""
         errors: list[str] = []
+        written: set[int] = set()
 
-        def delivered(err: Any, _msg: Any) -> None:
+        def delivered(err: Any, msg: Any) -> None:
             if err is not None:
                 errors.append(str(err))
+            elif msg.partition() is not None:
+                written.add(msg.partition())
 
         self._producer.produce(topic, key=key.encode(), value=encode_value(value),
                                on_delivery=delivered)
         if self._producer.flush(timeout_s) or errors:
             raise Retriable(f"{topic}: record not acknowledged ({errors[:1] or 'timeout'})")
+        if written and self._bell_cluster is not None:
+            doorbell.ring(self._bell_cluster, {topic: written})
 
     def close(self) -> None:
         self._producer.flush(5)

@@ -13,7 +13,7 @@ from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import Processor
 from fleetplane.core.service import bootstrap, freeze_startup_heap, serve_http_in_thread
 from fleetplane.core.teams import teams_for
-from fleetplane.core.topics import CONTROL, SUBMITTED
+from fleetplane.core.topics import SUBMITTED
 from fleetplane.executor.workspace import load_repositories
 from fleetplane.ingest.api import Intake, create_app
 from fleetplane.ingest.handlers import accept
@@ -60,9 +60,7 @@ def main() -> None:
                     auth_failure_burst=settings.auth_failure_burst,
                     rate_share=rate_share(settings),
                     on_published=(partial(doorbell.ring, settings.kafka_bootstrap, [SUBMITTED])
-                                  if settings.handoff_doorbell else None),
-                    on_control=(partial(doorbell.ring, settings.kafka_bootstrap, [CONTROL])
-                                if settings.handoff_doorbell else None))
+                                  if settings.handoff_doorbell else None))
     app = create_app(intake)
     if obs.tracing is not None:
         instrument_app(app, obs.tracing)
