@@ -1133,12 +1133,16 @@ class Processor:
         if self._idle is not None:
             self._idle.wake()  # parked partitions are unassigned: storing offsets needs them
             self._idle.reset()
-        if self._running and self._pending:
-            self._checkpoint()
-        if parked:
-            # wake() assigned inside the callback: the client then leaves the unassignment
-            # that follows a revocation to us
-            consumer.unassign()
+        try:
+            if self._running and self._pending:
+                self._checkpoint()
+        finally:
+            if parked:
+                # wake() assigned inside the callback: the client then leaves the unassignment
+                # that follows a revocation to us, even when the checkpoint raised (an
+                # unanswered revocation keeps the member from rejoining: librdkafka waits in
+                # wait-unassign-call and the group waits for the member's JoinGroup)
+                consumer.unassign()
 
     def _checkpoint(self) -> None:
         if not self._pending:

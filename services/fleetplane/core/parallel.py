@@ -595,36 +595,42 @@ class ParallelProcessor(Processor):
             if self._running:
                 self._idle.wake()  # parked partitions are unassigned: commits need them
             self._idle.reset()
-        if self._running:
-            try:
-                self._commit()
-            except Fatal:
-                log.exception("commit on revocation failed; outputs kept for the next one")
         revoked = {(tp.topic, tp.partition) for tp in partitions}
-        # librdkafka keeps a partition's pause across a rebalance (confluentinc/librdkafka#1849):
-        # one paused here and assigned back (our _paused forgets it) would never be fetched
-        # again; test_parallel's revocation test lost a record this way. Resume before letting
-        # it go.
-        still_paused = [TopicPartition(t, p) for t, p in self._paused & revoked]
-        if still_paused:
-            consumer.resume(still_paused)
+        dropped = 0
+        try:
+            if self._running:
+                try:
+                    self._commit()
+                except Fatal:
+                    log.exception("commit on revocation failed; outputs kept for the next one")
+            # librdkafka keeps a partition's pause across a rebalance
+            # (confluentinc/librdkafka#1849): one paused here and assigned back (our _paused
+            # forgets it) would never be fetched again; test_parallel's revocation test lost a
+            # record this way. Resume before letting it go.
+            still_paused = [TopicPartition(t, p) for t, p in self._paused & revoked]
+            if still_paused:
+                consumer.resume(still_paused)
 
-        with self._lock:
-            for tp in revoked:
-                self._epoch[tp] = self._epoch.get(tp, 0) + 1
-                self._next.pop(tp, None)
-                self._unfinished.pop(tp, None)
-                self._committed.pop(tp, None)
-            kept = deque(it for it in self._queue
-                         if (it.record.topic, it.record.partition) not in revoked)
-            fast = deque(it for it in self._express
-                         if (it.record.topic, it.record.partition) not in revoked)
-            dropped = len(self._queue) - len(kept) + len(self._express) - len(fast)
-            self._queue, self._express = kept, fast
-            self.stats.dropped_on_revoke += dropped
-            self._paused -= revoked
-        if parked:
-            consumer.unassign()  # wake() assigned inside the callback (see core.loop)
+            with self._lock:
+                for tp in revoked:
+                    self._epoch[tp] = self._epoch.get(tp, 0) + 1
+                    self._next.pop(tp, None)
+                    self._unfinished.pop(tp, None)
+                    self._committed.pop(tp, None)
+                kept = deque(it for it in self._queue
+                             if (it.record.topic, it.record.partition) not in revoked)
+                fast = deque(it for it in self._express
+                             if (it.record.topic, it.record.partition) not in revoked)
+                dropped = len(self._queue) - len(kept) + len(self._express) - len(fast)
+                self._queue, self._express = kept, fast
+                self.stats.dropped_on_revoke += dropped
+                self._paused -= revoked
+        finally:
+            if parked:
+                # wake() assigned inside the callback: answer the revocation whatever raised
+                # above (unanswered, librdkafka waits in wait-unassign-call and the group for
+                # this member's JoinGroup; core.loop)
+                consumer.unassign()
         running = self._active
         if partitions:
             log.info("partitions revoked", partitions=sorted(revoked), not_started_dropped=dropped,
