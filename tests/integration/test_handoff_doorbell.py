@@ -332,7 +332,7 @@ def test_a_quiet_hop_probes_less_and_less_often_and_a_record_still_reaches_it(
                                   group_id=f"calm-{unique}"))
     wait_parked(hop)
     assert hop._idle is not None
-    time.sleep(1.0)  # the wait grows: 20, 40, 80 ... 500 ms
+    time.sleep(2.5)  # quiet for QUIET_AFTER_S (1 s), then the wait grows: 20, 40 ... 500 ms
     probes = hop._idle.probes
     time.sleep(3.0)
     # every 500 ms: 6 in 3 s (every 20 ms it was 150); one more for a probe in hand
@@ -346,6 +346,54 @@ def test_a_quiet_hop_probes_less_and_less_often_and_a_record_still_reaches_it(
     raw.flush(10)
     assert seen.wait(HANDOFF_S), "a record no ring announced was never read"
     assert waits == [settings.idle_probe_s]  # the record reset the wait
+
+
+def test_a_stream_no_ring_announces_keeps_the_short_probe(
+    base_settings: Settings, unique: str,
+    run_processor: Callable[[Processor], Processor],  # noqa: F811 (fixture from test_loop)
+) -> None:
+    """Records a plain Kafka client writes (no ring) every 100 ms: the probes between them
+    find nothing, but the input is not quiet, so the wait stays at idle_probe_s and each
+    record is read within one probe interval. (Backing off after any empty probe made such a
+    stream wait 20-30 ms longer per hop at p50: docs/benchmarks.md, stop 28.)"""
+    settings = base_settings.model_copy(update={
+        "idle_probe_s": 0.02, "idle_full_probe_s": 0.1, "idle_quiet_probe_s": 0.5,
+        "poll_timeout_s": 0.1})
+    read = threading.Event()
+    count = [0]
+    total = 20
+
+    def handler(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        if event.task_id.startswith(f"{unique}-stream-"):
+            count[0] += 1
+            if count[0] == total:
+                read.set()
+        return ()
+
+    hop = run_processor(Processor(f"stream-{unique}", [LIFECYCLE], handler, settings,
+                                  group_id=f"stream-{unique}"))
+    wait_parked(hop)
+    assert hop._idle is not None
+    raw = ConfluentProducer(settings.producer_config())
+    waits: list[float] = []
+    serde = default_serde()
+    for i in range(total):
+        event = ev.TaskHeld(task_id=f"{unique}-stream-{i}", team="a", reason="r")
+        raw.produce(LIFECYCLE, value=serde.encode(event), partition=i % 6,
+                    key=event.task_id.encode())
+        raw.flush(10)
+        if i == 0:  # the stream starts: the hop parked before it may have backed off
+            deadline = time.monotonic() + HANDOFF_S
+            while count[0] < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            continue
+        sent = time.monotonic()
+        while time.monotonic() - sent < 0.1:
+            waits.append(hop._idle.wait_s)
+            time.sleep(0.005)
+    assert read.wait(HANDOFF_S), f"{count[0]} of {total} records read"
+    assert hop._idle.rung == 0  # nothing rang: every record was found by a probe
+    assert max(waits) == settings.idle_probe_s, sorted(set(waits))
 
 
 def test_an_event_producer_rings_the_partitions_it_wrote(
