@@ -332,7 +332,7 @@ def test_a_quiet_hop_probes_less_and_less_often_and_a_record_still_reaches_it(
                                   group_id=f"calm-{unique}"))
     wait_parked(hop)
     assert hop._idle is not None
-    time.sleep(2.5)  # quiet for QUIET_AFTER_S (1 s), then the wait grows: 20, 40 ... 500 ms
+    time.sleep(1.5)  # quiet for QUIET_AFTER_S (0.1 s), then the wait grows: 20, 40 ... 500 ms
     probes = hop._idle.probes
     time.sleep(3.0)
     # every 500 ms: 6 in 3 s (every 20 ms it was 150); one more for a probe in hand
@@ -352,7 +352,7 @@ def test_a_stream_no_ring_announces_keeps_the_short_probe(
     base_settings: Settings, unique: str,
     run_processor: Callable[[Processor], Processor],  # noqa: F811 (fixture from test_loop)
 ) -> None:
-    """Records a plain Kafka client writes (no ring) every 100 ms: the probes between them
+    """Records a plain Kafka client writes (no ring) every 50 ms: the probes between them
     find nothing, but the input is not quiet, so the wait stays at idle_probe_s and each
     record is read within one probe interval. (Backing off after any empty probe made such a
     stream wait 20-30 ms longer per hop at p50: docs/benchmarks.md, stop 28.)"""
@@ -388,7 +388,7 @@ def test_a_stream_no_ring_announces_keeps_the_short_probe(
                 time.sleep(0.005)
             continue
         sent = time.monotonic()
-        while time.monotonic() - sent < 0.1:
+        while time.monotonic() - sent < 0.05:
             waits.append(hop._idle.wait_s)
             time.sleep(0.005)
     assert read.wait(HANDOFF_S), f"{count[0]} of {total} records read"

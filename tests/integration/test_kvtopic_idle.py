@@ -57,7 +57,7 @@ def test_a_quiet_table_probes_less_often_and_a_writers_ring_reads_its_record(
     try:
         assert table.start(60)
         assert table.idle is not None and table.idle.bell is not None
-        time.sleep(3.0)  # quiet for 1 s (QUIET_AFTER_S), then the wait grows: 20, 40 ... 500 ms
+        time.sleep(2.0)  # quiet for 0.1 s (QUIET_AFTER_S), then the wait grows: 20 ... 500 ms
         probes = table.idle.probes
         time.sleep(3.0)
         # every 500 ms: 6 in 3 s (150 at 20 ms); one more for a probe in hand
