@@ -238,7 +238,7 @@ class IdleBackoff:
     that is not rung at all, as before.
 
     **A quiet input is probed less and less often** (stop 27, with a doorbell only). Once the
-    input has returned no record for `quiet_after_s`, each probe that no ring started and that
+    input has returned no record for `QUIET_AFTER_S`, each probe that no ring started and that
     found nothing doubles the wait before the next, from `probe_s` up to `quiet_probe_s`; a
     record resets it. An idle stack's hops probed every partition every 20 ms (about 0.4 of a
     core for the stack); a ring still wakes them at once, so only records no ring announces

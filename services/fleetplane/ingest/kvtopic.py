@@ -48,7 +48,7 @@ class TopicTable:
         #: the tables' doorbell (core.doorbell): the loops that write marks and names, and
         #: TopicWriter (tokens, repositories), ring it once their records are acknowledged; a
         #: quiet table is then probed less and less often (IdleBackoff) instead of every
-        #: idle_probe_s, and a ring still reads a new record at once
+        #: idle_probe_s, and a ring reads a new record within idle_probe_s (rings coalesce)
         self._bell = (doorbell.listener(settings.kafka_bootstrap, self.appliers)
                       if settings.handoff_doorbell and settings.idle_backoff_s > 0 else None)
         #: the reader's backoff once it runs (its probe and ring counts)
