@@ -308,6 +308,22 @@ def test_a_hop_rung_while_it_works_probes_what_it_worked_and_what_was_rung(
     assert hop._idle.partitions_probed - probed <= batches + 5 * full_probes
 
 
+def quiet_backoff(base_settings: Settings) -> Settings:
+    """The shipped probe interval and quiet backoff (20 ms doubling to 0.5 s), a full probe
+    every 0.1 s while rings come."""
+    return base_settings.model_copy(update={
+        "idle_probe_s": 0.02, "idle_full_probe_s": 0.1, "idle_quiet_probe_s": 0.5,
+        "poll_timeout_s": 0.1})
+
+
+def write_unannounced(raw: ConfluentProducer, task_id: str, partition: int) -> None:
+    """A TaskHeld onto tasks.lifecycle through a plain Kafka client: no doorbell rings."""
+    event = ev.TaskHeld(task_id=task_id, team="a", reason="r")
+    raw.produce(LIFECYCLE, value=default_serde().encode(event), partition=partition,
+                key=task_id.encode())
+    raw.flush(10)
+
+
 def test_a_quiet_hop_probes_less_and_less_often_and_a_record_still_reaches_it(
     base_settings: Settings, unique: str,
     run_processor: Callable[[Processor], Processor],  # noqa: F811 (fixture from test_loop)
@@ -315,9 +331,7 @@ def test_a_quiet_hop_probes_less_and_less_often_and_a_record_still_reaches_it(
     """Nothing rings and nothing comes: the wait between probes doubles up to
     idle_quiet_probe_s instead of probing every idle_probe_s; a record that no ring announced
     is still read by the next probe, and resets the wait."""
-    settings = base_settings.model_copy(update={
-        "idle_probe_s": 0.02, "idle_full_probe_s": 0.1, "idle_quiet_probe_s": 0.5,
-        "poll_timeout_s": 0.1})
+    settings = quiet_backoff(base_settings)
     seen = threading.Event()
     waits: list[float] = []
 
@@ -339,11 +353,7 @@ def test_a_quiet_hop_probes_less_and_less_often_and_a_record_still_reaches_it(
     assert hop._idle.probes - probes <= 7
     assert hop._idle.wait_s == 0.5
 
-    raw = ConfluentProducer(settings.producer_config())
-    event = ev.TaskHeld(task_id=f"{unique}-quiet", team="a", reason="r")
-    raw.produce(LIFECYCLE, value=default_serde().encode(event), partition=4,
-                key=event.task_id.encode())
-    raw.flush(10)
+    write_unannounced(ConfluentProducer(settings.producer_config()), f"{unique}-quiet", 4)
     assert seen.wait(HANDOFF_S), "a record no ring announced was never read"
     assert waits == [settings.idle_probe_s]  # the record reset the wait
 
@@ -356,9 +366,7 @@ def test_a_stream_no_ring_announces_keeps_the_short_probe(
     find nothing, but the input is not quiet, so the wait stays at idle_probe_s and each
     record is read within one probe interval. (Backing off after any empty probe made such a
     stream wait 20-30 ms longer per hop at p50: docs/benchmarks.md, stop 28.)"""
-    settings = base_settings.model_copy(update={
-        "idle_probe_s": 0.02, "idle_full_probe_s": 0.1, "idle_quiet_probe_s": 0.5,
-        "poll_timeout_s": 0.1})
+    settings = quiet_backoff(base_settings)
     read = threading.Event()
     count = [0]
     total = 20
@@ -376,12 +384,8 @@ def test_a_stream_no_ring_announces_keeps_the_short_probe(
     assert hop._idle is not None
     raw = ConfluentProducer(settings.producer_config())
     waits: list[float] = []
-    serde = default_serde()
     for i in range(total):
-        event = ev.TaskHeld(task_id=f"{unique}-stream-{i}", team="a", reason="r")
-        raw.produce(LIFECYCLE, value=serde.encode(event), partition=i % 6,
-                    key=event.task_id.encode())
-        raw.flush(10)
+        write_unannounced(raw, f"{unique}-stream-{i}", i % 6)
         if i == 0:  # the stream starts: the hop parked before it may have backed off
             deadline = time.monotonic() + HANDOFF_S
             while count[0] < 1 and time.monotonic() < deadline:
