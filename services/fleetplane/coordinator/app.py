@@ -139,6 +139,7 @@ class Stats:
     decided_s: float = 0.0  # time spent in Scheduler.apply
     published: int = 0  # events decided and published
     dead_letters: int = 0
+    forgotten: int = 0  # terminal task rows forgotten past the retention (Scheduler)
     standby_s: float | None = None  # process start -> took the active role
     ready_s: float | None = None  # process start -> table restored, decisions flowing
     recovery_s: float | None = None  # took the active role -> table restored (incl. join)
@@ -173,7 +174,9 @@ def policy_for_settings(settings: Settings) -> AdmissionPolicy:
                   start_timeout_ms=int(settings.coordinator_start_timeout_s * 1000),
                   reservations=settings.coordinator_reservations,
                   conflict_hold_timeout_ms=int(
-                      settings.coordinator_conflict_hold_timeout_s * 1000))
+                      settings.coordinator_conflict_hold_timeout_s * 1000),
+                  terminal_retention_ms=int(settings.coordinator_terminal_retention_s * 1000),
+                  terminal_max_rows=settings.coordinator_terminal_max_rows)
 
 
 def repartition(event: ev.Event, rec: Record) -> list[Output]:
@@ -263,6 +266,7 @@ class Coordinator:
             finally:
                 self.stats.decided_s += time.perf_counter() - started
             self.stats.published += len(outputs)
+            self.stats.forgotten += self.scheduler.forgotten
             return outputs
 
     def changelog(self) -> list[Output]:
@@ -608,7 +612,9 @@ class Coordinator:
                     "budget_exhausted": fleet.budget_exhausted}
 
     def stats_view(self) -> dict[str, Any]:
+        world = self.world
         return {**asdict(self.stats), "rows": len(self.table),
+                "terminal_rows": world.terminal if world is not None else None,
                 "forwarded": self.repartitioner.processed}
 
     def _serve_web(self) -> None:

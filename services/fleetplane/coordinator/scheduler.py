@@ -44,6 +44,7 @@ TERMINAL_STATUS: dict[type[ev.Event], Status] = {
 }
 OUTPUT_MAX_CHARS = 64_000  # of a completed task's output kept for its dependents
 REASON_MAX_CHARS = 500  # of a failed task's reason kept for its dependents
+FORGET_PER_TICK = 5_000  # terminal rows forgotten per clock tick at most (two ticks a second)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,11 @@ class AdmissionPolicy:
     # the oldest conflict-held waiter of a repository reserves its write scope: younger tasks
     # overlapping it wait ("reserved"), so a broad scope is not starved by narrow ones
     reservations: bool = True
+    # terminal rows are forgotten (deleted from the table) this long after they ended (0:
+    # kept), and the oldest ones beyond this many (0: no cap); docs/coordinator.md, "Forgetting
+    # finished tasks"
+    terminal_retention_ms: int = 7 * 86_400_000
+    terminal_max_rows: int = 500_000
 
     def team(self, name: str) -> TeamPolicy:
         return self.teams.policy(name)
@@ -86,6 +92,7 @@ class Scheduler:
         self.stamp: datetime = self.at
         self.out: list[ev.Event] = []
         self.admit_needed = False
+        self.forgotten = 0  # terminal rows the last apply forgot (_forget_ended)
         self._periods: dict[tuple[str, date], str] = {}
         # policy.team(name) without two calls (looked up per team on every admission pass)
         self._team_policies, self._default_policy = policy.teams.teams, policy.teams.defaults
@@ -103,7 +110,7 @@ class Scheduler:
         emitted events (the coordinator passes the wall clock)."""
         self.world, self.cause, self.at = world, event, event.occurred_at
         self.stamp = stamp or event.occurred_at
-        self.out, self.admit_needed = [], False
+        self.out, self.admit_needed, self.forgotten = [], False, 0
         world.begin()
         try:
             self._apply(event)
@@ -343,9 +350,22 @@ class Scheduler:
         self.admit_needed = True
 
     def _on_tick(self, horizon: datetime) -> None:
-        """Timer: release due backoffs; declare attempts without heartbeats lost."""
+        """Timer: release due backoffs; declare attempts without heartbeats lost; forget
+        finished tasks past the retention."""
         self._release_backoffs()
         self._expire_attempts(horizon)
+        self._forget_ended()
+
+    def _forget_ended(self) -> None:
+        """Terminal rows older than the retention, or beyond the cap, leave the table (at
+        most FORGET_PER_TICK per tick, so a tick's transaction stays small). Nothing else
+        changes: a terminal row holds no lease, quota slot or queue entry."""
+        keep, cap = self.policy.terminal_retention_ms, self.policy.terminal_max_rows
+        if keep <= 0 and cap <= 0:
+            return
+        before = (self.at - timedelta(milliseconds=keep)).timestamp() if keep > 0 \
+            else float("-inf")
+        self.forgotten += len(self.world.forget_ended(before, cap, FORGET_PER_TICK))
 
     def _horizon(self, tick: ev.ControlCommand) -> datetime:
         """Up to when the scheduler has seen its inputs: the tick's time, or earlier when the

@@ -162,6 +162,12 @@ class World:
         self.unquota: Counter[str] = Counter()
         self._kept: tuple[str, str, Rank] | None = None  # see _index
         self.backoffs: list[tuple[float, str]] = []
+        # terminal tasks as a heap of (when the row was last written, epoch s; task id), for
+        # forgetting them after the retention (forget_ended); entries go stale when a terminal
+        # row is written again, and are checked against the row when popped
+        self.ended: list[tuple[float, str]] = []
+        self.terminal = 0  # terminal rows held
+        self._gone: set[str] = set()  # forgotten since the last take_rows (tombstones)
         self.reservers: dict[str, list[tuple[int, str]]] = {}  # repository -> (seq, task id)
         self._bulk = False  # World.load: queues sorted and the heap built once, at the end
         self._dirty: set[str] = set()
@@ -212,6 +218,7 @@ class World:
             for heap in world.reservers.values():
                 heapq.heapify(heap)
             heapq.heapify(world.backoffs)
+            heapq.heapify(world.ended)
         finally:
             world._bulk = False
             if enabled:
@@ -252,6 +259,15 @@ class World:
             for dep in old.spec.depends_on:
                 self.dependents.get(dep, set()).discard(tid)
         self.tasks[tid] = state
+        if state.terminal and (old is None or not old.terminal):
+            self.terminal += 1
+            entry = (state.updated_at.timestamp(), tid)
+            if self._bulk:
+                self.ended.append(entry)
+            else:
+                heapq.heappush(self.ended, entry)
+        elif old is not None and old.terminal and not state.terminal:
+            self.terminal -= 1  # a rollback of the event that ended it (its heap entry goes stale)
         if old is not None and old.hold_kind in WAITS_FOR_TASK and old.held_by:
             self.conflict_waiters.get(old.held_by, set()).discard(tid)
         self.candidates.pop(tid, None)
@@ -318,6 +334,43 @@ class World:
             if row is not None:
                 self.recheck.add(waiter)
                 self._enqueue(row, None)
+
+    def forget_ended(self, before: float, max_rows: int, limit: int) -> list[str]:
+        """Forget terminal tasks (row deleted, tombstone at the next ``take_rows``), oldest
+        first: those whose row was last written before ``before`` (epoch s), and while more
+        than ``max_rows`` terminal rows are held (0: no cap); at most ``limit``. The ids
+        forgotten, in order. A terminal row holds no lease, queue entry or dependents (its
+        dependents were re-examined when it ended), so only the row goes."""
+        forgotten: list[str] = []
+        heap, tasks = self.ended, self.tasks
+        while heap and len(forgotten) < limit:
+            when, tid = heap[0]
+            over = max_rows > 0 and self.terminal > max_rows
+            if when >= before and not over:
+                break
+            heapq.heappop(heap)
+            row = tasks.get(tid)
+            if row is None or not row.terminal:
+                continue  # forgotten already, or a stale entry
+            written = row.updated_at.timestamp()
+            if written != when:  # written again since (a late cost charged): its real time
+                heapq.heappush(heap, (written, tid))
+                continue
+            self.forget(tid)
+            forgotten.append(tid)
+        return forgotten
+
+    def forget(self, tid: str) -> None:
+        """Delete a terminal task's row (undone by ``rollback``)."""
+        row = self.tasks.get(tid)
+        assert row is not None and row.terminal, tid
+        if self._undo is not None and tid not in self._undo:
+            self._undo[tid] = row
+        del self.tasks[tid]
+        self.terminal -= 1
+        self._dirty.discard(tid)
+        self._beats.discard(tid)
+        self._gone.add(tid)
 
     def is_reserving(self, tid: str) -> bool:
         row = self.tasks.get(tid)
@@ -442,6 +495,8 @@ class World:
         for tid, old in undo.items():
             if old is None:
                 gone = self.tasks.pop(tid, None)
+                if gone is not None and gone.terminal:
+                    self.terminal -= 1
                 self.active.pop(tid, None)
                 self.waiting.pop(tid, None)
                 self.candidates.pop(tid, None)
@@ -452,6 +507,7 @@ class World:
                         self.dependents.get(dep, set()).discard(tid)
                 self._dirty.discard(tid)
             else:
+                self._gone.discard(tid)  # forgotten by this event: not any more
                 self._index(old)
         if fleet is not None:
             self.fleet = fleet
@@ -483,6 +539,17 @@ class World:
                     rows.append((beat_key(tid), beat_bytes(row)))
                     self._beat_keys.add(tid)
             self._beats.clear()
+        for tid in sorted(self._gone):
+            if tid in tasks:
+                continue  # forgotten, then a late event wrote it again: written above
+            rows.append((task_key(tid), None))
+            if tid in self._beat_keys:
+                self._beat_keys.discard(tid)
+                rows.append((beat_key(tid), None))
+            kept = self._specs.pop(tid, None)
+            if kept is not None and kept[2]:
+                rows.append((spec_key(tid), None))
+        self._gone.clear()
         if self._fleet_dirty:
             rows.append((FLEET_KEY, self.fleet.to_bytes()))
         dirty.clear()

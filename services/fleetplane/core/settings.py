@@ -244,6 +244,16 @@ class Settings(BaseSettings):
     coordinator_reservations: bool = Field(
         default=True, description="The oldest passed-over conflict waiter of a repository "
         "reserves its write scope (no starvation of broad scopes; docs/coordinator.md).")
+    coordinator_terminal_retention_s: float = Field(
+        default=7 * 86_400.0, description="A finished task's row leaves the coordinator's "
+        "table this long after the task ended (0: kept). Within it, late and redelivered "
+        "events of the task are absorbed and tasks depending on it see its outcome; the "
+        "default matches the idempotency and dependency-name windows (docs/coordinator.md, "
+        "\"Forgetting finished tasks\").")
+    coordinator_terminal_max_rows: int = Field(
+        default=500_000, ge=0, description="At most this many finished tasks' rows are kept "
+        "(the oldest forgotten first; 0: no cap): about 3 KB of memory and 8 us of restore "
+        "each, so the table and a failover's restore stay bounded.")
     coordinator_conflict_hold_timeout_s: float = Field(
         default=1800.0, description="A running attempt held for approval after a conflict "
         "(conflict_policy hold) with no approve/reject this long is stopped: rolled back, as "
