@@ -91,7 +91,7 @@ def test_a_dependency_on_a_forgotten_task_waits_and_says_why() -> None:
     assert "dep" not in h.world.tasks
     [hold] = held(h.route("late", scope=["l/**"], depends_on=["dep"]))
     assert (hold.kind, hold.held_by) == ("dependency", "dep")
-    assert "dep" in hold.reason
+    assert "dep" in hold.reason and "retention" in hold.reason
 
 
 def test_a_forget_undone_with_its_event_leaves_the_row_and_writes_no_tombstone() -> None:

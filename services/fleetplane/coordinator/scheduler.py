@@ -44,6 +44,9 @@ TERMINAL_STATUS: dict[type[ev.Event], Status] = {
 }
 OUTPUT_MAX_CHARS = 64_000  # of a completed task's output kept for its dependents
 REASON_MAX_CHARS = 500  # of a failed task's reason kept for its dependents
+#: said of a dependency the coordinator does not know (_check_dependencies)
+UNKNOWN_DEPENDENCY = (" (not seen yet; a task that ended before the coordinator's retention "
+                      "of finished tasks is forgotten and never completes here)")
 FORGET_PER_TICK = 5_000  # terminal rows forgotten per clock tick at most (two ticks a second)
 
 
@@ -66,7 +69,7 @@ class AdmissionPolicy:
     # kept), and the oldest ones beyond this many (0: no cap); docs/coordinator.md, "Forgetting
     # finished tasks"
     terminal_retention_ms: int = 7 * 86_400_000
-    terminal_max_rows: int = 500_000
+    terminal_max_rows: int = 200_000
 
     def team(self, name: str) -> TeamPolicy:
         return self.teams.policy(name)
@@ -551,7 +554,9 @@ class Scheduler:
                                   f"dependency {dep} ended {other.status.value}{why}")
         if pending:
             more = f" (and {len(pending) - 1} more)" if len(pending) > 1 else ""
-            return self._hold(state, "dependency", f"waits for {pending[0]}{more} to complete",
+            unknown = "" if pending[0] in self.world.tasks else UNKNOWN_DEPENDENCY
+            return self._hold(state, "dependency",
+                              f"waits for {pending[0]}{more} to complete{unknown}",
                               held_by=pending[0])
         if state.hold_kind == "dependency":
             self._put(state, hold_kind=None, held_by=None, hold_reason="")

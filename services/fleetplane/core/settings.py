@@ -251,9 +251,9 @@ class Settings(BaseSettings):
         "default matches the idempotency and dependency-name windows (docs/coordinator.md, "
         "\"Forgetting finished tasks\").")
     coordinator_terminal_max_rows: int = Field(
-        default=500_000, ge=0, description="At most this many finished tasks' rows are kept "
-        "(the oldest forgotten first; 0: no cap): about 3 KB of memory and 8 us of restore "
-        "each, so the table and a failover's restore stay bounded.")
+        default=200_000, ge=0, description="At most this many finished tasks' rows are kept "
+        "(the oldest forgotten first; 0: no cap): about 3 KB of memory and 8 us of a "
+        "failover's table rebuild each, so both stay bounded.")
     coordinator_conflict_hold_timeout_s: float = Field(
         default=1800.0, description="A running attempt held for approval after a conflict "
         "(conflict_policy hold) with no approve/reject this long is stopped: rolled back, as "
