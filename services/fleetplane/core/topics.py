@@ -80,9 +80,15 @@ class TopicSpec:
     cleanup_policy: str
     doc: str = ""
     kind: str = "events"  # "events": fleetplane Avro events; "internal": Faust changelogs etc.
+    #: roll a segment this often (None: the broker's default, 7 days): a compacted topic is
+    #: compacted only in closed segments
+    segment_ms: int | None = None
 
     def config(self) -> dict[str, str]:
-        return {"retention.ms": str(self.retention_ms), "cleanup.policy": self.cleanup_policy}
+        config = {"retention.ms": str(self.retention_ms), "cleanup.policy": self.cleanup_policy}
+        if self.segment_ms is not None:
+            config["segment.ms"] = str(self.segment_ms)
+        return config
 
 
 def load_topics(path: Path) -> list[TopicSpec]:
@@ -102,6 +108,7 @@ def load_topics(path: Path) -> list[TopicSpec]:
                 cleanup_policy=str(t.get("cleanup_policy", "delete")),
                 doc=str(t.get("doc", "")),
                 kind=str(t.get("kind", "events")),
+                segment_ms=int(t["segment_ms"]) if "segment_ms" in t else None,
             )
         )
     return specs
