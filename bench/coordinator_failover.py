@@ -8,6 +8,11 @@ is what a coordinator pair costs while nothing happens. During the decisions the
 are taken for the burst of N (``cpu_s``).
 
     .venv/bin/python -m bench.coordinator_failover --tasks 20000
+
+``--finished`` completes every task before the kill, so the table holds N finished tasks (what
+a fleet accumulates); ``--max-finished-rows K`` sets FLEETPLANE_COORDINATOR_TERMINAL_MAX_ROWS
+(the coordinator then forgets all but K of them; 0 keeps them all): the failover figures with
+and without forgetting (docs/coordinator.md, "Forgetting finished tasks").
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from fleetplane.core.topics import ensure_topics, load_topics
 from fleetplane.infra.broker import EmbeddedBroker, free_port
 
 
-def run(tasks: int, data: Path, takeover_s: float, idle_s: float) -> dict[str, object]:
+def run(tasks: int, data: Path, takeover_s: float, idle_s: float, finished: bool = False,
+        max_rows: int | None = None) -> dict[str, object]:
     broker = EmbeddedBroker(data / "broker")
     broker.start()
     try:
@@ -38,6 +44,8 @@ def run(tasks: int, data: Path, takeover_s: float, idle_s: float) -> dict[str, o
         port = free_port()
         env = {"FLEETPLANE_COORDINATOR_WEB_PORT": str(port), "FLEETPLANE_LOG_LEVEL": "INFO",
                "FLEETPLANE_COORDINATOR_TAKEOVER_S": str(takeover_s)}
+        if max_rows is not None:
+            env["FLEETPLANE_COORDINATOR_TERMINAL_MAX_ROWS"] = str(max_rows)
         procs = []
         for name in ("a", "b"):
             (data / name).mkdir()
@@ -78,6 +86,17 @@ def run(tasks: int, data: Path, takeover_s: float, idle_s: float) -> dict[str, o
             time.sleep(0.2)
         decided_s = time.monotonic() - t0
         busy_cpu = used(cpu0)
+        if finished:
+            for i in range(0, tasks, 2000):
+                producer.send([ev.TaskCompleted(task_id=f"t-{j}", team="team", attempt=1,
+                                                model="m", output="done", cost_usd=0.0,
+                                                duration_ms=1)
+                               for j in range(i, min(tasks, i + 2000))])
+            want = tasks if max_rows is None or max_rows <= 0 else max_rows
+            while (active.stats() or {}).get("task_events", 0) < 2 * tasks \
+                    or (active.stats() or {}).get("terminal_rows", 0) > want:
+                assert time.monotonic() < deadline, "not completed in 30 minutes"
+                time.sleep(0.2)
         time.sleep(2.0)
         idle0, idle_t0 = cpu(), time.monotonic()
         time.sleep(idle_s)
@@ -107,6 +126,9 @@ def run(tasks: int, data: Path, takeover_s: float, idle_s: float) -> dict[str, o
                 "restore_s": stats.get("restore_s"), "recovery_s": stats.get("recovery_s"),
                 "changelog_records": stats.get("changelog_records"),
                 "recovered_rows": stats.get("recovered_rows"),
+                "world_load_s": stats.get("world_load_s"),
+                "finished_rows_before": before.get("terminal_rows"),
+                "forgotten_before": before.get("forgotten"),
                 "cpu_s_while_deciding": busy_cpu, "idle_cores": idle_cpu, "idle_s": idle_s,
                 "load_average": round(os.getloadavg()[0], 1)}
     finally:
@@ -118,9 +140,14 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--takeover-s", type=float, default=5.0)
     parser.add_argument("--idle-s", type=float, default=20.0)
+    parser.add_argument("--finished", action="store_true",
+                        help="complete every task before the kill")
+    parser.add_argument("--max-finished-rows", type=int, default=None,
+                        help="FLEETPLANE_COORDINATOR_TERMINAL_MAX_ROWS (0: keep them all)")
     args = parser.parse_args()
     data = Path(tempfile.mkdtemp(prefix="coordinator-failover-"))
-    print(json.dumps({**run(args.tasks, data, args.takeover_s, args.idle_s), "logs": str(data)}))
+    print(json.dumps({**run(args.tasks, data, args.takeover_s, args.idle_s, args.finished,
+                            args.max_finished_rows), "logs": str(data)}))
 
 
 if __name__ == "__main__":

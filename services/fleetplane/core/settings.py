@@ -245,7 +245,7 @@ class Settings(BaseSettings):
         default=True, description="The oldest passed-over conflict waiter of a repository "
         "reserves its write scope (no starvation of broad scopes; docs/coordinator.md).")
     coordinator_terminal_retention_s: float = Field(
-        default=7 * 86_400.0, description="A finished task's row leaves the coordinator's "
+        default=7 * 86_400.0, ge=0, description="A finished task's row leaves the coordinator's "
         "table this long after the task ended (0: kept). Within it, late and redelivered "
         "events of the task are absorbed and tasks depending on it see its outcome; the "
         "default matches the idempotency and dependency-name windows (docs/coordinator.md, "
