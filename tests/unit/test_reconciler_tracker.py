@@ -139,3 +139,27 @@ def test_a_backlog_whose_committed_offset_moves_is_slow_not_stalled() -> None:
     see(tr, accepted("t1"), ACCEPTED, 900, now=0)
     for i, now in enumerate(range(10, 300, 10)):
         assert tr.due({(ACCEPTED, 0): 10 + i}, now, deadline_s=10, max_redrives=3) == []
+
+
+def test_memory_is_bounded_by_time_and_a_finished_task_stays_finished_for_at_least_that_long(
+        ) -> None:
+    """``memory_s`` (reconciler_lookback_s): a finished id is remembered for at least that
+    long and at most twice; a track with no new record for that long goes (a restart, reading
+    the topics from that far back, would not know it either)."""
+    tr = Tracker(memory_s=100, now=0)
+    see(tr, accepted("done"), ACCEPTED, 1, now=0)
+    see(tr, ev.TaskCompleted(task_id="done", team="a", attempt=1, model="m", output="x",
+                             cost_usd=0.0, duration_ms=1), OUTCOMES, 1, now=0)
+    see(tr, accepted("stuck"), ACCEPTED, 2, now=0)
+    see(tr, accepted("fresh"), ACCEPTED, 3, now=150)
+    assert tr.forget(now=150) == 1 and set(tr.tracks) == {"fresh"}
+    see(tr, accepted("done"), ACCEPTED, 9, now=160)  # a late copy: still finished
+    assert "done" not in tr.tracks and "done" in tr.finished
+    assert tr.forget(now=250) == 1 and tr.tracks == {}  # "fresh": no record for 100 s
+    assert "done" not in tr.finished and len(tr.finished) == 0  # after 250 s (>= 100)
+
+
+def test_without_memory_s_nothing_is_forgotten() -> None:
+    tr = Tracker()
+    see(tr, accepted("stuck"), ACCEPTED, 2, now=0)
+    assert tr.forget(now=10**9) == 0 and set(tr.tracks) == {"stuck"}

@@ -331,6 +331,11 @@ class Settings(BaseSettings):
         "reconciler re-drives it.")
     reconciler_scan_s: float = Field(
         default=2.0, description="How often the reconciler compares what should be with what is.")
+    reconciler_lookback_s: float = Field(
+        default=86_400.0, ge=0, description="The reconciler reads the task topics from this "
+        "far back when it starts, and forgets finished tasks and tasks with no new record "
+        "after this long (0: from the start, kept): its start-up and memory stay bounded "
+        "however long the topics are kept (docs/operations.md, \"Reconciler\").")
     reconciler_max_redrives: int = Field(
         default=5, description="Re-drives of one hop of one task before the reconciler gives "
         "up and raises a critical alert for an operator.")

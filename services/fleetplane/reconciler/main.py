@@ -28,6 +28,7 @@ from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
+    OFFSET_END,
     Consumer,
     KafkaError,
     KafkaException,
@@ -65,7 +66,7 @@ class Reconciler:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.clock = clock
-        self.tracker = Tracker()
+        self.tracker = Tracker(memory_s=settings.reconciler_lookback_s, now=clock())
         self.serde = default_serde()
         self.stats: Counter[str] = Counter()
         self.started_at = clock()
@@ -97,7 +98,29 @@ class Reconciler:
                 continue
             for p in meta.partitions:
                 self.positions[(topic, p)] = OFFSET_BEGINNING
+        self._start_at_lookback()
         self.producer = RenewingProducer(self.settings.producer_config())
+
+    def _start_at_lookback(self) -> None:
+        """Each partition is read from its first record written within the lookback
+        (``reconciler_lookback_s``; 0: from the start): a restart reads the last day, not every
+        record of the topics' 7-90 days. A partition with nothing that recent starts at its
+        end."""
+        lookback = self.settings.reconciler_lookback_s
+        if lookback <= 0 or not self.positions:
+            return
+        assert self.consumer is not None
+        since_ms = int((time.time() - lookback) * 1000)
+        wanted = [TopicPartition(t, p, since_ms) for (t, p) in self.positions]
+        try:
+            found = self.consumer.offsets_for_times(wanted, timeout=30)
+        except KafkaException as exc:  # no starting point: everything, as before
+            log.warning("offsets by time unavailable: reading from the start", error=str(exc))
+            return
+        for tp in found:
+            if tp.error is None:
+                self.positions[(tp.topic, tp.partition)] = \
+                    tp.offset if tp.offset >= 0 else OFFSET_END
 
     def close(self) -> None:
         for c in [self.consumer, *self.groups.values()]:
@@ -242,6 +265,7 @@ class Reconciler:
                                        max_redrives=self.settings.reconciler_max_redrives)
             self.stats["scans"] += 1
             self.last_scan_at = self.clock()
+            self.stats["forgotten"] += self.tracker.forget(self.last_scan_at)
         for action in actions:
             self.act(action)
         if actions:

@@ -135,14 +135,43 @@ STALL_FACTOR = 4.0
 STALL_MIN_S = 30.0
 
 
+class Generations:
+    """A set of ids kept for at least ``span_s`` and at most twice that: two generations, the
+    older dropped when the newer is ``span_s`` old (``rotate``). Membership looks at both."""
+
+    def __init__(self, span_s: float, now: float = 0.0) -> None:
+        self.span_s = span_s
+        self.current: set[str] = set()
+        self.older: set[str] = set()
+        self.since = now
+
+    def add(self, item: str) -> None:
+        self.current.add(item)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self.current or item in self.older
+
+    def __len__(self) -> int:
+        """Ids held (one in both generations counts twice: no copy of the sets)."""
+        return len(self.current) + len(self.older)
+
+    def rotate(self, now: float) -> None:
+        if self.span_s > 0 and now - self.since >= self.span_s:
+            self.older, self.current, self.since = self.current, set(), now
+
+
 class Tracker:
     """Per non-terminal task: its facts and answers. Terminal tasks are forgotten (their ids
-    kept, so a late record does not bring them back)."""
+    kept for ``memory_s``, so a late record does not bring them back), and so are tasks whose
+    last fact is older than ``memory_s`` (``forget``): what a restart, which reads the topics
+    from ``memory_s`` back, would not know either (docs/operations.md, "Reconciler")."""
 
-    def __init__(self) -> None:
+    def __init__(self, memory_s: float = 0.0, now: float = 0.0) -> None:
+        self.memory_s = memory_s  # 0: everything is kept
         self.tracks: dict[str, Track] = {}
-        self.finished: set[str] = set()
-        self.recorded: set[str] = set()  # task ids with a row in the coordinator's table
+        self.finished = Generations(memory_s, now)
+        # task ids with a row in the coordinator's table
+        self.recorded = Generations(memory_s, now)
         #: per (topic, partition) of a hop's input: the group's committed offset as last
         #: sampled, and since when it has not moved
         self.group_at: dict[tuple[str, int], tuple[int, float]] = {}
@@ -228,6 +257,22 @@ class Tracker:
             track = self.tracks.get(task_id)
             if track is not None:
                 track.answered.update(("ingest", "router", "coordinator"))
+
+    def forget(self, now: float) -> int:
+        """Drop what is older than ``memory_s``: tracks whose newest fact was read that long
+        ago (the reconciler gave up on them or their answers were never read: a restart
+        would not read their facts again), and a generation of finished and recorded ids.
+        How many tracks went."""
+        if self.memory_s <= 0:
+            return 0
+        self.finished.rotate(now)
+        self.recorded.rotate(now)
+        cutoff = now - self.memory_s
+        old = [tid for tid, track in self.tracks.items()
+               if max((f.seen_at for f in track.facts.values()), default=cutoff) <= cutoff]
+        for tid in old:
+            del self.tracks[tid]
+        return len(old)
 
     def due(self, committed: Mapping[tuple[str, int], int], now: float, *,
             deadline_s: float, max_redrives: int) -> list[Redrive | GiveUp]:

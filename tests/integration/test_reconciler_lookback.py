@@ -1,0 +1,64 @@
+"""The reconciler reads the task topics from its lookback, not from the start
+(``FLEETPLANE_RECONCILER_LOOKBACK_S``, docs/operations.md "Reconciler"): its start-up and memory
+stay bounded however many days the topics keep. A broker of its own, so that the records' ages
+are the test's: two-day-old accepted tasks are not read, this hour's are."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Producer
+
+from fleetplane.core import events as ev
+from fleetplane.core.serde import default_serde
+from fleetplane.core.settings import Settings
+from fleetplane.core.topics import ACCEPTED, ensure_topics, key_for, load_topics
+from fleetplane.infra.broker import EmbeddedBroker
+from fleetplane.reconciler.main import Reconciler
+
+DAY_MS = 86_400_000
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Iterator[Settings]:
+    broker = EmbeddedBroker(tmp_path / "broker")
+    broker.start()
+    try:
+        s = Settings(kafka_bootstrap=broker.bootstrap)
+        ensure_topics(s.client_config(), load_topics(s.topics_file))
+        yield s
+    finally:
+        broker.stop()
+
+
+def publish(settings: Settings, tasks: list[str], age_ms: int) -> None:
+    """TaskAccepted records whose timestamp (CreateTime) is `age_ms` ago."""
+    serde, producer = default_serde(), Producer(settings.client_config())
+    at = int(time.time() * 1000) - age_ms
+    for tid in tasks:
+        event = ev.TaskAccepted(task_id=tid, team="t", spec=ev.TaskSpec(
+            name=tid, task_type="summarize", prompt="p"))
+        producer.produce(ACCEPTED, key=key_for(event), value=serde.encode(event), timestamp=at)
+    assert producer.flush(10) == 0
+
+
+def tracked(settings: Settings, lookback_s: float) -> set[str]:
+    reconciler = Reconciler(settings.model_copy(update={"reconciler_lookback_s": lookback_s}))
+    reconciler.open()
+    try:
+        assert reconciler.catch_up()
+        return set(reconciler.tracker.tracks)
+    finally:
+        reconciler.close()
+
+
+def test_a_start_reads_the_lookback_only(settings: Settings) -> None:
+    old = [f"old-{i}" for i in range(30)]
+    new = [f"new-{i}" for i in range(30)]
+    publish(settings, old, age_ms=2 * DAY_MS)
+    publish(settings, new, age_ms=60_000)
+    assert tracked(settings, lookback_s=86_400) == set(new)
+    assert tracked(settings, lookback_s=0) == set(old) | set(new)  # 0: from the start
