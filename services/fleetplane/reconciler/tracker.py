@@ -135,6 +135,11 @@ STALL_FACTOR = 4.0
 STALL_MIN_S = 30.0
 
 
+#: finished and recorded ids are kept this much longer than ``Tracker.memory_s`` (a pass reads
+#: for at most 10 s: a task's fact and the record that answers it are read that far apart)
+ID_MARGIN_S = 60.0
+
+
 class Generations:
     """A set of ids kept for at least ``span_s`` and at most twice that: two generations, the
     older dropped when the newer is ``span_s`` old (``rotate``). Membership looks at both."""
@@ -169,9 +174,11 @@ class Tracker:
     def __init__(self, memory_s: float = 0.0, now: float = 0.0) -> None:
         self.memory_s = memory_s  # 0: everything is kept
         self.tracks: dict[str, Track] = {}
-        self.finished = Generations(memory_s, now)
+        # the ids outlive a track by a margin: a fact and its answer can be read a pass apart
+        span = memory_s + ID_MARGIN_S if memory_s > 0 else 0.0
+        self.finished = Generations(span, now)
         # task ids with a row in the coordinator's table
-        self.recorded = Generations(memory_s, now)
+        self.recorded = Generations(span, now)
         #: per (topic, partition) of a hop's input: the group's committed offset as last
         #: sampled, and since when it has not moved
         self.group_at: dict[tuple[str, int], tuple[int, float]] = {}
