@@ -28,7 +28,6 @@ from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
-    OFFSET_END,
     Consumer,
     KafkaError,
     KafkaException,
@@ -104,23 +103,28 @@ class Reconciler:
     def _start_at_lookback(self) -> None:
         """Each partition is read from its first record written within the lookback
         (``reconciler_lookback_s``; 0: from the start): a restart reads the last day, not every
-        record of the topics' 7-90 days. A partition with nothing that recent starts at its
-        end."""
+        record of the topics' 7-90 days. A partition with nothing that recent starts at its end
+        as it was before the lookup: an offset, not OFFSET_END, which a pass that reads nothing
+        there would resolve again to a later end, skipping what came meanwhile; a record
+        written before that end and after the lookback would have been found by the lookup."""
         lookback = self.settings.reconciler_lookback_s
         if lookback <= 0 or not self.positions:
             return
         assert self.consumer is not None
         since_ms = int((time.time() - lookback) * 1000)
-        wanted = [TopicPartition(t, p, since_ms) for (t, p) in self.positions]
         try:
-            found = self.consumer.offsets_for_times(wanted, timeout=30)
+            ends = {key: self.consumer.get_watermark_offsets(TopicPartition(*key),
+                                                             timeout=10)[1]
+                    for key in self.positions}
+            found = self.consumer.offsets_for_times(
+                [TopicPartition(t, p, since_ms) for (t, p) in self.positions], timeout=30)
         except KafkaException as exc:  # no starting point: everything, as before
             log.warning("offsets by time unavailable: reading from the start", error=str(exc))
             return
         for tp in found:
+            key = (tp.topic, tp.partition)
             if tp.error is None:
-                self.positions[(tp.topic, tp.partition)] = \
-                    tp.offset if tp.offset >= 0 else OFFSET_END
+                self.positions[key] = tp.offset if tp.offset >= 0 else ends[key]
 
     def close(self) -> None:
         for c in [self.consumer, *self.groups.values()]:
