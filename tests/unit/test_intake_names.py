@@ -74,3 +74,24 @@ def test_accepted_tasks_publish_their_name_and_mark_with_the_acceptance() -> Non
     assert names.ids_named("a", "build") == ["t1"] and marks.get("a", "k1") is not None
     (dependent,) = handler(raw("t2", "deploy", ["build"]), None)[1:]  # type: ignore[arg-type]
     assert isinstance(dependent, ev.TaskAccepted) and dependent.spec.depends_on == ["t1"]
+
+
+def test_names_and_marks_older_than_their_window_leave_memory() -> None:
+    """A replica that has run for weeks holds its windows, not every name and idempotency mark
+    it has seen since it started (they grew by one entry per task before stop 29)."""
+    names, marks = NameIndex(0.3), Marks(0.3)
+    for i in range(1000):
+        names.add("a", f"job-{i}", f"id-{i}")
+        marks.apply(f"a/key-{i}", {"task_id": f"t-{i}", "event_id": "e", "spec_sha256": "s",
+                                   "at": time.time()})
+    names.add("a", "job-0", "renamed-0", at=time.time() + 0.2)  # job-0 again, a bit later
+    assert len(names) == 1001 and len(marks) == 1000
+    time.sleep(0.35)
+    names.add("a", "fresh", "new-1")  # new entries push the expired ones out
+    marks.apply("a/key-5", {"task_id": "t-5", "event_id": "e", "spec_sha256": "s",
+                            "at": time.time()})
+    assert len(names) == 2 and names.team_of("id-5") is None
+    assert names.ids_named("a", "job-0") == ["renamed-0"]
+    assert len(marks) == 1 and marks.get("a", "key-5") is not None
+    names.add("a", "late", "old-7", at=time.time() - 1)  # already outside the window
+    assert names.team_of("old-7") is None

@@ -26,7 +26,7 @@ import json
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -99,11 +99,14 @@ def resubmission(mark: Mark, team: str, spec: TaskSpec, key: str,
 
 
 class Marks:
-    """The marks this replica knows: followed from the topic, plus its own writes."""
+    """The marks this replica knows: followed from the topic, plus its own writes. Marks older
+    than the window are dropped as new ones come (oldest first), as the topic's retention
+    drops their records: a replica holds the window's marks, not every mark since it started."""
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
         self._marks: dict[str, Mark] = {}
+        self._added: deque[tuple[float, str]] = deque()  # (mark time, key), as applied
         self._lock = threading.Lock()
 
     def apply(self, key: str, value: dict[str, Any] | None) -> None:
@@ -112,7 +115,14 @@ class Marks:
                 self._marks.pop(key, None)
             else:
                 with contextlib.suppress(KeyError, TypeError, ValueError):
-                    self._marks[key] = Mark.from_json(value)
+                    mark = self._marks[key] = Mark.from_json(value)
+                    self._added.append((mark.at, key))
+            horizon, added = time.time() - self.window_s, self._added
+            while added and added[0][0] < horizon:
+                at, old = added.popleft()
+                found = self._marks.get(old)
+                if found is not None and found.at == at:  # not marked again since
+                    del self._marks[old]
 
     def get(self, team: str, key: str) -> Mark | None:
         with self._lock:

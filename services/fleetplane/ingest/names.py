@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,12 +48,17 @@ class Unresolved:
 
 class NameIndex:
     """team -> name -> task ids, and task id -> (team, name), for tasks accepted within
-    `window_s`. Thread-safe: the table thread applies records while requests resolve."""
+    `window_s`. Thread-safe: the table thread applies records while requests resolve.
+
+    Tasks accepted longer than `window_s` ago are dropped as new ones come (oldest first), as
+    the topic's retention drops their records: a replica that has run for a month holds the
+    window, not the month (until stop 29 it held every name it had seen since it started)."""
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
         self._by_name: dict[tuple[str, str], dict[str, float]] = {}
         self._by_id: dict[str, tuple[str, str]] = {}
+        self._added: deque[tuple[float, str]] = deque()  # (accepted at, task id), as added
         self._lock = threading.Lock()
 
     def apply(self, key: str, value: dict[str, Any] | None) -> None:
@@ -69,21 +75,40 @@ class NameIndex:
         self.add(team, name, task_id, at)
 
     def add(self, team: str, name: str, task_id: str, at: float | None = None) -> None:
+        now = time.time()
+        at = now if at is None else at
+        if at < now - self.window_s:
+            return  # outside the window already (a record the topic's retention has not cut)
         with self._lock:
-            self._by_name.setdefault((team, name), {})[task_id] = time.time() if at is None else at
+            self._by_name.setdefault((team, name), {})[task_id] = at
             self._by_id[task_id] = (team, name)
+            self._added.append((at, task_id))
+            self._expire(now - self.window_s)
+
+    def _expire(self, horizon: float) -> None:
+        """Drop the tasks accepted before `horizon` (the lock held). An entry whose task was
+        added again later (a newer time) is skipped: its newer entry drops it."""
+        added = self._added
+        while added and added[0][0] < horizon:
+            at, task_id = added.popleft()
+            known = self._by_id.get(task_id)
+            if known is not None and self._by_name.get(known, {}).get(task_id) == at:
+                self._drop(task_id, known)
 
     def forget(self, team: str, task_id: str) -> None:
         with self._lock:
             known = self._by_id.get(task_id)
             if known is None or known[0] != team:
                 return
-            del self._by_id[task_id]
-            ids = self._by_name.get(known)
-            if ids is not None:
-                ids.pop(task_id, None)
-                if not ids:
-                    del self._by_name[known]
+            self._drop(task_id, known)
+
+    def _drop(self, task_id: str, known: tuple[str, str]) -> None:
+        del self._by_id[task_id]
+        ids = self._by_name.get(known)
+        if ids is not None:
+            ids.pop(task_id, None)
+            if not ids:
+                del self._by_name[known]
 
     def team_of(self, task_id: str) -> str | None:
         with self._lock:
