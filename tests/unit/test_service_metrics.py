@@ -112,7 +112,8 @@ def test_coordinator_admission_latency_decisions_and_queue() -> None:
     assert value(registry, "fleetplane_coordinator_decisions_total", decision="dispatch",
                  kind="") == 1
     registry.register(Queue(
-        lambda: {"ready": True, "running": {"pay": 2}, "max_running": 64},
+        lambda: {"ready": True, "running": {"pay": 2}, "max_running": 64,
+                 "task_rows": 10, "finished_rows": 7},
         lambda: [{"team": "pay", "kind": "quota"}, {"team": "pay", "kind": "conflict"},
                  {"team": "ops", "kind": "quota"}]))
     assert value(registry, "fleetplane_coordinator_queued", team="pay") == 2
@@ -120,6 +121,8 @@ def test_coordinator_admission_latency_decisions_and_queue() -> None:
     assert value(registry, "fleetplane_coordinator_running", team="pay") == 2
     assert value(registry, "fleetplane_coordinator_capacity") == 64
     assert value(registry, "fleetplane_coordinator_active") == 1
+    assert value(registry, "fleetplane_coordinator_table_rows", state="finished") == 7
+    assert value(registry, "fleetplane_coordinator_table_rows", state="unfinished") == 3
     standby = CollectorRegistry()
     standby.register(Queue(lambda: {"ready": False}, lambda: []))
     assert value(standby, "fleetplane_coordinator_active") == 0

@@ -607,6 +607,7 @@ class Coordinator:
                     "kill_switch_reason": fleet.kill_switch_reason, "paused": fleet.paused,
                     "running": running, "active": len(world.active),
                     "waiting": len(world.waiting),
+                    "task_rows": len(world.tasks), "finished_rows": world.terminal,
                     "max_running": self.scheduler.policy.max_running,
                     "spend": {k: v.model_dump() for k, v in fleet.spend.items()},
                     "budget_exhausted": fleet.budget_exhausted}

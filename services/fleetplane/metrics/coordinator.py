@@ -24,7 +24,7 @@ class Queue(Collector):
     """Gauges from the active coordinator's views (a standby reports only its role):
     fleetplane_coordinator_active (1 in the active role), fleetplane_coordinator_queued{team},
     fleetplane_coordinator_held{kind}, fleetplane_coordinator_running{team},
-    fleetplane_coordinator_capacity."""
+    fleetplane_coordinator_capacity, fleetplane_coordinator_table_rows{state}."""
 
     def __init__(self, fleet: Callable[[], dict[str, Any]],
                  held: Callable[[], list[dict[str, Any]]]) -> None:
@@ -62,6 +62,13 @@ class Queue(Collector):
                                 "(coordinator_max_running)", value=view.get("max_running", 0))
         yield GaugeMetricFamily("fleetplane_coordinator_kill_switch", "1 while the kill switch "
                                 "is on", value=int(bool(view.get("kill_switch"))))
+        rows = GaugeMetricFamily("fleetplane_coordinator_table_rows", "Task rows in the "
+                                 "scheduler's table: finished ones are kept until the retention "
+                                 "or the cap forgets them", labels=["state"])
+        finished = int(view.get("finished_rows", 0))
+        rows.add_metric(["finished"], finished)
+        rows.add_metric(["unfinished"], int(view.get("task_rows", 0)) - finished)
+        yield rows
 
 
 class Decisions:
