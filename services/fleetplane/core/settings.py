@@ -252,7 +252,7 @@ class Settings(BaseSettings):
         "\"Forgetting finished tasks\").")
     coordinator_terminal_max_rows: int = Field(
         default=200_000, ge=0, description="At most this many finished tasks' rows are kept "
-        "(the oldest forgotten first; 0: no cap): about 3 KB of memory and 8 us of a "
+        "(the oldest forgotten first; 0: no cap): about 3 KB of memory and 8-16 us of a "
         "failover's table rebuild each, so both stay bounded.")
     coordinator_conflict_hold_timeout_s: float = Field(
         default=1800.0, description="A running attempt held for approval after a conflict "
