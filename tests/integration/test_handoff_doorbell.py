@@ -6,7 +6,6 @@ worked and its probes were not the ones these tests count (docs/testing.md, stop
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -21,9 +20,9 @@ from fleetplane.core.kafka import EventProducer
 from fleetplane.core.loop import Processor, Record
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
-from fleetplane.core.topics import LIFECYCLE, SUBMITTED, ensure_topics, load_topics
-from fleetplane.infra.broker import EmbeddedBroker
+from fleetplane.core.topics import LIFECYCLE, SUBMITTED
 from tests.integration.test_loop import run_processor  # noqa: F401  (the fixture)
+from tests.own_broker import settings_on_own_broker
 
 #: the parked hops' probe interval: longer than any test, so no periodic probe can read the
 #: test's record; the loops still stop at once (stop() rings their own doorbell)
@@ -35,15 +34,8 @@ HANDOFF_S = 10.0
 @pytest.fixture(scope="module")
 def base_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """Settings on this module's own broker (overrides the session's: see the module doc)."""
-    broker = EmbeddedBroker(tmp_path_factory.mktemp("doorbell-broker"))
-    broker.start()
-    try:
-        settings = Settings(kafka_bootstrap=broker.bootstrap)
-        ensure_topics(settings.client_config(), load_topics(settings.topics_file))
+    with settings_on_own_broker(tmp_path_factory.mktemp("doorbell-broker")) as settings:
         yield settings
-    finally:
-        broker.stop()
-        shutil.rmtree(doorbell.bell_dir(broker.bootstrap), ignore_errors=True)
 
 
 @pytest.fixture

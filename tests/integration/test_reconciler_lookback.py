@@ -15,23 +15,17 @@ from confluent_kafka import Producer
 from fleetplane.core import events as ev
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
-from fleetplane.core.topics import ACCEPTED, ensure_topics, key_for, load_topics
-from fleetplane.infra.broker import EmbeddedBroker
+from fleetplane.core.topics import ACCEPTED, key_for
 from fleetplane.reconciler.main import Reconciler
+from tests.own_broker import settings_on_own_broker
 
 DAY_MS = 86_400_000
 
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Iterator[Settings]:
-    broker = EmbeddedBroker(tmp_path / "broker")
-    broker.start()
-    try:
-        s = Settings(kafka_bootstrap=broker.bootstrap)
-        ensure_topics(s.client_config(), load_topics(s.topics_file))
+    with settings_on_own_broker(tmp_path / "broker") as s:
         yield s
-    finally:
-        broker.stop()
 
 
 def publish(settings: Settings, tasks: list[str], age_ms: int) -> None:

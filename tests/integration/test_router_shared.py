@@ -21,11 +21,11 @@ from fleetplane.core.follower import Follower
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.loop import Processor
 from fleetplane.core.settings import Settings
-from fleetplane.core.topics import OUTCOMES, ROUTED, ensure_topics, load_topics
-from fleetplane.infra.broker import EmbeddedBroker
+from fleetplane.core.topics import OUTCOMES, ROUTED
 from fleetplane.router.handlers import Router
 from fleetplane.router.main import build_router, start
 from fleetplane.router.shared import STATS_TOPIC
+from tests.own_broker import settings_on_own_broker
 
 from .test_executor_process import wait_group_assigned
 from .test_router import Tail
@@ -36,14 +36,9 @@ TYPES = ("summarize", "refactor")
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    broker = EmbeddedBroker(tmp_path_factory.mktemp("router-shared-broker"))
-    broker.start()
-    try:
-        s = Settings(kafka_bootstrap=broker.bootstrap, router_prompt_signal=False)
-        ensure_topics(s.client_config(), load_topics(s.topics_file))
+    with settings_on_own_broker(tmp_path_factory.mktemp("router-shared-broker"),
+                                router_prompt_signal=False) as s:
         yield s
-    finally:
-        broker.stop()
 
 
 class Replica:
