@@ -302,6 +302,11 @@ class Settings(BaseSettings):
     router_cache_scope: str = Field(default="team", pattern="^(team|fleet)$",
                                     description="team: answers are reused within a team only.")
     router_cache_max_entries: int = 100_000
+    router_rebuild_lookback_s: float = Field(
+        default=172_800.0, ge=0, description="At start-up the router reads tasks.routed, "
+        "tasks.lifecycle, tasks.outcomes and tasks.accepted from this far back (0: from the "
+        "start); budget holds of any age come from router.holds. At least the response "
+        "cache's TTL, so the cache is rebuilt whole (docs/routing.md, \"Start-up\").")
 
     # Intake (ingest service, CLI, SDK): tokens, idempotency, rate limits
     token: str = Field(default="", description="API token for the CLI and SDK "

@@ -27,6 +27,7 @@ from fleetplane.core.events import derived_id
 from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import Output, RawRecord, Record
 from fleetplane.core.teams import TeamsConfig
+from fleetplane.router import holds
 from fleetplane.router.cache import CACHE_MODEL, not_cacheable
 from fleetplane.router.policy import (
     BudgetView,
@@ -67,19 +68,35 @@ class Router:
         self.cache_hits = 0
         self.semantic_hits = 0
         self.cache_saved_usd = 0.0
-        # True (the service): the shared statistics are published once per checkpoint by the
-        # loop's before_commit hook (shared_records), not after every event
+        # True (the service): the shared statistics and the holds are published once per
+        # checkpoint by the loop's before_commit hook (commit_records), not after every event
         self.batch_shared = False
+        self._holds_sent: set[str] = set()  # holds written since commit_records last ran
 
     def __call__(self, event: ev.Event, record: Record | None = None) -> list[Output]:
         with self.lock:
             if self.replica is not None:
                 self.inbox.drain(self.replica, self.state.stats)
             outs: list[Output] = list(self.handle(event))
-            if self.replica is not None and not self.batch_shared:
-                outs += pending_records(self.replica, self.state.stats, self.state.signal,
-                                        self.published_signal)
+            if not self.batch_shared:
+                outs += self._hold_records()
+                if self.replica is not None:
+                    outs += pending_records(self.replica, self.state.stats, self.state.signal,
+                                            self.published_signal)
             return outs
+
+    def commit_records(self) -> list[RawRecord]:
+        """The loop's before_commit hook: the holds begun or ended in this transaction
+        (fleetplane.router.holds) and the shared statistics' changed cells."""
+        with self.lock:
+            self._holds_sent = set()  # a new transaction
+            records = self._hold_records()
+        return records + self.shared_records()
+
+    def _hold_records(self) -> list[RawRecord]:
+        records = holds.pending(self.state)
+        self._holds_sent |= {(r.key or b"").decode() for r in records}
+        return records
 
     def shared_records(self) -> list[RawRecord]:
         """The loop's before_commit hook: one record per cell changed in this transaction."""
@@ -90,9 +107,12 @@ class Router:
                                    self.published_signal)
 
     def on_abort(self) -> None:
-        """An aborted transaction lost the records of the cells it published: republish all."""
+        """An aborted transaction lost the records it published: every own cell is published
+        again, and the holds it wrote are taken again from the state."""
         self.state.stats.dirty |= set(self.state.stats.own)
         self.published_signal.clear()
+        # the holds' records of the aborted transaction: taken again from the state
+        self.state.hold_changes |= self._holds_sent
 
     def follow_peers(self, msg: Message) -> None:
         """A record of the shared state topic, from the follower's thread: queued for the

@@ -60,9 +60,9 @@ def start(router: Router, settings: Settings) -> tuple[Processor, Follower | Non
                             pace_s=settings.router_stats_pace_s)
         follower.follow("router-stats", [STATS_TOPIC], router.follow_peers)
         follower.start()
-    router.batch_shared = True  # one stats record per changed cell per transaction
+    router.batch_shared = True  # one record per changed cell or hold per transaction
     processor = Processor("router", INPUTS, router, settings, on_abort=router.on_abort,
-                          before_commit=router.shared_records)
+                          before_commit=router.commit_records)
     return processor, follower
 
 

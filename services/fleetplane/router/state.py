@@ -68,6 +68,9 @@ class RouterState:
         self.stats = OutcomeStats()
         self.cache = ResponseCache(cache_ttl_s, cache_max_entries)
         self.budgets: dict[str, ev.BudgetStatus] = {}
+        # tasks whose budget hold began or ended since the last router.holds records were
+        # taken (fleetplane.router.holds.pending)
+        self.hold_changes: set[str] = set()
         self.applied = 0
         # False while start-up re-reads outcomes the shared statistics already hold
         # (fleetplane.router.shared): they close tasks but are not counted again
@@ -143,6 +146,8 @@ class RouterState:
             rec = self._record(event)
             rec.spec = rec.spec or event.spec
             rec.models.setdefault(event.attempt, event.model)
+            if rec.held is not None:
+                self.hold_changes.add(event.task_id)
         elif isinstance(event, ev.TaskEscalated):
             rec = self._record(event)
             if event.spec is not None:
@@ -154,6 +159,7 @@ class RouterState:
                                                     or event.attempt >= rec.held):
                 rec.held = event.attempt
                 rec.held_at = rec.held_at if rec.held_at else event.occurred_at
+                self.hold_changes.add(event.task_id)
         elif isinstance(event, ev.TaskAccepted):
             rec_ = self.tasks.get(event.task_id)
             if rec_ is not None and rec_.spec is None:
@@ -207,8 +213,18 @@ class RouterState:
             self.semantic.put(scope_key(rec.spec, model.tier, rec.team), rec.spec.prompt, x,
                               entry)
 
+    def restore_hold(self, task_id: str, rec: TaskRecord) -> bool:
+        """A budget hold read back from router.holds at start-up (before the task topics'
+        lookback, whose events then apply over it); False if the task is known to have ended."""
+        if task_id in self.done:
+            return False
+        self.tasks[task_id] = rec
+        return True
+
     def _finish(self, task_id: str) -> None:
-        self.tasks.pop(task_id, None)
+        rec = self.tasks.pop(task_id, None)
+        if rec is not None and rec.held is not None:
+            self.hold_changes.add(task_id)
         self.done[task_id] = None
         while len(self.done) > RECENTLY_DONE:
             self.done.popitem(last=False)

@@ -1,0 +1,69 @@
+"""Budget holds as a table on a compacted topic (router.holds), so that a restart finds every
+held task however long ago it was held, without reading the task topics from their start.
+
+A task held for its team's budget waits until a budget status shows money again: a monthly
+budget can hold it for weeks, longer than the router's start-up lookback
+(``FLEETPLANE_ROUTER_REBUILD_LOOKBACK_S``, fleetplane.router.rebuild) reads. So each held task
+is a record keyed by its id, holding what a release needs (team, attempt, spec, the models of
+its earlier attempts, the tier an escalation asked for), written in the loop's transaction
+that holds it (the ``before_commit`` hook, as router.stats), and a tombstone in the
+transaction that routes or ends it. The topic holds exactly the committed holds; compaction
+keeps one record per held task.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from fleetplane.core import events as ev
+from fleetplane.core.loop import RawRecord
+from fleetplane.router.state import RouterState, TaskRecord
+
+HOLDS_TOPIC = "router.holds"
+
+
+def pending(state: RouterState) -> list[RawRecord]:
+    """The records of the holds that began or ended since the last call: a record per task
+    still held, a tombstone per task whose hold is over."""
+    out = []
+    for task_id in sorted(state.hold_changes):
+        rec = state.tasks.get(task_id)
+        out.append(hold_record(task_id, rec) if rec is not None and rec.waiting
+                   else tombstone(task_id))
+    state.hold_changes.clear()
+    return out
+
+
+def hold_record(task_id: str, rec: TaskRecord) -> RawRecord:
+    """The record of a task still held."""
+    value = {"task_id": task_id, "team": rec.team, "attempt": rec.held,
+             "held_at": rec.held_at.isoformat() if rec.held_at else None,
+             "spec": rec.spec.model_dump(mode="json") if rec.spec is not None else None,
+             "models": {str(a): m for a, m in rec.models.items()},
+             "counted": sorted(rec.counted),
+             "escalations": {str(a): t for a, t in rec.escalations.items()}}
+    return RawRecord(HOLDS_TOPIC, task_id.encode(),
+                     json.dumps(value, separators=(",", ":")).encode(), partition=0)
+
+
+def tombstone(task_id: str) -> RawRecord:
+    """The hold of `task_id` is over (routed, or the task ended)."""
+    return RawRecord(HOLDS_TOPIC, task_id.encode(), None, partition=0)
+
+
+def parse(value: dict[str, Any]) -> tuple[str, TaskRecord]:
+    """A record as the task id and its TaskRecord (ValueError, KeyError or TypeError on a
+    malformed record)."""
+    held_at = value.get("held_at")
+    spec = value.get("spec")
+    rec = TaskRecord(
+        team=str(value["team"]),
+        spec=ev.TaskSpec.model_validate(spec) if spec is not None else None,
+        models={int(a): str(m) for a, m in dict(value.get("models") or {}).items()},
+        counted={int(a) for a in value.get("counted") or ()},
+        escalations={int(a): str(t) for a, t in dict(value.get("escalations") or {}).items()},
+        held=int(value["attempt"]),
+        held_at=datetime.fromisoformat(held_at) if held_at else None)
+    return str(value["task_id"]), rec

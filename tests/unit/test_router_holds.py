@@ -1,0 +1,90 @@
+"""Budget holds as records on router.holds (fleetplane.router.holds): a record per held task in
+the transaction that holds it, a tombstone in the one that routes or ends it, taken again after
+an aborted transaction; a router restored from the records releases the tasks as the one that
+held them would."""
+
+from __future__ import annotations
+
+import json
+
+from fleetplane.core import events as ev
+from fleetplane.core.loop import RawRecord
+from fleetplane.router import holds
+from fleetplane.router.handlers import Router
+
+from .test_router import accepted, budget, router
+
+
+def table(records: list[RawRecord]) -> dict[str, dict[str, object] | None]:
+    """The topic as compaction leaves it: the latest value per task id."""
+    latest: dict[str, dict[str, object] | None] = {}
+    for r in records:
+        assert r.topic == holds.HOLDS_TOPIC and r.key is not None
+        latest[r.key.decode()] = json.loads(r.value) if r.value is not None else None
+    return latest
+
+
+def held_router() -> Router:
+    rt = router()
+    rt.handle(budget("a", remaining=0.0))
+    rt.handle(accepted("h1", task_type="codegen"))
+    rt.handle(accepted("h2", task_type="review"))
+    rt.handle(accepted("free", team="b"))  # routed, never held: no record
+    return rt
+
+
+def test_a_hold_is_a_record_and_its_release_a_tombstone() -> None:
+    rt = held_router()
+    first = rt.commit_records()
+    assert set(table(first)) == {"h1", "h2"}
+    h1 = table(first)["h1"]
+    assert h1 is not None and h1["team"] == "a" and h1["attempt"] == 1
+    assert h1["spec"] == accepted("h1", task_type="codegen").spec.model_dump(mode="json")
+    assert rt.commit_records() == []  # nothing changed since
+    rt.handle(ev.TaskCancelled(task_id="h2", team="a", reason="no longer needed"))
+    assert table(rt.commit_records()) == {"h2": None}
+    released = rt.handle(budget("a", remaining=50.0))
+    assert [(o.task_id, type(o).__name__) for o in released] == [("h1", "TaskRouted")]
+    assert table(rt.commit_records()) == {"h1": None}
+
+
+def test_an_aborted_transaction_writes_its_holds_again() -> None:
+    rt = held_router()
+    lost = rt.commit_records()
+    rt.on_abort()  # the transaction carrying them was aborted
+    assert table(rt.commit_records()) == table(lost)
+    rt.handle(budget("a", remaining=50.0))  # both released
+    ended = rt.commit_records()
+    rt.on_abort()
+    assert table(rt.commit_records()) == table(ended) == {"h1": None, "h2": None}
+
+
+def test_a_router_restored_from_the_records_releases_the_held_tasks() -> None:
+    rt = held_router()
+    rt.handle(ev.TaskEscalated(task_id="h1", team="a", attempt=2, from_tier="small",
+                               to_tier="frontier", reason="r"))  # held again, one tier up
+    records = table(rt.commit_records())
+    fresh = router()
+    for value in records.values():
+        assert value is not None
+        task_id, rec = holds.parse(value)
+        assert fresh.state.restore_hold(task_id, rec)
+    assert fresh.state.tasks["h1"].held == 2 and fresh.state.tasks["h1"].models == {}
+    fresh.handle(budget("a", remaining=0.0))
+    status = budget("a", remaining=50.0)
+    expected = rt.handle(status)
+    got = fresh.handle(status)
+    assert [(o.task_id, o.attempt, o.model) for o in got] == [
+        (o.task_id, o.attempt, o.model) for o in expected]  # type: ignore[attr-defined]
+    assert {o.task_id for o in got} == {"h1", "h2"}
+    assert any(getattr(o, "tier", None) == "frontier" for o in got)
+
+
+def test_a_finished_task_is_not_restored() -> None:
+    rt = held_router()
+    value = table(rt.commit_records())["h1"]
+    assert value is not None
+    fresh = router()
+    fresh.handle(ev.TaskCancelled(task_id="h1", team="a", reason="r"))
+    assert not fresh.state.restore_hold(*holds.parse(value))
+    assert "h1" not in fresh.state.tasks
