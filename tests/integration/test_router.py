@@ -96,6 +96,14 @@ class Tail:
                     self.events.append(self.serde.decode(m.value() or b""))
         raise AssertionError(f"no {cls} {match} for {task_id} in {timeout_s}s")
 
+    def drain(self, seconds: float) -> None:
+        """Read for `seconds` more."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for m in self.consumer.consume(500, 0.2):
+                if m.error() is None:
+                    self.events.append(self.serde.decode(m.value() or b""))
+
     def close(self) -> None:
         self.consumer.close()
 
