@@ -67,7 +67,7 @@ bench-anchor: install
 	$(PY) -m bench.anchor $(BENCH_ARGS)
 
 ## per-service benches (each prints its figures; BENCH_ARGS passes options through)
-.PHONY: bench-anchor bench-pipeline bench-intake bench-routing bench-coordinator bench-coordinator-failover bench-burst bench-executor bench-concurrency bench-accounting fuzz
+.PHONY: bench-anchor bench-pipeline bench-intake bench-routing bench-coordinator bench-coordinator-failover bench-router-startup bench-burst bench-executor bench-concurrency bench-accounting fuzz
 bench-pipeline: install    ## one batch through all five services (--tasks, --rate, --submit, --latency-ms)
 	$(PY) -m bench.pipeline $(BENCH_ARGS)
 bench-intake: install      ## ingest HTTP submit latency/throughput with auth, idempotency, rate limits
@@ -91,6 +91,9 @@ bench-coordinator: install  ## scheduler at 100,000 queued / 500 repos / 20 team
 
 bench-burst: install  ## 20,000 TaskSubmitted at Kafka speed through the stack, then again with the active coordinator SIGKILLed
 	$(PY) -m bench.burst $(BENCH_ARGS)
+
+bench-router-startup: install  ## the router's start-up over 100,000 tasks of history (30 days), whole against the lookback
+	$(PY) -m bench.router_startup $(BENCH_ARGS)
 
 bench-coordinator-failover: install  ## SIGKILL the active coordinator with 20,000 rows: standby ready after
 	$(PY) -m bench.coordinator_failover $(BENCH_ARGS)
