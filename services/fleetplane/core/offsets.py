@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, TopicPartition
 
 from fleetplane.core.logging import get_logger
+from fleetplane.core.settings import Settings
 
 log = get_logger(__name__)
 
@@ -141,3 +142,63 @@ def replay_recent(consumer: Consumer, partitions: list[TopicPartition], seconds:
         log.warning("reading the recent input again", seconds=seconds, records=again,
                     partitions={f"{t}[{p}]": o for (t, p), o in start.items()})
     return again
+
+
+def _committed_of(settings: Settings, group: str, parts: list[TopicPartition]
+                  ) -> dict[tuple[str, int], int]:
+    c = Consumer({**settings.consumer_config(group), "enable.auto.commit": False})
+    try:
+        return {(tp.topic, tp.partition): tp.offset
+                for tp in c.committed(parts, timeout=30) if tp.offset >= 0}
+    finally:
+        c.close()
+
+
+def position_new_group(settings: Settings, group: str, topics: list[str], lookback_s: float,
+                       previous_group: str = "") -> dict[tuple[str, int], int]:
+    """Commit start offsets for the partitions of `topics` that `group` has none for, so that
+    a brand-new group (a renamed group id, a fresh deployment on an old cluster, a group whose
+    offsets the broker expired after ``offsets.retention.minutes`` idle) does not replay the
+    topics' whole retention through ``auto.offset.reset=earliest``. Each such partition starts
+    where `previous_group` committed (if given and committed there), else at its first record
+    of the last `lookback_s` seconds (the end if none). Partitions with a committed offset are
+    left alone (a restart continues there). Returns the offsets committed; best effort: a
+    failure is logged and the group starts by its offset reset."""
+    c = Consumer({**settings.consumer_config(group), "enable.auto.commit": False})
+    try:
+        parts = []
+        for topic in topics:
+            meta = c.list_topics(topic, timeout=30).topics.get(topic)
+            if meta is not None and meta.error is None:
+                parts += [TopicPartition(topic, p) for p in sorted(meta.partitions)]
+        if not parts:
+            return {}
+        have = {(tp.topic, tp.partition) for tp in c.committed(parts, timeout=30)
+                if tp.offset >= 0}
+        missing = [tp for tp in parts if (tp.topic, tp.partition) not in have]
+        if not missing:
+            return {}
+        start: dict[tuple[str, int], int] = {}
+        if previous_group:
+            start.update(_committed_of(settings, previous_group, missing))
+        rest = [tp for tp in missing if (tp.topic, tp.partition) not in start]
+        if rest:
+            since = int((time.time() - lookback_s) * 1000)
+            for tp in c.offsets_for_times([TopicPartition(tp.topic, tp.partition, since)
+                                           for tp in rest], timeout=30):
+                offset = tp.offset
+                if offset < 0:  # nothing that recent: the end
+                    offset = c.get_watermark_offsets(tp, timeout=30)[1]
+                start[(tp.topic, tp.partition)] = offset
+        c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in start.items()],
+                 asynchronous=False)
+        log.info("new consumer group positioned", group=group,
+                 offsets={f"{t}[{p}]": o for (t, p), o in start.items()},
+                 previous_group=previous_group or None, lookback_s=lookback_s)
+        return start
+    except KafkaException as exc:
+        log.warning("could not position the new consumer group; it starts by its offset reset",
+                    group=group, reason=str(exc)[:300])
+        return {}
+    finally:
+        c.close()

@@ -302,6 +302,15 @@ class Settings(BaseSettings):
     router_cache_scope: str = Field(default="team", pattern="^(team|fleet)$",
                                     description="team: answers are reused within a team only.")
     router_cache_max_entries: int = 100_000
+    router_group_id: str = Field(
+        default="fleetplane-router", description="The router's consumer group (the reconciler "
+        "judges the router hop by the default one).")
+    router_new_group_lookback_s: float = Field(
+        default=600.0, ge=0, description="A brand-new router group (no committed offset on a "
+        "partition of its inputs: a renamed group, offsets the broker expired) starts at the "
+        "records of the last this-many seconds, not at the start of tasks.accepted's 30 "
+        "days: re-routing tasks the coordinator has forgotten would run them again "
+        "(docs/routing.md, \"A new group\").")
     router_rebuild_lookback_s: float = Field(
         default=172_800.0, ge=0, description="At start-up the router reads tasks.routed, "
         "tasks.lifecycle, tasks.outcomes and tasks.accepted from this far back (0: from the "

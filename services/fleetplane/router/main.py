@@ -6,6 +6,7 @@ from fleetplane.core.catalog import load_catalog
 from fleetplane.core.follower import Follower
 from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import Processor
+from fleetplane.core.offsets import position_new_group
 from fleetplane.core.service import bootstrap, freeze_startup_heap
 from fleetplane.core.settings import Settings
 from fleetplane.core.teams import load_teams
@@ -52,8 +53,13 @@ def build_router(settings: Settings) -> Router:
 
 
 def start(router: Router, settings: Settings) -> tuple[Processor, Follower | None]:
-    """Rebuild the state, follow the other replicas' statistics, and make the processor."""
-    router.rebuilt = rebuild(router.state, settings, replica=router.replica)
+    """Position a brand-new group, rebuild the state, follow the other replicas' statistics,
+    and make the processor."""
+    # a brand-new group starts at the recent inputs, not their whole retention (core.offsets)
+    position_new_group(settings, settings.router_group_id, INPUTS,
+                       settings.router_new_group_lookback_s)
+    router.rebuilt = rebuild(router.state, settings, replica=router.replica,
+                             group_id=settings.router_group_id)
     follower = None
     if router.replica is not None:
         follower = Follower(settings, name=f"router-stats-{settings.instance_id}",
@@ -61,8 +67,8 @@ def start(router: Router, settings: Settings) -> tuple[Processor, Follower | Non
         follower.follow("router-stats", [STATS_TOPIC], router.follow_peers)
         follower.start()
     router.batch_shared = True  # one record per changed cell or hold per transaction
-    processor = Processor("router", INPUTS, router, settings, on_abort=router.on_abort,
-                          before_commit=router.commit_records)
+    processor = Processor("router", INPUTS, router, settings, group_id=settings.router_group_id,
+                          on_abort=router.on_abort, before_commit=router.commit_records)
     return processor, follower
 
 
