@@ -80,7 +80,7 @@ from fleetplane.core.loop import (
     dead_letter,
     headers_dict,
 )
-from fleetplane.core.offsets import replay_recent
+from fleetplane.core.offsets import position_new_group, replay_recent
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.table import ChangelogTable
@@ -91,6 +91,8 @@ SERVICE = "coordinator"
 APP_ID = "fleetplane-coordinator"  # the repartition's consumer group
 SCHEDULER_TOPIC = f"{APP_ID}-scheduler"
 SCHEDULER_GROUP = SCHEDULER_TOPIC  # the schedule step's consumer group
+#: a brand-new repartition group reads at least this far back (App._position_new_group)
+NEW_GROUP_MIN_LOOKBACK_S = 600.0
 CHANGELOG = f"{SCHEDULER_TOPIC}-changelog"
 #: The schedule step reads its input uncommitted. Every transactional record on the scheduler
 #: topic is the repartition step's copy of an event it read committed (`repartition`: unchanged,
@@ -458,6 +460,17 @@ class Coordinator:
             end = start
         return None
 
+    def _position_new_group(self) -> None:
+        """A brand-new repartition group (renamed, or its offsets expired by the broker after a
+        long stop) starts at the inputs of the terminal retention, not their whole retention
+        (30 days of tasks.routed): a TaskRouted of a task finished and forgotten since would be
+        a new task and run again (docs/coordinator.md, "A new group"). Retention 0 keeps every
+        finished task: the group then starts by its offset reset (the beginning)."""
+        retention = self.settings.coordinator_terminal_retention_s
+        if retention > 0:
+            position_new_group(self.settings, APP_ID, list(INPUTS),
+                               max(retention, NEW_GROUP_MIN_LOOKBACK_S))
+
     def fence_previous(self) -> None:
         """Abort the previous active's open transactions and fence its producers, by opening
         (and closing at once) producers with its transactional ids."""
@@ -492,6 +505,7 @@ class Coordinator:
         self.claim.claim()
         self.fence_previous()
         self.claim.previous = self.previous_epoch
+        self._position_new_group()
         self._serve_web()
         failed: list[BaseException] = []
         threads = [self._thread("repartition", self.repartitioner.run, failed),
