@@ -6,6 +6,7 @@ on the real broker."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,9 @@ LOOKBACK_S = 2.0
 def router(base_settings: Settings, tmp_path: Path) -> Iterator[RouterProcess]:
     r = RouterProcess(base_settings, tmp_path)
     r.env["FLEETPLANE_ROUTER_REBUILD_LOOKBACK_S"] = str(LOOKBACK_S)
+    # a group of its own: the session's fleetplane-router group still holds the previous test's
+    # router as a static member, which the embedded broker did not expire within 60 s
+    r.env["FLEETPLANE_ROUTER_GROUP_ID"] = f"router-holds-{uuid.uuid4().hex[:8]}"
     r.start()
     try:
         yield r
