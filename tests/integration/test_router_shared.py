@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +20,13 @@ import pytest
 from fleetplane.core import events as ev
 from fleetplane.core.follower import Follower
 from fleetplane.core.kafka import EventProducer
-from fleetplane.core.loop import Processor
+from fleetplane.core.loop import Processor, headers_dict
 from fleetplane.core.settings import Settings
-from fleetplane.core.topics import OUTCOMES, ROUTED
+from fleetplane.core.topics import LIFECYCLE, OUTCOMES, ROUTED
 from fleetplane.router.handlers import Router
+from fleetplane.router.holds import HOLDS_TOPIC, WRITER_HEADER
 from fleetplane.router.main import build_router, start
+from fleetplane.router.rebuild import read_messages
 from fleetplane.router.shared import STATS_TOPIC
 from tests.own_broker import settings_on_own_broker
 
@@ -148,3 +151,54 @@ def test_two_replicas_converge_and_a_restart_reads_the_snapshot(settings: Settin
         for r in replicas:
             if r.thread.is_alive():
                 r.stop()
+
+
+def test_a_budget_status_releases_the_holds_of_both_replicas(settings: Settings,
+                                                             tmp_path: Path) -> None:
+    """fleet.budget has one partition: one replica reads the team's status, while both hold
+    tasks (tasks.accepted is split between them). The holds on router.holds, followed by both,
+    let the reader of the status release all of them, each once."""
+    group = settings.model_copy(update={"router_group_id": f"rh-{uuid.uuid4().hex[:6]}"})
+    a, b = Replica(group, "rh-a", tmp_path / "a"), Replica(group, "rh-b", tmp_path / "b")
+    producer = EventProducer(settings)
+    tail = Tail(settings, ROUTED, LIFECYCLE)
+    team = f"held-{uuid.uuid4().hex[:6]}"
+    try:
+        wait_group_assigned(settings, group.router_group_id, members=2, timeout_s=90)
+        wait(lambda: all(len(r.processor.partitions) > 0 for r in (a, b)),
+             "both replicas hold partitions")
+        producer.send([ev.BudgetStatus(task_id="", team=team, period="month", budget_usd=5.0,
+                                       spent_usd=5.0, remaining_usd=0.0, state="exhausted")])
+        time.sleep(2.0)  # the status is read before the submissions (another topic)
+        ids = [f"{team}-{i}" for i in range(16)]
+        producer.send(ev.TaskAccepted(task_id=tid, team=team, spec=ev.TaskSpec(
+            name="n", task_type="summarize", prompt=f"job {tid}",
+            labels={"fleetplane/cache": "off"})) for tid in ids)
+        for tid in ids:
+            tail.wait_for(tid, ev.TaskHeld)
+        # both replicas held some of them
+        writers = hold_writers(settings, set(ids))
+        assert writers == {"rh-a", "rh-b"}, writers
+        producer.send([ev.BudgetStatus(task_id="", team=team, period="month", budget_usd=5.0,
+                                       spent_usd=1.0, remaining_usd=4.0, state="ok")])
+        for tid in ids:
+            tail.wait_for(tid, ev.TaskRouted)
+        tail.drain(3.0)
+        routed = [e.task_id for e in tail.events if isinstance(e, ev.TaskRouted)
+                  and e.task_id in ids]
+        assert sorted(routed) == sorted(ids)  # each released once
+    finally:
+        tail.close()
+        producer.close()
+        for r in (a, b):
+            if r.thread.is_alive():
+                r.stop()
+
+
+def hold_writers(settings: Settings, ids: set[str]) -> set[str]:
+    """The replicas that wrote router.holds records of `ids` (the header on each record)."""
+    found: set[str] = set()
+    for msg in read_messages(settings, HOLDS_TOPIC):
+        if (msg.key() or b"").decode() in ids and msg.value() is not None:
+            found.add(headers_dict(msg.headers())[WRITER_HEADER].decode())
+    return found

@@ -88,3 +88,42 @@ def test_a_finished_task_is_not_restored() -> None:
     fresh.handle(ev.TaskCancelled(task_id="h1", team="a", reason="r"))
     assert not fresh.state.restore_hold(*holds.parse(value))
     assert "h1" not in fresh.state.tasks
+
+
+def replica(name: str) -> Router:
+    rt = router()
+    rt.replica = name
+    return rt
+
+
+def follow(records: list[RawRecord], *routers: Router) -> None:
+    """What each replica's follower of router.holds applies."""
+    for r in records:
+        writer = dict(r.headers)[holds.WRITER_HEADER].decode()
+        for rt in routers:
+            rt.apply_hold(r.key or b"", r.value, writer)
+
+
+def test_the_replica_reading_the_budget_releases_a_hold_made_by_another() -> None:
+    a, b = replica("a"), replica("b")  # b reads team a's budget status, a its submissions
+    b.handle(budget("a", remaining=0.0))
+    a.handle(budget("a", remaining=0.0))
+    a.handle(accepted("x", task_type="codegen"))
+    follow(a.commit_records(), a, b)
+    assert b.state.tasks["x"].waiting  # b knows a's hold
+    released = b.handle(budget("a", remaining=50.0))
+    assert [(o.task_id, type(o).__name__) for o in released] == [("x", "TaskRouted")]
+    follow(b.commit_records(), a, b)
+    assert "x" not in a.state.tasks  # released elsewhere: no longer held here
+    assert a.handle(budget("a", remaining=50.0)) == []  # so not released twice
+    assert b.handle(budget("a", remaining=50.0)) == []
+
+
+def test_own_records_read_back_change_nothing() -> None:
+    a = replica("a")
+    a.handle(budget("a", remaining=0.0))
+    a.handle(accepted("x", task_type="codegen"))
+    records = a.commit_records()
+    a.handle(budget("a", remaining=50.0))  # released before its own record is read back
+    follow(records, a)
+    assert not a.state.tasks["x"].waiting

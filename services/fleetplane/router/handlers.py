@@ -23,9 +23,11 @@ from confluent_kafka import Message
 
 from fleetplane.core import events as ev
 from fleetplane.core.catalog import Catalog
+from fleetplane.core.errors import NotRetriable
 from fleetplane.core.events import derived_id
 from fleetplane.core.logging import get_logger
-from fleetplane.core.loop import Output, RawRecord, Record
+from fleetplane.core.loop import Output, RawRecord, Record, headers_dict
+from fleetplane.core.serde import default_serde
 from fleetplane.core.teams import TeamsConfig
 from fleetplane.router import holds
 from fleetplane.router.cache import CACHE_MODEL, not_cacheable
@@ -72,6 +74,7 @@ class Router:
         # checkpoint by the loop's before_commit hook (commit_records), not after every event
         self.batch_shared = False
         self._holds_sent: set[str] = set()  # holds written since commit_records last ran
+        self._serde = default_serde()
 
     def __call__(self, event: ev.Event, record: Record | None = None) -> list[Output]:
         with self.lock:
@@ -94,7 +97,7 @@ class Router:
         return records + self.shared_records()
 
     def _hold_records(self) -> list[RawRecord]:
-        records = holds.pending(self.state)
+        records = holds.pending(self.state, self.replica or "")
         self._holds_sent |= {(r.key or b"").decode() for r in records}
         return records
 
@@ -129,6 +132,40 @@ class Router:
             self.inbox.put(decoded)
             with self.lock:
                 self.inbox.drain(self.replica, self.state.stats)
+
+    def follow_budget(self, msg: Message) -> None:
+        """A record of fleet.budget, from the follower's thread: every replica knows every
+        team's budget status, so each holds the tasks of its own partitions when the team's
+        budget is spent; the replica whose group partition carries the status releases the
+        holds (its loop's handle)."""
+        try:
+            event = self._serde.decode(msg.value() or b"")
+        except NotRetriable:
+            return  # undecodable: the DLQ's business, not state
+        if isinstance(event, ev.BudgetStatus):
+            with self.lock:
+                self.state.observe_budget(event)
+
+    def follow_holds(self, msg: Message) -> None:
+        """A record of router.holds, from the follower's thread: another replica's hold (or
+        its end) applied under the router's lock; this replica's own are ignored (its state
+        is ahead of them)."""
+        if (msg.offset() or 0) < self.state.holds_read_to:
+            return  # the start-up read it (rebuild.restore_holds)
+        writer = headers_dict(msg.headers()).get(holds.WRITER_HEADER, b"").decode()
+        if msg.key() is not None:
+            self.apply_hold(msg.key() or b"", msg.value(), writer)
+
+    def apply_hold(self, key: bytes, value: bytes | None, writer: str) -> None:
+        """One router.holds record written by replica `writer` (follow_holds)."""
+        if self.replica is None or writer == self.replica:
+            return
+        task_id = key.decode()
+        with self.lock:
+            try:
+                holds.apply_peer(self.state, task_id, value)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("router.holds record ignored", held_task=task_id, error=str(exc))
 
     def handle(self, event: ev.Event) -> list[ev.Event]:
         if isinstance(event, ev.TaskAccepted):

@@ -22,21 +22,39 @@ from fleetplane.core.loop import RawRecord
 from fleetplane.router.state import RouterState, TaskRecord
 
 HOLDS_TOPIC = "router.holds"
+WRITER_HEADER = "replica"  # the replica that wrote a record or tombstone
 
 
-def pending(state: RouterState) -> list[RawRecord]:
+def pending(state: RouterState, writer: str = "") -> list[RawRecord]:
     """The records of the holds that began or ended since the last call: a record per task
-    still held, a tombstone per task whose hold is over."""
+    still held, a tombstone per task whose hold is over (`writer`: this replica's name)."""
     out = []
     for task_id in sorted(state.hold_changes):
         rec = state.tasks.get(task_id)
-        out.append(hold_record(task_id, rec) if rec is not None and rec.waiting
-                   else tombstone(task_id))
+        out.append(hold_record(task_id, rec, writer) if rec is not None and rec.waiting
+                   else tombstone(task_id, writer))
     state.hold_changes.clear()
     return out
 
 
-def hold_record(task_id: str, rec: TaskRecord) -> RawRecord:
+def apply_peer(state: RouterState, task_id: str, value: bytes | None) -> bool:
+    """Another replica's record (or tombstone) of a hold, followed live: every replica knows
+    every hold, so the replica that reads the team's budget status releases the team's held
+    tasks whichever replica held them, and a hold released or ended elsewhere is dropped here.
+    Returns True if the state changed."""
+    rec = state.tasks.get(task_id)
+    if value is None:
+        if rec is not None and rec.waiting:
+            del state.tasks[task_id]  # routed by the other replica, or ended
+            return True
+        return False
+    if rec is not None:
+        return False  # known here already (this replica's own view wins)
+    tid, restored = parse(json.loads(value))
+    return state.restore_hold(tid, restored)
+
+
+def hold_record(task_id: str, rec: TaskRecord, writer: str = "") -> RawRecord:
     """The record of a task still held."""
     value = {"task_id": task_id, "team": rec.team, "attempt": rec.held,
              "held_at": rec.held_at.isoformat() if rec.held_at else None,
@@ -45,12 +63,14 @@ def hold_record(task_id: str, rec: TaskRecord) -> RawRecord:
              "counted": sorted(rec.counted),
              "escalations": {str(a): t for a, t in rec.escalations.items()}}
     return RawRecord(HOLDS_TOPIC, task_id.encode(),
-                     json.dumps(value, separators=(",", ":")).encode(), partition=0)
+                     json.dumps(value, separators=(",", ":")).encode(), partition=0,
+                     headers=((WRITER_HEADER, writer.encode()),))
 
 
-def tombstone(task_id: str) -> RawRecord:
+def tombstone(task_id: str, writer: str = "") -> RawRecord:
     """The hold of `task_id` is over (routed, or the task ended)."""
-    return RawRecord(HOLDS_TOPIC, task_id.encode(), None, partition=0)
+    return RawRecord(HOLDS_TOPIC, task_id.encode(), None, partition=0,
+                     headers=((WRITER_HEADER, writer.encode()),))
 
 
 def parse(value: dict[str, Any]) -> tuple[str, TaskRecord]:

@@ -14,6 +14,7 @@ from fleetplane.core.topics import ACCEPTED, BUDGET, LIFECYCLE, OUTCOMES
 from fleetplane.metrics.setup import instrument
 from fleetplane.router.features import FeatureCache, load_embedder
 from fleetplane.router.handlers import Router
+from fleetplane.router.holds import HOLDS_TOPIC
 from fleetplane.router.policy import PolicyConfig
 from fleetplane.router.rebuild import rebuild
 from fleetplane.router.semantic import SemanticCache
@@ -65,6 +66,12 @@ def start(router: Router, settings: Settings) -> tuple[Processor, Follower | Non
         follower = Follower(settings, name=f"router-stats-{settings.instance_id}",
                             pace_s=settings.router_stats_pace_s)
         follower.follow("router-stats", [STATS_TOPIC], router.follow_peers)
+        # every replica knows every budget hold: the one that reads a team's budget status
+        # releases that team's holds (docs/routing.md, "Start-up")
+        follower.follow("router-holds", [HOLDS_TOPIC], router.follow_holds)
+        # and every budget status: a replica holds its own tasks for a spent budget whichever
+        # replica's group partition carries the team's status
+        follower.follow("router-budget", [BUDGET], router.follow_budget)
         follower.start()
     router.batch_shared = True  # one record per changed cell or hold per transaction
     processor = Processor("router", INPUTS, router, settings, group_id=settings.router_group_id,

@@ -184,6 +184,7 @@ def restore_holds(state: RouterState, settings: Settings) -> set[str]:
     latest: dict[str, bytes | None] = {}
     for msg in read_messages(settings, HOLDS_TOPIC):
         latest[(msg.key() or b"").decode()] = msg.value()
+        state.holds_read_to = max(state.holds_read_to, (msg.offset() or 0) + 1)
     restored = set()
     for task_id, value in latest.items():
         if value is None:

@@ -71,6 +71,10 @@ class RouterState:
         # tasks whose budget hold began or ended since the last router.holds records were
         # taken (fleetplane.router.holds.pending)
         self.hold_changes: set[str] = set()
+        # the router.holds offset the start-up read reached: the follower skips what it read
+        # (a record and the tombstone after it applied again one by one would show a released
+        # hold for a moment)
+        self.holds_read_to = 0
         self.applied = 0
         # False while start-up re-reads outcomes the shared statistics already hold
         # (fleetplane.router.shared): they close tasks but are not counted again
@@ -138,7 +142,7 @@ class RouterState:
     def apply(self, event: ev.Event) -> None:
         self.applied += 1
         if isinstance(event, ev.BudgetStatus):
-            self.budgets[event.team] = event
+            self.observe_budget(event)
             return
         if event.task_id in self.done:
             return
@@ -212,6 +216,13 @@ class RouterState:
         if x is not None and self.semantic is not None:
             self.semantic.put(scope_key(rec.spec, model.tier, rec.team), rec.spec.prompt, x,
                               entry)
+
+    def observe_budget(self, status: ev.BudgetStatus) -> None:
+        """The team's latest budget status: a status older than the one held is ignored (the
+        loop and the follower of fleet.budget both apply statuses, each in the topic's order)."""
+        current = self.budgets.get(status.team)
+        if current is None or status.occurred_at >= current.occurred_at:
+            self.budgets[status.team] = status
 
     def restore_hold(self, task_id: str, rec: TaskRecord) -> bool:
         """A budget hold read back from router.holds at start-up (before the task topics'
