@@ -4,11 +4,14 @@ validator resolving names to ids or refusing an ambiguous name."""
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import pytest
 
 from fleetplane.core import events as ev
 from fleetplane.core.loop import RawRecord, Rejected
+from fleetplane.ingest import idempotency as idempotency_module
+from fleetplane.ingest import names as names_module
 from fleetplane.ingest.handlers import accept
 from fleetplane.ingest.idempotency import IDEMPOTENCY_TOPIC, MarkingHandler, Marks
 from fleetplane.ingest.names import NAMES_TOPIC, NameIndex, name_key, name_record, resolve
@@ -76,22 +79,29 @@ def test_accepted_tasks_publish_their_name_and_mark_with_the_acceptance() -> Non
     assert isinstance(dependent, ev.TaskAccepted) and dependent.spec.depends_on == ["t1"]
 
 
-def test_names_and_marks_older_than_their_window_leave_memory() -> None:
+def test_names_and_marks_older_than_their_window_leave_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A replica that has run for weeks holds its windows, not every name and idempotency mark
-    it has seen since it started (they grew by one entry per task before stop 29)."""
-    names, marks = NameIndex(0.3), Marks(0.3)
+    it has seen since it started (they grew by one entry per task before stop 29). The
+    modules' clock is the test's: a real 0.3 s window was outlasted by the 1,000 additions on
+    a loaded machine."""
+    clock = SimpleNamespace(now=1_000_000.0)
+    fake_time = SimpleNamespace(time=lambda: clock.now)
+    monkeypatch.setattr(names_module, "time", fake_time)
+    monkeypatch.setattr(idempotency_module, "time", fake_time)
+    names, marks = NameIndex(300), Marks(300)
     for i in range(1000):
         names.add("a", f"job-{i}", f"id-{i}")
         marks.apply(f"a/key-{i}", {"task_id": f"t-{i}", "event_id": "e", "spec_sha256": "s",
-                                   "at": time.time()})
-    names.add("a", "job-0", "renamed-0", at=time.time() + 0.2)  # job-0 again, a bit later
+                                   "at": clock.now})
+    names.add("a", "job-0", "renamed-0", at=clock.now + 200)  # job-0 again, later
     assert len(names) == 1001 and len(marks) == 1000
-    time.sleep(0.35)
+    clock.now += 350
     names.add("a", "fresh", "new-1")  # new entries push the expired ones out
     marks.apply("a/key-5", {"task_id": "t-5", "event_id": "e", "spec_sha256": "s",
-                            "at": time.time()})
+                            "at": clock.now})
     assert len(names) == 2 and names.team_of("id-5") is None
     assert names.ids_named("a", "job-0") == ["renamed-0"]
     assert len(marks) == 1 and marks.get("a", "key-5") is not None
-    names.add("a", "late", "old-7", at=time.time() - 1)  # already outside the window
+    names.add("a", "late", "old-7", at=clock.now - 301)  # already outside the window
     assert names.team_of("old-7") is None
