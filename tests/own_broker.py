@@ -1,17 +1,24 @@
 """Settings on an embedded broker of a test's own (topics created), for tests whose records must
-not meet the session broker's: their ages, their doorbells, their consumer groups."""
+not meet the session broker's: their ages, their doorbells, their consumer groups; and events
+published with the age a test gives them."""
 
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from confluent_kafka import Producer
+
+from fleetplane.core import events as ev
 from fleetplane.core.doorbell import bell_dir
+from fleetplane.core.kafka import event_headers
+from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
-from fleetplane.core.topics import ensure_topics, load_topics
+from fleetplane.core.topics import ensure_topics, key_for, load_topics, topic_for
 from fleetplane.infra.broker import EmbeddedBroker
 
 
@@ -28,3 +35,14 @@ def settings_on_own_broker(data_dir: Path, **overrides: Any) -> Iterator[Setting
     finally:
         broker.stop()
         shutil.rmtree(bell_dir(broker.bootstrap), ignore_errors=True)
+
+
+def publish_aged(settings: Settings, events: list[ev.Event], age_s: float) -> None:
+    """`events` on their topics with the headers a service writes and a timestamp (CreateTime)
+    `age_s` seconds ago: history as old as the test needs."""
+    serde, producer = default_serde(), Producer(settings.producer_config())
+    at = int((time.time() - age_s) * 1000)
+    for e in events:
+        producer.produce(topic_for(e), key=key_for(e), value=serde.encode(e),
+                         headers=event_headers(e), timestamp=at)
+    assert producer.flush(10) == 0

@@ -6,20 +6,16 @@ own, so that the group is new and the records' ages are the test's."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
 
 from fleetplane.core import events as ev
-from fleetplane.core.kafka import event_headers
-from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
-from fleetplane.core.topics import DISPATCH, ROUTED, key_for
-from tests.own_broker import settings_on_own_broker
+from fleetplane.core.topics import DISPATCH
+from tests.own_broker import publish_aged, settings_on_own_broker
 
 from .test_coordinator import CoordinatorProcess, Tail, routed
 
@@ -32,21 +28,12 @@ def settings(tmp_path: Path) -> Iterator[Settings]:
         yield s
 
 
-def publish(settings: Settings, events: list[ev.TaskRouted], age_s: float) -> None:
-    serde, producer = default_serde(), Producer(settings.producer_config())
-    at = int((time.time() - age_s) * 1000)
-    for e in events:
-        producer.produce(ROUTED, key=key_for(e), value=serde.encode(e), headers=event_headers(e),
-                         timestamp=at)
-    assert producer.flush(10) == 0
-
-
 def test_a_new_group_does_not_dispatch_routings_older_than_the_retention(
         settings: Settings, tmp_path: Path) -> None:
     run = uuid.uuid4().hex[:6]
     # routed ten days ago: finished and forgotten (7 days) by a coordinator that ran then
-    publish(settings, [routed(f"{run}-old-{i}") for i in range(5)], age_s=10 * DAY_S)
-    publish(settings, [routed(f"{run}-recent-{i}") for i in range(5)], age_s=60)
+    publish_aged(settings, [routed(f"{run}-old-{i}") for i in range(5)], age_s=10 * DAY_S)
+    publish_aged(settings, [routed(f"{run}-recent-{i}") for i in range(5)], age_s=60)
     dispatch = Tail(settings, DISPATCH)
     (tmp_path / "c").mkdir()
     coordinator = CoordinatorProcess(settings, tmp_path / "c", instance_id=f"t-{run}")

@@ -5,19 +5,15 @@ are the test's: two-day-old accepted tasks are not read, this hour's are."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
 
 from fleetplane.core import events as ev
-from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
-from fleetplane.core.topics import ACCEPTED, key_for
 from fleetplane.reconciler.main import Reconciler
-from tests.own_broker import settings_on_own_broker
+from tests.own_broker import publish_aged, settings_on_own_broker
 
 DAY_MS = 86_400_000
 
@@ -30,13 +26,8 @@ def settings(tmp_path: Path) -> Iterator[Settings]:
 
 def publish(settings: Settings, tasks: list[str], age_ms: int) -> None:
     """TaskAccepted records whose timestamp (CreateTime) is `age_ms` ago."""
-    serde, producer = default_serde(), Producer(settings.client_config())
-    at = int(time.time() * 1000) - age_ms
-    for tid in tasks:
-        event = ev.TaskAccepted(task_id=tid, team="t", spec=ev.TaskSpec(
-            name=tid, task_type="summarize", prompt="p"))
-        producer.produce(ACCEPTED, key=key_for(event), value=serde.encode(event), timestamp=at)
-    assert producer.flush(10) == 0
+    publish_aged(settings, [ev.TaskAccepted(task_id=tid, team="t", spec=ev.TaskSpec(
+        name=tid, task_type="summarize", prompt="p")) for tid in tasks], age_ms / 1000)
 
 
 def tracked(settings: Settings, lookback_s: float) -> set[str]:

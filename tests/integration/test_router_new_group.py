@@ -9,26 +9,14 @@ import time
 import uuid
 from pathlib import Path
 
-from confluent_kafka import Producer
-
 from fleetplane.core import events as ev
-from fleetplane.core.kafka import event_headers
-from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
-from fleetplane.core.topics import ACCEPTED, LIFECYCLE, OUTCOMES, ROUTED, key_for
+from fleetplane.core.topics import LIFECYCLE, OUTCOMES, ROUTED
+from tests.own_broker import publish_aged
 
 from .test_router import RouterProcess, Tail, accepted
 
 LOOKBACK_S = 2.0
-
-
-def publish_aged(settings: Settings, events: list[ev.TaskAccepted], age_s: float) -> None:
-    serde, producer = default_serde(), Producer(settings.producer_config())
-    at = int((time.time() - age_s) * 1000)
-    for e in events:
-        producer.produce(ACCEPTED, key=key_for(e), value=serde.encode(e),
-                         headers=event_headers(e), timestamp=at)
-    assert producer.flush(10) == 0
 
 
 def test_a_new_group_routes_the_recent_submissions_not_the_old_ones(
