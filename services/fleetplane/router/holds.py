@@ -37,21 +37,16 @@ def pending(state: RouterState, writer: str = "") -> list[RawRecord]:
     return out
 
 
-def apply_peer(state: RouterState, task_id: str, value: bytes | None) -> bool:
+def apply_peer(state: RouterState, task_id: str, value: bytes | None) -> None:
     """Another replica's record (or tombstone) of a hold, followed live: every replica knows
     every hold, so the replica that reads the team's budget status releases the team's held
-    tasks whichever replica held them, and a hold released or ended elsewhere is dropped here.
-    Returns True if the state changed."""
+    tasks whichever replica held them, and a hold released or ended elsewhere is dropped here."""
     rec = state.tasks.get(task_id)
     if value is None:
         if rec is not None and rec.waiting:
             del state.tasks[task_id]  # routed by the other replica, or ended
-            return True
-        return False
-    if rec is not None:
-        return False  # known here already (this replica's own view wins)
-    tid, restored = parse(json.loads(value))
-    return state.restore_hold(tid, restored)
+    elif rec is None:  # (a task known here already: this replica's own view wins)
+        state.restore_hold(*parse(json.loads(value)))
 
 
 def hold_record(task_id: str, rec: TaskRecord, writer: str = "") -> RawRecord:
