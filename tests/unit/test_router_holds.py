@@ -12,7 +12,7 @@ from fleetplane.core.loop import RawRecord
 from fleetplane.router import holds
 from fleetplane.router.handlers import Router
 
-from .test_router import accepted, budget, router
+from .test_router import accepted, budget, complete, router
 
 
 def table(records: list[RawRecord]) -> dict[str, dict[str, object] | None]:
@@ -101,7 +101,7 @@ def follow(records: list[RawRecord], *routers: Router) -> None:
     for r in records:
         writer = dict(r.headers)[holds.WRITER_HEADER].decode()
         for rt in routers:
-            rt.apply_hold(r.key or b"", r.value, writer)
+            rt.apply_hold(r.key or b"", r.value, writer, dict(r.headers).get(holds.ROUTED_HEADER))
 
 
 def test_the_replica_reading_the_budget_releases_a_hold_made_by_another() -> None:
@@ -114,9 +114,25 @@ def test_the_replica_reading_the_budget_releases_a_hold_made_by_another() -> Non
     released = b.handle(budget("a", remaining=50.0))
     assert [(o.task_id, type(o).__name__) for o in released] == [("x", "TaskRouted")]
     follow(b.commit_records(), a, b)
-    assert "x" not in a.state.tasks  # released elsewhere: no longer held here
+    assert not a.state.tasks["x"].waiting  # released elsewhere: no longer held here
     assert a.handle(budget("a", remaining=50.0)) == []  # so not released twice
     assert b.handle(budget("a", remaining=50.0)) == []
+    # the outcome reaches a (its partition carries the task): counted for b's model
+    model = released[0].model  # type: ignore[attr-defined]
+    complete(a, "x")
+    assert a.state.stats.get("codegen", model).successes == 1
+
+
+def test_a_hold_ended_elsewhere_without_a_routing_is_dropped() -> None:
+    a, b = replica("a"), replica("b")
+    a.handle(budget("a", remaining=0.0))
+    a.handle(accepted("x", task_type="codegen"))
+    follow(a.commit_records(), a, b)
+    b.handle(ev.TaskCancelled(task_id="x", team="a", reason="no longer needed"))
+    (end,) = b.commit_records()
+    assert end.value is None and holds.ROUTED_HEADER not in dict(end.headers)
+    follow([end], a)
+    assert "x" not in a.state.tasks
 
 
 def test_own_records_read_back_change_nothing() -> None:

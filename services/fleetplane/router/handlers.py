@@ -152,18 +152,21 @@ class Router:
         is ahead of them)."""
         if (msg.offset() or 0) < self.state.holds_read_to:
             return  # the start-up read it (rebuild.restore_holds)
-        writer = headers_dict(msg.headers()).get(holds.WRITER_HEADER, b"").decode()
+        headers = headers_dict(msg.headers())
+        writer = headers.get(holds.WRITER_HEADER, b"").decode()
         if msg.key() is not None:
-            self.apply_hold(msg.key() or b"", msg.value(), writer)
+            self.apply_hold(msg.key() or b"", msg.value(), writer,
+                            headers.get(holds.ROUTED_HEADER))
 
-    def apply_hold(self, key: bytes, value: bytes | None, writer: str) -> None:
+    def apply_hold(self, key: bytes, value: bytes | None, writer: str,
+                   routed: bytes | None = None) -> None:
         """One router.holds record written by replica `writer` (follow_holds)."""
         if self.replica is None or writer == self.replica:
             return
         task_id = key.decode()
         with self.lock:
             try:
-                holds.apply_peer(self.state, task_id, value)
+                holds.apply_peer(self.state, task_id, value, routed)
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("router.holds record ignored", held_task=task_id, error=str(exc))
 

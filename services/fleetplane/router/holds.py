@@ -23,6 +23,9 @@ from fleetplane.router.state import RouterState, TaskRecord
 
 HOLDS_TOPIC = "router.holds"
 WRITER_HEADER = "replica"  # the replica that wrote a record or tombstone
+# on the tombstone of a hold that ended routed: "<attempt>:<model>", so that a replica whose
+# task another replica released knows its model and counts its outcome
+ROUTED_HEADER = "routed"
 
 
 def pending(state: RouterState, writer: str = "") -> list[RawRecord]:
@@ -31,20 +34,32 @@ def pending(state: RouterState, writer: str = "") -> list[RawRecord]:
     out = []
     for task_id in sorted(state.hold_changes):
         rec = state.tasks.get(task_id)
-        out.append(hold_record(task_id, rec, writer) if rec is not None and rec.waiting
-                   else tombstone(task_id, writer))
+        if rec is not None and rec.waiting:
+            out.append(hold_record(task_id, rec, writer))
+        else:
+            model = rec.models.get(rec.held) if rec is not None and rec.held else None
+            routed = (rec.held, model) if rec is not None and rec.held and model else None
+            out.append(tombstone(task_id, writer, routed))
     state.hold_changes.clear()
     return out
 
 
-def apply_peer(state: RouterState, task_id: str, value: bytes | None) -> None:
+def apply_peer(state: RouterState, task_id: str, value: bytes | None,
+               routed: bytes | None = None) -> None:
     """Another replica's record (or tombstone) of a hold, followed live: every replica knows
     every hold, so the replica that reads the team's budget status releases the team's held
-    tasks whichever replica held them, and a hold released or ended elsewhere is dropped here."""
+    tasks whichever replica held them. A hold that ended elsewhere is dropped here, unless
+    the tombstone says the held attempt was routed (`routed`, the ROUTED_HEADER): the task
+    stays, with that attempt's model, so that its outcome (read by the replica whose
+    partition carries the task) is counted and a later escalation knows the earlier models."""
     rec = state.tasks.get(task_id)
     if value is None:
         if rec is not None and rec.waiting:
-            del state.tasks[task_id]  # routed by the other replica, or ended
+            attempt, _, model = (routed or b"").decode().partition(":")
+            if model and attempt.isdigit() and int(attempt) == rec.held:
+                rec.models[rec.held] = model  # routed by the other replica
+            else:
+                del state.tasks[task_id]  # ended (or routed, as an older replica wrote it)
     elif rec is None:  # (a task known here already: this replica's own view wins)
         state.restore_hold(*parse(json.loads(value)))
 
@@ -62,10 +77,14 @@ def hold_record(task_id: str, rec: TaskRecord, writer: str = "") -> RawRecord:
                      headers=((WRITER_HEADER, writer.encode()),))
 
 
-def tombstone(task_id: str, writer: str = "") -> RawRecord:
-    """The hold of `task_id` is over (routed, or the task ended)."""
-    return RawRecord(HOLDS_TOPIC, task_id.encode(), None, partition=0,
-                     headers=((WRITER_HEADER, writer.encode()),))
+def tombstone(task_id: str, writer: str = "",
+              routed: tuple[int, str] | None = None) -> RawRecord:
+    """The hold of `task_id` is over: routed (`routed`: the attempt and its model), or the
+    task ended."""
+    headers: tuple[tuple[str, bytes], ...] = ((WRITER_HEADER, writer.encode()),)
+    if routed is not None:
+        headers += ((ROUTED_HEADER, f"{routed[0]}:{routed[1]}".encode()),)
+    return RawRecord(HOLDS_TOPIC, task_id.encode(), None, partition=0, headers=headers)
 
 
 def parse(value: dict[str, Any]) -> tuple[str, TaskRecord]:
