@@ -10,7 +10,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from fleetplane.core import events as ev
 from fleetplane.core.loop import Processor, Record
-from fleetplane.core.offsets import reset_beyond_end
+from fleetplane.core.offsets import offsets_since, reset_beyond_end
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import TopicSpec, ensure_topics
@@ -87,3 +87,28 @@ def test_processor_after_truncation_reads_new_records_only(base_settings: Settin
     finally:
         p.stop()
         thread.join(30)
+
+
+def test_offsets_since_starts_at_the_first_recent_record_else_the_end(
+        base_settings: Settings, unique: str) -> None:
+    """Partition 0: three day-old records, then two new ones -> the first new one (offset 3).
+    Partition 1: two day-old records only -> its end (2): a reader started there reads what
+    comes next, not the old records and not from a later end."""
+    topic = f"since-{unique}"
+    ensure_topics(base_settings.client_config(), [TopicSpec(topic, "task_id", 2, 1, -1,
+                                                            "delete")])
+    p = Producer(base_settings.client_config())
+    old = int((time.time() - 86_400) * 1000)
+    for partition, ages in ((0, [old, old, old, 0, 0]), (1, [old, old])):
+        for ts in ages:
+            p.produce(topic, value=b"x", partition=partition, timestamp=ts)
+    assert p.flush(30) == 0
+    c = Consumer({**base_settings.client_config(), "group.id": f"since-{unique}"})
+    try:
+        found = offsets_since(c, [(topic, 0), (topic, 1)], int((time.time() - 3600) * 1000))
+        assert found == {(topic, 0): 3, (topic, 1): 2}
+        # the ends a caller read before are the ones answered for a partition with nothing new
+        assert offsets_since(c, [(topic, 1)], int((time.time() - 3600) * 1000),
+                             ends={(topic, 1): 1}) == {(topic, 1): 1}
+    finally:
+        c.close()

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import (
-    OFFSET_BEGINNING,
     OFFSET_END,
     Consumer,
     KafkaError,
@@ -50,6 +49,7 @@ from confluent_kafka import (
 
 from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import IdleBackoff
+from fleetplane.core.offsets import offsets_since
 from fleetplane.core.settings import Settings
 
 log = get_logger(__name__)
@@ -142,20 +142,12 @@ class Follower:
         for r in self.readers:
             r.since_ms = 0 if r.since_s is None else now_ms - int(r.since_s * 1000)
             r.pending = {(t, p) for t in r.topics for p in parts[t]}
-            if r.since_s is None:
-                found = [TopicPartition(t, p, OFFSET_BEGINNING) for t in r.topics
-                         for p in parts[t]]
-            else:
-                found = consumer.offsets_for_times(
-                    [TopicPartition(t, p, r.since_ms) for t in r.topics for p in parts[t]],
-                    timeout=10)
-            for tp in found:
-                offset = tp.offset
-                if r.since_s is not None and offset < 0:  # nothing that recent: the end
-                    offset = consumer.get_watermark_offsets(tp, timeout=10)[1]
-                elif r.since_s is None:
-                    offset = consumer.get_watermark_offsets(tp, timeout=10)[0]
-                key = (tp.topic, tp.partition)
+            keys = [(t, p) for t in r.topics for p in parts[t]]
+            found = {} if r.since_s is None else offsets_since(consumer, keys, r.since_ms,
+                                                               timeout_s=10)
+            for key in keys:  # from the beginning: no lookback, or the broker cannot say
+                offset = found[key] if key in found else consumer.get_watermark_offsets(
+                    TopicPartition(*key), timeout=10)[0]
                 start[key] = min(start.get(key, offset), offset)
         return [TopicPartition(t, p, o if o >= 0 else OFFSET_END) for (t, p), o in start.items()]
 

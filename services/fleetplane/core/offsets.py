@@ -144,6 +144,32 @@ def replay_recent(consumer: Consumer, partitions: list[TopicPartition], seconds:
     return again
 
 
+def offsets_since(consumer: Consumer, partitions: list[tuple[str, int]], since_ms: int,
+                  timeout_s: float = 30.0, ends: dict[tuple[str, int], int] | None = None
+                  ) -> dict[tuple[str, int], int]:
+    """Per partition, the offset of its first record written at or after `since_ms`, else its
+    end as read *before* the lookup (`ends` if the caller has them): a record written after
+    that end and before the lookup would have been found by it, so nothing is skipped, while
+    an end read after the lookup (or OFFSET_END, resolved later still) would skip what came
+    between. A partition the broker cannot answer for is left out (logged); a failure of the
+    whole lookup raises KafkaException."""
+    before = dict(ends) if ends is not None else {
+        key: consumer.get_watermark_offsets(TopicPartition(*key), timeout=timeout_s,
+                                            cached=False)[1]
+        for key in partitions}
+    found = consumer.offsets_for_times(
+        [TopicPartition(t, p, since_ms) for t, p in partitions], timeout=timeout_s)
+    out: dict[tuple[str, int], int] = {}
+    for tp in found:
+        key = (tp.topic, tp.partition)
+        if tp.error is not None:
+            log.warning("offset by time unavailable", topic=tp.topic, partition=tp.partition,
+                        error=str(tp.error))
+        else:
+            out[key] = tp.offset if tp.offset >= 0 else before[key]
+    return out
+
+
 def _committed_of(settings: Settings, group: str, parts: list[TopicPartition]
                   ) -> dict[tuple[str, int], int]:
     c = Consumer({**settings.consumer_config(group), "enable.auto.commit": False})
@@ -184,12 +210,7 @@ def position_new_group(settings: Settings, group: str, topics: list[str], lookba
         rest = [tp for tp in missing if (tp.topic, tp.partition) not in start]
         if rest:
             since = int((time.time() - lookback_s) * 1000)
-            for tp in c.offsets_for_times([TopicPartition(tp.topic, tp.partition, since)
-                                           for tp in rest], timeout=30):
-                offset = tp.offset
-                if offset < 0:  # nothing that recent: the end
-                    offset = c.get_watermark_offsets(tp, timeout=30)[1]
-                start[(tp.topic, tp.partition)] = offset
+            start.update(offsets_since(c, [(tp.topic, tp.partition) for tp in rest], since))
         c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in start.items()],
                  asynchronous=False)
         log.info("new consumer group positioned", group=group,

@@ -37,6 +37,7 @@ from confluent_kafka import (
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import REDRIVE_HEADER, RenewingProducer, event_headers
 from fleetplane.core.logging import get_logger
+from fleetplane.core.offsets import offsets_since
 from fleetplane.core.serde import default_serde
 from fleetplane.core.service import bootstrap, freeze_startup_heap
 from fleetplane.core.settings import Settings
@@ -117,18 +118,9 @@ class Reconciler:
         assert self.consumer is not None
         since_ms = int((time.time() - lookback) * 1000)
         try:
-            ends = {key: self.consumer.get_watermark_offsets(TopicPartition(*key),
-                                                             timeout=10)[1]
-                    for key in self.positions}
-            found = self.consumer.offsets_for_times(
-                [TopicPartition(t, p, since_ms) for (t, p) in self.positions], timeout=30)
+            self.positions.update(offsets_since(self.consumer, list(self.positions), since_ms))
         except KafkaException as exc:  # no starting point: everything, as before
             log.warning("offsets by time unavailable: reading from the start", error=str(exc))
-            return
-        for tp in found:
-            key = (tp.topic, tp.partition)
-            if tp.error is None:
-                self.positions[key] = tp.offset if tp.offset >= 0 else ends[key]
 
     def close(self) -> None:
         for c in [self.consumer, *self.groups.values()]:
@@ -212,7 +204,9 @@ class Reconciler:
         scheduler topic at that sample: otherwise a backlog (or a coordinator down) would look
         like a lost event."""
         out: dict[tuple[str, int], int] = {}
-        for topic, group in HOPS.values():
+        for hop, (topic, group) in HOPS.items():
+            if hop == "router":  # the one hop whose group a setting names
+                group = self.settings.router_group_id
             out.update(self._group_offsets(group, topic))
         scheduler_end = self._end(SCHEDULER_TOPIC)
         scheduler_read = self._group_offsets(SCHEDULER_GROUP, SCHEDULER_TOPIC).get(

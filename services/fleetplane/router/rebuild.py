@@ -24,6 +24,7 @@ from fleetplane.core import events as ev
 from fleetplane.core.errors import NotRetriable
 from fleetplane.core.logging import get_logger
 from fleetplane.core.loop import headers_dict
+from fleetplane.core.offsets import offsets_since
 from fleetplane.core.serde import Serde, default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.topics import ACCEPTED, BUDGET, LIFECYCLE, OUTCOMES, ROUTED
@@ -98,21 +99,17 @@ def _start_at(consumer: Consumer, topic: str, since_ms: int, starts: dict[int, i
     the partitions with none before their end. Where the broker cannot say, the partition is
     read from its start, as without a lookback."""
     try:
-        found = consumer.offsets_for_times(
-            [TopicPartition(topic, p, since_ms) for p in starts], timeout=30)
+        found = offsets_since(consumer, [(topic, p) for p in starts], since_ms,
+                              ends={(topic, p): e for p, e in ends.items()})
     except KafkaException as exc:
         log.warning("offsets by time unavailable: reading from the start", topic=topic,
                     error=str(exc))
         return
-    for tp in found:
-        p = tp.partition
-        if tp.error is not None:
-            log.warning("offset by time unavailable: reading from the start", topic=topic,
-                        partition=p, error=str(tp.error))
-        elif tp.offset < 0 or tp.offset >= ends[p]:
+    for (_, p), offset in found.items():
+        if offset >= ends[p]:
             del starts[p], ends[p]  # nothing that recent
         else:
-            starts[p] = max(tp.offset, starts[p])
+            starts[p] = max(offset, starts[p])
 
 
 def read_topic(settings: Settings, topic: str, serde: Serde,
