@@ -9,9 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 
 from fleetplane.core import events as ev
 from fleetplane.core.settings import Settings
+from fleetplane.core.topics import ACCEPTED
 from fleetplane.reconciler.main import Reconciler
 from tests.own_broker import publish_aged, settings_on_own_broker
 
@@ -47,3 +49,24 @@ def test_a_start_reads_the_lookback_only(settings: Settings) -> None:
     publish(settings, new, age_ms=60_000)
     assert tracked(settings, lookback_s=86_400) == set(new)
     assert tracked(settings, lookback_s=0) == set(old) | set(new)  # 0: from the start
+
+
+def test_the_router_hop_is_judged_by_the_configured_group(settings: Settings) -> None:
+    """With ``FLEETPLANE_ROUTER_GROUP_ID`` set, the router's progress is that group's committed
+    offsets (the default group's, which has none here, would leave the hop unjudged)."""
+    publish(settings, [f"t-{i}" for i in range(5)], age_ms=1_000)
+    group = "router-side-by-side"
+    c = Consumer({**settings.client_config(), "group.id": group, "enable.auto.commit": False})
+    try:
+        parts = c.list_topics(ACCEPTED, timeout=10).topics[ACCEPTED].partitions
+        c.commit(offsets=[TopicPartition(ACCEPTED, p, 1) for p in parts], asynchronous=False)
+    finally:
+        c.close()
+    reconciler = Reconciler(settings.model_copy(update={"router_group_id": group}))
+    reconciler.open()
+    try:
+        committed = reconciler.committed()
+    finally:
+        reconciler.close()
+    assert {k: v for k, v in committed.items() if k[0] == ACCEPTED} == {
+        (ACCEPTED, p): 1 for p in parts}

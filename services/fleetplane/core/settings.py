@@ -304,7 +304,7 @@ class Settings(BaseSettings):
     router_cache_max_entries: int = 100_000
     router_group_id: str = Field(
         default="fleetplane-router", description="The router's consumer group (the reconciler "
-        "judges the router hop by the default one).")
+        "judges the router hop by this group's committed offsets).")
     router_new_group_lookback_s: float = Field(
         default=600.0, ge=0, description="A brand-new router group (no committed offset on a "
         "partition of its inputs: a renamed group, offsets the broker expired) starts at the "

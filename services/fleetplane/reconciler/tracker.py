@@ -40,7 +40,8 @@ from fleetplane.core import events as ev
 from fleetplane.core.topics import ACCEPTED, OUTCOMES, ROUTED, SUBMITTED
 
 #: hop -> (input topic, consumer group that reads it). The groups are the services' default
-#: ``fleetplane-<service>`` (core.loop.Processor); the coordinator's is its repartition step's.
+#: ``fleetplane-<service>`` (core.loop.Processor); the coordinator's is its repartition step's;
+#: the router's is ``FLEETPLANE_ROUTER_GROUP_ID`` (Reconciler.committed).
 HOPS: dict[str, tuple[str, str]] = {
     "ingest": (SUBMITTED, "fleetplane-ingest"),
     "router": (ACCEPTED, "fleetplane-router"),
