@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import pytest
-from confluent_kafka import Message
+from confluent_kafka import Message, Producer
 
 from fleetplane.core.follower import Follower
 from fleetplane.core.settings import Settings
@@ -47,9 +47,12 @@ def test_a_paced_follower_gets_a_trickle_once_each_in_order(
     assert reader.ready.wait(60)
     assert sorted(everything.snapshot()) == [f"old-{i:03d}" for i in range(5)]
     sent = []
+    producer = Producer(base_settings.producer_config())  # one producer for the whole trickle
     for i in range(40):  # a trickle across many rounds
         batch = [f"t{i:03d}-{j}" for j in range(3)]
-        produce(base_settings, topic, batch)
+        for v in batch:
+            producer.produce(topic, key=v.encode(), value=v.encode())
+        assert producer.flush(30) == 0
         sent += batch
         time.sleep(0.02)
     wait_for(lambda: set(sent) <= set(everything.snapshot()), "the trickle")
