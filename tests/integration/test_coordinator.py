@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from fleetplane.coordinator.app import (
+from fleetplane.coordinator.topology import (
     APP_ID,
     BATCH_MAX,
     INPUTS,

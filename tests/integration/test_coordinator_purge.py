@@ -10,8 +10,8 @@ from pathlib import Path
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from fleetplane.coordinator.app import SCHEDULER_TOPIC
 from fleetplane.coordinator.purge import CommittedPurger
+from fleetplane.coordinator.topology import SCHEDULER_TOPIC
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.settings import Settings
 from tests.integration.test_coordinator import CoordinatorProcess, routed

@@ -7,15 +7,14 @@ from collections import deque
 
 import pytest
 
-from fleetplane.coordinator.app import (
+from fleetplane.coordinator.liveness import Liveness
+from fleetplane.coordinator.repartition import repartition, source_record
+from fleetplane.coordinator.topology import (
     SCHEDULER_TOPIC,
     SOURCE_OFFSET,
     SOURCE_PARTITION,
     SOURCE_TOPIC,
-    repartition,
-    source_record,
 )
-from fleetplane.coordinator.liveness import Liveness
 from fleetplane.core import events as ev
 from fleetplane.core.errors import NotRetriable
 from fleetplane.core.loop import RawRecord, Record

@@ -41,176 +41,55 @@ exits; the supervisor restarts it as a standby. See docs/coordinator.md.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
-import yaml
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-from fleetplane.coordinator.claims import CLAIMS_TOPIC, ActiveClaim
-from fleetplane.coordinator.liveness import Liveness
+from fleetplane.coordinator.claims import ActiveClaim
+from fleetplane.coordinator.policy import policy_for_settings
 from fleetplane.coordinator.purge import CommittedPurger
-from fleetplane.coordinator.scheduler import (
-    INPUTS_READ_UNTIL,
-    TICK,
-    AdmissionPolicy,
-    Scheduler,
-    changes_nothing,
+from fleetplane.coordinator.repartition import repartition, source_record, tick_reason
+from fleetplane.coordinator.scheduler import TICK, Scheduler, changes_nothing
+from fleetplane.coordinator.standby import watch_active
+from fleetplane.coordinator.stats import Stats
+from fleetplane.coordinator.topology import (
+    APP_ID,
+    CHANGELOG,
+    INPUTS,
+    OWNER_HEADER,
+    REPARTITION_ROLE,
+    REPLAYED,
+    SCHEDULE_ROLE,
+    SCHEDULER_GROUP,
+    SCHEDULER_ISOLATION,
+    SCHEDULER_TOPIC,
+    SERVICE,
 )
+from fleetplane.coordinator.web import WebPages, fleet_view, held_tasks
 from fleetplane.coordinator.world import World, settle_heap
 from fleetplane.core import events as ev
 from fleetplane.core import topics as t
-from fleetplane.core.catalog import Catalog, _task_type
-from fleetplane.core.errors import EXIT_RESTART, Fatal, NotRetriable
+from fleetplane.core.errors import EXIT_RESTART, Fatal
 from fleetplane.core.kafka import event_headers
 from fleetplane.core.logging import get_logger
-from fleetplane.core.loop import (
-    Output,
-    Processor,
-    RawRecord,
-    Record,
-    dead_letter,
-    headers_dict,
-)
+from fleetplane.core.loop import Output, Processor, Record, dead_letter
 from fleetplane.core.offsets import position_new_group, replay_recent
 from fleetplane.core.serde import default_serde
 from fleetplane.core.settings import Settings
 from fleetplane.core.table import ChangelogTable
-from fleetplane.core.teams import load_teams
 from fleetplane.core.txn_ids import TxnIds
 
-SERVICE = "coordinator"
-APP_ID = "fleetplane-coordinator"  # the repartition's consumer group
-SCHEDULER_TOPIC = f"{APP_ID}-scheduler"
-SCHEDULER_GROUP = SCHEDULER_TOPIC  # the schedule step's consumer group
 #: a brand-new repartition group reads at least this far back (App._position_new_group)
 NEW_GROUP_MIN_LOOKBACK_S = 600.0
-CHANGELOG = f"{SCHEDULER_TOPIC}-changelog"
-#: The schedule step reads its input uncommitted. Every transactional record on the scheduler
-#: topic is the repartition step's copy of an event it read committed (`repartition`: unchanged,
-#: same event id), and the scheduler ignores an event id it has applied (`TaskRow.seen`): a copy
-#: from a transaction that aborted is one it sees again when the step forwards it again.
-#: Read committed, a dead producer's open transaction on the topic (the embedded broker never
-#: times one out) held back every record after it. Read uncommitted, the input has no offset
-#: gaps but markers, so the loop can tell when a fetch skipped records and read them again
-#: (core.loop `_skipped`): quiet chaos runs Q2 and Q3 of stop 18 each had a committed batch of
-#: forwarded records (36 and 60 completions) that the step never applied after a takeover and
-#: a broker restart, and those tasks ran a second time (Q3 was already read uncommitted: the
-#: cause of the skip is not found).
-SCHEDULER_ISOLATION = "read_uncommitted"
-INPUTS = (t.ROUTED, t.LIFECYCLE, t.OUTCOMES, t.CONTROL, t.WORKSPACE, t.BUDGET)
-# the inputs read again on assignment (_replay_inputs): every outcome; of the lifecycle, only
-# the starts (`Coordinator.forward`)
-REPLAYED = frozenset({t.OUTCOMES, t.LIFECYCLE})
-# static member ids of the active role (the same in every process); each holder of the role
-# uses the transactional ids <role>-<epoch> (see Coordinator.fence_previous)
-REPARTITION_ROLE = f"{APP_ID}-active"
-SCHEDULE_ROLE = f"{SCHEDULER_GROUP}-active"
-OWNER_HEADER = "x-coordinator-epoch"  # on every tick: the epoch of the active that sent it
-WATCH_BACKLOG = 2_000  # scheduler records read back per window to find the latest tick
 #: how often the active purges the scheduler topic's committed records (coordinator/purge.py)
 PURGE_EVERY_S = 2.0
-# headers the repartition adds: where the record was read (for dead letters)
-SOURCE_TOPIC, SOURCE_PARTITION, SOURCE_OFFSET = "x-source-topic", "x-source-partition", \
-    "x-source-offset"
-BATCH_MAX = 500  # records consumed together (settings.batch_size); one transaction at most
-WATCH_INTERVAL_S = 0.25  # between two looks of a standby at the active's progress
-SLOW_LOOK_S = 2.0  # a look at the progress marks answered slower than this proves nothing
 
 log = get_logger(__name__)
-
-
-@dataclass
-class Stats:
-    """Counters (in logs and on GET /coordinator/stats/)."""
-
-    instance: str = ""
-    role: str = "standby"  # standby -> active
-    forwarded: int = 0  # input records repartitioned onto the scheduler topic
-    replayed: int = 0  # input records read again on assignment (Coordinator._replay_inputs)
-    processed: int = 0  # scheduler records decided
-    task_events: int = 0  # of which task events (not the clock's ticks)
-    decided_s: float = 0.0  # time spent in Scheduler.apply
-    published: int = 0  # events decided and published
-    dead_letters: int = 0
-    forgotten: int = 0  # terminal task rows forgotten past the retention (Scheduler)
-    standby_s: float | None = None  # process start -> took the active role
-    ready_s: float | None = None  # process start -> table restored, decisions flowing
-    recovery_s: float | None = None  # took the active role -> table restored (incl. join)
-    restore_s: float | None = None  # reading the changelog alone
-    world_load_s: float | None = None  # rebuilding the scheduler's state from the rows
-    recovered_rows: int | None = None
-    changelog_records: int | None = None
-    restores: int = 0
-    reseeks: int = 0  # kept for the stats' readers: nothing re-seeks any more
-
-
-def tiers_catalog(path: Path) -> Catalog | None:
-    """The catalog's tiers and task types only: the coordinator needs no prices (loading them
-    would import litellm, seconds of start-up for nothing)."""
-    if not path.exists():
-        return None
-    raw = yaml.safe_load(path.read_text()) or {}
-    tiers = [str(x) for x in raw.get("tiers") or []]
-    types = {name: _task_type(name, v) for name, v in (raw.get("task_types") or {}).items()}
-    return Catalog(tiers=tiers, default_tier=str(raw.get("default_tier", tiers[0] if tiers
-                                                                          else "")),
-                   models={}, task_types=types)
-
-
-def policy_for_settings(settings: Settings) -> AdmissionPolicy:
-    catalog = tiers_catalog(settings.catalog_file)
-    return AdmissionPolicy(teams=load_teams(settings.teams_file), catalog=catalog,
-                  max_running=settings.coordinator_max_running,
-                  heartbeat_timeout_ms=int(settings.coordinator_heartbeat_timeout_s * 1000),
-                  backoff_base_ms=settings.coordinator_backoff_base_ms,
-                  backoff_cap_ms=settings.coordinator_backoff_cap_ms,
-                  start_timeout_ms=int(settings.coordinator_start_timeout_s * 1000),
-                  reservations=settings.coordinator_reservations,
-                  conflict_hold_timeout_ms=int(
-                      settings.coordinator_conflict_hold_timeout_s * 1000),
-                  terminal_retention_ms=int(settings.coordinator_terminal_retention_s * 1000),
-                  terminal_max_rows=settings.coordinator_terminal_max_rows)
-
-
-def repartition(event: ev.Event, rec: Record) -> list[Output]:
-    """The repartition step's handler: the record, unchanged, onto the scheduler partition."""
-    key = rec.key or b""
-    if not isinstance(event, ev.BudgetStatus) and event.task_id.encode() != key:
-        raise NotRetriable(f"record key {key!r} is not the task id {event.task_id!r}")
-    headers = (*rec.headers.items(), (SOURCE_TOPIC, rec.topic.encode()),
-               (SOURCE_PARTITION, str(rec.partition).encode()),
-               (SOURCE_OFFSET, str(rec.offset).encode()))
-    return [RawRecord(SCHEDULER_TOPIC, rec.key, rec.value, 0, headers)]
-
-
-def tick_reason(repartitioner: Processor) -> str:
-    """A tick says how far the repartition step had read the inputs when it was sent
-    (``inputs-read-until-ms=<epoch ms>``): the scheduler declares an attempt lost only over
-    time it has seen the inputs of (a backlog after a restart or a broker outage holds the
-    heartbeats and outcomes that would have kept it alive). Empty when the step cannot tell."""
-    until = repartitioner.inputs_read_until_ms()
-    return "" if until is None else f"{INPUTS_READ_UNTIL}{until}"
-
-
-def source_record(rec: Record) -> Record:
-    """The original input record of a scheduler record (before the repartition)."""
-    headers = dict(rec.headers)
-    topic = headers.pop(SOURCE_TOPIC, None)
-    partition = headers.pop(SOURCE_PARTITION, None)
-    offset = headers.pop(SOURCE_OFFSET, None)
-    return Record(topic=topic.decode() if topic else rec.topic,
-                  partition=int(partition) if partition else rec.partition,
-                  offset=int(offset) if offset else rec.offset, key=rec.key, value=rec.value,
-                  headers=headers, timestamp_ms=rec.timestamp_ms)
 
 
 class Coordinator:
@@ -244,7 +123,7 @@ class Coordinator:
             group_instance_id=SCHEDULE_ROLE, on_assign=self._on_assign,
             on_abort=self._on_abort, on_ready=self.claim.check, isolation=SCHEDULER_ISOLATION,
             before_commit=self.changelog)
-        self.web: ThreadingHTTPServer | None = None
+        self.web: WebPages | None = None
 
     # -- the schedule step -----------------------------------------------------------------
     def decide(self, event: ev.Event, rec: Record) -> list[Output]:
@@ -369,96 +248,11 @@ class Coordinator:
         self._take_over.set()
 
     def wait_for_silence(self) -> bool:
-        """Standby: until the active is gone (True), or stop (False).
-
-        The judgement (``Liveness``) rests on progress the active makes on the broker (the end
-        of the scheduler topic, the end of the changelog, the scheduler group's committed
-        offset, the end of the claims topic), read with fresh requests: load on either process
-        delays the looks, never fakes silence. Nothing is fetched while watching (four small
-        requests per look): the epoch of the holder to fence is read from the latest ticks
-        once, on takeover (``find_owner``). A standby that fetched the scheduler topic
-        continuously spent more CPU than the router (the embedded broker answers empty fetches
-        at once)."""
-        config = self.settings.client_config()
-        watch = Consumer({**config, "group.id": f"{APP_ID}-watch",
-                          "enable.auto.commit": False, "isolation.level": "read_uncommitted",
-                          "enable.partition.eof": True, "auto.offset.reset": "latest"})
-        # reads the scheduler group's committed offset only (never subscribes: never joins)
-        offsets = Consumer({**config, "group.id": SCHEDULER_GROUP, "enable.auto.commit": False})
-        # a little jitter, so two processes started together rarely both take over
-        liveness = Liveness(self.settings.coordinator_takeover_s + random.uniform(0, 0.5),
-                            time.monotonic())
-        log.info("standby: watching the active coordinator", topic=SCHEDULER_TOPIC,
-                 takeover_s=self.settings.coordinator_takeover_s)
-        tp, changelog = TopicPartition(SCHEDULER_TOPIC, 0), TopicPartition(CHANGELOG, 0)
-        claims = TopicPartition(CLAIMS_TOPIC, 0)
-        try:
-            while not self._stopping.wait(WATCH_INTERVAL_S):
-                if self._take_over.is_set():
-                    end = watch.get_watermark_offsets(tp, timeout=5, cached=False)[1]
-                    self.previous_epoch = self.find_owner(watch, end)
-                    log.warning("asked to take over (planned failover)",
-                                previous=self.previous_epoch)
-                    return True
-                asked = time.monotonic()
-                try:
-                    # a claim by another process counts as progress: a standby restarted
-                    # while another one was taking over gives the claimant a full timeout to
-                    # start ticking, instead of claiming after it and making it stand down
-                    marks = (watch.get_watermark_offsets(tp, timeout=5, cached=False)[1],
-                             watch.get_watermark_offsets(changelog, timeout=5,
-                                                         cached=False)[1],
-                             offsets.committed([tp], timeout=5)[0].offset,
-                             claims_end(watch, claims))
-                except KafkaException:  # no answer: no evidence either way
-                    liveness.reset(time.monotonic())
-                    continue
-                now = time.monotonic()
-                if now - asked > SLOW_LOOK_S and marks == liveness.marks:
-                    # a broker this slow to answer holds the active back as well: no evidence
-                    liveness.reset(now)
-                    continue
-                if liveness.observe(marks, now):
-                    self.previous_epoch = self.find_owner(watch, marks[0])
-                    log.warning("the active coordinator made no progress: taking over",
-                                previous=self.previous_epoch, **liveness.describe(now))
-                    return True
-            return False
-        finally:
-            watch.close()
-            offsets.close()
-
-    def find_owner(self, watch: Consumer, end: int, timeout_s: float = 20.0) -> str | None:
-        """The epoch of the latest tick before ``end`` on the scheduler topic (the holder of
-        the active role to fence), read backwards in windows of ``WATCH_BACKLOG`` records
-        (read_uncommitted: an open transaction of a dead active must not hide its ticks)."""
-        deadline = time.monotonic() + timeout_s
-        tp = TopicPartition(SCHEDULER_TOPIC, 0)
-        try:
-            low = watch.get_watermark_offsets(tp, timeout=5, cached=False)[0]
-        except KafkaException:
-            low = 0
-        while end > low and time.monotonic() < deadline:
-            start, owner, done = max(low, end - WATCH_BACKLOG), None, False
-            watch.assign([TopicPartition(SCHEDULER_TOPIC, 0, start)])
-            while not done and time.monotonic() < deadline:
-                for msg in watch.consume(1000, 0.2):
-                    err = msg.error()
-                    if err is not None:
-                        done = done or err.code() == KafkaError._PARTITION_EOF
-                        continue
-                    if (msg.offset() or 0) >= end:
-                        done = True
-                        continue
-                    found = headers_dict(msg.headers()).get(OWNER_HEADER)
-                    if found:
-                        owner = found.decode()
-                done = done or watch.position([tp])[0].offset >= end
-            watch.unassign()
-            if owner is not None:
-                return owner
-            end = start
-        return None
+        """Standby: until the active is gone (True; the holder to fence is then
+        `previous_epoch`), or stop (False). coordinator.standby.watch_active."""
+        gone, self.previous_epoch = watch_active(self.settings, self._stopping,
+                                                 self._take_over)
+        return gone
 
     def _position_new_group(self) -> None:
         """A brand-new repartition group (renamed, or its offsets expired by the broker after a
@@ -598,33 +392,13 @@ class Coordinator:
     # -- views (web pages and CLI) ---------------------------------------------------------
     def held_tasks(self) -> list[dict[str, Any]]:
         with self.lock:
-            world = self.world
-            if world is None:
-                return []
-            return [{"task_id": s.task_id, "team": s.team, "kind": s.hold_kind or "queued",
-                     "reason": s.hold_reason, "held_by": s.held_by, "paths": s.held_paths,
-                     "since": (s.held_since or s.updated_at).isoformat(),
-                     "repository": s.repository, "attempt": s.next_attempt,
-                     "priority": s.spec.priority if s.spec else None}
-                    for s in world.held()]
+            return [] if self.world is None else held_tasks(self.world)
 
     def fleet_view(self) -> dict[str, Any]:
         with self.lock:
-            world = self.world
-            if world is None:
+            if self.world is None:
                 return {"ready": False}
-            running: dict[str, int] = {}
-            for s in world.active.values():
-                running[s.team] = running.get(s.team, 0) + 1
-            fleet = world.fleet
-            return {"ready": True, "kill_switch": fleet.kill_switch,
-                    "kill_switch_reason": fleet.kill_switch_reason, "paused": fleet.paused,
-                    "running": running, "active": len(world.active),
-                    "waiting": len(world.waiting),
-                    "task_rows": len(world.tasks), "finished_rows": world.terminal,
-                    "max_running": self.scheduler.policy.max_running,
-                    "spend": {k: v.model_dump() for k, v in fleet.spend.items()},
-                    "budget_exhausted": fleet.budget_exhausted}
+            return fleet_view(self.world, self.scheduler.policy.max_running)
 
     def stats_view(self) -> dict[str, Any]:
         world = self.world
@@ -633,54 +407,13 @@ class Coordinator:
                 "forwarded": self.repartitioner.processed}
 
     def _serve_web(self) -> None:
-        """The active's HTTP pages on FLEETPLANE_COORDINATOR_WEB_PORT (bound when the role is
-        taken: the previous active, if it still holds the port, is on its way out)."""
-        coordinator = self
-        pages: dict[str, Callable[[], tuple[int, Any]]] = {
+        """The active's HTTP pages (coordinator.web), bound when the role is taken."""
+        self.web = WebPages(self.settings.bind_host, self.settings.coordinator_web_port, {
             "/healthz": lambda: (200 if self.world is not None else 503,
                                  {"ready": self.world is not None, "service": SERVICE,
                                   "role": self.stats.role}),
             "/coordinator/stats": lambda: (200, self.stats_view()),
             "/coordinator/held": lambda: (200, self.held_tasks()),
             "/coordinator/fleet": lambda: (200, self.fleet_view()),
-        }
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                page = pages.get(self.path.split("?")[0].rstrip("/"))
-                status, body = page() if page else (404, {"error": "not found"})
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        def bind() -> None:
-            while not coordinator._stopping.is_set():
-                try:
-                    server = ThreadingHTTPServer(
-                        (self.settings.bind_host, self.settings.coordinator_web_port), Handler)
-                except OSError as exc:
-                    log.warning("web port busy, retrying", error=str(exc))
-                    coordinator._stopping.wait(0.5)
-                    continue
-                server.daemon_threads = True
-                coordinator.web = server
-                server.serve_forever(poll_interval=0.2)
-                return
-
-        threading.Thread(target=bind, name="web", daemon=True).start()
-
-
-
-def claims_end(watch: Consumer, claims: TopicPartition) -> int:
-    """The end of the claims topic, or -1 where it cannot be read (a deployment whose topics
-    predate it): the other marks then decide alone."""
-    try:
-        return int(watch.get_watermark_offsets(claims, timeout=5, cached=False)[1])
-    except KafkaException:
-        return -1
+        }, self._stopping)
+        self.web.start()
