@@ -34,6 +34,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from fleetplane.coordinator.topology import SCHEDULER_GROUP, SCHEDULER_TOPIC
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import REDRIVE_HEADER, RenewingProducer, event_headers
 from fleetplane.core.logging import get_logger
@@ -44,17 +45,9 @@ from fleetplane.core.settings import Settings
 from fleetplane.core.topics import ALERTS, DISPATCH, DLQ, LIFECYCLE, OUTCOMES, ROUTED, key_for
 from fleetplane.metrics.reconciler import ReconcilerStats
 from fleetplane.metrics.setup import instrument
-from fleetplane.reconciler.tracker import (
-    COORDINATOR_CHANGELOG,
-    HOPS,
-    SCHEDULER_TOPIC,
-    GiveUp,
-    Redrive,
-    Tracker,
-)
+from fleetplane.reconciler.tracker import COORDINATOR_CHANGELOG, HOPS, GiveUp, Redrive, Tracker
 
 SERVICE = "reconciler"
-SCHEDULER_GROUP = SCHEDULER_TOPIC  # the coordinator's schedule step's consumer group
 GROUP = "fleetplane-reconciler"  # never joined nor committed: the topics are read by assignment
 READ_TOPICS = (*(topic for topic, _ in HOPS.values()), DISPATCH, LIFECYCLE, OUTCOMES, DLQ)
 CATCH_UP_S = 10.0  # at most this long reading per pass (the next pass goes on from there)

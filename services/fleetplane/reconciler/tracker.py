@@ -36,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from fleetplane.coordinator.topology import APP_ID, CHANGELOG
 from fleetplane.core import events as ev
 from fleetplane.core.topics import ACCEPTED, OUTCOMES, ROUTED, SUBMITTED
 
@@ -45,15 +46,14 @@ from fleetplane.core.topics import ACCEPTED, OUTCOMES, ROUTED, SUBMITTED
 HOPS: dict[str, tuple[str, str]] = {
     "ingest": (SUBMITTED, "fleetplane-ingest"),
     "router": (ACCEPTED, "fleetplane-router"),
-    "coordinator": (ROUTED, "fleetplane-coordinator"),
+    "coordinator": (ROUTED, APP_ID),
 }
 #: the coordinator's state table (core.table.ChangelogTable): a row ``task/<id>`` is the
 #: coordinator's durable fact that it recorded the task
-COORDINATOR_CHANGELOG = "fleetplane-coordinator-scheduler-changelog"
-#: the coordinator's schedule step: its input topic and group (one partition). The repartition
-#: group having read a TaskRouted is evidence only once the schedule step has caught up with
-#: what was forwarded: see Reconciler.committed
-SCHEDULER_TOPIC = "fleetplane-coordinator-scheduler"
+COORDINATOR_CHANGELOG = CHANGELOG
+#: the coordinator's schedule step reads SCHEDULER_TOPIC (one partition) in SCHEDULER_GROUP. The
+#: repartition group having read a TaskRouted is evidence only once the schedule step has caught
+#: up with what was forwarded: see Reconciler.committed
 ROW_PREFIX = b"task/"
 #: the longest wait between two re-drives of one hop of one task
 BACKOFF_CAP_S = 600.0
