@@ -52,7 +52,8 @@ from fleetplane.accounting.bench import generate_history, run_bench, synthetic_e
 from fleetplane.accounting.dashboard import dashboard_data
 from fleetplane.accounting.main import build_processor
 from fleetplane.accounting.rows import rows_for
-from fleetplane.accounting.store import apply_ddl, connect
+from fleetplane.accounting.schema import apply_ddl
+from fleetplane.accounting.store import connect
 from fleetplane.accounting.whatif import Selection, what_if
 from fleetplane.core.catalog import catalog_for
 from fleetplane.core.kafka import EventProducer

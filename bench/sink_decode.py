@@ -40,7 +40,8 @@ from bench.measure import bench_dir
 from fleetplane.accounting.bench import synthetic_events
 from fleetplane.accounting.columnar import rows_of
 from fleetplane.accounting.rows import COLUMNS, EVENTS, MODEL_CALLS, TOOL_CALLS
-from fleetplane.accounting.store import Store, apply_ddl, connect
+from fleetplane.accounting.schema import apply_ddl
+from fleetplane.accounting.store import Store, connect
 from fleetplane.core import events as ev
 from fleetplane.core.serde import HEADER_LEN, Serde, default_serde
 from fleetplane.core.settings import Settings

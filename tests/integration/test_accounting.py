@@ -23,8 +23,9 @@ from fleetplane.accounting import analytics, queries
 from fleetplane.accounting.batchloop import BatchProcessor
 from fleetplane.accounting.main import build_processor
 from fleetplane.accounting.rows import MODEL_CALLS, model_call_row
+from fleetplane.accounting.schema import apply_ddl
 from fleetplane.accounting.sink import ClickHouseSink
-from fleetplane.accounting.store import Store, apply_ddl, connect, is_chdb
+from fleetplane.accounting.store import Store, connect, is_chdb
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.loop import Processor

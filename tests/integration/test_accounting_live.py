@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from fleetplane.accounting import analytics, live, live_raw
+from fleetplane.accounting.schema import apply_ddl
 from fleetplane.accounting.sink import ClickHouseSink
-from fleetplane.accounting.store import Store, apply_ddl
+from fleetplane.accounting.store import Store
 from fleetplane.core import events as ev
 from tests.integration.test_accounting import close_test_store, open_test_store
 from tests.integration.test_accounting_rollups import deliver, deliver_batches, distinct_rows
@@ -213,7 +214,7 @@ def test_the_state_codes_of_the_ddl_are_the_state_vocabulary() -> None:
     live.py decodes it with core.states.STATES: both lists must be the same."""
     import re
 
-    from fleetplane.accounting.store import DDL_DIR
+    from fleetplane.accounting.schema import DDL_DIR
     from fleetplane.core.states import STATES
 
     ddl = (DDL_DIR / "014_live_state.sql").read_text()

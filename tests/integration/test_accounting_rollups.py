@@ -14,8 +14,9 @@ import pytest
 
 from fleetplane.accounting import analytics, columnar, queries, rollups
 from fleetplane.accounting.rows import COLUMNS, rows_for
+from fleetplane.accounting.schema import apply_ddl
 from fleetplane.accounting.sink import MARK_AHEAD, ClickHouseSink
-from fleetplane.accounting.store import Store, apply_ddl, is_chdb
+from fleetplane.accounting.store import Store, is_chdb
 from fleetplane.accounting.whatif import Selection, success_stats, what_if
 from fleetplane.core import events as ev
 from fleetplane.core.catalog import catalog_for

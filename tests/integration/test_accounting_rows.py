@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from fleetplane.accounting import rows
-from fleetplane.accounting.store import ddl_statements, render, split_statements, ttl_clause
+from fleetplane.accounting.schema import ddl_statements, render, split_statements, ttl_clause
 from fleetplane.core import events as ev
 from fleetplane.core.loop import Record
 from fleetplane.core.states import TERMINAL_STATES

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
+from fleetplane.accounting.schema import ddl_statements
 from fleetplane.accounting.sink import RecentIds
-from fleetplane.accounting.store import ddl_statements
 from fleetplane.core.settings import Settings
 
 

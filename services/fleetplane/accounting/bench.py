@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from fleetplane.accounting.rows import rows_for
+from fleetplane.accounting.schema import apply_ddl
 from fleetplane.accounting.sink import ClickHouseSink
-from fleetplane.accounting.store import Store, apply_ddl, connect
+from fleetplane.accounting.store import Store, connect
 from fleetplane.core import events as ev
 from fleetplane.core.loop import Record
 from fleetplane.core.settings import Settings

@@ -25,8 +25,9 @@ from fleetplane.accounting.api import create_app
 from fleetplane.accounting.batchloop import BatchProcessor
 from fleetplane.accounting.handlers import make_handler
 from fleetplane.accounting.publisher import Publisher, run_in_thread
+from fleetplane.accounting.schema import apply_settings_ddl
 from fleetplane.accounting.sink import ClickHouseSink
-from fleetplane.accounting.store import Store, apply_settings_ddl, connect
+from fleetplane.accounting.store import Store, connect
 from fleetplane.core.errors import Fatal
 from fleetplane.core.kafka import EventProducer
 from fleetplane.core.logging import get_logger
