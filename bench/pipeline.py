@@ -47,7 +47,7 @@ from bench.measure import (
     py_spy,
     self_cpu_seconds,
 )
-from bench.recorder import STAGES, StageRecorder
+from bench.recorder import STAGES, StageRecorder, ratios
 from fleetplane.cli.stack import BACKGROUND_SERVICES, Stack
 from fleetplane.core import events as ev
 from fleetplane.core.kafka import EventProducer
@@ -544,7 +544,6 @@ def main() -> None:
                 profiler.stop()
         recorder.stop()
         if args.latency_ms > 0:  # per task: submit->completed over the task's model time
-            from bench.overhead import ratios  # (bench.overhead imports this module)
             r["over_model"] = ratios(recorder, r)
         memory = peak_memory(stack)
         counts = topic_counts(stack)

@@ -18,9 +18,11 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from typing import Any
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, Message, TopicPartition
 
+from bench.measure import percentile
 from fleetplane.cli.stack import Stack
 from fleetplane.core import doorbell
 from fleetplane.core import events as ev
@@ -183,3 +185,30 @@ class StageRecorder:
             calls = [e for e in (serde.decode(v) for v in values) if isinstance(e, ev.ModelCall)]
             out[task_id] = calls
         return out
+
+
+def ratios(recorder: StageRecorder, batch: dict[str, Any]) -> dict[str, Any]:
+    """Per task: submit->completed and dispatched->completed over the task's model time."""
+    ids: set[str] = batch["task_ids"]
+    calls = recorder.model_calls(ids)
+    stages = recorder.snapshot(ids)
+    model_ms: dict[str, float] = {t: sum(c.latency_ms for c in cs) for t, cs in calls.items() if cs}
+    submitted: dict[str, float] = batch["_submitted"]
+    end_to_end = [(stages["completed"][t] - submitted[t]) * 1000 / model_ms[t]
+                  for t in model_ms if t in stages["completed"] and t in submitted]
+    after_dispatch = [(stages["completed"][t] - stages["dispatched"][t]) * 1000 / model_ms[t]
+                      for t in model_ms
+                      if t in stages["completed"] and t in stages["dispatched"]]
+    n_calls = sum(len(cs) for cs in calls.values())
+    model_values = list(model_ms.values())
+    return {
+        "model_calls": n_calls,
+        "tasks_with_calls": len(model_ms),
+        "model_ms_per_task": {"p50": round(percentile(model_values, 50), 1),
+                              "p99": round(percentile(model_values, 99), 1)},
+        "e2e_over_model": {"p50": round(percentile(end_to_end, 50), 2),
+                           "p99": round(percentile(end_to_end, 99), 2)},
+        "dispatched_to_completed_over_model": {
+            "p50": round(percentile(after_dispatch, 50), 2),
+            "p99": round(percentile(after_dispatch, 99), 2)},
+    }
