@@ -3,18 +3,15 @@ tasks, the fleet; the CLI reads them) and the views of the world they show."""
 
 from __future__ import annotations
 
-import json
 import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Any
 
 from fleetplane.coordinator.world import World
 from fleetplane.core.logging import get_logger
+from fleetplane.core.status_pages import Page, handler_for
 
 log = get_logger(__name__)
-
-Page = Callable[[], tuple[int, Any]]
 
 
 def held_tasks(world: World) -> list[dict[str, Any]]:
@@ -61,25 +58,10 @@ class WebPages:
             self.server.shutdown()
 
     def _bind(self) -> None:
-        pages = self.pages
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                page = pages.get(self.path.split("?")[0].rstrip("/"))
-                status, body = page() if page else (404, {"error": "not found"})
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
+        handler = handler_for(self.pages)
         while not self.stopping.is_set():
             try:
-                server = ThreadingHTTPServer((self.host, self.port), Handler)
+                server = ThreadingHTTPServer((self.host, self.port), handler)
             except OSError as exc:
                 log.warning("web port busy, retrying", error=str(exc))
                 self.stopping.wait(0.5)

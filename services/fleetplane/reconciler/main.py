@@ -16,13 +16,12 @@ It holds no state of its own: a restart reads the topics again.
 
 from __future__ import annotations
 
-import json
 import signal
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from types import FrameType
 from typing import Any
 
@@ -42,6 +41,7 @@ from fleetplane.core.offsets import offsets_since
 from fleetplane.core.serde import default_serde
 from fleetplane.core.service import bootstrap, freeze_startup_heap
 from fleetplane.core.settings import Settings
+from fleetplane.core.status_pages import handler_for
 from fleetplane.core.topics import ALERTS, DISPATCH, DLQ, LIFECYCLE, OUTCOMES, ROUTED, key_for
 from fleetplane.metrics.reconciler import ReconcilerStats
 from fleetplane.metrics.setup import instrument
@@ -317,26 +317,11 @@ class Reconciler:
 def serve(reconciler: Reconciler, host: str, port: int) -> ThreadingHTTPServer:
     """GET /healthz and /reconciler/stats (JSON) in a daemon thread."""
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            path = self.path.split("?")[0].rstrip("/")
-            if path == "/healthz":
-                status, body = 200, {"ready": True, "service": SERVICE}
-            elif path == "/reconciler/stats":
-                status, body = 200, reconciler.view()
-            else:
-                status, body = 404, {"error": "not found"}
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer((host, port), Handler)
+    handler = handler_for({
+        "/healthz": lambda: (200, {"ready": True, "service": SERVICE}),
+        "/reconciler/stats": lambda: (200, reconciler.view()),
+    })
+    server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server
