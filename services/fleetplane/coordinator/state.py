@@ -10,9 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fleetplane.core.events import TaskSpec
 
-#: How many processed event ids a task (or the fleet row) remembers for deduplication.
+#: How many processed event ids a task remembers for deduplication.
 SEEN_EVENT_IDS = 32
-FLEET_SEEN_EVENT_IDS = 256
 
 
 class Status(StrEnum):
@@ -140,13 +139,11 @@ class FleetState(BaseModel):
     budget_exhausted: dict[str, str] = Field(default_factory=dict)  # team -> period (accounting)
     clock: datetime | None = None  # latest event time seen (the scheduler's notion of now)
     seq: int = 0
-    seen: list[str] = Field(default_factory=list)
-
-    def remember(self, event_id: str) -> list[str]:
-        return [*self.seen, event_id][-FLEET_SEEN_EVENT_IDS:]
+    # (rows written before stop 31 also carry "seen", an event id list nothing filled or read:
+    # the fleet's facts are idempotent, and spend is charged once per task row)
 
     def to_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
+        return self.model_dump_json(exclude_defaults=True).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> FleetState:
