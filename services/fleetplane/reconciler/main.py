@@ -54,8 +54,8 @@ CATCH_UP_S = 10.0  # at most this long reading per pass (the next pass goes on f
 #: how often the tracker drops what is older than the lookback (a walk over every track: not
 #: every 2 s scan, 20,000 tracks in a burst)
 FORGET_EVERY_S = 60.0
-#: while idle (a pass read nothing and no task is tracked) the wait between passes doubles up to
-#: this (and at most a third of the deadline): an idle fleet is not read every 2 s
+#: while idle (a pass read nothing and no task waits at a hop) the wait between passes doubles
+#: up to this (and at most a third of the deadline): an idle fleet is not read every 2 s
 IDLE_SCAN_CAP_S = 10.0
 
 log = get_logger(__name__)
