@@ -350,6 +350,37 @@ def test_a_quiet_hop_probes_less_and_less_often_and_a_record_still_reaches_it(
     assert waits == [settings.idle_probe_s]  # the record reset the wait
 
 
+def test_ingest_s_input_keeps_the_short_probe_after_a_quiet_spell(
+    base_settings: Settings, unique: str,
+    run_processor: Callable[[Processor], Processor],  # noqa: F811 (fixture from test_loop)
+) -> None:
+    """tasks.submitted is written by producers outside fleetplane, which ring no doorbell: the
+    ingest loop (``quiet_probe_s=ingest_quiet_probe_s``, 20 ms by default) does not back off
+    after a quiet spell, so a direct submission after one is read within a probe interval,
+    not up to idle_quiet_probe_s (0.5 s) later."""
+    settings = quiet_backoff(base_settings)
+    seen = threading.Event()
+    waits: list[float] = []
+
+    def handler(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        if event.task_id == f"{unique}-direct":
+            assert hop._idle is not None
+            waits.append(hop._idle.wait_s)
+            seen.set()
+        return ()
+
+    hop = run_processor(Processor(f"intake-{unique}", [LIFECYCLE], handler, settings,
+                                  group_id=f"intake-{unique}",
+                                  quiet_probe_s=settings.ingest_quiet_probe_s))
+    wait_parked(hop)
+    assert hop._idle is not None
+    time.sleep(1.5)  # quiet: a loop with the shipped quiet backoff waits 0.5 s by now
+    assert hop._idle.wait_s == settings.idle_probe_s == settings.ingest_quiet_probe_s
+    write_unannounced(ConfluentProducer(settings.producer_config()), f"{unique}-direct", 4)
+    assert seen.wait(HANDOFF_S), "a record no ring announced was never read"
+    assert waits == [settings.idle_probe_s]
+
+
 def test_a_stream_no_ring_announces_keeps_the_short_probe(
     base_settings: Settings, unique: str,
     run_processor: Callable[[Processor], Processor],  # noqa: F811 (fixture from test_loop)

@@ -595,6 +595,7 @@ class Processor:
         on_ready: Callable[[], None] | None = None,
         before_commit: Callable[[], Iterable[Output]] | None = None,
         isolation: str | None = None,
+        quiet_probe_s: float | None = None,
     ) -> None:
         self.service = service
         self.topics = list(topics)
@@ -627,6 +628,10 @@ class Processor:
         #: the consumer's isolation.level (None: the settings', read_committed); only for an
         #: input whose transactional records are copies of committed events (coordinator app)
         self.isolation = isolation
+        #: the longest wait between probes of a quiet input (IdleBackoff; None: the settings'
+        #: idle_quiet_probe_s): ingest's input is written by producers that ring no doorbell
+        self.quiet_probe_s = settings.idle_quiet_probe_s if quiet_probe_s is None \
+            else quiet_probe_s
         #: read uncommitted, an input's offsets have no gaps but transaction markers: the next
         #: offset expected per partition, to catch records a fetch skipped (`_skipped`)
         self._next: dict[tuple[str, int], int] = {}
@@ -770,7 +775,7 @@ class Processor:
         self._idle = IdleBackoff(self.consumer, self.settings.idle_backoff_s,
                                  self.settings.idle_probe_s, bell=self._bell,
                                  full_probe_s=self.settings.idle_full_probe_s,
-                                 quiet_probe_s=self.settings.idle_quiet_probe_s)
+                                 quiet_probe_s=self.quiet_probe_s)
         if self.transactional:
             self.producer.init_transactions(TXN_CALL_TIMEOUT_S)
         if self.on_ready is not None:
