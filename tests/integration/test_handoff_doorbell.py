@@ -316,6 +316,24 @@ def write_unannounced(raw: ConfluentProducer, task_id: str, partition: int) -> N
     raw.flush(10)
 
 
+class WaitAtRecord:
+    """A handler noting the loop's probe wait (IdleBackoff.wait_s) when `task_id`'s record is
+    read; `hop` is set once the loop exists."""
+
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        self.hop: Processor | None = None
+        self.waits: list[float] = []
+        self.seen = threading.Event()
+
+    def __call__(self, event: ev.Event, rec: Record) -> Iterable[ev.Event]:
+        if event.task_id == self.task_id:
+            assert self.hop is not None and self.hop._idle is not None
+            self.waits.append(self.hop._idle.wait_s)  # as the record was read
+            self.seen.set()
+        return ()
+
+
 def test_a_quiet_hop_probes_less_and_less_often_and_a_record_still_reaches_it(
     base_settings: Settings, unique: str,
     run_processor: Callable[[Processor], Processor],  # noqa: F811 (fixture from test_loop)
@@ -324,18 +342,9 @@ def test_a_quiet_hop_probes_less_and_less_often_and_a_record_still_reaches_it(
     idle_quiet_probe_s instead of probing every idle_probe_s; a record that no ring announced
     is still read by the next probe, and resets the wait."""
     settings = quiet_backoff(base_settings)
-    seen = threading.Event()
-    waits: list[float] = []
-
-    def handler(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
-        if event.task_id == f"{unique}-quiet":
-            assert hop._idle is not None
-            waits.append(hop._idle.wait_s)  # as the record was read
-            seen.set()
-        return ()
-
-    hop = run_processor(Processor(f"calm-{unique}", [LIFECYCLE], handler, settings,
-                                  group_id=f"calm-{unique}"))
+    handler = WaitAtRecord(f"{unique}-quiet")
+    hop = handler.hop = run_processor(Processor(f"calm-{unique}", [LIFECYCLE], handler,
+                                                settings, group_id=f"calm-{unique}"))
     wait_parked(hop)
     assert hop._idle is not None
     time.sleep(1.5)  # quiet for QUIET_AFTER_S (0.1 s), then the wait grows: 20, 40 ... 500 ms
@@ -346,8 +355,8 @@ def test_a_quiet_hop_probes_less_and_less_often_and_a_record_still_reaches_it(
     assert hop._idle.wait_s == 0.5
 
     write_unannounced(ConfluentProducer(settings.producer_config()), f"{unique}-quiet", 4)
-    assert seen.wait(HANDOFF_S), "a record no ring announced was never read"
-    assert waits == [settings.idle_probe_s]  # the record reset the wait
+    assert handler.seen.wait(HANDOFF_S), "a record no ring announced was never read"
+    assert handler.waits == [settings.idle_probe_s]  # the record reset the wait
 
 
 def test_ingest_s_input_keeps_the_short_probe_after_a_quiet_spell(
@@ -359,26 +368,17 @@ def test_ingest_s_input_keeps_the_short_probe_after_a_quiet_spell(
     after a quiet spell, so a direct submission after one is read within a probe interval,
     not up to idle_quiet_probe_s (0.5 s) later."""
     settings = quiet_backoff(base_settings)
-    seen = threading.Event()
-    waits: list[float] = []
-
-    def handler(event: ev.Event, rec: Record) -> Iterable[ev.Event]:
-        if event.task_id == f"{unique}-direct":
-            assert hop._idle is not None
-            waits.append(hop._idle.wait_s)
-            seen.set()
-        return ()
-
-    hop = run_processor(Processor(f"intake-{unique}", [LIFECYCLE], handler, settings,
-                                  group_id=f"intake-{unique}",
-                                  quiet_probe_s=settings.ingest_quiet_probe_s))
+    handler = WaitAtRecord(f"{unique}-direct")
+    hop = handler.hop = run_processor(Processor(
+        f"intake-{unique}", [LIFECYCLE], handler, settings, group_id=f"intake-{unique}",
+        quiet_probe_s=settings.ingest_quiet_probe_s))
     wait_parked(hop)
     assert hop._idle is not None
     time.sleep(1.5)  # quiet: a loop with the shipped quiet backoff waits 0.5 s by now
     assert hop._idle.wait_s == settings.idle_probe_s == settings.ingest_quiet_probe_s
     write_unannounced(ConfluentProducer(settings.producer_config()), f"{unique}-direct", 4)
-    assert seen.wait(HANDOFF_S), "a record no ring announced was never read"
-    assert waits == [settings.idle_probe_s]
+    assert handler.seen.wait(HANDOFF_S), "a record no ring announced was never read"
+    assert handler.waits == [settings.idle_probe_s]
 
 
 def test_a_stream_no_ring_announces_keeps_the_short_probe(
