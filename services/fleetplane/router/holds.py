@@ -36,9 +36,9 @@ def pending(state: RouterState, writer: str = "") -> list[RawRecord]:
         rec = state.tasks.get(task_id)
         if rec is not None and rec.waiting:
             out.append(hold_record(task_id, rec, writer))
-        else:
-            model = rec.models.get(rec.held) if rec is not None and rec.held else None
-            routed = (rec.held, model) if rec is not None and rec.held and model else None
+        else:  # routed (its held attempt has a model) or ended
+            routed = (rec.held, rec.models[rec.held]) if rec is not None \
+                and rec.held is not None and rec.held in rec.models else None
             out.append(tombstone(task_id, writer, routed))
     state.hold_changes.clear()
     return out
