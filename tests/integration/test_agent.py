@@ -4,10 +4,12 @@ limits, retries and fallback, subtasks and their budget."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
 
 from fleetplane.core import events as ev
 from fleetplane.core.catalog import catalog_for
@@ -19,6 +21,7 @@ from fleetplane.executor.runtime import Journal
 from fleetplane.executor.sandbox import Sandbox
 from fleetplane.executor.workspace import Workspaces, branch_name
 from fleetplane.fakeprovider import FakeProvider
+from fleetplane.tracing import propagation
 
 from .agentkit import (
     CALC,
@@ -448,3 +451,23 @@ def test_an_audit_event_is_in_the_journal_before_it_is_published(
     out = run(rt, fake, dispatched("t-journal-first", "read the calculator"))
     assert any(isinstance(e, ev.TaskCompleted) for e in out)
     assert len(live.seen) >= 3 and all(live.seen.values()), live.seen
+
+
+@pytest.mark.parametrize("model", ["claude-haiku-4-5", "gpt-4o-mini"])
+def test_a_model_call_made_in_a_traced_attempt_sends_its_trace_context(
+        fake: FakeProvider, model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Either SDK's request carries the current span's traceparent to the provider (the
+    anthropic SDK's `create`, the openai SDK's `post`), and the answer is read from its JSON."""
+    monkeypatch.setattr(propagation, "enabled", True)
+    tracer = TracerProvider().get_tracer("test")
+    fake.set_script({"replies": [{"text": "traced"}]})
+    with tracer.start_as_current_span("executor TaskDispatched") as span:
+        expected = propagation.format_traceparent(span.get_span_context())
+        turn = asyncio.run(clients(fake).achat(
+            CATALOG.model(model), "be brief", [{"role": "user", "content": "hello"}], [],
+            max_tokens=64, temperature=0.0, timeout_s=10.0))
+    assert turn.text == "traced" and turn.model == model
+    assert turn.usage.input_tokens > 0
+    (call,) = fake.calls
+    assert call.api == CATALOG.model(model).provider
+    assert call.traceparent == expected
