@@ -359,26 +359,70 @@ def test_a_quiet_hop_probes_less_and_less_often_and_a_record_still_reaches_it(
     assert handler.waits == [settings.idle_probe_s]  # the record reset the wait
 
 
-def test_ingest_s_input_keeps_the_short_probe_after_a_quiet_spell(
+def write_between_probes(hop: Processor, raw: ConfluentProducer, task_id: str) -> None:
+    """write_unannounced, at least 0.2 s before the hop's next probe is due, so that the
+    record is found by what the test means to find it (a ring, or that probe)."""
+    assert hop._idle is not None
+    while hop._idle.probed_at + hop._idle.wait_s - time.monotonic() < 0.2:
+        time.sleep(0.01)
+    write_unannounced(raw, task_id, 4)
+
+
+def test_an_input_with_unannounced_records_keeps_the_short_probe_through_a_quiet_spell(
     base_settings: Settings, unique: str,
     run_processor: Callable[[Processor], Processor],  # noqa: F811 (fixture from test_loop)
 ) -> None:
-    """tasks.submitted is written by producers outside fleetplane, which ring no doorbell: the
-    ingest loop (``quiet_probe_s=ingest_quiet_probe_s``, 20 ms by default) does not back off
-    after a quiet spell, so a direct submission after one is read within a probe interval,
-    not up to idle_quiet_probe_s (0.5 s) later."""
-    settings = quiet_backoff(base_settings)
+    """A record that a probe found without a ring (a plain Kafka client: another host, a
+    direct submission to tasks.submitted) keeps the input's probes at idle_probe_s for
+    idle_unannounced_window_s: the next such record after a quiet spell is read within a probe,
+    not up to idle_quiet_probe_s later. Records announced by a ring do not: that input backs
+    off when quiet, as does one whose window is 0."""
+    settings = quiet_backoff(base_settings).model_copy(update={"idle_quiet_probe_s": 2.0})
+    assert settings.ingest_unannounced_window_s >= 60
     handler = WaitAtRecord(f"{unique}-direct")
-    hop = handler.hop = run_processor(Processor(
+    hop = handler.hop = run_processor(Processor(  # configured as ingest's loop is
         f"intake-{unique}", [LIFECYCLE], handler, settings, group_id=f"intake-{unique}",
-        quiet_probe_s=settings.ingest_quiet_probe_s))
+        unannounced_window_s=settings.ingest_unannounced_window_s))
     wait_parked(hop)
     assert hop._idle is not None
-    time.sleep(1.5)  # quiet: a loop with the shipped quiet backoff waits 0.5 s by now
-    assert hop._idle.wait_s == settings.idle_probe_s == settings.ingest_quiet_probe_s
-    write_unannounced(ConfluentProducer(settings.producer_config()), f"{unique}-direct", 4)
+    raw = ConfluentProducer(settings.producer_config())
+    time.sleep(1.5)  # quiet, nothing seen yet: backed off (20, 40 ... 640 ms)
+    assert hop._idle.wait_s > 0.3
+
+    # announced: written, then rung (as every loop and the API do); the ring's probe reads it
+    write_between_probes(hop, raw, f"{unique}-announced")
+    doorbell.ring(settings.kafka_bootstrap, {LIFECYCLE: [4]})
+    wait_parked(hop)
+    time.sleep(1.5)
+    assert hop._idle.unannounced_at == float("-inf")
+    assert hop._idle.wait_s > 0.3, "an announced record kept the short probe"
+
+    # unannounced: found by the next probe, which resets the wait and keeps it short
+    write_between_probes(hop, raw, f"{unique}-direct")
     assert handler.seen.wait(HANDOFF_S), "a record no ring announced was never read"
-    assert handler.waits == [settings.idle_probe_s]
+    probes = hop._idle.probes
+    time.sleep(1.5)  # as quiet as before
+    assert hop._idle.wait_s == settings.idle_probe_s
+    assert hop._idle.probes - probes >= 20  # every 20 ms (at 2 s: one)
+
+
+def test_with_no_unannounced_window_an_input_backs_off_after_any_record(
+    base_settings: Settings, unique: str,
+    run_processor: Callable[[Processor], Processor],  # noqa: F811 (fixture from test_loop)
+) -> None:
+    """Every other loop (``idle_unannounced_window_s``, 0 by default): the quiet backoff as
+    before stop 32, also after a record that no ring announced."""
+    settings = quiet_backoff(base_settings)
+    assert settings.idle_unannounced_window_s == 0
+    handler = WaitAtRecord(f"{unique}-direct")
+    hop = handler.hop = run_processor(Processor(
+        f"nowindow-{unique}", [LIFECYCLE], handler, settings, group_id=f"nowindow-{unique}"))
+    wait_parked(hop)
+    assert hop._idle is not None
+    write_between_probes(hop, ConfluentProducer(settings.producer_config()), f"{unique}-direct")
+    assert handler.seen.wait(HANDOFF_S), "a record no ring announced was never read"
+    time.sleep(1.5)
+    assert hop._idle.wait_s == settings.idle_quiet_probe_s
 
 
 def test_a_stream_no_ring_announces_keeps_the_short_probe(

@@ -245,7 +245,16 @@ class IdleBackoff:
     wait longer, up to `quiet_probe_s` after a quiet spell. Not during a stream (stop 28):
     doubling after any empty probe made a steady stream that no ring announces (a Kafka
     client submitting at 60 tasks/s) wait 20-30 ms longer per hop at p50, the gaps between
-    its records being about as long as the probe interval."""
+    its records being about as long as the probe interval.
+
+    **Not on an input that delivers unannounced records** (stop 32; `unannounced_window_s`,
+    ingest's input only by default). A probe that no ring started and that found a record
+    says this input has producers that ring nothing (a plain Kafka client writing
+    tasks.submitted, another host): for `unannounced_window_s` after such a record the wait
+    stays at `probe_s`, so their records are read within a probe after a quiet spell too
+    (stop 31 kept ingest's input at `probe_s` for ever instead: 48 ms of CPU a second on an
+    idle stack). An input whose records all came announced, or none for the window, backs
+    off as above."""
 
     #: how long an input must have returned no record before its probes back off: longer than
     #: a stream's gaps (>= 10 records a second is a stream), shorter than the coordinator's
@@ -255,9 +264,14 @@ class IdleBackoff:
 
     def __init__(self, consumer: Consumer, after_s: float, probe_s: float,
                  probe_window_s: float = 0.1, bell: doorbell.Listener | None = None,
-                 full_probe_s: float = 0.1, quiet_probe_s: float = 0.0) -> None:
+                 full_probe_s: float = 0.1, quiet_probe_s: float = 0.0,
+                 unannounced_window_s: float = 0.0) -> None:
         self.consumer = consumer
         self.bell = bell
+        #: no quiet backoff for this long after a probe no ring started found a record
+        self.unannounced_window_s = unannounced_window_s
+        #: when a probe no ring started last found a record (monotonic; never: -inf)
+        self.unannounced_at = float("-inf")
         #: with a doorbell, the wait between the probes of a quiet input (no ring, nothing
         #: found) doubles from probe_s up to this (stop 27: an idle stack's hops probed every
         #: partition 50 times a second); a record resets it
@@ -366,7 +380,12 @@ class IdleBackoff:
             if msg is not None:
                 self.saw(msg)
                 return msg
-            return self._probe(self._after_work()) if self.idle else None
+            if not self.idle:
+                return None
+            msg = self._probe(self._after_work())
+            if time.monotonic() - self.rung_at >= self.full_probe_s:
+                self._found(msg)  # nothing rang for this input lately
+            return msg
         # parked: wait out the probe interval (the consumer still serves its callbacks, e.g. a
         # rebalance, which clears the parking), then fetch once; a doorbell rung by the
         # upstream's commit ends the wait early, and its ring says which partitions to probe
@@ -403,12 +422,22 @@ class IdleBackoff:
         if not self.idle:
             return None
         msg = self._probe(named)
+        now = time.monotonic()
+        if not rung:
+            self._found(msg)
         if msg is None and not rung and self.idle \
-                and time.monotonic() - self.last_record >= self.QUIET_AFTER_S:
-            # nothing announced and nothing found for a while: a quiet input is probed less and
-            # less often
+                and now - self.last_record >= self.QUIET_AFTER_S \
+                and now - self.unannounced_at >= self.unannounced_window_s:
+            # nothing announced and nothing found for a while, and no unannounced record
+            # lately: a quiet input is probed less and less often
             self.wait_s = min(self.wait_s * 2, self.quiet_probe_s)
         return msg
+
+    def _found(self, msg: Message | None) -> None:
+        """A probe that no ring started returned `msg`: a record notes the input as one with
+        unannounced records (no quiet backoff for unannounced_window_s)."""
+        if msg is not None and msg.error() is None:
+            self.unannounced_at = time.monotonic()
 
     def _after_work(self) -> doorbell.Named:
         """What the probe after the owner's work looks at: the partitions it had assigned
@@ -596,6 +625,7 @@ class Processor:
         before_commit: Callable[[], Iterable[Output]] | None = None,
         isolation: str | None = None,
         quiet_probe_s: float | None = None,
+        unannounced_window_s: float | None = None,
     ) -> None:
         self.service = service
         self.topics = list(topics)
@@ -632,6 +662,11 @@ class Processor:
         #: idle_quiet_probe_s): ingest's input is written by producers that ring no doorbell
         self.quiet_probe_s = settings.idle_quiet_probe_s if quiet_probe_s is None \
             else quiet_probe_s
+        #: no quiet backoff this long after an unannounced record (IdleBackoff; None: the
+        #: settings' idle_unannounced_window_s): ingest's input, written by clients that ring
+        #: no doorbell
+        self.unannounced_window_s = (settings.idle_unannounced_window_s
+                                     if unannounced_window_s is None else unannounced_window_s)
         #: read uncommitted, an input's offsets have no gaps but transaction markers: the next
         #: offset expected per partition, to catch records a fetch skipped (`_skipped`)
         self._next: dict[tuple[str, int], int] = {}
@@ -775,7 +810,8 @@ class Processor:
         self._idle = IdleBackoff(self.consumer, self.settings.idle_backoff_s,
                                  self.settings.idle_probe_s, bell=self._bell,
                                  full_probe_s=self.settings.idle_full_probe_s,
-                                 quiet_probe_s=self.quiet_probe_s)
+                                 quiet_probe_s=self.quiet_probe_s,
+                                 unannounced_window_s=self.unannounced_window_s)
         if self.transactional:
             self.producer.init_transactions(TXN_CALL_TIMEOUT_S)
         if self.on_ready is not None:

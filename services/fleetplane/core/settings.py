@@ -77,13 +77,26 @@ class Settings(BaseSettings):
     #: EventProducer.send) still wakes it at once; a record no ring announces (another host,
     #: a plain Kafka client) waits up to this after a quiet spell. idle_probe_s or less: off
     idle_quiet_probe_s: float = 0.5
-    #: the same for ingest's input, tasks.submitted: the topic producers outside fleetplane
-    #: write (docs/events.md, "Producing directly to Kafka"), and they ring no doorbell. At
-    #: idle_quiet_probe_s a submission after a quiet spell waited up to 0.5 s before ingest
-    #: read it (one task at a time, 200 ms model: submit -> completed 1.78-1.87x of the model
-    #: time against 1.17x before stop 27); so ingest probes its input every idle_probe_s
-    #: (this default: no backoff). The HTTP API rings, so its submissions never waited.
-    ingest_quiet_probe_s: float = 0.02
+    #: a consumer on which a probe that no ring started found a record (producers that ring
+    #: nothing: a plain Kafka client, another host) keeps probing every idle_probe_s for this
+    #: long after such a record instead of backing off (core.loop.IdleBackoff, stop 32). 0:
+    #: off, every input backs off when quiet. On by default for ingest's input only (below):
+    #: on the other hops' inputs the unannounced records are the stack's own (the
+    #: coordinator's clock ticks, the executor's live channel), and with it on an idle stack's
+    #: coordinator probed every 20 ms (24 -> 43 ms of CPU a second)
+    idle_unannounced_window_s: float = 0.0
+    #: idle_unannounced_window_s for ingest's input, tasks.submitted, which producers outside
+    #: fleetplane write (docs/events.md, "Producing directly to Kafka") without ringing: while
+    #: one submits (a record within this window) its submissions are read within a probe,
+    #: even after quiet spells; the first after a longer quiet waits up to
+    #: ingest_quiet_probe_s. The HTTP API rings: its submissions never wait
+    ingest_unannounced_window_s: float = 600.0
+    #: idle_quiet_probe_s for ingest's input. Stop 31 set it to idle_probe_s (no backoff: a
+    #: direct submission after a quiet spell had waited up to 0.5 s, one task at a time
+    #: 1.78-1.87x of the model time), at 48 ms of CPU a second on an idle stack; since stop
+    #: 32 the unannounced window above keeps a direct submitter's input at idle_probe_s, so
+    #: this is every input's again. 0.02 keeps ingest's input at idle_probe_s at all times
+    ingest_quiet_probe_s: float = 0.5
     session_timeout_ms: int = 10_000
 
     # Files

@@ -71,7 +71,8 @@ def main() -> None:
         workers.start()
     processor = Processor("ingest", [SUBMITTED], MarkingHandler(
         partial(accept, known_repository=repositories.known, names=names), marks, names),
-        settings, quiet_probe_s=settings.ingest_quiet_probe_s)
+        settings, quiet_probe_s=settings.ingest_quiet_probe_s,
+        unannounced_window_s=settings.ingest_unannounced_window_s)
     processor.install_signal_handlers()
     # later collections do not scan the start-up heap (core.service.freeze_startup_heap)
     log.info("start-up heap frozen", objects=freeze_startup_heap())
