@@ -360,10 +360,13 @@ def test_a_quiet_hop_probes_less_and_less_often_and_a_record_still_reaches_it(
 
 
 def write_between_probes(hop: Processor, raw: ConfluentProducer, task_id: str) -> None:
-    """write_unannounced, at least 0.2 s before the hop's next probe is due, so that the
-    record is found by what the test means to find it (a ring, or that probe)."""
+    """write_unannounced, at least 0.2 s before the hop's next probe is due (so, once its
+    probes have backed off), so that the record is found by what the test means to find it:
+    a ring, or that probe."""
     assert hop._idle is not None
+    deadline = time.monotonic() + HANDOFF_S
     while hop._idle.probed_at + hop._idle.wait_s - time.monotonic() < 0.2:
+        assert time.monotonic() < deadline, "the hop's probes never backed off"
         time.sleep(0.01)
     write_unannounced(raw, task_id, 4)
 
@@ -372,11 +375,11 @@ def test_an_input_with_unannounced_records_keeps_the_short_probe_through_a_quiet
     base_settings: Settings, unique: str,
     run_processor: Callable[[Processor], Processor],  # noqa: F811 (fixture from test_loop)
 ) -> None:
-    """A record that a probe found without a ring (a plain Kafka client: another host, a
-    direct submission to tasks.submitted) keeps the input's probes at idle_probe_s for
-    idle_unannounced_window_s: the next such record after a quiet spell is read within a probe,
-    not up to idle_quiet_probe_s later. Records announced by a ring do not: that input backs
-    off when quiet, as does one whose window is 0."""
+    """A loop configured as ingest's: a record that a probe found without a ring (a plain
+    Kafka client, e.g. a direct submission to tasks.submitted) keeps the input's probes at
+    idle_probe_s for ingest_unannounced_window_s, so the next such record after a quiet spell
+    is read within a probe, not up to idle_quiet_probe_s later. A record announced by a ring
+    does not: the input still backs off when quiet."""
     settings = quiet_backoff(base_settings).model_copy(update={"idle_quiet_probe_s": 2.0})
     assert settings.ingest_unannounced_window_s >= 60
     handler = WaitAtRecord(f"{unique}-direct")
