@@ -47,26 +47,28 @@ def _window(column: str, since: datetime | None, until: datetime | None,
 def cost_daily(store: Store, by: DailyDimension, *, team: str | None = None,
                since: datetime | None = None, until: datetime | None = None
                ) -> list[dict[str, Any]]:
-    """Cost, calls and tokens per UTC day and `by`, from the daily rollups (materialized views
-    over model_calls): [{day, <by>, cost_usd, calls}], oldest day first, then costliest."""
+    """Cost and calls per UTC day and `by`, from the daily model-call rollup
+    (`model_calls_daily`, the materialized view over model_calls that the other analytics read
+    too): [{day, <by>, cost_usd, calls}], oldest day first, then costliest. Whole days: `since`
+    and `until` select the days they fall in (`until`'s day excluded)."""
     if by not in get_args(DailyDimension):
         raise ValueError(f"by must be one of {get_args(DailyDimension)}")
-    table = "cost_daily_task_type" if by == "task_type" else "cost_daily_team"
     params: dict[str, Any] = {}
     clauses = []
     if team is not None:
         clauses.append("team = {team:String}")
         params["team"] = team
     if since is not None:
-        clauses.append("day >= toDate(" + _TIME % "since" + ")")
+        clauses.append("hour >= toStartOfDay(" + _TIME % "since" + ")")
         params["since"] = since.isoformat()
     if until is not None:
-        clauses.append("day < toDate(" + _TIME % "until" + ")")
+        clauses.append("hour < toStartOfDay(" + _TIME % "until" + ")")
         params["until"] = until.isoformat()
     return store.query(
-        f"SELECT day, toString({by}) AS {by}, sum(cost_usd) AS cost_usd, sum(calls) AS calls "
-        f"FROM {store.table(table)} {where_clause(clauses)} "
-        f"GROUP BY day, {by} ORDER BY day, cost_usd DESC, {by}", params)
+        f"SELECT toDate(hour) AS day, toString({by}) AS {by}, sum(cost_usd) AS cost_usd, "
+        f"sum(calls) AS calls FROM {store.table(rollups.DAILY[rollups.CALLS_ROLLUP])} "
+        f"{where_clause(clauses)} GROUP BY day, {by} ORDER BY day, cost_usd DESC, {by}",
+        params)
 
 
 def type_model_figures(store: Store, *, team: str | None = None,
