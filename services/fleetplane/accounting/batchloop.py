@@ -26,7 +26,7 @@ batch opens that window, so a trickle keeps the interval.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import Message
@@ -38,7 +38,7 @@ from fleetplane.core.loop import NO_INSTRUMENTS, Processor, Record, headers_dict
 
 Note = Callable[[Event, Record], None]
 #: a batch's stored records as (event type, fields): metrics.fleet.FleetMetrics.observe_batch
-ObserveBatch = Callable[[list[tuple[str, Mapping[str, Any]]]], None]
+ObserveBatch = Callable[[Sequence[tuple[str, Mapping[str, Any]]]], None]
 #: a handled batch smaller than this is a trickle (BatchProcessor._probe_at_once)
 PACE_BELOW = 1_000
 TRACEPARENT = "traceparent"  # fleetplane.tracing.propagation's header (not imported: OTel)
@@ -80,7 +80,7 @@ class BatchProcessor(Processor):
         self._count(batch.per_topic)
         self.columnar_sink.add_batch(batch.rows, batch.offsets)
         if hooks:
-            self._hooks(batch.events)
+            self._hooks(batch.events, batch.messages)
         for msg in batch.slow:   # the usual path: handler, or a dead letter
             for out in self._handle_one(record_of(msg)):
                 self._produce(out)
@@ -123,12 +123,13 @@ class BatchProcessor(Processor):
             records.extend([proto] * n)
         self.instruments.consumed(records)
 
-    def _hooks(self, events: list[tuple[str, dict[str, Any], Message]]) -> None:
+    def _hooks(self, events: list[tuple[str, dict[str, Any]]], messages: list[Message]
+               ) -> None:
         if self.observe_batch is not None:   # from the fields: no event object per record
-            self.observe_batch([(name, fields) for name, fields, _ in events])
+            self.observe_batch(events)
         if self.note is None and self.instruments is NO_INSTRUMENTS:
             return  # nothing below would use a traced record's event
-        for name, fields, msg in events:
+        for (name, fields), msg in zip(events, messages, strict=True):
             # every record has headers (event_type, ...); only a trace context needs the event:
             # the trace-id recorder (`note`) and accounting's span of the task's trace
             if _traced(msg):

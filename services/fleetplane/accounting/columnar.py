@@ -169,8 +169,11 @@ class BatchRows:
     offsets: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
     #: records for the usual path (decode errors, dead letters, an unstorable batch)
     slow: list[Message] = field(default_factory=list)
-    #: (event type, fields, message) of each record taken, when kept (hooks need them)
-    events: list[tuple[str, Fields, Message]] = field(default_factory=list)
+    #: (event type, fields) of each record taken, when kept (hooks need them: the fleet
+    #: metrics' observe_batch takes this list as it is)
+    events: list[tuple[str, Fields]] = field(default_factory=list)
+    #: the message of each of `events`, at the same index (when kept)
+    messages: list[Message] = field(default_factory=list)
     #: records read per topic (the loop's consumed-records metric)
     per_topic: dict[str, int] = field(default_factory=dict)
 
@@ -228,7 +231,8 @@ def build(msgs: Sequence[Message], serde: Serde, *, keep_events: bool = False) -
         offsets[key] = (offset, offset) if seen is None else (min(seen[0], offset),
                                                               max(seen[1], offset))
         if keep_events:
-            batch.events.append((name, d, msg))
+            batch.events.append((name, d))
+            batch.messages.append(msg)
     if not storable(rows):
         # a value no column can hold somewhere in the batch: record by record (rowcheck)
         log.warning("a batch holds an unstorable value; handled record by record",
