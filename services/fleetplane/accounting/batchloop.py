@@ -35,6 +35,7 @@ from fleetplane.accounting.columnar import build, messages_of
 from fleetplane.accounting.sink import ClickHouseSink
 from fleetplane.core.events import EVENT_TYPES, Event
 from fleetplane.core.loop import NO_INSTRUMENTS, Processor, Record, headers_dict
+from fleetplane.core.service import collector_paused
 
 Note = Callable[[Event, Record], None]
 #: a batch's stored records as (event type, fields): metrics.fleet.FleetMetrics.observe_batch
@@ -69,6 +70,12 @@ class BatchProcessor(Processor):
         self._small_before = False
 
     def _process(self, msgs: list[Message]) -> None:
+        # the batch's decoded records and rows hold no reference cycles: the collector waits
+        # (core.service.collector_paused; docs/accounting.md, "Sink, sixteenth round")
+        with collector_paused():
+            self._process_batch(msgs)
+
+    def _process_batch(self, msgs: list[Message]) -> None:
         assert self.producer is not None
         self._small_before = len(msgs) < PACE_BELOW
         messages = messages_of(msgs)

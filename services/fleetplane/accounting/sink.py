@@ -65,6 +65,7 @@ from fleetplane.accounting.store import Store
 from fleetplane.accounting.tasktypes import AttemptModels, FirstCalls, TaskTypes
 from fleetplane.core.errors import Fatal, RetryPolicy
 from fleetplane.core.logging import get_logger
+from fleetplane.core.service import collector_paused
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -223,7 +224,7 @@ class ClickHouseSink:
     def flush(self) -> None:
         """Insert every buffered row, table by table in the order of `columns` (rows.COLUMNS puts
         `events` last); Fatal when ClickHouse keeps failing."""
-        with self._lock:
+        with self._lock, collector_paused():   # its column lists and Native buffers
             if not self._pending:
                 return
             self._fill_task_types()

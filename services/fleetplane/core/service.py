@@ -8,6 +8,7 @@ import gc
 import os
 import socket
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
@@ -61,6 +62,24 @@ def freeze_startup_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for the block, back to its previous state after it
+    (also when the block raises). For a batch step that allocates hundreds of thousands of
+    objects without reference cycles (accounting's decoded records and row tuples, freed by
+    reference counting): with the collector on, their allocations set off a collection every
+    700 and full ones over everything the batch still holds (docs/accounting.md, "Sink,
+    sixteenth round"). Cycles the block does create are collected after it. The switch is
+    process-wide: other threads' collections wait for the block too."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class ThreadedServer(uvicorn.Server):
