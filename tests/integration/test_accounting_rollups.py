@@ -166,7 +166,8 @@ def test_daily_cost_equals_raw_rows_per_day(store: Store, by: str) -> None:
     calls grouped by UTC day, over data delivered twice; and a window of whole days."""
     def raw(since: datetime | None = None, until: datetime | None = None
             ) -> dict[tuple[str, str], tuple[float, int]]:
-        where, params = [], {}
+        where: list[str] = []
+        params: dict[str, datetime] = {}
         if since is not None:
             where.append("toDate(occurred_at) >= toDate({since:DateTime64(3, 'UTC')})")
             params["since"] = since
@@ -176,7 +177,7 @@ def test_daily_cost_equals_raw_rows_per_day(store: Store, by: str) -> None:
         rows = store.query_rows(
             f"SELECT toString(toDate(occurred_at)), toString({by}), sum(cost_usd), count() "
             f"FROM {store.table('model_calls')} FINAL "
-            f"{'WHERE ' + ' AND '.join(where) if where else ''} GROUP BY 1, 2", params)
+            f"{queries.where_clause(where)} GROUP BY 1, 2", params)
         return {(d, k): (round(float(c), 9), int(n)) for d, k, c, n in rows}
 
     def daily(**window: datetime) -> dict[tuple[str, str], tuple[float, int]]:
