@@ -146,3 +146,99 @@ def test_an_older_record_gets_the_current_schema_defaults_without_validation() -
     assert made == ev.TaskHeld(task_id="t", team="a", reason="r", event_id=made.event_id,
                                occurred_at=made.occurred_at)
     assert made.paths == [] and made.attempt == 0
+
+
+# --- the fast decoder (cavro) against fastavro, the reference reader ---------------------------
+
+FULL_SPEC = ev.TaskSpec(
+    name="ünï ✓", task_type="review", prompt='say "hi"\n\t\\ 日本', system_prompt="be brief",
+    repository="repo", ref="dev", write_scope=["src/**", "docs/*.md"], depends_on=["t-0"],
+    priority="high", model_preference="frontier", tier="frontier", model="m-1",
+    allowed_tools=["read", "write"], max_cost_usd=2.5, max_turns=7, timeout_s=60,
+    max_attempts=5, temperature=0.7, labels={"env": "prod", "ü": "✓"},
+    failure_policies={"timeout": "escalate"}, allowed_commands=["pytest"],
+    context_files=["README.md"], parent_task_id="p-1", root_task_id="r-1", depth=2)
+
+
+def full_samples() -> list[ev.Event]:
+    """Every optional field set, non-empty maps and arrays, extreme numbers."""
+    t = {"task_id": "t-ü", "team": "a", "causation_id": "c-1"}
+    return [
+        ev.TaskSubmitted(**t, spec=FULL_SPEC, idempotency_key="k"),
+        ev.TaskDispatched(**t, spec=FULL_SPEC, attempt=3, model="m", provider="p", tier="small",
+                          leased_paths=["src/a.py"], action="rollback", inputs={"x": "1"}),
+        ev.TaskEscalated(**t, attempt=1, from_tier="small", to_tier="frontier", reason="r",
+                         spec=FULL_SPEC),
+        ev.ModelCall(**t, attempt=2**31 - 1, call_index=-5, model="m", provider="p",
+                     tier="small", input_tokens=2**62, output_tokens=0,
+                     cache_creation_input_tokens=-1, cache_read_input_tokens=7,
+                     cost_usd=1e-12, latency_ms=float("inf"), outcome="error",
+                     error="overloaded", stop_reason="max_tokens", prev_hash="ab" * 32),
+        ev.DeadLetter(**t, service="s", source_topic="x", source_partition=1, source_offset=2**40,
+                      key=b"\x00k", payload=b"\x00\xff" * 100, headers={"h": b"v", "e": b""},
+                      error_class="E", reason="bad"),
+        ev.Alert(**t, severity="critical", kind="cost", message="m", metric="spend", value=-1.5,
+                 baseline=0.0),
+        ev.TaskCompleted(**t, attempt=1, model="m", output="x" * 100_000, cost_usd=0.0,
+                         duration_ms=2**50, cached=True, audit_head="h", audit_count=3),
+        ev.WorkspaceChange(**t, attempt=1, repository="r", branch="b", commit="c0ffee",
+                           files=[ev.FileChange(path=f"f{i}", added=i, removed=-i)
+                                  for i in range(50)]),
+    ]
+
+
+def _types(value: object) -> object:
+    """The value's shape with every leaf's type (and a datetime's time zone)."""
+    if isinstance(value, dict):
+        return {k: _types(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_types(v) for v in value]
+    return (type(value), getattr(value, "tzinfo", None))
+
+
+def _cases() -> list[ev.Event]:
+    from tests.integration.test_accounting_rows import samples
+
+    return samples() + full_samples()
+
+
+def test_every_current_schema_has_a_fast_decoder() -> None:
+    serde = default_serde()
+    assert set(serde.fast) == {e.fingerprint for e in serde.schemas.current.values()}
+
+
+@pytest.mark.parametrize("event", _cases(), ids=lambda e: type(e).__name__)
+def test_the_fast_decoder_reads_what_fastavro_reads(event: ev.Event) -> None:
+    serde = default_serde()
+    data = serde.encode(event)
+    entry = serde.schemas.current[type(event).__name__]
+    reference = schemaless_reader(io.BytesIO(data[10:]), entry.parsed, None)
+    name, record = serde.decode_record(data)
+    assert name == type(event).__name__
+    assert record == reference
+    assert _types(record) == _types(reference)
+    assert serde.decode(data) == ev.EVENT_TYPES[name].model_validate(reference)
+
+
+@pytest.mark.parametrize("damage", ["cut", "bad utf-8", "union branch", "array length"])
+def test_a_damaged_current_schema_body_is_a_decode_error(damage: str) -> None:
+    serde = default_serde()
+    event = ev.TaskHeld(task_id="t", team="a", reason="quota", paths=["a.py"])
+    data = serde.encode(event)
+    header, body = data[:10], data[10:]
+    tid = b"\x02t"   # task_id "t": length 1 (zigzag 2), then the byte
+    at = body.index(tid)
+    if damage == "cut":
+        body = body[:-4]
+    elif damage == "bad utf-8":
+        body = body[:at + 1] + b"\xff" + body[at + 2:]
+    elif damage == "union branch":   # causation_id's union index: 0 (null) -> 9 (none such)
+        after_version = body.index(b"\x02a") + 2 + 6 + 1   # team, occurred_at (6 bytes), version
+        assert body[after_version - 1:after_version + 1] == b"\x02\x00"   # version 1, null
+        body = body[:after_version] + b"\x12" + body[after_version + 1:]
+    else:   # the paths array's block count made negative and huge
+        assert b"\x02\x08a.py" in body
+        body = body.replace(b"\x02\x08a.py", b"\x81\x80\x80\x80\x10\x08a.py")
+    assert serde.fast.get(data[2:10]) is not None
+    with pytest.raises(DecodeError):
+        serde.decode(header + body)
