@@ -83,7 +83,8 @@ def build_processor(settings: Settings, store: Store, *, group_id: str = GROUP_I
     """The accounting Processor over every topic, at-least-once, with its ClickHouse sink;
     `fleet` (the fleet metrics) sees every stored event: a batch's records as their fields
     (observe_batch), the records of the per-record path as events (observe)."""
-    sink = ClickHouseSink(store, flush_rows=settings.sink_flush_rows, group=group_id)
+    sink = ClickHouseSink(store, flush_rows=settings.sink_flush_rows, group=group_id,
+                          background=settings.sink_background_inserts)
     # clickhouse-connect imports pandas at the first insert (about 1 s): do it before the loop
     with contextlib.suppress(ImportError):
         importlib.import_module("pandas")
@@ -174,6 +175,7 @@ def run(settings: Settings) -> int:
             publisher_thread.join(10)
             producer.close()
             lag.close()
+            sink.close()
         log.info("accounting stopped", **status_of(processor, sink))
         return code
     finally:

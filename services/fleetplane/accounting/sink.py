@@ -34,7 +34,23 @@ else from ClickHouse. An attempt that made no model call keeps an empty call_mod
 model_calls.first_call marks each task's first model call (tasktypes.FirstCalls): the rollups
 count tasks by summing it.
 
-Inserts are columnar (one list per column, built with zip in C).
+Inserts are columnar (one list per column, built with zip in C) and sent as Native blocks.
+
+Background inserts (`background=True`, the service's sink, settings.sink_background_inserts):
+a hand-off prepares the buffered rows on the caller's thread (the columns above, deduplication,
+the progress mark, and each table's Native block: the driver's serialization is Python, and on
+the insert thread it contended with the loop for the GIL, issue 18's tenth round) and gives the
+blocks to one insert thread, whose only work is the statements (chdb releases the GIL while it
+runs one): the loop decodes the next batch while chdb inserts. At most one hand-off is in
+flight; the next waits for it. The loop's checkpoint does not wait for it either
+(`hand_off()`, core.loop.PipelinedSink): it hands off what is buffered and learns, per input
+partition, the lowest offset whose rows are buffered or in flight, and stores offsets only up
+to there (Confluent's parallel consumer: records finish out of order, offsets commit up to the
+lowest unfinished one). So a stored offset still means every row before it is in ClickHouse.
+`flush()` (a revocation, the last checkpoint, every other caller) waits until every row is
+inserted. The event ids of rows in flight count as stored for deduplication; a failed insert
+is the insert thread's Fatal, raised to the loop at its next hand-off or flush, which then stops
+without storing the offsets of those rows (they are redelivered to the next process).
 """
 
 from __future__ import annotations
@@ -42,6 +58,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from operator import itemgetter
@@ -130,7 +147,7 @@ class ClickHouseSink:
     def __init__(self, store: Store, flush_rows: int = 5_000,
                  retry: RetryPolicy = DEFAULT_INSERT_RETRY,
                  columns: Mapping[str, Sequence[str]] = COLUMNS, *, group: str = "",
-                 recent_ids: int = 2_000_000) -> None:
+                 recent_ids: int = 2_000_000, background: bool = False) -> None:
         self.store = store
         self.flush_rows = max(1, flush_rows)
         self.retry = retry
@@ -153,11 +170,23 @@ class ClickHouseSink:
         self._written: dict[tuple[str, int], int] = {}
         #: buffered rows (of DEDUPLICATED tables) that may already be stored: their event ids
         self._suspects: set[str] = set()
+        #: (topic, partition) -> lowest source offset among the buffered rows; and whether a
+        #: buffered row has no source offset (rows added without their `events` row)
+        self._low: dict[tuple[str, int], int] = {}
+        self._blind = False
+        #: the insert thread (background inserts, see the module doc) and the hand-off in
+        #: flight: its future, rows, and lowest source offsets (None: a row without one)
+        self._inserter = (ThreadPoolExecutor(1, thread_name_prefix="sink-insert")
+                          if background else None)
+        self._inflight: Future[None] | None = None
+        self._inflight_rows = 0
+        self._inflight_low: dict[tuple[str, int], int] | None = {}
 
     @property
     def pending(self) -> int:
-        """Rows buffered and not yet inserted."""
-        return self._pending
+        """Rows buffered or in flight, not yet inserted."""
+        inflight = self._inflight
+        return self._pending + (self._inflight_rows if inflight and not inflight.done() else 0)
 
     def reassigned(self) -> None:
         """Partitions were (re)assigned: read the progress marks again before the next rows
@@ -176,12 +205,16 @@ class ClickHouseSink:
                 offset = ev[_EV_OFFSET]
                 if self._high.get(key, -1) < offset:
                     self._high[key] = offset
+                if self._low.get(key, offset) >= offset:
+                    self._low[key] = offset
                 marks = self._marks if self._marks is not None else self._load_marks()
                 suspect = offset <= marks.get(key, -1)
+            elif any(rows.values()):
+                self._blind = True
             for table, batch in rows.items():
                 self._buffer(table, batch, suspect)
             if self._pending >= self.flush_rows:
-                self.flush()
+                self._hand_off()
 
     def add_batch(self, rows: Mapping[str, list[Row]],
                   offsets: Mapping[tuple[str, int], tuple[int, int]]) -> None:
@@ -195,12 +228,14 @@ class ClickHouseSink:
             for key, (low, high) in offsets.items():
                 if self._high.get(key, -1) < high:
                     self._high[key] = high
+                if self._low.get(key, low) >= low:
+                    self._low[key] = low
                 suspect = suspect or low <= marks.get(key, -1)
             for table, batch in rows.items():
                 if batch:
                     self._buffer(table, batch, suspect)
             if self._pending >= self.flush_rows:
-                self.flush()
+                self._hand_off()
 
     def _buffer(self, table: str, batch: Sequence[Row], suspect: bool) -> None:
         """One table's rows into its buffer (the lock held): remembered task types and attempt
@@ -223,28 +258,93 @@ class ClickHouseSink:
 
     def flush(self) -> None:
         """Insert every buffered row, table by table in the order of `columns` (rows.COLUMNS puts
-        `events` last); Fatal when ClickHouse keeps failing."""
-        with self._lock, collector_paused():   # its column lists and Native buffers
-            if not self._pending:
-                return
+        `events` last), and return once they are all in ClickHouse (with background inserts,
+        the hand-off in flight too); Fatal when ClickHouse keeps failing."""
+        with self._lock:
+            self._hand_off()
+            self._wait()
+
+    def hand_off(self) -> dict[tuple[str, int], int]:
+        """The loop's checkpoint (core.loop.PipelinedSink): start inserting the buffered rows
+        unless a hand-off is still in flight, without waiting for it, and return per topic
+        partition the lowest source offset whose rows are not yet inserted (buffered or in
+        flight); offsets are stored up to there. Raises the Fatal of a failed hand-off. Without
+        background inserts, or with buffered rows of no known source, this is flush()."""
+        with self._lock:
+            inflight = self._inflight
+            if inflight is not None and inflight.done():
+                self._wait()   # raises its Fatal
+                inflight = None
+            if self._inserter is None or self._blind or self._inflight_low is None:
+                self.flush()
+                return {}
+            if inflight is None:
+                self._hand_off()
+            unfinished = dict(self._low)
+            if self._inflight is not None:
+                for key, low in self._inflight_low.items():
+                    if unfinished.get(key, low) >= low:
+                        unfinished[key] = low
+            return unfinished
+
+    def close(self) -> None:
+        """Stop the insert thread (after flush(); rows still buffered are not inserted)."""
+        if self._inserter is not None:
+            self._inserter.shutdown(wait=True)
+
+    def _hand_off(self) -> None:
+        """Prepare the buffered rows and insert them: here, or on the insert thread once the
+        hand-off in flight is done (the lock held)."""
+        if not self._pending:
+            return
+        with collector_paused():   # its column lists and Native buffers
             self._fill_task_types()
             self._fill_attempt_models()
             self._drop_known()
             self._flag_first_calls()
             self._mark_progress()
+            blocks: list[tuple[str, bytes, int]] = []
             stored: list[str] = []
             for table, buffer in self._buffers.items():
                 if buffer:
-                    self._insert(table, buffer)
+                    blocks.append((table, self._serialized(table, buffer), len(buffer)))
                     if table in DEDUPLICATED:
                         stored.extend(map(itemgetter(self.columns[table].index("event_id")),
                                           buffer))
-                    self._pending -= len(buffer)
-                    buffer.clear()
-            self.recent.add(stored)
-            self._suspects.clear()
-            self._high.clear()
-            self.stats.flushes += 1
+                    self._buffers[table] = []
+        rows, self._pending = self._pending, 0
+        low, self._low = (None if self._blind else self._low), {}
+        self._blind = False
+        self.recent.add(stored)
+        self._suspects.clear()
+        self._high.clear()
+        self.stats.flushes += 1
+        if self._inserter is None:
+            self._insert_all(blocks)
+            return
+        self._wait()
+        self._inflight_rows, self._inflight_low = rows, low
+        self._inflight = self._inserter.submit(self._insert_all, blocks)
+
+    def _wait(self) -> None:
+        """Wait for the hand-off in flight; raises its Fatal."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            self._inflight_rows, self._inflight_low = 0, {}
+            inflight.result()
+
+    def _serialized(self, table: str, rows: list[Row]) -> bytes:
+        """One table's rows as a Native block, on the caller's thread (the driver's
+        serialization is Python: on the insert thread it contended for the GIL)."""
+        started = time.perf_counter()
+        block = self._retrying(f"serializing {table} ({len(rows)} rows)", lambda: (
+            self.store.native_block(table, rows, self.columns[table])))
+        self.stats.insert_seconds += time.perf_counter() - started   # counted as before
+        return block
+
+    def _insert_all(self, blocks: list[tuple[str, bytes, int]]) -> None:
+        for table, block, rows in blocks:
+            self._insert(table, block, rows)
 
     # -- restart safety --------------------------------------------------------------------
     def _load_marks(self) -> dict[tuple[str, int], int]:
@@ -390,10 +490,10 @@ class ClickHouseSink:
                 time.sleep(delay)
                 attempt += 1
 
-    def _insert(self, table: str, rows: list[Row]) -> None:
+    def _insert(self, table: str, block: bytes, rows: int) -> None:
         started = time.perf_counter()
-        self._retrying(f"insert into {table} ({len(rows)} rows)",
-                       lambda: self.store.insert(table, rows, self.columns[table]))
+        self._retrying(f"insert into {table} ({rows} rows)",
+                       lambda: self.store.insert_block(table, self.columns[table], block))
         self.stats.insert_seconds += time.perf_counter() - started
-        self.stats.rows += len(rows)
+        self.stats.rows += rows
         self.stats.inserts += 1

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.insert import InsertContext
+from clickhouse_connect.driver.transform import NativeTransform
 
 from fleetplane.accounting.wire import tick_of, ticks, wire_type
 from fleetplane.core.logging import get_logger
@@ -75,6 +76,7 @@ class Store:
         self.lock = lock or threading.RLock()
         self._insert_contexts: dict[tuple[str, tuple[str, ...]],
                                     tuple[InsertContext, list[timedelta | None]]] = {}
+        self._contexts_lock = threading.Lock()
         #: opens another client on the same target (the read pool); None: no pool
         self.open_client = open_client
         self._readers: list[Store] = []
@@ -189,13 +191,22 @@ class Store:
                column_names: Sequence[str]) -> None:
         if not rows:
             return
+        self.insert_block(table, column_names, self.native_block(table, rows, column_names))
+
+    def native_block(self, table: str, rows: Sequence[Sequence[Any]],
+                     column_names: Sequence[str]) -> bytes:
+        """The rows as one Native block (the driver's serialization, in Python): what
+        `insert_block` sends. Built apart from the insert so the sink's loop thread serializes
+        while its insert thread waits for ClickHouse (sink.py, background inserts)."""
         key = (table, tuple(column_names))
-        with self.lock:
-            # A cached insert context spares a DESCRIBE TABLE round trip per insert; its
-            # column types are the wire types (wire.py), with the DateTime64 ticks.
+        # A cached insert context spares a DESCRIBE TABLE round trip per insert; its column
+        # types are the wire types (wire.py), with the DateTime64 ticks. Only serialization
+        # uses the contexts (not the client): no store lock unless one is described.
+        with self._contexts_lock:
             cached = self._insert_contexts.get(key)
             if cached is None:
-                cached = self._insert_context(table, column_names)
+                with self.lock:
+                    cached = self._insert_context(table, column_names)
                 self._insert_contexts[key] = cached
             context, tick = cached
             if len(rows[0]) != len(tick):
@@ -203,12 +214,27 @@ class Store:
             try:
                 # Columnar: one list per column (itemgetter over the rows, in C); the driver
                 # then serializes each column without visiting rows.
-                columns = [ticks(c, t) if t is not None else c for c, t in
-                           zip(map(_column, range(len(tick)), repeat(rows)), tick, strict=True)]
-                self.client.insert(data=columns, context=context)
+                context.data = [ticks(c, t) if t is not None else c for c, t in
+                                zip(map(_column, range(len(tick)), repeat(rows)), tick,
+                                    strict=True)]
+                context.compression = False
+                block = b"".join(NativeTransform.build_insert(context))
+                failed, context.insert_exception = context.insert_exception, None
+                if failed is not None:
+                    raise failed
             except Exception:
                 self._insert_contexts.pop(key, None)
                 raise
+            finally:
+                context.data = None
+        # the first chunk starts with the statement the driver would send over HTTP
+        return block[block.index(b"\n") + 1:] if block.startswith(b"INSERT INTO ") else block
+
+    def insert_block(self, table: str, column_names: Sequence[str], block: bytes) -> None:
+        """Insert a Native block (`native_block`); ClickHouse converts the wire types to the
+        table's (input_format_native_allow_types_conversion)."""
+        with self.lock:
+            self.client.raw_insert(self.table(table), list(column_names), block, fmt="Native")
 
     def _insert_context(self, table: str, column_names: Sequence[str]
                         ) -> tuple[InsertContext, list[timedelta | None]]:

@@ -21,12 +21,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
@@ -124,6 +124,17 @@ class Sink(Protocol):
     """A batching side-output (e.g. ClickHouse rows) flushed at every checkpoint."""
 
     def flush(self) -> None: ...
+
+
+@runtime_checkable
+class PipelinedSink(Sink, Protocol):
+    """A sink that stores in the background (accounting's ClickHouse sink). A periodic
+    checkpoint calls `hand_off()` instead of `flush()`: it starts storing what the sink holds
+    without waiting and returns, per input partition, the lowest offset whose output is not yet
+    stored; the checkpoint stores offsets only up to there (Confluent's parallel consumer) and
+    keeps the rest for the next one. A revocation and the last checkpoint still flush()."""
+
+    def hand_off(self) -> Mapping[tuple[str, int], int]: ...
 
 
 class Rejected(NotRetriable):
@@ -928,7 +939,7 @@ class Processor:
                 now = time.monotonic()
                 drained = self._drained(msgs)
                 if self._pending and (drained or now - last_checkpoint >= self.commit_interval_s):
-                    self._checkpoint()
+                    self._checkpoint(drain=False)
                     last_checkpoint = now
                 elif not self._pending:
                     last_checkpoint = now
@@ -1199,7 +1210,10 @@ class Processor:
                 # wait-unassign-call and the group waits for the member's JoinGroup)
                 consumer.unassign()
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, *, drain: bool = True) -> None:
+        """Store the handled records' offsets (after their outputs are delivered and the sink's
+        rows stored). Not `drain`: a PipelinedSink is not waited for; offsets are stored up to
+        its lowest unstored record, and the rest stay pending for the next checkpoint."""
         if not self._pending:
             return
         assert self.consumer is not None and self.producer is not None
@@ -1218,12 +1232,32 @@ class Processor:
             if remaining or self._delivery_errors:
                 raise Fatal(f"outputs not delivered ({remaining} pending, "
                             f"errors {self._delivery_errors[:1]}); not storing offsets")
+            if not drain and isinstance(self.sink, PipelinedSink):
+                self._store_up_to(self.sink.hand_off())
+                self.instruments.committed(time.perf_counter() - started)
+                self._ring()
+                return
             if self.sink is not None:
                 self.sink.flush()
             self.consumer.store_offsets(offsets=offsets)
         self.instruments.committed(time.perf_counter() - started)
         self._pending.clear()
         self._ring()
+
+    def _store_up_to(self, unfinished: Mapping[tuple[str, int], int]) -> None:
+        """Store each pending offset, or the partition's lowest unfinished offset below it (that
+        partition stays pending)."""
+        assert self.consumer is not None
+        offsets, kept = [], {}
+        for key, offset in self._pending.items():
+            low = unfinished.get(key)
+            if low is not None and low < offset:
+                kept[key] = offset
+                offset = low
+            offsets.append(TopicPartition(key[0], key[1], offset))
+        self.consumer.store_offsets(offsets=offsets)
+        self._pending.clear()
+        self._pending.update(kept)
 
     def _ring(self) -> None:
         """After a commit: wake the parked consumers of the topics it wrote (core.doorbell)."""

@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     clickhouse_dsn: str = ""
     clickhouse_database: str = "fleetplane"
     sink_flush_rows: int = 20_000
+    #: accounting's sink inserts on a thread of its own while the loop decodes the next batch,
+    #: and its checkpoints store offsets up to the lowest record not yet inserted instead of
+    #: waiting for the insert (accounting/sink.py; docs/accounting.md, "Sink, seventeenth round")
+    sink_background_inserts: bool = True
     clickhouse_ttl_days: int = Field(
         default=90, ge=0, description="Drop raw rows older than this many days (0: keep "
         "forever); the accounting rollups are kept. The audit log has its own setting.")
