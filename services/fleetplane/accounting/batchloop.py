@@ -3,8 +3,8 @@ signals, idle backoff, at-least-once offsets) with its own batch step.
 
 `Processor._process` decodes each record into a validated event and calls the handler once per
 record. Accounting's handler only turns events into rows, so here a whole consumed batch goes
-through columnar.build (raw bytes -> fastavro field dicts -> row tuples by table, no pydantic
-event, no `Record` per record) and into the sink in one call. Records the fast path leaves
+through columnar.build (raw bytes -> Avro field dicts (core.serde) -> row tuples by table, no
+pydantic event, no `Record` per record) and into the sink in one call. Records the fast path leaves
 (dead letters, undecodable records, an unstorable batch) go through the usual per-record path
 (`_handle_one`: decode, handler, dead letter on failure), unchanged.
 
@@ -20,7 +20,9 @@ inserts: at a trickle, a checkpoint per drained poll would insert a few rows per
 second), except right after a backlog: a drained poll within `commit_interval_s` of handling a
 full batch checkpoints at once, so the rows of a backlog's last, partial batch are stored
 without waiting out the interval (docs/accounting.md, "Sink, eleventh round"). Only a full
-batch opens that window, so a trickle keeps the interval.
+batch opens that window, so a trickle keeps the interval. A checkpoint hands the sink's rows to
+its insert thread and stores offsets only up to the lowest record not yet inserted (the sink is
+a core.loop.PipelinedSink): it does not wait for the insert.
 """
 
 from __future__ import annotations

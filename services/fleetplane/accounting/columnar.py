@@ -2,9 +2,10 @@
 
 The loop's usual path builds a `Record` and a validated pydantic event per record and maps the
 event to rows (rows.rows_for). Accounting only stores what it reads, so here each record's Avro
-body is decoded by fastavro into the field dict the schema gives (serde.decode_record, the same
-reader and schema resolution) and the rows are built from that dict: the same tuples rows_for
-builds (tests/unit/test_accounting_columnar.py compares them for every event type), including
+body is decoded into the field dict the schema gives (serde.decode_record: cavro for records of
+the current schema, fastavro's schema resolution for older writers) and the rows are built from
+that dict: the same tuples rows_for builds (tests/integration/test_accounting_columnar.py
+compares them for every event type), including
 the `payload` JSON (orjson with `Z` times writes what pydantic's model_dump_json writes).
 
 What does not take this path (`BatchRows.slow`, handled one by one by the usual handler, which
