@@ -242,3 +242,11 @@ def test_a_damaged_current_schema_body_is_a_decode_error(damage: str) -> None:
     assert serde.fast.get(data[2:10]) is not None
     with pytest.raises(DecodeError):
         serde.decode(header + body)
+
+
+def test_with_fast_decoding_off_fastavro_decodes_everything() -> None:
+    serde = Serde(default_serde().schemas, fast_decode=False)
+    assert serde.fast == {}
+    event = ev.TaskSubmitted(task_id="t", team="a", spec=FULL_SPEC, idempotency_key="k")
+    data = serde.encode(event)
+    assert serde.decode(data) == event == default_serde().decode(data)

@@ -73,14 +73,15 @@ def fast_decoder(entry: SchemaEntry) -> Any | None:
 
 
 class Serde:
-    def __init__(self, schemas: SchemaSet) -> None:
+    def __init__(self, schemas: SchemaSet, *, fast_decode: bool = True) -> None:
         self.schemas = schemas
         missing = set(EVENT_TYPES) - set(schemas.current)
         if missing:
             raise RuntimeError(f"no Avro schema for event types: {sorted(missing)}")
-        # current schema -> its cavro decoder (the common case: writer schema = reader schema)
+        # current schema -> its cavro decoder (the common case: writer schema = reader schema);
+        # none with fast_decode off (settings.avro_fast_decode): fastavro decodes everything
         self.fast: dict[bytes, Any] = {}
-        for entry in schemas.current.values():
+        for entry in schemas.current.values() if fast_decode else ():
             decoder = fast_decoder(entry)
             if decoder is not None:
                 self.fast[entry.fingerprint] = decoder
@@ -140,11 +141,12 @@ class Serde:
 
 
 @lru_cache(maxsize=4)
-def serde_for(schemas_dir: Path) -> Serde:
-    return Serde(load_schema_set(schemas_dir))
+def serde_for(schemas_dir: Path, fast_decode: bool = True) -> Serde:
+    return Serde(load_schema_set(schemas_dir), fast_decode=fast_decode)
 
 
 def default_serde() -> Serde:
     from fleetplane.core.settings import get_settings
 
-    return serde_for(get_settings().schemas_dir)
+    settings = get_settings()
+    return serde_for(settings.schemas_dir, settings.avro_fast_decode)
