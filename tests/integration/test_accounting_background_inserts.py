@@ -237,3 +237,36 @@ def test_a_hand_off_reports_the_lowest_offset_not_yet_inserted(store: Store) -> 
     finally:
         gate.set()
         sink.close()
+
+
+def test_a_second_process_joining_mid_run_leaves_every_row_stored_once(
+    store: Store, base_settings: Settings, producer: EventProducer, unique: str,
+) -> None:
+    """A rebalance while hand-offs are in flight: the first process's revoked partitions are
+    flushed (or their records redelivered), the second process takes them over, and the rows
+    and rollups hold each event once."""
+    events = fleet(500, seed=9, prefix=f"bgr{unique}")
+    teams = sorted({e.team for e in events})
+    calls = [e for e in events if isinstance(e, ev.ModelCall)]
+    producer.send(events)
+    producer.send(calls[:100])   # delivered twice
+    group = f"bg-{unique}"
+    settings = base_settings.model_copy(update={"clickhouse_database": store.database,
+                                                "sink_flush_rows": 150})
+    first, first_sink = build_processor(settings, store, group_id=group,
+                                        instance_id=f"{group}-a")
+    second, _ = build_processor(settings, store, group_id=group, instance_id=f"{group}-b")
+    threads = [threading.Thread(target=p.run, daemon=True) for p in (first, second)]
+    threads[0].start()
+    try:
+        wait_for(lambda: first_sink.stats.flushes > 0, what="the first process's hand-offs")
+        threads[1].start()   # joins while the first one works through the backlog
+        wait_for(lambda: calls_of(store, teams) >= len(calls), what="the model calls")
+        time.sleep(1.5)   # checkpoints after the last call: nothing more must come
+    finally:
+        for processor, thread in zip((first, second), threads, strict=True):
+            if thread.is_alive():
+                stop(processor, thread)
+    assert second.processed > 0, "the second process took partitions over"
+    assert calls_of(store, teams) == len(calls)
+    assert_rollups_equal_raw(store, teams)
