@@ -201,7 +201,8 @@ def sink(base: Path, sink_tasks: int, flush_rows: int) -> dict[str, Any]:
         store.close()
     return {"events": r.events, "rows": r.rows, "seconds": r.seconds,
             "events_per_s": r.events_per_s, "rows_per_s": r.rows_per_s,
-            "insert_rows_per_s": r.insert_rows_per_s, "flush_rows": flush_rows}
+            "insert_rows_per_s": r.insert_rows_per_s,
+            "statement_rows_per_s": r.statement_rows_per_s, "flush_rows": flush_rows}
 
 
 def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
@@ -284,7 +285,9 @@ def sink_kafka(base: Path, sink_tasks: int, flush_rows: int,
             "us_cpu_per_row": 1e6 * cpu_s / acct_sink.stats.rows if acct_sink.stats.rows else 0.0,
             "rows_per_cpu_s": acct_sink.stats.rows / cpu_s if cpu_s else 0.0,
             "load_avg": os.getloadavg(),
-            "insert_rows_per_s": acct_sink.stats.rows_per_second(), "produce_s": produce_s,
+            "insert_rows_per_s": acct_sink.stats.rows_per_second(),
+            "statement_rows_per_s": acct_sink.stats.statement_rows_per_second(),
+            "produce_s": produce_s,
             "flush_rows": flush_rows}
 
 
@@ -424,7 +427,8 @@ def main() -> None:
         r = out["sink"]
         console.print(f"sink: {r['events']:,} events, {r['rows']:,} rows in {r['seconds']:.1f}s: "
                       f"{r['rows_per_s']:,.0f} rows/s end to end, {r['insert_rows_per_s']:,.0f} "
-                      f"rows/s inserting ({r['events_per_s']:,.0f} events/s)")
+                      f"rows/s inserting ({r['statement_rows_per_s']:,.0f} in the statements "
+                      f"alone; {r['events_per_s']:,.0f} events/s)")
     if "sink_kafka" in out:
         r = out["sink_kafka"]
         console.print(f"sink through Kafka: {r['events']:,} events, {r['rows']:,} rows in "
@@ -432,7 +436,8 @@ def main() -> None:
                       f"join before it): {r['rows_per_s']:,.0f} rows/s end to end "
                       f"({r['rows_per_s_from_assignment']:,.0f} from the assignment) "
                       f"({r['events_per_s']:,.0f} events/s), {r['insert_rows_per_s']:,.0f} "
-                      f"rows/s inserting, {r['lookups']} duplicate lookups; "
+                      f"rows/s inserting ({r['statement_rows_per_s']:,.0f} in the statements "
+                      f"alone), {r['lookups']} duplicate lookups; "
                       f"{r['rows_per_cpu_s']:,.0f} rows per CPU-second ({r['cpu_s']:.1f} CPU-s "
                       f"over the run, load {r['load_avg'][0]:.1f})")
         rows = r["rows"] or 1

@@ -31,6 +31,7 @@ class BenchResult:
     rows: int
     seconds: float
     insert_seconds: float
+    statement_seconds: float = 0.0
 
     @property
     def events_per_s(self) -> float:
@@ -43,6 +44,10 @@ class BenchResult:
     @property
     def insert_rows_per_s(self) -> float:
         return self.rows / self.insert_seconds if self.insert_seconds else 0.0
+
+    @property
+    def statement_rows_per_s(self) -> float:
+        return self.rows / self.statement_seconds if self.statement_seconds else 0.0
 
 
 def synthetic_events(tasks: int, prefix: str = "bench") -> Iterator[ev.Event]:
@@ -204,7 +209,8 @@ def run_bench(store: Store, tasks: int, flush_rows: int = 5_000) -> BenchResult:
         sink.add(rows_for(event, Record("bench", 0, offset, None, b"")))
     sink.flush()
     elapsed = time.perf_counter() - started
-    return BenchResult(len(events), sink.stats.rows, elapsed, sink.stats.insert_seconds)
+    return BenchResult(len(events), sink.stats.rows, elapsed, sink.stats.insert_seconds,
+                       sink.stats.statement_seconds)
 
 
 def main() -> None:

@@ -114,13 +114,17 @@ class SinkStats:
     rows: int = 0
     inserts: int = 0
     flushes: int = 0
-    insert_seconds: float = 0.0
+    insert_seconds: float = 0.0     # serializing the blocks and running the statements
+    statement_seconds: float = 0.0  # the statements alone (the insert thread's part)
     failures: int = 0
     lookups: int = 0            # flushes that asked ClickHouse for already stored event ids
     duplicates: int = 0         # rows of deduplicated tables not inserted again
 
     def rows_per_second(self) -> float:
         return self.rows / self.insert_seconds if self.insert_seconds > 0 else 0.0
+
+    def statement_rows_per_second(self) -> float:
+        return self.rows / self.statement_seconds if self.statement_seconds > 0 else 0.0
 
 
 class RecentIds:
@@ -494,6 +498,8 @@ class ClickHouseSink:
         started = time.perf_counter()
         self._retrying(f"insert into {table} ({rows} rows)",
                        lambda: self.store.insert_block(table, self.columns[table], block))
-        self.stats.insert_seconds += time.perf_counter() - started
+        took = time.perf_counter() - started
+        self.stats.insert_seconds += took
+        self.stats.statement_seconds += took
         self.stats.rows += rows
         self.stats.inserts += 1
