@@ -140,13 +140,15 @@ def render(result: dict[str, Any]) -> Table:
         sk = a.get("sink")
         if sk:
             table.add_row("clickhouse", f"sink rows/s ({sk['rows']:,} rows, {sk['events']:,} "
-                                        "events; end to end / insert only)",
-                          f"{sk['rows_per_s']:,.0f} / {sk['insert_rows_per_s']:,.0f}")
+                                        "events; end to end / insert only / statements)",
+                          f"{sk['rows_per_s']:,.0f} / {sk['insert_rows_per_s']:,.0f} / "
+                          f"{sk.get('statement_rows_per_s', 0):,.0f}")
         kf = a.get("sink_kafka")
         if kf:
             table.add_row("", f"sink rows/s through Kafka ({kf['rows']:,} rows; end to end / "
-                              "insert only)",
-                          f"{kf['rows_per_s']:,.0f} / {kf['insert_rows_per_s']:,.0f}")
+                              "insert only / statements)",
+                          f"{kf['rows_per_s']:,.0f} / {kf['insert_rows_per_s']:,.0f} / "
+                          f"{kf.get('statement_rows_per_s', 0):,.0f}")
         for sc in a.get("scale", []):
             # the rollups' total (sc['model_calls']); above the bench's raw limit only the
             # last 6 h are raw rows: say so, not the raw count alone
