@@ -9,8 +9,9 @@ Decoding: a record written with the current schema (nearly all of them) is decod
 Cython Avro codec that reads the same bytes into the same field dicts as fastavro about twice as
 fast (8.2 against 4.2 us per event over a task's lifecycle; tests/unit/test_serde.py compares
 the two for every event type). fastavro stays the encoder and the reader of older writers
-(schema resolution), and decodes any type whose schema cavro would read differently (checked at
-start-up by fingerprint).
+(schema resolution), and decodes any type whose schema cavro would read differently (checked
+when the Serde is built, 4 ms for the 24 schemas: the parsing canonical forms must agree), or
+everything with settings.avro_fast_decode off.
 """
 
 from __future__ import annotations
