@@ -5,7 +5,9 @@ publishes what it returns to each event's topic, and checkpoints:
 
 * at-least-once (``transactional=False``): outputs are produced, ``flush()`` waits for the broker's
   acknowledgement, the sink (if any) flushes, and only then are the input offsets stored
-  (``enable.auto.offset.store=False``, as confluent-kafka's consumer.py example does).
+  (``enable.auto.offset.store=False``, as confluent-kafka's consumer.py example does). A
+  ``PipelinedSink`` (accounting's) is not waited for at a periodic checkpoint: offsets are
+  stored up to each partition's lowest record whose output it has not stored yet.
 * exactly-once (``transactional=True``): outputs and input offsets are committed in one Kafka
   transaction (``send_offsets_to_transaction``), as in confluent-kafka's eos_transactions.py.
   An abortable error aborts the transaction and rewinds to the committed offsets.
