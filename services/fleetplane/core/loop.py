@@ -139,6 +139,20 @@ class PipelinedSink(Sink, Protocol):
     def hand_off(self) -> Mapping[tuple[str, int], int]: ...
 
 
+def up_to(pending: Mapping[tuple[str, int], int], unfinished: Mapping[tuple[str, int], int]
+          ) -> tuple[list[TopicPartition], dict[tuple[str, int], int]]:
+    """The offsets to store: each pending one, or the partition's lowest unfinished offset below
+    it; and the partitions that stay pending for that reason (with their pending offset)."""
+    offsets, kept = [], {}
+    for key, offset in pending.items():
+        low = unfinished.get(key)
+        if low is not None and low < offset:
+            kept[key] = offset
+            offset = low
+        offsets.append(TopicPartition(key[0], key[1], offset))
+    return offsets, kept
+
+
 class Rejected(NotRetriable):
     """NotRetriable with events to publish beside the dead letter (e.g. TaskRejected)."""
 
@@ -1224,42 +1238,28 @@ class Processor:
         if self.before_commit is not None:
             for out in self.before_commit():
                 self._produce(out)
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self._pending.items()]
         self._assign_for_offsets()
         started = time.perf_counter()
+        kept: dict[tuple[str, int], int] = {}
         if self.transactional:
-            self._commit_transaction(offsets)
+            self._commit_transaction([TopicPartition(t, p, o)
+                                      for (t, p), o in self._pending.items()])
         else:
             remaining = self.producer.flush(30)
             if remaining or self._delivery_errors:
                 raise Fatal(f"outputs not delivered ({remaining} pending, "
                             f"errors {self._delivery_errors[:1]}); not storing offsets")
+            unfinished: Mapping[tuple[str, int], int] = {}
             if not drain and isinstance(self.sink, PipelinedSink):
-                self._store_up_to(self.sink.hand_off())
-                self.instruments.committed(time.perf_counter() - started)
-                self._ring()
-                return
-            if self.sink is not None:
+                unfinished = self.sink.hand_off()
+            elif self.sink is not None:
                 self.sink.flush()
+            offsets, kept = up_to(self._pending, unfinished)
             self.consumer.store_offsets(offsets=offsets)
         self.instruments.committed(time.perf_counter() - started)
         self._pending.clear()
-        self._ring()
-
-    def _store_up_to(self, unfinished: Mapping[tuple[str, int], int]) -> None:
-        """Store each pending offset, or the partition's lowest unfinished offset below it (that
-        partition stays pending)."""
-        assert self.consumer is not None
-        offsets, kept = [], {}
-        for key, offset in self._pending.items():
-            low = unfinished.get(key)
-            if low is not None and low < offset:
-                kept[key] = offset
-                offset = low
-            offsets.append(TopicPartition(key[0], key[1], offset))
-        self.consumer.store_offsets(offsets=offsets)
-        self._pending.clear()
         self._pending.update(kept)
+        self._ring()
 
     def _ring(self) -> None:
         """After a commit: wake the parked consumers of the topics it wrote (core.doorbell)."""
